@@ -1,0 +1,26 @@
+// Error plumbing: errors are strings, never aborts.
+#pragma once
+
+#include <sstream>
+#include <string>
+#include <utility>
+
+namespace jmm {
+
+// Per-thread last error, returned by jmm_last_error().
+void set_last_error(std::string message);
+const std::string& last_error();
+
+// Concatenates anything streamable into a string.
+template <typename... Args>
+std::string cat(Args&&... args) {
+  std::ostringstream os;
+  (os << ... << std::forward<Args>(args));
+  return os.str();
+}
+
+// Copies `s` into a caller buffer of `cap` bytes (NUL-terminated, truncated if
+// needed). Returns the full length of `s`.
+size_t copy_out(const std::string& s, char* out, size_t cap);
+
+}  // namespace jmm

@@ -1,0 +1,465 @@
+#include "handlers/pre_dispatch.h"
+
+#include <cmath>
+#include <initializer_list>
+#include <limits>
+#include <string>
+
+#include "common/export.h"
+#include "common/status.h"
+#include "cuda/driver.h"
+#include "jit/compiler.h"
+#include "jit/kernels.h"
+#include "jit/loader.h"
+
+namespace ffi = xla::ffi;
+
+namespace jmm {
+
+ffi::TypeId PreDispatchState::id = XLA_FFI_UNKNOWN_TYPE_ID;
+
+PreDispatchState::~PreDispatchState() {
+  if (retained_primary != nullptr) {
+    if (const auto* d = cuda::driver(nullptr)) d->DevicePrimaryCtxRelease(retained_device);
+  }
+}
+
+namespace {
+
+constexpr XLA_FFI_TypeInfo kPreDispatchStateTypeInfo = ffi::MakeTypeInfo<PreDispatchState>();
+
+const char* TargetName(int arch) {
+  return arch == 90 ? "jax_megamoe_pre_dispatch_sm90" : "jax_megamoe_pre_dispatch_sm100";
+}
+
+std::string DTypeName(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::PRED: return "bool";
+    case ffi::DataType::S8: return "s8";
+    case ffi::DataType::S16: return "s16";
+    case ffi::DataType::S32: return "s32";
+    case ffi::DataType::S64: return "s64";
+    case ffi::DataType::U8: return "u8";
+    case ffi::DataType::U16: return "u16";
+    case ffi::DataType::U32: return "u32";
+    case ffi::DataType::U64: return "u64";
+    case ffi::DataType::F16: return "f16";
+    case ffi::DataType::F32: return "f32";
+    case ffi::DataType::F64: return "f64";
+    case ffi::DataType::BF16: return "bf16";
+    case ffi::DataType::F8E5M2: return "f8e5m2";
+    case ffi::DataType::F8E4M3: return "f8e4m3";
+    case ffi::DataType::F8E4M3FN: return "f8e4m3fn";
+    case ffi::DataType::F4E2M1FN: return "f4e2m1fn";
+    case ffi::DataType::F8E8M0FNU: return "f8e8m0fnu";
+    default: return cat("dtype#", static_cast<int>(t));
+  }
+}
+
+std::string Shape(ffi::DataType t, ffi::Span<const int64_t> dims) {
+  std::string s = DTypeName(t) + "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += cat(i ? "," : "", dims[i]);
+  return s + "]";
+}
+
+std::string Shape(ffi::DataType t, std::initializer_list<int64_t> dims) {
+  std::string s = DTypeName(t) + "[";
+  size_t i = 0;
+  for (int64_t d : dims) s += cat(i++ ? "," : "", d);
+  return s + "]";
+}
+
+bool Matches(const ffi::AnyBuffer& b, ffi::DataType t, std::initializer_list<int64_t> dims) {
+  if (b.element_type() != t) return false;
+  const auto got = b.dimensions();
+  if (got.size() != dims.size()) return false;
+  size_t i = 0;
+  for (int64_t d : dims) {
+    if (got[i++] != d) return false;
+  }
+  return true;
+}
+
+// Checks one buffer; on mismatch returns InvalidArgument naming it.
+ffi::Error Expect(int arch, const char* role, const char* name, const ffi::AnyBuffer& b,
+                  ffi::DataType t, std::initializer_list<int64_t> dims) {
+  if (Matches(b, t, dims)) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(cat(TargetName(arch), ": ", role, " '", name,
+                                         "' must be ", Shape(t, dims), ", got ",
+                                         Shape(b.element_type(), b.dimensions())));
+}
+
+// Attribute checks shared by instantiate (and mirrored in Python's ops.py).
+ffi::Error ValidateAttrs(int arch, int64_t hidden, int64_t top_k, int64_t capacity,
+                         int64_t group, int64_t mma_kind, float rsf) {
+  const char* t = TargetName(arch);
+  const int64_t want_group = arch == 90 ? 128 : 32;
+  if (group != want_group) {
+    return ffi::Error::InvalidArgument(
+        cat(t, ": attribute group=", group, " must be ", want_group));
+  }
+  std::string why;
+  if (!jit::pre_dispatch_spec_valid(arch, static_cast<int>(mma_kind), &why) ||
+      mma_kind != static_cast<int>(mma_kind)) {
+    return ffi::Error::InvalidArgument(cat(t, ": attribute mma_kind: ", why));
+  }
+  if (hidden <= 0 || hidden % 128 != 0 || hidden / 8 > 1024) {
+    return ffi::Error::InvalidArgument(
+        cat(t, ": attribute hidden=", hidden,
+            " must be a positive multiple of 128 and at most 8192 (one thread per 8 columns, "
+            "at most 1024 threads)"));
+  }
+  if (top_k < 1 || top_k > hidden / 8) {
+    return ffi::Error::InvalidArgument(
+        cat(t, ": attribute top_k=", top_k, " must be in [1, hidden/8 = ", hidden / 8, "]"));
+  }
+  // The kernel indexes slots and scale bytes with 32-bit arithmetic.
+  if (capacity < 0 || capacity * top_k > std::numeric_limits<int32_t>::max() ||
+      capacity * (hidden / group) > std::numeric_limits<int32_t>::max()) {
+    return ffi::Error::InvalidArgument(
+        cat(t, ": attribute capacity=", capacity, " must be >= 0 with capacity*top_k and ",
+            "capacity*hidden/group below 2^31"));
+  }
+  if (arch == 90 && !std::isfinite(rsf)) {
+    return ffi::Error::InvalidArgument(
+        cat(t, ": attribute routed_scaling_factor=", rsf, " must be finite"));
+  }
+  if (arch == 100 && rsf != 1.0f) {
+    return ffi::Error::InvalidArgument(
+        cat(t, ": attribute routed_scaling_factor=", rsf,
+            " must be 1.0 (the sm_100 kernel has no routed scaling; fold it into the weights)"));
+  }
+  return ffi::Error::Success();
+}
+
+template <int kArch>
+ffi::ErrorOr<std::unique_ptr<PreDispatchState>> Instantiate(int64_t hidden, int64_t top_k,
+                                                             int64_t capacity, int64_t group,
+                                                             int64_t mma_kind, float rsf) {
+  if (ffi::Error e = ValidateAttrs(kArch, hidden, top_k, capacity, group, mma_kind, rsf);
+      !e.success()) {
+    return ffi::Unexpected<ffi::Error>(std::move(e));
+  }
+  jit::CompiledKernel compiled;
+  std::string why;
+  if (!jit::jit_compile(jit::pre_dispatch_source(kArch, static_cast<int>(mma_kind)), &compiled,
+                        &why)) {
+    return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(cat(TargetName(kArch), ": ", why)));
+  }
+  auto kernel = jit::load_kernel(compiled.cubin_path, compiled.symbol, &why);
+  if (!kernel) {
+    return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(cat(TargetName(kArch), ": ", why)));
+  }
+  auto state = std::make_unique<PreDispatchState>();
+  state->arch = kArch;
+  state->mma_kind = static_cast<int>(mma_kind);
+  state->hidden = hidden;
+  state->top_k = top_k;
+  state->capacity = capacity;
+  state->group = group;
+  state->routed_scaling_factor = rsf;
+  state->kernel = std::move(kernel);
+  return state;
+}
+
+// Makes the stream's context current for the scope (pushing only if needed).
+class ContextScope {
+ public:
+  ~ContextScope() {
+    if (pushed_) {
+      CUcontext popped = nullptr;
+      d_->CtxPopCurrent(&popped);
+    }
+  }
+  ffi::Error Enter(const cuda::Driver* d, PreDispatchState* st, CUstream stream, int32_t device,
+                   CUcontext* ctx_out) {
+    d_ = d;
+    const char* t = TargetName(st->arch);
+    CUcontext current = nullptr;
+    if (CUresult r = d->CtxGetCurrent(&current); r != CUDA_SUCCESS) {
+      return ffi::Error::Internal(cat(t, ": cuCtxGetCurrent failed: ", cuda::error_string(d, r)));
+    }
+    // The stream's context, except while the stream is being captured into a
+    // CUDA graph: cuStreamGetCtx is unreliable then (jaxlib's Triton handler
+    // works around the same CUDA bug), and XLA's context is the current one.
+    CUcontext ctx = nullptr;
+    if (stream != nullptr) {
+      CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
+      if (d->StreamIsCapturing(stream, &capture) == CUDA_SUCCESS &&
+          capture == CU_STREAM_CAPTURE_STATUS_NONE &&
+          d->StreamGetCtx(stream, &ctx) != CUDA_SUCCESS) {
+        ctx = nullptr;
+      }
+    }
+    if (ctx == nullptr) ctx = current;
+    if (ctx == nullptr) {
+      // No context anywhere: use (and keep) the device's primary context.
+      std::lock_guard<std::mutex> lock(st->mu);
+      if (st->retained_primary == nullptr) {
+        CUdevice dev = 0;
+        if (CUresult r = d->DeviceGet(&dev, device); r != CUDA_SUCCESS) {
+          return ffi::Error::Internal(
+              cat(t, ": cuDeviceGet(", device, ") failed: ", cuda::error_string(d, r)));
+        }
+        if (CUresult r = d->DevicePrimaryCtxRetain(&st->retained_primary, dev);
+            r != CUDA_SUCCESS) {
+          st->retained_primary = nullptr;
+          return ffi::Error::Internal(cat(t, ": cuDevicePrimaryCtxRetain(", device,
+                                          ") failed: ", cuda::error_string(d, r)));
+        }
+        st->retained_device = dev;
+      }
+      ctx = st->retained_primary;
+    }
+    if (ctx != current) {
+      if (CUresult r = d->CtxPushCurrent(ctx); r != CUDA_SUCCESS) {
+        return ffi::Error::Internal(
+            cat(t, ": cuCtxPushCurrent failed: ", cuda::error_string(d, r)));
+      }
+      pushed_ = true;
+    }
+    *ctx_out = ctx;
+    return ffi::Error::Success();
+  }
+
+ private:
+  const cuda::Driver* d_ = nullptr;
+  bool pushed_ = false;
+};
+
+// The kernel's CUfunction in the current context `ctx` (cached per context).
+// Normally filled by the initialize stage, outside any capture. If execute
+// gets here first while XLA is capturing a CUDA graph, the one-off module load
+// runs with this thread's capture mode switched to relaxed (the TE trick), so
+// the load's implicit work is legal; nothing is enqueued on the stream.
+ffi::Error FunctionFor(const cuda::Driver* d, PreDispatchState* st, CUcontext ctx,
+                       CUfunction* fn) {
+  std::lock_guard<std::mutex> lock(st->mu);
+  for (const auto& [c, f] : st->functions) {
+    if (c == ctx) {
+      *fn = f;
+      return ffi::Error::Success();
+    }
+  }
+  CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+  d->ThreadExchangeStreamCaptureMode(&mode);
+  CUresult r = d->KernelGetFunction(fn, st->kernel->kernel);
+  if (r == CUDA_SUCCESS && d->FuncLoad != nullptr) r = d->FuncLoad(*fn);  // defeat lazy loading
+  d->ThreadExchangeStreamCaptureMode(&mode);  // restore
+  if (r != CUDA_SUCCESS) {
+    return ffi::Error::Internal(cat(TargetName(st->arch), ": loading kernel ", st->kernel->symbol,
+                                    " into the context failed: ", cuda::error_string(d, r)));
+  }
+  st->functions.emplace_back(ctx, *fn);
+  return ffi::Error::Success();
+}
+
+const cuda::Driver* DriverOr(std::string* why) { return cuda::driver(why); }
+
+ffi::Error Initialize(CUstream stream, int32_t device, PreDispatchState* st) {
+  std::string why;
+  const cuda::Driver* d = DriverOr(&why);
+  if (d == nullptr) return ffi::Error::Internal(cat(TargetName(st->arch), ": ", why));
+  ContextScope scope;
+  CUcontext ctx = nullptr;
+  if (ffi::Error e = scope.Enter(d, st, stream, device, &ctx); !e.success()) return e;
+  CUfunction fn = nullptr;
+  return FunctionFor(d, st, ctx, &fn);
+}
+
+template <int kArch>
+ffi::Error Execute(CUstream stream, int32_t device, PreDispatchState* st, ffi::AnyBuffer x,
+                   ffi::AnyBuffer topk_idx, ffi::AnyBuffer topk_weights,
+                   ffi::Result<ffi::AnyBuffer> x_q, ffi::Result<ffi::AnyBuffer> x_sf,
+                   ffi::Result<ffi::AnyBuffer> topk_idx_out,
+                   ffi::Result<ffi::AnyBuffer> topk_weights_out) {
+  const char* t = TargetName(kArch);
+  if (st->arch != kArch) {
+    return ffi::Error::Internal(cat(t, ": state was instantiated for sm_", st->arch));
+  }
+  const int64_t H = st->hidden, K = st->top_k, P = st->capacity;
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || x.element_type() != ffi::DataType::BF16 || xd[1] != H) {
+    return ffi::Error::InvalidArgument(cat(t, ": operand 'x' must be bf16[T,", H, "], got ",
+                                           Shape(x.element_type(), xd)));
+  }
+  const int64_t T = xd[0];
+  if (T > P) {
+    return ffi::Error::InvalidArgument(
+        cat(t, ": operand 'x' has T=", T, " tokens, more than capacity=", P));
+  }
+  const bool fp4 = kArch == 100 && st->mma_kind == jit::kMmaMXFP4;
+  const ffi::DataType q_type = fp4 ? ffi::DataType::U8 : ffi::DataType::F8E4M3FN;
+  const int64_t q_cols = fp4 ? H / 2 : H;
+  const ffi::DataType sf_type = kArch == 90 ? ffi::DataType::F32 : ffi::DataType::S32;
+  const int64_t sf_cols = H / 128;  // sm90: one f32 per 128; sm100: 4 UE8M0 bytes per int32
+  ffi::Error e = Expect(kArch, "operand", "topk_idx", topk_idx, ffi::DataType::S32, {T, K});
+  if (e.success()) {
+    e = Expect(kArch, "operand", "topk_weights", topk_weights, ffi::DataType::F32, {T, K});
+  }
+  if (e.success()) e = Expect(kArch, "result", "x_q", *x_q, q_type, {P, q_cols});
+  if (e.success()) e = Expect(kArch, "result", "x_sf", *x_sf, sf_type, {P, sf_cols});
+  if (e.success() && !Matches(*topk_idx_out, ffi::DataType::S64, {P, K})) {
+    e = Expect(kArch, "result", "topk_idx_out", *topk_idx_out, ffi::DataType::S32, {P, K, 2});
+  }
+  if (e.success()) {
+    e = Expect(kArch, "result", "topk_weights_out", *topk_weights_out, ffi::DataType::F32, {P, K});
+  }
+  if (!e.success()) return e;
+
+  const int64_t threads = H / 8;
+  const int64_t pad_slots = (P - T) * K;
+  const int64_t blocks = T + (pad_slots + threads - 1) / threads;
+  if (blocks == 0) return ffi::Error::Success();  // P == 0: nothing to write
+
+  std::string why;
+  const cuda::Driver* d = DriverOr(&why);
+  if (d == nullptr) return ffi::Error::Internal(cat(t, ": ", why));
+  ContextScope scope;
+  CUcontext ctx = nullptr;
+  if (e = scope.Enter(d, st, stream, device, &ctx); !e.success()) return e;
+  CUfunction fn = nullptr;
+  if (e = FunctionFor(d, st, ctx, &fn); !e.success()) return e;
+
+  // The kernel never writes x/x_sf rows [T, P); define them as zero.
+  if (P > T) {
+    const struct {
+      const char* name;
+      void* base;
+      int64_t row_bytes;
+    } pads[2] = {{"x_q", x_q->untyped_data(), q_cols},
+                 {"x_sf", x_sf->untyped_data(), sf_cols * 4}};
+    for (const auto& p : pads) {
+      const CUdeviceptr dst = reinterpret_cast<CUdeviceptr>(p.base) +
+                              static_cast<CUdeviceptr>(T * p.row_bytes);
+      if (CUresult r = d->MemsetD8Async(dst, 0, static_cast<size_t>((P - T) * p.row_bytes), stream);
+          r != CUDA_SUCCESS) {
+        return ffi::Error::Internal(cat(t, ": cuMemsetD8Async of the pad rows of ", p.name,
+                                        " failed: ", cuda::error_string(d, r)));
+      }
+    }
+  }
+
+  CUresult r;
+  if constexpr (kArch == 90) {
+    jit::Sm90PreDispatchArgs a{x.untyped_data(),
+                               topk_idx.untyped_data(),
+                               topk_weights.untyped_data(),
+                               x_q->untyped_data(),
+                               x_sf->untyped_data(),
+                               topk_idx_out->untyped_data(),
+                               topk_weights_out->untyped_data(),
+                               static_cast<uint32_t>(T),
+                               static_cast<uint32_t>(P),
+                               static_cast<uint32_t>(H),
+                               static_cast<uint32_t>(H / 128),
+                               static_cast<uint32_t>(K),
+                               st->routed_scaling_factor};
+    void* params[] = {&a.x,          &a.topk_idx,         &a.topk_weights,   &a.buf_x,
+                      &a.buf_x_sf,   &a.buf_topk_idx,     &a.buf_topk_weights, &a.num_tokens,
+                      &a.padded_max, &a.hidden,           &a.num_groups,     &a.top_k,
+                      &a.routed_scaling_factor};
+    r = d->LaunchKernel(fn, static_cast<unsigned>(blocks), 1, 1, static_cast<unsigned>(threads),
+                        1, 1, /*sharedMemBytes=*/0, stream, params, nullptr);
+  } else {
+    jit::Sm100PreDispatchArgs a{x.untyped_data(),
+                                topk_idx.untyped_data(),
+                                topk_weights.untyped_data(),
+                                /*expert_scales=*/nullptr,
+                                x_q->untyped_data(),
+                                x_sf->untyped_data(),
+                                /*buf_x_scales=*/nullptr,
+                                topk_idx_out->untyped_data(),
+                                topk_weights_out->untyped_data(),
+                                static_cast<uint32_t>(T),
+                                static_cast<uint32_t>(P),
+                                static_cast<uint32_t>(H),
+                                static_cast<uint32_t>(H / 32),
+                                static_cast<uint32_t>(K)};
+    void* params[] = {&a.x,          &a.topk_idx,     &a.topk_weights,     &a.expert_scales,
+                      &a.buf_x,      &a.buf_x_sf,     &a.buf_x_scales,     &a.buf_topk_idx,
+                      &a.buf_topk_weights, &a.num_tokens, &a.padded_max,  &a.hidden,
+                      &a.num_groups, &a.top_k};
+    r = d->LaunchKernel(fn, static_cast<unsigned>(blocks), 1, 1, static_cast<unsigned>(threads),
+                        1, 1, /*sharedMemBytes=*/0, stream, params, nullptr);
+  }
+  if (r != CUDA_SUCCESS) {
+    return ffi::Error::Internal(cat(t, ": cuLaunchKernel(", st->kernel->symbol, ", grid=", blocks,
+                                    ", block=", threads, ") failed: ", cuda::error_string(d, r)));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jmm
+
+// ---------------------------------------------------------------------------
+// Exported symbols (see ffi/exports.map; Python: jax_megamoe/_ffi.py).
+// ---------------------------------------------------------------------------
+
+JMM_EXPORT XLA_FFI_TypeId* jmm_pre_dispatch_state_type_id() { return &jmm::PreDispatchState::id; }
+JMM_EXPORT const XLA_FFI_TypeInfo* jmm_pre_dispatch_state_type_info() {
+  return &jmm::kPreDispatchStateTypeInfo;
+}
+
+#define JMM_INSTANTIATE_BINDING(ARCH)                                    \
+  ffi::Ffi::BindInstantiate()                                            \
+      .Attr<int64_t>("hidden")                                           \
+      .Attr<int64_t>("top_k")                                            \
+      .Attr<int64_t>("capacity")                                         \
+      .Attr<int64_t>("group")                                            \
+      .Attr<int64_t>("mma_kind")                                         \
+      .Attr<float>("routed_scaling_factor")
+#define JMM_INITIALIZE_BINDING                                           \
+  ffi::Ffi::Bind<ffi::ExecutionStage::kInitialize>()                     \
+      .Ctx<ffi::PlatformStream<CUstream>>()                              \
+      .Ctx<ffi::DeviceOrdinal>()                                         \
+      .Ctx<ffi::State<jmm::PreDispatchState>>()
+#define JMM_EXECUTE_BINDING                                              \
+  ffi::Ffi::Bind()                                                       \
+      .Ctx<ffi::PlatformStream<CUstream>>()                              \
+      .Ctx<ffi::DeviceOrdinal>()                                         \
+      .Ctx<ffi::State<jmm::PreDispatchState>>()                          \
+      .Arg<ffi::AnyBuffer>() /* x */                                     \
+      .Arg<ffi::AnyBuffer>() /* topk_idx */                              \
+      .Arg<ffi::AnyBuffer>() /* topk_weights */                          \
+      .Ret<ffi::AnyBuffer>() /* x_q */                                   \
+      .Ret<ffi::AnyBuffer>() /* x_sf */                                  \
+      .Ret<ffi::AnyBuffer>() /* topk_idx_out */                          \
+      .Ret<ffi::AnyBuffer>() /* topk_weights_out */
+
+#define JMM_DECLARE_STAGES(NAME)                                     \
+  JMM_EXPORT XLA_FFI_Error* NAME##_instantiate(XLA_FFI_CallFrame*); \
+  JMM_EXPORT XLA_FFI_Error* NAME##_initialize(XLA_FFI_CallFrame*);  \
+  JMM_EXPORT XLA_FFI_Error* NAME##_execute(XLA_FFI_CallFrame*)
+
+// Plain targets: XLA runs them outside CUDA graphs.
+#define JMM_DEFINE_PRE_DISPATCH(ARCH)                                                  \
+  JMM_DECLARE_STAGES(jmm_pre_dispatch_sm##ARCH);                                       \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_instantiate,               \
+                                jmm::Instantiate<ARCH>, JMM_INSTANTIATE_BINDING(ARCH)); \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_initialize, jmm::Initialize, \
+                                JMM_INITIALIZE_BINDING);                               \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_execute, jmm::Execute<ARCH>, \
+                                JMM_EXECUTE_BINDING)
+
+// `_graph` targets: same code, declared command-buffer compatible. Execute only
+// enqueues two memsets and one kernel on the given stream (no allocation,
+// synchronisation, compilation or module loading); the CUfunction is made in
+// initialize, which XLA runs outside capture.
+#define JMM_DEFINE_PRE_DISPATCH_GRAPH(ARCH)                                              \
+  JMM_DECLARE_STAGES(jmm_pre_dispatch_sm##ARCH##_graph);                                 \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_graph_instantiate,           \
+                                jmm::Instantiate<ARCH>, JMM_INSTANTIATE_BINDING(ARCH),   \
+                                {ffi::Traits::kCmdBufferCompatible});                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_graph_initialize,            \
+                                jmm::Initialize, JMM_INITIALIZE_BINDING,                 \
+                                {ffi::Traits::kCmdBufferCompatible});                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_graph_execute,               \
+                                jmm::Execute<ARCH>, JMM_EXECUTE_BINDING,                 \
+                                {ffi::Traits::kCmdBufferCompatible})
+
+JMM_DEFINE_PRE_DISPATCH(90);
+JMM_DEFINE_PRE_DISPATCH(100);
+JMM_DEFINE_PRE_DISPATCH_GRAPH(90);
+JMM_DEFINE_PRE_DISPATCH_GRAPH(100);

@@ -1,0 +1,64 @@
+// XLA FFI handlers for DeepGEMM's Mega-MoE pre-dispatch kernels.
+//
+// Targets (registered for platform "CUDA" by jax_megamoe/_ffi.py with the
+// stage dict {"instantiate", "initialize", "execute"}):
+//
+//   jax_megamoe_pre_dispatch_sm90          sm90_mega_moe_pre_dispatch_kernel<128, false>
+//   jax_megamoe_pre_dispatch_sm100         mega_moe_pre_dispatch_kernel<32, MXFP8FP4|MXFP4, false>
+//   ..._graph                              the same, declaring kCmdBufferCompatible
+//
+// Operands: x bf16[T,H], topk_idx s32[T,K], topk_weights f32[T,K].
+// Results:  sm90:  x_q f8e4m3fn[P,H], x_sf f32[P,H/128]
+//           sm100: x_q u8[P,H/2] (mma_kind 2) | f8e4m3fn[P,H] (mma_kind 1), x_sf s32[P,H/128]
+//           both:  topk_idx_out s32[P,K,2] (int64 slots as little-endian int32 pairs;
+//                  s64[P,K] is accepted too), topk_weights_out f32[P,K].
+// Attributes (all stages see them; instantiate decodes them, execute uses
+// the state): hidden i64, top_k i64, capacity i64 (= P), group i64 (128 on
+// sm90, 32 on sm100), mma_kind i64 (0 on sm90; 1 or 2 on sm100),
+// routed_scaling_factor f32 (finite on sm90; exactly 1.0 on sm100).
+//
+// Stages:
+//   instantiate  validate attributes, JIT-compile (nvcc, disk cache) and
+//                cuLibraryLoadFromFile the cubin -> PreDispatchState
+//   initialize   make the kernel's CUfunction for the stream's context
+//                (outside any CUDA-graph capture)
+//   execute      validate buffers, zero pad rows [T,P) of x_q and x_sf with
+//                cuMemsetD8Async, launch grid = T + ceil((P-T)*K/(H/8)) blocks
+//                of H/8 threads on XLA's stream. No allocation, no sync, no
+//                compile. T may be 0 (then only padding runs); T <= P.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "jit/loader.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jmm {
+
+struct PreDispatchState {
+  static xla::ffi::TypeId id;  // assigned by XLA when the type is registered
+
+  int arch = 0;      // 90 or 100
+  int mma_kind = 0;  // 0 (sm90), 1 MXFP8FP4, 2 MXFP4
+  int64_t hidden = 0;
+  int64_t top_k = 0;
+  int64_t capacity = 0;
+  int64_t group = 0;
+  float routed_scaling_factor = 1.0f;
+  std::shared_ptr<const jit::LoadedKernel> kernel;
+
+  std::mutex mu;  // guards the members below
+  std::vector<std::pair<CUcontext, CUfunction>> functions;
+  CUcontext retained_primary = nullptr;  // only when no context was current
+  CUdevice retained_device = 0;
+
+  ~PreDispatchState();
+};
+
+}  // namespace jmm

@@ -1,0 +1,491 @@
+"""Load ``libjax_megamoe_ffi.so``, forward the environment, register the XLA FFI types and targets.
+
+The library is found, in order, at ``$JAX_MEGAMOE_FFI_LIB`` (a file path), then next to
+the package's modules: every folder of ``jax_megamoe.__path__`` (an editable install of
+scikit-build-core in "redirect" mode lists both the source folder and the CMake install
+folder in site-packages there) and the folder of this file. It is loaded with ``ctypes``
+only; it needs no GPU or driver to load (the CUDA driver is opened lazily by the
+handlers).
+
+``register()`` (idempotent, thread-safe) always forwards the environment first
+(``config.forward_env()``), then, when the library loads: looks up nvcc and the
+DeepGEMM headers (``_toolchain``), hands them to the C++ JIT (``jmm_configure``), and
+registers for platform "CUDA" the FFI state type ``jax_megamoe.PreDispatchState`` and
+the targets below with the stage dict {"instantiate", "initialize", "execute"}. Failures
+never raise from ``register()``: they are recorded (``status()``) and ``require()``
+raises them as ``FfiUnavailableError`` when the FFI backend is requested.
+
+Targets (see ``ffi/handlers/pre_dispatch.h`` for the full contract):
+  jax_megamoe_pre_dispatch_sm90, jax_megamoe_pre_dispatch_sm100   plain (not traced into CUDA graphs)
+  jax_megamoe_pre_dispatch_sm90_graph, ..._sm100_graph            declare kCmdBufferCompatible
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jax_megamoe import _toolchain, config
+
+LIB_NAME = "libjax_megamoe_ffi.so"
+ENV_LIB = "JAX_MEGAMOE_FFI_LIB"
+PLATFORM = "CUDA"
+NOT_BUILT = "FFI library not built: reference backend only"
+
+STATE_TYPE_NAME = "jax_megamoe.PreDispatchState"
+TARGET_PRE_DISPATCH_SM90 = "jax_megamoe_pre_dispatch_sm90"
+TARGET_PRE_DISPATCH_SM100 = "jax_megamoe_pre_dispatch_sm100"
+GRAPH_SUFFIX = "_graph"
+STAGES = ("instantiate", "initialize", "execute")
+
+# target name -> C symbol prefix; stage symbols are f"{prefix}_{stage}".
+TARGETS: dict[str, str] = {
+    TARGET_PRE_DISPATCH_SM90: "jmm_pre_dispatch_sm90",
+    TARGET_PRE_DISPATCH_SM100: "jmm_pre_dispatch_sm100",
+    TARGET_PRE_DISPATCH_SM90 + GRAPH_SUFFIX: "jmm_pre_dispatch_sm90_graph",
+    TARGET_PRE_DISPATCH_SM100 + GRAPH_SUFFIX: "jmm_pre_dispatch_sm100_graph",
+}
+
+# C API of the library (besides the handler symbols): name -> (restype, argtypes).
+_C_API: dict[str, tuple[Any, tuple[Any, ...]]] = {
+    "jmm_configure": (ctypes.c_int, (ctypes.c_char_p,) * 5),
+    "jmm_last_error": (ctypes.c_char_p, ()),
+    "jmm_render_pre_dispatch": (ctypes.c_int, (ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)),
+    "jmm_compile_pre_dispatch": (
+        ctypes.c_int,
+        (ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t),
+    ),
+    "jmm_jit_stats": (ctypes.c_int, (ctypes.POINTER(ctypes.c_uint64), ctypes.c_int)),
+    "jmm_jit_clear_memory_cache": (None, ()),
+    "jmm_jit_cache_roots": (ctypes.c_int, (ctypes.c_char_p, ctypes.c_size_t)),
+    "jmm_cubin_kernel_symbols": (ctypes.c_int, (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t)),
+    "jmm_sha256_hex": (ctypes.c_int, (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t)),
+    "jmm_driver_status": (ctypes.c_int, (ctypes.c_char_p, ctypes.c_size_t)),
+    "jmm_build_info": (ctypes.c_char_p, ()),
+    "jmm_pre_dispatch_state_type_id": (ctypes.c_void_p, ()),
+    "jmm_pre_dispatch_state_type_info": (ctypes.c_void_p, ()),
+}
+
+# mma_kind attribute values (= deep_gemm::MmaKind).
+MMA_NONE, MMA_MXFP8FP4, MMA_MXFP4 = 0, 1, 2
+MODE_TO_ARCH_MMA = {"fp8": (90, MMA_NONE), "fp8xfp4": (100, MMA_MXFP8FP4), "mxf4xmxf4": (100, MMA_MXFP4)}
+
+log = logging.getLogger("jax_megamoe")
+
+
+class FfiUnavailableError(RuntimeError):
+    """The FFI backend was requested but cannot run here; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FfiStatus:
+    library: str | None  # path of the loaded .so, or None
+    reason: str | None  # why the FFI backend is unavailable (None when registered)
+    registered: bool  # FFI type and targets handed to JAX for platform CUDA
+    targets: tuple[str, ...]  # registered target names
+    toolchain: _toolchain.Toolchain | None
+    toolchain_error: str | None
+    headers: _toolchain.DeepGemmHeaders | None
+    headers_error: str | None
+    build_info: str | None  # jmm_build_info() of the library
+
+
+_lock = threading.RLock()
+_lib: ctypes.CDLL | None = None
+_lib_path: str | None = None
+_lib_reason: str | None = None
+_lib_tried = False
+_status: FfiStatus | None = None
+_warned_not_built = False
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def library_candidates() -> list[Path]:
+    """Where the loader looks for the .so, in order (the env override first)."""
+    out: list[Path] = []
+    env = os.environ.get(ENV_LIB)
+    if env:
+        out.append(Path(env))
+    import jax_megamoe
+
+    folders = [Path(p) for p in getattr(jax_megamoe, "__path__", [])]
+    folders.append(Path(__file__).resolve().parent)
+    for f in folders:
+        p = f / LIB_NAME
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    for name, (restype, argtypes) in _C_API.items():
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = list(argtypes)
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The loaded library (cached), or None; ``status().reason`` / ``library_reason()`` say why."""
+    global _lib, _lib_path, _lib_reason, _lib_tried
+    with _lock:
+        if _lib_tried:
+            return _lib
+        _lib_tried = True
+        env = os.environ.get(ENV_LIB)
+        errors: list[str] = []
+        for path in library_candidates():
+            if not path.is_file():
+                if env and str(path) == env:
+                    errors.append(f"{ENV_LIB}={env} does not exist")
+                    break  # an explicit override that is wrong is not silently ignored
+                continue
+            try:
+                lib = ctypes.CDLL(str(path))
+                _declare(lib)
+            except (OSError, AttributeError) as e:
+                errors.append(f"{path}: {e}")
+                if env and str(path) == env:
+                    break
+                continue
+            _lib, _lib_path = lib, str(path.resolve())
+            return _lib
+        where = ", ".join(str(p.parent) for p in library_candidates()) or "(nowhere)"
+        _lib_reason = (
+            f"{NOT_BUILT} ({'; '.join(errors)})"
+            if errors
+            else f"{NOT_BUILT} ({LIB_NAME} not found in {where}; build it with "
+            "`pip install --no-build-isolation -e .` on a machine with the CUDA toolkit headers, or set "
+            f"{ENV_LIB})"
+        )
+        return None
+
+
+def library_path() -> str | None:
+    load_library()
+    return _lib_path
+
+
+def library_reason() -> str | None:
+    load_library()
+    return _lib_reason
+
+
+def _check_lib() -> ctypes.CDLL:
+    lib = load_library()
+    if lib is None:
+        raise FfiUnavailableError(_lib_reason or NOT_BUILT)
+    return lib
+
+
+def last_error(lib: ctypes.CDLL | None = None) -> str:
+    lib = lib or _check_lib()
+    v = lib.jmm_last_error()
+    return v.decode(errors="replace") if v else ""
+
+
+# --------------------------------------------------------------------------------------
+# JIT configuration and tooling (no GPU needed)
+# --------------------------------------------------------------------------------------
+
+
+def configure_jit(
+    toolchain: _toolchain.Toolchain,
+    headers: _toolchain.DeepGemmHeaders,
+    cache_dirs: str = "",
+    lib: ctypes.CDLL | None = None,
+) -> None:
+    """Hand nvcc and header paths to the C++ JIT. ``cache_dirs`` empty: $DG_JIT_CACHE_DIR or the default."""
+    lib = lib or _check_lib()
+    rc = lib.jmm_configure(
+        headers.include_dir.encode(),
+        toolchain.nvcc.encode(),
+        ":".join(toolchain.include_dirs).encode(),
+        cache_dirs.encode(),
+        headers.header_version.encode(),
+    )
+    if rc != 0:
+        raise FfiUnavailableError(f"jmm_configure failed: {last_error(lib)}")
+
+
+def render_pre_dispatch(arch: int, mma_kind: int) -> str:
+    """The kernel.cu source the JIT compiles for (arch, mma_kind)."""
+    lib = _check_lib()
+    n = lib.jmm_render_pre_dispatch(arch, mma_kind, None, 0)
+    if n < 0:
+        raise ValueError(last_error(lib))
+    buf = ctypes.create_string_buffer(n + 1)
+    lib.jmm_render_pre_dispatch(arch, mma_kind, buf, n + 1)
+    return buf.value.decode()
+
+
+def compile_pre_dispatch(arch: int, mma_kind: int) -> str:
+    """Compile (or fetch from the cache) a pre-dispatch cubin; returns its path. Raises RuntimeError."""
+    lib = _check_lib()
+    out = ctypes.create_string_buffer(4096)
+    err = ctypes.create_string_buffer(65536)
+    if lib.jmm_compile_pre_dispatch(arch, mma_kind, out, len(out), err, len(err)) != 0:
+        raise RuntimeError(err.value.decode(errors="replace"))
+    return out.value.decode()
+
+
+@dataclasses.dataclass(frozen=True)
+class JitStats:
+    memory_hits: int
+    disk_hits: int
+    compiles: int
+    failures: int
+
+
+def jit_stats() -> JitStats:
+    lib = _check_lib()
+    arr = (ctypes.c_uint64 * 4)()
+    lib.jmm_jit_stats(arr, 4)
+    return JitStats(*(int(v) for v in arr))
+
+
+def jit_cache_roots() -> list[str]:
+    lib = _check_lib()
+    buf = ctypes.create_string_buffer(16384)
+    lib.jmm_jit_cache_roots(buf, len(buf))
+    return [p for p in buf.value.decode().split(":") if p]
+
+
+def cubin_kernel_symbols(path: str) -> list[str]:
+    lib = _check_lib()
+    buf = ctypes.create_string_buffer(65536)
+    if lib.jmm_cubin_kernel_symbols(str(path).encode(), buf, len(buf)) < 0:
+        raise RuntimeError(last_error(lib))
+    return [s for s in buf.value.decode().splitlines() if s]
+
+
+# --------------------------------------------------------------------------------------
+# Call-site helpers (the attribute / result contract of the pre-dispatch targets)
+# --------------------------------------------------------------------------------------
+
+
+def pre_dispatch_target(mode: str, *, graph: bool = False) -> str:
+    arch, _ = MODE_TO_ARCH_MMA[config.check_mode(mode)]
+    name = TARGET_PRE_DISPATCH_SM90 if arch == 90 else TARGET_PRE_DISPATCH_SM100
+    return name + (GRAPH_SUFFIX if graph else "")
+
+
+def pre_dispatch_attrs(
+    mode: str, *, hidden: int, top_k: int, capacity: int, routed_scaling_factor: float = 1.0
+) -> dict[str, Any]:
+    """Attributes with the exact MLIR types the handlers decode (i64 / f32)."""
+    arch, mma = MODE_TO_ARCH_MMA[config.check_mode(mode)]
+    return {
+        "hidden": np.int64(hidden),
+        "top_k": np.int64(top_k),
+        "capacity": np.int64(capacity),
+        "group": np.int64(config.ACT_GROUP[mode]),
+        "mma_kind": np.int64(mma),
+        "routed_scaling_factor": np.float32(routed_scaling_factor),
+    }
+
+
+def pre_dispatch_result_types(mode: str, *, hidden: int, top_k: int, capacity: int) -> tuple[Any, ...]:
+    """``jax.ShapeDtypeStruct``s of (x_q, x_sf, topk_idx_out, topk_weights_out)."""
+    import jax
+    import jax.numpy as jnp
+
+    arch, mma = MODE_TO_ARCH_MMA[config.check_mode(mode)]
+    P, H, K = capacity, hidden, top_k
+    if arch == 90:
+        x_q, x_sf = jax.ShapeDtypeStruct((P, H), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((P, H // 128), jnp.float32)
+    else:
+        x_q = (
+            jax.ShapeDtypeStruct((P, H // 2), jnp.uint8)
+            if mma == MMA_MXFP4
+            else jax.ShapeDtypeStruct((P, H), jnp.float8_e4m3fn)
+        )
+        x_sf = jax.ShapeDtypeStruct((P, H // 128), jnp.int32)
+    return (
+        x_q,
+        x_sf,
+        jax.ShapeDtypeStruct((P, K, 2), jnp.int32),
+        jax.ShapeDtypeStruct((P, K), jnp.float32),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------
+
+
+def _capsules(lib: ctypes.CDLL, prefix: str) -> dict[str, Any]:
+    import jax
+
+    return {stage: jax.ffi.pycapsule(getattr(lib, f"{prefix}_{stage}")) for stage in STAGES}
+
+
+def _register_locked() -> FfiStatus:
+    lib = load_library()
+    if lib is None:
+        global _warned_not_built
+        if not _warned_not_built:
+            _warned_not_built = True
+            log.warning("%s", _lib_reason)
+        return FfiStatus(None, _lib_reason, False, (), None, None, None, None, None)
+    build_info = lib.jmm_build_info().decode()
+    tc = hd = None
+    tc_err = hd_err = None
+    try:
+        tc = _toolchain.toolchain()
+    except _toolchain.ToolchainError as e:
+        tc_err = str(e)
+    try:
+        hd = _toolchain.headers()
+    except _toolchain.ToolchainError as e:
+        hd_err = str(e)
+    if tc is None or hd is None:
+        reason = "FFI backend unavailable: " + " / ".join(e for e in (tc_err, hd_err) if e)
+        return FfiStatus(_lib_path, reason, False, (), tc, tc_err, hd, hd_err, build_info)
+    try:
+        configure_jit(tc, hd, lib=lib)
+        import jax
+
+        jax.ffi.register_ffi_type(
+            STATE_TYPE_NAME,
+            {
+                "type_id": jax.ffi.pycapsule(lib.jmm_pre_dispatch_state_type_id()),
+                "type_info": jax.ffi.pycapsule(lib.jmm_pre_dispatch_state_type_info()),
+            },
+            platform=PLATFORM,
+        )
+        for name, prefix in TARGETS.items():
+            jax.ffi.register_ffi_target(name, _capsules(lib, prefix), platform=PLATFORM, api_version=1)
+    except Exception as e:  # noqa: BLE001 - recorded, raised by require()
+        reason = f"FFI registration failed: {type(e).__name__}: {e}"
+        return FfiStatus(_lib_path, reason, False, (), tc, None, hd, None, build_info)
+    return FfiStatus(_lib_path, None, True, tuple(TARGETS), tc, None, hd, None, build_info)
+
+
+def register() -> bool:
+    """Forward the environment (once per process), then register the FFI type and targets once.
+
+    Idempotent and thread-safe; never raises for a missing library or toolchain (see status()).
+    Returns True when the targets are registered.
+    """
+    global _status
+    with _lock:
+        if _status is None:
+            config.forward_env()  # always first, whatever happens next
+            _status = _register_locked()
+        return _status.registered
+
+
+def status() -> FfiStatus:
+    register()
+    assert _status is not None
+    return _status
+
+
+def require() -> None:
+    """Raise FfiUnavailableError with the recorded reason unless the FFI targets are registered."""
+    st = status()
+    if not st.registered:
+        raise FfiUnavailableError(
+            f"the jax_megamoe FFI backend was requested but is unavailable: {st.reason}. "
+            "Use backend='reference' (or 'auto') to run the pure-JAX path."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# describe()
+# --------------------------------------------------------------------------------------
+
+
+def _gpu_lines() -> tuple[list[str], int | None]:
+    """Lines about the local GPUs, and the compute-capability major of the first one (None: no GPU)."""
+    import jax
+
+    try:
+        devs = [d for d in jax.devices() if d.platform == "gpu"]
+    except Exception as e:  # noqa: BLE001
+        return [f"GPU: none ({type(e).__name__}: {e})"], None
+    if not devs:
+        return [f"GPU: none (default backend: {jax.default_backend()})"], None
+    lines = []
+    major = None
+    for d in devs:
+        cc = getattr(d, "compute_capability", None)
+        arch = f"sm_{str(cc).replace('.', '')}" if cc else "sm_?"
+        if major is None and cc:
+            try:
+                major = int(str(cc).split(".")[0])
+            except ValueError:
+                pass
+        lines.append(f"GPU {d.id}: {d.device_kind} ({arch})")
+    return lines, major
+
+
+def describe() -> str:
+    """A readable multi-line report: versions, library, headers, nvcc, device, mode, settings."""
+    import jax
+    import jaxlib
+
+    import jax_megamoe
+
+    st = status()
+    env = config.forward_env()
+    lines = [
+        f"jax_megamoe {jax_megamoe.__version__}",
+        f"jax {jax.__version__}, jaxlib {jaxlib.__version__}",
+    ]
+    if st.library:
+        lines.append(f"FFI library: {st.library}")
+        lines.append(f"FFI build: {st.build_info}")
+    else:
+        lines.append(f"FFI library: none: {st.reason}")
+    lines.append(
+        "FFI targets: registered for CUDA (" + ", ".join(st.targets) + ")"
+        if st.registered
+        else f"FFI targets: not registered ({st.reason})"
+    )
+    if st.headers:
+        lines.append(
+            f"DeepGEMM headers: {st.headers.include_dir} ({_toolchain.DEEPGEMM_DIST} {st.headers.version}, "
+            f"from {st.headers.source})"
+        )
+    else:
+        lines.append(f"DeepGEMM headers: not found: {st.headers_error or 'not looked up (no FFI library)'}")
+    if st.toolchain:
+        tc = st.toolchain
+        extra = f", extra includes {':'.join(tc.include_dirs)}" if tc.include_dirs else ""
+        lines.append(f"nvcc: {tc.nvcc} ({tc.version[0]}.{tc.version[1]}, from {tc.source}{extra})")
+    else:
+        lines.append(f"nvcc: not found: {st.toolchain_error or 'not looked up (no FFI library)'}")
+    if st.library:
+        try:
+            lines.append(f"JIT cache: {':'.join(jit_cache_roots())} (first is written)")
+        except Exception as e:  # noqa: BLE001
+            lines.append(f"JIT cache: unknown ({e})")
+    gpu_lines, major = _gpu_lines()
+    lines.extend(gpu_lines)
+    try:
+        sm100 = config.default_sm100_mode()
+    except ValueError as e:
+        sm100 = f"invalid environment: {e}"
+    if major == 9:
+        lines.append(f"default mode: fp8 (sm_90); sm_100 would use: {sm100}")
+    elif major is not None and major >= 10:
+        lines.append(f"default mode: {sm100} (sm_100); sm_90 would use: fp8")
+    else:
+        lines.append(f"default mode: sm_100 -> {sm100}; sm_90 -> fp8 (no GPU: reference backend)")
+    lines.append(f"setting DG_USE_FP4_ACTS={int(env.fp4_acts.value)} (from {env.fp4_acts.source})")
+    lines.append(f"setting DG_USE_MXF4_KIND={int(env.mxf4_kind.value)} (from {env.mxf4_kind.source})")
+    fwd = ", ".join(f"{k}={v}" for k, v in env.forwarded) or "none"
+    lines.append(f"forwarded to DG_* by this process: {fwd}")
+    return "\n".join(lines)

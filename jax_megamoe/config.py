@@ -1,0 +1,270 @@
+"""Modes, kernel limits, static configuration, and the environment forwarding done at registration.
+
+The limits here are the ones DeepGEMM's host code and kernel static asserts enforce
+(`sgl-deep-gemm==0.2.5`); checking them at trace time turns a kernel trap or a silent
+wrong answer into a ValueError that names the argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+from typing import Literal
+
+Mode = Literal["mxf4xmxf4", "fp8xfp4", "fp8"]
+
+#: Every kernel mode: two for sm_100 (B200) and one for sm_90 (H100/H200).
+MODES: tuple[str, ...] = ("mxf4xmxf4", "fp8xfp4", "fp8")
+SM100_MODES: tuple[str, ...] = ("mxf4xmxf4", "fp8xfp4")
+SM90_MODES: tuple[str, ...] = ("fp8",)
+
+#: Activation scale group of the pre-dispatch / mega kernels, per mode.
+ACT_GROUP = {"mxf4xmxf4": 32, "fp8xfp4": 32, "fp8": 128}
+
+#: The symmetric buffer's token capacity is rounded up to this multiple (LCM of BLOCK_M candidates).
+TOKEN_CAP_ALIGN = {"mxf4xmxf4": 1920, "fp8xfp4": 1920, "fp8": 128}
+
+# Pre-dispatch: one thread per 8 bf16 columns, at most 1024 threads per block.
+MAX_HIDDEN_PRE_DISPATCH = 8192
+# sm_100 mega kernel limits (host checks of fp8_fp4_mega_moe).
+MAX_TOPK_SM100 = 32
+MAX_EXPERTS_SM100 = 2048
+MAX_LOCAL_EXPERTS_SM100 = 512
+MAX_RANKS_SM100 = 72
+# sm_90 mega kernel limits (host checks of fp8_mega_moe).
+MAX_INTERMEDIATE_SM90 = 4096
+MAX_RANKS_SM90 = 32
+
+# Environment variables, in precedence order (the project's own name first).
+ENV_FP4_ACTS = ("JAX_MEGAMOE_USE_FP4_ACTS", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_FP4_ACTS")
+ENV_MXF4_KIND = ("JAX_MEGAMOE_USE_MXF4_KIND", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_MXF4_KIND")
+DG_FP4_ACTS = "DG_USE_FP4_ACTS"
+DG_MXF4_KIND = "DG_USE_MXF4_KIND"
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+
+
+def check_mode(mode: str, name: str = "mode") -> str:
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"{name}: {mode!r} is not a kernel mode; expected one of {', '.join(MODES)}")
+    return mode
+
+
+def arch_of_mode(mode: str) -> int:
+    """Compute-capability major a mode's kernels are built for (10 = sm_100f, 9 = sm_90a)."""
+    return 9 if check_mode(mode) in SM90_MODES else 10
+
+
+def align_token_cap(num_max_tokens: int, mode: str) -> int:
+    """The buffer capacity DeepGEMM actually allocates for a requested token cap."""
+    if num_max_tokens < 1:
+        raise ValueError(f"num_max_tokens: {num_max_tokens} must be >= 1")
+    a = TOKEN_CAP_ALIGN[check_mode(mode)]
+    return -(-num_max_tokens // a) * a
+
+
+def parse_bool(name: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name}={value!r} is not a boolean; use 1/0, true/false, on/off")
+
+
+def mode_from_flags(use_fp4_acts: bool, use_mxf4_kind: bool, *, source: str = "environment") -> str:
+    """Map the legacy (FP4 acts, MXF4 kind) pair onto the 0.2.x ``mma_type`` modes."""
+    if use_fp4_acts and use_mxf4_kind:
+        return "mxf4xmxf4"
+    if not use_fp4_acts and not use_mxf4_kind:
+        return "fp8xfp4"
+    if use_mxf4_kind:
+        raise ValueError(
+            f"{source}: USE_MXF4_KIND=1 needs USE_FP4_ACTS=1 (kind::mxf4 multiplies FP4 activations); "
+            "set both for W4A4 (mode='mxf4xmxf4') or neither for W4A8 (mode='fp8xfp4')"
+        )
+    raise ValueError(
+        f"{source}: USE_FP4_ACTS=1 without USE_MXF4_KIND=1 asks for FP4 activations through the "
+        "kind::mxf8f6f4 MMA, a mode that sgl-deep-gemm 0.2.x no longer has; set USE_MXF4_KIND=1 "
+        "too (mode='mxf4xmxf4') or unset both (mode='fp8xfp4')"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSetting:
+    value: bool
+    source: str  # which variable (or "default") decided it
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvState:
+    """What the one-time forwarding saw and did; reported by ``describe()``."""
+
+    fp4_acts: EnvSetting
+    mxf4_kind: EnvSetting
+    forwarded: tuple[tuple[str, str], ...]  # (DG_ variable, value) pairs this process set
+
+
+_env_lock = threading.Lock()
+_env_state: EnvState | None = None
+
+
+def _read_first(names: tuple[str, ...]) -> tuple[str, str] | None:
+    for n in names:
+        if n in os.environ:
+            return n, os.environ[n]
+    return None
+
+
+def forward_env() -> EnvState:
+    """Forward JAX_MEGAMOE_* / SGLang flags to DG_USE_* once per process (set-if-absent).
+
+    Thread-safe and idempotent: the first caller does the work, every later caller gets the
+    same snapshot, whatever the environment looks like by then. An explicit ``DG_*`` value
+    already in the environment wins over the forwarded one.
+    """
+    global _env_state
+    with _env_lock:
+        if _env_state is not None:
+            return _env_state
+        forwarded: list[tuple[str, str]] = []
+        settings = []
+        for names, dg in ((ENV_FP4_ACTS, DG_FP4_ACTS), (ENV_MXF4_KIND, DG_MXF4_KIND)):
+            src = _read_first(names)
+            if src is not None:
+                val = parse_bool(src[0], src[1])
+                if dg not in os.environ:
+                    os.environ[dg] = "1" if val else "0"
+                    forwarded.append((dg, os.environ[dg]))
+            if dg in os.environ and (src is None or (dg, os.environ[dg]) not in forwarded):
+                settings.append(EnvSetting(parse_bool(dg, os.environ[dg]), dg))
+            elif src is not None:
+                settings.append(EnvSetting(parse_bool(dg, os.environ[dg]), src[0]))
+            else:
+                settings.append(EnvSetting(False, "default"))
+        _env_state = EnvState(settings[0], settings[1], tuple(forwarded))
+        return _env_state
+
+
+def _reset_env_forwarding() -> None:
+    """Forget the snapshot (tests only; real processes forward exactly once)."""
+    global _env_state
+    with _env_lock:
+        _env_state = None
+
+
+def default_sm100_mode() -> str:
+    """The sm_100 mode the environment selects (W4A8 unless both FP4 flags are on)."""
+    st = forward_env()
+    return mode_from_flags(
+        st.fp4_acts.value,
+        st.mxf4_kind.value,
+        source=f"{DG_FP4_ACTS} (from {st.fp4_acts.source}) / {DG_MXF4_KIND} (from {st.mxf4_kind.source})",
+    )
+
+
+def resolve_mode(mode: str | None, arch: int | None = None) -> str:
+    """An explicit ``mode`` wins; else sm_90 means ``fp8``; else the environment's sm_100 mode."""
+    if mode is not None:
+        return check_mode(mode)
+    if arch == 9:
+        return "fp8"
+    return default_sm100_mode()
+
+
+@dataclasses.dataclass(frozen=True)
+class MegaMoEConfig:
+    """Static shape and mode of one Mega MoE call site (hashable: it keys buffers and cubins)."""
+
+    hidden: int
+    intermediate: int
+    num_experts: int
+    top_k: int
+    num_max_tokens: int
+    mode: str
+    activation_clamp: float | None = None
+    num_ranks: int = 1
+
+    def __post_init__(self) -> None:
+        check_mode(self.mode)
+        validate_moe_shape(
+            hidden=self.hidden,
+            intermediate=self.intermediate,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            mode=self.mode,
+            num_ranks=self.num_ranks,
+        )
+        check_clamp(self.activation_clamp)
+        if self.num_max_tokens < 1:
+            raise ValueError(f"num_max_tokens: {self.num_max_tokens} must be >= 1")
+
+    @property
+    def token_capacity(self) -> int:
+        return align_token_cap(self.num_max_tokens, self.mode)
+
+    @property
+    def act_group(self) -> int:
+        return ACT_GROUP[self.mode]
+
+
+def check_clamp(activation_clamp: float | None) -> None:
+    if activation_clamp is None:
+        return
+    c = float(activation_clamp)
+    if math.isnan(c) or c < 0:
+        raise ValueError(f"activation_clamp: {activation_clamp} must be None (no clamp) or a number >= 0")
+
+
+def validate_pre_dispatch_shape(*, hidden: int, top_k: int, mode: str) -> None:
+    """Limits of the pre-dispatch kernels (one CTA per token, H/8 threads)."""
+    group = ACT_GROUP[check_mode(mode)]
+    if hidden % 128 != 0:
+        raise ValueError(f"hidden: {hidden} must be a multiple of 128")
+    if hidden > MAX_HIDDEN_PRE_DISPATCH:
+        raise ValueError(
+            f"hidden: {hidden} exceeds the pre-dispatch kernel's limit of {MAX_HIDDEN_PRE_DISPATCH} "
+            "(one thread per 8 columns, at most 1024 threads)"
+        )
+    if top_k < 1 or top_k > hidden // 8:
+        raise ValueError(f"top_k: {top_k} must be in [1, hidden/8 = {hidden // 8}]")
+    if mode in SM100_MODES and (hidden // group) % 4 != 0:
+        raise ValueError(f"hidden: {hidden}/{group} scale groups must be a multiple of 4 (packed int32 scales)")
+
+
+def validate_moe_shape(
+    *, hidden: int, intermediate: int, num_experts: int, top_k: int, mode: str, num_ranks: int = 1
+) -> None:
+    """Limits of the mega kernels for ``mode`` (sm_100: fp8_fp4_mega_moe, sm_90: fp8_mega_moe)."""
+    check_mode(mode)
+    if top_k < 1 or top_k > num_experts:
+        raise ValueError(f"top_k: {top_k} must be in [1, num_experts = {num_experts}]")
+    if num_ranks < 1 or num_experts % num_ranks != 0:
+        raise ValueError(f"num_experts: {num_experts} must be divisible by the number of ranks {num_ranks}")
+    if mode in SM100_MODES:
+        if hidden % 256 != 0:
+            raise ValueError(f"hidden: {hidden} must be a multiple of 256 for mode {mode!r}")
+        if intermediate % 128 != 0:
+            raise ValueError(f"intermediate: {intermediate} must be a multiple of 128 for mode {mode!r}")
+        if top_k > MAX_TOPK_SM100:
+            raise ValueError(f"top_k: {top_k} exceeds the sm_100 kernel's limit of {MAX_TOPK_SM100}")
+        if num_experts > MAX_EXPERTS_SM100:
+            raise ValueError(f"num_experts: {num_experts} exceeds the sm_100 kernel's limit of {MAX_EXPERTS_SM100}")
+        if num_experts // num_ranks > MAX_LOCAL_EXPERTS_SM100:
+            raise ValueError(
+                f"num_experts: {num_experts // num_ranks} local experts exceed the limit of {MAX_LOCAL_EXPERTS_SM100}"
+            )
+        if num_ranks > MAX_RANKS_SM100:
+            raise ValueError(f"num_ranks: {num_ranks} exceeds {MAX_RANKS_SM100}")
+    else:
+        if hidden % 512 != 0:
+            raise ValueError(f"hidden: {hidden} must be a multiple of 512 for mode 'fp8'")
+        if intermediate % 256 != 0:
+            raise ValueError(f"intermediate: {intermediate} must be a multiple of 256 for mode 'fp8'")
+        if intermediate > MAX_INTERMEDIATE_SM90:
+            raise ValueError(f"intermediate: {intermediate} exceeds the sm_90 kernel's limit of {MAX_INTERMEDIATE_SM90}")
+        if num_ranks > MAX_RANKS_SM90:
+            raise ValueError(f"num_ranks: {num_ranks} exceeds {MAX_RANKS_SM90}")

@@ -1,0 +1,710 @@
+"""DeepSeek V4 MoE block in Flax NNX: gate, hash routing, routed experts (Mega MoE), shared expert.
+
+What one MoE layer of DeepSeek V4 computes (the official ``inference/model.py``, "REF"), for the
+collapsed, RMS-normed hidden states ``x`` ``bf16[T, H]`` of one layer and their token ids:
+
+1. Gate (:class:`DeepseekV4Gate`): logits ``z = f32(x) @ f32(W_g)^T`` (fp32), scores
+   ``s = sqrt(softplus(z))``. Hash layers (``layer_idx < num_hash_layers``, never the MTP block)
+   take the experts from ``tid2eid[token_ids]``; the other layers take ``top_k(s + bias, K)`` (the
+   bias only *selects*; flat top-k over all experts, ties to the lowest expert id). The weights are
+   always the **unbiased** scores at the chosen ids, renormalised to sum to one
+   (``norm_topk_prob``), times ``routed_scaling_factor`` (rho). **rho is folded into the returned
+   ``topk_weights``** before the kernel, as newer SGLang does: the Mega MoE kernels multiply the
+   weight into the SwiGLU output *before* requantising it, so this is where the kernel expects it
+   (the sm_100 pre-dispatch has no rho of its own).
+2. Routed experts (:class:`DeepseekV4MoE` through :func:`_routed_experts`): Mega MoE on MXFP4
+   experts (``MoEWeights``), SwiGLU clamped at ``swiglu_limit`` (gate from above, up symmetric).
+3. Shared expert (:class:`DeepseekV4SharedExpert`): the same clamped SwiGLU as ordinary XLA
+   matmuls, no routing weight and no rho.
+4. ``y = bf16(f32(routed) + shared_f32)``: the shared expert's fp32 output is added to the
+   kernel's bf16 output in fp32 and rounded to bf16 once (SGLang adds two bf16 tensors in
+   place, which rounds the shared output first; ours is the more accurate of the two and differs
+   by at most one bf16 rounding). No residual: DeepSeek V4's hyper-connections add it.
+
+Everything is a pure function of arrays under ``nnx.jit`` / ``jax.jit`` (through
+``nnx.split``/``nnx.merge``); the token count ``T`` is static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_megamoe import config as _cfg
+
+__all__ = [
+    "BACKENDS",
+    "DeepseekV4Config",
+    "DeepseekV4Gate",
+    "DeepseekV4SharedExpert",
+    "DeepseekV4MoE",
+    "MoECheckpoint",
+    "GateBias",
+    "HashTable",
+    "RoutedExperts",
+    "random_moe_checkpoint",
+    "random_checkpoint_scale_bytes",
+    "text_progress_bar",
+]
+
+#: Backends a block can be asked for (the same names as ``jax_megamoe.ops``).
+BACKENDS: tuple[str, ...] = ("auto", "ffi", "reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}: {value!r} must be an integer")
+    if value < lo:
+        raise ValueError(f"{name}: {value} must be >= {lo}")
+
+
+def _check_float(name: str, value: Any, *, lo: float, lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: {value!r} must be a number")
+    v = float(value)
+    if not math.isfinite(v) or v < lo or (lo_open and v == lo):
+        rel = ">" if lo_open else ">="
+        raise ValueError(f"{name}: {value} must be finite and {rel} {lo}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepseekV4Config:
+    """The MoE-related part of a DeepSeek V4 ``config.json`` (frozen, hashable: it is static).
+
+    Field names follow the Hugging Face config keys. ``renorm_eps`` is added to the sum of the
+    selected scores before renormalising. REF adds nothing; Hugging Face and MaxText add 1e-20,
+    which is the default here because it changes nothing REF computes: a sum of sqrtsoftplus
+    scores above about 1.7e-13 absorbs 1e-20 exactly in fp32 (1e-20 is below half an ulp), so
+    the weights are bit-identical to REF's, while a row whose selected scores are all zero (a
+    hash-layer token id outside the vocabulary, see :class:`DeepseekV4Gate`, or logits below
+    about -104 everywhere) gets weights 0 instead of NaN.
+    """
+
+    hidden_size: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_shared_experts: int
+    routed_scaling_factor: float
+    swiglu_limit: float | None
+    num_hash_layers: int
+    vocab_size: int
+    scoring_func: str = "sqrtsoftplus"
+    norm_topk_prob: bool = True
+    renorm_eps: float = 1e-20
+
+    def __post_init__(self) -> None:
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("moe_intermediate_size", self.moe_intermediate_size, 1)
+        _check_int("n_routed_experts", self.n_routed_experts, 1)
+        _check_int("num_experts_per_tok", self.num_experts_per_tok, 1)
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(
+                f"num_experts_per_tok: {self.num_experts_per_tok} exceeds n_routed_experts = {self.n_routed_experts}"
+            )
+        _check_int("n_shared_experts", self.n_shared_experts, 0)
+        _check_float("routed_scaling_factor", self.routed_scaling_factor, lo=0.0, lo_open=True)
+        if self.swiglu_limit is not None:
+            _check_float("swiglu_limit", self.swiglu_limit, lo=0.0)
+        _check_int("num_hash_layers", self.num_hash_layers, 0)
+        _check_int("vocab_size", self.vocab_size, 1)
+        if self.scoring_func != "sqrtsoftplus":
+            raise ValueError(
+                f"scoring_func: {self.scoring_func!r} is not supported; DeepSeek V4 uses 'sqrtsoftplus'"
+            )
+        if not isinstance(self.norm_topk_prob, (bool, np.bool_)):
+            raise ValueError(f"norm_topk_prob: {self.norm_topk_prob!r} must be a bool")
+        _check_float("renorm_eps", self.renorm_eps, lo=0.0)
+
+    # -- derived values -------------------------------------------------------------------------
+    @property
+    def activation_clamp(self) -> float | None:
+        """The SwiGLU clamp the kernels get: REF clamps only when ``swiglu_limit > 0``."""
+        if self.swiglu_limit is None or float(self.swiglu_limit) <= 0:
+            return None
+        return float(self.swiglu_limit)
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return self.moe_intermediate_size * self.n_shared_experts
+
+    def is_hash_layer(self, layer_idx: int, *, is_mtp: bool = False) -> bool:
+        """Layers ``< num_hash_layers`` route by token id; the MTP block never does."""
+        return (not is_mtp) and layer_idx < self.num_hash_layers
+
+    # -- presets --------------------------------------------------------------------------------
+    @classmethod
+    def v4_flash(cls, **overrides: Any) -> DeepseekV4Config:
+        """DeepSeek-V4-Flash (``deepseek-ai/DeepSeek-V4-Flash`` ``config.json``)."""
+        base = dict(
+            hidden_size=4096,
+            moe_intermediate_size=2048,
+            n_routed_experts=256,
+            num_experts_per_tok=6,
+            n_shared_experts=1,
+            routed_scaling_factor=1.5,
+            swiglu_limit=10.0,
+            num_hash_layers=3,
+            vocab_size=129280,
+        )
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def v4_pro(cls, **overrides: Any) -> DeepseekV4Config:
+        """DeepSeek-V4-Pro (values as quoted from its ``config.json``)."""
+        base = dict(
+            hidden_size=7168,
+            moe_intermediate_size=3072,
+            n_routed_experts=384,
+            num_experts_per_tok=6,
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+            swiglu_limit=10.0,
+            num_hash_layers=3,
+            vocab_size=129280,
+        )
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> DeepseekV4Config:
+        """A small V4-like layer for tests: valid in every kernel mode (H % 512 == 0, I % 256 == 0)."""
+        base = dict(
+            hidden_size=512,
+            moe_intermediate_size=256,
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_shared_experts=1,
+            routed_scaling_factor=1.5,
+            swiglu_limit=10.0,
+            num_hash_layers=1,
+            vocab_size=1000,
+        )
+        return cls(**{**base, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# Variables
+# ---------------------------------------------------------------------------------------------
+
+
+class GateBias(nnx.Variable):
+    """The gate's selection bias (``noaux_tc``): set by load balancing, not trained by gradients."""
+
+
+class HashTable(nnx.Variable):
+    """``tid2eid`` int32 ``[vocab, K]``: the experts of each token id on hash-routed layers."""
+
+
+class RoutedExperts(nnx.Variable):
+    """The routed experts as one ``MoEWeights`` pytree (kernel layout, fixed mode)."""
+
+
+def _value(v: nnx.Variable) -> Any:
+    return v.get_value()
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_x(x: Any, hidden: int, name: str = "x") -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+    if len(x.shape) != 2:
+        raise ValueError(f"{name}: expected a rank-2 array [T, H={hidden}], got shape {tuple(x.shape)}")
+    if np.dtype(x.dtype) != np.dtype(jnp.bfloat16):
+        raise TypeError(f"{name}: dtype {np.dtype(x.dtype).name} is not supported; expected bfloat16")
+    if x.shape[1] != hidden:
+        raise ValueError(f"{name}: hidden size {x.shape[1]} does not match the config's hidden_size = {hidden}")
+
+
+def _check_token_ids(token_ids: Any, num_tokens: int) -> None:
+    if not hasattr(token_ids, "shape") or not hasattr(token_ids, "dtype"):
+        raise TypeError(f"token_ids: expected an integer array, got {type(token_ids).__name__}")
+    if not jnp.issubdtype(token_ids.dtype, jnp.integer):
+        raise TypeError(f"token_ids: dtype {np.dtype(token_ids.dtype).name} is not supported; expected int32")
+    if tuple(token_ids.shape) != (num_tokens,):
+        raise ValueError(f"token_ids: expected shape [{num_tokens}] (one id per row of x), got {list(token_ids.shape)}")
+
+
+def _check_backend(backend: Any) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# Gate
+# ---------------------------------------------------------------------------------------------
+
+
+class DeepseekV4Gate(nnx.Module):
+    """Router of one layer: ``(x bf16[T,H], token_ids int32[T] | None) -> (topk_idx, topk_weights)``.
+
+    Parameters: ``weight`` bf16 ``[E, H]`` (``nnx.Param``, init N(0, 1/H) so logits are O(1));
+    on non-hash layers ``bias`` f32 ``[E]`` (:class:`GateBias`, init 0 as in HF/SGLang);
+    on hash layers ``tid2eid`` int32 ``[vocab, K]`` (:class:`HashTable`) initialised as SGLang's
+    dummy init, ``tid2eid[t, k] = (t + k) % E`` (K distinct experts per row), to be replaced by
+    the checkpoint's table. A hash layer has no ``bias`` attribute; other layers no ``tid2eid``.
+
+    Returns ``topk_idx`` int32 ``[T, K]`` and ``topk_weights`` f32 ``[T, K]`` **including rho**.
+
+    Token ids outside ``[0, vocab)`` on a hash layer (e.g. negative padding ids) are *not*
+    clamped to a valid row: their row gets ``topk_idx = -1`` and weight 0 in every slot, the
+    convention DeepGEMM and SGLang use for padded tokens (the kernels skip ``idx < 0``), so such
+    a token receives only the shared expert. Nothing can raise on a traced value, hence no error.
+    """
+
+    def __init__(self, config: DeepseekV4Config, layer_idx: int, *, rngs: nnx.Rngs, is_mtp: bool = False):
+        if not isinstance(config, DeepseekV4Config):
+            raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
+        _check_int("layer_idx", layer_idx, 0)
+        self.config = config
+        self.layer_idx = int(layer_idx)
+        self.is_hash_layer = config.is_hash_layer(self.layer_idx, is_mtp=is_mtp)
+        e, h, k = config.n_routed_experts, config.hidden_size, config.num_experts_per_tok
+        w = jax.random.normal(rngs.params(), (e, h), jnp.float32) * (1.0 / math.sqrt(h))
+        self.weight = nnx.Param(w.astype(jnp.bfloat16))
+        if self.is_hash_layer:
+            tid = np.arange(config.vocab_size, dtype=np.int64)[:, None]
+            self.tid2eid = HashTable(jnp.asarray((tid + np.arange(k)[None, :]) % e, jnp.int32))
+        else:
+            self.bias = GateBias(jnp.zeros((e,), jnp.float32))
+
+    def scores(self, x: jax.Array) -> jax.Array:
+        """Unbiased affinities ``sqrt(softplus(f32(x) @ f32(W)^T))``, f32 ``[T, E]``."""
+        _check_x(x, self.config.hidden_size)
+        w = _value(self.weight)
+        logits = _dot_nt(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        return jnp.sqrt(jax.nn.softplus(logits))
+
+    def __call__(self, x: jax.Array, token_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        _check_x(x, cfg.hidden_size)
+        t = x.shape[0]
+        if token_ids is not None:
+            _check_token_ids(token_ids, t)
+        scores = self.scores(x)
+        if self.is_hash_layer:
+            if token_ids is None:
+                raise ValueError(
+                    f"token_ids: layer {self.layer_idx} is hash-routed (layer_idx < num_hash_layers = "
+                    f"{cfg.num_hash_layers}) and needs the token id of every row of x"
+                )
+            table = _value(self.tid2eid)
+            tid = jnp.asarray(token_ids).astype(jnp.int32)
+            valid = (tid >= 0) & (tid < table.shape[0])
+            rows = table[jnp.clip(tid, 0, table.shape[0] - 1)]
+            topk_idx = jnp.where(valid[:, None], rows, -1).astype(jnp.int32)
+        else:
+            biased = scores + _value(self.bias)[None, :]
+            _, topk_idx = jax.lax.top_k(biased, cfg.num_experts_per_tok)  # ties: lowest id first
+            topk_idx = topk_idx.astype(jnp.int32)
+        ok = topk_idx >= 0
+        w = jnp.take_along_axis(scores, jnp.where(ok, topk_idx, 0), axis=1)
+        w = jnp.where(ok, w, 0.0)
+        if cfg.norm_topk_prob:
+            w = w / (jnp.sum(w, axis=1, keepdims=True) + jnp.float32(cfg.renorm_eps))
+        w = w * jnp.float32(cfg.routed_scaling_factor)
+        return topk_idx, w.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared expert
+# ---------------------------------------------------------------------------------------------
+
+
+def _dot_nt(a: jax.Array, b: jax.Array, precision: Any = None) -> jax.Array:
+    """``a @ b.T`` with fp32 accumulation, as one dot_general (no separate transpose op, so eager
+    and jitted calls run the same contraction and give the same bits)."""
+    return jax.lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
+
+
+def _clamped_swiglu(g: jax.Array, u: jax.Array, limit: float | None) -> jax.Array:
+    if limit is not None:
+        g = jnp.minimum(g, jnp.float32(limit))
+        u = jnp.clip(u, -jnp.float32(limit), jnp.float32(limit))
+    return jax.nn.silu(g) * u
+
+
+class DeepseekV4SharedExpert(nnx.Module):
+    """The shared expert: ``W2 . bf16(silu(min(x W1^T, L)) * clip(x W3^T, -L, L))``, returns f32 ``[T, H]``.
+
+    ``w1``/``w3`` ``[I_s, H]`` and ``w2`` ``[H, I_s]`` are bf16 ``nnx.Param``. The checkpoint stores
+    them as FP8 e4m3 with 128x128 UE8M0 block scales; :meth:`load_fp8` dequantizes them to bf16 at
+    load, exactly (an e4m3 value times a power of two always fits bf16). The matmuls are
+    bf16 x bf16 with fp32 accumulation, the SwiGLU and clamp (same as the routed experts: gate
+    from above, up symmetric) in fp32, the intermediate rounded to bf16 before the down
+    projection as REF does; no routing weight, no rho. REF additionally quantizes the
+    activations of its FP8 linears to FP8 per 128 columns; this module does not (it is closer to
+    the exact function).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, swiglu_limit: float | None, rngs: nnx.Rngs):
+        _check_int("hidden_size", hidden_size, 1)
+        _check_int("intermediate_size", intermediate_size, 1)
+        self.hidden_size = int(hidden_size)
+        self.intermediate_size = int(intermediate_size)
+        self.swiglu_limit = None if swiglu_limit is None or float(swiglu_limit) <= 0 else float(swiglu_limit)
+        h, i = self.hidden_size, self.intermediate_size
+
+        def init(shape, fan_in):
+            return (jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)).astype(jnp.bfloat16)
+
+        self.w1 = nnx.Param(init((i, h), h))
+        self.w3 = nnx.Param(init((i, h), h))
+        self.w2 = nnx.Param(init((h, i), i))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_x(x, self.hidden_size)
+        g = _dot_nt(x, _value(self.w1))
+        u = _dot_nt(x, _value(self.w3))
+        h = _clamped_swiglu(g, u, self.swiglu_limit)
+        return _dot_nt(h.astype(jnp.bfloat16), _value(self.w2))
+
+    def load_fp8(self, w1, w1_scale, w2, w2_scale, w3, w3_scale) -> None:
+        """Set the weights from the checkpoint's FP8 block-128 tensors (dequantized to bf16).
+
+        ``w*`` are ``float8_e4m3fn`` (or their uint8 bytes); scales ``[N/128, K/128]`` as
+        ``float8_e8m0fnu``, UE8M0 uint8 bytes, or f32.
+        """
+        from jax_megamoe import quant
+
+        def deq(name, q, s, shape):
+            q = jnp.asarray(q)
+            if q.dtype == jnp.uint8:
+                q = jax.lax.bitcast_convert_type(q, jnp.float8_e4m3fn)
+            if tuple(q.shape) != shape:
+                raise ValueError(f"{name}: expected shape {list(shape)}, got {list(q.shape)}")
+            s = np.asarray(s)
+            if s.dtype == np.uint8:
+                s = np.ldexp(np.float32(1.0), s.astype(np.int32) - 127).astype(np.float32)
+            else:
+                s = s.astype(np.float32)
+            want = (shape[0] // 128, shape[1] // 128)
+            if tuple(s.shape) != want:
+                raise ValueError(f"{name}_scale: expected shape {list(want)}, got {list(s.shape)}")
+            return quant.dequantize_fp8_block128(q, jnp.asarray(s)).astype(jnp.bfloat16)
+
+        h, i = self.hidden_size, self.intermediate_size
+        self.w1.set_value(deq("w1", w1, w1_scale, (i, h)))
+        self.w3.set_value(deq("w3", w3, w3_scale, (i, h)))
+        self.w2.set_value(deq("w2", w2, w2_scale, (h, i)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Random MXFP4 checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+class MoECheckpoint(NamedTuple):
+    """Routed experts of one layer in checkpoint format (the arguments of ``MoEWeights.from_checkpoint``)."""
+
+    w13: Any  # uint8 [E, 2I, H/2]: packed E2M1, rows [gate | up], low nibble = even column
+    w13_scale: Any  # uint8 [E, 2I, H/32]: UE8M0 bytes
+    w2: Any  # uint8 [E, H, I/2]
+    w2_scale: Any  # uint8 [E, H, I/32]
+
+
+#: RMS of a uniformly random E2M1 code: sqrt(mean(0, .25, 1, 2.25, 4, 9, 16, 36)).
+_E2M1_RMS = math.sqrt(68.5 / 8)
+#: RMS gain of a scale exponent jittered uniformly over {-1, 0, +1}: sqrt((1/4 + 1 + 4) / 3).
+_JITTER_RMS = math.sqrt(1.75)
+
+
+def random_checkpoint_scale_bytes(k: int, target_rms: float) -> int:
+    """Central UE8M0 byte of a random layer whose products with a unit-RMS input have RMS ~target.
+
+    A dot product over ``k`` random E2M1 codes (RMS ``_E2M1_RMS``) with scale ``2^(s-127)``
+    jittered by one exponent either way has RMS ``sqrt(k) * 2.93 * 1.32 * 2^(s-127)`` for a
+    unit-RMS input; ``s`` is that solved for ``target_rms`` and rounded.
+    """
+    return 127 + int(round(math.log2(target_rms / (math.sqrt(k) * _E2M1_RMS * _JITTER_RMS))))
+
+
+def text_progress_bar(desc: str = "", stream=None, width: int = 30) -> Callable[[int, int], None]:
+    """A plain text progress bar on stderr: ``progress(done, total)`` (bytes)."""
+    stream = sys.stderr if stream is None else stream
+    t0 = time.perf_counter()
+    last = [-1]
+
+    def progress(done: int, total: int) -> None:
+        pct = int(100 * done / max(total, 1))
+        if pct == last[0] and done < total:
+            return
+        last[0] = pct
+        n = width * done // max(total, 1)
+        el = time.perf_counter() - t0
+        unit, div = ("GiB", 2**30) if total >= 2**30 else ("MiB", 2**20)
+        stream.write(
+            f"\r{desc} [{'#' * n}{'.' * (width - n)}] {pct:3d}% {done / div:.2f}/{total / div:.2f} {unit} {el:.1f}s"
+        )
+        if done >= total:
+            stream.write("\n")
+        stream.flush()
+
+    return progress
+
+
+def _moe_dims(config: DeepseekV4Config, num_experts: int | None) -> tuple[int, int, int]:
+    e = config.n_routed_experts if num_experts is None else num_experts
+    _check_int("num_experts", e, 1)
+    h, i = config.hidden_size, config.moe_intermediate_size
+    if h % 32 or i % 32:
+        raise ValueError(f"hidden_size/moe_intermediate_size: {h}/{i} must be multiples of 32 (MXFP4 groups)")
+    return e, h, i
+
+
+def random_moe_checkpoint(
+    config: DeepseekV4Config,
+    seed: int | np.random.SeedSequence = 0,
+    *,
+    num_experts: int | None = None,
+    progress: Callable[[int, int], None] | bool | None = None,
+    gate_up_rms: float = 2.0,
+    down_rms: float = 1.0,
+) -> MoECheckpoint:
+    """Random routed experts in checkpoint format (numpy uint8), fast enough for full-size layers.
+
+    Codes are uniformly random bytes (every E2M1 value, both signs); scale bytes are uniform over
+    ``{c-1, c, c+1}`` with ``c`` from :func:`random_checkpoint_scale_bytes`, so for a unit-RMS
+    input the gate/up pre-activations have RMS about ``gate_up_rms`` (2: the clamp at 10 bites on
+    large inputs) and each expert's output about ``down_rms`` per unit-RMS intermediate. For
+    V4-Flash that is bytes {119,120,121} for both w13 and w2; for ``tiny()`` {121,122,123} and
+    {120,121,122}. The generator (SFC64 raw words, > 1 GB/s) is rarely the limit: V4-Flash's
+    3.2 GiB took 10-17 s on a 2-core VM, almost all of it first-touch page faults of the output.
+    ``progress(done_bytes, total_bytes)`` is called per expert; ``True`` picks
+    :func:`text_progress_bar`. ``num_experts`` overrides ``config.n_routed_experts``.
+    """
+    e, h, i = _moe_dims(config, num_experts)
+    if progress is True:
+        progress = text_progress_bar("random MXFP4 experts")
+    c13 = random_checkpoint_scale_bytes(h, gate_up_rms)
+    c2 = random_checkpoint_scale_bytes(i, down_rms)
+    for name, c in (("gate_up_rms", c13), ("down_rms", c2)):
+        if not 2 <= c <= 252:
+            raise ValueError(f"{name}: gives UE8M0 byte {c}, outside the usable range")
+    ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    bitgen = np.random.SFC64(ss)
+    rng = np.random.Generator(bitgen)
+    shapes = ((2 * i, h // 2), (2 * i, h // 32), (h, i // 2), (h, i // 32))
+    out = MoECheckpoint(*(np.empty((e, *s), np.uint8) for s in shapes))
+    per_expert = sum(int(np.prod(s)) for s in shapes)
+    total = e * per_expert
+
+    def raw_bytes(n: int) -> np.ndarray:
+        words = bitgen.random_raw(-(-n // 8))
+        return words.view(np.uint8)[:n]
+
+    for ex in range(e):
+        out.w13[ex] = raw_bytes(out.w13[ex].size).reshape(shapes[0])
+        out.w13_scale[ex] = rng.integers(c13 - 1, c13 + 2, shapes[1], dtype=np.uint8)
+        out.w2[ex] = raw_bytes(out.w2[ex].size).reshape(shapes[2])
+        out.w2_scale[ex] = rng.integers(c2 - 1, c2 + 2, shapes[3], dtype=np.uint8)
+        if progress:
+            progress((ex + 1) * per_expert, total)
+    return out
+
+
+def _random_moe_checkpoint_jax(config: DeepseekV4Config, key: jax.Array, num_experts: int | None = None) -> MoECheckpoint:
+    """The same distribution from a (possibly traced) JAX key: used under ``nnx.eval_shape``/jit init."""
+    e, h, i = _moe_dims(config, num_experts)
+    c13 = random_checkpoint_scale_bytes(h, 2.0)
+    c2 = random_checkpoint_scale_bytes(i, 1.0)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+
+    def scales(k, shape, c):
+        return jax.random.randint(k, shape, c - 1, c + 2, dtype=jnp.int32).astype(jnp.uint8)
+
+    return MoECheckpoint(
+        jax.random.bits(k1, (e, 2 * i, h // 2), jnp.uint8),
+        scales(k2, (e, 2 * i, h // 32), c13),
+        jax.random.bits(k3, (e, h, i // 2), jnp.uint8),
+        scales(k4, (e, h, i // 32), c2),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Routed experts: the one place where the backend is chosen
+# ---------------------------------------------------------------------------------------------
+
+
+def _device_arch() -> int | None:
+    try:
+        from jax_megamoe.ops import device_arch
+    except ImportError:
+        dev = jax.devices()[0]
+        if dev.platform != "gpu" or getattr(dev, "compute_capability", None) is None:
+            return None
+        return int(str(dev.compute_capability).split(".")[0])
+    return device_arch()
+
+
+def _ops_module():
+    """``jax_megamoe.ops`` if it exists and has ``mega_moe``; None otherwise (import errors inside it propagate)."""
+    try:
+        from jax_megamoe import ops
+    except ModuleNotFoundError as e:
+        if e.name in ("jax_megamoe.ops",):
+            return None
+        raise
+    return ops if hasattr(ops, "mega_moe") else None
+
+
+def _routed_experts(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    topk_weights: jax.Array,
+    weights: Any,
+    backend: str,
+    *,
+    activation_clamp: float | None,
+) -> jax.Array:
+    """Routed experts ``bf16[T, H]``; ``topk_weights`` already carry rho (so the factor passed is 1).
+
+    ``backend="reference"`` always runs ``jax_megamoe.reference.mega_moe``; otherwise the call
+    goes to ``jax_megamoe.ops.mega_moe(..., backend=backend)`` (FFI kernels where available),
+    falling back to the reference only while ``ops`` does not exist yet.
+    """
+    if backend != "reference":
+        ops = _ops_module()
+        if ops is not None:
+            return ops.mega_moe(
+                x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp, backend=backend
+            )
+        if backend == "ffi":
+            raise RuntimeError("backend='ffi': jax_megamoe.ops (the FFI entry point) is not available")
+    from jax_megamoe import reference
+
+    return reference.mega_moe(x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MoE block
+# ---------------------------------------------------------------------------------------------
+
+
+def _key_is_concrete(key: jax.Array) -> bool:
+    return not isinstance(key, jax.core.Tracer)
+
+
+def _seed_from_key(key: jax.Array) -> np.random.SeedSequence:
+    data = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key)
+    return np.random.SeedSequence([int(v) for v in data.reshape(-1).astype(np.uint64)])
+
+
+class DeepseekV4MoE(nnx.Module):
+    """One DeepSeek V4 MoE layer: ``(x bf16[T, H], token_ids int32[T] | None) -> bf16[T, H]``.
+
+    ``gate`` (:class:`DeepseekV4Gate`) -> routed experts (``experts``, a :class:`RoutedExperts`
+    holding a ``jax_megamoe.layout.MoEWeights`` in ``mode``; run through :func:`_routed_experts`
+    with ``activation_clamp = config.swiglu_limit`` and rho already in the weights) -> plus
+    ``shared_experts`` (:class:`DeepseekV4SharedExpert`, None when ``n_shared_experts == 0``),
+    added in fp32 and rounded to bf16 once. No residual.
+
+    ``mode``: the kernel mode the experts are built for; None resolves it the way the ops do
+    (``fp8`` on an sm_90 GPU, else the environment's sm_100 mode, ``fp8xfp4`` by default).
+    ``weights``: ready ``MoEWeights`` (e.g. from a checkpoint); when None the experts are random
+    MXFP4 bytes (:func:`random_moe_checkpoint`, seeded from ``rngs.params()``) converted with
+    ``MoEWeights.from_checkpoint``; ``progress`` is passed to the generator.
+    ``token_ids`` are required on hash layers (``layer_idx < num_hash_layers``, not MTP).
+    """
+
+    def __init__(
+        self,
+        config: DeepseekV4Config,
+        layer_idx: int,
+        *,
+        backend: str = "auto",
+        mode: str | None = None,
+        rngs: nnx.Rngs,
+        weights: Any = None,
+        is_mtp: bool = False,
+        progress: Callable[[int, int], None] | bool | None = None,
+    ):
+        if not isinstance(config, DeepseekV4Config):
+            raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
+        self.backend = _check_backend(backend)
+        self.config = config
+        if weights is not None and mode is None:
+            mode = getattr(weights, "mode", None)
+        self.mode = _cfg.resolve_mode(mode, _device_arch())
+        _cfg.validate_moe_shape(
+            hidden=config.hidden_size,
+            intermediate=config.moe_intermediate_size,
+            num_experts=config.n_routed_experts,
+            top_k=config.num_experts_per_tok,
+            mode=self.mode,
+        )
+        self.gate = DeepseekV4Gate(config, layer_idx, rngs=rngs, is_mtp=is_mtp)
+        self.layer_idx = self.gate.layer_idx
+        self.is_hash_layer = self.gate.is_hash_layer
+        from jax_megamoe.layout import MoEWeights
+
+        if weights is None:
+            key = rngs.params()
+            if _key_is_concrete(key):
+                ckpt = random_moe_checkpoint(config, _seed_from_key(key), progress=progress)
+            else:
+                ckpt = _random_moe_checkpoint_jax(config, key)
+            weights = MoEWeights.from_checkpoint(*ckpt, mode=self.mode)
+        else:
+            self._check_weights(weights)
+        self.experts = RoutedExperts(weights)
+        if config.n_shared_experts > 0:
+            self.shared_experts = DeepseekV4SharedExpert(
+                config.hidden_size, config.shared_intermediate_size, swiglu_limit=config.swiglu_limit, rngs=rngs
+            )
+        else:
+            self.shared_experts = None
+
+    def _check_weights(self, weights: Any) -> None:
+        cfg = self.config
+        want = {
+            "mode": self.mode,
+            "hidden": cfg.hidden_size,
+            "intermediate": cfg.moe_intermediate_size,
+            "num_experts": cfg.n_routed_experts,
+        }
+        for attr, v in want.items():
+            got = getattr(weights, attr, v)
+            if got != v:
+                raise ValueError(f"weights: {attr} = {got!r} does not match the block's {attr} = {v!r}")
+
+    @property
+    def moe_weights(self) -> Any:
+        """The routed experts' ``MoEWeights``."""
+        return _value(self.experts)
+
+    def __call__(self, x: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        _check_x(x, cfg.hidden_size)
+        t = x.shape[0]
+        if token_ids is not None:
+            _check_token_ids(token_ids, t)
+        if t == 0:
+            return jnp.zeros((0, cfg.hidden_size), jnp.bfloat16)
+        topk_idx, topk_weights = self.gate(x, token_ids)
+        y = _routed_experts(
+            x, topk_idx, topk_weights, self.moe_weights, self.backend, activation_clamp=cfg.activation_clamp
+        )
+        if self.shared_experts is not None:
+            y = (y.astype(jnp.float32) + self.shared_experts(x)).astype(jnp.bfloat16)
+        return y

@@ -1,0 +1,217 @@
+"""Public ops: choose the FFI kernels or the pure-JAX reference, validate, and call.
+
+Backend choice happens at trace time from the default device (``backend="auto"``): the FFI
+kernels where the GPU's architecture matches the mode's kernels and the FFI library is
+registered, the reference everywhere else. ``backend="ffi"`` insists on the kernels (and
+skips the device check when no GPU is present, so a jitted call can be lowered for
+``cuda`` on a CPU-only machine); ``backend="reference"`` always runs the pure-JAX path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_megamoe import config
+from jax_megamoe import reference
+from jax_megamoe._validate import check_dtype, check_ndim, check_shape
+
+Backend = Literal["auto", "ffi", "reference"]
+BACKENDS = ("auto", "ffi", "reference")
+
+PRE_DISPATCH_TARGET = {9: "jax_megamoe_pre_dispatch_sm90", 10: "jax_megamoe_pre_dispatch_sm100"}
+_MMA_KIND = {"fp8": 0, "fp8xfp4": 1, "mxf4xmxf4": 2}  # deep_gemm::MmaKind (0: unused on sm_90)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The FFI backend was requested where it cannot run; the message says what is missing."""
+
+
+def device_arch() -> int | None:
+    """Compute-capability major of the default device, or None when it is not a CUDA GPU."""
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return None
+    cc = getattr(dev, "compute_capability", None)
+    if cc is None:
+        return None
+    return int(str(cc).split(".")[0])
+
+
+def _ffi_ready() -> tuple[bool, str]:
+    from jax_megamoe import _ffi
+
+    ok = _ffi.register()
+    return ok, ("" if ok else _ffi.status().reason)
+
+
+def choose_backend(backend: str, mode: str, *, op: str) -> str:
+    """Resolve ``backend`` to "ffi" or "reference" for ``mode`` on the default device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "reference":
+        return "reference"
+    arch = device_arch()
+    want = config.arch_of_mode(mode)
+    if backend == "auto":
+        if arch != want:
+            return "reference"
+        ok, _ = _ffi_ready()
+        return "ffi" if ok else "reference"
+    # backend == "ffi"
+    if arch is not None and arch != want:
+        raise BackendUnavailableError(
+            f"backend='ffi': mode {mode!r} needs an sm_{want}0 GPU for {op}, but the default device is "
+            f"sm_{arch}x ({jax.devices()[0].device_kind}); use mode='fp8' on H100/H200 or backend='reference'"
+        )
+    if arch is not None:
+        ok, reason = _ffi_ready()
+        if not ok:
+            raise BackendUnavailableError(f"backend='ffi' for {op}: {reason}")
+    return "ffi"
+
+
+def _check_routing(x, topk_idx, topk_weights) -> tuple[int, int, int]:
+    check_ndim("x", x, 2)
+    check_dtype("x", x, jnp.bfloat16)
+    t, h = x.shape
+    check_ndim("topk_idx", topk_idx, 2)
+    check_dtype("topk_idx", topk_idx, (jnp.int32, jnp.int64))
+    check_shape("topk_idx", topk_idx, (t, None))
+    k = topk_idx.shape[1]
+    check_dtype("topk_weights", topk_weights, jnp.float32)
+    check_shape("topk_weights", topk_weights, (t, k))
+    return t, h, k
+
+
+def _check_scaling(routed_scaling_factor: float) -> float:
+    f = float(routed_scaling_factor)
+    if not math.isfinite(f):
+        raise ValueError(f"routed_scaling_factor: {routed_scaling_factor} must be finite")
+    return f
+
+
+def pre_dispatch(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    topk_weights: jax.Array,
+    *,
+    mode: str | None = None,
+    num_max_tokens: int,
+    routed_scaling_factor: float = 1.0,
+    backend: Backend = "auto",
+) -> reference.PreDispatched:
+    """Quantize ``x`` and write the kernel's input slots, padded to ``num_max_tokens`` rows.
+
+    Same contract as :func:`jax_megamoe.reference.pre_dispatch`; with the FFI backend the
+    bytes come from DeepGEMM's own pre-dispatch kernel and equal the reference bit for bit.
+    """
+    mode = config.resolve_mode(mode, device_arch())
+    t, h, k = _check_routing(x, topk_idx, topk_weights)
+    config.validate_pre_dispatch_shape(hidden=h, top_k=k, mode=mode)
+    if t > num_max_tokens:
+        raise ValueError(f"x: {t} tokens exceed num_max_tokens={num_max_tokens}")
+    if t < 1:
+        raise ValueError(f"x: needs at least one token row, got shape {tuple(x.shape)}")
+    rsf = _check_scaling(routed_scaling_factor)
+    if choose_backend(backend, mode, op="pre_dispatch") == "reference":
+        return reference.pre_dispatch(
+            x, topk_idx, topk_weights, mode=mode, num_max_tokens=num_max_tokens, routed_scaling_factor=rsf
+        )
+    return _pre_dispatch_ffi(x, topk_idx.astype(jnp.int32), topk_weights, mode=mode, cap=num_max_tokens, rsf=rsf)
+
+
+def _pre_dispatch_ffi(x, topk_idx, topk_weights, *, mode: str, cap: int, rsf: float) -> reference.PreDispatched:
+    _, h = x.shape
+    k = topk_idx.shape[1]
+    arch = config.arch_of_mode(mode)
+    group = config.ACT_GROUP[mode]
+    if mode == "mxf4xmxf4":
+        xq = jax.ShapeDtypeStruct((cap, h // 2), jnp.uint8)
+    else:
+        xq = jax.ShapeDtypeStruct((cap, h), jnp.float8_e4m3fn)
+    if arch == 9:
+        sf = jax.ShapeDtypeStruct((cap, h // 128), jnp.float32)
+        kernel_rsf = rsf
+    else:
+        sf = jax.ShapeDtypeStruct((cap, h // 128), jnp.int32)
+        # The sm_100 pre-dispatch kernel has no routed scaling factor: fold it in first, in f32.
+        if rsf != 1.0:
+            topk_weights = topk_weights * jnp.float32(rsf)
+        kernel_rsf = 1.0
+    outs = jax.ffi.ffi_call(
+        PRE_DISPATCH_TARGET[arch],
+        (
+            xq,
+            sf,
+            jax.ShapeDtypeStruct((cap, k, 2), jnp.int32),
+            jax.ShapeDtypeStruct((cap, k), jnp.float32),
+        ),
+    )(
+        x,
+        topk_idx,
+        topk_weights,
+        hidden=np.int64(h),
+        top_k=np.int64(k),
+        capacity=np.int64(cap),
+        group=np.int64(group),
+        mma_kind=np.int64(_MMA_KIND[mode]),
+        routed_scaling_factor=np.float32(kernel_rsf),
+    )
+    x_q, x_sf, idx_pairs, w_out = outs
+    return reference.PreDispatched(x_q, x_sf, _int64_slots_to_jax(idx_pairs), w_out)
+
+
+def _int64_slots_to_jax(pairs: jax.Array) -> jax.Array:
+    """The kernel's int64 top-k slots, as int64 under x64 and as their (exact) int32 values otherwise."""
+    if jax.config.jax_enable_x64:
+        return jax.lax.bitcast_convert_type(pairs, jnp.int64)
+    return pairs[..., 0]
+
+
+def mega_moe(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    topk_weights: jax.Array,
+    weights,
+    *,
+    mode: str | None = None,
+    activation_clamp: float | None = None,
+    routed_scaling_factor: float = 1.0,
+    num_max_tokens: int | None = None,
+    fast_math: bool = True,
+    backend: Backend = "auto",
+) -> jax.Array:
+    """Routed experts of one MoE layer: pre-dispatch + fused mega kernel -> ``bf16[T, H]``.
+
+    ``mode`` defaults to the mode ``weights`` were built for. The FFI mega kernel is not
+    wired yet: ``backend="auto"`` runs the reference, ``backend="ffi"`` raises.
+    """
+    if mode is None:
+        mode = getattr(weights, "mode", None)
+    mode = config.resolve_mode(mode, device_arch())
+    _check_routing(x, topk_idx, topk_weights)
+    _check_scaling(routed_scaling_factor)
+    config.check_clamp(activation_clamp)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "ffi":
+        raise BackendUnavailableError(
+            "backend='ffi' for mega_moe: the fused Mega MoE kernel is not wired through XLA FFI yet "
+            "(only pre_dispatch is); use backend='auto' or 'reference'"
+        )
+    return reference.mega_moe(
+        x,
+        topk_idx,
+        topk_weights,
+        weights,
+        mode=mode,
+        activation_clamp=activation_clamp,
+        routed_scaling_factor=routed_scaling_factor,
+        num_max_tokens=num_max_tokens,
+        fast_math=fast_math,
+    )

@@ -1,0 +1,33 @@
+"""GPU tests run only with `pytest -m gpu` on a machine with a CUDA GPU; elsewhere they skip."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+
+def _gpu_arch() -> int | None:
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return None
+    if dev.platform != "gpu":
+        return None
+    return int(str(getattr(dev, "compute_capability", "0")).split(".")[0])
+
+
+GPU_ARCH = _gpu_arch()
+
+
+def pytest_collection_modifyitems(config, items):
+    if GPU_ARCH is not None:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cpu_device():
+    return jax.devices("cpu")[0]

@@ -1,0 +1,99 @@
+"""ops.py on CPU: backend choice, validation, and the FFI custom call as lowered for CUDA."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_megamoe import ops, reference
+
+
+def _inputs(seed, t=5, h=512, k=4, e=16):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((t, h)) * 3, jnp.bfloat16)
+    idx = jnp.asarray(rng.integers(-1, e, size=(t, k)), jnp.int32)
+    w = jnp.asarray(rng.random((t, k)), jnp.float32)
+    return x, idx, w
+
+
+def _lower_cuda(fn, *args) -> str:
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize(
+    "mode, target, xq_type, sf_type, kind, group",
+    [
+        ("fp8", "jax_megamoe_pre_dispatch_sm90", "tensor<256x512xf8E4M3FN>", "tensor<256x4xf32>", 0, 128),
+        ("fp8xfp4", "jax_megamoe_pre_dispatch_sm100", "tensor<256x512xf8E4M3FN>", "tensor<256x4xi32>", 1, 32),
+        ("mxf4xmxf4", "jax_megamoe_pre_dispatch_sm100", "tensor<256x256xui8>", "tensor<256x4xi32>", 2, 32),
+    ],
+)
+def test_pre_dispatch_lowers_to_the_custom_call(mode, target, xq_type, sf_type, kind, group):
+    x, idx, w = _inputs(0)
+    fn = functools.partial(
+        ops.pre_dispatch, mode=mode, num_max_tokens=256, routed_scaling_factor=1.5, backend="ffi"
+    )
+    text = _lower_cuda(fn, x, idx, w)
+    calls = re.findall(r"stablehlo\.custom_call @(\w+)\(([^)]*)\).*", text)
+    assert [c[0] for c in calls] == [target], text
+    line = next(line for line in text.splitlines() if f"@{target}" in line)
+    for attr in ("hidden = 512", "top_k = 4", "capacity = 256", f"group = {group}", f"mma_kind = {kind}"):
+        assert attr in line, (attr, line)
+    rsf = "1.500000e+00" if mode == "fp8" else "1.000000e+00"  # sm_100 folds the factor before the kernel
+    assert f"routed_scaling_factor = {rsf}" in line, line
+    assert xq_type in line and sf_type in line and "tensor<256x4x2xi32>" in line, line
+    if mode != "fp8":
+        assert "stablehlo.multiply" in text  # the folded routed scaling factor
+
+
+def test_auto_backend_on_cpu_is_the_reference_and_exact():
+    x, idx, w = _inputs(1)
+    for mode in ("fp8", "fp8xfp4", "mxf4xmxf4"):
+        got = ops.pre_dispatch(x, idx, w, mode=mode, num_max_tokens=64, routed_scaling_factor=2.0)
+        want = reference.pre_dispatch(x, idx, w, mode=mode, num_max_tokens=64, routed_scaling_factor=2.0)
+        for g, e in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g).view(np.uint8), np.asarray(e).view(np.uint8))
+    assert ops.choose_backend("auto", "fp8", op="t") == "reference"
+    assert ops.choose_backend("ffi", "fp8", op="t") == "ffi"  # no GPU present: lowering-only use is allowed
+
+
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        (lambda x, i, w: (x.astype(jnp.float32), i, w), TypeError, "x: dtype float32"),
+        (lambda x, i, w: (x, i.astype(jnp.float32), w), TypeError, "topk_idx: dtype float32"),
+        (lambda x, i, w: (x, i, w.astype(jnp.bfloat16)), TypeError, "topk_weights: dtype bfloat16"),
+        (lambda x, i, w: (x, i[:, :2], w), ValueError, "topk_weights: expected shape"),
+        (lambda x, i, w: (x[:, :500], i, w), ValueError, "hidden: 500"),
+        (lambda x, i, w: (jnp.zeros((3, 8448), jnp.bfloat16), i[:3], w[:3]), ValueError, "hidden: 8448"),
+        (lambda x, i, w: (x[0], i, w), ValueError, "x: expected a rank-2"),
+    ],
+)
+def test_pre_dispatch_rejects_bad_inputs(change, exc, match):
+    x, idx, w = change(*_inputs(2))
+    with pytest.raises(exc, match=match):
+        ops.pre_dispatch(x, idx, w, mode="fp8", num_max_tokens=64)
+
+
+def test_pre_dispatch_rejects_bad_options():
+    x, idx, w = _inputs(3)
+    with pytest.raises(ValueError, match="num_max_tokens=4"):
+        ops.pre_dispatch(x, idx, w, mode="fp8", num_max_tokens=4)
+    with pytest.raises(ValueError, match="backend: 'cuda'"):
+        ops.pre_dispatch(x, idx, w, mode="fp8", num_max_tokens=64, backend="cuda")
+    with pytest.raises(ValueError, match="routed_scaling_factor"):
+        ops.pre_dispatch(x, idx, w, mode="fp8", num_max_tokens=64, routed_scaling_factor=float("nan"))
+    with pytest.raises(ValueError, match="mode: 'fp4'"):
+        ops.pre_dispatch(x, idx, w, mode="fp4", num_max_tokens=64)
+
+
+def test_mega_moe_ffi_is_reported_unavailable_not_faked():
+    x, idx, w = _inputs(4)
+    with pytest.raises(ops.BackendUnavailableError, match="not wired"):
+        ops.mega_moe(x, idx, w, weights=None, mode="fp8", backend="ffi")
