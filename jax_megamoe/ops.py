@@ -10,6 +10,7 @@ skips the device check when no GPU is present, so a jitted call can be lowered f
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal
 
 import jax
@@ -25,6 +26,15 @@ BACKENDS = ("auto", "ffi", "reference")
 
 PRE_DISPATCH_TARGET = {9: "jax_megamoe_pre_dispatch_sm90", 10: "jax_megamoe_pre_dispatch_sm100"}
 _MMA_KIND = {"fp8": 0, "fp8xfp4": 1, "mxf4xmxf4": 2}  # deep_gemm::MmaKind (0: unused on sm_90)
+
+
+def graph_targets_enabled() -> bool:
+    """Whether to call the targets that declare CUDA-graph (command buffer) compatibility.
+
+    ``JAX_MEGAMOE_GRAPH_TARGETS=1`` opts in: XLA may then capture the custom call into its
+    CUDA graphs. The plain targets run outside command buffers (XLA splits the graph there).
+    """
+    return config.parse_bool("JAX_MEGAMOE_GRAPH_TARGETS", os.environ.get("JAX_MEGAMOE_GRAPH_TARGETS", "0"))
 
 
 class BackendUnavailableError(RuntimeError):
@@ -143,8 +153,9 @@ def _pre_dispatch_ffi(x, topk_idx, topk_weights, *, mode: str, cap: int, rsf: fl
         if rsf != 1.0:
             topk_weights = topk_weights * jnp.float32(rsf)
         kernel_rsf = 1.0
+    target = PRE_DISPATCH_TARGET[arch] + ("_graph" if graph_targets_enabled() else "")
     outs = jax.ffi.ffi_call(
-        PRE_DISPATCH_TARGET[arch],
+        target,
         (
             xq,
             sf,

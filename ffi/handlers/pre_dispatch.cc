@@ -307,9 +307,9 @@ ffi::Error Execute(CUstream stream, int32_t device, PreDispatchState* st, ffi::A
   }
   if (!e.success()) return e;
 
-  const int64_t threads = H / 8;
-  const int64_t pad_slots = (P - T) * K;
-  const int64_t blocks = T + (pad_slots + threads - 1) / threads;
+  const PreDispatchLaunch plan = plan_pre_dispatch(kArch, st->mma_kind, T, P, H, K);
+  const int64_t threads = plan.block;
+  const int64_t blocks = plan.grid;
   if (blocks == 0) return ffi::Error::Success();  // P == 0: nothing to write
 
   std::string why;
@@ -327,8 +327,8 @@ ffi::Error Execute(CUstream stream, int32_t device, PreDispatchState* st, ffi::A
       const char* name;
       void* base;
       int64_t row_bytes;
-    } pads[2] = {{"x_q", x_q->untyped_data(), q_cols},
-                 {"x_sf", x_sf->untyped_data(), sf_cols * 4}};
+    } pads[2] = {{"x_q", x_q->untyped_data(), plan.x_row_bytes},
+                 {"x_sf", x_sf->untyped_data(), plan.sf_row_bytes}};
     for (const auto& p : pads) {
       const CUdeviceptr dst = reinterpret_cast<CUdeviceptr>(p.base) +
                               static_cast<CUdeviceptr>(T * p.row_bytes);
@@ -352,7 +352,7 @@ ffi::Error Execute(CUstream stream, int32_t device, PreDispatchState* st, ffi::A
                                static_cast<uint32_t>(T),
                                static_cast<uint32_t>(P),
                                static_cast<uint32_t>(H),
-                               static_cast<uint32_t>(H / 128),
+                               static_cast<uint32_t>(plan.num_groups),
                                static_cast<uint32_t>(K),
                                st->routed_scaling_factor};
     void* params[] = {&a.x,          &a.topk_idx,         &a.topk_weights,   &a.buf_x,
@@ -374,7 +374,7 @@ ffi::Error Execute(CUstream stream, int32_t device, PreDispatchState* st, ffi::A
                                 static_cast<uint32_t>(T),
                                 static_cast<uint32_t>(P),
                                 static_cast<uint32_t>(H),
-                                static_cast<uint32_t>(H / 32),
+                                static_cast<uint32_t>(plan.num_groups),
                                 static_cast<uint32_t>(K)};
     void* params[] = {&a.x,          &a.topk_idx,     &a.topk_weights,     &a.expert_scales,
                       &a.buf_x,      &a.buf_x_sf,     &a.buf_x_scales,     &a.buf_topk_idx,
@@ -391,7 +391,38 @@ ffi::Error Execute(CUstream stream, int32_t device, PreDispatchState* st, ffi::A
 }
 
 }  // namespace
+PreDispatchLaunch plan_pre_dispatch(int arch, int mma_kind, int64_t T, int64_t P, int64_t H,
+                                    int64_t K) {
+  PreDispatchLaunch p;
+  p.block = H / 8;
+  const int64_t pad_slots = (P - T) * K;
+  p.grid = T + (p.block > 0 ? (pad_slots + p.block - 1) / p.block : 0);
+  const int64_t group = arch == 90 ? 128 : 32;
+  p.num_groups = H / group;
+  p.x_row_bytes = (arch != 90 && mma_kind == 2) ? H / 2 : H;
+  p.sf_row_bytes = 4 * (H / 128);
+  return p;
+}
+
 }  // namespace jmm
+
+// Host-side view of the launch geometry, for tests: out = {grid, block, num_groups,
+// x_row_bytes, sf_row_bytes}. Returns 0, or -1 for arguments no handler would accept.
+JMM_EXPORT int jmm_pre_dispatch_launch_plan(int arch, int mma_kind, int64_t T, int64_t P,
+                                                       int64_t H, int64_t K, int64_t* out) {
+  if (out == nullptr || (arch != 90 && arch != 100) || T < 0 || P < T || H <= 0 || H % 128 != 0 ||
+      K <= 0 || (arch == 90 && mma_kind != 0) || (arch == 100 && mma_kind != 1 && mma_kind != 2)) {
+    return -1;
+  }
+  const jmm::PreDispatchLaunch p = jmm::plan_pre_dispatch(arch, mma_kind, T, P, H, K);
+  out[0] = p.grid;
+  out[1] = p.block;
+  out[2] = p.num_groups;
+  out[3] = p.x_row_bytes;
+  out[4] = p.sf_row_bytes;
+  return 0;
+}
+
 
 // ---------------------------------------------------------------------------
 // Exported symbols (see ffi/exports.map; Python: jax_megamoe/_ffi.py).

@@ -41,6 +41,18 @@
 
 namespace jmm {
 
+// Launch geometry of one pre-dispatch call: a pure function of the shapes, shared by the
+// execute handler and the host-side tests (jmm_pre_dispatch_launch_plan).
+struct PreDispatchLaunch {
+  int64_t grid = 0;        // T quantise CTAs + ceil((P - T) * K / threads) pad CTAs
+  int64_t block = 0;       // H / 8 threads: one 16-byte bf16 load each
+  int64_t num_groups = 0;  // kernel argument: H / group (scale bytes per token)
+  int64_t x_row_bytes = 0; // bytes of one x_q row: H / 2 (packed FP4) or H (e4m3)
+  int64_t sf_row_bytes = 0;  // bytes of one x_sf row: 4 * H / 128 (f32 or packed int32)
+};
+PreDispatchLaunch plan_pre_dispatch(int arch, int mma_kind, int64_t T, int64_t P, int64_t H,
+                                    int64_t K);
+
 struct PreDispatchState {
   static xla::ffi::TypeId id;  // assigned by XLA when the type is registered
 

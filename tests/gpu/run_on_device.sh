@@ -20,5 +20,5 @@ python3 -c "import jax_megamoe as m; print(m.describe())"
 python3 -m pytest -m gpu tests/gpu -q -rA -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log"
 rc=${PIPESTATUS[0]}
 echo "== table =="
-grep -h "^TABLE" "$OUT/gpu_tests.log" | sed 's/^TABLE //' | column -t -s'|' || true
+grep -h "^TABLE" "$OUT/gpu_tests.log" | sed 's/^TABLE //' | tr '|' '\t' || true
 exit $rc
