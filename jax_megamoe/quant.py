@@ -1,8 +1,10 @@
 """MXFP4 / FP8 quantisation, E2M1 packing and UE8M0 scales, bit-exact with DeepGEMM's Mega MoE kernels.
 
 Everything here is pure ``jax.numpy``/``lax``: jit-able (all options are static Python values),
-vmappable, shape-static, with no Python loops over data. Arguments are checked at trace time and a
-bad one raises ``TypeError``/``ValueError`` naming it.
+vmappable, shape-static, with no Python loops over data. Each public function checks its arguments'
+dtypes and shapes (also numpy inputs, and tracers inside an outer jit: at trace time) and raises
+``TypeError``/``ValueError`` naming the argument, then runs a jitted body (one compiled computation
+when called eagerly; inlined under an outer jit/vmap). Leading batch dimensions ``[...]`` are allowed.
 
 Formats (what the kernels read and write; sgl-deep-gemm 0.2.5 headers)
 -----------------------------------------------------------------------
@@ -33,13 +35,17 @@ Exactness notes
   paths have an amax floor; there a flushed subnormal can only turn a code-0 value into a signed zero
   of the same sign, which encodes to the same byte.
 * Dequantisation by a UE8M0 scale is an exact ``ldexp`` (subnormal results included).
-* XLA rewrites ``x / c`` (c a broadcast scalar) into ``x * (1/c)`` on CPU and GPU, which changes about
-  half of all quotients; the kernels' IEEE divisions ``amax / 6.0f`` and ``amax / 448.0f`` are therefore
-  computed with integer arithmetic (``_div_exact``). (For the UE8M0 bytes it would not matter: the
-  quotient's rounding cannot cross a power of two. For the sm_90 f32 scale it does.)
+* XLA rewrites ``x / c`` (c a broadcast scalar) into ``x * (1/c)`` on CPU and GPU (about half of all
+  quotients change), and XLA:GPU's f32 division is not correctly rounded at all (13% of ``1/s`` differ
+  on an H200, jax 0.11.2). The kernels' IEEE divisions ``amax / 6.0f``, ``amax / 448.0f`` and
+  ``1.0f / sf`` are therefore computed with integer arithmetic (``_div_exact``, ``_recip_exact``); no
+  float division is left in this module. (For the UE8M0 bytes the rewrite would not matter, since the
+  quotient's rounding cannot cross a power of two; for the sm_90 f32 scale and its inverse it does.)
+* Float multiplies (``x * inv``, ``amax * fl(1/448)``) are IEEE on both backends (checked on GPU).
 * NaN: pre-dispatch E2M1 encodes NaN as +0 (the kernel's threshold rule); E4M3 encodes every NaN as
-  ``0x7F``: the hardware ``cvt.rn.satfinite.e4m3x2.f32`` drops the sign of a NaN (measured on an H100
-  over all 2^32 f32 inputs, where it agrees with ``encode_e4m3`` on every other input; CUDA's host
+  ``0x7F``: the hardware ``cvt.rn.satfinite.e4m3x2.f32`` drops the sign of a NaN (measured on sm_90,
+  H100 and H200, over all 2^32 f32 inputs, where it agrees with ``encode_e4m3`` -- run by JAX on the
+  GPU -- on every input; CUDA's host
   emulation in ``cuda_fp8.hpp`` would give ``0xFF`` for a negative NaN, and so does ml_dtypes). The
   requantisation's E2M1 uses the PTX ``cvt.rn.satfinite.e2m1x2.f32`` semantics of ``encode_e2m1_cvt``
   (signed zero ``0x8`` for negative values that round to zero, NaN -> ``0x7`` = +6), taken from CUDA 13's
@@ -57,6 +63,7 @@ import numpy as np
 from jax import lax
 
 from jax_megamoe._validate import check_dtype, check_multiple
+from jax_megamoe.config import check_mode
 
 __all__ = [
     "E2M1_VALUES",
@@ -96,8 +103,6 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 #: Group sizes the sm_100 FP8 pre-dispatch kernel instantiates for UE8M0 scales.
 FP8_UE8M0_GROUPS = (32, 64, 128)
-
-_MODES = ("mxf4xmxf4", "fp8xfp4", "fp8")
 
 # fp32 constants exactly as the kernels spell them.
 _AMAX_FLOOR_SM100 = np.float32(1e-4)  # fmaxf(local_max, 1e-4f)
@@ -156,12 +161,6 @@ def _check_group(group):
     return int(group)
 
 
-def _check_mode(mode):
-    if not isinstance(mode, str) or mode not in _MODES:
-        raise ValueError(f"mode: {mode!r} is not a kernel mode; expected one of {', '.join(_MODES)}")
-    return mode
-
-
 def _check_float(name, x):
     x = _arr(x)
     check_dtype(name, x, (jnp.float32, jnp.bfloat16))
@@ -202,10 +201,6 @@ def _rne_shift_right(m, s):
     half = _U32(1) << (s - _U32(1))
     up = (rem > half) | ((rem == half) & ((q & _U32(1)) == _U32(1)))
     return q + up.astype(_U32)
-
-
-def _is_nan_bits(b):
-    return (b & _U32(_F32_ABS)) > _U32(_F32_INF)
 
 
 def _mul_pow2_exact(x, k):
@@ -313,6 +308,36 @@ def _div_exact(x, odd: int, pow2: int):
     biased = e - 6 + sh + carry.astype(jnp.int32) - pow2
     out = (biased.astype(_U32) << 23) | (top & _U32(0x7FFFFF))
     return _from_bits(jnp.where(b >= _U32(_F32_INF), b, out))
+
+
+def _recip_exact(s):
+    """Correctly rounded ``fl32(1.0f / s)`` for f32 ``s`` > 0 normal with a normal reciprocal, or +inf (-> +0).
+
+    XLA:GPU's f32 division is not correctly rounded (measured with jax 0.11.2 on an H200: 13% of
+    ``1/s`` differ from IEEE), while the sm_90 kernels use IEEE ``1.0f / sf``. So the reciprocal is a
+    long division of 2^48 by the 24-bit significand (24 unrolled shift-subtract steps over bit
+    positions, uint32 only), rounded to nearest-even with the remainder as sticky bit.
+    """
+    b = _bits(s)
+    e = (b >> 23).astype(jnp.int32)
+    frac = b & _U32(0x7FFFFF)
+    m = frac | _U32(0x800000)
+    r = _U32(1 << 24) - m  # 2^24 // m == 1 for m > 2^23 (m == 2^23 is handled below)
+    q = jnp.ones_like(m)
+    for _ in range(24):  # unrolled over the 24 quotient bits, not over data
+        r = r << 1
+        bit = r >= m
+        r = jnp.where(bit, r - m, r)
+        q = (q << 1) | bit.astype(_U32)
+    top = q >> 1  # q = floor(2^48 / m) has 25 bits; keep 24
+    up = ((q & _U32(1)) == _U32(1)) & ((r != 0) | ((top & _U32(1)) == _U32(1)))
+    top = top + up.astype(_U32)
+    carry = top >> 24
+    top = top >> carry
+    biased = 253 - e + carry.astype(jnp.int32)
+    out = (biased.astype(_U32) << 23) | (top & _U32(0x7FFFFF))
+    out = jnp.where(frac == 0, (254 - e).astype(_U32) << 23, out)  # s a power of two: exact
+    return _from_bits(jnp.where(b >= _U32(_F32_INF), _U32(0), out))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -538,7 +563,7 @@ def encode_e4m3(v):
     Finite values and infinities above 464 in magnitude become +-448 (464 itself rounds to 448, even);
     every NaN gives 0x7F (the hardware convert drops a NaN's sign); -0.0 gives 0x80; e4m3 subnormals
     are rounded exactly. Computed on the f32 bits (no XLA f32 -> f8 convert); equal to the sm_90
-    hardware's ``cvt.rn.satfinite.e4m3x2.f32`` on all 2^32 f32 inputs (measured on an H100).
+    hardware's ``cvt.rn.satfinite.e4m3x2.f32`` on all 2^32 f32 inputs (measured on H100/H200).
     """
     return _jit_encode_e4m3(_check_float("v", v))
 
@@ -664,7 +689,7 @@ def _quantize_fp8_per128(x):
     x = _f32(x)
     amax = jnp.maximum(_group_amax(x, 128), jnp.float32(_AMAX_FLOOR_SM90))
     scale = _div_exact(amax, 7, 6)  # amax / 448.0f
-    inv = jnp.float32(1.0) / scale
+    inv = _recip_exact(scale)  # 1.0f / scale
     q = _encode_e4m3(x * _repeat_last(inv, 128))
     return q, scale
 
@@ -757,7 +782,7 @@ def _requant_fp8_per128(a):
     a = _f32(a)
     amax = jnp.maximum(_group_amax(a, 128), jnp.float32(_AMAX_FLOOR_SM90))
     sf = amax * jnp.float32(_INV448)
-    inv = jnp.float32(1.0) / sf
+    inv = _recip_exact(sf)  # 1.0f / sf
     return _encode_e4m3(a * _repeat_last(inv, 128)), sf
 
 
@@ -780,7 +805,7 @@ def fake_quantize(x, mode):
     ``"mxf4xmxf4"``: ``quantize_mxfp4``; ``"fp8xfp4"``: ``quantize_fp8_ue8m0(group=32)``;
     ``"fp8"``: ``quantize_fp8_per128``.
     """
-    mode = _check_mode(mode)
+    mode = check_mode(mode)
     if mode == "mxf4xmxf4":
         return dequantize_mxfp4(*quantize_mxfp4(x))
     if mode == "fp8xfp4":
@@ -794,7 +819,7 @@ def fake_requant(a, mode):
     ``"mxf4xmxf4"``: ``requant_mxfp4``; ``"fp8xfp4"``: ``requant_fp8_ue8m0``; ``"fp8"``:
     ``requant_fp8_per128``. This is the L2 GEMM's activation operand in exact arithmetic.
     """
-    mode = _check_mode(mode)
+    mode = check_mode(mode)
     if mode == "mxf4xmxf4":
         return dequantize_mxfp4(*requant_mxfp4(a))
     if mode == "fp8xfp4":
@@ -856,5 +881,7 @@ def dequantize_fp8_block128(q, scale):
     n, k = q.shape[-2], q.shape[-1]
     want = (*q.shape[:-2], -(-n // 128), -(-k // 128))
     if tuple(scale.shape) != want:
-        raise ValueError(f"scale: expected shape {list(want)} (one scale per 128x128 block of q), got {list(scale.shape)}")
+        raise ValueError(
+            f"scale: expected shape {list(want)} (one scale per 128x128 block of q), got {list(scale.shape)}"
+        )
     return _dequantize_fp8_block128(q, scale)
