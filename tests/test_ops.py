@@ -97,3 +97,13 @@ def test_mega_moe_ffi_is_reported_unavailable_not_faked():
     x, idx, w = _inputs(4)
     with pytest.raises(ops.BackendUnavailableError, match="not wired"):
         ops.mega_moe(x, idx, w, weights=None, mode="fp8", backend="ffi")
+
+
+@pytest.mark.parametrize("arch, mode", [(8, "fp8"), (9, "mxf4xmxf4"), (10, "fp8"), (12, "fp8xfp4")])
+def test_unsupported_gpu_is_one_clear_error(monkeypatch, arch, mode):
+    monkeypatch.setattr(ops, "device_arch", lambda: arch)
+    x, idx, w = _inputs(5)
+    with pytest.raises(ops.BackendUnavailableError, match=rf"needs an sm_\d+0 GPU.*sm_{arch}x"):
+        ops.pre_dispatch(x, idx, w, mode=mode, num_max_tokens=64, backend="ffi")
+    # auto never fails on a GPU it cannot use: it runs the reference
+    assert ops.choose_backend("auto", mode, op="t") == "reference"
