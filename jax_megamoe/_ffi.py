@@ -40,8 +40,10 @@ PLATFORM = "CUDA"
 NOT_BUILT = "FFI library not built: reference backend only"
 
 STATE_TYPE_NAME = "jax_megamoe.PreDispatchState"
+MEGA_SM90_STATE_TYPE_NAME = "jax_megamoe.MegaMoeSm90State"
 TARGET_PRE_DISPATCH_SM90 = "jax_megamoe_pre_dispatch_sm90"
 TARGET_PRE_DISPATCH_SM100 = "jax_megamoe_pre_dispatch_sm100"
+TARGET_MEGA_MOE_SM90 = "jax_megamoe_mega_moe_sm90"  # contract: ffi/handlers/mega_moe_sm90.h
 GRAPH_SUFFIX = "_graph"
 STAGES = ("instantiate", "initialize", "execute")
 
@@ -52,6 +54,9 @@ TARGETS: dict[str, str] = {
     TARGET_PRE_DISPATCH_SM90 + GRAPH_SUFFIX: "jmm_pre_dispatch_sm90_graph",
     TARGET_PRE_DISPATCH_SM100 + GRAPH_SUFFIX: "jmm_pre_dispatch_sm100_graph",
 }
+# Targets whose handlers keep a MegaMoeSm90State (MEGA_SM90_STATE_TYPE_NAME); same stage symbols.
+# Registered together with TARGETS (status().targets lists TARGETS only).
+MEGA_TARGETS: dict[str, str] = {TARGET_MEGA_MOE_SM90: "jmm_mega_moe_sm90"}
 
 # C API of the library (besides the handler symbols): name -> (restype, argtypes).
 _C_API: dict[str, tuple[Any, tuple[Any, ...]]] = {
@@ -71,6 +76,8 @@ _C_API: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "jmm_build_info": (ctypes.c_char_p, ()),
     "jmm_pre_dispatch_state_type_id": (ctypes.c_void_p, ()),
     "jmm_pre_dispatch_state_type_info": (ctypes.c_void_p, ()),
+    "jmm_mega_moe_sm90_state_type_id": (ctypes.c_void_p, ()),
+    "jmm_mega_moe_sm90_state_type_info": (ctypes.c_void_p, ()),
 }
 
 # mma_kind attribute values (= deep_gemm::MmaKind).
@@ -364,7 +371,15 @@ def _register_locked() -> FfiStatus:
             },
             platform=PLATFORM,
         )
-        for name, prefix in TARGETS.items():
+        jax.ffi.register_ffi_type(
+            MEGA_SM90_STATE_TYPE_NAME,
+            {
+                "type_id": jax.ffi.pycapsule(lib.jmm_mega_moe_sm90_state_type_id()),
+                "type_info": jax.ffi.pycapsule(lib.jmm_mega_moe_sm90_state_type_info()),
+            },
+            platform=PLATFORM,
+        )
+        for name, prefix in {**TARGETS, **MEGA_TARGETS}.items():
             jax.ffi.register_ffi_target(name, _capsules(lib, prefix), platform=PLATFORM, api_version=1)
     except Exception as e:  # noqa: BLE001 - recorded, raised by require()
         reason = f"FFI registration failed: {type(e).__name__}: {e}"

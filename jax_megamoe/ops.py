@@ -184,6 +184,31 @@ def _int64_slots_to_jax(pairs: jax.Array) -> jax.Array:
     return pairs[..., 0]
 
 
+MEGA_MOE_TARGET = {9: "jax_megamoe_mega_moe_sm90"}
+#: Token cap used when ``num_max_tokens`` is not given (SGLang's per-rank default); env-overridable.
+DEFAULT_NUM_MAX_TOKENS = 1024
+ENV_NUM_MAX_TOKENS = ("JAX_MEGAMOE_NUM_MAX_TOKENS", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_NUM_MAX_TOKENS_PER_RANK")
+ENV_RESERVED_SMS = ("JAX_MEGAMOE_RESERVED_SMS", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_RESERVED_SMS")
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for n in names:
+        if n in os.environ:
+            try:
+                return int(os.environ[n])
+            except ValueError:
+                raise ValueError(f"environment variable {n}={os.environ[n]!r} is not an integer") from None
+    return default
+
+
+def default_num_max_tokens() -> int:
+    """The token cap of the mega kernel's buffer when a call gives none (default 1024)."""
+    n = _env_int(ENV_NUM_MAX_TOKENS, DEFAULT_NUM_MAX_TOKENS)
+    if n < 1:
+        raise ValueError(f"{ENV_NUM_MAX_TOKENS[0]}: {n} must be >= 1")
+    return n
+
+
 def mega_moe(
     x: jax.Array,
     topk_idx: jax.Array,
@@ -195,34 +220,85 @@ def mega_moe(
     routed_scaling_factor: float = 1.0,
     num_max_tokens: int | None = None,
     fast_math: bool = True,
+    reserved_sms: int | None = None,
     backend: Backend = "auto",
 ) -> jax.Array:
-    """Routed experts of one MoE layer: pre-dispatch + fused mega kernel -> ``bf16[T, H]``.
+    """Routed experts of one MoE layer: pre-dispatch + fused Mega MoE kernel -> ``bf16[T, H]``.
 
-    ``mode`` defaults to the mode ``weights`` were built for. The FFI mega kernel is not
-    wired yet: ``backend="auto"`` runs the reference, ``backend="ffi"`` raises.
+    ``mode`` defaults to the mode ``weights`` were built for. ``num_max_tokens`` is the token
+    cap of the kernel's persistent buffer (default :func:`default_num_max_tokens`; rounded up
+    to the kernel's alignment; calls with the same cap and shapes share one buffer). Above the
+    cap ``backend="auto"`` runs the reference (as SGLang falls back) and ``"ffi"`` raises.
+    ``reserved_sms`` SMs are left free for other streams (default 2). The FFI kernel exists for
+    sm_90 (mode ``fp8``); sm_100 modes run the reference until their kernel is wired.
     """
     if mode is None:
         mode = getattr(weights, "mode", None)
     mode = config.resolve_mode(mode, device_arch())
-    _check_routing(x, topk_idx, topk_weights)
-    _check_scaling(routed_scaling_factor)
+    t, h, k = _check_routing(x, topk_idx, topk_weights)
+    rsf = _check_scaling(routed_scaling_factor)
     config.check_clamp(activation_clamp)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "ffi":
-        raise BackendUnavailableError(
-            "backend='ffi' for mega_moe: the fused Mega MoE kernel is not wired through XLA FFI yet "
-            "(only pre_dispatch is); use backend='auto' or 'reference'"
+    validate_for = getattr(weights, "validate_for", None)
+    if validate_for is None:
+        raise TypeError(f"weights: expected a jax_megamoe.layout.MoEWeights, got {type(weights).__name__}")
+    validate_for(mode, hidden=h)
+    config.validate_moe_shape(
+        hidden=h, intermediate=weights.intermediate, num_experts=weights.num_experts, top_k=k, mode=mode
+    )
+    cap_requested = default_num_max_tokens() if num_max_tokens is None else int(num_max_tokens)
+    if cap_requested < 1:
+        raise ValueError(f"num_max_tokens: {num_max_tokens} must be >= 1")
+    reserved = _env_int(ENV_RESERVED_SMS, 2) if reserved_sms is None else int(reserved_sms)
+    if reserved < 0:
+        raise ValueError(f"reserved_sms: {reserved} must be >= 0")
+    chosen = choose_backend(backend, mode, op="mega_moe")
+    if chosen == "ffi" and config.arch_of_mode(mode) not in MEGA_MOE_TARGET:
+        if backend == "ffi":
+            raise BackendUnavailableError(
+                f"backend='ffi' for mega_moe: the sm_100 Mega MoE kernel (mode {mode!r}) is compile-checked "
+                "only and not wired through XLA FFI yet; use backend='auto' or 'reference'"
+            )
+        chosen = "reference"
+    if t > cap_requested:
+        if backend == "ffi":
+            raise ValueError(
+                f"x: {t} tokens exceed num_max_tokens={cap_requested} (the kernel buffer's cap); "
+                "raise num_max_tokens or use backend='auto' to fall back to the reference above the cap"
+            )
+        chosen = "reference"
+    if chosen == "reference" or t == 0:
+        return reference.mega_moe(
+            x,
+            topk_idx,
+            topk_weights,
+            weights,
+            mode=mode,
+            activation_clamp=activation_clamp,
+            routed_scaling_factor=rsf,
+            fast_math=fast_math,
         )
-    return reference.mega_moe(
+    cap = config.align_token_cap(cap_requested, mode)
+    clamp = np.float32(np.inf if activation_clamp is None else activation_clamp)
+    return jax.ffi.ffi_call(
+        MEGA_MOE_TARGET[config.arch_of_mode(mode)],
+        jax.ShapeDtypeStruct((t, h), jnp.bfloat16),
+        has_side_effect=True,
+    )(
         x,
-        topk_idx,
+        topk_idx.astype(jnp.int32),
         topk_weights,
-        weights,
-        mode=mode,
-        activation_clamp=activation_clamp,
-        routed_scaling_factor=routed_scaling_factor,
-        num_max_tokens=num_max_tokens,
-        fast_math=fast_math,
+        weights.l1,
+        weights.l1_sf,
+        weights.l2,
+        weights.l2_sf,
+        hidden=np.int64(h),
+        intermediate=np.int64(weights.intermediate),
+        num_experts=np.int64(weights.num_experts),
+        top_k=np.int64(k),
+        capacity=np.int64(cap),
+        activation_clamp=clamp,
+        fast_math=bool(fast_math),
+        num_sms=np.int64(0),
+        reserved_sms=np.int64(reserved),
+        routed_scaling_factor=np.float32(rsf),
     )

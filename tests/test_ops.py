@@ -93,10 +93,61 @@ def test_pre_dispatch_rejects_bad_options():
         ops.pre_dispatch(x, idx, w, mode="fp4", num_max_tokens=64)
 
 
-def test_mega_moe_ffi_is_reported_unavailable_not_faked():
-    x, idx, w = _inputs(4)
-    with pytest.raises(ops.BackendUnavailableError, match="not wired"):
-        ops.mega_moe(x, idx, w, weights=None, mode="fp8", backend="ffi")
+def _small_weights(mode, seed=0, e=16, h=512, i=256):
+    from jax_megamoe.layout import MoEWeights
+
+    rng = np.random.default_rng(seed)
+    w13 = rng.integers(0, 256, size=(e, 2 * i, h // 2), dtype=np.uint8)
+    w13s = rng.integers(118, 124, size=(e, 2 * i, h // 32), dtype=np.uint8)
+    w2 = rng.integers(0, 256, size=(e, h, i // 2), dtype=np.uint8)
+    w2s = rng.integers(118, 124, size=(e, h, i // 32), dtype=np.uint8)
+    return MoEWeights.from_checkpoint(w13, w13s, w2, w2s, mode=mode)
+
+
+def test_mega_moe_lowers_to_the_sm90_custom_call():
+    x, idx, w = _inputs(4, t=7)
+    weights = _small_weights("fp8")
+    fn = functools.partial(
+        ops.mega_moe, weights=weights, activation_clamp=10.0, routed_scaling_factor=1.5, num_max_tokens=200,
+        backend="ffi",
+    )
+    text = _lower_cuda(lambda x, i, w: fn(x, i, w), x, idx, w)
+    line = next(line for line in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in line)
+    for attr in (
+        "hidden = 512", "intermediate = 256", "num_experts = 16", "top_k = 4", "capacity = 256",
+        "activation_clamp = 1.000000e+01", "routed_scaling_factor = 1.500000e+00", "reserved_sms = 2",
+    ):
+        assert attr in line, (attr, line)
+    assert "has_side_effect = true" in line and "-> tensor<7x512xbf16>" in line, line
+
+
+def test_mega_moe_auto_on_cpu_is_the_reference():
+    x, idx, w = _inputs(6, t=5)
+    weights = _small_weights("fp8xfp4", seed=1)
+    got = ops.mega_moe(x, idx, w, weights, activation_clamp=10.0)
+    want = reference.mega_moe(x, idx, w, weights, mode="fp8xfp4", activation_clamp=10.0)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+    assert float(jnp.abs(got.astype(jnp.float32)).sum()) > 0
+
+
+def test_mega_moe_errors():
+    x, idx, w = _inputs(7, t=5)
+    fp8 = _small_weights("fp8", seed=2)
+    with pytest.raises(ops.BackendUnavailableError, match="sm_100 Mega MoE kernel"):
+        ops.mega_moe(x, idx, w, _small_weights("mxf4xmxf4", seed=3), backend="ffi")
+    with pytest.raises(ValueError, match="num_max_tokens=4"):
+        ops.mega_moe(x, idx, w, fp8, num_max_tokens=4, backend="ffi")
+    with pytest.raises(ValueError, match="weights: built for mode 'fp8'"):
+        ops.mega_moe(x, idx, w, fp8, mode="fp8xfp4")
+    with pytest.raises(TypeError, match="weights: expected"):
+        ops.mega_moe(x, idx, w, weights=None, mode="fp8")
+    with pytest.raises(ValueError, match="activation_clamp"):
+        ops.mega_moe(x, idx, w, fp8, activation_clamp=-1.0)
+    with pytest.raises(ValueError, match="weights: hidden is 512"):
+        ops.mega_moe(jnp.zeros((5, 1024), jnp.bfloat16), idx, w, fp8)
+    # above the cap, auto falls back to the reference instead of failing
+    y = ops.mega_moe(x, idx, w, fp8, num_max_tokens=4, backend="auto")
+    assert y.shape == (5, 512)
 
 
 @pytest.mark.parametrize("arch, mode", [(8, "fp8"), (9, "mxf4xmxf4"), (10, "fp8"), (12, "fp8xfp4")])

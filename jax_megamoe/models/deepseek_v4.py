@@ -568,6 +568,17 @@ def _ops_module():
     return ops if hasattr(ops, "mega_moe") else None
 
 
+def token_bucket(num_tokens: int, cap: int) -> int:
+    """The static token count the kernel runs for ``num_tokens``: the next power of two >= 16,
+    or ``num_tokens`` itself above ``cap`` (where the reference runs instead)."""
+    if num_tokens > cap:
+        return num_tokens
+    b = 16
+    while b < num_tokens:
+        b *= 2
+    return min(b, cap)
+
+
 def _routed_experts(
     x: jax.Array,
     topk_idx: jax.Array,
@@ -586,6 +597,22 @@ def _routed_experts(
     if backend != "reference":
         ops = _ops_module()
         if ops is not None:
+            t = x.shape[0]
+            bucket = token_bucket(t, ops.default_num_max_tokens())
+            if bucket != t and ops.choose_backend(backend, weights.mode, op="mega_moe") == "ffi":
+                # Static token buckets: one kernel configuration per bucket instead of per T.
+                # Pad rows route nowhere (idx -1, weight 0), so they cost nothing and give 0.
+                pad = bucket - t
+                y = ops.mega_moe(
+                    jnp.pad(x, ((0, pad), (0, 0))),
+                    jnp.pad(topk_idx, ((0, pad), (0, 0)), constant_values=-1),
+                    jnp.pad(topk_weights, ((0, pad), (0, 0))),
+                    weights,
+                    mode=weights.mode,
+                    activation_clamp=activation_clamp,
+                    backend=backend,
+                )
+                return y[:t]
             return ops.mega_moe(
                 x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp, backend=backend
             )
@@ -625,6 +652,8 @@ class DeepseekV4MoE(nnx.Module):
     MXFP4 bytes (:func:`random_moe_checkpoint`, seeded from ``rngs.params()``) converted with
     ``MoEWeights.from_checkpoint``; ``progress`` is passed to the generator.
     ``token_ids`` are required on hash layers (``layer_idx < num_hash_layers``, not MTP).
+    ``mesh``/``ep_axis``: when a mesh is given the routed experts are placed ``P(ep_axis)`` on the
+    expert dim and run through :func:`jax_megamoe.parallel.ep_moe` (same result, bit for bit).
     """
 
     def __init__(
@@ -638,10 +667,15 @@ class DeepseekV4MoE(nnx.Module):
         weights: Any = None,
         is_mtp: bool = False,
         progress: Callable[[int, int], None] | bool | None = None,
+        mesh: Any = None,
+        ep_axis: str = "ep",
     ):
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
         self.backend = _check_backend(backend)
+        # Expert parallelism (jax_megamoe.parallel.ep_moe) over mesh axis ep_axis; None: one device.
+        self.mesh = mesh
+        self.ep_axis = ep_axis
         self.config = config
         if weights is not None and mode is None:
             mode = getattr(weights, "mode", None)
@@ -667,6 +701,10 @@ class DeepseekV4MoE(nnx.Module):
             weights = MoEWeights.from_checkpoint(*ckpt, mode=self.mode)
         else:
             self._check_weights(weights)
+        if mesh is not None:
+            from jax_megamoe import parallel
+
+            weights = parallel.shard_weights(weights, mesh, ep_axis)  # E/n experts per device, placed once
         self.experts = RoutedExperts(weights)
         if config.n_shared_experts > 0:
             self.shared_experts = DeepseekV4SharedExpert(
@@ -674,6 +712,35 @@ class DeepseekV4MoE(nnx.Module):
             )
         else:
             self.shared_experts = None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: Any,
+        layer_idx: int,
+        *,
+        backend: str = "auto",
+        mode: str | None = None,
+        config: DeepseekV4Config | dict | None = None,
+        progress: Callable[[int, int], None] | bool | None = None,
+        nibble_order: str = "low_even",
+        rngs: nnx.Rngs | None = None,
+        **kwargs: Any,
+    ) -> DeepseekV4MoE:
+        """The block of layer ``layer_idx`` with every parameter loaded from a DeepSeek V4
+        safetensors checkpoint folder, or from a folder written by ``python -m jax_megamoe.convert``.
+
+        ``config``: None infers it from the checkpoint's ``config.json`` (checked against the tensor
+        shapes). Other keyword arguments go to the constructor. See
+        :func:`jax_megamoe.checkpoint.load_moe_block` (and ``load_moe_layer`` for the FP4 -> FP8
+        conversion report of mode ``'fp8'``).
+        """
+        from jax_megamoe import checkpoint
+
+        return checkpoint.load_moe_block(
+            cls, path, layer_idx, backend=backend, mode=mode, config=config, progress=progress,
+            nibble_order=nibble_order, rngs=rngs, **kwargs,
+        )
 
     def _check_weights(self, weights: Any) -> None:
         cfg = self.config
@@ -702,9 +769,19 @@ class DeepseekV4MoE(nnx.Module):
         if t == 0:
             return jnp.zeros((0, cfg.hidden_size), jnp.bfloat16)
         topk_idx, topk_weights = self.gate(x, token_ids)
-        y = _routed_experts(
-            x, topk_idx, topk_weights, self.moe_weights, self.backend, activation_clamp=cfg.activation_clamp
-        )
+        if self.mesh is not None:
+            from jax_megamoe import parallel
+
+            # Gate and shared expert follow x's sharding (their weights are replicated); the routed
+            # experts run sharded over ep_axis (T padded to a multiple of the axis size).
+            y = parallel.ep_moe_padded(
+                x, topk_idx, topk_weights, self.moe_weights, mesh=self.mesh, axis=self.ep_axis,
+                mode=self.mode, activation_clamp=cfg.activation_clamp, backend=self.backend,
+            )  # fmt: skip
+        else:
+            y = _routed_experts(
+                x, topk_idx, topk_weights, self.moe_weights, self.backend, activation_clamp=cfg.activation_clamp
+            )
         if self.shared_experts is not None:
             y = (y.astype(jnp.float32) + self.shared_experts(x)).astype(jnp.bfloat16)
         return y

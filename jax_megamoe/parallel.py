@@ -1,0 +1,415 @@
+"""Expert parallelism over a mesh axis with XLA collectives: :func:`ep_moe`.
+
+Experts and tokens are both sharded over one mesh axis (``axis``, size ``n``): device ``d`` owns
+experts ``[d * E/n, (d + 1) * E/n)`` and tokens ``[d * T/n, (d + 1) * T/n)``, and gets the outputs
+of its own tokens back. One call, inside :func:`jax.shard_map`, per device:
+
+1. **Route.** Every (token, slot) pair ``r = t * K + k`` with a valid expert ``e`` (``0 <= e < E``;
+   ``-1`` and ids ``>= E`` are skipped, as :func:`jax_megamoe.reference.mega_moe` skips them) goes to
+   device ``e // (E/n)``. Pairs keep their ``r`` order within each destination.
+2. **Dispatch.** A send buffer ``[n, cap]`` rows (``cap`` = ``T/n * K`` by default: the exact worst
+   case, one source sending every pair to one device) holds, per pair, the token's bf16 row, its
+   *local* expert id and its routing weight (``routed_scaling_factor`` already multiplied in, in
+   f32, as the reference does). Row ``[s, j]`` of the receive buffer is the ``j``-th pair that
+   device ``s`` sent here, so the received pairs of one expert come in global ``r`` order.
+   ``dispatch="dense"``: :func:`jax.lax.all_to_all` of the whole buffer (padding rows included);
+   ``dispatch="ragged"``: :func:`jax.lax.ragged_all_to_all` of only the used rows into the same
+   layout; ``"auto"`` picks ragged on GPU/TPU and dense on CPU (XLA:CPU has no
+   ``ragged-all-to-all``: ``UNIMPLEMENTED: HLO opcode `ragged-all-to-all` is not supported by
+   XLA:CPU ThunkEmitter`` with jax 0.10.2). :func:`dispatch_path` says which one a call takes.
+3. **Local experts** (:func:`_local_experts`, the one place a kernel plugs in): the received rows are
+   a single-rank Mega MoE problem with top-k 1 over the ``E/n`` local experts. ``backend="auto"`` /
+   ``"reference"`` run :func:`jax_megamoe.reference.mega_moe` on them with the chunk size the
+   single-device call over all ``T`` tokens would use, so each row meets the very same operations
+   (activation quantisation is per token, the intermediate requantisation per row).
+4. **Combine.** The per-pair bf16 outputs travel back by the reverse collective into the sender's
+   slots, and ``y[t] = bf16(0 + f32(o_k0) + f32(o_k1) + ...)`` over the valid slots in ascending
+   ``k``, the kernel's (and the reference's) combine.
+
+Exactness: the result equals ``reference.mega_moe`` on one device over all ``T`` tokens **bit for
+bit**: tested for EP 2, 4, 8 (one mode each) with 8 virtual CPU devices (dense dispatch), across two
+processes x 4 CPU devices (``jax.distributed``, gloo), and on 2 x H200 (jax 0.11.2) in every mode
+with both ragged and dense dispatch, at V4-Flash size too (``python tests/parallel_worker.py gpu``,
+``python examples/ep_moe.py --check``).
+
+Capacity: ``capacity=None`` is exact. A smaller ``capacity`` (rows per source/destination pair)
+drops the pairs past it (they contribute 0) and is only accepted with ``return_overflow=True``,
+which returns ``(y, dropped)``, ``dropped`` the int32 number of (token, slot) pairs dropped over the
+whole mesh, so a drop is never silent.
+
+Not here: the fused intranode path (DeepGEMM's multi-rank kernel with peer-mapped symmetric
+buffers); it would replace steps 2-4 as one custom call per device.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_megamoe import config, reference
+
+__all__ = ["ep_moe", "ep_moe_padded", "shard_weights", "dispatch_path", "exact_capacity", "DISPATCHES", "BACKENDS"]
+
+DISPATCHES: tuple[str, ...] = ("auto", "ragged", "dense")
+BACKENDS: tuple[str, ...] = ("auto", "ffi", "reference")
+
+#: Platforms whose XLA implements ``ragged-all-to-all``.
+_RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Mesh helpers and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _axis_size(mesh: Any, axis: Any) -> int:
+    if not isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis not in mesh.axis_names:
+        raise ValueError(f"axis: {axis!r} is not an axis of the mesh (its axes are {tuple(mesh.axis_names)})")
+    return int(mesh.shape[axis])
+
+
+def _platform(mesh: Any) -> str | None:
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        return None
+    devices = getattr(mesh, "devices", None)
+    if devices is None or not isinstance(devices, np.ndarray) or devices.size == 0:
+        return None  # an AbstractMesh
+    return devices.flat[0].platform
+
+
+def dispatch_path(mesh: Any, dispatch: str = "auto") -> str:
+    """``"ragged"`` or ``"dense"``: the collective :func:`ep_moe` uses on ``mesh`` for ``dispatch``.
+
+    ``"auto"`` is ``"ragged"`` (:func:`jax.lax.ragged_all_to_all`) where the mesh's platform is a GPU
+    or TPU and ``"dense"`` (:func:`jax.lax.all_to_all` with a static capacity) elsewhere, i.e. on CPU.
+    """
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
+    platform = _platform(mesh)
+    if dispatch == "auto":
+        return "ragged" if platform in _RAGGED_PLATFORMS else "dense"
+    if dispatch == "ragged" and platform is not None and platform not in _RAGGED_PLATFORMS:
+        raise ValueError(
+            f"dispatch: 'ragged' needs ragged_all_to_all, which XLA on {platform!r} does not implement "
+            "(XLA:CPU: 'HLO opcode ragged-all-to-all is not supported'); use dispatch='dense' or 'auto'"
+        )
+    return dispatch
+
+
+def exact_capacity(num_tokens: int, top_k: int, num_shards: int) -> int:
+    """Rows per (source, destination) device pair that can never overflow: ``T/n * K``."""
+    return (num_tokens // num_shards) * top_k
+
+
+def _check_weights(weights: Any, mode: str, hidden: int, top_k: int, n: int) -> None:
+    from jax_megamoe.layout import MoEWeights
+
+    if not isinstance(weights, MoEWeights):
+        raise TypeError(f"weights: expected a jax_megamoe.layout.MoEWeights, got {type(weights).__name__}")
+    weights.validate_for(mode, hidden=hidden)  # names the mode mismatch
+    if weights.num_local_experts != weights.num_experts:
+        raise ValueError(
+            f"weights: leaves hold {weights.num_local_experts} experts but num_experts={weights.num_experts}; "
+            "ep_moe takes the layer's global weights (one array per leaf over all experts, sharded over the "
+            "mesh axis or not), not one device's slice"
+        )
+    if weights.num_experts % n != 0:
+        raise ValueError(
+            f"weights: num_experts={weights.num_experts} is not divisible by the size {n} of the expert-parallel "
+            "mesh axis (every device must hold the same number of experts)"
+        )
+    if top_k > weights.num_experts:
+        raise ValueError(f"topk_idx: top_k={top_k} exceeds num_experts={weights.num_experts}")
+    if mode in config.SM100_MODES and top_k > config.MAX_TOPK_SM100:
+        raise ValueError(f"topk_idx: top_k={top_k} exceeds the sm_100 kernel's limit of {config.MAX_TOPK_SM100}")
+
+
+def _is_explicit(mesh: Any, axis: Any) -> bool:
+    types = getattr(mesh, "axis_types", None)
+    if not types:
+        return False
+    t = types[tuple(mesh.axis_names).index(axis)]
+    return t == jax.sharding.AxisType.Explicit
+
+
+def _place(a: Any, mesh: Any, spec: P, explicit: bool) -> Any:
+    """``a`` with sharding ``NamedSharding(mesh, spec)``: moved only where it is not already so."""
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        return a
+    sharding = NamedSharding(mesh, spec)
+    if isinstance(a, jax.core.Tracer):
+        return jax.reshard(a, sharding) if explicit else lax.with_sharding_constraint(a, sharding)
+    have = getattr(a, "sharding", None)
+    if have is not None and have.is_equivalent_to(sharding, a.ndim):
+        return a
+    return jax.device_put(a, sharding)
+
+
+def _resolve_backend(backend: str, mode: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    # "auto" runs the reference math on every device (bit-exact, tested). "ffi" sends each device's
+    # received rows through ops.mega_moe(backend="ffi"), the single-rank kernel (sm_90 "fp8" is being
+    # wired there; sm_100 raises). Once that kernel is validated under shard_map, make "auto" follow
+    # ops.choose_backend(backend, mode, op="mega_moe") here: this is the only switch.
+    return "ffi" if backend == "ffi" else "reference"
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def ep_moe(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    topk_weights: jax.Array,
+    weights: Any,
+    *,
+    mesh: Any,
+    axis: str = "ep",
+    mode: str,
+    activation_clamp: float | None = None,
+    backend: str = "auto",
+    routed_scaling_factor: float = 1.0,
+    dispatch: str = "auto",
+    capacity: int | None = None,
+    return_overflow: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Routed experts of one MoE layer with experts and tokens sharded over ``mesh`` axis ``axis``.
+
+    The same function as :func:`jax_megamoe.reference.mega_moe` (bit for bit with the reference
+    backend). Jit-able; every keyword is static.
+
+    Args:
+      x: bf16 ``[T, H]``; ``T`` divisible by the axis size ``n`` (device ``d`` owns rows
+        ``[d T/n, (d+1) T/n)``). Placed with ``P(axis)`` on the token dim if not already.
+      topk_idx: int32/int64 ``[T, K]`` global expert ids; ``-1`` (negative) and ids ``>= E`` skip the slot.
+      topk_weights: f32 ``[T, K]``.
+      weights: the layer's :class:`jax_megamoe.layout.MoEWeights` over all ``E`` experts (global
+        arrays), ``E`` divisible by ``n``; unsharded weights are placed with ``P(axis)`` on the expert dim
+        (device ``d`` holds experts ``[d E/n, (d+1) E/n)``), already sharded ones are used as they are.
+      mesh: a :class:`jax.sharding.Mesh` with axis ``axis`` (Auto or Explicit axis types). Other axes
+        replicate the computation.
+      mode: ``"mxf4xmxf4"``, ``"fp8xfp4"`` or ``"fp8"``; must be the mode ``weights`` were built for.
+      activation_clamp: ``None`` or a number ``>= 0`` (SwiGLU clamp).
+      backend: ``"auto"`` | ``"reference"`` (pure-JAX expert math per device) | ``"ffi"`` (the
+        single-rank FFI mega kernel per device; raises until ``ops.mega_moe`` has it).
+      routed_scaling_factor: multiplied into ``topk_weights`` in f32 before dispatch.
+      dispatch: ``"auto"`` | ``"ragged"`` | ``"dense"``, see :func:`dispatch_path`.
+      capacity: rows per (source, destination) pair; default :func:`exact_capacity` (never overflows).
+      return_overflow: return ``(y, dropped)``; required when ``capacity`` is below the exact one.
+
+    Returns:
+      ``y`` bf16 ``[T, H]`` sharded ``P(axis)`` (and ``dropped`` int32 ``[]`` if ``return_overflow``).
+    """
+    config.check_mode(mode)
+    n = _axis_size(mesh, axis)
+    t, h, k = reference._check_routing(x, topk_idx, topk_weights)
+    if h % 128 != 0:
+        raise ValueError(f"x: hidden={h} must be a multiple of 128")
+    if t % n != 0:
+        raise ValueError(
+            f"x: {t} tokens are not divisible by the size {n} of mesh axis {axis!r} (each device owns T/{n} tokens; "
+            "pad the batch with rows whose topk_idx is -1)"
+        )
+    _check_weights(weights, mode, h, k, n)
+    config.check_clamp(activation_clamp)
+    reference._check_scaling(routed_scaling_factor)
+    path = dispatch_path(mesh, dispatch)
+    be = _resolve_backend(backend, mode)
+    exact = exact_capacity(t, k, n)
+    if capacity is None:
+        cap = exact
+    else:
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or int(capacity) < 1:
+            raise ValueError(f"capacity: {capacity!r} must be a Python int >= 1 (rows per device pair)")
+        cap = min(int(capacity), exact)
+        if cap < exact and not return_overflow:
+            raise ValueError(
+                f"capacity: {capacity} is below the exact worst case T/n*K = {exact} rows per device pair, so "
+                "pairs past it would be dropped; pass return_overflow=True to get the dropped count, or "
+                "capacity=None"
+            )
+    clamp = None if activation_clamp is None else float(activation_clamp)
+    if clamp is not None and math.isinf(clamp):
+        clamp = None
+    if t == 0:
+        y = jnp.zeros((0, h), jnp.bfloat16)
+        return (y, jnp.zeros((), jnp.int32)) if return_overflow else y
+
+    explicit = _is_explicit(mesh, axis)
+    x = _place(x, mesh, P(axis), explicit)
+    topk_idx = _place(topk_idx, mesh, P(axis), explicit)
+    topk_weights = _place(topk_weights, mesh, P(axis), explicit)
+    weights = jax.tree.map(lambda a: _place(a, mesh, P(axis), explicit), weights)
+    rsf = jnp.asarray(routed_scaling_factor, jnp.float32)
+    # The chunk size reference.mega_moe picks for all T tokens on one device: with it every
+    # expert's rows pass through the same matmul shapes, in the same chunks, as there.
+    chunk = reference.default_chunk_rows(t * k, weights.num_experts)
+    y, dropped = _ep_moe_jit(
+        x, topk_idx, topk_weights, rsf, weights,
+        mesh=mesh, axis=axis, mode=mode, clamp=clamp, backend=be, path=path, cap=cap, chunk=chunk,
+    )  # fmt: skip
+    return (y, dropped) if return_overflow else y
+
+
+@partial(jax.jit, static_argnames=("mesh", "axis", "mode", "clamp", "backend", "path", "cap", "chunk"))
+def _ep_moe_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, axis, mode, clamp, backend, path, cap, chunk):
+    w = topk_weights.astype(jnp.float32) * rsf  # reference._scale_weights: one f32 multiply
+    body = partial(
+        _ep_body, axis=axis, mode=mode, clamp=clamp, backend=backend, path=path, cap=cap, chunk=chunk,
+        num_experts=weights.num_experts,
+    )  # fmt: skip
+    f = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P(axis), P(axis), P(axis), P(axis)),
+        out_specs=(P(axis), P()),
+        check_vma=False,  # the reference's loops start from unsharded zeros
+    )
+    return f(x, topk_idx.astype(jnp.int32), w, weights)
+
+
+# --------------------------------------------------------------------------------------------
+# Per device
+# --------------------------------------------------------------------------------------------
+
+
+def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk):
+    """The experts of this device on its received rows: ``x`` bf16 ``[R, H]``, ``idx`` int32 ``[R, 1]``
+    local expert ids (``-1`` = padding row), ``w`` f32 ``[R, 1]`` -> bf16 ``[R, H]`` (0 for padding).
+
+    A single-rank Mega MoE problem with top-k 1: the one place a per-device kernel plugs in.
+    """
+    if backend == "ffi":
+        import dataclasses
+
+        from jax_megamoe import ops
+
+        # One rank holding E/n experts with local ids: the kernel sees a layer of E/n experts and a
+        # buffer for all R received rows.
+        local = dataclasses.replace(weights, num_experts=weights.num_local_experts)
+        return ops.mega_moe(
+            x, idx, w, local, mode=mode, activation_clamp=clamp, num_max_tokens=x.shape[0], backend="ffi"
+        )
+    return reference.mega_moe(x, idx, w, weights, mode=mode, activation_clamp=clamp, chunk_rows=chunk)
+
+
+def _ep_body(x, topk_idx, w, weights, *, axis, mode, clamp, backend, path, cap, chunk, num_experts):
+    n = lax.axis_size(axis)
+    me = lax.axis_index(axis)
+    tl, h = x.shape
+    k = topk_idx.shape[1]
+    el = num_experts // n
+    r = tl * k
+    rows = n * cap
+
+    # 1. Route every (token, slot) pair r = t * K + k to the device that owns its expert.
+    idx = topk_idx.reshape(r)
+    valid = (idx >= 0) & (idx < num_experts)
+    dest = jnp.where(valid, idx // el, n)  # n: nowhere
+    onehot = (dest[:, None] == jnp.arange(n, dtype=jnp.int32)[None, :]).astype(jnp.int32)  # [R, n]
+    rank_in_dest = jnp.cumsum(onehot, axis=0) - 1  # the pair's position among those to its dest, r order
+    pos_in_dest = jnp.take_along_axis(rank_in_dest, jnp.minimum(dest, n - 1)[:, None], axis=1)[:, 0]
+    keep = valid & (pos_in_dest < cap)
+    dropped = jnp.sum(valid & ~keep).astype(jnp.int32)
+    send_sizes = jnp.minimum(jnp.sum(onehot, axis=0), cap).astype(jnp.int32)  # [n]
+    slot = jnp.where(keep, dest * cap + pos_in_dest, rows)  # `rows` is out of bounds: dropped by the scatter
+
+    src_tok = jnp.arange(r, dtype=jnp.int32) // k
+    send_x = jnp.zeros((rows, h), x.dtype).at[slot].set(x[src_tok], mode="drop")
+    send_e = jnp.full((rows,), -1, jnp.int32).at[slot].set(idx % el, mode="drop")
+    send_w = jnp.zeros((rows,), jnp.float32).at[slot].set(w.reshape(r), mode="drop")
+
+    # 2. Dispatch: receive row [s * cap + j] = the j-th pair device s sent here.
+    if path == "dense":
+
+        def exchange(a, fill, sizes_out, sizes_in):
+            del fill, sizes_out, sizes_in
+            return lax.all_to_all(a, axis, 0, 0, tiled=True)
+
+        recv_sizes = None
+    else:
+        recv_sizes = lax.all_to_all(send_sizes, axis, 0, 0, tiled=True)  # [n]: rows from each source
+        starts = jnp.arange(n, dtype=jnp.int32) * cap
+        at_peer = jnp.full((n,), me * cap, jnp.int32)  # where my rows land in every peer's buffer
+
+        def exchange(a, fill, sizes_out, sizes_in):
+            out = jnp.full(a.shape, fill, a.dtype)
+            return lax.ragged_all_to_all(a, out, starts, sizes_out, at_peer, sizes_in, axis_name=axis)
+
+    recv_x = exchange(send_x, 0, send_sizes, recv_sizes)
+    recv_e = exchange(send_e, -1, send_sizes, recv_sizes)
+    recv_w = exchange(send_w, 0, send_sizes, recv_sizes)
+
+    # 3. Local experts on the received rows.
+    out = _local_experts(
+        recv_x, recv_e[:, None], recv_w[:, None], weights, mode=mode, clamp=clamp, backend=backend, chunk=chunk
+    )
+
+    # 4. Back to the senders (reverse exchange), then combine in ascending k.
+    back = exchange(out, 0, recv_sizes, send_sizes)
+    slots = jnp.where(keep[:, None], back[jnp.minimum(slot, rows - 1)], jnp.zeros((), jnp.bfloat16))
+    slots = slots.reshape(tl, k, h)
+    # As reference.mega_moe: f32 adds from +0 in ascending k (an unused slot adds +0, exact), then bf16.
+    acc = jnp.zeros((tl, h), jnp.float32)
+    for kk in range(k):
+        acc = acc + slots[:, kk].astype(jnp.float32)
+    acc = jnp.where(acc == 0, jnp.float32(0), acc)
+    return acc.astype(jnp.bfloat16), lax.psum(dropped, axis)
+
+
+# --------------------------------------------------------------------------------------------
+# For model code: any token count, weights placed once
+# --------------------------------------------------------------------------------------------
+
+
+def shard_weights(weights: Any, mesh: Any, axis: str = "ep") -> Any:
+    """``weights`` (global ``MoEWeights``) placed with ``P(axis)`` on the expert dim, checked for ``mesh``.
+
+    Concrete arrays are moved now (so a model holds its experts sharded); traced ones get a sharding
+    constraint.
+    """
+    n = _axis_size(mesh, axis)
+    _check_weights(weights, getattr(weights, "mode", None), getattr(weights, "hidden", 0), 1, n)
+    explicit = _is_explicit(mesh, axis)
+    return jax.tree.map(lambda a: _place(a, mesh, P(axis), explicit), weights)
+
+
+def ep_moe_padded(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    topk_weights: jax.Array,
+    weights: Any,
+    *,
+    mesh: Any,
+    axis: str = "ep",
+    **kwargs: Any,
+) -> jax.Array:
+    """:func:`ep_moe` for any ``T``: pads the batch to a multiple of the axis size with rows routed
+    nowhere (``topk_idx = -1``, they give exactly 0) and returns the first ``T`` rows (replicated
+    when padding was needed, else sharded ``P(axis)`` over tokens)."""
+    n = _axis_size(mesh, axis)
+    t = x.shape[0]
+    pad = (-t) % n
+    if pad == 0:
+        return ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, **kwargs)
+    if kwargs.get("return_overflow"):
+        raise ValueError("return_overflow: not supported by ep_moe_padded; call ep_moe")
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+    topk_idx = jnp.pad(topk_idx, ((0, pad), (0, 0)), constant_values=-1)
+    topk_weights = jnp.pad(topk_weights, ((0, pad), (0, 0)))
+    y = ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, **kwargs)
+    y = _place(y, mesh, P(), _is_explicit(mesh, axis))
+    return y[:t]

@@ -1,0 +1,342 @@
+"""sm_90 fused Mega MoE through XLA FFI (target jax_megamoe_mega_moe_sm90) vs the pure-JAX reference.
+
+GPU only (H100/H200). The target is called directly with ``jax.ffi.ffi_call`` (a tiny local
+wrapper, independent of ``ops.mega_moe``); the reference runs on the CPU device. Prints lines
+starting with ``TABLE `` (shape, T, relative L2 error, time per call, card).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_megamoe import ops, reference
+from jax_megamoe.layout import MoEWeights
+
+GPU_ARCH = ops.device_arch()
+TARGET = "jax_megamoe_mega_moe_sm90"
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU_ARCH != 9, reason="sm_90 kernels need an H100/H200")]
+
+REL_TOL = 1e-2
+SMALL = dict(H=512, I=256, E=16, K=4)
+FLASH = dict(H=4096, I=2048, E=256, K=6)  # DeepSeek V4-Flash routed experts
+
+
+def _card() -> str:
+    return jax.devices()[0].device_kind
+
+
+# --------------------------------------------------------------------------------------
+# Local wrapper around the FFI target (the contract of ffi/handlers/mega_moe_sm90.h)
+# --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _ffi_fn(*, H, I, E, K, cap, clamp, fast_math, rsf, num_sms=0, reserved_sms=0):
+    from jax_megamoe import _ffi
+
+    assert _ffi.register(), _ffi.status().reason
+
+    def f(x, idx, w, l1, l1_sf, l2, l2_sf):
+        return jax.ffi.ffi_call(
+            TARGET, jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), has_side_effect=True
+        )(
+            x, idx, w, l1, l1_sf, l2, l2_sf,
+            hidden=np.int64(H), intermediate=np.int64(I), num_experts=np.int64(E), top_k=np.int64(K),
+            capacity=np.int64(cap), activation_clamp=np.float32(clamp), fast_math=bool(fast_math),
+            num_sms=np.int64(num_sms), reserved_sms=np.int64(reserved_sms),
+            routed_scaling_factor=np.float32(rsf),
+        )
+
+    return jax.jit(f)
+
+
+def mega_moe_ffi(x, idx, w, weights, *, cap, clamp=float("inf"), fast_math=True, rsf=1.0):
+    f = _ffi_fn(H=weights.hidden, I=weights.intermediate, E=weights.num_local_experts, K=idx.shape[1],
+                cap=cap, clamp=float(clamp), fast_math=fast_math, rsf=float(rsf))
+    return f(x, idx.astype(jnp.int32), w, weights.l1, weights.l1_sf, weights.l2, weights.l2_sf)
+
+
+# --------------------------------------------------------------------------------------
+# Inputs: FP8 block-scaled weights generated on the GPU, routing with distinct experts
+# --------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "cols"))
+def _quantized_block(key, *, rows, cols):
+    """Random f32 [n, rows, cols] -> e4m3 with one f32 scale per 128x128 block (amax / 448)."""
+    k1, k2 = jax.random.split(key)
+    n = 8
+    v = jax.random.normal(k1, (n, rows // 128, 128, cols // 128, 128), jnp.float32)
+    block_scale = 0.02 * jnp.exp(0.5 * jax.random.normal(k2, (n, rows // 128, 1, cols // 128, 1), jnp.float32))
+    b = v * block_scale
+    amax = jnp.max(jnp.abs(b), axis=(2, 4))
+    s = jnp.maximum(amax, 1e-12) / 448.0
+    q = (b / s[:, :, None, :, None]).astype(jnp.float8_e4m3fn).reshape(n, rows, cols)
+    return q, s.astype(jnp.float32)
+
+
+def _weights(seed: int, *, H, I, E, **_) -> MoEWeights:
+    key = jax.random.PRNGKey(seed)
+    parts13, parts2 = [], []
+    for c in range(E // 8):
+        ka, kb = jax.random.split(jax.random.fold_in(key, c))
+        parts13.append(_quantized_block(ka, rows=2 * I, cols=H))
+        parts2.append(_quantized_block(kb, rows=H, cols=I))
+    w13 = jnp.concatenate([p[0] for p in parts13]); s13 = jnp.concatenate([p[1] for p in parts13])
+    w2 = jnp.concatenate([p[0] for p in parts2]); s2 = jnp.concatenate([p[1] for p in parts2])
+    del parts13, parts2
+    return MoEWeights.from_fp8(w13, s13, w2, s2)
+
+
+def _routing(seed: int, t: int, k: int, experts: np.ndarray, *, drop: float = 0.05, empty_rows=(1,)):
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.choice(experts, size=k, replace=False) for _ in range(t)]).astype(np.int32)
+    idx[rng.random((t, k)) < drop] = -1
+    for r in empty_rows:
+        if r < t:
+            idx[r] = -1  # a token with no expert at all: its output row must be exactly 0
+    w = rng.random((t, k)).astype(np.float32)
+    w = w / w.sum(axis=1, keepdims=True)
+    return idx, w
+
+
+def _x(seed: int, t: int, h: int):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((t, h)) * np.exp(rng.normal(0.0, 0.5, size=(t, 1)))
+    return jnp.asarray(x, jnp.bfloat16)
+
+
+# --------------------------------------------------------------------------------------
+# Reference on the CPU, on the subset of experts the routing uses (same function, fewer bytes)
+# --------------------------------------------------------------------------------------
+
+
+def _cpu_weights(weights: MoEWeights, experts: np.ndarray) -> MoEWeights:
+    cpu = jax.devices("cpu")[0]
+    sel = jnp.asarray(experts)
+    leaves = [jax.device_put(np.asarray(getattr(weights, n)[sel]), cpu) for n in ("l1", "l1_sf", "l2", "l2_sf")]
+    return MoEWeights(*leaves, weights.mode, weights.hidden, weights.intermediate, len(experts))
+
+
+def _reference(x, idx, w, cpu_weights: MoEWeights, experts: np.ndarray, *, clamp, rsf):
+    cpu = jax.devices("cpu")[0]
+    remap = np.full(int(experts.max()) + 1, -1, np.int32)
+    remap[experts] = np.arange(len(experts), dtype=np.int32)
+    idx = np.asarray(idx)
+    idx_sub = np.where(idx >= 0, remap[np.maximum(idx, 0)], -1).astype(np.int32)
+    with jax.default_device(cpu):
+        y = reference.mega_moe(
+            jax.device_put(np.asarray(x), cpu), jax.device_put(idx_sub, cpu), jax.device_put(np.asarray(w), cpu),
+            cpu_weights, mode="fp8", activation_clamp=None if np.isinf(clamp) else clamp,
+            routed_scaling_factor=rsf, fast_math=True,
+        )
+        return np.asarray(y)
+
+
+def _check(got, want, idx, *, what: str) -> float:
+    g = np.asarray(got).astype(np.float64)
+    r = np.asarray(want).astype(np.float64)
+    assert g.shape == r.shape, (what, g.shape, r.shape)
+    assert np.isfinite(g).all(), f"{what}: non-finite outputs"
+    empty = (np.asarray(idx) < 0).all(axis=1)
+    assert (g[empty] == 0).all(), f"{what}: rows without experts must be exactly 0"
+    rel = float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30))
+    assert rel <= REL_TOL, f"{what}: relative L2 error {rel:.3e} > {REL_TOL}"
+    return rel
+
+
+def _time_device(x, idx, w, weights, *, cap, clamp=float("inf"), n: int = 20) -> float:
+    """Seconds per call of n back-to-back calls inside ONE jitted program (no Python dispatch per call)."""
+    f = _ffi_fn(H=weights.hidden, I=weights.intermediate, E=weights.num_local_experts, K=idx.shape[1],
+                cap=cap, clamp=float(clamp), fast_math=True, rsf=1.0)
+
+    @jax.jit
+    def many(x, idx, w, l1, l1_sf, l2, l2_sf):
+        y = x
+        for _ in range(n):  # has_side_effect: every call is kept, in order, on one stream
+            y = f(x, idx, w, l1, l1_sf, l2, l2_sf)
+        return y
+
+    args = (x, idx.astype(jnp.int32), w, weights.l1, weights.l1_sf, weights.l2, weights.l2_sf)
+    jax.block_until_ready(many(*args))
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(*args))
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+# --------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_weights():
+    return _weights(1, **SMALL)
+
+
+@pytest.mark.parametrize("t", [1, 16, 128])
+def test_small_shape(small_weights, t):
+    s, cap = SMALL, 128
+    experts = np.arange(s["E"])
+    idx, w = _routing(10 + t, t, s["K"], experts)
+    x = _x(20 + t, t, s["H"])
+    t0 = time.perf_counter()
+    y = jax.block_until_ready(mega_moe_ffi(x, jnp.asarray(idx), jnp.asarray(w), small_weights, cap=cap))
+    first = time.perf_counter() - t0
+    ref = _reference(x, idx, w, _cpu_weights(small_weights, experts), experts, clamp=float("inf"), rsf=1.0)
+    rel = _check(y, ref, idx, what=f"small T={t}")
+    dt = _time_device(x, jnp.asarray(idx), jnp.asarray(w), small_weights, cap=cap)
+    print(f"TABLE mega_moe_sm90|H={s['H']} I={s['I']} E={s['E']} K={s['K']}|T={t}|cap={cap}|rel_l2={rel:.2e}|"
+          f"{dt * 1e6:.1f} us/call in-graph (first call {first:.2f} s)|{_card()}")
+
+
+def test_small_shape_prefill_tile(small_weights):
+    """T*K/E >= 64: the 128x256 tile, 2-CTA cluster with weight multicast."""
+    s, cap, t = SMALL, 256, 256
+    experts = np.arange(s["E"])
+    idx, w = _routing(77, t, s["K"], experts)
+    x = _x(78, t, s["H"])
+    y = jax.block_until_ready(mega_moe_ffi(x, jnp.asarray(idx), jnp.asarray(w), small_weights, cap=cap, rsf=1.5))
+    ref = _reference(x, idx, w, _cpu_weights(small_weights, experts), experts, clamp=float("inf"), rsf=1.5)
+    rel = _check(y, ref, idx, what=f"small prefill T={t}")
+    print(f"TABLE mega_moe_sm90|H={s['H']} I={s['I']} E={s['E']} K={s['K']} (BLOCK_M 128, cluster 2)|T={t}|"
+          f"cap={cap}|rel_l2={rel:.2e}|rsf=1.5|{_card()}")
+
+
+def test_small_shape_10000_calls(small_weights):
+    """10,000 consecutive calls with varying inputs; samples stay correct, nothing hangs."""
+    s, cap, t = SMALL, 128, 64
+    experts = np.arange(s["E"])
+    routings = [_routing(1000 + j, t, s["K"], experts, empty_rows=(j,)) for j in range(5)]
+    routings_dev = [(jnp.asarray(i), jnp.asarray(w)) for i, w in routings]
+    x0 = _x(999, t, s["H"])
+    step = jax.jit(lambda x, i: x * (1 + (i % 7)).astype(jnp.bfloat16) - (i % 3).astype(jnp.bfloat16))
+    cpu_w = _cpu_weights(small_weights, experts)
+    samples = {0, 1, 4999, 7777, 9999}
+    got = {}
+    t0 = time.perf_counter()
+    for n in range(10000):
+        xi = step(x0, jnp.int32(n))
+        idx, w = routings_dev[n % 5]
+        y = mega_moe_ffi(xi, idx, w, small_weights, cap=cap)
+        if n in samples:
+            got[n] = (xi, y)
+    jax.block_until_ready(y)
+    dt = (time.perf_counter() - t0) / 10000
+    rels = []
+    for n, (xi, y) in got.items():
+        idx, w = routings[n % 5]
+        ref = _reference(xi, idx, w, cpu_w, experts, clamp=float("inf"), rsf=1.0)
+        rels.append(_check(y, ref, idx, what=f"call {n}"))
+    print(f"TABLE mega_moe_sm90|H={s['H']} I={s['I']} E={s['E']} K={s['K']}|T={t} x10000|cap={cap}|"
+          f"max rel_l2={max(rels):.2e} on {len(rels)} samples|{dt * 1e6:.1f} us/call incl. input update|{_card()}")
+
+
+@pytest.fixture(scope="module")
+def flash_weights():
+    return _weights(2, **FLASH)
+
+
+@pytest.mark.parametrize("t", [1, 16, 128, 512])
+def test_v4_flash_shape(flash_weights, t):
+    s, cap, clamp = FLASH, 512, 10.0
+    # Route into 24 of the 256 experts so the CPU reference stays cheap (the kernel sees E=256).
+    experts = np.sort(np.random.default_rng(5).choice(s["E"], size=24, replace=False))
+    idx, w = _routing(300 + t, t, s["K"], experts)
+    x = _x(400 + t, t, s["H"])
+    t0 = time.perf_counter()
+    y = jax.block_until_ready(mega_moe_ffi(x, jnp.asarray(idx), jnp.asarray(w), flash_weights, cap=cap, clamp=clamp))
+    first = time.perf_counter() - t0
+    ref = _reference(x, idx, w, _cpu_weights(flash_weights, experts), experts, clamp=clamp, rsf=1.0)
+    rel = _check(y, ref, idx, what=f"V4-Flash T={t}")
+    dt = _time_device(x, jnp.asarray(idx), jnp.asarray(w), flash_weights, cap=cap, clamp=clamp)
+    print(f"TABLE mega_moe_sm90|V4-Flash H={s['H']} I={s['I']} E={s['E']} K={s['K']} clamp={clamp}|T={t}|cap={cap}|"
+          f"rel_l2={rel:.2e}|{dt * 1e6:.1f} us/call in-graph (first call {first:.2f} s)|{_card()}")
+
+
+# --------------------------------------------------------------------------------------
+# The public op, the Flax block, V4-Pro, and separate buffers per config
+# --------------------------------------------------------------------------------------
+
+
+def test_ops_mega_moe_is_the_same_kernel(small_weights):
+    """ops.mega_moe(backend='ffi') runs the same target: bit-identical to the direct call."""
+    t, k = 48, SMALL["K"]
+    experts = np.arange(SMALL["E"])
+    idx, w = _routing(11, t, k, experts)
+    x = _x(12, t, SMALL["H"])
+    direct = np.asarray(mega_moe_ffi(x, jnp.asarray(idx), jnp.asarray(w), small_weights, cap=1024, clamp=10.0))
+    f = jax.jit(functools.partial(ops.mega_moe, activation_clamp=10.0, backend="ffi"))
+    got = np.asarray(f(x, jnp.asarray(idx), jnp.asarray(w), small_weights))
+    np.testing.assert_array_equal(got.view(np.uint16), direct.view(np.uint16))
+    want = _reference(x, idx, w, _cpu_weights(small_weights, experts), experts, clamp=10.0, rsf=1.0)
+    err = _check(got, want, idx, what="ops.mega_moe")
+    print(f"TABLE ops.mega_moe|H=512 I=256 E=16 K=4|T={t}|rel_l2={err:.2e}|same bits as direct target|{_card()}")
+
+
+def test_two_configs_get_separate_buffers(small_weights):
+    """Interleaved calls with two caps (two buffers) stay correct."""
+    k = SMALL["K"]
+    experts = np.arange(SMALL["E"])
+    cw = _cpu_weights(small_weights, experts)
+    cases = []
+    for cap, t, seed in ((128, 24, 21), (384, 200, 22)):
+        idx, w = _routing(seed, t, k, experts)
+        x = _x(seed + 100, t, SMALL["H"])
+        cases.append((cap, x, idx, w, _reference(x, idx, w, cw, experts, clamp=float("inf"), rsf=1.0)))
+    for rep in range(20):
+        for cap, x, idx, w, want in cases:
+            got = np.asarray(mega_moe_ffi(x, jnp.asarray(idx), jnp.asarray(w), small_weights, cap=cap))
+            if rep in (0, 19):
+                _check(got, want, idx, what=f"cap={cap} rep={rep}")
+    print(f"TABLE buffers|caps 128 and 384 interleaved x20|T=24,200|correct|separate buffers|{_card()}")
+
+
+def test_flax_block_on_the_kernel_matches_the_reference():
+    from flax import nnx
+
+    from jax_megamoe.models.deepseek_v4 import DeepseekV4Config, DeepseekV4MoE
+
+    cfg = DeepseekV4Config.tiny()
+    block = DeepseekV4MoE(cfg, layer_idx=cfg.num_hash_layers, mode="fp8", backend="auto", rngs=nnx.Rngs(3))
+    x = _x(31, 37, cfg.hidden_size)
+
+    @nnx.jit
+    def run(m, x):
+        return m(x)
+
+    y_kernel = np.asarray(run(block, x), np.float32)
+    block.backend = "reference"
+    y_ref = np.asarray(run(block, x), np.float32)
+    err = float(np.linalg.norm(y_kernel - y_ref) / np.linalg.norm(y_ref))
+    assert np.isfinite(y_kernel).all() and err <= REL_TOL, err
+    print(f"TABLE flax block|tiny (H=512 I=256 E=16 K=4), T=37 -> bucket 64|nnx.jit|rel_l2={err:.2e}|vs reference backend|{_card()}")
+
+
+@pytest.mark.parametrize("t", [16, 128])
+def test_v4_pro_shape(t):
+    """V4-Pro routed experts (H=7168, I=3072, 384 experts, top-6) in FP8: 25 GB of weights."""
+    pro = dict(H=7168, I=3072, E=384, K=6)
+    weights = _pro_weights()
+    experts = np.random.default_rng(5).choice(pro["E"], size=24, replace=False)
+    idx, w = _routing(40 + t, t, pro["K"], experts)
+    x = _x(50 + t, t, pro["H"])
+    got = np.asarray(mega_moe_ffi(x, jnp.asarray(idx), jnp.asarray(w), weights, cap=512, clamp=10.0, rsf=2.5))
+    want = _reference(x, idx, w, _cpu_weights(weights, experts), experts, clamp=10.0, rsf=2.5)
+    err = _check(got, want, idx, what=f"V4-Pro T={t}")
+    print(f"TABLE mega_moe|V4-Pro H=7168 I=3072 E=384 K=6|T={t}|rel_l2={err:.2e}|cap 512, rho 2.5|{_card()}")
+
+
+@functools.lru_cache(maxsize=1)
+def _pro_weights():
+    return _weights(7, H=7168, I=3072, E=384)

@@ -1,0 +1,207 @@
+"""The rendered sm_90a Mega MoE instantiation compiles with nvcc (no GPU).
+
+One configuration (the small shape: H=512, I=256, E=16, K=4, capacity 128, T=16, 132 SMs) is
+rendered, compiled once into a session-temporary JIT cache and inspected: the kernel's
+static_asserts (template consistency, shared-memory budget, the signature / SymBuffer /
+TmaDescriptor checks the renderer adds) all hold, the cubin has exactly one GLOBAL CUDA entry,
+the cache then serves it from memory. Skipped without nvcc >= 12.9, the sgl-deep-gemm headers or
+the FFI library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from jax_megamoe import _ffi, _toolchain
+
+pytestmark = pytest.mark.nvcc
+
+I64 = ctypes.c_int64
+SMALL = (16, 128, 4, 512, 256)  # E, P, K, H, I
+T, NUM_SMS = 16, 132
+
+
+def _declare(lib):
+    lib.jmm_sm90_mega_render.argtypes = [I64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+    lib.jmm_sm90_mega_render.restype = ctypes.c_int
+    lib.jmm_sm90_mega_compile.argtypes = [I64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_char_p,
+                                                     ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    lib.jmm_sm90_mega_compile.restype = ctypes.c_int
+
+
+def render(lib, *args) -> str:
+    n = lib.jmm_sm90_mega_render(*args, None, 0)
+    if n < 0:
+        raise ValueError(_ffi.last_error(lib))
+    buf = ctypes.create_string_buffer(n + 1)
+    lib.jmm_sm90_mega_render(*args, buf, n + 1)
+    return buf.value.decode()
+
+
+def compile_(lib, *args) -> str:
+    out = ctypes.create_string_buffer(4096)
+    err = ctypes.create_string_buffer(1 << 20)
+    if lib.jmm_sm90_mega_compile(*args, out, len(out), err, len(err)) != 0:
+        raise RuntimeError(err.value.decode(errors="replace"))
+    return out.value.decode()
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """(lib, cache root, args, cubin path, compile seconds); restores the JIT configuration afterwards."""
+    lib = _ffi.load_library()
+    if lib is None:
+        pytest.skip(_ffi.library_reason() or "FFI library not built")
+    try:
+        tc = _toolchain.find_nvcc()
+        hd = _toolchain.find_deepgemm_headers()
+    except _toolchain.ToolchainError as e:
+        pytest.skip(str(e))
+    _declare(lib)
+    _ffi.register()
+    root = tmp_path_factory.mktemp("megajit")
+    _ffi.configure_jit(tc, hd, cache_dirs=str(root))
+    args = (*SMALL, T, NUM_SMS, math.inf, 1)
+    before = _ffi.jit_stats()
+    t0 = time.perf_counter()
+    cubin = compile_(lib, *args)
+    seconds = time.perf_counter() - t0
+    assert _ffi.jit_stats().compiles - before.compiles == 1
+    print(f"sm90 mega MoE compile: {seconds:.1f} s ({cubin})")
+    yield lib, root, args, cubin, seconds
+    _ffi.configure_jit(tc, hd, cache_dirs="")
+    lib.jmm_jit_clear_memory_cache()
+
+
+def test_rendered_source(compiled):
+    lib, _, args, _, _ = compiled
+    src = render(lib, *args)
+    assert "#include <deep_gemm/impls/sm90_fp8_mega_moe.cuh>" in src
+    assert "#define CUTLASS_GLOBAL __global__\n" in src  # external linkage for the entry symbol
+    # all 36 leading template arguments, in order (H=512 I=256 E=16 K=4, wave 16, 64x256x128 tile,
+    # pool 2560, SF pool 5120, ring 2560, 4 stages, 64/64/256 threads, 132 SMs, 1 rank, no clamp,
+    # fast math, default registers, L2 arrival counter, no cluster, eager pull publish)
+    want = ("deep_gemm::sm90_fp8_mega_moe_impl<128u, 512u, 256u, 16u, 4u, 16u, 64u, 256u, 128u, 2560u, 5120u, "
+            "2560u, 4u, 64u, 64u, 256u, 132u, 1u, cute::numeric_limits<float>::infinity(), true, 0u, false, "
+            "true, false, false, 1u, false, 0u, 0u, false, false, 0u, false, 0u, 1u, true>")
+    assert want in src
+    assert "static_assert(std::is_same_v<decltype(&" + want + "), launch_signature_t>" in src
+    assert "template __global__ void " + want + "(" in src
+    assert src.count("template __global__") == 1
+    # a finite clamp is an exact hex float literal
+    assert "0x1.4p+3f" in render(lib, *SMALL, T, NUM_SMS, 10.0, 1)
+
+
+def test_cubin(compiled):
+    lib, root, args, cubin, seconds = compiled
+    path = Path(cubin)
+    assert path.is_file() and path.read_bytes()[:4] == b"\x7fELF"
+    assert path.parent.parent == root / "cache" and path.parent.name.startswith("sm90_mega_moe.")
+    syms = _ffi.cubin_kernel_symbols(cubin)
+    assert len(syms) == 1 and "sm90_fp8_mega_moe_impl" in syms[0], syms
+    meta = json.loads((path.parent / "meta.json").read_text())
+    assert meta["kernel_symbol"] == syms[0]
+    assert meta["gpu_arch"] == "sm_90a" and "--gpu-architecture=sm_90a" in meta["command"]
+    assert (path.parent / "kernel.cu").read_text() == render(lib, *args)
+    assert seconds < 600
+
+
+def test_cached_and_errors(compiled):
+    lib, _, args, cubin, _ = compiled
+    before = _ffi.jit_stats()
+    assert compile_(lib, *args) == cubin
+    after = _ffi.jit_stats()
+    assert after.compiles == before.compiles and after.memory_hits == before.memory_hits + 1
+    with pytest.raises(RuntimeError, match="hidden"):
+        compile_(lib, 16, 128, 4, 384, 256, T, NUM_SMS, math.inf, 1)
+    with pytest.raises(ValueError, match="num_tokens"):
+        render(lib, *SMALL, 129, NUM_SMS, math.inf, 1)
+
+
+# --------------------------------------------------------------------------------------
+# The FFI target's instantiate stage on XLA:CPU (no GPU): attribute names and types as the
+# contract sends them, validation, the pre-dispatch JIT inside instantiate, then the stop at the
+# missing CUDA driver. (Same technique as tests/test_jit_compile.py for the pre-dispatch targets.)
+# --------------------------------------------------------------------------------------
+
+_CPU_TARGET: list[str] = []
+
+
+def _cpu_target(lib) -> str:
+    import jax
+
+    if any(d.platform != "cpu" for d in jax.devices()):
+        pytest.skip("a GPU backend is present: the CPU registration of the state type would clash with it")
+    if not _CPU_TARGET:
+        jax.devices("cpu")
+        tid = lib.jmm_mega_moe_sm90_state_type_id()
+        jax.ffi.register_ffi_type(
+            "jax_megamoe_test.MegaMoeSm90State",
+            {"type_id": jax.ffi.pycapsule(tid), "type_info": jax.ffi.pycapsule(lib.jmm_mega_moe_sm90_state_type_info())},
+            platform="cpu",
+        )
+        name = "jmm_test_cpu_" + _ffi.TARGET_MEGA_MOE_SM90
+        jax.ffi.register_ffi_target(name, _ffi._capsules(lib, _ffi.MEGA_TARGETS[_ffi.TARGET_MEGA_MOE_SM90]),
+                                    platform="cpu", api_version=1)
+        _CPU_TARGET.append(name)
+    return _CPU_TARGET[0]
+
+
+def _run_on_cpu(lib, **overrides) -> str:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    E, P, K, H, I = SMALL
+    t = 3
+    attrs = dict(hidden=np.int64(H), intermediate=np.int64(I), num_experts=np.int64(E), top_k=np.int64(K),
+                 capacity=np.int64(P), activation_clamp=np.float32(np.inf), fast_math=True, num_sms=np.int64(0),
+                 reserved_sms=np.int64(0), routed_scaling_factor=np.float32(1.0))
+    attrs.update(overrides)
+    target = _cpu_target(lib)
+    f = jax.jit(lambda *a: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((t, H), jnp.bfloat16),
+                                            has_side_effect=True)(*a, **attrs))
+    args = (jnp.zeros((t, H), jnp.bfloat16), jnp.zeros((t, K), jnp.int32), jnp.ones((t, K), jnp.float32),
+            jnp.zeros((E, 2 * I, H), jnp.float8_e4m3fn), jnp.ones((E, 2 * I // 128, H // 128), jnp.float32),
+            jnp.zeros((E, H, I), jnp.float8_e4m3fn), jnp.ones((E, H // 128, I // 128), jnp.float32))
+    with pytest.raises(Exception) as e:
+        f(*args)
+    return str(e.value)
+
+
+def _has_driver() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def test_instantiate_on_cpu_reaches_the_driver(compiled):
+    if _has_driver():
+        pytest.skip("a CUDA driver is present")
+    msg = _run_on_cpu(compiled[0])
+    assert "jax_megamoe_mega_moe_sm90" in msg and "driver" in msg, msg
+
+
+@pytest.mark.parametrize("override,expect", [
+    (dict(hidden=384), "hidden=384"),
+    (dict(intermediate=128), "intermediate=128"),
+    (dict(capacity=100), "capacity=100"),
+    (dict(activation_clamp=-1.0), "activation_clamp"),
+    (dict(num_sms=3), "num_sms=3"),
+    (dict(reserved_sms=-2), "reserved_sms=-2"),
+    (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor"),
+])
+def test_instantiate_validates_attributes(compiled, override, expect):
+    import numpy as np
+
+    typed = {k: (np.float32(v) if isinstance(v, float) else np.int64(v)) for k, v in override.items()}
+    msg = _run_on_cpu(compiled[0], **typed)
+    assert "INVALID_ARGUMENT" in msg and expect in msg, msg
