@@ -149,6 +149,8 @@ def _check(got, want, idx, *, what: str) -> float:
     assert (g[empty] == 0).all(), f"{what}: rows without experts must be exactly 0"
     rel = float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30))
     assert rel <= REL_TOL, f"{what}: relative L2 error {rel:.3e} > {REL_TOL}"
+    max_abs = float(np.max(np.abs(g - r))) if g.size else 0.0
+    print(f"TABLE check|{what}|rel_l2={rel:.2e}|max_abs={max_abs:.2e}|max|ref|={float(np.max(np.abs(r))):.2e}")
     return rel
 
 
