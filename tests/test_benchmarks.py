@@ -1,0 +1,207 @@
+"""benchmarks/: the XLA baselines compute the reference's function, the roofline arithmetic, and the
+``--quick`` CPU smoke run's JSON + PNG (+ RESULTS.md section); ffi_overhead skips cleanly on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import _common as C  # noqa: E402
+from benchmarks import moe_layer as M  # noqa: E402
+
+SHAPE = M.Shape("test", hidden=256, intermediate=128, num_experts=8, full_experts=8, top_k=3, rho=1.5, clamp=10.0)
+
+
+def _emulated_scaled_matmul(a, b, sa, sb, preferred_element_type=jnp.float32):
+    """``jax.nn.scaled_matmul``'s documented definition (it has no CPU lowering)."""
+    a = a.astype(jnp.float32) * jnp.repeat(sa, a.shape[-1] // sa.shape[-1], axis=-1)
+    b = b.astype(jnp.float32) * jnp.repeat(sb, b.shape[-1] // sb.shape[-1], axis=-1)
+    return jnp.einsum("bmk,bnk->bmn", a, b, precision="highest").astype(preferred_element_type)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    w = M.random_fp8_weights(SHAPE, seed=3)
+    w13t, w2t = M.dequantize_all_bf16(w)
+    inp = M.make_inputs(SHAPE, 13, 1, seed=5)
+    x, idx, wt = inp.sets[0]
+    x = (x.astype(jnp.float32) * 4).astype(jnp.bfloat16)  # large enough that the clamp at 10 bites
+    clamp = SHAPE.clamp
+    y_f32 = np.asarray(M.f32_oracle(x, idx, wt, w, clamp=clamp))
+    y_ref = np.asarray(M.reference_mega_moe(x, idx, wt, w, clamp=clamp)).astype(np.float32)
+    return dict(w=w, w13t=w13t, w2t=w2t, inp=inp, x=x, idx=idx, wt=wt, y_f32=y_f32, y_ref=y_ref)
+
+
+def test_test_data_exercises_the_clamp(problem):
+    p = problem
+    unclamped = np.asarray(M.f32_oracle(p["x"], p["idx"], p["wt"], p["w"], clamp=None))
+    assert C.rel_l2(unclamped, p["y_f32"]) > 1e-3
+
+
+def test_bf16_dequantisation_is_exact(problem):
+    w = problem["w"]
+    for e in (0, SHAPE.num_experts - 1):
+        w13, w2 = w.dequantize_expert(e)
+        np.testing.assert_array_equal(np.asarray(problem["w13t"][e], np.float32), np.asarray(w13).T)
+        np.testing.assert_array_equal(np.asarray(problem["w2t"][e], np.float32), np.asarray(w2).T)
+
+
+def test_f32_oracle_and_reference_compute_the_same_layer(problem):
+    # They differ only by the kernel's FP8 activation and intermediate quantisation (a few %).
+    r = C.rel_l2(problem["y_ref"], problem["y_f32"])
+    assert 1e-3 < r < M.TOL["reference_vs_f32"]
+
+
+@pytest.mark.parametrize(
+    "name", ["xla_gather", "xla_capacity", "xla_ragged", "fp8w_gather", "fp8w_capacity", "fp8w_capacity_g2"]
+)
+def test_bf16_activation_paths_match_the_f32_oracle(problem, name):
+    p = problem
+    w, clamp, cap = p["w"], SHAPE.clamp, p["inp"].capacity
+    q = (w.l1, w.l1_sf, w.l2, w.l2_sf)
+    fn, wts = {
+        "xla_gather": (partial(M.xla_gather, clamp=clamp), (p["w13t"], p["w2t"])),
+        "xla_capacity": (partial(M.xla_capacity, clamp=clamp, cap=cap), (p["w13t"], p["w2t"])),
+        "xla_ragged": (partial(M.xla_ragged, clamp=clamp), (p["w13t"], p["w2t"])),
+        "fp8w_gather": (partial(M.fp8w_gather, clamp=clamp), q),
+        "fp8w_capacity": (partial(M.fp8w_capacity, clamp=clamp, cap=cap, group=SHAPE.num_experts), q),
+        "fp8w_capacity_g2": (partial(M.fp8w_capacity, clamp=clamp, cap=cap, group=2), q),
+    }[name]
+    y = jax.jit(fn)(p["x"], p["idx"], p["wt"], *wts)
+    assert y.shape == p["x"].shape and y.dtype == jnp.bfloat16
+    r = C.rel_l2(np.asarray(y, np.float32), p["y_f32"])
+    assert r <= M.TOL["bf16_vs_f32"], r
+    # The check has teeth: the same path with the slots' routing weights swapped fails it.
+    y_bad = jax.jit(fn)(p["x"], p["idx"], p["wt"][:, ::-1], *wts)
+    assert C.rel_l2(np.asarray(y_bad, np.float32), p["y_f32"]) > 10 * M.TOL["bf16_vs_f32"]
+
+
+@pytest.mark.parametrize("name", ["fp8_ragged", "fp8_gather", "fp8_capacity"])
+def test_fp8_activation_paths_match_the_reference(problem, name, monkeypatch):
+    p = problem
+    w, clamp = p["w"], SHAPE.clamp
+    if name == "fp8_ragged":
+        l1b, l2b = M.blocked_fp8(w)
+        fn, wts = partial(M.fp8_ragged, clamp=clamp), (l1b, w.l1_sf, l2b, w.l2_sf)
+    else:
+        monkeypatch.setattr(jax.nn, "scaled_matmul", _emulated_scaled_matmul)
+        s1, s2 = M.scale_rows(w)
+        f = M.fp8_gather if name == "fp8_gather" else partial(M.fp8_capacity, cap=p["inp"].capacity)
+        fn, wts = partial(f, clamp=clamp), (w.l1, s1, w.l2, s2)
+    y = np.asarray(jax.jit(fn)(p["x"], p["idx"], p["wt"], *wts), np.float32)
+    assert C.rel_l2(y, p["y_ref"]) <= M.TOL["fp8_vs_reference"]
+
+
+def test_capacity_is_the_largest_expert_load():
+    inp = M.make_inputs(SHAPE, 40, 3, seed=1)
+    loads = [np.bincount(i.reshape(-1), minlength=SHAPE.num_experts).max() for i in inp.idx_host]
+    assert inp.capacity == max(loads)
+    for i in inp.idx_host:  # K distinct experts per token
+        assert all(len(set(r)) == SHAPE.top_k for r in i.tolist())
+    assert len(inp.check_rows) == M.CHECK_ROWS and inp.check_rows.max() == 39
+    small = M.make_inputs(SHAPE, 5, 1, seed=1)
+    assert len(small.check_rows) == M.CHECK_ROWS and set(small.check_rows.tolist()) == set(range(5))
+
+
+def test_roofline_hand_worked():
+    # H=512, I=256: an expert is [2I, H] + [H, I] = 393216 weights.
+    assert M.bytes_per_expert("bf16", 512, 256) == 786432
+    # FP8: 1 byte each + f32 scales: (512/128)*(512/128) + (512/128)*(256/128) = 16 + 8 blocks.
+    assert M.bytes_per_expert("fp8", 512, 256) == 393216 + 4 * 24
+    # 2 * T * K * (2I*H + H*I) = 2 * 2 * 2 * 393216
+    assert M.layer_flops(2, 2, 512, 256) == 3145728
+    r = M.roofline(tokens=2, top_k=2, hidden=512, intermediate=256, distinct_experts=3, fmt="bf16",
+                   hbm_bytes_per_s=1e9, flops_per_s=1e12)
+    assert r["weight_bytes"] == 3 * 786432
+    assert r["t_memory_s"] == pytest.approx(2.359296e-3)
+    assert r["t_compute_s"] == pytest.approx(3.145728e-6)
+    assert r["floor_s"] == r["t_memory_s"] and r["bound"] == "memory"
+    r = M.roofline(tokens=1000, top_k=2, hidden=512, intermediate=256, distinct_experts=3, fmt="fp8",
+                   hbm_bytes_per_s=1e12, flops_per_s=1e9)
+    assert r["t_compute_s"] == pytest.approx(1.572864) and r["bound"] == "compute"
+    assert r["t_memory_s"] == pytest.approx(3 * 393312 / 1e12)
+    # An FP8 matmul slower than bf16 is no native FP8 GEMM: FP8 floors then use the bf16 peak.
+    assert M.compute_peaks({"bf16_flops_per_s": 8e14, "fp8_flops_per_s": 1.5e15})["fp8"] == 1.5e15
+    assert M.compute_peaks({"bf16_flops_per_s": 8e14, "fp8_flops_per_s": 2e14})["fp8"] == 8e14
+    assert M.compute_peaks({"bf16_flops_per_s": 8e14, "fp8_flops_per_s": None})["fp8"] == 8e14
+
+
+def test_choose_experts_reduces_to_fit():
+    pro = M.model_shape("pro", smoke=False)
+    assert pro.num_experts == 384 and (pro.hidden, pro.intermediate) == (7168, 3072)
+    per = M.bytes_per_expert("fp8", 7168, 3072) + M.bytes_per_expert("bf16", 7168, 3072)
+    lim = int(67.6 * 2**30)  # an H100's pool at XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
+    s = M.choose_experts(pro, lim, None)
+    assert s.num_experts == 192 and s.num_experts * per <= 0.6 * lim and "reduced to 192 of 384" in s.e_note
+    assert M.choose_experts(pro, 10 * lim, None).num_experts == 384
+    assert M.choose_experts(pro, lim, 64).num_experts == 64
+    flash = M.model_shape("flash", smoke=False)
+    assert M.choose_experts(flash, lim, None).num_experts == 256
+
+
+def test_replace_section(tmp_path):
+    f = tmp_path / "RESULTS.md"
+    C.replace_section(f, "moe_layer", "first")
+    C.replace_section(f, "ffi_overhead", "other")
+    C.replace_section(f, "moe_layer", "second\n")
+    text = f.read_text()
+    assert "second" in text and "first" not in text and "other" in text
+    assert text.count("<!-- BEGIN moe_layer -->") == 1 and text.count("<!-- END ffi_overhead -->") == 1
+
+
+def _run(script: str, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_quick_cpu_smoke_writes_json_png_and_results(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    proc = _run("moe_layer.py", "--quick", "--cpu-smoke", "--models", "flash", "--budget-s", "400", "--out", str(tmp_path),
+                "--write-results", str(md))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads((tmp_path / "moe_layer.json").read_text())
+    assert data["schema"] == M.SCHEMA and data["cpu_smoke"] and "tiny stand-in shapes" in data["shrink_note"]
+    assert data["device"]["platform"] == "cpu" and data["versions"]["jax"] == jax.__version__
+    c = data["ceilings"]
+    assert c["hbm_bytes_per_s"] > 0 and c["bf16_flops_per_s"] > 0
+    (model,) = data["models"]
+    assert [q["tokens"] for q in model["points"]] == list(M.SMOKE_TOKENS)
+    for q in model["points"]:
+        paths = q["paths"]
+        assert set(paths) == set(M.PATH_BY_NAME)
+        must_run = ("xla_capacity", "xla_ragged", "fp8w_capacity", "fp8_ragged", "reference")
+        for name, r in paths.items():
+            if name in must_run or r["status"] == "ok":  # tokamax / scaled_matmul run where installed / lowered
+                assert r["status"] == "ok", (name, r)
+                assert r["check"]["pass"] and r["check"]["rel_l2"] <= r["check"]["tol"], (name, r["check"])
+                assert 0 < r["p10_s"] <= r["median_s"] <= r["p90_s"] and r["time_over_floor"] > 0
+            else:
+                assert r["status"] == "skipped" and r["reason"], (name, r)
+        for name in ("ffi", "xla_ragged_cudnn", "xla_ragged_triton"):  # GPU only
+            assert paths[name]["status"] == "skipped" and "no GPU" in paths[name]["reason"]
+        assert q["best"]["best_xla_bf16"] in M.XLA_BF16
+    png = (tmp_path / "moe_layer.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    text = md.read_text()
+    assert "<!-- BEGIN moe_layer -->" in text and "| `xla_ragged` |" in text and "CPU smoke run" in text
+    assert "<!-- BEGIN ffi_overhead -->" in text  # the other section is left in place
+
+
+def test_ffi_overhead_skips_cleanly_without_a_gpu(tmp_path):
+    proc = _run("ffi_overhead.py", "--quick", "--out", str(tmp_path))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads((tmp_path / "ffi_overhead.json").read_text())
+    assert "no CUDA GPU" in data["skipped"] and data["cases"] == []

@@ -1,0 +1,50 @@
+"""The runnable examples, as a user runs them: ``--quick`` subprocesses on the CPU (reference backend)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, timeout: float = 150) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / script), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{out[-4000:]}"
+    return proc.stdout
+
+
+def test_moe_block_quick():
+    out = _run("moe_block.py", "--quick")
+    assert "routed experts run on: reference" in out
+    for t in (1, 4):  # one row per token count: T, shapes, checksum, digest, times
+        assert re.search(rf"^\s+{t}\s+\[{t}, 4096\]\s+\[{t}, 4096\]\s+\S+\s+[0-9a-f]{{12}}\s+[\d.]+ms\s+[\d.]+ms$", out, re.M), out
+    assert re.search(r"^total [\d.]+ s$", out, re.M), out
+
+
+def test_deepseek_v4_tiny_quick():
+    out = _run("deepseek_v4_tiny.py", "--quick")
+    assert "routed experts run on: reference" in out
+    assert re.search(r"^prefill: 2 x 4 = 8 tokens in [\d.]+ ms \([\d.]+ tokens/s", out, re.M), out
+    m = re.search(r"^decode: 2 timed steps x 2 sequences: ([\d.]+) tokens/s", out, re.M)
+    assert m and float(m.group(1)) > 0, out
+    m = re.search(r"^sequence 0: prompt \[[\d, ]+\] -> generated \[([\d, ]+)\]$", out, re.M)
+    assert m and len(m.group(1).split(",")) == 4, out
+
+
+def test_serving_loop_quick():
+    out = _run("serving_loop.py", "--quick")
+    assert "routed experts run on: reference" in out
+    assert re.search(r"^warm-up: compiled 4 buckets \[1, 2, 4, 8\]", out, re.M), out
+    m = re.search(r"^steady-state latency over 24 steps: p50 ([\d.]+) ms, p90 ([\d.]+) ms", out, re.M)
+    assert m and 0 < float(m.group(1)) <= float(m.group(2)), out
+    assert "recompiles during loop: 0" in out
+    assert re.search(r"^padding check .*: rel L2 \S+ ok$", out, re.M), out
