@@ -11,6 +11,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "handlers/buffer_checks.h"
 #include "common/export.h"
 #include "common/status.h"
 #include "cuda/driver.h"
@@ -303,44 +304,9 @@ namespace {
 
 constexpr XLA_FFI_TypeInfo kMegaMoeSm90StateTypeInfo = ffi::MakeTypeInfo<MegaMoeSm90State>();
 
-std::string DTypeName(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::S32: return "s32";
-    case ffi::DataType::S64: return "s64";
-    case ffi::DataType::U8: return "u8";
-    case ffi::DataType::F32: return "f32";
-    case ffi::DataType::BF16: return "bf16";
-    case ffi::DataType::F16: return "f16";
-    case ffi::DataType::F8E4M3FN: return "f8e4m3fn";
-    case ffi::DataType::F8E5M2: return "f8e5m2";
-    default: return cat("dtype#", static_cast<int>(t));
-  }
-}
-
-std::string Shape(ffi::DataType t, ffi::Span<const int64_t> dims) {
-  std::string s = DTypeName(t) + "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += cat(i ? "," : "", dims[i]);
-  return s + "]";
-}
-
-std::string Shape(ffi::DataType t, std::initializer_list<int64_t> dims) {
-  std::string s = DTypeName(t) + "[";
-  size_t i = 0;
-  for (int64_t v : dims) s += cat(i++ ? "," : "", v);
-  return s + "]";
-}
-
 ffi::Error Expect(const char* role, const char* name, const ffi::AnyBuffer& b, ffi::DataType t,
                   std::initializer_list<int64_t> dims) {
-  bool ok = b.element_type() == t && b.dimensions().size() == dims.size();
-  if (ok) {
-    size_t i = 0;
-    for (int64_t v : dims) ok = ok && b.dimensions()[i++] == v;
-  }
-  if (ok) return ffi::Error::Success();
-  return ffi::Error::InvalidArgument(cat(kTarget, ": ", role, " '", name, "' must be ",
-                                         Shape(t, dims), ", got ",
-                                         Shape(b.element_type(), b.dimensions())));
+  return ExpectBuffer(kTarget, role, name, b, t, dims);
 }
 
 // Checks every operand against the state; returns T in *t_out.

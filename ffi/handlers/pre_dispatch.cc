@@ -7,6 +7,7 @@
 
 #include "common/export.h"
 #include "common/status.h"
+#include "handlers/buffer_checks.h"
 #include "cuda/driver.h"
 #include "jit/compiler.h"
 #include "jit/kernels.h"
@@ -32,61 +33,10 @@ const char* TargetName(int arch) {
   return arch == 90 ? "jax_megamoe_pre_dispatch_sm90" : "jax_megamoe_pre_dispatch_sm100";
 }
 
-std::string DTypeName(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::PRED: return "bool";
-    case ffi::DataType::S8: return "s8";
-    case ffi::DataType::S16: return "s16";
-    case ffi::DataType::S32: return "s32";
-    case ffi::DataType::S64: return "s64";
-    case ffi::DataType::U8: return "u8";
-    case ffi::DataType::U16: return "u16";
-    case ffi::DataType::U32: return "u32";
-    case ffi::DataType::U64: return "u64";
-    case ffi::DataType::F16: return "f16";
-    case ffi::DataType::F32: return "f32";
-    case ffi::DataType::F64: return "f64";
-    case ffi::DataType::BF16: return "bf16";
-    case ffi::DataType::F8E5M2: return "f8e5m2";
-    case ffi::DataType::F8E4M3: return "f8e4m3";
-    case ffi::DataType::F8E4M3FN: return "f8e4m3fn";
-    case ffi::DataType::F4E2M1FN: return "f4e2m1fn";
-    case ffi::DataType::F8E8M0FNU: return "f8e8m0fnu";
-    default: return cat("dtype#", static_cast<int>(t));
-  }
-}
-
-std::string Shape(ffi::DataType t, ffi::Span<const int64_t> dims) {
-  std::string s = DTypeName(t) + "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += cat(i ? "," : "", dims[i]);
-  return s + "]";
-}
-
-std::string Shape(ffi::DataType t, std::initializer_list<int64_t> dims) {
-  std::string s = DTypeName(t) + "[";
-  size_t i = 0;
-  for (int64_t d : dims) s += cat(i++ ? "," : "", d);
-  return s + "]";
-}
-
-bool Matches(const ffi::AnyBuffer& b, ffi::DataType t, std::initializer_list<int64_t> dims) {
-  if (b.element_type() != t) return false;
-  const auto got = b.dimensions();
-  if (got.size() != dims.size()) return false;
-  size_t i = 0;
-  for (int64_t d : dims) {
-    if (got[i++] != d) return false;
-  }
-  return true;
-}
-
 // Checks one buffer; on mismatch returns InvalidArgument naming it.
 ffi::Error Expect(int arch, const char* role, const char* name, const ffi::AnyBuffer& b,
                   ffi::DataType t, std::initializer_list<int64_t> dims) {
-  if (Matches(b, t, dims)) return ffi::Error::Success();
-  return ffi::Error::InvalidArgument(cat(TargetName(arch), ": ", role, " '", name,
-                                         "' must be ", Shape(t, dims), ", got ",
-                                         Shape(b.element_type(), b.dimensions())));
+  return ExpectBuffer(TargetName(arch), role, name, b, t, dims);
 }
 
 // Attribute checks shared by instantiate (and mirrored in Python's ops.py).
