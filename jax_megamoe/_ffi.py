@@ -41,9 +41,12 @@ NOT_BUILT = "FFI library not built: reference backend only"
 
 STATE_TYPE_NAME = "jax_megamoe.PreDispatchState"
 MEGA_SM90_STATE_TYPE_NAME = "jax_megamoe.MegaMoeSm90State"
+MEGA_SM100_STATE_TYPE_NAME = "jax_megamoe.MegaMoeSm100State"
 TARGET_PRE_DISPATCH_SM90 = "jax_megamoe_pre_dispatch_sm90"
 TARGET_PRE_DISPATCH_SM100 = "jax_megamoe_pre_dispatch_sm100"
 TARGET_MEGA_MOE_SM90 = "jax_megamoe_mega_moe_sm90"  # contract: ffi/handlers/mega_moe_sm90.h
+# contract: ffi/handlers/mega_moe_sm100.h (compile-checked only: never run on a B200)
+TARGET_MEGA_MOE_SM100 = "jax_megamoe_mega_moe_sm100"
 GRAPH_SUFFIX = "_graph"
 STAGES = ("instantiate", "initialize", "execute")
 
@@ -54,9 +57,13 @@ TARGETS: dict[str, str] = {
     TARGET_PRE_DISPATCH_SM90 + GRAPH_SUFFIX: "jmm_pre_dispatch_sm90_graph",
     TARGET_PRE_DISPATCH_SM100 + GRAPH_SUFFIX: "jmm_pre_dispatch_sm100_graph",
 }
-# Targets whose handlers keep a MegaMoeSm90State (MEGA_SM90_STATE_TYPE_NAME); same stage symbols.
-# Registered together with TARGETS (status().targets lists TARGETS only).
-MEGA_TARGETS: dict[str, str] = {TARGET_MEGA_MOE_SM90: "jmm_mega_moe_sm90"}
+# Targets whose handlers keep a MegaMoeSm90State / MegaMoeSm100State (MEGA_SM90_STATE_TYPE_NAME,
+# MEGA_SM100_STATE_TYPE_NAME); same stage symbols. Registered together with TARGETS
+# (status().targets lists TARGETS only).
+MEGA_TARGETS: dict[str, str] = {
+    TARGET_MEGA_MOE_SM90: "jmm_mega_moe_sm90",
+    TARGET_MEGA_MOE_SM100: "jmm_mega_moe_sm100",
+}
 
 # C API of the library (besides the handler symbols): name -> (restype, argtypes).
 _C_API: dict[str, tuple[Any, tuple[Any, ...]]] = {
@@ -78,6 +85,8 @@ _C_API: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "jmm_pre_dispatch_state_type_info": (ctypes.c_void_p, ()),
     "jmm_mega_moe_sm90_state_type_id": (ctypes.c_void_p, ()),
     "jmm_mega_moe_sm90_state_type_info": (ctypes.c_void_p, ()),
+    "jmm_mega_moe_sm100_state_type_id": (ctypes.c_void_p, ()),
+    "jmm_mega_moe_sm100_state_type_info": (ctypes.c_void_p, ()),
 }
 
 # mma_kind attribute values (= deep_gemm::MmaKind).
@@ -376,6 +385,14 @@ def _register_locked() -> FfiStatus:
             {
                 "type_id": jax.ffi.pycapsule(lib.jmm_mega_moe_sm90_state_type_id()),
                 "type_info": jax.ffi.pycapsule(lib.jmm_mega_moe_sm90_state_type_info()),
+            },
+            platform=PLATFORM,
+        )
+        jax.ffi.register_ffi_type(
+            MEGA_SM100_STATE_TYPE_NAME,
+            {
+                "type_id": jax.ffi.pycapsule(lib.jmm_mega_moe_sm100_state_type_id()),
+                "type_info": jax.ffi.pycapsule(lib.jmm_mega_moe_sm100_state_type_info()),
             },
             platform=PLATFORM,
         )

@@ -184,7 +184,7 @@ def _int64_slots_to_jax(pairs: jax.Array) -> jax.Array:
     return pairs[..., 0]
 
 
-MEGA_MOE_TARGET = {9: "jax_megamoe_mega_moe_sm90"}
+MEGA_MOE_TARGET = {9: "jax_megamoe_mega_moe_sm90", 10: "jax_megamoe_mega_moe_sm100"}
 #: Token cap used when ``num_max_tokens`` is not given (SGLang's per-rank default); env-overridable.
 DEFAULT_NUM_MAX_TOKENS = 1024
 ENV_NUM_MAX_TOKENS = ("JAX_MEGAMOE_NUM_MAX_TOKENS", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_NUM_MAX_TOKENS_PER_RANK")
@@ -199,6 +199,16 @@ def _env_int(names: tuple[str, ...], default: int) -> int:
             except ValueError:
                 raise ValueError(f"environment variable {n}={os.environ[n]!r} is not an integer") from None
     return default
+
+
+def sm100_mega_opted_in() -> bool:
+    """``JAX_MEGAMOE_SM100_MEGA=1`` lets ``backend="auto"`` use the sm_100 fused kernel.
+
+    That kernel is compiled and host-side tested but has never run on a B200 in this project,
+    so ``auto`` keeps the exact reference there unless a user opts in (``backend="ffi"`` always
+    uses the kernel).
+    """
+    return config.parse_bool("JAX_MEGAMOE_SM100_MEGA", os.environ.get("JAX_MEGAMOE_SM100_MEGA", "0"))
 
 
 def default_num_max_tokens() -> int:
@@ -229,8 +239,9 @@ def mega_moe(
     cap of the kernel's persistent buffer (default :func:`default_num_max_tokens`; rounded up
     to the kernel's alignment; calls with the same cap and shapes share one buffer). Above the
     cap ``backend="auto"`` runs the reference (as SGLang falls back) and ``"ffi"`` raises.
-    ``reserved_sms`` SMs are left free for other streams (default 2). The FFI kernel exists for
-    sm_90 (mode ``fp8``); sm_100 modes run the reference until their kernel is wired.
+    ``reserved_sms`` SMs are left free for other streams (default 2). Kernels: sm_90 mode
+    ``fp8`` (run and tested on H200); sm_100 modes ``mxf4xmxf4``/``fp8xfp4`` (compiled and
+    host-side tested only: no B200 has run them).
     """
     if mode is None:
         mode = getattr(weights, "mode", None)
@@ -252,12 +263,8 @@ def mega_moe(
     if reserved < 0:
         raise ValueError(f"reserved_sms: {reserved} must be >= 0")
     chosen = choose_backend(backend, mode, op="mega_moe")
-    if chosen == "ffi" and config.arch_of_mode(mode) not in MEGA_MOE_TARGET:
-        if backend == "ffi":
-            raise BackendUnavailableError(
-                f"backend='ffi' for mega_moe: the sm_100 Mega MoE kernel (mode {mode!r}) is compile-checked "
-                "only and not wired through XLA FFI yet; use backend='auto' or 'reference'"
-            )
+    if chosen == "ffi" and backend == "auto" and config.arch_of_mode(mode) == 10 and not sm100_mega_opted_in():
+        # Never run on hardware here: "auto" keeps the reference until a B200 has validated it.
         chosen = "reference"
     if t > cap_requested:
         if backend == "ffi":
@@ -279,8 +286,11 @@ def mega_moe(
         )
     cap = config.align_token_cap(cap_requested, mode)
     clamp = np.float32(np.inf if activation_clamp is None else activation_clamp)
+    arch = config.arch_of_mode(mode)
+    # sm_100 only: the MMA kind; the handler applies routed_scaling_factor itself (per-expert scales).
+    extra = {"mma_kind": np.int64(_MMA_KIND[mode])} if arch == 10 else {}
     return jax.ffi.ffi_call(
-        MEGA_MOE_TARGET[config.arch_of_mode(mode)],
+        MEGA_MOE_TARGET[arch],
         jax.ShapeDtypeStruct((t, h), jnp.bfloat16),
         has_side_effect=True,
     )(
@@ -301,4 +311,5 @@ def mega_moe(
         num_sms=np.int64(0),
         reserved_sms=np.int64(reserved),
         routed_scaling_factor=np.float32(rsf),
+        **extra,
     )

@@ -121,6 +121,19 @@ def test_mega_moe_lowers_to_the_sm90_custom_call():
     assert "has_side_effect = true" in line and "-> tensor<7x512xbf16>" in line, line
 
 
+@pytest.mark.parametrize("mode, kind", [("mxf4xmxf4", 2), ("fp8xfp4", 1)])
+def test_mega_moe_sm100_lowers_to_its_custom_call(mode, kind):
+    x, idx, w = _inputs(8, t=9)
+    weights = _small_weights(mode, seed=4)
+    fn = functools.partial(ops.mega_moe, weights=weights, activation_clamp=10.0, routed_scaling_factor=1.5, backend="ffi")
+    text = _lower_cuda(lambda x, i, w: fn(x, i, w), x, idx, w)
+    line = next(line for line in text.splitlines() if "@jax_megamoe_mega_moe_sm100" in line)
+    for attr in (f"mma_kind = {kind}", "capacity = 1920", "routed_scaling_factor = 1.500000e+00", "top_k = 4"):
+        assert attr in line, (attr, line)
+    assert "tensor<16x256x512xi32>" not in line  # sanity: SF operands are [E, K/128, MN]
+    assert "tensor<16x4x512xi32>" in line and "tensor<16x2x512xi32>" in line, line
+
+
 def test_mega_moe_auto_on_cpu_is_the_reference():
     x, idx, w = _inputs(6, t=5)
     weights = _small_weights("fp8xfp4", seed=1)
@@ -133,8 +146,6 @@ def test_mega_moe_auto_on_cpu_is_the_reference():
 def test_mega_moe_errors():
     x, idx, w = _inputs(7, t=5)
     fp8 = _small_weights("fp8", seed=2)
-    with pytest.raises(ops.BackendUnavailableError, match="sm_100 Mega MoE kernel"):
-        ops.mega_moe(x, idx, w, _small_weights("mxf4xmxf4", seed=3), backend="ffi")
     with pytest.raises(ValueError, match="num_max_tokens=4"):
         ops.mega_moe(x, idx, w, fp8, num_max_tokens=4, backend="ffi")
     with pytest.raises(ValueError, match="weights: built for mode 'fp8'"):
@@ -158,3 +169,16 @@ def test_unsupported_gpu_is_one_clear_error(monkeypatch, arch, mode):
         ops.pre_dispatch(x, idx, w, mode=mode, num_max_tokens=64, backend="ffi")
     # auto never fails on a GPU it cannot use: it runs the reference
     assert ops.choose_backend("auto", mode, op="t") == "reference"
+
+
+def test_auto_keeps_the_unvalidated_sm100_mega_kernel_opt_in(monkeypatch):
+    x, idx, w = _inputs(9, t=5)
+    weights = _small_weights("fp8xfp4", seed=6)
+    monkeypatch.setattr(ops, "device_arch", lambda: 10)
+    monkeypatch.setattr(ops, "_ffi_ready", lambda: (True, ""))
+    monkeypatch.delenv("JAX_MEGAMOE_SM100_MEGA", raising=False)
+    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, weights), x, idx, w)
+    assert "jax_megamoe_mega_moe_sm100" not in text  # reference
+    monkeypatch.setenv("JAX_MEGAMOE_SM100_MEGA", "1")
+    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, weights), x, idx, w)
+    assert "@jax_megamoe_mega_moe_sm100" in text

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "jit/kernels.h"
+#include "layout/sm100_mega_moe.h"
 #include "layout/sm90_mega_moe.h"
 
 namespace jmm::jit {
@@ -64,5 +65,57 @@ std::string mega_moe_sm90_template_args(const layout::Sm90MegaConfig& c);
 // kernel.cu for `c` (arch sm_90a). name = "sm90_mega_moe", symbol hint
 // "sm90_fp8_mega_moe_impl".
 KernelSource mega_moe_sm90_source(const layout::Sm90MegaConfig& c);
+
+// ---------------------------------------------------------------------------------------------
+// sm_100 (B200): deep_gemm::sm100_fp8_fp4_mega_moe_impl<...> (sgl-deep-gemm 0.2.5,
+// deep_gemm/impls/sm100_fp8_fp4_mega_moe.cuh). Compile-checked for sm_100f only: no B200 has run
+// it in this project. The rendered translation unit holds one explicit instantiation with all
+// 40 template arguments spelled out (as DeepGEMM 0.2.5's host renders them; the trailing derived
+// ones keep their defaults) and static_asserts the function type against the list below.
+// ---------------------------------------------------------------------------------------------
+
+// Same by-value struct as on sm_90 (SymBuffer<N> is 592 bytes for every N).
+using Sm100SymBuffer = Sm90SymBuffer;
+static_assert(sizeof(Sm100SymBuffer) == layout::kSm100SymBufferBytes, "SymBuffer<N> is 592 bytes");
+
+// The 18 tensor maps, in kernel parameter order (the shared-expert slots are unused by
+// jax_megamoe; like DeepGEMM 0.2.5 it passes copies of the routed descriptors there, which the
+// kernel only prefetches).
+enum Sm100TensorMap : int {
+  kSm100L1Acts = 0, kSm100L1ActsSf, kSm100L1Weights, kSm100L1WeightsSf, kSm100L1Output,
+  kSm100L2Acts, kSm100L2ActsSf, kSm100L2Weights, kSm100L2WeightsSf,
+  kSm100SharedL1Acts, kSm100SharedL1ActsSf, kSm100SharedL1Weights, kSm100SharedL1WeightsSf,
+  kSm100SharedL1Output, kSm100SharedL2Acts, kSm100SharedL2ActsSf, kSm100SharedL2Weights,
+  kSm100SharedL2WeightsSf,
+  kSm100NumTensorMaps
+};
+static_assert(kSm100NumTensorMaps == 18, "sm100_fp8_fp4_mega_moe_impl takes 18 tensor maps");
+
+// Kernel parameters, in order (sm100_fp8_fp4_mega_moe_impl's signature; top-level const and
+// __restrict__ dropped):
+//   void* y, int* cumulative_local_expert_recv_stats, const float* l1_alphas, l2_alphas,
+//   l2_act_scales, post_expert_norm_weight, uint32_t num_tokens,
+//   SymBuffer<kNumRanks> sym_buffer (__grid_constant__), 18 x TmaDescriptor (__grid_constant__),
+//   const uint8_t* sm_locality_domains
+struct Sm100MegaMoeArgs {
+  void* y;                                  // bf16 [T, H] (XLA result)
+  int* cumulative_local_expert_recv_stats;  // nullptr
+  const float* l1_alphas;                   // nullptr (NVFP4 only)
+  const float* l2_alphas;                   // nullptr (NVFP4 only)
+  const float* l2_act_scales;               // nullptr (NVFP4 only)
+  const float* post_expert_norm_weight;     // nullptr (no post-expert norm)
+  uint32_t num_tokens;                      // T
+  Sm100SymBuffer sym_buffer;
+  CUtensorMap maps[kSm100NumTensorMaps];    // see Sm100TensorMap
+  const uint8_t* sm_locality_domains;       // device u8 [>= physical SM count]
+};
+constexpr int kSm100MegaMoeNumParams = 7 + 1 + kSm100NumTensorMaps + 1;  // 26
+
+// The 40 template arguments, comma-separated, in the kernel's order.
+std::string mega_moe_sm100_template_args(const layout::Sm100MegaConfig& c);
+
+// kernel.cu for `c` (arch sm_100f). name = "sm100_mega_moe", symbol hint
+// "sm100_fp8_fp4_mega_moe_impl".
+KernelSource mega_moe_sm100_source(const layout::Sm100MegaConfig& c);
 
 }  // namespace jmm::jit

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Compile the sm_100f Mega MoE kernel for the full configuration matrix and print a table.
+
+Matrix: both modes (mxf4xmxf4, fp8xfp4) x DeepSeek V4-Flash and V4-Pro shapes x token caps
+(default 1920, 3840, 7680), one call of ``--tokens`` tokens per cap (default: the cap itself), on
+``--num-sms`` SMs (default 148, a B200). Every configuration goes through the library's own
+heuristics and JIT (``jmm_sm100_mega_config`` / ``jmm_sm100_mega_compile``), into a temporary
+cache unless ``--cache`` is given. Compile-only: no B200 is needed (or was available).
+
+Columns: the configuration, the tile choice, the wall seconds of the JIT compile (nvcc subprocess),
+the cubin size, the registers per thread and stack frame read from the cubin's .nv.info
+(EIATTR_REGCOUNT / EIATTR_FRAME_SIZE), and the spill stores/loads reported by ptxas (a second
+``nvcc -Xptxas -v`` run of the same kernel.cu; ``--no-spills`` skips it). ``cuobjdump`` and
+``nvdisasm`` are not needed.
+
+    python tools/compile_sm100_matrix.py [--caps 1920,3840,7680] [--tokens cap|N] [--num-sms 148]
+                                         [--modes M,..] [--shapes S,..] [--cache DIR]
+                                         [--no-spills] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import re
+import shlex
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jax_megamoe import _ffi, _toolchain  # noqa: E402
+
+I64 = ctypes.c_int64
+MODES = {"mxf4xmxf4": 2, "fp8xfp4": 1}
+SHAPES = {
+    "V4-Flash": dict(E=256, K=6, H=4096, I=2048),
+    "V4-Pro": dict(E=384, K=6, H=7168, I=3072),
+}
+# Field order of jmm_sm100_mega_config (tests/test_mega_layout_sm100.py, SM100_CONFIG_FIELDS).
+CONFIG_FIELDS = (
+    "cap", "H", "I", "E", "S", "K", "block_m", "block_n", "block_k", "store_l1", "store_l2", "sf_block_m",
+    "sf_block_n", "mma_kind", "ring", "sf_ring", "stages", "pull", "dispatch_threads", "non_epilogue_threads",
+    "epilogue_threads", "num_sms", "ranks", "situ", "fast_math", "x_scales", "l1_alphas", "l2_alphas",
+    "l2_act_scales", "fp8_combine", "post_norm", "post_norm_weight_first", "post_norm_has_weight", "trtllm",
+    "bits", "block_k_bytes", "load_block_m", "load_block_n", "gran_k", "swizzle_acts", "swizzle_weights",
+    "l1_out_bytes", "domains", "combine_chunks", "tmem_cols", "cluster", "threads", "smem", "host_smem",
+    "kernel_smem", "reusable_smem", "expected_x1000",
+)
+
+
+def declare(lib):
+    args = [I64] * 9 + [ctypes.c_float, ctypes.c_int]
+    lib.jmm_sm100_mega_config.argtypes = args + [ctypes.POINTER(I64), ctypes.c_int]
+    lib.jmm_sm100_mega_config.restype = ctypes.c_int
+    lib.jmm_sm100_mega_compile.argtypes = args + [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    lib.jmm_sm100_mega_compile.restype = ctypes.c_int
+
+
+def cubin_resources(path: Path) -> tuple[int | None, int | None]:
+    """(registers per thread, stack frame bytes) of the cubin's single kernel, from .nv.info."""
+    d = path.read_bytes()
+    shoff = struct.unpack_from("<Q", d, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", d, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQIIQQ", d, shoff + i * shentsize) for i in range(shnum)]
+    strtab = secs[shstrndx][4]
+    regs = frame = None
+    for s in secs:
+        name = d[strtab + s[0]: d.index(b"\0", strtab + s[0])]
+        if name != b".nv.info":
+            continue
+        p, end = s[4], s[4] + s[5]
+        while p < end:
+            fmt, attr = d[p], d[p + 1]
+            if fmt == 0x04:  # EIFMT_SVAL: u16 size, then the value
+                size = struct.unpack_from("<H", d, p + 2)[0]
+                if size == 8:
+                    _, value = struct.unpack_from("<II", d, p + 4)
+                    if attr == 0x2F:  # EIATTR_REGCOUNT
+                        regs = value
+                    elif attr == 0x11:  # EIATTR_FRAME_SIZE
+                        frame = value if frame is None else max(frame, value)
+                p += 4 + size
+            elif fmt == 0x03:  # EIFMT_HVAL
+                p += 4
+            elif fmt == 0x01:  # EIFMT_NVAL
+                p += 2
+            else:
+                break
+    return regs, frame
+
+
+def ptxas_spills(entry: Path) -> tuple[int, int] | None:
+    """(spill store bytes, spill load bytes) from `nvcc -Xptxas -v` on the cached kernel.cu."""
+    meta = json.loads((entry / "meta.json").read_text())
+    argv = shlex.split(meta["command"])
+    flags = argv[4:]  # nvcc <src> -o <out> <flags...>
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [argv[0], str(entry / "kernel.cu"), "-o", str(Path(tmp) / "k.cubin"), *flags, "-Xptxas", "-v"]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stdout + r.stderr)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--caps", default="1920,3840,7680", help="token caps (multiples of 1920)")
+    ap.add_argument("--tokens", default="cap", help="tokens of the call: 'cap' or a number (<= every cap)")
+    ap.add_argument("--num-sms", type=int, default=148)
+    ap.add_argument("--modes", default=",".join(MODES), help="subset of " + ",".join(MODES))
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="subset of " + ",".join(SHAPES))
+    ap.add_argument("--cache", default="", help="JIT cache root (default: a fresh temporary folder)")
+    ap.add_argument("--no-spills", action="store_true", help="skip the ptxas -v run for the spill columns")
+    ap.add_argument("--json", default="", help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+
+    lib = _ffi.load_library()
+    if lib is None:
+        print(_ffi.library_reason(), file=sys.stderr)
+        return 2
+    declare(lib)
+    tc, hd = _toolchain.find_nvcc(), _toolchain.find_deepgemm_headers()
+    cache = args.cache or tempfile.mkdtemp(prefix="jmm_sm100_matrix_")
+    _ffi.configure_jit(tc, hd, cache_dirs=cache, lib=lib)
+    print(f"nvcc {tc.nvcc} ({tc.version[0]}.{tc.version[1]}), DeepGEMM headers {hd.version} ({hd.include_dir})")
+    print(f"JIT cache: {cache}; {args.num_sms} SMs; sm_100f; compile-only (no B200 here)\n")
+
+    rows, failures = [], 0
+    modes = {m: MODES[m] for m in args.modes.split(",")}
+    shapes = {n: SHAPES[n] for n in args.shapes.split(",")}
+    for mode, kind in modes.items():
+        for shape_name, s in shapes.items():
+            for cap in (int(c) for c in args.caps.split(",")):
+                t = cap if args.tokens == "cap" else int(args.tokens)
+                cargs = (1, s["E"], cap, s["K"], s["H"], s["I"], kind, t, args.num_sms, math.inf, 1)
+                out = (I64 * len(CONFIG_FIELDS))()
+                if lib.jmm_sm100_mega_config(*cargs, out, len(out)) < 0:
+                    print(f"{mode} {shape_name} cap={cap}: {_ffi.last_error(lib)}", file=sys.stderr)
+                    failures += 1
+                    continue
+                c = dict(zip(CONFIG_FIELDS, list(out)))
+                path = ctypes.create_string_buffer(4096)
+                err = ctypes.create_string_buffer(1 << 20)
+                t0 = time.perf_counter()
+                rc = lib.jmm_sm100_mega_compile(*cargs, path, len(path), err, len(err))
+                seconds = time.perf_counter() - t0
+                row = dict(mode=mode, shape=shape_name, cap=cap, tokens=t, block_m=c["block_m"],
+                           block_k=c["block_k"], store=f"{c['store_l1']}/{c['store_l2']}", ring=c["ring"],
+                           sf_ring=c["sf_ring"], stages=c["stages"], smem=c["smem"], seconds=round(seconds, 1))
+                if rc != 0:
+                    row["error"] = err.value.decode(errors="replace")[-2000:]
+                    failures += 1
+                else:
+                    cubin = Path(path.value.decode())
+                    regs, frame = cubin_resources(cubin)
+                    row.update(cubin_bytes=cubin.stat().st_size, regs=regs, stack=frame)
+                    if not args.no_spills:
+                        sp = ptxas_spills(cubin.parent)
+                        row["spills"] = f"{sp[0]}/{sp[1]}" if sp else "?"
+                rows.append(row)
+                print(f"  compiled {mode} {shape_name} cap={cap}: {row.get('error', 'ok')[:200]} ({seconds:.1f} s)",
+                      flush=True)
+
+    cols = ["mode", "shape", "cap", "tokens", "block_m", "block_k", "store", "ring", "sf_ring", "stages", "smem",
+            "seconds", "cubin_bytes", "regs", "stack"] + ([] if args.no_spills else ["spills"])
+    print()
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(k, "FAILED" if k == "cubin_bytes" else "")) for k in cols) + " |")
+    total = sum(r["seconds"] for r in rows)
+    print(f"\n{len(rows) - failures}/{len(rows)} compiled, {total:.1f} s of compiles")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
