@@ -195,18 +195,30 @@ def test_dispatch_path_and_capacity():
     assert parallel.exact_capacity(32, 6, 8) == 24
 
 
-def test_ffi_backend_plugs_in_per_device():
-    """backend='ffi' reaches ops.mega_moe once per device (the single plug-in point); until the
-    fused kernel is wired there it raises ops' own error, naming the backend."""
-    from jax_megamoe import ops
+def test_ffi_backend_plugs_in_per_device(monkeypatch):
+    """backend='ffi' reaches ops.mega_moe (the single plug-in point) with backend='ffi' and the
+    device's E/n local experts; the stand-in records the call and computes the reference."""
+    from jax_megamoe import ops, reference
 
+    calls = []
+
+    def fake_mega_moe(x, idx, w, weights, **kw):
+        calls.append((kw.get("backend"), weights.num_local_experts, x.shape))
+        kw = {k: v for k, v in kw.items() if k in ("mode", "activation_clamp", "routed_scaling_factor")}
+        return reference.mega_moe(x, idx, w, weights, **kw)
+
+    monkeypatch.setattr(ops, "mega_moe", fake_mega_moe)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    rng = np.random.default_rng(0)
     shapes = MoEWeights.kernel_shapes("fp8xfp4", E, H, I)
     w = MoEWeights(
-        **{k: jnp.zeros(s, d) for k, (s, d) in shapes.items()}, mode="fp8xfp4", hidden=H, intermediate=I, num_experts=E
+        **{k: jnp.asarray(rng.integers(0, 120, size=s).astype(np.dtype(d))) for k, (s, d) in shapes.items()},
+        mode="fp8xfp4", hidden=H, intermediate=I, num_experts=E,
     )
-    x = jnp.zeros((4, H), jnp.bfloat16)
-    idx = jnp.zeros((4, K), jnp.int32)
-    tw = jnp.zeros((4, K), jnp.float32)
-    with pytest.raises(ops.BackendUnavailableError, match=r"backend='ffi'"):
-        parallel.ep_moe(x, idx, tw, w, mesh=mesh, mode="fp8xfp4", backend="ffi")
+    x = jnp.asarray(rng.standard_normal((4, H)), jnp.bfloat16)
+    idx = jnp.asarray(rng.integers(0, E, size=(4, K)), jnp.int32)
+    tw = jnp.asarray(rng.random((4, K)), jnp.float32)
+    y = parallel.ep_moe(x, idx, tw, w, mesh=mesh, mode="fp8xfp4", backend="ffi")
+    assert calls and all(c[0] == "ffi" and c[1] == E for c in calls), calls
+    want = reference.mega_moe(x, idx, tw, w, mode="fp8xfp4")
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint16), np.asarray(want).view(np.uint16))
