@@ -234,25 +234,37 @@ def configure_jit(
         raise FfiUnavailableError(f"jmm_configure failed: {last_error(lib)}")
 
 
-def render_pre_dispatch(arch: int, mma_kind: int) -> str:
-    """The kernel.cu source the JIT compiles for (arch, mma_kind)."""
-    lib = _check_lib()
-    n = lib.jmm_render_pre_dispatch(arch, mma_kind, None, 0)
+def call_render(lib: ctypes.CDLL, fn: Any, *args: Any) -> str:
+    """Call a ``jmm_*_render`` export (snprintf convention: ``(..., char* out, size_t cap)`` returns
+    the full length, or < 0 with ``jmm_last_error`` set) and return the rendered source."""
+    n = fn(*args, None, 0)
     if n < 0:
         raise ValueError(last_error(lib))
     buf = ctypes.create_string_buffer(n + 1)
-    lib.jmm_render_pre_dispatch(arch, mma_kind, buf, n + 1)
+    fn(*args, buf, n + 1)
     return buf.value.decode()
+
+
+def call_compile(fn: Any, *args: Any) -> str:
+    """Call a ``jmm_*_compile`` export (``(..., out, cap, err, err_cap)``, 0 on success) and return
+    the cubin path; raises RuntimeError with nvcc's output otherwise."""
+    out = ctypes.create_string_buffer(4096)
+    err = ctypes.create_string_buffer(1 << 20)
+    if fn(*args, out, len(out), err, len(err)) != 0:
+        raise RuntimeError(err.value.decode(errors="replace"))
+    return out.value.decode()
+
+
+def render_pre_dispatch(arch: int, mma_kind: int) -> str:
+    """The kernel.cu source the JIT compiles for (arch, mma_kind)."""
+    lib = _check_lib()
+    return call_render(lib, lib.jmm_render_pre_dispatch, arch, mma_kind)
 
 
 def compile_pre_dispatch(arch: int, mma_kind: int) -> str:
     """Compile (or fetch from the cache) a pre-dispatch cubin; returns its path. Raises RuntimeError."""
     lib = _check_lib()
-    out = ctypes.create_string_buffer(4096)
-    err = ctypes.create_string_buffer(65536)
-    if lib.jmm_compile_pre_dispatch(arch, mma_kind, out, len(out), err, len(err)) != 0:
-        raise RuntimeError(err.value.decode(errors="replace"))
-    return out.value.decode()
+    return call_compile(lib.jmm_compile_pre_dispatch, arch, mma_kind)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,20 +41,11 @@ def _declare(lib):
 
 
 def render(lib, *args) -> str:
-    n = lib.jmm_sm100_mega_render(*args, None, 0)
-    if n < 0:
-        raise ValueError(_ffi.last_error(lib))
-    buf = ctypes.create_string_buffer(n + 1)
-    lib.jmm_sm100_mega_render(*args, buf, n + 1)
-    return buf.value.decode()
+    return _ffi.call_render(lib, lib.jmm_sm100_mega_render, *args)
 
 
 def compile_(lib, *args) -> str:
-    out = ctypes.create_string_buffer(4096)
-    err = ctypes.create_string_buffer(1 << 20)
-    if lib.jmm_sm100_mega_compile(*args, out, len(out), err, len(err)) != 0:
-        raise RuntimeError(err.value.decode(errors="replace"))
-    return out.value.decode()
+    return _ffi.call_compile(lib.jmm_sm100_mega_compile, *args)
 
 
 def flash_args(kind, clamp=math.inf, t=T):

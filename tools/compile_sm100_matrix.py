@@ -145,19 +145,20 @@ def main(argv: list[str] | None = None) -> int:
                     failures += 1
                     continue
                 c = dict(zip(CONFIG_FIELDS, list(out)))
-                path = ctypes.create_string_buffer(4096)
-                err = ctypes.create_string_buffer(1 << 20)
                 t0 = time.perf_counter()
-                rc = lib.jmm_sm100_mega_compile(*cargs, path, len(path), err, len(err))
+                try:
+                    cubin_path, error = _ffi.call_compile(lib.jmm_sm100_mega_compile, *cargs), None
+                except RuntimeError as e:
+                    cubin_path, error = None, str(e)
                 seconds = time.perf_counter() - t0
                 row = dict(mode=mode, shape=shape_name, cap=cap, tokens=t, block_m=c["block_m"],
                            block_k=c["block_k"], store=f"{c['store_l1']}/{c['store_l2']}", ring=c["ring"],
                            sf_ring=c["sf_ring"], stages=c["stages"], smem=c["smem"], seconds=round(seconds, 1))
-                if rc != 0:
-                    row["error"] = err.value.decode(errors="replace")[-2000:]
+                if error is not None:
+                    row["error"] = error[-2000:]
                     failures += 1
                 else:
-                    cubin = Path(path.value.decode())
+                    cubin = Path(cubin_path)
                     regs, frame = cubin_resources(cubin)
                     row.update(cubin_bytes=cubin.stat().st_size, regs=regs, stack=frame)
                     if not args.no_spills:
