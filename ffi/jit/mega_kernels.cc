@@ -86,6 +86,32 @@ std::string mega_moe_sm90_template_args(const layout::Sm90MegaConfig& c) {
              b(c.pull_eager_publish));                      // kPullEagerPublish
 }
 
+namespace {
+
+// The part of a rendered mega-kernel source both archs share: includes, the CUTLASS_GLOBAL
+// override that gives the kernel a GLOBAL cubin symbol, and the static_assert pinning DeepGEMM's
+// launch signature to the one the FFI handler marshals. Opens namespace jax_megamoe_jit.
+std::string MegaSourcePrelude(const std::string& impl_header, const std::string& signature,
+                              const std::string& fn, const char* kernel_name) {
+  return cat(
+      "#include <cstdint>\n",
+      "#include <type_traits>\n",
+      "// CUTLASS_GLOBAL is `__global__ static`: give the kernel external linkage so that its\n",
+      "// entry symbol is GLOBAL in the cubin (found by name with cuLibraryGetKernel).\n",
+      "#include <cutlass/detail/helper_macros.hpp>\n",
+      "#undef CUTLASS_GLOBAL\n",
+      "#define CUTLASS_GLOBAL __global__\n",
+      "#include <", impl_header, ">\n",
+      "\n",
+      "namespace jax_megamoe_jit {\n",
+      "using launch_signature_t = void (*)(", signature, ");\n",
+      "static_assert(std::is_same_v<decltype(&", fn, "), launch_signature_t>,\n",
+      "              \"DeepGEMM changed the signature of ", kernel_name, "; update "
+      "ffi/jit/mega_kernels.{h,cc} and the FFI handler\");\n");
+}
+
+}  // namespace
+
 KernelSource mega_moe_sm90_source(const layout::Sm90MegaConfig& c) {
   KernelSource k;
   k.name = "sm90_mega_moe";
@@ -99,20 +125,7 @@ KernelSource mega_moe_sm90_source(const layout::Sm90MegaConfig& c) {
       "// sm_90 fused Mega MoE: FP8 e4m3 x e4m3, 128x128 weight scales, per-128 act scales;\n",
       "// BLOCK_M=", c.block_m, " BLOCK_N=", c.block_n, " stages=", c.num_stages,
       " cluster=", c.cluster_size, " threads=", c.num_threads, " smem=", c.smem_size, "\n",
-      "#include <cstdint>\n",
-      "#include <type_traits>\n",
-      "// CUTLASS_GLOBAL is `__global__ static`: give the kernel external linkage so that its\n",
-      "// entry symbol is GLOBAL in the cubin (found by name with cuLibraryGetKernel).\n",
-      "#include <cutlass/detail/helper_macros.hpp>\n",
-      "#undef CUTLASS_GLOBAL\n",
-      "#define CUTLASS_GLOBAL __global__\n",
-      "#include <", k.impl_header, ">\n",
-      "\n",
-      "namespace jax_megamoe_jit {\n",
-      "using launch_signature_t = void (*)(", kSm90MegaMoeSignature, ");\n",
-      "static_assert(std::is_same_v<decltype(&", fn, "), launch_signature_t>,\n",
-      "              \"DeepGEMM changed the signature of sm90_fp8_mega_moe_impl; update "
-      "ffi/jit/mega_kernels.{h,cc} and the FFI handler\");\n",
+      MegaSourcePrelude(k.impl_header, kSm90MegaMoeSignature, fn, "sm90_fp8_mega_moe_impl"),
       "static_assert(sizeof(deep_gemm::layout::SymBuffer<1u>) == ", layout::kSm90SymBufferBytes,
       " and alignof(deep_gemm::layout::SymBuffer<1u>) == 8,\n",
       "              \"SymBuffer layout changed; update jmm::jit::Sm90SymBuffer\");\n",
@@ -183,20 +196,7 @@ KernelSource mega_moe_sm100_source(const layout::Sm100MegaConfig& c) {
       "// BLOCK_M=", c.block_m, " BLOCK_K=", c.block_k, " store=", c.store_block_m_l1, "/",
       c.store_block_m_l2, " ring=", c.num_ring_tokens, " stages=", c.num_stages,
       " cluster=", c.cluster_size, " threads=", c.num_threads, " smem=", c.smem_size, "\n",
-      "#include <cstdint>\n",
-      "#include <type_traits>\n",
-      "// CUTLASS_GLOBAL is `__global__ static`: give the kernel external linkage so that its\n",
-      "// entry symbol is GLOBAL in the cubin (found by name with cuLibraryGetKernel).\n",
-      "#include <cutlass/detail/helper_macros.hpp>\n",
-      "#undef CUTLASS_GLOBAL\n",
-      "#define CUTLASS_GLOBAL __global__\n",
-      "#include <", k.impl_header, ">\n",
-      "\n",
-      "namespace jax_megamoe_jit {\n",
-      "using launch_signature_t = void (*)(", signature, ");\n",
-      "static_assert(std::is_same_v<decltype(&", fn, "), launch_signature_t>,\n",
-      "              \"DeepGEMM changed the signature of sm100_fp8_fp4_mega_moe_impl; update "
-      "ffi/jit/mega_kernels.{h,cc} and the FFI handler\");\n",
+      MegaSourcePrelude(k.impl_header, signature, fn, "sm100_fp8_fp4_mega_moe_impl"),
       "static_assert(sizeof(deep_gemm::layout::SymBuffer<", c.num_ranks, "u>) == ",
       layout::kSm100SymBufferBytes, " and alignof(deep_gemm::layout::SymBuffer<", c.num_ranks,
       "u>) == 8,\n",
