@@ -929,10 +929,7 @@ JMM_EXPORT int jmm_sm100_mega_layout(int64_t ranks, int64_t E, int64_t P, int64_
                        u(l.num_bytes), l.num_max_pool_tokens, l.num_ring_tokens,
                        l.num_sf_ring_tokens, l.num_experts_per_rank, l.elem_bits,
                        l.ring_is_full_pool ? 1 : 0, l.num_sms};
-  constexpr int kN = static_cast<int>(sizeof(v) / sizeof(v[0]));
-  int i = 0;
-  for (; out != nullptr && i < n && i < kN; ++i) out[i] = v[i];
-  return i;
+  return jmm::copy_out(v, out, n);
 }
 
 // Kernel configuration for a call of T tokens per rank. Writes min(n, 52) int64 values in the
@@ -955,10 +952,7 @@ JMM_EXPORT int jmm_sm100_mega_config(int64_t ranks, int64_t E, int64_t P, int64_
       c.num_locality_domains, c.combine_chunks, c.num_tmem_cols, c.cluster_size, c.num_threads,
       c.smem_size, c.host_smem_size, c.kernel_smem_bytes, c.reusable_smem_bytes,
       static_cast<int64_t>(std::lround(static_cast<double>(c.expected_tokens_per_expert) * 1000.0))};
-  constexpr int kN = static_cast<int>(sizeof(v) / sizeof(v[0]));
-  int i = 0;
-  for (; out != nullptr && i < n && i < kN; ++i) out[i] = v[i];
-  return i;
+  return jmm::copy_out(v, out, n);
 }
 
 // kernel.cu of the mega kernel for that configuration. Returns the length (>= cap: truncated),

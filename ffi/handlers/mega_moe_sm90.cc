@@ -805,10 +805,7 @@ JMM_EXPORT int jmm_sm90_mega_config(int64_t E, int64_t P, int64_t K, int64_t H, 
                        c.num_threads, c.smem_size, c.host_smem_size, c.kernel_smem_bytes,
                        c.tile_table_entries, c.l1_output_box_n, c.l1_output_box_m,
                        c.l1_output_swizzle};
-  constexpr int kN = static_cast<int>(sizeof(v) / sizeof(v[0]));
-  int i = 0;
-  for (; out != nullptr && i < n && i < kN; ++i) out[i] = v[i];
-  return i;
+  return jmm::copy_out(v, out, n);
 }
 
 // kernel.cu of the mega kernel for that configuration. Returns the length (>= cap: truncated),
