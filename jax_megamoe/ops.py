@@ -285,17 +285,56 @@ def mega_moe(
             fast_math=fast_math,
         )
     cap = config.align_token_cap(cap_requested, mode)
+    return mega_moe_target_call(
+        x, topk_idx, topk_weights, weights, mode=mode, num_experts=weights.num_experts, capacity=cap,
+        activation_clamp=activation_clamp, routed_scaling_factor=rsf, fast_math=fast_math, reserved_sms=reserved,
+    )  # fmt: skip
+
+
+def mega_moe_target_call(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    topk_weights: jax.Array,
+    weights,
+    *,
+    mode: str,
+    num_experts: int,
+    capacity: int,
+    activation_clamp: float | None,
+    routed_scaling_factor: float,
+    fast_math: bool,
+    reserved_sms: int,
+    num_ranks: int = 1,
+    rank_devices: np.ndarray | None = None,
+) -> jax.Array:
+    """The mega-kernel custom call itself, arguments already validated (:func:`mega_moe`,
+    :func:`jax_megamoe.parallel.ep_moe`).
+
+    ``weights`` hold this rank's ``num_experts / num_ranks`` experts. With ``num_ranks > 1`` (sm_90
+    only) ``rank_devices`` is the rank table (CUDA device ordinals, one row of ``num_ranks`` per
+    expert-parallel group, see ``ffi/layout/rank_table.h``) and the call must run on every device of
+    the table at once, inside :func:`jax.shard_map`.
+    """
     clamp = np.float32(np.inf if activation_clamp is None else activation_clamp)
     arch = config.arch_of_mode(mode)
+    t, h = x.shape
     # sm_100 only: the MMA kind; the handler applies routed_scaling_factor itself (per-expert scales).
     extra = {"mma_kind": np.int64(_MMA_KIND[mode])} if arch == 10 else {}
+    if arch == 9:
+        table = np.zeros((0,), np.int64) if rank_devices is None else np.asarray(rank_devices, np.int64).reshape(-1)
+        extra.update(num_ranks=np.int64(num_ranks), rank_devices=table)
+    elif num_ranks != 1:
+        raise ValueError(f"num_ranks: {num_ranks}; the sm_100 kernel is wired for one rank only")
+    # Ids >= E are skipped, as the reference skips them (the kernel would index past its tables).
+    idx = topk_idx.astype(jnp.int32)
+    idx = jnp.where(idx < num_experts, idx, jnp.int32(-1))
     return jax.ffi.ffi_call(
         MEGA_MOE_TARGET[arch],
         jax.ShapeDtypeStruct((t, h), jnp.bfloat16),
         has_side_effect=True,
     )(
         x,
-        topk_idx.astype(jnp.int32),
+        idx,
         topk_weights,
         weights.l1,
         weights.l1_sf,
@@ -303,13 +342,13 @@ def mega_moe(
         weights.l2_sf,
         hidden=np.int64(h),
         intermediate=np.int64(weights.intermediate),
-        num_experts=np.int64(weights.num_experts),
-        top_k=np.int64(k),
-        capacity=np.int64(cap),
+        num_experts=np.int64(num_experts),
+        top_k=np.int64(topk_idx.shape[1]),
+        capacity=np.int64(capacity),
         activation_clamp=clamp,
         fast_math=bool(fast_math),
         num_sms=np.int64(0),
-        reserved_sms=np.int64(reserved),
-        routed_scaling_factor=np.float32(rsf),
+        reserved_sms=np.int64(reserved_sms),
+        routed_scaling_factor=np.float32(routed_scaling_factor),
         **extra,
     )

@@ -37,8 +37,18 @@ drops the pairs past it (they contribute 0) and is only accepted with ``return_o
 which returns ``(y, dropped)``, ``dropped`` the int32 number of (token, slot) pairs dropped over the
 whole mesh, so a drop is never silent.
 
-Not here: the fused intranode path (DeepGEMM's multi-rank kernel with peer-mapped symmetric
-buffers); it would replace steps 2-4 as one custom call per device.
+**Fused intranode path** (``dispatch="fused"``; what ``"auto"`` takes where it can, see
+:func:`fused_available`): DeepGEMM's multi-rank sm_90 kernel replaces steps 1-4 with one custom call
+per device. The FFI library allocates every rank's symmetric buffer (one per GPU, zeroed once),
+enables peer access between the GPUs, and gives every rank the same pointer table; each device's
+call finds its own rank from the rank table (:func:`rank_table`, CUDA device ordinals per
+expert-parallel group) and launches the kernel every step, also when none of its tokens is routed.
+The kernel then dispatches over NVLink loads/stores, runs the local experts and writes each result
+into the source rank's combine slots: no XLA collective at all. Conditions: one process driving
+every device of the mesh, sm_90 GPUs with peer access, mode ``"fp8"``, ``T/n <= num_max_tokens``.
+Numerically it is the single-device FFI kernel (the same per-token quantisation and the same
+combine order), so it matches the reference to the kernel's tolerance (rel. L2 ~5e-3), not bit for
+bit. ``JAX_MEGAMOE_FUSED_EP=0`` keeps ``"auto"`` on the collective path.
 """
 
 from __future__ import annotations
@@ -54,11 +64,19 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import os
+
 from jax_megamoe import config, reference
 
-__all__ = ["ep_moe", "ep_moe_padded", "shard_weights", "dispatch_path", "exact_capacity", "DISPATCHES", "BACKENDS"]
+__all__ = [
+    "ep_moe", "ep_moe_padded", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
+    "rank_table",
+    "DISPATCHES", "BACKENDS",
+]  # fmt: skip
 
-DISPATCHES: tuple[str, ...] = ("auto", "ragged", "dense")
+DISPATCHES: tuple[str, ...] = ("auto", "fused", "ragged", "dense")
+#: Environment switch: ``0`` keeps ``dispatch="auto"`` off the fused intranode kernel.
+ENV_FUSED_EP = "JAX_MEGAMOE_FUSED_EP"
 BACKENDS: tuple[str, ...] = ("auto", "ffi", "reference")
 
 #: Platforms whose XLA implements ``ragged-all-to-all``.
@@ -88,13 +106,16 @@ def _platform(mesh: Any) -> str | None:
 
 
 def dispatch_path(mesh: Any, dispatch: str = "auto") -> str:
-    """``"ragged"`` or ``"dense"``: the collective :func:`ep_moe` uses on ``mesh`` for ``dispatch``.
+    """``"ragged"`` or ``"dense"``: the collective :func:`ep_moe` uses on ``mesh`` for ``dispatch``
+    when it does not take the fused kernel.
 
     ``"auto"`` is ``"ragged"`` (:func:`jax.lax.ragged_all_to_all`) where the mesh's platform is a GPU
     or TPU and ``"dense"`` (:func:`jax.lax.all_to_all` with a static capacity) elsewhere, i.e. on CPU.
     """
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
+    if dispatch == "fused":
+        raise ValueError("dispatch: 'fused' uses no collective; dispatch_path answers for 'auto', 'ragged', 'dense'")
     platform = _platform(mesh)
     if dispatch == "auto":
         return "ragged" if platform in _RAGGED_PLATFORMS else "dense"
@@ -109,6 +130,57 @@ def dispatch_path(mesh: Any, dispatch: str = "auto") -> str:
 def exact_capacity(num_tokens: int, top_k: int, num_shards: int) -> int:
     """Rows per (source, destination) device pair that can never overflow: ``T/n * K``."""
     return (num_tokens // num_shards) * top_k
+
+
+def rank_table(mesh: Any, axis: str = "ep") -> np.ndarray:
+    """int64 ``[groups, n]``: the CUDA device ordinal of every device of ``mesh``, one row per
+    expert-parallel group (the devices along ``axis`` for one position of the other axes) in rank
+    order. What the fused kernel's FFI handler receives (``ffi/layout/rank_table.h``); a device finds
+    its group and rank in it from its own ordinal. Devices without a hardware id (CPU) use ``id``.
+    """
+    n = _axis_size(mesh, axis)
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        raise ValueError("mesh: the fused path needs a concrete jax.sharding.Mesh (its devices), not an AbstractMesh")
+    devices = np.moveaxis(mesh.devices, tuple(mesh.axis_names).index(axis), -1).reshape(-1, n)
+
+    def ordinal(d: Any) -> int:
+        hw = getattr(d, "local_hardware_id", None)
+        return int(d.id if hw is None else hw)
+
+    return np.vectorize(ordinal, otypes=[np.int64])(devices)
+
+
+def fused_available(mesh: Any, axis: str = "ep", mode: str = "fp8") -> tuple[bool, str]:
+    """``(True, "")`` where :func:`ep_moe` can run the fused intranode kernel on ``mesh``, else
+    ``(False, why)``: one process drives every device of the mesh, all are sm_90 GPUs, ``mode`` is
+    ``"fp8"`` and the FFI library is registered. (Peer access between the GPUs is checked by the
+    library when it first allocates the buffers; without it the call fails with a clear error.)
+    """
+    _axis_size(mesh, axis)  # names a bad mesh or axis
+    if mode != "fp8":
+        return False, f"mode {mode!r}: the fused multi-rank kernel is wired for sm_90 'fp8' only"
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        return False, "an AbstractMesh has no devices"
+    devices = list(mesh.devices.flat)
+    if any(d.platform != "gpu" for d in devices):
+        return False, f"the mesh's devices are {devices[0].platform!r}, not CUDA GPUs"
+    me = jax.process_index()
+    if any(d.process_index != me for d in devices):
+        return False, "the mesh spans several processes; the fused path needs one process driving every GPU"
+    for d in devices:
+        cc = str(getattr(d, "compute_capability", "") or "")
+        if not cc.startswith("9."):
+            return False, f"device {d.id} has compute capability {cc or '?'}; the fused kernel needs sm_90 (H100/H200)"
+    from jax_megamoe import ops
+
+    ok, reason = ops._ffi_ready()
+    if not ok:
+        return False, reason
+    return True, ""
+
+
+def _fused_wanted() -> bool:
+    return config.parse_bool(ENV_FUSED_EP, os.environ.get(ENV_FUSED_EP, "1"))
 
 
 def _check_weights(weights: Any, mode: str, hidden: int, top_k: int, n: int) -> None:
@@ -185,6 +257,7 @@ def ep_moe(
     dispatch: str = "auto",
     capacity: int | None = None,
     return_overflow: bool = False,
+    num_max_tokens: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Routed experts of one MoE layer with experts and tokens sharded over ``mesh`` axis ``axis``.
 
@@ -203,12 +276,21 @@ def ep_moe(
         replicate the computation.
       mode: ``"mxf4xmxf4"``, ``"fp8xfp4"`` or ``"fp8"``; must be the mode ``weights`` were built for.
       activation_clamp: ``None`` or a number ``>= 0`` (SwiGLU clamp).
-      backend: ``"auto"`` | ``"reference"`` (pure-JAX expert math per device) | ``"ffi"`` (the
-        single-rank FFI mega kernel per device; raises until ``ops.mega_moe`` has it).
+      backend: ``"auto"`` | ``"reference"`` (pure-JAX expert math per device; never the fused
+        kernel) | ``"ffi"`` (kernels: the fused kernel, or on the collective path the single-rank
+        FFI mega kernel per device).
       routed_scaling_factor: multiplied into ``topk_weights`` in f32 before dispatch.
-      dispatch: ``"auto"`` | ``"ragged"`` | ``"dense"``, see :func:`dispatch_path`.
+      dispatch: ``"auto"`` | ``"fused"`` | ``"ragged"`` | ``"dense"``. ``"auto"`` takes the fused
+        intranode kernel where :func:`fused_available` says it can (and ``T/n <= num_max_tokens``,
+        ``capacity`` not given, backend not ``"reference"``, ``JAX_MEGAMOE_FUSED_EP`` not 0), else the
+        collective of :func:`dispatch_path`. ``"fused"`` insists (clear error where it cannot run; on
+        a machine without GPUs it still lowers for ``cuda``).
       capacity: rows per (source, destination) pair; default :func:`exact_capacity` (never overflows).
-      return_overflow: return ``(y, dropped)``; required when ``capacity`` is below the exact one.
+        Collective path only.
+      return_overflow: return ``(y, dropped)``; required when ``capacity`` is below the exact one
+        (the fused path never drops: ``dropped`` is 0).
+      num_max_tokens: fused path: token cap per rank of the kernel's buffers (default
+        :func:`jax_megamoe.ops.default_num_max_tokens`, rounded up to 128).
 
     Returns:
       ``y`` bf16 ``[T, H]`` sharded ``P(axis)`` (and ``dropped`` int32 ``[]`` if ``return_overflow``).
@@ -226,7 +308,9 @@ def ep_moe(
     _check_weights(weights, mode, h, k, n)
     config.check_clamp(activation_clamp)
     reference._check_scaling(routed_scaling_factor)
-    path = dispatch_path(mesh, dispatch)
+    path, fused = _choose_path(
+        mesh, axis, mode, t // n, dispatch=dispatch, backend=backend, capacity=capacity, num_max_tokens=num_max_tokens
+    )  # fmt: skip
     be = _resolve_backend(backend, mode)
     exact = exact_capacity(t, k, n)
     if capacity is None:
@@ -259,18 +343,85 @@ def ep_moe(
     chunk = reference.default_chunk_rows(t * k, weights.num_experts)
     y, dropped = _ep_moe_jit(
         x, topk_idx, topk_weights, rsf, weights,
-        mesh=mesh, axis=axis, mode=mode, clamp=clamp, backend=be, path=path, cap=cap, chunk=chunk,
+        mesh=mesh, axis=axis, mode=mode, clamp=clamp, backend=be, path=path, cap=cap, chunk=chunk, fused=fused,
     )  # fmt: skip
     return (y, dropped) if return_overflow else y
 
 
-@partial(jax.jit, static_argnames=("mesh", "axis", "mode", "clamp", "backend", "path", "cap", "chunk"))
-def _ep_moe_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, axis, mode, clamp, backend, path, cap, chunk):
+def ep_path(
+    mesh: Any,
+    axis: str = "ep",
+    mode: str = "fp8",
+    tokens_per_device: int = 1,
+    *,
+    dispatch: str = "auto",
+    backend: str = "auto",
+    capacity: int | None = None,
+    num_max_tokens: int | None = None,
+) -> str:
+    """``"fused"``, ``"ragged"`` or ``"dense"``: the path :func:`ep_moe` takes with these arguments
+    (``tokens_per_device`` = ``T/n``); raises as :func:`ep_moe` would for a ``dispatch`` that cannot run."""
+    return _choose_path(
+        mesh, axis, mode, tokens_per_device, dispatch=dispatch, backend=backend, capacity=capacity,
+        num_max_tokens=num_max_tokens,
+    )[0]  # fmt: skip
+
+
+def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capacity, num_max_tokens):
+    """``(path, fused)``: ``"fused"`` with ``fused = (token cap, rank table rows, reserved SMs)``, or
+    the collective ``"ragged"``/``"dense"`` with ``fused = None``."""
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
+    from jax_megamoe import ops
+
+    if num_max_tokens is None:
+        cap = ops.default_num_max_tokens()
+    elif isinstance(num_max_tokens, bool) or not isinstance(num_max_tokens, (int, np.integer)) or num_max_tokens < 1:
+        raise ValueError(f"num_max_tokens: {num_max_tokens!r} must be a Python int >= 1 (tokens per rank)")
+    else:
+        cap = int(num_max_tokens)
+    cap = config.align_token_cap(cap, "fp8") if mode == "fp8" else cap
+    if dispatch == "fused":
+        if backend == "reference":
+            raise ValueError("dispatch: 'fused' runs the FFI kernel; backend='reference' cannot run it")
+        if capacity is not None:
+            raise ValueError("capacity: applies to the collective dispatch; the fused kernel never drops pairs")
+        ok, why = fused_available(mesh, axis, mode)
+        platform = _platform(mesh)
+        if not ok and (mode != "fp8" or platform == "gpu" or isinstance(mesh, jax.sharding.AbstractMesh)):
+            raise ValueError(f"dispatch: 'fused' cannot run here: {why}")
+        # (no GPU at all: allowed, so a jitted call still lowers for cuda on a CPU-only machine)
+        if tokens_per_device > cap:
+            raise ValueError(
+                f"x: {tokens_per_device} tokens per device exceed num_max_tokens={cap} (the fused kernel's "
+                "per-rank cap); raise num_max_tokens or use dispatch='auto' to fall back to the collective path"
+            )
+    elif dispatch == "auto":
+        if (
+            backend != "reference"
+            and capacity is None
+            and tokens_per_device <= cap
+            and _fused_wanted()
+            and fused_available(mesh, axis, mode)[0]
+        ):
+            dispatch = "fused"
+    if dispatch != "fused":
+        return dispatch_path(mesh, dispatch), None
+    reserved = ops._env_int(ops.ENV_RESERVED_SMS, 2)
+    table = tuple(tuple(int(v) for v in row) for row in rank_table(mesh, axis))
+    return "fused", (cap, table, reserved)
+
+
+@partial(jax.jit, static_argnames=("mesh", "axis", "mode", "clamp", "backend", "path", "cap", "chunk", "fused"))
+def _ep_moe_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, axis, mode, clamp, backend, path, cap, chunk, fused):
     w = topk_weights.astype(jnp.float32) * rsf  # reference._scale_weights: one f32 multiply
-    body = partial(
-        _ep_body, axis=axis, mode=mode, clamp=clamp, backend=backend, path=path, cap=cap, chunk=chunk,
-        num_experts=weights.num_experts,
-    )  # fmt: skip
+    if path == "fused":
+        body = partial(_ep_fused_body, axis=axis, mode=mode, clamp=clamp, fused=fused, num_experts=weights.num_experts)
+    else:
+        body = partial(
+            _ep_body, axis=axis, mode=mode, clamp=clamp, backend=backend, path=path, cap=cap, chunk=chunk,
+            num_experts=weights.num_experts,
+        )  # fmt: skip
     f = jax.shard_map(
         body,
         mesh=mesh,
@@ -304,6 +455,20 @@ def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk):
             x, idx, w, local, mode=mode, activation_clamp=clamp, num_max_tokens=x.shape[0], backend="ffi"
         )
     return reference.mega_moe(x, idx, w, weights, mode=mode, activation_clamp=clamp, chunk_rows=chunk)
+
+
+def _ep_fused_body(x, topk_idx, w, weights, *, axis, mode, clamp, fused, num_experts):
+    """One rank of the fused kernel: its own tokens in, its own outputs back; the kernel moves the
+    (token, slot) pairs between the GPUs itself. ``w`` already carries routed_scaling_factor."""
+    from jax_megamoe import ops
+
+    cap, table, reserved = fused
+    y = ops.mega_moe_target_call(
+        x, topk_idx, w, weights, mode=mode, num_experts=num_experts, capacity=cap, activation_clamp=clamp,
+        routed_scaling_factor=1.0, fast_math=True, reserved_sms=reserved, num_ranks=lax.axis_size(axis),
+        rank_devices=np.asarray(table, np.int64),
+    )  # fmt: skip
+    return y, jnp.zeros((), jnp.int32)
 
 
 def _ep_body(x, topk_idx, w, weights, *, axis, mode, clamp, backend, path, cap, chunk, num_experts):

@@ -193,7 +193,50 @@ def run_single() -> None:
     except ValueError as err:
         check("ragged_on_cpu_error", "dispatch" in str(err) and "ragged" in str(err), str(err)[:80])
 
+    run_fused_lowering(devs)
     run_block(devs)
+
+
+def run_fused_lowering(devs) -> None:
+    """The fused path as XLA would get it on GPUs: one sm_90 mega-kernel custom call per device with
+    the device's own tokens and E/n experts, the whole rank table, and no collective; lowered for
+    cuda from the 8 CPU devices (a 2 x 4 dp x ep mesh: two groups of four ranks)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_megamoe import parallel
+
+    mesh = jax.make_mesh((2, 4), ("dp", "ep"), devices=devs)
+    w_all = make_weights("fp8")
+    x, idx, w = make_routing(4, w_all.num_experts, seed=4)
+    f = jax.jit(lambda a, b, c, ww: parallel.ep_moe(
+        a, b, c, ww, mesh=mesh, mode="fp8", activation_clamp=10.0, routed_scaling_factor=1.5, dispatch="fused"))
+    specs = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in (x, idx, w)]
+    wspec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w_all)
+    text = f.trace(*specs, wspec).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in line]
+    table = parallel.rank_table(mesh, "ep")
+    want_table = "rank_devices = dense<[" + ", ".join(str(v) for v in table.reshape(-1)) + "]>"
+    line = calls[0] if calls else ""
+    ok = (
+        len(calls) == 1
+        and table.shape == (2, 4)
+        and sorted(table.reshape(-1).tolist()) == sorted(d.id for d in devs)
+        and all(table[g, r] == mesh.devices[g, r].id for g in range(2) for r in range(4))
+        and "num_ranks = 4" in line and "num_experts = 16" in line and want_table in line
+        and "routed_scaling_factor = 1.000000e+00" in line  # already multiplied into the weights
+        and "(tensor<8x512xbf16>, tensor<8x4xi32>, tensor<8x4xf32>, tensor<4x512x512xf8E4M3FN>" in line
+        and "-> tensor<8x512xbf16>" in line
+        and not re.search(r"all_to_all|all_gather|ragged", text)
+    )
+    check("fused_lowers_for_cuda", ok, line[:200] if not ok else f"table={table.tolist()}")
+    # On CPU devices "auto" keeps the collective path; the reason is named.
+    path = parallel.ep_path(mesh, "ep", "fp8", 8)
+    avail, why = parallel.fused_available(mesh, "ep", "fp8")
+    check("fused_auto_on_cpu_is_collective", path == "dense" and not avail and "cpu" in why, f"{path} {why}")
 
 
 def run_block(devs) -> None:

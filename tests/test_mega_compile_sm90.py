@@ -23,14 +23,14 @@ from jax_megamoe import _ffi, _toolchain
 pytestmark = pytest.mark.nvcc
 
 I64 = ctypes.c_int64
-SMALL = (16, 128, 4, 512, 256)  # E, P, K, H, I
+SMALL = (16, 128, 4, 512, 256, 1)  # E, P, K, H, I, ranks
 T, NUM_SMS = 16, 132
 
 
 def _declare(lib):
-    lib.jmm_sm90_mega_render.argtypes = [I64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+    lib.jmm_sm90_mega_render.argtypes = [I64] * 8 + [ctypes.c_float, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
     lib.jmm_sm90_mega_render.restype = ctypes.c_int
-    lib.jmm_sm90_mega_compile.argtypes = [I64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_char_p,
+    lib.jmm_sm90_mega_compile.argtypes = [I64] * 8 + [ctypes.c_float, ctypes.c_int, ctypes.c_char_p,
                                                      ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
     lib.jmm_sm90_mega_compile.restype = ctypes.c_int
 
@@ -110,10 +110,26 @@ def test_cached_and_errors(compiled):
     after = _ffi.jit_stats()
     assert after.compiles == before.compiles and after.memory_hits == before.memory_hits + 1
     with pytest.raises(RuntimeError, match="hidden"):
-        compile_(lib, 16, 128, 4, 384, 256, T, NUM_SMS, math.inf, 1)
+        compile_(lib, 16, 128, 4, 384, 256, 1, T, NUM_SMS, math.inf, 1)
     with pytest.raises(ValueError, match="num_tokens"):
         render(lib, *SMALL, 129, NUM_SMS, math.inf, 1)
 
+
+
+def test_multi_rank_instantiation_compiles(compiled):
+    """The fused expert-parallel kernel (kNumRanks = 4): the launch signature the handler marshals
+    (SymBuffer<4> by value) matches DeepGEMM's, and the instantiation compiles."""
+    lib = compiled[0]
+    args = (16, 128, 4, 512, 256, 4, T, NUM_SMS, 10.0, 1)
+    src = render(lib, *args)
+    assert "deep_gemm::layout::SymBuffer<4u>, cute::TmaDescriptor" in src
+    assert "const __grid_constant__ deep_gemm::layout::SymBuffer<4u>" in src
+    assert "sizeof(deep_gemm::layout::SymBuffer<4u>) == 592" in src
+    assert "SymBuffer<1u>" not in src
+    cubin = compile_(lib, *args)
+    syms = _ffi.cubin_kernel_symbols(cubin)
+    assert len(syms) == 1 and "ELj132ELj4E" in syms[0], syms  # ... kNumSMs = 132, kNumRanks = 4 ...
+    assert cubin != compiled[3]
 
 # --------------------------------------------------------------------------------------
 # The FFI target's instantiate stage on XLA:CPU (no GPU): attribute names and types as the
@@ -149,11 +165,12 @@ def _run_on_cpu(lib, **overrides) -> str:
     import jax.numpy as jnp
     import numpy as np
 
-    E, P, K, H, I = SMALL
+    E, P, K, H, I, _ = SMALL
     t = 3
     attrs = dict(hidden=np.int64(H), intermediate=np.int64(I), num_experts=np.int64(E), top_k=np.int64(K),
                  capacity=np.int64(P), activation_clamp=np.float32(np.inf), fast_math=True, num_sms=np.int64(0),
-                 reserved_sms=np.int64(0), routed_scaling_factor=np.float32(1.0))
+                 reserved_sms=np.int64(0), routed_scaling_factor=np.float32(1.0), num_ranks=np.int64(1),
+                 rank_devices=np.zeros((0,), np.int64))
     attrs.update(overrides)
     target = _cpu_target(lib)
     f = jax.jit(lambda *a: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((t, H), jnp.bfloat16),
@@ -196,3 +213,20 @@ def test_instantiate_validates_attributes(compiled, override, expect):
     typed = {k: (np.float32(v) if isinstance(v, float) else np.int64(v)) for k, v in override.items()}
     msg = _run_on_cpu(compiled[0], **typed)
     assert "INVALID_ARGUMENT" in msg and expect in msg, msg
+
+
+@pytest.mark.parametrize("ranks,table,expect", [
+    (0, [], "num_ranks=0"),
+    (33, list(range(33)), "num_ranks=33"),
+    (2, [], "rank_devices has 0 entries"),
+    (2, [0, 1, 2], "rank_devices has 3 entries"),
+    (2, [0, 0], "lists CUDA device 0 twice"),
+    (2, [0, -1], "rank_devices[1]=-1"),
+    (3, [0, 1, 2], "num_ranks=3"),  # E=16 is not divisible by 3 ranks
+])
+def test_instantiate_validates_rank_table(compiled, ranks, table, expect):
+    import numpy as np
+
+    msg = _run_on_cpu(compiled[0], num_ranks=np.int64(ranks), rank_devices=np.asarray(table, np.int64))
+    assert "INVALID_ARGUMENT" in msg and expect in msg, msg
+

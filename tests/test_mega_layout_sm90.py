@@ -41,25 +41,25 @@ def lib():
     lib = _ffi.load_library()
     if lib is None:
         pytest.skip(_ffi.library_reason() or "FFI library not built")
-    lib.jmm_sm90_mega_layout.argtypes = [I64] * 5 + [ctypes.POINTER(I64), ctypes.c_int]
+    lib.jmm_sm90_mega_layout.argtypes = [I64] * 6 + [ctypes.POINTER(I64), ctypes.c_int]
     lib.jmm_sm90_mega_layout.restype = ctypes.c_int
-    lib.jmm_sm90_mega_config.argtypes = [I64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.POINTER(I64), ctypes.c_int]
+    lib.jmm_sm90_mega_config.argtypes = [I64] * 8 + [ctypes.c_float, ctypes.c_int, ctypes.POINTER(I64), ctypes.c_int]
     lib.jmm_sm90_mega_config.restype = ctypes.c_int
     return lib
 
 
-def layout(lib, E, P, K, H, I):
+def layout(lib, E, P, K, H, I, ranks=1):
     out = (I64 * 16)()
-    n = lib.jmm_sm90_mega_layout(E, P, K, H, I, out, 16)
+    n = lib.jmm_sm90_mega_layout(E, P, K, H, I, ranks, out, 16)
     if n < 0:
         raise ValueError(_ffi.last_error(lib))
     assert n == 16
     return dict(zip(LAYOUT_FIELDS, list(out)))
 
 
-def config(lib, E, P, K, H, I, T, num_sms=132, clamp=math.inf, fast_math=True):
+def config(lib, E, P, K, H, I, T, num_sms=132, clamp=math.inf, fast_math=True, ranks=1):
     out = (I64 * len(SM90_CONFIG_FIELDS))()
-    n = lib.jmm_sm90_mega_config(E, P, K, H, I, T, num_sms, clamp, int(fast_math), out, len(out))
+    n = lib.jmm_sm90_mega_config(E, P, K, H, I, ranks, T, num_sms, clamp, int(fast_math), out, len(out))
     if n < 0:
         raise ValueError(_ffi.last_error(lib))
     assert n == len(SM90_CONFIG_FIELDS)
@@ -168,7 +168,7 @@ def test_layout_rejects(lib, bad, why):
 # --------------------------------------------------------------------------------------
 
 
-def check_kernel_rules(c, lay):
+def check_kernel_rules(c, lay, ranks=1):
     E, H, I, K, P = c["E"], c["H"], c["I"], c["K"], c["cap"]
     bm, bn, bk = c["block_m"], c["block_n"], c["block_k"]
     e_local = E // c["ranks"]
@@ -220,7 +220,7 @@ def check_kernel_rules(c, lay):
     assert c["smem"] == max(c["host_smem"], c["kernel_smem"])
     assert c["tile_entries"] == -(-(c["pool"] // bm) * ((2 * I) // bn + H // bn) // c["num_sms"]) + 2
     # fixed choices of this implementation
-    assert c["l2_lag"] == 0 and c["pdl"] == 0 and c["ranks"] == 1
+    assert c["l2_lag"] == 0 and c["pdl"] == 0 and c["ranks"] == ranks
 
 
 SHAPES = [SMALL, FLASH, PRO, dict(E=16, P=256, K=4, H=512, I=256), dict(E=256, P=8192, K=6, H=4096, I=2048),
@@ -239,6 +239,29 @@ def test_heuristics_satisfy_kernel_rules(lib, shape, num_sms):
         check_kernel_rules(c, lay)
         # BLOCK_M rule: 64 or more expected tokens per expert -> the 128-row tile
         assert c["block_m"] == (128 if T * shape["K"] / shape["E"] >= 64 else 64)
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+@pytest.mark.parametrize("shape", [SMALL, FLASH, PRO, dict(E=64, P=1024, K=8, H=2048, I=1024)])
+def test_multi_rank_layout_and_heuristics(lib, shape, ranks):
+    # Expert parallelism inside the kernel: every rank's buffer has room for all ranks' tokens
+    # (pool >= ranks * P * min(K, E/ranks) plus per-expert padding), the workspace has per-rank counters, and the template
+    # gets kNumRanks = ranks; the choices must still meet every kernel rule.
+    lay = layout(lib, **shape, ranks=ranks)
+    assert lay == py_layout(**shape, ranks=ranks)
+    assert lay["e_local"] == shape["E"] // ranks
+    el = shape["E"] // ranks
+    assert lay["pool"] >= ranks * shape["P"] * min(shape["K"], el) + el * 127  # all ranks' tokens fit
+    for T in sorted({1, 16, 128, shape["P"]}):
+        c = config(lib, **shape, T=T, ranks=ranks)
+        check_kernel_rules(c, lay, ranks=ranks)
+
+
+def test_multi_rank_rejects(lib):
+    with pytest.raises(ValueError, match="num_ranks=3"):
+        layout(lib, **SMALL, ranks=3)
+    with pytest.raises(ValueError, match="num_ranks=33"):
+        layout(lib, E=66, P=128, K=4, H=512, I=256, ranks=33)
 
 
 def test_choices_small(lib):

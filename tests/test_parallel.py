@@ -8,6 +8,7 @@ one process with 8 virtual devices, and two processes x 4 devices over ``jax.dis
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -36,6 +37,8 @@ SINGLE_CHECKS = (
     "capacity_overflow",
     "exact_capacity_no_drop",
     "ragged_on_cpu_error",
+    "fused_lowers_for_cuda",
+    "fused_auto_on_cpu_is_collective",
     "block_mesh",
 )
 
@@ -183,6 +186,46 @@ def test_error_options():
         parallel.ep_moe(
             jax.ShapeDtypeStruct((32, 100), jnp.bfloat16), *_inputs(32)[1:], _weights(), mesh=_mesh(4), mode="fp8xfp4"
         )
+
+
+def test_error_fused_dispatch():
+    """dispatch='fused' insists on the kernel: every way it cannot run is one clear error."""
+    cpu = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    fp8 = (*_inputs(32), _weights("fp8"))
+    with pytest.raises(ValueError, match=r"dispatch: 'fused' cannot run here: mode 'fp8xfp4'.*sm_90 'fp8' only"):
+        parallel.ep_moe(*_inputs(32), _weights(), mesh=cpu, mode="fp8xfp4", dispatch="fused")
+    with pytest.raises(ValueError, match=r"dispatch: 'fused' cannot run here: an AbstractMesh has no devices"):
+        parallel.ep_moe(*fp8, mesh=_mesh(4), mode="fp8", dispatch="fused")
+    with pytest.raises(ValueError, match=r"capacity: applies to the collective dispatch"):
+        parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", dispatch="fused", capacity=8)
+    with pytest.raises(ValueError, match=r"backend='reference' cannot run it"):
+        parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", dispatch="fused", backend="reference")
+    with pytest.raises(ValueError, match=r"x: 256 tokens per device exceed num_max_tokens=128 .*dispatch='auto'"):
+        parallel.ep_moe(*_inputs(256), _weights("fp8"), mesh=cpu, mode="fp8", dispatch="fused", num_max_tokens=100)
+    with pytest.raises(ValueError, match=r"num_max_tokens: 0 must be a Python int >= 1"):
+        parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", dispatch="fused", num_max_tokens=0)
+    with pytest.raises(ValueError, match=r"dispatch: 'fused' uses no collective"):
+        parallel.dispatch_path(cpu, "fused")
+    ok, why = parallel.fused_available(cpu, "ep", "fp8")
+    assert not ok and "'cpu', not CUDA GPUs" in why
+
+
+def test_fused_auto_env_switch(monkeypatch):
+    """JAX_MEGAMOE_FUSED_EP=0 keeps 'auto' on the collectives even where the fused kernel could run."""
+    cpu = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    monkeypatch.setattr(parallel, "fused_available", lambda *a, **k: (True, ""))
+    choose = functools.partial(
+        parallel._choose_path, cpu, "ep", "fp8", 8, backend="auto", capacity=None, num_max_tokens=None
+    )
+    path, fused = choose(dispatch="auto")
+    assert path == "fused" and fused[0] == 1024 and fused[1] == ((jax.devices()[0].id,),) and fused[2] == 2
+    monkeypatch.setenv("JAX_MEGAMOE_FUSED_EP", "0")
+    assert choose(dispatch="auto") == ("dense", None)
+    monkeypatch.delenv("JAX_MEGAMOE_FUSED_EP")
+    assert choose(dispatch="auto", backend="reference") == ("dense", None)  # the reference never runs the kernel
+    assert choose(dispatch="auto", capacity=4) == ("dense", None)  # a capacity asks for the collective
+    assert parallel.ep_path(cpu, "ep", "fp8", 2048) == "dense"  # over the per-rank cap
+    assert parallel.ep_path(cpu, "ep", "fp8", 2048, num_max_tokens=4096) == "fused"
 
 
 def test_dispatch_path_and_capacity():

@@ -4,8 +4,6 @@
 // written to the standard of handlers/mega_moe_sm90.cc (which has run on an H200) and compiles
 // into the library, but has never executed. See the header for the contract.
 
-#include <dlfcn.h>
-
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
@@ -13,13 +11,13 @@
 #include <map>
 #include <string>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #include "common/export.h"
 #include "common/status.h"
 #include "cuda/driver.h"
 #include "handlers/buffer_checks.h"
+#include "handlers/host_glue.h"
 #include "jit/compiler.h"
 #include "jit/kernels.h"
 #include "jit/loader.h"
@@ -41,160 +39,8 @@ static_assert(CU_TENSOR_MAP_DATA_TYPE_UINT8 == 0 && CU_TENSOR_MAP_DATA_TYPE_INT3
 static_assert(static_cast<int>(CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B) == 14, "enum value");
 #endif
 
-// ---------------------------------------------------------------------------
-// Driver entry points beyond cuda/driver.h's table, resolved the same way
-// (cuGetProcAddress with the 12.4 ABI, after cuda::driver() ran cuInit).
-// ---------------------------------------------------------------------------
-struct DriverExt {
-  decltype(&::cuCtxGetDevice) CtxGetDevice = nullptr;
-  decltype(&::cuDeviceGetAttribute) DeviceGetAttribute = nullptr;
-  decltype(&::cuMemAlloc) MemAlloc = nullptr;
-  decltype(&::cuMemFree) MemFree = nullptr;
-  decltype(&::cuMemcpyHtoDAsync) MemcpyHtoDAsync = nullptr;
-  decltype(&::cuMemsetD32Async) MemsetD32Async = nullptr;
-  decltype(&::cuStreamCreate) StreamCreate = nullptr;
-  decltype(&::cuStreamDestroy) StreamDestroy = nullptr;
-  decltype(&::cuStreamSynchronize) StreamSynchronize = nullptr;
-  decltype(&::cuFuncSetAttribute) FuncSetAttribute = nullptr;
-  decltype(&::cuLaunchKernelEx) LaunchKernelEx = nullptr;
-  decltype(&::cuTensorMapEncodeTiled) TensorMapEncodeTiled = nullptr;
-  decltype(&::cuOccupancyMaxActiveClusters) OccupancyMaxActiveClusters = nullptr;
-};
-
-struct ExtLoader {
-  DriverExt table;
-  std::string error;
-  bool ok = false;
-};
-
-using GetProcAddressV2 = CUresult (*)(const char*, void**, int, cuuint64_t,
-                                      CUdriverProcAddressQueryResult*);
-
-ExtLoader* load_ext() {
-  auto* L = new ExtLoader();  // intentionally leaked: lives for the process
-  std::string why;
-  if (cuda::driver(&why) == nullptr) {
-    L->error = why;
-    return L;
-  }
-  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-  if (lib == nullptr) {
-    L->error = "libcuda.so.1 could not be loaded";
-    return L;
-  }
-  auto gpa = reinterpret_cast<GetProcAddressV2>(dlsym(lib, "cuGetProcAddress_v2"));
-  std::string missing;
-  const auto get = [&](const char* base, const char* versioned, auto* out) {
-    void* p = nullptr;
-    if (gpa != nullptr) {
-      CUdriverProcAddressQueryResult st = CU_GET_PROC_ADDRESS_SUCCESS;
-      if (gpa(base, &p, 12040, CU_GET_PROC_ADDRESS_DEFAULT, &st) != CUDA_SUCCESS ||
-          st != CU_GET_PROC_ADDRESS_SUCCESS) {
-        p = nullptr;
-      }
-    }
-    if (p == nullptr) p = dlsym(lib, versioned);
-    *out = reinterpret_cast<std::remove_pointer_t<decltype(out)>>(p);
-    if (p == nullptr) missing += missing.empty() ? base : cat(", ", base);
-  };
-  DriverExt& d = L->table;
-  get("cuCtxGetDevice", "cuCtxGetDevice", &d.CtxGetDevice);
-  get("cuDeviceGetAttribute", "cuDeviceGetAttribute", &d.DeviceGetAttribute);
-  get("cuMemAlloc", "cuMemAlloc_v2", &d.MemAlloc);
-  get("cuMemFree", "cuMemFree_v2", &d.MemFree);
-  get("cuMemcpyHtoDAsync", "cuMemcpyHtoDAsync_v2", &d.MemcpyHtoDAsync);
-  get("cuMemsetD32Async", "cuMemsetD32Async", &d.MemsetD32Async);
-  get("cuStreamCreate", "cuStreamCreate", &d.StreamCreate);
-  get("cuStreamDestroy", "cuStreamDestroy_v2", &d.StreamDestroy);
-  get("cuStreamSynchronize", "cuStreamSynchronize", &d.StreamSynchronize);
-  get("cuFuncSetAttribute", "cuFuncSetAttribute", &d.FuncSetAttribute);
-  get("cuLaunchKernelEx", "cuLaunchKernelEx", &d.LaunchKernelEx);
-  get("cuTensorMapEncodeTiled", "cuTensorMapEncodeTiled", &d.TensorMapEncodeTiled);
-  get("cuOccupancyMaxActiveClusters", "cuOccupancyMaxActiveClusters",
-      &d.OccupancyMaxActiveClusters);
-  if (!missing.empty()) {
-    L->error = cat("the CUDA driver lacks ", missing,
-                   "; the sm_100 Mega MoE needs a CUDA 12.8+ driver (CUDA 13 recommended)");
-    return L;
-  }
-  L->ok = true;
-  return L;
-}
-
-const DriverExt* driver_ext(std::string* error) {
-  static ExtLoader* loader = load_ext();
-  if (!loader->ok) {
-    if (error) *error = loader->error;
-    return nullptr;
-  }
-  return &loader->table;
-}
-
-// ---------------------------------------------------------------------------
-// Context handling (the pattern of handlers/mega_moe_sm90.cc): make the stream's context current
-// for the scope, pushing only when needed; with no context anywhere, retain the device's primary.
-// ---------------------------------------------------------------------------
-std::mutex g_primary_mu;
-std::map<int32_t, CUcontext> g_primary;  // device ordinal -> retained primary context
-
-class ContextScope {
- public:
-  ~ContextScope() {
-    if (pushed_) {
-      CUcontext popped = nullptr;
-      d_->CtxPopCurrent(&popped);
-    }
-  }
-  ffi::Error Enter(const cuda::Driver* d, CUstream stream, int32_t device, CUcontext* ctx_out) {
-    d_ = d;
-    CUcontext current = nullptr;
-    if (CUresult r = d->CtxGetCurrent(&current); r != CUDA_SUCCESS) {
-      return ffi::Error::Internal(
-          cat(kTarget, ": cuCtxGetCurrent failed: ", cuda::error_string(d, r)));
-    }
-    CUcontext ctx = nullptr;
-    if (stream != nullptr) {
-      CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
-      if (d->StreamIsCapturing(stream, &capture) == CUDA_SUCCESS &&
-          capture == CU_STREAM_CAPTURE_STATUS_NONE &&
-          d->StreamGetCtx(stream, &ctx) != CUDA_SUCCESS) {
-        ctx = nullptr;
-      }
-    }
-    if (ctx == nullptr) ctx = current;
-    if (ctx == nullptr) {
-      std::lock_guard<std::mutex> lock(g_primary_mu);
-      auto it = g_primary.find(device);
-      if (it == g_primary.end()) {
-        CUdevice dev = 0;
-        if (CUresult r = d->DeviceGet(&dev, device); r != CUDA_SUCCESS) {
-          return ffi::Error::Internal(cat(kTarget, ": cuDeviceGet(", device,
-                                          ") failed: ", cuda::error_string(d, r)));
-        }
-        CUcontext primary = nullptr;
-        if (CUresult r = d->DevicePrimaryCtxRetain(&primary, dev); r != CUDA_SUCCESS) {
-          return ffi::Error::Internal(cat(kTarget, ": cuDevicePrimaryCtxRetain(", device,
-                                          ") failed: ", cuda::error_string(d, r)));
-        }
-        it = g_primary.emplace(device, primary).first;  // kept for the process
-      }
-      ctx = it->second;
-    }
-    if (ctx != current) {
-      if (CUresult r = d->CtxPushCurrent(ctx); r != CUDA_SUCCESS) {
-        return ffi::Error::Internal(
-            cat(kTarget, ": cuCtxPushCurrent failed: ", cuda::error_string(d, r)));
-      }
-      pushed_ = true;
-    }
-    *ctx_out = ctx;
-    return ffi::Error::Success();
-  }
-
- private:
-  const cuda::Driver* d_ = nullptr;
-  bool pushed_ = false;
-};
+using host::driver_ext;
+using host::DriverExt;
 
 // ---------------------------------------------------------------------------
 // Library-owned device memory: the symmetric buffer (per configuration) and the locality table
@@ -533,17 +379,6 @@ ffi::ErrorOr<std::unique_ptr<MegaMoeSm100State>> Instantiate(
   return st;
 }
 
-// CUfunction of `k` in the current context (module load forced).
-ffi::Error FunctionOf(const cuda::Driver* d, const jit::LoadedKernel& k, CUfunction* fn) {
-  CUresult r = d->KernelGetFunction(fn, k.kernel);
-  if (r == CUDA_SUCCESS && d->FuncLoad != nullptr) r = d->FuncLoad(*fn);
-  if (r != CUDA_SUCCESS) {
-    return ffi::Error::Internal(cat(kTarget, ": loading kernel ", k.symbol,
-                                    " into the context failed: ", cuda::error_string(d, r)));
-  }
-  return ffi::Error::Success();
-}
-
 // Builds the device entry: layout + config, compile + load, smem attribute, residency check,
 // buffer, locality table, expert scales, TMA descriptors of the buffer slices.
 ffi::Error Prepare(const cuda::Driver* d, const DriverExt* x, MegaMoeSm100State* st,
@@ -593,8 +428,8 @@ ffi::Error Prepare(const cuda::Driver* d, const DriverExt* x, MegaMoeSm100State*
   e->cubin_path = compiled.cubin_path;
   e->mega = jit::load_kernel(compiled.cubin_path, compiled.symbol, &why);
   if (!e->mega) return ffi::Error::Internal(cat(kTarget, ": ", why));
-  if (ffi::Error err = FunctionOf(d, *e->mega, &e->mega_fn); !err.success()) return err;
-  if (ffi::Error err = FunctionOf(d, *st->pre_dispatch, &e->pre_fn); !err.success()) return err;
+  if (ffi::Error err = host::FunctionOf(d, *e->mega, &e->mega_fn, kTarget); !err.success()) return err;
+  if (ffi::Error err = host::FunctionOf(d, *st->pre_dispatch, &e->pre_fn, kTarget); !err.success()) return err;
   if (CUresult r = x->FuncSetAttribute(e->mega_fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                        static_cast<int>(c.smem_size));
       r != CUDA_SUCCESS) {
@@ -698,22 +533,14 @@ ffi::Error Initialize(CUstream stream, int32_t device, MegaMoeSm100State* st, ff
       e != nullptr && e->num_tokens == T) {
     return ffi::Error::Success();
   }
-  std::string why;
-  const cuda::Driver* d = cuda::driver(&why);
-  if (d == nullptr) return ffi::Error::Internal(cat(kTarget, ": ", why));
-  const DriverExt* dx = driver_ext(&why);
-  if (dx == nullptr) return ffi::Error::Internal(cat(kTarget, ": ", why));
-  ContextScope scope;
+  const cuda::Driver* d = nullptr;
+  const DriverExt* dx = nullptr;
+  host::ContextScope scope;
   CUcontext ctx = nullptr;
-  if (ffi::Error e = scope.Enter(d, stream, device, &ctx); !e.success()) return e;
-  if (stream != nullptr) {
-    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
-    if (d->StreamIsCapturing(stream, &capture) == CUDA_SUCCESS &&
-        capture != CU_STREAM_CAPTURE_STATUS_NONE) {
-      return ffi::Error::Internal(cat(kTarget, ": the initialize stage ran during CUDA-graph "
-                                      "capture; the symmetric buffer cannot be allocated there"));
-    }
+  if (ffi::Error e = host::Begin(stream, device, kTarget, &scope, &d, &dx, &ctx); !e.success()) {
+    return e;
   }
+  if (ffi::Error e = host::RefuseCapture(d, stream, kTarget); !e.success()) return e;
   std::unique_ptr<MegaMoeSm100Device> entry;
   if (ffi::Error e = Prepare(d, dx, st, ctx, device, T, &entry); !e.success()) return e;
   st->devices[device].store(entry.get(), std::memory_order_release);
@@ -741,14 +568,13 @@ ffi::Error Execute(CUstream stream, int32_t device, MegaMoeSm100State* st, ffi::
   }
   const layout::Sm100MegaConfig& c = e->config;
   const layout::Sm100MegaLayout& l = e->layout;
-  std::string why;
-  const cuda::Driver* d = cuda::driver(&why);
-  if (d == nullptr) return ffi::Error::Internal(cat(kTarget, ": ", why));
-  const DriverExt* dx = driver_ext(&why);
-  if (dx == nullptr) return ffi::Error::Internal(cat(kTarget, ": ", why));
-  ContextScope scope;
+  const cuda::Driver* d = nullptr;
+  const DriverExt* dx = nullptr;
+  host::ContextScope scope;
   CUcontext ctx = nullptr;
-  if (ffi::Error err = scope.Enter(d, stream, device, &ctx); !err.success()) return err;
+  if (ffi::Error err = host::Begin(stream, device, kTarget, &scope, &d, &dx, &ctx); !err.success()) {
+    return err;
+  }
   if (ctx != e->ctx) {
     return ffi::Error::Internal(cat(kTarget, ": the stream's CUDA context changed since initialize"));
   }

@@ -1,7 +1,5 @@
 #include "handlers/mega_moe_sm90.h"
 
-#include <dlfcn.h>
-
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
@@ -9,9 +7,9 @@
 #include <map>
 #include <string>
 #include <tuple>
-#include <type_traits>
 
 #include "handlers/buffer_checks.h"
+#include "handlers/host_glue.h"
 #include "common/export.h"
 #include "common/status.h"
 #include "cuda/driver.h"
@@ -19,6 +17,7 @@
 #include "jit/kernels.h"
 #include "jit/loader.h"
 #include "jit/mega_kernels.h"
+#include "layout/rank_table.h"
 
 namespace ffi = xla::ffi;
 
@@ -27,219 +26,138 @@ namespace {
 
 constexpr const char* kTarget = "jax_megamoe_mega_moe_sm90";
 
-// ---------------------------------------------------------------------------
-// Driver entry points this handler needs beyond cuda/driver.h's table, resolved the same way
-// (cuGetProcAddress with the 12.4 ABI, after cuda::driver() ran cuInit).
-// ---------------------------------------------------------------------------
-struct DriverExt {
-  decltype(&::cuCtxGetDevice) CtxGetDevice = nullptr;
-  decltype(&::cuDeviceGetAttribute) DeviceGetAttribute = nullptr;
-  decltype(&::cuMemAlloc) MemAlloc = nullptr;
-  decltype(&::cuMemFree) MemFree = nullptr;
-  decltype(&::cuStreamCreate) StreamCreate = nullptr;
-  decltype(&::cuStreamDestroy) StreamDestroy = nullptr;
-  decltype(&::cuStreamSynchronize) StreamSynchronize = nullptr;
-  decltype(&::cuFuncSetAttribute) FuncSetAttribute = nullptr;
-  decltype(&::cuLaunchKernelEx) LaunchKernelEx = nullptr;
-  decltype(&::cuTensorMapEncodeTiled) TensorMapEncodeTiled = nullptr;
-  decltype(&::cuOccupancyMaxActiveClusters) OccupancyMaxActiveClusters = nullptr;
-  decltype(&::cuOccupancyMaxActiveBlocksPerMultiprocessor) OccupancyMaxActiveBlocksPerMultiprocessor =
-      nullptr;
-};
-
-struct ExtLoader {
-  DriverExt table;
-  std::string error;
-  bool ok = false;
-};
-
-using GetProcAddressV2 = CUresult (*)(const char*, void**, int, cuuint64_t,
-                                      CUdriverProcAddressQueryResult*);
-
-ExtLoader* load_ext() {
-  auto* L = new ExtLoader();  // intentionally leaked: lives for the process
-  std::string why;
-  if (cuda::driver(&why) == nullptr) {
-    L->error = why;
-    return L;
-  }
-  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-  if (lib == nullptr) {
-    L->error = "libcuda.so.1 could not be loaded";
-    return L;
-  }
-  auto gpa = reinterpret_cast<GetProcAddressV2>(dlsym(lib, "cuGetProcAddress_v2"));
-  std::string missing;
-  const auto get = [&](const char* base, const char* versioned, auto* out) {
-    void* p = nullptr;
-    if (gpa != nullptr) {
-      CUdriverProcAddressQueryResult st = CU_GET_PROC_ADDRESS_SUCCESS;
-      if (gpa(base, &p, 12040, CU_GET_PROC_ADDRESS_DEFAULT, &st) != CUDA_SUCCESS ||
-          st != CU_GET_PROC_ADDRESS_SUCCESS) {
-        p = nullptr;
-      }
-    }
-    if (p == nullptr) p = dlsym(lib, versioned);
-    *out = reinterpret_cast<std::remove_pointer_t<decltype(out)>>(p);
-    if (p == nullptr) missing += missing.empty() ? base : cat(", ", base);
-  };
-  DriverExt& d = L->table;
-  get("cuCtxGetDevice", "cuCtxGetDevice", &d.CtxGetDevice);
-  get("cuDeviceGetAttribute", "cuDeviceGetAttribute", &d.DeviceGetAttribute);
-  get("cuMemAlloc", "cuMemAlloc_v2", &d.MemAlloc);
-  get("cuMemFree", "cuMemFree_v2", &d.MemFree);
-  get("cuStreamCreate", "cuStreamCreate", &d.StreamCreate);
-  get("cuStreamDestroy", "cuStreamDestroy_v2", &d.StreamDestroy);
-  get("cuStreamSynchronize", "cuStreamSynchronize", &d.StreamSynchronize);
-  get("cuFuncSetAttribute", "cuFuncSetAttribute", &d.FuncSetAttribute);
-  get("cuLaunchKernelEx", "cuLaunchKernelEx", &d.LaunchKernelEx);
-  get("cuTensorMapEncodeTiled", "cuTensorMapEncodeTiled", &d.TensorMapEncodeTiled);
-  get("cuOccupancyMaxActiveClusters", "cuOccupancyMaxActiveClusters",
-      &d.OccupancyMaxActiveClusters);
-  get("cuOccupancyMaxActiveBlocksPerMultiprocessor", "cuOccupancyMaxActiveBlocksPerMultiprocessor",
-      &d.OccupancyMaxActiveBlocksPerMultiprocessor);
-  if (!missing.empty()) {
-    L->error = cat("the CUDA driver lacks ", missing,
-                   "; the sm_90 Mega MoE needs a CUDA 12.4+ driver (CUDA 13 recommended)");
-    return L;
-  }
-  L->ok = true;
-  return L;
-}
-
-const DriverExt* driver_ext(std::string* error) {
-  static ExtLoader* loader = load_ext();
-  if (!loader->ok) {
-    if (error) *error = loader->error;
-    return nullptr;
-  }
-  return &loader->table;
-}
+using host::driver_ext;
+using host::DriverExt;
 
 // ---------------------------------------------------------------------------
-// Context handling (the pattern of handlers/pre_dispatch.cc): make the stream's context current
-// for the scope, pushing only when needed; with no context anywhere, retain the device's primary.
+// Symmetric buffers: library-owned device memory, process-wide. One group per (devices of the
+// ranks, configuration): one buffer per rank, each on its rank's device, all the same size, all
+// zeroed before any rank may launch, with peer access enabled between every pair of the group's
+// contexts. A single rank is a group of one.
 // ---------------------------------------------------------------------------
-std::mutex g_primary_mu;
-std::map<int32_t, CUcontext> g_primary;  // device ordinal -> retained primary context (process-wide)
-
-class ContextScope {
- public:
-  ~ContextScope() {
-    if (pushed_) {
-      CUcontext popped = nullptr;
-      d_->CtxPopCurrent(&popped);
-    }
-  }
-  ffi::Error Enter(const cuda::Driver* d, CUstream stream, int32_t device, CUcontext* ctx_out) {
-    d_ = d;
-    CUcontext current = nullptr;
-    if (CUresult r = d->CtxGetCurrent(&current); r != CUDA_SUCCESS) {
-      return ffi::Error::Internal(
-          cat(kTarget, ": cuCtxGetCurrent failed: ", cuda::error_string(d, r)));
-    }
-    CUcontext ctx = nullptr;
-    if (stream != nullptr) {
-      CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
-      if (d->StreamIsCapturing(stream, &capture) == CUDA_SUCCESS &&
-          capture == CU_STREAM_CAPTURE_STATUS_NONE &&
-          d->StreamGetCtx(stream, &ctx) != CUDA_SUCCESS) {
-        ctx = nullptr;
-      }
-    }
-    if (ctx == nullptr) ctx = current;
-    if (ctx == nullptr) {
-      std::lock_guard<std::mutex> lock(g_primary_mu);
-      auto it = g_primary.find(device);
-      if (it == g_primary.end()) {
-        CUdevice dev = 0;
-        if (CUresult r = d->DeviceGet(&dev, device); r != CUDA_SUCCESS) {
-          return ffi::Error::Internal(cat(kTarget, ": cuDeviceGet(", device,
-                                          ") failed: ", cuda::error_string(d, r)));
-        }
-        CUcontext primary = nullptr;
-        if (CUresult r = d->DevicePrimaryCtxRetain(&primary, dev); r != CUDA_SUCCESS) {
-          return ffi::Error::Internal(cat(kTarget, ": cuDevicePrimaryCtxRetain(", device,
-                                          ") failed: ", cuda::error_string(d, r)));
-        }
-        it = g_primary.emplace(device, primary).first;  // kept for the process
-      }
-      ctx = it->second;
-    }
-    if (ctx != current) {
-      if (CUresult r = d->CtxPushCurrent(ctx); r != CUDA_SUCCESS) {
-        return ffi::Error::Internal(
-            cat(kTarget, ": cuCtxPushCurrent failed: ", cuda::error_string(d, r)));
-      }
-      pushed_ = true;
-    }
-    *ctx_out = ctx;
-    return ffi::Error::Success();
-  }
-
- private:
-  const cuda::Driver* d_ = nullptr;
-  bool pushed_ = false;
-};
-
-// ---------------------------------------------------------------------------
-// Symmetric buffers: library-owned device memory, one per (device, configuration), process-wide.
-// ---------------------------------------------------------------------------
-struct SymmetricBuffer {
-  CUcontext ctx = nullptr;
-  CUdevice device = 0;
-  CUdeviceptr ptr = 0;
+struct SymmetricGroup {
+  std::vector<CUcontext> ctx;    // per rank: the context the buffer lives in (XLA's)
+  std::vector<CUdevice> device;  // per rank
+  std::vector<CUdeviceptr> ptr;  // per rank (0: not allocated)
   uint64_t bytes = 0;
-  ~SymmetricBuffer() {
+  ~SymmetricGroup() {
     const cuda::Driver* d = cuda::driver(nullptr);
     const DriverExt* x = driver_ext(nullptr);
-    if (d == nullptr || x == nullptr || ptr == 0) return;
-    // cuMemFree synchronises with the device work that may still use the buffer.
-    if (d->CtxPushCurrent(ctx) == CUDA_SUCCESS) {
-      x->MemFree(ptr);
+    if (d == nullptr || x == nullptr) return;
+    for (size_t r = 0; r < ptr.size(); ++r) {
+      // cuMemFree synchronises with the device work that may still use the buffer.
+      if (ptr[r] == 0 || d->CtxPushCurrent(ctx[r]) != CUDA_SUCCESS) continue;
+      x->MemFree(ptr[r]);
       CUcontext popped = nullptr;
       d->CtxPopCurrent(&popped);
     }
   }
 };
 
-using BufferKey = std::tuple<CUcontext, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+// (contexts of the ranks in rank order, E, P, K, H, I, num_sms, ranks)
+using GroupKey = std::tuple<std::vector<CUcontext>, int64_t, int64_t, int64_t, int64_t, int64_t,
+                            int64_t, int64_t>;
 std::mutex g_registry_mu;
-std::map<BufferKey, std::weak_ptr<SymmetricBuffer>> g_registry;
+std::map<GroupKey, std::weak_ptr<SymmetricGroup>> g_registry;
 
-// Finds or creates (allocate + zero once, synchronously on a private stream) the buffer for `key`.
-// Called from initialize only, with `ctx` current and outside any graph capture.
-ffi::ErrorOr<std::shared_ptr<SymmetricBuffer>> AcquireBuffer(const cuda::Driver* d,
-                                                             const DriverExt* x, CUcontext ctx,
-                                                             CUdevice dev, const BufferKey& key,
-                                                             uint64_t bytes) {
+// Allocates and zeroes (synchronously, on a private stream) one rank's buffer in its context.
+ffi::Error AllocateZeroed(const cuda::Driver* d, const DriverExt* x, SymmetricGroup* g, size_t r) {
+  if (CUresult rc = d->CtxPushCurrent(g->ctx[r]); rc != CUDA_SUCCESS) {
+    return ffi::Error::Internal(cat(kTarget, ": cuCtxPushCurrent for rank ", r, " failed: ",
+                                    cuda::error_string(d, rc)));
+  }
+  CUresult rc = x->MemAlloc(&g->ptr[r], static_cast<size_t>(g->bytes));
+  if (rc != CUDA_SUCCESS) {
+    g->ptr[r] = 0;
+    CUcontext popped = nullptr;
+    d->CtxPopCurrent(&popped);
+    return ffi::Error::Internal(
+        cat(kTarget, ": cuMemAlloc of the ", g->bytes, "-byte symmetric buffer of rank ", r,
+            " (CUDA device ", g->device[r], ") failed: ", cuda::error_string(d, rc),
+            " (leave room next to XLA's pool: XLA_PYTHON_CLIENT_MEM_FRACTION or "
+            "XLA_PYTHON_CLIENT_PREALLOCATE=false)"));
+  }
+  CUstream s = nullptr;
+  rc = x->StreamCreate(&s, CU_STREAM_NON_BLOCKING);
+  if (rc == CUDA_SUCCESS) rc = d->MemsetD8Async(g->ptr[r], 0, static_cast<size_t>(g->bytes), s);
+  if (rc == CUDA_SUCCESS) rc = x->StreamSynchronize(s);
+  if (s != nullptr) x->StreamDestroy(s);
+  CUcontext popped = nullptr;
+  d->CtxPopCurrent(&popped);
+  if (rc != CUDA_SUCCESS) {
+    return ffi::Error::Internal(cat(kTarget, ": zeroing the symmetric buffer of rank ", r,
+                                    " failed: ", cuda::error_string(d, rc)));
+  }
+  return ffi::Error::Success();
+}
+
+// Lets every rank's context reach every other rank's buffer (NVLink / PCIe peer access).
+ffi::Error EnablePeerAccess(const cuda::Driver* d, const DriverExt* x, const SymmetricGroup& g) {
+  const size_t n = g.ctx.size();
+  for (size_t i = 0; i < n; ++i) {
+    for (size_t j = 0; j < n; ++j) {
+      if (i == j || g.ctx[i] == g.ctx[j]) continue;
+      int can = 0;
+      if (CUresult rc = x->DeviceCanAccessPeer(&can, g.device[i], g.device[j]);
+          rc != CUDA_SUCCESS || can == 0) {
+        return ffi::Error::InvalidArgument(
+            cat(kTarget, ": CUDA device ", g.device[i], " cannot access the memory of device ",
+                g.device[j], rc != CUDA_SUCCESS ? cat(" (", cuda::error_string(d, rc), ")") : "",
+                "; the fused expert-parallel kernel needs peer access (NVLink) between all ranks; "
+                "use ep_moe's collective dispatch ('ragged' or 'dense') instead"));
+      }
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (CUresult rc = d->CtxPushCurrent(g.ctx[i]); rc != CUDA_SUCCESS) {
+      return ffi::Error::Internal(cat(kTarget, ": cuCtxPushCurrent failed: ",
+                                      cuda::error_string(d, rc)));
+    }
+    ffi::Error err = ffi::Error::Success();
+    for (size_t j = 0; j < n && err.success(); ++j) {
+      if (i == j || g.ctx[i] == g.ctx[j]) continue;
+      CUresult rc = x->CtxEnablePeerAccess(g.ctx[j], 0);
+      if (rc != CUDA_SUCCESS && rc != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) {
+        err = ffi::Error::Internal(cat(kTarget, ": cuCtxEnablePeerAccess(device ", g.device[i],
+                                       " -> device ", g.device[j], ") failed: ",
+                                       cuda::error_string(d, rc)));
+      }
+    }
+    CUcontext popped = nullptr;
+    d->CtxPopCurrent(&popped);
+    if (!err.success()) return err;
+  }
+  return ffi::Error::Success();
+}
+
+// Finds or creates the group for `key`: every rank's buffer allocated and zeroed, peer access
+// enabled, all before this returns, so no rank can launch against an unzeroed peer. Called from
+// initialize only (outside any graph capture); the first rank to get here does the work for all.
+ffi::ErrorOr<std::shared_ptr<SymmetricGroup>> AcquireGroup(const cuda::Driver* d,
+                                                           const DriverExt* x,
+                                                           const std::vector<CUdevice>& devices,
+                                                           const GroupKey& key, uint64_t bytes) {
   std::lock_guard<std::mutex> lock(g_registry_mu);
   if (auto it = g_registry.find(key); it != g_registry.end()) {
     if (auto alive = it->second.lock()) return alive;
   }
-  auto buf = std::make_shared<SymmetricBuffer>();
-  buf->ctx = ctx;
-  buf->device = dev;
-  buf->bytes = bytes;
-  if (CUresult r = x->MemAlloc(&buf->ptr, static_cast<size_t>(bytes)); r != CUDA_SUCCESS) {
-    buf->ptr = 0;
-    return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(
-        cat(kTarget, ": cuMemAlloc of the ", bytes, "-byte symmetric buffer failed: ",
-            cuda::error_string(d, r),
-            " (leave room next to XLA's pool: XLA_PYTHON_CLIENT_MEM_FRACTION or "
-            "XLA_PYTHON_CLIENT_PREALLOCATE=false)")));
+  auto g = std::make_shared<SymmetricGroup>();
+  g->ctx = std::get<0>(key);
+  g->device = devices;
+  g->ptr.assign(devices.size(), 0);
+  g->bytes = bytes;
+  for (size_t r = 0; r < devices.size(); ++r) {
+    if (ffi::Error e = AllocateZeroed(d, x, g.get(), r); !e.success()) {
+      return ffi::Unexpected<ffi::Error>(std::move(e));
+    }
   }
-  CUstream s = nullptr;
-  CUresult r = x->StreamCreate(&s, CU_STREAM_NON_BLOCKING);
-  if (r == CUDA_SUCCESS) r = d->MemsetD8Async(buf->ptr, 0, static_cast<size_t>(bytes), s);
-  if (r == CUDA_SUCCESS) r = x->StreamSynchronize(s);
-  if (s != nullptr) x->StreamDestroy(s);
-  if (r != CUDA_SUCCESS) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(
-        cat(kTarget, ": zeroing the symmetric buffer failed: ", cuda::error_string(d, r))));
+  if (devices.size() > 1) {
+    if (ffi::Error e = EnablePeerAccess(d, x, *g); !e.success()) {
+      return ffi::Unexpected<ffi::Error>(std::move(e));
+    }
   }
-  g_registry[key] = buf;
-  return buf;
+  g_registry[key] = g;
+  return g;
 }
 
 // ---------------------------------------------------------------------------
@@ -285,7 +203,8 @@ struct MegaMoeSm90Device {
   std::shared_ptr<const jit::LoadedKernel> mega;
   CUfunction mega_fn = nullptr;
   CUfunction pre_fn = nullptr;
-  std::shared_ptr<SymmetricBuffer> buffer;
+  int64_t rank = 0;                       // this device's rank in its group
+  std::shared_ptr<SymmetricGroup> buffer;  // the group's buffers; this rank's is ptr[rank]
   jit::Sm90SymBuffer sym{};
   CUtensorMap l1_acts{}, l1_acts_sf{}, l1_output{}, l2_acts{}, l2_acts_sf{};
   std::string cubin_path;
@@ -315,7 +234,8 @@ ffi::Error ValidateBuffers(const MegaMoeSm90State* st, const ffi::AnyBuffer& x,
                            const ffi::AnyBuffer& l1, const ffi::AnyBuffer& l1_sf,
                            const ffi::AnyBuffer& l2, const ffi::AnyBuffer& l2_sf,
                            const ffi::AnyBuffer& y, int64_t* t_out) {
-  const int64_t H = st->shape.hidden, I = st->shape.intermediate, E = st->shape.num_experts;
+  const int64_t H = st->shape.hidden, I = st->shape.intermediate;
+  const int64_t E = st->shape.num_experts / st->shape.num_ranks;  // the weights hold this rank's experts
   const int64_t K = st->shape.top_k, P = st->shape.capacity;
   const auto xd = x.dimensions();
   if (x.element_type() != ffi::DataType::BF16 || xd.size() != 2 || xd[1] != H) {
@@ -345,18 +265,23 @@ ffi::Error ValidateBuffers(const MegaMoeSm90State* st, const ffi::AnyBuffer& x,
 
 ffi::ErrorOr<std::unique_ptr<MegaMoeSm90State>> Instantiate(
     int64_t hidden, int64_t intermediate, int64_t num_experts, int64_t top_k, int64_t capacity,
-    float activation_clamp, bool fast_math, int64_t num_sms, int64_t reserved_sms, float rsf) {
+    float activation_clamp, bool fast_math, int64_t num_sms, int64_t reserved_sms, float rsf,
+    int64_t num_ranks, ffi::Span<const int64_t> rank_devices) {
   const auto invalid = [](std::string m) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(cat(kTarget, ": ", m)));
   };
+  std::string why;
+  if (!layout::rank_table_valid(rank_devices.begin(), static_cast<int64_t>(rank_devices.size()),
+                                num_ranks, &why)) {
+    return invalid(why);
+  }
   layout::Sm90MegaShape shape;
-  shape.num_ranks = 1;
+  shape.num_ranks = num_ranks;
   shape.num_experts = num_experts;
   shape.capacity = capacity;
   shape.top_k = top_k;
   shape.hidden = hidden;
   shape.intermediate = intermediate;
-  std::string why;
   if (!layout::sm90_mega_shape_valid(shape, &why)) return invalid(why);
   if (std::isnan(activation_clamp) || activation_clamp < 0.0f) {
     return invalid(cat("attribute activation_clamp=", activation_clamp,
@@ -384,19 +309,9 @@ ffi::ErrorOr<std::unique_ptr<MegaMoeSm90State>> Instantiate(
   st->num_sms_attr = num_sms;
   st->reserved_sms = reserved_sms;
   st->routed_scaling_factor = rsf;
+  st->rank_devices.assign(rank_devices.begin(), rank_devices.end());
   st->pre_dispatch = std::move(pre);
   return st;
-}
-
-// CUfunction of `k` in the current context (module load forced).
-ffi::Error FunctionOf(const cuda::Driver* d, const jit::LoadedKernel& k, CUfunction* fn) {
-  CUresult r = d->KernelGetFunction(fn, k.kernel);
-  if (r == CUDA_SUCCESS && d->FuncLoad != nullptr) r = d->FuncLoad(*fn);
-  if (r != CUDA_SUCCESS) {
-    return ffi::Error::Internal(cat(kTarget, ": loading kernel ", k.symbol,
-                                    " into the context failed: ", cuda::error_string(d, r)));
-  }
-  return ffi::Error::Success();
 }
 
 // Builds the device entry: config, compile + load, smem attribute, residency check, buffer, TMA.
@@ -447,8 +362,8 @@ ffi::Error Prepare(const cuda::Driver* d, const DriverExt* x, MegaMoeSm90State* 
   e->cubin_path = compiled.cubin_path;
   e->mega = jit::load_kernel(compiled.cubin_path, compiled.symbol, &why);
   if (!e->mega) return ffi::Error::Internal(cat(kTarget, ": ", why));
-  if (ffi::Error err = FunctionOf(d, *e->mega, &e->mega_fn); !err.success()) return err;
-  if (ffi::Error err = FunctionOf(d, *st->pre_dispatch, &e->pre_fn); !err.success()) return err;
+  if (ffi::Error err = host::FunctionOf(d, *e->mega, &e->mega_fn, kTarget); !err.success()) return err;
+  if (ffi::Error err = host::FunctionOf(d, *st->pre_dispatch, &e->pre_fn, kTarget); !err.success()) return err;
   if (CUresult r = x->FuncSetAttribute(e->mega_fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                        static_cast<int>(c.smem_size));
       r != CUDA_SUCCESS) {
@@ -494,17 +409,73 @@ ffi::Error Prepare(const cuda::Driver* d, const DriverExt* x, MegaMoeSm90State* 
     }
   }
 
-  // Symmetric buffer (shared through the registry).
-  const BufferKey key{ctx, st->shape.num_experts, st->shape.capacity, st->shape.top_k,
-                      st->shape.hidden, st->shape.intermediate, c.num_sms, st->shape.num_ranks};
-  auto buf = AcquireBuffer(d, x, ctx, dev, key, st->layout.num_bytes);
-  if (buf.has_error()) return buf.error();
-  e->buffer = std::move(buf.value());
-  const CUdeviceptr base = e->buffer->ptr;
+  // This device's rank and the devices (contexts) of its group, in rank order.
+  std::vector<CUdevice> group_devices{dev};
+  std::vector<CUcontext> group_ctx{ctx};
+  e->rank = 0;
+  if (st->shape.num_ranks > 1) {
+    const std::vector<int64_t>& table = st->rank_devices;
+    int64_t group = 0, rank = 0;
+    if (!layout::rank_table_find(table.data(), static_cast<int64_t>(table.size()),
+                                 st->shape.num_ranks, static_cast<int64_t>(dev), &group, &rank)) {
+      return ffi::Error::InvalidArgument(
+          cat(kTarget, ": CUDA device ", dev, " runs this call but is not in the rank table "
+              "(attribute rank_devices); the fused expert-parallel path needs every device of the "
+              "mesh in the table"));
+    }
+    e->rank = rank;
+    group_devices.clear();
+    group_ctx.clear();
+    for (int64_t r = 0; r < st->shape.num_ranks; ++r) {
+      const int64_t ordinal = table[group * st->shape.num_ranks + r];
+      CUdevice peer = 0;
+      if (CUresult rc = d->DeviceGet(&peer, static_cast<int>(ordinal)); rc != CUDA_SUCCESS) {
+        return ffi::Error::InvalidArgument(cat(kTarget, ": rank ", r, " of the group of device ",
+                                               dev, " is CUDA device ", ordinal,
+                                               ", which does not exist: ",
+                                               cuda::error_string(d, rc)));
+      }
+      // Every rank must launch the same kernel: same architecture, same SM count.
+      int peer_sms = 0, peer_major = 0;
+      x->DeviceGetAttribute(&peer_sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, peer);
+      x->DeviceGetAttribute(&peer_major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, peer);
+      if (peer_sms != sm_count || peer_major != major) {
+        return ffi::Error::InvalidArgument(
+            cat(kTarget, ": the ranks' GPUs differ (device ", dev, ": sm_", major, "x with ",
+                sm_count, " SMs; device ", ordinal, ": sm_", peer_major, "x with ", peer_sms,
+                " SMs); every rank must run the same kernel configuration"));
+      }
+      CUcontext peer_ctx = ctx;
+      if (r != rank) {
+        if (ffi::Error err = host::PrimaryContext(d, static_cast<int32_t>(ordinal), &peer_ctx, kTarget);
+            !err.success()) {
+          return err;
+        }
+      } else if (CUcontext own = nullptr;
+                 host::PrimaryContext(d, static_cast<int32_t>(ordinal), &own, kTarget).success() && own != ctx) {
+        return ffi::Error::Internal(
+            cat(kTarget, ": XLA's stream on device ", dev, " is not in the device's primary "
+                "context; the fused expert-parallel path maps peers through primary contexts"));
+      }
+      group_devices.push_back(peer);
+      group_ctx.push_back(peer_ctx);
+    }
+  }
+
+  // Symmetric buffers (shared through the registry; allocated for the whole group at once).
+  const GroupKey key{group_ctx,           st->shape.num_experts,  st->shape.capacity,
+                     st->shape.top_k,     st->shape.hidden,       st->shape.intermediate,
+                     c.num_sms,           st->shape.num_ranks};
+  auto group = AcquireGroup(d, x, group_devices, key, st->layout.num_bytes);
+  if (group.has_error()) return group.error();
+  e->buffer = std::move(group.value());
+  const CUdeviceptr base = e->buffer->ptr[e->rank];
   std::memset(&e->sym, 0, sizeof(e->sym));
   e->sym.base = static_cast<int64_t>(base);
-  e->sym.offsets[0] = 0;  // single rank: pointer table [own ptr]
-  e->sym.rank_idx = 0;
+  for (size_t r = 0; r < e->buffer->ptr.size(); ++r) {  // offsets[r] = ptr[r] - own ptr
+    e->sym.offsets[r] = static_cast<int64_t>(e->buffer->ptr[r]) - static_cast<int64_t>(base);
+  }
+  e->sym.rank_idx = static_cast<uint32_t>(e->rank);
 
   // Descriptors of the buffer's slices (fixed for the entry's lifetime).
   const layout::Sm90MegaLayout& l = st->layout;
@@ -556,22 +527,14 @@ ffi::Error Initialize(CUstream stream, int32_t device, MegaMoeSm90State* st, ffi
       e != nullptr && e->num_tokens == T) {
     return ffi::Error::Success();
   }
-  std::string why;
-  const cuda::Driver* d = cuda::driver(&why);
-  if (d == nullptr) return ffi::Error::Internal(cat(kTarget, ": ", why));
-  const DriverExt* dx = driver_ext(&why);
-  if (dx == nullptr) return ffi::Error::Internal(cat(kTarget, ": ", why));
-  ContextScope scope;
+  const cuda::Driver* d = nullptr;
+  const DriverExt* dx = nullptr;
+  host::ContextScope scope;
   CUcontext ctx = nullptr;
-  if (ffi::Error e = scope.Enter(d, stream, device, &ctx); !e.success()) return e;
-  if (stream != nullptr) {
-    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
-    if (d->StreamIsCapturing(stream, &capture) == CUDA_SUCCESS &&
-        capture != CU_STREAM_CAPTURE_STATUS_NONE) {
-      return ffi::Error::Internal(cat(kTarget, ": the initialize stage ran during CUDA-graph "
-                                      "capture; the symmetric buffer cannot be allocated there"));
-    }
+  if (ffi::Error e = host::Begin(stream, device, kTarget, &scope, &d, &dx, &ctx); !e.success()) {
+    return e;
   }
+  if (ffi::Error e = host::RefuseCapture(d, stream, kTarget); !e.success()) return e;
   std::unique_ptr<MegaMoeSm90Device> entry;
   if (ffi::Error e = Prepare(d, dx, st, ctx, device, T, &entry); !e.success()) return e;
   st->devices[device].store(entry.get(), std::memory_order_release);
@@ -599,14 +562,13 @@ ffi::Error Execute(CUstream stream, int32_t device, MegaMoeSm90State* st, ffi::A
   }
   const layout::Sm90MegaConfig& c = e->config;
   const layout::Sm90MegaLayout& l = st->layout;
-  std::string why;
-  const cuda::Driver* d = cuda::driver(&why);
-  if (d == nullptr) return ffi::Error::Internal(cat(kTarget, ": ", why));
-  const DriverExt* dx = driver_ext(&why);
-  if (dx == nullptr) return ffi::Error::Internal(cat(kTarget, ": ", why));
-  ContextScope scope;
+  const cuda::Driver* d = nullptr;
+  const DriverExt* dx = nullptr;
+  host::ContextScope scope;
   CUcontext ctx = nullptr;
-  if (ffi::Error err = scope.Enter(d, stream, device, &ctx); !err.success()) return err;
+  if (ffi::Error err = host::Begin(stream, device, kTarget, &scope, &d, &dx, &ctx); !err.success()) {
+    return err;
+  }
   if (ctx != e->ctx) {
     return ffi::Error::Internal(cat(kTarget, ": the stream's CUDA context changed since initialize"));
   }
@@ -619,7 +581,7 @@ ffi::Error Execute(CUstream stream, int32_t device, MegaMoeSm90State* st, ffi::A
 
   // 1. Pre-dispatch into the buffer's input slots (x, x_sf, topk_idx, topk_weights; P rows).
   const int64_t H = c.hidden, K = c.top_k, P = c.num_max_tokens_per_rank;
-  const CUdeviceptr base = e->buffer->ptr;
+  const CUdeviceptr base = e->buffer->ptr[e->rank];
   {
     jit::Sm90PreDispatchArgs a{x.untyped_data(),
                                topk_idx.untyped_data(),
@@ -720,9 +682,9 @@ ffi::Error Execute(CUstream stream, int32_t device, MegaMoeSm90State* st, ffi::A
 // ---------------------------------------------------------------------------
 // C API helpers (tests, tooling): no GPU needed.
 // ---------------------------------------------------------------------------
-layout::Sm90MegaShape ShapeOf(int64_t E, int64_t P, int64_t K, int64_t H, int64_t I) {
+layout::Sm90MegaShape ShapeOf(int64_t E, int64_t P, int64_t K, int64_t H, int64_t I, int64_t R) {
   layout::Sm90MegaShape s;
-  s.num_ranks = 1;
+  s.num_ranks = R;
   s.num_experts = E;
   s.capacity = P;
   s.top_k = K;
@@ -731,9 +693,9 @@ layout::Sm90MegaShape ShapeOf(int64_t E, int64_t P, int64_t K, int64_t H, int64_
   return s;
 }
 
-bool ConfigOf(int64_t E, int64_t P, int64_t K, int64_t H, int64_t I, int64_t T, int64_t num_sms,
-              float clamp, int fast_math, layout::Sm90MegaConfig* c) {
-  const auto s = ShapeOf(E, P, K, H, I);
+bool ConfigOf(int64_t E, int64_t P, int64_t K, int64_t H, int64_t I, int64_t R, int64_t T,
+              int64_t num_sms, float clamp, int fast_math, layout::Sm90MegaConfig* c) {
+  const auto s = ShapeOf(E, P, K, H, I, R);
   std::string why;
   if (!layout::sm90_mega_shape_valid(s, &why)) {
     set_last_error(why);
@@ -759,13 +721,13 @@ JMM_EXPORT const XLA_FFI_TypeInfo* jmm_mega_moe_sm90_state_type_info() {
   return &jmm::kMegaMoeSm90StateTypeInfo;
 }
 
-// Symmetric-buffer layout of (E, P, K, H, I) on one rank. Writes min(n, 16) int64 values:
+// Symmetric-buffer layout of (E, P, K, H, I) with R ranks (one rank's buffer). Writes min(n, 16) int64 values:
 // [workspace_bytes, x, x_sf, topk_idx, topk_weights, l1_acts, l1_acts_sf, l1_topk_weights,
 //  l2_acts, l2_acts_sf, combine, num_bytes, num_max_pool_tokens, num_data_pool_tokens,
 //  num_padded_sf_pool_tokens, num_experts_per_rank]. Returns the count, or -1 (jmm_last_error).
 JMM_EXPORT int jmm_sm90_mega_layout(int64_t E, int64_t P, int64_t K, int64_t H, int64_t I,
-                                    int64_t* out, int n) {
-  const auto s = jmm::ShapeOf(E, P, K, H, I);
+                                    int64_t R, int64_t* out, int n) {
+  const auto s = jmm::ShapeOf(E, P, K, H, I, R);
   std::string why;
   if (!jmm::layout::sm90_mega_shape_valid(s, &why)) {
     jmm::set_last_error(why);
@@ -789,10 +751,10 @@ JMM_EXPORT int jmm_sm90_mega_layout(int64_t E, int64_t P, int64_t K, int64_t H, 
 // Kernel configuration for a call of T tokens on num_sms SMs. Writes min(n, 40) int64 values in
 // the order of jax_megamoe's tests (tests/test_mega_layout_sm90.py, SM90_CONFIG_FIELDS).
 JMM_EXPORT int jmm_sm90_mega_config(int64_t E, int64_t P, int64_t K, int64_t H, int64_t I,
-                                    int64_t T, int64_t num_sms, float clamp, int fast_math,
+                                    int64_t R, int64_t T, int64_t num_sms, float clamp, int fast_math,
                                     int64_t* out, int n) {
   jmm::layout::Sm90MegaConfig c;
-  if (!jmm::ConfigOf(E, P, K, H, I, T, num_sms, clamp, fast_math, &c)) return -1;
+  if (!jmm::ConfigOf(E, P, K, H, I, R, T, num_sms, clamp, fast_math, &c)) return -1;
   const int64_t v[] = {c.num_max_tokens_per_rank, c.hidden, c.intermediate, c.num_experts,
                        c.top_k, c.num_experts_per_wave, c.block_m, c.block_n, c.block_k,
                        c.num_max_pool_tokens, c.num_padded_sf_pool_tokens, c.num_ring_tokens,
@@ -811,20 +773,20 @@ JMM_EXPORT int jmm_sm90_mega_config(int64_t E, int64_t P, int64_t K, int64_t H, 
 // kernel.cu of the mega kernel for that configuration. Returns the length (>= cap: truncated),
 // or -1 (jmm_last_error).
 JMM_EXPORT int jmm_sm90_mega_render(int64_t E, int64_t P, int64_t K, int64_t H, int64_t I,
-                                    int64_t T, int64_t num_sms, float clamp, int fast_math,
+                                    int64_t R, int64_t T, int64_t num_sms, float clamp, int fast_math,
                                     char* out, size_t cap) {
   jmm::layout::Sm90MegaConfig c;
-  if (!jmm::ConfigOf(E, P, K, H, I, T, num_sms, clamp, fast_math, &c)) return -1;
+  if (!jmm::ConfigOf(E, P, K, H, I, R, T, num_sms, clamp, fast_math, &c)) return -1;
   return static_cast<int>(jmm::copy_out(jmm::jit::mega_moe_sm90_source(c).source, out, cap));
 }
 
 // Compiles (or finds in the caches) that kernel; writes the cubin path. 0 on success.
 JMM_EXPORT int jmm_sm90_mega_compile(int64_t E, int64_t P, int64_t K, int64_t H, int64_t I,
-                                     int64_t T, int64_t num_sms, float clamp, int fast_math,
+                                     int64_t R, int64_t T, int64_t num_sms, float clamp, int fast_math,
                                      char* cubin_path_out, size_t cap, char* err_out,
                                      size_t err_cap) {
   jmm::layout::Sm90MegaConfig c;
-  if (!jmm::ConfigOf(E, P, K, H, I, T, num_sms, clamp, fast_math, &c)) {
+  if (!jmm::ConfigOf(E, P, K, H, I, R, T, num_sms, clamp, fast_math, &c)) {
     jmm::copy_out(jmm::last_error(), err_out, err_cap);
     return 1;
   }
@@ -851,7 +813,9 @@ JMM_EXPORT int jmm_sm90_mega_compile(int64_t E, int64_t P, int64_t K, int64_t H,
       .Attr<bool>("fast_math")                    \
       .Attr<int64_t>("num_sms")                   \
       .Attr<int64_t>("reserved_sms")              \
-      .Attr<float>("routed_scaling_factor")
+      .Attr<float>("routed_scaling_factor")       \
+      .Attr<int64_t>("num_ranks")                 \
+      .Attr<ffi::Span<const int64_t>>("rank_devices")
 #define JMM_MEGA_BUFFERS                          \
   .Arg<ffi::AnyBuffer>() /* x */                  \
       .Arg<ffi::AnyBuffer>() /* topk_idx */       \

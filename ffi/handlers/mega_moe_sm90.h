@@ -6,15 +6,30 @@
 //
 //   jax_megamoe_mega_moe_sm90
 //
-// Operands: x bf16[T,H], topk_idx s32[T,K], topk_weights f32[T,K],
-//           l1 f8e4m3fn[E,2I,H] (gate/up gran-8 interleaved rows), l1_sf f32[E,2I/128,H/128]
-//           (canonical [gate | up] rows), l2 f8e4m3fn[E,H,I], l2_sf f32[E,H/128,I/128].
+// Operands: x bf16[T,H], topk_idx s32[T,K] (global expert ids, -1 = skip),
+//           topk_weights f32[T,K], and this rank's E_l = E / num_ranks experts:
+//           l1 f8e4m3fn[E_l,2I,H] (gate/up gran-8 interleaved rows), l1_sf f32[E_l,2I/128,H/128]
+//           (canonical [gate | up] rows), l2 f8e4m3fn[E_l,H,I], l2_sf f32[E_l,H/128,I/128].
 // Result:   y bf16[T,H] (rows whose top-k slots are all -1 are exactly 0).
 // Attributes: hidden i64, intermediate i64, num_experts i64, top_k i64, capacity i64 (token cap
 //   P, a multiple of 128, T <= P), activation_clamp f32 (+inf = no clamp, else >= 0),
 //   fast_math bool, num_sms i64 (0: device SM count minus reserved_sms, rounded down to even),
 //   reserved_sms i64 (>= 0), routed_scaling_factor f32 (finite; multiplied into the weights by
-//   the pre-dispatch kernel).
+//   the pre-dispatch kernel), num_ranks i64 (1..32; kNumRanks), rank_devices i64 array (the rank
+//   table of layout/rank_table.h: CUDA device ordinals, one row of num_ranks per expert-parallel
+//   group; may be empty when num_ranks == 1).
+//
+// Expert parallelism (num_ranks > 1; jax_megamoe.parallel.ep_moe, dispatch "fused"): one process
+// drives every GPU of the table and calls this target on each of them inside shard_map, with the
+// same attributes and the same T. Each device finds its group row and rank from its own ordinal;
+// the first rank of a group to initialize allocates and zeroes every rank's buffer (each in its
+// device's primary context, where XLA runs) and enables peer access between all of them, before
+// any rank can launch; every rank then passes the same pointer table (SymBuffer: base = own
+// buffer, offsets = peer buffer - own buffer) with its own rank index. The kernel moves the
+// (token, slot) pairs over NVLink, runs the rank's experts and writes each result into the source
+// rank's combine slots: no NCCL, no XLA collective. Every rank launches on every step, also when
+// none of its tokens is routed; a rank that does not launch leaves the others spinning until the
+// kernel's 300 s timeout. Peers without peer access are refused with a clear error.
 //
 // Stages:
 //   instantiate  validate the attributes; JIT-compile and load the sm90 pre-dispatch kernel
@@ -37,10 +52,11 @@
 //                no-op. If initialize did not run for this device, execute fails (it never
 //                compiles or allocates itself).
 //
-// Symmetric buffer registry: one buffer per (CUDA device, E, P, K, H, I, num_sms), shared by every
-// call site and executable that uses the same configuration (shared_ptr; freed with cuMemFree when
-// the last state using it dies). Calls sharing a buffer must not run concurrently (they are
-// ordered on one XLA stream in practice). Single rank: kNumRanks = 1, pointer table [own ptr].
+// Symmetric buffer registry: one group of buffers per (contexts of the ranks, E, P, K, H, I,
+// num_sms, num_ranks), shared by every call site and executable that uses the same configuration
+// (shared_ptr; freed with cuMemFree when the last state using it dies). Calls sharing a buffer
+// must not run concurrently (they are ordered on one XLA stream in practice). Single rank: a
+// group of one, kNumRanks = 1, pointer table [own ptr].
 #pragma once
 
 #include <array>
@@ -67,6 +83,7 @@ struct MegaMoeSm90State {
   int64_t num_sms_attr = 0;
   int64_t reserved_sms = 0;
   float routed_scaling_factor = 1.0f;
+  std::vector<int64_t> rank_devices;  // layout/rank_table.h; empty: one rank, the calling device
   std::shared_ptr<const jit::LoadedKernel> pre_dispatch;
 
   static constexpr int kMaxDevices = 64;

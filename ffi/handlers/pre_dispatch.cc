@@ -8,6 +8,7 @@
 #include "common/export.h"
 #include "common/status.h"
 #include "handlers/buffer_checks.h"
+#include "handlers/host_glue.h"
 #include "cuda/driver.h"
 #include "jit/compiler.h"
 #include "jit/kernels.h"
@@ -19,11 +20,7 @@ namespace jmm {
 
 ffi::TypeId PreDispatchState::id = XLA_FFI_UNKNOWN_TYPE_ID;
 
-PreDispatchState::~PreDispatchState() {
-  if (retained_primary != nullptr) {
-    if (const auto* d = cuda::driver(nullptr)) d->DevicePrimaryCtxRelease(retained_device);
-  }
-}
+PreDispatchState::~PreDispatchState() = default;
 
 namespace {
 
@@ -112,71 +109,6 @@ ffi::ErrorOr<std::unique_ptr<PreDispatchState>> Instantiate(int64_t hidden, int6
   return state;
 }
 
-// Makes the stream's context current for the scope (pushing only if needed).
-class ContextScope {
- public:
-  ~ContextScope() {
-    if (pushed_) {
-      CUcontext popped = nullptr;
-      d_->CtxPopCurrent(&popped);
-    }
-  }
-  ffi::Error Enter(const cuda::Driver* d, PreDispatchState* st, CUstream stream, int32_t device,
-                   CUcontext* ctx_out) {
-    d_ = d;
-    const char* t = TargetName(st->arch);
-    CUcontext current = nullptr;
-    if (CUresult r = d->CtxGetCurrent(&current); r != CUDA_SUCCESS) {
-      return ffi::Error::Internal(cat(t, ": cuCtxGetCurrent failed: ", cuda::error_string(d, r)));
-    }
-    // The stream's context, except while the stream is being captured into a
-    // CUDA graph: cuStreamGetCtx is unreliable then (jaxlib's Triton handler
-    // works around the same CUDA bug), and XLA's context is the current one.
-    CUcontext ctx = nullptr;
-    if (stream != nullptr) {
-      CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
-      if (d->StreamIsCapturing(stream, &capture) == CUDA_SUCCESS &&
-          capture == CU_STREAM_CAPTURE_STATUS_NONE &&
-          d->StreamGetCtx(stream, &ctx) != CUDA_SUCCESS) {
-        ctx = nullptr;
-      }
-    }
-    if (ctx == nullptr) ctx = current;
-    if (ctx == nullptr) {
-      // No context anywhere: use (and keep) the device's primary context.
-      std::lock_guard<std::mutex> lock(st->mu);
-      if (st->retained_primary == nullptr) {
-        CUdevice dev = 0;
-        if (CUresult r = d->DeviceGet(&dev, device); r != CUDA_SUCCESS) {
-          return ffi::Error::Internal(
-              cat(t, ": cuDeviceGet(", device, ") failed: ", cuda::error_string(d, r)));
-        }
-        if (CUresult r = d->DevicePrimaryCtxRetain(&st->retained_primary, dev);
-            r != CUDA_SUCCESS) {
-          st->retained_primary = nullptr;
-          return ffi::Error::Internal(cat(t, ": cuDevicePrimaryCtxRetain(", device,
-                                          ") failed: ", cuda::error_string(d, r)));
-        }
-        st->retained_device = dev;
-      }
-      ctx = st->retained_primary;
-    }
-    if (ctx != current) {
-      if (CUresult r = d->CtxPushCurrent(ctx); r != CUDA_SUCCESS) {
-        return ffi::Error::Internal(
-            cat(t, ": cuCtxPushCurrent failed: ", cuda::error_string(d, r)));
-      }
-      pushed_ = true;
-    }
-    *ctx_out = ctx;
-    return ffi::Error::Success();
-  }
-
- private:
-  const cuda::Driver* d_ = nullptr;
-  bool pushed_ = false;
-};
-
 // The kernel's CUfunction in the current context `ctx` (cached per context).
 // Normally filled by the initialize stage, outside any capture. If execute
 // gets here first while XLA is capturing a CUDA graph, the one-off module load
@@ -210,9 +142,9 @@ ffi::Error Initialize(CUstream stream, int32_t device, PreDispatchState* st) {
   std::string why;
   const cuda::Driver* d = DriverOr(&why);
   if (d == nullptr) return ffi::Error::Internal(cat(TargetName(st->arch), ": ", why));
-  ContextScope scope;
+  host::ContextScope scope;
   CUcontext ctx = nullptr;
-  if (ffi::Error e = scope.Enter(d, st, stream, device, &ctx); !e.success()) return e;
+  if (ffi::Error e = scope.Enter(d, stream, device, &ctx, TargetName(st->arch)); !e.success()) return e;
   CUfunction fn = nullptr;
   return FunctionFor(d, st, ctx, &fn);
 }
@@ -265,9 +197,9 @@ ffi::Error Execute(CUstream stream, int32_t device, PreDispatchState* st, ffi::A
   std::string why;
   const cuda::Driver* d = DriverOr(&why);
   if (d == nullptr) return ffi::Error::Internal(cat(t, ": ", why));
-  ContextScope scope;
+  host::ContextScope scope;
   CUcontext ctx = nullptr;
-  if (e = scope.Enter(d, st, stream, device, &ctx); !e.success()) return e;
+  if (e = scope.Enter(d, stream, device, &ctx, TargetName(st->arch)); !e.success()) return e;
   CUfunction fn = nullptr;
   if (e = FunctionFor(d, st, ctx, &fn); !e.success()) return e;
 

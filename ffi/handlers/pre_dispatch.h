@@ -67,8 +67,6 @@ struct PreDispatchState {
 
   std::mutex mu;  // guards the members below
   std::vector<std::pair<CUcontext, CUfunction>> functions;
-  CUcontext retained_primary = nullptr;  // only when no context was current
-  CUdevice retained_device = 0;
 
   ~PreDispatchState();
 };

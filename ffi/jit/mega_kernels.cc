@@ -9,19 +9,22 @@ namespace jmm::jit {
 namespace {
 
 // The kernel's parameter list with top-level const dropped (what the function type holds) ...
-constexpr const char* kSm90MegaMoeSignature =
-    "void*, int*, uint32_t, deep_gemm::layout::SymBuffer<1u>, cute::TmaDescriptor, "
-    "cute::TmaDescriptor, cute::TmaDescriptor, const float*, cute::TmaDescriptor, "
-    "cute::TmaDescriptor, cute::TmaDescriptor, cute::TmaDescriptor, const float*, uint64_t*";
+std::string Sm90MegaMoeSignature(int64_t ranks) {
+  return cat("void*, int*, uint32_t, deep_gemm::layout::SymBuffer<", ranks, "u>, cute::TmaDescriptor, "
+             "cute::TmaDescriptor, cute::TmaDescriptor, const float*, cute::TmaDescriptor, "
+             "cute::TmaDescriptor, cute::TmaDescriptor, cute::TmaDescriptor, const float*, uint64_t*");
+}
 // ... and as the explicit instantiation must spell it (nvcc wants the __grid_constant__
 // annotations of the declaration repeated).
-constexpr const char* kSm90MegaMoeInstantiationParams =
-    "void*, int*, const uint32_t, const __grid_constant__ deep_gemm::layout::SymBuffer<1u>, "
-    "const __grid_constant__ cute::TmaDescriptor, const __grid_constant__ cute::TmaDescriptor, "
-    "const __grid_constant__ cute::TmaDescriptor, const float*, "
-    "const __grid_constant__ cute::TmaDescriptor, const __grid_constant__ cute::TmaDescriptor, "
-    "const __grid_constant__ cute::TmaDescriptor, const __grid_constant__ cute::TmaDescriptor, "
-    "const float*, uint64_t*";
+std::string Sm90MegaMoeInstantiationParams(int64_t ranks) {
+  return cat("void*, int*, const uint32_t, const __grid_constant__ deep_gemm::layout::SymBuffer<",
+             ranks, "u>, "
+             "const __grid_constant__ cute::TmaDescriptor, const __grid_constant__ cute::TmaDescriptor, "
+             "const __grid_constant__ cute::TmaDescriptor, const float*, "
+             "const __grid_constant__ cute::TmaDescriptor, const __grid_constant__ cute::TmaDescriptor, "
+             "const __grid_constant__ cute::TmaDescriptor, const __grid_constant__ cute::TmaDescriptor, "
+             "const float*, uint64_t*");
+}
 
 // sm_100: the parameter list as the function type holds it ...
 constexpr const char* kSm100TensorMaps18 =
@@ -125,15 +128,17 @@ KernelSource mega_moe_sm90_source(const layout::Sm90MegaConfig& c) {
       "// sm_90 fused Mega MoE: FP8 e4m3 x e4m3, 128x128 weight scales, per-128 act scales;\n",
       "// BLOCK_M=", c.block_m, " BLOCK_N=", c.block_n, " stages=", c.num_stages,
       " cluster=", c.cluster_size, " threads=", c.num_threads, " smem=", c.smem_size, "\n",
-      MegaSourcePrelude(k.impl_header, kSm90MegaMoeSignature, fn, "sm90_fp8_mega_moe_impl"),
-      "static_assert(sizeof(deep_gemm::layout::SymBuffer<1u>) == ", layout::kSm90SymBufferBytes,
-      " and alignof(deep_gemm::layout::SymBuffer<1u>) == 8,\n",
+      MegaSourcePrelude(k.impl_header, Sm90MegaMoeSignature(c.num_ranks), fn,
+                        "sm90_fp8_mega_moe_impl"),
+      "static_assert(sizeof(deep_gemm::layout::SymBuffer<", c.num_ranks, "u>) == ",
+      layout::kSm90SymBufferBytes, " and alignof(deep_gemm::layout::SymBuffer<", c.num_ranks,
+      "u>) == 8,\n",
       "              \"SymBuffer layout changed; update jmm::jit::Sm90SymBuffer\");\n",
       "static_assert(sizeof(cute::TmaDescriptor) == 128, \"TmaDescriptor is a CUtensorMap\");\n",
       "}  // namespace jax_megamoe_jit\n",
       "\n",
       "// The one kernel of this cubin (an explicit instantiation).\n",
-      "template __global__ void ", fn, "(", kSm90MegaMoeInstantiationParams, ");\n");
+      "template __global__ void ", fn, "(", Sm90MegaMoeInstantiationParams(c.num_ranks), ");\n");
   return k;
 }
 

@@ -652,8 +652,11 @@ class DeepseekV4MoE(nnx.Module):
     MXFP4 bytes (:func:`random_moe_checkpoint`, seeded from ``rngs.params()``) converted with
     ``MoEWeights.from_checkpoint``; ``progress`` is passed to the generator.
     ``token_ids`` are required on hash layers (``layer_idx < num_hash_layers``, not MTP).
-    ``mesh``/``ep_axis``: when a mesh is given the routed experts are placed ``P(ep_axis)`` on the
-    expert dim and run through :func:`jax_megamoe.parallel.ep_moe` (same result, bit for bit).
+    ``mesh``/``ep_axis``/``ep_dispatch``: when a mesh is given the routed experts are placed
+    ``P(ep_axis)`` on the expert dim and run through :func:`jax_megamoe.parallel.ep_moe` with
+    ``dispatch=ep_dispatch``. ``"auto"`` takes the fused intranode kernel where it can run (one
+    process, sm_90 GPUs, mode fp8, T/n within the kernel's cap: the same bits as the single-GPU
+    kernel on 2 x H200) and the collective path elsewhere (bit for bit the single-device result).
     """
 
     def __init__(
@@ -669,6 +672,7 @@ class DeepseekV4MoE(nnx.Module):
         progress: Callable[[int, int], None] | bool | None = None,
         mesh: Any = None,
         ep_axis: str = "ep",
+        ep_dispatch: str = "auto",
     ):
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
@@ -676,6 +680,11 @@ class DeepseekV4MoE(nnx.Module):
         # Expert parallelism (jax_megamoe.parallel.ep_moe) over mesh axis ep_axis; None: one device.
         self.mesh = mesh
         self.ep_axis = ep_axis
+        from jax_megamoe.parallel import DISPATCHES
+
+        if ep_dispatch not in DISPATCHES:
+            raise ValueError(f"ep_dispatch: {ep_dispatch!r} is not one of {', '.join(DISPATCHES)}")
+        self.ep_dispatch = ep_dispatch
         self.config = config
         if weights is not None and mode is None:
             mode = getattr(weights, "mode", None)
@@ -777,6 +786,7 @@ class DeepseekV4MoE(nnx.Module):
             y = parallel.ep_moe_padded(
                 x, topk_idx, topk_weights, self.moe_weights, mesh=self.mesh, axis=self.ep_axis,
                 mode=self.mode, activation_clamp=cfg.activation_clamp, backend=self.backend,
+                dispatch=self.ep_dispatch,
             )  # fmt: skip
         else:
             y = _routed_experts(

@@ -1,0 +1,223 @@
+"""Expert-parallel step time: one DeepSeek V4-Flash routed-expert layer over EP 1 / 2 / 4 (/ 8) GPUs.
+
+For every EP size ``n`` (devices of one host) and global batch ``T`` (split ``T/n`` tokens per GPU),
+this times ``parallel.ep_moe`` on V4-Flash shapes (H 4096, I 2048, E 256, K 6, clamp 10, FP8
+weights, ``E/n`` experts per GPU, uniform top-6 routing) along these paths:
+
+  fused        ``dispatch="fused"``: DeepGEMM's multi-rank sm_90 kernel, one custom call per GPU
+               (EP 1 is the same entry with one rank: the single-GPU kernel)
+  ragged_ffi   ``dispatch="ragged", backend="ffi"``: XLA ragged all-to-all, the single-rank FFI
+               kernel on each GPU's received rows, ragged all-to-all back (with ``--collective``)
+
+A step is one jitted call of the layer on inputs already sharded over the GPUs (``P("ep")``, as a
+serving loop holds them); the time is the median over samples of back-to-back steps (pipelined
+dispatch, one block at the end of each sample), and tokens/s = T / step. Each point is
+also checked against the EP 1 fused result on the same tokens (rel. L2; the EP 1 kernel itself is
+checked against the reference in tests/gpu). Results: ``ep_step.json`` and ``ep_step.png`` in
+``--out``; ``--write-results`` fills the ``ep_step`` section of RESULTS.md.
+
+    python benchmarks/ep_step.py                                  # EP 1,2,4 x T 64..4096 (GPU)
+    python benchmarks/ep_step.py --ep 1,2 --tokens 256 --collective
+    python benchmarks/ep_step.py --from-json benchmarks/results/ep_step.json --write-results benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _common as C  # noqa: E402
+
+if __name__ == "__main__":
+    C.set_gpu_memory_fraction("0.7")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+SCHEMA = "jax_megamoe.benchmarks.ep_step/1"
+TOKENS = (64, 256, 1024, 4096)
+CLAMP = 10.0
+
+
+def _mesh(n: int):
+    return jax.sharding.Mesh(np.array(jax.devices()[:n]), ("ep",))
+
+
+def _inputs(t: int, seed: int, h: int, e: int, k: int, rho: float):
+    from benchmarks.moe_layer import make_routing
+
+    rng = np.random.default_rng([seed, t])
+    x = jnp.asarray(rng.standard_normal((t, h), dtype=np.float32), jnp.bfloat16)
+    idx, w = make_routing(t, e, k, rho, rng)
+    return x, jnp.asarray(idx), jnp.asarray(w)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.moe_layer import model_shape, random_fp8_weights
+    from jax_megamoe import parallel
+
+    shape = model_shape("flash", smoke=args.smoke)
+    n_dev = jax.device_count()
+    eps = [n for n in args.ep if n <= n_dev]
+    C.log(f"{n_dev} x {jax.devices()[0].device_kind}; EP {eps}; T {args.tokens}; shape {shape}")
+    t0 = time.perf_counter()
+    weights = random_fp8_weights(shape, seed=1)
+    jax.block_until_ready(weights.l1)
+    C.log(f"weights: {shape.num_experts} FP8 experts in {time.perf_counter() - t0:.1f} s")
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": C.utc_now(),
+        "command": C.command_line(),
+        "device": C.device_info(),
+        "versions": C.versions(),
+        "shape": shape.__dict__,
+        "points": [],
+    }
+    baseline: dict[int, np.ndarray] = {}
+    for n in eps:
+        mesh = _mesh(n)
+        w_n = parallel.shard_weights(weights, mesh)
+        paths = ["fused"] + (["ragged_ffi"] if args.collective and n > 1 else [])
+        for t in args.tokens:
+            if t % n:
+                continue
+            # Inputs already sharded over the GPUs, as a serving loop holds them (no per-step reshard).
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("ep"))
+            sets = [
+                tuple(jax.device_put(a, sharding) for a in _inputs(t, s, shape.hidden, shape.num_experts,
+                                                                   shape.top_k, shape.rho))
+                for s in range(3)
+            ]
+            for path in paths:
+                kw: dict[str, Any] = dict(mesh=mesh, mode="fp8", activation_clamp=CLAMP)
+                if path == "fused":
+                    kw.update(dispatch="fused", num_max_tokens=max(t // n, 128))
+                else:
+                    kw.update(dispatch="ragged", backend="ffi")
+                point: dict[str, Any] = {"ep": n, "tokens": t, "tokens_per_gpu": t // n, "path": path}
+                C.log(f"EP{n} T={t} {path} ...")
+                try:
+                    f = jax.jit(lambda x, i, w, ww, kw=kw: parallel.ep_moe(x, i, w, ww, **kw))
+                    t1 = time.perf_counter()
+                    y = np.asarray(f(*sets[0], w_n)).astype(np.float32)
+                    first = time.perf_counter() - t1
+                    timing = C.measure(
+                        lambda x, i, w: f(x, i, w, w_n), sets, budget_s=args.budget, sample_s=0.05, first_call_s=first
+                    )
+                    point.update(timing.as_dict())
+                    point["tokens_per_s"] = t / timing.median_s
+                    if not np.isfinite(y).all():
+                        point["error"] = "non-finite output"
+                    if path == "fused" and n == 1:
+                        baseline[t] = y
+                    if t in baseline:
+                        point["rel_l2_vs_ep1"] = C.rel_l2(y, baseline[t])
+                    C.log(
+                        f"EP{n} T={t} {path}: {timing.median_s * 1e6:.1f} us/step "
+                        f"({t / timing.median_s:,.0f} tokens/s), first call {first:.1f} s, "
+                        f"rel vs EP1 {point.get('rel_l2_vs_ep1', float('nan')):.1e}"
+                    )
+                except Exception as err:  # noqa: BLE001 - record and go on with the next point
+                    point["error"] = f"{type(err).__name__}: {str(err)[:400]}"
+                    C.log(f"EP{n} T={t} {path}: FAILED {point['error']}")
+                    traceback.print_exc()
+                results["points"].append(point)
+                C.write_json(args.out / "ep_step.json", results)
+        del w_n
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    pts = [p for p in results["points"] if "median_s" in p]
+    dev = results["device"]
+    eps = sorted({p["ep"] for p in pts})
+    toks = sorted({p["tokens"] for p in pts})
+    paths = sorted({p["path"] for p in pts}, key=lambda s: (s != "fused", s))
+    lines = [
+        f"V4-Flash routed experts (H 4096, I 2048, E 256, K 6, FP8), {dev['count']} x {dev['kind']}, "
+        f"{results['created']}; median step time (tokens/s), T = global tokens per step split over the GPUs; "
+        "`python benchmarks/ep_step.py`.",
+        "",
+        "| path | EP | " + " | ".join(f"T={t}" for t in toks) + " |",
+        "|---|---|" + "---|" * len(toks),
+    ]
+    for path in paths:
+        for n in eps:
+            cells = []
+            for t in toks:
+                p = next((q for q in pts if q["ep"] == n and q["tokens"] == t and q["path"] == path), None)
+                cells.append("" if p is None else f"{C.fmt_time(p['median_s'])} ({p['tokens_per_s'] / 1e3:,.0f}k/s)")
+            if any(cells):
+                lines.append(f"| {path} | {n} | " + " | ".join(cells) + " |")
+    errs = [p for p in results["points"] if "error" in p]
+    if errs:
+        lines += ["", "Failed points: " + "; ".join(f"EP{p['ep']} T={p['tokens']} {p['path']}: {p['error']}" for p in errs)]
+    rels = [p["rel_l2_vs_ep1"] for p in pts if "rel_l2_vs_ep1" in p and p["ep"] > 1]
+    if rels:
+        lines += ["", f"Every EP>1 output vs the EP 1 output on the same tokens: rel. L2 <= {max(rels):.1e}."]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        C.log("matplotlib is not installed: no PNG (plot later with --from-json on a machine that has it)")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [p for p in results["points"] if "median_s" in p]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({(p["path"], p["ep"]) for p in pts}):
+        sel = sorted((p for p in pts if (p["path"], p["ep"]) == key), key=lambda p: p["tokens"])
+        ax.plot([p["tokens"] for p in sel], [p["median_s"] * 1e3 for p in sel], marker="o",
+                label=f"{key[0]} EP{key[1]}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("global tokens per step")
+    ax.set_ylabel("step time (ms)")
+    ax.set_title(f"V4-Flash MoE layer, expert parallel ({results['device']['kind']})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ep", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8])
+    ap.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")], default=list(TOKENS))
+    ap.add_argument("--collective", action="store_true", help="also time ragged all-to-all + single-rank kernel")
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds of timed steps per point")
+    ap.add_argument("--smoke", action="store_true", help="tiny stand-in shape (CPU smoke test)")
+    ap.add_argument("--out", type=Path, default=C.REPO / "benchmarks" / "results")
+    ap.add_argument("--from-json", type=Path)
+    ap.add_argument("--write-results", type=Path)
+    a = ap.parse_args()
+    if a.from_json:
+        import json
+
+        results = json.loads(a.from_json.read_text())
+    else:
+        results = run(a)
+    plot(results, a.out / "ep_step.png")
+    text = table(results)
+    print(text)
+    if a.write_results:
+        C.replace_section(a.write_results, "ep_step", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

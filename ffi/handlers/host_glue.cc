@@ -1,0 +1,182 @@
+#include "handlers/host_glue.h"
+
+#include <dlfcn.h>
+
+#include <map>
+#include <mutex>
+#include <type_traits>
+
+#include "common/status.h"
+
+namespace ffi = xla::ffi;
+
+namespace jmm::host {
+namespace {
+
+struct ExtLoader {
+  DriverExt table;
+  std::string error;
+  bool ok = false;
+};
+
+using GetProcAddressV2 = CUresult (*)(const char*, void**, int, cuuint64_t,
+                                      CUdriverProcAddressQueryResult*);
+
+ExtLoader* load_ext() {
+  auto* L = new ExtLoader();  // intentionally leaked: lives for the process
+  std::string why;
+  if (cuda::driver(&why) == nullptr) {
+    L->error = why;
+    return L;
+  }
+  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (lib == nullptr) {
+    L->error = "libcuda.so.1 could not be loaded";
+    return L;
+  }
+  auto gpa = reinterpret_cast<GetProcAddressV2>(dlsym(lib, "cuGetProcAddress_v2"));
+  std::string missing;
+  const auto get = [&](const char* base, const char* versioned, auto* out) {
+    void* p = nullptr;
+    if (gpa != nullptr) {
+      CUdriverProcAddressQueryResult st = CU_GET_PROC_ADDRESS_SUCCESS;
+      if (gpa(base, &p, 12040, CU_GET_PROC_ADDRESS_DEFAULT, &st) != CUDA_SUCCESS ||
+          st != CU_GET_PROC_ADDRESS_SUCCESS) {
+        p = nullptr;
+      }
+    }
+    if (p == nullptr) p = dlsym(lib, versioned);
+    *out = reinterpret_cast<std::remove_pointer_t<decltype(out)>>(p);
+    if (p == nullptr) missing += missing.empty() ? base : cat(", ", base);
+  };
+  DriverExt& d = L->table;
+  get("cuCtxGetDevice", "cuCtxGetDevice", &d.CtxGetDevice);
+  get("cuCtxEnablePeerAccess", "cuCtxEnablePeerAccess", &d.CtxEnablePeerAccess);
+  get("cuDeviceCanAccessPeer", "cuDeviceCanAccessPeer", &d.DeviceCanAccessPeer);
+  get("cuDeviceGetAttribute", "cuDeviceGetAttribute", &d.DeviceGetAttribute);
+  get("cuMemAlloc", "cuMemAlloc_v2", &d.MemAlloc);
+  get("cuMemFree", "cuMemFree_v2", &d.MemFree);
+  get("cuMemcpyHtoDAsync", "cuMemcpyHtoDAsync_v2", &d.MemcpyHtoDAsync);
+  get("cuMemsetD32Async", "cuMemsetD32Async", &d.MemsetD32Async);
+  get("cuStreamCreate", "cuStreamCreate", &d.StreamCreate);
+  get("cuStreamDestroy", "cuStreamDestroy_v2", &d.StreamDestroy);
+  get("cuStreamSynchronize", "cuStreamSynchronize", &d.StreamSynchronize);
+  get("cuFuncSetAttribute", "cuFuncSetAttribute", &d.FuncSetAttribute);
+  get("cuLaunchKernelEx", "cuLaunchKernelEx", &d.LaunchKernelEx);
+  get("cuTensorMapEncodeTiled", "cuTensorMapEncodeTiled", &d.TensorMapEncodeTiled);
+  get("cuOccupancyMaxActiveClusters", "cuOccupancyMaxActiveClusters",
+      &d.OccupancyMaxActiveClusters);
+  get("cuOccupancyMaxActiveBlocksPerMultiprocessor", "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+      &d.OccupancyMaxActiveBlocksPerMultiprocessor);
+  if (!missing.empty()) {
+    L->error = cat("the CUDA driver lacks ", missing,
+                   "; the jax_megamoe kernels need a CUDA 12.8+ driver (CUDA 13 recommended)");
+    return L;
+  }
+  L->ok = true;
+  return L;
+}
+
+std::mutex g_primary_mu;
+std::map<int32_t, CUcontext> g_primary;  // device ordinal -> retained primary context
+
+}  // namespace
+
+const DriverExt* driver_ext(std::string* error) {
+  static ExtLoader* loader = load_ext();
+  if (!loader->ok) {
+    if (error) *error = loader->error;
+    return nullptr;
+  }
+  return &loader->table;
+}
+
+ffi::Error PrimaryContext(const cuda::Driver* d, int32_t ordinal, CUcontext* out,
+                          const char* target) {
+  std::lock_guard<std::mutex> lock(g_primary_mu);
+  auto it = g_primary.find(ordinal);
+  if (it == g_primary.end()) {
+    CUdevice dev = 0;
+    if (CUresult r = d->DeviceGet(&dev, ordinal); r != CUDA_SUCCESS) {
+      return ffi::Error::Internal(
+          cat(target, ": cuDeviceGet(", ordinal, ") failed: ", cuda::error_string(d, r)));
+    }
+    CUcontext primary = nullptr;
+    if (CUresult r = d->DevicePrimaryCtxRetain(&primary, dev); r != CUDA_SUCCESS) {
+      return ffi::Error::Internal(cat(target, ": cuDevicePrimaryCtxRetain(", ordinal,
+                                      ") failed: ", cuda::error_string(d, r)));
+    }
+    it = g_primary.emplace(ordinal, primary).first;  // kept for the process
+  }
+  *out = it->second;
+  return ffi::Error::Success();
+}
+
+ContextScope::~ContextScope() {
+  if (pushed_) {
+    CUcontext popped = nullptr;
+    d_->CtxPopCurrent(&popped);
+  }
+}
+
+ffi::Error ContextScope::Enter(const cuda::Driver* d, CUstream stream, int32_t device,
+                               CUcontext* ctx_out, const char* target) {
+  d_ = d;
+  CUcontext current = nullptr;
+  if (CUresult r = d->CtxGetCurrent(&current); r != CUDA_SUCCESS) {
+    return ffi::Error::Internal(
+        cat(target, ": cuCtxGetCurrent failed: ", cuda::error_string(d, r)));
+  }
+  CUcontext ctx = nullptr;
+  if (stream != nullptr) {
+    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
+    if (d->StreamIsCapturing(stream, &capture) == CUDA_SUCCESS &&
+        capture == CU_STREAM_CAPTURE_STATUS_NONE && d->StreamGetCtx(stream, &ctx) != CUDA_SUCCESS) {
+      ctx = nullptr;
+    }
+  }
+  if (ctx == nullptr) ctx = current;
+  if (ctx == nullptr) {
+    if (ffi::Error e = PrimaryContext(d, device, &ctx, target); !e.success()) return e;
+  }
+  if (ctx != current) {
+    if (CUresult r = d->CtxPushCurrent(ctx); r != CUDA_SUCCESS) {
+      return ffi::Error::Internal(
+          cat(target, ": cuCtxPushCurrent failed: ", cuda::error_string(d, r)));
+    }
+    pushed_ = true;
+  }
+  *ctx_out = ctx;
+  return ffi::Error::Success();
+}
+
+ffi::Error Begin(CUstream stream, int32_t device, const char* target, ContextScope* scope,
+                 const cuda::Driver** d, const DriverExt** x, CUcontext* ctx) {
+  std::string why;
+  if ((*d = cuda::driver(&why)) == nullptr) return ffi::Error::Internal(cat(target, ": ", why));
+  if ((*x = driver_ext(&why)) == nullptr) return ffi::Error::Internal(cat(target, ": ", why));
+  return scope->Enter(*d, stream, device, ctx, target);
+}
+
+ffi::Error RefuseCapture(const cuda::Driver* d, CUstream stream, const char* target) {
+  CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
+  if (stream != nullptr && d->StreamIsCapturing(stream, &capture) == CUDA_SUCCESS &&
+      capture != CU_STREAM_CAPTURE_STATUS_NONE) {
+    return ffi::Error::Internal(cat(target, ": the initialize stage ran during CUDA-graph capture; "
+                                    "the library's device memory cannot be allocated there"));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error FunctionOf(const cuda::Driver* d, const jit::LoadedKernel& k, CUfunction* fn,
+                      const char* target) {
+  CUresult r = d->KernelGetFunction(fn, k.kernel);
+  if (r == CUDA_SUCCESS && d->FuncLoad != nullptr) r = d->FuncLoad(*fn);
+  if (r != CUDA_SUCCESS) {
+    return ffi::Error::Internal(cat(target, ": loading kernel ", k.symbol,
+                                    " into the context failed: ", cuda::error_string(d, r)));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace jmm::host

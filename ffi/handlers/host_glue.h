@@ -1,0 +1,80 @@
+// Host-side CUDA glue the FFI handlers share (pre_dispatch.cc, mega_moe_sm90.cc,
+// mega_moe_sm100.cc): the driver entry points beyond cuda/driver.h's table, the process-wide
+// primary contexts, the "make the stream's context current" scope, and loading a library kernel
+// into the current context. Everything reports errors as ffi::Error prefixed with the target name.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cuda/driver.h"
+#include "jit/loader.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jmm::host {
+
+// Driver entry points the handlers need beyond cuda/driver.h's table, resolved the same way
+// (cuGetProcAddress with the 12.4 ABI, after cuda::driver() ran cuInit).
+struct DriverExt {
+  decltype(&::cuCtxGetDevice) CtxGetDevice = nullptr;
+  decltype(&::cuCtxEnablePeerAccess) CtxEnablePeerAccess = nullptr;
+  decltype(&::cuDeviceCanAccessPeer) DeviceCanAccessPeer = nullptr;
+  decltype(&::cuDeviceGetAttribute) DeviceGetAttribute = nullptr;
+  decltype(&::cuMemAlloc) MemAlloc = nullptr;
+  decltype(&::cuMemFree) MemFree = nullptr;
+  decltype(&::cuMemcpyHtoDAsync) MemcpyHtoDAsync = nullptr;
+  decltype(&::cuMemsetD32Async) MemsetD32Async = nullptr;
+  decltype(&::cuStreamCreate) StreamCreate = nullptr;
+  decltype(&::cuStreamDestroy) StreamDestroy = nullptr;
+  decltype(&::cuStreamSynchronize) StreamSynchronize = nullptr;
+  decltype(&::cuFuncSetAttribute) FuncSetAttribute = nullptr;
+  decltype(&::cuLaunchKernelEx) LaunchKernelEx = nullptr;
+  decltype(&::cuTensorMapEncodeTiled) TensorMapEncodeTiled = nullptr;
+  decltype(&::cuOccupancyMaxActiveClusters) OccupancyMaxActiveClusters = nullptr;
+  decltype(&::cuOccupancyMaxActiveBlocksPerMultiprocessor) OccupancyMaxActiveBlocksPerMultiprocessor =
+      nullptr;
+};
+
+// The table (loaded once per process), or nullptr with *error saying what is missing.
+const DriverExt* driver_ext(std::string* error);
+
+// The primary context of CUDA device `ordinal`, retained once for the process. XLA's GPU client
+// runs every device in its primary context, so this is the context of XLA's streams.
+xla::ffi::Error PrimaryContext(const cuda::Driver* d, int32_t ordinal, CUcontext* out,
+                               const char* target);
+
+// Makes the stream's context current for the scope (pushing only when needed; popped on exit).
+// While the stream is being captured into a CUDA graph cuStreamGetCtx is unreliable (jaxlib's
+// Triton handler works around the same CUDA bug): the current context is XLA's then. With no
+// context anywhere, the device's primary context.
+class ContextScope {
+ public:
+  ContextScope() = default;
+  ContextScope(const ContextScope&) = delete;
+  ContextScope& operator=(const ContextScope&) = delete;
+  ~ContextScope();
+  xla::ffi::Error Enter(const cuda::Driver* d, CUstream stream, int32_t device, CUcontext* ctx_out,
+                        const char* target);
+
+ private:
+  const cuda::Driver* d_ = nullptr;
+  bool pushed_ = false;
+};
+
+// What every stage needs before it touches the device: the driver tables and the stream's context
+// made current for `scope`'s lifetime.
+xla::ffi::Error Begin(CUstream stream, int32_t device, const char* target, ContextScope* scope,
+                      const cuda::Driver** d, const DriverExt** x, CUcontext* ctx);
+
+// An error when `stream` is being captured into a CUDA graph (the initialize stage allocates and
+// synchronises, which capture forbids).
+xla::ffi::Error RefuseCapture(const cuda::Driver* d, CUstream stream, const char* target);
+
+// The CUfunction of library kernel `k` in the current context, with its module loaded now
+// (cuFuncLoad) so that no lazy load happens later on a launch path.
+xla::ffi::Error FunctionOf(const cuda::Driver* d, const jit::LoadedKernel& k, CUfunction* fn,
+                           const char* target);
+
+}  // namespace jmm::host
