@@ -3,7 +3,11 @@ one GPU, ``ops.mega_moe(backend="ffi")`` at small T over token caps and reserved
 ``in_graph`` (20 calls inside one jitted program: kernel time plus launch gaps) and ``dispatch``
 (one jitted call per step from Python, pipelined, as benchmarks/moe_layer.py times the ffi path).
 
-    python benchmarks/small_t_probe.py [--tokens 1,8] [--caps 128,512,1024] [--reserved 0,2]
+    python benchmarks/small_t_probe.py [--tokens 1,8] [--caps 128,512,1024] [--reserved 0,2] [--graph]
+
+``--graph`` turns XLA's command buffers on for custom calls (``XLA_FLAGS``, before jax starts) and
+times every point twice: the plain target and the command-buffer compatible one
+(``JAX_MEGAMOE_GRAPH_TARGETS=1``), column ``graph``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ if __package__ in (None, ""):
 
 from benchmarks import _common as C  # noqa: E402
 
+if "--graph" in sys.argv:
+    import os
+
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=CUSTOM_CALL,FUSION"
+    )
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -29,6 +40,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=ints, default=[1, 8, 64])
     ap.add_argument("--caps", type=ints, default=[128, 512, 1024])
     ap.add_argument("--reserved", type=ints, default=[0, 2])
+    ap.add_argument("--graph", action="store_true", help="also time the command-buffer (CUDA graph) target")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--from-json", type=Path)
     ap.add_argument("--write-results", type=Path)
@@ -56,7 +68,10 @@ def main() -> int:
         for cap in a.caps:
             if cap < t:
                 continue
-            for r in a.reserved:
+            for r, graph in [(r, g) for r in a.reserved for g in ((False, True) if a.graph else (False,))]:
+                import os
+
+                os.environ["JAX_MEGAMOE_GRAPH_TARGETS"] = "1" if graph else "0"  # read when tracing
                 kw = dict(activation_clamp=10.0, num_max_tokens=cap, reserved_sms=r, backend="ffi")
                 one = jax.jit(lambda x, i, w, ww, kw=kw: ops.mega_moe(x, i, w, ww, **kw))
 
@@ -75,9 +90,10 @@ def main() -> int:
                     jax.block_until_ready(many(x, idx, w, weights))
                     best = min(best, (time.perf_counter() - t0) / 20)
                 timing = C.measure(lambda x, i, w: one(x, i, w, weights), [(x, idx, w)], budget_s=0.5, sample_s=0.05)
-                row = dict(tokens=t, cap=cap, reserved_sms=r, in_graph_us=best * 1e6, dispatch_us=timing.median_s * 1e6)
+                row = dict(tokens=t, cap=cap, reserved_sms=r, graph=graph, in_graph_us=best * 1e6,
+                           dispatch_us=timing.median_s * 1e6)
                 rows.append(row)
-                C.log(f"T={t} cap={cap} reserved={r}: in-graph {best * 1e6:.1f} us/call, "
+                C.log(f"T={t} cap={cap} reserved={r} graph={graph}: in-graph {best * 1e6:.1f} us/call, "
                       f"dispatched {timing.median_s * 1e6:.1f} us/call")
     data = dict(device=C.device_info(), created=C.utc_now(), rows=rows)
     if a.out:
@@ -96,11 +112,12 @@ def table(data: dict) -> str:
         "`ops.mega_moe(backend=\"ffi\")` per call, in-graph (20 calls in one jitted program) vs dispatched "
         "(one jitted call per step). `python benchmarks/small_t_probe.py`.",
         "",
-        "| T | cap | reserved SMs | in-graph | dispatched |",
-        "|---|---|---|---|---|",
+        "| T | cap | reserved SMs | target | in-graph | dispatched |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['tokens']} | {r['cap']} | {r['reserved_sms']} | {r['in_graph_us']:.1f} us | "
+        target = "`_graph` (CUDA graph)" if r.get("graph") else "plain"
+        lines.append(f"| {r['tokens']} | {r['cap']} | {r['reserved_sms']} | {target} | {r['in_graph_us']:.1f} us | "
                      f"{r['dispatch_us']:.1f} us |")
     return "\n".join(lines)
 

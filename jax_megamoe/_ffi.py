@@ -18,6 +18,8 @@ raises them as ``FfiUnavailableError`` when the FFI backend is requested.
 Targets (see ``ffi/handlers/pre_dispatch.h`` for the full contract):
   jax_megamoe_pre_dispatch_sm90, jax_megamoe_pre_dispatch_sm100   plain (not traced into CUDA graphs)
   jax_megamoe_pre_dispatch_sm90_graph, ..._sm100_graph            declare kCmdBufferCompatible
+  jax_megamoe_mega_moe_sm90, jax_megamoe_mega_moe_sm100 (ffi/handlers/mega_moe_sm*.h)
+  jax_megamoe_mega_moe_sm90_graph                                 declares kCmdBufferCompatible
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ TARGETS: dict[str, str] = {
 # (status().targets lists TARGETS only).
 MEGA_TARGETS: dict[str, str] = {
     TARGET_MEGA_MOE_SM90: "jmm_mega_moe_sm90",
+    TARGET_MEGA_MOE_SM90 + GRAPH_SUFFIX: "jmm_mega_moe_sm90_graph",
     TARGET_MEGA_MOE_SM100: "jmm_mega_moe_sm100",
 }
 
@@ -76,6 +79,7 @@ _C_API: dict[str, tuple[Any, tuple[Any, ...]]] = {
     ),
     "jmm_jit_stats": (ctypes.c_int, (ctypes.POINTER(ctypes.c_uint64), ctypes.c_int)),
     "jmm_jit_clear_memory_cache": (None, ()),
+    "jmm_execute_stats": (ctypes.c_int, (ctypes.POINTER(ctypes.c_uint64), ctypes.c_int)),
     "jmm_jit_cache_roots": (ctypes.c_int, (ctypes.c_char_p, ctypes.c_size_t)),
     "jmm_cubin_kernel_symbols": (ctypes.c_int, (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t)),
     "jmm_sha256_hex": (ctypes.c_int, (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t)),
@@ -280,6 +284,16 @@ def jit_stats() -> JitStats:
     arr = (ctypes.c_uint64 * 4)()
     lib.jmm_jit_stats(arr, 4)
     return JitStats(*(int(v) for v in arr))
+
+
+def execute_stats() -> tuple[int, int]:
+    """``(eager, captured)``: how many times the mega-kernel targets' execute stage ran on a stream
+    that was not / was being captured into a CUDA graph. A replayed graph runs no handler, so a
+    graph target that works shows one captured execute and then no growth while it replays."""
+    lib = _check_lib()
+    arr = (ctypes.c_uint64 * 2)()
+    lib.jmm_execute_stats(arr, 2)
+    return int(arr[0]), int(arr[1])
 
 
 def jit_cache_roots() -> list[str]:

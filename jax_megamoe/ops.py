@@ -33,6 +33,10 @@ def graph_targets_enabled() -> bool:
 
     ``JAX_MEGAMOE_GRAPH_TARGETS=1`` opts in: XLA may then capture the custom call into its
     CUDA graphs. The plain targets run outside command buffers (XLA splits the graph there).
+    Read when a call is traced: a function jitted and traced before the variable changed keeps
+    the target it was traced with (set it before the first trace, or jit a fresh function).
+    XLA records custom calls into command buffers only when ``--xla_gpu_enable_command_buffer``
+    lists ``CUSTOM_CALL``; ``jax_megamoe._ffi.execute_stats()`` tells whether that happened.
     """
     return config.parse_bool("JAX_MEGAMOE_GRAPH_TARGETS", os.environ.get("JAX_MEGAMOE_GRAPH_TARGETS", "0"))
 
@@ -306,6 +310,7 @@ def mega_moe_target_call(
     reserved_sms: int,
     num_ranks: int = 1,
     rank_devices: np.ndarray | None = None,
+    graph: bool | None = None,
 ) -> jax.Array:
     """The mega-kernel custom call itself, arguments already validated (:func:`mega_moe`,
     :func:`jax_megamoe.parallel.ep_moe`).
@@ -313,7 +318,8 @@ def mega_moe_target_call(
     ``weights`` hold this rank's ``num_experts / num_ranks`` experts. With ``num_ranks > 1`` (sm_90
     only) ``rank_devices`` is the rank table (CUDA device ordinals, one row of ``num_ranks`` per
     expert-parallel group, see ``ffi/layout/rank_table.h``) and the call must run on every device of
-    the table at once, inside :func:`jax.shard_map`.
+    the table at once, inside :func:`jax.shard_map`. ``graph``: call the command-buffer compatible
+    twin (sm_90); ``None`` follows :func:`graph_targets_enabled`.
     """
     clamp = np.float32(np.inf if activation_clamp is None else activation_clamp)
     arch = config.arch_of_mode(mode)
@@ -328,8 +334,13 @@ def mega_moe_target_call(
     # Ids >= E are skipped, as the reference skips them (the kernel would index past its tables).
     idx = topk_idx.astype(jnp.int32)
     idx = jnp.where(idx < num_experts, idx, jnp.int32(-1))
+    # sm_90: the command-buffer compatible twin with JAX_MEGAMOE_GRAPH_TARGETS=1 (XLA may then
+    # record the launches into its CUDA graphs; see ffi/handlers/mega_moe_sm90.cc).
+    if graph is None:
+        graph = graph_targets_enabled()
+    target = MEGA_MOE_TARGET[arch] + ("_graph" if arch == 9 and graph else "")
     return jax.ffi.ffi_call(
-        MEGA_MOE_TARGET[arch],
+        target,
         jax.ShapeDtypeStruct((t, h), jnp.bfloat16),
         has_side_effect=True,
     )(

@@ -409,7 +409,9 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
         return dispatch_path(mesh, dispatch), None
     reserved = ops._env_int(ops.ENV_RESERVED_SMS, 2)
     table = tuple(tuple(int(v) for v in row) for row in rank_table(mesh, axis))
-    return "fused", (cap, table, reserved)
+    # The graph-target switch is read here and travels as a static argument, so that _ep_moe_jit's
+    # trace cache never hands a plain-target trace to a call made with JAX_MEGAMOE_GRAPH_TARGETS=1.
+    return "fused", (cap, table, reserved, ops.graph_targets_enabled())
 
 
 @partial(jax.jit, static_argnames=("mesh", "axis", "mode", "clamp", "backend", "path", "cap", "chunk", "fused"))
@@ -462,11 +464,11 @@ def _ep_fused_body(x, topk_idx, w, weights, *, axis, mode, clamp, fused, num_exp
     (token, slot) pairs between the GPUs itself. ``w`` already carries routed_scaling_factor."""
     from jax_megamoe import ops
 
-    cap, table, reserved = fused
+    cap, table, reserved, graph = fused
     y = ops.mega_moe_target_call(
         x, topk_idx, w, weights, mode=mode, num_experts=num_experts, capacity=cap, activation_clamp=clamp,
         routed_scaling_factor=1.0, fast_math=True, reserved_sms=reserved, num_ranks=lax.axis_size(axis),
-        rank_devices=np.asarray(table, np.int64),
+        rank_devices=np.asarray(table, np.int64), graph=graph,
     )  # fmt: skip
     return y, jnp.zeros((), jnp.int32)
 

@@ -124,6 +124,24 @@ def test_mega_moe_lowers_to_the_sm90_custom_call():
     assert re.search(r"stablehlo.compare\s+LT, %arg1, .*tensor<7x4xi32>", text), text
 
 
+def test_mega_moe_graph_target_follows_the_environment(monkeypatch):
+    """JAX_MEGAMOE_GRAPH_TARGETS=1 selects the command-buffer compatible sm_90 twin (read at trace
+    time); the sm_100 target has no twin and stays."""
+    x, idx, w = _inputs(5, t=7)
+    weights = _small_weights("fp8")
+    fn = functools.partial(ops.mega_moe, weights=weights, num_max_tokens=200, backend="ffi")
+    monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "1")
+    text = _lower_cuda(lambda x, i, w: fn(x, i, w), x, idx, w)
+    assert "@jax_megamoe_mega_moe_sm90_graph(" in text
+    monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "0")
+    text = _lower_cuda(lambda x, i, w: fn(x, i, w), x, idx, w)
+    assert "@jax_megamoe_mega_moe_sm90(" in text and "_graph" not in text
+    monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "1")
+    x100 = _small_weights("fp8xfp4", seed=4)
+    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, x100, backend="ffi"), x, idx, w)
+    assert "@jax_megamoe_mega_moe_sm100(" in text
+
+
 @pytest.mark.parametrize("mode, kind", [("mxf4xmxf4", 2), ("fp8xfp4", 1)])
 def test_mega_moe_sm100_lowers_to_its_custom_call(mode, kind):
     x, idx, w = _inputs(8, t=9)

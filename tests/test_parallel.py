@@ -219,6 +219,10 @@ def test_fused_auto_env_switch(monkeypatch):
     )
     path, fused = choose(dispatch="auto")
     assert path == "fused" and fused[0] == 1024 and fused[1] == ((jax.devices()[0].id,),) and fused[2] == 2
+    assert fused[3] is False  # JAX_MEGAMOE_GRAPH_TARGETS unset: the plain target
+    monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "1")
+    assert choose(dispatch="auto")[1][3] is True  # part of the static arguments: no stale trace
+    monkeypatch.delenv("JAX_MEGAMOE_GRAPH_TARGETS")
     monkeypatch.setenv("JAX_MEGAMOE_FUSED_EP", "0")
     assert choose(dispatch="auto") == ("dense", None)
     monkeypatch.delenv("JAX_MEGAMOE_FUSED_EP")

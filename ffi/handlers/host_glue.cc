@@ -2,10 +2,12 @@
 
 #include <dlfcn.h>
 
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <type_traits>
 
+#include "common/export.h"
 #include "common/status.h"
 
 namespace ffi = xla::ffi;
@@ -76,6 +78,9 @@ ExtLoader* load_ext() {
   L->ok = true;
   return L;
 }
+
+std::atomic<uint64_t> g_executes_eager{0};
+std::atomic<uint64_t> g_executes_captured{0};
 
 std::mutex g_primary_mu;
 std::map<int32_t, CUcontext> g_primary;  // device ordinal -> retained primary context
@@ -168,6 +173,16 @@ ffi::Error RefuseCapture(const cuda::Driver* d, CUstream stream, const char* tar
   return ffi::Error::Success();
 }
 
+void CountExecute(const cuda::Driver* d, CUstream stream) {
+  CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
+  if (stream != nullptr && d->StreamIsCapturing(stream, &capture) == CUDA_SUCCESS &&
+      capture == CU_STREAM_CAPTURE_STATUS_ACTIVE) {
+    g_executes_captured.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    g_executes_eager.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
 ffi::Error FunctionOf(const cuda::Driver* d, const jit::LoadedKernel& k, CUfunction* fn,
                       const char* target) {
   CUresult r = d->KernelGetFunction(fn, k.kernel);
@@ -180,3 +195,11 @@ ffi::Error FunctionOf(const cuda::Driver* d, const jit::LoadedKernel& k, CUfunct
 }
 
 }  // namespace jmm::host
+
+// [eager executes, executes recorded into a CUDA graph] of the mega-kernel targets since load.
+JMM_EXPORT int jmm_execute_stats(uint64_t* out, int n) {
+  const uint64_t v[2] = {jmm::host::g_executes_eager.load(), jmm::host::g_executes_captured.load()};
+  int i = 0;
+  for (; out != nullptr && i < n && i < 2; ++i) out[i] = v[i];
+  return i;
+}

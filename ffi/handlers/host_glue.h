@@ -72,6 +72,11 @@ xla::ffi::Error Begin(CUstream stream, int32_t device, const char* target, Conte
 // synchronises, which capture forbids).
 xla::ffi::Error RefuseCapture(const cuda::Driver* d, CUstream stream, const char* target);
 
+// Counts the execute stages of the mega-kernel targets by whether XLA's stream was being captured
+// into a CUDA graph (a replayed graph runs no handler at all). Cheap (one query, one atomic add);
+// read through jmm_execute_stats, so tests can tell that a target was really recorded.
+void CountExecute(const cuda::Driver* d, CUstream stream);
+
 // The CUfunction of library kernel `k` in the current context, with its module loaded now
 // (cuFuncLoad) so that no lazy load happens later on a launch path.
 xla::ffi::Error FunctionOf(const cuda::Driver* d, const jit::LoadedKernel& k, CUfunction* fn,

@@ -684,6 +684,7 @@ ffi::Error Execute(CUstream stream, int32_t device, MegaMoeSm100State* st, ffi::
                                     c.cluster_size, ", smem ", c.smem_size,
                                     ") failed: ", cuda::error_string(d, r)));
   }
+  host::CountExecute(d, stream);
   return ffi::Error::Success();
 }
 

@@ -676,6 +676,7 @@ ffi::Error Execute(CUstream stream, int32_t device, MegaMoeSm90State* st, ffi::A
                                     c.cluster_size, ", smem ", c.smem_size,
                                     ") failed: ", cuda::error_string(d, r)));
   }
+  host::CountExecute(d, stream);
   return ffi::Error::Success();
 }
 
@@ -846,3 +847,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_mega_moe_sm90_instantiate, jmm::Instantiate,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_mega_moe_sm90_initialize, jmm::Initialize,
                               JMM_MEGA_INITIALIZE_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_mega_moe_sm90_execute, jmm::Execute, JMM_MEGA_EXECUTE_BINDING);
+
+// `_graph` target: the same code, declared command-buffer compatible, so that XLA may trace the
+// custom call into its CUDA graphs (jax_megamoe.ops uses it with JAX_MEGAMOE_GRAPH_TARGETS=1).
+// Safe because initialize (allocation, zeroing, compilation, module loading, peer access) runs
+// outside any capture and refuses to run inside one, and execute only launches: the two launches
+// and their by-value arguments (buffer TMA descriptors, the pointer table, the weight descriptors
+// encoded on the host from the operands' addresses at trace time) are what the graph records.
+// The persistent kernel carries its barrier state in the symmetric buffer, which DeepGEMM builds
+// for graph replay.
+JMM_EXPORT XLA_FFI_Error* jmm_mega_moe_sm90_graph_instantiate(XLA_FFI_CallFrame*);
+JMM_EXPORT XLA_FFI_Error* jmm_mega_moe_sm90_graph_initialize(XLA_FFI_CallFrame*);
+JMM_EXPORT XLA_FFI_Error* jmm_mega_moe_sm90_graph_execute(XLA_FFI_CallFrame*);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_mega_moe_sm90_graph_instantiate, jmm::Instantiate,
+                              JMM_MEGA_INSTANTIATE_BINDING, {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_mega_moe_sm90_graph_initialize, jmm::Initialize,
+                              JMM_MEGA_INITIALIZE_BINDING, {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_mega_moe_sm90_graph_execute, jmm::Execute,
+                              JMM_MEGA_EXECUTE_BINDING, {ffi::Traits::kCmdBufferCompatible});

@@ -199,3 +199,16 @@ def test_flax_block_with_a_mesh_takes_the_fused_path():
     assert e1 <= REL_TOL and e2 <= REL_TOL, (e1, e2)
     print(f"TABLE flax block|tiny, mesh ep={n}, T=37 -> padded to {t_pad}|fused path|rel_l2 vs 1-GPU kernel="
           f"{e1:.1e}, vs reference={e2:.1e}|{_card()}")
+
+
+def test_fused_inside_cuda_graphs():
+    """JAX_MEGAMOE_GRAPH_TARGETS=1: the multi-rank kernel recorded into each GPU's command buffer
+    replays with the plain target's bits (fresh process: XLA_FLAGS is read once)."""
+    import subprocess
+
+    script = Path(__file__).with_name("ep_graph_check.py")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    line = next(line for line in out.splitlines() if line.startswith("graph "))
+    print("TABLE ep_fused|" + line + f"|{_card()}")

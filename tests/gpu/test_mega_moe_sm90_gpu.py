@@ -342,3 +342,20 @@ def test_v4_pro_shape(t):
 @functools.lru_cache(maxsize=1)
 def _pro_weights():
     return _weights(7, H=7168, I=3072, E=384)
+
+
+
+def test_graph_target_is_captured_and_gives_the_same_bits():
+    """JAX_MEGAMOE_GRAPH_TARGETS=1 with XLA's command buffers on for custom calls: the _graph target
+    lands inside a command buffer and its replays give the plain target's bits (a fresh process,
+    since XLA_FLAGS is read once)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("one_mega_call.py")
+    r = subprocess.run([sys.executable, str(script), "--graph"], capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    line = next(line for line in out.splitlines() if line.startswith("graph "))
+    print("TABLE graph target|" + line + f"|{_card()}")
