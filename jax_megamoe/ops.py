@@ -315,8 +315,8 @@ def mega_moe_target_call(
     """The mega-kernel custom call itself, arguments already validated (:func:`mega_moe`,
     :func:`jax_megamoe.parallel.ep_moe`).
 
-    ``weights`` hold this rank's ``num_experts / num_ranks`` experts. With ``num_ranks > 1`` (sm_90
-    only) ``rank_devices`` is the rank table (CUDA device ordinals, one row of ``num_ranks`` per
+    ``weights`` hold this rank's ``num_experts / num_ranks`` experts. With ``num_ranks > 1``
+    ``rank_devices`` is the rank table (CUDA device ordinals, one row of ``num_ranks`` per
     expert-parallel group, see ``ffi/layout/rank_table.h``) and the call must run on every device of
     the table at once, inside :func:`jax.shard_map`. ``graph``: call the command-buffer compatible
     twin (sm_90); ``None`` follows :func:`graph_targets_enabled`.
@@ -326,11 +326,8 @@ def mega_moe_target_call(
     t, h = x.shape
     # sm_100 only: the MMA kind; the handler applies routed_scaling_factor itself (per-expert scales).
     extra = {"mma_kind": np.int64(_MMA_KIND[mode])} if arch == 10 else {}
-    if arch == 9:
-        table = np.zeros((0,), np.int64) if rank_devices is None else np.asarray(rank_devices, np.int64).reshape(-1)
-        extra.update(num_ranks=np.int64(num_ranks), rank_devices=table)
-    elif num_ranks != 1:
-        raise ValueError(f"num_ranks: {num_ranks}; the sm_100 kernel is wired for one rank only")
+    table = np.zeros((0,), np.int64) if rank_devices is None else np.asarray(rank_devices, np.int64).reshape(-1)
+    extra.update(num_ranks=np.int64(num_ranks), rank_devices=table)
     # Ids >= E are skipped, as the reference skips them (the kernel would index past its tables).
     idx = topk_idx.astype(jnp.int32)
     idx = jnp.where(idx < num_experts, idx, jnp.int32(-1))

@@ -38,17 +38,19 @@ which returns ``(y, dropped)``, ``dropped`` the int32 number of (token, slot) pa
 whole mesh, so a drop is never silent.
 
 **Fused intranode path** (``dispatch="fused"``; what ``"auto"`` takes where it can, see
-:func:`fused_available`): DeepGEMM's multi-rank sm_90 kernel replaces steps 1-4 with one custom call
-per device. The FFI library allocates every rank's symmetric buffer (one per GPU, zeroed once),
-enables peer access between the GPUs, and gives every rank the same pointer table; each device's
-call finds its own rank from the rank table (:func:`rank_table`, CUDA device ordinals per
-expert-parallel group) and launches the kernel every step, also when none of its tokens is routed.
-The kernel then dispatches over NVLink loads/stores, runs the local experts and writes each result
-into the source rank's combine slots: no XLA collective at all. Conditions: one process driving
-every device of the mesh, sm_90 GPUs with peer access, mode ``"fp8"``, ``T/n <= num_max_tokens``.
-Numerically it is the single-device FFI kernel (the same per-token quantisation and the same
-combine order), so it matches the reference to the kernel's tolerance (rel. L2 ~5e-3), not bit for
-bit. ``JAX_MEGAMOE_FUSED_EP=0`` keeps ``"auto"`` on the collective path.
+:func:`fused_available` and :func:`ep_path`): DeepGEMM's multi-rank Mega MoE kernel replaces steps
+1-4 with one custom call per device. The FFI library allocates every rank's symmetric buffer (one
+per GPU, zeroed once), enables peer access between the GPUs, and gives every rank the same pointer
+table; each device's call finds its own rank from the rank table (:func:`rank_table`, CUDA device
+ordinals per expert-parallel group) and launches the kernel every step, also when none of its
+tokens is routed. The kernel then dispatches over NVLink loads/stores, runs the local experts and
+writes each result into the source rank's combine slots: no XLA collective at all. Conditions: one
+process driving every device of the mesh, GPUs of the mode's architecture with peer access,
+``T/n <= num_max_tokens``. sm_90 (``"fp8"``): run on 2 x H200, the same bits as the single-GPU
+kernel, so within the kernel's tolerance of the reference (rel. L2 ~5e-3), not bit for bit. sm_100
+(``"fp8xfp4"``, ``"mxf4xmxf4"``): wired the same way, compile-checked, never run (no B200);
+``"auto"`` takes it only with ``JAX_MEGAMOE_SM100_MEGA=1``. ``JAX_MEGAMOE_FUSED_EP=0`` keeps
+``"auto"`` on the collective path.
 """
 
 from __future__ import annotations
@@ -151,14 +153,16 @@ def rank_table(mesh: Any, axis: str = "ep") -> np.ndarray:
 
 
 def fused_available(mesh: Any, axis: str = "ep", mode: str = "fp8") -> tuple[bool, str]:
-    """``(True, "")`` where :func:`ep_moe` can run the fused intranode kernel on ``mesh``, else
-    ``(False, why)``: one process drives every device of the mesh, all are sm_90 GPUs, ``mode`` is
-    ``"fp8"`` and the FFI library is registered. (Peer access between the GPUs is checked by the
-    library when it first allocates the buffers; without it the call fails with a clear error.)
+    """``(True, "")`` where :func:`ep_moe` can run the fused intranode kernel on ``mesh`` for
+    ``mode``, else ``(False, why)``: one process drives every device of the mesh, all are GPUs of the
+    mode's architecture (sm_90 for ``"fp8"``, sm_100 for ``"fp8xfp4"``/``"mxf4xmxf4"``) and the FFI
+    library is registered. (Peer access between the GPUs is checked by the library when it first
+    allocates the buffers; without it the call fails with a clear error.) ``dispatch="auto"``
+    additionally needs ``JAX_MEGAMOE_SM100_MEGA=1`` for the sm_100 modes: that kernel has never run
+    on a B200 here.
     """
     _axis_size(mesh, axis)  # names a bad mesh or axis
-    if mode != "fp8":
-        return False, f"mode {mode!r}: the fused multi-rank kernel is wired for sm_90 'fp8' only"
+    arch = config.arch_of_mode(mode)
     if isinstance(mesh, jax.sharding.AbstractMesh):
         return False, "an AbstractMesh has no devices"
     devices = list(mesh.devices.flat)
@@ -169,8 +173,10 @@ def fused_available(mesh: Any, axis: str = "ep", mode: str = "fp8") -> tuple[boo
         return False, "the mesh spans several processes; the fused path needs one process driving every GPU"
     for d in devices:
         cc = str(getattr(d, "compute_capability", "") or "")
-        if not cc.startswith("9."):
-            return False, f"device {d.id} has compute capability {cc or '?'}; the fused kernel needs sm_90 (H100/H200)"
+        if not cc.startswith(f"{arch}."):
+            return False, (
+                f"device {d.id} has compute capability {cc or '?'}; mode {mode!r} runs the sm_{arch}0 kernel"
+            )
     from jax_megamoe import ops
 
     ok, reason = ops._ffi_ready()
@@ -380,7 +386,7 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
         raise ValueError(f"num_max_tokens: {num_max_tokens!r} must be a Python int >= 1 (tokens per rank)")
     else:
         cap = int(num_max_tokens)
-    cap = config.align_token_cap(cap, "fp8") if mode == "fp8" else cap
+    cap = config.align_token_cap(cap, mode)
     if dispatch == "fused":
         if backend == "reference":
             raise ValueError("dispatch: 'fused' runs the FFI kernel; backend='reference' cannot run it")
@@ -388,7 +394,7 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
             raise ValueError("capacity: applies to the collective dispatch; the fused kernel never drops pairs")
         ok, why = fused_available(mesh, axis, mode)
         platform = _platform(mesh)
-        if not ok and (mode != "fp8" or platform == "gpu" or isinstance(mesh, jax.sharding.AbstractMesh)):
+        if not ok and (platform == "gpu" or isinstance(mesh, jax.sharding.AbstractMesh)):
             raise ValueError(f"dispatch: 'fused' cannot run here: {why}")
         # (no GPU at all: allowed, so a jitted call still lowers for cuda on a CPU-only machine)
         if tokens_per_device > cap:
@@ -402,6 +408,7 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
             and capacity is None
             and tokens_per_device <= cap
             and _fused_wanted()
+            and (mode == "fp8" or ops.sm100_mega_opted_in())  # the sm_100 kernel: opt-in, never run here
             and fused_available(mesh, axis, mode)[0]
         ):
             dispatch = "fused"

@@ -233,6 +233,18 @@ def run_fused_lowering(devs) -> None:
         and not re.search(r"all_to_all|all_gather|ragged", text)
     )
     check("fused_lowers_for_cuda", ok, line[:200] if not ok else f"table={table.tolist()}")
+    # sm_100 (never run: compile-checked only): the same entry reaches the sm_100 target, 8 ranks.
+    mesh8 = jax.make_mesh((8,), ("ep",), devices=devs)
+    w4 = make_weights("mxf4xmxf4")
+    x8, idx8, wt8 = make_routing(8, w4.num_experts, seed=8)
+    f4 = jax.jit(lambda a, b, c, ww: parallel.ep_moe(a, b, c, ww, mesh=mesh8, mode="mxf4xmxf4", dispatch="fused"))
+    specs = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in (x8, idx8, wt8)]
+    text4 = f4.trace(*specs, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w4)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    line4 = next((ln for ln in text4.splitlines() if "@jax_megamoe_mega_moe_sm100" in ln), "")
+    ok4 = ("num_ranks = 8" in line4 and "mma_kind = 2" in line4 and "capacity = 1920" in line4
+           and "tensor<2x512x256xui8>" in line4 and not re.search(r"all_to_all|ragged", text4))
+    check("fused_sm100_lowers_for_cuda", ok4, line4[:300])
     # On CPU devices "auto" keeps the collective path; the reason is named.
     path = parallel.ep_path(mesh, "ep", "fp8", 8)
     avail, why = parallel.fused_available(mesh, "ep", "fp8")

@@ -146,6 +146,20 @@ def test_cached_and_errors(compiled):
         render(lib, *FLASH, 3, T, NUM_SMS, math.inf, 1)
 
 
+@pytest.mark.parametrize("kind", [MXFP4])
+def test_multi_rank_instantiation_compiles(compiled, kind):
+    """Fused expert parallelism on B200s (V4-Flash over 8 ranks, 32 experts each): the SymBuffer<8>
+    the handler passes by value matches the kernel's signature, and it compiles. Never run."""
+    lib = compiled[0]
+    args = (8, *FLASH[1:], kind, T, NUM_SMS, 10.0, 1)
+    src = render(lib, *args)
+    assert "deep_gemm::layout::SymBuffer<8u>" in src and "SymBuffer<1u>" not in src
+    assert ", 148u, 8u, 0x1.4p+3f," in src  # kNumSMs, kNumRanks, kActivationClamp
+    cubin = compile_(lib, *args)
+    syms = _ffi.cubin_kernel_symbols(cubin)
+    assert len(syms) == 1 and "ELj148ELj8E" in syms[0], syms
+
+
 def test_matrix_tool_smoke(compiled, capsys, tmp_path):
     """tools/compile_sm100_matrix.py on the configuration compiled above (served by the JIT cache)."""
     import importlib.util
@@ -205,7 +219,8 @@ def _run_on_cpu(lib, **overrides) -> str:
     t = 3
     attrs = dict(hidden=np.int64(H), intermediate=np.int64(I), num_experts=np.int64(E), top_k=np.int64(K),
                  capacity=np.int64(P), activation_clamp=np.float32(np.inf), fast_math=True, num_sms=np.int64(0),
-                 reserved_sms=np.int64(0), routed_scaling_factor=np.float32(1.0), mma_kind=np.int64(MXFP4))
+                 reserved_sms=np.int64(0), routed_scaling_factor=np.float32(1.0), mma_kind=np.int64(MXFP4),
+                 num_ranks=np.int64(1), rank_devices=np.zeros((0,), np.int64))
     attrs.update(overrides)
     target = _cpu_target(lib)
     f = jax.jit(lambda *a: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((t, H), jnp.bfloat16),
@@ -253,4 +268,18 @@ def test_instantiate_validates_attributes(compiled, override, expect):
 
     typed = {k: (np.float32(v) if isinstance(v, float) else np.int64(v)) for k, v in override.items()}
     msg = _run_on_cpu(compiled[0], **typed)
+    assert "INVALID_ARGUMENT" in msg and expect in msg, msg
+
+
+@pytest.mark.parametrize("ranks,table,expect", [
+    (0, [], "num_ranks=0"),
+    (33, list(range(33)), "num_ranks=33"),
+    (2, [0], "rank_devices has 1 entries"),
+    (2, [3, 3], "lists CUDA device 3 twice"),
+    (3, [0, 1, 2], "num_ranks=3"),  # E=16 is not divisible by 3 ranks
+])
+def test_instantiate_validates_rank_table(compiled, ranks, table, expect):
+    import numpy as np
+
+    msg = _run_on_cpu(compiled[0], num_ranks=np.int64(ranks), rank_devices=np.asarray(table, np.int64))
     assert "INVALID_ARGUMENT" in msg and expect in msg, msg

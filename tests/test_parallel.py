@@ -38,6 +38,7 @@ SINGLE_CHECKS = (
     "exact_capacity_no_drop",
     "ragged_on_cpu_error",
     "fused_lowers_for_cuda",
+    "fused_sm100_lowers_for_cuda",
     "fused_auto_on_cpu_is_collective",
     "block_mesh",
 )
@@ -192,8 +193,6 @@ def test_error_fused_dispatch():
     """dispatch='fused' insists on the kernel: every way it cannot run is one clear error."""
     cpu = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
     fp8 = (*_inputs(32), _weights("fp8"))
-    with pytest.raises(ValueError, match=r"dispatch: 'fused' cannot run here: mode 'fp8xfp4'.*sm_90 'fp8' only"):
-        parallel.ep_moe(*_inputs(32), _weights(), mesh=cpu, mode="fp8xfp4", dispatch="fused")
     with pytest.raises(ValueError, match=r"dispatch: 'fused' cannot run here: an AbstractMesh has no devices"):
         parallel.ep_moe(*fp8, mesh=_mesh(4), mode="fp8", dispatch="fused")
     with pytest.raises(ValueError, match=r"capacity: applies to the collective dispatch"):
@@ -208,6 +207,8 @@ def test_error_fused_dispatch():
         parallel.dispatch_path(cpu, "fused")
     ok, why = parallel.fused_available(cpu, "ep", "fp8")
     assert not ok and "'cpu', not CUDA GPUs" in why
+    # sm_100 modes: "auto" needs the opt-in on top (that kernel has never run on a B200 here)
+    assert parallel.ep_path(cpu, "ep", "fp8xfp4", 8) == "dense"
 
 
 def test_fused_auto_env_switch(monkeypatch):
@@ -230,6 +231,9 @@ def test_fused_auto_env_switch(monkeypatch):
     assert choose(dispatch="auto", capacity=4) == ("dense", None)  # a capacity asks for the collective
     assert parallel.ep_path(cpu, "ep", "fp8", 2048) == "dense"  # over the per-rank cap
     assert parallel.ep_path(cpu, "ep", "fp8", 2048, num_max_tokens=4096) == "fused"
+    assert parallel.ep_path(cpu, "ep", "fp8xfp4", 8) == "dense"  # sm_100 kernel: opt-in only
+    monkeypatch.setenv("JAX_MEGAMOE_SM100_MEGA", "1")
+    assert parallel.ep_path(cpu, "ep", "mxf4xmxf4", 8) == "fused"
 
 
 def test_dispatch_path_and_capacity():

@@ -18,6 +18,8 @@
 #include "cuda/driver.h"
 #include "handlers/buffer_checks.h"
 #include "handlers/host_glue.h"
+#include "handlers/symmetric.h"
+#include "layout/rank_table.h"
 #include "jit/compiler.h"
 #include "jit/kernels.h"
 #include "jit/loader.h"
@@ -97,33 +99,8 @@ ffi::Error FillSync(const cuda::Driver* d, const DriverExt* x, const DeviceMemor
   return ffi::Error::Success();
 }
 
-// (ctx, E, P, K, H, I, num_sms, ranks, mma_kind)
-using BufferKey =
-    std::tuple<CUcontext, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 std::mutex g_registry_mu;
-std::map<BufferKey, std::weak_ptr<DeviceMemory>> g_buffers;
 std::map<CUcontext, std::weak_ptr<DeviceMemory>> g_locality_tables;
-
-// Finds or creates (allocate + zero once, synchronously on a private stream) the symmetric buffer.
-ffi::ErrorOr<std::shared_ptr<DeviceMemory>> AcquireBuffer(const cuda::Driver* d,
-                                                          const DriverExt* x, CUcontext ctx,
-                                                          const BufferKey& key, uint64_t bytes) {
-  std::lock_guard<std::mutex> lock(g_registry_mu);
-  if (auto it = g_buffers.find(key); it != g_buffers.end()) {
-    if (auto alive = it->second.lock()) return alive;
-  }
-  auto buf = std::make_shared<DeviceMemory>();
-  // 16-byte multiple so that the 32-bit memset covers every byte (regions are 16-aligned).
-  if (ffi::Error e = Allocate(d, x, ctx, (bytes + 15) / 16 * 16, "symmetric buffer", buf.get());
-      !e.success()) {
-    return ffi::Unexpected<ffi::Error>(e);
-  }
-  if (ffi::Error e = FillSync(d, x, *buf, 0u, "symmetric buffer (zeroing)"); !e.success()) {
-    return ffi::Unexpected<ffi::Error>(e);
-  }
-  g_buffers[key] = buf;
-  return buf;
-}
 
 // The context's sm_locality_domains table (u8, one balanced entry per physical SM), built once.
 ffi::ErrorOr<std::shared_ptr<DeviceMemory>> AcquireLocalityTable(const cuda::Driver* d,
@@ -272,7 +249,8 @@ struct MegaMoeSm100Device {
   std::shared_ptr<const jit::LoadedKernel> mega;
   CUfunction mega_fn = nullptr;
   CUfunction pre_fn = nullptr;
-  std::shared_ptr<DeviceMemory> buffer;
+  int64_t rank = 0;                             // this device's rank in its group
+  std::shared_ptr<host::SymmetricGroup> buffer;  // the group's buffers; this rank's is ptr[rank]
   std::shared_ptr<DeviceMemory> locality;
   std::unique_ptr<DeviceMemory> expert_scales;  // f32 [E] = routed_scaling_factor, or null
   jit::Sm100SymBuffer sym{};
@@ -304,7 +282,8 @@ ffi::Error ValidateBuffers(const MegaMoeSm100State* st, const ffi::AnyBuffer& x,
                            const ffi::AnyBuffer& l1, const ffi::AnyBuffer& l1_sf,
                            const ffi::AnyBuffer& l2, const ffi::AnyBuffer& l2_sf,
                            const ffi::AnyBuffer& y, int64_t* t_out) {
-  const int64_t H = st->shape.hidden, I = st->shape.intermediate, E = st->shape.num_experts;
+  const int64_t H = st->shape.hidden, I = st->shape.intermediate;
+  const int64_t E = st->shape.num_experts / st->shape.num_ranks;  // the weights hold this rank's experts
   const int64_t K = st->shape.top_k, P = st->shape.capacity;
   const auto xd = x.dimensions();
   if (x.element_type() != ffi::DataType::BF16 || xd.size() != 2 || xd[1] != H) {
@@ -331,23 +310,30 @@ ffi::Error ValidateBuffers(const MegaMoeSm100State* st, const ffi::AnyBuffer& x,
 ffi::ErrorOr<std::unique_ptr<MegaMoeSm100State>> Instantiate(
     int64_t hidden, int64_t intermediate, int64_t num_experts, int64_t top_k, int64_t capacity,
     float activation_clamp, bool fast_math, int64_t num_sms, int64_t reserved_sms, float rsf,
-    int64_t mma_kind) {
+    int64_t mma_kind, int64_t num_ranks, ffi::Span<const int64_t> rank_devices) {
   const auto invalid = [](std::string m) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(cat(kTarget, ": ", m)));
   };
+  std::string why;
+  if (num_ranks > 32) {  // the sm_90 kernel's limit; the sm_100 one takes 72, the table code 32
+    return invalid(cat("attribute num_ranks=", num_ranks, " must be in [1, 32]"));
+  }
+  if (!layout::rank_table_valid(rank_devices.begin(), static_cast<int64_t>(rank_devices.size()),
+                                num_ranks, &why)) {
+    return invalid(why);
+  }
   if (mma_kind != layout::kSm100MmaMXFP8FP4 && mma_kind != layout::kSm100MmaMXFP4) {
     return invalid(cat("attribute mma_kind=", mma_kind,
                        " must be 1 (MXFP8FP4, fp8xfp4) or 2 (MXFP4, mxf4xmxf4)"));
   }
   layout::Sm100MegaShape shape;
-  shape.num_ranks = 1;
+  shape.num_ranks = num_ranks;
   shape.num_experts = num_experts;
   shape.capacity = capacity;
   shape.top_k = top_k;
   shape.hidden = hidden;
   shape.intermediate = intermediate;
   shape.mma_kind = mma_kind;
-  std::string why;
   if (!layout::sm100_mega_shape_valid(shape, &why)) return invalid(why);
   if (std::isnan(activation_clamp) || activation_clamp < 0.0f) {
     return invalid(cat("attribute activation_clamp=", activation_clamp,
@@ -370,6 +356,7 @@ ffi::ErrorOr<std::unique_ptr<MegaMoeSm100State>> Instantiate(
   if (!pre) return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(cat(kTarget, ": ", why)));
   auto st = std::make_unique<MegaMoeSm100State>();
   st->shape = shape;
+  st->rank_devices.assign(rank_devices.begin(), rank_devices.end());
   st->activation_clamp = activation_clamp;
   st->fast_math = fast_math;
   st->num_sms_attr = num_sms;
@@ -465,13 +452,23 @@ ffi::Error Prepare(const cuda::Driver* d, const DriverExt* x, MegaMoeSm100State*
     }
   }
 
-  // Symmetric buffer (shared through the registry), locality table (per context).
-  const BufferKey key{ctx, st->shape.num_experts, st->shape.capacity, st->shape.top_k,
-                      st->shape.hidden, st->shape.intermediate, c.num_sms, st->shape.num_ranks,
-                      st->shape.mma_kind};
-  auto buf = AcquireBuffer(d, x, ctx, key, l.num_bytes);
-  if (buf.has_error()) return buf.error();
-  e->buffer = std::move(buf.value());
+  // This device's rank and its group's symmetric buffers (allocated for the whole group at
+  // once, see handlers/symmetric.h), then the locality table (per context).
+  host::RankPlacement placement;
+  if (ffi::Error err = host::ResolveGroup(d, x, ctx, dev, st->shape.num_ranks,
+                                          st->rank_devices.data(),
+                                          static_cast<int64_t>(st->rank_devices.size()), kTarget,
+                                          &placement);
+      !err.success()) {
+    return err;
+  }
+  const std::vector<int64_t> config{100,          st->shape.num_experts, st->shape.capacity,
+                                    st->shape.top_k, st->shape.hidden,   st->shape.intermediate,
+                                    c.num_sms,    st->shape.num_ranks,   st->shape.mma_kind};
+  auto group = host::AcquireGroup(d, x, placement, config, l.num_bytes, kTarget);
+  if (group.has_error()) return group.error();
+  e->buffer = std::move(group.value());
+  e->rank = placement.rank;
   auto table = AcquireLocalityTable(d, x, ctx, sm_count);
   if (table.has_error()) return table.error();
   e->locality = std::move(table.value());
@@ -490,11 +487,13 @@ ffi::Error Prepare(const cuda::Driver* d, const DriverExt* x, MegaMoeSm100State*
       return err;
     }
   }
-  const CUdeviceptr base = e->buffer->ptr;
+  const CUdeviceptr base = e->buffer->ptr[e->rank];
   std::memset(&e->sym, 0, sizeof(e->sym));
   e->sym.base = static_cast<int64_t>(base);
-  e->sym.offsets[0] = 0;  // single rank: pointer table [own ptr]
-  e->sym.rank_idx = 0;
+  for (size_t r = 0; r < e->buffer->ptr.size(); ++r) {  // offsets[r] = ptr[r] - own ptr
+    e->sym.offsets[r] = static_cast<int64_t>(e->buffer->ptr[r]) - static_cast<int64_t>(base);
+  }
+  e->sym.rank_idx = static_cast<uint32_t>(e->rank);
 
   // Descriptors of the buffer's slices (fixed for the entry's lifetime).
   e->plans = sm100_tensor_map_plans(c, l);
@@ -589,7 +588,7 @@ ffi::Error Execute(CUstream stream, int32_t device, MegaMoeSm100State* st, ffi::
 
   // 1. Pre-dispatch into the buffer's input slots (x, x_sf, topk_idx, topk_weights; P rows).
   const int64_t H = c.hidden, K = c.top_k, P = c.num_max_tokens_per_rank;
-  const CUdeviceptr base = e->buffer->ptr;
+  const CUdeviceptr base = e->buffer->ptr[e->rank];
   {
     jit::Sm100PreDispatchArgs a{
         x.untyped_data(),
@@ -868,7 +867,9 @@ JMM_EXPORT int jmm_sm100_locality_table(int64_t sm_count, uint8_t* out, int n) {
       .Attr<int64_t>("num_sms")                   \
       .Attr<int64_t>("reserved_sms")              \
       .Attr<float>("routed_scaling_factor")       \
-      .Attr<int64_t>("mma_kind")
+      .Attr<int64_t>("mma_kind")                  \
+      .Attr<int64_t>("num_ranks")                 \
+      .Attr<ffi::Span<const int64_t>>("rank_devices")
 #define JMM_MEGA100_BUFFERS                       \
   .Arg<ffi::AnyBuffer>() /* x */                  \
       .Arg<ffi::AnyBuffer>() /* topk_idx */       \

@@ -12,7 +12,8 @@
 //
 //   jax_megamoe_mega_moe_sm100
 //
-// Operands: x bf16[T,H], topk_idx s32[T,K], topk_weights f32[T,K],
+// Operands: x bf16[T,H], topk_idx s32[T,K] (global expert ids), topk_weights f32[T,K], and
+//           this rank's E_l = E / num_ranks experts (E below means E_l):
 //           l1 u8[E,2I,H/2] (packed E2M1; gate/up rows interleaved for the mode: gran-16
 //           packed for mxf4xmxf4, gran-8 for fp8xfp4), l1_sf s32[E,H/128,2I] (UE8M0 x4,
 //           MN-major, UTCCP-transposed rows), l2 u8[E,H,I/2], l2_sf s32[E,I/128,H]
@@ -24,7 +25,10 @@
 //   reserved_sms i64 (>= 0), routed_scaling_factor f32 (finite; the sm_100 pre-dispatch kernel
 //   has no scaling factor: it is applied through the kernel's per-expert scale array, i.e.
 //   topk_weights * rsf in f32, the same product as on sm_90), mma_kind i64 (1 = MXFP8FP4 =
-//   fp8xfp4, 2 = MXFP4 = mxf4xmxf4).
+//   fp8xfp4, 2 = MXFP4 = mxf4xmxf4), num_ranks i64 (1..32) and rank_devices i64 array (the
+//   rank table of layout/rank_table.h), as for jax_megamoe_mega_moe_sm90: expert parallelism
+//   over the GPUs of one process (jax_megamoe.parallel.ep_moe, dispatch "fused"), with the
+//   shared symmetric-group code of handlers/symmetric.h. Never run with more than one rank either.
 //
 // Stages:
 //   instantiate  validate the attributes; JIT-compile and load the sm_100 pre-dispatch kernel
@@ -47,11 +51,10 @@
 //                allocation, synchronisation, compilation or module loading. T == 0 is a no-op.
 //                If initialize did not run for this device and T, execute fails.
 //
-// Symmetric buffer registry: one buffer per (CUDA context, E, P, K, H, I, num_sms, ranks,
-// mma_kind), shared by every call site and executable with that configuration (shared_ptr;
-// cuMemFree when the last state using it dies). Calls sharing a buffer must not run
-// concurrently (they are ordered on one XLA stream in practice). Single rank: kNumRanks = 1,
-// pointer table [own ptr].
+// Symmetric buffers: handlers/symmetric.h, one group per (contexts of the ranks, E, P, K, H, I,
+// num_sms, ranks, mma_kind), shared by every call site and executable with that configuration.
+// Calls sharing a buffer must not run concurrently (they are ordered on one XLA stream in
+// practice). Single rank: kNumRanks = 1, pointer table [own ptr].
 #pragma once
 
 #include <array>
@@ -77,6 +80,7 @@ struct MegaMoeSm100State {
   int64_t num_sms_attr = 0;
   int64_t reserved_sms = 0;
   float routed_scaling_factor = 1.0f;
+  std::vector<int64_t> rank_devices;  // layout/rank_table.h; empty: one rank, the calling device
   std::shared_ptr<const jit::LoadedKernel> pre_dispatch;
 
   static constexpr int kMaxDevices = 64;

@@ -10,6 +10,7 @@
 
 #include "handlers/buffer_checks.h"
 #include "handlers/host_glue.h"
+#include "handlers/symmetric.h"
 #include "common/export.h"
 #include "common/status.h"
 #include "cuda/driver.h"
@@ -28,137 +29,6 @@ constexpr const char* kTarget = "jax_megamoe_mega_moe_sm90";
 
 using host::driver_ext;
 using host::DriverExt;
-
-// ---------------------------------------------------------------------------
-// Symmetric buffers: library-owned device memory, process-wide. One group per (devices of the
-// ranks, configuration): one buffer per rank, each on its rank's device, all the same size, all
-// zeroed before any rank may launch, with peer access enabled between every pair of the group's
-// contexts. A single rank is a group of one.
-// ---------------------------------------------------------------------------
-struct SymmetricGroup {
-  std::vector<CUcontext> ctx;    // per rank: the context the buffer lives in (XLA's)
-  std::vector<CUdevice> device;  // per rank
-  std::vector<CUdeviceptr> ptr;  // per rank (0: not allocated)
-  uint64_t bytes = 0;
-  ~SymmetricGroup() {
-    const cuda::Driver* d = cuda::driver(nullptr);
-    const DriverExt* x = driver_ext(nullptr);
-    if (d == nullptr || x == nullptr) return;
-    for (size_t r = 0; r < ptr.size(); ++r) {
-      // cuMemFree synchronises with the device work that may still use the buffer.
-      if (ptr[r] == 0 || d->CtxPushCurrent(ctx[r]) != CUDA_SUCCESS) continue;
-      x->MemFree(ptr[r]);
-      CUcontext popped = nullptr;
-      d->CtxPopCurrent(&popped);
-    }
-  }
-};
-
-// (contexts of the ranks in rank order, E, P, K, H, I, num_sms, ranks)
-using GroupKey = std::tuple<std::vector<CUcontext>, int64_t, int64_t, int64_t, int64_t, int64_t,
-                            int64_t, int64_t>;
-std::mutex g_registry_mu;
-std::map<GroupKey, std::weak_ptr<SymmetricGroup>> g_registry;
-
-// Allocates and zeroes (synchronously, on a private stream) one rank's buffer in its context.
-ffi::Error AllocateZeroed(const cuda::Driver* d, const DriverExt* x, SymmetricGroup* g, size_t r) {
-  if (CUresult rc = d->CtxPushCurrent(g->ctx[r]); rc != CUDA_SUCCESS) {
-    return ffi::Error::Internal(cat(kTarget, ": cuCtxPushCurrent for rank ", r, " failed: ",
-                                    cuda::error_string(d, rc)));
-  }
-  CUresult rc = x->MemAlloc(&g->ptr[r], static_cast<size_t>(g->bytes));
-  if (rc != CUDA_SUCCESS) {
-    g->ptr[r] = 0;
-    CUcontext popped = nullptr;
-    d->CtxPopCurrent(&popped);
-    return ffi::Error::Internal(
-        cat(kTarget, ": cuMemAlloc of the ", g->bytes, "-byte symmetric buffer of rank ", r,
-            " (CUDA device ", g->device[r], ") failed: ", cuda::error_string(d, rc),
-            " (leave room next to XLA's pool: XLA_PYTHON_CLIENT_MEM_FRACTION or "
-            "XLA_PYTHON_CLIENT_PREALLOCATE=false)"));
-  }
-  CUstream s = nullptr;
-  rc = x->StreamCreate(&s, CU_STREAM_NON_BLOCKING);
-  if (rc == CUDA_SUCCESS) rc = d->MemsetD8Async(g->ptr[r], 0, static_cast<size_t>(g->bytes), s);
-  if (rc == CUDA_SUCCESS) rc = x->StreamSynchronize(s);
-  if (s != nullptr) x->StreamDestroy(s);
-  CUcontext popped = nullptr;
-  d->CtxPopCurrent(&popped);
-  if (rc != CUDA_SUCCESS) {
-    return ffi::Error::Internal(cat(kTarget, ": zeroing the symmetric buffer of rank ", r,
-                                    " failed: ", cuda::error_string(d, rc)));
-  }
-  return ffi::Error::Success();
-}
-
-// Lets every rank's context reach every other rank's buffer (NVLink / PCIe peer access).
-ffi::Error EnablePeerAccess(const cuda::Driver* d, const DriverExt* x, const SymmetricGroup& g) {
-  const size_t n = g.ctx.size();
-  for (size_t i = 0; i < n; ++i) {
-    for (size_t j = 0; j < n; ++j) {
-      if (i == j || g.ctx[i] == g.ctx[j]) continue;
-      int can = 0;
-      if (CUresult rc = x->DeviceCanAccessPeer(&can, g.device[i], g.device[j]);
-          rc != CUDA_SUCCESS || can == 0) {
-        return ffi::Error::InvalidArgument(
-            cat(kTarget, ": CUDA device ", g.device[i], " cannot access the memory of device ",
-                g.device[j], rc != CUDA_SUCCESS ? cat(" (", cuda::error_string(d, rc), ")") : "",
-                "; the fused expert-parallel kernel needs peer access (NVLink) between all ranks; "
-                "use ep_moe's collective dispatch ('ragged' or 'dense') instead"));
-      }
-    }
-  }
-  for (size_t i = 0; i < n; ++i) {
-    if (CUresult rc = d->CtxPushCurrent(g.ctx[i]); rc != CUDA_SUCCESS) {
-      return ffi::Error::Internal(cat(kTarget, ": cuCtxPushCurrent failed: ",
-                                      cuda::error_string(d, rc)));
-    }
-    ffi::Error err = ffi::Error::Success();
-    for (size_t j = 0; j < n && err.success(); ++j) {
-      if (i == j || g.ctx[i] == g.ctx[j]) continue;
-      CUresult rc = x->CtxEnablePeerAccess(g.ctx[j], 0);
-      if (rc != CUDA_SUCCESS && rc != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) {
-        err = ffi::Error::Internal(cat(kTarget, ": cuCtxEnablePeerAccess(device ", g.device[i],
-                                       " -> device ", g.device[j], ") failed: ",
-                                       cuda::error_string(d, rc)));
-      }
-    }
-    CUcontext popped = nullptr;
-    d->CtxPopCurrent(&popped);
-    if (!err.success()) return err;
-  }
-  return ffi::Error::Success();
-}
-
-// Finds or creates the group for `key`: every rank's buffer allocated and zeroed, peer access
-// enabled, all before this returns, so no rank can launch against an unzeroed peer. Called from
-// initialize only (outside any graph capture); the first rank to get here does the work for all.
-ffi::ErrorOr<std::shared_ptr<SymmetricGroup>> AcquireGroup(const cuda::Driver* d,
-                                                           const DriverExt* x,
-                                                           const std::vector<CUdevice>& devices,
-                                                           const GroupKey& key, uint64_t bytes) {
-  std::lock_guard<std::mutex> lock(g_registry_mu);
-  if (auto it = g_registry.find(key); it != g_registry.end()) {
-    if (auto alive = it->second.lock()) return alive;
-  }
-  auto g = std::make_shared<SymmetricGroup>();
-  g->ctx = std::get<0>(key);
-  g->device = devices;
-  g->ptr.assign(devices.size(), 0);
-  g->bytes = bytes;
-  for (size_t r = 0; r < devices.size(); ++r) {
-    if (ffi::Error e = AllocateZeroed(d, x, g.get(), r); !e.success()) {
-      return ffi::Unexpected<ffi::Error>(std::move(e));
-    }
-  }
-  if (devices.size() > 1) {
-    if (ffi::Error e = EnablePeerAccess(d, x, *g); !e.success()) {
-      return ffi::Unexpected<ffi::Error>(std::move(e));
-    }
-  }
-  g_registry[key] = g;
-  return g;
-}
 
 // ---------------------------------------------------------------------------
 // TMA descriptors (host-only cuTensorMapEncodeTiled; DeepGEMM's make_tma_2d_desc conventions:
@@ -204,7 +74,7 @@ struct MegaMoeSm90Device {
   CUfunction mega_fn = nullptr;
   CUfunction pre_fn = nullptr;
   int64_t rank = 0;                       // this device's rank in its group
-  std::shared_ptr<SymmetricGroup> buffer;  // the group's buffers; this rank's is ptr[rank]
+  std::shared_ptr<host::SymmetricGroup> buffer;  // the group's buffers; this rank's is ptr[rank]
   jit::Sm90SymBuffer sym{};
   CUtensorMap l1_acts{}, l1_acts_sf{}, l1_output{}, l2_acts{}, l2_acts_sf{};
   std::string cubin_path;
@@ -409,66 +279,22 @@ ffi::Error Prepare(const cuda::Driver* d, const DriverExt* x, MegaMoeSm90State* 
     }
   }
 
-  // This device's rank and the devices (contexts) of its group, in rank order.
-  std::vector<CUdevice> group_devices{dev};
-  std::vector<CUcontext> group_ctx{ctx};
-  e->rank = 0;
-  if (st->shape.num_ranks > 1) {
-    const std::vector<int64_t>& table = st->rank_devices;
-    int64_t group = 0, rank = 0;
-    if (!layout::rank_table_find(table.data(), static_cast<int64_t>(table.size()),
-                                 st->shape.num_ranks, static_cast<int64_t>(dev), &group, &rank)) {
-      return ffi::Error::InvalidArgument(
-          cat(kTarget, ": CUDA device ", dev, " runs this call but is not in the rank table "
-              "(attribute rank_devices); the fused expert-parallel path needs every device of the "
-              "mesh in the table"));
-    }
-    e->rank = rank;
-    group_devices.clear();
-    group_ctx.clear();
-    for (int64_t r = 0; r < st->shape.num_ranks; ++r) {
-      const int64_t ordinal = table[group * st->shape.num_ranks + r];
-      CUdevice peer = 0;
-      if (CUresult rc = d->DeviceGet(&peer, static_cast<int>(ordinal)); rc != CUDA_SUCCESS) {
-        return ffi::Error::InvalidArgument(cat(kTarget, ": rank ", r, " of the group of device ",
-                                               dev, " is CUDA device ", ordinal,
-                                               ", which does not exist: ",
-                                               cuda::error_string(d, rc)));
-      }
-      // Every rank must launch the same kernel: same architecture, same SM count.
-      int peer_sms = 0, peer_major = 0;
-      x->DeviceGetAttribute(&peer_sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, peer);
-      x->DeviceGetAttribute(&peer_major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, peer);
-      if (peer_sms != sm_count || peer_major != major) {
-        return ffi::Error::InvalidArgument(
-            cat(kTarget, ": the ranks' GPUs differ (device ", dev, ": sm_", major, "x with ",
-                sm_count, " SMs; device ", ordinal, ": sm_", peer_major, "x with ", peer_sms,
-                " SMs); every rank must run the same kernel configuration"));
-      }
-      CUcontext peer_ctx = ctx;
-      if (r != rank) {
-        if (ffi::Error err = host::PrimaryContext(d, static_cast<int32_t>(ordinal), &peer_ctx, kTarget);
-            !err.success()) {
-          return err;
-        }
-      } else if (CUcontext own = nullptr;
-                 host::PrimaryContext(d, static_cast<int32_t>(ordinal), &own, kTarget).success() && own != ctx) {
-        return ffi::Error::Internal(
-            cat(kTarget, ": XLA's stream on device ", dev, " is not in the device's primary "
-                "context; the fused expert-parallel path maps peers through primary contexts"));
-      }
-      group_devices.push_back(peer);
-      group_ctx.push_back(peer_ctx);
-    }
+  // This device's rank and its group's buffers (allocated for the whole group at once).
+  host::RankPlacement placement;
+  if (ffi::Error err = host::ResolveGroup(d, x, ctx, dev, st->shape.num_ranks,
+                                          st->rank_devices.data(),
+                                          static_cast<int64_t>(st->rank_devices.size()), kTarget,
+                                          &placement);
+      !err.success()) {
+    return err;
   }
-
-  // Symmetric buffers (shared through the registry; allocated for the whole group at once).
-  const GroupKey key{group_ctx,           st->shape.num_experts,  st->shape.capacity,
-                     st->shape.top_k,     st->shape.hidden,       st->shape.intermediate,
-                     c.num_sms,           st->shape.num_ranks};
-  auto group = AcquireGroup(d, x, group_devices, key, st->layout.num_bytes);
+  const std::vector<int64_t> config{90,          st->shape.num_experts, st->shape.capacity,
+                                    st->shape.top_k, st->shape.hidden,  st->shape.intermediate,
+                                    c.num_sms,   st->shape.num_ranks};
+  auto group = host::AcquireGroup(d, x, placement, config, st->layout.num_bytes, kTarget);
   if (group.has_error()) return group.error();
   e->buffer = std::move(group.value());
+  e->rank = placement.rank;
   const CUdeviceptr base = e->buffer->ptr[e->rank];
   std::memset(&e->sym, 0, sizeof(e->sym));
   e->sym.base = static_cast<int64_t>(base);

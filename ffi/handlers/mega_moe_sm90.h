@@ -52,8 +52,8 @@
 //                no-op. If initialize did not run for this device, execute fails (it never
 //                compiles or allocates itself).
 //
-// Symmetric buffer registry: one group of buffers per (contexts of the ranks, E, P, K, H, I,
-// num_sms, num_ranks), shared by every call site and executable that uses the same configuration
+// Symmetric buffer registry (handlers/symmetric.h, shared with the sm_100 handler): one group of
+// buffers per (contexts of the ranks, E, P, K, H, I, num_sms, num_ranks), shared by every call site and executable that uses the same configuration
 // (shared_ptr; freed with cuMemFree when the last state using it dies). Calls sharing a buffer
 // must not run concurrently (they are ordered on one XLA stream in practice). Single rank: a
 // group of one, kNumRanks = 1, pointer table [own ptr].
