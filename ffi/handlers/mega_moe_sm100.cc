@@ -454,21 +454,14 @@ ffi::Error Prepare(const cuda::Driver* d, const DriverExt* x, MegaMoeSm100State*
 
   // This device's rank and its group's symmetric buffers (allocated for the whole group at
   // once, see handlers/symmetric.h), then the locality table (per context).
-  host::RankPlacement placement;
-  if (ffi::Error err = host::ResolveGroup(d, x, ctx, dev, st->shape.num_ranks,
-                                          st->rank_devices.data(),
-                                          static_cast<int64_t>(st->rank_devices.size()), kTarget,
-                                          &placement);
+  const std::vector<int64_t> config{100, st->shape.num_experts, st->shape.capacity, st->shape.top_k,
+                                    st->shape.hidden, st->shape.intermediate, c.num_sms,
+                                    st->shape.num_ranks, st->shape.mma_kind};
+  if (ffi::Error err = host::JoinGroup(d, x, ctx, dev, st->shape.num_ranks, st->rank_devices, config,
+                                       l.num_bytes, kTarget, &e->buffer, &e->rank, &e->sym);
       !err.success()) {
     return err;
   }
-  const std::vector<int64_t> config{100,          st->shape.num_experts, st->shape.capacity,
-                                    st->shape.top_k, st->shape.hidden,   st->shape.intermediate,
-                                    c.num_sms,    st->shape.num_ranks,   st->shape.mma_kind};
-  auto group = host::AcquireGroup(d, x, placement, config, l.num_bytes, kTarget);
-  if (group.has_error()) return group.error();
-  e->buffer = std::move(group.value());
-  e->rank = placement.rank;
   auto table = AcquireLocalityTable(d, x, ctx, sm_count);
   if (table.has_error()) return table.error();
   e->locality = std::move(table.value());
@@ -488,12 +481,6 @@ ffi::Error Prepare(const cuda::Driver* d, const DriverExt* x, MegaMoeSm100State*
     }
   }
   const CUdeviceptr base = e->buffer->ptr[e->rank];
-  std::memset(&e->sym, 0, sizeof(e->sym));
-  e->sym.base = static_cast<int64_t>(base);
-  for (size_t r = 0; r < e->buffer->ptr.size(); ++r) {  // offsets[r] = ptr[r] - own ptr
-    e->sym.offsets[r] = static_cast<int64_t>(e->buffer->ptr[r]) - static_cast<int64_t>(base);
-  }
-  e->sym.rank_idx = static_cast<uint32_t>(e->rank);
 
   // Descriptors of the buffer's slices (fixed for the entry's lifetime).
   e->plans = sm100_tensor_map_plans(c, l);

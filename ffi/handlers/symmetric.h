@@ -55,4 +55,33 @@ xla::ffi::ErrorOr<std::shared_ptr<SymmetricGroup>> AcquireGroup(
     const cuda::Driver* d, const DriverExt* x, const RankPlacement& placement,
     const std::vector<int64_t>& config, uint64_t bytes, const char* target);
 
+// ResolveGroup + AcquireGroup, then this rank's SymBuffer<kNumRanks> (DeepGEMM's by-value pointer
+// table: base = own buffer, offsets[r] = buffer of rank r - own buffer, rank_idx), into `sym`
+// (jit::Sm90SymBuffer / jit::Sm100SymBuffer: the same layout).
+template <typename Sym>
+xla::ffi::Error JoinGroup(const cuda::Driver* d, const DriverExt* x, CUcontext own_ctx,
+                          CUdevice own_device, int64_t num_ranks,
+                          const std::vector<int64_t>& table, const std::vector<int64_t>& config,
+                          uint64_t bytes, const char* target,
+                          std::shared_ptr<SymmetricGroup>* group, int64_t* rank, Sym* sym) {
+  RankPlacement placement;
+  if (xla::ffi::Error e = ResolveGroup(d, x, own_ctx, own_device, num_ranks, table.data(),
+                                       static_cast<int64_t>(table.size()), target, &placement);
+      !e.success()) {
+    return e;
+  }
+  auto g = AcquireGroup(d, x, placement, config, bytes, target);
+  if (g.has_error()) return g.error();
+  *group = std::move(g.value());
+  *rank = placement.rank;
+  const int64_t base = static_cast<int64_t>((*group)->ptr[static_cast<size_t>(*rank)]);
+  *sym = Sym{};
+  sym->base = base;
+  for (size_t r = 0; r < (*group)->ptr.size(); ++r) {
+    sym->offsets[r] = static_cast<int64_t>((*group)->ptr[r]) - base;
+  }
+  sym->rank_idx = static_cast<uint32_t>(*rank);
+  return xla::ffi::Error::Success();
+}
+
 }  // namespace jmm::host
