@@ -98,11 +98,19 @@ def test_fused_matches_reference_tiny(tiny_fp8, n):
           f"vs EP1 kernel rel={rel1:.1e} differing bf16={differing}/{a.size}|first call {first:.1f} s|{_card()}")
 
 
-@pytest.mark.parametrize("n", EP_SIZES)
-def test_fused_v4_flash_matches_collective_reference(n):
+@pytest.fixture(scope="module")
+def flash_fp8():
+    """V4-Flash FP8 experts (6.4 GB), freed with the module so later GPU tests get the memory back."""
     from test_mega_moe_sm90_gpu import FLASH, _weights
 
-    weights = parallel.shard_weights(_flash_weights(_weights, FLASH), _mesh(n))
+    return _weights(2, **FLASH)
+
+
+@pytest.mark.parametrize("n", EP_SIZES)
+def test_fused_v4_flash_matches_collective_reference(flash_fp8, n):
+    from test_mega_moe_sm90_gpu import FLASH
+
+    weights = parallel.shard_weights(flash_fp8, _mesh(n))
     t = 64 * n
     rng = np.random.default_rng(7 + n)
     idx = np.stack([rng.choice(FLASH["E"], size=FLASH["K"], replace=False) for _ in range(t)]).astype(np.int32)
@@ -118,15 +126,6 @@ def test_fused_v4_flash_matches_collective_reference(n):
     rel = _check(y, ref, idx, FLASH["E"], what=f"fused EP{n} V4-Flash")
     print(f"TABLE ep_fused|V4-Flash H=4096 I=2048 E=256 K=6 clamp 10|EP{n}|T={t} ({t // n}/rank, rank 0 empty)|"
           f"rel_l2 vs reference={rel:.2e}|collective path with reference math as oracle|{_card()}")
-
-
-_FLASH: dict = {}
-
-
-def _flash_weights(make, shape):
-    if "w" not in _FLASH:
-        _FLASH["w"] = make(2, **shape)
-    return _FLASH["w"]
 
 
 def test_fused_1000_steps_with_an_empty_rank(tiny_fp8):
