@@ -236,10 +236,11 @@ def _place(a: Any, mesh: Any, spec: P, explicit: bool) -> Any:
 def _resolve_backend(backend: str, mode: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    # "auto" runs the reference math on every device (bit-exact, tested). "ffi" sends each device's
-    # received rows through ops.mega_moe(backend="ffi"), the single-rank kernel (sm_90 "fp8" is being
-    # wired there; sm_100 raises). Once that kernel is validated under shard_map, make "auto" follow
-    # ops.choose_backend(backend, mode, op="mega_moe") here: this is the only switch.
+    # Collective path only (the fused kernel is chosen in _choose_path). "auto" runs the reference
+    # math on every device (bit-exact, tested). "ffi" sends each device's received rows through
+    # ops.mega_moe(backend="ffi"), the single-rank kernel: run on 2 x H200 (same bits as the fused
+    # path), but it processes the whole padded receive buffer (n * T/n * K rows at top-1) and gets
+    # slow above ~1k rows per GPU (benchmarks/RESULTS.md, ep_step), so "auto" does not pick it.
     return "ffi" if backend == "ffi" else "reference"
 
 
