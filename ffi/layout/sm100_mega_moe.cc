@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <sstream>
+
+#include "common/int_math.h"
+#include "common/status.h"
 
 // Provenance of the rules (sgl-deep-gemm 0.2.5; "_C.so" = the wheel's compiled host code,
 // disassembled with objdump; the public upstream sources are older and differ where noted):
@@ -25,16 +27,6 @@
 //   descriptors    sm100_fp8_fp4_mega_moe (_C.so 0x9eaf0), see handlers/mega_moe_sm100.cc.
 namespace jmm::layout {
 namespace {
-
-int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename... Args>
-std::string str(Args&&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
-}
 
 // layout::kCandidateBlockM / kLCMCandidateBlockM / kMaxCandidateBlockM / kMinCandidateBlockM
 constexpr int64_t kCandidateBlockM[] = {8, 16, 32, 64, 96, 128, 192, 240};
@@ -135,46 +127,46 @@ bool sm100_mega_shape_valid(const Sm100MegaShape& s, std::string* error) {
     return false;
   };
   if (s.mma_kind != kSm100MmaMXFP8FP4 && s.mma_kind != kSm100MmaMXFP4) {
-    return fail(str("mma_kind=", s.mma_kind,
+    return fail(cat("mma_kind=", s.mma_kind,
                     " must be 1 (MXFP8FP4, fp8xfp4) or 2 (MXFP4, mxf4xmxf4)"));
   }
   if (s.num_ranks < 1 || s.num_ranks > 72) {
-    return fail(str("num_ranks=", s.num_ranks, " must be in [1, 72]"));
+    return fail(cat("num_ranks=", s.num_ranks, " must be in [1, 72]"));
   }
   if (s.num_experts < 1 || s.num_experts % s.num_ranks != 0 || s.num_experts > 2048) {
-    return fail(str("num_experts=", s.num_experts, " must be in [1, 2048] and divisible by "
+    return fail(cat("num_experts=", s.num_experts, " must be in [1, 2048] and divisible by "
                     "num_ranks=", s.num_ranks));
   }
   if (s.num_experts / s.num_ranks > 512) {
-    return fail(str("num_experts / num_ranks = ", s.num_experts / s.num_ranks,
+    return fail(cat("num_experts / num_ranks = ", s.num_experts / s.num_ranks,
                     " local experts: at most 512 are supported"));
   }
   if (s.hidden <= 0 || s.hidden % 256 != 0 || s.hidden > 8192) {
-    return fail(str("hidden=", s.hidden,
+    return fail(cat("hidden=", s.hidden,
                     " must be a positive multiple of 256 and at most 8192 (sm_100 Mega MoE: "
                     "2-CTA 128-wide N tiles; pre-dispatch: one thread per 8 columns)"));
   }
   // The combine splits a bf16 row into 1 or 2 chunks of whole 512-byte warp loads.
   if (s.hidden > 4096 && s.hidden % 512 != 0) {
-    return fail(str("hidden=", s.hidden, " must be a multiple of 512 above 4096 (the sm_100 "
+    return fail(cat("hidden=", s.hidden, " must be a multiple of 512 above 4096 (the sm_100 "
                     "combine splits rows in halves of whole 512-byte warp loads)"));
   }
   const int64_t i_align = s.mma_kind == kSm100MmaMXFP4 ? 256 : 128;
   if (s.intermediate <= 0 || s.intermediate % i_align != 0) {
-    return fail(str("intermediate=", s.intermediate, " must be a positive multiple of ", i_align,
+    return fail(cat("intermediate=", s.intermediate, " must be a positive multiple of ", i_align,
                     " (sm_100 Mega MoE, ", s.mma_kind == kSm100MmaMXFP4 ? "mxf4xmxf4: BLOCK_K = 256"
                                                                      : "fp8xfp4",
                     ")"));
   }
   if (s.top_k < 1 || s.top_k > 32 || s.top_k > s.hidden / 8) {
-    return fail(str("top_k=", s.top_k, " must be in [1, 32]"));
+    return fail(cat("top_k=", s.top_k, " must be in [1, 32]"));
   }
   if (s.capacity <= 0 || s.capacity % kSm100TokenAlignment != 0) {
-    return fail(str("capacity=", s.capacity, " must be a positive multiple of ",
+    return fail(cat("capacity=", s.capacity, " must be a positive multiple of ",
                     kSm100TokenAlignment, " (the sm_100 token alignment)"));
   }
   if (ceil_div(s.capacity, kMinCandidateBlockM) > kNumMaxSharedL2Blocks) {
-    return fail(str("capacity=", s.capacity, " exceeds the kernel's signal arrays (at most ",
+    return fail(cat("capacity=", s.capacity, " exceeds the kernel's signal arrays (at most ",
                     kNumMaxSharedL2Blocks * kMinCandidateBlockM, " tokens)"));
   }
   // 32-bit token / slot / pool indexing in the kernels.
@@ -182,7 +174,7 @@ bool sm100_mega_shape_valid(const Sm100MegaShape& s, std::string* error) {
   const int64_t i32max = std::numeric_limits<int32_t>::max();
   if (s.num_ranks * s.capacity * s.top_k > i32max || s.num_experts * s.capacity > i32max ||
       max_pool_tokens(s.num_ranks, s.capacity, s.top_k, e_local) * 64 > i32max) {
-    return fail(str("capacity=", s.capacity, " is too large for 32-bit pool indexing"));
+    return fail(cat("capacity=", s.capacity, " is too large for 32-bit pool indexing"));
   }
   return true;
 }
@@ -194,7 +186,7 @@ bool sm100_mega_layout(const Sm100MegaShape& s, int64_t num_sms, Sm100MegaLayout
     return false;
   };
   if (num_sms < 2 || num_sms % 2 != 0) {
-    return fail(str("num_sms=", num_sms, " must be even and at least 2 (2-CTA clusters)"));
+    return fail(cat("num_sms=", num_sms, " must be even and at least 2 (2-CTA clusters)"));
   }
   Sm100MegaLayout l;
   const int64_t ranks = s.num_ranks, E = s.num_experts, P = s.capacity, K = s.top_k;
@@ -217,7 +209,7 @@ bool sm100_mega_layout(const Sm100MegaShape& s, int64_t num_sms, Sm100MegaLayout
   if (l.ring_is_full_pool) ring = l.num_max_pool_tokens;  // the non-wrapping prefill path
   l.num_ring_tokens = ring;
   if (ring > kNumMaxRingBlocks * kMinCandidateBlockM) {
-    return fail(str("the ring of ", ring, " tokens exceeds the kernel's signal arrays (",
+    return fail(cat("the ring of ", ring, " tokens exceeds the kernel's signal arrays (",
                     kNumMaxRingBlocks * kMinCandidateBlockM, "); lower the capacity"));
   }
   for (int64_t bm : kCandidateBlockM) {
@@ -257,10 +249,10 @@ bool sm100_mega_config(const Sm100MegaShape& s, const Sm100MegaLayout& l, int64_
     return false;
   };
   if (num_tokens < 1 || num_tokens > s.capacity) {
-    return fail(str("num_tokens=", num_tokens, " must be in [1, capacity=", s.capacity, "]"));
+    return fail(cat("num_tokens=", num_tokens, " must be in [1, capacity=", s.capacity, "]"));
   }
   if (std::isnan(activation_clamp) || activation_clamp < 0.0f) {
-    return fail(str("activation_clamp=", activation_clamp, " must be >= 0 (or +inf: no clamp)"));
+    return fail(cat("activation_clamp=", activation_clamp, " must be >= 0 (or +inf: no clamp)"));
   }
   const int64_t ranks = s.num_ranks, E = s.num_experts, P = s.capacity, K = s.top_k;
   const int64_t H = s.hidden, I = s.intermediate, e_local = l.num_experts_per_rank;
@@ -334,7 +326,7 @@ bool sm100_mega_config(const Sm100MegaShape& s, const Sm100MegaLayout& l, int64_
   c.num_ring_tokens = l.num_ring_tokens;
   c.num_sf_ring_tokens = l.num_sf_ring_tokens;
   if (c.num_ring_tokens % bm != 0) {
-    return fail(str("ring of ", c.num_ring_tokens, " tokens is not a multiple of BLOCK_M=", bm));
+    return fail(cat("ring of ", c.num_ring_tokens, " tokens is not a multiple of BLOCK_M=", bm));
   }
   c.num_locality_domains =
       ((2 * I) % (c.block_n * 2 * 2) == 0 && H % (c.block_n * 2 * 2) == 0) ? 2 : 1;
@@ -347,7 +339,7 @@ bool sm100_mega_config(const Sm100MegaShape& s, const Sm100MegaLayout& l, int64_
     c.num_bytes_per_pull /= 2;
   }
   if (c.num_bytes_per_pull % 16 != 0 || token_bytes % c.num_bytes_per_pull != 0) {
-    return fail(str("num_bytes_per_pull=", c.num_bytes_per_pull, " must be a multiple of 16 "
+    return fail(cat("num_bytes_per_pull=", c.num_bytes_per_pull, " must be a multiple of 16 "
                     "dividing the ", token_bytes, " token bytes"));
   }
 
@@ -377,7 +369,7 @@ bool sm100_mega_config(const Sm100MegaShape& s, const Sm100MegaLayout& l, int64_
   const int64_t fixed = dispatch + cd + amax + barriers + tail;
   c.num_stages = (kSm100SmemCapacity - fixed) / per_stage;
   if (c.num_stages < 2) {
-    return fail(str("shared memory: only ", c.num_stages, " pipeline stages fit (hidden=", H,
+    return fail(cat("shared memory: only ", c.num_stages, " pipeline stages fit (hidden=", H,
                     ", experts=", E, ")"));
   }
   c.host_smem_size = fixed + c.num_stages * per_stage;
@@ -390,7 +382,7 @@ bool sm100_mega_config(const Sm100MegaShape& s, const Sm100MegaLayout& l, int64_
   c.reusable_smem_bytes = k.reusable;
   c.smem_size = std::max(c.host_smem_size, c.kernel_smem_bytes);
   if (c.smem_size > kSm100SmemCapacity) {
-    return fail(str("shared memory: ", c.smem_size, " bytes needed, the sm_100 limit is ",
+    return fail(cat("shared memory: ", c.smem_size, " bytes needed, the sm_100 limit is ",
                     kSm100SmemCapacity));
   }
 
@@ -400,7 +392,7 @@ bool sm100_mega_config(const Sm100MegaShape& s, const Sm100MegaLayout& l, int64_
       (3 * epi_warps * row_bytes <= c.reusable_smem_bytes && H <= 32 * 128) ? 1 : 2;
   if (3 * epi_warps * row_bytes / c.combine_chunks > c.reusable_smem_bytes ||
       (row_bytes / c.combine_chunks) % 512 != 0) {
-    return fail(str("hidden=", H, " does not fit the combine's shared-memory staging"));
+    return fail(cat("hidden=", H, " does not fit the combine's shared-memory staging"));
   }
 
   // Tensor memory: two accumulator stages of BLOCK_M columns plus the SF columns.

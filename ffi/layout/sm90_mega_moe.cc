@@ -3,20 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <sstream>
+
+#include "common/int_math.h"
+#include "common/status.h"
 
 namespace jmm::layout {
 namespace {
-
-int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename... Args>
-std::string str(Args&&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
-}
 
 // layout::kSM90MaxCandidateBlockM / kSM90LCMBlockM / kMinCandidateBlockM (mega_moe.cuh)
 constexpr int64_t kMaxCandidateBlockM = 128;
@@ -201,30 +193,30 @@ bool sm90_mega_shape_valid(const Sm90MegaShape& s, std::string* error) {
     return false;
   };
   if (s.num_ranks < 1 || s.num_ranks > 32) {
-    return fail(str("num_ranks=", s.num_ranks, " must be in [1, 32]"));
+    return fail(cat("num_ranks=", s.num_ranks, " must be in [1, 32]"));
   }
   if (s.num_experts < 1 || s.num_experts % s.num_ranks != 0) {
-    return fail(str("num_experts=", s.num_experts, " must be positive and divisible by num_ranks=",
+    return fail(cat("num_experts=", s.num_experts, " must be positive and divisible by num_ranks=",
                     s.num_ranks));
   }
   if (s.num_experts / s.num_ranks > 1024) {
-    return fail(str("num_experts / num_ranks = ", s.num_experts / s.num_ranks,
+    return fail(cat("num_experts / num_ranks = ", s.num_experts / s.num_ranks,
                     " local experts: at most 1024 are supported"));
   }
   if (s.hidden <= 0 || s.hidden % 512 != 0 || s.hidden > 8192) {
-    return fail(str("hidden=", s.hidden,
+    return fail(cat("hidden=", s.hidden,
                     " must be a positive multiple of 512 and at most 8192 (sm_90 Mega MoE: "
                     "256-wide N tiles in pairs; pre-dispatch: one thread per 8 columns)"));
   }
   if (s.intermediate <= 0 || s.intermediate % 256 != 0 || s.intermediate > 4096) {
-    return fail(str("intermediate=", s.intermediate,
+    return fail(cat("intermediate=", s.intermediate,
                     " must be a positive multiple of 256 and at most 4096 (sm_90 Mega MoE)"));
   }
   if (s.top_k < 1 || s.top_k > 32 || s.top_k > s.hidden / 8) {
-    return fail(str("top_k=", s.top_k, " must be in [1, 32]"));
+    return fail(cat("top_k=", s.top_k, " must be in [1, 32]"));
   }
   if (s.capacity <= 0 || s.capacity % kSm90TokenAlignment != 0) {
-    return fail(str("capacity=", s.capacity, " must be a positive multiple of ",
+    return fail(cat("capacity=", s.capacity, " must be a positive multiple of ",
                     kSm90TokenAlignment, " (the sm_90 token alignment)"));
   }
   // 32-bit token / slot / pool indexing in the kernels.
@@ -232,7 +224,7 @@ bool sm90_mega_shape_valid(const Sm90MegaShape& s, std::string* error) {
   const int64_t i32max = std::numeric_limits<int32_t>::max();
   if (s.num_ranks * s.capacity * s.top_k > i32max || l.num_padded_sf_pool_tokens * 64 > i32max ||
       s.top_k * s.capacity * s.hidden * 2 > (int64_t{1} << 40)) {
-    return fail(str("capacity=", s.capacity, " is too large for 32-bit pool indexing"));
+    return fail(cat("capacity=", s.capacity, " is too large for 32-bit pool indexing"));
   }
   return true;
 }
@@ -274,13 +266,13 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
     return false;
   };
   if (num_tokens < 1 || num_tokens > s.capacity) {
-    return fail(str("num_tokens=", num_tokens, " must be in [1, capacity=", s.capacity, "]"));
+    return fail(cat("num_tokens=", num_tokens, " must be in [1, capacity=", s.capacity, "]"));
   }
   if (num_sms < 2 || num_sms % 2 != 0) {
-    return fail(str("num_sms=", num_sms, " must be even and at least 2"));
+    return fail(cat("num_sms=", num_sms, " must be even and at least 2"));
   }
   if (std::isnan(activation_clamp) || activation_clamp < 0.0f) {
-    return fail(str("activation_clamp=", activation_clamp, " must be >= 0 (or +inf: no clamp)"));
+    return fail(cat("activation_clamp=", activation_clamp, " must be >= 0 (or +inf: no clamp)"));
   }
   const int64_t ranks = s.num_ranks, E = s.num_experts, P = s.capacity, K = s.top_k;
   const int64_t H = s.hidden, I = s.intermediate, e_local = l.num_experts_per_rank;
@@ -330,7 +322,7 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
   c.num_experts_per_wave = experts_per_wave(e_local, T, K, I, c.block_m, c.block_n, num_sms,
                                             l.num_data_pool_tokens, P, ranks);
   if (c.num_experts_per_wave < 1 || c.num_experts_per_wave > e_local) {
-    return fail(str("no valid experts-per-wave count for ", T, " tokens"));
+    return fail(cat("no valid experts-per-wave count for ", T, " tokens"));
   }
 
   // Early combine: hidden >= 512 x topk and at most 32 token stripes per combine warp
@@ -356,7 +348,7 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
                                    c.half_l2_cd, c.l2_cd_passes, c.tile_table_entries,
                                    early_combine_smem, c.pull_publish_batch);
   if (p.num_stages < 2) {
-    return fail(str("shared memory: only ", p.num_stages, " pipeline stages fit (hidden=", H,
+    return fail(cat("shared memory: only ", p.num_stages, " pipeline stages fit (hidden=", H,
                     ", intermediate=", I, ", experts=", E, ", capacity=", P, ")"));
   }
   c.num_stages = p.num_stages;
@@ -394,7 +386,7 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
   c.kernel_smem_bytes = kernel_smem_end(c);
   c.smem_size = std::max(c.host_smem_size, c.kernel_smem_bytes);
   if (c.smem_size > kSm90SmemCapacity) {
-    return fail(str("shared memory: ", c.smem_size, " bytes needed, the sm_90 limit is ",
+    return fail(cat("shared memory: ", c.smem_size, " bytes needed, the sm_90 limit is ",
                     kSm90SmemCapacity));
   }
   *out = c;
