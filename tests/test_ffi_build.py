@@ -17,13 +17,13 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
 from jax_megamoe import _ffi, _toolchain, config
+from ffi_testing import has_cuda_driver
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,14 +36,6 @@ def lib():
             pytest.fail(f"FFI library required but not loadable: {_ffi.library_reason()}")
         pytest.skip(_ffi.library_reason() or "FFI library not built")
     return lib
-
-
-def _has_driver() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
 
 
 def _readelf():
@@ -69,7 +61,7 @@ def test_library_found_next_to_package_or_env(lib):
 def test_loads_without_gpu_or_driver(lib):
     buf = ctypes.create_string_buffer(1024)
     rc = lib.jmm_driver_status(buf, len(buf))
-    if _has_driver():
+    if has_cuda_driver():
         pytest.skip(f"a CUDA driver is present here ({buf.value.decode()})")
     assert rc == 1
     assert "libcuda.so.1" in buf.value.decode()

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from jax_megamoe import _ffi, _toolchain
+from jax_megamoe import _ffi
+from ffi_testing import has_cuda_driver, jit_sandbox
 
 pytestmark = pytest.mark.nvcc
 
@@ -31,24 +32,12 @@ KERNELS = {
 @pytest.fixture(scope="module")
 def jit(tmp_path_factory):
     """(lib, toolchain, headers, cache root, {kernel: cubin path}); restores the JIT config afterwards."""
-    lib = _ffi.load_library()
-    if lib is None:
-        pytest.skip(_ffi.library_reason() or "FFI library not built")
-    try:
-        tc = _toolchain.find_nvcc()
-        hd = _toolchain.find_deepgemm_headers()
-    except _toolchain.ToolchainError as e:
-        pytest.skip(str(e))
-    _ffi.register()  # the normal configuration, restored at the end
-    root = tmp_path_factory.mktemp("jitcache")
-    _ffi.configure_jit(tc, hd, cache_dirs=str(root))
-    before = _ffi.jit_stats()
-    cubins = {name: _ffi.compile_pre_dispatch(arch, kind) for name, (arch, kind, _, _) in KERNELS.items()}
-    after = _ffi.jit_stats()
-    assert after.compiles - before.compiles == len(KERNELS)
-    yield lib, tc, hd, root, cubins
-    _ffi.configure_jit(tc, hd, cache_dirs="")
-    lib.jmm_jit_clear_memory_cache()
+    with jit_sandbox(tmp_path_factory, "jitcache") as (lib, tc, hd, root):
+        before = _ffi.jit_stats()
+        cubins = {name: _ffi.compile_pre_dispatch(arch, kind) for name, (arch, kind, _, _) in KERNELS.items()}
+        after = _ffi.jit_stats()
+        assert after.compiles - before.compiles == len(KERNELS)
+        yield lib, tc, hd, root, cubins
 
 
 def _meta(cubin: str) -> dict:
@@ -276,7 +265,7 @@ def _run_on_cpu(lib, mode, *, graph=False, **overrides):
 @pytest.mark.parametrize("mode,graph", [("fp8", False), ("fp8xfp4", False), ("mxf4xmxf4", True)])
 def test_instantiate_compiles_then_needs_the_driver(jit, mode, graph):
     lib = jit[0]
-    if _has_driver():
+    if has_cuda_driver():
         pytest.skip("a CUDA driver is present")
     s0 = _ffi.jit_stats()
     msg = _run_on_cpu(lib, mode, graph=graph)
@@ -305,11 +294,3 @@ def test_instantiate_validates_attributes(jit, mode, override, expect):
     assert "INVALID_ARGUMENT" in msg and expect in msg, msg
 
 
-def _has_driver() -> bool:
-    import ctypes
-
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from jax_megamoe import _ffi, _toolchain
+from jax_megamoe import _ffi
+from ffi_testing import has_cuda_driver, jit_sandbox
 
 pytestmark = pytest.mark.nvcc
 
@@ -55,30 +56,18 @@ def flash_args(kind, clamp=math.inf, t=T):
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """(lib, cache root, {kind: (cubin path, seconds)}); restores the JIT configuration afterwards."""
-    lib = _ffi.load_library()
-    if lib is None:
-        pytest.skip(_ffi.library_reason() or "FFI library not built")
-    try:
-        tc = _toolchain.find_nvcc()
-        hd = _toolchain.find_deepgemm_headers()
-    except _toolchain.ToolchainError as e:
-        pytest.skip(str(e))
-    _declare(lib)
-    _ffi.register()
-    root = tmp_path_factory.mktemp("megajit100")
-    _ffi.configure_jit(tc, hd, cache_dirs=str(root))
-    results = {}
-    for kind in (MXFP4, MXFP8FP4):
-        before = _ffi.jit_stats()
-        t0 = time.perf_counter()
-        cubin = compile_(lib, *flash_args(kind))
-        seconds = time.perf_counter() - t0
-        assert _ffi.jit_stats().compiles - before.compiles == 1
-        print(f"sm100 mega MoE compile ({'mxf4xmxf4' if kind == MXFP4 else 'fp8xfp4'}): {seconds:.1f} s ({cubin})")
-        results[kind] = (cubin, seconds)
-    yield lib, root, results
-    _ffi.configure_jit(tc, hd, cache_dirs="")
-    lib.jmm_jit_clear_memory_cache()
+    with jit_sandbox(tmp_path_factory, "megajit100") as (lib, _, _, root):
+        _declare(lib)
+        results = {}
+        for kind in (MXFP4, MXFP8FP4):
+            before = _ffi.jit_stats()
+            t0 = time.perf_counter()
+            cubin = compile_(lib, *flash_args(kind))
+            seconds = time.perf_counter() - t0
+            assert _ffi.jit_stats().compiles - before.compiles == 1
+            print(f"sm100 mega MoE compile ({'mxf4xmxf4' if kind == MXFP4 else 'fp8xfp4'}): {seconds:.1f} s ({cubin})")
+            results[kind] = (cubin, seconds)
+        yield lib, root, results
 
 
 EXPECTED_ARGS = {
@@ -233,17 +222,9 @@ def _run_on_cpu(lib, **overrides) -> str:
     return str(e.value)
 
 
-def _has_driver() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("kind", [MXFP4, MXFP8FP4])
 def test_instantiate_on_cpu_reaches_the_driver(compiled, kind):
-    if _has_driver():
+    if has_cuda_driver():
         pytest.skip("a CUDA driver is present")
     import numpy as np
 

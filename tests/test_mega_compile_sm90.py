@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from jax_megamoe import _ffi, _toolchain
+from jax_megamoe import _ffi
+from ffi_testing import has_cuda_driver, jit_sandbox
 
 pytestmark = pytest.mark.nvcc
 
@@ -46,28 +47,16 @@ def compile_(lib, *args) -> str:
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """(lib, cache root, args, cubin path, compile seconds); restores the JIT configuration afterwards."""
-    lib = _ffi.load_library()
-    if lib is None:
-        pytest.skip(_ffi.library_reason() or "FFI library not built")
-    try:
-        tc = _toolchain.find_nvcc()
-        hd = _toolchain.find_deepgemm_headers()
-    except _toolchain.ToolchainError as e:
-        pytest.skip(str(e))
-    _declare(lib)
-    _ffi.register()
-    root = tmp_path_factory.mktemp("megajit")
-    _ffi.configure_jit(tc, hd, cache_dirs=str(root))
-    args = (*SMALL, T, NUM_SMS, math.inf, 1)
-    before = _ffi.jit_stats()
-    t0 = time.perf_counter()
-    cubin = compile_(lib, *args)
-    seconds = time.perf_counter() - t0
-    assert _ffi.jit_stats().compiles - before.compiles == 1
-    print(f"sm90 mega MoE compile: {seconds:.1f} s ({cubin})")
-    yield lib, root, args, cubin, seconds
-    _ffi.configure_jit(tc, hd, cache_dirs="")
-    lib.jmm_jit_clear_memory_cache()
+    with jit_sandbox(tmp_path_factory, "megajit") as (lib, _, _, root):
+        _declare(lib)
+        args = (*SMALL, T, NUM_SMS, math.inf, 1)
+        before = _ffi.jit_stats()
+        t0 = time.perf_counter()
+        cubin = compile_(lib, *args)
+        seconds = time.perf_counter() - t0
+        assert _ffi.jit_stats().compiles - before.compiles == 1
+        print(f"sm90 mega MoE compile: {seconds:.1f} s ({cubin})")
+        yield lib, root, args, cubin, seconds
 
 
 def test_rendered_source(compiled):
@@ -183,16 +172,8 @@ def _run_on_cpu(lib, **overrides) -> str:
     return str(e.value)
 
 
-def _has_driver() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
-
-
 def test_instantiate_on_cpu_reaches_the_driver(compiled):
-    if _has_driver():
+    if has_cuda_driver():
         pytest.skip("a CUDA driver is present")
     msg = _run_on_cpu(compiled[0])
     assert "jax_megamoe_mega_moe_sm90" in msg and "driver" in msg, msg
