@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     y = np.asarray(f(*sets[0], w_n)).astype(np.float32)
                     first = time.perf_counter() - t1
                     timing = C.measure(
-                        lambda x, i, w: f(x, i, w, w_n), sets, budget_s=args.budget, sample_s=0.05, first_call_s=first
+                        lambda x, i, w, f=f, ww=w_n: f(x, i, w, ww), sets, budget_s=args.budget, sample_s=0.05,
+                        first_call_s=first,
                     )
                     point.update(timing.as_dict())
                     point["tokens_per_s"] = t / timing.median_s

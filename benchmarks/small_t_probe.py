@@ -13,6 +13,7 @@ times every point twice: the plain target and the command-buffer compatible one
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,6 @@ if __package__ in (None, ""):
 from benchmarks import _common as C  # noqa: E402
 
 if "--graph" in sys.argv:
-    import os
-
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=CUSTOM_CALL,FUSION"
     )
@@ -69,8 +68,6 @@ def main() -> int:
             if cap < t:
                 continue
             for r, graph in [(r, g) for r in a.reserved for g in ((False, True) if a.graph else (False,))]:
-                import os
-
                 os.environ["JAX_MEGAMOE_GRAPH_TARGETS"] = "1" if graph else "0"  # read when tracing
                 kw = dict(activation_clamp=10.0, num_max_tokens=cap, reserved_sms=r, backend="ffi")
                 one = jax.jit(lambda x, i, w, ww, kw=kw: ops.mega_moe(x, i, w, ww, **kw))

@@ -92,7 +92,6 @@ def same_bits(a, b) -> tuple[bool, str]:
 def expected_drops(idx, n: int, e: int, cap: int):
     """The routing ep_moe computes with a capacity: per source device, the first ``cap`` valid pairs
     (in t * K + k order) to each destination are kept, the rest become -1."""
-    import numpy as np
 
     el, tl = e // n, T // n
     kept = idx.copy()
@@ -204,7 +203,6 @@ def run_fused_lowering(devs) -> None:
     import re
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from jax_megamoe import parallel
@@ -290,7 +288,6 @@ def run_multi(process_id: int, port: int, num_processes: int) -> None:
         process_id=process_id,
         initialization_timeout=60,
     )
-    import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 

@@ -16,7 +16,6 @@ import logging
 import os
 import struct
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np

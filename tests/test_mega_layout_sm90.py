@@ -169,7 +169,7 @@ def test_layout_rejects(lib, bad, why):
 
 
 def check_kernel_rules(c, lay, ranks=1):
-    E, H, I, K, P = c["E"], c["H"], c["I"], c["K"], c["cap"]
+    E, H, I, P = c["E"], c["H"], c["I"], c["cap"]
     bm, bn, bk = c["block_m"], c["block_n"], c["block_k"]
     e_local = E // c["ranks"]
     assert c["dispatch_threads"] >= 64 and c["dispatch_threads"] % 64 == 0
