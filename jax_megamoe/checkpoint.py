@@ -37,8 +37,17 @@ is also logged).
 
 Every tensor read is checked: dtype, shape (against the sizes derived from the gate and expert-0
 shapes and against the config), and that its ``data_offsets`` span exactly ``dtype x shape``
-bytes inside the file. Failures raise :class:`CheckpointError` (a ``ValueError``) naming the
-tensor and the file.
+bytes inside the file. Each shard's header must lay its tensors out as the official format does
+(:class:`SafetensorsFile`: no overlapping or aliased offsets, no gaps, no hidden trailing data;
+JSON key order is free). A UE8M0 scale byte 0xFF (NaN in E8M0) in a routed-expert scale or an
+E8M0 128x128 block scale is refused, naming the tensor, the first position and the count
+(``allow_nan_scales=True`` on :func:`read_moe_layer` / :func:`load_moe_layer` /
+:func:`build_moe_layer` accepts it). Failures raise :class:`CheckpointError` (a ``ValueError``)
+naming the tensor and the file.
+
+A source checkpoint carries no checksum, so a flipped data byte cannot be detected here; what
+is guaranteed is that reading is faithful: every array holds exactly the bytes the file holds
+at that tensor's offsets (the integrity tests check this byte for byte).
 
 Nibble order: DeepGEMM and this package pack element ``2j`` of a row in the **low** nibble
 (``nibble_order="low_even"``), which is torch's ``float4_e2m1fn_x2`` convention the checkpoint is
@@ -167,6 +176,17 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _check_file_scale(ck: Checkpoint, name: str, scale: np.ndarray, lead: str, allow_nan_scales: bool) -> None:
+    """:func:`jax_megamoe.layout.nan_scale_message` on the ``[rows, cols]`` tensor ``name`` as a :class:`CheckpointError`."""
+    if allow_nan_scales:
+        return
+    from jax_megamoe.layout import nan_scale_message
+
+    msg = nan_scale_message(f"tensor {name!r} in {ck.info(name).file}", scale, ("row", "col"), lead=lead)
+    if msg is not None:
+        raise CheckpointError(msg)
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
     """Parse a safetensors header: returns ``(header dict, data_start, file_size)``.
 
@@ -206,12 +226,24 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], in
     return header, 8 + n, size
 
 
+def _span(t: TensorInfo) -> str:
+    return f"{t.name!r} data_offsets [{t.begin}, {t.end}]"
+
+
 class SafetensorsFile:
     """A parsed safetensors file whose tensors are read-only views of one ``np.memmap``.
 
-    The header is parsed and its entries are checked for structure at construction; a tensor's
-    offsets are checked against the file size when it is accessed (:meth:`check`, :meth:`get`),
-    so a truncated shard still serves the tensors that lie before the cut.
+    The header is parsed and its entries are checked for structure at construction, and so is
+    the layout of the data section (:meth:`_check_layout`): sorted by ``(begin, end)``, the
+    tensors must tile it from offset 0 with no overlap (two names for the same bytes would load
+    as if they were different tensors) and no gap (bytes no tensor owns), and the file must not
+    run on past the last tensor (hidden trailing data) -- the rule the official ``safetensors``
+    reader applies ("file not fully covered"). The order of the JSON keys carries no meaning
+    (that reader sorts entries by offsets too); "out of order" offsets means ``begin > end``.
+    Zero-byte tensors may sit at any tensor boundary. Unlike the official reader, a file
+    *shorter* than the last tensor's end is accepted here: a tensor's offsets are checked
+    against the file size when it is accessed (:meth:`check`, :meth:`get`), so a truncated
+    shard still serves the tensors that lie before the cut.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -226,7 +258,40 @@ class SafetensorsFile:
                 self.metadata = entry
                 continue
             self.tensors[name] = self._parse_entry(name, entry)
+        self._check_layout()
         self._mm: np.memmap | None = None
+
+    def _check_layout(self) -> None:
+        """Sorted by ``(begin, end)``, every tensor must start where the bytes owned so far end
+        (offset 0 first), and the data section must end there too unless the file is short."""
+        cursor, owner = 0, None  # owner: the last non-empty tensor, which ends at cursor
+        for ti in sorted(self.tensors.values(), key=lambda t: (t.begin, t.end)):
+            if ti.begin < cursor:
+                assert owner is not None  # cursor > 0 only once a non-empty tensor was seen
+                both = (
+                    f"bytes [{ti.begin}, {min(ti.end, cursor)}) are claimed by both"
+                    if ti.end > ti.begin
+                    else f"the empty {ti.name!r} sits inside {owner.name!r}"
+                )
+                raise CheckpointError(
+                    f"{self.path}: tensors {_span(owner)} and {_span(ti)} overlap ({both}); aliased or "
+                    "overlapping tensors are not allowed: the header is corrupt"
+                )
+            if ti.begin > cursor:
+                left = f"the end of tensor {_span(owner)}" if owner is not None else "the start of the data section"
+                raise CheckpointError(
+                    f"{self.path}: {ti.begin - cursor} bytes [{cursor}, {ti.begin}) between {left} and tensor "
+                    f"{_span(ti)} belong to no tensor (a gap that could hide data): the header is corrupt"
+                )
+            if ti.end > ti.begin:
+                cursor, owner = ti.end, ti
+        if self.data_size > cursor:
+            last = f"tensor {_span(owner)}" if owner is not None else "a header listing no data"
+            raise CheckpointError(
+                f"{self.path}: {self.data_size - cursor} bytes of hidden trailing data after {last}: the data "
+                f"section holds {self.data_size} bytes but its tensors end at {cursor} (the file is {self.size} "
+                "bytes); a safetensors file must be exactly covered by its tensors"
+            )
 
     def _parse_entry(self, name: str, entry: Any) -> TensorInfo:
         where = f"tensor {name!r} in {self.path}"
@@ -976,10 +1041,11 @@ def _read_gate(ck: Checkpoint, pre: str, cfg: Any, d: _Dims) -> tuple[np.ndarray
 
 
 def _read_fp8_pair(
-    ck: Checkpoint, base: str, shape: tuple[int, int], what: str, raw_scale: bool
+    ck: Checkpoint, base: str, shape: tuple[int, int], what: str, raw_scale: bool, allow_nan_scales: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """FP8 weight (a read-only view into the shard) + 128x128 scale (``.scale`` or
-    ``.weight_scale_inv``, an owned copy): UE8M0 as uint8 bytes when ``raw_scale``, else float32."""
+    ``.weight_scale_inv``, an owned copy): UE8M0 as uint8 bytes when ``raw_scale``, else float32.
+    A UE8M0 byte 0xFF (NaN) is refused unless ``allow_nan_scales``."""
     n, k = shape
     if n % 128 or k % 128:
         raise CheckpointError(f"tensor {base}.weight: shape {list(shape)} is not a whole number of 128x128 blocks")
@@ -1001,6 +1067,7 @@ def _read_fp8_pair(
     s = ck.get(sname)
     if sti.dtype in ("F8_E8M0", "U8"):
         s = np.array(s).view(np.uint8)
+        _check_file_scale(ck, sname, s, "", allow_nan_scales)
         if not raw_scale:
             s = np.ldexp(np.float32(1.0), s.astype(np.int32) - 127).astype(np.float32)
     else:
@@ -1016,6 +1083,7 @@ def read_moe_layer(
     nibble_order: str = "low_even",
     progress: Any = None,
     prefix: str | None = None,
+    allow_nan_scales: bool = False,
 ) -> MoELayerTensors:
     """Read one MoE layer's tensors (checkpoint format, host numpy) without touching the rest.
 
@@ -1023,7 +1091,8 @@ def read_moe_layer(
     :func:`infer_config`. ``nibble_order``: the checkpoint's FP4 packing (``"low_even"``: element
     ``2j`` in the low nibble, DeepGEMM's and torch's convention; ``"high_even"``: swapped while
     reading). ``progress``: per-expert progress (see :func:`make_progress`). ``prefix`` overrides
-    ``layers.{layer_idx}.`` (e.g. ``"mtp.0."``).
+    ``layers.{layer_idx}.`` (e.g. ``"mtp.0."``). ``allow_nan_scales``: accept UE8M0 scale bytes
+    0xFF (NaN), which are otherwise a :class:`CheckpointError` naming the tensor and position.
     """
     _check_nibble_order_arg(nibble_order)
     ck, own = _as_checkpoint(path)
@@ -1057,6 +1126,7 @@ def read_moe_layer(
                     else:
                         np.take(lut, src, out=wdst[ex])
                     sdst[ex] = ck.raw(f"{base}.scale").reshape(sshape)
+                    _check_file_scale(ck, f"{base}.scale", sdst[ex], f"expert {ex}, ", allow_nan_scales)
                 if bar is not None:
                     bar(ex + 1)
         else:
@@ -1068,9 +1138,10 @@ def read_moe_layer(
             s2 = np.empty((e, h // 128, i // 128), np.float32)
             for ex in range(e):
                 base = f"{pre}ffn.experts.{ex}"
-                w13[ex, :i], s13[ex, : i // 128] = _read_fp8_pair(ck, f"{base}.w1", (i, h), "FP8 routed-expert weights", False)
-                w13[ex, i:], s13[ex, i // 128 :] = _read_fp8_pair(ck, f"{base}.w3", (i, h), "FP8 routed-expert weights", False)
-                w2[ex], s2[ex] = _read_fp8_pair(ck, f"{base}.w2", (h, i), "FP8 routed-expert weights", False)
+                what, nan_ok = "FP8 routed-expert weights", allow_nan_scales
+                w13[ex, :i], s13[ex, : i // 128] = _read_fp8_pair(ck, f"{base}.w1", (i, h), what, False, nan_ok)
+                w13[ex, i:], s13[ex, i // 128 :] = _read_fp8_pair(ck, f"{base}.w3", (i, h), what, False, nan_ok)
+                w2[ex], s2[ex] = _read_fp8_pair(ck, f"{base}.w2", (h, i), what, False, nan_ok)
                 if bar is not None:
                     bar(ex + 1)
         if bar is not None:
@@ -1081,7 +1152,9 @@ def read_moe_layer(
             si = cfg.shared_intermediate_size
             shared = {}
             for proj, shape in (("w1", (si, h)), ("w2", (h, si)), ("w3", (si, h))):
-                w, s = _read_fp8_pair(ck, f"{pre}ffn.shared_experts.{proj}", shape, "the FP8 shared expert", True)
+                w, s = _read_fp8_pair(
+                    ck, f"{pre}ffn.shared_experts.{proj}", shape, "the FP8 shared expert", True, allow_nan_scales
+                )
                 shared[proj], shared[f"{proj}_scale"] = np.array(w), s
         return MoELayerTensors(
             layer_idx=int(layer_idx),
@@ -1187,8 +1260,10 @@ def build_moe_layer(
     mode: str | None = None,
     progress: Any = None,
     experts_per_step: int = 1,
+    allow_nan_scales: bool = False,
 ) -> MoELayer:
-    """Kernel-layout :class:`MoELayer` from checkpoint-format tensors (see :func:`load_moe_layer`)."""
+    """Kernel-layout :class:`MoELayer` from checkpoint-format tensors (see :func:`load_moe_layer`;
+    ``allow_nan_scales`` goes to :meth:`~jax_megamoe.layout.MoEWeights.from_checkpoint_with_report`)."""
     from jax_megamoe.layout import MoEWeights
 
     mode = _resolve_mode(mode)
@@ -1207,13 +1282,19 @@ def build_moe_layer(
             bar = make_progress(progress, 2 * t.config.n_routed_experts, f"layer {t.layer_idx}: FP4 -> FP8", "tensor")
         args = (t.w13, t.w13_scale, t.w2, t.w2_scale)
         if bar is None:
-            weights, report = MoEWeights.from_checkpoint_with_report(*args, mode=mode, experts_per_step=experts_per_step)
+            weights, report = MoEWeights.from_checkpoint_with_report(
+                *args, mode=mode, experts_per_step=experts_per_step, allow_nan_scales=allow_nan_scales
+            )
         else:
             with _CONVERT_LOCK:
                 _CONVERT_RELAY.target[0] = lambda done, total: bar(done)
                 try:
                     weights, report = MoEWeights.from_checkpoint_with_report(
-                        *args, mode=mode, progress=_CONVERT_RELAY, experts_per_step=experts_per_step
+                        *args,
+                        mode=mode,
+                        progress=_CONVERT_RELAY,
+                        experts_per_step=experts_per_step,
+                        allow_nan_scales=allow_nan_scales,
                     )
                 finally:
                     _CONVERT_RELAY.target[0] = None
@@ -1248,6 +1329,7 @@ def load_moe_layer(
     progress: Any = None,
     prefix: str | None = None,
     experts_per_step: int = 1,
+    allow_nan_scales: bool = False,
 ) -> MoELayer:
     """Read one MoE layer of a checkpoint and build its kernel-layout weights.
 
@@ -1257,12 +1339,23 @@ def load_moe_layer(
     as a warning when any block is lossy). Other arguments: :func:`read_moe_layer`.
     """
     mode = _resolve_mode(mode)
-    t = read_moe_layer(path, layer_idx, config=config, nibble_order=nibble_order, progress=progress, prefix=prefix)
-    return build_moe_layer(t, mode=mode, progress=progress, experts_per_step=experts_per_step)
+    t = read_moe_layer(
+        path,
+        layer_idx,
+        config=config,
+        nibble_order=nibble_order,
+        progress=progress,
+        prefix=prefix,
+        allow_nan_scales=allow_nan_scales,
+    )
+    return build_moe_layer(
+        t, mode=mode, progress=progress, experts_per_step=experts_per_step, allow_nan_scales=allow_nan_scales
+    )
 
 
-def load_converted(out_dir: Any, layer_idx: int, *, verify: bool = False) -> MoELayer:
-    """A layer written by ``python -m jax_megamoe.convert`` (see :func:`jax_megamoe.convert.load_converted`)."""
+def load_converted(out_dir: Any, layer_idx: int, *, verify: bool = True) -> MoELayer:
+    """A layer written by ``python -m jax_megamoe.convert``, its SHA-256 checked unless ``verify=False``
+    (see :func:`jax_megamoe.convert.load_converted`)."""
     from jax_megamoe import convert
 
     return convert.load_converted(out_dir, layer_idx, verify=verify)
@@ -1279,20 +1372,23 @@ def load_moe_block(
     progress: Any = None,
     nibble_order: str = "low_even",
     rngs: Any = None,
+    verify: bool = True,
+    allow_nan_scales: bool = False,
     **block_kwargs: Any,
 ) -> Any:
     """``cls(config, layer_idx, backend=..., mode=..., weights=...)`` with every parameter loaded.
 
     ``path`` is a checkpoint (see :func:`load_moe_layer`) or a folder written by
     ``python -m jax_megamoe.convert`` (recognised by its per-layer manifest; its mode must match
-    ``mode`` when one is given). Extra keyword arguments go to the block's constructor.
+    ``mode`` when one is given; ``verify=False`` skips its SHA-256 check; ``allow_nan_scales`` as
+    in :func:`load_moe_layer`). Extra keyword arguments go to the block's constructor.
     """
     from flax import nnx
 
     from jax_megamoe import convert
 
     if convert.is_converted_dir(path, layer_idx):
-        layer = convert.load_converted(path, layer_idx)
+        layer = convert.load_converted(path, layer_idx, verify=verify)
         if mode is not None and mode != layer.mode:
             raise CheckpointError(
                 f"{path}: layer {layer_idx} was converted for mode {layer.mode!r}, mode {mode!r} was requested; "
@@ -1301,7 +1397,10 @@ def load_moe_block(
         if config is not None and not isinstance(config, Mapping) and config != layer.config:
             raise CheckpointError(f"{path}: layer {layer_idx} was converted with config {layer.config}, not {config}")
     else:
-        layer = load_moe_layer(path, layer_idx, mode=mode, config=config, nibble_order=nibble_order, progress=progress)
+        layer = load_moe_layer(
+            path, layer_idx, mode=mode, config=config, nibble_order=nibble_order, progress=progress,
+            allow_nan_scales=allow_nan_scales,
+        )
     block = cls(
         layer.config,
         layer_idx,

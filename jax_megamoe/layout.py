@@ -6,7 +6,8 @@ conversion (:class:`ConversionReport`), which needs concrete arrays.
 Canonical (checkpoint) format, per layer::
 
     w13        uint8 [E, 2I, H/2]   packed E2M1, rows [gate 0..I-1 | up 0..I-1], low nibble = even K
-    w13_scale  uint8 [E, 2I, H/32]  UE8M0 bytes (float8_e8m0fnu accepted), one per 32 along K
+    w13_scale  uint8 [E, 2I, H/32]  UE8M0 bytes (float8_e8m0fnu accepted), one per 32 along K;
+                                    0xFF (NaN) is refused unless allow_nan_scales=True
     w2         uint8 [E, H, I/2]
     w2_scale   uint8 [E, H, I/32]
 
@@ -185,6 +186,52 @@ def _scale_bytes(name: str, x: Any) -> jax.Array:
 
 def _data_bytes(name: str, x: Any) -> jax.Array:
     return _as_uint8(name, x, (np.int8,))  # safetensors stores packed E2M1 as I8
+
+
+#: The opt-out named in every "UE8M0 NaN" error (one keyword on every public entry).
+NAN_SCALES_OPT_OUT = "pass allow_nan_scales=True to load them anyway"
+
+
+def nan_scale_message(
+    name: str, scale: Any, dims: tuple[str, ...], *, lead: str = "", opt_out: str = NAN_SCALES_OPT_OUT
+) -> str | None:
+    """Why the UE8M0 bytes ``scale`` are refused, or None when none is 0xFF.
+
+    0xFF is NaN in E8M0 (its only non-finite code; no real scale uses it) and turns every output
+    that touches it non-finite without an error, so a byte 0xFF means a corrupt checkpoint.
+    ``dims`` names ``scale``'s axes for the position of the first bad byte (after ``lead``, e.g.
+    ``"expert 3, "``). The test is one ``max()`` pass (0xFF is the largest byte, so ``max == 0xFF``
+    iff one is present): about 7x faster than ``np.any(x == 0xFF)``, which first builds a mask;
+    the mask is built only on a hit.
+    """
+    u8 = np.asarray(scale)
+    if u8.dtype.itemsize != 1:
+        raise TypeError(f"{name}: expected one-byte UE8M0 scales, got {u8.dtype.name}")
+    u8 = u8.view(np.uint8)
+    if u8.size == 0 or int(u8.max()) != 0xFF:
+        return None
+    bad = u8 == 0xFF
+    pos = lead + ", ".join(f"{d} {int(i)}" for d, i in zip(dims, np.argwhere(bad)[0]))
+    return (
+        f"{name}: {int(np.count_nonzero(bad))} UE8M0 scale bytes are 0xFF (NaN in E8M0, which would turn "
+        f"the outputs non-finite), the first at {pos}; {opt_out}"
+    )
+
+
+def _check_nan_scales(name: str, x: Any, dims: tuple[str, ...], opt_out: str) -> None:
+    """ValueError when the concrete UE8M0 bytes ``x`` hold a 0xFF (NaN in E8M0), naming ``name``,
+    the first position (axes ``dims``) and the count. Tracers are skipped (nothing to look at
+    under jit); a ``jax.Array`` is reduced where it lives, and read back only on a hit."""
+    if _is_tracer(x):
+        return
+    if isinstance(x, jax.Array):
+        b = x if x.dtype == jnp.uint8 else lax.bitcast_convert_type(x, jnp.uint8)
+        if b.size == 0 or int(jnp.max(b)) != 0xFF:
+            return
+        x = np.asarray(b)
+    msg = nan_scale_message(name, x, dims, opt_out=opt_out)
+    if msg is not None:
+        raise ValueError(msg)
 
 
 def pack_sf_mn_major(sf_bytes: Any, *, name: str = "sf_bytes") -> jax.Array:
@@ -456,7 +503,8 @@ def fp4_to_fp8_block128(
     exponents (of groups holding nonzero values) differ by at most 14. Rows stay in the given
     (canonical) order.
 
-    A scale byte of 255 (NaN in UE8M0, never in a real checkpoint) is treated as ``2^128``.
+    A scale byte of 255 (NaN in UE8M0, never in a real checkpoint) is treated as ``2^128`` here;
+    :meth:`MoEWeights.from_checkpoint` refuses it unless ``allow_nan_scales=True``.
 
     Experts are converted ``experts_per_step`` at a time (``lax.map``), so float32 temporaries
     exist for one expert only. ``progress``: ``True`` prints to stderr, or pass
@@ -621,8 +669,14 @@ class MoEWeights:
 
     # ---- checks ---------------------------------------------------------------------------
 
-    def validate(self) -> MoEWeights:
-        """Check every leaf against the static fields (works on tracers and ShapeDtypeStructs)."""
+    def validate(self, *, allow_nan_scales: bool = False) -> MoEWeights:
+        """Check every leaf against the static fields (works on tracers and ShapeDtypeStructs).
+
+        In the sm_100 modes, scale leaves that are host numpy arrays (hand-built weights) are also
+        scanned for UE8M0 bytes 0xFF (NaN), unless ``allow_nan_scales``. ``jax.Array`` leaves are
+        not: ``ops`` validates on every call, and a device reduction there would add a host sync
+        per call; such leaves normally come from :meth:`from_checkpoint`, which checked its scales.
+        """
         _config.check_mode(self.mode, "weights.mode")
         e_loc = self.num_local_experts
         if e_loc < 1 or self.num_experts % e_loc != 0:
@@ -638,6 +692,17 @@ class MoEWeights:
                     f"weights.{leaf}: expected shape {list(shape)} for mode {self.mode!r} "
                     f"(E_local={e_loc}, H={self.hidden}, I={self.intermediate}), got {list(x.shape)}"
                 )
+        if self.mode in _config.SM100_MODES and not allow_nan_scales:
+            for leaf in ("l1_sf", "l2_sf"):
+                x = getattr(self, leaf)
+                if isinstance(x, np.ndarray):  # int32 words of 4 UE8M0 bytes, little-endian
+                    b = np.ascontiguousarray(x, "<i4").view(np.uint8).reshape(*x.shape, 4)
+                    _check_nan_scales(
+                        f"weights.{leaf}",
+                        b,
+                        ("expert", "K/128 word", "MN row (kernel order)", "byte"),
+                        "pass allow_nan_scales=True to validate() to accept them",
+                    )
         return self
 
     def validate_for(
@@ -646,8 +711,11 @@ class MoEWeights:
         hidden: int | None = None,
         intermediate: int | None = None,
         num_experts: int | None = None,
+        *,
+        allow_nan_scales: bool = False,
     ) -> MoEWeights:
-        """Raise ValueError unless these weights are laid out for ``mode`` and the given sizes."""
+        """Raise ValueError unless these weights are laid out for ``mode`` and the given sizes
+        (and pass :meth:`validate`, ``allow_nan_scales`` included)."""
         _config.check_mode(mode)
         if not isinstance(self, MoEWeights):
             raise TypeError(f"weights: expected a jax_megamoe.layout.MoEWeights, got {type(self).__name__}")
@@ -670,12 +738,14 @@ class MoEWeights:
         ):
             if req is not None and int(req) != have:
                 raise ValueError(f"weights: {what} is {have} but {what}={req} was requested")
-        return self.validate()
+        return self.validate(allow_nan_scales=allow_nan_scales)
 
     # ---- constructors ---------------------------------------------------------------------
 
     @staticmethod
-    def _check_checkpoint(w13: Any, w13_scale: Any, w2: Any, w2_scale: Any, mode: str) -> tuple[jax.Array, ...]:
+    def _check_checkpoint(
+        w13: Any, w13_scale: Any, w2: Any, w2_scale: Any, mode: str, allow_nan_scales: bool = False
+    ) -> tuple[jax.Array, ...]:
         _config.check_mode(mode)
         w13, w2 = _data_bytes("w13", w13), _data_bytes("w2", w2)
         s13, s2 = _scale_bytes("w13_scale", w13_scale), _scale_bytes("w2_scale", w2_scale)
@@ -687,6 +757,11 @@ class MoEWeights:
         _check_shape("w13_scale", s13, (("E", e), ("2I", two_i), ("H/32", h // 32)))
         _check_shape("w2", w2, (("E", e), ("H", h), ("I/2", i // 2)))
         _check_shape("w2_scale", s2, (("E", e), ("H", h), ("I/32", i // 32)))
+        if not allow_nan_scales:
+            opt_out = "pass allow_nan_scales=True to MoEWeights.from_checkpoint to accept them"
+            for name, arg, conv in (("w13_scale", w13_scale, s13), ("w2_scale", w2_scale, s2)):
+                # a numpy argument is checked on the host, before it ever reaches a device
+                _check_nan_scales(name, arg if isinstance(arg, np.ndarray) else conv, ("expert", "row", "col"), opt_out)
         return w13, s13, w2, s2
 
     @classmethod
@@ -700,6 +775,7 @@ class MoEWeights:
         mode: str,
         progress: bool | Callable[[int, int], None] | None = None,
         experts_per_step: int = 1,
+        allow_nan_scales: bool = False,
     ) -> MoEWeights:
         """Kernel-layout weights from MXFP4 checkpoint tensors (see the module docstring).
 
@@ -707,8 +783,15 @@ class MoEWeights:
         For ``mode='fp8'`` the experts are converted to FP8 with 128x128 power-of-two scales
         (:func:`fp4_to_fp8_block128`); use :meth:`from_checkpoint_with_report` to see what that
         conversion lost. Jit-able with ``mode`` static.
+
+        A scale byte 0xFF (NaN in UE8M0) would make the outputs non-finite with no error, so
+        concrete scales holding one raise ValueError naming the argument, the first
+        ``[expert, row, col]`` and the count, unless ``allow_nan_scales=True`` (traced scales,
+        under ``jax.jit``, cannot be looked at and are not checked).
         """
-        w, _ = cls._from_checkpoint(w13, w13_scale, w2, w2_scale, mode, False, progress, experts_per_step)
+        w, _ = cls._from_checkpoint(
+            w13, w13_scale, w2, w2_scale, mode, False, progress, experts_per_step, allow_nan_scales
+        )
         return w
 
     @classmethod
@@ -722,16 +805,28 @@ class MoEWeights:
         mode: str,
         progress: bool | Callable[[int, int], None] | None = None,
         experts_per_step: int = 1,
+        allow_nan_scales: bool = False,
     ) -> tuple[MoEWeights, ConversionReport | None]:
         """:meth:`from_checkpoint` plus the FP4 -> FP8 :class:`ConversionReport` of L1 and L2
         merged (``None`` for the sm_100 modes, which keep the FP4 bytes). Needs concrete arrays."""
-        return cls._from_checkpoint(w13, w13_scale, w2, w2_scale, mode, True, progress, experts_per_step)
+        return cls._from_checkpoint(
+            w13, w13_scale, w2, w2_scale, mode, True, progress, experts_per_step, allow_nan_scales
+        )
 
     @classmethod
     def _from_checkpoint(
-        cls, w13: Any, w13_scale: Any, w2: Any, w2_scale: Any, mode: str, want_report: bool, progress: Any, eps: int
+        cls,
+        w13: Any,
+        w13_scale: Any,
+        w2: Any,
+        w2_scale: Any,
+        mode: str,
+        want_report: bool,
+        progress: Any,
+        eps: int,
+        allow_nan_scales: bool = False,
     ) -> tuple[MoEWeights, ConversionReport | None]:
-        w13, s13, w2, s2 = cls._check_checkpoint(w13, w13_scale, w2, w2_scale, mode)
+        w13, s13, w2, s2 = cls._check_checkpoint(w13, w13_scale, w2, w2_scale, mode, allow_nan_scales)
         e, two_i, h2 = w13.shape
         h, i = 2 * h2, two_i // 2
         meta = dict(mode=mode, hidden=h, intermediate=i, num_experts=e)

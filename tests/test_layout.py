@@ -44,8 +44,9 @@ def np_dequant_fp8(q: np.ndarray, s: np.ndarray) -> np.ndarray:
     return qf * np.repeat(np.repeat(s, 128, axis=-2), 128, axis=-1)
 
 
-def random_checkpoint(rng, e, h, i, lo=0, hi=256):
-    """Random packed bytes (every nibble, -0 included) and random exponents in [lo, hi)."""
+def random_checkpoint(rng, e, h, i, lo=0, hi=255):
+    """Random packed bytes (every nibble, -0 included) and random exponents in [lo, hi) (255, NaN
+    in UE8M0, is refused by from_checkpoint unless allow_nan_scales=True: pass hi=256 with it)."""
     w13 = rng.integers(0, 256, (e, 2 * i, h // 2), dtype=np.uint8)
     s13 = rng.integers(lo, hi, (e, 2 * i, h // 32), dtype=np.uint8)
     w2 = rng.integers(0, 256, (e, h, i // 2), dtype=np.uint8)
@@ -210,15 +211,16 @@ def test_sf_pack_roundtrip(seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_checkpoint_roundtrip_bit_exact(mode, seed):
     rng = np.random.default_rng(seed)
-    ck = random_checkpoint(rng, e=4, h=256, i=256)
-    w = MoEWeights.from_checkpoint(*ck, mode=mode)
+    ck = random_checkpoint(rng, e=4, h=256, i=256, hi=256)  # every scale byte, 0xFF (NaN) included
+    w = MoEWeights.from_checkpoint(*ck, mode=mode, allow_nan_scales=True)
     back = w.to_checkpoint()
     for name, got, want in zip(("w13", "w13_scale", "w2", "w2_scale"), back, ck):
         assert got.dtype == jnp.uint8, name
         assert np.array_equal(np.asarray(got), want), name
     # int8 data (safetensors I8) and float8_e8m0fnu scales give the same leaves
     w_alt = MoEWeights.from_checkpoint(
-        ck[0].view(np.int8), ck[1].view(jnp.float8_e8m0fnu), ck[2].view(np.int8), ck[3].view(jnp.float8_e8m0fnu), mode=mode
+        ck[0].view(np.int8), ck[1].view(jnp.float8_e8m0fnu), ck[2].view(np.int8), ck[3].view(jnp.float8_e8m0fnu), mode=mode,
+        allow_nan_scales=True,
     )
     for a, b in zip(jax.tree_util.tree_leaves(w), jax.tree_util.tree_leaves(w_alt)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -256,8 +258,8 @@ def test_sm100_layout_matches_loop_construction(mode):
     """Kernel layout built element by element from the wheel's definitions, in numpy."""
     rng = np.random.default_rng(7)
     e, h, i = 2, 256, 256
-    w13, s13, w2, s2 = random_checkpoint(rng, e, h, i)
-    w = MoEWeights.from_checkpoint(w13, s13, w2, s2, mode=mode)
+    w13, s13, w2, s2 = random_checkpoint(rng, e, h, i, hi=256)
+    w = MoEWeights.from_checkpoint(w13, s13, w2, s2, mode=mode, allow_nan_scales=True)
     il = _perm_packed16(2 * i) if mode == "mxf4xmxf4" else _perm_gran8(2 * i)
     assert np.array_equal(np.asarray(w.l1), w13[:, il])
     assert np.array_equal(np.asarray(w.l2), w2)
