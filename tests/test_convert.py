@@ -77,11 +77,15 @@ def test_convert_roundtrip_skip_and_repair(v4_2, tmp_path, capsys):
     # The data file is plain safetensors.
     sf = ckpt.SafetensorsFile(out / "layer_001.safetensors")
     assert sf.metadata["format"] == convert.FORMAT and "gate.bias" in sf and "gate.tid2eid" not in sf
+    assert sf.metadata["layer_idx"] == "1" and sf.metadata["fingerprint"] == man["source"]["fingerprint"] != ""
+    assert man["version"] == 2 == convert.FORMAT_VERSION and len(man["manifest_sha256"]) == 64
 
     # Re-running skips complete layers and touches nothing.
     stamps = {f: os.stat(out / f).st_mtime_ns for f in listing(out)}
-    rc, err = run_main([path, "--layers", "0-1", "--target", "sm100", "--out", out, "--quiet", "--verify"], capsys)
-    assert rc == 0 and err.count("already converted, skipping") == 2 and "done: 0 converted, 2 skipped" in err
+    rc, err = run_main([path, "--layers", "0-1", "--target", "sm100", "--out", out, "--quiet"], capsys)
+    assert rc == 0 and err.count("already converted (verified), skipping") == 2 and "done: 0 converted, 2 skipped" in err
+    rc, err = run_main([path, "--layers", "0-1", "--target", "sm100", "--out", out, "--quiet", "--no-verify"], capsys)
+    assert rc == 0 and err.count("already converted (not re-hashed), skipping") == 2
     assert {f: os.stat(out / f).st_mtime_ns for f in listing(out)} == stamps
 
     # A damaged data file or another mode is not "complete": only that layer is redone.
