@@ -6,6 +6,7 @@ reading a traceback from deep inside a jitted model knows which call to fix.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,3 +51,69 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
         lo_s = "-inf" if lo is None else str(lo)
         hi_s = "inf" if hi is None else str(hi)
         raise ValueError(f"{name}: {value} is outside the allowed range [{lo_s}, {hi_s}]")
+
+
+def is_traced(value: Any) -> bool:
+    """True for a JAX tracer (a value only known when the jitted program runs)."""
+    import jax
+
+    return isinstance(value, jax.core.Tracer)
+
+
+def _real_scalar(name: str, value: Any, expected: str) -> float:
+    """``value`` as a Python float when it is a concrete real scalar; else a TypeError naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name}: got {value!r} ({type(value).__name__}); expected {expected}")
+    arr = np.asarray(value) if hasattr(value, "dtype") or isinstance(value, (int, float, np.generic)) else None
+    if arr is None or arr.shape != () or arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name}: got {value!r} ({type(value).__name__}); expected {expected}")
+    return float(arr)
+
+
+def static_float(
+    name: str,
+    value: Any,
+    *,
+    allow_none: bool = False,
+    lo: float | None = None,
+    finite: bool = False,
+    why: str = "",
+) -> float | None:
+    """``value`` as a static Python float: rejects tracers, strings, arrays and NaN with a message
+    naming ``name`` (TypeError for the wrong kind of value, ValueError for one out of range).
+
+    ``why`` (e.g. "it is a kernel attribute") is added to the tracer message so a user inside
+    ``jax.jit`` knows why the value must be static.
+    """
+    expected = "a static Python float" + (" or None" if allow_none else "")
+    if value is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name}: got None; expected {expected}")
+    if is_traced(value):
+        because = f" ({why})" if why else ""
+        raise TypeError(
+            f"{name}: got a traced value inside jax.jit; expected {expected}{because}: pass a Python "
+            "number, or mark the argument static (static_argnames)"
+        )
+    f = _real_scalar(name, value, expected)
+    if math.isnan(f) or (finite and math.isinf(f)):
+        raise ValueError(f"{name}: {value} must be a {'finite ' if finite else ''}number, not {f}")
+    if lo is not None and f < lo:
+        raise ValueError(f"{name}: {value} must be >= {lo}")
+    return f
+
+
+def static_int(name: str, value: Any, *, lo: int | None = None, allow_none: bool = False) -> int | None:
+    """``value`` as a static Python int (Python/NumPy integers; not bool, float or a tracer)."""
+    expected = "a static Python int" + (" or None" if allow_none else "")
+    if value is None and allow_none:
+        return None
+    if is_traced(value):
+        raise TypeError(f"{name}: got a traced value inside jax.jit; expected {expected}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: got {value!r} ({type(value).__name__}); expected {expected}")
+    n = int(value)
+    if lo is not None and n < lo:
+        raise ValueError(f"{name}: {n} must be >= {lo}")
+    return n

@@ -8,10 +8,11 @@ wrong answer into a ValueError that names the argument.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import threading
 from typing import Literal
+
+from jax_megamoe import _validate
 
 Mode = Literal["mxf4xmxf4", "fp8xfp4", "fp8"]
 
@@ -211,12 +212,15 @@ class MegaMoEConfig:
         return ACT_GROUP[self.mode]
 
 
-def check_clamp(activation_clamp: float | None) -> None:
-    if activation_clamp is None:
-        return
-    c = float(activation_clamp)
-    if math.isnan(c) or c < 0:
-        raise ValueError(f"activation_clamp: {activation_clamp} must be None (no clamp) or a number >= 0")
+def check_clamp(activation_clamp: float | None) -> float | None:
+    """``activation_clamp`` as a static float (``None``: no clamp; ``inf`` means the same).
+
+    It is baked into the kernel as an attribute and into the reference as a constant, so a
+    traced value is rejected with a message naming it.
+    """
+    return _validate.static_float(
+        "activation_clamp", activation_clamp, allow_none=True, lo=0.0, why="the clamp is compiled into the kernel"
+    )
 
 
 def validate_pre_dispatch_shape(*, hidden: int, top_k: int, mode: str) -> None:

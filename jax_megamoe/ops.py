@@ -4,12 +4,18 @@ Backend choice happens at trace time from the default device (``backend="auto"``
 kernels where the GPU's architecture matches the mode's kernels and the FFI library is
 registered, the reference everywhere else. ``backend="ffi"`` insists on the kernels (and
 skips the device check when no GPU is present, so a jitted call can be lowered for
-``cuda`` on a CPU-only machine); ``backend="reference"`` always runs the pure-JAX path.
+``cuda`` on a CPU-only machine; *running* it there fails with one error that says why and what
+to use, see :func:`ffi_call_on_gpu`); ``backend="reference"`` always runs the pure-JAX path.
+
+Scalar arguments that become kernel attributes (``activation_clamp``, ``num_max_tokens``,
+``reserved_sms``) must be static Python numbers: a traced one is a ``TypeError`` naming it. A
+traced ``routed_scaling_factor`` is accepted: it is multiplied into ``topk_weights`` in f32 before
+the kernel (the same bits as the kernel's own multiply). Expert ids outside ``[0, E)``, int64 ones
+``>= 2**31`` included, route nowhere on every backend (:func:`jax_megamoe.reference.route_ids`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Literal
 
@@ -19,7 +25,7 @@ import numpy as np
 
 from jax_megamoe import config
 from jax_megamoe import reference
-from jax_megamoe._validate import check_dtype, check_ndim, check_shape
+from jax_megamoe._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
 
 Backend = Literal["auto", "ffi", "reference"]
 BACKENDS = ("auto", "ffi", "reference")
@@ -102,11 +108,19 @@ def _check_routing(x, topk_idx, topk_weights) -> tuple[int, int, int]:
     return t, h, k
 
 
-def _check_scaling(routed_scaling_factor: float) -> float:
-    f = float(routed_scaling_factor)
-    if not math.isfinite(f):
-        raise ValueError(f"routed_scaling_factor: {routed_scaling_factor} must be finite")
-    return f
+def _check_scaling(routed_scaling_factor: float) -> float | jax.Array:
+    """A finite static float, or a traced factor as it is (the kernel paths fold it into the weights)."""
+    if is_traced(routed_scaling_factor):
+        return routed_scaling_factor
+    return static_float("routed_scaling_factor", routed_scaling_factor, finite=True)
+
+
+def _fold_traced_scaling(topk_weights: jax.Array, rsf: float | jax.Array) -> tuple[jax.Array, float]:
+    """``(weights, factor)`` for a kernel attribute: a traced factor is multiplied into the f32
+    weights first (``w * f * 1.0f`` is ``w * f``: the same bits as the kernel's own multiply)."""
+    if is_traced(rsf):
+        return topk_weights * jnp.asarray(rsf, jnp.float32), 1.0
+    return topk_weights, float(rsf)
 
 
 def pre_dispatch(
@@ -127,6 +141,7 @@ def pre_dispatch(
     mode = config.resolve_mode(mode, device_arch())
     t, h, k = _check_routing(x, topk_idx, topk_weights)
     config.validate_pre_dispatch_shape(hidden=h, top_k=k, mode=mode)
+    num_max_tokens = static_int("num_max_tokens", num_max_tokens, lo=1)
     if t > num_max_tokens:
         raise ValueError(f"x: {t} tokens exceed num_max_tokens={num_max_tokens}")
     if t < 1:
@@ -136,7 +151,42 @@ def pre_dispatch(
         return reference.pre_dispatch(
             x, topk_idx, topk_weights, mode=mode, num_max_tokens=num_max_tokens, routed_scaling_factor=rsf
         )
-    return _pre_dispatch_ffi(x, topk_idx.astype(jnp.int32), topk_weights, mode=mode, cap=num_max_tokens, rsf=rsf)
+    topk_weights, rsf = _fold_traced_scaling(topk_weights, rsf)
+    return _pre_dispatch_ffi(x, reference.route_ids(topk_idx), topk_weights, mode=mode, cap=num_max_tokens, rsf=rsf)
+
+
+def _no_handler_here(op: str):
+    def fail(*_args):
+        raise BackendUnavailableError(
+            f"jax_megamoe: backend='ffi' for {op} runs DeepGEMM kernels, which exist only for CUDA GPUs, "
+            f"but this computation runs on {jax.default_backend()!r}; use backend='auto' (the pure-JAX "
+            "reference off the GPU) or backend='reference', or run it on an H100/H200"
+        )
+
+    return fail
+
+
+def ffi_call_on_gpu(op: str, target: str, result_shapes, *args, **kwargs):
+    """``jax.ffi.ffi_call(target, result_shapes)(*args, **kwargs)``, guarded for processes without a GPU.
+
+    The handlers are registered for CUDA only, so XLA on another platform would stop with "No FFI
+    handler registered ... on a platform Host". Where the default backend is not a GPU the call is
+    wrapped in :func:`jax.lax.platform_dependent`: lowering for ``cuda`` still emits the bare custom
+    call, and running it elsewhere fails with one message that says why and what to use. On a GPU
+    process the call is emitted as is (nothing is added to the hot path).
+    """
+    side = kwargs.pop("has_side_effect", False)
+
+    def call(*a):
+        return jax.ffi.ffi_call(target, result_shapes, has_side_effect=side)(*a, **kwargs)
+
+    if jax.default_backend() == "gpu":
+        return call(*args)
+
+    def elsewhere(*a):
+        return jax.pure_callback(_no_handler_here(op), result_shapes, *a)
+
+    return jax.lax.platform_dependent(*args, cuda=call, default=elsewhere)
 
 
 def _pre_dispatch_ffi(x, topk_idx, topk_weights, *, mode: str, cap: int, rsf: float) -> reference.PreDispatched:
@@ -158,7 +208,8 @@ def _pre_dispatch_ffi(x, topk_idx, topk_weights, *, mode: str, cap: int, rsf: fl
             topk_weights = topk_weights * jnp.float32(rsf)
         kernel_rsf = 1.0
     target = PRE_DISPATCH_TARGET[arch] + ("_graph" if graph_targets_enabled() else "")
-    outs = jax.ffi.ffi_call(
+    outs = ffi_call_on_gpu(
+        "pre_dispatch",
         target,
         (
             xq,
@@ -166,7 +217,6 @@ def _pre_dispatch_ffi(x, topk_idx, topk_weights, *, mode: str, cap: int, rsf: fl
             jax.ShapeDtypeStruct((cap, k, 2), jnp.int32),
             jax.ShapeDtypeStruct((cap, k), jnp.float32),
         ),
-    )(
         x,
         topk_idx,
         topk_weights,
@@ -252,7 +302,7 @@ def mega_moe(
     mode = config.resolve_mode(mode, device_arch())
     t, h, k = _check_routing(x, topk_idx, topk_weights)
     rsf = _check_scaling(routed_scaling_factor)
-    config.check_clamp(activation_clamp)
+    activation_clamp = config.check_clamp(activation_clamp)
     validate_for = getattr(weights, "validate_for", None)
     if validate_for is None:
         raise TypeError(f"weights: expected a jax_megamoe.layout.MoEWeights, got {type(weights).__name__}")
@@ -260,12 +310,12 @@ def mega_moe(
     config.validate_moe_shape(
         hidden=h, intermediate=weights.intermediate, num_experts=weights.num_experts, top_k=k, mode=mode
     )
-    cap_requested = default_num_max_tokens() if num_max_tokens is None else int(num_max_tokens)
-    if cap_requested < 1:
-        raise ValueError(f"num_max_tokens: {num_max_tokens} must be >= 1")
-    reserved = _env_int(ENV_RESERVED_SMS, 2) if reserved_sms is None else int(reserved_sms)
-    if reserved < 0:
-        raise ValueError(f"reserved_sms: {reserved} must be >= 0")
+    cap_requested = static_int("num_max_tokens", num_max_tokens, lo=1, allow_none=True)
+    if cap_requested is None:
+        cap_requested = default_num_max_tokens()
+    reserved = static_int("reserved_sms", reserved_sms, lo=0, allow_none=True)
+    if reserved is None:
+        reserved = _env_int(ENV_RESERVED_SMS, 2)
     chosen = choose_backend(backend, mode, op="mega_moe")
     if chosen == "ffi" and backend == "auto" and config.arch_of_mode(mode) == 10 and not sm100_mega_opted_in():
         # Never run on hardware here: "auto" keeps the reference until a B200 has validated it.
@@ -289,6 +339,7 @@ def mega_moe(
             fast_math=fast_math,
         )
     cap = config.align_token_cap(cap_requested, mode)
+    topk_weights, rsf = _fold_traced_scaling(topk_weights, rsf)
     return mega_moe_target_call(
         x, topk_idx, topk_weights, weights, mode=mode, num_experts=weights.num_experts, capacity=cap,
         activation_clamp=activation_clamp, routed_scaling_factor=rsf, fast_math=fast_math, reserved_sms=reserved,
@@ -328,19 +379,18 @@ def mega_moe_target_call(
     extra = {"mma_kind": np.int64(_MMA_KIND[mode])} if arch == 10 else {}
     table = np.zeros((0,), np.int64) if rank_devices is None else np.asarray(rank_devices, np.int64).reshape(-1)
     extra.update(num_ranks=np.int64(num_ranks), rank_devices=table)
-    # Ids >= E are skipped, as the reference skips them (the kernel would index past its tables).
-    idx = topk_idx.astype(jnp.int32)
-    idx = jnp.where(idx < num_experts, idx, jnp.int32(-1))
+    # Ids outside [0, E) are skipped, as the reference skips them (the kernel would index past its
+    # tables); decided before the int32 cast so int64 ids >= 2**31 cannot wrap onto real experts.
+    idx = reference.route_ids(topk_idx, num_experts)
     # sm_90: the command-buffer compatible twin with JAX_MEGAMOE_GRAPH_TARGETS=1 (XLA may then
     # record the launches into its CUDA graphs; see ffi/handlers/mega_moe_sm90.cc).
     if graph is None:
         graph = graph_targets_enabled()
     target = MEGA_MOE_TARGET[arch] + ("_graph" if arch == 9 and graph else "")
-    return jax.ffi.ffi_call(
+    return ffi_call_on_gpu(
+        "mega_moe",
         target,
         jax.ShapeDtypeStruct((t, h), jnp.bfloat16),
-        has_side_effect=True,
-    )(
         x,
         idx,
         topk_weights,
@@ -358,5 +408,6 @@ def mega_moe_target_call(
         num_sms=np.int64(0),
         reserved_sms=np.int64(reserved_sms),
         routed_scaling_factor=np.float32(routed_scaling_factor),
+        has_side_effect=True,
         **extra,
     )

@@ -228,7 +228,12 @@ def _place(a: Any, mesh: Any, spec: P, explicit: bool) -> Any:
     if isinstance(a, jax.core.Tracer):
         return jax.reshard(a, sharding) if explicit else lax.with_sharding_constraint(a, sharding)
     have = getattr(a, "sharding", None)
-    if have is not None and have.is_equivalent_to(sharding, a.ndim):
+    if explicit:
+        # An Explicit mesh types the spec: a one-device array "equivalent" to P(axis) on a size-1
+        # axis still carries P(None) in its type, and shard_map would reject it.
+        if isinstance(have, NamedSharding) and have.mesh == mesh and have.spec == spec:
+            return a
+    elif have is not None and have.is_equivalent_to(sharding, a.ndim):
         return a
     return jax.device_put(a, sharding)
 
@@ -313,7 +318,7 @@ def ep_moe(
             "pad the batch with rows whose topk_idx is -1)"
         )
     _check_weights(weights, mode, h, k, n)
-    config.check_clamp(activation_clamp)
+    clamp = config.check_clamp(activation_clamp)
     reference._check_scaling(routed_scaling_factor)
     path, fused = _choose_path(
         mesh, axis, mode, t // n, dispatch=dispatch, backend=backend, capacity=capacity, num_max_tokens=num_max_tokens
@@ -332,7 +337,6 @@ def ep_moe(
                 "pairs past it would be dropped; pass return_overflow=True to get the dropped count, or "
                 "capacity=None"
             )
-    clamp = None if activation_clamp is None else float(activation_clamp)
     if clamp is not None and math.isinf(clamp):
         clamp = None
     if t == 0:
@@ -340,6 +344,7 @@ def ep_moe(
         return (y, jnp.zeros((), jnp.int32)) if return_overflow else y
 
     explicit = _is_explicit(mesh, axis)
+    topk_idx = reference.route_ids(topk_idx, weights.num_experts)  # before any int32 cast can wrap
     x = _place(x, mesh, P(axis), explicit)
     topk_idx = _place(topk_idx, mesh, P(axis), explicit)
     topk_weights = _place(topk_weights, mesh, P(axis), explicit)
@@ -439,7 +444,7 @@ def _ep_moe_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, axis, mode, cl
         out_specs=(P(axis), P()),
         check_vma=False,  # the reference's loops start from unsharded zeros
     )
-    return f(x, topk_idx.astype(jnp.int32), w, weights)
+    return f(x, topk_idx, w, weights)
 
 
 # --------------------------------------------------------------------------------------------

@@ -700,6 +700,14 @@ def quantize_fp8_per128(x):
     Per 128 columns: ``amax = max(max|x|, 1e-10f)``, ``scale = amax / 448.0f`` (IEEE f32, not a power of
     two), ``inv = 1.0f / scale``, ``q = e4m3_rne_satfinite(x * inv)``.
     Returns ``(float8_e4m3fn[..., H], sf f32[..., H//128])`` with ``sf = scale``.
+
+    Non-finite input follows the kernel exactly (checked byte for byte on an H100/H200 by
+    ``tests/gpu/test_pre_dispatch_gpu.py``): the amax uses ``fmaxf`` semantics, so a NaN is ignored
+    by it and encodes as NaN; an inf makes its group's scale inf, its own code NaN and the other
+    codes 0, so all 128 values of that group dequantize to NaN. The poison stays in that token's
+    group (and so in that token's output row): no other token or group changes. It is not
+    "contained" on purpose: a clamp here would make the reference disagree with the kernel and
+    hide an upstream overflow behind plausible numbers.
     """
     x = _check_float("x", x)
     _check_hidden("x", x, 128)

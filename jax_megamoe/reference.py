@@ -67,7 +67,7 @@ import numpy as np
 from jax import lax
 
 from jax_megamoe import config, quant
-from jax_megamoe._validate import check_dtype, check_ndim, check_shape
+from jax_megamoe._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
 
 __all__ = [
     "PreDispatched",
@@ -79,6 +79,7 @@ __all__ = [
     "dequantize_activations",
     "requantize_intermediate",
     "default_chunk_rows",
+    "route_ids",
 ]
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -126,26 +127,44 @@ def _check_routing(x: Any, topk_idx: Any, topk_weights: Any) -> tuple[int, int, 
 
 
 def _check_scaling(routed_scaling_factor: Any) -> None:
-    """Reject a non-finite factor when it is a concrete number (a traced one cannot be checked)."""
-    if isinstance(routed_scaling_factor, jax.core.Tracer):
+    """Reject a non-finite or non-numeric factor when it is concrete (a traced one is data)."""
+    if is_traced(routed_scaling_factor):
         return
-    try:
-        f = float(routed_scaling_factor)
-    except TypeError:  # e.g. a non-scalar array
-        raise ValueError(f"routed_scaling_factor: {routed_scaling_factor!r} must be a finite scalar") from None
-    if not math.isfinite(f):
-        raise ValueError(f"routed_scaling_factor: {routed_scaling_factor} must be finite")
+    static_float("routed_scaling_factor", routed_scaling_factor, finite=True)
 
 
 def _check_num_max_tokens(num_max_tokens: Any, t: int) -> int:
-    if isinstance(num_max_tokens, bool) or not isinstance(num_max_tokens, (int, np.integer)):
-        raise TypeError(f"num_max_tokens: expected a Python int (static), got {type(num_max_tokens).__name__}")
-    n = int(num_max_tokens)
-    if n < 1:
-        raise ValueError(f"num_max_tokens: {n} must be >= 1")
+    n = static_int("num_max_tokens", num_max_tokens, lo=1)
     if t > n:
         raise ValueError(f"x: {t} tokens exceed num_max_tokens={n}")
     return n
+
+
+_INT32_MIN, _INT32_END = -(2**31), 2**31
+
+
+def route_ids(topk_idx: Any, num_experts: int | None = None) -> jax.Array:
+    """``topk_idx`` as int32, every id outside ``[0, num_experts)`` replaced by ``-1`` (routes nowhere).
+
+    The range test happens in the ids' own dtype, *before* the cast: an int64 id ``>= 2**31`` cast
+    first would wrap onto a real expert. A concrete NumPy int64 array is handled in NumPy, because
+    with x64 off JAX itself would truncate it to int32 on the way in. With ``num_experts=None``
+    (pre-dispatch, which copies ids as data) only ids outside the int32 range become ``-1``.
+    """
+    lo, end = (_INT32_MIN, _INT32_END) if num_experts is None else (0, int(num_experts))
+    if isinstance(topk_idx, np.ndarray):
+        ids = np.asarray(topk_idx)
+        return jnp.asarray(np.where((ids >= lo) & (ids < end), ids, -1).astype(np.int32))
+    ids = jnp.asarray(topk_idx)
+    if num_experts is None and ids.dtype == jnp.int32:
+        return ids
+    info = jnp.iinfo(ids.dtype)
+    keep = jnp.ones(ids.shape, jnp.bool_)
+    if lo > info.min:
+        keep = keep & (ids >= lo)
+    if end <= info.max:
+        keep = keep & (ids < end)
+    return jnp.where(keep, ids, jnp.asarray(-1, ids.dtype)).astype(jnp.int32)
 
 
 def _scale_weights(topk_weights: jax.Array, routed_scaling_factor: jax.Array) -> jax.Array:
@@ -271,7 +290,9 @@ def pre_dispatch(
 
     Args:
       x: bf16 ``[T, H]``, ``T <= num_max_tokens``, ``H`` a multiple of 128.
-      topk_idx: int32 (or int64) ``[T, K]``; ``-1`` marks an unused slot. Values are data, not checked.
+      topk_idx: int32 (or int64) ``[T, K]``; ``-1`` marks an unused slot. Values are data, copied as
+        they are, except int64 ids outside the int32 range, which become ``-1`` (the kernel reads int32
+        ids; a cast would wrap them onto real experts).
       topk_weights: f32 ``[T, K]``.
       mode: ``"mxf4xmxf4"``, ``"fp8xfp4"`` (sm_100, per-32 UE8M0) or ``"fp8"`` (sm_90, per-128 f32 scale).
       num_max_tokens: the buffer's capacity ``P``, used **as given** for the row count of every output.
@@ -294,7 +315,7 @@ def pre_dispatch(
     cap = _check_num_max_tokens(num_max_tokens, t)
     _check_scaling(routed_scaling_factor)
     rsf = jnp.asarray(routed_scaling_factor, jnp.float32)
-    return _pre_dispatch_jit(x, topk_idx, topk_weights, rsf, mode=mode, cap=cap)
+    return _pre_dispatch_jit(x, route_ids(topk_idx), topk_weights, rsf, mode=mode, cap=cap)
 
 
 @partial(jax.jit, static_argnames=("mode", "cap"))
@@ -393,26 +414,24 @@ def mega_moe(
     if h % 128 != 0:
         raise ValueError(f"x: hidden={h} must be a multiple of 128")
     _check_weights(weights, mode, h, k)
-    config.check_clamp(activation_clamp)
+    clamp = config.check_clamp(activation_clamp)
     _check_scaling(routed_scaling_factor)
     if num_max_tokens is not None:
         _check_num_max_tokens(num_max_tokens, t)
+    chunk_rows = static_int("chunk_rows", chunk_rows, lo=1, allow_none=True)
     if t == 0:
         return jnp.zeros((0, h), jnp.bfloat16)
-    clamp = None if activation_clamp is None else float(activation_clamp)
     if clamp is not None and math.isinf(clamp):
         clamp = None
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(t * k, weights.num_local_experts)
-    elif int(chunk_rows) < 1:
-        raise ValueError(f"chunk_rows: {chunk_rows} must be >= 1")
+    idx = route_ids(topk_idx, weights.num_local_experts)
     rsf = jnp.asarray(routed_scaling_factor, jnp.float32)
-    return _mega_moe_jit(x, topk_idx, topk_weights, rsf, weights, mode=mode, clamp=clamp, chunk=int(chunk_rows))
+    return _mega_moe_jit(x, idx, topk_weights, rsf, weights, mode=mode, clamp=clamp, chunk=chunk_rows)
 
 
 @partial(jax.jit, static_argnames=("mode", "clamp", "chunk"))
 def _mega_moe_jit(x, topk_idx, topk_weights, routed_scaling_factor, weights, *, mode, clamp, chunk):
-    topk_idx = topk_idx.astype(jnp.int32)  # ids < 2^31; int64 only arrives under x64
     topk_weights = _scale_weights(topk_weights, routed_scaling_factor)
     t, h = x.shape
     k = topk_idx.shape[1]

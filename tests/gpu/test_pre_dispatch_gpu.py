@@ -112,3 +112,24 @@ def test_ffi_rejects_sm100_modes_on_hopper():
     got = ops.pre_dispatch(x, idx, w, mode="mxf4xmxf4", num_max_tokens=CAP, backend="auto")
     want = _reference_on_cpu(x, idx, w, mode="mxf4xmxf4", cap=CAP, rsf=1.0)
     _assert_equal_slots(got, want, 4)
+
+
+@pytest.mark.skipif(GPU_ARCH != 9, reason="sm_90 kernels need an H100/H200")
+def test_sm90_pre_dispatch_nonfinite_follows_the_kernel():
+    """inf / -inf / NaN in a 128-group: the reference's semantics (quant.quantize_fp8_per128) are the
+    kernel's, byte for byte, including the poisoned group's scale and codes."""
+    t, h, k = 9, 4096, 6
+    x, idx, w = _inputs(4242, t, h, k)
+    xn = np.asarray(x, np.float32)
+    xn[0, 130] = np.inf
+    xn[2, 7] = -np.inf
+    xn[3, 300] = np.nan
+    xn[4, 0:128] = np.nan  # a whole group of NaN: the amax floor applies
+    xn[5, 1000] = np.inf
+    xn[5, 1001] = np.nan
+    x = jnp.asarray(xn, jnp.bfloat16)
+    got = jax.block_until_ready(_jitted("fp8", CAP, 1.0)(x, idx, w))
+    want = _reference_on_cpu(x, idx, w, mode="fp8", cap=CAP, rsf=1.0)
+    assert np.isinf(np.asarray(want.x_sf)[0, 1])  # the poisoned group really is poisoned
+    _assert_equal_slots(got, want, t)
+    print("TABLE pre_dispatch|fp8|H=4096|T=9|inf/-inf/NaN groups|bit-exact")
