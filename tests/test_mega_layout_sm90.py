@@ -227,9 +227,14 @@ SHAPES = [SMALL, FLASH, PRO, dict(E=16, P=256, K=4, H=512, I=256), dict(E=256, P
           dict(E=384, P=4096, K=6, H=7168, I=3072), dict(E=64, P=1024, K=8, H=2048, I=1024)]
 
 
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("num_sms", [132, 130, 114, 78])
-def test_heuristics_satisfy_kernel_rules(lib, shape, num_sms):
+def test_heuristics_satisfy_kernel_rules(lib, shape, num_sms, wide, monkeypatch):
+    if wide:
+        monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "1")
+    else:
+        monkeypatch.delenv("JAX_MEGAMOE_SM90_WIDE_TILE", raising=False)
     lay = layout(lib, **shape)
     P = shape["P"]
     for T in sorted({1, 3, 4, 16, 100, 128, 129, 255, 256, 257, 512, 1024, 4096, 8192, P}):
@@ -237,8 +242,9 @@ def test_heuristics_satisfy_kernel_rules(lib, shape, num_sms):
             continue
         c = config(lib, **shape, T=T, num_sms=num_sms)
         check_kernel_rules(c, lay)
-        # BLOCK_M rule: 64 or more expected tokens per expert -> the 128-row tile
-        assert c["block_m"] == (128 if T * shape["K"] / shape["E"] >= 64 else 64)
+        # BLOCK_M rule: the 64-row tile unless JAX_MEGAMOE_SM90_WIDE_TILE=1 allows DeepGEMM's rule
+        # (64 or more expected tokens per expert -> the 128-row tile, K sum in the FP8 accumulator)
+        assert c["block_m"] == (128 if wide and T * shape["K"] / shape["E"] >= 64 else 64)
 
 
 @pytest.mark.parametrize("ranks", [2, 4, 8])
@@ -278,7 +284,9 @@ def test_choices_small(lib):
     assert (c["l1_out_box_n"], c["l1_out_box_m"], c["l1_out_swizzle"]) == (128, 64, 0)
 
 
-def test_choices_prefill_tile(lib):
+def test_choices_prefill_tile(lib, monkeypatch):
+    assert config(lib, E=16, P=256, K=4, H=512, I=256, T=256)["block_m"] == 64  # default: never the wide tile
+    monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "1")
     c = config(lib, E=16, P=256, K=4, H=512, I=256, T=256)
     # 256*4/16 = 64 tokens per expert: 128x256 tile, split-M warpgroups, 2-CTA cluster multicasting B
     assert (c["block_m"], c["block_n"], c["cluster"], c["multicast_b"]) == (128, 256, 2, 1)

@@ -215,7 +215,8 @@ def test_small_shape(small_weights, t):
 
 
 def test_small_shape_prefill_tile(small_weights):
-    """T*K/E >= 64: the 128x256 tile, 2-CTA cluster with weight multicast."""
+    """T*K/E >= 64: the 64-row tile by default (the 128x256 tile with its 2-CTA cluster only with
+    JAX_MEGAMOE_SM90_WIDE_TILE=1, which the probe tests/gpu/probe_block_m.py measures)."""
     s, cap, t = SMALL, 256, 256
     experts = np.arange(s["E"])
     idx, w = _routing(77, t, s["K"], experts)
@@ -223,7 +224,7 @@ def test_small_shape_prefill_tile(small_weights):
     y = jax.block_until_ready(mega_moe_ffi(x, jnp.asarray(idx), jnp.asarray(w), small_weights, cap=cap, rsf=1.5))
     ref = _reference(x, idx, w, _cpu_weights(small_weights, experts), experts, clamp=float("inf"), rsf=1.5)
     rel = _check(y, ref, idx, what=f"small prefill T={t}")
-    print(f"TABLE mega_moe_sm90|H={s['H']} I={s['I']} E={s['E']} K={s['K']} (BLOCK_M 128, cluster 2)|T={t}|"
+    print(f"TABLE mega_moe_sm90|H={s['H']} I={s['I']} E={s['E']} K={s['K']} (T*K/E = 64)|T={t}|"
           f"cap={cap}|rel_l2={rel:.2e}|rsf=1.5|{_card()}")
 
 
@@ -371,3 +372,78 @@ def test_graph_target_is_captured_and_gives_the_same_bits():
     assert r.returncode == 0, out[-4000:]
     line = next(line for line in out.splitlines() if line.startswith("graph "))
     print("TABLE graph target|" + line + f"|{_card()}")
+
+
+def test_nonfinite_token_poisons_only_its_own_row(small_weights):
+    """An inf in one token's activations: the kernel and the reference both give that row non-finite
+    values (the group's scale is inf) and every other row exactly what it gets without the inf."""
+    s, cap, t = SMALL, 128, 16
+    experts = np.arange(s["E"])
+    idx, w = _routing(91, t, s["K"], experts, empty_rows=())
+    x = np.asarray(_x(92, t, s["H"]), np.float32)
+    x[3, 200] = np.inf
+    x = jnp.asarray(x, jnp.bfloat16)
+    y = np.asarray(jax.block_until_ready(mega_moe_ffi(x, jnp.asarray(idx), jnp.asarray(w), small_weights, cap=cap)))
+    ref = _reference(x, idx, w, _cpu_weights(small_weights, experts), experts, clamp=float("inf"), rsf=1.0)
+    bad_y = ~np.isfinite(y.astype(np.float32)).all(axis=1)
+    bad_r = ~np.isfinite(ref.astype(np.float32)).all(axis=1)
+    assert bad_r.tolist() == [r == 3 for r in range(t)], bad_r
+    assert bad_y.tolist() == bad_r.tolist(), (bad_y, bad_r)
+    keep = np.arange(t) != 3
+    _check(y[keep], ref[keep], idx[keep], what="rows without the inf")
+    print(f"TABLE mega_moe_sm90|inf in token 3|non-finite rows kernel={np.flatnonzero(bad_y).tolist()} "
+          f"reference={np.flatnonzero(bad_r).tolist()}|{_card()}")
+
+
+def _large_t_routing(seed: int, t: int, k: int, e: int, *, skewed: bool):
+    """Top-k over all ``e`` experts: uniform, or skewed (8 hot experts take about half the slots)."""
+    rng = np.random.default_rng(seed)
+    p = np.ones(e)
+    if skewed:
+        p[rng.choice(e, size=8, replace=False)] = e / 8.0
+    p /= p.sum()
+    idx = np.stack([rng.choice(e, size=k, replace=False, p=p) for _ in range(t)]).astype(np.int32)
+    idx[rng.random((t, k)) < 0.02] = -1
+    idx[1] = -1  # a token routed nowhere: its row must be exactly 0
+    w = rng.random((t, k)).astype(np.float32)
+    return idx, w / w.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("model", ["flash", "pro"])
+@pytest.mark.parametrize("skewed", [False, True], ids=["uniform", "skewed"])
+@pytest.mark.parametrize("t", [1024, 2048, 4096])
+def test_large_t_matches_the_reference(flash_weights, model, skewed, t):
+    """Issue 15: the contract (rel. L2 <= 1e-2, routed-nowhere rows exactly 0) at prefill sizes,
+    cap = T, routing over all experts. The reference runs on the GPU (HIGHEST precision) on 256
+    rows spread over the batch, row 1 (routed nowhere) included."""
+    if model == "pro" and t == 2048:
+        pytest.skip("V4-Pro: T = 1024 and 4096 only (device time)")
+    s = FLASH if model == "flash" else dict(H=7168, I=3072, E=384, K=6)
+    weights = flash_weights if model == "flash" else _pro_weights()
+    idx, w = _large_t_routing(700 + t + skewed, t, s["K"], s["E"], skewed=skewed)
+    x = _x(800 + t, t, s["H"])
+    clamp, rsf = (10.0, 1.0) if model == "flash" else (10.0, 2.5)
+    y = np.asarray(mega_moe_ffi(x, jnp.asarray(idx), jnp.asarray(w), weights, cap=t, clamp=clamp, rsf=rsf))
+    rows = np.unique(np.concatenate([[1], np.linspace(0, t - 1, 255).round().astype(np.int64)]))
+    ref = np.asarray(
+        reference.mega_moe(x[rows], jnp.asarray(idx[rows]), jnp.asarray(w[rows]), weights, mode="fp8",
+                           activation_clamp=clamp, routed_scaling_factor=rsf)
+    )
+    rel = _check(y[rows], ref, idx[rows], what=f"V4-{model} T={t} {'skewed' if skewed else 'uniform'}")
+    assert (y[1] == 0).all()
+    print(f"TABLE mega_moe_sm90|V4-{model} cap=T|T={t}|{'skewed' if skewed else 'uniform'}|rel_l2={rel:.2e}|{_card()}")
+
+
+def test_above_the_cap_auto_falls_back_and_buckets_stay_exact(flash_weights):
+    """Above num_max_tokens, ops.mega_moe(backend='auto') runs the reference (SGLang's fallback):
+    the same function, so the result equals the reference bit for bit; at the cap it is the kernel."""
+    s, cap = FLASH, 1024
+    idx, w = _large_t_routing(901, cap + 8, s["K"], s["E"], skewed=False)
+    x = _x(902, cap + 8, s["H"])
+    args = (x, jnp.asarray(idx), jnp.asarray(w), flash_weights)
+    y_auto = np.asarray(ops.mega_moe(*args, num_max_tokens=cap, activation_clamp=10.0, backend="auto"))
+    y_ref = np.asarray(reference.mega_moe(*args, mode="fp8", activation_clamp=10.0))
+    np.testing.assert_array_equal(y_auto.view(np.uint16), y_ref.view(np.uint16))
+    with pytest.raises(ValueError, match="exceed num_max_tokens"):
+        ops.mega_moe(*args, num_max_tokens=cap, backend="ffi")
+    print(f"TABLE mega_moe_sm90|V4-Flash T={cap + 8} > cap {cap}|auto = reference bit for bit|{_card()}")
