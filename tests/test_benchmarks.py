@@ -205,3 +205,106 @@ def test_ffi_overhead_skips_cleanly_without_a_gpu(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads((tmp_path / "ffi_overhead.json").read_text())
     assert "no CUDA GPU" in data["skipped"] and data["cases"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_step.py: the L-layer program, the weight-set choice, and the --smoke run
+# ---------------------------------------------------------------------------------------------
+
+from benchmarks import decode_step as D  # noqa: E402
+
+
+def _toy_layer(xn, idx, w, s):
+    """Depends on the input, the routing and the weight set ``s`` (a scalar)."""
+    return (xn.astype(jnp.float32) * s + jnp.sum(w, -1, keepdims=True) + 0.01 * idx[:, :1]).astype(jnp.bfloat16)
+
+
+def test_decode_step_program_uses_set_l_mod_L_in_both_loop_shapes():
+    n_layers, n_sets, t, k, h = 7, 3, 5, 2, 16  # scan: 2 cycles of 3 layers + 1 unrolled
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
+    idx = jnp.asarray(rng.integers(0, 8, (n_layers, t, k)), jnp.int32)
+    w = jnp.asarray(rng.random((n_layers, t, k)), jnp.float32)
+    sets = tuple((jnp.float32(0.5 + j),) for j in range(n_sets))
+    want = x
+    for layer in range(n_layers):  # what the step must compute
+        want = want + _toy_layer(D.rms_norm(want), idx[layer], w[layer], *sets[layer % n_sets])
+    outs = {}
+    for loop in ("scan", "unroll"):
+        step = D.make_step(_toy_layer, n_layers=n_layers, n_sets=n_sets, loop=loop)
+        outs[loop] = np.asarray(step(x, idx, w, sets), np.float32)
+        np.testing.assert_allclose(outs[loop], np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+        text = step.lower(x, idx, w, sets).as_text()
+        assert ("while" in text) == (loop == "scan"), loop
+    # The weight sets matter (a shifted cycle gives a different result).
+    shifted = tuple(sets[(j + 1) % n_sets] for j in range(n_sets))
+    bad = np.asarray(D.make_step(_toy_layer, n_layers=n_layers, n_sets=n_sets, loop="scan")(x, idx, w, shifted), np.float32)
+    assert C.rel_l2(bad, outs["scan"]) > 0.05
+
+
+def test_decode_step_check_separates_numerics_from_wrong_weights():
+    # Real paths on tiny weights: FP8 (reference) vs bf16 (xla_capacity) activations stay well within
+    # the cross-numerics tolerance; the wrong weight cycle is far outside it.
+    n_layers, n_sets = 4, 2
+    p = D.make_point(SHAPE, 6, n_layers, 1, seed=2)
+    x, idx, w = D.device_sets(p)[0]
+    w8 = [M.random_fp8_weights(SHAPE, seed=j) for j in range(n_sets)]
+    bf = [M.dequantize_all_bf16(v) for v in w8]
+    ref = D.make_step(partial(M.reference_mega_moe, clamp=SHAPE.clamp), n_layers=n_layers, n_sets=n_sets, loop="scan")
+    cap = D.make_step(partial(M.xla_capacity, clamp=SHAPE.clamp, cap=p.capacity), n_layers=n_layers, n_sets=n_sets, loop="scan")
+    y_cap = np.asarray(cap(x, idx, w, tuple(bf)), np.float32)
+    y_ref = np.asarray(ref(x, idx, w, tuple((v,) for v in w8)), np.float32)
+    y_bad = np.asarray(ref(x, idx, w, tuple((v,) for v in w8[::-1])), np.float32)
+    tol = D.CHECK_TOL["fp8_vs_bf16_activations"]
+    assert C.rel_l2(y_ref, y_cap) < tol / 2
+    assert C.rel_l2(y_bad, y_cap) > 2 * tol
+
+
+def test_decode_step_weight_sets_and_caps():
+    flash = M.model_shape("flash", smoke=False)
+    assert D.set_bytes(flash, "fp8") / 2**30 == pytest.approx(6.0, abs=0.01)
+    h100, h200 = int(73.2 * 2**30), int(128.6 * 2**30)  # pools at XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+    kw = dict(requested=8, n_layers=43, explicit=False)
+    assert D.choose_sets(flash, "fp8", limit=h100, **kw)[0] == 8
+    n, why = D.choose_sets(flash, "bf16", limit=h100, **kw)
+    assert n == 4 and "not 8" in why
+    assert D.choose_sets(flash, "bf16", limit=h200, **kw)[0] == 8
+    assert D.choose_sets(flash, "fp8", limit=None, requested=50, n_layers=43, explicit=True)[0] == 43
+    assert D.choose_sets(flash, "fp8", limit=2**30, **kw)[0] == 1  # at least one set
+    assert [D.ffi_cap(t) for t in (1, 2, 100, 128, 129, 256)] == [128, 128, 128, 128, 256, 256]
+
+
+def test_decode_step_smoke_writes_json_png_and_results(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    proc = _run("decode_step.py", "--smoke", "--out", str(tmp_path), "--write-results", str(md))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads((tmp_path / "decode_step.json").read_text())
+    assert data["schema"] == D.SCHEMA and data["smoke"] and data["n_layers"] == 3
+    assert data["model"]["top_k"] == 4 and data["model"]["hidden"] == 512 and data["model"]["num_experts"] == 16
+    for fmt in ("fp8", "bf16"):
+        assert data["weight_sets"][fmt]["distinct"] == 2 and data["weight_sets"][fmt]["why"]
+    assert [q["tokens"] for q in data["points"]] == list(D.SMOKE_TOKENS)
+    for q in data["points"]:
+        assert q["floor_s"] > 0 and q["floors"]["bf16_weights_bf16_mma"]["floor_s"] > 0 and q["distinct_experts"] > 0
+        assert set(q["paths"]) == set(D.PATH_NAMES)
+        for name, r in q["paths"].items():
+            if r["status"] == "ok":
+                assert r["per_layer_s"] > 0 and 0 < r["floor_fraction"] < float("inf"), (name, r)
+                assert r["per_layer_s"] == pytest.approx(r["median_s"] / 3) and r["check"]["pass"], (name, r)
+            else:
+                assert r["status"] == "skipped" and r["reason"], (name, r)
+        for name in ("reference", "xla_capacity", "xla_gather"):  # these run on CPU
+            assert q["paths"][name]["status"] == "ok", (name, q["paths"][name])
+        assert "no GPU" in q["paths"]["ffi"]["reason"]
+        for fmt in ("fp8", "bf16"):
+            assert q["empty"][fmt]["per_layer_s"] > 0
+        assert q["best"]["best_xla"] in D.XLA_PATHS
+    png = (tmp_path / "decode_step.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    text = md.read_text()
+    assert "<!-- BEGIN decode_step -->" in text and "| `xla_capacity` (L=2) |" in text and "| empty step, per layer" in text
+    assert "smoke run" in text and "**L = 2 distinct**" in text
+    # Re-rendered from the JSON alone.
+    md2 = tmp_path / "again.md"
+    assert D.main(["--from-json", str(tmp_path / "decode_step.json"), "--out", str(tmp_path / "re"), "--write-results", str(md2)]) == 0
+    assert "| `xla_capacity` (L=2) |" in md2.read_text() and (tmp_path / "re" / "decode_step.png").is_file()
