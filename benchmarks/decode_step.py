@@ -91,21 +91,31 @@ SMOKE_TOKENS = (1, 4)
 GIB = 2**30
 #: Paths in run order, per weight format (each format's weight sets are resident one at a time).
 PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("fp8", ("ffi", "reference")),
+    ("fp8", ("ffi", "ffi_fused", "ffi_decode", "reference")),
     ("bf16", ("tokamax_ragged", "xla_capacity", "xla_gather")),
 )
 PATH_NAMES = tuple(n for _, names in PHASES for n in names)
 XLA_PATHS = ("xla_capacity", "xla_gather")
 #: Step outputs are compared with this baseline (first one that ran) ...
-CHECK_ORDER = ("xla_capacity", "xla_gather", "tokamax_ragged", "reference", "ffi")
+CHECK_ORDER = ("xla_capacity", "xla_gather", "tokamax_ragged", "reference", "ffi", "ffi_fused", "ffi_decode")
 #: ... within these relative L2s. Over 43 layers the difference of FP8 and bf16 activations (4-5% in
 #: one layer) compounds to ~0.25 (CPU, smoke shapes); bf16 paths differ by ~0.03; wrong weights give ~1.4.
 CHECK_TOL = {"same_activations": 0.1, "fp8_vs_bf16_activations": 0.5}
-ACTIVATIONS = {"ffi": "fp8", "reference": "fp8", "tokamax_ragged": "bf16", "xla_capacity": "bf16", "xla_gather": "bf16"}
+ACTIVATIONS = {"ffi": "fp8", "ffi_fused": "fp8", "ffi_decode": "fp8", "reference": "fp8", "tokamax_ragged": "bf16", "xla_capacity": "bf16", "xla_gather": "bf16"}
 #: The weight sets of one format may take this much of the device pool.
 SETS_POOL_FRACTION = 0.8
 L2_BYTES = 50 * 2**20  # H100 / H200
 DEFAULT_OUT = str(C.REPO / "benchmarks" / "results")
+
+
+#: ``ffi`` is what users get (``kernel="auto"``); ``ffi_fused`` / ``ffi_decode`` force one kernel, so the
+#: table shows the crossover that ``jax_megamoe._decode.DECODE_MAX_PAIRS`` encodes.
+FFI_KERNELS = {"ffi": "auto", "ffi_fused": "fused", "ffi_decode": "decode"}
+SPEC = {
+    **M.PATH_BY_NAME,
+    "ffi_fused": dataclasses.replace(M.PATH_BY_NAME["ffi"], name="ffi_fused", label="FFI, DeepGEMM fused kernel"),
+    "ffi_decode": dataclasses.replace(M.PATH_BY_NAME["ffi"], name="ffi_decode", label="FFI, decode kernels"),
+}
 
 
 def ffi_cap(t: int) -> int:
@@ -268,7 +278,7 @@ class Bench:
     def static_skip(self, name: str) -> str | None:
         if name not in self.args.paths:
             return "not asked for (--paths)"
-        return M.Sweep.static_skip(self, M.PATH_BY_NAME[name])
+        return M.Sweep.static_skip(self, SPEC[name])
 
     # ---- weight sets ----------------------------------------------------------------------
 
@@ -290,8 +300,9 @@ class Bench:
 
     def layer_fn(self, name: str, p: Point, sets):
         clamp = self.shape.clamp
-        if name == "ffi":
-            return partial(M.ffi_mega_moe, clamp=clamp, cap=ffi_cap(p.tokens), reserved_sms=self.args.ffi_reserved_sms)
+        if name in FFI_KERNELS:
+            return partial(M.ffi_mega_moe, clamp=clamp, cap=ffi_cap(p.tokens), reserved_sms=self.args.ffi_reserved_sms,
+                           kernel=FFI_KERNELS[name])
         if name == "reference":
             return partial(M.reference_mega_moe, clamp=clamp)
         if name == "xla_capacity":
@@ -416,7 +427,7 @@ class Bench:
             C.log(f"  {name:15s} T={t}: {status}: {why}")
             gc.collect()
             return rec
-        spec = M.PATH_BY_NAME[name]
+        spec = SPEC[name]
         floor = q["floor_s"]
         own = q["floors"][f"{spec.weight_format}_weights_{spec.mma}_mma"]["floor_s"]
         per = tm.median_s / a.layers
@@ -435,7 +446,7 @@ class Bench:
         )
         if "per_layer_s" in empty:
             rec["per_layer_minus_empty_s"] = per - empty["per_layer_s"]
-        if name == "ffi":
+        if name in FFI_KERNELS:
             rec["num_max_tokens"] = ffi_cap(t)
         if name == "xla_capacity":
             rec["capacity"] = p.capacity
@@ -497,7 +508,9 @@ def best_of(paths: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # =============================================================================================
 
 _LABEL = {
-    "ffi": "ffi (FFI Mega MoE, FP8)",
+    "ffi": "ffi (FFI, kernel=auto, FP8)",
+    "ffi_fused": "ffi_fused (DeepGEMM fused kernel, FP8)",
+    "ffi_decode": "ffi_decode (decode kernels, FP8)",
     "tokamax_ragged": "tokamax_ragged (bf16)",
     "xla_capacity": "xla_capacity (bf16)",
     "xla_gather": "xla_gather (bf16)",

@@ -537,13 +537,14 @@ def fp8_ragged(x, idx, w, l1b, l1_sf, l2b, l2_sf, *, clamp):
     return _combine(o.astype(BF16)[inv], t, k)
 
 
-def ffi_mega_moe(x, idx, w, weights, *, clamp, cap=None, reserved_sms=None):
-    """The fused kernel; ``cap``: the buffer's token cap (default: this call's T, i.e. the smallest)."""
+def ffi_mega_moe(x, idx, w, weights, *, clamp, cap=None, reserved_sms=None, kernel="fused"):
+    """The FFI path; ``cap``: the fused kernel's token cap (default: this call's T, i.e. the smallest);
+    ``kernel``: ``ops.mega_moe``'s kernel choice (this sweep times DeepGEMM's fused kernel by default)."""
     from jax_megamoe import ops
 
     return ops.mega_moe(
         x, idx, w, weights, mode="fp8", activation_clamp=clamp, backend="ffi",
-        num_max_tokens=cap or x.shape[0], reserved_sms=reserved_sms,
+        num_max_tokens=cap or x.shape[0], reserved_sms=reserved_sms, kernel=kernel,
     )
 
 

@@ -44,6 +44,7 @@ NOT_BUILT = "FFI library not built: reference backend only"
 STATE_TYPE_NAME = "jax_megamoe.PreDispatchState"
 MEGA_SM90_STATE_TYPE_NAME = "jax_megamoe.MegaMoeSm90State"
 MEGA_SM100_STATE_TYPE_NAME = "jax_megamoe.MegaMoeSm100State"
+DECODE_STATE_TYPE_NAME = "jax_megamoe.DecodeMoeState"
 TARGET_PRE_DISPATCH_SM90 = "jax_megamoe_pre_dispatch_sm90"
 TARGET_PRE_DISPATCH_SM100 = "jax_megamoe_pre_dispatch_sm100"
 TARGET_MEGA_MOE_SM90 = "jax_megamoe_mega_moe_sm90"  # contract: ffi/handlers/mega_moe_sm90.h
@@ -66,6 +67,15 @@ MEGA_TARGETS: dict[str, str] = {
     TARGET_MEGA_MOE_SM90: "jmm_mega_moe_sm90",
     TARGET_MEGA_MOE_SM90 + GRAPH_SUFFIX: "jmm_mega_moe_sm90_graph",
     TARGET_MEGA_MOE_SM100: "jmm_mega_moe_sm100",
+}
+# The low-latency decode passes (ours, ffi/handlers/decode_moe_sm90.cc); state DECODE_STATE_TYPE_NAME.
+TARGET_DECODE_L1_SM90 = "jax_megamoe_decode_l1_sm90"
+TARGET_DECODE_L2_SM90 = "jax_megamoe_decode_l2_sm90"
+DECODE_TARGETS: dict[str, str] = {
+    TARGET_DECODE_L1_SM90: "jmm_decode_l1_sm90",
+    TARGET_DECODE_L2_SM90: "jmm_decode_l2_sm90",
+    TARGET_DECODE_L1_SM90 + GRAPH_SUFFIX: "jmm_decode_l1_sm90_graph",
+    TARGET_DECODE_L2_SM90 + GRAPH_SUFFIX: "jmm_decode_l2_sm90_graph",
 }
 
 # C API of the library (besides the handler symbols): name -> (restype, argtypes).
@@ -91,6 +101,13 @@ _C_API: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "jmm_mega_moe_sm90_state_type_info": (ctypes.c_void_p, ()),
     "jmm_mega_moe_sm100_state_type_id": (ctypes.c_void_p, ()),
     "jmm_mega_moe_sm100_state_type_info": (ctypes.c_void_p, ()),
+    "jmm_decode_state_type_id": (ctypes.c_void_p, ()),
+    "jmm_decode_state_type_info": (ctypes.c_void_p, ()),
+    "jmm_decode_render": (ctypes.c_int, (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)),
+    "jmm_decode_compile": (
+        ctypes.c_int,
+        (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t),
+    ),
 }
 
 # mma_kind attribute values (= deep_gemm::MmaKind).
@@ -422,7 +439,15 @@ def _register_locked() -> FfiStatus:
             },
             platform=PLATFORM,
         )
-        for name, prefix in {**TARGETS, **MEGA_TARGETS}.items():
+        jax.ffi.register_ffi_type(
+            DECODE_STATE_TYPE_NAME,
+            {
+                "type_id": jax.ffi.pycapsule(lib.jmm_decode_state_type_id()),
+                "type_info": jax.ffi.pycapsule(lib.jmm_decode_state_type_info()),
+            },
+            platform=PLATFORM,
+        )
+        for name, prefix in {**TARGETS, **MEGA_TARGETS, **DECODE_TARGETS}.items():
             jax.ffi.register_ffi_target(name, _capsules(lib, prefix), platform=PLATFORM, api_version=1)
     except Exception as e:  # noqa: BLE001 - recorded, raised by require()
         reason = f"FFI registration failed: {type(e).__name__}: {e}"

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_megamoe import config
+from jax_megamoe import _decode, config
 from jax_megamoe import reference
 from jax_megamoe._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
 
@@ -286,8 +286,14 @@ def mega_moe(
     fast_math: bool = True,
     reserved_sms: int | None = None,
     backend: Backend = "auto",
+    kernel: _decode.Kernel = "auto",
 ) -> jax.Array:
     """Routed experts of one MoE layer: pre-dispatch + fused Mega MoE kernel -> ``bf16[T, H]``.
+
+    ``kernel`` picks the GPU kernel where the FFI backend runs: ``"fused"`` (DeepGEMM's mega
+    kernel), ``"decode"`` (our low-latency FP8 GEMV passes, sm_90 ``fp8`` only, no token cap) or
+    ``"auto"`` (decode while ``T * K <= jax_megamoe._decode.DECODE_MAX_PAIRS``, the measured
+    crossover; see :mod:`jax_megamoe._decode`).
 
     ``mode`` defaults to the mode ``weights`` were built for. ``num_max_tokens`` is the token
     cap of the kernel's persistent buffer (default :func:`default_num_max_tokens`; rounded up
@@ -320,6 +326,12 @@ def mega_moe(
     if chosen == "ffi" and backend == "auto" and config.arch_of_mode(mode) == 10 and not sm100_mega_opted_in():
         # Never run on hardware here: "auto" keeps the reference until a B200 has validated it.
         chosen = "reference"
+    which = _decode.choose_kernel(kernel, mode, t, k)
+    if chosen == "ffi" and which == "decode" and t > 0:
+        topk_weights, rsf = _fold_traced_scaling(topk_weights, rsf)
+        return decode_target_call(
+            x, topk_idx, topk_weights, weights, activation_clamp=activation_clamp, routed_scaling_factor=rsf
+        )
     if t > cap_requested:
         if backend == "ffi":
             raise ValueError(
@@ -411,3 +423,39 @@ def mega_moe_target_call(
         has_side_effect=True,
         **extra,
     )
+
+
+DECODE_TARGETS = ("jax_megamoe_decode_l1_sm90", "jax_megamoe_decode_l2_sm90")
+
+
+def decode_target_call(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    topk_weights: jax.Array,
+    weights,
+    *,
+    activation_clamp: float | None,
+    routed_scaling_factor: float,
+    graph: bool | None = None,
+) -> jax.Array:
+    """The two decode custom calls (``ffi/handlers/decode_moe_sm90.cc``), arguments already validated
+    by :func:`mega_moe`: l1 writes the weighted SwiGLU output ``f32[T*K, I]``, l2 requantises it,
+    runs W2 and combines the slots into ``bf16[T, H]``. No device state, no side effect."""
+    t, h = x.shape
+    k = topk_idx.shape[1]
+    e = weights.num_local_experts
+    idx = reference.route_ids(topk_idx, e)
+    if graph is None:
+        graph = graph_targets_enabled()
+    suffix = "_graph" if graph else ""
+    dims = dict(hidden=np.int64(h), intermediate=np.int64(weights.intermediate), num_experts=np.int64(e), top_k=np.int64(k))
+    act = ffi_call_on_gpu(
+        "mega_moe", DECODE_TARGETS[0] + suffix, jax.ShapeDtypeStruct((t * k, weights.intermediate), jnp.float32),
+        x, idx, topk_weights, weights.l1, weights.l1_sf,
+        activation_clamp=np.float32(np.inf if activation_clamp is None else activation_clamp),
+        routed_scaling_factor=np.float32(routed_scaling_factor), **dims,
+    )  # fmt: skip
+    return ffi_call_on_gpu(
+        "mega_moe", DECODE_TARGETS[1] + suffix, jax.ShapeDtypeStruct((t, h), jnp.bfloat16),
+        act, idx, weights.l2, weights.l2_sf, **dims,
+    )  # fmt: skip

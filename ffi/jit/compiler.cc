@@ -230,7 +230,9 @@ bool jit_compile(const KernelSource& k, CompiledKernel* out, std::string* error)
   }
   std::error_code ec;
   const fs::path dg_root = fs::path(cfg.deepgemm_include).lexically_normal();
-  if (cfg.deepgemm_include.empty() || !fs::is_regular_file(dg_root / k.impl_header, ec)) {
+  // Our own kernels (impl_header empty) include no DeepGEMM header.
+  if (cfg.deepgemm_include.empty() ||
+      (!k.impl_header.empty() && !fs::is_regular_file(dg_root / k.impl_header, ec))) {
     return fail(cat("DeepGEMM header '", k.impl_header, "' not found under '",
                     cfg.deepgemm_include,
                     "'; install the headers with `pip install sgl-deep-gemm==0.2.5` or point "

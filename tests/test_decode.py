@@ -1,0 +1,113 @@
+"""The low-latency decode kernels on the CPU: kernel choice, validation, rendering and an nvcc compile.
+
+The kernels themselves run in tests/gpu/test_decode_gpu.py (H100/H200).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_megamoe import _decode, _ffi, ops, reference
+from jax_megamoe.layout import MoEWeights
+from ffi_testing import jit_sandbox
+
+
+def _weights(seed: int, h=512, i=256, e=8) -> MoEWeights:
+    rng = np.random.default_rng(seed)
+
+    def q(shape):
+        w = rng.standard_normal(shape).astype(np.float32) * 0.05
+        n, r, c = shape
+        b = w.reshape(n, r // 128, 128, c // 128, 128)
+        s = np.abs(b).max(axis=(2, 4)) / 448
+        return jnp.asarray((b / s[:, :, None, :, None]).reshape(shape), jnp.float8_e4m3fn), jnp.asarray(s, jnp.float32)
+
+    w13, s13 = q((e, 2 * i, h))
+    w2, s2 = q((e, h, i))
+    return MoEWeights.from_fp8(w13, s13, w2, s2)
+
+
+@pytest.mark.parametrize(
+    "kernel,mode,t,k,want",
+    [
+        ("auto", "fp8", 1, 6, "decode"),
+        ("auto", "fp8", _decode.DECODE_MAX_PAIRS // 6, 6, "decode"),
+        ("auto", "fp8", _decode.DECODE_MAX_PAIRS // 6 + 1, 6, "fused"),
+        ("auto", "fp8", 1024, 6, "fused"),
+        ("auto", "mxf4xmxf4", 1, 6, "fused"),
+        ("fused", "fp8", 1, 6, "fused"),
+        ("decode", "fp8", 4096, 6, "decode"),
+    ],
+)
+def test_choose_kernel(kernel, mode, t, k, want):
+    assert _decode.choose_kernel(kernel, mode, t, k) == want
+
+
+def test_choose_kernel_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"kernel: 'gemv' is not one of auto, fused, decode"):
+        _decode.choose_kernel("gemv", "fp8", 1, 6)
+    with pytest.raises(ValueError, match=r"kernel='decode'.*'fp8'.*'mxf4xmxf4'"):
+        _decode.choose_kernel("decode", "mxf4xmxf4", 1, 6)
+
+
+def test_mega_moe_validates_kernel_on_every_backend():
+    wt = _weights(0)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 512)), jnp.bfloat16)
+    idx = jnp.asarray(rng.integers(0, 8, (2, 4)), jnp.int32)
+    w = jnp.asarray(rng.random((2, 4)), jnp.float32)
+    with pytest.raises(ValueError, match="kernel: 'x'"):
+        ops.mega_moe(x, idx, w, wt, kernel="x", backend="reference")
+    # Off the GPU every kernel choice is the reference, bit for bit.
+    want = np.asarray(reference.mega_moe(x, idx, w, wt, mode="fp8"))
+    for kernel in ("auto", "fused", "decode"):
+        np.testing.assert_array_equal(np.asarray(ops.mega_moe(x, idx, w, wt, kernel=kernel)), want)
+
+
+def _lowered_for_cuda(fn, *args) -> str:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("t,kernel,targets", [
+    (1, "auto", ("decode_l1_sm90", "decode_l2_sm90")),
+    (2, "decode", ("decode_l1_sm90", "decode_l2_sm90")),
+    (64, "auto", ("mega_moe_sm90",)),
+])
+def test_lowering_picks_the_kernels(t, kernel, targets):
+    """Lowered for CUDA on this CPU-only machine: the custom calls of the chosen kernel appear, and
+    the decode calls carry the shape attributes the handler validates."""
+    if _ffi.load_library() is None:
+        pytest.skip("FFI library not built")
+    wt = _weights(2)
+    x = jnp.zeros((t, 512), jnp.bfloat16)
+    idx = jnp.zeros((t, 4), jnp.int32)
+    w = jnp.zeros((t, 4), jnp.float32)
+    txt = _lowered_for_cuda(lambda x, i, w, wt: ops.mega_moe(x, i, w, wt, backend="ffi", kernel=kernel), x, idx, w, wt)
+    for name in targets:
+        assert f"jax_megamoe_{name}" in txt
+    other = {"decode_l1_sm90", "mega_moe_sm90"} - {n for n in targets}
+    for name in other:
+        assert f"jax_megamoe_{name}\"" not in txt
+    if "decode_l1_sm90" in targets:
+        assert "intermediate = 256" in txt and "num_experts = 8" in txt and "top_k = 4" in txt
+
+
+@pytest.mark.nvcc
+def test_decode_kernels_compile(tmp_path_factory):
+    """Both passes render and compile with nvcc for sm_90a, each cubin with exactly one entry."""
+    with jit_sandbox(tmp_path_factory, "decodejit") as (lib, _, _, _):
+        for p, sym in ((1, "jmm_decode_l1_sm90"), (2, "jmm_decode_l2_sm90")):
+            src = _ffi.call_render(lib, lib.jmm_decode_render, p)
+            assert f"#define JMM_DECODE_PASS {p}" in src and sym in src
+            cubin = _ffi.call_compile(lib.jmm_decode_compile, p)
+            n = lib.jmm_cubin_kernel_symbols(cubin.encode(), None, 0)
+            buf = ctypes.create_string_buffer(n + 1)
+            lib.jmm_cubin_kernel_symbols(cubin.encode(), buf, n + 1)
+            assert buf.value.decode().split() == [sym]
+        with pytest.raises(ValueError, match="pass must be 1 or 2"):
+            _ffi.call_render(lib, lib.jmm_decode_render, 3)
