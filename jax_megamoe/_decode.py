@@ -18,10 +18,12 @@ Kernel = Literal["auto", "fused", "decode"]
 KERNELS = ("auto", "fused", "decode")
 
 # Crossover of kernel="auto" on sm_90, in (token, slot) pairs per call: decode while T * K <= this.
-# Chosen from benchmarks/decode_step.py (V4-Flash, 43 layers in one jitted step, H100 80GB HBM3):
-# see DECODE_CROSSOVER_EVIDENCE and benchmarks/RESULTS.md.
-DECODE_MAX_PAIRS = 24
-DECODE_CROSSOVER_EVIDENCE = "not yet measured on a GPU: provisional T*K <= 24 (T <= 4 at K = 6)"
+# To be chosen from benchmarks/decode_step.py (V4-Flash, 43 layers in one jitted step; paths
+# ffi_fused vs ffi_decode). The decode kernels have not run on a GPU yet (no device was lent when
+# they were written), so "auto" keeps the fused kernel everywhere (0) until that measurement and
+# tests/gpu/test_decode_gpu.py have passed; kernel="decode" opts in.
+DECODE_MAX_PAIRS = 0
+DECODE_CROSSOVER_EVIDENCE = "not measured yet: the decode kernels are compile-checked only; auto = fused"
 
 def choose_kernel(kernel: str, mode: str, num_tokens: int, top_k: int) -> str:
     """``"fused"`` or ``"decode"`` for an FFI call of ``num_tokens`` tokens (validates ``kernel``)."""
@@ -31,4 +33,4 @@ def choose_kernel(kernel: str, mode: str, num_tokens: int, top_k: int) -> str:
         raise ValueError(f"kernel='decode': the decode kernels run mode 'fp8' (sm_90) only, got mode {mode!r}")
     if kernel != "auto":
         return kernel
-    return "decode" if mode == "fp8" and num_tokens * top_k <= DECODE_MAX_PAIRS else "fused"
+    return "decode" if mode == "fp8" and 0 < num_tokens * top_k <= DECODE_MAX_PAIRS else "fused"
