@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_megamoe import config as _cfg
+from jax_megamoe.numerics import config as _cfg
 
 __all__ = [
     "BACKENDS",
@@ -385,7 +385,7 @@ class DeepseekV4SharedExpert(nnx.Module):
         ``w*`` are ``float8_e4m3fn`` (or their uint8 bytes); scales ``[N/128, K/128]`` as
         ``float8_e8m0fnu``, UE8M0 uint8 bytes, or f32.
         """
-        from jax_megamoe import quant
+        from jax_megamoe.numerics import quant
 
         def deq(name, q, s, shape):
             q = jnp.asarray(q)
@@ -548,7 +548,7 @@ def _random_moe_checkpoint_jax(config: DeepseekV4Config, key: jax.Array, num_exp
 
 def _device_arch() -> int | None:
     try:
-        from jax_megamoe.ops import device_arch
+        from jax_megamoe.kernels.ops import device_arch
     except ImportError:
         dev = jax.devices()[0]
         if dev.platform != "gpu" or getattr(dev, "compute_capability", None) is None:
@@ -560,7 +560,7 @@ def _device_arch() -> int | None:
 def _ops_module():
     """``jax_megamoe.ops`` if it exists and has ``mega_moe``; None otherwise (import errors inside it propagate)."""
     try:
-        from jax_megamoe import ops
+        from jax_megamoe.kernels import ops
     except ModuleNotFoundError as e:
         if e.name in ("jax_megamoe.ops",):
             return None
@@ -618,7 +618,7 @@ def _routed_experts(
             )
         if backend == "ffi":
             raise RuntimeError("backend='ffi': jax_megamoe.ops (the FFI entry point) is not available")
-    from jax_megamoe import reference
+    from jax_megamoe.numerics import reference
 
     return reference.mega_moe(x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp)
 
@@ -680,7 +680,7 @@ class DeepseekV4MoE(nnx.Module):
         # Expert parallelism (jax_megamoe.parallel.ep_moe) over mesh axis ep_axis; None: one device.
         self.mesh = mesh
         self.ep_axis = ep_axis
-        from jax_megamoe.parallel import DISPATCHES
+        from jax_megamoe.kernels.parallel import DISPATCHES
 
         if ep_dispatch not in DISPATCHES:
             raise ValueError(f"ep_dispatch: {ep_dispatch!r} is not one of {', '.join(DISPATCHES)}")
@@ -699,7 +699,7 @@ class DeepseekV4MoE(nnx.Module):
         self.gate = DeepseekV4Gate(config, layer_idx, rngs=rngs, is_mtp=is_mtp)
         self.layer_idx = self.gate.layer_idx
         self.is_hash_layer = self.gate.is_hash_layer
-        from jax_megamoe.layout import MoEWeights
+        from jax_megamoe.numerics.layout import MoEWeights
 
         if weights is None:
             key = rngs.params()
@@ -711,7 +711,7 @@ class DeepseekV4MoE(nnx.Module):
         else:
             self._check_weights(weights)
         if mesh is not None:
-            from jax_megamoe import parallel
+            from jax_megamoe.kernels import parallel
 
             weights = parallel.shard_weights(weights, mesh, ep_axis)  # E/n experts per device, placed once
         self.experts = RoutedExperts(weights)
@@ -744,7 +744,7 @@ class DeepseekV4MoE(nnx.Module):
         :func:`jax_megamoe.checkpoint.load_moe_block` (and ``load_moe_layer`` for the FP4 -> FP8
         conversion report of mode ``'fp8'``).
         """
-        from jax_megamoe import checkpoint
+        from jax_megamoe.io import checkpoint
 
         return checkpoint.load_moe_block(
             cls, path, layer_idx, backend=backend, mode=mode, config=config, progress=progress,
@@ -779,7 +779,7 @@ class DeepseekV4MoE(nnx.Module):
             return jnp.zeros((0, cfg.hidden_size), jnp.bfloat16)
         topk_idx, topk_weights = self.gate(x, token_ids)
         if self.mesh is not None:
-            from jax_megamoe import parallel
+            from jax_megamoe.kernels import parallel
 
             # Gate and shared expert follow x's sharding (their weights are replicated); the routed
             # experts run sharded over ep_axis (T padded to a multiple of the axis size).

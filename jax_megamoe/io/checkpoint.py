@@ -100,7 +100,7 @@ __all__ = [
     "make_progress",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("jax_megamoe.checkpoint")  # the logger name users configure (stable across the re-layering)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -180,7 +180,7 @@ def _check_file_scale(ck: Checkpoint, name: str, scale: np.ndarray, lead: str, a
     """:func:`jax_megamoe.layout.nan_scale_message` on the ``[rows, cols]`` tensor ``name`` as a :class:`CheckpointError`."""
     if allow_nan_scales:
         return
-    from jax_megamoe.layout import nan_scale_message
+    from jax_megamoe.numerics.layout import nan_scale_message
 
     msg = nan_scale_message(f"tensor {name!r} in {ck.info(name).file}", scale, ("row", "col"), lead=lead)
     if msg is not None:
@@ -1249,7 +1249,7 @@ def _device_arch() -> int | None:
 
 
 def _resolve_mode(mode: str | None) -> str:
-    from jax_megamoe import config as _cfg
+    from jax_megamoe.numerics import config as _cfg
 
     return _cfg.resolve_mode(mode, _device_arch() if mode is None else None)
 
@@ -1264,7 +1264,7 @@ def build_moe_layer(
 ) -> MoELayer:
     """Kernel-layout :class:`MoELayer` from checkpoint-format tensors (see :func:`load_moe_layer`;
     ``allow_nan_scales`` goes to :meth:`~jax_megamoe.layout.MoEWeights.from_checkpoint_with_report`)."""
-    from jax_megamoe.layout import MoEWeights
+    from jax_megamoe.numerics.layout import MoEWeights
 
     mode = _resolve_mode(mode)
     t = tensors
@@ -1356,7 +1356,7 @@ def load_moe_layer(
 def load_converted(out_dir: Any, layer_idx: int, *, verify: bool = True) -> MoELayer:
     """A layer written by ``python -m jax_megamoe.convert``, its SHA-256 checked unless ``verify=False``
     (see :func:`jax_megamoe.convert.load_converted`)."""
-    from jax_megamoe import convert
+    from jax_megamoe.io import convert
 
     return convert.load_converted(out_dir, layer_idx, verify=verify)
 
@@ -1385,7 +1385,7 @@ def load_moe_block(
     """
     from flax import nnx
 
-    from jax_megamoe import convert
+    from jax_megamoe.io import convert
 
     if convert.is_converted_dir(path, layer_idx):
         layer = convert.load_converted(path, layer_idx, verify=verify)

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_megamoe import config
-from jax_megamoe import reference
-from jax_megamoe._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
+from jax_megamoe.numerics import config
+from jax_megamoe.numerics import reference
+from jax_megamoe.numerics._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
 
 Backend = Literal["auto", "ffi", "reference"]
 BACKENDS = ("auto", "ffi", "reference")
@@ -63,7 +63,7 @@ def device_arch() -> int | None:
 
 
 def _ffi_ready() -> tuple[bool, str]:
-    from jax_megamoe import _ffi
+    from jax_megamoe.kernels import _ffi
 
     ok = _ffi.register()
     return ok, ("" if ok else _ffi.status().reason)

@@ -86,8 +86,8 @@ from typing import Any
 
 import numpy as np
 
-from jax_megamoe import checkpoint as _ck
-from jax_megamoe.checkpoint import CheckpointError, MoELayer, SafetensorsFile
+from jax_megamoe.io import checkpoint as _ck
+from jax_megamoe.io.checkpoint import CheckpointError, MoELayer, SafetensorsFile
 
 __all__ = [
     "FORMAT",
@@ -344,7 +344,7 @@ def write_converted_layer(
     size, digest = write_safetensors(os.path.join(out_dir, data_name), tensors, _binding(layer.layer_idx, layer.mode, fingerprint))
     w = layer.weights
     from jax_megamoe import __version__
-    from jax_megamoe import config as _cfg
+    from jax_megamoe.numerics import config as _cfg
 
     manifest = {
         "format": FORMAT,
@@ -396,7 +396,7 @@ def validate_manifest(man: Any, man_path: str, layer_idx: int | None = None) -> 
     (str), expected a non-negative integer``), so a damaged or hand-edited manifest never reaches
     the loader as an ``AttributeError`` or a ``KeyError``.
     """
-    from jax_megamoe.config import MODES
+    from jax_megamoe.numerics.config import MODES
 
     if not isinstance(man, dict):
         raise CheckpointError(f"{man_path}: the manifest is a JSON {type(man).__name__}, expected an object")
@@ -734,7 +734,7 @@ def _build_layer(man: dict[str, Any], cfg: Any, arrays: dict[str, np.ndarray], o
     """The :class:`MoELayer` of a validated manifest, its config and its tensors."""
     import jax.numpy as jnp
 
-    from jax_megamoe.layout import ConversionReport, MoEWeights
+    from jax_megamoe.numerics.layout import ConversionReport, MoEWeights
 
     dims = man["weights"]
     weights = MoEWeights(
@@ -858,7 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mib = man["file"]["size"] / 2**20
                 say(f"{head}: wrote {man['file']['name']} ({mib:.1f} MiB) in {time.perf_counter() - t0:.1f}s")
                 if man["conversion_report"] is not None:
-                    from jax_megamoe.layout import ConversionReport
+                    from jax_megamoe.numerics.layout import ConversionReport
 
                     rep = man["conversion_report"]
                     say(f"{head}: {ConversionReport(**{**rep, 'lossy_experts': tuple(rep['lossy_experts'])}).summary()}")

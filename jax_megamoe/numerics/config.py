@@ -12,7 +12,7 @@ import os
 import threading
 from typing import Literal
 
-from jax_megamoe import _validate
+from jax_megamoe.numerics import _validate
 
 Mode = Literal["mxf4xmxf4", "fp8xfp4", "fp8"]
 

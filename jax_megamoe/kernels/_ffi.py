@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from jax_megamoe import _toolchain, config
+from jax_megamoe.kernels import _toolchain
+from jax_megamoe.numerics import config
 
 LIB_NAME = "libjax_megamoe_ffi.so"
 ENV_LIB = "JAX_MEGAMOE_FFI_LIB"

@@ -68,7 +68,7 @@ from jax.sharding import PartitionSpec as P
 
 import os
 
-from jax_megamoe import config, reference
+from jax_megamoe.numerics import config, reference
 
 __all__ = [
     "ep_moe", "ep_moe_padded", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
@@ -177,7 +177,7 @@ def fused_available(mesh: Any, axis: str = "ep", mode: str = "fp8") -> tuple[boo
             return False, (
                 f"device {d.id} has compute capability {cc or '?'}; mode {mode!r} runs the sm_{arch}0 kernel"
             )
-    from jax_megamoe import ops
+    from jax_megamoe.kernels import ops
 
     ok, reason = ops._ffi_ready()
     if not ok:
@@ -190,7 +190,7 @@ def _fused_wanted() -> bool:
 
 
 def _check_weights(weights: Any, mode: str, hidden: int, top_k: int, n: int) -> None:
-    from jax_megamoe.layout import MoEWeights
+    from jax_megamoe.numerics.layout import MoEWeights
 
     if not isinstance(weights, MoEWeights):
         raise TypeError(f"weights: expected a jax_megamoe.layout.MoEWeights, got {type(weights).__name__}")
@@ -384,7 +384,7 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
     the collective ``"ragged"``/``"dense"`` with ``fused = None``."""
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
-    from jax_megamoe import ops
+    from jax_megamoe.kernels import ops
 
     if num_max_tokens is None:
         cap = ops.default_num_max_tokens()
@@ -461,7 +461,7 @@ def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk):
     if backend == "ffi":
         import dataclasses
 
-        from jax_megamoe import ops
+        from jax_megamoe.kernels import ops
 
         # One rank holding E/n experts with local ids: the kernel sees a layer of E/n experts and a
         # buffer for all R received rows.
@@ -475,7 +475,7 @@ def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk):
 def _ep_fused_body(x, topk_idx, w, weights, *, axis, mode, clamp, fused, num_experts):
     """One rank of the fused kernel: its own tokens in, its own outputs back; the kernel moves the
     (token, slot) pairs between the GPUs itself. ``w`` already carries routed_scaling_factor."""
-    from jax_megamoe import ops
+    from jax_megamoe.kernels import ops
 
     cap, table, reserved, graph = fused
     y = ops.mega_moe_target_call(
