@@ -23,9 +23,9 @@ import importlib.util
 import sys
 import types
 
+from jax_megamoe._version import __version__
+from jax_megamoe.kernels import _ffi
 from jax_megamoe.numerics.config import MODES, MegaMoEConfig
-
-__version__ = "0.1.0"
 
 # Old flat module name -> its home in the layered package.
 _ALIASES: dict[str, str] = {
@@ -87,15 +87,11 @@ def register() -> bool:
 
     Idempotent and thread-safe. Returns True when the FFI targets are registered.
     """
-    from jax_megamoe.kernels import _ffi
-
     return _ffi.register()
 
 
 def describe() -> str:
     """A readable report: versions, library, headers, device, mode and where each setting came from."""
-    from jax_megamoe.kernels import _ffi
-
     return _ffi.describe()
 
 

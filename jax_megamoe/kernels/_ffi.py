@@ -28,12 +28,17 @@ import ctypes
 import dataclasses
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
+from jax_megamoe._version import __version__
 from jax_megamoe.kernels import _toolchain
 from jax_megamoe.numerics import config
 
@@ -138,9 +143,9 @@ def library_candidates() -> list[Path]:
     env = os.environ.get(ENV_LIB)
     if env:
         out.append(Path(env))
-    import jax_megamoe
-
-    folders = [Path(p) for p in getattr(jax_megamoe, "__path__", [])]
+    # The root package's folders: with an editable install the built library sits in site-packages.
+    root = sys.modules.get(__name__.split(".")[0])
+    folders = [Path(p) for p in getattr(root, "__path__", [])]
     folders.append(Path(__file__).resolve().parent)
     for f in folders:
         p = f / LIB_NAME
@@ -340,9 +345,6 @@ def pre_dispatch_attrs(
 
 def pre_dispatch_result_types(mode: str, *, hidden: int, top_k: int, capacity: int) -> tuple[Any, ...]:
     """``jax.ShapeDtypeStruct``s of (x_q, x_sf, topk_idx_out, topk_weights_out)."""
-    import jax
-    import jax.numpy as jnp
-
     arch, mma = MODE_TO_ARCH_MMA[config.check_mode(mode)]
     P, H, K = capacity, hidden, top_k
     if arch == 90:
@@ -368,8 +370,6 @@ def pre_dispatch_result_types(mode: str, *, hidden: int, top_k: int, capacity: i
 
 
 def _capsules(lib: ctypes.CDLL, prefix: str) -> dict[str, Any]:
-    import jax
-
     return {stage: jax.ffi.pycapsule(getattr(lib, f"{prefix}_{stage}")) for stage in STAGES}
 
 
@@ -397,8 +397,6 @@ def _register_locked() -> FfiStatus:
         return FfiStatus(_lib_path, reason, False, (), tc, tc_err, hd, hd_err, build_info)
     try:
         configure_jit(tc, hd, lib=lib)
-        import jax
-
         jax.ffi.register_ffi_type(
             STATE_TYPE_NAME,
             {
@@ -468,8 +466,6 @@ def require() -> None:
 
 def _gpu_lines() -> tuple[list[str], int | None]:
     """Lines about the local GPUs, and the compute-capability major of the first one (None: no GPU)."""
-    import jax
-
     try:
         devs = [d for d in jax.devices() if d.platform == "gpu"]
     except Exception as e:  # noqa: BLE001
@@ -492,15 +488,10 @@ def _gpu_lines() -> tuple[list[str], int | None]:
 
 def describe() -> str:
     """A readable multi-line report: versions, library, headers, nvcc, device, mode, settings."""
-    import jax
-    import jaxlib
-
-    import jax_megamoe
-
     st = status()
     env = config.forward_env()
     lines = [
-        f"jax_megamoe {jax_megamoe.__version__}",
+        f"jax_megamoe {__version__}",
         f"jax {jax.__version__}, jaxlib {jaxlib.__version__}",
     ]
     if st.library:

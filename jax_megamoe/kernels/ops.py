@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_megamoe.kernels import _ffi
 from jax_megamoe.numerics import config
 from jax_megamoe.numerics import reference
 from jax_megamoe.numerics._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
@@ -63,8 +64,6 @@ def device_arch() -> int | None:
 
 
 def _ffi_ready() -> tuple[bool, str]:
-    from jax_megamoe.kernels import _ffi
-
     ok = _ffi.register()
     return ok, ("" if ok else _ffi.status().reason)
 

@@ -55,7 +55,9 @@ kernel, so within the kernel's tolerance of the reference (rel. L2 ~5e-3), not b
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from functools import partial
 from typing import Any
 
@@ -66,9 +68,9 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import os
-
+from jax_megamoe.kernels import ops
 from jax_megamoe.numerics import config, reference
+from jax_megamoe.numerics.layout import MoEWeights
 
 __all__ = [
     "ep_moe", "ep_moe_padded", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
@@ -177,8 +179,6 @@ def fused_available(mesh: Any, axis: str = "ep", mode: str = "fp8") -> tuple[boo
             return False, (
                 f"device {d.id} has compute capability {cc or '?'}; mode {mode!r} runs the sm_{arch}0 kernel"
             )
-    from jax_megamoe.kernels import ops
-
     ok, reason = ops._ffi_ready()
     if not ok:
         return False, reason
@@ -190,8 +190,6 @@ def _fused_wanted() -> bool:
 
 
 def _check_weights(weights: Any, mode: str, hidden: int, top_k: int, n: int) -> None:
-    from jax_megamoe.numerics.layout import MoEWeights
-
     if not isinstance(weights, MoEWeights):
         raise TypeError(f"weights: expected a jax_megamoe.layout.MoEWeights, got {type(weights).__name__}")
     weights.validate_for(mode, hidden=hidden)  # names the mode mismatch
@@ -384,8 +382,6 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
     the collective ``"ragged"``/``"dense"`` with ``fused = None``."""
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
-    from jax_megamoe.kernels import ops
-
     if num_max_tokens is None:
         cap = ops.default_num_max_tokens()
     elif isinstance(num_max_tokens, bool) or not isinstance(num_max_tokens, (int, np.integer)) or num_max_tokens < 1:
@@ -459,10 +455,6 @@ def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk):
     A single-rank Mega MoE problem with top-k 1: the one place a per-device kernel plugs in.
     """
     if backend == "ffi":
-        import dataclasses
-
-        from jax_megamoe.kernels import ops
-
         # One rank holding E/n experts with local ids: the kernel sees a layer of E/n experts and a
         # buffer for all R received rows.
         local = dataclasses.replace(weights, num_experts=weights.num_local_experts)
@@ -475,8 +467,6 @@ def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk):
 def _ep_fused_body(x, topk_idx, w, weights, *, axis, mode, clamp, fused, num_experts):
     """One rank of the fused kernel: its own tokens in, its own outputs back; the kernel moves the
     (token, slot) pairs between the GPUs itself. ``w`` already carries routed_scaling_factor."""
-    from jax_megamoe.kernels import ops
-
     cap, table, reserved, graph = fused
     y = ops.mega_moe_target_call(
         x, topk_idx, w, weights, mode=mode, num_experts=num_experts, capacity=cap, activation_clamp=clamp,
