@@ -25,11 +25,14 @@ import types
 
 from jax_megamoe._version import __version__
 from jax_megamoe.kernels import _ffi
+from jax_megamoe.numerics import policy
 from jax_megamoe.numerics.config import MODES, MegaMoEConfig
+from jax_megamoe.numerics.policy import Policy
 
 # Old flat module name -> its home in the layered package.
 _ALIASES: dict[str, str] = {
     "jax_megamoe.config": "jax_megamoe.numerics.config",
+    "jax_megamoe.policy": "jax_megamoe.numerics.policy",
     "jax_megamoe.quant": "jax_megamoe.numerics.quant",
     "jax_megamoe.layout": "jax_megamoe.numerics.layout",
     "jax_megamoe.reference": "jax_megamoe.numerics.reference",
@@ -83,7 +86,8 @@ if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
 
 
 def register() -> bool:
-    """Forward the environment once and register the FFI targets where the library loads.
+    """Read the process policy once (:func:`jax_megamoe.policy.current`: every setting, the DG_*
+    forwarding included) and register the FFI targets where the library loads.
 
     Idempotent and thread-safe. Returns True when the FFI targets are registered.
     """
@@ -95,4 +99,4 @@ def describe() -> str:
     return _ffi.describe()
 
 
-__all__ = ["MODES", "MegaMoEConfig", "register", "describe", "__version__"]
+__all__ = ["MODES", "MegaMoEConfig", "Policy", "policy", "register", "describe", "__version__"]

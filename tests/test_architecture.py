@@ -251,7 +251,7 @@ def test_the_checker_catches_a_flat_alias(tmp_path):
 
 FLAT = {
     "ops": "kernels.ops", "parallel": "kernels.parallel", "_ffi": "kernels._ffi", "_toolchain": "kernels._toolchain",
-    "config": "numerics.config", "quant": "numerics.quant", "layout": "numerics.layout",
+    "config": "numerics.config", "policy": "numerics.policy", "quant": "numerics.quant", "layout": "numerics.layout",
     "reference": "numerics.reference", "_validate": "numerics._validate", "checkpoint": "io.checkpoint",
     "convert": "io.convert",
 }  # fmt: skip

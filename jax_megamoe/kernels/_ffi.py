@@ -40,7 +40,7 @@ import numpy as np
 
 from jax_megamoe._version import __version__
 from jax_megamoe.kernels import _toolchain
-from jax_megamoe.numerics import config
+from jax_megamoe.numerics import config, policy
 
 LIB_NAME = "libjax_megamoe_ffi.so"
 ENV_LIB = "JAX_MEGAMOE_FFI_LIB"
@@ -430,7 +430,8 @@ def _register_locked() -> FfiStatus:
 
 
 def register() -> bool:
-    """Forward the environment (once per process), then register the FFI type and targets once.
+    """Read the process policy (once per process: every setting, the DG_* forwarding included),
+    then register the FFI type and targets once.
 
     Idempotent and thread-safe; never raises for a missing library or toolchain (see status()).
     Returns True when the targets are registered.
@@ -438,7 +439,7 @@ def register() -> bool:
     global _status
     with _lock:
         if _status is None:
-            config.forward_env()  # always first, whatever happens next
+            policy.current()  # always first, whatever happens next: every setting, read once (DG_* forwarding too)
             _status = _register_locked()
         return _status.registered
 
@@ -538,4 +539,9 @@ def describe() -> str:
     lines.append(f"setting DG_USE_MXF4_KIND={int(env.mxf4_kind.value)} (from {env.mxf4_kind.source})")
     fwd = ", ".join(f"{k}={v}" for k, v in env.forwarded) or "none"
     lines.append(f"forwarded to DG_* by this process: {fwd}")
+    try:
+        lines.append("policy (jax_megamoe.policy.current(), read once; explicit args and policy= win):")
+        lines.append(policy.current().describe())
+    except ValueError as e:
+        lines.append(f"policy: invalid environment: {e}")
     return "\n".join(lines)

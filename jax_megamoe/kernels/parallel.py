@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from functools import partial
 from typing import Any
 
@@ -70,6 +69,8 @@ from jax.sharding import PartitionSpec as P
 
 from jax_megamoe.kernels import ops
 from jax_megamoe.numerics import config, reference
+from jax_megamoe.numerics import policy as _policy
+from jax_megamoe.numerics.policy import Policy
 from jax_megamoe.numerics.layout import MoEWeights
 
 __all__ = [
@@ -80,7 +81,7 @@ __all__ = [
 
 DISPATCHES: tuple[str, ...] = ("auto", "fused", "ragged", "dense")
 #: Environment switch: ``0`` keeps ``dispatch="auto"`` off the fused intranode kernel.
-ENV_FUSED_EP = "JAX_MEGAMOE_FUSED_EP"
+ENV_FUSED_EP = _policy.ENV["fused_ep"][0]  # read once, into the process policy
 BACKENDS: tuple[str, ...] = ("auto", "ffi", "reference")
 
 #: Platforms whose XLA implements ``ragged-all-to-all``.
@@ -185,10 +186,6 @@ def fused_available(mesh: Any, axis: str = "ep", mode: str = "fp8") -> tuple[boo
     return True, ""
 
 
-def _fused_wanted() -> bool:
-    return config.parse_bool(ENV_FUSED_EP, os.environ.get(ENV_FUSED_EP, "1"))
-
-
 def _check_weights(weights: Any, mode: str, hidden: int, top_k: int, n: int) -> None:
     if not isinstance(weights, MoEWeights):
         raise TypeError(f"weights: expected a jax_megamoe.layout.MoEWeights, got {type(weights).__name__}")
@@ -268,6 +265,7 @@ def ep_moe(
     capacity: int | None = None,
     return_overflow: bool = False,
     num_max_tokens: int | None = None,
+    policy: Policy | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Routed experts of one MoE layer with experts and tokens sharded over ``mesh`` axis ``axis``.
 
@@ -301,6 +299,8 @@ def ep_moe(
         (the fused path never drops: ``dropped`` is 0).
       num_max_tokens: fused path: token cap per rank of the kernel's buffers (default
         :func:`jax_megamoe.ops.default_num_max_tokens`, rounded up to 128).
+      policy: the settings the call does not give (token cap, reserved SMs, graph targets, fused
+        opt-out ``fused_ep``, sm_100 opt-in); default the process policy (:func:`jax_megamoe.policy.current`).
 
     Returns:
       ``y`` bf16 ``[T, H]`` sharded ``P(axis)`` (and ``dropped`` int32 ``[]`` if ``return_overflow``).
@@ -319,7 +319,8 @@ def ep_moe(
     clamp = config.check_clamp(activation_clamp)
     reference._check_scaling(routed_scaling_factor)
     path, fused = _choose_path(
-        mesh, axis, mode, t // n, dispatch=dispatch, backend=backend, capacity=capacity, num_max_tokens=num_max_tokens
+        mesh, axis, mode, t // n, dispatch=dispatch, backend=backend, capacity=capacity, num_max_tokens=num_max_tokens,
+        policy=policy,
     )  # fmt: skip
     be = _resolve_backend(backend, mode)
     exact = exact_capacity(t, k, n)
@@ -368,22 +369,24 @@ def ep_path(
     backend: str = "auto",
     capacity: int | None = None,
     num_max_tokens: int | None = None,
+    policy: Policy | None = None,
 ) -> str:
     """``"fused"``, ``"ragged"`` or ``"dense"``: the path :func:`ep_moe` takes with these arguments
     (``tokens_per_device`` = ``T/n``); raises as :func:`ep_moe` would for a ``dispatch`` that cannot run."""
     return _choose_path(
         mesh, axis, mode, tokens_per_device, dispatch=dispatch, backend=backend, capacity=capacity,
-        num_max_tokens=num_max_tokens,
+        num_max_tokens=num_max_tokens, policy=policy,
     )[0]  # fmt: skip
 
 
-def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capacity, num_max_tokens):
+def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capacity, num_max_tokens, policy=None):
     """``(path, fused)``: ``"fused"`` with ``fused = (token cap, rank table rows, reserved SMs)``, or
     the collective ``"ragged"``/``"dense"`` with ``fused = None``."""
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
+    pol = _policy.resolve(policy)
     if num_max_tokens is None:
-        cap = ops.default_num_max_tokens()
+        cap = pol.num_max_tokens
     elif isinstance(num_max_tokens, bool) or not isinstance(num_max_tokens, (int, np.integer)) or num_max_tokens < 1:
         raise ValueError(f"num_max_tokens: {num_max_tokens!r} must be a Python int >= 1 (tokens per rank)")
     else:
@@ -409,18 +412,18 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
             backend != "reference"
             and capacity is None
             and tokens_per_device <= cap
-            and _fused_wanted()
-            and (mode == "fp8" or ops.sm100_mega_opted_in())  # the sm_100 kernel: opt-in, never run here
+            and pol.fused_ep
+            and (mode == "fp8" or pol.sm100_mega)  # the sm_100 kernel: opt-in, never run here
             and fused_available(mesh, axis, mode)[0]
         ):
             dispatch = "fused"
     if dispatch != "fused":
         return dispatch_path(mesh, dispatch), None
-    reserved = ops._env_int(ops.ENV_RESERVED_SMS, 2)
+    reserved = pol.reserved_sms
     table = tuple(tuple(int(v) for v in row) for row in rank_table(mesh, axis))
-    # The graph-target switch is read here and travels as a static argument, so that _ep_moe_jit's
-    # trace cache never hands a plain-target trace to a call made with JAX_MEGAMOE_GRAPH_TARGETS=1.
-    return "fused", (cap, table, reserved, ops.graph_targets_enabled())
+    # The graph-target switch comes from the policy and travels as a static argument, so that
+    # _ep_moe_jit's trace cache never hands a plain-target trace to a call with another policy.
+    return "fused", (cap, table, reserved, pol.graph_targets)
 
 
 @partial(jax.jit, static_argnames=("mesh", "axis", "mode", "clamp", "backend", "path", "cap", "chunk", "fused"))

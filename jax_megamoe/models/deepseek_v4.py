@@ -42,8 +42,10 @@ from jax_megamoe.io.safetensors_reader import CheckpointError
 from jax_megamoe.io.v4_checkpoint import MoELayer
 from jax_megamoe.kernels import ops, parallel
 from jax_megamoe.numerics import config as _cfg
+from jax_megamoe.numerics import policy as _policy
 from jax_megamoe.numerics import quant, reference
 from jax_megamoe.numerics.layout import MoEWeights
+from jax_megamoe.numerics.policy import Policy
 from jax_megamoe.numerics.progress import text_progress_bar
 from jax_megamoe.numerics.v4_config import DeepseekV4Config, _check_int
 
@@ -409,6 +411,7 @@ def _routed_experts(
     backend: str,
     *,
     activation_clamp: float | None,
+    policy: Policy | None = None,
 ) -> jax.Array:
     """Routed experts ``bf16[T, H]``; ``topk_weights`` already carry rho (so the factor passed is 1).
 
@@ -417,7 +420,7 @@ def _routed_experts(
     """
     if backend != "reference":
         t = x.shape[0]
-        bucket = token_bucket(t, ops.default_num_max_tokens())
+        bucket = token_bucket(t, ops.default_num_max_tokens(policy))
         if bucket != t and ops.choose_backend(backend, weights.mode, op="mega_moe") == "ffi":
             # Static token buckets: one kernel configuration per bucket instead of per T.
             # Pad rows route nowhere (idx -1, weight 0), so they cost nothing and give 0.
@@ -430,11 +433,13 @@ def _routed_experts(
                 mode=weights.mode,
                 activation_clamp=activation_clamp,
                 backend=backend,
+                policy=policy,
             )
             return y[:t]
         return ops.mega_moe(
-            x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp, backend=backend
-        )
+            x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp, backend=backend,
+            policy=policy,
+        )  # fmt: skip
     return reference.mega_moe(x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp)
 
 
@@ -472,6 +477,8 @@ class DeepseekV4MoE(nnx.Module):
     ``dispatch=ep_dispatch``. ``"auto"`` takes the fused intranode kernel where it can run (one
     process, sm_90 GPUs, mode fp8, T/n within the kernel's cap: the same bits as the single-GPU
     kernel on 2 x H200) and the collective path elsewhere (bit for bit the single-device result).
+    ``policy``: the settings the calls do not give (:class:`jax_megamoe.policy.Policy`; default the
+    process policy, read once), kept with the block.
     """
 
     def __init__(
@@ -488,6 +495,7 @@ class DeepseekV4MoE(nnx.Module):
         mesh: Any = None,
         ep_axis: str = "ep",
         ep_dispatch: str = "auto",
+        policy: Policy | None = None,
     ):
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
@@ -501,7 +509,10 @@ class DeepseekV4MoE(nnx.Module):
         self.config = config
         if weights is not None and mode is None:
             mode = getattr(weights, "mode", None)
-        self.mode = _cfg.resolve_mode(mode, ops.device_arch())
+        # Every setting the block's calls do not give (token cap, graph targets, sm_100 mode, ...):
+        # frozen here, so every trace of this block sees the same values.
+        self.policy = _policy.resolve(policy)
+        self.mode = _cfg.resolve_mode(mode, ops.device_arch(), self.policy.sm100_mode)
         _cfg.validate_moe_shape(
             hidden=config.hidden_size,
             intermediate=config.moe_intermediate_size,
@@ -591,12 +602,13 @@ class DeepseekV4MoE(nnx.Module):
             y = parallel.ep_moe_padded(
                 x, topk_idx, topk_weights, self.moe_weights, mesh=self.mesh, axis=self.ep_axis,
                 mode=self.mode, activation_clamp=cfg.activation_clamp, backend=self.backend,
-                dispatch=self.ep_dispatch,
+                dispatch=self.ep_dispatch, policy=self.policy,
             )  # fmt: skip
         else:
             y = _routed_experts(
-                x, topk_idx, topk_weights, self.moe_weights, self.backend, activation_clamp=cfg.activation_clamp
-            )
+                x, topk_idx, topk_weights, self.moe_weights, self.backend, activation_clamp=cfg.activation_clamp,
+                policy=self.policy,
+            )  # fmt: skip
         if self.shared_experts is not None:
             y = (y.astype(jnp.float32) + self.shared_experts(x)).astype(jnp.bfloat16)
         return y
