@@ -179,10 +179,16 @@ def test_error_options():
         parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", dispatch="sparse")
     with pytest.raises(ValueError, match=r"backend: 'cuda' is not one of"):
         parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", backend="cuda")
-    with pytest.raises(ValueError, match=r"capacity: 3 is below the exact worst case T/n\*K = 32.*return_overflow=True"):
-        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=3)
-    with pytest.raises(ValueError, match=r"capacity: 0 must be"):
-        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=0, return_overflow=True)
+    with pytest.raises(ValueError, match=r"pair_capacity: 3 is below the exact worst case T/n\*K = 32.*return_overflow=True"):
+        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", pair_capacity=3)
+    with pytest.raises(ValueError, match=r"pair_capacity: 0 must be"):
+        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", pair_capacity=0, return_overflow=True)
+    # the old name still works, with a warning; both names at once is an error
+    with pytest.warns(DeprecationWarning, match="pair_capacity"):
+        with pytest.raises(ValueError, match=r"pair_capacity: 3 is below the exact worst case"):
+            parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=3)
+    with pytest.raises(TypeError, match="capacity: the deprecated name of pair_capacity"):
+        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=3, pair_capacity=3)
     with pytest.raises(ValueError, match=r"x: hidden=100 must be a multiple of 128"):
         parallel.ep_moe(
             jax.ShapeDtypeStruct((32, 100), jnp.bfloat16), *_inputs(32)[1:], _weights(), mesh=_mesh(4), mode="fp8xfp4"
@@ -195,8 +201,8 @@ def test_error_fused_dispatch():
     fp8 = (*_inputs(32), _weights("fp8"))
     with pytest.raises(ValueError, match=r"dispatch: 'fused' cannot run here: an AbstractMesh has no devices"):
         parallel.ep_moe(*fp8, mesh=_mesh(4), mode="fp8", dispatch="fused")
-    with pytest.raises(ValueError, match=r"capacity: applies to the collective dispatch"):
-        parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", dispatch="fused", capacity=8)
+    with pytest.raises(ValueError, match=r"pair_capacity: applies to the collective dispatch"):
+        parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", dispatch="fused", pair_capacity=8)
     with pytest.raises(ValueError, match=r"backend='reference' cannot run it"):
         parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", dispatch="fused", backend="reference")
     with pytest.raises(ValueError, match=r"x: 256 tokens per device exceed num_max_tokens=128 .*dispatch='auto'"):

@@ -32,7 +32,9 @@ processes x 4 CPU devices (``jax.distributed``, gloo), and on 2 x H200 (jax 0.11
 with both ragged and dense dispatch, at V4-Flash size too (``python tests/parallel_worker.py gpu``,
 ``python examples/ep_moe.py --check``).
 
-Capacity: ``capacity=None`` is exact. A smaller ``capacity`` (rows per source/destination pair)
+Capacity: ``pair_capacity=None`` is exact. A smaller ``pair_capacity`` (rows per source/destination pair;
+the token cap of the kernel buffer is ``num_max_tokens``, a different thing; ``capacity=`` is the
+deprecated old name)
 drops the pairs past it (they contribute 0) and is only accepted with ``return_overflow=True``,
 which returns ``(y, dropped)``, ``dropped`` the int32 number of (token, slot) pairs dropped over the
 whole mesh, so a drop is never silent.
@@ -57,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from functools import partial
 from typing import Any
 
@@ -262,10 +265,11 @@ def ep_moe(
     backend: str = "auto",
     routed_scaling_factor: float = 1.0,
     dispatch: str = "auto",
-    capacity: int | None = None,
+    pair_capacity: int | None = None,
     return_overflow: bool = False,
     num_max_tokens: int | None = None,
     policy: Policy | None = None,
+    capacity: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Routed experts of one MoE layer with experts and tokens sharded over ``mesh`` axis ``axis``.
 
@@ -290,12 +294,12 @@ def ep_moe(
       routed_scaling_factor: multiplied into ``topk_weights`` in f32 before dispatch.
       dispatch: ``"auto"`` | ``"fused"`` | ``"ragged"`` | ``"dense"``. ``"auto"`` takes the fused
         intranode kernel where :func:`fused_available` says it can (and ``T/n <= num_max_tokens``,
-        ``capacity`` not given, backend not ``"reference"``, ``JAX_MEGAMOE_FUSED_EP`` not 0), else the
+        ``pair_capacity`` not given, backend not ``"reference"``, ``JAX_MEGAMOE_FUSED_EP`` not 0), else the
         collective of :func:`dispatch_path`. ``"fused"`` insists (clear error where it cannot run; on
         a machine without GPUs it still lowers for ``cuda``).
-      capacity: rows per (source, destination) pair; default :func:`exact_capacity` (never overflows).
-        Collective path only.
-      return_overflow: return ``(y, dropped)``; required when ``capacity`` is below the exact one
+      pair_capacity: rows per (source, destination) pair; default :func:`exact_capacity` (never overflows).
+        Collective path only. (``capacity=``: its deprecated name, with a DeprecationWarning.)
+      return_overflow: return ``(y, dropped)``; required when ``pair_capacity`` is below the exact one
         (the fused path never drops: ``dropped`` is 0).
       num_max_tokens: fused path: token cap per rank of the kernel's buffers (default
         :func:`jax_megamoe.ops.default_num_max_tokens`, rounded up to 128).
@@ -316,6 +320,7 @@ def ep_moe(
             "pad the batch with rows whose topk_idx is -1)"
         )
     _check_weights(weights, mode, h, k, n)
+    capacity = _pair_capacity(pair_capacity, capacity)
     clamp = config.check_clamp(activation_clamp)
     reference._check_scaling(routed_scaling_factor)
     path, fused = _choose_path(
@@ -328,13 +333,13 @@ def ep_moe(
         cap = exact
     else:
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or int(capacity) < 1:
-            raise ValueError(f"capacity: {capacity!r} must be a Python int >= 1 (rows per device pair)")
+            raise ValueError(f"pair_capacity: {capacity!r} must be a Python int >= 1 (rows per device pair)")
         cap = min(int(capacity), exact)
         if cap < exact and not return_overflow:
             raise ValueError(
-                f"capacity: {capacity} is below the exact worst case T/n*K = {exact} rows per device pair, so "
+                f"pair_capacity: {capacity} is below the exact worst case T/n*K = {exact} rows per device pair, so "
                 "pairs past it would be dropped; pass return_overflow=True to get the dropped count, or "
-                "capacity=None"
+                "pair_capacity=None"
             )
     if clamp is not None and math.isinf(clamp):
         clamp = None
@@ -367,16 +372,31 @@ def ep_path(
     *,
     dispatch: str = "auto",
     backend: str = "auto",
-    capacity: int | None = None,
+    pair_capacity: int | None = None,
     num_max_tokens: int | None = None,
     policy: Policy | None = None,
+    capacity: int | None = None,
 ) -> str:
     """``"fused"``, ``"ragged"`` or ``"dense"``: the path :func:`ep_moe` takes with these arguments
     (``tokens_per_device`` = ``T/n``); raises as :func:`ep_moe` would for a ``dispatch`` that cannot run."""
     return _choose_path(
-        mesh, axis, mode, tokens_per_device, dispatch=dispatch, backend=backend, capacity=capacity,
+        mesh, axis, mode, tokens_per_device, dispatch=dispatch, backend=backend,
+        capacity=_pair_capacity(pair_capacity, capacity),
         num_max_tokens=num_max_tokens, policy=policy,
     )[0]  # fmt: skip
+
+
+def _pair_capacity(pair_capacity: int | None, capacity: int | None) -> int | None:
+    """``pair_capacity``, or the deprecated ``capacity=`` (with a warning); both is a TypeError."""
+    if capacity is None:
+        return pair_capacity
+    if pair_capacity is not None:
+        raise TypeError("capacity: the deprecated name of pair_capacity; pass only pair_capacity")
+    warnings.warn(
+        "ep_moe(capacity=...) is deprecated: the rows per device pair are pair_capacity= (the kernel's "
+        "token cap is num_max_tokens=)", DeprecationWarning, stacklevel=3,
+    )  # fmt: skip
+    return capacity
 
 
 def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capacity, num_max_tokens, policy=None):
@@ -396,7 +416,7 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
         if backend == "reference":
             raise ValueError("dispatch: 'fused' runs the FFI kernel; backend='reference' cannot run it")
         if capacity is not None:
-            raise ValueError("capacity: applies to the collective dispatch; the fused kernel never drops pairs")
+            raise ValueError("pair_capacity: applies to the collective dispatch; the fused kernel never drops pairs")
         ok, why = fused_available(mesh, axis, mode)
         platform = _platform(mesh)
         if not ok and (platform == "gpu" or isinstance(mesh, jax.sharding.AbstractMesh)):

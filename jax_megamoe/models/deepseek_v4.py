@@ -392,15 +392,15 @@ def _random_moe_checkpoint_jax(config: DeepseekV4Config, key: jax.Array, num_exp
 # ---------------------------------------------------------------------------------------------
 
 
-def token_bucket(num_tokens: int, cap: int) -> int:
+def token_bucket(num_tokens: int, num_max_tokens: int) -> int:
     """The static token count the kernel runs for ``num_tokens``: the next power of two >= 16,
-    or ``num_tokens`` itself above ``cap`` (where the reference runs instead)."""
-    if num_tokens > cap:
+    or ``num_tokens`` itself above the token cap ``num_max_tokens`` (where the reference runs instead)."""
+    if num_tokens > num_max_tokens:
         return num_tokens
     b = 16
     while b < num_tokens:
         b *= 2
-    return min(b, cap)
+    return min(b, num_max_tokens)
 
 
 def _routed_experts(
