@@ -173,7 +173,7 @@ def run_single() -> None:
     mesh = jax.make_mesh((n,), ("ep",), devices=devs[:n])
     y, dropped = parallel.ep_moe(
         jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all, mesh=mesh, mode=mode,
-        activation_clamp=clamp, capacity=cap, return_overflow=True,
+        activation_clamp=clamp, pair_capacity=cap, return_overflow=True,
     )  # fmt: skip
     kept, want = expected_drops(idx, n, w_all.num_experts, cap)
     ref = reference.mega_moe(jnp.asarray(x), jnp.asarray(kept), jnp.asarray(w), w_all, mode=mode, activation_clamp=clamp)

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_megamoe import _decode, _ffi, ops, reference
-from jax_megamoe.layout import MoEWeights
+from jax_megamoe import ops, reference
+from jax_megamoe.kernels import _decode, _ffi
+from jax_megamoe.numerics.layout import MoEWeights
 from ffi_testing import jit_sandbox
 
 

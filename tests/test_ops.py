@@ -124,21 +124,24 @@ def test_mega_moe_lowers_to_the_sm90_custom_call():
     assert re.search(r"stablehlo.compare\s+LT, %arg1, .*tensor<7x4xi32>", text), text
 
 
-def test_mega_moe_graph_target_follows_the_environment(monkeypatch):
-    """JAX_MEGAMOE_GRAPH_TARGETS=1 selects the command-buffer compatible sm_90 twin (read at trace
-    time); the sm_100 target has no twin and stays."""
+def test_mega_moe_graph_target_follows_the_policy(monkeypatch):
+    """policy.graph_targets (JAX_MEGAMOE_GRAPH_TARGETS=1, read once) selects the command-buffer
+    compatible sm_90 twin; the sm_100 target has no twin and stays. os.environ at trace time is
+    not read."""
+    from jax_megamoe.policy import Policy
+
     x, idx, w = _inputs(5, t=7)
     weights = _small_weights("fp8")
+    on, off = Policy(graph_targets=True), Policy()
     fn = functools.partial(ops.mega_moe, weights=weights, num_max_tokens=200, backend="ffi")
-    monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "1")
-    text = _lower_cuda(lambda x, i, w: fn(x, i, w), x, idx, w)
+    monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "0")  # ignored: the policy decides
+    text = _lower_cuda(lambda x, i, w: fn(x, i, w, policy=on), x, idx, w)
     assert "@jax_megamoe_mega_moe_sm90_graph(" in text
-    monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "0")
-    text = _lower_cuda(lambda x, i, w: fn(x, i, w), x, idx, w)
-    assert "@jax_megamoe_mega_moe_sm90(" in text and "_graph" not in text
     monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "1")
+    text = _lower_cuda(lambda x, i, w: fn(x, i, w, policy=off), x, idx, w)
+    assert "@jax_megamoe_mega_moe_sm90(" in text and "_graph" not in text
     x100 = _small_weights("fp8xfp4", seed=4)
-    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, x100, backend="ffi"), x, idx, w)
+    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, x100, backend="ffi", policy=on), x, idx, w)
     assert "@jax_megamoe_mega_moe_sm100(" in text
 
 
@@ -197,9 +200,10 @@ def test_auto_keeps_the_unvalidated_sm100_mega_kernel_opt_in(monkeypatch):
     weights = _small_weights("fp8xfp4", seed=6)
     monkeypatch.setattr(ops, "device_arch", lambda: 10)
     monkeypatch.setattr(ops, "_ffi_ready", lambda: (True, ""))
-    monkeypatch.delenv("JAX_MEGAMOE_SM100_MEGA", raising=False)
-    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, weights), x, idx, w)
+    from jax_megamoe.policy import Policy
+
+    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, weights, policy=Policy()), x, idx, w)
     assert "jax_megamoe_mega_moe_sm100" not in text  # reference
-    monkeypatch.setenv("JAX_MEGAMOE_SM100_MEGA", "1")
-    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, weights), x, idx, w)
+    opted_in = Policy.from_environ({"JAX_MEGAMOE_SM100_MEGA": "1"})
+    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, weights, policy=opted_in), x, idx, w)
     assert "@jax_megamoe_mega_moe_sm100" in text

@@ -179,10 +179,16 @@ def test_error_options():
         parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", dispatch="sparse")
     with pytest.raises(ValueError, match=r"backend: 'cuda' is not one of"):
         parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", backend="cuda")
-    with pytest.raises(ValueError, match=r"capacity: 3 is below the exact worst case T/n\*K = 32.*return_overflow=True"):
-        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=3)
-    with pytest.raises(ValueError, match=r"capacity: 0 must be"):
-        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=0, return_overflow=True)
+    with pytest.raises(ValueError, match=r"pair_capacity: 3 is below the exact worst case T/n\*K = 32.*return_overflow=True"):
+        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", pair_capacity=3)
+    with pytest.raises(ValueError, match=r"pair_capacity: 0 must be"):
+        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", pair_capacity=0, return_overflow=True)
+    # the old name still works, with a warning; both names at once is an error
+    with pytest.warns(DeprecationWarning, match="pair_capacity"):
+        with pytest.raises(ValueError, match=r"pair_capacity: 3 is below the exact worst case"):
+            parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=3)
+    with pytest.raises(TypeError, match="capacity: the deprecated name of pair_capacity"):
+        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=3, pair_capacity=3)
     with pytest.raises(ValueError, match=r"x: hidden=100 must be a multiple of 128"):
         parallel.ep_moe(
             jax.ShapeDtypeStruct((32, 100), jnp.bfloat16), *_inputs(32)[1:], _weights(), mesh=_mesh(4), mode="fp8xfp4"
@@ -195,8 +201,8 @@ def test_error_fused_dispatch():
     fp8 = (*_inputs(32), _weights("fp8"))
     with pytest.raises(ValueError, match=r"dispatch: 'fused' cannot run here: an AbstractMesh has no devices"):
         parallel.ep_moe(*fp8, mesh=_mesh(4), mode="fp8", dispatch="fused")
-    with pytest.raises(ValueError, match=r"capacity: applies to the collective dispatch"):
-        parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", dispatch="fused", capacity=8)
+    with pytest.raises(ValueError, match=r"pair_capacity: applies to the collective dispatch"):
+        parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", dispatch="fused", pair_capacity=8)
     with pytest.raises(ValueError, match=r"backend='reference' cannot run it"):
         parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", dispatch="fused", backend="reference")
     with pytest.raises(ValueError, match=r"x: 256 tokens per device exceed num_max_tokens=128 .*dispatch='auto'"):
@@ -212,28 +218,34 @@ def test_error_fused_dispatch():
 
 
 def test_fused_auto_env_switch(monkeypatch):
-    """JAX_MEGAMOE_FUSED_EP=0 keeps 'auto' on the collectives even where the fused kernel could run."""
+    """fused_ep=False (JAX_MEGAMOE_FUSED_EP=0) keeps 'auto' on the collectives even where the fused
+    kernel could run; the policy's graph switch is part of the static arguments."""
+    from jax_megamoe import policy
+    from jax_megamoe.policy import Policy
+
     cpu = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
     monkeypatch.setattr(parallel, "fused_available", lambda *a, **k: (True, ""))
     choose = functools.partial(
         parallel._choose_path, cpu, "ep", "fp8", 8, backend="auto", capacity=None, num_max_tokens=None
     )
-    path, fused = choose(dispatch="auto")
+    base = Policy()
+    path, fused = choose(dispatch="auto", policy=base)
     assert path == "fused" and fused[0] == 1024 and fused[1] == ((jax.devices()[0].id,),) and fused[2] == 2
-    assert fused[3] is False  # JAX_MEGAMOE_GRAPH_TARGETS unset: the plain target
-    monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "1")
-    assert choose(dispatch="auto")[1][3] is True  # part of the static arguments: no stale trace
-    monkeypatch.delenv("JAX_MEGAMOE_GRAPH_TARGETS")
-    monkeypatch.setenv("JAX_MEGAMOE_FUSED_EP", "0")
-    assert choose(dispatch="auto") == ("dense", None)
+    assert fused[3] is False  # graph_targets off: the plain target
+    assert choose(dispatch="auto", policy=base.replace(graph_targets=True))[1][3] is True  # static: no stale trace
+    assert choose(dispatch="auto", policy=base.replace(reserved_sms=5, num_max_tokens=200))[1][::2] == (256, 5)
+    assert choose(dispatch="auto", policy=Policy.from_environ({"JAX_MEGAMOE_FUSED_EP": "0"})) == ("dense", None)
+    assert policy.current().fused_ep  # the process policy, read now if not before
+    monkeypatch.setenv("JAX_MEGAMOE_FUSED_EP", "0")  # read once into the process policy: changing it later does nothing
+    assert choose(dispatch="auto")[0] == "fused"
     monkeypatch.delenv("JAX_MEGAMOE_FUSED_EP")
     assert choose(dispatch="auto", backend="reference") == ("dense", None)  # the reference never runs the kernel
     assert choose(dispatch="auto", capacity=4) == ("dense", None)  # a capacity asks for the collective
     assert parallel.ep_path(cpu, "ep", "fp8", 2048) == "dense"  # over the per-rank cap
     assert parallel.ep_path(cpu, "ep", "fp8", 2048, num_max_tokens=4096) == "fused"
     assert parallel.ep_path(cpu, "ep", "fp8xfp4", 8) == "dense"  # sm_100 kernel: opt-in only
-    monkeypatch.setenv("JAX_MEGAMOE_SM100_MEGA", "1")
-    assert parallel.ep_path(cpu, "ep", "mxf4xmxf4", 8) == "fused"
+    opted_in = Policy.from_environ({"JAX_MEGAMOE_SM100_MEGA": "1"})
+    assert parallel.ep_path(cpu, "ep", "mxf4xmxf4", 8, policy=opted_in) == "fused"
 
 
 def test_dispatch_path_and_capacity():

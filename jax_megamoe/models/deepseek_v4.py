@@ -27,11 +27,8 @@ Everything is a pure function of arrays under ``nnx.jit`` / ``jax.jit`` (through
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -39,7 +36,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_megamoe import config as _cfg
+from jax_megamoe.io import convert
+from jax_megamoe.io.build import load_moe_layer
+from jax_megamoe.io.safetensors_reader import CheckpointError
+from jax_megamoe.io.v4_checkpoint import MoELayer
+from jax_megamoe.kernels import ops, parallel
+from jax_megamoe.numerics import config as _cfg
+from jax_megamoe.numerics import policy as _policy
+from jax_megamoe.numerics import quant, reference
+from jax_megamoe.numerics.layout import MoEWeights
+from jax_megamoe.numerics.policy import Policy
+from jax_megamoe.numerics.progress import text_progress_bar
+from jax_megamoe.numerics.v4_config import DeepseekV4Config, _check_int
 
 __all__ = [
     "BACKENDS",
@@ -58,142 +66,6 @@ __all__ = [
 
 #: Backends a block can be asked for (the same names as ``jax_megamoe.ops``).
 BACKENDS: tuple[str, ...] = ("auto", "ffi", "reference")
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: Any, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}: {value!r} must be an integer")
-    if value < lo:
-        raise ValueError(f"{name}: {value} must be >= {lo}")
-
-
-def _check_float(name: str, value: Any, *, lo: float, lo_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name}: {value!r} must be a number")
-    v = float(value)
-    if not math.isfinite(v) or v < lo or (lo_open and v == lo):
-        rel = ">" if lo_open else ">="
-        raise ValueError(f"{name}: {value} must be finite and {rel} {lo}")
-
-
-@dataclasses.dataclass(frozen=True)
-class DeepseekV4Config:
-    """The MoE-related part of a DeepSeek V4 ``config.json`` (frozen, hashable: it is static).
-
-    Field names follow the Hugging Face config keys. ``renorm_eps`` is added to the sum of the
-    selected scores before renormalising. REF adds nothing; Hugging Face and MaxText add 1e-20,
-    which is the default here because it changes nothing REF computes: a sum of sqrtsoftplus
-    scores above about 1.7e-13 absorbs 1e-20 exactly in fp32 (1e-20 is below half an ulp), so
-    the weights are bit-identical to REF's, while a row whose selected scores are all zero (a
-    hash-layer token id outside the vocabulary, see :class:`DeepseekV4Gate`, or logits below
-    about -104 everywhere) gets weights 0 instead of NaN.
-    """
-
-    hidden_size: int
-    moe_intermediate_size: int
-    n_routed_experts: int
-    num_experts_per_tok: int
-    n_shared_experts: int
-    routed_scaling_factor: float
-    swiglu_limit: float | None
-    num_hash_layers: int
-    vocab_size: int
-    scoring_func: str = "sqrtsoftplus"
-    norm_topk_prob: bool = True
-    renorm_eps: float = 1e-20
-
-    def __post_init__(self) -> None:
-        _check_int("hidden_size", self.hidden_size, 1)
-        _check_int("moe_intermediate_size", self.moe_intermediate_size, 1)
-        _check_int("n_routed_experts", self.n_routed_experts, 1)
-        _check_int("num_experts_per_tok", self.num_experts_per_tok, 1)
-        if self.num_experts_per_tok > self.n_routed_experts:
-            raise ValueError(
-                f"num_experts_per_tok: {self.num_experts_per_tok} exceeds n_routed_experts = {self.n_routed_experts}"
-            )
-        _check_int("n_shared_experts", self.n_shared_experts, 0)
-        _check_float("routed_scaling_factor", self.routed_scaling_factor, lo=0.0, lo_open=True)
-        if self.swiglu_limit is not None:
-            _check_float("swiglu_limit", self.swiglu_limit, lo=0.0)
-        _check_int("num_hash_layers", self.num_hash_layers, 0)
-        _check_int("vocab_size", self.vocab_size, 1)
-        if self.scoring_func != "sqrtsoftplus":
-            raise ValueError(
-                f"scoring_func: {self.scoring_func!r} is not supported; DeepSeek V4 uses 'sqrtsoftplus'"
-            )
-        if not isinstance(self.norm_topk_prob, (bool, np.bool_)):
-            raise ValueError(f"norm_topk_prob: {self.norm_topk_prob!r} must be a bool")
-        _check_float("renorm_eps", self.renorm_eps, lo=0.0)
-
-    # -- derived values -------------------------------------------------------------------------
-    @property
-    def activation_clamp(self) -> float | None:
-        """The SwiGLU clamp the kernels get: REF clamps only when ``swiglu_limit > 0``."""
-        if self.swiglu_limit is None or float(self.swiglu_limit) <= 0:
-            return None
-        return float(self.swiglu_limit)
-
-    @property
-    def shared_intermediate_size(self) -> int:
-        return self.moe_intermediate_size * self.n_shared_experts
-
-    def is_hash_layer(self, layer_idx: int, *, is_mtp: bool = False) -> bool:
-        """Layers ``< num_hash_layers`` route by token id; the MTP block never does."""
-        return (not is_mtp) and layer_idx < self.num_hash_layers
-
-    # -- presets --------------------------------------------------------------------------------
-    @classmethod
-    def v4_flash(cls, **overrides: Any) -> DeepseekV4Config:
-        """DeepSeek-V4-Flash (``deepseek-ai/DeepSeek-V4-Flash`` ``config.json``)."""
-        base = dict(
-            hidden_size=4096,
-            moe_intermediate_size=2048,
-            n_routed_experts=256,
-            num_experts_per_tok=6,
-            n_shared_experts=1,
-            routed_scaling_factor=1.5,
-            swiglu_limit=10.0,
-            num_hash_layers=3,
-            vocab_size=129280,
-        )
-        return cls(**{**base, **overrides})
-
-    @classmethod
-    def v4_pro(cls, **overrides: Any) -> DeepseekV4Config:
-        """DeepSeek-V4-Pro (values as quoted from its ``config.json``)."""
-        base = dict(
-            hidden_size=7168,
-            moe_intermediate_size=3072,
-            n_routed_experts=384,
-            num_experts_per_tok=6,
-            n_shared_experts=1,
-            routed_scaling_factor=2.5,
-            swiglu_limit=10.0,
-            num_hash_layers=3,
-            vocab_size=129280,
-        )
-        return cls(**{**base, **overrides})
-
-    @classmethod
-    def tiny(cls, **overrides: Any) -> DeepseekV4Config:
-        """A small V4-like layer for tests: valid in every kernel mode (H % 512 == 0, I % 256 == 0)."""
-        base = dict(
-            hidden_size=512,
-            moe_intermediate_size=256,
-            n_routed_experts=16,
-            num_experts_per_tok=4,
-            n_shared_experts=1,
-            routed_scaling_factor=1.5,
-            swiglu_limit=10.0,
-            num_hash_layers=1,
-            vocab_size=1000,
-        )
-        return cls(**{**base, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,8 +257,6 @@ class DeepseekV4SharedExpert(nnx.Module):
         ``w*`` are ``float8_e4m3fn`` (or their uint8 bytes); scales ``[N/128, K/128]`` as
         ``float8_e8m0fnu``, UE8M0 uint8 bytes, or f32.
         """
-        from jax_megamoe import quant
-
         def deq(name, q, s, shape):
             q = jnp.asarray(q)
             if q.dtype == jnp.uint8:
@@ -437,30 +307,6 @@ def random_checkpoint_scale_bytes(k: int, target_rms: float) -> int:
     unit-RMS input; ``s`` is that solved for ``target_rms`` and rounded.
     """
     return 127 + int(round(math.log2(target_rms / (math.sqrt(k) * _E2M1_RMS * _JITTER_RMS))))
-
-
-def text_progress_bar(desc: str = "", stream=None, width: int = 30) -> Callable[[int, int], None]:
-    """A plain text progress bar on stderr: ``progress(done, total)`` (bytes)."""
-    stream = sys.stderr if stream is None else stream
-    t0 = time.perf_counter()
-    last = [-1]
-
-    def progress(done: int, total: int) -> None:
-        pct = int(100 * done / max(total, 1))
-        if pct == last[0] and done < total:
-            return
-        last[0] = pct
-        n = width * done // max(total, 1)
-        el = time.perf_counter() - t0
-        unit, div = ("GiB", 2**30) if total >= 2**30 else ("MiB", 2**20)
-        stream.write(
-            f"\r{desc} [{'#' * n}{'.' * (width - n)}] {pct:3d}% {done / div:.2f}/{total / div:.2f} {unit} {el:.1f}s"
-        )
-        if done >= total:
-            stream.write("\n")
-        stream.flush()
-
-    return progress
 
 
 def _moe_dims(config: DeepseekV4Config, num_experts: int | None) -> tuple[int, int, int]:
@@ -546,37 +392,15 @@ def _random_moe_checkpoint_jax(config: DeepseekV4Config, key: jax.Array, num_exp
 # ---------------------------------------------------------------------------------------------
 
 
-def _device_arch() -> int | None:
-    try:
-        from jax_megamoe.ops import device_arch
-    except ImportError:
-        dev = jax.devices()[0]
-        if dev.platform != "gpu" or getattr(dev, "compute_capability", None) is None:
-            return None
-        return int(str(dev.compute_capability).split(".")[0])
-    return device_arch()
-
-
-def _ops_module():
-    """``jax_megamoe.ops`` if it exists and has ``mega_moe``; None otherwise (import errors inside it propagate)."""
-    try:
-        from jax_megamoe import ops
-    except ModuleNotFoundError as e:
-        if e.name in ("jax_megamoe.ops",):
-            return None
-        raise
-    return ops if hasattr(ops, "mega_moe") else None
-
-
-def token_bucket(num_tokens: int, cap: int) -> int:
+def token_bucket(num_tokens: int, num_max_tokens: int) -> int:
     """The static token count the kernel runs for ``num_tokens``: the next power of two >= 16,
-    or ``num_tokens`` itself above ``cap`` (where the reference runs instead)."""
-    if num_tokens > cap:
+    or ``num_tokens`` itself above the token cap ``num_max_tokens`` (where the reference runs instead)."""
+    if num_tokens > num_max_tokens:
         return num_tokens
     b = 16
     while b < num_tokens:
         b *= 2
-    return min(b, cap)
+    return min(b, num_max_tokens)
 
 
 def _routed_experts(
@@ -587,39 +411,35 @@ def _routed_experts(
     backend: str,
     *,
     activation_clamp: float | None,
+    policy: Policy | None = None,
 ) -> jax.Array:
     """Routed experts ``bf16[T, H]``; ``topk_weights`` already carry rho (so the factor passed is 1).
 
     ``backend="reference"`` always runs ``jax_megamoe.reference.mega_moe``; otherwise the call
-    goes to ``jax_megamoe.ops.mega_moe(..., backend=backend)`` (FFI kernels where available),
-    falling back to the reference only while ``ops`` does not exist yet.
+    goes to ``jax_megamoe.ops.mega_moe(..., backend=backend)`` (FFI kernels where available).
     """
     if backend != "reference":
-        ops = _ops_module()
-        if ops is not None:
-            t = x.shape[0]
-            bucket = token_bucket(t, ops.default_num_max_tokens())
-            if bucket != t and ops.choose_backend(backend, weights.mode, op="mega_moe") == "ffi":
-                # Static token buckets: one kernel configuration per bucket instead of per T.
-                # Pad rows route nowhere (idx -1, weight 0), so they cost nothing and give 0.
-                pad = bucket - t
-                y = ops.mega_moe(
-                    jnp.pad(x, ((0, pad), (0, 0))),
-                    jnp.pad(topk_idx, ((0, pad), (0, 0)), constant_values=-1),
-                    jnp.pad(topk_weights, ((0, pad), (0, 0))),
-                    weights,
-                    mode=weights.mode,
-                    activation_clamp=activation_clamp,
-                    backend=backend,
-                )
-                return y[:t]
-            return ops.mega_moe(
-                x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp, backend=backend
+        t = x.shape[0]
+        bucket = token_bucket(t, ops.default_num_max_tokens(policy))
+        if bucket != t and ops.choose_backend(backend, weights.mode, op="mega_moe") == "ffi":
+            # Static token buckets: one kernel configuration per bucket instead of per T.
+            # Pad rows route nowhere (idx -1, weight 0), so they cost nothing and give 0.
+            pad = bucket - t
+            y = ops.mega_moe(
+                jnp.pad(x, ((0, pad), (0, 0))),
+                jnp.pad(topk_idx, ((0, pad), (0, 0)), constant_values=-1),
+                jnp.pad(topk_weights, ((0, pad), (0, 0))),
+                weights,
+                mode=weights.mode,
+                activation_clamp=activation_clamp,
+                backend=backend,
+                policy=policy,
             )
-        if backend == "ffi":
-            raise RuntimeError("backend='ffi': jax_megamoe.ops (the FFI entry point) is not available")
-    from jax_megamoe import reference
-
+            return y[:t]
+        return ops.mega_moe(
+            x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp, backend=backend,
+            policy=policy,
+        )  # fmt: skip
     return reference.mega_moe(x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp)
 
 
@@ -657,6 +477,8 @@ class DeepseekV4MoE(nnx.Module):
     ``dispatch=ep_dispatch``. ``"auto"`` takes the fused intranode kernel where it can run (one
     process, sm_90 GPUs, mode fp8, T/n within the kernel's cap: the same bits as the single-GPU
     kernel on 2 x H200) and the collective path elsewhere (bit for bit the single-device result).
+    ``policy``: the settings the calls do not give (:class:`jax_megamoe.policy.Policy`; default the
+    process policy, read once), kept with the block.
     """
 
     def __init__(
@@ -673,6 +495,7 @@ class DeepseekV4MoE(nnx.Module):
         mesh: Any = None,
         ep_axis: str = "ep",
         ep_dispatch: str = "auto",
+        policy: Policy | None = None,
     ):
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
@@ -680,15 +503,16 @@ class DeepseekV4MoE(nnx.Module):
         # Expert parallelism (jax_megamoe.parallel.ep_moe) over mesh axis ep_axis; None: one device.
         self.mesh = mesh
         self.ep_axis = ep_axis
-        from jax_megamoe.parallel import DISPATCHES
-
-        if ep_dispatch not in DISPATCHES:
-            raise ValueError(f"ep_dispatch: {ep_dispatch!r} is not one of {', '.join(DISPATCHES)}")
+        if ep_dispatch not in parallel.DISPATCHES:
+            raise ValueError(f"ep_dispatch: {ep_dispatch!r} is not one of {', '.join(parallel.DISPATCHES)}")
         self.ep_dispatch = ep_dispatch
         self.config = config
         if weights is not None and mode is None:
             mode = getattr(weights, "mode", None)
-        self.mode = _cfg.resolve_mode(mode, _device_arch())
+        # Every setting the block's calls do not give (token cap, graph targets, sm_100 mode, ...):
+        # frozen here, so every trace of this block sees the same values.
+        self.policy = _policy.resolve(policy)
+        self.mode = _cfg.resolve_mode(mode, ops.device_arch(), self.policy.sm100_mode)
         _cfg.validate_moe_shape(
             hidden=config.hidden_size,
             intermediate=config.moe_intermediate_size,
@@ -699,8 +523,6 @@ class DeepseekV4MoE(nnx.Module):
         self.gate = DeepseekV4Gate(config, layer_idx, rngs=rngs, is_mtp=is_mtp)
         self.layer_idx = self.gate.layer_idx
         self.is_hash_layer = self.gate.is_hash_layer
-        from jax_megamoe.layout import MoEWeights
-
         if weights is None:
             key = rngs.params()
             if _key_is_concrete(key):
@@ -711,8 +533,6 @@ class DeepseekV4MoE(nnx.Module):
         else:
             self._check_weights(weights)
         if mesh is not None:
-            from jax_megamoe import parallel
-
             weights = parallel.shard_weights(weights, mesh, ep_axis)  # E/n experts per device, placed once
         self.experts = RoutedExperts(weights)
         if config.n_shared_experts > 0:
@@ -741,12 +561,10 @@ class DeepseekV4MoE(nnx.Module):
 
         ``config``: None infers it from the checkpoint's ``config.json`` (checked against the tensor
         shapes). Other keyword arguments go to the constructor. See
-        :func:`jax_megamoe.checkpoint.load_moe_block` (and ``load_moe_layer`` for the FP4 -> FP8
+        :func:`load_moe_block` (and :func:`jax_megamoe.checkpoint.load_moe_layer` for the FP4 -> FP8
         conversion report of mode ``'fp8'``).
         """
-        from jax_megamoe import checkpoint
-
-        return checkpoint.load_moe_block(
+        return load_moe_block(
             cls, path, layer_idx, backend=backend, mode=mode, config=config, progress=progress,
             nibble_order=nibble_order, rngs=rngs, **kwargs,
         )
@@ -779,19 +597,104 @@ class DeepseekV4MoE(nnx.Module):
             return jnp.zeros((0, cfg.hidden_size), jnp.bfloat16)
         topk_idx, topk_weights = self.gate(x, token_ids)
         if self.mesh is not None:
-            from jax_megamoe import parallel
-
             # Gate and shared expert follow x's sharding (their weights are replicated); the routed
             # experts run sharded over ep_axis (T padded to a multiple of the axis size).
             y = parallel.ep_moe_padded(
                 x, topk_idx, topk_weights, self.moe_weights, mesh=self.mesh, axis=self.ep_axis,
                 mode=self.mode, activation_clamp=cfg.activation_clamp, backend=self.backend,
-                dispatch=self.ep_dispatch,
+                dispatch=self.ep_dispatch, policy=self.policy,
             )  # fmt: skip
         else:
             y = _routed_experts(
-                x, topk_idx, topk_weights, self.moe_weights, self.backend, activation_clamp=cfg.activation_clamp
-            )
+                x, topk_idx, topk_weights, self.moe_weights, self.backend, activation_clamp=cfg.activation_clamp,
+                policy=self.policy,
+            )  # fmt: skip
         if self.shared_experts is not None:
             y = (y.astype(jnp.float32) + self.shared_experts(x)).astype(jnp.bfloat16)
         return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a block from a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_layer(layer: MoELayer, block: DeepseekV4MoE) -> DeepseekV4MoE:
+    """Set ``block``'s gate and shared-expert parameters to ``layer``'s (returns ``block``)."""
+    gate = block.gate
+    if bool(gate.is_hash_layer) != layer.is_hash_layer:
+        raise ValueError(
+            f"block: layer {block.layer_idx} is {'' if gate.is_hash_layer else 'not '}hash-routed but the loaded "
+            f"layer {layer.layer_idx} is {'' if layer.is_hash_layer else 'not '}hash-routed"
+        )
+
+    def put(var: Any, value: np.ndarray, what: str) -> None:
+        cur = var.get_value()
+        if tuple(cur.shape) != tuple(value.shape) or np.dtype(cur.dtype) != value.dtype:
+            raise ValueError(
+                f"block: {what} is {np.dtype(cur.dtype).name}{list(cur.shape)} but the checkpoint gives "
+                f"{value.dtype.name}{list(value.shape)}"
+            )
+        var.set_value(jnp.asarray(value))
+
+    put(gate.weight, layer.gate_weight, "gate.weight")
+    if layer.is_hash_layer:
+        put(gate.tid2eid, layer.tid2eid, "gate.tid2eid")
+    else:
+        put(gate.bias, layer.gate_bias, "gate.bias")
+    if layer.shared is not None:
+        if block.shared_experts is None:
+            raise ValueError("block: has no shared expert but the checkpoint layer has one")
+        s = layer.shared
+        block.shared_experts.load_fp8(s["w1"], s["w1_scale"], s["w2"], s["w2_scale"], s["w3"], s["w3_scale"])
+    elif block.shared_experts is not None:
+        raise ValueError("block: has a shared expert but the checkpoint layer has none")
+    return block
+
+
+def load_moe_block(
+    cls: Any,
+    path: Any,
+    layer_idx: int,
+    *,
+    backend: str = "auto",
+    mode: str | None = None,
+    config: Any = None,
+    progress: Any = None,
+    nibble_order: str = "low_even",
+    rngs: Any = None,
+    verify: bool = True,
+    allow_nan_scales: bool = False,
+    **block_kwargs: Any,
+) -> Any:
+    """``cls(config, layer_idx, backend=..., mode=..., weights=...)`` with every parameter loaded.
+
+    ``path`` is a checkpoint (see :func:`load_moe_layer`) or a folder written by
+    ``python -m jax_megamoe.convert`` (recognised by its per-layer manifest; its mode must match
+    ``mode`` when one is given; ``verify=False`` skips its SHA-256 check; ``allow_nan_scales`` as
+    in :func:`load_moe_layer`). Extra keyword arguments go to the block's constructor.
+    """
+    if convert.is_converted_dir(path, layer_idx):
+        layer = convert.load_converted(path, layer_idx, verify=verify)
+        if mode is not None and mode != layer.mode:
+            raise CheckpointError(
+                f"{path}: layer {layer_idx} was converted for mode {layer.mode!r}, mode {mode!r} was requested; "
+                "convert it again with that mode"
+            )
+        if config is not None and not isinstance(config, Mapping) and config != layer.config:
+            raise CheckpointError(f"{path}: layer {layer_idx} was converted with config {layer.config}, not {config}")
+    else:
+        layer = load_moe_layer(
+            path, layer_idx, mode=mode, config=config, nibble_order=nibble_order, progress=progress,
+            allow_nan_scales=allow_nan_scales,
+        )
+    block = cls(
+        layer.config,
+        layer_idx,
+        backend=backend,
+        mode=layer.mode,
+        rngs=nnx.Rngs(0) if rngs is None else rngs,
+        weights=layer.weights,
+        **block_kwargs,
+    )
+    return apply_layer(layer, block)

@@ -12,7 +12,7 @@ import os
 import threading
 from typing import Literal
 
-from jax_megamoe import _validate
+from jax_megamoe.numerics import _validate
 
 Mode = Literal["mxf4xmxf4", "fp8xfp4", "fp8"]
 
@@ -167,13 +167,14 @@ def default_sm100_mode() -> str:
     )
 
 
-def resolve_mode(mode: str | None, arch: int | None = None) -> str:
-    """An explicit ``mode`` wins; else sm_90 means ``fp8``; else the environment's sm_100 mode."""
+def resolve_mode(mode: str | None, arch: int | None = None, sm100_mode: str | None = None) -> str:
+    """An explicit ``mode`` wins; else sm_90 means ``fp8``; else ``sm100_mode`` (a policy's,
+    :class:`jax_megamoe.policy.Policy`), or the environment's sm_100 mode when it is None."""
     if mode is not None:
         return check_mode(mode)
     if arch == 9:
         return "fp8"
-    return default_sm100_mode()
+    return default_sm100_mode() if sm100_mode is None else check_mode(sm100_mode, "sm100_mode")
 
 
 @dataclasses.dataclass(frozen=True)

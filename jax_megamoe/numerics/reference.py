@@ -66,8 +66,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_megamoe import config, quant
-from jax_megamoe._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
+from jax_megamoe.numerics import config, quant
+from jax_megamoe.numerics.layout import MoEWeights
+from jax_megamoe.numerics._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
 
 __all__ = [
     "PreDispatched",
@@ -349,8 +350,6 @@ def _empty_act_slots(rows: int, h: int, mode: str) -> tuple[jax.Array, jax.Array
 
 
 def _check_weights(weights: Any, mode: str, hidden: int, top_k: int) -> None:
-    from jax_megamoe.layout import MoEWeights
-
     if not isinstance(weights, MoEWeights):
         raise TypeError(f"weights: expected a jax_megamoe.layout.MoEWeights, got {type(weights).__name__}")
     weights.validate_for(mode, hidden=hidden)

@@ -32,7 +32,9 @@ processes x 4 CPU devices (``jax.distributed``, gloo), and on 2 x H200 (jax 0.11
 with both ragged and dense dispatch, at V4-Flash size too (``python tests/parallel_worker.py gpu``,
 ``python examples/ep_moe.py --check``).
 
-Capacity: ``capacity=None`` is exact. A smaller ``capacity`` (rows per source/destination pair)
+Capacity: ``pair_capacity=None`` is exact. A smaller ``pair_capacity`` (rows per source/destination pair;
+the token cap of the kernel buffer is ``num_max_tokens``, a different thing; ``capacity=`` is the
+deprecated old name)
 drops the pairs past it (they contribute 0) and is only accepted with ``return_overflow=True``,
 which returns ``(y, dropped)``, ``dropped`` the int32 number of (token, slot) pairs dropped over the
 whole mesh, so a drop is never silent.
@@ -55,7 +57,9 @@ kernel, so within the kernel's tolerance of the reference (rel. L2 ~5e-3), not b
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from functools import partial
 from typing import Any
 
@@ -66,9 +70,11 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import os
-
-from jax_megamoe import config, reference
+from jax_megamoe.kernels import ops
+from jax_megamoe.numerics import config, reference
+from jax_megamoe.numerics import policy as _policy
+from jax_megamoe.numerics.policy import Policy
+from jax_megamoe.numerics.layout import MoEWeights
 
 __all__ = [
     "ep_moe", "ep_moe_padded", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
@@ -78,7 +84,7 @@ __all__ = [
 
 DISPATCHES: tuple[str, ...] = ("auto", "fused", "ragged", "dense")
 #: Environment switch: ``0`` keeps ``dispatch="auto"`` off the fused intranode kernel.
-ENV_FUSED_EP = "JAX_MEGAMOE_FUSED_EP"
+ENV_FUSED_EP = _policy.ENV["fused_ep"][0]  # read once, into the process policy
 BACKENDS: tuple[str, ...] = ("auto", "ffi", "reference")
 
 #: Platforms whose XLA implements ``ragged-all-to-all``.
@@ -177,21 +183,13 @@ def fused_available(mesh: Any, axis: str = "ep", mode: str = "fp8") -> tuple[boo
             return False, (
                 f"device {d.id} has compute capability {cc or '?'}; mode {mode!r} runs the sm_{arch}0 kernel"
             )
-    from jax_megamoe import ops
-
     ok, reason = ops._ffi_ready()
     if not ok:
         return False, reason
     return True, ""
 
 
-def _fused_wanted() -> bool:
-    return config.parse_bool(ENV_FUSED_EP, os.environ.get(ENV_FUSED_EP, "1"))
-
-
 def _check_weights(weights: Any, mode: str, hidden: int, top_k: int, n: int) -> None:
-    from jax_megamoe.layout import MoEWeights
-
     if not isinstance(weights, MoEWeights):
         raise TypeError(f"weights: expected a jax_megamoe.layout.MoEWeights, got {type(weights).__name__}")
     weights.validate_for(mode, hidden=hidden)  # names the mode mismatch
@@ -267,9 +265,11 @@ def ep_moe(
     backend: str = "auto",
     routed_scaling_factor: float = 1.0,
     dispatch: str = "auto",
-    capacity: int | None = None,
+    pair_capacity: int | None = None,
     return_overflow: bool = False,
     num_max_tokens: int | None = None,
+    policy: Policy | None = None,
+    capacity: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Routed experts of one MoE layer with experts and tokens sharded over ``mesh`` axis ``axis``.
 
@@ -294,15 +294,17 @@ def ep_moe(
       routed_scaling_factor: multiplied into ``topk_weights`` in f32 before dispatch.
       dispatch: ``"auto"`` | ``"fused"`` | ``"ragged"`` | ``"dense"``. ``"auto"`` takes the fused
         intranode kernel where :func:`fused_available` says it can (and ``T/n <= num_max_tokens``,
-        ``capacity`` not given, backend not ``"reference"``, ``JAX_MEGAMOE_FUSED_EP`` not 0), else the
+        ``pair_capacity`` not given, backend not ``"reference"``, ``JAX_MEGAMOE_FUSED_EP`` not 0), else the
         collective of :func:`dispatch_path`. ``"fused"`` insists (clear error where it cannot run; on
         a machine without GPUs it still lowers for ``cuda``).
-      capacity: rows per (source, destination) pair; default :func:`exact_capacity` (never overflows).
-        Collective path only.
-      return_overflow: return ``(y, dropped)``; required when ``capacity`` is below the exact one
+      pair_capacity: rows per (source, destination) pair; default :func:`exact_capacity` (never overflows).
+        Collective path only. (``capacity=``: its deprecated name, with a DeprecationWarning.)
+      return_overflow: return ``(y, dropped)``; required when ``pair_capacity`` is below the exact one
         (the fused path never drops: ``dropped`` is 0).
       num_max_tokens: fused path: token cap per rank of the kernel's buffers (default
         :func:`jax_megamoe.ops.default_num_max_tokens`, rounded up to 128).
+      policy: the settings the call does not give (token cap, reserved SMs, graph targets, fused
+        opt-out ``fused_ep``, sm_100 opt-in); default the process policy (:func:`jax_megamoe.policy.current`).
 
     Returns:
       ``y`` bf16 ``[T, H]`` sharded ``P(axis)`` (and ``dropped`` int32 ``[]`` if ``return_overflow``).
@@ -318,10 +320,12 @@ def ep_moe(
             "pad the batch with rows whose topk_idx is -1)"
         )
     _check_weights(weights, mode, h, k, n)
+    capacity = _pair_capacity(pair_capacity, capacity)
     clamp = config.check_clamp(activation_clamp)
     reference._check_scaling(routed_scaling_factor)
     path, fused = _choose_path(
-        mesh, axis, mode, t // n, dispatch=dispatch, backend=backend, capacity=capacity, num_max_tokens=num_max_tokens
+        mesh, axis, mode, t // n, dispatch=dispatch, backend=backend, capacity=capacity, num_max_tokens=num_max_tokens,
+        policy=policy,
     )  # fmt: skip
     be = _resolve_backend(backend, mode)
     exact = exact_capacity(t, k, n)
@@ -329,13 +333,13 @@ def ep_moe(
         cap = exact
     else:
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or int(capacity) < 1:
-            raise ValueError(f"capacity: {capacity!r} must be a Python int >= 1 (rows per device pair)")
+            raise ValueError(f"pair_capacity: {capacity!r} must be a Python int >= 1 (rows per device pair)")
         cap = min(int(capacity), exact)
         if cap < exact and not return_overflow:
             raise ValueError(
-                f"capacity: {capacity} is below the exact worst case T/n*K = {exact} rows per device pair, so "
+                f"pair_capacity: {capacity} is below the exact worst case T/n*K = {exact} rows per device pair, so "
                 "pairs past it would be dropped; pass return_overflow=True to get the dropped count, or "
-                "capacity=None"
+                "pair_capacity=None"
             )
     if clamp is not None and math.isinf(clamp):
         clamp = None
@@ -368,26 +372,41 @@ def ep_path(
     *,
     dispatch: str = "auto",
     backend: str = "auto",
-    capacity: int | None = None,
+    pair_capacity: int | None = None,
     num_max_tokens: int | None = None,
+    policy: Policy | None = None,
+    capacity: int | None = None,
 ) -> str:
     """``"fused"``, ``"ragged"`` or ``"dense"``: the path :func:`ep_moe` takes with these arguments
     (``tokens_per_device`` = ``T/n``); raises as :func:`ep_moe` would for a ``dispatch`` that cannot run."""
     return _choose_path(
-        mesh, axis, mode, tokens_per_device, dispatch=dispatch, backend=backend, capacity=capacity,
-        num_max_tokens=num_max_tokens,
+        mesh, axis, mode, tokens_per_device, dispatch=dispatch, backend=backend,
+        capacity=_pair_capacity(pair_capacity, capacity),
+        num_max_tokens=num_max_tokens, policy=policy,
     )[0]  # fmt: skip
 
 
-def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capacity, num_max_tokens):
+def _pair_capacity(pair_capacity: int | None, capacity: int | None) -> int | None:
+    """``pair_capacity``, or the deprecated ``capacity=`` (with a warning); both is a TypeError."""
+    if capacity is None:
+        return pair_capacity
+    if pair_capacity is not None:
+        raise TypeError("capacity: the deprecated name of pair_capacity; pass only pair_capacity")
+    warnings.warn(
+        "ep_moe(capacity=...) is deprecated: the rows per device pair are pair_capacity= (the kernel's "
+        "token cap is num_max_tokens=)", DeprecationWarning, stacklevel=3,
+    )  # fmt: skip
+    return capacity
+
+
+def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capacity, num_max_tokens, policy=None):
     """``(path, fused)``: ``"fused"`` with ``fused = (token cap, rank table rows, reserved SMs)``, or
     the collective ``"ragged"``/``"dense"`` with ``fused = None``."""
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
-    from jax_megamoe import ops
-
+    pol = _policy.resolve(policy)
     if num_max_tokens is None:
-        cap = ops.default_num_max_tokens()
+        cap = pol.num_max_tokens
     elif isinstance(num_max_tokens, bool) or not isinstance(num_max_tokens, (int, np.integer)) or num_max_tokens < 1:
         raise ValueError(f"num_max_tokens: {num_max_tokens!r} must be a Python int >= 1 (tokens per rank)")
     else:
@@ -397,7 +416,7 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
         if backend == "reference":
             raise ValueError("dispatch: 'fused' runs the FFI kernel; backend='reference' cannot run it")
         if capacity is not None:
-            raise ValueError("capacity: applies to the collective dispatch; the fused kernel never drops pairs")
+            raise ValueError("pair_capacity: applies to the collective dispatch; the fused kernel never drops pairs")
         ok, why = fused_available(mesh, axis, mode)
         platform = _platform(mesh)
         if not ok and (platform == "gpu" or isinstance(mesh, jax.sharding.AbstractMesh)):
@@ -413,18 +432,18 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
             backend != "reference"
             and capacity is None
             and tokens_per_device <= cap
-            and _fused_wanted()
-            and (mode == "fp8" or ops.sm100_mega_opted_in())  # the sm_100 kernel: opt-in, never run here
+            and pol.fused_ep
+            and (mode == "fp8" or pol.sm100_mega)  # the sm_100 kernel: opt-in, never run here
             and fused_available(mesh, axis, mode)[0]
         ):
             dispatch = "fused"
     if dispatch != "fused":
         return dispatch_path(mesh, dispatch), None
-    reserved = ops._env_int(ops.ENV_RESERVED_SMS, 2)
+    reserved = pol.reserved_sms
     table = tuple(tuple(int(v) for v in row) for row in rank_table(mesh, axis))
-    # The graph-target switch is read here and travels as a static argument, so that _ep_moe_jit's
-    # trace cache never hands a plain-target trace to a call made with JAX_MEGAMOE_GRAPH_TARGETS=1.
-    return "fused", (cap, table, reserved, ops.graph_targets_enabled())
+    # The graph-target switch comes from the policy and travels as a static argument, so that
+    # _ep_moe_jit's trace cache never hands a plain-target trace to a call with another policy.
+    return "fused", (cap, table, reserved, pol.graph_targets)
 
 
 @partial(jax.jit, static_argnames=("mesh", "axis", "mode", "clamp", "backend", "path", "cap", "chunk", "fused"))
@@ -459,10 +478,6 @@ def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk):
     A single-rank Mega MoE problem with top-k 1: the one place a per-device kernel plugs in.
     """
     if backend == "ffi":
-        import dataclasses
-
-        from jax_megamoe import ops
-
         # One rank holding E/n experts with local ids: the kernel sees a layer of E/n experts and a
         # buffer for all R received rows.
         local = dataclasses.replace(weights, num_experts=weights.num_local_experts)
@@ -475,8 +490,6 @@ def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk):
 def _ep_fused_body(x, topk_idx, w, weights, *, axis, mode, clamp, fused, num_experts):
     """One rank of the fused kernel: its own tokens in, its own outputs back; the kernel moves the
     (token, slot) pairs between the GPUs itself. ``w`` already carries routed_scaling_factor."""
-    from jax_megamoe import ops
-
     cap, table, reserved, graph = fused
     y = ops.mega_moe_target_call(
         x, topk_idx, w, weights, mode=mode, num_experts=num_experts, capacity=cap, activation_clamp=clamp,

@@ -16,16 +16,18 @@ the kernel (the same bits as the kernel's own multiply). Expert ids outside ``[0
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_megamoe import _decode, config
-from jax_megamoe import reference
-from jax_megamoe._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
+from jax_megamoe.kernels import _decode, _ffi
+from jax_megamoe.numerics import config
+from jax_megamoe.numerics import policy as _policy
+from jax_megamoe.numerics.policy import Policy
+from jax_megamoe.numerics import reference
+from jax_megamoe.numerics._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
 
 Backend = Literal["auto", "ffi", "reference"]
 BACKENDS = ("auto", "ffi", "reference")
@@ -34,17 +36,17 @@ PRE_DISPATCH_TARGET = {9: "jax_megamoe_pre_dispatch_sm90", 10: "jax_megamoe_pre_
 _MMA_KIND = {"fp8": 0, "fp8xfp4": 1, "mxf4xmxf4": 2}  # deep_gemm::MmaKind (0: unused on sm_90)
 
 
-def graph_targets_enabled() -> bool:
+def graph_targets_enabled(policy: Policy | None = None) -> bool:
     """Whether to call the targets that declare CUDA-graph (command buffer) compatibility.
 
-    ``JAX_MEGAMOE_GRAPH_TARGETS=1`` opts in: XLA may then capture the custom call into its
-    CUDA graphs. The plain targets run outside command buffers (XLA splits the graph there).
-    Read when a call is traced: a function jitted and traced before the variable changed keeps
-    the target it was traced with (set it before the first trace, or jit a fresh function).
+    ``policy.graph_targets`` (``JAX_MEGAMOE_GRAPH_TARGETS=1`` in the process policy, read once)
+    opts in: XLA may then capture the custom call into its CUDA graphs. The plain targets run
+    outside command buffers (XLA splits the graph there). To choose per call, pass
+    ``policy=jax_megamoe.policy.current().replace(graph_targets=True)`` to the op.
     XLA records custom calls into command buffers only when ``--xla_gpu_enable_command_buffer``
     lists ``CUSTOM_CALL``; ``jax_megamoe._ffi.execute_stats()`` tells whether that happened.
     """
-    return config.parse_bool("JAX_MEGAMOE_GRAPH_TARGETS", os.environ.get("JAX_MEGAMOE_GRAPH_TARGETS", "0"))
+    return _policy.resolve(policy).graph_targets
 
 
 class BackendUnavailableError(RuntimeError):
@@ -63,8 +65,6 @@ def device_arch() -> int | None:
 
 
 def _ffi_ready() -> tuple[bool, str]:
-    from jax_megamoe import _ffi
-
     ok = _ffi.register()
     return ok, ("" if ok else _ffi.status().reason)
 
@@ -132,13 +132,16 @@ def pre_dispatch(
     num_max_tokens: int,
     routed_scaling_factor: float = 1.0,
     backend: Backend = "auto",
+    policy: Policy | None = None,
 ) -> reference.PreDispatched:
     """Quantize ``x`` and write the kernel's input slots, padded to ``num_max_tokens`` rows.
 
     Same contract as :func:`jax_megamoe.reference.pre_dispatch`; with the FFI backend the
     bytes come from DeepGEMM's own pre-dispatch kernel and equal the reference bit for bit.
+    ``policy``: the settings to use (default: the process policy, :func:`jax_megamoe.policy.current`).
     """
-    mode = config.resolve_mode(mode, device_arch())
+    pol = _policy.resolve(policy)
+    mode = config.resolve_mode(mode, device_arch(), pol.sm100_mode)
     t, h, k = _check_routing(x, topk_idx, topk_weights)
     config.validate_pre_dispatch_shape(hidden=h, top_k=k, mode=mode)
     num_max_tokens = static_int("num_max_tokens", num_max_tokens, lo=1)
@@ -152,7 +155,9 @@ def pre_dispatch(
             x, topk_idx, topk_weights, mode=mode, num_max_tokens=num_max_tokens, routed_scaling_factor=rsf
         )
     topk_weights, rsf = _fold_traced_scaling(topk_weights, rsf)
-    return _pre_dispatch_ffi(x, reference.route_ids(topk_idx), topk_weights, mode=mode, cap=num_max_tokens, rsf=rsf)
+    return _pre_dispatch_ffi(
+        x, reference.route_ids(topk_idx), topk_weights, mode=mode, cap=num_max_tokens, rsf=rsf, graph=pol.graph_targets
+    )
 
 
 def _no_handler_here(op: str):
@@ -189,7 +194,9 @@ def ffi_call_on_gpu(op: str, target: str, result_shapes, *args, **kwargs):
     return jax.lax.platform_dependent(*args, cuda=call, default=elsewhere)
 
 
-def _pre_dispatch_ffi(x, topk_idx, topk_weights, *, mode: str, cap: int, rsf: float) -> reference.PreDispatched:
+def _pre_dispatch_ffi(
+    x, topk_idx, topk_weights, *, mode: str, cap: int, rsf: float, graph: bool
+) -> reference.PreDispatched:
     _, h = x.shape
     k = topk_idx.shape[1]
     arch = config.arch_of_mode(mode)
@@ -207,7 +214,7 @@ def _pre_dispatch_ffi(x, topk_idx, topk_weights, *, mode: str, cap: int, rsf: fl
         if rsf != 1.0:
             topk_weights = topk_weights * jnp.float32(rsf)
         kernel_rsf = 1.0
-    target = PRE_DISPATCH_TARGET[arch] + ("_graph" if graph_targets_enabled() else "")
+    target = PRE_DISPATCH_TARGET[arch] + ("_graph" if graph else "")
     outs = ffi_call_on_gpu(
         "pre_dispatch",
         target,
@@ -239,38 +246,26 @@ def _int64_slots_to_jax(pairs: jax.Array) -> jax.Array:
 
 
 MEGA_MOE_TARGET = {9: "jax_megamoe_mega_moe_sm90", 10: "jax_megamoe_mega_moe_sm100"}
-#: Token cap used when ``num_max_tokens`` is not given (SGLang's per-rank default); env-overridable.
-DEFAULT_NUM_MAX_TOKENS = 1024
-ENV_NUM_MAX_TOKENS = ("JAX_MEGAMOE_NUM_MAX_TOKENS", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_NUM_MAX_TOKENS_PER_RANK")
-ENV_RESERVED_SMS = ("JAX_MEGAMOE_RESERVED_SMS", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_RESERVED_SMS")
+#: Token cap used when ``num_max_tokens`` is not given (SGLang's per-rank default); the policy's
+#: ``num_max_tokens`` (``JAX_MEGAMOE_NUM_MAX_TOKENS``, read once) overrides it.
+DEFAULT_NUM_MAX_TOKENS = _policy.DEFAULT_NUM_MAX_TOKENS
+ENV_NUM_MAX_TOKENS = _policy.ENV["num_max_tokens"]
+ENV_RESERVED_SMS = _policy.ENV["reserved_sms"]
 
 
-def _env_int(names: tuple[str, ...], default: int) -> int:
-    for n in names:
-        if n in os.environ:
-            try:
-                return int(os.environ[n])
-            except ValueError:
-                raise ValueError(f"environment variable {n}={os.environ[n]!r} is not an integer") from None
-    return default
-
-
-def sm100_mega_opted_in() -> bool:
-    """``JAX_MEGAMOE_SM100_MEGA=1`` lets ``backend="auto"`` use the sm_100 fused kernel.
+def sm100_mega_opted_in(policy: Policy | None = None) -> bool:
+    """``policy.sm100_mega`` (``JAX_MEGAMOE_SM100_MEGA=1``) lets ``backend="auto"`` use the sm_100 fused kernel.
 
     That kernel is compiled and host-side tested but has never run on a B200 in this project,
     so ``auto`` keeps the exact reference there unless a user opts in (``backend="ffi"`` always
     uses the kernel).
     """
-    return config.parse_bool("JAX_MEGAMOE_SM100_MEGA", os.environ.get("JAX_MEGAMOE_SM100_MEGA", "0"))
+    return _policy.resolve(policy).sm100_mega
 
 
-def default_num_max_tokens() -> int:
-    """The token cap of the mega kernel's buffer when a call gives none (default 1024)."""
-    n = _env_int(ENV_NUM_MAX_TOKENS, DEFAULT_NUM_MAX_TOKENS)
-    if n < 1:
-        raise ValueError(f"{ENV_NUM_MAX_TOKENS[0]}: {n} must be >= 1")
-    return n
+def default_num_max_tokens(policy: Policy | None = None) -> int:
+    """The token cap of the mega kernel's buffer when a call gives none (the policy's, default 1024)."""
+    return _policy.resolve(policy).num_max_tokens
 
 
 def mega_moe(
@@ -287,13 +282,14 @@ def mega_moe(
     reserved_sms: int | None = None,
     backend: Backend = "auto",
     kernel: _decode.Kernel = "auto",
+    policy: Policy | None = None,
 ) -> jax.Array:
     """Routed experts of one MoE layer: pre-dispatch + fused Mega MoE kernel -> ``bf16[T, H]``.
 
     ``kernel`` picks the GPU kernel where the FFI backend runs: ``"fused"`` (DeepGEMM's mega
     kernel), ``"decode"`` (our low-latency FP8 GEMV passes, sm_90 ``fp8`` only, no token cap) or
-    ``"auto"`` (decode while ``0 < T * K <= jax_megamoe._decode.DECODE_MAX_PAIRS``, which is 0 until
-    the decode kernels have been measured on a GPU; see :mod:`jax_megamoe._decode`).
+    ``"auto"`` (decode while ``0 < T * K <= jax_megamoe.kernels._decode.DECODE_MAX_PAIRS``, which is 0 until
+    the decode kernels have been measured on a GPU; see :mod:`jax_megamoe.kernels._decode`).
 
     ``mode`` defaults to the mode ``weights`` were built for. ``num_max_tokens`` is the token
     cap of the kernel's persistent buffer (default :func:`default_num_max_tokens`; rounded up
@@ -301,11 +297,14 @@ def mega_moe(
     cap ``backend="auto"`` runs the reference (as SGLang falls back) and ``"ffi"`` raises.
     ``reserved_sms`` SMs are left free for other streams (default 2). Kernels: sm_90 mode
     ``fp8`` (run and tested on H200); sm_100 modes ``mxf4xmxf4``/``fp8xfp4`` (compiled and
-    host-side tested only: no B200 has run them).
+    host-side tested only: no B200 has run them). ``policy``: the settings a call does not give
+    (token cap, reserved SMs, graph targets, sm_100 opt-in; default: the process policy,
+    :func:`jax_megamoe.policy.current`, read once).
     """
+    pol = _policy.resolve(policy)
     if mode is None:
         mode = getattr(weights, "mode", None)
-    mode = config.resolve_mode(mode, device_arch())
+    mode = config.resolve_mode(mode, device_arch(), pol.sm100_mode)
     t, h, k = _check_routing(x, topk_idx, topk_weights)
     rsf = _check_scaling(routed_scaling_factor)
     activation_clamp = config.check_clamp(activation_clamp)
@@ -318,19 +317,20 @@ def mega_moe(
     )
     cap_requested = static_int("num_max_tokens", num_max_tokens, lo=1, allow_none=True)
     if cap_requested is None:
-        cap_requested = default_num_max_tokens()
+        cap_requested = pol.num_max_tokens
     reserved = static_int("reserved_sms", reserved_sms, lo=0, allow_none=True)
     if reserved is None:
-        reserved = _env_int(ENV_RESERVED_SMS, 2)
+        reserved = pol.reserved_sms
     chosen = choose_backend(backend, mode, op="mega_moe")
-    if chosen == "ffi" and backend == "auto" and config.arch_of_mode(mode) == 10 and not sm100_mega_opted_in():
+    if chosen == "ffi" and backend == "auto" and config.arch_of_mode(mode) == 10 and not pol.sm100_mega:
         # Never run on hardware here: "auto" keeps the reference until a B200 has validated it.
         chosen = "reference"
     which = _decode.choose_kernel(kernel, mode, t, k)
     if chosen == "ffi" and which == "decode" and t > 0:
         topk_weights, rsf = _fold_traced_scaling(topk_weights, rsf)
         return decode_target_call(
-            x, topk_idx, topk_weights, weights, activation_clamp=activation_clamp, routed_scaling_factor=rsf
+            x, topk_idx, topk_weights, weights, activation_clamp=activation_clamp, routed_scaling_factor=rsf,
+            graph=pol.graph_targets,
         )
     if t > cap_requested:
         if backend == "ffi":
@@ -355,6 +355,7 @@ def mega_moe(
     return mega_moe_target_call(
         x, topk_idx, topk_weights, weights, mode=mode, num_experts=weights.num_experts, capacity=cap,
         activation_clamp=activation_clamp, routed_scaling_factor=rsf, fast_math=fast_math, reserved_sms=reserved,
+        graph=pol.graph_targets,
     )  # fmt: skip
 
 
@@ -382,7 +383,7 @@ def mega_moe_target_call(
     ``rank_devices`` is the rank table (CUDA device ordinals, one row of ``num_ranks`` per
     expert-parallel group, see ``ffi/layout/rank_table.h``) and the call must run on every device of
     the table at once, inside :func:`jax.shard_map`. ``graph``: call the command-buffer compatible
-    twin (sm_90); ``None`` follows :func:`graph_targets_enabled`.
+    twin (sm_90); ``None`` follows the process policy (:func:`graph_targets_enabled`).
     """
     clamp = np.float32(np.inf if activation_clamp is None else activation_clamp)
     arch = config.arch_of_mode(mode)
@@ -394,7 +395,7 @@ def mega_moe_target_call(
     # Ids outside [0, E) are skipped, as the reference skips them (the kernel would index past its
     # tables); decided before the int32 cast so int64 ids >= 2**31 cannot wrap onto real experts.
     idx = reference.route_ids(topk_idx, num_experts)
-    # sm_90: the command-buffer compatible twin with JAX_MEGAMOE_GRAPH_TARGETS=1 (XLA may then
+    # sm_90: the command-buffer compatible twin with policy.graph_targets (XLA may then
     # record the launches into its CUDA graphs; see ffi/handlers/mega_moe_sm90.cc).
     if graph is None:
         graph = graph_targets_enabled()

@@ -84,10 +84,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
-from jax_megamoe import checkpoint as _ck
-from jax_megamoe.checkpoint import CheckpointError, MoELayer, SafetensorsFile
+from jax_megamoe._version import __version__
+from jax_megamoe.io.build import load_moe_layer
+from jax_megamoe.io.safetensors_reader import Checkpoint, CheckpointError, SafetensorsFile, safetensors_dtype
+from jax_megamoe.io.v4_checkpoint import NIBBLE_ORDERS, MoELayer, _derive_dims, infer_config, layer_prefix, list_moe_layers
+from jax_megamoe.numerics import config as _cfg
+from jax_megamoe.numerics.config import MODES
+from jax_megamoe.numerics.layout import ConversionReport, MoEWeights
+from jax_megamoe.numerics.v4_config import DeepseekV4Config
 
 __all__ = [
     "FORMAT",
@@ -232,7 +240,7 @@ def write_safetensors(
     header: dict[str, Any] = {}
     off = 0
     for name, a in arrays.items():
-        header[name] = {"dtype": _ck.safetensors_dtype(a.dtype), "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+        header[name] = {"dtype": safetensors_dtype(a.dtype), "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
         off += a.nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -282,8 +290,6 @@ def _clean_stale_tmp(out_dir: str) -> list[str]:
 
 
 def _layer_tensors(layer: MoELayer) -> dict[str, np.ndarray]:
-    import ml_dtypes
-
     w = layer.weights
     out = {f"experts.{k}": np.asarray(getattr(w, k)) for k in ("l1", "l1_sf", "l2", "l2_sf")}
     out["gate.weight"] = np.asarray(layer.gate_weight)
@@ -343,9 +349,6 @@ def write_converted_layer(
     tensors = _layer_tensors(layer)
     size, digest = write_safetensors(os.path.join(out_dir, data_name), tensors, _binding(layer.layer_idx, layer.mode, fingerprint))
     w = layer.weights
-    from jax_megamoe import __version__
-    from jax_megamoe import config as _cfg
-
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -355,7 +358,7 @@ def write_converted_layer(
         "is_hash_layer": layer.is_hash_layer,
         "config": dataclasses.asdict(layer.config),
         "weights": {"hidden": w.hidden, "intermediate": w.intermediate, "num_experts": w.num_experts},
-        "tensors": {k: {"dtype": _ck.safetensors_dtype(a.dtype), "shape": list(a.shape)} for k, a in tensors.items()},
+        "tensors": {k: {"dtype": safetensors_dtype(a.dtype), "shape": list(a.shape)} for k, a in tensors.items()},
         "file": {"name": data_name, "size": size, "sha256": digest},
         "conversion_report": _report_dict(layer.report),
         "source": {"path": layer.source, **_source_key(layer.expert_format, layer.nibble_order, fingerprint)},
@@ -396,8 +399,6 @@ def validate_manifest(man: Any, man_path: str, layer_idx: int | None = None) -> 
     (str), expected a non-negative integer``), so a damaged or hand-edited manifest never reaches
     the loader as an ``AttributeError`` or a ``KeyError``.
     """
-    from jax_megamoe.config import MODES
-
     if not isinstance(man, dict):
         raise CheckpointError(f"{man_path}: the manifest is a JSON {type(man).__name__}, expected an object")
 
@@ -452,7 +453,7 @@ def validate_manifest(man: Any, man_path: str, layer_idx: int | None = None) -> 
     for k in ("path", "fingerprint"):
         field(src, "source", k, _is_str_or_none, "a string or null")
     field(src, "source", "expert_format", lambda v: v in ("fp4", "fp8"), "'fp4' or 'fp8'")
-    field(src, "source", "nibble_order", lambda v: v in _ck.NIBBLE_ORDERS, f"one of {', '.join(_ck.NIBBLE_ORDERS)}")
+    field(src, "source", "nibble_order", lambda v: v in NIBBLE_ORDERS, f"one of {', '.join(NIBBLE_ORDERS)}")
     if version >= 2:
         field(man, "", "manifest_sha256", lambda v: isinstance(v, str) and _SHA_RE.fullmatch(v) is not None, "64 lowercase hex digits")
     return man
@@ -672,7 +673,7 @@ def check_converted(
 
 def is_converted_dir(path: Any, layer_idx: int) -> bool:
     """True when ``path`` is a folder holding a converted layer's manifest."""
-    if isinstance(path, _ck.Checkpoint):
+    if isinstance(path, Checkpoint):
         return False
     p = os.fspath(path)
     return os.path.isdir(p) and os.path.isfile(os.path.join(p, layer_file_names(layer_idx)[1]))
@@ -720,8 +721,6 @@ def _manifest_errors(man_path: str) -> Iterator[None]:
 
 def _config_of(man: dict[str, Any], man_path: str) -> Any:
     """The manifest's DeepseekV4Config, checked against its kernel dimensions."""
-    from jax_megamoe.models.deepseek_v4 import DeepseekV4Config
-
     cfg = DeepseekV4Config(**man["config"])
     dims = man["weights"]
     for f, c in (("hidden", "hidden_size"), ("intermediate", "moe_intermediate_size"), ("num_experts", "n_routed_experts")):
@@ -732,10 +731,6 @@ def _config_of(man: dict[str, Any], man_path: str) -> Any:
 
 def _build_layer(man: dict[str, Any], cfg: Any, arrays: dict[str, np.ndarray], out_dir: str) -> MoELayer:
     """The :class:`MoELayer` of a validated manifest, its config and its tensors."""
-    import jax.numpy as jnp
-
-    from jax_megamoe.layout import ConversionReport, MoEWeights
-
     dims = man["weights"]
     weights = MoEWeights(
         *(jnp.asarray(arrays[f"experts.{k}"]) for k in ("l1", "l1_sf", "l2", "l2_sf")),
@@ -786,7 +781,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, choices=sorted(TARGETS), help="sm90 (H100/H200, FP8) or sm100 (B200, FP4)")
     p.add_argument("--mode", choices=("mxf4xmxf4", "fp8xfp4", "fp8"), help="kernel mode (sm100: default fp8xfp4)")
     p.add_argument("--out", required=True, help="output folder (created if needed)")
-    p.add_argument("--nibble-order", default="low_even", choices=_ck.NIBBLE_ORDERS, help="FP4 packing of the checkpoint")
+    p.add_argument("--nibble-order", default="low_even", choices=NIBBLE_ORDERS, help="FP4 packing of the checkpoint")
     p.add_argument("--config", help="JSON file with DeepseekV4Config fields (for checkpoints without config.json)")
     p.add_argument("--force", action="store_true", help="convert again even when a layer is complete")
     p.add_argument(
@@ -825,20 +820,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.makedirs(args.out, exist_ok=True)
         for fn in _clean_stale_tmp(args.out):
             say(f"removed stale temporary file {fn}")
-        with _ck.Checkpoint(args.checkpoint) as ck:
+        with Checkpoint(args.checkpoint) as ck:
             try:
-                layers = parse_layers(args.layers, _ck.list_moe_layers(ck))
+                layers = parse_layers(args.layers, list_moe_layers(ck))
             except ValueError as e:
                 parser.error(str(e))
             done = skipped = 0
             t_all = time.perf_counter()
             for n, i in enumerate(layers):
                 head = f"[{n + 1}/{len(layers)}] layer {i}"
-                pre = _ck.layer_prefix(i)
+                pre = layer_prefix(i)
                 names = [k for k in ck.names() if k.startswith(f"{pre}ffn.")]
                 fp = ck.fingerprint(names)
-                cfg = _ck.infer_config(ck, i, config)
-                fmt = _ck._derive_dims(ck, pre).expert_format
+                cfg = infer_config(ck, i, config)
+                fmt = _derive_dims(ck, pre).expert_format
                 ok, why = check_converted(
                     args.out, i, mode=mode, nibble_order=args.nibble_order, fingerprint=fp,
                     expert_format=fmt, config=cfg, verify=args.verify and not args.force,
@@ -849,7 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 say(f"{head}: converting to {mode} ({'--force' if ok else why})")
                 t0 = time.perf_counter()
-                layer = _ck.load_moe_layer(
+                layer = load_moe_layer(
                     ck, i, mode=mode, config=cfg, nibble_order=args.nibble_order, progress=progress,
                     experts_per_step=args.experts_per_step,
                 )
@@ -858,8 +853,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mib = man["file"]["size"] / 2**20
                 say(f"{head}: wrote {man['file']['name']} ({mib:.1f} MiB) in {time.perf_counter() - t0:.1f}s")
                 if man["conversion_report"] is not None:
-                    from jax_megamoe.layout import ConversionReport
-
                     rep = man["conversion_report"]
                     say(f"{head}: {ConversionReport(**{**rep, 'lossy_experts': tuple(rep['lossy_experts'])}).summary()}")
                 done += 1

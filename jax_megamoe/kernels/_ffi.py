@@ -28,13 +28,19 @@ import ctypes
 import dataclasses
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
-from jax_megamoe import _toolchain, config
+from jax_megamoe._version import __version__
+from jax_megamoe.kernels import _toolchain
+from jax_megamoe.numerics import config, policy
 
 LIB_NAME = "libjax_megamoe_ffi.so"
 ENV_LIB = "JAX_MEGAMOE_FFI_LIB"
@@ -154,9 +160,9 @@ def library_candidates() -> list[Path]:
     env = os.environ.get(ENV_LIB)
     if env:
         out.append(Path(env))
-    import jax_megamoe
-
-    folders = [Path(p) for p in getattr(jax_megamoe, "__path__", [])]
+    # The root package's folders: with an editable install the built library sits in site-packages.
+    root = sys.modules.get(__name__.split(".")[0])
+    folders = [Path(p) for p in getattr(root, "__path__", [])]
     folders.append(Path(__file__).resolve().parent)
     for f in folders:
         p = f / LIB_NAME
@@ -356,9 +362,6 @@ def pre_dispatch_attrs(
 
 def pre_dispatch_result_types(mode: str, *, hidden: int, top_k: int, capacity: int) -> tuple[Any, ...]:
     """``jax.ShapeDtypeStruct``s of (x_q, x_sf, topk_idx_out, topk_weights_out)."""
-    import jax
-    import jax.numpy as jnp
-
     arch, mma = MODE_TO_ARCH_MMA[config.check_mode(mode)]
     P, H, K = capacity, hidden, top_k
     if arch == 90:
@@ -384,8 +387,6 @@ def pre_dispatch_result_types(mode: str, *, hidden: int, top_k: int, capacity: i
 
 
 def _capsules(lib: ctypes.CDLL, prefix: str) -> dict[str, Any]:
-    import jax
-
     return {stage: jax.ffi.pycapsule(getattr(lib, f"{prefix}_{stage}")) for stage in STAGES}
 
 
@@ -413,8 +414,6 @@ def _register_locked() -> FfiStatus:
         return FfiStatus(_lib_path, reason, False, (), tc, tc_err, hd, hd_err, build_info)
     try:
         configure_jit(tc, hd, lib=lib)
-        import jax
-
         jax.ffi.register_ffi_type(
             STATE_TYPE_NAME,
             {
@@ -456,7 +455,8 @@ def _register_locked() -> FfiStatus:
 
 
 def register() -> bool:
-    """Forward the environment (once per process), then register the FFI type and targets once.
+    """Read the process policy (once per process: every setting, the DG_* forwarding included),
+    then register the FFI type and targets once.
 
     Idempotent and thread-safe; never raises for a missing library or toolchain (see status()).
     Returns True when the targets are registered.
@@ -464,7 +464,7 @@ def register() -> bool:
     global _status
     with _lock:
         if _status is None:
-            config.forward_env()  # always first, whatever happens next
+            policy.current()  # always first, whatever happens next: every setting, read once (DG_* forwarding too)
             _status = _register_locked()
         return _status.registered
 
@@ -492,8 +492,6 @@ def require() -> None:
 
 def _gpu_lines() -> tuple[list[str], int | None]:
     """Lines about the local GPUs, and the compute-capability major of the first one (None: no GPU)."""
-    import jax
-
     try:
         devs = [d for d in jax.devices() if d.platform == "gpu"]
     except Exception as e:  # noqa: BLE001
@@ -516,15 +514,10 @@ def _gpu_lines() -> tuple[list[str], int | None]:
 
 def describe() -> str:
     """A readable multi-line report: versions, library, headers, nvcc, device, mode, settings."""
-    import jax
-    import jaxlib
-
-    import jax_megamoe
-
     st = status()
     env = config.forward_env()
     lines = [
-        f"jax_megamoe {jax_megamoe.__version__}",
+        f"jax_megamoe {__version__}",
         f"jax {jax.__version__}, jaxlib {jaxlib.__version__}",
     ]
     if st.library:
@@ -571,4 +564,9 @@ def describe() -> str:
     lines.append(f"setting DG_USE_MXF4_KIND={int(env.mxf4_kind.value)} (from {env.mxf4_kind.source})")
     fwd = ", ".join(f"{k}={v}" for k, v in env.forwarded) or "none"
     lines.append(f"forwarded to DG_* by this process: {fwd}")
+    try:
+        lines.append("policy (jax_megamoe.policy.current(), read once; explicit args and policy= win):")
+        lines.append(policy.current().describe())
+    except ValueError as e:
+        lines.append(f"policy: invalid environment: {e}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -55,8 +56,6 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
 
 def is_traced(value: Any) -> bool:
     """True for a JAX tracer (a value only known when the jitted program runs)."""
-    import jax
-
     return isinstance(value, jax.core.Tracer)
 
 
