@@ -5,6 +5,7 @@ Public modules: ``quant`` (MXFP4/FP8 numerics), ``layout`` (kernel weight layout
 FFI kernels or reference), ``models.deepseek_v4`` (Flax NNX block).
 """
 
+from jax_megamoe._rules import InferenceOnlyError, ShardingError
 from jax_megamoe.config import MODES, MegaMoEConfig
 
 __version__ = "0.1.0"
@@ -27,4 +28,4 @@ def describe() -> str:
     return _ffi.describe()
 
 
-__all__ = ["MODES", "MegaMoEConfig", "register", "describe", "__version__"]
+__all__ = ["MODES", "MegaMoEConfig", "InferenceOnlyError", "ShardingError", "register", "describe", "__version__"]

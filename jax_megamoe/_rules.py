@@ -128,6 +128,7 @@ class _Spec:
     rows_are_tokens: bool  # outputs are token-major too (else token sharding is refused)
     not_per_token: str  # why not, for the error
     rule: str  # Shardy einsum-like sharding rule
+    out_ndims: tuple[int, ...]  # rank of each result
 
 
 def _entry(spec: Any, dim: int) -> Any:
@@ -154,21 +155,21 @@ def _token_axes(spec: _Spec, specs: Sequence[Any], shapes: Sequence[tuple[int, .
                 continue
             if i >= spec.num_token_inputs and d == 0:
                 raise ShardingError(
-                    f"ShardingError: {name} of jax_megamoe.{spec.op} is sharded over mesh axis {_axis_text(e)} on "
+                    f"{name} of jax_megamoe.{spec.op} is sharded over mesh axis {_axis_text(e)} on "
                     f"its expert dim (shape {list(shape)}); plain jit would gather every expert onto every "
                     "device. Use jax_megamoe.parallel.ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, "
                     f"axis={_axis_text(e)}, mode=...) for expert parallelism, or replicate the weights (P())"
                 )
             what = "token-major rows" if i < spec.num_token_inputs else "whole per-expert matrices"
             raise ShardingError(
-                f"ShardingError: {name} of jax_megamoe.{spec.op} is sharded over mesh axis {_axis_text(e)} on dim "
+                f"{name} of jax_megamoe.{spec.op} is sharded over mesh axis {_axis_text(e)} on dim "
                 f"{d} (shape {list(shape)}); the kernels need {what}, so only the token dim (dim 0 of x, "
                 "topk_idx, topk_weights) may be sharded. Reshard it (e.g. jax.lax.with_sharding_constraint "
                 "with P(<token axes>, None)) before the call"
             )
     if token is not None and not spec.rows_are_tokens:
         raise ShardingError(
-            f"ShardingError: jax_megamoe.{spec.op} operands are sharded over mesh axis {_axis_text(token)} on the "
+            f"jax_megamoe.{spec.op} operands are sharded over mesh axis {_axis_text(token)} on the "
             f"token dim, but {spec.not_per_token}; call it inside jax.shard_map for per-device buffers, or "
             "replicate its operands"
         )
@@ -195,7 +196,7 @@ def _named_specs(spec: _Spec, arg_shapes: Sequence[Any]) -> list[Any]:
             out.append(P())
         else:
             raise ShardingError(
-                f"ShardingError: {name} of jax_megamoe.{spec.op} has a sharding without a mesh ({s}); "
+                f"{name} of jax_megamoe.{spec.op} has a sharding without a mesh ({s}); "
                 "shard the operands with jax.sharding.NamedSharding (token dim only)"
             )
     return out
@@ -208,10 +209,10 @@ def _partition(spec: _Spec, mesh: Any, arg_shapes: Any, result_shape: Any):
         _sharding_of(mesh, token, len(a.shape), i < spec.num_token_inputs) for i, a in enumerate(args)
     )
     res_sh = tuple(_sharding_of(mesh, token, len(r.shape), True) for r in result_shape)
-    return mesh, partial_call(spec), res_sh, arg_sh
+    return mesh, _lower_fn(spec), res_sh, arg_sh
 
 
-def partial_call(spec: _Spec) -> Callable[..., tuple[jax.Array, ...]]:
+def _lower_fn(spec: _Spec) -> Callable[..., tuple[jax.Array, ...]]:
     def lower(*leaves: jax.Array) -> tuple[jax.Array, ...]:
         return tuple(spec.fn(*leaves))
 
@@ -268,8 +269,10 @@ def _shardy_rule(spec_names: Sequence[str], in_shapes: Sequence[tuple[int, ...]]
 
 
 def _explicit_specs(leaves: Sequence[Any]) -> tuple[Any, list[Any]] | None:
-    """``(abstract mesh, specs)`` when some leaf is sharded over an ``Explicit`` mesh axis."""
-    mesh, specs, any_sharded = None, [], False
+    """``(abstract mesh, specs)`` when some leaf's type carries a mesh with ``Explicit`` axes (then
+    the op runs inside :func:`jax.shard_map`, replicated operands included: the reference's inner
+    ops would otherwise have to type-check every intermediate's sharding)."""
+    mesh, specs, any_explicit = None, [], False
     for a in leaves:
         s = getattr(jax.typeof(a), "sharding", None)
         m = getattr(s, "mesh", None)
@@ -277,11 +280,11 @@ def _explicit_specs(leaves: Sequence[Any]) -> tuple[Any, list[Any]] | None:
         explicit = m is not None and not m.empty and any(
             t == jax.sharding.AxisType.Explicit for t in getattr(m, "axis_types", ())
         )
-        if explicit and any(_entry(ps, d) is not None for d in range(len(a.shape))):
-            any_sharded = True
+        if explicit:
+            any_explicit = True
             mesh = m
         specs.append(ps if explicit else P())
-    return (mesh, specs) if any_sharded else None
+    return (mesh, specs) if any_explicit else None
 
 
 def _sharded(spec: _Spec) -> Callable[..., tuple[jax.Array, ...]]:
@@ -295,8 +298,7 @@ def _sharded(spec: _Spec) -> Callable[..., tuple[jax.Array, ...]]:
             P(token, *([None] * (len(a.shape) - 1))) if i < spec.num_token_inputs else P()
             for i, a in enumerate(leaves)
         )
-        out_shapes = jax.eval_shape(spec.fn, *leaves)
-        out_specs = tuple(P(token, *([None] * (len(o.shape) - 1))) for o in out_shapes)
+        out_specs = tuple(P(token, *([None] * (nd - 1))) for nd in spec.out_ndims)
         f = jax.shard_map(lambda *a: tuple(spec.fn(*a)), mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                           check_vma=False)  # fmt: skip
         return tuple(f(*leaves))
@@ -335,7 +337,7 @@ def apply(
     shapes = [tuple(jax.typeof(a).shape) for a in leaves]
     spec = _Spec(
         op=op, fn=fn, names=tuple(names), num_token_inputs=num_token_inputs, rows_are_tokens=rows_are_tokens,
-        not_per_token=not_per_token,
+        not_per_token=not_per_token, out_ndims=tuple(len(s) for s in out_shapes),
         rule=_shardy_rule(names, shapes, num_token_inputs, [tuple(s) for s in out_shapes], rows_are_tokens),
     )  # fmt: skip
     body = inference_only(sequential_vmap(_sharded(spec)), op)
