@@ -68,7 +68,7 @@ from jax.sharding import PartitionSpec as P
 
 import os
 
-from jax_megamoe import config, reference
+from jax_megamoe import _rules, config, reference
 
 __all__ = [
     "ep_moe", "ep_moe_padded", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
@@ -353,10 +353,12 @@ def ep_moe(
     # The chunk size reference.mega_moe picks for all T tokens on one device: with it every
     # expert's rows pass through the same matmul shapes, in the same chunks, as there.
     chunk = reference.default_chunk_rows(t * k, weights.num_experts)
-    y, dropped = _ep_moe_jit(
-        x, topk_idx, topk_weights, rsf, weights,
+    run = partial(
+        _ep_moe_jit,
         mesh=mesh, axis=axis, mode=mode, clamp=clamp, backend=be, path=path, cap=cap, chunk=chunk, fused=fused,
     )  # fmt: skip
+    # jax.grad / jvp: InferenceOnlyError (jax_megamoe._rules), whichever path runs.
+    y, dropped = _rules.inference_only(run, "parallel.ep_moe")(x, topk_idx, topk_weights, rsf, weights)
     return (y, dropped) if return_overflow else y
 
 

@@ -244,3 +244,16 @@ def test_token_axes_names_what_is_sharded():
         _rules._token_axes(spec, [P(), P(), P(), P(None, None, "tp")], shapes)
     with pytest.raises(_rules.ShardingError, match=r"topk_idx .* on dim 1"):
         _rules._token_axes(spec, [P(), P(None, "k"), P(), P()], shapes)
+
+
+def test_ep_moe_grad_is_a_clear_error():
+    """parallel.ep_moe (one-device mesh, collective reference path) under grad: InferenceOnlyError."""
+    from jax_megamoe import parallel
+
+    x, idx, w = _inputs(9, t=4)
+    wts = _weights("fp8", seed=9)
+    mesh = jax.make_mesh((1,), ("ep",))
+    y = parallel.ep_moe(x, idx, w, wts, mesh=mesh, mode="fp8")
+    np.testing.assert_array_equal(_bits(y), _bits(reference.mega_moe(x, idx, w, wts, mode="fp8")))
+    with pytest.raises(ops.InferenceOnlyError, match="parallel.ep_moe is inference-only"):
+        jax.grad(lambda c: parallel.ep_moe(x, idx, c, wts, mesh=mesh, mode="fp8").astype(jnp.float32).sum())(w)
