@@ -25,6 +25,7 @@ import types
 
 from jax_megamoe._version import __version__
 from jax_megamoe.kernels import _ffi
+from jax_megamoe.kernels._rules import InferenceOnlyError, ShardingError
 from jax_megamoe.numerics import policy
 from jax_megamoe.numerics.config import MODES, MegaMoEConfig
 from jax_megamoe.numerics.policy import Policy
@@ -99,4 +100,4 @@ def describe() -> str:
     return _ffi.describe()
 
 
-__all__ = ["MODES", "MegaMoEConfig", "Policy", "policy", "register", "describe", "__version__"]
+__all__ = ["MODES", "MegaMoEConfig", "InferenceOnlyError", "ShardingError", "Policy", "policy", "register", "describe", "__version__"]

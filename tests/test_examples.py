@@ -25,8 +25,13 @@ def _run(script: str, *args: str, timeout: float = 150) -> str:
 def test_moe_block_quick():
     out = _run("moe_block.py", "--quick")
     assert "routed experts run on: reference" in out
-    for t in (1, 4):  # one row per token count: T, shapes, checksum, digest, times
-        assert re.search(rf"^\s+{t}\s+\[{t}, 4096\]\s+\[{t}, 4096\]\s+\S+\s+[0-9a-f]{{12}}\s+[\d.]+ms\s+[\d.]+ms$", out, re.M), out
+    digests = []
+    for t in (1, 4):  # one row per token count: T, shapes, checksum sum|y|, digest, times
+        m = re.search(rf"^\s+{t}\s+\[{t}, 4096\]\s+\[{t}, 4096\]\s+(\S+)\s+([0-9a-f]{{12}})\s+[\d.]+ms\s+[\d.]+ms$", out, re.M)
+        assert m, out
+        assert 0 < float(m.group(1)) < float("inf"), m.group(0)  # a real, finite, non-zero layer output
+        digests.append(m.group(2))
+    assert digests[0] != digests[1], digests
     assert re.search(r"^total [\d.]+ s$", out, re.M), out
 
 
@@ -38,6 +43,10 @@ def test_deepseek_v4_tiny_quick():
     assert m and float(m.group(1)) > 0, out
     m = re.search(r"^sequence 0: prompt \[[\d, ]+\] -> generated \[([\d, ]+)\]$", out, re.M)
     assert m and len(m.group(1).split(",")) == 4, out
+    from jax_megamoe.models.deepseek_v4 import DeepseekV4Config
+
+    vocab = DeepseekV4Config.tiny().vocab_size
+    assert all(0 <= int(v) < vocab for v in m.group(1).split(",")), (vocab, m.group(0))
 
 
 def test_serving_loop_quick():

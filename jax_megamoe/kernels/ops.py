@@ -16,13 +16,14 @@ the kernel (the same bits as the kernel's own multiply). Expert ids outside ``[0
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_megamoe.kernels import _decode, _ffi
+from jax_megamoe.kernels import _decode, _ffi, _rules
 from jax_megamoe.numerics import config
 from jax_megamoe.numerics import policy as _policy
 from jax_megamoe.numerics.policy import Policy
@@ -47,6 +48,10 @@ def graph_targets_enabled(policy: Policy | None = None) -> bool:
     lists ``CUSTOM_CALL``; ``jax_megamoe._ffi.execute_stats()`` tells whether that happened.
     """
     return _policy.resolve(policy).graph_targets
+
+
+InferenceOnlyError = _rules.InferenceOnlyError
+ShardingError = _rules.ShardingError
 
 
 class BackendUnavailableError(RuntimeError):
@@ -150,14 +155,26 @@ def pre_dispatch(
     if t < 1:
         raise ValueError(f"x: needs at least one token row, got shape {tuple(x.shape)}")
     rsf = _check_scaling(routed_scaling_factor)
-    if choose_backend(backend, mode, op="pre_dispatch") == "reference":
-        return reference.pre_dispatch(
-            x, topk_idx, topk_weights, mode=mode, num_max_tokens=num_max_tokens, routed_scaling_factor=rsf
-        )
-    topk_weights, rsf = _fold_traced_scaling(topk_weights, rsf)
-    return _pre_dispatch_ffi(
-        x, reference.route_ids(topk_idx), topk_weights, mode=mode, cap=num_max_tokens, rsf=rsf, graph=pol.graph_targets
-    )
+    chosen = choose_backend(backend, mode, op="pre_dispatch")
+    topk_weights, rsf = _fold_traced_scaling(topk_weights, rsf)  # (w * f) * 1.0: the same bits
+    topk_idx = reference.route_ids(topk_idx)  # int64 ids beyond int32 -> -1 before any int32 cast
+    pad = num_max_tokens - t  # per token shard (only when pad == 0) each shard's cap is its row count
+
+    def run(x, topk_idx, topk_weights):
+        cap = x.shape[0] + pad
+        if chosen == "reference":
+            r = reference.pre_dispatch(x, topk_idx, topk_weights, mode=mode, num_max_tokens=cap, routed_scaling_factor=rsf)
+        else:
+            r = _pre_dispatch_ffi(x, reference.route_ids(topk_idx), topk_weights, mode=mode, cap=cap, rsf=rsf,
+                                  graph=pol.graph_targets)
+        return tuple(r)
+
+    outs = jax.eval_shape(run, x, topk_idx, topk_weights)
+    return reference.PreDispatched(*_rules.apply(
+        "pre_dispatch", run, (x, topk_idx, topk_weights), ("x", "topk_idx", "topk_weights"), num_token_inputs=3,
+        out_shapes=[o.shape for o in outs], rows_are_tokens=pad == 0,
+        not_per_token=f"its outputs are the kernel's buffer of num_max_tokens={num_max_tokens} > {t} rows",
+    ))  # fmt: skip
 
 
 def _no_handler_here(op: str):
@@ -182,14 +199,16 @@ def ffi_call_on_gpu(op: str, target: str, result_shapes, *args, **kwargs):
     """
     side = kwargs.pop("has_side_effect", False)
 
+    # vmap: one kernel call per batch element, in order; grad: InferenceOnlyError (jax_megamoe.kernels._rules).
+    @functools.partial(_rules.inference_only, op=op)
     def call(*a):
-        return jax.ffi.ffi_call(target, result_shapes, has_side_effect=side)(*a, **kwargs)
+        return jax.ffi.ffi_call(target, result_shapes, has_side_effect=side, vmap_method="sequential")(*a, **kwargs)
 
     if jax.default_backend() == "gpu":
         return call(*args)
 
     def elsewhere(*a):
-        return jax.pure_callback(_no_handler_here(op), result_shapes, *a)
+        return jax.pure_callback(_no_handler_here(op), result_shapes, *a, vmap_method="sequential")
 
     return jax.lax.platform_dependent(*args, cuda=call, default=elsewhere)
 
@@ -325,38 +344,40 @@ def mega_moe(
     if chosen == "ffi" and backend == "auto" and config.arch_of_mode(mode) == 10 and not pol.sm100_mega:
         # Never run on hardware here: "auto" keeps the reference until a B200 has validated it.
         chosen = "reference"
-    which = _decode.choose_kernel(kernel, mode, t, k)
-    if chosen == "ffi" and which == "decode" and t > 0:
-        topk_weights, rsf = _fold_traced_scaling(topk_weights, rsf)
-        return decode_target_call(
-            x, topk_idx, topk_weights, weights, activation_clamp=activation_clamp, routed_scaling_factor=rsf,
-            graph=pol.graph_targets,
-        )
-    if t > cap_requested:
+    # The decode kernels have no token cap (their scratch is f32[T*K, I] in XLA's memory).
+    use_decode = _decode.choose_kernel(kernel, mode, t, k) == "decode" and chosen == "ffi"
+    if t > cap_requested and not use_decode:
         if backend == "ffi":
             raise ValueError(
                 f"x: {t} tokens exceed num_max_tokens={cap_requested} (the kernel buffer's cap); "
                 "raise num_max_tokens or use backend='auto' to fall back to the reference above the cap"
             )
         chosen = "reference"
-    if chosen == "reference" or t == 0:
-        return reference.mega_moe(
-            x,
-            topk_idx,
-            topk_weights,
-            weights,
-            mode=mode,
-            activation_clamp=activation_clamp,
-            routed_scaling_factor=rsf,
-            fast_math=fast_math,
-        )
     cap = config.align_token_cap(cap_requested, mode)
-    topk_weights, rsf = _fold_traced_scaling(topk_weights, rsf)
-    return mega_moe_target_call(
-        x, topk_idx, topk_weights, weights, mode=mode, num_experts=weights.num_experts, capacity=cap,
-        activation_clamp=activation_clamp, routed_scaling_factor=rsf, fast_math=fast_math, reserved_sms=reserved,
-        graph=pol.graph_targets,
-    )  # fmt: skip
+    topk_weights, rsf = _fold_traced_scaling(topk_weights, rsf)  # (w * f) * 1.0: the same bits
+    topk_idx = reference.route_ids(topk_idx)  # int64 ids beyond int32 -> -1 before any int32 cast
+    leaves, tree = jax.tree.flatten(weights)
+
+    def run(x, topk_idx, topk_weights, *w_leaves):
+        w = jax.tree.unflatten(tree, w_leaves)
+        if chosen == "reference" or x.shape[0] == 0:
+            return (reference.mega_moe(x, topk_idx, topk_weights, w, mode=mode, activation_clamp=activation_clamp,
+                                       routed_scaling_factor=rsf, fast_math=fast_math),)  # fmt: skip
+        if use_decode:
+            return (decode_target_call(
+                x, topk_idx, topk_weights, w, activation_clamp=activation_clamp, routed_scaling_factor=rsf,
+                graph=pol.graph_targets,
+            ),)  # fmt: skip
+        return (mega_moe_target_call(
+            x, topk_idx, topk_weights, w, mode=mode, num_experts=w.num_experts, capacity=cap,
+            activation_clamp=activation_clamp, routed_scaling_factor=rsf, fast_math=fast_math, reserved_sms=reserved,
+            graph=pol.graph_targets,
+        ),)  # fmt: skip
+
+    names = ("x", "topk_idx", "topk_weights", *(f"weights.{n}" for n in ("l1", "l1_sf", "l2", "l2_sf")))
+    return _rules.apply(
+        "mega_moe", run, (x, topk_idx, topk_weights, *leaves), names, num_token_inputs=3, out_shapes=[(t, h)]
+    )[0]
 
 
 def mega_moe_target_call(

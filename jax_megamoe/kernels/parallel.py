@@ -70,7 +70,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe.kernels import ops
+from jax_megamoe.kernels import _rules, ops
 from jax_megamoe.numerics import config, reference
 from jax_megamoe.numerics import policy as _policy
 from jax_megamoe.numerics.policy import Policy
@@ -357,10 +357,12 @@ def ep_moe(
     # The chunk size reference.mega_moe picks for all T tokens on one device: with it every
     # expert's rows pass through the same matmul shapes, in the same chunks, as there.
     chunk = reference.default_chunk_rows(t * k, weights.num_experts)
-    y, dropped = _ep_moe_jit(
-        x, topk_idx, topk_weights, rsf, weights,
+    run = partial(
+        _ep_moe_jit,
         mesh=mesh, axis=axis, mode=mode, clamp=clamp, backend=be, path=path, cap=cap, chunk=chunk, fused=fused,
     )  # fmt: skip
+    # jax.grad / jvp: InferenceOnlyError (jax_megamoe.kernels._rules), whichever path runs.
+    y, dropped = _rules.inference_only(run, "parallel.ep_moe")(x, topk_idx, topk_weights, rsf, weights)
     return (y, dropped) if return_overflow else y
 
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import jax
 import pytest
+
+# tests/ (helpers shared with the CPU suite, e.g. expert_checks.py) is importable from the GPU tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _gpu_arch() -> int | None:

@@ -211,3 +211,36 @@ def test_fused_inside_cuda_graphs():
     assert r.returncode == 0, out[-4000:]
     line = next(line for line in out.splitlines() if line.startswith("graph "))
     print("TABLE ep_fused|" + line + f"|{_card()}")
+
+
+@pytest.mark.parametrize("n", EP_SIZES)
+def test_plain_jit_token_sharded_runs_the_kernel_per_gpu(tiny_fp8, n):
+    """jax_megamoe/kernels/_rules.py on GPUs: plain jax.jit over x / topk_idx / topk_weights sharded on the
+    token dim over n GPUs, weights replicated: each GPU runs the single-GPU kernel on its own rows
+    (no collective in the compiled program) and gets the bits the one-GPU call gives those rows;
+    weights sharded on the expert dim fail with ShardingError instead of a gather."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    x, idx, w = make_routing(n, tiny_fp8.num_experts, seed=300 + n)
+    mesh = _mesh(n)
+    args = [jax.device_put(jnp.asarray(a), NamedSharding(mesh, P("ep"))) for a in (x, idx, w)]
+    rep = jax.device_put(tiny_fp8, NamedSharding(mesh, P()))
+    f = jax.jit(lambda a, b, c, ww: ops.mega_moe(a, b, c, ww, activation_clamp=CLAMP, backend="ffi"))
+    hlo = f.lower(*args, rep).compile().as_text()
+    collectives = [c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute") if c in hlo]
+    assert not collectives, collectives
+    y = np.asarray(f(*args, rep))
+    tl = x.shape[0] // n
+    one = jax.jit(lambda a, b, c: ops.mega_moe(a, b, c, tiny_fp8, activation_clamp=CLAMP, backend="ffi"))
+    for d in range(n):  # the one-GPU kernel on shard d's rows alone
+        rows = slice(d * tl, (d + 1) * tl)
+        want = np.asarray(one(jnp.asarray(x[rows]), jnp.asarray(idx[rows]), jnp.asarray(w[rows])))
+        np.testing.assert_array_equal(y[rows].view(np.uint16), want.view(np.uint16))
+    ref = reference.mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), tiny_fp8, mode="fp8", activation_clamp=CLAMP)
+    rel = _check(y, ref, idx, tiny_fp8.num_experts, what=f"plain jit token-sharded x{n}")
+    sharded = jax.device_put(tiny_fp8, NamedSharding(mesh, P("ep")))
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"ShardingError: weights.l1 .*'ep'.*ep_moe"):
+        f.lower(*args, sharded).compile()
+    print(f"TABLE plain jit|tiny, T={x.shape[0]} token-sharded over {n} GPUs|per-GPU kernel, no collective|"
+          f"= one-GPU bits per shard|rel_l2={rel:.2e}|expert-sharded: ShardingError|{_card()}")

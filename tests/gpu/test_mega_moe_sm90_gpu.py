@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from expert_checks import check_per_expert, expert_errors, plant_scale_block, single_expert_routing
 from jax_megamoe import ops, reference
 from jax_megamoe.layout import MoEWeights
 
@@ -24,6 +25,7 @@ TARGET = "jax_megamoe_mega_moe_sm90"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU_ARCH != 9, reason="sm_90 kernels need an H100/H200")]
 
 REL_TOL = 1e-2
+PER_EXPERT_TOL = REL_TOL  # every expert's rows (one expert per token); 2x for each 128-column block
 SMALL = dict(H=512, I=256, E=16, K=4)
 FLASH = dict(H=4096, I=2048, E=256, K=6)  # DeepSeek V4-Flash routed experts
 
@@ -445,3 +447,53 @@ def test_above_the_cap_auto_falls_back_and_buckets_stay_exact(flash_weights):
     with pytest.raises(ValueError, match="exceed num_max_tokens"):
         ops.mega_moe(*args, num_max_tokens=cap, backend="ffi")
     print(f"TABLE mega_moe_sm90|V4-Flash T={cap + 8} > cap {cap}|auto = reference bit for bit|{_card()}")
+
+
+# --------------------------------------------------------------------------------------
+# Per expert and per scale block (tests/expert_checks.py): the whole-output bound above would
+# pass one expert with a 10% error or one wrong 128x128 scale block
+# --------------------------------------------------------------------------------------
+
+PLANT = {"small": dict(expert_at=5, block=(2, 1)), "flash": dict(expert_at=5, block=(7, 3))}
+
+
+@pytest.mark.parametrize("model", ["small", "flash"])
+def test_every_expert_and_scale_block_and_a_planted_block_is_caught(request, model):
+    """Each token routed to exactly one expert: every expert's rows within PER_EXPERT_TOL of the
+    reference and every (expert, 128-column block) cell within 2x that. Then one l2_sf 128x128
+    block of one expert is doubled: against the clean reference the check must name that expert and
+    that column block (and no other expert), and the kernel on the planted weights must still match
+    the reference on the same planted weights (the kernel reads that very scale)."""
+    s = SMALL if model == "small" else FLASH
+    weights = request.getfixturevalue("small_weights" if model == "small" else "flash_weights")
+    if model == "small":
+        experts, rows, clamp = np.arange(s["E"]), 32, float("inf")
+    else:
+        experts, rows, clamp = np.sort(np.random.default_rng(8).choice(s["E"], size=24, replace=False)), 32, 10.0
+    idx, w = single_expert_routing(experts, rows_per_expert=rows, top_k=s["K"], seed=61)
+    t = idx.shape[0]
+    cap = 1024 if t > 512 else 512
+    x = _x(62, t, s["H"])
+    y = np.asarray(mega_moe_ffi(x, jnp.asarray(idx), jnp.asarray(w), weights, cap=cap, clamp=clamp))
+    ref = _reference(x, idx, w, _cpu_weights(weights, experts), experts, clamp=clamp, rsf=1.0)
+    errs = check_per_expert(y, ref, idx, tol=PER_EXPERT_TOL, what=f"{model} clean")
+    e_w, v_w, b_w, c_w = errs.worst()
+    print(f"TABLE per expert|{model} H={s['H']} E={s['E']}, {len(experts)} experts x {rows} rows|clean|"
+          f"max expert rel_l2={max(errs.per_expert.values()):.2e}|worst cell (expert {e_w}, cols {b_w}) "
+          f"{c_w:.2e}|whole {errs.overall:.2e}|{_card()}")
+
+    target = int(experts[PLANT[model]["expert_at"]])
+    r, c = PLANT[model]["block"]
+    bad = plant_scale_block(weights, expert=target, leaf="l2_sf", block=(r, c), factor=2.0)
+    y_bad = np.asarray(mega_moe_ffi(x, jnp.asarray(idx), jnp.asarray(w), bad, cap=cap, clamp=clamp))
+    with pytest.raises(AssertionError, match=rf"over rel. L2 {PER_EXPERT_TOL:g}: \{{{target}: "):
+        check_per_expert(y_bad, ref, idx, tol=PER_EXPERT_TOL, what=f"{model} planted")
+    bad_errs = expert_errors(y_bad, ref, idx)
+    assert [e for e, v in bad_errs.per_expert.items() if v > PER_EXPERT_TOL] == [target], bad_errs.per_expert
+    assert np.flatnonzero(bad_errs.per_block[target] > 2 * PER_EXPERT_TOL).tolist() == [r], bad_errs.per_block[target]
+    ref_bad = _reference(x, idx, w, _cpu_weights(bad, experts), experts, clamp=clamp, rsf=1.0)
+    check_per_expert(y_bad, ref_bad, idx, tol=PER_EXPERT_TOL, what=f"{model} planted vs planted reference")
+    print(f"TABLE per expert|{model}: l2_sf block ({r}, {c}) of expert {target} x2|caught: expert rel_l2="
+          f"{bad_errs.per_expert[target]:.2e}, cell {bad_errs.per_block[target][r]:.2e}|whole output "
+          f"{bad_errs.overall:.2e} ({'passes' if bad_errs.overall <= REL_TOL else 'fails'} the {REL_TOL:g} "
+          f"whole-output bound)|kernel = reference on the planted weights|{_card()}")
