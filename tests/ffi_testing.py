@@ -12,6 +12,14 @@ import pytest
 from jax_megamoe import _ffi, _toolchain
 
 
+def library() -> ctypes.CDLL:
+    """The FFI library (jax_megamoe._ffi.load_library), or a pytest skip saying why it is missing."""
+    lib = _ffi.load_library()
+    if lib is None:
+        pytest.skip(_ffi.library_reason() or "FFI library not built")
+    return lib
+
+
 def has_cuda_driver() -> bool:
     """Whether ``libcuda.so.1`` loads here (then the CPU-only "reaches the driver" checks skip)."""
     try:

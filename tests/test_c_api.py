@@ -17,10 +17,7 @@ STRUCTS = ("jmm_mega_shape", "jmm_mega_call", "jmm_sm90_mega_layout", "jmm_sm90_
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = _ffi.load_library()
-    if lib is None:
-        pytest.skip(_ffi.library_reason() or "FFI library not built")
-    return lib
+    return ft.library()
 
 
 @pytest.mark.parametrize("name", STRUCTS)

@@ -29,10 +29,7 @@ REMOVED = {"num_ring_tokens", "l2_lag_units", "expected_tokens_per_expert_x1000"
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = _ffi.load_library()
-    if lib is None:
-        pytest.skip(_ffi.library_reason() or "FFI library not built")
-    return lib
+    return ft.library()
 
 
 def _ids(case):

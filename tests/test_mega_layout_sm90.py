@@ -42,10 +42,7 @@ PRO = dict(E=384, P=512, K=6, H=7168, I=3072)     # DeepSeek V4-Pro, 512-token c
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = _ffi.load_library()
-    if lib is None:
-        pytest.skip(_ffi.library_reason() or "FFI library not built")
-    return lib
+    return ft.library()
 
 
 def _renamed(d, names):

@@ -169,12 +169,7 @@ ffi::TypeId State<Arch>::id = XLA_FFI_UNKNOWN_TYPE_ID;
 template <class Shape>
 Shape CommonShape(int64_t ranks, int64_t E, int64_t P, int64_t K, int64_t H, int64_t I) {
   Shape s;
-  s.num_ranks = ranks;
-  s.num_experts = E;
-  s.capacity = P;
-  s.top_k = K;
-  s.hidden = H;
-  s.intermediate = I;
+  static_cast<layout::MegaShape&>(s) = layout::MegaShape{ranks, E, P, K, H, I};
   return s;
 }
 
@@ -224,19 +219,8 @@ struct ExecuteOperands {
 inline TensorMapPlan Plan2D(const char* name, int source, uint64_t offset, int dtype, int64_t inner,
                             int64_t outer, int64_t stride_bytes, int64_t box_inner,
                             int64_t box_outer, int swizzle) {
-  TensorMapPlan p;
-  p.name = name;
-  p.source = source;
-  p.offset = offset;
-  p.dtype = dtype;
-  p.rank = 2;
-  p.dims[0] = inner;
-  p.dims[1] = outer;
-  p.strides[0] = stride_bytes;
-  p.box[0] = box_inner;
-  p.box[1] = box_outer;
-  p.swizzle = swizzle;
-  return p;
+  return TensorMapPlan{name,   source,         offset,                   dtype, /*rank=*/2,
+                       {inner, outer}, {stride_bytes}, {box_inner, box_outer}, swizzle};
 }
 
 // The descriptors of a kernel's launch, in kernel parameter order: the buffer slices' (source 0)
