@@ -106,7 +106,7 @@ def test_render_rejects_bad_arguments(lib):
     for arch, kind in ((80, 0), (90, 1), (100, 0), (100, 3)):
         with pytest.raises(ValueError):
             _ffi.render_pre_dispatch(arch, kind)
-    with pytest.raises(ValueError, match="mma_kind 1 .* or 2"):
+    with pytest.raises(ValueError, match="mma_kind=3 must be 1 .* or 2"):
         _ffi.render_pre_dispatch(100, 3)
 
 

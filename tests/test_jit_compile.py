@@ -198,7 +198,7 @@ def test_concurrent_processes_publish_one_entry(jit, tmp_path):
 
 
 def test_unconfigured_or_invalid_requests(jit):
-    with pytest.raises(RuntimeError, match="mma_kind 0"):
+    with pytest.raises(RuntimeError, match="mma_kind=2 must be 0"):
         _ffi.compile_pre_dispatch(90, 2)
     with pytest.raises(RuntimeError, match="arch must be 90"):
         _ffi.compile_pre_dispatch(89, 0)
@@ -280,12 +280,12 @@ def test_instantiate_compiles_then_needs_the_driver(jit, mode, graph):
     "mode,override,expect",
     [
         ("fp8", {"group": 64}, "attribute group=64 must be 128"),
-        ("fp8", {"mma_kind": 2}, "sm_90 pre-dispatch takes mma_kind 0"),
+        ("fp8", {"mma_kind": 2}, "attribute mma_kind=2 must be 0 on sm_90"),
         ("fp8", {"top_k": 65}, "attribute top_k=65 must be in [1, hidden/8 = 64]"),
         ("fp8", {"routed_scaling_factor": float("inf")}, "must be finite"),
         ("mxf4xmxf4", {"routed_scaling_factor": 2.0}, "must be 1.0"),
         ("fp8xfp4", {"group": 128}, "attribute group=128 must be 32"),
-        ("fp8xfp4", {"mma_kind": 3}, "takes mma_kind 1"),
+        ("fp8xfp4", {"mma_kind": 3}, "attribute mma_kind=3 must be 1 (MXFP8FP4, fp8xfp4) or 2"),
         ("mxf4xmxf4", {"capacity": -1}, "attribute capacity=-1"),
     ],
 )

@@ -22,31 +22,29 @@ from pathlib import Path
 import pytest
 
 from jax_megamoe import _ffi
+import ffi_testing as ft
 from ffi_testing import has_cuda_driver, jit_sandbox
 
 pytestmark = pytest.mark.nvcc
 
-I64 = ctypes.c_int64
 MXFP8FP4, MXFP4 = 1, 2
 FLASH = (1, 256, 1920, 6, 4096, 2048)  # ranks, E, P, K, H, I
 T, NUM_SMS = 128, 148
 SMALL = (16, 1920, 4, 512, 256)  # E, P, K, H, I (the CPU-instantiate tests allocate these weights)
 
 
-def _declare(lib):
-    args = [I64] * 9 + [ctypes.c_float, ctypes.c_int]
-    lib.jmm_sm100_mega_render.argtypes = args + [ctypes.c_char_p, ctypes.c_size_t]
-    lib.jmm_sm100_mega_render.restype = ctypes.c_int
-    lib.jmm_sm100_mega_compile.argtypes = args + [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
-    lib.jmm_sm100_mega_compile.restype = ctypes.c_int
+def _structs(lib, ranks, E, P, K, H, I, kind, T, num_sms, clamp, fast_math):
+    """(shape, call) of the typed C API (tests/ffi_testing.py) from the tests' positional tuples."""
+    return (ft.mega_shape(lib, E=E, P=P, K=K, H=H, I=I, ranks=ranks, kind=kind),
+            ft.mega_call(lib, T=T, num_sms=num_sms, clamp=clamp, fast_math=bool(fast_math)))
 
 
 def render(lib, *args) -> str:
-    return _ffi.call_render(lib, lib.jmm_sm100_mega_render, *args)
+    return ft.mega_render(lib, 100, *_structs(lib, *args))
 
 
 def compile_(lib, *args) -> str:
-    return _ffi.call_compile(lib.jmm_sm100_mega_compile, *args)
+    return ft.mega_compile(lib, 100, *_structs(lib, *args))
 
 
 def flash_args(kind, clamp=math.inf, t=T):
@@ -57,7 +55,6 @@ def flash_args(kind, clamp=math.inf, t=T):
 def compiled(tmp_path_factory):
     """(lib, cache root, {kind: (cubin path, seconds)}); restores the JIT configuration afterwards."""
     with jit_sandbox(tmp_path_factory, "megajit100") as (lib, _, _, root):
-        _declare(lib)
         results = {}
         for kind in (MXFP4, MXFP8FP4):
             before = _ffi.jit_stats()
@@ -207,7 +204,7 @@ def _run_on_cpu(lib, **overrides) -> str:
     E, P, K, H, I = SMALL
     t = 3
     attrs = dict(hidden=np.int64(H), intermediate=np.int64(I), num_experts=np.int64(E), top_k=np.int64(K),
-                 capacity=np.int64(P), activation_clamp=np.float32(np.inf), fast_math=True, num_sms=np.int64(0),
+                 capacity=np.int64(P), activation_clamp=np.float32(np.inf), fast_math=True,
                  reserved_sms=np.int64(0), routed_scaling_factor=np.float32(1.0), mma_kind=np.int64(MXFP4),
                  num_ranks=np.int64(1), rank_devices=np.zeros((0,), np.int64))
     attrs.update(overrides)
@@ -238,7 +235,6 @@ def test_instantiate_on_cpu_reaches_the_driver(compiled, kind):
     (dict(capacity=1000), "capacity=1000"),
     (dict(top_k=40), "top_k=40"),
     (dict(activation_clamp=-1.0), "activation_clamp"),
-    (dict(num_sms=3), "num_sms=3"),
     (dict(reserved_sms=-2), "reserved_sms=-2"),
     (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor"),
     (dict(mma_kind=0), "mma_kind=0"),
@@ -264,3 +260,12 @@ def test_instantiate_validates_rank_table(compiled, ranks, table, expect):
 
     msg = _run_on_cpu(compiled[0], num_ranks=np.int64(ranks), rank_devices=np.asarray(table, np.int64))
     assert "INVALID_ARGUMENT" in msg and expect in msg, msg
+
+
+def test_instantiate_refuses_unknown_attributes(compiled):
+    """The attributes decode into one named struct: a stale or misspelt attribute (num_sms was
+    removed: the kernel always runs on the device's SMs minus reserved_sms) is an error, not ignored."""
+    import numpy as np
+
+    msg = _run_on_cpu(compiled[0], num_sms=np.int64(0))
+    assert "Wrong number of attributes" in msg, msg

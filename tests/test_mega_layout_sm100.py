@@ -16,31 +16,35 @@ CPU only -- no B200 has run any of this. The C++ arithmetic is reached through t
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import subprocess
 
 import pytest
 
+import ffi_testing as ft
 from jax_megamoe import _ffi, _toolchain
 
-I64 = ctypes.c_int64
 MXFP8FP4, MXFP4 = 1, 2
-LAYOUT_FIELDS = (
-    "workspace", "x", "x_sf", "topk_idx", "topk_weights", "l1", "l1_sf", "l1_topk_weights", "l2", "l2_sf",
-    "combine", "input_x_scales", "l1_x_scales", "num_bytes", "pool", "ring", "sf_ring", "e_local", "bits",
-    "full_pool", "num_sms",
-)
-REGIONS = LAYOUT_FIELDS[1:13]  # in buffer order
-SM100_CONFIG_FIELDS = (
-    "cap", "H", "I", "E", "S", "K", "block_m", "block_n", "block_k", "store_l1", "store_l2", "sf_block_m",
-    "sf_block_n", "mma_kind", "ring", "sf_ring", "stages", "pull", "dispatch_threads", "non_epilogue_threads",
-    "epilogue_threads", "num_sms", "ranks", "situ", "fast_math", "x_scales", "l1_alphas", "l2_alphas",
-    "l2_act_scales", "fp8_combine", "post_norm", "post_norm_weight_first", "post_norm_has_weight", "trtllm",
-    "bits", "block_k_bytes", "load_block_m", "load_block_n", "gran_k", "swizzle_acts", "swizzle_weights",
-    "l1_out_bytes", "domains", "combine_chunks", "tmem_cols", "cluster", "threads", "smem", "host_smem",
-    "kernel_smem", "reusable_smem", "expected_x1000",
+# The tests' short names for the C struct fields (common/c_api.h) they use most; the others keep
+# their C names. By name, not position: the field order lives in the C header only.
+LAYOUT_NAMES = dict(workspace_bytes="workspace", num_max_pool_tokens="pool", num_ring_tokens="ring",
+                    num_sf_ring_tokens="sf_ring", num_experts_per_rank="e_local", elem_bits="bits",
+                    ring_is_full_pool="full_pool")
+REGIONS = ("x", "x_sf", "topk_idx", "topk_weights", "l1", "l1_sf", "l1_topk_weights", "l2", "l2_sf", "combine",
+           "input_x_scales", "l1_x_scales")  # in buffer order
+CONFIG_NAMES = dict(
+    num_max_tokens_per_rank="cap", hidden="H", intermediate="I", num_experts="E", num_shared_experts="S",
+    top_k="K", store_block_m_l1="store_l1", store_block_m_l2="store_l2", num_ring_tokens="ring",
+    num_sf_ring_tokens="sf_ring", num_stages="stages", num_bytes_per_pull="pull",
+    num_dispatch_threads="dispatch_threads", num_non_epilogue_threads="non_epilogue_threads",
+    num_epilogue_threads="epilogue_threads", num_ranks="ranks", use_situ="situ", use_x_scales="x_scales",
+    with_l1_alphas="l1_alphas", with_l2_alphas="l2_alphas", with_l2_act_scales="l2_act_scales",
+    use_fp8_combine="fp8_combine", post_expert_norm="post_norm", use_trtllm_weights="trtllm", elem_bits="bits",
+    swizzle_acts_mode="swizzle_acts", swizzle_weights_mode="swizzle_weights", l1_out_block_n_bytes="l1_out_bytes",
+    num_locality_domains="domains", num_tmem_cols="tmem_cols", cluster_size="cluster", num_threads="threads",
+    smem_size="smem", host_smem_size="host_smem", kernel_smem_bytes="kernel_smem",
+    reusable_smem_bytes="reusable_smem",
 )
 SMEM_CAPACITY = 232448
 SIGNALS_BYTES = 21140864
@@ -53,36 +57,22 @@ PRO = dict(E=384, P=1920, K=6, H=7168, I=3072)     # DeepSeek V4-Pro
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = _ffi.load_library()
-    if lib is None:
-        pytest.skip(_ffi.library_reason() or "FFI library not built")
-    lib.jmm_sm100_mega_layout.argtypes = [I64] * 8 + [ctypes.POINTER(I64), ctypes.c_int]
-    lib.jmm_sm100_mega_layout.restype = ctypes.c_int
-    lib.jmm_sm100_mega_config.argtypes = [I64] * 9 + [ctypes.c_float, ctypes.c_int, ctypes.POINTER(I64), ctypes.c_int]
-    lib.jmm_sm100_mega_config.restype = ctypes.c_int
-    lib.jmm_sm100_mega_tensor_maps.argtypes = [I64] * 9 + [ctypes.POINTER(I64), ctypes.c_int]
-    lib.jmm_sm100_mega_tensor_maps.restype = ctypes.c_int
-    lib.jmm_sm100_locality_table.argtypes = [I64, ctypes.POINTER(ctypes.c_uint8), ctypes.c_int]
-    lib.jmm_sm100_locality_table.restype = ctypes.c_int
-    return lib
+    return ft.library()
+
+
+def _renamed(d, names):
+    return {names.get(k, k): v for k, v in d.items()}
 
 
 def layout(lib, E, P, K, H, I, kind=MXFP4, num_sms=B200_SMS, ranks=1):
-    out = (I64 * len(LAYOUT_FIELDS))()
-    n = lib.jmm_sm100_mega_layout(ranks, E, P, K, H, I, kind, num_sms, out, len(out))
-    if n < 0:
-        raise ValueError(_ffi.last_error(lib))
-    assert n == len(LAYOUT_FIELDS)
-    return dict(zip(LAYOUT_FIELDS, list(out)))
+    shape = ft.mega_shape(lib, E=E, P=P, K=K, H=H, I=I, ranks=ranks, kind=kind)
+    return _renamed(ft.mega_layout(lib, 100, shape, num_sms), LAYOUT_NAMES)
 
 
 def config(lib, E, P, K, H, I, T, kind=MXFP4, num_sms=B200_SMS, ranks=1, clamp=math.inf, fast_math=True):
-    out = (I64 * len(SM100_CONFIG_FIELDS))()
-    n = lib.jmm_sm100_mega_config(ranks, E, P, K, H, I, kind, T, num_sms, clamp, int(fast_math), out, len(out))
-    if n < 0:
-        raise ValueError(_ffi.last_error(lib))
-    assert n == len(SM100_CONFIG_FIELDS)
-    return dict(zip(SM100_CONFIG_FIELDS, list(out)))
+    shape = ft.mega_shape(lib, E=E, P=P, K=K, H=H, I=I, ranks=ranks, kind=kind)
+    call = ft.mega_call(lib, T=T, num_sms=num_sms, clamp=clamp, fast_math=fast_math)
+    return _renamed(ft.mega_config(lib, 100, shape, call), CONFIG_NAMES)
 
 
 # --------------------------------------------------------------------------------------
@@ -431,19 +421,14 @@ UINT8, INT32, U4_ALIGN16B = 0, 3, 14
 
 
 def tensor_maps(lib, E, P, K, H, I, T, kind=MXFP4, num_sms=B200_SMS, ranks=1):
-    out = (I64 * (9 * 20))()
-    n = lib.jmm_sm100_mega_tensor_maps(ranks, E, P, K, H, I, kind, T, num_sms, out, len(out))
-    if n < 0:
-        raise ValueError(_ffi.last_error(lib))
-    assert n == 9 * 20
-    v = list(out)
+    shape = ft.mega_shape(lib, E=E, P=P, K=K, H=H, I=I, ranks=ranks, kind=kind)
+    plans = ft.mega_tensor_maps(lib, 100, shape, ft.mega_call(lib, T=T, num_sms=num_sms))
+    assert len(plans) == len(TMAP_NAMES)
     maps = {}
-    for i, name in enumerate(TMAP_NAMES):
-        r = v[20 * i: 20 * (i + 1)]
-        rank = r[3]
-        maps[name] = dict(source=r[0], offset=r[1], dtype=r[2], rank=rank, dims=r[4:4 + rank],
-                          strides=r[9:9 + rank - 1], box=r[13:13 + rank], swizzle=r[18], index=r[19])
-        assert r[19] == i
+    for name, m in zip(TMAP_NAMES, plans):
+        rank = m["rank"]
+        maps[name] = dict(m, dims=m["dims"][:rank], strides=m["strides"][:rank - 1], box=m["box"][:rank])
+        assert m["dims"][rank:] == [0] * (5 - rank) and m["box"][rank:] == [0] * (5 - rank)
     return maps
 
 
@@ -518,16 +503,14 @@ def test_tensor_maps(lib, shape, kind, T):
 
 
 def test_locality_table(lib):
-    buf = (ctypes.c_uint8 * 2048)()
-    n = lib.jmm_sm100_locality_table(148, buf, len(buf))
-    assert n == 1024  # one entry per physical SM, padded to 1024 as a guard
-    table = list(buf[:n])
+    n, table = ft.locality_table(lib, 148, 2048)
+    assert n == 1024 and len(table) == n  # one entry per physical SM, padded to 1024 as a guard
     assert table[:8] == [0, 0, 1, 1, 0, 0, 1, 1]
     assert table == [(i // 2) % 2 for i in range(n)]
     # balanced over the physical SMs; both CTAs of a cluster (an even/odd SM pair) share a domain
     assert sum(table[:148]) == 74
     assert all(table[2 * i] == table[2 * i + 1] for i in range(74))
-    assert lib.jmm_sm100_locality_table(2000, None, 0) == 2000
+    assert ft.locality_table(lib, 2000, 0) == (2000, [])
 
 
 # --------------------------------------------------------------------------------------

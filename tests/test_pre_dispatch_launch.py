@@ -7,11 +7,10 @@ enough pad CTAs for the (P - T) * K top-k slots, H/8 threads, ``num_groups = H /
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 
+import ffi_testing as ft
 from jax_megamoe import _ffi
 
 lib = _ffi.load_library()
@@ -19,12 +18,10 @@ pytestmark = pytest.mark.skipif(lib is None, reason="FFI library not built")
 
 
 def _plan(arch, kind, t, p, h, k):
-    out = (ctypes.c_int64 * 5)()
-    f = lib.jmm_pre_dispatch_launch_plan
-    f.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.POINTER(ctypes.c_int64)]
-    f.restype = ctypes.c_int
-    rc = f(arch, kind, t, p, h, k, out)
-    return rc, list(out)
+    got = ft.pre_dispatch_launch_plan(lib, arch, kind, t, p, h, k)
+    if got is None:
+        return -1, None
+    return 0, [got["grid"], got["block"], got["num_groups"], got["x_row_bytes"], got["sf_row_bytes"]]
 
 
 def _expected(arch, kind, t, p, h, k):

@@ -21,7 +21,6 @@ the cubin size, the registers per thread and stack frame read from the cubin's .
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import re
@@ -33,36 +32,18 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT))
+sys.path.insert(0, str(_ROOT / "tests"))  # ffi_testing: the ctypes declarations of the C test API
 
+import ffi_testing as ft  # noqa: E402
 from jax_megamoe import _ffi, _toolchain  # noqa: E402
 
-I64 = ctypes.c_int64
 MODES = {"mxf4xmxf4": 2, "fp8xfp4": 1}
 SHAPES = {
     "V4-Flash": dict(E=256, K=6, H=4096, I=2048),
     "V4-Pro": dict(E=384, K=6, H=7168, I=3072),
 }
-# Field order of jmm_sm100_mega_config (tests/test_mega_layout_sm100.py, SM100_CONFIG_FIELDS).
-CONFIG_FIELDS = (
-    "cap", "H", "I", "E", "S", "K", "block_m", "block_n", "block_k", "store_l1", "store_l2", "sf_block_m",
-    "sf_block_n", "mma_kind", "ring", "sf_ring", "stages", "pull", "dispatch_threads", "non_epilogue_threads",
-    "epilogue_threads", "num_sms", "ranks", "situ", "fast_math", "x_scales", "l1_alphas", "l2_alphas",
-    "l2_act_scales", "fp8_combine", "post_norm", "post_norm_weight_first", "post_norm_has_weight", "trtllm",
-    "bits", "block_k_bytes", "load_block_m", "load_block_n", "gran_k", "swizzle_acts", "swizzle_weights",
-    "l1_out_bytes", "domains", "combine_chunks", "tmem_cols", "cluster", "threads", "smem", "host_smem",
-    "kernel_smem", "reusable_smem", "expected_x1000",
-)
-
-
-def declare(lib):
-    args = [I64] * 9 + [ctypes.c_float, ctypes.c_int]
-    lib.jmm_sm100_mega_config.argtypes = args + [ctypes.POINTER(I64), ctypes.c_int]
-    lib.jmm_sm100_mega_config.restype = ctypes.c_int
-    lib.jmm_sm100_mega_compile.argtypes = args + [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
-    lib.jmm_sm100_mega_compile.restype = ctypes.c_int
-
-
 def cubin_resources(path: Path) -> tuple[int | None, int | None]:
     """(registers per thread, stack frame bytes) of the cubin's single kernel, from .nv.info."""
     d = path.read_bytes()
@@ -124,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     if lib is None:
         print(_ffi.library_reason(), file=sys.stderr)
         return 2
-    declare(lib)
     tc, hd = _toolchain.find_nvcc(), _toolchain.find_deepgemm_headers()
     cache = args.cache or tempfile.mkdtemp(prefix="jmm_sm100_matrix_")
     _ffi.configure_jit(tc, hd, cache_dirs=cache, lib=lib)
@@ -138,22 +118,24 @@ def main(argv: list[str] | None = None) -> int:
         for shape_name, s in shapes.items():
             for cap in (int(c) for c in args.caps.split(",")):
                 t = cap if args.tokens == "cap" else int(args.tokens)
-                cargs = (1, s["E"], cap, s["K"], s["H"], s["I"], kind, t, args.num_sms, math.inf, 1)
-                out = (I64 * len(CONFIG_FIELDS))()
-                if lib.jmm_sm100_mega_config(*cargs, out, len(out)) < 0:
-                    print(f"{mode} {shape_name} cap={cap}: {_ffi.last_error(lib)}", file=sys.stderr)
+                shape = ft.mega_shape(lib, E=s["E"], P=cap, K=s["K"], H=s["H"], I=s["I"], kind=kind)
+                call = ft.mega_call(lib, T=t, num_sms=args.num_sms, clamp=math.inf)
+                try:
+                    c = ft.mega_config(lib, 100, shape, call)
+                except ValueError as e:
+                    print(f"{mode} {shape_name} cap={cap}: {e}", file=sys.stderr)
                     failures += 1
                     continue
-                c = dict(zip(CONFIG_FIELDS, list(out)))
                 t0 = time.perf_counter()
                 try:
-                    cubin_path, error = _ffi.call_compile(lib.jmm_sm100_mega_compile, *cargs), None
+                    cubin_path, error = ft.mega_compile(lib, 100, shape, call), None
                 except RuntimeError as e:
                     cubin_path, error = None, str(e)
                 seconds = time.perf_counter() - t0
                 row = dict(mode=mode, shape=shape_name, cap=cap, tokens=t, block_m=c["block_m"],
-                           block_k=c["block_k"], store=f"{c['store_l1']}/{c['store_l2']}", ring=c["ring"],
-                           sf_ring=c["sf_ring"], stages=c["stages"], smem=c["smem"], seconds=round(seconds, 1))
+                           block_k=c["block_k"], store=f"{c['store_block_m_l1']}/{c['store_block_m_l2']}",
+                           ring=c["num_ring_tokens"], sf_ring=c["num_sf_ring_tokens"], stages=c["num_stages"],
+                           smem=c["smem_size"], seconds=round(seconds, 1))
                 if error is not None:
                     row["error"] = error[-2000:]
                     failures += 1

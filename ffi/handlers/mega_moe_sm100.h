@@ -19,37 +19,21 @@
 //           MN-major, UTCCP-transposed rows), l2 u8[E,H,I/2], l2_sf s32[E,I/128,H]
 //           (jax_megamoe/layout.py MoEWeights, modes "mxf4xmxf4" / "fp8xfp4").
 // Result:   y bf16[T,H] (rows whose top-k slots are all -1 are exactly 0).
-// Attributes: hidden i64, intermediate i64, num_experts i64, top_k i64, capacity i64 (token cap
-//   P, a multiple of 1920, T <= P), activation_clamp f32 (+inf = no clamp, else >= 0),
-//   fast_math bool, num_sms i64 (0: device SM count minus reserved_sms, rounded down to even),
-//   reserved_sms i64 (>= 0), routed_scaling_factor f32 (finite; the sm_100 pre-dispatch kernel
-//   has no scaling factor: it is applied through the kernel's per-expert scale array, i.e.
-//   topk_weights * rsf in f32, the same product as on sm_90), mma_kind i64 (1 = MXFP8FP4 =
-//   fp8xfp4, 2 = MXFP4 = mxf4xmxf4), num_ranks i64 (1..32) and rank_devices i64 array (the
-//   rank table of layout/rank_table.h), as for jax_megamoe_mega_moe_sm90: expert parallelism
-//   over the GPUs of one process (jax_megamoe.parallel.ep_moe, dispatch "fused"), with the
-//   shared symmetric-group code of handlers/symmetric.h. Never run with more than one rank either.
+// Attributes: mega::MegaMoeAttrs (handlers/mega_moe.h) plus mma_kind (jmm::MmaKind:
+//   1 = MXFP8FP4 = fp8xfp4, 2 = MXFP4 = mxf4xmxf4); capacity a multiple of 1920; num_ranks
+//   1..32. routed_scaling_factor: the sm_100 pre-dispatch kernel has no scaling factor, it is
+//   applied through the kernel's per-expert scale array, i.e. topk_weights * rsf in f32, the same
+//   product as on sm_90. Expert parallelism as for jax_megamoe_mega_moe_sm90 (never run with
+//   more than one rank either).
 //
-// Stages:
-//   instantiate  validate the attributes; JIT-compile and load the sm_100 pre-dispatch kernel
-//                (nvcc + disk cache; no GPU needed) -> MegaMoeSm100State
-//   initialize   once per (state, device), outside any CUDA-graph capture (XLA runs it before
-//                execute): the operand shapes give T; the device gives the SM count (compute
-//                capability 10.x required); size the buffer for that SM count
-//                (layout/sm100_mega_moe.h: the ring depends on it), choose the kernel
-//                configuration, JIT-compile and load the mega kernel, set its dynamic shared
-//                memory, check that num_sms CTAs in 2-CTA clusters can be co-resident, take the
-//                symmetric buffer from the process registry (cuMemAlloc + synchronous zeroing on
-//                a private stream the first time), take the device's sm_locality_domains table
-//                from its registry (built once per device: balanced (sm / 2) % 2, one entry per
-//                physical SM, padded), upload the per-expert scale array when
-//                routed_scaling_factor != 1, encode the TMA descriptors of the buffer slices.
-//   execute      validate buffers; on XLA's stream launch pre-dispatch (x -> buffer input slots,
-//                P rows) and the mega kernel (cuLaunchKernelEx: grid num_sms, block 512,
-//                cluster (2,1,1), dynamic smem); the weight TMA descriptors (4-D weights, 2-D
-//                scale factors) are encoded on the host and cached by operand pointer. No
-//                allocation, synchronisation, compilation or module loading. T == 0 is a no-op.
-//                If initialize did not run for this device and T, execute fails.
+// Stages: handlers/mega_moe.h (shared with sm_90). What is sm_100's own (Sm100Mega below):
+//   packed-E2M1 weights with UE8M0 scales (all four TMA operands, 32-byte aligned), a layout
+//   sized for the device's SM count (layout/sm100_mega_moe.h: the ring depends on it), 2-CTA
+//   clusters, block 512; initialize also takes the device's sm_locality_domains table from its
+//   registry (built once per device: balanced (sm / 2) % 2, one entry per physical SM, padded)
+//   and uploads the per-expert scale array when routed_scaling_factor != 1; execute encodes the
+//   weight descriptors (4-D weights, 2-D scale factors), cached by operand pointer, and passes
+//   copies of the routed descriptors in the shared-expert slots.
 //
 // Symmetric buffers: handlers/symmetric.h, one group per (contexts of the ranks, E, P, K, H, I,
 // num_sms, ranks, mma_kind), shared by every call site and executable with that configuration.
@@ -58,58 +42,81 @@
 #pragma once
 
 #include <array>
-#include <atomic>
 #include <memory>
-#include <mutex>
+#include <string>
 #include <vector>
 
-#include "jit/loader.h"
+#include "handlers/mega_moe.h"
 #include "layout/sm100_mega_moe.h"
-#include "xla/ffi/api/ffi.h"
 
 namespace jmm {
 
-struct MegaMoeSm100Device;  // per-device prepared launch (handlers/mega_moe_sm100.cc)
+struct DeviceMemory;  // library-owned device memory (handlers/mega_moe_sm100.cc)
 
-struct MegaMoeSm100State {
-  static xla::ffi::TypeId id;  // assigned by XLA when the type is registered
-
-  layout::Sm100MegaShape shape;  // the layout itself depends on the device's SM count
-  float activation_clamp = 0.0f;
-  bool fast_math = true;
-  int64_t num_sms_attr = 0;
-  int64_t reserved_sms = 0;
-  float routed_scaling_factor = 1.0f;
-  std::vector<int64_t> rank_devices;  // layout/rank_table.h; empty: one rank, the calling device
-  std::shared_ptr<const jit::LoadedKernel> pre_dispatch;
-
-  static constexpr int kMaxDevices = 64;
-  std::mutex mu;  // serialises initialize
-  std::array<std::atomic<MegaMoeSm100Device*>, kMaxDevices> devices{};  // published entries
-  std::vector<std::unique_ptr<MegaMoeSm100Device>> owned;              // guarded by mu
-
-  ~MegaMoeSm100State();
+// The sm_100 attributes: the shared ones plus the MMA kind (struct decoding by name).
+struct Sm100MegaMoeAttrs {
+  mega::MegaMoeAttrs common;
+  MmaKind mma_kind;
 };
 
-// One TMA descriptor of the kernel, as the handler encodes it with cuTensorMapEncodeTiled (DeepGEMM
-// 0.2.5's make_tma_2d_desc / make_tma_sf_desc / make_tma_weights_3d_desc conventions: inner dim
-// first, strides in bytes, element strides 1, L2 promotion 256B, no OOB fill, no interleave).
-// A pure function of the configuration, so that tests check it without a GPU.
-struct Sm100TensorMapPlan {
-  const char* name = "";
-  int source = 0;        // 0: symmetric buffer + offset; 1: operand l1; 2: l1_sf; 3: l2; 4: l2_sf
-  uint64_t offset = 0;   // byte offset in the symmetric buffer (source 0)
-  int dtype = 0;         // CUtensorMapDataType: 0 UINT8, 3 INT32, 14 16U4_ALIGN16B
-  int rank = 0;
-  int64_t dims[5] = {};
-  int64_t strides[4] = {};  // bytes, dims 1..rank-1
-  int64_t box[5] = {};
-  int swizzle = 0;       // bytes: 0, 32, 64 or 128
-};
+using Sm100TensorMapPlan = TensorMapPlan;
 constexpr int kSm100NumRoutedTensorMaps = 9;  // l1_acts .. l2_weights_sf; the shared slots copy them
-// The nine routed descriptors in kernel parameter order.
-std::array<Sm100TensorMapPlan, kSm100NumRoutedTensorMaps> sm100_tensor_map_plans(
-    const layout::Sm100MegaConfig& c, const layout::Sm100MegaLayout& l);
+
+// What the sm_100 target adds to handlers/mega_moe.h.
+struct Sm100Mega {
+  static constexpr const char* kTarget = "jax_megamoe_mega_moe_sm100";
+  static constexpr int kArch = 100;
+  static constexpr int kComputeMajor = 10;
+  static constexpr const char* kGpuName =
+      "an sm_100-family GPU (B200/B300, compute capability 10.x; the kernel is built for sm_100f)";
+  static constexpr int kTmaAlignment = 32;  // the 16U4_ALIGN16B weight views need 32 bytes
+  static constexpr bool kTmaScales = true;
+  static constexpr int kNumParams = jit::kSm100MegaMoeNumParams;
+  static constexpr size_t kNumTensorMaps = kSm100NumRoutedTensorMaps;
+
+  using Attrs = Sm100MegaMoeAttrs;
+  using Shape = layout::Sm100MegaShape;
+  using Layout = layout::Sm100MegaLayout;
+  using Config = layout::Sm100MegaConfig;
+  using Args = jit::Sm100MegaMoeArgs;
+  struct DeviceExtra {
+    DeviceExtra();
+    ~DeviceExtra();
+    mega::TensorMaps<kNumTensorMaps> maps;
+    std::shared_ptr<DeviceMemory> locality;       // the context's sm_locality_domains table
+    std::unique_ptr<DeviceMemory> expert_scales;  // f32 [E] = routed_scaling_factor, or null
+  };
+  using Device = mega::Device<Sm100Mega>;
+  using State = mega::State<Sm100Mega>;
+
+  static const mega::MegaMoeAttrs& Common(const Attrs& a) { return a.common; }
+  static bool AttrsValid(const Attrs& a, std::string* why);
+  static Shape ShapeOf(const Attrs& a);
+  static bool ShapeValid(const Shape& s, std::string* why);
+  static MmaKind MmaKindOf(const Shape& s) { return s.mma_kind; }
+  static bool SetMmaKind(MmaKind k, Shape* s, std::string* why);
+  static std::array<mega::WeightSpec, 4> Weights(const Shape& s);
+  static bool Plan(const Shape& s, int64_t num_sms, int64_t num_tokens, float clamp,
+                   bool fast_math, Layout* l, Config* c, std::string* why);
+  static jit::KernelSource Source(const Config& c);
+  static std::array<TensorMapPlan, kNumTensorMaps> Plans(const Config& c, const Layout& l);
+  static void ExtendGroupKey(const Shape& s, std::vector<int64_t>* key);
+  static xla::ffi::Error PrepareExtra(const cuda::Driver* d, const host::DriverExt* x,
+                                      const State& st, CUcontext ctx, int sm_count, Device* e);
+  static const void* ExpertScales(const Device& e);
+  static xla::ffi::Error KernelArgs(const cuda::Driver* d, const host::DriverExt* x,
+                                    const State& st, int64_t T, const mega::ExecuteOperands& ops,
+                                    Device* e, Args* a, void** params);
+  static void ToC(const Config& c, jmm_sm100_mega_config_t* out);
+};
+
+using MegaMoeSm100State = Sm100Mega::State;
+
+// The nine routed descriptors in kernel parameter order (a pure function of the configuration).
+inline std::array<Sm100TensorMapPlan, kSm100NumRoutedTensorMaps> sm100_tensor_map_plans(
+    const layout::Sm100MegaConfig& c, const layout::Sm100MegaLayout& l) {
+  return Sm100Mega::Plans(c, l);
+}
 
 // Balanced stand-in for DeepGEMM's probed locality table: domain(sm) = (sm / 2) % 2, so the two
 // CTAs of a cluster (a TPC pair) share a domain and both domains get half of the SMs.

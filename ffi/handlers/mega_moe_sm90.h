@@ -11,13 +11,9 @@
 //           l1 f8e4m3fn[E_l,2I,H] (gate/up gran-8 interleaved rows), l1_sf f32[E_l,2I/128,H/128]
 //           (canonical [gate | up] rows), l2 f8e4m3fn[E_l,H,I], l2_sf f32[E_l,H/128,I/128].
 // Result:   y bf16[T,H] (rows whose top-k slots are all -1 are exactly 0).
-// Attributes: hidden i64, intermediate i64, num_experts i64, top_k i64, capacity i64 (token cap
-//   P, a multiple of 128, T <= P), activation_clamp f32 (+inf = no clamp, else >= 0),
-//   fast_math bool, num_sms i64 (0: device SM count minus reserved_sms, rounded down to even),
-//   reserved_sms i64 (>= 0), routed_scaling_factor f32 (finite; multiplied into the weights by
-//   the pre-dispatch kernel), num_ranks i64 (1..32; kNumRanks), rank_devices i64 array (the rank
-//   table of layout/rank_table.h: CUDA device ordinals, one row of num_ranks per expert-parallel
-//   group; may be empty when num_ranks == 1).
+// Attributes: mega::MegaMoeAttrs (handlers/mega_moe.h): capacity a multiple of 128;
+//   routed_scaling_factor is multiplied into the weights by the pre-dispatch kernel; num_ranks
+//   1..32 (kNumRanks).
 //
 // Expert parallelism (num_ranks > 1; jax_megamoe.parallel.ep_moe, dispatch "fused"): one process
 // drives every GPU of the table and calls this target on each of them inside shard_map, with the
@@ -31,67 +27,72 @@
 // none of its tokens is routed; a rank that does not launch leaves the others spinning until the
 // kernel's 300 s timeout. Peers without peer access are refused with a clear error.
 //
-// Stages:
-//   instantiate  validate the attributes; JIT-compile and load the sm90 pre-dispatch kernel
-//                (nvcc + disk cache; no GPU needed) -> MegaMoeSm90State
-//   initialize   once per (state, device), outside any CUDA-graph capture (XLA runs it before
-//                execute): the operand shapes give T; the device gives the SM count; choose the
-//                kernel configuration (layout/sm90_mega_moe.h), JIT-compile and load the mega
-//                kernel, set its dynamic shared memory (cuFuncSetAttribute), check that
-//                num_sms CTAs (clusters) can be co-resident, take the symmetric buffer from the
-//                process registry (allocated with cuMemAlloc and zeroed synchronously on a
-//                private stream the first time), encode the TMA descriptors of the buffer's
-//                slices. Later calls find the prepared entry and return at once.
-//                (The instantiate stage gets no device ordinal from XLA, so the device-dependent
-//                work cannot happen there.)
-//   execute      validate buffers; on XLA's stream launch pre-dispatch (x -> buffer input
-//                slots, capacity P rows, routed scaling factor) and the mega kernel
-//                (cuLaunchKernelEx: grid num_sms, block 384, cluster 1 or 2, dynamic smem);
-//                the two weight TMA descriptors are encoded on the host (cached by pointer).
-//                No allocation, synchronisation, compilation or module loading. T == 0 is a
-//                no-op. If initialize did not run for this device, execute fails (it never
-//                compiles or allocates itself).
+// Stages: handlers/mega_moe.h (shared with sm_100). What is sm_90's own (Sm90Mega below):
+//   weights l1/l2 f8e4m3fn with f32 128x128 scales (pointers, not TMA), the full-pool layout
+//   (layout/sm90_mega_moe.h), cluster 1 or 2, block 384; initialize encodes the five buffer-slice
+//   descriptors, execute the two weight descriptors (cached by pointer).
+//   (The instantiate stage gets no device ordinal from XLA, so the device-dependent work cannot
+//   happen there.)
 //
 // Symmetric buffer registry (handlers/symmetric.h, shared with the sm_100 handler): one group of
-// buffers per (contexts of the ranks, E, P, K, H, I, num_sms, num_ranks), shared by every call site and executable that uses the same configuration
+// buffers per (contexts of the ranks, E, P, K, H, I, num_sms, num_ranks), shared by every call
+// site and executable that uses the same configuration
 // (shared_ptr; freed with cuMemFree when the last state using it dies). Calls sharing a buffer
 // must not run concurrently (they are ordered on one XLA stream in practice). Single rank: a
 // group of one, kNumRanks = 1, pointer table [own ptr].
 #pragma once
 
 #include <array>
-#include <atomic>
-#include <memory>
-#include <mutex>
-#include <vector>
+#include <string>
 
-#include "jit/loader.h"
+#include "handlers/mega_moe.h"
 #include "layout/sm90_mega_moe.h"
-#include "xla/ffi/api/ffi.h"
 
 namespace jmm {
 
-struct MegaMoeSm90Device;  // per-device prepared launch (handlers/mega_moe_sm90.cc)
+// What the sm_90 target adds to handlers/mega_moe.h.
+struct Sm90Mega {
+  static constexpr const char* kTarget = "jax_megamoe_mega_moe_sm90";
+  static constexpr int kArch = 90;
+  static constexpr int kComputeMajor = 9;
+  static constexpr const char* kGpuName = "an sm_90 GPU (H100/H200)";
+  static constexpr int kTmaAlignment = 16;  // l1, l2, y (the scales are plain pointers)
+  static constexpr bool kTmaScales = false;
+  static constexpr int kNumParams = jit::kSm90MegaMoeNumParams;
+  static constexpr size_t kNumTensorMaps = 7;  // l1_acts l1_acts_sf l1_weights l1_output l2_acts l2_acts_sf l2_weights
 
-struct MegaMoeSm90State {
-  static xla::ffi::TypeId id;  // assigned by XLA when the type is registered
+  using Attrs = mega::MegaMoeAttrs;
+  using Shape = layout::Sm90MegaShape;
+  using Layout = layout::Sm90MegaLayout;
+  using Config = layout::Sm90MegaConfig;
+  using Args = jit::Sm90MegaMoeArgs;
+  struct DeviceExtra {
+    mega::TensorMaps<kNumTensorMaps> maps;
+  };
+  using Device = mega::Device<Sm90Mega>;
+  using State = mega::State<Sm90Mega>;
 
-  layout::Sm90MegaShape shape;
-  layout::Sm90MegaLayout layout;
-  float activation_clamp = 0.0f;
-  bool fast_math = true;
-  int64_t num_sms_attr = 0;
-  int64_t reserved_sms = 0;
-  float routed_scaling_factor = 1.0f;
-  std::vector<int64_t> rank_devices;  // layout/rank_table.h; empty: one rank, the calling device
-  std::shared_ptr<const jit::LoadedKernel> pre_dispatch;
-
-  static constexpr int kMaxDevices = 64;
-  std::mutex mu;  // serialises initialize
-  std::array<std::atomic<MegaMoeSm90Device*>, kMaxDevices> devices{};  // published entries
-  std::vector<std::unique_ptr<MegaMoeSm90Device>> owned;              // guarded by mu
-
-  ~MegaMoeSm90State();
+  static const mega::MegaMoeAttrs& Common(const Attrs& a) { return a; }
+  static bool AttrsValid(const Attrs&, std::string*) { return true; }
+  static Shape ShapeOf(const Attrs& a);
+  static bool ShapeValid(const Shape& s, std::string* why);
+  static MmaKind MmaKindOf(const Shape&) { return MmaKind::kNone; }
+  static bool SetMmaKind(MmaKind k, Shape*, std::string* why) { return mma_kind_valid(90, k, why); }
+  static std::array<mega::WeightSpec, 4> Weights(const Shape& s);
+  static bool Plan(const Shape& s, int64_t num_sms, int64_t num_tokens, float clamp,
+                   bool fast_math, Layout* l, Config* c, std::string* why);
+  static jit::KernelSource Source(const Config& c);
+  static std::array<TensorMapPlan, kNumTensorMaps> Plans(const Config& c, const Layout& l);
+  static void ExtendGroupKey(const Shape&, std::vector<int64_t>*) {}
+  static xla::ffi::Error PrepareExtra(const cuda::Driver* d, const host::DriverExt* x,
+                                      const State& st, CUcontext ctx, int sm_count, Device* e);
+  static const void* ExpertScales(const Device&) { return nullptr; }
+  static xla::ffi::Error KernelArgs(const cuda::Driver* d, const host::DriverExt* x,
+                                    const State& st, int64_t T, const mega::ExecuteOperands& ops,
+                                    Device* e, Args* a, void** params);
+  static void ToC(const Config& c, jmm_sm90_mega_config_t* out);
 };
+
+using MegaMoeSm90State = Sm90Mega::State;
 
 }  // namespace jmm

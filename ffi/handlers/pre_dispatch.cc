@@ -5,8 +5,11 @@
 #include <limits>
 #include <string>
 
+#include "common/c_api.h"
+#include "common/c_api_copy.h"
 #include "common/export.h"
 #include "common/status.h"
+#include "handlers/attrs.h"
 #include "handlers/buffer_checks.h"
 #include "handlers/host_glue.h"
 #include "cuda/driver.h"
@@ -38,7 +41,7 @@ ffi::Error Expect(int arch, const char* role, const char* name, const ffi::AnyBu
 
 // Attribute checks shared by instantiate (and mirrored in Python's ops.py).
 ffi::Error ValidateAttrs(int arch, int64_t hidden, int64_t top_k, int64_t capacity,
-                         int64_t group, int64_t mma_kind, float rsf) {
+                         int64_t group, MmaKind mma_kind, float rsf) {
   const char* t = TargetName(arch);
   const int64_t want_group = arch == 90 ? 128 : 32;
   if (group != want_group) {
@@ -46,9 +49,8 @@ ffi::Error ValidateAttrs(int arch, int64_t hidden, int64_t top_k, int64_t capaci
         cat(t, ": attribute group=", group, " must be ", want_group));
   }
   std::string why;
-  if (!jit::pre_dispatch_spec_valid(arch, static_cast<int>(mma_kind), &why) ||
-      mma_kind != static_cast<int>(mma_kind)) {
-    return ffi::Error::InvalidArgument(cat(t, ": attribute mma_kind: ", why));
+  if (!mma_kind_valid(arch, mma_kind, &why)) {
+    return ffi::Error::InvalidArgument(cat(t, ": ", why));
   }
   if (hidden <= 0 || hidden % 128 != 0 || hidden / 8 > 1024) {
     return ffi::Error::InvalidArgument(
@@ -82,15 +84,14 @@ ffi::Error ValidateAttrs(int arch, int64_t hidden, int64_t top_k, int64_t capaci
 template <int kArch>
 ffi::ErrorOr<std::unique_ptr<PreDispatchState>> Instantiate(int64_t hidden, int64_t top_k,
                                                              int64_t capacity, int64_t group,
-                                                             int64_t mma_kind, float rsf) {
+                                                             MmaKind mma_kind, float rsf) {
   if (ffi::Error e = ValidateAttrs(kArch, hidden, top_k, capacity, group, mma_kind, rsf);
       !e.success()) {
     return ffi::Unexpected<ffi::Error>(std::move(e));
   }
   jit::CompiledKernel compiled;
   std::string why;
-  if (!jit::jit_compile(jit::pre_dispatch_source(kArch, static_cast<int>(mma_kind)), &compiled,
-                        &why)) {
+  if (!jit::jit_compile(jit::pre_dispatch_source(kArch, mma_kind), &compiled, &why)) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(cat(TargetName(kArch), ": ", why)));
   }
   auto kernel = jit::load_kernel(compiled.cubin_path, compiled.symbol, &why);
@@ -99,7 +100,7 @@ ffi::ErrorOr<std::unique_ptr<PreDispatchState>> Instantiate(int64_t hidden, int6
   }
   auto state = std::make_unique<PreDispatchState>();
   state->arch = kArch;
-  state->mma_kind = static_cast<int>(mma_kind);
+  state->mma_kind = mma_kind;
   state->hidden = hidden;
   state->top_k = top_k;
   state->capacity = capacity;
@@ -160,17 +161,9 @@ ffi::Error Execute(CUstream stream, int32_t device, PreDispatchState* st, ffi::A
     return ffi::Error::Internal(cat(t, ": state was instantiated for sm_", st->arch));
   }
   const int64_t H = st->hidden, K = st->top_k, P = st->capacity;
-  const auto xd = x.dimensions();
-  if (xd.size() != 2 || x.element_type() != ffi::DataType::BF16 || xd[1] != H) {
-    return ffi::Error::InvalidArgument(cat(t, ": operand 'x' must be bf16[T,", H, "], got ",
-                                           Shape(x.element_type(), xd)));
-  }
-  const int64_t T = xd[0];
-  if (T > P) {
-    return ffi::Error::InvalidArgument(
-        cat(t, ": operand 'x' has T=", T, " tokens, more than capacity=", P));
-  }
-  const bool fp4 = kArch == 100 && st->mma_kind == jit::kMmaMXFP4;
+  int64_t T = 0;
+  if (ffi::Error e = ExpectTokens(t, x, H, P, &T); !e.success()) return e;
+  const bool fp4 = kArch == 100 && st->mma_kind == MmaKind::kMXFP4;
   const ffi::DataType q_type = fp4 ? ffi::DataType::U8 : ffi::DataType::F8E4M3FN;
   const int64_t q_cols = fp4 ? H / 2 : H;
   const ffi::DataType sf_type = kArch == 90 ? ffi::DataType::F32 : ffi::DataType::S32;
@@ -222,49 +215,17 @@ ffi::Error Execute(CUstream stream, int32_t device, PreDispatchState* st, ffi::A
     }
   }
 
-  CUresult r;
-  if constexpr (kArch == 90) {
-    jit::Sm90PreDispatchArgs a{x.untyped_data(),
-                               topk_idx.untyped_data(),
-                               topk_weights.untyped_data(),
-                               x_q->untyped_data(),
-                               x_sf->untyped_data(),
-                               topk_idx_out->untyped_data(),
-                               topk_weights_out->untyped_data(),
-                               static_cast<uint32_t>(T),
-                               static_cast<uint32_t>(P),
-                               static_cast<uint32_t>(H),
-                               static_cast<uint32_t>(plan.num_groups),
-                               static_cast<uint32_t>(K),
-                               st->routed_scaling_factor};
-    void* params[] = {&a.x,          &a.topk_idx,         &a.topk_weights,   &a.buf_x,
-                      &a.buf_x_sf,   &a.buf_topk_idx,     &a.buf_topk_weights, &a.num_tokens,
-                      &a.padded_max, &a.hidden,           &a.num_groups,     &a.top_k,
-                      &a.routed_scaling_factor};
-    r = d->LaunchKernel(fn, static_cast<unsigned>(blocks), 1, 1, static_cast<unsigned>(threads),
-                        1, 1, /*sharedMemBytes=*/0, stream, params, nullptr);
-  } else {
-    jit::Sm100PreDispatchArgs a{x.untyped_data(),
-                                topk_idx.untyped_data(),
-                                topk_weights.untyped_data(),
-                                /*expert_scales=*/nullptr,
-                                x_q->untyped_data(),
-                                x_sf->untyped_data(),
-                                /*buf_x_scales=*/nullptr,
-                                topk_idx_out->untyped_data(),
-                                topk_weights_out->untyped_data(),
-                                static_cast<uint32_t>(T),
-                                static_cast<uint32_t>(P),
-                                static_cast<uint32_t>(H),
-                                static_cast<uint32_t>(plan.num_groups),
-                                static_cast<uint32_t>(K)};
-    void* params[] = {&a.x,          &a.topk_idx,     &a.topk_weights,     &a.expert_scales,
-                      &a.buf_x,      &a.buf_x_sf,     &a.buf_x_scales,     &a.buf_topk_idx,
-                      &a.buf_topk_weights, &a.num_tokens, &a.padded_max,  &a.hidden,
-                      &a.num_groups, &a.top_k};
-    r = d->LaunchKernel(fn, static_cast<unsigned>(blocks), 1, 1, static_cast<unsigned>(threads),
-                        1, 1, /*sharedMemBytes=*/0, stream, params, nullptr);
-  }
+  PreDispatchOperands o;
+  o.x = x.untyped_data();
+  o.topk_idx = topk_idx.untyped_data();
+  o.topk_weights = topk_weights.untyped_data();
+  o.buf_x = x_q->untyped_data();
+  o.buf_x_sf = x_sf->untyped_data();
+  o.buf_topk_idx = topk_idx_out->untyped_data();
+  o.buf_topk_weights = topk_weights_out->untyped_data();
+  PreDispatchLaunch launched;
+  const CUresult r = launch_pre_dispatch(d, fn, stream, kArch, st->mma_kind, o, T, P, H, K,
+                                         st->routed_scaling_factor, &launched);
   if (r != CUDA_SUCCESS) {
     return ffi::Error::Internal(cat(t, ": cuLaunchKernel(", st->kernel->symbol, ", grid=", blocks,
                                     ", block=", threads, ") failed: ", cuda::error_string(d, r)));
@@ -273,7 +234,7 @@ ffi::Error Execute(CUstream stream, int32_t device, PreDispatchState* st, ffi::A
 }
 
 }  // namespace
-PreDispatchLaunch plan_pre_dispatch(int arch, int mma_kind, int64_t T, int64_t P, int64_t H,
+PreDispatchLaunch plan_pre_dispatch(int arch, MmaKind mma_kind, int64_t T, int64_t P, int64_t H,
                                     int64_t K) {
   PreDispatchLaunch p;
   p.block = H / 8;
@@ -281,30 +242,67 @@ PreDispatchLaunch plan_pre_dispatch(int arch, int mma_kind, int64_t T, int64_t P
   p.grid = T + (p.block > 0 ? (pad_slots + p.block - 1) / p.block : 0);
   const int64_t group = arch == 90 ? 128 : 32;
   p.num_groups = H / group;
-  p.x_row_bytes = (arch != 90 && mma_kind == 2) ? H / 2 : H;
+  p.x_row_bytes = (arch != 90 && mma_kind == MmaKind::kMXFP4) ? H / 2 : H;
   p.sf_row_bytes = 4 * (H / 128);
   return p;
 }
 
-}  // namespace jmm
-
-// Host-side view of the launch geometry, for tests: out = {grid, block, num_groups,
-// x_row_bytes, sf_row_bytes}. Returns 0, or -1 for arguments no handler would accept.
-JMM_EXPORT int jmm_pre_dispatch_launch_plan(int arch, int mma_kind, int64_t T, int64_t P,
-                                                       int64_t H, int64_t K, int64_t* out) {
-  if (out == nullptr || (arch != 90 && arch != 100) || T < 0 || P < T || H <= 0 || H % 128 != 0 ||
-      K <= 0 || (arch == 90 && mma_kind != 0) || (arch == 100 && mma_kind != 1 && mma_kind != 2)) {
-    return -1;
+CUresult launch_pre_dispatch(const cuda::Driver* d, CUfunction fn, CUstream stream, int arch,
+                             MmaKind mma_kind, const PreDispatchOperands& o, int64_t T, int64_t P,
+                             int64_t H, int64_t K, float routed_scaling_factor,
+                             PreDispatchLaunch* plan) {
+  *plan = plan_pre_dispatch(arch, mma_kind, T, P, H, K);
+  const auto u32 = [](int64_t v) { return static_cast<uint32_t>(v); };
+  const auto launch = [&](void** params) {
+    return d->LaunchKernel(fn, static_cast<unsigned>(plan->grid), 1, 1,
+                           static_cast<unsigned>(plan->block), 1, 1, /*sharedMemBytes=*/0, stream,
+                           params, nullptr);
+  };
+  if (arch == 90) {
+    jit::Sm90PreDispatchArgs a{o.x, o.topk_idx, o.topk_weights, o.buf_x, o.buf_x_sf,
+                               o.buf_topk_idx, o.buf_topk_weights, u32(T), u32(P), u32(H),
+                               u32(plan->num_groups), u32(K), routed_scaling_factor};
+    void* params[] = {&a.x,          &a.topk_idx,     &a.topk_weights,     &a.buf_x,
+                      &a.buf_x_sf,   &a.buf_topk_idx, &a.buf_topk_weights, &a.num_tokens,
+                      &a.padded_max, &a.hidden,       &a.num_groups,       &a.top_k,
+                      &a.routed_scaling_factor};
+    return launch(params);
   }
-  const jmm::PreDispatchLaunch p = jmm::plan_pre_dispatch(arch, mma_kind, T, P, H, K);
-  out[0] = p.grid;
-  out[1] = p.block;
-  out[2] = p.num_groups;
-  out[3] = p.x_row_bytes;
-  out[4] = p.sf_row_bytes;
-  return 0;
+  jit::Sm100PreDispatchArgs a{o.x,          o.topk_idx,       o.topk_weights, o.expert_scales,
+                              o.buf_x,      o.buf_x_sf,       /*buf_x_scales=*/nullptr,
+                              o.buf_topk_idx, o.buf_topk_weights, u32(T), u32(P), u32(H),
+                              u32(plan->num_groups), u32(K)};
+  void* params[] = {&a.x,          &a.topk_idx,     &a.topk_weights,     &a.expert_scales,
+                    &a.buf_x,      &a.buf_x_sf,     &a.buf_x_scales,     &a.buf_topk_idx,
+                    &a.buf_topk_weights, &a.num_tokens, &a.padded_max,  &a.hidden,
+                    &a.num_groups, &a.top_k};
+  return launch(params);
 }
 
+}  // namespace jmm
+
+// Host-side view of the launch geometry, for tests (common/c_api.h). Returns 0, or -1
+// (jmm_last_error) for arguments no handler would accept.
+JMM_EXPORT int jmm_pre_dispatch_launch_plan(int arch, int mma_kind, int64_t T, int64_t P,
+                                            int64_t H, int64_t K, jmm_pre_dispatch_launch_t* out,
+                                            size_t out_size) {
+  if (!jmm::c_api::size_ok(out, out_size, sizeof(*out), "jmm_pre_dispatch_launch_plan")) return -1;
+  const auto kind = static_cast<jmm::MmaKind>(mma_kind);
+  std::string why;
+  if (!jmm::mma_kind_valid(arch, kind, &why)) {
+    jmm::set_last_error(why);
+    return -1;
+  }
+  if (T < 0 || P < T || H <= 0 || H % 128 != 0 || K <= 0) {
+    jmm::set_last_error(jmm::cat("jmm_pre_dispatch_launch_plan: T=", T, ", P=", P, ", H=", H,
+                                 ", K=", K, " (want 0 <= T <= P, H a positive multiple of 128, "
+                                 "K >= 1)"));
+    return -1;
+  }
+  const jmm::PreDispatchLaunch src = jmm::plan_pre_dispatch(arch, kind, T, P, H, K);
+  JMM_PRE_DISPATCH_LAUNCH_FIELDS(JMM_C_COPY_FIELD)
+  return 0;
+}
 
 // ---------------------------------------------------------------------------
 // Exported symbols (see ffi/exports.map; Python: jax_megamoe/_ffi.py).
@@ -321,7 +319,7 @@ JMM_EXPORT const XLA_FFI_TypeInfo* jmm_pre_dispatch_state_type_info() {
       .Attr<int64_t>("top_k")                                            \
       .Attr<int64_t>("capacity")                                         \
       .Attr<int64_t>("group")                                            \
-      .Attr<int64_t>("mma_kind")                                         \
+      .Attr<jmm::MmaKind>("mma_kind")                                    \
       .Attr<float>("routed_scaling_factor")
 #define JMM_INITIALIZE_BINDING                                           \
   ffi::Ffi::Bind<ffi::ExecutionStage::kInitialize>()                     \

@@ -14,8 +14,9 @@
 //                  s64[P,K] is accepted too), topk_weights_out f32[P,K].
 // Attributes (all stages see them; instantiate decodes them, execute uses
 // the state): hidden i64, top_k i64, capacity i64 (= P), group i64 (128 on
-// sm90, 32 on sm100), mma_kind i64 (0 on sm90; 1 or 2 on sm100),
-// routed_scaling_factor f32 (finite on sm90; exactly 1.0 on sm100).
+// sm90, 32 on sm100), mma_kind i64 decoded as jmm::MmaKind (0 on sm90; 1 or 2
+// on sm100, common/mma_kind.h), routed_scaling_factor f32 (finite on sm90;
+// exactly 1.0 on sm100).
 //
 // Stages:
 //   instantiate  validate attributes, JIT-compile (nvcc, disk cache) and
@@ -36,6 +37,8 @@
 #include <utility>
 #include <vector>
 
+#include "common/mma_kind.h"
+#include "cuda/driver.h"
 #include "jit/loader.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -50,14 +53,35 @@ struct PreDispatchLaunch {
   int64_t x_row_bytes = 0; // bytes of one x_q row: H / 2 (packed FP4) or H (e4m3)
   int64_t sf_row_bytes = 0;  // bytes of one x_sf row: 4 * H / 128 (f32 or packed int32)
 };
-PreDispatchLaunch plan_pre_dispatch(int arch, int mma_kind, int64_t T, int64_t P, int64_t H,
+PreDispatchLaunch plan_pre_dispatch(int arch, MmaKind mma_kind, int64_t T, int64_t P, int64_t H,
                                     int64_t K);
+
+// Where one pre-dispatch launch reads and writes (the pre-dispatch targets write XLA results; the
+// mega targets their symmetric buffer's input slots).
+struct PreDispatchOperands {
+  const void* x = nullptr;             // bf16 [T, H]
+  const void* topk_idx = nullptr;      // s32 [T, K]
+  const void* topk_weights = nullptr;  // f32 [T, K]
+  const void* expert_scales = nullptr; // sm_100: f32 [E] multiplied into the weights, or null
+  void* buf_x = nullptr;               // [P, x_row_bytes]
+  void* buf_x_sf = nullptr;            // [P, sf_row_bytes]
+  void* buf_topk_idx = nullptr;        // s64 [P, K]
+  void* buf_topk_weights = nullptr;    // f32 [P, K]
+};
+
+// Launches the arch's pre-dispatch kernel `fn` on `stream` with the geometry of
+// plan_pre_dispatch (written to *plan). `routed_scaling_factor` is a kernel argument on sm_90;
+// the sm_100 kernel scales through expert_scales instead. Enqueues nothing else.
+CUresult launch_pre_dispatch(const cuda::Driver* d, CUfunction fn, CUstream stream, int arch,
+                             MmaKind mma_kind, const PreDispatchOperands& o, int64_t T, int64_t P,
+                             int64_t H, int64_t K, float routed_scaling_factor,
+                             PreDispatchLaunch* plan);
 
 struct PreDispatchState {
   static xla::ffi::TypeId id;  // assigned by XLA when the type is registered
 
-  int arch = 0;      // 90 or 100
-  int mma_kind = 0;  // 0 (sm90), 1 MXFP8FP4, 2 MXFP4
+  int arch = 0;  // 90 or 100
+  MmaKind mma_kind = MmaKind::kNone;
   int64_t hidden = 0;
   int64_t top_k = 0;
   int64_t capacity = 0;

@@ -59,11 +59,12 @@ JMM_EXPORT const char* jmm_last_error() { return jmm::last_error().c_str(); }
 // -1 for invalid arguments.
 JMM_EXPORT int jmm_render_pre_dispatch(int arch, int mma_kind, char* out, size_t cap) {
   std::string why;
-  if (!jmm::jit::pre_dispatch_spec_valid(arch, mma_kind, &why)) {
+  const auto kind = static_cast<jmm::MmaKind>(mma_kind);
+  if (!jmm::mma_kind_valid(arch, kind, &why)) {
     jmm::set_last_error(why);
     return -1;
   }
-  const auto k = jmm::jit::pre_dispatch_source(arch, mma_kind);
+  const auto k = jmm::jit::pre_dispatch_source(arch, kind);
   return static_cast<int>(jmm::copy_out(k.source, out, cap));
 }
 
@@ -72,9 +73,10 @@ JMM_EXPORT int jmm_render_pre_dispatch(int arch, int mma_kind, char* out, size_t
 JMM_EXPORT int jmm_compile_pre_dispatch(int arch, int mma_kind, char* cubin_path_out, size_t cap,
                                         char* err_out, size_t err_cap) {
   std::string why;
-  if (!jmm::jit::pre_dispatch_spec_valid(arch, mma_kind, &why)) return fail(why, err_out, err_cap);
+  const auto kind = static_cast<jmm::MmaKind>(mma_kind);
+  if (!jmm::mma_kind_valid(arch, kind, &why)) return fail(why, err_out, err_cap);
   jmm::jit::CompiledKernel c;
-  if (!jmm::jit::jit_compile(jmm::jit::pre_dispatch_source(arch, mma_kind), &c, &why)) {
+  if (!jmm::jit::jit_compile(jmm::jit::pre_dispatch_source(arch, kind), &c, &why)) {
     return fail(why, err_out, err_cap);
   }
   if (c.cubin_path.size() + 1 > cap) {

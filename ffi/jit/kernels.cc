@@ -39,29 +39,7 @@ std::string render(const std::string& header, const std::string& kernel,
 
 }  // namespace
 
-bool pre_dispatch_spec_valid(int arch, int mma_kind, std::string* error) {
-  if (arch == 90) {
-    if (mma_kind != kMmaNone) {
-      if (error) *error = cat("sm_90 pre-dispatch takes mma_kind 0 (FP8 per-128), got ", mma_kind);
-      return false;
-    }
-    return true;
-  }
-  if (arch == 100) {
-    if (mma_kind != kMmaMXFP8FP4 && mma_kind != kMmaMXFP4) {
-      if (error) {
-        *error = cat("sm_100 pre-dispatch takes mma_kind 1 (MXFP8FP4, fp8xfp4) or 2 (MXFP4, ",
-                     "mxf4xmxf4), got ", mma_kind);
-      }
-      return false;
-    }
-    return true;
-  }
-  if (error) *error = cat("arch must be 90 (sm_90a) or 100 (sm_100f), got ", arch);
-  return false;
-}
-
-KernelSource pre_dispatch_source(int arch, int mma_kind) {
+KernelSource pre_dispatch_source(int arch, MmaKind mma_kind) {
   KernelSource k;
   if (arch == 90) {
     k.name = "sm90_pre_dispatch";
@@ -72,7 +50,7 @@ KernelSource pre_dispatch_source(int arch, int mma_kind) {
                       kSm90PreDispatchSignature,
                       "FP8 e4m3 acts, f32 scale per 128 columns, no PDL");
   } else {
-    const bool fp4 = mma_kind == kMmaMXFP4;
+    const bool fp4 = mma_kind == MmaKind::kMXFP4;
     k.name = fp4 ? "sm100_pre_dispatch_mxfp4" : "sm100_pre_dispatch_mxfp8fp4";
     k.gpu_arch = "sm_100f";
     k.impl_header = "deep_gemm/impls/sm100_mega_moe_pre_dispatch.cuh";

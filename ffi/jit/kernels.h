@@ -16,10 +16,9 @@
 #include <cstdint>
 #include <string>
 
-namespace jmm::jit {
+#include "common/mma_kind.h"
 
-// mma_kind values of the FFI attribute `mma_kind`; equal to deep_gemm::MmaKind.
-enum MmaKindId : int { kMmaNone = 0, kMmaMXFP8FP4 = 1, kMmaMXFP4 = 2 };
+namespace jmm::jit {
 
 struct KernelSource {
   std::string name;         // cache tag, e.g. "sm90_pre_dispatch"
@@ -29,10 +28,9 @@ struct KernelSource {
   std::string symbol_hint;  // substring the mangled entry symbol must contain
 };
 
-// Pre-dispatch kernels. arch: 90 (sm_90a) or 100 (sm_100f); mma_kind: 0 for
-// arch 90, 1 (MXFP8FP4, FP8 acts) or 2 (MXFP4, packed FP4 acts) for arch 100.
-bool pre_dispatch_spec_valid(int arch, int mma_kind, std::string* error);
-KernelSource pre_dispatch_source(int arch, int mma_kind);
+// Pre-dispatch kernels. arch: 90 (sm_90a) or 100 (sm_100f); mma_kind: kNone for
+// arch 90, kMXFP8FP4 (FP8 acts) or kMXFP4 (packed FP4 acts) for arch 100 (mma_kind_valid).
+KernelSource pre_dispatch_source(int arch, MmaKind mma_kind);
 
 // Host-side argument blocks, in kernel parameter order. They MUST match the
 // signatures rendered by pre_dispatch_source() (see kSm90PreDispatchSignature

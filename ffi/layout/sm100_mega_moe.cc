@@ -46,12 +46,14 @@ constexpr int64_t kNumScheduleStages = 2;
 constexpr int64_t kTaskInfoBytes = 32;                  // sizeof(sched::TaskInfo<false>)
 constexpr int64_t kBarrierBytes = 8;                    // ClusterTransactionBarrier
 
-int64_t elem_bits_of(int64_t mma_kind) { return mma_kind == kSm100MmaMXFP4 ? 4 : 8; }
+constexpr MegaShapeLimits kLimits{"sm_100", /*max_ranks=*/72, /*max_experts=*/2048,
+                                  /*max_local_experts=*/512, kSm100TokenAlignment};
+
+int64_t elem_bits_of(MmaKind mma_kind) { return mma_kind == MmaKind::kMXFP4 ? 4 : 8; }
 
 // layout::get_num_max_pool_tokens
 int64_t max_pool_tokens(int64_t ranks, int64_t cap, int64_t topk, int64_t e_local) {
-  return align_up(ranks * cap * std::min(topk, e_local) + e_local * (kMaxCandidateBlockM - 1),
-                  kLcmBlockM);
+  return mega_max_pool_tokens(ranks, cap, topk, e_local, kMaxCandidateBlockM, kLcmBlockM);
 }
 
 // sched::get_num_l1_warmup_waves
@@ -126,20 +128,8 @@ bool sm100_mega_shape_valid(const Sm100MegaShape& s, std::string* error) {
     if (error) *error = std::move(m);
     return false;
   };
-  if (s.mma_kind != kSm100MmaMXFP8FP4 && s.mma_kind != kSm100MmaMXFP4) {
-    return fail(cat("mma_kind=", s.mma_kind,
-                    " must be 1 (MXFP8FP4, fp8xfp4) or 2 (MXFP4, mxf4xmxf4)"));
-  }
-  if (s.num_ranks < 1 || s.num_ranks > 72) {
-    return fail(cat("num_ranks=", s.num_ranks, " must be in [1, 72]"));
-  }
-  if (s.num_experts < 1 || s.num_experts % s.num_ranks != 0 || s.num_experts > 2048) {
-    return fail(cat("num_experts=", s.num_experts, " must be in [1, 2048] and divisible by "
-                    "num_ranks=", s.num_ranks));
-  }
-  if (s.num_experts / s.num_ranks > 512) {
-    return fail(cat("num_experts / num_ranks = ", s.num_experts / s.num_ranks,
-                    " local experts: at most 512 are supported"));
+  if (!mma_kind_valid(100, s.mma_kind, error) || !mega_experts_valid(s, kLimits, error)) {
+    return false;
   }
   if (s.hidden <= 0 || s.hidden % 256 != 0 || s.hidden > 8192) {
     return fail(cat("hidden=", s.hidden,
@@ -151,20 +141,13 @@ bool sm100_mega_shape_valid(const Sm100MegaShape& s, std::string* error) {
     return fail(cat("hidden=", s.hidden, " must be a multiple of 512 above 4096 (the sm_100 "
                     "combine splits rows in halves of whole 512-byte warp loads)"));
   }
-  const int64_t i_align = s.mma_kind == kSm100MmaMXFP4 ? 256 : 128;
+  const bool fp4 = s.mma_kind == MmaKind::kMXFP4;
+  const int64_t i_align = fp4 ? 256 : 128;
   if (s.intermediate <= 0 || s.intermediate % i_align != 0) {
     return fail(cat("intermediate=", s.intermediate, " must be a positive multiple of ", i_align,
-                    " (sm_100 Mega MoE, ", s.mma_kind == kSm100MmaMXFP4 ? "mxf4xmxf4: BLOCK_K = 256"
-                                                                     : "fp8xfp4",
-                    ")"));
+                    " (sm_100 Mega MoE, ", fp4 ? "mxf4xmxf4: BLOCK_K = 256" : "fp8xfp4", ")"));
   }
-  if (s.top_k < 1 || s.top_k > 32 || s.top_k > s.hidden / 8) {
-    return fail(cat("top_k=", s.top_k, " must be in [1, 32]"));
-  }
-  if (s.capacity <= 0 || s.capacity % kSm100TokenAlignment != 0) {
-    return fail(cat("capacity=", s.capacity, " must be a positive multiple of ",
-                    kSm100TokenAlignment, " (the sm_100 token alignment)"));
-  }
+  if (!mega_top_k_capacity_valid(s, kLimits, error)) return false;
   if (ceil_div(s.capacity, kMinCandidateBlockM) > kNumMaxSharedL2Blocks) {
     return fail(cat("capacity=", s.capacity, " exceeds the kernel's signal arrays (at most ",
                     kNumMaxSharedL2Blocks * kMinCandidateBlockM, " tokens)"));
@@ -248,12 +231,7 @@ bool sm100_mega_config(const Sm100MegaShape& s, const Sm100MegaLayout& l, int64_
     if (error) *error = std::move(m);
     return false;
   };
-  if (num_tokens < 1 || num_tokens > s.capacity) {
-    return fail(cat("num_tokens=", num_tokens, " must be in [1, capacity=", s.capacity, "]"));
-  }
-  if (std::isnan(activation_clamp) || activation_clamp < 0.0f) {
-    return fail(cat("activation_clamp=", activation_clamp, " must be >= 0 (or +inf: no clamp)"));
-  }
+  if (!mega_call_valid(s, num_tokens, activation_clamp, error)) return false;
   const int64_t ranks = s.num_ranks, E = s.num_experts, P = s.capacity, K = s.top_k;
   const int64_t H = s.hidden, I = s.intermediate, e_local = l.num_experts_per_rank;
 
@@ -303,7 +281,7 @@ bool sm100_mega_config(const Sm100MegaShape& s, const Sm100MegaLayout& l, int64_
   }
   c.block_m = bm;
   c.store_block_m_l1 = c.store_block_m_l2 = store;
-  if (bm == 240 && s.mma_kind == kSm100MmaMXFP8FP4) {
+  if (bm == 240 && s.mma_kind == MmaKind::kMXFP8FP4) {
     c.store_block_m_l1 = 24;  // 0.2.5: FP8 acts at BLOCK_M 240 store L1 in 24 rows, L2 in 8
     c.store_block_m_l2 = 8;
   }

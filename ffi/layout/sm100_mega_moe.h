@@ -43,21 +43,15 @@
 #include <cstdint>
 #include <string>
 
+#include "common/mma_kind.h"
+#include "layout/mega_moe.h"
+
 namespace jmm::layout {
 
-// deep_gemm::MmaKind values of the two sm_100 modes jax_megamoe supports.
-constexpr int kSm100MmaMXFP8FP4 = 1;  // fp8xfp4: e4m3 activations x E2M1 weights
-constexpr int kSm100MmaMXFP4 = 2;     // mxf4xmxf4: E2M1 activations x E2M1 weights
-
-// Static problem description of one symmetric buffer.
-struct Sm100MegaShape {
-  int64_t num_ranks = 1;
-  int64_t num_experts = 0;    // global experts E
-  int64_t capacity = 0;       // token capacity per rank P (kNumMaxTokensPerRank), multiple of 1920
-  int64_t top_k = 0;          // K
-  int64_t hidden = 0;         // H
-  int64_t intermediate = 0;   // I
-  int64_t mma_kind = kSm100MmaMXFP4;  // 1 (fp8xfp4) or 2 (mxf4xmxf4)
+// Static problem description of one symmetric buffer (capacity: a multiple of 1920) and the
+// MMA kind: MmaKind::kMXFP8FP4 (fp8xfp4) or kMXFP4 (mxf4xmxf4).
+struct Sm100MegaShape : MegaShape {
+  MmaKind mma_kind = MmaKind::kMXFP4;
 };
 
 // Checks the limits of DeepGEMM 0.2.5's host code and the kernel's static_asserts (ranks in
@@ -103,7 +97,7 @@ struct Sm100MegaConfig {
   int64_t block_m = 0, block_n = 0, block_k = 0;
   int64_t store_block_m_l1 = 0, store_block_m_l2 = 0;
   int64_t sf_block_m = 0, sf_block_n = 0;
-  int64_t mma_kind = 0;
+  MmaKind mma_kind = MmaKind::kMXFP4;
   int64_t num_ring_tokens = 0, num_sf_ring_tokens = 0;
   int64_t num_stages = 0, num_bytes_per_pull = 0;
   int64_t num_dispatch_threads = 0, num_non_epilogue_threads = 0, num_epilogue_threads = 0;

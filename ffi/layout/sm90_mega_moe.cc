@@ -24,21 +24,21 @@ constexpr int64_t kLcmBlockM = 128;
 constexpr int64_t kMinCandidateBlockM = 8;
 constexpr int64_t kTokenSrcMetadataBytes = 12;  // {rank, token, topk} u32
 constexpr int64_t kBarrierSignalBytes = 32;     // SM90Workspace::kNumBarrierSignalBytes
+constexpr MegaShapeLimits kLimits{"sm_90", /*max_ranks=*/32, /*max_experts=*/0,
+                                  /*max_local_experts=*/1024, kSm90TokenAlignment};
 
 // get_num_max_pool_tokens_sm90
 int64_t max_pool_tokens(int64_t ranks, int64_t cap, int64_t topk, int64_t e_local) {
-  return align_up(ranks * cap * std::min(topk, e_local) + e_local * (kMaxCandidateBlockM - 1),
-                  kLcmBlockM);
+  return mega_max_pool_tokens(ranks, cap, topk, e_local, kMaxCandidateBlockM, kLcmBlockM);
 }
 
-// SM90Workspace(base, ranks, E, cap, topk, ring).get_num_bytes()
-uint64_t workspace_bytes(int64_t ranks, int64_t experts, int64_t cap, int64_t topk,
-                         int64_t ring_tokens) {
+// SM90Workspace(base, ranks, E, cap, topk, ring = 0).get_num_bytes(): the full-pool ring.
+uint64_t workspace_bytes(int64_t ranks, int64_t experts, int64_t cap, int64_t topk) {
   const int64_t e_local = experts / ranks;
   const int64_t recv_per_expert = ranks * cap;
   const int64_t pool = max_pool_tokens(ranks, cap, topk, e_local);
   const int64_t pool_blocks = pool / kMinCandidateBlockM;
-  const int64_t ring_blocks = (ring_tokens == 0 ? pool : ring_tokens) / kMinCandidateBlockM;
+  const int64_t ring_blocks = pool_blocks;
   uint64_t n = 0;
   n += kBarrierSignalBytes;
   n += experts * 8 * 2;                            // send counts + recv counts (bank 0)
@@ -55,24 +55,15 @@ uint64_t workspace_bytes(int64_t ranks, int64_t experts, int64_t cap, int64_t to
   return align_up(static_cast<int64_t>(n), 1024);
 }
 
-// get_num_wave_pool_tokens_for_mega_moe_sm90
-int64_t wave_pool_tokens(int64_t ranks, int64_t topk, int64_t cap, int64_t experts_per_wave,
-                         int64_t block_m) {
-  const int64_t all = cap * ranks;
-  if (experts_per_wave == 1) return all;
-  return std::min(all * experts_per_wave,
-                  align_up(all * topk + experts_per_wave * (block_m - 1), block_m));
-}
-
-// get_num_experts_per_wave_for_mega_moe_sm90_legacy (the occupancy heuristic)
-int64_t experts_per_wave_legacy(int64_t e_local, int64_t num_tokens, int64_t topk,
-                                int64_t inter, int64_t block_m, int64_t block_n, int64_t num_sms,
-                                int64_t ring_tokens, int64_t cap, int64_t ranks) {
-  int64_t max_epw = e_local;
-  while (max_epw > 0 && wave_pool_tokens(ranks, topk, cap, max_epw, block_m) > ring_tokens) {
-    --max_epw;
-  }
-  if (max_epw <= 0) return 0;  // "Buffer size is too small" (cannot happen with the full pool)
+// get_num_experts_per_wave_for_mega_moe_sm90_legacy, the occupancy heuristic. DeepGEMM first
+// lowers the wave's expert count until get_num_wave_pool_tokens_for_mega_moe_sm90 fits the ring;
+// with the full-pool ring that loop never lowers it (a wave of every local expert holds at most
+// align(ranks*cap*min(K, E_loc) + E_loc*(BLOCK_M-1), BLOCK_M) <= pool tokens for BLOCK_M <= 128),
+// so the sweep starts from e_local.
+int64_t experts_per_wave_occupancy(int64_t e_local, int64_t num_tokens, int64_t topk,
+                                   int64_t inter, int64_t block_m, int64_t block_n,
+                                   int64_t num_sms) {
+  const int64_t max_epw = e_local;
   constexpr int64_t kImbalanceFactor = 2;
   const float expected = static_cast<float>(num_tokens * topk) / static_cast<float>(e_local);
   const int64_t m_blocks =
@@ -99,8 +90,7 @@ int64_t experts_per_wave_legacy(int64_t e_local, int64_t num_tokens, int64_t top
 
 // get_num_experts_per_wave_for_mega_moe_sm90, full-pool buffer (ring == pool).
 int64_t experts_per_wave(int64_t e_local, int64_t num_tokens, int64_t topk, int64_t inter,
-                         int64_t block_m, int64_t block_n, int64_t num_sms, int64_t ring_tokens,
-                         int64_t cap, int64_t ranks) {
+                         int64_t block_m, int64_t block_n, int64_t num_sms) {
   // decode single wave: BLOCK_M 64 and at most 256 tokens
   if (block_m == 64 && num_tokens <= 256) return e_local;
   const float expected = static_cast<float>(num_tokens) * static_cast<float>(topk) /
@@ -115,8 +105,7 @@ int64_t experts_per_wave(int64_t e_local, int64_t num_tokens, int64_t topk, int6
     const int64_t n_blocks = (2 * inter) / block_n;
     if (e_local * n_blocks >= 4 * num_sms) return e_local;
   }
-  return experts_per_wave_legacy(e_local, num_tokens, topk, inter, block_m, block_n, num_sms,
-                                 ring_tokens, cap, ranks);
+  return experts_per_wave_occupancy(e_local, num_tokens, topk, inter, block_m, block_n, num_sms);
 }
 
 // The host's shared-memory accounting (get_pipeline_config_for_mega_moe_sm90 of 0.2.5 with the
@@ -200,17 +189,7 @@ bool sm90_mega_shape_valid(const Sm90MegaShape& s, std::string* error) {
     if (error) *error = std::move(m);
     return false;
   };
-  if (s.num_ranks < 1 || s.num_ranks > 32) {
-    return fail(cat("num_ranks=", s.num_ranks, " must be in [1, 32]"));
-  }
-  if (s.num_experts < 1 || s.num_experts % s.num_ranks != 0) {
-    return fail(cat("num_experts=", s.num_experts, " must be positive and divisible by num_ranks=",
-                    s.num_ranks));
-  }
-  if (s.num_experts / s.num_ranks > 1024) {
-    return fail(cat("num_experts / num_ranks = ", s.num_experts / s.num_ranks,
-                    " local experts: at most 1024 are supported"));
-  }
+  if (!mega_experts_valid(s, kLimits, error)) return false;
   if (s.hidden <= 0 || s.hidden % 512 != 0 || s.hidden > 8192) {
     return fail(cat("hidden=", s.hidden,
                     " must be a positive multiple of 512 and at most 8192 (sm_90 Mega MoE: "
@@ -220,13 +199,7 @@ bool sm90_mega_shape_valid(const Sm90MegaShape& s, std::string* error) {
     return fail(cat("intermediate=", s.intermediate,
                     " must be a positive multiple of 256 and at most 4096 (sm_90 Mega MoE)"));
   }
-  if (s.top_k < 1 || s.top_k > 32 || s.top_k > s.hidden / 8) {
-    return fail(cat("top_k=", s.top_k, " must be in [1, 32]"));
-  }
-  if (s.capacity <= 0 || s.capacity % kSm90TokenAlignment != 0) {
-    return fail(cat("capacity=", s.capacity, " must be a positive multiple of ",
-                    kSm90TokenAlignment, " (the sm_90 token alignment)"));
-  }
+  if (!mega_top_k_capacity_valid(s, kLimits, error)) return false;
   // 32-bit token / slot / pool indexing in the kernels.
   const Sm90MegaLayout l = sm90_mega_layout(s);
   const int64_t i32max = std::numeric_limits<int32_t>::max();
@@ -243,13 +216,12 @@ Sm90MegaLayout sm90_mega_layout(const Sm90MegaShape& s) {
   const int64_t H = s.hidden, I = s.intermediate;
   l.num_experts_per_rank = E / ranks;
   l.num_max_pool_tokens = max_pool_tokens(ranks, P, K, l.num_experts_per_rank);
-  l.num_ring_tokens = 0;  // full pool
-  l.num_data_pool_tokens = l.num_ring_tokens == 0 ? l.num_max_pool_tokens : l.num_ring_tokens;
+  l.num_data_pool_tokens = l.num_max_pool_tokens;  // the full-pool ring
   // get_num_padded_sf_pool_tokens_sm90: max over the SM90 BLOCK_M candidates {64, 128}
   const int64_t D = l.num_data_pool_tokens;
   l.num_padded_sf_pool_tokens = std::max((D / 64) * align_up(64, 128), (D / 128) * align_up(128, 128));
   const int64_t S = l.num_padded_sf_pool_tokens;
-  l.workspace_bytes = workspace_bytes(ranks, E, P, K, l.num_ring_tokens);
+  l.workspace_bytes = workspace_bytes(ranks, E, P, K);
   // Regions in the order the kernel slices them (each follows the previous one).
   uint64_t o = l.workspace_bytes;
   l.x = o;               o += static_cast<uint64_t>(P) * H;            // e4m3 [P, H]
@@ -273,14 +245,9 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
     if (error) *error = std::move(m);
     return false;
   };
-  if (num_tokens < 1 || num_tokens > s.capacity) {
-    return fail(cat("num_tokens=", num_tokens, " must be in [1, capacity=", s.capacity, "]"));
-  }
+  if (!mega_call_valid(s, num_tokens, activation_clamp, error)) return false;
   if (num_sms < 2 || num_sms % 2 != 0) {
     return fail(cat("num_sms=", num_sms, " must be even and at least 2"));
-  }
-  if (std::isnan(activation_clamp) || activation_clamp < 0.0f) {
-    return fail(cat("activation_clamp=", activation_clamp, " must be >= 0 (or +inf: no clamp)"));
   }
   const int64_t ranks = s.num_ranks, E = s.num_experts, P = s.capacity, K = s.top_k;
   const int64_t H = s.hidden, I = s.intermediate, e_local = l.num_experts_per_rank;
@@ -331,11 +298,8 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
 
   c.num_max_pool_tokens = l.num_max_pool_tokens;
   c.num_padded_sf_pool_tokens = l.num_padded_sf_pool_tokens;
-  c.num_ring_tokens = l.num_data_pool_tokens;  // the effective ring: the full pool
-  c.l2_lag_units = 0;                         // the wave schedule (no lag ring)
 
-  c.num_experts_per_wave = experts_per_wave(e_local, T, K, I, c.block_m, c.block_n, num_sms,
-                                            l.num_data_pool_tokens, P, ranks);
+  c.num_experts_per_wave = experts_per_wave(e_local, T, K, I, c.block_m, c.block_n, num_sms);
   if (c.num_experts_per_wave < 1 || c.num_experts_per_wave > e_local) {
     return fail(cat("no valid experts-per-wave count for ", T, " tokens"));
   }

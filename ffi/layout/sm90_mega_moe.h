@@ -29,23 +29,19 @@
 // Only one ring mode is implemented: the full pool (D = pool tokens, kNumRingTokens = pool),
 // which is what DeepGEMM 0.2.5 allocates for capacities below 1024 tokens. For capacities of
 // 1024 and more DeepGEMM sizes a smaller "L2-lag" ring; jax_megamoe keeps the full pool there
-// too (more memory, the legacy wave schedule, kL2LagUnits = 0), see sm90_mega_layout().
+// too (more memory, the wave schedule, kL2LagUnits = 0): the renderer spells both constants
+// (jit/mega_kernels.cc), no field carries them.
 #pragma once
 
 #include <cstdint>
 #include <string>
 
+#include "layout/mega_moe.h"
+
 namespace jmm::layout {
 
-// Static problem description of one symmetric buffer.
-struct Sm90MegaShape {
-  int64_t num_ranks = 1;
-  int64_t num_experts = 0;    // global experts E
-  int64_t capacity = 0;       // token capacity per rank P (kNumMaxTokensPerRank), multiple of 128
-  int64_t top_k = 0;          // K
-  int64_t hidden = 0;         // H
-  int64_t intermediate = 0;   // I
-};
+// Static problem description of one symmetric buffer (capacity: a multiple of 128).
+using Sm90MegaShape = MegaShape;
 
 // Checks the limits the 0.2.5 host code and the kernel assert (H % 512, I % 256, I <= 4096,
 // H <= 8192 for the pre-dispatch kernel, K <= 32 and K <= H/8, capacity % 128, ranks <= 32,
@@ -56,8 +52,7 @@ bool sm90_mega_shape_valid(const Sm90MegaShape& s, std::string* error);
 struct Sm90MegaLayout {
   int64_t num_experts_per_rank = 0;
   int64_t num_max_pool_tokens = 0;        // get_num_max_pool_tokens_sm90
-  int64_t num_ring_tokens = 0;            // 0: full pool (the only mode implemented)
-  int64_t num_data_pool_tokens = 0;       // D = ring tokens, or the pool when num_ring_tokens == 0
+  int64_t num_data_pool_tokens = 0;       // D = the pool (the ring is the full pool)
   int64_t num_padded_sf_pool_tokens = 0;  // S = max over BLOCK_M in {64,128} of (D/bm)*align(bm,128)
   uint64_t workspace_bytes = 0;           // SM90Workspace::get_num_bytes()
   uint64_t x = 0, x_sf = 0, topk_idx = 0, topk_weights = 0;
@@ -77,7 +72,7 @@ struct Sm90MegaConfig {
   int64_t num_max_tokens_per_rank = 0, hidden = 0, intermediate = 0, num_experts = 0, top_k = 0;
   int64_t num_experts_per_wave = 0;
   int64_t block_m = 0, block_n = 0, block_k = 0;
-  int64_t num_max_pool_tokens = 0, num_padded_sf_pool_tokens = 0, num_ring_tokens = 0;
+  int64_t num_max_pool_tokens = 0, num_padded_sf_pool_tokens = 0;  // kNumRingTokens = the pool
   int64_t num_stages = 0;
   int64_t num_dispatch_threads = 0, num_non_epilogue_threads = 0, num_epilogue_threads = 0;
   int64_t num_sms = 0, num_ranks = 0;
@@ -91,7 +86,7 @@ struct Sm90MegaConfig {
   bool half_l2_cd = false;
   int64_t cluster_size = 1;
   bool multicast_on_b = false;
-  int64_t l2_lag_units = 0;     // encoded lag + 1000*group; 0 = wave schedule (always 0 here)
+  // kL2LagUnits: always 0 (the wave schedule), spelled by the renderer
   int64_t l2_cd_passes = 0;
   bool trace = false, trace_epi = false;
   int64_t l2_stage_mode = 0;

@@ -439,7 +439,6 @@ def mega_moe_target_call(
         capacity=np.int64(capacity),
         activation_clamp=clamp,
         fast_math=bool(fast_math),
-        num_sms=np.int64(0),
         reserved_sms=np.int64(reserved_sms),
         routed_scaling_factor=np.float32(routed_scaling_factor),
         has_side_effect=True,

@@ -40,7 +40,7 @@ def _card() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _ffi_fn(*, H, I, E, K, cap, clamp, fast_math, rsf, num_sms=0, reserved_sms=0):
+def _ffi_fn(*, H, I, E, K, cap, clamp, fast_math, rsf, reserved_sms=0):
     from jax_megamoe import _ffi
 
     assert _ffi.register(), _ffi.status().reason
@@ -52,7 +52,7 @@ def _ffi_fn(*, H, I, E, K, cap, clamp, fast_math, rsf, num_sms=0, reserved_sms=0
             x, idx, w, l1, l1_sf, l2, l2_sf,
             hidden=np.int64(H), intermediate=np.int64(I), num_experts=np.int64(E), top_k=np.int64(K),
             capacity=np.int64(cap), activation_clamp=np.float32(clamp), fast_math=bool(fast_math),
-            num_sms=np.int64(num_sms), reserved_sms=np.int64(reserved_sms),
+            reserved_sms=np.int64(reserved_sms),
             routed_scaling_factor=np.float32(rsf), num_ranks=np.int64(1), rank_devices=np.zeros((0,), np.int64),
         )
 
