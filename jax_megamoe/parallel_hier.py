@@ -68,7 +68,12 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe import config, parallel, reference
+from jax_megamoe import config, reference
+
+try:  # parallel.py may live under jax_megamoe/kernels/ (issue 16's layout)
+    from jax_megamoe.kernels import parallel
+except ImportError:
+    from jax_megamoe import parallel
 
 __all__ = ["ep_moe_grouped", "ep_moe_hier", "hier_path", "EPStats", "HierPath", "INTRANODE", "OVERFLOW_POLICY"]
 
@@ -472,11 +477,14 @@ def _hier_body(x, topk_idx, w, weights, *, host_axis, axis, mode, clamp, path, c
         mine = sends & (pos >= offset) & (pos < offset + cap)
         rows = n_o * cap
         slot = jnp.where(mine, dests[None, :] * cap + (pos - offset), rows)  # [tl, n_o]; rows: dropped
-        flat = slot.reshape(-1)
-        tok = jnp.repeat(jnp.arange(tl, dtype=jnp.int32), n_o)
-        send_x = jnp.zeros((rows, h), x.dtype).at[flat].set(x[tok], mode="drop")
-        send_e = jnp.full((rows, k), -1, jnp.int32).at[flat].set(ids_to.reshape(-1, k), mode="drop")
-        send_w = jnp.zeros((rows, k), jnp.float32).at[flat].set(w_to.reshape(-1, k), mode="drop")
+        # For every send row, the (token, host) entry it carries (tl * n_o: a padding row), then one
+        # gather per buffer (no [tl * n_o, H] temporary).
+        src = jnp.full((rows,), tl * n_o, jnp.int32).at[slot.reshape(-1)].set(
+            jnp.arange(tl * n_o, dtype=jnp.int32), mode="drop"
+        )
+        send_x = jnp.concatenate([x, jnp.zeros((1, h), x.dtype)])[src // n_o]
+        send_e = jnp.concatenate([ids_to.reshape(-1, k), jnp.full((1, k), -1, jnp.int32)])[src]
+        send_w = jnp.concatenate([w_to.reshape(-1, k), jnp.zeros((1, k), jnp.float32)])[src]
         sizes = jnp.clip(count - offset, 0, cap).astype(jnp.int32)
         fwd, bwd = _exchange_fn(path, host_axis, n_o, cap, sizes)
         rx, rid, rw = fwd(send_x, 0), fwd(send_e, -1), fwd(send_w, 0)
