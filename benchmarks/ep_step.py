@@ -49,6 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 SCHEMA = "jax_megamoe.benchmarks.ep_step/1"
+_T0 = time.perf_counter()
 TOKENS = (64, 256, 1024, 4096)
 CLAMP = 10.0
 
@@ -94,6 +95,9 @@ def _inputs(t: int, seed: int, h: int, e: int, k: int, rho: float):
 
 def _point(args, path, n, t, mesh, sets, w_n, baseline) -> dict[str, Any]:
     point: dict[str, Any] = {"ep": n, "tokens": t, "tokens_per_gpu": t // n, "path": path}
+    if args.time_limit is not None and time.perf_counter() - _T0 > args.time_limit:
+        point["error"] = f"skipped: --time-limit {args.time_limit} s reached"
+        return point
     C.log(f"EP{n} T={t} {path} ...")
     try:
         f = jax.jit(_call(path, n, t, mesh, args.backend))
@@ -241,6 +245,7 @@ def main() -> int:
                     help=f"comma list of {', '.join(PATHS)}")
     ap.add_argument("--backend", default="ffi", choices=("ffi", "reference"),
                     help="per-GPU expert compute of the collective paths (reference: CPU smoke test)")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds; later points are skipped (recorded)")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timed steps per point")
     ap.add_argument("--smoke", action="store_true", help="tiny stand-in shape (CPU smoke test)")
     ap.add_argument("--out", type=Path, default=C.REPO / "benchmarks" / "results")

@@ -28,7 +28,8 @@ if [ "${1:-}" = "--simulated-receive" ]; then
   grep -h "^TABLE" "$OUT/gpu_tests.log" | sed 's/^TABLE //' | tr '|' '\t' || true
   l=$(left)
   echo "== ep_recv_sim ($l s left) =="
-  timeout -s KILL $(( l - 10 )) python3 benchmarks/ep_recv_sim.py --out "$OUT" --write-results "$OUT/RESULTS.md" "$@" \
+  timeout -s KILL $(( l - 10 )) python3 benchmarks/ep_recv_sim.py --out "$OUT" --write-results "$OUT/RESULTS.md" \
+    --time-limit $(( l - 70 )) "$@" \
     > "$OUT/ep_recv_sim.log" 2>&1
   src=$?
   echo "ep_recv_sim exit $src (0: every EP size within 1.3x; 3: not)"
@@ -48,7 +49,8 @@ l=$(left)
 echo "== ep_step ($l s left) =="
 if [ $# -eq 0 ]; then set -- --ep 1,2,4,8 --tokens 256,1024,4096 --paths fused,ragged_ffi,grouped_ffi,hier; fi
 if [ "$l" -gt 60 ]; then
-  timeout -s KILL $(( l - 15 )) python3 benchmarks/ep_step.py --out "$OUT" --write-results "$OUT/RESULTS.md" "$@" \
+  timeout -s KILL $(( l - 15 )) python3 benchmarks/ep_step.py --out "$OUT" --write-results "$OUT/RESULTS.md" \
+    --time-limit $(( l - 75 )) "$@" \
     > "$OUT/ep_step.log" 2>&1
   echo "ep_step exit $?"
   grep -v "^\s*$" "$OUT/ep_step.log" | grep -v Traceback | tail -40
