@@ -185,7 +185,7 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
         isinstance(num_max_tokens, bool) or not isinstance(num_max_tokens, (int, np.integer)) or num_max_tokens < 1
     ):
         raise ValueError(f"num_max_tokens: {num_max_tokens!r} must be a Python int >= 1 (rows per device)")
-    cap = config.align_token_cap(max(int(rows_per_device), 1), mode)
+    cap = config.align_token_cap(max(int(rows_per_device if num_max_tokens is None else num_max_tokens), 1), mode)
     if num_max_tokens is not None and int(num_max_tokens) < rows_per_device:
         raise ValueError(
             f"num_max_tokens: {num_max_tokens} is below the {rows_per_device} rows a device can receive per pass "
@@ -234,7 +234,9 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
         )
     elif g == 1:
         inner = "local"
-        reason = "one device per host: its experts run alone, once per pass"
+        reason = "one device per host: its experts run alone, once per pass" + (
+            " (a collective over one device is this)" if intranode == "collective" else ""
+        )
     else:
         inner, reason = "collective", "intranode='collective' requested"
     if inner == "fused":
