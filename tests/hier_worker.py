@@ -203,6 +203,15 @@ def run_single() -> None:
     n_a2a = text.count("all_to_all")
     check("hier_fused_lowers_for_cuda", "num_ranks = 4" in line and n_a2a >= 4 and "ragged" not in text,
           f"a2a={n_a2a} {line[:240]}")
+    f = jax.jit(lambda a, b, c, ww: PH.ep_moe_hier(a, b, c, ww, mesh=mesh, mode=mode, intranode="fused",
+                                                    num_max_tokens=200, capacity=2))
+    text = f.trace(*specs, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w_all)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    calls = [ln for ln in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in ln]
+    caps = sorted(int(ln.split("capacity = ")[1].split(" ")[0]) for ln in calls)
+    # Two passes (capacity 2 of 4 rows per pair): the first sized by num_max_tokens (aligned to 128),
+    # the second by its own 2 x 2 rows; both inside the step, the second under a conditional.
+    check("hier_fused_second_pass_lowered", caps == [128, 256] and "case" in text, f"caps={caps}")
 
     # Errors that need concrete CPU devices.
     try:

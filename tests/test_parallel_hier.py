@@ -29,7 +29,7 @@ TIMEOUT_S = 170
 SINGLE_CHECKS = (
     "devices", "path_cpu", "hier2x4_skewed", "hier2x4_sharding", "hier2x4_second_pass", "hier2x4_empty_host",
     "hier2x4_empty_host_rows", "grouped_path", "grouped_ep8", "grouped_ep8_second_pass", "grouped_ep4",
-    "hier_fused_lowers_for_cuda", "ragged_on_cpu_error", "fused_groups_one_process",
+    "hier_fused_lowers_for_cuda", "hier_fused_second_pass_lowered", "ragged_on_cpu_error", "fused_groups_one_process",
 )  # fmt: skip
 
 
