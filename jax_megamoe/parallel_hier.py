@@ -25,10 +25,12 @@ inner axis (``axis``; 1 for :func:`ep_moe_grouped`), ``T_l = T / (n_o G)`` token
    ``"fused"``: DeepGEMM's multi-rank kernel over the host's ``G`` GPUs (one custom call per device:
    it moves the pairs over NVLink, runs the experts and combines; GPU only, one process per host);
    ``"collective"``: :func:`jax_megamoe.parallel.ep_moe`'s collective body over ``axis`` (pairs by
-   ``all_to_all``, the reference or the single-rank kernel on each GPU; what runs on CPU);
+   ``all_to_all`` as top-1 rows, exact capacity, the reference or the single-rank kernel on each GPU;
+   what runs on CPU, and the GPU fallback where the fused stage cannot run: correct but not fast);
    ``"local"`` (``G = 1``): the single-rank kernel (``backend="ffi"``) or the reference on this
-   device's experts, once. Each gives per received row the sum of its slots on this host, in the
-   kernel's ascending-``k`` order, in bf16.
+   device's experts, once (with the kernel this needs ``E/n >= K`` local experts, which
+   :func:`jax_megamoe.ops.mega_moe` checks). Each gives per received row the sum of its slots on
+   this host, in the kernel's ascending-``k`` order, in bf16.
 4. **Back and combine.** The partial rows travel back by the reverse exchange and the sender adds
    them in ascending host order: ``y[t] = bf16(0 + f32(p_0) + f32(p_1) + ...)``.
 
