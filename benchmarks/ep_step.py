@@ -8,6 +8,11 @@ weights, ``E/n`` experts per GPU, uniform top-6 routing) along these paths:
                (EP 1 is the same entry with one rank: the single-GPU kernel)
   ragged_ffi   ``dispatch="ragged", backend="ffi"``: XLA ragged all-to-all, the single-rank FFI
                kernel on each GPU's received rows, ragged all-to-all back (with ``--collective``)
+  grouped_ffi  ``parallel_hier.ep_moe_grouped`` (backend ffi): each token once per destination GPU
+               (its K slots local or -1), ONE single-rank kernel call over the received rows
+  hier         ``parallel_hier.ep_moe_hier`` on a ``("host", "ep")`` = ``(2, n/2)`` mesh of the same
+               GPUs (a simulated host axis, EP >= 4): one XLA exchange over "host", then the fused
+               multi-rank kernel over each half's GPUs (``intranode="auto"``)
 
 A step is one jitted call of the layer on inputs already sharded over the GPUs (``P("ep")``, as a
 serving loop holds them); the time is the median over samples of back-to-back steps (pipelined
@@ -18,6 +23,7 @@ checked against the reference in tests/gpu). Results: ``ep_step.json`` and ``ep_
 
     python benchmarks/ep_step.py                                  # EP 1,2,4 x T 64..4096 (GPU)
     python benchmarks/ep_step.py --ep 1,2 --tokens 256 --collective
+    python benchmarks/ep_step.py --paths fused,ragged_ffi,grouped_ffi,hier   # issue 13: every path
     python benchmarks/ep_step.py --from-json benchmarks/results/ep_step.json --write-results benchmarks/RESULTS.md
 """
 
@@ -43,12 +49,39 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 SCHEMA = "jax_megamoe.benchmarks.ep_step/1"
+_T0 = time.perf_counter()
 TOKENS = (64, 256, 1024, 4096)
 CLAMP = 10.0
 
 
-def _mesh(n: int):
+PATHS = ("fused", "ragged_ffi", "grouped_ffi", "hier")
+
+
+def _mesh(n: int, path: str = "fused"):
+    if path == "hier":
+        return jax.sharding.Mesh(np.array(jax.devices()[:n]).reshape(2, n // 2), ("host", "ep"))
     return jax.sharding.Mesh(np.array(jax.devices()[:n]), ("ep",))
+
+
+def _spec(path: str):
+    return jax.sharding.PartitionSpec(("host", "ep") if path == "hier" else "ep")
+
+
+def _call(path: str, n: int, t: int, mesh, backend: str = "ffi"):
+    from jax_megamoe import parallel, parallel_hier
+
+    kw: dict[str, Any] = dict(mesh=mesh, mode="fp8", activation_clamp=CLAMP)
+    if path == "fused":
+        kw.update(dispatch="fused", num_max_tokens=max(t // n, 128))
+        return lambda x, i, w, ww: parallel.ep_moe(x, i, w, ww, **kw)
+    if path == "ragged_ffi":
+        kw.update(dispatch="ragged" if backend == "ffi" else "auto", backend=backend)
+        return lambda x, i, w, ww: parallel.ep_moe(x, i, w, ww, **kw)
+    if path == "grouped_ffi":
+        kw.update(backend=backend)
+        return lambda x, i, w, ww: parallel_hier.ep_moe_grouped(x, i, w, ww, **kw)
+    kw.update(backend=backend)
+    return lambda x, i, w, ww: parallel_hier.ep_moe_hier(x, i, w, ww, **kw)
 
 
 def _inputs(t: int, seed: int, h: int, e: int, k: int, rho: float):
@@ -60,9 +93,43 @@ def _inputs(t: int, seed: int, h: int, e: int, k: int, rho: float):
     return x, jnp.asarray(idx), jnp.asarray(w)
 
 
+def _point(args, path, n, t, mesh, sets, w_n, baseline) -> dict[str, Any]:
+    point: dict[str, Any] = {"ep": n, "tokens": t, "tokens_per_gpu": t // n, "path": path}
+    if args.time_limit is not None and time.perf_counter() - _T0 > args.time_limit:
+        point["error"] = f"skipped: --time-limit {args.time_limit} s reached"
+        return point
+    C.log(f"EP{n} T={t} {path} ...")
+    try:
+        f = jax.jit(_call(path, n, t, mesh, args.backend))
+        t1 = time.perf_counter()
+        y = np.asarray(f(*sets[0], w_n)).astype(np.float32)
+        first = time.perf_counter() - t1
+        timing = C.measure(
+            lambda x, i, w, f=f, ww=w_n: f(x, i, w, ww), sets, budget_s=args.budget, sample_s=0.05,
+            first_call_s=first,
+        )
+        point.update(timing.as_dict())
+        point["tokens_per_s"] = t / timing.median_s
+        if not np.isfinite(y).all():
+            point["error"] = "non-finite output"
+        if path == "fused" and n == 1:
+            baseline[t] = y
+        if t in baseline:
+            point["rel_l2_vs_ep1"] = C.rel_l2(y, baseline[t])
+        C.log(
+            f"EP{n} T={t} {path}: {timing.median_s * 1e6:.1f} us/step "
+            f"({t / timing.median_s:,.0f} tokens/s), first call {first:.1f} s, "
+            f"rel vs EP1 {point.get('rel_l2_vs_ep1', float('nan')):.1e}"
+        )
+    except Exception as err:  # noqa: BLE001 - record and go on with the next point
+        point["error"] = f"{type(err).__name__}: {str(err)[:400]}"
+        C.log(f"EP{n} T={t} {path}: FAILED {point['error']}")
+        traceback.print_exc()
+    return point
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.moe_layer import model_shape, random_fp8_weights
-    from jax_megamoe import parallel
 
     shape = model_shape("flash", smoke=args.smoke)
     n_dev = jax.device_count()
@@ -82,57 +149,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "points": [],
     }
     baseline: dict[int, np.ndarray] = {}
+    paths_all = [p for p in args.paths if p in PATHS]
+    if args.collective and "ragged_ffi" not in paths_all:
+        paths_all.append("ragged_ffi")
     for n in eps:
-        mesh = _mesh(n)
-        w_n = parallel.shard_weights(weights, mesh)
-        paths = ["fused"] + (["ragged_ffi"] if args.collective and n > 1 else [])
-        for t in args.tokens:
-            if t % n:
-                continue
-            # Inputs already sharded over the GPUs, as a serving loop holds them (no per-step reshard).
-            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("ep"))
-            sets = [
-                tuple(jax.device_put(a, sharding) for a in _inputs(t, s, shape.hidden, shape.num_experts,
-                                                                   shape.top_k, shape.rho))
-                for s in range(3)
-            ]
-            for path in paths:
-                kw: dict[str, Any] = dict(mesh=mesh, mode="fp8", activation_clamp=CLAMP)
-                if path == "fused":
-                    kw.update(dispatch="fused", num_max_tokens=max(t // n, 128))
-                else:
-                    kw.update(dispatch="ragged", backend="ffi")
-                point: dict[str, Any] = {"ep": n, "tokens": t, "tokens_per_gpu": t // n, "path": path}
-                C.log(f"EP{n} T={t} {path} ...")
-                try:
-                    f = jax.jit(lambda x, i, w, ww, kw=kw: parallel.ep_moe(x, i, w, ww, **kw))
-                    t1 = time.perf_counter()
-                    y = np.asarray(f(*sets[0], w_n)).astype(np.float32)
-                    first = time.perf_counter() - t1
-                    timing = C.measure(
-                        lambda x, i, w, f=f, ww=w_n: f(x, i, w, ww), sets, budget_s=args.budget, sample_s=0.05,
-                        first_call_s=first,
-                    )
-                    point.update(timing.as_dict())
-                    point["tokens_per_s"] = t / timing.median_s
-                    if not np.isfinite(y).all():
-                        point["error"] = "non-finite output"
-                    if path == "fused" and n == 1:
-                        baseline[t] = y
-                    if t in baseline:
-                        point["rel_l2_vs_ep1"] = C.rel_l2(y, baseline[t])
-                    C.log(
-                        f"EP{n} T={t} {path}: {timing.median_s * 1e6:.1f} us/step "
-                        f"({t / timing.median_s:,.0f} tokens/s), first call {first:.1f} s, "
-                        f"rel vs EP1 {point.get('rel_l2_vs_ep1', float('nan')):.1e}"
-                    )
-                except Exception as err:  # noqa: BLE001 - record and go on with the next point
-                    point["error"] = f"{type(err).__name__}: {str(err)[:400]}"
-                    C.log(f"EP{n} T={t} {path}: FAILED {point['error']}")
-                    traceback.print_exc()
-                results["points"].append(point)
+        for path in [p for p in paths_all if p == "fused" or (n > 1 and (p != "hier" or n % 4 == 0))]:
+            mesh = _mesh(n, path)
+            sharding = jax.sharding.NamedSharding(mesh, _spec(path))
+            w_n = jax.tree.map(lambda a, s=sharding: jax.device_put(a, s), weights)
+            if path in ("grouped_ffi", "hier"):
+                from jax_megamoe import parallel_hier
+
+                hosts, axis = ("host", "ep") if path == "hier" else ("ep", None)
+                C.log(f"EP{n} {path}: {parallel_hier.hier_path(mesh, hosts, axis, 'fp8', 64, backend=args.backend)}")
+            for t in args.tokens:
+                if t % n:
+                    continue
+                # Inputs already sharded over the GPUs, as a serving loop holds them (no per-step reshard).
+                sets = [
+                    tuple(jax.device_put(a, sharding) for a in _inputs(t, s, shape.hidden, shape.num_experts,
+                                                                       shape.top_k, shape.rho))
+                    for s in range(3)
+                ]
+                results["points"].append(_point(args, path, n, t, mesh, sets, w_n, baseline))
                 C.write_json(args.out / "ep_step.json", results)
-        del w_n
+            del w_n
     return results
 
 
@@ -200,6 +241,11 @@ def main() -> int:
     ap.add_argument("--ep", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8])
     ap.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")], default=list(TOKENS))
     ap.add_argument("--collective", action="store_true", help="also time ragged all-to-all + single-rank kernel")
+    ap.add_argument("--paths", type=lambda s: [v for v in s.split(",") if v], default=["fused"],
+                    help=f"comma list of {', '.join(PATHS)}")
+    ap.add_argument("--backend", default="ffi", choices=("ffi", "reference"),
+                    help="per-GPU expert compute of the collective paths (reference: CPU smoke test)")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds; later points are skipped (recorded)")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timed steps per point")
     ap.add_argument("--smoke", action="store_true", help="tiny stand-in shape (CPU smoke test)")
     ap.add_argument("--out", type=Path, default=C.REPO / "benchmarks" / "results")

@@ -42,6 +42,7 @@ _ALIASES: dict[str, str] = {
     "jax_megamoe._toolchain": "jax_megamoe.kernels._toolchain",
     "jax_megamoe.ops": "jax_megamoe.kernels.ops",
     "jax_megamoe.parallel": "jax_megamoe.kernels.parallel",
+    "jax_megamoe.parallel_hier": "jax_megamoe.kernels.parallel_hier",
     "jax_megamoe.checkpoint": "jax_megamoe.io.checkpoint",
     "jax_megamoe.convert": "jax_megamoe.io.convert",
 }

@@ -253,7 +253,7 @@ FLAT = {
     "ops": "kernels.ops", "parallel": "kernels.parallel", "_ffi": "kernels._ffi", "_toolchain": "kernels._toolchain",
     "config": "numerics.config", "policy": "numerics.policy", "quant": "numerics.quant", "layout": "numerics.layout",
     "reference": "numerics.reference", "_validate": "numerics._validate", "checkpoint": "io.checkpoint",
-    "convert": "io.convert",
+    "convert": "io.convert", "parallel_hier": "kernels.parallel_hier",
 }  # fmt: skip
 
 
