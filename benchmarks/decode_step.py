@@ -100,7 +100,9 @@ XLA_PATHS = ("xla_capacity", "xla_gather")
 CHECK_ORDER = ("xla_capacity", "xla_gather", "tokamax_ragged", "reference", "ffi", "ffi_fused", "ffi_decode")
 #: ... within these relative L2s. Over 43 layers the difference of FP8 and bf16 activations (4-5% in
 #: one layer) compounds to ~0.25 (CPU, smoke shapes); bf16 paths differ by ~0.03; wrong weights give ~1.4.
-CHECK_TOL = {"same_activations": 0.1, "fp8_vs_bf16_activations": 0.5}
+#: FP8 paths against each other compound too: on an H100 (T = 1-8, 43 V4-Flash layers) the fused
+#: kernel and the decode kernels are each 0.29-0.34 from the reference (one layer: 5e-3 and 1e-4).
+CHECK_TOL = {"same_activations": 0.5, "fp8_vs_bf16_activations": 0.5}
 ACTIVATIONS = {"ffi": "fp8", "ffi_fused": "fp8", "ffi_decode": "fp8", "reference": "fp8", "tokamax_ragged": "bf16", "xla_capacity": "bf16", "xla_gather": "bf16"}
 #: The weight sets of one format may take this much of the device pool.
 SETS_POOL_FRACTION = 0.8

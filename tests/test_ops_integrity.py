@@ -76,7 +76,7 @@ def test_ffi_call_lowered_for_cuda_compares_before_the_cast():
     weights = _small_weights("fp8", seed=3)
     with jax.enable_x64(True):
         specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, jnp.asarray(idx), w)]
-        fn = functools.partial(ops.mega_moe, weights=weights, num_max_tokens=64, backend="ffi")
+        fn = functools.partial(ops.mega_moe, weights=weights, num_max_tokens=64, backend="ffi", kernel="fused")
         text = jax.jit(lambda a, b, c: fn(a, b, c)).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
     assert "tensor<6x4xi64>" in text and "@jax_megamoe_mega_moe_sm90(" in text
     line = next(line for line in text.splitlines() if "stablehlo.compare" in line and "LT" in line)
@@ -171,7 +171,8 @@ def test_traced_clamp_is_named_and_traced_scaling_factor_is_folded():
     want = reference.pre_dispatch(x, idx, w, mode="fp8", num_max_tokens=8, routed_scaling_factor=1.5)
     np.testing.assert_array_equal(np.asarray(got.topk_weights), np.asarray(want.topk_weights))
     lowered = jax.jit(
-        lambda a, b, c, r: ops.mega_moe(a, b, c, weights, routed_scaling_factor=r, num_max_tokens=64, backend="ffi")
+        lambda a, b, c, r: ops.mega_moe(a, b, c, weights, routed_scaling_factor=r, num_max_tokens=64, backend="ffi",
+                                         kernel="fused")
     ).trace(x, idx, w, 1.5).lower(lowering_platforms=("cuda",)).as_text()
     line = next(line for line in lowered.splitlines() if "@jax_megamoe_mega_moe_sm90(" in line)
     assert "routed_scaling_factor = 1.000000e+00" in line  # folded before the kernel

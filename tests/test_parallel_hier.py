@@ -198,8 +198,9 @@ def test_hier_path_env_switch(monkeypatch):
     assert PH.hier_path(_mesh(), "host", "ep", "fp8", 4).intranode == "fused"
     assert PH.hier_path(_mesh(), "host", "ep", "fp8", 4, backend="reference").intranode == "collective"
     assert PH.hier_path(_mesh(), "host", "ep", "mxf4xmxf4", 4).intranode == "collective"  # sm_100: opt-in
-    monkeypatch.setenv("JAX_MEGAMOE_FUSED_EP", "0")
-    p = PH.hier_path(_mesh(), "host", "ep", "fp8", 4)
+    import jax_megamoe
+
+    p = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, policy=jax_megamoe.policy.current().replace(fused_ep=False))
     assert p.intranode == "collective" and "JAX_MEGAMOE_FUSED_EP=0" in p.reason
 
 

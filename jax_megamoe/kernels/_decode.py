@@ -18,12 +18,17 @@ Kernel = Literal["auto", "fused", "decode"]
 KERNELS = ("auto", "fused", "decode")
 
 # Crossover of kernel="auto" on sm_90, in (token, slot) pairs per call: decode while T * K <= this.
-# To be chosen from benchmarks/decode_step.py (V4-Flash, 43 layers in one jitted step; paths
-# ffi_fused vs ffi_decode). The decode kernels have not run on a GPU yet (no device was lent when
-# they were written), so "auto" keeps the fused kernel everywhere (0) until that measurement and
-# tests/gpu/test_decode_gpu.py have passed; kernel="decode" opts in.
-DECODE_MAX_PAIRS = 0
-DECODE_CROSSOVER_EVIDENCE = "not measured yet: the decode kernels are compile-checked only; auto = fused"
+# Measured with benchmarks/decode_step.py (V4-Flash, 43 layers of 8 distinct weight sets in one
+# jitted step, paths ffi_fused vs ffi_decode, one NVIDIA H100 80GB HBM3, 2026-12-06), per layer:
+#   T=1: fused 105.0 us, decode 86.2 us   T=2: fused 151.1 us, decode 140.2 us
+#   T=4: fused 236.7 us, decode 270.7 us  T=8: fused 414.5 us, decode 535.2 us (fused from here on)
+# so decode while T <= 2 at K = 6. Rerun the benchmark before changing it.
+DECODE_MAX_PAIRS = 12
+DECODE_CROSSOVER_EVIDENCE = (
+    "H100 80GB HBM3, V4-Flash, 43 layers in one jitted step: decode 86.2/140.2 us vs fused 105.0/151.1 us "
+    "per layer at T=1/2; fused faster from T=4 (236.7 vs 270.7 us)"
+)
+
 
 def choose_kernel(kernel: str, mode: str, num_tokens: int, top_k: int) -> str:
     """``"fused"`` or ``"decode"`` for an FFI call of ``num_tokens`` tokens (validates ``kernel``)."""

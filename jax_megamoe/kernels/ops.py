@@ -307,8 +307,8 @@ def mega_moe(
 
     ``kernel`` picks the GPU kernel where the FFI backend runs: ``"fused"`` (DeepGEMM's mega
     kernel), ``"decode"`` (our low-latency FP8 GEMV passes, sm_90 ``fp8`` only, no token cap) or
-    ``"auto"`` (decode while ``0 < T * K <= jax_megamoe.kernels._decode.DECODE_MAX_PAIRS``, which is 0 until
-    the decode kernels have been measured on a GPU; see :mod:`jax_megamoe.kernels._decode`).
+    ``"auto"`` (decode while ``0 < T * K <= jax_megamoe.kernels._decode.DECODE_MAX_PAIRS`` = 12, the
+    crossover measured on an H100; see :mod:`jax_megamoe.kernels._decode`).
 
     ``mode`` defaults to the mode ``weights`` were built for. ``num_max_tokens`` is the token
     cap of the kernel's persistent buffer (default :func:`default_num_max_tokens`; rounded up

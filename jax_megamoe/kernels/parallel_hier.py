@@ -71,6 +71,8 @@ from jax.sharding import PartitionSpec as P
 
 from jax_megamoe.kernels import ops, parallel
 from jax_megamoe.numerics import config, reference
+from jax_megamoe.numerics import policy as _policy
+from jax_megamoe.numerics.policy import Policy
 
 __all__ = ["ep_moe_grouped", "ep_moe_hier", "hier_path", "EPStats", "HierPath", "INTRANODE", "OVERFLOW_POLICY"]
 
@@ -164,7 +166,7 @@ def _local_rank_table(mesh: Any, axis: str) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(ordinal(d) for d in row) for row in rows if row[0].process_index == me)
 
 
-def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_per_device, num_max_tokens):
+def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_per_device, num_max_tokens, policy=None):
     """``(HierPath, fused)``; ``fused`` = (token cap, rank table, reserved SMs, graph) for the fused stage."""
     if intranode not in INTRANODE:
         raise ValueError(f"intranode: {intranode!r} is not one of {', '.join(INTRANODE)}")
@@ -173,6 +175,7 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
     if dispatch not in ("auto", "ragged", "dense"):
         raise ValueError(f"dispatch: {dispatch!r} is not one of auto, ragged, dense (the inter-host collective)")
     n_o, g = _axes(mesh, host_axis, axis)
+    pol = _policy.resolve(policy)
     disp = parallel.dispatch_path(mesh, dispatch)
     if num_max_tokens is not None and (
         isinstance(num_max_tokens, bool) or not isinstance(num_max_tokens, (int, np.integer)) or num_max_tokens < 1
@@ -185,7 +188,7 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
             f"({n_o} sources x capacity); raise it, lower capacity, or leave it None"
         )
     be = ops.choose_backend(backend, mode, op="ep_moe_hier")
-    if be == "ffi" and backend == "auto" and config.arch_of_mode(mode) == 10 and not ops.sm100_mega_opted_in():
+    if be == "ffi" and backend == "auto" and config.arch_of_mode(mode) == 10 and not pol.sm100_mega:
         be = "reference"
     if intranode == "local" and g > 1:
         raise ValueError(
@@ -207,8 +210,8 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
         elif (
             ok
             and backend != "reference"
-            and parallel._fused_wanted()
-            and (mode == "fp8" or ops.sm100_mega_opted_in())
+            and pol.fused_ep
+            and (mode == "fp8" or pol.sm100_mega)
         ):
             inner, reason = "fused", f"the {g} GPUs of each host run DeepGEMM's multi-rank kernel over NVLink"
         else:
@@ -217,7 +220,7 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
                 reason = f"fused intranode kernel unavailable: {why}"
             elif backend == "reference":
                 reason = "backend='reference'"
-            elif not parallel._fused_wanted():
+            elif not pol.fused_ep:
                 reason = f"{ENV_FUSED_EP}=0"
             else:
                 reason = f"mode {mode!r}: the sm_100 fused kernel is opt-in (JAX_MEGAMOE_SM100_MEGA=1)"
@@ -235,8 +238,7 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
     if inner == "fused":
         be = "ffi"
         table = _local_rank_table(mesh, axis) if not isinstance(mesh, jax.sharding.AbstractMesh) else ()
-        reserved = ops._env_int(ops.ENV_RESERVED_SMS, 2)
-        fused = (cap, table, reserved, ops.graph_targets_enabled())
+        fused = (cap, table, pol.reserved_sms, pol.graph_targets)
     why_disp = f"inter-host {disp} ({'ragged_all_to_all' if disp == 'ragged' else 'all_to_all'}) over {host_axis!r}"
     return HierPath(disp, inner, be, f"{why_disp}; {reason}; expert compute: {be}"), fused
 
@@ -253,6 +255,7 @@ def hier_path(
     backend: str = "auto",
     capacity: int | None = None,
     num_max_tokens: int | None = None,
+    policy: Policy | None = None,
 ) -> HierPath:
     """The :class:`HierPath` :func:`ep_moe_hier` takes with these arguments (``axis=None``: that of
     :func:`ep_moe_grouped` over ``host_axis``); raises as the call would for one that cannot run."""
@@ -261,7 +264,7 @@ def hier_path(
     c = _capacity(capacity, int(tokens_per_device))
     return _resolve(
         mesh, host_axis, axis, mode, dispatch=dispatch, intranode=intranode, backend=backend,
-        rows_per_device=n_o * c, num_max_tokens=num_max_tokens,
+        rows_per_device=n_o * c, num_max_tokens=num_max_tokens, policy=policy,
     )[0]  # fmt: skip
 
 
@@ -304,6 +307,7 @@ def ep_moe_hier(
     capacity: int | None = None,
     return_stats: bool = False,
     num_max_tokens: int | None = None,
+    policy: Policy | None = None,
 ) -> jax.Array | tuple[jax.Array, EPStats]:
     """Routed experts of one MoE layer over a two-level mesh: hosts (``host_axis``, XLA collectives)
     x GPUs of a host (``axis``: the fused kernel, or a collective on CPU). Jit-able; keywords static.
@@ -326,6 +330,8 @@ def ep_moe_hier(
         ``T_l``, the exact worst case. Rows past it take the second pass (module docstring).
       return_stats: return ``(y, EPStats)``.
       num_max_tokens: at least the rows a device receives per pass (``n_o * capacity``); default that.
+      policy: the settings the call does not give (fused opt-out, reserved SMs, graph targets, sm_100
+        opt-in); default the process policy (:func:`jax_megamoe.policy.current`).
 
     Returns:
       ``y`` bf16 ``[T, H]`` sharded ``P((host_axis, axis))`` (and :class:`EPStats` if ``return_stats``).
@@ -351,7 +357,7 @@ def ep_moe_hier(
     cap1 = _capacity(capacity, tl)
     path, fused = _resolve(
         mesh, host_axis, axis, mode, dispatch=dispatch, intranode=intranode, backend=backend,
-        rows_per_device=n_o * cap1, num_max_tokens=num_max_tokens,
+        rows_per_device=n_o * cap1, num_max_tokens=num_max_tokens, policy=policy,
     )  # fmt: skip
     caps = (cap1,) if cap1 >= tl else (cap1, tl - cap1)
     fused2 = None
