@@ -24,10 +24,6 @@ KERNELS = ("auto", "fused", "decode")
 #   T=4: fused 236.7 us, decode 270.7 us  T=8: fused 414.5 us, decode 535.2 us (fused from here on)
 # so decode while T <= 2 at K = 6. Rerun the benchmark before changing it.
 DECODE_MAX_PAIRS = 12
-DECODE_CROSSOVER_EVIDENCE = (
-    "H100 80GB HBM3, V4-Flash, 43 layers in one jitted step: decode 86.2/140.2 us vs fused 105.0/151.1 us "
-    "per layer at T=1/2; fused faster from T=4 (236.7 vs 270.7 us)"
-)
 
 
 def choose_kernel(kernel: str, mode: str, num_tokens: int, top_k: int) -> str:

@@ -84,6 +84,14 @@ DECODE_TARGETS: dict[str, str] = {
     TARGET_DECODE_L2_SM90 + GRAPH_SUFFIX: "jmm_decode_l2_sm90_graph",
 }
 
+# FFI state types: type name -> C symbol prefix of its `{prefix}_type_id` / `{prefix}_type_info` exports.
+STATE_TYPES: dict[str, str] = {
+    STATE_TYPE_NAME: "jmm_pre_dispatch_state",
+    MEGA_SM90_STATE_TYPE_NAME: "jmm_mega_moe_sm90_state",
+    MEGA_SM100_STATE_TYPE_NAME: "jmm_mega_moe_sm100_state",
+    DECODE_STATE_TYPE_NAME: "jmm_decode_state",
+}
+
 # C API of the library (besides the handler symbols): name -> (restype, argtypes).
 _C_API: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "jmm_configure": (ctypes.c_int, (ctypes.c_char_p,) * 5),
@@ -414,38 +422,15 @@ def _register_locked() -> FfiStatus:
         return FfiStatus(_lib_path, reason, False, (), tc, tc_err, hd, hd_err, build_info)
     try:
         configure_jit(tc, hd, lib=lib)
-        jax.ffi.register_ffi_type(
-            STATE_TYPE_NAME,
-            {
-                "type_id": jax.ffi.pycapsule(lib.jmm_pre_dispatch_state_type_id()),
-                "type_info": jax.ffi.pycapsule(lib.jmm_pre_dispatch_state_type_info()),
-            },
-            platform=PLATFORM,
-        )
-        jax.ffi.register_ffi_type(
-            MEGA_SM90_STATE_TYPE_NAME,
-            {
-                "type_id": jax.ffi.pycapsule(lib.jmm_mega_moe_sm90_state_type_id()),
-                "type_info": jax.ffi.pycapsule(lib.jmm_mega_moe_sm90_state_type_info()),
-            },
-            platform=PLATFORM,
-        )
-        jax.ffi.register_ffi_type(
-            MEGA_SM100_STATE_TYPE_NAME,
-            {
-                "type_id": jax.ffi.pycapsule(lib.jmm_mega_moe_sm100_state_type_id()),
-                "type_info": jax.ffi.pycapsule(lib.jmm_mega_moe_sm100_state_type_info()),
-            },
-            platform=PLATFORM,
-        )
-        jax.ffi.register_ffi_type(
-            DECODE_STATE_TYPE_NAME,
-            {
-                "type_id": jax.ffi.pycapsule(lib.jmm_decode_state_type_id()),
-                "type_info": jax.ffi.pycapsule(lib.jmm_decode_state_type_info()),
-            },
-            platform=PLATFORM,
-        )
+        for type_name, prefix in STATE_TYPES.items():
+            jax.ffi.register_ffi_type(
+                type_name,
+                {
+                    "type_id": jax.ffi.pycapsule(getattr(lib, f"{prefix}_type_id")()),
+                    "type_info": jax.ffi.pycapsule(getattr(lib, f"{prefix}_type_info")()),
+                },
+                platform=PLATFORM,
+            )
         for name, prefix in {**TARGETS, **MEGA_TARGETS, **DECODE_TARGETS}.items():
             jax.ffi.register_ffi_target(name, _capsules(lib, prefix), platform=PLATFORM, api_version=1)
     except Exception as e:  # noqa: BLE001 - recorded, raised by require()

@@ -446,9 +446,6 @@ def mega_moe_target_call(
     )
 
 
-DECODE_TARGETS = ("jax_megamoe_decode_l1_sm90", "jax_megamoe_decode_l2_sm90")
-
-
 def decode_target_call(
     x: jax.Array,
     topk_idx: jax.Array,
@@ -471,12 +468,12 @@ def decode_target_call(
     suffix = "_graph" if graph else ""
     dims = dict(hidden=np.int64(h), intermediate=np.int64(weights.intermediate), num_experts=np.int64(e), top_k=np.int64(k))
     act = ffi_call_on_gpu(
-        "mega_moe", DECODE_TARGETS[0] + suffix, jax.ShapeDtypeStruct((t * k, weights.intermediate), jnp.float32),
+        "mega_moe", _ffi.TARGET_DECODE_L1_SM90 + suffix, jax.ShapeDtypeStruct((t * k, weights.intermediate), jnp.float32),
         x, idx, topk_weights, weights.l1, weights.l1_sf,
         activation_clamp=np.float32(np.inf if activation_clamp is None else activation_clamp),
         routed_scaling_factor=np.float32(routed_scaling_factor), **dims,
     )  # fmt: skip
     return ffi_call_on_gpu(
-        "mega_moe", DECODE_TARGETS[1] + suffix, jax.ShapeDtypeStruct((t, h), jnp.bfloat16),
+        "mega_moe", _ffi.TARGET_DECODE_L2_SM90 + suffix, jax.ShapeDtypeStruct((t, h), jnp.bfloat16),
         act, idx, weights.l2, weights.l2_sf, **dims,
     )  # fmt: skip
