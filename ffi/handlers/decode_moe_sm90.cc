@@ -72,9 +72,8 @@ ffi::Error ValidateShape(const char* t, int64_t h, int64_t i, int64_t e, int64_t
   if (e <= 0 || e > std::numeric_limits<int32_t>::max()) {
     return ffi::Error::InvalidArgument(cat(t, ": attribute num_experts=", e, " must be in [1, 2^31)"));
   }
-  if (k < 1 || k > jit::kDecodeMaxTopK) {
-    return ffi::Error::InvalidArgument(
-        cat(t, ": attribute top_k=", k, " must be in [1, ", jit::kDecodeMaxTopK, "]"));
+  if (k < 1 || k > 64) {
+    return ffi::Error::InvalidArgument(cat(t, ": attribute top_k=", k, " must be in [1, 64]"));
   }
   return ffi::Error::Success();
 }
@@ -101,7 +100,7 @@ ffi::ErrorOr<std::unique_ptr<DecodeMoeState>> Build(jit::DecodePass pass, int64_
   }
   jit::CompiledKernel compiled;
   std::string why;
-  if (!jit::jit_compile(jit::decode_source(pass, k), &compiled, &why)) {
+  if (!jit::jit_compile(jit::decode_source(pass), &compiled, &why)) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(cat(t, ": ", why)));
   }
   auto kernel = jit::load_kernel(compiled.cubin_path, compiled.symbol, &why);
@@ -157,49 +156,33 @@ ffi::Error FunctionFor(const cuda::Driver* d, const host::DriverExt* x, DecodeMo
 }
 
 ffi::Error Enter(CUstream stream, int32_t device, DecodeMoeState* st, host::ContextScope* scope,
-                 const cuda::Driver** d, const host::DriverExt** x, CUfunction* fn) {
+                 const cuda::Driver** d, CUfunction* fn) {
+  const host::DriverExt* x = nullptr;
   CUcontext ctx = nullptr;
-  if (ffi::Error e = host::Begin(stream, device, TargetName(st->pass), scope, d, x, &ctx); !e.success()) {
+  if (ffi::Error e = host::Begin(stream, device, TargetName(st->pass), scope, d, &x, &ctx); !e.success()) {
     return e;
   }
-  return FunctionFor(*d, *x, st, ctx, fn);
+  return FunctionFor(*d, x, st, ctx, fn);
 }
 
 ffi::Error Initialize(CUstream stream, int32_t device, DecodeMoeState* st) {
   host::ContextScope scope;
   const cuda::Driver* d = nullptr;
-  const host::DriverExt* x = nullptr;
   CUfunction fn = nullptr;
-  return Enter(stream, device, st, &scope, &d, &x, &fn);
+  return Enter(stream, device, st, &scope, &d, &fn);
 }
 
-// One grid on XLA's stream. l2 goes out as a programmatic dependent launch of the kernel before
-// it (l1, which triggers at its start): its blocks start in l1's tail, prefetch their first
-// weights and wait in griddepcontrol.wait for l1 to complete (decode_kernels.cc).
 ffi::Error Launch(CUstream stream, int32_t device, DecodeMoeState* st, int64_t blocks, void** params) {
   if (blocks == 0) return ffi::Error::Success();
   host::ContextScope scope;
   const cuda::Driver* d = nullptr;
-  const host::DriverExt* x = nullptr;
   CUfunction fn = nullptr;
-  if (ffi::Error e = Enter(stream, device, st, &scope, &d, &x, &fn); !e.success()) return e;
-  CUlaunchAttribute attr{};
-  attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-  attr.value.programmaticStreamSerializationAllowed = 1;
-  CUlaunchConfig lc{};
-  lc.gridDimX = static_cast<unsigned>(blocks);
-  lc.gridDimY = lc.gridDimZ = 1;
-  lc.blockDimX = jit::kDecodeThreads;
-  lc.blockDimY = lc.blockDimZ = 1;
-  lc.sharedMemBytes = static_cast<unsigned>(st->smem_bytes);
-  lc.hStream = stream;
-  const bool pdl = st->pass == jit::DecodePass::kL2;
-  lc.attrs = pdl ? &attr : nullptr;
-  lc.numAttrs = pdl ? 1 : 0;
-  if (CUresult r = x->LaunchKernelEx(&lc, fn, params, nullptr); r != CUDA_SUCCESS) {
-    return ffi::Error::Internal(cat(TargetName(st->pass), ": cuLaunchKernelEx(grid=", blocks,
-                                    pdl ? ", programmatic stream serialization" : "", ") failed: ",
-                                    cuda::error_string(d, r)));
+  if (ffi::Error e = Enter(stream, device, st, &scope, &d, &fn); !e.success()) return e;
+  if (CUresult r = d->LaunchKernel(fn, static_cast<unsigned>(blocks), 1, 1, jit::kDecodeThreads, 1, 1,
+                                   static_cast<unsigned>(st->smem_bytes), stream, params, nullptr);
+      r != CUDA_SUCCESS) {
+    return ffi::Error::Internal(cat(TargetName(st->pass), ": cuLaunchKernel(grid=", blocks,
+                                    ") failed: ", cuda::error_string(d, r)));
   }
   return ffi::Error::Success();
 }
@@ -270,35 +253,23 @@ ffi::Error ExecuteL2(CUstream stream, int32_t device, DecodeMoeState* st, ffi::A
 }  // namespace
 }  // namespace jmm
 
-namespace {
-// "" when (pass, top_k) names a decode kernel, else why not.
-std::string DecodeArgsError(const char* fn, int pass, int top_k) {
-  if (pass != 1 && pass != 2) return jmm::cat(fn, ": pass must be 1 or 2, got ", pass);
-  if (top_k < 1 || top_k > jmm::jit::kDecodeMaxTopK) {
-    return jmm::cat(fn, ": top_k must be in [1, ", jmm::jit::kDecodeMaxTopK, "], got ", top_k);
-  }
-  return "";
-}
-}  // namespace
-
-// Renders / compiles one pass's kernel (1 = l1, 2 = l2) for `top_k` slots without a GPU: for the
-// CPU compile tests.
-JMM_EXPORT int jmm_decode_render(int pass, int top_k, char* out, size_t cap) {
-  if (std::string why = DecodeArgsError("jmm_decode_render", pass, top_k); !why.empty()) {
-    jmm::set_last_error(why);
+// Renders / compiles one pass's kernel (1 = l1, 2 = l2) without a GPU: for the CPU compile tests.
+JMM_EXPORT int jmm_decode_render(int pass, char* out, size_t cap) {
+  if (pass != 1 && pass != 2) {
+    jmm::set_last_error(jmm::cat("jmm_decode_render: pass must be 1 or 2, got ", pass));
     return -1;
   }
-  return static_cast<int>(jmm::copy_out(
-      jmm::jit::decode_source(static_cast<jmm::jit::DecodePass>(pass), top_k).source, out, cap));
+  return static_cast<int>(jmm::copy_out(jmm::jit::decode_source(static_cast<jmm::jit::DecodePass>(pass)).source,
+                                        out, cap));
 }
 
-JMM_EXPORT int jmm_decode_compile(int pass, int top_k, char* cubin_out, size_t cap, char* err_out,
-                                  size_t err_cap) {
-  std::string why = DecodeArgsError("jmm_decode_compile", pass, top_k);
-  if (why.empty()) {
+JMM_EXPORT int jmm_decode_compile(int pass, char* cubin_out, size_t cap, char* err_out, size_t err_cap) {
+  std::string why;
+  if (pass != 1 && pass != 2) {
+    why = jmm::cat("jmm_decode_compile: pass must be 1 or 2, got ", pass);
+  } else {
     jmm::jit::CompiledKernel c;
-    if (jmm::jit::jit_compile(jmm::jit::decode_source(static_cast<jmm::jit::DecodePass>(pass), top_k), &c,
-                              &why)) {
+    if (jmm::jit::jit_compile(jmm::jit::decode_source(static_cast<jmm::jit::DecodePass>(pass)), &c, &why)) {
       if (c.cubin_path.size() + 1 <= cap) {
         jmm::copy_out(c.cubin_path, cubin_out, cap);
         jmm::copy_out("", err_out, err_cap);

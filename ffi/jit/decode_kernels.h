@@ -31,12 +31,7 @@ constexpr int kDecodeL1ColsPerBlock = 8;
 // l2: one block covers 16 hidden rows of W2 of one token.
 constexpr int kDecodeL2RowsPerBlock = 16;
 
-// The most slots per token the decode kernels take: l1 keeps one register set of weights per slot
-// (top_k is a compile-time constant of its cubin), so more would spill.
-constexpr int kDecodeMaxTopK = 8;
-
-// The source of one pass for `top_k` slots per token (1 <= top_k <= kDecodeMaxTopK).
-KernelSource decode_source(DecodePass pass, int64_t top_k);
+KernelSource decode_source(DecodePass pass);
 
 // Dynamic shared memory of a pass, in bytes.
 int64_t decode_smem_bytes(DecodePass pass, int64_t hidden, int64_t intermediate, int64_t top_k);

@@ -25,11 +25,6 @@ KERNELS = ("auto", "fused", "decode")
 # so decode while T <= 2 at K = 6. Rerun the benchmark before changing it.
 DECODE_MAX_PAIRS = 12
 
-# The most slots per token the decode kernels take (= kDecodeMaxTopK in ffi/jit/decode_kernels.h):
-# l1 keeps one register set of weights per slot, so more would spill; "auto" takes the fused
-# kernel above it.
-DECODE_MAX_TOPK = 8
-
 
 def choose_kernel(kernel: str, mode: str, num_tokens: int, top_k: int) -> str:
     """``"fused"`` or ``"decode"`` for an FFI call of ``num_tokens`` tokens (validates ``kernel``)."""
@@ -37,10 +32,6 @@ def choose_kernel(kernel: str, mode: str, num_tokens: int, top_k: int) -> str:
         raise ValueError(f"kernel: {kernel!r} is not one of {', '.join(KERNELS)}")
     if kernel == "decode" and mode != "fp8":
         raise ValueError(f"kernel='decode': the decode kernels run mode 'fp8' (sm_90) only, got mode {mode!r}")
-    if kernel == "decode" and top_k > DECODE_MAX_TOPK:
-        raise ValueError(f"kernel='decode': top_k={top_k} is more than the decode kernels take "
-                         f"({DECODE_MAX_TOPK}); use kernel='fused' or 'auto'")
     if kernel != "auto":
         return kernel
-    return ("decode" if mode == "fp8" and top_k <= DECODE_MAX_TOPK and 0 < num_tokens * top_k <= DECODE_MAX_PAIRS
-            else "fused")
+    return "decode" if mode == "fp8" and 0 < num_tokens * top_k <= DECODE_MAX_PAIRS else "fused"

@@ -117,10 +117,10 @@ _C_API: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "jmm_mega_moe_sm100_state_type_info": (ctypes.c_void_p, ()),
     "jmm_decode_state_type_id": (ctypes.c_void_p, ()),
     "jmm_decode_state_type_info": (ctypes.c_void_p, ()),
-    "jmm_decode_render": (ctypes.c_int, (ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)),
+    "jmm_decode_render": (ctypes.c_int, (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)),
     "jmm_decode_compile": (
         ctypes.c_int,
-        (ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t),
+        (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t),
     ),
 }
 
