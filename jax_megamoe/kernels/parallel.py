@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 from jax_megamoe.kernels import _rules, ops
@@ -96,7 +97,7 @@ _RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 # --------------------------------------------------------------------------------------------
 
 
-def _axis_size(mesh: Any, axis: Any) -> int:
+def _axis_size(mesh: Mesh | AbstractMesh, axis: Any) -> int:
     if not isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
         raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
     if axis not in mesh.axis_names:
@@ -104,7 +105,7 @@ def _axis_size(mesh: Any, axis: Any) -> int:
     return int(mesh.shape[axis])
 
 
-def _platform(mesh: Any) -> str | None:
+def _platform(mesh: Mesh | AbstractMesh) -> str | None:
     if isinstance(mesh, jax.sharding.AbstractMesh):
         return None
     devices = getattr(mesh, "devices", None)
@@ -113,7 +114,7 @@ def _platform(mesh: Any) -> str | None:
     return devices.flat[0].platform
 
 
-def dispatch_path(mesh: Any, dispatch: str = "auto") -> str:
+def dispatch_path(mesh: Mesh | AbstractMesh, dispatch: str = "auto") -> str:
     """``"ragged"`` or ``"dense"``: the collective :func:`ep_moe` uses on ``mesh`` for ``dispatch``
     when it does not take the fused kernel.
 
@@ -140,7 +141,7 @@ def exact_capacity(num_tokens: int, top_k: int, num_shards: int) -> int:
     return (num_tokens // num_shards) * top_k
 
 
-def rank_table(mesh: Any, axis: str = "ep") -> np.ndarray:
+def rank_table(mesh: Mesh | AbstractMesh, axis: str = "ep") -> np.ndarray:
     """int64 ``[groups, n]``: the CUDA device ordinal of every device of ``mesh``, one row per
     expert-parallel group (the devices along ``axis`` for one position of the other axes) in rank
     order. What the fused kernel's FFI handler receives (``ffi/layout/rank_table.h``); a device finds
@@ -158,7 +159,7 @@ def rank_table(mesh: Any, axis: str = "ep") -> np.ndarray:
     return np.vectorize(ordinal, otypes=[np.int64])(devices)
 
 
-def fused_available(mesh: Any, axis: str = "ep", mode: str = "fp8") -> tuple[bool, str]:
+def fused_available(mesh: Mesh | AbstractMesh, axis: str = "ep", mode: str = "fp8") -> tuple[bool, str]:
     """``(True, "")`` where :func:`ep_moe` can run the fused intranode kernel on ``mesh`` for
     ``mode``, else ``(False, why)``: one process drives every device of the mesh, all are GPUs of the
     mode's architecture (sm_90 for ``"fp8"``, sm_100 for ``"fp8xfp4"``/``"mxf4xmxf4"``) and the FFI
@@ -189,7 +190,7 @@ def fused_available(mesh: Any, axis: str = "ep", mode: str = "fp8") -> tuple[boo
     return True, ""
 
 
-def _check_weights(weights: Any, mode: str, hidden: int, top_k: int, n: int) -> None:
+def _check_weights(weights: MoEWeights, mode: str, hidden: int, top_k: int, n: int) -> None:
     if not isinstance(weights, MoEWeights):
         raise TypeError(f"weights: expected a jax_megamoe.layout.MoEWeights, got {type(weights).__name__}")
     weights.validate_for(mode, hidden=hidden)  # names the mode mismatch
@@ -210,7 +211,7 @@ def _check_weights(weights: Any, mode: str, hidden: int, top_k: int, n: int) -> 
         raise ValueError(f"topk_idx: top_k={top_k} exceeds the sm_100 kernel's limit of {config.MAX_TOPK_SM100}")
 
 
-def _is_explicit(mesh: Any, axis: Any) -> bool:
+def _is_explicit(mesh: Mesh | AbstractMesh, axis: Any) -> bool:
     types = getattr(mesh, "axis_types", None)
     if not types:
         return False
@@ -218,7 +219,7 @@ def _is_explicit(mesh: Any, axis: Any) -> bool:
     return t == jax.sharding.AxisType.Explicit
 
 
-def _place(a: Any, mesh: Any, spec: P, explicit: bool) -> Any:
+def _place(a: Any, mesh: Mesh | AbstractMesh, spec: P, explicit: bool) -> Any:
     """``a`` with sharding ``NamedSharding(mesh, spec)``: moved only where it is not already so."""
     if isinstance(mesh, jax.sharding.AbstractMesh):
         return a
@@ -256,9 +257,9 @@ def ep_moe(
     x: jax.Array,
     topk_idx: jax.Array,
     topk_weights: jax.Array,
-    weights: Any,
+    weights: MoEWeights,
     *,
-    mesh: Any,
+    mesh: Mesh | AbstractMesh,
     axis: str = "ep",
     mode: str,
     activation_clamp: float | None = None,
@@ -367,7 +368,7 @@ def ep_moe(
 
 
 def ep_path(
-    mesh: Any,
+    mesh: Mesh | AbstractMesh,
     axis: str = "ep",
     mode: str = "fp8",
     tokens_per_device: int = 1,
@@ -570,7 +571,7 @@ def _ep_body(x, topk_idx, w, weights, *, axis, mode, clamp, backend, path, cap, 
 # --------------------------------------------------------------------------------------------
 
 
-def shard_weights(weights: Any, mesh: Any, axis: str = "ep") -> Any:
+def shard_weights(weights: MoEWeights, mesh: Mesh | AbstractMesh, axis: str = "ep") -> MoEWeights:
     """``weights`` (global ``MoEWeights``) placed with ``P(axis)`` on the expert dim, checked for ``mesh``.
 
     Concrete arrays are moved now (so a model holds its experts sharded); traced ones get a sharding
@@ -586,9 +587,9 @@ def ep_moe_padded(
     x: jax.Array,
     topk_idx: jax.Array,
     topk_weights: jax.Array,
-    weights: Any,
+    weights: MoEWeights,
     *,
-    mesh: Any,
+    mesh: Mesh | AbstractMesh,
     axis: str = "ep",
     **kwargs: Any,
 ) -> jax.Array:

@@ -67,11 +67,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 from jax_megamoe.kernels import ops, parallel
 from jax_megamoe.numerics import config, reference
 from jax_megamoe.numerics import policy as _policy
+from jax_megamoe.numerics.layout import MoEWeights
 from jax_megamoe.numerics.policy import Policy
 
 __all__ = ["ep_moe_grouped", "ep_moe_hier", "hier_path", "EPStats", "HierPath", "INTRANODE", "OVERFLOW_POLICY"]
@@ -111,7 +113,7 @@ class HierPath(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _axes(mesh: Any, host_axis: Any, axis: Any) -> tuple[int, int]:
+def _axes(mesh: Mesh | AbstractMesh, host_axis: Any, axis: Any) -> tuple[int, int]:
     n_o = parallel._axis_size(mesh, host_axis)
     if axis is None:
         return n_o, 1
@@ -120,7 +122,7 @@ def _axes(mesh: Any, host_axis: Any, axis: Any) -> tuple[int, int]:
     return n_o, parallel._axis_size(mesh, axis)
 
 
-def _groups_in_one_process(mesh: Any, axis: str) -> tuple[bool, str]:
+def _groups_in_one_process(mesh: Mesh | AbstractMesh, axis: str) -> tuple[bool, str]:
     devices = np.moveaxis(mesh.devices, tuple(mesh.axis_names).index(axis), -1)
     for row in devices.reshape(-1, devices.shape[-1]):
         procs = {d.process_index for d in row}
@@ -132,7 +134,7 @@ def _groups_in_one_process(mesh: Any, axis: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _fused_inner_available(mesh: Any, axis: str, mode: str) -> tuple[bool, str]:
+def _fused_inner_available(mesh: Mesh | AbstractMesh, axis: str, mode: str) -> tuple[bool, str]:
     """Like :func:`parallel.fused_available` for one host's GPUs: several processes may drive the
     mesh (one per host), but every group along ``axis`` belongs to one process."""
     arch = config.arch_of_mode(mode)
@@ -153,7 +155,7 @@ def _fused_inner_available(mesh: Any, axis: str, mode: str) -> tuple[bool, str]:
     return ops._ffi_ready()
 
 
-def _local_rank_table(mesh: Any, axis: str) -> tuple[tuple[int, ...], ...]:
+def _local_rank_table(mesh: Mesh | AbstractMesh, axis: str) -> tuple[tuple[int, ...], ...]:
     """The rank-table rows (CUDA ordinals, rank order along ``axis``) of the groups this process drives."""
     devices = np.moveaxis(mesh.devices, tuple(mesh.axis_names).index(axis), -1)
     rows = devices.reshape(-1, devices.shape[-1])
@@ -244,7 +246,7 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
 
 
 def hier_path(
-    mesh: Any,
+    mesh: Mesh | AbstractMesh,
     host_axis: str = "host",
     axis: str | None = "ep",
     mode: str = "fp8",
@@ -281,7 +283,16 @@ def _capacity(capacity: Any, tokens_per_device: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def ep_moe_grouped(x, topk_idx, topk_weights, weights, *, mesh, axis: str = "ep", **kwargs):
+def ep_moe_grouped(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    topk_weights: jax.Array,
+    weights: MoEWeights,
+    *,
+    mesh: Mesh | AbstractMesh,
+    axis: str = "ep",
+    **kwargs: Any,
+) -> jax.Array | tuple[jax.Array, EPStats]:
     """:func:`ep_moe_hier` with one level: experts and tokens sharded over ``axis`` alone, every
     device its own "host". One all-to-all of token rows (each token once per destination device, its
     ``K`` slots local or ``-1``), one single-rank kernel call over the received rows, the reverse
@@ -293,9 +304,9 @@ def ep_moe_hier(
     x: jax.Array,
     topk_idx: jax.Array,
     topk_weights: jax.Array,
-    weights: Any,
+    weights: MoEWeights,
     *,
-    mesh: Any,
+    mesh: Mesh | AbstractMesh,
     host_axis: str = "host",
     axis: str | None = "ep",
     mode: str,
