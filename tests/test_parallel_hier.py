@@ -28,7 +28,8 @@ TIMEOUT_S = 170
 
 SINGLE_CHECKS = (
     "devices", "path_cpu", "hier2x4_skewed", "hier2x4_sharding", "hier2x4_second_pass", "hier2x4_empty_host",
-    "hier2x4_empty_host_rows", "grouped_path", "grouped_ep8", "grouped_ep8_second_pass", "grouped_ep4",
+    "hier2x4_empty_host_rows", "grouped_path", "grouped_ep8", "grouped_ep8_second_pass", "dense_alias_warns_same_bits",
+    "grouped_ep4",
     "hier_fused_lowers_for_cuda", "hier_fused_second_pass_lowered", "ragged_on_cpu_error", "fused_groups_one_process",
 )  # fmt: skip
 
@@ -158,7 +159,7 @@ def test_error_options():
         _call(intranode="fused", backend="reference")
     with pytest.raises(ValueError, match=r"intranode: 'fused' cannot run here: an AbstractMesh has no devices"):
         _call(intranode="fused")
-    with pytest.raises(ValueError, match=r"dispatch: 'fused' is not one of auto, ragged, dense"):
+    with pytest.raises(ValueError, match=r"dispatch: 'fused' is not one of auto, ragged, padded"):
         _call(dispatch="fused")
     with pytest.raises(ValueError, match=r"backend: 'cuda' is not one of"):
         _call(backend="cuda")
@@ -180,7 +181,7 @@ def test_error_options():
 
 def test_hier_path_reports_choice_and_reason():
     p = PH.hier_path(_mesh(), "host", "ep", "fp8", 4)
-    assert (p.dispatch, p.intranode, p.backend) == ("dense", "collective", "reference")
+    assert (p.dispatch, p.intranode, p.backend) == ("padded", "collective", "reference")
     assert "AbstractMesh" in p.reason and "'host'" in p.reason
     g = PH.hier_path(_mesh(8, 1), "host", "ep", "fp8", 4)
     assert g.intranode == "local" and "one device per host" in g.reason
@@ -188,6 +189,9 @@ def test_hier_path_reports_choice_and_reason():
     assert one.intranode == "local"
     c = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, intranode="collective")
     assert c.intranode == "collective" and "requested" in c.reason
+    with pytest.warns(DeprecationWarning, match=r"dispatch='dense' is deprecated: it is dispatch='padded'"):
+        old = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, dispatch="dense")
+    assert old == PH.hier_path(_mesh(), "host", "ep", "fp8", 4, dispatch="padded") == p
     with pytest.raises(ValueError, match=r"capacity: -2 must be"):
         PH.hier_path(_mesh(), "host", "ep", "fp8", 4, capacity=-2)
 

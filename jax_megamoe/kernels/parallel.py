@@ -12,11 +12,13 @@ of its own tokens back. One call, inside :func:`jax.shard_map`, per device:
    *local* expert id and its routing weight (``routed_scaling_factor`` already multiplied in, in
    f32, as the reference does). Row ``[s, j]`` of the receive buffer is the ``j``-th pair that
    device ``s`` sent here, so the received pairs of one expert come in global ``r`` order.
-   ``dispatch="dense"``: :func:`jax.lax.all_to_all` of the whole buffer (padding rows included);
-   ``dispatch="ragged"``: :func:`jax.lax.ragged_all_to_all` of only the used rows into the same
-   layout; ``"auto"`` picks ragged on GPU/TPU and dense on CPU (XLA:CPU has no
+   ``dispatch="padded"``: :func:`jax.lax.all_to_all` of the whole fixed-capacity buffer (padding
+   rows included); ``dispatch="ragged"``: :func:`jax.lax.ragged_all_to_all` of only the used rows
+   into the same layout; ``"auto"`` picks ragged on GPU/TPU and padded on CPU (XLA:CPU has no
    ``ragged-all-to-all``: ``UNIMPLEMENTED: HLO opcode `ragged-all-to-all` is not supported by
    XLA:CPU ThunkEmitter`` with jax 0.10.2). :func:`dispatch_path` says which one a call takes.
+   These two are the *collective* dispatches (XLA collectives), as opposed to ``"fused"`` below.
+   ``"dense"``, the old name of ``"padded"``, is still accepted with a DeprecationWarning.
 3. **Local experts** (:func:`_local_experts`, the one place a kernel plugs in): the received rows are
    a single-rank Mega MoE problem with top-k 1 over the ``E/n`` local experts. ``backend="auto"`` /
    ``"reference"`` run :func:`jax_megamoe.reference.mega_moe` on them with the chunk size the
@@ -27,9 +29,9 @@ of its own tokens back. One call, inside :func:`jax.shard_map`, per device:
    ``k``, the kernel's (and the reference's) combine.
 
 Exactness: the result equals ``reference.mega_moe`` on one device over all ``T`` tokens **bit for
-bit**: tested for EP 2, 4, 8 (one mode each) with 8 virtual CPU devices (dense dispatch), across two
+bit**: tested for EP 2, 4, 8 (one mode each) with 8 virtual CPU devices (padded dispatch), across two
 processes x 4 CPU devices (``jax.distributed``, gloo), and on 2 x H200 (jax 0.11.2) in every mode
-with both ragged and dense dispatch, at V4-Flash size too (``python tests/parallel_worker.py gpu``,
+with both ragged and padded dispatch, at V4-Flash size too (``python tests/parallel_worker.py gpu``,
 ``python examples/ep_moe.py --check``).
 
 Capacity: ``pair_capacity=None`` is exact. A smaller ``pair_capacity`` (rows per source/destination pair;
@@ -80,10 +82,15 @@ from jax_megamoe.numerics.layout import MoEWeights
 __all__ = [
     "ep_moe", "ep_moe_padded", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
     "rank_table",
-    "DISPATCHES", "BACKENDS",
+    "canonical_dispatch", "DISPATCHES", "DEPRECATED_DISPATCHES", "BACKENDS",
 ]  # fmt: skip
 
-DISPATCHES: tuple[str, ...] = ("auto", "fused", "ragged", "dense")
+#: ``dispatch=`` values: ``"fused"`` (the intranode kernel) or a collective one, ``"ragged"``
+#: (``ragged_all_to_all`` of the used rows) or ``"padded"`` (``all_to_all`` of the fixed-capacity
+#: buffer, padding rows included); ``"auto"`` picks.
+DISPATCHES: tuple[str, ...] = ("auto", "fused", "ragged", "padded")
+#: Old ``dispatch=`` names, still accepted with a DeprecationWarning: old name -> its name now.
+DEPRECATED_DISPATCHES: dict[str, str] = {"dense": "padded"}
 #: Environment switch: ``0`` keeps ``dispatch="auto"`` off the fused intranode kernel.
 ENV_FUSED_EP = _policy.ENV["fused_ep"][0]  # read once, into the process policy
 BACKENDS: tuple[str, ...] = ("auto", "ffi", "reference")
@@ -114,24 +121,42 @@ def _platform(mesh: Mesh | AbstractMesh) -> str | None:
     return devices.flat[0].platform
 
 
+def canonical_dispatch(dispatch: str, *, name: str = "dispatch", stacklevel: int = 3) -> str:
+    """``dispatch`` with a deprecated name (:data:`DEPRECATED_DISPATCHES`: ``"dense"``) replaced by
+    its name now (``"padded"``), with a DeprecationWarning naming it; any other value unchanged.
+    ``name``: the argument, for the warning; ``stacklevel``: as :func:`warnings.warn`'s, counted from
+    the caller of this function's caller (the public entry point's caller by default)."""
+    new = DEPRECATED_DISPATCHES.get(dispatch) if isinstance(dispatch, str) else None
+    if new is None:
+        return dispatch
+    warnings.warn(
+        f"{name}={dispatch!r} is deprecated: it is {name}={new!r} (all_to_all of the fixed-capacity "
+        "padded buffer), which behaves identically",
+        DeprecationWarning, stacklevel=stacklevel,
+    )  # fmt: skip
+    return new
+
+
 def dispatch_path(mesh: Mesh | AbstractMesh, dispatch: str = "auto") -> str:
-    """``"ragged"`` or ``"dense"``: the collective :func:`ep_moe` uses on ``mesh`` for ``dispatch``
+    """``"ragged"`` or ``"padded"``: the collective :func:`ep_moe` uses on ``mesh`` for ``dispatch``
     when it does not take the fused kernel.
 
     ``"auto"`` is ``"ragged"`` (:func:`jax.lax.ragged_all_to_all`) where the mesh's platform is a GPU
-    or TPU and ``"dense"`` (:func:`jax.lax.all_to_all` with a static capacity) elsewhere, i.e. on CPU.
+    or TPU and ``"padded"`` (:func:`jax.lax.all_to_all` of the fixed-capacity buffer) elsewhere, i.e.
+    on CPU. ``"dense"``: the deprecated name of ``"padded"`` (warns).
     """
+    dispatch = canonical_dispatch(dispatch)
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
     if dispatch == "fused":
-        raise ValueError("dispatch: 'fused' uses no collective; dispatch_path answers for 'auto', 'ragged', 'dense'")
+        raise ValueError("dispatch: 'fused' uses no collective; dispatch_path answers for 'auto', 'ragged', 'padded'")
     platform = _platform(mesh)
     if dispatch == "auto":
-        return "ragged" if platform in _RAGGED_PLATFORMS else "dense"
+        return "ragged" if platform in _RAGGED_PLATFORMS else "padded"
     if dispatch == "ragged" and platform is not None and platform not in _RAGGED_PLATFORMS:
         raise ValueError(
             f"dispatch: 'ragged' needs ragged_all_to_all, which XLA on {platform!r} does not implement "
-            "(XLA:CPU: 'HLO opcode ragged-all-to-all is not supported'); use dispatch='dense' or 'auto'"
+            "(XLA:CPU: 'HLO opcode ragged-all-to-all is not supported'); use dispatch='padded' or 'auto'"
         )
     return dispatch
 
@@ -293,7 +318,8 @@ def ep_moe(
         kernel) | ``"ffi"`` (kernels: the fused kernel, or on the collective path the single-rank
         FFI mega kernel per device).
       routed_scaling_factor: multiplied into ``topk_weights`` in f32 before dispatch.
-      dispatch: ``"auto"`` | ``"fused"`` | ``"ragged"`` | ``"dense"``. ``"auto"`` takes the fused
+      dispatch: ``"auto"`` | ``"fused"`` | ``"ragged"`` | ``"padded"`` (``"dense"``: its deprecated
+        name, with a DeprecationWarning). ``"auto"`` takes the fused
         intranode kernel where :func:`fused_available` says it can (and ``T/n <= num_max_tokens``,
         ``pair_capacity`` not given, backend not ``"reference"``, ``JAX_MEGAMOE_FUSED_EP`` not 0), else the
         collective of :func:`dispatch_path`. ``"fused"`` insists (clear error where it cannot run; on
@@ -322,6 +348,7 @@ def ep_moe(
         )
     _check_weights(weights, mode, h, k, n)
     capacity = _pair_capacity(pair_capacity, capacity)
+    dispatch = canonical_dispatch(dispatch)
     clamp = config.check_clamp(activation_clamp)
     reference._check_scaling(routed_scaling_factor)
     path, fused = _choose_path(
@@ -380,10 +407,10 @@ def ep_path(
     policy: Policy | None = None,
     capacity: int | None = None,
 ) -> str:
-    """``"fused"``, ``"ragged"`` or ``"dense"``: the path :func:`ep_moe` takes with these arguments
+    """``"fused"``, ``"ragged"`` or ``"padded"``: the path :func:`ep_moe` takes with these arguments
     (``tokens_per_device`` = ``T/n``); raises as :func:`ep_moe` would for a ``dispatch`` that cannot run."""
     return _choose_path(
-        mesh, axis, mode, tokens_per_device, dispatch=dispatch, backend=backend,
+        mesh, axis, mode, tokens_per_device, dispatch=canonical_dispatch(dispatch), backend=backend,
         capacity=_pair_capacity(pair_capacity, capacity),
         num_max_tokens=num_max_tokens, policy=policy,
     )[0]  # fmt: skip
@@ -404,7 +431,7 @@ def _pair_capacity(pair_capacity: int | None, capacity: int | None) -> int | Non
 
 def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capacity, num_max_tokens, policy=None):
     """``(path, fused)``: ``"fused"`` with ``fused = (token cap, rank table rows, reserved SMs)``, or
-    the collective ``"ragged"``/``"dense"`` with ``fused = None``."""
+    the collective ``"ragged"``/``"padded"`` with ``fused = None``."""
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
     pol = _policy.resolve(policy)
@@ -529,7 +556,7 @@ def _ep_body(x, topk_idx, w, weights, *, axis, mode, clamp, backend, path, cap, 
     send_w = jnp.zeros((rows,), jnp.float32).at[slot].set(w.reshape(r), mode="drop")
 
     # 2. Dispatch: receive row [s * cap + j] = the j-th pair device s sent here.
-    if path == "dense":
+    if path == "padded":
 
         def exchange(a, fill, sizes_out, sizes_in):
             del fill, sizes_out, sizes_in

@@ -19,7 +19,7 @@ inner axis (``axis``; 1 for :func:`ep_moe_grouped`), ``T_l = T / (n_o G)`` token
 2. **One inter-host exchange** over ``host_axis`` (device ``(h, g)`` talks to ``(h', g)``): a send
    buffer ``[n_o, C]`` rows (``C`` = ``capacity``, default ``T_l``: the exact worst case) of bf16
    token rows, host-local ids ``[K]`` and f32 weights ``[K]`` (``routed_scaling_factor`` multiplied in,
-   as the reference does); ``dispatch="dense"`` is :func:`jax.lax.all_to_all`, ``"ragged"``
+   as the reference does); ``dispatch="padded"`` is :func:`jax.lax.all_to_all` of the whole buffer, ``"ragged"``
    :func:`jax.lax.ragged_all_to_all` of the used rows only (GPU/TPU; ``"auto"`` picks it there).
 3. **Intranode stage** on the ``n_o C`` received rows, whose ids are host-local (``[0, E/n_o)``):
    ``"fused"``: DeepGEMM's multi-rank kernel over the host's ``G`` GPUs (one custom call per device:
@@ -97,7 +97,7 @@ class EPStats(NamedTuple):
 
 
 class HierPath(NamedTuple):
-    """What :func:`ep_moe_hier` / :func:`ep_moe_grouped` run: ``dispatch`` (``"dense"``/``"ragged"``,
+    """What :func:`ep_moe_hier` / :func:`ep_moe_grouped` run: ``dispatch`` (``"padded"``/``"ragged"``,
     the inter-host collective), ``intranode`` (``"fused"``/``"collective"``/``"local"``), ``backend``
     of the per-GPU expert compute (``"ffi"``/``"reference"``; ``"ffi"`` for the fused stage) and
     ``reason``, a sentence."""
@@ -174,8 +174,8 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
         raise ValueError(f"intranode: {intranode!r} is not one of {', '.join(INTRANODE)}")
     if backend not in parallel.BACKENDS:
         raise ValueError(f"backend: {backend!r} is not one of {', '.join(parallel.BACKENDS)}")
-    if dispatch not in ("auto", "ragged", "dense"):
-        raise ValueError(f"dispatch: {dispatch!r} is not one of auto, ragged, dense (the inter-host collective)")
+    if dispatch not in ("auto", "ragged", "padded"):
+        raise ValueError(f"dispatch: {dispatch!r} is not one of auto, ragged, padded (the inter-host collective)")
     n_o, g = _axes(mesh, host_axis, axis)
     pol = _policy.resolve(policy)
     disp = parallel.dispatch_path(mesh, dispatch)
@@ -265,8 +265,8 @@ def hier_path(
     n_o, _ = _axes(mesh, host_axis, axis)
     c = _capacity(capacity, int(tokens_per_device))
     return _resolve(
-        mesh, host_axis, axis, mode, dispatch=dispatch, intranode=intranode, backend=backend,
-        rows_per_device=n_o * c, num_max_tokens=num_max_tokens, policy=policy,
+        mesh, host_axis, axis, mode, dispatch=parallel.canonical_dispatch(dispatch), intranode=intranode,
+        backend=backend, rows_per_device=n_o * c, num_max_tokens=num_max_tokens, policy=policy,
     )[0]  # fmt: skip
 
 
@@ -297,6 +297,8 @@ def ep_moe_grouped(
     device its own "host". One all-to-all of token rows (each token once per destination device, its
     ``K`` slots local or ``-1``), one single-rank kernel call over the received rows, the reverse
     all-to-all, combine. Same options and bound as :func:`ep_moe_hier`."""
+    if "dispatch" in kwargs:  # a deprecated name warns here, naming the caller's line
+        kwargs["dispatch"] = parallel.canonical_dispatch(kwargs["dispatch"])
     return ep_moe_hier(x, topk_idx, topk_weights, weights, mesh=mesh, host_axis=axis, axis=None, **kwargs)
 
 
@@ -335,7 +337,8 @@ def ep_moe_hier(
       backend: per-GPU expert compute of the ``"local"``/``"collective"`` stages: ``"auto"`` (the
         single-rank kernel where the default device runs the mode's kernels, else the reference),
         ``"ffi"``, ``"reference"``.
-      dispatch: inter-host collective, ``"auto"`` | ``"ragged"`` | ``"dense"`` (:func:`parallel.dispatch_path`).
+      dispatch: inter-host collective, ``"auto"`` | ``"ragged"`` | ``"padded"`` (:func:`parallel.dispatch_path`;
+        ``"dense"``: the deprecated name of ``"padded"``, warns).
       intranode: ``"auto"`` | ``"fused"`` | ``"collective"`` | ``"local"`` (see :func:`hier_path`).
       capacity: token rows per (source device, destination host) pair per pass; default (and at most)
         ``T_l``, the exact worst case. Rows past it take the second pass (module docstring).
@@ -367,7 +370,7 @@ def ep_moe_hier(
     tl = t // n
     cap1 = _capacity(capacity, tl)
     path, fused = _resolve(
-        mesh, host_axis, axis, mode, dispatch=dispatch, intranode=intranode, backend=backend,
+        mesh, host_axis, axis, mode, dispatch=parallel.canonical_dispatch(dispatch), intranode=intranode, backend=backend,
         rows_per_device=n_o * cap1, num_max_tokens=num_max_tokens, policy=policy,
     )  # fmt: skip
     caps = (cap1,) if cap1 >= tl else (cap1, tl - cap1)
@@ -424,7 +427,7 @@ def _hier_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, host_axis, axis,
 def _exchange_fn(path: HierPath, axis: str, n: int, cap: int, send_sizes: jax.Array):
     """``(forward, backward)`` moving ``[n * cap, ...]`` buffers over ``axis``: row ``[s * cap + j]``
     of the result is the ``j``-th row device ``s`` sent here."""
-    if path.dispatch == "dense":
+    if path.dispatch == "padded":
 
         def fwd(a, fill):
             del fill
