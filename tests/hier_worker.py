@@ -152,7 +152,7 @@ def run_single() -> None:
           f"{y.sharding.spec} {time.perf_counter() - t0:.1f}s")
 
     # Capacity 1 (way below the skew): a second pass, the same bits, counted.
-    y2, st2 = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, activation_clamp=CLAMP, capacity=1, return_stats=True)
+    y2, st2 = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, activation_clamp=CLAMP, pair_capacity=1, return_stats=True)
     ok, info = same_bits(y2, exact)
     exp = expected_rows(idx, e, 2, 8, 1)
     got = tuple(int(v) for v in st2)
@@ -181,7 +181,7 @@ def run_single() -> None:
     check("grouped_path", PH.hier_path(m8, "ep", None, mode, 4).intranode == "local")
     y, st = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, activation_clamp=CLAMP, return_stats=True)
     exact = verify("grouped_ep8", y, x, idx, w, w_all, mode=mode, n_hosts=8, stats=st)
-    y2, st2 = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, activation_clamp=CLAMP, capacity=2, return_stats=True)
+    y2, st2 = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, activation_clamp=CLAMP, pair_capacity=2, return_stats=True)
     ok, info = same_bits(y2, exact)
     exp = expected_rows(idx, e, 8, 8, 2)
     got = tuple(int(v) for v in st2)
@@ -226,12 +226,12 @@ def run_single() -> None:
     check("hier_fused_lowers_for_cuda", "num_ranks = 4" in line and n_a2a >= 4 and "ragged" not in text,
           f"a2a={n_a2a} {line[:240]}")
     f = jax.jit(lambda a, b, c, ww: PH.ep_moe_hier(a, b, c, ww, mesh=mesh, mode=mode, intranode="fused",
-                                                    num_max_tokens=200, capacity=2))
+                                                    num_max_tokens=200, pair_capacity=2))
     text = f.trace(*specs, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w_all)).lower(
         lowering_platforms=("cuda",)).as_text()
     calls = [ln for ln in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in ln]
     caps = sorted(int(ln.split("capacity = ")[1].split(" ")[0]) for ln in calls)
-    # Two passes (capacity 2 of 4 rows per pair): the first sized by num_max_tokens (aligned to 128),
+    # Two passes (pair_capacity 2 of 4 rows per pair): the first sized by num_max_tokens (aligned to 128),
     # the second by its own 2 x 2 rows; both inside the step, the second under a conditional.
     check("hier_fused_second_pass_lowered", caps == [128, 256] and "case" in text, f"caps={caps}")
 
@@ -277,7 +277,7 @@ def run_multi(process_id: int, port: int, num_processes: int) -> None:
         ("empty_host", empty_host_routing(8, w_all.num_experts, seed=6), None),
     ):
         y, st = PH.ep_moe_hier(glob(x), glob(idx), glob(w), wg, mesh=mesh, mode=mode, activation_clamp=CLAMP,
-                               capacity=cap, return_stats=True)
+                               pair_capacity=cap, return_stats=True)
         want, _, _ = oracle(x, idx, w, w_all, mode=mode, n_hosts=2)
         shards = sorted(y.addressable_shards, key=lambda s: s.index[0].start)
         mine = np.concatenate([np.asarray(s.data) for s in shards])

@@ -416,15 +416,18 @@ def ep_path(
     )[0]  # fmt: skip
 
 
-def _pair_capacity(pair_capacity: int | None, capacity: int | None) -> int | None:
-    """``pair_capacity``, or the deprecated ``capacity=`` (with a warning); both is a TypeError."""
+def _pair_capacity(
+    pair_capacity: int | None, capacity: int | None, where: str = "ep_moe", stacklevel: int = 3
+) -> int | None:
+    """``pair_capacity``, or the deprecated ``capacity=`` (with a warning naming ``where``, the public
+    function; ``stacklevel`` as :func:`warnings.warn`'s from here); both is a TypeError."""
     if capacity is None:
         return pair_capacity
     if pair_capacity is not None:
         raise TypeError("capacity: the deprecated name of pair_capacity; pass only pair_capacity")
     warnings.warn(
-        "ep_moe(capacity=...) is deprecated: the rows per device pair are pair_capacity= (the kernel's "
-        "token cap is num_max_tokens=)", DeprecationWarning, stacklevel=3,
+        f"{where}(capacity=...) is deprecated: the rows per (source, destination) pair are pair_capacity= "
+        "(the kernel's token cap is num_max_tokens=)", DeprecationWarning, stacklevel=stacklevel,
     )  # fmt: skip
     return capacity
 
