@@ -142,6 +142,10 @@ def check_modules(modules: list[types.ModuleType]) -> tuple[int, list[str], list
                 if id(obj) in seen:
                     continue
                 seen.add(id(obj))
+                try:  # the class's own annotations (dataclass and NamedTuple fields) must resolve too
+                    typing.get_type_hints(obj)
+                except Exception as e:
+                    offences.append(f"{home}: typing.get_type_hints fails on its fields: {type(e).__name__}: {e}")
                 for member, func, bound in _class_members(obj):
                     check(func, f"{home}.{member}", bound)
                 continue
@@ -223,6 +227,11 @@ class _Fields:
     b: typing.Optional[str] = None  # noqa: UP045
 
 
+class _BadFields(typing.NamedTuple):
+    a: int
+    b: NoSuchFieldType  # noqa: F821 (deliberately names nothing)
+
+
 def test_checker_reports_unannotated_function() -> None:
     out = check_function(_unannotated, "f")
     assert out == ["f: parameter(s) without a type hint: a, *rest, **extra", "f: no return type hint"]
@@ -236,8 +245,9 @@ def test_checker_reports_unresolvable_hint() -> None:
 
 def test_checker_walks_classes_and_modules() -> None:
     mod = types.ModuleType("fake_public")
-    mod.__all__ = ["Sample", "Fields", "unannotated", "annotated", "missing"]
+    mod.__all__ = ["Sample", "Fields", "BadFields", "unannotated", "annotated", "missing"]
     mod.Sample, mod.Fields, mod.unannotated, mod.annotated = _Sample, _Fields, _unannotated, _annotated
+    mod.BadFields = _BadFields
     count, offences, inspected = check_modules([mod, mod])  # the same module twice: counted once
     text = "\n".join(offences)
     prefix = f"{__name__}._Sample"
@@ -247,6 +257,7 @@ def test_checker_walks_classes_and_modules() -> None:
     assert f"{prefix}.prop: no return type hint" in text
     assert f"{__name__}._unannotated: parameter(s) without a type hint: a, *rest, **extra" in text
     assert "names 'missing', which the module does not define" in text
+    assert f"{__name__}._BadFields: typing.get_type_hints fails on its fields" in text and "NoSuchFieldType" in text
     assert f"{prefix}.good" in inspected and f"{prefix}._private" not in inspected
     assert not any("good" in o or "_Fields" in o or "_annotated:" in o for o in offences), offences
     # _Sample: __init__, good, bad, static_bad, prop; _Fields: its generated __init__; 2 functions
