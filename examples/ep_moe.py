@@ -12,8 +12,8 @@ device's expert math. Times the jitted layer and prints per-step time and tokens
     python examples/ep_moe.py --cpu-devices 8 --quick --check   # ... and compare with one device, bit for bit
 
 ``--cpu-devices N`` sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (and
-``JAX_PLATFORMS=cpu``) before jax is imported. On CPU the dispatch is a dense ``all_to_all``
-(XLA:CPU has no ``ragged_all_to_all``) and each device runs the pure-JAX reference expert math;
+``JAX_PLATFORMS=cpu``) before jax is imported. On CPU the dispatch is ``"padded"``, an ``all_to_all``
+of the fixed-capacity buffer (XLA:CPU has no ``ragged_all_to_all``) and each device runs the pure-JAX reference expert math;
 on GPU the dispatch is ``ragged_all_to_all``. ``--quick`` is the V4 layer shape shrunk to
 hidden 512, intermediate 256, 16 experts, top-4 (``DeepseekV4Config.tiny``).
 
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (default 3; --quick 5)")
     p.add_argument("--experts", type=int, default=None, help="routed experts (default: the config's)")
     p.add_argument("--mode", default=None, help="kernel mode: mxf4xmxf4, fp8xfp4 or fp8 (default: from device/env)")
-    p.add_argument("--dispatch", choices=("auto", "fused", "ragged", "dense"), default="auto")
+    p.add_argument("--dispatch", choices=("auto", "fused", "ragged", "padded"), default="auto")
     p.add_argument("--layer", type=int, default=3, help="layer index (< num_hash_layers: hash-routed; default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true", help="also run the layer on one device and compare bit for bit")

@@ -140,7 +140,7 @@ def run_single() -> None:
     mesh = jax.make_mesh((2, 4), ("host", "ep"), devices=devs)
     path = PH.hier_path(mesh, "host", "ep", mode, T // 8)
     print(f"PATH {path}", flush=True)
-    check("path_cpu", path.dispatch == "dense" and path.intranode == "collective" and "cpu" in path.reason, str(path))
+    check("path_cpu", path.dispatch == "padded" and path.intranode == "collective" and "cpu" in path.reason, str(path))
 
     # Skewed routing, 2 x 4: device 0's tokens nowhere, no pair for device 7's experts.
     t0 = time.perf_counter()
@@ -152,7 +152,7 @@ def run_single() -> None:
           f"{y.sharding.spec} {time.perf_counter() - t0:.1f}s")
 
     # Capacity 1 (way below the skew): a second pass, the same bits, counted.
-    y2, st2 = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, activation_clamp=CLAMP, capacity=1, return_stats=True)
+    y2, st2 = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, activation_clamp=CLAMP, pair_capacity=1, return_stats=True)
     ok, info = same_bits(y2, exact)
     exp = expected_rows(idx, e, 2, 8, 1)
     got = tuple(int(v) for v in st2)
@@ -181,11 +181,33 @@ def run_single() -> None:
     check("grouped_path", PH.hier_path(m8, "ep", None, mode, 4).intranode == "local")
     y, st = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, activation_clamp=CLAMP, return_stats=True)
     exact = verify("grouped_ep8", y, x, idx, w, w_all, mode=mode, n_hosts=8, stats=st)
-    y2, st2 = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, activation_clamp=CLAMP, capacity=2, return_stats=True)
+    y2, st2 = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, activation_clamp=CLAMP, pair_capacity=2, return_stats=True)
     ok, info = same_bits(y2, exact)
     exp = expected_rows(idx, e, 8, 8, 2)
     got = tuple(int(v) for v in st2)
     check("grouped_ep8_second_pass", ok and got == exp and exp[1] > 0, f"{info} stats={got} want={exp}")
+    # dispatch="dense" (deprecated name of "padded"): warns once per call, naming "padded", same bits.
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y_p = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, activation_clamp=CLAMP, dispatch="padded")
+        n_padded = len([c for c in caught if issubclass(c.category, DeprecationWarning)])
+        y_d = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, activation_clamp=CLAMP, dispatch="dense")
+        y_h = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, activation_clamp=CLAMP, dispatch="dense")
+        p_d = PH.hier_path(mesh, "host", "ep", mode, T // 8, dispatch="dense")
+    deps = [str(c.message) for c in caught if issubclass(c.category, DeprecationWarning)]
+    ok_g, info_g = same_bits(y_d, y_p)
+    ok_e, _ = same_bits(y_p, exact)
+    y_hp = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, activation_clamp=CLAMP, dispatch="padded")
+    ok_h, _ = same_bits(y_h, y_hp)
+    check(
+        "dense_alias_warns_same_bits",
+        ok_g and ok_e and ok_h and n_padded == 0 and p_d.dispatch == "padded" and len(deps) == 3
+        and all("dispatch='dense' is deprecated" in d and "'padded'" in d for d in deps)
+        and bool(np.any(np.asarray(y_p) != 0)),
+        f"{info_g} hier={ok_h} warnings={deps}",
+    )  # fmt: skip
     x4, idx4, w4 = make_routing(4, e, seed=4)
     m4 = jax.make_mesh((4,), ("ep",), devices=devs[:4])
     y4 = PH.ep_moe_grouped(jnp.asarray(x4), jnp.asarray(idx4), jnp.asarray(w4), w_all, mesh=m4, mode=mode,
@@ -204,12 +226,12 @@ def run_single() -> None:
     check("hier_fused_lowers_for_cuda", "num_ranks = 4" in line and n_a2a >= 4 and "ragged" not in text,
           f"a2a={n_a2a} {line[:240]}")
     f = jax.jit(lambda a, b, c, ww: PH.ep_moe_hier(a, b, c, ww, mesh=mesh, mode=mode, intranode="fused",
-                                                    num_max_tokens=200, capacity=2))
+                                                    num_max_tokens=200, pair_capacity=2))
     text = f.trace(*specs, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w_all)).lower(
         lowering_platforms=("cuda",)).as_text()
     calls = [ln for ln in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in ln]
     caps = sorted(int(ln.split("capacity = ")[1].split(" ")[0]) for ln in calls)
-    # Two passes (capacity 2 of 4 rows per pair): the first sized by num_max_tokens (aligned to 128),
+    # Two passes (pair_capacity 2 of 4 rows per pair): the first sized by num_max_tokens (aligned to 128),
     # the second by its own 2 x 2 rows; both inside the step, the second under a conditional.
     check("hier_fused_second_pass_lowered", caps == [128, 256] and "case" in text, f"caps={caps}")
 
@@ -255,7 +277,7 @@ def run_multi(process_id: int, port: int, num_processes: int) -> None:
         ("empty_host", empty_host_routing(8, w_all.num_experts, seed=6), None),
     ):
         y, st = PH.ep_moe_hier(glob(x), glob(idx), glob(w), wg, mesh=mesh, mode=mode, activation_clamp=CLAMP,
-                               capacity=cap, return_stats=True)
+                               pair_capacity=cap, return_stats=True)
         want, _, _ = oracle(x, idx, w, w_all, mode=mode, n_hosts=2)
         shards = sorted(y.addressable_shards, key=lambda s: s.index[0].start)
         mine = np.concatenate([np.asarray(s.data) for s in shards])

@@ -5,7 +5,7 @@ started it with one device; so these checks run here, in a fresh interpreter:
 
     python tests/parallel_worker.py single                        # 8 virtual devices, one process
     python tests/parallel_worker.py multi --process-id I --port P  # 2 processes x 4 devices (jax.distributed)
-    python tests/parallel_worker.py gpu                            # every visible GPU, ragged and dense dispatch
+    python tests/parallel_worker.py gpu                            # every visible GPU, ragged and padded dispatch
 
 Every check prints one line ``CHECK <name> ok|FAIL <details>``; the exit code is 0 only if all pass.
 """
@@ -185,6 +185,32 @@ def run_single() -> None:
     )  # fmt: skip
     check("exact_capacity_no_drop", int(none) == 0, f"{time.perf_counter() - t0:.1f}s")
 
+    # dispatch="dense", the deprecated name of "padded": one DeprecationWarning naming "padded", and
+    # the same bits as "padded" (and as the reference) on random routing with nonzero output.
+    import warnings
+
+    t0 = time.perf_counter()
+    args = (jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all)
+    with warnings.catch_warnings(record=True) as new_name_warnings:
+        warnings.simplefilter("always")
+        y_padded = parallel.ep_moe(*args, mesh=mesh, mode=mode, activation_clamp=clamp, dispatch="padded")
+    with warnings.catch_warnings(record=True) as old_name_warnings:
+        warnings.simplefilter("always")
+        y_dense = parallel.ep_moe(*args, mesh=mesh, mode=mode, activation_clamp=clamp, dispatch="dense")
+        path_dense = parallel.ep_path(mesh, "ep", mode, T // n, dispatch="dense")
+    deps = [str(m.message) for m in old_name_warnings if issubclass(m.category, DeprecationWarning)]
+    ref = reference.mega_moe(*args, mode=mode, activation_clamp=clamp)
+    ok, info = same_bits(y_dense, y_padded)
+    ok_ref, _ = same_bits(y_padded, ref)
+    nonzero = int(np.any(np.asarray(y_padded) != 0, axis=1).sum())
+    check(
+        "dense_alias_warns_same_bits",
+        ok and ok_ref and nonzero > 0 and path_dense == "padded"
+        and len(deps) == 2 and all("dispatch='dense' is deprecated" in d and "'padded'" in d for d in deps)
+        and not [m for m in new_name_warnings if issubclass(m.category, DeprecationWarning)],
+        f"{info} warnings={deps} path={path_dense} {time.perf_counter() - t0:.1f}s",
+    )  # fmt: skip
+
     # Forcing the ragged path on CPU fails with a clear error before XLA does.
     try:
         parallel.ep_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all, mesh=mesh, mode=mode, dispatch="ragged")
@@ -246,7 +272,7 @@ def run_fused_lowering(devs) -> None:
     # On CPU devices "auto" keeps the collective path; the reason is named.
     path = parallel.ep_path(mesh, "ep", "fp8", 8)
     avail, why = parallel.fused_available(mesh, "ep", "fp8")
-    check("fused_auto_on_cpu_is_collective", path == "dense" and not avail and "cpu" in why, f"{path} {why}")
+    check("fused_auto_on_cpu_is_collective", path == "padded" and not avail and "cpu" in why, f"{path} {why}")
 
 
 def run_block(devs) -> None:
@@ -347,7 +373,7 @@ def run_gpu() -> None:
         x, idx, w = make_routing(n, w_all.num_experts, seed=n)
         args = (jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w))
         ref = reference.mega_moe(*args, w_all, mode=mode, activation_clamp=10.0)
-        for dispatch in ("ragged", "dense"):
+        for dispatch in ("ragged", "padded"):
             y = parallel.ep_moe(*args, w_all, mesh=mesh, mode=mode, activation_clamp=10.0, dispatch=dispatch)
             ok, info = same_bits(y, ref)
             check(f"gpu_ep{n}_{mode}_{dispatch}", ok, info)

@@ -36,6 +36,7 @@ SINGLE_CHECKS = (
     "ep8_fp8_auto_mesh_jit",
     "capacity_overflow",
     "exact_capacity_no_drop",
+    "dense_alias_warns_same_bits",
     "ragged_on_cpu_error",
     "fused_lowers_for_cuda",
     "fused_sm100_lowers_for_cuda",
@@ -104,7 +105,7 @@ def test_ep_moe_bit_exact_8_virtual_devices(workers):
     got = _checks(out)
     bad = {name: got.get(name, "missing") for name in SINGLE_CHECKS if got.get(name) != "ok"}
     assert rc == 0 and not bad, f"rc={rc} bad={bad}\n{out[-4000:]}"
-    assert "dispatch_path(auto)=dense" in out  # XLA:CPU has no ragged-all-to-all
+    assert "dispatch_path(auto)=padded" in out  # XLA:CPU has no ragged-all-to-all
 
 
 def test_ep_moe_two_processes_jax_distributed(workers):
@@ -214,7 +215,11 @@ def test_error_fused_dispatch():
     ok, why = parallel.fused_available(cpu, "ep", "fp8")
     assert not ok and "'cpu', not CUDA GPUs" in why
     # sm_100 modes: "auto" needs the opt-in on top (that kernel has never run on a B200 here)
-    assert parallel.ep_path(cpu, "ep", "fp8xfp4", 8) == "dense"
+    assert parallel.ep_path(cpu, "ep", "fp8xfp4", 8) == "padded"
+    with pytest.warns(DeprecationWarning, match=r"dispatch='dense' is deprecated: it is dispatch='padded'"):
+        assert parallel.ep_path(cpu, "ep", "fp8", 8, dispatch="dense") == "padded"
+    with pytest.raises(ValueError, match=r"dispatch: 'dense ' is not one of auto, fused, ragged, padded"):
+        parallel.ep_path(cpu, "ep", "fp8", 8, dispatch="dense ")
 
 
 def test_fused_auto_env_switch(monkeypatch):
@@ -234,24 +239,28 @@ def test_fused_auto_env_switch(monkeypatch):
     assert fused[3] is False  # graph_targets off: the plain target
     assert choose(dispatch="auto", policy=base.replace(graph_targets=True))[1][3] is True  # static: no stale trace
     assert choose(dispatch="auto", policy=base.replace(reserved_sms=5, num_max_tokens=200))[1][::2] == (256, 5)
-    assert choose(dispatch="auto", policy=Policy.from_environ({"JAX_MEGAMOE_FUSED_EP": "0"})) == ("dense", None)
+    assert choose(dispatch="auto", policy=Policy.from_environ({"JAX_MEGAMOE_FUSED_EP": "0"})) == ("padded", None)
     assert policy.current().fused_ep  # the process policy, read now if not before
     monkeypatch.setenv("JAX_MEGAMOE_FUSED_EP", "0")  # read once into the process policy: changing it later does nothing
     assert choose(dispatch="auto")[0] == "fused"
     monkeypatch.delenv("JAX_MEGAMOE_FUSED_EP")
-    assert choose(dispatch="auto", backend="reference") == ("dense", None)  # the reference never runs the kernel
-    assert choose(dispatch="auto", capacity=4) == ("dense", None)  # a capacity asks for the collective
-    assert parallel.ep_path(cpu, "ep", "fp8", 2048) == "dense"  # over the per-rank cap
+    assert choose(dispatch="auto", backend="reference") == ("padded", None)  # the reference never runs the kernel
+    assert choose(dispatch="auto", capacity=4) == ("padded", None)  # a capacity asks for the collective
+    assert parallel.ep_path(cpu, "ep", "fp8", 2048) == "padded"  # over the per-rank cap
     assert parallel.ep_path(cpu, "ep", "fp8", 2048, num_max_tokens=4096) == "fused"
-    assert parallel.ep_path(cpu, "ep", "fp8xfp4", 8) == "dense"  # sm_100 kernel: opt-in only
+    assert parallel.ep_path(cpu, "ep", "fp8xfp4", 8) == "padded"  # sm_100 kernel: opt-in only
     opted_in = Policy.from_environ({"JAX_MEGAMOE_SM100_MEGA": "1"})
     assert parallel.ep_path(cpu, "ep", "mxf4xmxf4", 8, policy=opted_in) == "fused"
 
 
 def test_dispatch_path_and_capacity():
     cpu_mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
-    assert parallel.dispatch_path(cpu_mesh) == "dense"
-    assert parallel.dispatch_path(cpu_mesh, "dense") == "dense"
+    assert parallel.dispatch_path(cpu_mesh) == "padded"
+    assert parallel.dispatch_path(cpu_mesh, "padded") == "padded"
+    with pytest.warns(DeprecationWarning, match=r"dispatch='dense' is deprecated: it is dispatch='padded'"):
+        assert parallel.dispatch_path(cpu_mesh, "dense") == "padded"
+    with pytest.raises(ValueError, match=r"dispatch: 'collective' is not one of auto, fused, ragged, padded"):
+        parallel.dispatch_path(cpu_mesh, "collective")
     with pytest.raises(ValueError, match=r"dispatch: 'ragged' needs ragged_all_to_all"):
         parallel.dispatch_path(cpu_mesh, "ragged")
     assert parallel.dispatch_path(_mesh(2), "ragged") == "ragged"  # no platform to judge

@@ -28,7 +28,8 @@ TIMEOUT_S = 170
 
 SINGLE_CHECKS = (
     "devices", "path_cpu", "hier2x4_skewed", "hier2x4_sharding", "hier2x4_second_pass", "hier2x4_empty_host",
-    "hier2x4_empty_host_rows", "grouped_path", "grouped_ep8", "grouped_ep8_second_pass", "grouped_ep4",
+    "hier2x4_empty_host_rows", "grouped_path", "grouped_ep8", "grouped_ep8_second_pass", "dense_alias_warns_same_bits",
+    "grouped_ep4",
     "hier_fused_lowers_for_cuda", "hier_fused_second_pass_lowered", "ragged_on_cpu_error", "fused_groups_one_process",
 )  # fmt: skip
 
@@ -158,14 +159,16 @@ def test_error_options():
         _call(intranode="fused", backend="reference")
     with pytest.raises(ValueError, match=r"intranode: 'fused' cannot run here: an AbstractMesh has no devices"):
         _call(intranode="fused")
-    with pytest.raises(ValueError, match=r"dispatch: 'fused' is not one of auto, ragged, dense"):
+    with pytest.raises(ValueError, match=r"dispatch: 'fused' is not one of auto, ragged, padded"):
         _call(dispatch="fused")
     with pytest.raises(ValueError, match=r"backend: 'cuda' is not one of"):
         _call(backend="cuda")
-    with pytest.raises(ValueError, match=r"capacity: 0 must be a Python int >= 1"):
-        _call(capacity=0)
-    with pytest.raises(ValueError, match=r"capacity: True must be a Python int >= 1"):
-        _call(capacity=True)
+    with pytest.raises(ValueError, match=r"pair_capacity: 0 must be a Python int >= 1"):
+        _call(pair_capacity=0)
+    with pytest.raises(ValueError, match=r"pair_capacity: True must be a Python int >= 1"):
+        _call(pair_capacity=True)
+    with pytest.raises(TypeError, match=r"capacity: the deprecated name of pair_capacity; pass only pair_capacity"):
+        _call(pair_capacity=2, capacity=2)
     with pytest.raises(ValueError, match=r"num_max_tokens: 5 is below the 8 rows a device can receive per pass"):
         _call(num_max_tokens=5)
     with pytest.raises(ValueError, match=r"num_max_tokens: 0 must be a Python int >= 1"):
@@ -180,7 +183,7 @@ def test_error_options():
 
 def test_hier_path_reports_choice_and_reason():
     p = PH.hier_path(_mesh(), "host", "ep", "fp8", 4)
-    assert (p.dispatch, p.intranode, p.backend) == ("dense", "collective", "reference")
+    assert (p.dispatch, p.intranode, p.backend) == ("padded", "collective", "reference")
     assert "AbstractMesh" in p.reason and "'host'" in p.reason
     g = PH.hier_path(_mesh(8, 1), "host", "ep", "fp8", 4)
     assert g.intranode == "local" and "one device per host" in g.reason
@@ -188,8 +191,17 @@ def test_hier_path_reports_choice_and_reason():
     assert one.intranode == "local"
     c = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, intranode="collective")
     assert c.intranode == "collective" and "requested" in c.reason
-    with pytest.raises(ValueError, match=r"capacity: -2 must be"):
-        PH.hier_path(_mesh(), "host", "ep", "fp8", 4, capacity=-2)
+    with pytest.warns(DeprecationWarning, match=r"dispatch='dense' is deprecated: it is dispatch='padded'"):
+        old = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, dispatch="dense")
+    assert old == PH.hier_path(_mesh(), "host", "ep", "fp8", 4, dispatch="padded") == p
+    with pytest.raises(ValueError, match=r"pair_capacity: -2 must be"):
+        PH.hier_path(_mesh(), "host", "ep", "fp8", 4, pair_capacity=-2)
+    # capacity=: the deprecated name of pair_capacity (the same rows per device pair as ep_moe's).
+    with pytest.warns(DeprecationWarning, match=r"hier_path\(capacity=\.\.\.\) is deprecated: .* pair_capacity="):
+        old_cap = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, num_max_tokens=4, capacity=1)
+    assert old_cap == PH.hier_path(_mesh(), "host", "ep", "fp8", 4, num_max_tokens=4, pair_capacity=1)
+    with pytest.raises(ValueError, match=r"num_max_tokens: 4 is below the 8 rows"):
+        PH.hier_path(_mesh(), "host", "ep", "fp8", 4, num_max_tokens=4)  # so pair_capacity=1 did reach it
 
 
 def test_hier_path_env_switch(monkeypatch):
@@ -235,3 +247,14 @@ def test_one_cpu_device_runs():
     assert np.array_equal(np.asarray(y).view(np.uint16), np.asarray(ref).view(np.uint16))
     assert np.any(np.asarray(ref) != 0)
     assert int(st.rows) == int(np.sum(np.any(np.asarray(idx) >= 0, axis=1))) and int(st.second_pass_rows) == 0
+    # capacity=, the deprecated name of pair_capacity: warns (naming the function and the new name)
+    # and runs the same second pass as pair_capacity=1, so the same bits and the same stats.
+    y1, st1 = PH.ep_moe_hier(x, idx, tw, w, mesh=mesh, mode="fp8", pair_capacity=1, return_stats=True)
+    assert int(st1.second_pass_rows) > 0
+    assert np.array_equal(np.asarray(y1).view(np.uint16), np.asarray(ref).view(np.uint16))
+    one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    for fn, kw in ((PH.ep_moe_hier, dict(mesh=mesh)), (PH.ep_moe_grouped, dict(mesh=one, axis="ep"))):
+        with pytest.warns(DeprecationWarning, match=rf"{fn.__name__}\(capacity=\.\.\.\) is deprecated: .*pair_capacity="):
+            y_old, st_old = fn(x, idx, tw, w, mode="fp8", capacity=1, return_stats=True, **kw)
+        assert np.array_equal(np.asarray(y_old).view(np.uint16), np.asarray(y1).view(np.uint16))
+        assert tuple(int(v) for v in st_old) == tuple(int(v) for v in st1)

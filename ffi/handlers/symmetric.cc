@@ -64,7 +64,7 @@ ffi::Error EnablePeerAccess(const cuda::Driver* d, const DriverExt* x, const Sym
             cat(target, ": CUDA device ", g.device[i], " cannot access the memory of device ",
                 g.device[j], rc != CUDA_SUCCESS ? cat(" (", cuda::error_string(d, rc), ")") : "",
                 "; the fused expert-parallel kernel needs peer access (NVLink) between all ranks; "
-                "use ep_moe's collective dispatch ('ragged' or 'dense') instead"));
+                "use ep_moe's collective dispatch ('ragged' or 'padded') instead"));
       }
     }
   }

@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from typing import Any
 
-from jax_megamoe.io.safetensors_reader import CheckpointError
-from jax_megamoe.io.v4_checkpoint import MoELayer, MoELayerTensors, read_moe_layer
+from jax_megamoe.io.safetensors_reader import CheckpointError, CheckpointSource
+from jax_megamoe.io.v4_checkpoint import ConfigArg, MoELayer, MoELayerTensors, read_moe_layer
 from jax_megamoe.kernels import ops
 from jax_megamoe.numerics import config as _cfg
 from jax_megamoe.numerics.layout import MoEWeights
-from jax_megamoe.numerics.progress import make_progress
+from jax_megamoe.numerics.progress import ProgressArg, make_progress
 
 __all__ = ["build_moe_layer", "load_moe_layer"]
 
@@ -50,7 +49,7 @@ def build_moe_layer(
     tensors: MoELayerTensors,
     *,
     mode: str | None = None,
-    progress: Any = None,
+    progress: ProgressArg = None,
     experts_per_step: int = 1,
     allow_nan_scales: bool = False,
 ) -> MoELayer:
@@ -110,13 +109,13 @@ def build_moe_layer(
 
 
 def load_moe_layer(
-    path: Any,
+    path: CheckpointSource,
     layer_idx: int,
     *,
     mode: str | None = None,
-    config: Any = None,
+    config: ConfigArg = None,
     nibble_order: str = "low_even",
-    progress: Any = None,
+    progress: ProgressArg = None,
     prefix: str | None = None,
     experts_per_step: int = 1,
     allow_nan_scales: bool = False,

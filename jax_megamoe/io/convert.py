@@ -90,7 +90,9 @@ import numpy as np
 
 from jax_megamoe._version import __version__
 from jax_megamoe.io.build import load_moe_layer
-from jax_megamoe.io.safetensors_reader import Checkpoint, CheckpointError, SafetensorsFile, safetensors_dtype
+from jax_megamoe.io.safetensors_reader import (
+    Checkpoint, CheckpointError, CheckpointSource, SafetensorsFile, safetensors_dtype,
+)  # fmt: skip
 from jax_megamoe.io.v4_checkpoint import NIBBLE_ORDERS, MoELayer, _derive_dims, infer_config, layer_prefix, list_moe_layers
 from jax_megamoe.numerics import config as _cfg
 from jax_megamoe.numerics.config import MODES
@@ -640,7 +642,7 @@ def check_converted(
     nibble_order: str | None = None,
     fingerprint: str | None = None,
     expert_format: str | None = None,
-    config: Any = None,
+    config: DeepseekV4Config | None = None,
     verify: bool = True,
 ) -> tuple[bool, str]:
     """``(True, "")`` when layer ``layer_idx`` is completely converted in ``out_dir`` and agrees
@@ -671,7 +673,7 @@ def check_converted(
     return True, ""
 
 
-def is_converted_dir(path: Any, layer_idx: int) -> bool:
+def is_converted_dir(path: CheckpointSource, layer_idx: int) -> bool:
     """True when ``path`` is a folder holding a converted layer's manifest."""
     if isinstance(path, Checkpoint):
         return False

@@ -22,6 +22,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "CheckpointError",
@@ -31,6 +32,7 @@ __all__ = [
     "read_safetensors_header",
     "safetensors_dtype",
     "SAFETENSORS_DTYPES",
+    "CheckpointSource",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -67,7 +69,7 @@ class CheckpointError(ValueError):
     tensor and the file."""
 
 
-def safetensors_dtype(dtype: Any) -> str:
+def safetensors_dtype(dtype: npt.DTypeLike) -> str:
     """The safetensors dtype string of a numpy dtype (``uint8`` -> ``"U8"``)."""
     dt = np.dtype(dtype)
     if dt.byteorder == ">":
@@ -167,7 +169,7 @@ class SafetensorsFile:
     shard still serves the tensors that lie before the cut.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         header, self.data_start, self.size = read_safetensors_header(self.path)
         self.metadata: dict[str, Any] = {}
@@ -311,7 +313,7 @@ class Checkpoint:
     the map); or the path of an index JSON or of one ``.safetensors`` file.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise CheckpointError(f"{path}: no such checkpoint folder or file")
@@ -458,7 +460,11 @@ class Checkpoint:
         self.close()
 
 
-def _as_checkpoint(path: Any) -> tuple[Checkpoint, bool]:
+#: Where tensors are read from: a checkpoint folder, one ``.safetensors`` file, or an open :class:`Checkpoint`.
+CheckpointSource = str | os.PathLike[str] | Checkpoint
+
+
+def _as_checkpoint(path: CheckpointSource) -> tuple[Checkpoint, bool]:
     if isinstance(path, Checkpoint):
         return path, False
     return Checkpoint(path), True

@@ -68,9 +68,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jax_megamoe.io.safetensors_reader import CONFIG_NAME, Checkpoint, CheckpointError, _as_checkpoint
-from jax_megamoe.numerics.layout import nan_scale_message
-from jax_megamoe.numerics.progress import make_progress
+from jax_megamoe.io.safetensors_reader import CONFIG_NAME, Checkpoint, CheckpointError, CheckpointSource, _as_checkpoint
+from jax_megamoe.numerics._validate import ArrayIn
+from jax_megamoe.numerics.layout import ConversionReport, MoEWeights, nan_scale_message
+from jax_megamoe.numerics.progress import ProgressArg, make_progress
 from jax_megamoe.numerics.v4_config import DeepseekV4Config
 
 __all__ = [
@@ -89,6 +90,9 @@ __all__ = [
 ]
 
 NIBBLE_ORDERS = ("low_even", "high_even")
+#: ``config=`` of the readers: a ``DeepseekV4Config`` (used as is, after the checks), a dict of
+#: fields (laid over ``config.json``) or None (``config.json`` of the checkpoint folder).
+ConfigArg = DeepseekV4Config | Mapping[str, Any] | None
 
 
 def _check_file_scale(ck: Checkpoint, name: str, scale: np.ndarray, lead: str, allow_nan_scales: bool) -> None:
@@ -121,12 +125,12 @@ def _u8(name: str, x: Any) -> np.ndarray:
     return x.view(np.uint8)
 
 
-def swap_nibbles(packed: Any) -> np.ndarray:
+def swap_nibbles(packed: ArrayIn) -> np.ndarray:
     """Packed FP4 bytes with their two nibbles exchanged (``high_even`` <-> ``low_even``)."""
     return _SWAP_LUT[_u8("packed", packed)]
 
 
-def dequantize_fp4_numpy(packed: Any, scale: Any, nibble_order: str = "low_even") -> np.ndarray:
+def dequantize_fp4_numpy(packed: ArrayIn, scale: ArrayIn, nibble_order: str = "low_even") -> np.ndarray:
     """Checkpoint MXFP4 ``[..., N, K/2]`` + UE8M0 ``[..., N, K/32]`` -> float32 ``[..., N, K]`` (host,
     exact), reading element ``2j`` from the low (``low_even``) or high (``high_even``) nibble."""
     _check_nibble_order_arg(nibble_order)
@@ -140,7 +144,7 @@ def dequantize_fp4_numpy(packed: Any, scale: Any, nibble_order: str = "low_even"
     return v * np.repeat(f, 32, axis=-1)
 
 
-def nibble_order_errors(packed: Any, scale: Any, reference: Any) -> dict[str, float]:
+def nibble_order_errors(packed: ArrayIn, scale: ArrayIn, reference: ArrayIn) -> dict[str, float]:
     """Relative L2 error ``||dequant - reference|| / ||reference||`` for each nibble order."""
     ref = np.asarray(reference).astype(np.float64)
     p = _u8("packed", packed)
@@ -154,7 +158,7 @@ def nibble_order_errors(packed: Any, scale: Any, reference: Any) -> dict[str, fl
     }
 
 
-def check_nibble_order(packed: Any, scale: Any, reference: Any, *, margin: float = 0.5) -> str:
+def check_nibble_order(packed: ArrayIn, scale: ArrayIn, reference: ArrayIn, *, margin: float = 0.5) -> str:
     """Which nibble order makes the packed FP4 bytes match ``reference`` (BF16/F32 ``[..., N, K]``).
 
     Dequantizes both ways and returns ``"low_even"`` or ``"high_even"``, whichever has the smaller
@@ -179,9 +183,9 @@ def check_nibble_order(packed: Any, scale: Any, reference: Any, *, margin: float
 
 
 def check_checkpoint_nibble_order(
-    path: Any,
+    path: CheckpointSource,
     layer_idx: int,
-    reference: Any,
+    reference: ArrayIn | CheckpointSource,
     *,
     expert: int = 0,
     proj: str = "w1",
@@ -249,7 +253,7 @@ def layer_prefix(layer_idx: int) -> str:
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.ffn\.gate\.weight$")
 
 
-def list_moe_layers(path: Any) -> list[int]:
+def list_moe_layers(path: CheckpointSource) -> list[int]:
     """Indices of the decoder layers with an MoE gate (``layers.{i}.ffn.gate.weight``)."""
     ck, own = _as_checkpoint(path)
     try:
@@ -338,7 +342,9 @@ def _derive_dims(ck: Checkpoint, pre: str) -> _Dims:
     return _Dims(e, h, i, si, top_k, vocab, has_t, fmt)
 
 
-def infer_config(path: Any, layer_idx: int, config: Any = None, *, prefix: str | None = None) -> Any:
+def infer_config(
+    path: CheckpointSource, layer_idx: int, config: ConfigArg = None, *, prefix: str | None = None
+) -> DeepseekV4Config:
     """The :class:`~jax_megamoe.models.deepseek_v4.DeepseekV4Config` of a checkpoint layer, checked
     against its tensor shapes.
 
@@ -358,7 +364,7 @@ def infer_config(path: Any, layer_idx: int, config: Any = None, *, prefix: str |
             ck.close()
 
 
-def _infer_config(ck: Checkpoint, layer_idx: int, pre: str, config: Any, d: _Dims) -> Any:
+def _infer_config(ck: Checkpoint, layer_idx: int, pre: str, config: ConfigArg, d: _Dims) -> DeepseekV4Config:
     if isinstance(config, DeepseekV4Config):
         cfg, origin = config, "the config passed in"
     else:
@@ -459,7 +465,7 @@ class MoELayerTensors:
 
     layer_idx: int
     prefix: str
-    config: Any
+    config: DeepseekV4Config
     is_hash_layer: bool
     expert_format: str
     w13: np.ndarray
@@ -537,12 +543,12 @@ def _read_fp8_pair(
 
 
 def read_moe_layer(
-    path: Any,
+    path: CheckpointSource,
     layer_idx: int,
     *,
-    config: Any = None,
+    config: ConfigArg = None,
     nibble_order: str = "low_even",
-    progress: Any = None,
+    progress: ProgressArg = None,
     prefix: str | None = None,
     allow_nan_scales: bool = False,
 ) -> MoELayerTensors:
@@ -655,10 +661,10 @@ class MoELayer:
     """
 
     layer_idx: int
-    config: Any
+    config: DeepseekV4Config
     mode: str
-    weights: Any
-    report: Any
+    weights: MoEWeights
+    report: ConversionReport | None
     is_hash_layer: bool
     gate_weight: np.ndarray
     gate_bias: np.ndarray | None

@@ -17,7 +17,8 @@ the kernel (the same bits as the kernel's own multiply). Expert ids outside ``[0
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ import numpy as np
 from jax_megamoe.kernels import _decode, _ffi, _rules
 from jax_megamoe.numerics import config
 from jax_megamoe.numerics import policy as _policy
+from jax_megamoe.numerics.layout import MoEWeights
 from jax_megamoe.numerics.policy import Policy
 from jax_megamoe.numerics import reference
 from jax_megamoe.numerics._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
@@ -188,7 +190,13 @@ def _no_handler_here(op: str):
     return fail
 
 
-def ffi_call_on_gpu(op: str, target: str, result_shapes, *args, **kwargs):
+def ffi_call_on_gpu(
+    op: str,
+    target: str,
+    result_shapes: jax.ShapeDtypeStruct | Sequence[jax.ShapeDtypeStruct],
+    *args: jax.Array,
+    **kwargs: Any,
+) -> jax.Array | list[jax.Array]:
     """``jax.ffi.ffi_call(target, result_shapes)(*args, **kwargs)``, guarded for processes without a GPU.
 
     The handlers are registered for CUDA only, so XLA on another platform would stop with "No FFI
@@ -196,6 +204,9 @@ def ffi_call_on_gpu(op: str, target: str, result_shapes, *args, **kwargs):
     wrapped in :func:`jax.lax.platform_dependent`: lowering for ``cuda`` still emits the bare custom
     call, and running it elsewhere fails with one message that says why and what to use. On a GPU
     process the call is emitted as is (nothing is added to the hot path).
+
+    ``kwargs`` are the custom call's attributes (NumPy scalars and arrays) and ``has_side_effect``.
+    Returns one array per entry of ``result_shapes`` (one array for a single shape).
     """
     side = kwargs.pop("has_side_effect", False)
 
@@ -291,7 +302,7 @@ def mega_moe(
     x: jax.Array,
     topk_idx: jax.Array,
     topk_weights: jax.Array,
-    weights,
+    weights: MoEWeights,
     *,
     mode: str | None = None,
     activation_clamp: float | None = None,
@@ -384,7 +395,7 @@ def mega_moe_target_call(
     x: jax.Array,
     topk_idx: jax.Array,
     topk_weights: jax.Array,
-    weights,
+    weights: MoEWeights,
     *,
     mode: str,
     num_experts: int,
@@ -450,7 +461,7 @@ def decode_target_call(
     x: jax.Array,
     topk_idx: jax.Array,
     topk_weights: jax.Array,
-    weights,
+    weights: MoEWeights,
     *,
     activation_clamp: float | None,
     routed_scaling_factor: float,

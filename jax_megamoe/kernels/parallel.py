@@ -12,11 +12,13 @@ of its own tokens back. One call, inside :func:`jax.shard_map`, per device:
    *local* expert id and its routing weight (``routed_scaling_factor`` already multiplied in, in
    f32, as the reference does). Row ``[s, j]`` of the receive buffer is the ``j``-th pair that
    device ``s`` sent here, so the received pairs of one expert come in global ``r`` order.
-   ``dispatch="dense"``: :func:`jax.lax.all_to_all` of the whole buffer (padding rows included);
-   ``dispatch="ragged"``: :func:`jax.lax.ragged_all_to_all` of only the used rows into the same
-   layout; ``"auto"`` picks ragged on GPU/TPU and dense on CPU (XLA:CPU has no
+   ``dispatch="padded"``: :func:`jax.lax.all_to_all` of the whole fixed-capacity buffer (padding
+   rows included); ``dispatch="ragged"``: :func:`jax.lax.ragged_all_to_all` of only the used rows
+   into the same layout; ``"auto"`` picks ragged on GPU/TPU and padded on CPU (XLA:CPU has no
    ``ragged-all-to-all``: ``UNIMPLEMENTED: HLO opcode `ragged-all-to-all` is not supported by
    XLA:CPU ThunkEmitter`` with jax 0.10.2). :func:`dispatch_path` says which one a call takes.
+   These two are the *collective* dispatches (XLA collectives), as opposed to ``"fused"`` below.
+   ``"dense"``, the old name of ``"padded"``, is still accepted with a DeprecationWarning.
 3. **Local experts** (:func:`_local_experts`, the one place a kernel plugs in): the received rows are
    a single-rank Mega MoE problem with top-k 1 over the ``E/n`` local experts. ``backend="auto"`` /
    ``"reference"`` run :func:`jax_megamoe.reference.mega_moe` on them with the chunk size the
@@ -27,9 +29,9 @@ of its own tokens back. One call, inside :func:`jax.shard_map`, per device:
    ``k``, the kernel's (and the reference's) combine.
 
 Exactness: the result equals ``reference.mega_moe`` on one device over all ``T`` tokens **bit for
-bit**: tested for EP 2, 4, 8 (one mode each) with 8 virtual CPU devices (dense dispatch), across two
+bit**: tested for EP 2, 4, 8 (one mode each) with 8 virtual CPU devices (padded dispatch), across two
 processes x 4 CPU devices (``jax.distributed``, gloo), and on 2 x H200 (jax 0.11.2) in every mode
-with both ragged and dense dispatch, at V4-Flash size too (``python tests/parallel_worker.py gpu``,
+with both ragged and padded dispatch, at V4-Flash size too (``python tests/parallel_worker.py gpu``,
 ``python examples/ep_moe.py --check``).
 
 Capacity: ``pair_capacity=None`` is exact. A smaller ``pair_capacity`` (rows per source/destination pair;
@@ -68,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 from jax_megamoe.kernels import _rules, ops
@@ -79,10 +82,15 @@ from jax_megamoe.numerics.layout import MoEWeights
 __all__ = [
     "ep_moe", "ep_moe_padded", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
     "rank_table",
-    "DISPATCHES", "BACKENDS",
+    "canonical_dispatch", "DISPATCHES", "DEPRECATED_DISPATCHES", "BACKENDS",
 ]  # fmt: skip
 
-DISPATCHES: tuple[str, ...] = ("auto", "fused", "ragged", "dense")
+#: ``dispatch=`` values: ``"fused"`` (the intranode kernel) or a collective one, ``"ragged"``
+#: (``ragged_all_to_all`` of the used rows) or ``"padded"`` (``all_to_all`` of the fixed-capacity
+#: buffer, padding rows included); ``"auto"`` picks.
+DISPATCHES: tuple[str, ...] = ("auto", "fused", "ragged", "padded")
+#: Old ``dispatch=`` names, still accepted with a DeprecationWarning: old name -> its name now.
+DEPRECATED_DISPATCHES: dict[str, str] = {"dense": "padded"}
 #: Environment switch: ``0`` keeps ``dispatch="auto"`` off the fused intranode kernel.
 ENV_FUSED_EP = _policy.ENV["fused_ep"][0]  # read once, into the process policy
 BACKENDS: tuple[str, ...] = ("auto", "ffi", "reference")
@@ -96,7 +104,7 @@ _RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 # --------------------------------------------------------------------------------------------
 
 
-def _axis_size(mesh: Any, axis: Any) -> int:
+def _axis_size(mesh: Mesh | AbstractMesh, axis: Any) -> int:
     if not isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
         raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
     if axis not in mesh.axis_names:
@@ -104,7 +112,7 @@ def _axis_size(mesh: Any, axis: Any) -> int:
     return int(mesh.shape[axis])
 
 
-def _platform(mesh: Any) -> str | None:
+def _platform(mesh: Mesh | AbstractMesh) -> str | None:
     if isinstance(mesh, jax.sharding.AbstractMesh):
         return None
     devices = getattr(mesh, "devices", None)
@@ -113,24 +121,42 @@ def _platform(mesh: Any) -> str | None:
     return devices.flat[0].platform
 
 
-def dispatch_path(mesh: Any, dispatch: str = "auto") -> str:
-    """``"ragged"`` or ``"dense"``: the collective :func:`ep_moe` uses on ``mesh`` for ``dispatch``
+def canonical_dispatch(dispatch: str, *, name: str = "dispatch", stacklevel: int = 3) -> str:
+    """``dispatch`` with a deprecated name (:data:`DEPRECATED_DISPATCHES`: ``"dense"``) replaced by
+    its name now (``"padded"``), with a DeprecationWarning naming it; any other value unchanged.
+    ``name``: the argument, for the warning; ``stacklevel``: as :func:`warnings.warn`'s, counted from
+    the caller of this function's caller (the public entry point's caller by default)."""
+    new = DEPRECATED_DISPATCHES.get(dispatch) if isinstance(dispatch, str) else None
+    if new is None:
+        return dispatch
+    warnings.warn(
+        f"{name}={dispatch!r} is deprecated: it is {name}={new!r} (all_to_all of the fixed-capacity "
+        "padded buffer), which behaves identically",
+        DeprecationWarning, stacklevel=stacklevel,
+    )  # fmt: skip
+    return new
+
+
+def dispatch_path(mesh: Mesh | AbstractMesh, dispatch: str = "auto") -> str:
+    """``"ragged"`` or ``"padded"``: the collective :func:`ep_moe` uses on ``mesh`` for ``dispatch``
     when it does not take the fused kernel.
 
     ``"auto"`` is ``"ragged"`` (:func:`jax.lax.ragged_all_to_all`) where the mesh's platform is a GPU
-    or TPU and ``"dense"`` (:func:`jax.lax.all_to_all` with a static capacity) elsewhere, i.e. on CPU.
+    or TPU and ``"padded"`` (:func:`jax.lax.all_to_all` of the fixed-capacity buffer) elsewhere, i.e.
+    on CPU. ``"dense"``: the deprecated name of ``"padded"`` (warns).
     """
+    dispatch = canonical_dispatch(dispatch)
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
     if dispatch == "fused":
-        raise ValueError("dispatch: 'fused' uses no collective; dispatch_path answers for 'auto', 'ragged', 'dense'")
+        raise ValueError("dispatch: 'fused' uses no collective; dispatch_path answers for 'auto', 'ragged', 'padded'")
     platform = _platform(mesh)
     if dispatch == "auto":
-        return "ragged" if platform in _RAGGED_PLATFORMS else "dense"
+        return "ragged" if platform in _RAGGED_PLATFORMS else "padded"
     if dispatch == "ragged" and platform is not None and platform not in _RAGGED_PLATFORMS:
         raise ValueError(
             f"dispatch: 'ragged' needs ragged_all_to_all, which XLA on {platform!r} does not implement "
-            "(XLA:CPU: 'HLO opcode ragged-all-to-all is not supported'); use dispatch='dense' or 'auto'"
+            "(XLA:CPU: 'HLO opcode ragged-all-to-all is not supported'); use dispatch='padded' or 'auto'"
         )
     return dispatch
 
@@ -140,7 +166,7 @@ def exact_capacity(num_tokens: int, top_k: int, num_shards: int) -> int:
     return (num_tokens // num_shards) * top_k
 
 
-def rank_table(mesh: Any, axis: str = "ep") -> np.ndarray:
+def rank_table(mesh: Mesh | AbstractMesh, axis: str = "ep") -> np.ndarray:
     """int64 ``[groups, n]``: the CUDA device ordinal of every device of ``mesh``, one row per
     expert-parallel group (the devices along ``axis`` for one position of the other axes) in rank
     order. What the fused kernel's FFI handler receives (``ffi/layout/rank_table.h``); a device finds
@@ -158,7 +184,7 @@ def rank_table(mesh: Any, axis: str = "ep") -> np.ndarray:
     return np.vectorize(ordinal, otypes=[np.int64])(devices)
 
 
-def fused_available(mesh: Any, axis: str = "ep", mode: str = "fp8") -> tuple[bool, str]:
+def fused_available(mesh: Mesh | AbstractMesh, axis: str = "ep", mode: str = "fp8") -> tuple[bool, str]:
     """``(True, "")`` where :func:`ep_moe` can run the fused intranode kernel on ``mesh`` for
     ``mode``, else ``(False, why)``: one process drives every device of the mesh, all are GPUs of the
     mode's architecture (sm_90 for ``"fp8"``, sm_100 for ``"fp8xfp4"``/``"mxf4xmxf4"``) and the FFI
@@ -189,7 +215,7 @@ def fused_available(mesh: Any, axis: str = "ep", mode: str = "fp8") -> tuple[boo
     return True, ""
 
 
-def _check_weights(weights: Any, mode: str, hidden: int, top_k: int, n: int) -> None:
+def _check_weights(weights: MoEWeights, mode: str, hidden: int, top_k: int, n: int) -> None:
     if not isinstance(weights, MoEWeights):
         raise TypeError(f"weights: expected a jax_megamoe.layout.MoEWeights, got {type(weights).__name__}")
     weights.validate_for(mode, hidden=hidden)  # names the mode mismatch
@@ -210,7 +236,7 @@ def _check_weights(weights: Any, mode: str, hidden: int, top_k: int, n: int) -> 
         raise ValueError(f"topk_idx: top_k={top_k} exceeds the sm_100 kernel's limit of {config.MAX_TOPK_SM100}")
 
 
-def _is_explicit(mesh: Any, axis: Any) -> bool:
+def _is_explicit(mesh: Mesh | AbstractMesh, axis: Any) -> bool:
     types = getattr(mesh, "axis_types", None)
     if not types:
         return False
@@ -218,7 +244,7 @@ def _is_explicit(mesh: Any, axis: Any) -> bool:
     return t == jax.sharding.AxisType.Explicit
 
 
-def _place(a: Any, mesh: Any, spec: P, explicit: bool) -> Any:
+def _place(a: Any, mesh: Mesh | AbstractMesh, spec: P, explicit: bool) -> Any:
     """``a`` with sharding ``NamedSharding(mesh, spec)``: moved only where it is not already so."""
     if isinstance(mesh, jax.sharding.AbstractMesh):
         return a
@@ -256,9 +282,9 @@ def ep_moe(
     x: jax.Array,
     topk_idx: jax.Array,
     topk_weights: jax.Array,
-    weights: Any,
+    weights: MoEWeights,
     *,
-    mesh: Any,
+    mesh: Mesh | AbstractMesh,
     axis: str = "ep",
     mode: str,
     activation_clamp: float | None = None,
@@ -292,7 +318,8 @@ def ep_moe(
         kernel) | ``"ffi"`` (kernels: the fused kernel, or on the collective path the single-rank
         FFI mega kernel per device).
       routed_scaling_factor: multiplied into ``topk_weights`` in f32 before dispatch.
-      dispatch: ``"auto"`` | ``"fused"`` | ``"ragged"`` | ``"dense"``. ``"auto"`` takes the fused
+      dispatch: ``"auto"`` | ``"fused"`` | ``"ragged"`` | ``"padded"`` (``"dense"``: its deprecated
+        name, with a DeprecationWarning). ``"auto"`` takes the fused
         intranode kernel where :func:`fused_available` says it can (and ``T/n <= num_max_tokens``,
         ``pair_capacity`` not given, backend not ``"reference"``, ``JAX_MEGAMOE_FUSED_EP`` not 0), else the
         collective of :func:`dispatch_path`. ``"fused"`` insists (clear error where it cannot run; on
@@ -321,6 +348,7 @@ def ep_moe(
         )
     _check_weights(weights, mode, h, k, n)
     capacity = _pair_capacity(pair_capacity, capacity)
+    dispatch = canonical_dispatch(dispatch)
     clamp = config.check_clamp(activation_clamp)
     reference._check_scaling(routed_scaling_factor)
     path, fused = _choose_path(
@@ -367,7 +395,7 @@ def ep_moe(
 
 
 def ep_path(
-    mesh: Any,
+    mesh: Mesh | AbstractMesh,
     axis: str = "ep",
     mode: str = "fp8",
     tokens_per_device: int = 1,
@@ -379,31 +407,34 @@ def ep_path(
     policy: Policy | None = None,
     capacity: int | None = None,
 ) -> str:
-    """``"fused"``, ``"ragged"`` or ``"dense"``: the path :func:`ep_moe` takes with these arguments
+    """``"fused"``, ``"ragged"`` or ``"padded"``: the path :func:`ep_moe` takes with these arguments
     (``tokens_per_device`` = ``T/n``); raises as :func:`ep_moe` would for a ``dispatch`` that cannot run."""
     return _choose_path(
-        mesh, axis, mode, tokens_per_device, dispatch=dispatch, backend=backend,
+        mesh, axis, mode, tokens_per_device, dispatch=canonical_dispatch(dispatch), backend=backend,
         capacity=_pair_capacity(pair_capacity, capacity),
         num_max_tokens=num_max_tokens, policy=policy,
     )[0]  # fmt: skip
 
 
-def _pair_capacity(pair_capacity: int | None, capacity: int | None) -> int | None:
-    """``pair_capacity``, or the deprecated ``capacity=`` (with a warning); both is a TypeError."""
+def _pair_capacity(
+    pair_capacity: int | None, capacity: int | None, where: str = "ep_moe", stacklevel: int = 3
+) -> int | None:
+    """``pair_capacity``, or the deprecated ``capacity=`` (with a warning naming ``where``, the public
+    function; ``stacklevel`` as :func:`warnings.warn`'s from here); both is a TypeError."""
     if capacity is None:
         return pair_capacity
     if pair_capacity is not None:
         raise TypeError("capacity: the deprecated name of pair_capacity; pass only pair_capacity")
     warnings.warn(
-        "ep_moe(capacity=...) is deprecated: the rows per device pair are pair_capacity= (the kernel's "
-        "token cap is num_max_tokens=)", DeprecationWarning, stacklevel=3,
+        f"{where}(capacity=...) is deprecated: the rows per (source, destination) pair are pair_capacity= "
+        "(the kernel's token cap is num_max_tokens=)", DeprecationWarning, stacklevel=stacklevel,
     )  # fmt: skip
     return capacity
 
 
 def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capacity, num_max_tokens, policy=None):
     """``(path, fused)``: ``"fused"`` with ``fused = (token cap, rank table rows, reserved SMs)``, or
-    the collective ``"ragged"``/``"dense"`` with ``fused = None``."""
+    the collective ``"ragged"``/``"padded"`` with ``fused = None``."""
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
     pol = _policy.resolve(policy)
@@ -528,7 +559,7 @@ def _ep_body(x, topk_idx, w, weights, *, axis, mode, clamp, backend, path, cap, 
     send_w = jnp.zeros((rows,), jnp.float32).at[slot].set(w.reshape(r), mode="drop")
 
     # 2. Dispatch: receive row [s * cap + j] = the j-th pair device s sent here.
-    if path == "dense":
+    if path == "padded":
 
         def exchange(a, fill, sizes_out, sizes_in):
             del fill, sizes_out, sizes_in
@@ -570,7 +601,7 @@ def _ep_body(x, topk_idx, w, weights, *, axis, mode, clamp, backend, path, cap, 
 # --------------------------------------------------------------------------------------------
 
 
-def shard_weights(weights: Any, mesh: Any, axis: str = "ep") -> Any:
+def shard_weights(weights: MoEWeights, mesh: Mesh | AbstractMesh, axis: str = "ep") -> MoEWeights:
     """``weights`` (global ``MoEWeights``) placed with ``P(axis)`` on the expert dim, checked for ``mesh``.
 
     Concrete arrays are moved now (so a model holds its experts sharded); traced ones get a sharding
@@ -586,9 +617,9 @@ def ep_moe_padded(
     x: jax.Array,
     topk_idx: jax.Array,
     topk_weights: jax.Array,
-    weights: Any,
+    weights: MoEWeights,
     *,
-    mesh: Any,
+    mesh: Mesh | AbstractMesh,
     axis: str = "ep",
     **kwargs: Any,
 ) -> jax.Array:

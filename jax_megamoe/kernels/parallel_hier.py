@@ -17,9 +17,9 @@ inner axis (``axis``; 1 for :func:`ep_moe_grouped`), ``T_l = T / (n_o G)`` token
    experts; tokens are sharded the same way, ``P((host_axis, axis))``). Token ``t`` goes to host ``d``
    if any valid slot names an expert there; per destination the tokens keep their order.
 2. **One inter-host exchange** over ``host_axis`` (device ``(h, g)`` talks to ``(h', g)``): a send
-   buffer ``[n_o, C]`` rows (``C`` = ``capacity``, default ``T_l``: the exact worst case) of bf16
+   buffer ``[n_o, C]`` rows (``C`` = ``pair_capacity``, default ``T_l``: the exact worst case) of bf16
    token rows, host-local ids ``[K]`` and f32 weights ``[K]`` (``routed_scaling_factor`` multiplied in,
-   as the reference does); ``dispatch="dense"`` is :func:`jax.lax.all_to_all`, ``"ragged"``
+   as the reference does); ``dispatch="padded"`` is :func:`jax.lax.all_to_all` of the whole buffer, ``"ragged"``
    :func:`jax.lax.ragged_all_to_all` of the used rows only (GPU/TPU; ``"auto"`` picks it there).
 3. **Intranode stage** on the ``n_o C`` received rows, whose ids are host-local (``[0, E/n_o)``):
    ``"fused"``: DeepGEMM's multi-rank kernel over the host's ``G`` GPUs (one custom call per device:
@@ -43,14 +43,16 @@ bounded by ``sum_k |o_k|``, plus f32 reassociation). The tests check both: bit f
 per-host partial sums computed by the reference, and the bound against ``reference.mega_moe``.
 With the kernels, ``o_k`` themselves are the kernel's (rel. L2 ~5e-3 vs the reference on sm_90).
 
-**Capacity and overflow** (policy: exact by a second pass, never a drop). ``capacity`` is rows
-(tokens) per (source device, destination host) pair; a receive buffer holds ``n_o * capacity`` rows.
+**Capacity and overflow** (policy: exact by a second pass, never a drop). ``pair_capacity`` is rows
+(tokens) per (source device, destination host) pair, the name :func:`jax_megamoe.parallel.ep_moe`
+uses for its per-pair rows (``capacity=`` is the deprecated old name, with a DeprecationWarning); a
+receive buffer holds ``n_o * pair_capacity`` rows.
 Rows past it in a step are not dropped: a **second pass** (the same exchange, intranode stage and
-reverse exchange, sized ``T_l - capacity`` per pair so that it can never overflow) moves them, under
+reverse exchange, sized ``T_l - pair_capacity`` per pair so that it can never overflow) moves them, under
 a :func:`jax.lax.cond` on the mesh-wide overflow count, so a step without overflow pays nothing for
 it. Each (token, host) row is in exactly one pass and the combine is unchanged: the result has the
-same bits as with ``capacity=None``. ``return_stats=True`` returns ``(y, EPStats)``: rows moved, rows
-and (token, slot) pairs that took the second pass, and the largest per-pair row count (the capacity a
+same bits as with ``pair_capacity=None``. ``return_stats=True`` returns ``(y, EPStats)``: rows moved, rows
+and (token, slot) pairs that took the second pass, and the largest per-pair row count (the pair_capacity a
 one-pass step would have needed), all mesh-wide int32.
 
 :func:`hier_path` says which dispatch and intranode stage a call takes, and why.
@@ -67,11 +69,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 from jax_megamoe.kernels import ops, parallel
 from jax_megamoe.numerics import config, reference
 from jax_megamoe.numerics import policy as _policy
+from jax_megamoe.numerics.layout import MoEWeights
 from jax_megamoe.numerics.policy import Policy
 
 __all__ = ["ep_moe_grouped", "ep_moe_hier", "hier_path", "EPStats", "HierPath", "INTRANODE", "OVERFLOW_POLICY"]
@@ -79,7 +83,7 @@ __all__ = ["ep_moe_grouped", "ep_moe_hier", "hier_path", "EPStats", "HierPath", 
 #: Intranode stages: ``"auto"`` picks ``"fused"`` where it can run, else ``"collective"`` (``G > 1``)
 #: or ``"local"`` (``G = 1``).
 INTRANODE: tuple[str, ...] = ("auto", "fused", "collective", "local")
-#: What happens to rows past ``capacity``: a second pass moves them (exact); nothing is dropped.
+#: What happens to rows past ``pair_capacity``: a second pass moves them (exact); nothing is dropped.
 OVERFLOW_POLICY = "second_pass"
 #: Environment switch: ``0`` keeps ``intranode="auto"`` off the fused kernel.
 ENV_FUSED_EP = parallel.ENV_FUSED_EP
@@ -89,13 +93,13 @@ class EPStats(NamedTuple):
     """Mesh-wide counters of one step (int32 scalars, replicated)."""
 
     rows: jax.Array  #: (token, destination host) rows moved, both passes
-    second_pass_rows: jax.Array  #: rows past ``capacity``, moved by the second pass
+    second_pass_rows: jax.Array  #: rows past ``pair_capacity``, moved by the second pass
     second_pass_pairs: jax.Array  #: valid (token, slot) pairs in those rows
-    max_rows_per_pair: jax.Array  #: most rows one source device sent one host (one-pass capacity)
+    max_rows_per_pair: jax.Array  #: most rows one source device sent one host (the one-pass pair_capacity)
 
 
 class HierPath(NamedTuple):
-    """What :func:`ep_moe_hier` / :func:`ep_moe_grouped` run: ``dispatch`` (``"dense"``/``"ragged"``,
+    """What :func:`ep_moe_hier` / :func:`ep_moe_grouped` run: ``dispatch`` (``"padded"``/``"ragged"``,
     the inter-host collective), ``intranode`` (``"fused"``/``"collective"``/``"local"``), ``backend``
     of the per-GPU expert compute (``"ffi"``/``"reference"``; ``"ffi"`` for the fused stage) and
     ``reason``, a sentence."""
@@ -111,7 +115,7 @@ class HierPath(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _axes(mesh: Any, host_axis: Any, axis: Any) -> tuple[int, int]:
+def _axes(mesh: Mesh | AbstractMesh, host_axis: Any, axis: Any) -> tuple[int, int]:
     n_o = parallel._axis_size(mesh, host_axis)
     if axis is None:
         return n_o, 1
@@ -120,7 +124,7 @@ def _axes(mesh: Any, host_axis: Any, axis: Any) -> tuple[int, int]:
     return n_o, parallel._axis_size(mesh, axis)
 
 
-def _groups_in_one_process(mesh: Any, axis: str) -> tuple[bool, str]:
+def _groups_in_one_process(mesh: Mesh | AbstractMesh, axis: str) -> tuple[bool, str]:
     devices = np.moveaxis(mesh.devices, tuple(mesh.axis_names).index(axis), -1)
     for row in devices.reshape(-1, devices.shape[-1]):
         procs = {d.process_index for d in row}
@@ -132,7 +136,7 @@ def _groups_in_one_process(mesh: Any, axis: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _fused_inner_available(mesh: Any, axis: str, mode: str) -> tuple[bool, str]:
+def _fused_inner_available(mesh: Mesh | AbstractMesh, axis: str, mode: str) -> tuple[bool, str]:
     """Like :func:`parallel.fused_available` for one host's GPUs: several processes may drive the
     mesh (one per host), but every group along ``axis`` belongs to one process."""
     arch = config.arch_of_mode(mode)
@@ -153,7 +157,7 @@ def _fused_inner_available(mesh: Any, axis: str, mode: str) -> tuple[bool, str]:
     return ops._ffi_ready()
 
 
-def _local_rank_table(mesh: Any, axis: str) -> tuple[tuple[int, ...], ...]:
+def _local_rank_table(mesh: Mesh | AbstractMesh, axis: str) -> tuple[tuple[int, ...], ...]:
     """The rank-table rows (CUDA ordinals, rank order along ``axis``) of the groups this process drives."""
     devices = np.moveaxis(mesh.devices, tuple(mesh.axis_names).index(axis), -1)
     rows = devices.reshape(-1, devices.shape[-1])
@@ -172,8 +176,8 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
         raise ValueError(f"intranode: {intranode!r} is not one of {', '.join(INTRANODE)}")
     if backend not in parallel.BACKENDS:
         raise ValueError(f"backend: {backend!r} is not one of {', '.join(parallel.BACKENDS)}")
-    if dispatch not in ("auto", "ragged", "dense"):
-        raise ValueError(f"dispatch: {dispatch!r} is not one of auto, ragged, dense (the inter-host collective)")
+    if dispatch not in ("auto", "ragged", "padded"):
+        raise ValueError(f"dispatch: {dispatch!r} is not one of auto, ragged, padded (the inter-host collective)")
     n_o, g = _axes(mesh, host_axis, axis)
     pol = _policy.resolve(policy)
     disp = parallel.dispatch_path(mesh, dispatch)
@@ -185,7 +189,7 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
     if num_max_tokens is not None and int(num_max_tokens) < rows_per_device:
         raise ValueError(
             f"num_max_tokens: {num_max_tokens} is below the {rows_per_device} rows a device can receive per pass "
-            f"({n_o} sources x capacity); raise it, lower capacity, or leave it None"
+            f"({n_o} sources x pair_capacity); raise it, lower pair_capacity, or leave it None"
         )
     be = ops.choose_backend(backend, mode, op="ep_moe_hier")
     if be == "ffi" and backend == "auto" and config.arch_of_mode(mode) == 10 and not pol.sm100_mega:
@@ -244,7 +248,7 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
 
 
 def hier_path(
-    mesh: Any,
+    mesh: Mesh | AbstractMesh,
     host_axis: str = "host",
     axis: str | None = "ep",
     mode: str = "fp8",
@@ -253,27 +257,32 @@ def hier_path(
     dispatch: str = "auto",
     intranode: str = "auto",
     backend: str = "auto",
-    capacity: int | None = None,
+    pair_capacity: int | None = None,
     num_max_tokens: int | None = None,
     policy: Policy | None = None,
+    capacity: int | None = None,
 ) -> HierPath:
     """The :class:`HierPath` :func:`ep_moe_hier` takes with these arguments (``axis=None``: that of
-    :func:`ep_moe_grouped` over ``host_axis``); raises as the call would for one that cannot run."""
+    :func:`ep_moe_grouped` over ``host_axis``); raises as the call would for one that cannot run.
+    (``capacity=``: the deprecated name of ``pair_capacity``, with a DeprecationWarning.)"""
+    pair_capacity = parallel._pair_capacity(pair_capacity, capacity, "hier_path")
     config.check_mode(mode)
     n_o, _ = _axes(mesh, host_axis, axis)
-    c = _capacity(capacity, int(tokens_per_device))
+    c = _capacity(pair_capacity, int(tokens_per_device))
     return _resolve(
-        mesh, host_axis, axis, mode, dispatch=dispatch, intranode=intranode, backend=backend,
-        rows_per_device=n_o * c, num_max_tokens=num_max_tokens, policy=policy,
+        mesh, host_axis, axis, mode, dispatch=parallel.canonical_dispatch(dispatch), intranode=intranode,
+        backend=backend, rows_per_device=n_o * c, num_max_tokens=num_max_tokens, policy=policy,
     )[0]  # fmt: skip
 
 
-def _capacity(capacity: Any, tokens_per_device: int) -> int:
-    if capacity is None:
+def _capacity(pair_capacity: Any, tokens_per_device: int) -> int:
+    if pair_capacity is None:
         return max(tokens_per_device, 1)
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or int(capacity) < 1:
-        raise ValueError(f"capacity: {capacity!r} must be a Python int >= 1 (token rows per source device and host)")
-    return max(1, min(int(capacity), tokens_per_device))
+    if isinstance(pair_capacity, bool) or not isinstance(pair_capacity, (int, np.integer)) or int(pair_capacity) < 1:
+        raise ValueError(
+            f"pair_capacity: {pair_capacity!r} must be a Python int >= 1 (token rows per source device and host)"
+        )
+    return max(1, min(int(pair_capacity), tokens_per_device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,11 +290,26 @@ def _capacity(capacity: Any, tokens_per_device: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def ep_moe_grouped(x, topk_idx, topk_weights, weights, *, mesh, axis: str = "ep", **kwargs):
+def ep_moe_grouped(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    topk_weights: jax.Array,
+    weights: MoEWeights,
+    *,
+    mesh: Mesh | AbstractMesh,
+    axis: str = "ep",
+    **kwargs: Any,
+) -> jax.Array | tuple[jax.Array, EPStats]:
     """:func:`ep_moe_hier` with one level: experts and tokens sharded over ``axis`` alone, every
     device its own "host". One all-to-all of token rows (each token once per destination device, its
     ``K`` slots local or ``-1``), one single-rank kernel call over the received rows, the reverse
     all-to-all, combine. Same options and bound as :func:`ep_moe_hier`."""
+    if "dispatch" in kwargs:  # a deprecated name warns here, naming the caller's line
+        kwargs["dispatch"] = parallel.canonical_dispatch(kwargs["dispatch"])
+    if "capacity" in kwargs:
+        kwargs["pair_capacity"] = parallel._pair_capacity(
+            kwargs.get("pair_capacity"), kwargs.pop("capacity"), "ep_moe_grouped"
+        )
     return ep_moe_hier(x, topk_idx, topk_weights, weights, mesh=mesh, host_axis=axis, axis=None, **kwargs)
 
 
@@ -293,9 +317,9 @@ def ep_moe_hier(
     x: jax.Array,
     topk_idx: jax.Array,
     topk_weights: jax.Array,
-    weights: Any,
+    weights: MoEWeights,
     *,
-    mesh: Any,
+    mesh: Mesh | AbstractMesh,
     host_axis: str = "host",
     axis: str | None = "ep",
     mode: str,
@@ -304,10 +328,11 @@ def ep_moe_hier(
     routed_scaling_factor: float = 1.0,
     dispatch: str = "auto",
     intranode: str = "auto",
-    capacity: int | None = None,
+    pair_capacity: int | None = None,
     return_stats: bool = False,
     num_max_tokens: int | None = None,
     policy: Policy | None = None,
+    capacity: int | None = None,
 ) -> jax.Array | tuple[jax.Array, EPStats]:
     """Routed experts of one MoE layer over a two-level mesh: hosts (``host_axis``, XLA collectives)
     x GPUs of a host (``axis``: the fused kernel, or a collective on CPU). Jit-able; keywords static.
@@ -324,18 +349,21 @@ def ep_moe_hier(
       backend: per-GPU expert compute of the ``"local"``/``"collective"`` stages: ``"auto"`` (the
         single-rank kernel where the default device runs the mode's kernels, else the reference),
         ``"ffi"``, ``"reference"``.
-      dispatch: inter-host collective, ``"auto"`` | ``"ragged"`` | ``"dense"`` (:func:`parallel.dispatch_path`).
+      dispatch: inter-host collective, ``"auto"`` | ``"ragged"`` | ``"padded"`` (:func:`parallel.dispatch_path`;
+        ``"dense"``: the deprecated name of ``"padded"``, warns).
       intranode: ``"auto"`` | ``"fused"`` | ``"collective"`` | ``"local"`` (see :func:`hier_path`).
-      capacity: token rows per (source device, destination host) pair per pass; default (and at most)
-        ``T_l``, the exact worst case. Rows past it take the second pass (module docstring).
+      pair_capacity: token rows per (source device, destination host) pair per pass; default (and at
+        most) ``T_l``, the exact worst case. Rows past it take the second pass (module docstring).
+        (``capacity=``: its deprecated name, with a DeprecationWarning.)
       return_stats: return ``(y, EPStats)``.
-      num_max_tokens: at least the rows a device receives per pass (``n_o * capacity``); default that.
+      num_max_tokens: at least the rows a device receives per pass (``n_o * pair_capacity``); default that.
       policy: the settings the call does not give (fused opt-out, reserved SMs, graph targets, sm_100
         opt-in); default the process policy (:func:`jax_megamoe.policy.current`).
 
     Returns:
       ``y`` bf16 ``[T, H]`` sharded ``P((host_axis, axis))`` (and :class:`EPStats` if ``return_stats``).
     """
+    pair_capacity = parallel._pair_capacity(pair_capacity, capacity, "ep_moe_hier")
     config.check_mode(mode)
     n_o, g = _axes(mesh, host_axis, axis)
     n = n_o * g
@@ -354,9 +382,9 @@ def ep_moe_hier(
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats: expected a bool, got {type(return_stats).__name__}")
     tl = t // n
-    cap1 = _capacity(capacity, tl)
+    cap1 = _capacity(pair_capacity, tl)
     path, fused = _resolve(
-        mesh, host_axis, axis, mode, dispatch=dispatch, intranode=intranode, backend=backend,
+        mesh, host_axis, axis, mode, dispatch=parallel.canonical_dispatch(dispatch), intranode=intranode, backend=backend,
         rows_per_device=n_o * cap1, num_max_tokens=num_max_tokens, policy=policy,
     )  # fmt: skip
     caps = (cap1,) if cap1 >= tl else (cap1, tl - cap1)
@@ -413,7 +441,7 @@ def _hier_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, host_axis, axis,
 def _exchange_fn(path: HierPath, axis: str, n: int, cap: int, send_sizes: jax.Array):
     """``(forward, backward)`` moving ``[n * cap, ...]`` buffers over ``axis``: row ``[s * cap + j]``
     of the result is the ``j``-th row device ``s`` sent here."""
-    if path.dispatch == "dense":
+    if path.dispatch == "padded":
 
         def fwd(a, fill):
             del fill
@@ -444,7 +472,7 @@ def _intranode(rx, rid, rw, weights, *, axis, mode, clamp, path, fused, chunk, n
             rank_devices=np.asarray(table, np.int64).reshape(-1, lax.axis_size(axis)), graph=graph,
         )  # fmt: skip
     if path.intranode == "collective":
-        # The pair-form collective body of parallel.ep_moe over the host's GPUs; its capacity is the
+        # The pair-form collective body of parallel.ep_moe over the host's GPUs; its pair_capacity is the
         # exact worst case (rows * K pairs per device pair), so nothing is dropped here.
         y, _ = parallel._ep_body(
             rx, rid, rw, weights, axis=axis, mode=mode, clamp=clamp, backend=path.backend,
@@ -501,7 +529,7 @@ def _hier_body(x, topk_idx, w, weights, *, host_axis, axis, mode, clamp, path, c
     all_axes = (host_axis,) if axis is None else (host_axis, axis)
     total_over = lax.psum(over_rows, all_axes)
     if len(caps) == 2:
-        # Exact by a second pass: the rows past the capacity, sized so that it cannot overflow; taken
+        # Exact by a second pass: the rows past the pair_capacity, sized so that it cannot overflow; taken
         # only when some device overflowed (the predicate is mesh-wide, so every device agrees).
         parts = lax.cond(
             total_over > 0,

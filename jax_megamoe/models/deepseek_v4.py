@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ from flax import nnx
 
 from jax_megamoe.io import convert
 from jax_megamoe.io.build import load_moe_layer
-from jax_megamoe.io.safetensors_reader import CheckpointError
+from jax_megamoe.io.safetensors_reader import CheckpointError, CheckpointSource
 from jax_megamoe.io.v4_checkpoint import MoELayer
 from jax_megamoe.kernels import ops, parallel
 from jax_megamoe.numerics import config as _cfg
@@ -46,7 +46,7 @@ from jax_megamoe.numerics import policy as _policy
 from jax_megamoe.numerics import quant, reference
 from jax_megamoe.numerics.layout import MoEWeights
 from jax_megamoe.numerics.policy import Policy
-from jax_megamoe.numerics.progress import text_progress_bar
+from jax_megamoe.numerics.progress import ProgressArg, text_progress_bar
 from jax_megamoe.numerics.v4_config import DeepseekV4Config, _check_int
 
 __all__ = [
@@ -142,7 +142,9 @@ class DeepseekV4Gate(nnx.Module):
     a token receives only the shared expert. Nothing can raise on a traced value, hence no error.
     """
 
-    def __init__(self, config: DeepseekV4Config, layer_idx: int, *, rngs: nnx.Rngs, is_mtp: bool = False):
+    def __init__(
+        self, config: DeepseekV4Config, layer_idx: int, *, rngs: nnx.Rngs, is_mtp: bool = False
+    ) -> None:
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
         _check_int("layer_idx", layer_idx, 0)
@@ -229,7 +231,9 @@ class DeepseekV4SharedExpert(nnx.Module):
     the exact function).
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, *, swiglu_limit: float | None, rngs: nnx.Rngs):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, *, swiglu_limit: float | None, rngs: nnx.Rngs
+    ) -> None:
         _check_int("hidden_size", hidden_size, 1)
         _check_int("intermediate_size", intermediate_size, 1)
         self.hidden_size = int(hidden_size)
@@ -251,7 +255,15 @@ class DeepseekV4SharedExpert(nnx.Module):
         h = _clamped_swiglu(g, u, self.swiglu_limit)
         return _dot_nt(h.astype(jnp.bfloat16), _value(self.w2))
 
-    def load_fp8(self, w1, w1_scale, w2, w2_scale, w3, w3_scale) -> None:
+    def load_fp8(
+        self,
+        w1: jax.Array | np.ndarray,
+        w1_scale: jax.Array | np.ndarray,
+        w2: jax.Array | np.ndarray,
+        w2_scale: jax.Array | np.ndarray,
+        w3: jax.Array | np.ndarray,
+        w3_scale: jax.Array | np.ndarray,
+    ) -> None:
         """Set the weights from the checkpoint's FP8 block-128 tensors (dequantized to bf16).
 
         ``w*`` are ``float8_e4m3fn`` (or their uint8 bytes); scales ``[N/128, K/128]`` as
@@ -287,10 +299,10 @@ class DeepseekV4SharedExpert(nnx.Module):
 class MoECheckpoint(NamedTuple):
     """Routed experts of one layer in checkpoint format (the arguments of ``MoEWeights.from_checkpoint``)."""
 
-    w13: Any  # uint8 [E, 2I, H/2]: packed E2M1, rows [gate | up], low nibble = even column
-    w13_scale: Any  # uint8 [E, 2I, H/32]: UE8M0 bytes
-    w2: Any  # uint8 [E, H, I/2]
-    w2_scale: Any  # uint8 [E, H, I/32]
+    w13: np.ndarray  # uint8 [E, 2I, H/2]: packed E2M1, rows [gate | up], low nibble = even column
+    w13_scale: np.ndarray  # uint8 [E, 2I, H/32]: UE8M0 bytes
+    w2: np.ndarray  # uint8 [E, H, I/2]
+    w2_scale: np.ndarray  # uint8 [E, H, I/32]
 
 
 #: RMS of a uniformly random E2M1 code: sqrt(mean(0, .25, 1, 2.25, 4, 9, 16, 36)).
@@ -407,7 +419,7 @@ def _routed_experts(
     x: jax.Array,
     topk_idx: jax.Array,
     topk_weights: jax.Array,
-    weights: Any,
+    weights: MoEWeights,
     backend: str,
     *,
     activation_clamp: float | None,
@@ -489,20 +501,21 @@ class DeepseekV4MoE(nnx.Module):
         backend: str = "auto",
         mode: str | None = None,
         rngs: nnx.Rngs,
-        weights: Any = None,
+        weights: MoEWeights | None = None,
         is_mtp: bool = False,
         progress: Callable[[int, int], None] | bool | None = None,
-        mesh: Any = None,
+        mesh: jax.sharding.Mesh | None = None,
         ep_axis: str = "ep",
         ep_dispatch: str = "auto",
         policy: Policy | None = None,
-    ):
+    ) -> None:
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
         self.backend = _check_backend(backend)
         # Expert parallelism (jax_megamoe.parallel.ep_moe) over mesh axis ep_axis; None: one device.
         self.mesh = mesh
         self.ep_axis = ep_axis
+        ep_dispatch = parallel.canonical_dispatch(ep_dispatch, name="ep_dispatch")  # "dense": deprecated, warns
         if ep_dispatch not in parallel.DISPATCHES:
             raise ValueError(f"ep_dispatch: {ep_dispatch!r} is not one of {', '.join(parallel.DISPATCHES)}")
         self.ep_dispatch = ep_dispatch
@@ -545,13 +558,13 @@ class DeepseekV4MoE(nnx.Module):
     @classmethod
     def from_checkpoint(
         cls,
-        path: Any,
+        path: CheckpointSource,
         layer_idx: int,
         *,
         backend: str = "auto",
         mode: str | None = None,
-        config: DeepseekV4Config | dict | None = None,
-        progress: Callable[[int, int], None] | bool | None = None,
+        config: DeepseekV4Config | Mapping[str, Any] | None = None,
+        progress: ProgressArg = None,
         nibble_order: str = "low_even",
         rngs: nnx.Rngs | None = None,
         **kwargs: Any,
@@ -583,7 +596,7 @@ class DeepseekV4MoE(nnx.Module):
                 raise ValueError(f"weights: {attr} = {got!r} does not match the block's {attr} = {v!r}")
 
     @property
-    def moe_weights(self) -> Any:
+    def moe_weights(self) -> MoEWeights:
         """The routed experts' ``MoEWeights``."""
         return _value(self.experts)
 
@@ -619,7 +632,11 @@ class DeepseekV4MoE(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def apply_layer(layer: MoELayer, block: DeepseekV4MoE) -> DeepseekV4MoE:
+#: The block class :func:`load_moe_block` builds (``DeepseekV4MoE`` or a subclass).
+_Block = TypeVar("_Block", bound="DeepseekV4MoE")
+
+
+def apply_layer(layer: MoELayer, block: _Block) -> _Block:
     """Set ``block``'s gate and shared-expert parameters to ``layer``'s (returns ``block``)."""
     gate = block.gate
     if bool(gate.is_hash_layer) != layer.is_hash_layer:
@@ -653,20 +670,20 @@ def apply_layer(layer: MoELayer, block: DeepseekV4MoE) -> DeepseekV4MoE:
 
 
 def load_moe_block(
-    cls: Any,
-    path: Any,
+    cls: type[_Block],
+    path: CheckpointSource,
     layer_idx: int,
     *,
     backend: str = "auto",
     mode: str | None = None,
-    config: Any = None,
-    progress: Any = None,
+    config: DeepseekV4Config | Mapping[str, Any] | None = None,
+    progress: ProgressArg = None,
     nibble_order: str = "low_even",
-    rngs: Any = None,
+    rngs: nnx.Rngs | None = None,
     verify: bool = True,
     allow_nan_scales: bool = False,
     **block_kwargs: Any,
-) -> Any:
+) -> _Block:
     """``cls(config, layer_idx, backend=..., mode=..., weights=...)`` with every parameter loaded.
 
     ``path`` is a checkpoint (see :func:`load_moe_layer`) or a folder written by

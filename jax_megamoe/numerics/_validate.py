@@ -13,6 +13,9 @@ from typing import Any
 import jax
 import numpy as np
 
+#: An array argument of a public function: a JAX array (concrete or traced) or a NumPy array.
+ArrayIn = jax.Array | np.ndarray
+
 
 def dtype_name(dtype: Any) -> str:
     return np.dtype(dtype).name

@@ -47,7 +47,7 @@ import numpy as np
 from jax import lax
 
 from jax_megamoe.numerics import config as _config
-from jax_megamoe.numerics._validate import check_dtype, check_multiple, check_ndim
+from jax_megamoe.numerics._validate import ArrayIn, check_dtype, check_multiple, check_ndim
 from jax_megamoe.numerics.quant import (
     decode_e2m1,
     dequantize_fp8_block128,
@@ -102,7 +102,7 @@ def _permute_axis(x: jax.Array, ax: int, split: tuple[int, ...], perm: tuple[int
     return jnp.transpose(y, order).reshape(shp)
 
 
-def interleave_gate_up(w: Any, gran: int = 8, *, axis: int = -2, name: str = "w") -> jax.Array:
+def interleave_gate_up(w: ArrayIn, gran: int = 8, *, axis: int = -2, name: str = "w") -> jax.Array:
     """Rows ``[gate | up]`` -> ``[g0..g{gran-1}, u0..u{gran-1}, g{gran}.., u{gran}.., ...]``.
 
     DeepGEMM's ``_interleave_weights`` (``fp8xfp4`` L1 data and SF rows, sm_90 FP8 L1 data).
@@ -112,14 +112,14 @@ def interleave_gate_up(w: Any, gran: int = 8, *, axis: int = -2, name: str = "w"
     return _permute_axis(x, ax, (2, n // (2 * gran), gran), (1, 0, 2))
 
 
-def deinterleave_gate_up(w: Any, gran: int = 8, *, axis: int = -2, name: str = "w") -> jax.Array:
+def deinterleave_gate_up(w: ArrayIn, gran: int = 8, *, axis: int = -2, name: str = "w") -> jax.Array:
     """Exact inverse of :func:`interleave_gate_up`."""
     x, ax, n = _rows(name, w, axis)
     check_multiple(name, n, 2 * gran, f"rows on axis {axis}: two halves, each a multiple of gran={gran}")
     return _permute_axis(x, ax, (n // (2 * gran), 2, gran), (1, 0, 2))
 
 
-def interleave_gate_up_packed_fp4(w: Any, *, axis: int = -2, name: str = "w") -> jax.Array:
+def interleave_gate_up_packed_fp4(w: ArrayIn, *, axis: int = -2, name: str = "w") -> jax.Array:
     """The gran-16 packed interleave of the FP4 kinds (``mxf4xmxf4``).
 
     Output unit ``u`` (32 rows) is built from gate rows ``16u..16u+15`` (G) and up rows
@@ -132,21 +132,21 @@ def interleave_gate_up_packed_fp4(w: Any, *, axis: int = -2, name: str = "w") ->
     return _permute_axis(x, ax, (2, n // 32, 8, 2), (1, 3, 0, 2))
 
 
-def deinterleave_gate_up_packed_fp4(w: Any, *, axis: int = -2, name: str = "w") -> jax.Array:
+def deinterleave_gate_up_packed_fp4(w: ArrayIn, *, axis: int = -2, name: str = "w") -> jax.Array:
     """Exact inverse of :func:`interleave_gate_up_packed_fp4`."""
     x, ax, n = _rows(name, w, axis)
     check_multiple(name, n, 32, f"rows on axis {axis}: two halves, each a multiple of 16")
     return _permute_axis(x, ax, (n // 32, 2, 2, 8), (2, 0, 3, 1))
 
 
-def utccp_transpose(x: Any, *, axis: int = -2, name: str = "x") -> jax.Array:
+def utccp_transpose(x: ArrayIn, *, axis: int = -2, name: str = "x") -> jax.Array:
     """UTCCP 4x32 transpose: within each 128-row block ``new[128b + 4c + a] = old[128b + 32a + c]``."""
     y, ax, n = _rows(name, x, axis)
     check_multiple(name, n, _BLOCK, f"rows on axis {axis}")
     return _permute_axis(y, ax, (n // _BLOCK, _UTCCP_A, _UTCCP_C), (0, 2, 1))
 
 
-def utccp_untranspose(x: Any, *, axis: int = -2, name: str = "x") -> jax.Array:
+def utccp_untranspose(x: ArrayIn, *, axis: int = -2, name: str = "x") -> jax.Array:
     """Exact inverse of :func:`utccp_transpose`."""
     y, ax, n = _rows(name, x, axis)
     check_multiple(name, n, _BLOCK, f"rows on axis {axis}")
@@ -234,7 +234,7 @@ def _check_nan_scales(name: str, x: Any, dims: tuple[str, ...], opt_out: str) ->
         raise ValueError(msg)
 
 
-def pack_sf_mn_major(sf_bytes: Any, *, name: str = "sf_bytes") -> jax.Array:
+def pack_sf_mn_major(sf_bytes: ArrayIn, *, name: str = "sf_bytes") -> jax.Array:
     """UE8M0 bytes ``uint8[..., MN, K/32]`` -> ``int32[..., K/128, MN]`` (MN-major, TMA-aligned).
 
     Byte ``j`` (little-endian) of int32 ``c`` holds K-group ``4c + j``; ``MN`` must be a multiple
@@ -249,7 +249,7 @@ def pack_sf_mn_major(sf_bytes: Any, *, name: str = "sf_bytes") -> jax.Array:
     return jnp.swapaxes(pack_ue8m0(sf), -1, -2)
 
 
-def unpack_sf_mn_major(sf: Any, *, name: str = "sf") -> jax.Array:
+def unpack_sf_mn_major(sf: ArrayIn, *, name: str = "sf") -> jax.Array:
     """Exact inverse of :func:`pack_sf_mn_major`: ``int32[..., K/128, MN]`` -> ``uint8[..., MN, K/32]``."""
     check_dtype(name, sf, np.int32)
     sf = jnp.asarray(sf)
@@ -488,8 +488,8 @@ def _report(t: Any, st: dict[str, Any]) -> ConversionReport:
 
 
 def fp4_to_fp8_block128(
-    packed: Any,
-    scale: Any,
+    packed: ArrayIn,
+    scale: ArrayIn,
     *,
     report: bool = True,
     progress: bool | Callable[[int, int], None] | None = None,
@@ -744,7 +744,7 @@ class MoEWeights:
 
     @staticmethod
     def _check_checkpoint(
-        w13: Any, w13_scale: Any, w2: Any, w2_scale: Any, mode: str, allow_nan_scales: bool = False
+        w13: ArrayIn, w13_scale: ArrayIn, w2: ArrayIn, w2_scale: ArrayIn, mode: str, allow_nan_scales: bool = False
     ) -> tuple[jax.Array, ...]:
         _config.check_mode(mode)
         w13, w2 = _data_bytes("w13", w13), _data_bytes("w2", w2)
@@ -767,10 +767,10 @@ class MoEWeights:
     @classmethod
     def from_checkpoint(
         cls,
-        w13: Any,
-        w13_scale: Any,
-        w2: Any,
-        w2_scale: Any,
+        w13: ArrayIn,
+        w13_scale: ArrayIn,
+        w2: ArrayIn,
+        w2_scale: ArrayIn,
         *,
         mode: str,
         progress: bool | Callable[[int, int], None] | None = None,
@@ -797,10 +797,10 @@ class MoEWeights:
     @classmethod
     def from_checkpoint_with_report(
         cls,
-        w13: Any,
-        w13_scale: Any,
-        w2: Any,
-        w2_scale: Any,
+        w13: ArrayIn,
+        w13_scale: ArrayIn,
+        w2: ArrayIn,
+        w2_scale: ArrayIn,
         *,
         mode: str,
         progress: bool | Callable[[int, int], None] | None = None,
@@ -816,10 +816,10 @@ class MoEWeights:
     @classmethod
     def _from_checkpoint(
         cls,
-        w13: Any,
-        w13_scale: Any,
-        w2: Any,
-        w2_scale: Any,
+        w13: ArrayIn,
+        w13_scale: ArrayIn,
+        w2: ArrayIn,
+        w2_scale: ArrayIn,
         mode: str,
         want_report: bool,
         progress: Any,
@@ -850,7 +850,7 @@ class MoEWeights:
         return cls(l1, l1_sf, l2, l2_sf, **meta), rep
 
     @classmethod
-    def from_fp8(cls, w13: Any, w13_scale: Any, w2: Any, w2_scale: Any) -> MoEWeights:
+    def from_fp8(cls, w13: ArrayIn, w13_scale: ArrayIn, w2: ArrayIn, w2_scale: ArrayIn) -> MoEWeights:
         """Mode ``'fp8'`` weights from an FP8 checkpoint: ``w13 float8_e4m3fn[E, 2I, H]`` (rows
         ``[gate | up]``), ``w13_scale float32[E, 2I/128, H/128]``, ``w2 float8_e4m3fn[E, H, I]``,
         ``w2_scale float32[E, H/128, I/128]``. Only the L1 data is interleaved (gran 8)."""
@@ -886,7 +886,7 @@ class MoEWeights:
             raise ValueError(f"weights: to_fp8() needs mode 'fp8' weights, these are mode {self.mode!r}")
         return _deinterleave8_jit(self.l1), self.l1_sf, self.l2, self.l2_sf
 
-    def dequantize_expert(self, e: Any) -> tuple[jax.Array, jax.Array]:
+    def dequantize_expert(self, e: int | jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(w13 f32[2I, H], w2 f32[H, I])`` of local expert ``e`` in canonical order ([gate | up]).
 
         ``e`` may be a traced int32 (inside ``lax.scan``); only that expert's data is read. An

@@ -11,9 +11,21 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol, TextIO
 
-__all__ = ["TextBar", "make_progress", "text_progress_bar"]
+__all__ = ["ProgressArg", "ProgressSink", "TextBar", "make_progress", "text_progress_bar"]
+
+#: What a user passes as ``progress=``: None/False (none), True (tqdm or the text bar), ``"text"``
+#: (the text bar) or a callable ``progress(done, total)``.
+ProgressArg = bool | str | Callable[[int, int], None] | None
+
+
+class ProgressSink(Protocol):
+    """What :func:`make_progress` returns: ``bar(done)`` reports progress, ``bar.close()`` ends it."""
+
+    def __call__(self, done: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class TextBar:
@@ -23,7 +35,9 @@ class TextBar:
     ``bar(done)`` or ``bar(done, total)`` (the second form updates the total).
     """
 
-    def __init__(self, total: int, desc: str = "", unit: str = "it", stream: Any = None, width: int = 30):
+    def __init__(
+        self, total: int, desc: str = "", unit: str = "it", stream: TextIO | None = None, width: int = 30
+    ) -> None:
         self.total, self.desc, self.unit, self.width = max(int(total), 1), desc, unit, width
         self.stream = sys.stderr if stream is None else stream
         self.t0 = time.perf_counter()
@@ -53,7 +67,7 @@ class TextBar:
 
 
 class _TqdmBar:
-    def __init__(self, total: int, desc: str, unit: str):
+    def __init__(self, total: int, desc: str, unit: str) -> None:
         from tqdm import tqdm  # optional dependency: ImportError falls back to TextBar
 
         self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=True, dynamic_ncols=True)
@@ -69,7 +83,7 @@ class _TqdmBar:
 
 
 class _CallbackBar:
-    def __init__(self, fn: Callable[[int, int], None], total: int):
+    def __init__(self, fn: Callable[[int, int], None], total: int) -> None:
         self.fn, self.total = fn, total
 
     def __call__(self, done: int) -> None:
@@ -79,7 +93,7 @@ class _CallbackBar:
         pass
 
 
-def make_progress(progress: Any, total: int, desc: str, unit: str = "it") -> Any:
+def make_progress(progress: ProgressArg, total: int, desc: str, unit: str = "it") -> ProgressSink | None:
     """A progress sink ``bar(done)`` + ``bar.close()``, or None.
 
     ``progress``: None/False (none), True (tqdm on stderr if installed, else a text bar on
@@ -99,6 +113,6 @@ def make_progress(progress: Any, total: int, desc: str, unit: str = "it") -> Any
     raise TypeError(f"progress: expected None, a bool, 'text' or a callable(done, total), got {type(progress).__name__}")
 
 
-def text_progress_bar(desc: str = "", stream: Any = None, width: int = 30) -> Callable[[int, int], None]:
+def text_progress_bar(desc: str = "", stream: TextIO | None = None, width: int = 30) -> Callable[[int, int], None]:
     """A plain text progress bar on stderr as a ``progress(done, total)`` callable (bytes)."""
     return TextBar(1, desc, "B", stream=stream, width=width)

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_megamoe.numerics._validate import check_dtype, check_multiple
+from jax_megamoe.numerics._validate import ArrayIn, check_dtype, check_multiple
 from jax_megamoe.numerics.config import check_mode
 
 __all__ = [
@@ -373,7 +373,7 @@ def _encode_e2m1_cvt_u8(v):
     return jnp.where(ab > _U32(_F32_INF), _U32(7), code).astype(jnp.uint8)
 
 
-def encode_e2m1(v):
+def encode_e2m1(v: ArrayIn) -> jax.Array:
     """E2M1 codes (uint8 0..15) of ``v`` (f32 or bf16), the pre-dispatch kernel's rule.
 
     ``a = min(|v|, 6)``; ``code = [a>0.25] + [a>=0.75] + [a>1.25] + [a>=1.75] + [a>2.5] + [a>=3.5] + [a>5]``
@@ -383,7 +383,7 @@ def encode_e2m1(v):
     return _jit_encode_e2m1(_check_float("v", v))
 
 
-def encode_e2m1_cvt(v):
+def encode_e2m1_cvt(v: ArrayIn) -> jax.Array:
     """E2M1 codes with PTX ``cvt.rn.satfinite.e2m1x2.f32`` semantics (the requantisation's encoder).
 
     Same magnitude as ``encode_e2m1``; the sign bit is the sign bit of ``v`` (so ``-0.0`` and negative
@@ -400,7 +400,7 @@ def _decode_e2m1(codes):
     return jnp.asarray(E2M1_VALUES)[(codes & jnp.uint8(15)).astype(jnp.int32)]
 
 
-def decode_e2m1(codes):
+def decode_e2m1(codes: ArrayIn) -> jax.Array:
     """f32 values of E2M1 codes (uint8; only the low nibble is read)."""
     codes = _arr(codes)
     check_dtype("codes", codes, jnp.uint8)
@@ -421,7 +421,7 @@ def _unpack_nibbles(packed):
     return both.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-def pack_nibbles(codes):
+def pack_nibbles(codes: ArrayIn) -> jax.Array:
     """uint8 ``[..., 2n]`` codes -> uint8 ``[..., n]``: byte b = code(2b) | code(2b+1) << 4 (low nibble = even).
 
     Only the low nibble of each code is used.
@@ -433,7 +433,7 @@ def pack_nibbles(codes):
     return _jit_pack_nibbles(codes)
 
 
-def unpack_nibbles(packed):
+def unpack_nibbles(packed: ArrayIn) -> jax.Array:
     """uint8 ``[..., n]`` -> uint8 ``[..., 2n]`` codes (inverse of ``pack_nibbles``)."""
     packed = _arr(packed)
     check_dtype("packed", packed, jnp.uint8)
@@ -462,7 +462,7 @@ def _unpack_ue8m0(words):
     return b.reshape(*words.shape[:-1], words.shape[-1] * 4)
 
 
-def pack_ue8m0(sf_bytes):
+def pack_ue8m0(sf_bytes: ArrayIn) -> jax.Array:
     """uint8 ``[..., 4m]`` -> int32 ``[..., m]``: byte j of word c is group 4c + j (little-endian)."""
     sf_bytes = _arr(sf_bytes)
     check_dtype("sf_bytes", sf_bytes, jnp.uint8)
@@ -471,7 +471,7 @@ def pack_ue8m0(sf_bytes):
     return _jit_pack_ue8m0(sf_bytes)
 
 
-def unpack_ue8m0(words):
+def unpack_ue8m0(words: ArrayIn) -> jax.Array:
     """int32 ``[..., m]`` -> uint8 ``[..., 4m]`` (inverse of ``pack_ue8m0``)."""
     words = _arr(words)
     check_dtype("words", words, jnp.int32)
@@ -501,7 +501,7 @@ def _ue8m0_to_float(b):
     return _from_bits(bits)
 
 
-def ue8m0_to_float(sf_bytes):
+def ue8m0_to_float(sf_bytes: ArrayIn) -> jax.Array:
     """``2^(b - 127)`` as f32, built from bits: b = 0 gives the subnormal 2^-127, b = 255 NaN.
 
     Accepts uint8 or ``float8_e8m0fnu`` (reinterpreted).
@@ -557,7 +557,7 @@ def _encode_e4m3(v):
     return lax.bitcast_convert_type(_encode_e4m3_u8(v), jnp.float8_e4m3fn)
 
 
-def encode_e4m3(v):
+def encode_e4m3(v: ArrayIn) -> jax.Array:
     """f32 (or bf16) -> ``float8_e4m3fn``: round-to-nearest-even, saturating to +-448 (``__NV_SATFINITE``).
 
     Finite values and infinities above 464 in magnitude become +-448 (464 itself rounds to 448, even);
@@ -596,7 +596,7 @@ def _quantize_mxfp4(x):
     return _pack_nibbles(_encode_e2m1_u8(scaled)), _pack_ue8m0(sf)
 
 
-def quantize_mxfp4(x):
+def quantize_mxfp4(x: ArrayIn) -> tuple[jax.Array, jax.Array]:
     """sm_100 pre-dispatch MXFP4 (``mxf4xmxf4``): ``x`` bf16 (kernel contract) or f32 ``[..., H]``, H % 128 == 0.
 
     Per 32 columns: ``amax = max(max|x|, 1e-4f)`` (NaN ignored), ``raw = amax / 6.0f``, UE8M0 byte
@@ -629,7 +629,7 @@ def _dequantize_mxfp4(codes, sf):
     return _scale_by_ue8m0(vals, _repeat_last(_sf_bytes(sf), 32))
 
 
-def dequantize_mxfp4(codes, sf):
+def dequantize_mxfp4(codes: ArrayIn, sf: ArrayIn) -> jax.Array:
     """Packed E2M1 ``codes`` uint8 ``[..., H//2]`` and UE8M0 scales -> f32 ``[..., H]`` (exact).
 
     ``sf``: int32 ``[..., H//128]`` (four bytes per word, as ``quantize_mxfp4`` returns) or uint8 bytes
@@ -651,7 +651,7 @@ def _quantize_fp8_ue8m0(x, group):
     return _encode_e4m3(scaled), _pack_ue8m0(sf)
 
 
-def quantize_fp8_ue8m0(x, group=32):
+def quantize_fp8_ue8m0(x: ArrayIn, group: int = 32) -> tuple[jax.Array, jax.Array]:
     """sm_100 pre-dispatch FP8 with UE8M0 scales (``fp8xfp4``): ``x`` bf16/f32 ``[..., H]``.
 
     As ``quantize_mxfp4`` with FMAX = 448 and ``e4m3`` RNE/SATFINITE; ``group`` in {32, 64, 128} and
@@ -668,7 +668,7 @@ def _dequantize_fp8_ue8m0(q, sf, group):
     return _scale_by_ue8m0(_decode_e4m3(q), _repeat_last(_sf_bytes(sf), group))
 
 
-def dequantize_fp8_ue8m0(q, sf, group=32):
+def dequantize_fp8_ue8m0(q: ArrayIn, sf: ArrayIn, group: int = 32) -> jax.Array:
     """``q`` float8_e4m3fn ``[..., H]`` times ``2^(b-127)`` per ``group`` columns -> f32 (exact).
 
     ``sf``: int32 ``[..., H//group//4]`` or uint8 bytes ``[..., H//group]``.
@@ -694,7 +694,7 @@ def _quantize_fp8_per128(x):
     return q, scale
 
 
-def quantize_fp8_per128(x):
+def quantize_fp8_per128(x: ArrayIn) -> tuple[jax.Array, jax.Array]:
     """sm_90 pre-dispatch FP8 (``fp8``): ``x`` bf16/f32 ``[..., H]``, H % 128 == 0.
 
     Per 128 columns: ``amax = max(max|x|, 1e-10f)``, ``scale = amax / 448.0f`` (IEEE f32, not a power of
@@ -719,7 +719,7 @@ def _dequantize_fp8_per128(q, sf):
     return _decode_e4m3(q) * _repeat_last(sf, 128)
 
 
-def dequantize_fp8_per128(q, sf):
+def dequantize_fp8_per128(q: ArrayIn, sf: ArrayIn) -> jax.Array:
     """``q`` float8_e4m3fn ``[..., H]`` times f32 ``sf`` ``[..., H//128]`` (one f32 multiply each)."""
     q, sf = _arr(q), _arr(sf)
     check_dtype("q", q, jnp.float8_e4m3fn)
@@ -755,7 +755,7 @@ def _requant_mxfp4(a):
     return _pack_nibbles(_encode_e2m1_cvt_u8(scaled)), sf
 
 
-def requant_mxfp4(a):
+def requant_mxfp4(a: ArrayIn) -> tuple[jax.Array, jax.Array]:
     """sm_100 ``mxf4xmxf4`` requantisation of the (weighted) SwiGLU output ``a`` f32 ``[..., N]``, N % 32 == 0.
 
     Per 32 columns: ``amax`` (fmaxf, NaN ignored; no floor), ``e = fast_log2_ceil(fl32(amax * fl32(1/6)))``,
@@ -775,7 +775,7 @@ def _requant_fp8_ue8m0(a):
     return _encode_e4m3(scaled), sf
 
 
-def requant_fp8_ue8m0(a):
+def requant_fp8_ue8m0(a: ArrayIn) -> tuple[jax.Array, jax.Array]:
     """sm_100 ``fp8xfp4`` requantisation: as ``requant_mxfp4`` with ``fl32(1/448)`` and e4m3 SATFINITE.
 
     Returns ``(float8_e4m3fn[..., N], sf_bytes uint8[..., N//32])``.
@@ -794,7 +794,7 @@ def _requant_fp8_per128(a):
     return _encode_e4m3(a * _repeat_last(inv, 128)), sf
 
 
-def requant_fp8_per128(a):
+def requant_fp8_per128(a: ArrayIn) -> tuple[jax.Array, jax.Array]:
     """sm_90 ``fp8`` requantisation of the (weighted) SwiGLU output ``a`` f32 ``[..., N]``, N % 128 == 0.
 
     Per 128 columns: ``sf = fl32(max(amax, 1e-10f) * fl32(1/448))``, ``inv = 1.0f / sf`` (IEEE),
@@ -807,7 +807,7 @@ def requant_fp8_per128(a):
     return _requant_fp8_per128(a)
 
 
-def fake_quantize(x, mode):
+def fake_quantize(x: ArrayIn, mode: str) -> jax.Array:
     """Pre-dispatch quantisation of ``x`` for kernel ``mode``, dequantised back to f32 ``[..., H]``.
 
     ``"mxf4xmxf4"``: ``quantize_mxfp4``; ``"fp8xfp4"``: ``quantize_fp8_ue8m0(group=32)``;
@@ -821,7 +821,7 @@ def fake_quantize(x, mode):
     return dequantize_fp8_per128(*quantize_fp8_per128(x))
 
 
-def fake_requant(a, mode):
+def fake_requant(a: ArrayIn, mode: str) -> jax.Array:
     """The mega kernel's requantisation of ``a`` for ``mode``, dequantised back to f32 ``[..., N]``.
 
     ``"mxf4xmxf4"``: ``requant_mxfp4``; ``"fp8xfp4"``: ``requant_fp8_ue8m0``; ``"fp8"``:
@@ -846,7 +846,7 @@ def _dequantize_mxfp4_weight(packed, scale):
     return _scale_by_ue8m0(vals, _repeat_last(_e8m0_bytes(scale), 32))
 
 
-def dequantize_mxfp4_weight(packed, scale):
+def dequantize_mxfp4_weight(packed: ArrayIn, scale: ArrayIn) -> jax.Array:
     """Checkpoint MXFP4 weights -> f32 ``[..., N, K]`` (exact).
 
     ``packed`` uint8 ``[..., N, K//2]`` (low nibble = even K), ``scale`` UE8M0 ``[..., N, K//32]`` as
@@ -874,7 +874,7 @@ def _dequantize_fp8_block128(q, scale):
     return _decode_e4m3(q) * s
 
 
-def dequantize_fp8_block128(q, scale):
+def dequantize_fp8_block128(q: ArrayIn, scale: ArrayIn) -> jax.Array:
     """FP8 weights with 128x128 block scales -> f32 ``[..., N, K]``.
 
     ``q`` float8_e4m3fn ``[..., N, K]``; ``scale`` f32 ``[..., ceil(N/128), ceil(K/128)]`` (or

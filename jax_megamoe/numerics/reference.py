@@ -68,7 +68,7 @@ from jax import lax
 
 from jax_megamoe.numerics import config, quant
 from jax_megamoe.numerics.layout import MoEWeights
-from jax_megamoe.numerics._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
+from jax_megamoe.numerics._validate import ArrayIn, check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
 
 __all__ = [
     "PreDispatched",
@@ -144,7 +144,7 @@ def _check_num_max_tokens(num_max_tokens: Any, t: int) -> int:
 _INT32_MIN, _INT32_END = -(2**31), 2**31
 
 
-def route_ids(topk_idx: Any, num_experts: int | None = None) -> jax.Array:
+def route_ids(topk_idx: ArrayIn, num_experts: int | None = None) -> jax.Array:
     """``topk_idx`` as int32, every id outside ``[0, num_experts)`` replaced by ``-1`` (routes nowhere).
 
     The range test happens in the ids' own dtype, *before* the cast: an int64 id ``>= 2**31`` cast
@@ -375,7 +375,7 @@ def mega_moe(
     x: jax.Array,
     topk_idx: jax.Array,
     topk_weights: jax.Array,
-    weights: Any,
+    weights: MoEWeights,
     *,
     mode: str,
     activation_clamp: float | None = None,

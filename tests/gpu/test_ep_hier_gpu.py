@@ -3,7 +3,7 @@
 - one GPU: ``ep_moe_grouped`` on a 1-device mesh (the single-rank kernel once over the received rows)
   against the reference and the plain single-GPU kernel;
 - n >= 2 GPUs: ``ep_moe_grouped`` (ragged all-to-all + one kernel call per GPU), with and without a
-  second pass past ``capacity``, against the reference (kernel tolerance), stats checked;
+  second pass past ``pair_capacity``, against the reference (kernel tolerance), stats checked;
 - n >= 4 GPUs: ``ep_moe_hier`` on a ``(2, n/2)`` mesh (a simulated host axis): one XLA exchange over
   "host", the fused multi-rank kernel over each half; against the reference.
 Each test prints a ``TABLE`` line.
@@ -79,10 +79,10 @@ def test_grouped_multi_gpu(tiny_fp8, capacity):
     x, idx, w = make_routing(n, tiny_fp8.num_experts, seed=40 + n)
     args = (jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w))
     mesh = jax.sharding.Mesh(np.array(GPUS[:n]), ("ep",))
-    path = parallel_hier.hier_path(mesh, "ep", None, "fp8", 32 // n, capacity=capacity)
+    path = parallel_hier.hier_path(mesh, "ep", None, "fp8", 32 // n, pair_capacity=capacity)
     assert (path.dispatch, path.backend) == ("ragged", "ffi"), path
     y, st = parallel_hier.ep_moe_grouped(*args, tiny_fp8, mesh=mesh, mode="fp8", activation_clamp=CLAMP,
-                                         capacity=capacity, return_stats=True)
+                                         pair_capacity=capacity, return_stats=True)
     ref = reference.mega_moe(*args, tiny_fp8, mode="fp8", activation_clamp=CLAMP)
     rel = _check(y, ref, idx, tiny_fp8.num_experts, f"grouped EP{n} capacity={capacity}")
     want = expected_rows(idx, tiny_fp8.num_experts, n, n, capacity or 32)
@@ -101,7 +101,7 @@ def test_hier_fused_simulated_hosts(tiny_fp8):
     assert path.intranode == "fused", path
     for capacity in (None, 1):
         y, st = parallel_hier.ep_moe_hier(*args, tiny_fp8, mesh=mesh, mode="fp8", activation_clamp=CLAMP,
-                                          capacity=capacity, return_stats=True)
+                                          pair_capacity=capacity, return_stats=True)
         ref = reference.mega_moe(*args, tiny_fp8, mode="fp8", activation_clamp=CLAMP)
         rel = _check(y, ref, idx, tiny_fp8.num_experts, f"hier 2x{n // 2} capacity={capacity}")
         want = expected_rows(idx, tiny_fp8.num_experts, 2, n, capacity or 32)
