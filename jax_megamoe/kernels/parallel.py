@@ -82,13 +82,16 @@ from jax_megamoe.numerics.layout import MoEWeights
 __all__ = [
     "ep_moe", "ep_moe_padded", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
     "rank_table",
-    "canonical_dispatch", "DISPATCHES", "DEPRECATED_DISPATCHES", "BACKENDS",
+    "canonical_dispatch", "DISPATCHES", "COLLECTIVE_DISPATCHES", "DEPRECATED_DISPATCHES", "BACKENDS",
 ]  # fmt: skip
 
 #: ``dispatch=`` values: ``"fused"`` (the intranode kernel) or a collective one, ``"ragged"``
 #: (``ragged_all_to_all`` of the used rows) or ``"padded"`` (``all_to_all`` of the fixed-capacity
 #: buffer, padding rows included); ``"auto"`` picks.
 DISPATCHES: tuple[str, ...] = ("auto", "fused", "ragged", "padded")
+#: The ``dispatch=`` values that name an XLA collective, ``"auto"`` first (what :func:`dispatch_path`
+#: and :func:`jax_megamoe.parallel_hier`'s inter-host exchange take).
+COLLECTIVE_DISPATCHES: tuple[str, ...] = tuple(d for d in DISPATCHES if d != "fused")
 #: Old ``dispatch=`` names, still accepted with a DeprecationWarning: old name -> its name now.
 DEPRECATED_DISPATCHES: dict[str, str] = {"dense": "padded"}
 #: Environment switch: ``0`` keeps ``dispatch="auto"`` off the fused intranode kernel.
@@ -149,7 +152,10 @@ def dispatch_path(mesh: Mesh | AbstractMesh, dispatch: str = "auto") -> str:
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
     if dispatch == "fused":
-        raise ValueError("dispatch: 'fused' uses no collective; dispatch_path answers for 'auto', 'ragged', 'padded'")
+        raise ValueError(
+            "dispatch: 'fused' uses no collective; dispatch_path answers for "
+            + ", ".join(repr(d) for d in COLLECTIVE_DISPATCHES)
+        )
     platform = _platform(mesh)
     if dispatch == "auto":
         return "ragged" if platform in _RAGGED_PLATFORMS else "padded"

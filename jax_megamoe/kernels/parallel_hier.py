@@ -176,8 +176,10 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
         raise ValueError(f"intranode: {intranode!r} is not one of {', '.join(INTRANODE)}")
     if backend not in parallel.BACKENDS:
         raise ValueError(f"backend: {backend!r} is not one of {', '.join(parallel.BACKENDS)}")
-    if dispatch not in ("auto", "ragged", "padded"):
-        raise ValueError(f"dispatch: {dispatch!r} is not one of auto, ragged, padded (the inter-host collective)")
+    if dispatch not in parallel.COLLECTIVE_DISPATCHES:
+        raise ValueError(
+            f"dispatch: {dispatch!r} is not one of {', '.join(parallel.COLLECTIVE_DISPATCHES)} (the inter-host collective)"
+        )
     n_o, g = _axes(mesh, host_axis, axis)
     pol = _policy.resolve(policy)
     disp = parallel.dispatch_path(mesh, dispatch)
