@@ -1,6 +1,7 @@
 """Per-expert and per-scale-block checks of a Mega MoE output against a reference (imported by
-tests, not collected): tests/test_expert_checks.py (CPU, the reference against a float64 oracle)
-and tests/gpu/test_mega_moe_sm90_gpu.py (the kernel against the reference).
+tests, not collected): tests/test_expert_checks.py (CPU, the reference against a float64 oracle),
+tests/gpu/test_mega_moe_sm90_gpu.py and tests/gpu/test_decode_gpu.py (the kernels against the
+reference).
 
 A relative L2 bound over the whole output ``[T, H]`` is blind to a local fault: one expert of 256
 with a 10% error, or one wrong 128x128 weight-scale block, moves it by well under 1e-2. So route
@@ -42,14 +43,18 @@ def single_expert_routing(experts, rows_per_expert: int, top_k: int, seed: int) 
 
 
 def expert_of_rows(idx) -> np.ndarray:
-    """The one expert each row is routed to (``-1``: none); ValueError for a row with several."""
+    """The one expert each row is routed to (``-1``: none; a row may name it in several slots);
+    ValueError for a row routed to several experts."""
     idx = np.asarray(idx)
     valid = idx >= 0
-    if (valid.sum(axis=1) > 1).any():
-        r = int(np.flatnonzero(valid.sum(axis=1) > 1)[0])
+    hi = np.max(np.where(valid, idx, -1), axis=1)
+    lo = np.min(np.where(valid, idx, np.iinfo(idx.dtype).max), axis=1)
+    several = valid.any(axis=1) & (hi != lo)
+    if several.any():
+        r = int(np.flatnonzero(several)[0])
         raise ValueError(f"topk_idx: row {r} is routed to {idx[r][valid[r]].tolist()}; the per-expert check "
                          "needs one expert per row (single_expert_routing)")  # fmt: skip
-    return np.where(valid.any(axis=1), np.max(np.where(valid, idx, -1), axis=1), -1)
+    return np.where(valid.any(axis=1), hi, -1)
 
 
 def _rel(g: np.ndarray, r: np.ndarray) -> float:

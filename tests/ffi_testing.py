@@ -140,10 +140,11 @@ def mega_shape(lib: ctypes.CDLL, *, E: int, P: int, K: int, H: int, I: int, rank
 
 
 def mega_call(lib: ctypes.CDLL, *, T: int, num_sms: int, clamp: float = float("inf"),
-              fast_math: bool = True) -> ctypes.Structure:
-    """A ``jmm_mega_call_t``."""
+              fast_math: bool = True, sm90_wide_tile: bool = False) -> ctypes.Structure:
+    """A ``jmm_mega_call_t`` (``sm90_wide_tile``: the sm_90 target's attribute of that name, the
+    policy's ``sm90_wide_tile``; must stay False for sm_100)."""
     return c_struct(lib, "jmm_mega_call")(num_tokens=T, num_sms=num_sms, activation_clamp=clamp,
-                                          fast_math=int(fast_math))
+                                          fast_math=int(fast_math), sm90_wide_tile=int(sm90_wide_tile))
 
 
 def mega_layout(lib: ctypes.CDLL, arch: int, shape: ctypes.Structure, num_sms: int | None = None) -> dict[str, Any]:

@@ -76,3 +76,21 @@ def test_call_fields_reach_the_configuration(lib):
     c = ft.mega_config(lib, 100, shape, ft.mega_call(lib, T=700, num_sms=132, clamp=10.0, fast_math=False))
     assert (c["num_sms"], c["num_ranks"], c["activation_clamp"], c["fast_math"], c["mma_kind"]) == (132, 2, 10.0, 0, 2)
     assert c["expected_tokens_per_expert"] == pytest.approx(700 * 2 * 6 / 256)
+
+
+def test_wide_tile_is_a_field_of_the_call_not_the_environment(lib, monkeypatch):
+    """jmm_mega_call.sm90_wide_tile (the sm_90 target's attribute) picks the 128-row tile at 64
+    expected tokens per expert; the library reads no environment variable for it; sm_100 refuses it."""
+    shape = ft.mega_shape(lib, E=16, P=256, K=4, H=512, I=256)
+    monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "1")
+    narrow = ft.mega_config(lib, 90, shape, ft.mega_call(lib, T=256, num_sms=132))
+    monkeypatch.delenv("JAX_MEGAMOE_SM90_WIDE_TILE")
+    wide = ft.mega_config(lib, 90, shape, ft.mega_call(lib, T=256, num_sms=132, sm90_wide_tile=True))
+    assert (narrow["block_m"], narrow["cluster_size"]) == (64, 1)
+    assert (wide["block_m"], wide["cluster_size"]) == (128, 2)
+    # below 64 expected tokens per expert the switch changes nothing
+    few = [ft.mega_config(lib, 90, shape, ft.mega_call(lib, T=200, num_sms=132, sm90_wide_tile=w)) for w in (0, 1)]
+    assert few[0] == few[1] and few[0]["block_m"] == 64
+    s100 = ft.mega_shape(lib, E=16, P=1920, K=4, H=512, I=256, kind=1)
+    with pytest.raises(ValueError, match="sm90_wide_tile=1 must be 0 on sm_100"):
+        ft.mega_config(lib, 100, s100, ft.mega_call(lib, T=16, num_sms=132, sm90_wide_tile=True))

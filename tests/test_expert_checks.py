@@ -43,6 +43,10 @@ def test_routing_gives_each_expert_its_rows():
     assert ((w > 0) == (idx >= 0)).all() and (w[idx >= 0] >= 0.5).all()
     with pytest.raises(ValueError, match="row 0 is routed to"):
         expert_of_rows(np.array([[1, 2], [3, -1]]))
+    with pytest.raises(ValueError, match=r"row 1 is routed to \[4, 0\]"):
+        expert_of_rows(np.array([[2, 2], [4, 0]], np.int32))
+    # one expert named in several slots is still one expert per row; no slot at all is -1
+    assert expert_of_rows(np.array([[5, -1, 5], [-1, -1, -1], [-1, 0, -1]], np.int32)).tolist() == [5, -1, 0]
 
 
 def test_clean_weights_pass(case):

@@ -155,8 +155,9 @@ def _run_on_cpu(lib, **overrides) -> str:
     attrs = dict(hidden=np.int64(H), intermediate=np.int64(I), num_experts=np.int64(E), top_k=np.int64(K),
                  capacity=np.int64(P), activation_clamp=np.float32(np.inf), fast_math=True,
                  reserved_sms=np.int64(0), routed_scaling_factor=np.float32(1.0), num_ranks=np.int64(1),
-                 rank_devices=np.zeros((0,), np.int64))
+                 rank_devices=np.zeros((0,), np.int64), sm90_wide_tile=False)
     attrs.update(overrides)
+    attrs = {k: v for k, v in attrs.items() if v is not None}  # None: leave the attribute out
     target = _cpu_target(lib)
     f = jax.jit(lambda *a: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((t, H), jnp.bfloat16),
                                             has_side_effect=True)(*a, **attrs))
@@ -215,3 +216,17 @@ def test_instantiate_refuses_unknown_attributes(compiled):
 
     msg = _run_on_cpu(compiled[0], num_sms=np.int64(0))
     assert "Wrong number of attributes" in msg, msg
+
+
+@pytest.mark.parametrize("override,expect", [
+    (dict(sm90_wide_tile=None), "Wrong number of attributes"),  # required: the library reads no env var
+    (dict(sm90_wide_tile=1), "expected PRED but got S64"),  # a bool, not an integer
+])
+def test_instantiate_needs_the_wide_tile_attribute(compiled, override, expect):
+    import numpy as np
+
+    typed = {k: (None if v is None else np.int64(v)) for k, v in override.items()}
+    msg = _run_on_cpu(compiled[0], **typed)
+    assert expect in msg, msg
+    # with the bool attribute the same call gets past the attribute decoding (to the driver, or the device)
+    assert "Wrong" not in _run_on_cpu(compiled[0], sm90_wide_tile=True)

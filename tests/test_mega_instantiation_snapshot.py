@@ -46,16 +46,21 @@ def test_snapshot_covers_both_archs_and_tiles():
 
 @pytest.mark.parametrize("case", DATA["cases"], ids=_ids)
 def test_instantiation_unchanged(lib, case, monkeypatch):
+    """The wide-tile cases were taken with JAX_MEGAMOE_SM90_WIDE_TILE=1 read by the library; now the
+    call carries the switch (jmm_mega_call.sm90_wide_tile) and the environment says the opposite, to
+    show it is not read."""
     arch = case["arch"]
-    if case.get("wide"):
-        monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "1")
-    else:
+    wide = bool(case.get("wide"))
+    if wide:
         monkeypatch.delenv("JAX_MEGAMOE_SM90_WIDE_TILE", raising=False)
+    else:
+        monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "1")
     s, c = case["shape"], case["call"]
     shape = ft.mega_shape(lib, E=s["num_experts"], P=s["capacity"], K=s["top_k"], H=s["hidden"], I=s["intermediate"],
                           ranks=s["num_ranks"], kind=s.get("mma_kind", 0))
     clamp = math.inf if c["activation_clamp"] == "inf" else c["activation_clamp"]
-    call = ft.mega_call(lib, T=c["num_tokens"], num_sms=c["num_sms"], clamp=clamp, fast_math=bool(c["fast_math"]))
+    call = ft.mega_call(lib, T=c["num_tokens"], num_sms=c["num_sms"], clamp=clamp, fast_math=bool(c["fast_math"]),
+                        sm90_wide_tile=wide)
 
     src = ft.mega_render(lib, arch, shape, call)
     assert (len(src), hashlib.sha256(src.encode()).hexdigest()) == (case["source_len"], case["source_sha256"])

@@ -53,9 +53,9 @@ def layout(lib, E, P, K, H, I, ranks=1):
     return _renamed(ft.mega_layout(lib, 90, ft.mega_shape(lib, E=E, P=P, K=K, H=H, I=I, ranks=ranks)), LAYOUT_NAMES)
 
 
-def config(lib, E, P, K, H, I, T, num_sms=132, clamp=math.inf, fast_math=True, ranks=1):
+def config(lib, E, P, K, H, I, T, num_sms=132, clamp=math.inf, fast_math=True, ranks=1, wide=False):
     shape = ft.mega_shape(lib, E=E, P=P, K=K, H=H, I=I, ranks=ranks)
-    call = ft.mega_call(lib, T=T, num_sms=num_sms, clamp=clamp, fast_math=fast_math)
+    call = ft.mega_call(lib, T=T, num_sms=num_sms, clamp=clamp, fast_math=fast_math, sm90_wide_tile=wide)
     return _renamed(ft.mega_config(lib, 90, shape, call), CONFIG_NAMES)
 
 
@@ -223,19 +223,15 @@ SHAPES = [SMALL, FLASH, PRO, dict(E=16, P=256, K=4, H=512, I=256), dict(E=256, P
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("num_sms", [132, 130, 114, 78])
-def test_heuristics_satisfy_kernel_rules(lib, shape, num_sms, wide, monkeypatch):
-    if wide:
-        monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "1")
-    else:
-        monkeypatch.delenv("JAX_MEGAMOE_SM90_WIDE_TILE", raising=False)
+def test_heuristics_satisfy_kernel_rules(lib, shape, num_sms, wide):
     lay = layout(lib, **shape)
     P = shape["P"]
     for T in sorted({1, 3, 4, 16, 100, 128, 129, 255, 256, 257, 512, 1024, 4096, 8192, P}):
         if T > P:
             continue
-        c = config(lib, **shape, T=T, num_sms=num_sms)
+        c = config(lib, **shape, T=T, num_sms=num_sms, wide=wide)
         check_kernel_rules(c, lay)
-        # BLOCK_M rule: the 64-row tile unless JAX_MEGAMOE_SM90_WIDE_TILE=1 allows DeepGEMM's rule
+        # BLOCK_M rule: the 64-row tile unless sm90_wide_tile allows DeepGEMM's rule
         # (64 or more expected tokens per expert -> the 128-row tile, K sum in the FP8 accumulator)
         assert c["block_m"] == (128 if wide and T * shape["K"] / shape["E"] >= 64 else 64)
 
@@ -279,15 +275,16 @@ def test_choices_small(lib):
 
 def test_choices_prefill_tile(lib, monkeypatch):
     assert config(lib, E=16, P=256, K=4, H=512, I=256, T=256)["block_m"] == 64  # default: never the wide tile
-    monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "1")
-    c = config(lib, E=16, P=256, K=4, H=512, I=256, T=256)
+    monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "1")  # not read by the library: the call's field decides
+    assert config(lib, E=16, P=256, K=4, H=512, I=256, T=256)["block_m"] == 64
+    c = config(lib, E=16, P=256, K=4, H=512, I=256, T=256, wide=True)
     # 256*4/16 = 64 tokens per expert: 128x256 tile, split-M warpgroups, 2-CTA cluster multicasting B
     assert (c["block_m"], c["block_n"], c["cluster"], c["multicast_b"]) == (128, 256, 2, 1)
     assert (c["half_l2_cd"], c["l2_cd_passes"], c["reuse_accum"], c["l2_arrival_counter"]) == (1, 4, 1, 1)
     # weight-SF slot: max(2*4, 2*2) floats * 4 B = 32 B < 256 -> row passes with plain stores (mode 2)
     assert c["l2_stage_mode"] == 2
     assert (c["l1_out_box_n"], c["l1_out_box_m"], c["l1_out_swizzle"]) == (128, 64, 128)
-    big = config(lib, E=256, P=8192, K=6, H=4096, I=2048, T=8192)
+    big = config(lib, E=256, P=8192, K=6, H=4096, I=2048, T=8192, wide=True)
     assert big["l2_stage_mode"] == 4 and big["pull_batch"] == 16 and big["pull_eager"] == 0
 
 

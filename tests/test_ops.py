@@ -129,7 +129,7 @@ def test_mega_moe_lowers_to_the_sm90_custom_call():
     for attr in (
         "hidden = 512", "intermediate = 256", "num_experts = 16", "top_k = 4", "capacity = 256",
         "activation_clamp = 1.000000e+01", "routed_scaling_factor = 1.500000e+00", "reserved_sms = 2",
-        "num_ranks = 1", "rank_devices = dense<> : tensor<0xi64>",
+        "num_ranks = 1", "rank_devices = dense<> : tensor<0xi64>", "sm90_wide_tile = false",
     ):
         assert attr in line, (attr, line)
     assert "has_side_effect = true" in line and "-> tensor<7x512xbf16>" in line, line

@@ -224,7 +224,7 @@ def test_error_fused_dispatch():
 
 def test_fused_auto_env_switch(monkeypatch):
     """fused_ep=False (JAX_MEGAMOE_FUSED_EP=0) keeps 'auto' on the collectives even where the fused
-    kernel could run; the policy's graph switch is part of the static arguments."""
+    kernel could run; the policy's graph and wide-tile switches are part of the static arguments."""
     from jax_megamoe import policy
     from jax_megamoe.policy import Policy
 
@@ -236,9 +236,10 @@ def test_fused_auto_env_switch(monkeypatch):
     base = Policy()
     path, fused = choose(dispatch="auto", policy=base)
     assert path == "fused" and fused[0] == 1024 and fused[1] == ((jax.devices()[0].id,),) and fused[2] == 2
-    assert fused[3] is False  # graph_targets off: the plain target
+    assert fused[3] is False and fused[4] is False  # graph_targets, sm90_wide_tile off
     assert choose(dispatch="auto", policy=base.replace(graph_targets=True))[1][3] is True  # static: no stale trace
-    assert choose(dispatch="auto", policy=base.replace(reserved_sms=5, num_max_tokens=200))[1][::2] == (256, 5)
+    assert choose(dispatch="auto", policy=base.replace(sm90_wide_tile=True))[1][3:] == (False, True)
+    assert choose(dispatch="auto", policy=base.replace(reserved_sms=5, num_max_tokens=200))[1][0:3:2] == (256, 5)
     assert choose(dispatch="auto", policy=Policy.from_environ({"JAX_MEGAMOE_FUSED_EP": "0"})) == ("padded", None)
     assert policy.current().fused_ep  # the process policy, read now if not before
     monkeypatch.setenv("JAX_MEGAMOE_FUSED_EP", "0")  # read once into the process policy: changing it later does nothing

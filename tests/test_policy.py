@@ -75,6 +75,14 @@ def test_bad_fields_name_the_argument():
         policy_mod.resolve({"num_max_tokens": 3})
 
 
+def _fresh_process(code: str) -> str:
+    """stdout of ``code`` run by a new Python (CPU JAX, an environment of its own)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 def test_the_process_policy_is_read_once():
     """Set before the first read: seen; changed afterwards: not seen (no stale trace either way)."""
     code = (
@@ -92,10 +100,8 @@ def test_the_process_policy_is_read_once():
         "print(p.num_max_tokens, p.graph_targets, ops.default_num_max_tokens(), ops.graph_targets_enabled())\n"
         "print('num_max_tokens = 96  (JAX_MEGAMOE_NUM_MAX_TOKENS)' in jax_megamoe.describe())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["96", "True", "96", "True", "True"], out.stdout
+    out = _fresh_process(code)
+    assert out.split() == ["96", "True", "96", "True", "True"], out
 
 
 def _inputs(t=7, h=512, e=8, k=2, seed=0):
@@ -106,17 +112,21 @@ def _inputs(t=7, h=512, e=8, k=2, seed=0):
     return x, idx, w
 
 
-def test_an_explicit_policy_is_what_the_ops_trace_with(monkeypatch):
-    """The cap and graph choice come from the ``policy=`` passed, never from os.environ at trace time."""
+def _fp8_weights(seed, e=8, h=512, i=256):
+    """Random FP4-checkpoint experts converted to mode ``fp8`` weights."""
     from jax_megamoe.numerics.layout import MoEWeights
 
-    rng = np.random.default_rng(3)
-    e, h, i = 8, 512, 256
+    rng = np.random.default_rng(seed)
     w13 = rng.integers(0, 256, (e, 2 * i, h // 2), dtype=np.uint8)
     s13 = rng.integers(118, 124, (e, 2 * i, h // 32), dtype=np.uint8)
     w2 = rng.integers(0, 256, (e, h, i // 2), dtype=np.uint8)
     s2 = rng.integers(118, 124, (e, h, i // 32), dtype=np.uint8)
-    weights = MoEWeights.from_checkpoint(w13, s13, w2, s2, mode="fp8")
+    return MoEWeights.from_checkpoint(w13, s13, w2, s2, mode="fp8")
+
+
+def test_an_explicit_policy_is_what_the_ops_trace_with(monkeypatch):
+    """The cap and graph choice come from the ``policy=`` passed, never from os.environ at trace time."""
+    weights = _fp8_weights(3)
     x, idx, w = _inputs()
 
     def lower(p):
@@ -133,3 +143,74 @@ def test_an_explicit_policy_is_what_the_ops_trace_with(monkeypatch):
     # above the policy's cap, backend='ffi' refuses (the cap is the policy's, not the default 1024)
     with pytest.raises(ValueError, match="num_max_tokens=4"):
         lower(base.replace(num_max_tokens=4))
+
+
+def _wide_tile_attr(text: str) -> str:
+    """The sm90_wide_tile attribute of the one sm_90 mega-kernel custom call in ``text``."""
+    import re
+
+    lines = [ln for ln in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in ln]
+    assert len(lines) == 1, lines
+    m = re.search(r"sm90_wide_tile = (true|false)", lines[0])
+    assert m, lines[0]
+    return m.group(1)
+
+
+def test_policy_wide_tile_reaches_the_lowered_attribute(monkeypatch):
+    """``policy.replace(sm90_wide_tile=True)`` becomes the custom call's ``sm90_wide_tile = true``
+    (the C++ reads nothing else); the environment at trace time does not matter."""
+    e = 8
+    weights = _fp8_weights(5, e=e)
+    x, idx, w = _inputs(seed=5)
+
+    def lower(p):
+        fn = jax.jit(lambda x, i, w: ops.mega_moe(x, i, w, weights, backend="ffi", kernel="fused", policy=p))
+        return fn.trace(x, idx, w).lower(lowering_platforms=("cuda",)).as_text()
+
+    monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "1")  # ignored: the policy is explicit
+    assert _wide_tile_attr(lower(Policy())) == "false"
+    monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "0")
+    assert _wide_tile_attr(lower(Policy().replace(sm90_wide_tile=True))) == "true"
+    # the bare custom call takes it as an argument too, and checks its type
+    call = dict(weights=weights, mode="fp8", num_experts=e, capacity=128, activation_clamp=None,
+                routed_scaling_factor=1.0, fast_math=True, reserved_sms=2)  # fmt: skip
+    for wide in (True, False):
+        text = jax.jit(lambda a, b, c, wide=wide: ops.mega_moe_target_call(a, b, c, **call, sm90_wide_tile=wide)).trace(
+            x, idx, w).lower(lowering_platforms=("cuda",)).as_text()  # fmt: skip
+        assert _wide_tile_attr(text) == str(wide).lower()
+    with pytest.raises(TypeError, match="sm90_wide_tile: 1 must be a bool"):
+        ops.mega_moe_target_call(x, idx, w, **call, sm90_wide_tile=1)
+
+
+def test_a_traced_function_keeps_the_wide_tile_it_was_read_with():
+    """JAX_MEGAMOE_SM90_WIDE_TILE is read once, into the process policy: changing it afterwards
+    changes neither an already jitted function (lowered again) nor a new one."""
+    code = (
+        "import os\n"
+        "os.environ['JAX_MEGAMOE_SM90_WIDE_TILE'] = '1'\n"
+        "import re\n"
+        "import jax, jax.numpy as jnp, numpy as np\n"
+        "import jax_megamoe\n"
+        "from jax_megamoe import policy\n"
+        "from jax_megamoe.kernels import ops\n"
+        "from jax_megamoe.numerics.layout import MoEWeights\n"
+        "jax_megamoe.register()\n"
+        "rng = np.random.default_rng(9)\n"
+        "e, h, i = 8, 512, 256\n"
+        "u = lambda *s: rng.integers(0, 256, s, dtype=np.uint8)\n"
+        "sf = lambda *s: rng.integers(118, 124, s, dtype=np.uint8)\n"
+        "wts = MoEWeights.from_checkpoint(u(e, 2 * i, h // 2), sf(e, 2 * i, h // 32), u(e, h, i // 2),\n"
+        "                                 sf(e, h, i // 32), mode='fp8')\n"
+        "x = jnp.asarray(rng.standard_normal((7, h)), jnp.bfloat16)\n"
+        "idx = jnp.asarray(np.stack([rng.choice(e, 2, replace=False) for _ in range(7)]), jnp.int32)\n"
+        "w = jnp.asarray(rng.uniform(0.1, 1.0, (7, 2)), jnp.float32)\n"
+        "mk = lambda: jax.jit(lambda x, i, w: ops.mega_moe(x, i, w, wts, backend='ffi', kernel='fused'))\n"
+        "attr = lambda f: re.findall(r'sm90_wide_tile = (true|false)',\n"
+        "                            f.trace(x, idx, w).lower(lowering_platforms=('cuda',)).as_text())\n"
+        "f = mk()\n"
+        "before = attr(f)\n"
+        "os.environ['JAX_MEGAMOE_SM90_WIDE_TILE'] = '0'\n"
+        "print(policy.current().sm90_wide_tile, before, attr(f), attr(mk()))\n"
+    )
+    out = _fresh_process(code)
+    assert out.split() == ["True", "['true']", "['true']", "['true']"], out

@@ -32,9 +32,11 @@
   X(i64, hidden, 1) X(i64, intermediate, 1) X(i64, mma_kind, 1)
 
 /* One call (input): T tokens per rank on num_sms SMs (even, >= 2). activation_clamp: +inf = no
- * clamp. fast_math: 0 or 1. */
+ * clamp. fast_math: 0 or 1. sm90_wide_tile: 0 or 1, the sm_90 target's attribute of that name
+ * (1 lets the kernel take DeepGEMM's 128-row tile); must be 0 on sm_100. */
 #define JMM_MEGA_CALL_FIELDS(X)                                                             \
-  X(i64, num_tokens, 1) X(i64, num_sms, 1) X(f64, activation_clamp, 1) X(i64, fast_math, 1)
+  X(i64, num_tokens, 1) X(i64, num_sms, 1) X(f64, activation_clamp, 1) X(i64, fast_math, 1) \
+  X(i64, sm90_wide_tile, 1)
 
 /* The fields both archs' configurations have (prefix of theirs): template constants the two
  * kernels share and the launch geometry. */

@@ -20,10 +20,8 @@
 #include <initializer_list>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <utility>
-#include <vector>
 
 #include "common/export.h"
 #include "common/status.h"
@@ -47,8 +45,7 @@ struct DecodeMoeState {
   float routed_scaling_factor = 1.0f;
   int64_t smem_bytes = 0;
   std::shared_ptr<const jit::LoadedKernel> kernel;
-  std::mutex mu;
-  std::vector<std::pair<CUcontext, CUfunction>> functions;
+  host::FunctionCache functions;  // the kernel's CUfunction per context
 };
 
 ffi::TypeId DecodeMoeState::id = XLA_FFI_UNKNOWN_TYPE_ID;
@@ -98,13 +95,10 @@ ffi::ErrorOr<std::unique_ptr<DecodeMoeState>> Build(jit::DecodePass pass, int64_
         cat(t, ": ", smem, " B of shared memory needed (hidden=", h, ", intermediate=", i,
             ", top_k=", k, "), more than an sm_90 block has (227 KiB)")));
   }
-  jit::CompiledKernel compiled;
-  std::string why;
-  if (!jit::jit_compile(jit::decode_source(pass), &compiled, &why)) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(cat(t, ": ", why)));
+  std::shared_ptr<const jit::LoadedKernel> kernel;
+  if (ffi::Error err = host::CompileAndLoad(jit::decode_source(pass), t, &kernel); !err.success()) {
+    return ffi::Unexpected<ffi::Error>(std::move(err));
   }
-  auto kernel = jit::load_kernel(compiled.cubin_path, compiled.symbol, &why);
-  if (!kernel) return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(cat(t, ": ", why)));
   auto st = std::make_unique<DecodeMoeState>();
   st->pass = pass;
   st->hidden = h;
@@ -130,29 +124,18 @@ ffi::ErrorOr<std::unique_ptr<DecodeMoeState>> InstantiateL2(int64_t h, int64_t i
 // The CUfunction for `ctx` with its shared-memory limit raised (once per context).
 ffi::Error FunctionFor(const cuda::Driver* d, const host::DriverExt* x, DecodeMoeState* st,
                        CUcontext ctx, CUfunction* fn) {
-  std::lock_guard<std::mutex> lock(st->mu);
-  for (const auto& [c, f] : st->functions) {
-    if (c == ctx) {
-      *fn = f;
-      return ffi::Error::Success();
-    }
-  }
   const char* t = TargetName(st->pass);
-  CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
-  d->ThreadExchangeStreamCaptureMode(&mode);
-  ffi::Error err = host::FunctionOf(d, *st->kernel, fn, t);
-  if (err.success() && st->smem_bytes > 48 * 1024) {
-    if (CUresult r = x->FuncSetAttribute(*fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                         static_cast<int>(st->smem_bytes));
+  const int64_t smem = st->smem_bytes;
+  return st->functions.Get(d, *st->kernel, ctx, t, fn, [&](CUfunction f) {
+    if (smem <= 48 * 1024) return ffi::Error::Success();
+    if (CUresult r = x->FuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                         static_cast<int>(smem));
         r != CUDA_SUCCESS) {
-      err = ffi::Error::Internal(cat(t, ": cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, ",
-                                     st->smem_bytes, ") failed: ", cuda::error_string(d, r)));
+      return ffi::Error::Internal(cat(t, ": cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, ",
+                                      smem, ") failed: ", cuda::error_string(d, r)));
     }
-  }
-  d->ThreadExchangeStreamCaptureMode(&mode);
-  if (!err.success()) return err;
-  st->functions.emplace_back(ctx, *fn);
-  return ffi::Error::Success();
+    return ffi::Error::Success();
+  });
 }
 
 ffi::Error Enter(CUstream stream, int32_t device, DecodeMoeState* st, host::ContextScope* scope,

@@ -9,6 +9,7 @@
 
 #include "common/export.h"
 #include "common/status.h"
+#include "jit/compiler.h"
 
 namespace ffi = xla::ffi;
 
@@ -183,6 +184,16 @@ void CountExecute(const cuda::Driver* d, CUstream stream) {
   }
 }
 
+ffi::Error CompileAndLoad(const jit::KernelSource& src, const char* target,
+                          std::shared_ptr<const jit::LoadedKernel>* out) {
+  jit::CompiledKernel compiled;
+  std::string why;
+  if (!jit::jit_compile(src, &compiled, &why)) return ffi::Error::Internal(cat(target, ": ", why));
+  *out = jit::load_kernel(compiled.cubin_path, compiled.symbol, &why);
+  if (!*out) return ffi::Error::Internal(cat(target, ": ", why));
+  return ffi::Error::Success();
+}
+
 ffi::Error FunctionOf(const cuda::Driver* d, const jit::LoadedKernel& k, CUfunction* fn,
                       const char* target) {
   CUresult r = d->KernelGetFunction(fn, k.kernel);
@@ -191,6 +202,25 @@ ffi::Error FunctionOf(const cuda::Driver* d, const jit::LoadedKernel& k, CUfunct
     return ffi::Error::Internal(cat(target, ": loading kernel ", k.symbol,
                                     " into the context failed: ", cuda::error_string(d, r)));
   }
+  return ffi::Error::Success();
+}
+
+ffi::Error FunctionCache::Get(const cuda::Driver* d, const jit::LoadedKernel& k, CUcontext ctx,
+                              const char* target, CUfunction* fn, const Setup& setup) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& [c, f] : functions_) {
+    if (c == ctx) {
+      *fn = f;
+      return ffi::Error::Success();
+    }
+  }
+  CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+  d->ThreadExchangeStreamCaptureMode(&mode);
+  ffi::Error err = FunctionOf(d, k, fn, target);
+  if (err.success() && setup) err = setup(*fn);
+  d->ThreadExchangeStreamCaptureMode(&mode);  // restore
+  if (!err.success()) return err;
+  functions_.emplace_back(ctx, *fn);
   return ffi::Error::Success();
 }
 

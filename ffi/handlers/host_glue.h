@@ -1,15 +1,23 @@
-// Host-side CUDA glue the FFI handlers share (pre_dispatch.cc, mega_moe_sm90.cc,
-// mega_moe_sm100.cc): the driver entry points beyond cuda/driver.h's table, the process-wide
-// primary contexts, the "make the stream's context current" scope, and loading a library kernel
-// into the current context. Everything reports errors as ffi::Error prefixed with the target name.
+// Host-side CUDA glue the FFI handlers share (pre_dispatch.cc, decode_moe_sm90.cc,
+// mega_moe_sm90.cc, mega_moe_sm100.cc): the driver entry points beyond cuda/driver.h's table, the
+// process-wide primary contexts, the "make the stream's context current" scope, compiling and
+// loading a library kernel, and making its CUfunction in the current context (once, or cached per
+// context). Everything reports errors
+// as ffi::Error prefixed with the target name.
 #pragma once
 
 #include <cuda.h>
 
 #include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "cuda/driver.h"
+#include "jit/kernels.h"
 #include "jit/loader.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -77,9 +85,35 @@ xla::ffi::Error RefuseCapture(const cuda::Driver* d, CUstream stream, const char
 // read through jmm_execute_stats, so tests can tell that a target was really recorded.
 void CountExecute(const cuda::Driver* d, CUstream stream);
 
+// JIT-compiles `src` (disk + memory cache; nvcc runs as a subprocess, nothing is enqueued; no GPU
+// needed) and loads the cubin (cuLibrary: context independent, cached for the process) into *out.
+xla::ffi::Error CompileAndLoad(const jit::KernelSource& src, const char* target,
+                               std::shared_ptr<const jit::LoadedKernel>* out);
+
 // The CUfunction of library kernel `k` in the current context, with its module loaded now
 // (cuFuncLoad) so that no lazy load happens later on a launch path.
 xla::ffi::Error FunctionOf(const cuda::Driver* d, const jit::LoadedKernel& k, CUfunction* fn,
                            const char* target);
+
+// The CUfunctions of one library kernel, one per context, made on first use (thread-safe). A
+// handler's state keeps one; its initialize stage normally fills it, outside any capture. If
+// execute gets there first while XLA is capturing a CUDA graph, the one-off module load runs with
+// this thread's capture mode switched to relaxed (the TE trick), so the load's implicit work is
+// legal; nothing is enqueued on a stream.
+class FunctionCache {
+ public:
+  // Runs once on a newly made CUfunction, before it is cached (e.g. to raise its shared-memory
+  // limit); an error leaves nothing cached.
+  using Setup = std::function<xla::ffi::Error(CUfunction)>;
+
+  // The CUfunction of `k` in context `ctx` (the current one): the cached one, or FunctionOf then
+  // `setup` (both under the relaxed capture mode).
+  xla::ffi::Error Get(const cuda::Driver* d, const jit::LoadedKernel& k, CUcontext ctx,
+                      const char* target, CUfunction* fn, const Setup& setup = nullptr);
+
+ private:
+  std::mutex mu_;
+  std::vector<std::pair<CUcontext, CUfunction>> functions_;  // guarded by mu_
+};
 
 }  // namespace jmm::host

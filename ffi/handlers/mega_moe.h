@@ -17,7 +17,10 @@
 //   fast_math bool; reserved_sms i64 (>= 0: the kernel runs on the device's SM count minus
 //   reserved_sms, rounded down to even); routed_scaling_factor f32 (finite); num_ranks i64 and
 //   rank_devices i64[] (the rank table of layout/rank_table.h; may be empty for one rank);
-//   sm_100 also mma_kind (jmm::MmaKind).
+//   sm_90 also sm90_wide_tile bool, sm_100 also mma_kind (jmm::MmaKind). The arch's own
+//   kernel choices that are not part of the shape (sm_90's sm90_wide_tile) are its Options, taken
+//   from the attributes (Arch::OptionsOf) or from the C test API's jmm_mega_call
+//   (Arch::OptionsFromC), and passed to Arch::Plan.
 //
 // Stages:
 //   instantiate  validate the attributes; JIT-compile and load the arch's pre-dispatch kernel
@@ -149,6 +152,7 @@ struct State {
   static ffi::TypeId id;  // assigned by XLA when the type is registered
 
   typename Arch::Shape shape;
+  typename Arch::Options options;
   float activation_clamp = 0.0f;
   bool fast_math = true;
   int64_t reserved_sms = 0;
@@ -300,17 +304,15 @@ ffi::ErrorOr<std::unique_ptr<State<Arch>>> Instantiate(typename Arch::Attrs attr
     return invalid(
         cat("attribute routed_scaling_factor=", a.routed_scaling_factor, " must be finite"));
   }
-  jit::CompiledKernel compiled;
-  if (!jit::jit_compile(jit::pre_dispatch_source(Arch::kArch, Arch::MmaKindOf(shape)), &compiled,
-                        &why)) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(cat(Arch::kTarget, ": ", why)));
-  }
-  auto pre = jit::load_kernel(compiled.cubin_path, compiled.symbol, &why);
-  if (!pre) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(cat(Arch::kTarget, ": ", why)));
+  std::shared_ptr<const jit::LoadedKernel> pre;
+  if (ffi::Error e = host::CompileAndLoad(jit::pre_dispatch_source(Arch::kArch, Arch::MmaKindOf(shape)),
+                                          Arch::kTarget, &pre);
+      !e.success()) {
+    return ffi::Unexpected<ffi::Error>(std::move(e));
   }
   auto st = std::make_unique<State<Arch>>();
   st->shape = shape;
+  st->options = Arch::OptionsOf(attrs);
   st->activation_clamp = a.activation_clamp;
   st->fast_math = a.fast_math;
   st->reserved_sms = a.reserved_sms;
@@ -400,20 +402,17 @@ ffi::Error Prepare(const cuda::Driver* d, const DriverExt* x, State<Arch>* st, C
                                            ", rounded down to even) must be at least 2"));
   }
   std::string why;
-  if (!Arch::Plan(st->shape, num_sms, std::max<int64_t>(T, 1), st->activation_clamp,
+  if (!Arch::Plan(st->shape, st->options, num_sms, std::max<int64_t>(T, 1), st->activation_clamp,
                   st->fast_math, &e->layout, &e->config, &why)) {
     return ffi::Error::InvalidArgument(cat(t, ": ", why));
   }
   const typename Arch::Config& c = e->config;
 
   // Compile (disk/memory cache; nvcc runs as a subprocess, nothing is enqueued) and load.
-  jit::CompiledKernel compiled;
-  if (!jit::jit_compile(Arch::Source(c), &compiled, &why)) {
-    return ffi::Error::Internal(cat(t, ": ", why));
+  if (ffi::Error err = host::CompileAndLoad(Arch::Source(c), t, &e->mega); !err.success()) {
+    return err;
   }
-  e->cubin_path = compiled.cubin_path;
-  e->mega = jit::load_kernel(compiled.cubin_path, compiled.symbol, &why);
-  if (!e->mega) return ffi::Error::Internal(cat(t, ": ", why));
+  e->cubin_path = e->mega->cubin_path;
   if (ffi::Error err = host::FunctionOf(d, *e->mega, &e->mega_fn, t); !err.success()) return err;
   if (ffi::Error err = host::FunctionOf(d, *st->pre_dispatch, &e->pre_fn, t); !err.success()) {
     return err;
@@ -627,8 +626,10 @@ bool PlanFromC(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,
     return false;
   }
   std::string why;
-  if (!Arch::Plan(s, call->num_sms, call->num_tokens, static_cast<float>(call->activation_clamp),
-                  call->fast_math != 0, l, c, &why)) {
+  typename Arch::Options options;
+  if (!Arch::OptionsFromC(*call, &options, &why) ||
+      !Arch::Plan(s, options, call->num_sms, call->num_tokens,
+                  static_cast<float>(call->activation_clamp), call->fast_math != 0, l, c, &why)) {
     set_last_error(why);
     return false;
   }

@@ -223,8 +223,17 @@ std::array<mega::WeightSpec, 4> Sm100Mega::Weights(const Shape& s) {
            {"l2_sf", ffi::DataType::S32, I / 128, H}}};
 }
 
-bool Sm100Mega::Plan(const Shape& s, int64_t num_sms, int64_t num_tokens, float clamp,
-                     bool fast_math, Layout* l, Config* c, std::string* why) {
+bool Sm100Mega::OptionsFromC(const jmm_mega_call_t& call, Options*, std::string* why) {
+  if (call.sm90_wide_tile != 0) {
+    *why = cat("jmm_mega_call.sm90_wide_tile=", call.sm90_wide_tile,
+               " must be 0 on sm_100 (the wide-tile switch is the sm_90 kernel's)");
+    return false;
+  }
+  return true;
+}
+
+bool Sm100Mega::Plan(const Shape& s, const Options&, int64_t num_sms, int64_t num_tokens,
+                     float clamp, bool fast_math, Layout* l, Config* c, std::string* why) {
   return layout::sm100_mega_layout(s, num_sms, l, why) &&
          layout::sm100_mega_config(s, *l, num_tokens, clamp, fast_math, c, why);
 }

@@ -75,6 +75,7 @@ struct Sm100Mega {
   static constexpr size_t kNumTensorMaps = kSm100NumRoutedTensorMaps;
 
   using Attrs = Sm100MegaMoeAttrs;
+  struct Options {};  // no kernel choice beyond the shape and the call
   using Shape = layout::Sm100MegaShape;
   using Layout = layout::Sm100MegaLayout;
   using Config = layout::Sm100MegaConfig;
@@ -91,13 +92,15 @@ struct Sm100Mega {
 
   static const mega::MegaMoeAttrs& Common(const Attrs& a) { return a.common; }
   static bool AttrsValid(const Attrs& a, std::string* why);
+  static Options OptionsOf(const Attrs&) { return Options{}; }
+  static bool OptionsFromC(const jmm_mega_call_t& call, Options* o, std::string* why);
   static Shape ShapeOf(const Attrs& a);
   static bool ShapeValid(const Shape& s, std::string* why);
   static MmaKind MmaKindOf(const Shape& s) { return s.mma_kind; }
   static bool SetMmaKind(MmaKind k, Shape* s, std::string* why);
   static std::array<mega::WeightSpec, 4> Weights(const Shape& s);
-  static bool Plan(const Shape& s, int64_t num_sms, int64_t num_tokens, float clamp,
-                   bool fast_math, Layout* l, Config* c, std::string* why);
+  static bool Plan(const Shape& s, const Options& o, int64_t num_sms, int64_t num_tokens,
+                   float clamp, bool fast_math, Layout* l, Config* c, std::string* why);
   static jit::KernelSource Source(const Config& c);
   static std::array<TensorMapPlan, kNumTensorMaps> Plans(const Config& c, const Layout& l);
   static void ExtendGroupKey(const Shape& s, std::vector<int64_t>* key);

@@ -11,11 +11,13 @@
 
 namespace ffi = xla::ffi;
 
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jmm::mega::MegaMoeAttrs, JMM_MEGA_MOE_ATTR_MEMBERS);
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jmm::Sm90MegaMoeAttrs, JMM_MEGA_MOE_ATTR_MEMBERS,
+                                      ::xla::ffi::StructMember<bool>("sm90_wide_tile"));
 
 namespace jmm {
 
-Sm90Mega::Shape Sm90Mega::ShapeOf(const Attrs& a) {
+Sm90Mega::Shape Sm90Mega::ShapeOf(const Attrs& attrs) {
+  const mega::MegaMoeAttrs& a = attrs.common;
   return mega::CommonShape<Shape>(a.num_ranks, a.num_experts, a.capacity, a.top_k, a.hidden,
                                   a.intermediate);
 }
@@ -32,10 +34,11 @@ std::array<mega::WeightSpec, 4> Sm90Mega::Weights(const Shape& s) {
            {"l2_sf", ffi::DataType::F32, H / 128, I / 128}}};
 }
 
-bool Sm90Mega::Plan(const Shape& s, int64_t num_sms, int64_t num_tokens, float clamp,
-                    bool fast_math, Layout* l, Config* c, std::string* why) {
+bool Sm90Mega::Plan(const Shape& s, const Options& o, int64_t num_sms, int64_t num_tokens,
+                    float clamp, bool fast_math, Layout* l, Config* c, std::string* why) {
   *l = layout::sm90_mega_layout(s);
-  return layout::sm90_mega_config(s, *l, num_tokens, num_sms, clamp, fast_math, c, why);
+  return layout::sm90_mega_config(s, *l, num_tokens, num_sms, clamp, fast_math, o.sm90_wide_tile,
+                                  c, why);
 }
 
 jit::KernelSource Sm90Mega::Source(const Config& c) { return jit::mega_moe_sm90_source(c); }

@@ -11,9 +11,11 @@
 //           l1 f8e4m3fn[E_l,2I,H] (gate/up gran-8 interleaved rows), l1_sf f32[E_l,2I/128,H/128]
 //           (canonical [gate | up] rows), l2 f8e4m3fn[E_l,H,I], l2_sf f32[E_l,H/128,I/128].
 // Result:   y bf16[T,H] (rows whose top-k slots are all -1 are exactly 0).
-// Attributes: mega::MegaMoeAttrs (handlers/mega_moe.h): capacity a multiple of 128;
-//   routed_scaling_factor is multiplied into the weights by the pre-dispatch kernel; num_ranks
-//   1..32 (kNumRanks).
+// Attributes: mega::MegaMoeAttrs (handlers/mega_moe.h) plus sm90_wide_tile (bool: let the
+//   kernel take DeepGEMM's 128-row tile from 64 expected tokens per expert on, see
+//   layout::sm90_mega_config; jax_megamoe passes its policy's sm90_wide_tile); capacity a multiple
+//   of 128; routed_scaling_factor is multiplied into the weights by the pre-dispatch kernel;
+//   num_ranks 1..32 (kNumRanks).
 //
 // Expert parallelism (num_ranks > 1; jax_megamoe.parallel.ep_moe, dispatch "fused"): one process
 // drives every GPU of the table and calls this target on each of them inside shard_map, with the
@@ -50,6 +52,12 @@
 
 namespace jmm {
 
+// The sm_90 attributes: the shared ones plus the wide-tile switch (struct decoding by name).
+struct Sm90MegaMoeAttrs {
+  mega::MegaMoeAttrs common;
+  bool sm90_wide_tile;
+};
+
 // What the sm_90 target adds to handlers/mega_moe.h.
 struct Sm90Mega {
   static constexpr const char* kTarget = "jax_megamoe_mega_moe_sm90";
@@ -61,7 +69,10 @@ struct Sm90Mega {
   static constexpr int kNumParams = jit::kSm90MegaMoeNumParams;
   static constexpr size_t kNumTensorMaps = 7;  // l1_acts l1_acts_sf l1_weights l1_output l2_acts l2_acts_sf l2_weights
 
-  using Attrs = mega::MegaMoeAttrs;
+  using Attrs = Sm90MegaMoeAttrs;
+  struct Options {
+    bool sm90_wide_tile = false;  // layout::sm90_mega_config
+  };
   using Shape = layout::Sm90MegaShape;
   using Layout = layout::Sm90MegaLayout;
   using Config = layout::Sm90MegaConfig;
@@ -72,15 +83,20 @@ struct Sm90Mega {
   using Device = mega::Device<Sm90Mega>;
   using State = mega::State<Sm90Mega>;
 
-  static const mega::MegaMoeAttrs& Common(const Attrs& a) { return a; }
+  static const mega::MegaMoeAttrs& Common(const Attrs& a) { return a.common; }
   static bool AttrsValid(const Attrs&, std::string*) { return true; }
+  static Options OptionsOf(const Attrs& a) { return Options{a.sm90_wide_tile}; }
+  static bool OptionsFromC(const jmm_mega_call_t& call, Options* o, std::string*) {
+    o->sm90_wide_tile = call.sm90_wide_tile != 0;
+    return true;
+  }
   static Shape ShapeOf(const Attrs& a);
   static bool ShapeValid(const Shape& s, std::string* why);
   static MmaKind MmaKindOf(const Shape&) { return MmaKind::kNone; }
   static bool SetMmaKind(MmaKind k, Shape*, std::string* why) { return mma_kind_valid(90, k, why); }
   static std::array<mega::WeightSpec, 4> Weights(const Shape& s);
-  static bool Plan(const Shape& s, int64_t num_sms, int64_t num_tokens, float clamp,
-                   bool fast_math, Layout* l, Config* c, std::string* why);
+  static bool Plan(const Shape& s, const Options& o, int64_t num_sms, int64_t num_tokens,
+                   float clamp, bool fast_math, Layout* l, Config* c, std::string* why);
   static jit::KernelSource Source(const Config& c);
   static std::array<TensorMapPlan, kNumTensorMaps> Plans(const Config& c, const Layout& l);
   static void ExtendGroupKey(const Shape&, std::vector<int64_t>*) {}

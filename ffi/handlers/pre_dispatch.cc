@@ -4,6 +4,7 @@
 #include <initializer_list>
 #include <limits>
 #include <string>
+#include <utility>
 
 #include "common/c_api.h"
 #include "common/c_api_copy.h"
@@ -89,14 +90,11 @@ ffi::ErrorOr<std::unique_ptr<PreDispatchState>> Instantiate(int64_t hidden, int6
       !e.success()) {
     return ffi::Unexpected<ffi::Error>(std::move(e));
   }
-  jit::CompiledKernel compiled;
-  std::string why;
-  if (!jit::jit_compile(jit::pre_dispatch_source(kArch, mma_kind), &compiled, &why)) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(cat(TargetName(kArch), ": ", why)));
-  }
-  auto kernel = jit::load_kernel(compiled.cubin_path, compiled.symbol, &why);
-  if (!kernel) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(cat(TargetName(kArch), ": ", why)));
+  std::shared_ptr<const jit::LoadedKernel> kernel;
+  if (ffi::Error e = host::CompileAndLoad(jit::pre_dispatch_source(kArch, mma_kind),
+                                          TargetName(kArch), &kernel);
+      !e.success()) {
+    return ffi::Unexpected<ffi::Error>(std::move(e));
   }
   auto state = std::make_unique<PreDispatchState>();
   state->arch = kArch;
@@ -110,31 +108,10 @@ ffi::ErrorOr<std::unique_ptr<PreDispatchState>> Instantiate(int64_t hidden, int6
   return state;
 }
 
-// The kernel's CUfunction in the current context `ctx` (cached per context).
-// Normally filled by the initialize stage, outside any capture. If execute
-// gets here first while XLA is capturing a CUDA graph, the one-off module load
-// runs with this thread's capture mode switched to relaxed (the TE trick), so
-// the load's implicit work is legal; nothing is enqueued on the stream.
+// The kernel's CUfunction in the current context `ctx` (host::FunctionCache: cached per context).
 ffi::Error FunctionFor(const cuda::Driver* d, PreDispatchState* st, CUcontext ctx,
                        CUfunction* fn) {
-  std::lock_guard<std::mutex> lock(st->mu);
-  for (const auto& [c, f] : st->functions) {
-    if (c == ctx) {
-      *fn = f;
-      return ffi::Error::Success();
-    }
-  }
-  CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
-  d->ThreadExchangeStreamCaptureMode(&mode);
-  CUresult r = d->KernelGetFunction(fn, st->kernel->kernel);
-  if (r == CUDA_SUCCESS && d->FuncLoad != nullptr) r = d->FuncLoad(*fn);  // defeat lazy loading
-  d->ThreadExchangeStreamCaptureMode(&mode);  // restore
-  if (r != CUDA_SUCCESS) {
-    return ffi::Error::Internal(cat(TargetName(st->arch), ": loading kernel ", st->kernel->symbol,
-                                    " into the context failed: ", cuda::error_string(d, r)));
-  }
-  st->functions.emplace_back(ctx, *fn);
-  return ffi::Error::Success();
+  return st->functions.Get(d, *st->kernel, ctx, TargetName(st->arch), fn);
 }
 
 const cuda::Driver* DriverOr(std::string* why) { return cuda::driver(why); }

@@ -33,12 +33,10 @@
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
-#include <utility>
-#include <vector>
 
 #include "common/mma_kind.h"
 #include "cuda/driver.h"
+#include "handlers/host_glue.h"
 #include "jit/loader.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -89,8 +87,7 @@ struct PreDispatchState {
   float routed_scaling_factor = 1.0f;
   std::shared_ptr<const jit::LoadedKernel> kernel;
 
-  std::mutex mu;  // guards the members below
-  std::vector<std::pair<CUcontext, CUfunction>> functions;
+  host::FunctionCache functions;  // the kernel's CUfunction per context
 
   ~PreDispatchState();
 };

@@ -2,19 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 #include "common/int_math.h"
 #include "common/status.h"
 
 namespace jmm::layout {
-
-bool sm90_wide_tile_enabled() {
-  const char* v = std::getenv("JAX_MEGAMOE_SM90_WIDE_TILE");
-  return v != nullptr && (std::strcmp(v, "1") == 0 || std::strcmp(v, "true") == 0);
-}
 
 namespace {
 
@@ -239,7 +232,7 @@ Sm90MegaLayout sm90_mega_layout(const Sm90MegaShape& s) {
 }
 
 bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t num_tokens,
-                      int64_t num_sms, float activation_clamp, bool fast_math,
+                      int64_t num_sms, float activation_clamp, bool fast_math, bool sm90_wide_tile,
                       Sm90MegaConfig* out, std::string* error) {
   const auto fail = [&](std::string m) {
     if (error) *error = std::move(m);
@@ -269,7 +262,7 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
   // 64 or more expected tokens per expert -> the 128x256 tile, two math warpgroups split along M;
   // otherwise the 64-row decode tile whose two warpgroups split the 256 columns along N.
   //
-  // The 128-row tile is opt-in (JAX_MEGAMOE_SM90_WIDE_TILE=1, DeepGEMM's own rule then): its
+  // The 128-row tile is opt-in (sm90_wide_tile, DeepGEMM's own rule then): its
   // warpgroup tile spans two weight-SF blocks, which forces kReuseAccumAsFinal, so the whole K sum
   // stays in the FP8 WGMMA accumulator (rescaled per k-block) instead of being promoted to fp32
   // per k-block. Measured on an H100 (tests/gpu/probe_block_m.py, E=16 K=6): rel. L2 against the
@@ -277,7 +270,7 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
   // the 64-row tile; it breaks the 1e-2 contract for V4 (issue 15).
   const float expected_global = static_cast<float>(T) * static_cast<float>(ranks) *
                                 static_cast<float>(K) / static_cast<float>(E);
-  c.block_m = (expected_global >= 64.0f && sm90_wide_tile_enabled()) ? 128 : 64;
+  c.block_m = (expected_global >= 64.0f && sm90_wide_tile) ? 128 : 64;
   c.num_epilogue_threads = 256;
   c.block_k = 128;
   // With the per-128 L2 activation scale only the 256-wide tile is valid (2I and H multiples

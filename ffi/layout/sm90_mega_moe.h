@@ -105,15 +105,14 @@ struct Sm90MegaConfig {
   int64_t weight_tma_block_n = 0;  // box rows of the weight descriptors (min(BLOCK_N, 256))
 };
 
-// JAX_MEGAMOE_SM90_WIDE_TILE=1: allow DeepGEMM's 128-row tile (faster prefill, K sum kept in the FP8
-// accumulator, rel. L2 ~1.3e-2 vs the reference at H=4096); otherwise always the 64-row tile.
-bool sm90_wide_tile_enabled();
-
 // Heuristics of DeepGEMM 0.2.5 for one call of `num_tokens` tokens (0 < num_tokens <=
 // capacity) on `num_sms` SMs (even, >= 2), with `num_tokens_bound` = 0 (the call's own count).
+// `sm90_wide_tile` (the policy's sm90_wide_tile, JAX_MEGAMOE_SM90_WIDE_TILE=1, passed down as the
+// target's attribute of that name): allow DeepGEMM's 128-row tile (faster prefill, K sum kept in
+// the FP8 accumulator, rel. L2 ~1.3e-2 vs the reference at H=4096); false: always the 64-row tile.
 // false + *error when no valid configuration exists (e.g. too little shared memory).
 bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t num_tokens,
-                      int64_t num_sms, float activation_clamp, bool fast_math,
+                      int64_t num_sms, float activation_clamp, bool fast_math, bool sm90_wide_tile,
                       Sm90MegaConfig* out, std::string* error);
 
 constexpr int64_t kSm90SmemCapacity = 232448;  // SM90ArchSpec::smem_capacity (227 KiB)

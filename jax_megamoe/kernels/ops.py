@@ -382,7 +382,7 @@ def mega_moe(
         return (mega_moe_target_call(
             x, topk_idx, topk_weights, w, mode=mode, num_experts=w.num_experts, capacity=cap,
             activation_clamp=activation_clamp, routed_scaling_factor=rsf, fast_math=fast_math, reserved_sms=reserved,
-            graph=pol.graph_targets,
+            graph=pol.graph_targets, sm90_wide_tile=pol.sm90_wide_tile,
         ),)  # fmt: skip
 
     names = ("x", "topk_idx", "topk_weights", *(f"weights.{n}" for n in ("l1", "l1_sf", "l2", "l2_sf")))
@@ -407,6 +407,7 @@ def mega_moe_target_call(
     num_ranks: int = 1,
     rank_devices: np.ndarray | None = None,
     graph: bool | None = None,
+    sm90_wide_tile: bool | None = None,
 ) -> jax.Array:
     """The mega-kernel custom call itself, arguments already validated (:func:`mega_moe`,
     :func:`jax_megamoe.parallel.ep_moe`).
@@ -416,12 +417,22 @@ def mega_moe_target_call(
     expert-parallel group, see ``ffi/layout/rank_table.h``) and the call must run on every device of
     the table at once, inside :func:`jax.shard_map`. ``graph``: call the command-buffer compatible
     twin (sm_90); ``None`` follows the process policy (:func:`graph_targets_enabled`).
+    ``sm90_wide_tile``: the sm_90 target's attribute of that name (let the kernel take DeepGEMM's
+    128-row tile, see :class:`jax_megamoe.policy.Policy`); ``None`` follows the process policy.
+    The library reads no environment variable for it: this attribute is the only way in.
     """
     clamp = np.float32(np.inf if activation_clamp is None else activation_clamp)
     arch = config.arch_of_mode(mode)
     t, h = x.shape
     # sm_100 only: the MMA kind; the handler applies routed_scaling_factor itself (per-expert scales).
-    extra = {"mma_kind": np.int64(_MMA_KIND[mode])} if arch == 10 else {}
+    # sm_90 only: the wide-tile switch (the policy's, read once; never os.environ at trace time).
+    if arch == 10:
+        extra = {"mma_kind": np.int64(_MMA_KIND[mode])}
+    else:
+        wide = _policy.current().sm90_wide_tile if sm90_wide_tile is None else sm90_wide_tile
+        if not isinstance(wide, (bool, np.bool_)):
+            raise TypeError(f"sm90_wide_tile: {wide!r} must be a bool or None")
+        extra = {"sm90_wide_tile": bool(wide)}
     table = np.zeros((0,), np.int64) if rank_devices is None else np.asarray(rank_devices, np.int64).reshape(-1)
     extra.update(num_ranks=np.int64(num_ranks), rank_devices=table)
     # Ids outside [0, E) are skipped, as the reference skips them (the kernel would index past its

@@ -480,9 +480,9 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
         return dispatch_path(mesh, dispatch), None
     reserved = pol.reserved_sms
     table = tuple(tuple(int(v) for v in row) for row in rank_table(mesh, axis))
-    # The graph-target switch comes from the policy and travels as a static argument, so that
-    # _ep_moe_jit's trace cache never hands a plain-target trace to a call with another policy.
-    return "fused", (cap, table, reserved, pol.graph_targets)
+    # The graph-target and wide-tile switches come from the policy and travel as a static argument,
+    # so that _ep_moe_jit's trace cache never hands a trace made for one policy to a call with another.
+    return "fused", (cap, table, reserved, pol.graph_targets, pol.sm90_wide_tile)
 
 
 @partial(jax.jit, static_argnames=("mesh", "axis", "mode", "clamp", "backend", "path", "cap", "chunk", "fused"))
@@ -529,11 +529,11 @@ def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk):
 def _ep_fused_body(x, topk_idx, w, weights, *, axis, mode, clamp, fused, num_experts):
     """One rank of the fused kernel: its own tokens in, its own outputs back; the kernel moves the
     (token, slot) pairs between the GPUs itself. ``w`` already carries routed_scaling_factor."""
-    cap, table, reserved, graph = fused
+    cap, table, reserved, graph, wide = fused
     y = ops.mega_moe_target_call(
         x, topk_idx, w, weights, mode=mode, num_experts=num_experts, capacity=cap, activation_clamp=clamp,
         routed_scaling_factor=1.0, fast_math=True, reserved_sms=reserved, num_ranks=lax.axis_size(axis),
-        rank_devices=np.asarray(table, np.int64), graph=graph,
+        rank_devices=np.asarray(table, np.int64), graph=graph, sm90_wide_tile=wide,
     )  # fmt: skip
     return y, jnp.zeros((), jnp.int32)
 

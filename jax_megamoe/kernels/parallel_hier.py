@@ -171,7 +171,7 @@ def _local_rank_table(mesh: Mesh | AbstractMesh, axis: str) -> tuple[tuple[int, 
 
 
 def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_per_device, num_max_tokens, policy=None):
-    """``(HierPath, fused)``; ``fused`` = (token cap, rank table, reserved SMs, graph) for the fused stage."""
+    """``(HierPath, fused)``; ``fused`` = (token cap, rank table, reserved SMs, graph, sm90 wide tile) for the fused stage."""
     if intranode not in INTRANODE:
         raise ValueError(f"intranode: {intranode!r} is not one of {', '.join(INTRANODE)}")
     if backend not in parallel.BACKENDS:
@@ -244,7 +244,7 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
     if inner == "fused":
         be = "ffi"
         table = _local_rank_table(mesh, axis) if not isinstance(mesh, jax.sharding.AbstractMesh) else ()
-        fused = (cap, table, pol.reserved_sms, pol.graph_targets)
+        fused = (cap, table, pol.reserved_sms, pol.graph_targets, pol.sm90_wide_tile)
     why_disp = f"inter-host {disp} ({'ragged_all_to_all' if disp == 'ragged' else 'all_to_all'}) over {host_axis!r}"
     return HierPath(disp, inner, be, f"{why_disp}; {reason}; expert compute: {be}"), fused
 
@@ -467,11 +467,12 @@ def _intranode(rx, rid, rw, weights, *, axis, mode, clamp, path, fused, chunk, n
     sum of its slots on this host (ascending ``k``), bf16 ``[R, H]``."""
     rows = rx.shape[0]
     if path.intranode == "fused":
-        cap, table, reserved, graph = fused
+        cap, table, reserved, graph, wide = fused
         return ops.mega_moe_target_call(
             rx, rid, rw, weights, mode=mode, num_experts=num_host_experts, capacity=cap, activation_clamp=clamp,
             routed_scaling_factor=1.0, fast_math=True, reserved_sms=reserved, num_ranks=lax.axis_size(axis),
             rank_devices=np.asarray(table, np.int64).reshape(-1, lax.axis_size(axis)), graph=graph,
+            sm90_wide_tile=wide,
         )  # fmt: skip
     if path.intranode == "collective":
         # The pair-form collective body of parallel.ep_moe over the host's GPUs; its pair_capacity is the

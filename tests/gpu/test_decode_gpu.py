@@ -2,8 +2,9 @@
 
 GPU only (H100/H200). Runs through ``ops.mega_moe(..., backend="ffi", kernel="decode")``; the
 reference runs on the CPU device over the experts the routing uses. Checks every output row, each
-expert's rows on their own (route every token to one expert), rows routed nowhere exactly 0, and
-agreement with the fused kernel. Prints ``TABLE`` lines.
+expert's rows and (expert, 128-column block) cells on their own (route every token to one expert;
+tests/expert_checks.py), rows routed nowhere exactly 0, and agreement with the fused kernel.
+Prints ``TABLE`` lines.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from expert_checks import check_per_expert
 from jax_megamoe import ops
 from test_mega_moe_sm90_gpu import FLASH, GPU_ARCH, SMALL, _card, _check, _cpu_weights, _reference, _routing, _weights, _x
 
@@ -77,9 +79,11 @@ def test_small_per_expert_and_edge_ids(small_weights):
     ref_idx = np.where((idx >= 0) & (idx < e), idx, -1)
     ref = _reference(x, ref_idx, w, _cpu_weights(small_weights, experts), experts, clamp=float("inf"), rsf=1.0)
     _check(y, ref, ref_idx, what="decode small, one expert per token")
-    worst = max(_rel(y[idx[:, 0] == j], ref[idx[:, 0] == j]) for j in range(e))
-    assert worst <= DECODE_TOL, f"worst expert rel L2 {worst:.2e}"
-    print(f"TABLE decode_sm90|per-expert (E={e})|worst rel_l2={worst:.2e}|{_card()}")
+    errs = check_per_expert(y, ref, ref_idx, tol=DECODE_TOL, what="decode small, one expert per token")
+    assert sorted(errs.per_expert) == list(range(e))  # every expert checked on its own rows
+    worst_e, _, worst_b, worst_cell = errs.worst()
+    print(f"TABLE decode_sm90|per-expert (E={e})|worst rel_l2={max(errs.per_expert.values()):.2e}|"
+          f"worst cell expert {worst_e} block {worst_b} {worst_cell:.2e}|{_card()}")
 
 
 @pytest.mark.parametrize("t", [1, 2, 4, 8])

@@ -43,7 +43,7 @@ def _card() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _ffi_fn(*, H, I, E, K, cap, clamp, fast_math, rsf, reserved_sms=0):
+def _ffi_fn(*, H, I, E, K, cap, clamp, fast_math, rsf, reserved_sms=0, wide_tile=False):
     from jax_megamoe import _ffi
 
     assert _ffi.register(), _ffi.status().reason
@@ -57,14 +57,15 @@ def _ffi_fn(*, H, I, E, K, cap, clamp, fast_math, rsf, reserved_sms=0):
             capacity=np.int64(cap), activation_clamp=np.float32(clamp), fast_math=bool(fast_math),
             reserved_sms=np.int64(reserved_sms),
             routed_scaling_factor=np.float32(rsf), num_ranks=np.int64(1), rank_devices=np.zeros((0,), np.int64),
+            sm90_wide_tile=bool(wide_tile),
         )
 
     return jax.jit(f)
 
 
-def mega_moe_ffi(x, idx, w, weights, *, cap, clamp=float("inf"), fast_math=True, rsf=1.0):
+def mega_moe_ffi(x, idx, w, weights, *, cap, clamp=float("inf"), fast_math=True, rsf=1.0, wide_tile=False):
     f = _ffi_fn(H=weights.hidden, I=weights.intermediate, E=weights.num_local_experts, K=idx.shape[1],
-                cap=cap, clamp=float(clamp), fast_math=fast_math, rsf=float(rsf))
+                cap=cap, clamp=float(clamp), fast_math=fast_math, rsf=float(rsf), wide_tile=bool(wide_tile))
     return f(x, idx.astype(jnp.int32), w, weights.l1, weights.l1_sf, weights.l2, weights.l2_sf)
 
 
@@ -171,10 +172,10 @@ def _check(got, want, idx, *, what: str) -> float:
     return rel
 
 
-def _time_device(x, idx, w, weights, *, cap, clamp=float("inf"), n: int = 20) -> float:
+def _time_device(x, idx, w, weights, *, cap, clamp=float("inf"), n: int = 20, wide_tile=False) -> float:
     """Seconds per call of n back-to-back calls inside ONE jitted program (no Python dispatch per call)."""
     f = _ffi_fn(H=weights.hidden, I=weights.intermediate, E=weights.num_local_experts, K=idx.shape[1],
-                cap=cap, clamp=float(clamp), fast_math=True, rsf=1.0)
+                cap=cap, clamp=float(clamp), fast_math=True, rsf=1.0, wide_tile=bool(wide_tile))
 
     @jax.jit
     def many(x, idx, w, l1, l1_sf, l2, l2_sf):
@@ -221,7 +222,7 @@ def test_small_shape(small_weights, t):
 
 def test_small_shape_prefill_tile(small_weights):
     """T*K/E >= 64: the 64-row tile by default (the 128x256 tile with its 2-CTA cluster only with
-    JAX_MEGAMOE_SM90_WIDE_TILE=1, which the probe tests/gpu/probe_block_m.py measures)."""
+    the sm90_wide_tile attribute, policy.sm90_wide_tile, which the probe tests/gpu/probe_block_m.py measures)."""
     s, cap, t = SMALL, 256, 256
     experts = np.arange(s["E"])
     idx, w = _routing(77, t, s["K"], experts)
