@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import warnings
 from typing import Literal
 
 from jax_megamoe.numerics import _validate
@@ -205,8 +206,16 @@ class MegaMoEConfig:
             raise ValueError(f"num_max_tokens: {self.num_max_tokens} must be >= 1")
 
     @property
-    def token_capacity(self) -> int:
+    def capacity(self) -> int:
+        """Rows of the kernel's token buffer: ``num_max_tokens`` after the mode's alignment (the
+        custom call's ``capacity`` attribute; DeepGEMM's ``kNumMaxTokensPerRank``)."""
         return align_token_cap(self.num_max_tokens, self.mode)
+
+    @property
+    def token_capacity(self) -> int:
+        """Deprecated name of :attr:`capacity` (warns)."""
+        warnings.warn("MegaMoEConfig.token_capacity is deprecated: use .capacity", DeprecationWarning, stacklevel=2)
+        return self.capacity
 
     @property
     def act_group(self) -> int:
