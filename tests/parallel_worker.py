@@ -211,6 +211,28 @@ def run_single() -> None:
         f"{info} warnings={deps} path={path_dense} {time.perf_counter() - t0:.1f}s",
     )  # fmt: skip
 
+    # ep_moe_any_tokens: T not a multiple of the axis size (the batch is padded with rows routed
+    # nowhere and cut back): the reference's bits; ep_moe_padded, its deprecated name, warns once and
+    # gives the same bits.
+    t0 = time.perf_counter()
+    cut = T - 3  # T is a multiple of n; T - 3 is not
+    uneven = (jnp.asarray(x[:cut]), jnp.asarray(idx[:cut]), jnp.asarray(w[:cut]), w_all)
+    y_any = parallel.ep_moe_any_tokens(*uneven, mesh=mesh, mode=mode, activation_clamp=clamp)
+    with warnings.catch_warnings(record=True) as old_fn_warnings:
+        warnings.simplefilter("always")
+        y_old = parallel.ep_moe_padded(*uneven, mesh=mesh, mode=mode, activation_clamp=clamp)
+    deps = [str(m.message) for m in old_fn_warnings if issubclass(m.category, DeprecationWarning)]
+    ref = reference.mega_moe(*uneven, mode=mode, activation_clamp=clamp)
+    ok, info = same_bits(y_any, ref)
+    ok_old, _ = same_bits(y_old, y_any)
+    nonzero = int(np.any(np.asarray(y_any) != 0, axis=1).sum())
+    check(
+        "any_tokens_uneven_batch",
+        cut % n != 0 and y_any.shape == (cut, x.shape[1]) and ok and ok_old and nonzero > 0
+        and len(deps) == 1 and "ep_moe_any_tokens" in deps[0],
+        f"{info} warnings={deps} {time.perf_counter() - t0:.1f}s",
+    )  # fmt: skip
+
     # Forcing the ragged path on CPU fails with a clear error before XLA does.
     try:
         parallel.ep_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all, mesh=mesh, mode=mode, dispatch="ragged")

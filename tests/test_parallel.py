@@ -37,6 +37,7 @@ SINGLE_CHECKS = (
     "capacity_overflow",
     "exact_capacity_no_drop",
     "dense_alias_warns_same_bits",
+    "any_tokens_uneven_batch",
     "ragged_on_cpu_error",
     "fused_lowers_for_cuda",
     "fused_sm100_lowers_for_cuda",

@@ -80,7 +80,7 @@ from jax_megamoe.numerics.policy import Policy
 from jax_megamoe.numerics.layout import MoEWeights
 
 __all__ = [
-    "ep_moe", "ep_moe_padded", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
+    "ep_moe", "ep_moe_any_tokens", "ep_moe_padded", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
     "rank_table",
     "canonical_dispatch", "DISPATCHES", "COLLECTIVE_DISPATCHES", "DEPRECATED_DISPATCHES", "BACKENDS",
 ]  # fmt: skip
@@ -619,7 +619,7 @@ def shard_weights(weights: MoEWeights, mesh: Mesh | AbstractMesh, axis: str = "e
     return jax.tree.map(lambda a: _place(a, mesh, P(axis), explicit), weights)
 
 
-def ep_moe_padded(
+def ep_moe_any_tokens(
     x: jax.Array,
     topk_idx: jax.Array,
     topk_weights: jax.Array,
@@ -638,10 +638,25 @@ def ep_moe_padded(
     if pad == 0:
         return ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, **kwargs)
     if kwargs.get("return_overflow"):
-        raise ValueError("return_overflow: not supported by ep_moe_padded; call ep_moe")
+        raise ValueError("return_overflow: not supported by ep_moe_any_tokens when T needs padding; call ep_moe")
     x = jnp.pad(x, ((0, pad), (0, 0)))
     topk_idx = jnp.pad(topk_idx, ((0, pad), (0, 0)), constant_values=-1)
     topk_weights = jnp.pad(topk_weights, ((0, pad), (0, 0)))
     y = ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, **kwargs)
     y = _place(y, mesh, P(), _is_explicit(mesh, axis))
     return y[:t]
+
+
+def ep_moe_padded(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    topk_weights: jax.Array,
+    weights: MoEWeights,
+    *,
+    mesh: Mesh | AbstractMesh,
+    axis: str = "ep",
+    **kwargs: Any,
+) -> jax.Array:
+    """Deprecated name of :func:`ep_moe_any_tokens` (warns): "padded" is a dispatch's name."""
+    warnings.warn("parallel.ep_moe_padded is deprecated: use ep_moe_any_tokens", DeprecationWarning, stacklevel=2)
+    return ep_moe_any_tokens(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, **kwargs)
