@@ -2,8 +2,13 @@
 """Compile the sm_100f Mega MoE kernel for the full configuration matrix and print a table.
 
 Matrix: both modes (mxf4xmxf4, fp8xfp4) x DeepSeek V4-Flash and V4-Pro shapes x token caps
-(default 1920, 3840, 7680), one call of ``--tokens`` tokens per cap (default: the cap itself), on
-``--num-sms`` SMs (default 148, a B200). Every configuration goes through the library's own
+(default 1920, 3840, 7680) x ``--ranks`` (default 1), one call per token count of ``--tokens``
+(default: the cap itself; a comma list, e.g. the decode buckets ``1,2,4,8,16,32,64,128,256``), on
+``--num-sms`` SMs (default 148, a B200). The heuristics choose BLOCK_M (and with it the store rows
+and stages) from the expected tokens per expert, ``T * ranks * top_k / E``, so a token sweep is the
+sm_100 bucket table: token counts that share an instantiation share one cubin (the JIT cache serves
+it: the ``new`` column says whether this row compiled a kernel), and ``--buckets`` prints, per
+configuration, the token ranges of each distinct instantiation. Every configuration goes through the library's own
 heuristics and JIT (``jmm_sm100_mega_config`` / ``jmm_sm100_mega_compile``), into a temporary
 cache unless ``--cache`` is given. Compile-only: no B200 is needed (or was available).
 
@@ -13,9 +18,9 @@ the cubin size, the registers per thread and stack frame read from the cubin's .
 ``nvcc -Xptxas -v`` run of the same kernel.cu; ``--no-spills`` skips it). ``cuobjdump`` and
 ``nvdisasm`` are not needed.
 
-    python tools/compile_sm100_matrix.py [--caps 1920,3840,7680] [--tokens cap|N] [--num-sms 148]
-                                         [--modes M,..] [--shapes S,..] [--cache DIR]
-                                         [--no-spills] [--json OUT]
+    python tools/compile_sm100_matrix.py [--caps 1920,3840,7680] [--tokens cap|N,..] [--ranks R,..]
+                                         [--num-sms 148] [--modes M,..] [--shapes S,..] [--cache DIR]
+                                         [--no-spills] [--buckets] [--json OUT]
 """
 
 from __future__ import annotations
@@ -89,10 +94,75 @@ def ptxas_spills(entry: Path) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def compile_row(lib, mode: str, kind: int, shape_name: str, s: dict[str, int], cap: int, ranks: int, t: int,
+                args: argparse.Namespace, seen: set[str]) -> dict | None:
+    """One configuration's row (None when the heuristics refuse it); compiles or reuses its cubin."""
+    shape = ft.mega_shape(lib, E=s["E"], P=cap, K=s["K"], H=s["H"], I=s["I"], ranks=ranks, kind=kind)
+    call = ft.mega_call(lib, T=t, num_sms=args.num_sms, clamp=math.inf)
+    try:
+        c = ft.mega_config(lib, 100, shape, call)
+    except ValueError as e:
+        print(f"{mode} {shape_name} cap={cap} ranks={ranks} T={t}: {e}", file=sys.stderr)
+        return None
+    t0 = time.perf_counter()
+    try:
+        cubin_path, error = ft.mega_compile(lib, 100, shape, call), None
+    except RuntimeError as e:
+        cubin_path, error = None, str(e)
+    seconds = time.perf_counter() - t0
+    row = dict(mode=mode, shape=shape_name, cap=cap, ranks=ranks, tokens=t,
+               per_expert=round(c["expected_tokens_per_expert"], 3), block_m=c["block_m"],
+               block_k=c["block_k"], store=f"{c['store_block_m_l1']}/{c['store_block_m_l2']}",
+               ring=c["num_ring_tokens"], sf_ring=c["num_sf_ring_tokens"], stages=c["num_stages"],
+               smem=c["smem_size"], seconds=round(seconds, 1))
+    if error is not None:
+        row["error"] = error[-2000:]
+        print(f"  {mode} {shape_name} cap={cap} ranks={ranks} T={t}: FAILED ({seconds:.1f} s)", flush=True)
+        return row
+    cubin = Path(cubin_path)
+    row["new"] = str(cubin) not in seen
+    row["cubin"] = cubin.parent.name
+    regs, frame = cubin_resources(cubin)
+    row.update(cubin_bytes=cubin.stat().st_size, regs=regs, stack=frame)
+    if not args.no_spills:
+        if row["new"]:
+            sp = ptxas_spills(cubin.parent)
+            row["spills"] = f"{sp[0]}/{sp[1]}" if sp else "?"
+        else:
+            row["spills"] = "(same)"
+    seen.add(str(cubin))
+    print(f"  {mode} {shape_name} cap={cap} ranks={ranks} T={t}: BLOCK_M {c['block_m']}, "
+          f"{'compiled' if row['new'] else 'cached'} ({seconds:.1f} s)", flush=True)
+    return row
+
+
+def print_buckets(rows: list[dict]) -> None:
+    """Per (mode, shape, cap, ranks): the token range each distinct cubin serves."""
+    print("\n| mode | shape | cap | ranks | tokens | BLOCK_M | store | stages | cubin |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "cubin" in r:
+            groups.setdefault((r["mode"], r["shape"], r["cap"], r["ranks"]), []).append(r)
+    for key, rs in groups.items():
+        spans: list[list] = []  # [first T, last T, row] per run of rows sharing a cubin
+        for r in sorted(rs, key=lambda r: r["tokens"]):
+            if spans and spans[-1][2]["cubin"] == r["cubin"]:
+                spans[-1][1] = r["tokens"]
+            else:
+                spans.append([r["tokens"], r["tokens"], r])
+        for lo, hi, r in spans:
+            rng = str(lo) if lo == hi else f"{lo}-{hi}"
+            print(f"| {' | '.join(map(str, key))} | {rng} | {r['block_m']} | {r['store']} | {r['stages']} | "
+                  f"{r['cubin'][:12]} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--caps", default="1920,3840,7680", help="token caps (multiples of 1920)")
-    ap.add_argument("--tokens", default="cap", help="tokens of the call: 'cap' or a number (<= every cap)")
+    ap.add_argument("--tokens", default="cap", help="tokens of the call: 'cap' or numbers N,.. (each <= the cap)")
+    ap.add_argument("--ranks", default="1", help="expert-parallel ranks R,.. (the kernel's num_ranks)")
+    ap.add_argument("--buckets", action="store_true", help="also print the token ranges of each instantiation")
     ap.add_argument("--num-sms", type=int, default=148)
     ap.add_argument("--modes", default=",".join(MODES), help="subset of " + ",".join(MODES))
     ap.add_argument("--shapes", default=",".join(SHAPES), help="subset of " + ",".join(SHAPES))
@@ -114,51 +184,32 @@ def main(argv: list[str] | None = None) -> int:
     rows, failures = [], 0
     modes = {m: MODES[m] for m in args.modes.split(",")}
     shapes = {n: SHAPES[n] for n in args.shapes.split(",")}
+    seen: set[str] = set()  # cubins already compiled (and measured) in this run
     for mode, kind in modes.items():
         for shape_name, s in shapes.items():
             for cap in (int(c) for c in args.caps.split(",")):
-                t = cap if args.tokens == "cap" else int(args.tokens)
-                shape = ft.mega_shape(lib, E=s["E"], P=cap, K=s["K"], H=s["H"], I=s["I"], kind=kind)
-                call = ft.mega_call(lib, T=t, num_sms=args.num_sms, clamp=math.inf)
-                try:
-                    c = ft.mega_config(lib, 100, shape, call)
-                except ValueError as e:
-                    print(f"{mode} {shape_name} cap={cap}: {e}", file=sys.stderr)
-                    failures += 1
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    cubin_path, error = ft.mega_compile(lib, 100, shape, call), None
-                except RuntimeError as e:
-                    cubin_path, error = None, str(e)
-                seconds = time.perf_counter() - t0
-                row = dict(mode=mode, shape=shape_name, cap=cap, tokens=t, block_m=c["block_m"],
-                           block_k=c["block_k"], store=f"{c['store_block_m_l1']}/{c['store_block_m_l2']}",
-                           ring=c["num_ring_tokens"], sf_ring=c["num_sf_ring_tokens"], stages=c["num_stages"],
-                           smem=c["smem_size"], seconds=round(seconds, 1))
-                if error is not None:
-                    row["error"] = error[-2000:]
-                    failures += 1
-                else:
-                    cubin = Path(cubin_path)
-                    regs, frame = cubin_resources(cubin)
-                    row.update(cubin_bytes=cubin.stat().st_size, regs=regs, stack=frame)
-                    if not args.no_spills:
-                        sp = ptxas_spills(cubin.parent)
-                        row["spills"] = f"{sp[0]}/{sp[1]}" if sp else "?"
-                rows.append(row)
-                print(f"  compiled {mode} {shape_name} cap={cap}: {row.get('error', 'ok')[:200]} ({seconds:.1f} s)",
-                      flush=True)
+                for ranks in (int(r) for r in args.ranks.split(",")):
+                    tokens = [cap] if args.tokens == "cap" else [int(t) for t in args.tokens.split(",")]
+                    for t in tokens:
+                        row = compile_row(lib, mode, kind, shape_name, s, cap, ranks, t, args, seen)
+                        if row is None or "error" in row:
+                            failures += 1
+                        if row is not None:
+                            rows.append(row)
 
-    cols = ["mode", "shape", "cap", "tokens", "block_m", "block_k", "store", "ring", "sf_ring", "stages", "smem",
-            "seconds", "cubin_bytes", "regs", "stack"] + ([] if args.no_spills else ["spills"])
+    cols = ["mode", "shape", "cap", "ranks", "tokens", "per_expert", "block_m", "block_k", "store", "ring", "sf_ring", "stages", "smem",
+            "new", "seconds", "cubin_bytes", "regs", "stack"] + ([] if args.no_spills else ["spills"])
     print()
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(k, "FAILED" if k == "cubin_bytes" else "")) for k in cols) + " |")
     total = sum(r["seconds"] for r in rows)
-    print(f"\n{len(rows) - failures}/{len(rows)} compiled, {total:.1f} s of compiles")
+    new = sum(1 for r in rows if r.get("new"))
+    print(f"\n{len(rows) - failures}/{len(rows)} configurations compiled ({new} distinct cubins), "
+          f"{total:.1f} s of compiles")
+    if args.buckets:
+        print_buckets(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 1 if failures else 0
