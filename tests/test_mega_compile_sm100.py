@@ -156,13 +156,22 @@ def test_matrix_tool_smoke(compiled, capsys, tmp_path):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out_json = tmp_path / "rows.json"
-    rc = tool.main(["--caps", "1920", "--tokens", str(T), "--modes", "mxf4xmxf4", "--shapes", "V4-Flash",
-                    "--cache", str(root), "--no-spills", "--json", str(out_json)])
+    rc = tool.main(["--caps", "1920", "--tokens", f"1,64,{T}", "--modes", "mxf4xmxf4", "--shapes", "V4-Flash",
+                    "--cache", str(root), "--no-spills", "--buckets", "--json", str(out_json)])
     assert rc == 0
     rows = json.loads(out_json.read_text())
-    assert len(rows) == 1 and rows[0]["block_m"] == 16 and rows[0]["ring"] == 3840
+    # T = 1, 64, 128 on one rank: 0.02 / 1.5 / 3 tokens per expert, all in the BLOCK_M 16 band, so one
+    # bucket: the cubin the fixture compiled serves all three and nvcc never runs.
+    assert [r["tokens"] for r in rows] == [1, 64, T]
+    assert [r["per_expert"] for r in rows] == [round(6 / 256, 3), 1.5, 3.0]
+    assert {r["block_m"] for r in rows} == {16} and {r["ring"] for r in rows} == {3840}
+    assert len({r["cubin"] for r in rows}) == 1 and [r["new"] for r in rows] == [True, False, False]
+    assert [r["nvcc"] for r in rows] == [0, 0, 0]
     assert rows[0]["regs"] == 128 and rows[0]["cubin_bytes"] > 0  # __launch_bounds__(512, 1): 128 registers
-    assert "| mxf4xmxf4 | V4-Flash | 1920 | 128 | 16 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| mxf4xmxf4 | V4-Flash | 1920 | 1 | 128 | 3.0 | 16 |" in out
+    assert f"| mxf4xmxf4 | V4-Flash | 1920 | 1 | 1-{T} | 16 | 8/8 |" in out  # the bucket table: one span
+    assert "3/3 configurations compiled (1 distinct cubins)" in out
 
 
 # --------------------------------------------------------------------------------------

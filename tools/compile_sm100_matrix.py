@@ -104,13 +104,13 @@ def compile_row(lib, mode: str, kind: int, shape_name: str, s: dict[str, int], c
     except ValueError as e:
         print(f"{mode} {shape_name} cap={cap} ranks={ranks} T={t}: {e}", file=sys.stderr)
         return None
-    t0 = time.perf_counter()
+    t0, before = time.perf_counter(), _ffi.jit_stats().compiles
     try:
         cubin_path, error = ft.mega_compile(lib, 100, shape, call), None
     except RuntimeError as e:
         cubin_path, error = None, str(e)
     seconds = time.perf_counter() - t0
-    row = dict(mode=mode, shape=shape_name, cap=cap, ranks=ranks, tokens=t,
+    row = dict(nvcc=_ffi.jit_stats().compiles - before, mode=mode, shape=shape_name, cap=cap, ranks=ranks, tokens=t,
                per_expert=round(c["expected_tokens_per_expert"], 3), block_m=c["block_m"],
                block_k=c["block_k"], store=f"{c['store_block_m_l1']}/{c['store_block_m_l2']}",
                ring=c["num_ring_tokens"], sf_ring=c["num_sf_ring_tokens"], stages=c["num_stages"],
@@ -132,7 +132,7 @@ def compile_row(lib, mode: str, kind: int, shape_name: str, s: dict[str, int], c
             row["spills"] = "(same)"
     seen.add(str(cubin))
     print(f"  {mode} {shape_name} cap={cap} ranks={ranks} T={t}: BLOCK_M {c['block_m']}, "
-          f"{'compiled' if row['new'] else 'cached'} ({seconds:.1f} s)", flush=True)
+          f"{'compiled' if row['nvcc'] else 'cached'} ({seconds:.1f} s)", flush=True)
     return row
 
 
@@ -154,7 +154,7 @@ def print_buckets(rows: list[dict]) -> None:
         for lo, hi, r in spans:
             rng = str(lo) if lo == hi else f"{lo}-{hi}"
             print(f"| {' | '.join(map(str, key))} | {rng} | {r['block_m']} | {r['store']} | {r['stages']} | "
-                  f"{r['cubin'][:12]} |")
+                  f"{r['cubin'][-12:]} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                             rows.append(row)
 
     cols = ["mode", "shape", "cap", "ranks", "tokens", "per_expert", "block_m", "block_k", "store", "ring", "sf_ring", "stages", "smem",
-            "new", "seconds", "cubin_bytes", "regs", "stack"] + ([] if args.no_spills else ["spills"])
+            "new", "nvcc", "seconds", "cubin_bytes", "regs", "stack"] + ([] if args.no_spills else ["spills"])
     print()
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

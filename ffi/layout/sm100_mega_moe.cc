@@ -250,6 +250,12 @@ bool sm100_mega_config(const Sm100MegaShape& s, const Sm100MegaLayout& l, int64_
   c.elem_bits = l.elem_bits;
 
   // get_block_config_for_mega_moe (0.2.5): f32 arithmetic exactly as the host does it.
+  // The token buckets: T is static at trace time, so each band below is one instantiation and one
+  // cubin. Compile-checked with `tools/compile_sm100_matrix.py --caps 1920 --ranks 1,8 --buckets
+  // --tokens 1,2,4,8,16,32,64,128,256,512,1024,1920` (nvcc 13.0, 148 SMs; 96 configurations, 34
+  // cubins, all compile): at decode sizes every T up to 256 (V4-Flash) / 512 (V4-Pro) on one rank,
+  // 32 / 64 with 8 ranks, is BLOCK_M 16. These are DeepGEMM's bands, kept as they are: no B200 is
+  // lent here to measure a better choice.
   float expected = static_cast<float>(num_tokens) * static_cast<float>(ranks);
   expected = static_cast<float>(K) * expected;
   expected = expected / static_cast<float>(E);
