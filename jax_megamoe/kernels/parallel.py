@@ -647,16 +647,7 @@ def ep_moe_any_tokens(
     return y[:t]
 
 
-def ep_moe_padded(
-    x: jax.Array,
-    topk_idx: jax.Array,
-    topk_weights: jax.Array,
-    weights: MoEWeights,
-    *,
-    mesh: Mesh | AbstractMesh,
-    axis: str = "ep",
-    **kwargs: Any,
-) -> jax.Array:
+def ep_moe_padded(*args: Any, **kwargs: Any) -> jax.Array:
     """Deprecated name of :func:`ep_moe_any_tokens` (warns): "padded" is a dispatch's name."""
     warnings.warn("parallel.ep_moe_padded is deprecated: use ep_moe_any_tokens", DeprecationWarning, stacklevel=2)
-    return ep_moe_any_tokens(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, **kwargs)
+    return ep_moe_any_tokens(*args, **kwargs)
