@@ -37,7 +37,6 @@ without the FFI library, or without CuPy (then only the JAX side runs).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from functools import partial
@@ -215,18 +214,20 @@ def jax_timings(x, idx, w, p: int, n: int, repeats: int, unroll: int) -> dict[st
         out["xla_trivial_fori_s"] = _time_whole(jax.jit(trivial), (w,), n, repeats)
         # The same unrolled calls through the targets that declare CUDA-graph compatibility, with
         # XLA's command buffers allowed to capture custom calls (best effort: the reason if not).
-        old = os.environ.get("JAX_MEGAMOE_GRAPH_TARGETS")
-        os.environ["JAX_MEGAMOE_GRAPH_TARGETS"] = "1"
+        # (The process policy is read once: the twin is asked for through policy=, not the environment.)
+        from jax_megamoe import policy as _policy
+
+        pd_graph = partial(pd, policy=_policy.current().replace(graph_targets=True))
+
+        def unrolled_graph(x_, idx_, w_):
+            step = lambda c, _: (pd_graph(x_, idx_, c).topk_weights, None)  # noqa: E731
+            return lax.scan(step, w_, None, length=unroll, unroll=True)[0]
+
         try:
-            g = jax.jit(unrolled, compiler_options=GRAPH_OPTIONS)
+            g = jax.jit(unrolled_graph, compiler_options=GRAPH_OPTIONS)
             out["jax_unrolled_graph_s"] = _time_whole(g, (x, idx, w), unroll, repeats)
         except Exception as e:  # noqa: BLE001
             out["jax_unrolled_graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        finally:
-            if old is None:
-                os.environ.pop("JAX_MEGAMOE_GRAPH_TARGETS", None)
-            else:
-                os.environ["JAX_MEGAMOE_GRAPH_TARGETS"] = old
     else:
         out["in_graph_note"] = "in-graph loops need T == P (the weights output feeds the next call)"
     return out

@@ -55,6 +55,7 @@ def main() -> int:
         return 0
     from benchmarks.moe_layer import make_routing, model_shape, random_fp8_weights
     from jax_megamoe import ops
+    from jax_megamoe import policy as _policy
 
     shape = model_shape("flash", smoke=False)
     weights = random_fp8_weights(shape, seed=1)
@@ -68,8 +69,8 @@ def main() -> int:
             if cap < t:
                 continue
             for r, graph in [(r, g) for r in a.reserved for g in ((False, True) if a.graph else (False,))]:
-                os.environ["JAX_MEGAMOE_GRAPH_TARGETS"] = "1" if graph else "0"  # read when tracing
-                kw = dict(activation_clamp=10.0, num_max_tokens=cap, reserved_sms=r, backend="ffi")
+                pol = _policy.current().replace(graph_targets=graph)  # the process policy is read once
+                kw = dict(activation_clamp=10.0, num_max_tokens=cap, reserved_sms=r, backend="ffi", policy=pol)
                 one = jax.jit(lambda x, i, w, ww, kw=kw: ops.mega_moe(x, i, w, ww, **kw))
 
                 @jax.jit

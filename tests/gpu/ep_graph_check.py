@@ -32,16 +32,19 @@ def main() -> int:
     w_all = parallel.shard_weights(make_weights("fp8"), mesh)
     inputs = [tuple(jax.device_put(a, sharded) for a in make_routing(n, 16, seed=900 + j)) for j in range(3)]
 
-    def layer(x, i, w, ww):
-        y = parallel.ep_moe(x * 2, i, w, ww, mesh=mesh, mode="fp8", activation_clamp=10.0, dispatch="fused")
+    def layer(x, i, w, ww, policy):
+        y = parallel.ep_moe(x * 2, i, w, ww, mesh=mesh, mode="fp8", activation_clamp=10.0, dispatch="fused",
+                            policy=policy)
         return (y.astype(jnp.float32) * 0.5).astype(jnp.bfloat16)
 
-    # The variable is read when tracing, and jit caches traces per function: one function each.
-    os.environ["JAX_MEGAMOE_GRAPH_TARGETS"] = "0"
-    plain = jax.jit(lambda *a: layer(*a))
+    # The process policy (JAX_MEGAMOE_GRAPH_TARGETS) is read once per process: each function names
+    # its own, the plain target and then the command-buffer compatible twin.
+    from jax_megamoe import policy as _policy
+
+    base = _policy.current()
+    plain = jax.jit(lambda *a: layer(*a, policy=base.replace(graph_targets=False)))
     want = [np.asarray(plain(*a, w_all)) for a in inputs]
-    os.environ["JAX_MEGAMOE_GRAPH_TARGETS"] = "1"
-    graph = jax.jit(lambda *a: layer(*a))
+    graph = jax.jit(lambda *a: layer(*a, policy=base.replace(graph_targets=True)))
     hlo = graph.lower(*inputs[0], w_all).compile().as_text()
     ok_target = "jax_megamoe_mega_moe_sm90_graph" in hlo and "num_ranks=2" in hlo.replace(" ", "")
     from jax_megamoe import _ffi

@@ -27,18 +27,20 @@ from jax_megamoe import ops, reference  # noqa: E402
 from jax_megamoe.layout import MoEWeights  # noqa: E402
 
 
-def _layer(x, idx, w, ww):  # the MoE call between two small fusions, as in a model
-    y = ops.mega_moe(x * 2, idx, w, ww, activation_clamp=10.0, num_max_tokens=128, backend="ffi")
+def _layer(x, idx, w, ww, policy=None):  # the MoE call between two small fusions, as in a model
+    y = ops.mega_moe(x * 2, idx, w, ww, activation_clamp=10.0, num_max_tokens=128, backend="ffi", policy=policy)
     return (y.astype(jnp.float32) * 0.5).astype(jnp.bfloat16)
 
 
 def graph_check(wg, xs, idx, w) -> int:
-    # The variable is read when tracing, and jit caches traces per function: one function each.
-    os.environ["JAX_MEGAMOE_GRAPH_TARGETS"] = "0"
-    plain = jax.jit(lambda *a: _layer(*a))
+    # The process policy (JAX_MEGAMOE_GRAPH_TARGETS) is read once per process, so each function
+    # names its own policy: the plain target, then the command-buffer compatible twin.
+    from jax_megamoe import policy as _policy
+
+    base = _policy.current()
+    plain = jax.jit(lambda *a: _layer(*a, policy=base.replace(graph_targets=False)))
     want = [np.asarray(plain(x, idx, w, wg)) for x in xs]
-    os.environ["JAX_MEGAMOE_GRAPH_TARGETS"] = "1"
-    graph = jax.jit(lambda *a: _layer(*a))
+    graph = jax.jit(lambda *a: _layer(*a, policy=base.replace(graph_targets=True)))
     hlo = graph.lower(xs[0], idx, w, wg).compile().as_text()
     in_target = "jax_megamoe_mega_moe_sm90_graph" in hlo
     from jax_megamoe import _ffi
