@@ -51,7 +51,8 @@ catches wrong weights (rel. L2 ~1.4), not numerics (``moe_layer.py`` checks thos
     python benchmarks/decode_step.py --from-json benchmarks/results/decode_step.json --write-results benchmarks/RESULTS.md
 
 Outputs ``decode_step.json`` and ``decode_step.png`` in ``--out``; ``--write-results`` fills the
-``decode_step`` section of a RESULTS.md.
+``decode_step`` section of a RESULTS.md. With ``--model pro`` the files and the section are
+``decode_step_pro`` (so one RESULTS.md keeps both models).
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ class Bench:
         return min(self.deadline, self.phase_deadline) - time.time()
 
     def save(self) -> None:
-        C.write_json(Path(self.args.out) / "decode_step.json", self.result)
+        C.write_json(Path(self.args.out) / f"{output_stem(self.args.model)}.json", self.result)
 
     def point(self, t: int) -> Point:
         if t not in self.points:
@@ -581,7 +582,7 @@ def results_markdown(result: dict[str, Any], png: str | None = None) -> str:
     soft = [f"{label.get(k, k + ' ')}{ver[k]}" for k in ("jax", "jaxlib", "jax_megamoe", "git_head", "tokamax", "platform_version")
             if ver.get(k)]
     lines = [
-        "## Decode step: all layers in one program (`benchmarks/decode_step.py`)",
+        f"## Decode step: all layers in one program, {m['name']} (`benchmarks/decode_step.py`)",
         "",
         f"- **{dev.get('kind')}** ({dev.get('platform')}) on {result.get('date')}; " + ", ".join(soft),
         f"- `{result.get('command')}`",
@@ -676,9 +677,15 @@ def results_markdown(result: dict[str, Any], png: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def output_stem(model: str) -> str:
+    """File stem and RESULTS.md section of a ``--model`` run: ``decode_step`` (flash) or ``decode_step_pro``."""
+    return "decode_step" if model == "flash" else f"decode_step_{model}"
+
+
 def finalize(args: argparse.Namespace, result: dict[str, Any]) -> None:
     """The PNG in ``--out`` and, with ``--write-results``, the RESULTS.md section (linking the PNG)."""
-    png = Path(args.out) / "decode_step.png"
+    stem = output_stem(result.get("args", {}).get("model", "flash"))
+    png = Path(args.out) / f"{stem}.png"
     try:
         plot(result, png)
     except Exception as e:  # noqa: BLE001 - the JSON and the table are worth more than the plot
@@ -687,8 +694,8 @@ def finalize(args: argparse.Namespace, result: dict[str, Any]) -> None:
         return
     md = Path(args.write_results)
     link = os.path.relpath(png.resolve(), md.resolve().parent) if png.is_file() else None
-    C.replace_section(md, "decode_step", results_markdown(result, link))
-    C.log(f"{png if link else 'no PNG'}; section decode_step of {md} written")
+    C.replace_section(md, stem, results_markdown(result, link))
+    C.log(f"{png if link else 'no PNG'}; section {stem} of {md} written")
 
 
 # =============================================================================================
@@ -884,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
     result["elapsed_s"] = time.time() - bench.t_start
     result["skipped_paths"] = dict(bench.sticky)
     bench.save()
-    C.log(f"wrote {Path(args.out) / 'decode_step.json'}")
+    C.log(f"wrote {Path(args.out) / (output_stem(args.model) + '.json')}")
     finalize(args, result)
     print("== summary (per layer) ==")
     for q in result["points"]:

@@ -3,7 +3,8 @@
 # (tests/gpu/device_env.sh: carried .whl/*.whl into a target dir on PYTHONPATH, DG_JIT_CACHE_DIR=.jitcache,
 # editable build of the FFI library), the bench wheels (.whl/bench/*.whl: tokamax and its missing
 # dependencies), then decode_step.py with a deadline 40 s before BENCH_LIMIT_S (default 570 s; the
-# device machine stops a command at 600 s). Everything lands in $OUT/bench: decode_step.{json,png,log},
+# device machine stops a command at 600 s). Everything lands in $OUT/bench: decode_step.{json,png,log}
+# (decode_step_pro.{json,png} with --model pro),
 # RESULTS.md (the repo's, with the decode_step section filled), nvidia-smi.txt, and jitcache.tgz (the
 # kernel JIT cache, to carry next time as .jitcache, when under 48 MB); the build log is $OUT/build.log.
 #
@@ -44,8 +45,9 @@ timeout -s KILL $(( left - 10 )) python3 benchmarks/decode_step.py --deadline "$
   --write-results "$B/RESULTS.md" "$@" > "$B/decode_step.log" 2>&1
 rc=$?
 echo "decode_step exit $rc"
-if [ $rc -ne 0 ] && [ $rc -ne 2 ] && [ -f "$B/decode_step.json" ]; then   # killed or failed: render what the JSON has
-  timeout 60 python3 benchmarks/decode_step.py --from-json "$B/decode_step.json" --write-results "$B/RESULTS.md" \
+json=$(ls -t "$B"/decode_step*.json 2>/dev/null | head -1)   # decode_step.json, or decode_step_pro.json for --model pro
+if [ $rc -ne 0 ] && [ $rc -ne 2 ] && [ -n "$json" ]; then   # killed or failed: render what the JSON has
+  timeout 60 python3 benchmarks/decode_step.py --from-json "$json" --write-results "$B/RESULTS.md" \
     >> "$B/decode_step.log" 2>&1
 fi
 

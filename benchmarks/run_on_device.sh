@@ -8,6 +8,7 @@
 #
 # Usage, from the repo root on the GPU machine:
 #   bash benchmarks/run_on_device.sh [--quick] [more moe_layer.py arguments, e.g. --models flash]
+# BENCH_SKIP_OVERHEAD=1 skips ffi_overhead.py (a moe_layer-only call, e.g. the large-T points).
 # Carry: .whl (sgl-deep-gemm wheel at .whl/*.whl; tokamax and its missing dependencies at
 # .whl/bench/*.whl) and, if you have it, .jitcache.
 set -uo pipefail
@@ -50,10 +51,14 @@ cp benchmarks/RESULTS.md "$B/RESULTS.md" 2>/dev/null || true
 
 remaining() { echo $(( T0 + LIMIT_S - $(date +%s) )); }
 
-echo "== ffi_overhead ($(remaining) s left) =="
-timeout 150 python3 benchmarks/ffi_overhead.py ${QUICK[@]+"${QUICK[@]}"} --out "$B" --write-results "$B/RESULTS.md" \
-  > "$B/ffi_overhead.log" 2>&1
-echo "ffi_overhead exit $?"; tail -12 "$B/ffi_overhead.log"
+if [ "${BENCH_SKIP_OVERHEAD:-0}" = 1 ]; then
+  echo "== ffi_overhead skipped (BENCH_SKIP_OVERHEAD=1) =="
+else
+  echo "== ffi_overhead ($(remaining) s left) =="
+  timeout 150 python3 benchmarks/ffi_overhead.py ${QUICK[@]+"${QUICK[@]}"} --out "$B" --write-results "$B/RESULTS.md" \
+    > "$B/ffi_overhead.log" 2>&1
+  echo "ffi_overhead exit $?"; tail -12 "$B/ffi_overhead.log"
+fi
 
 left=$(remaining)
 echo "== moe_layer (${left} s left) =="

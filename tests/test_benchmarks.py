@@ -308,3 +308,10 @@ def test_decode_step_smoke_writes_json_png_and_results(tmp_path):
     md2 = tmp_path / "again.md"
     assert D.main(["--from-json", str(tmp_path / "decode_step.json"), "--out", str(tmp_path / "re"), "--write-results", str(md2)]) == 0
     assert "| `xla_capacity` (L=2) |" in md2.read_text() and (tmp_path / "re" / "decode_step.png").is_file()
+    # A --model pro run keeps its own files and section, so one RESULTS.md holds both models.
+    pro = dict(data, args=dict(data["args"], model="pro"))
+    (tmp_path / "pro.json").write_text(json.dumps(pro))
+    assert D.main(["--from-json", str(tmp_path / "pro.json"), "--out", str(tmp_path / "re"), "--write-results", str(md2)]) == 0
+    both = md2.read_text()
+    assert both.count("<!-- BEGIN decode_step -->") == 1 and both.count("<!-- BEGIN decode_step_pro -->") == 1
+    assert (tmp_path / "re" / "decode_step_pro.png").is_file()

@@ -33,26 +33,51 @@ def _weights(seed: int, h=512, i=256, e=8) -> MoEWeights:
     return MoEWeights.from_fp8(w13, s13, w2, s2)
 
 
+FLASH = dict(hidden=4096, intermediate=2048)
+PRO = dict(hidden=7168, intermediate=3072)
+
+
 @pytest.mark.parametrize(
-    "kernel,mode,t,k,want",
+    "kernel,mode,t,k,shape,want",
     [
-        ("auto", "fp8", 1, 6, "decode" if _decode.DECODE_MAX_PAIRS >= 6 else "fused"),
-        ("auto", "fp8", _decode.DECODE_MAX_PAIRS // 6 + 1, 6, "fused"),
-        ("auto", "fp8", 1024, 6, "fused"),
-        ("auto", "mxf4xmxf4", 1, 6, "fused"),
-        ("fused", "fp8", 1, 6, "fused"),
-        ("decode", "fp8", 4096, 6, "decode"),
+        ("auto", "fp8", 1, 6, FLASH, "decode"),
+        ("auto", "fp8", 8, 6, FLASH, "decode"),
+        ("auto", "fp8", 9, 6, FLASH, "fused"),
+        ("auto", "fp8", 1, 6, PRO, "decode"),
+        ("auto", "fp8", 2, 6, PRO, "fused"),
+        ("auto", "fp8", 1024, 6, FLASH, "fused"),
+        ("auto", "mxf4xmxf4", 1, 6, FLASH, "fused"),
+        ("fused", "fp8", 1, 6, FLASH, "fused"),
+        ("decode", "fp8", 4096, 6, PRO, "decode"),
     ],
 )
-def test_choose_kernel(kernel, mode, t, k, want):
-    assert _decode.choose_kernel(kernel, mode, t, k) == want
+def test_choose_kernel(kernel, mode, t, k, shape, want):
+    assert _decode.choose_kernel(kernel, mode, t, k, **shape) == want
+
+
+@pytest.mark.parametrize(
+    "hidden,intermediate,want",
+    [
+        (4096, 2048, 48),  # measured: V4-Flash
+        (7168, 3072, 6),  # measured: V4-Pro
+        (512, 256, 48),  # smaller than every measured shape: the smallest's
+        (4096, 4096, 6),  # between the two: the larger's (never decode where a larger shape was not)
+        (8192, 4096, 6),  # larger than every measured shape: the largest's
+    ],
+)
+def test_decode_max_pairs_follows_the_measured_table(hidden, intermediate, want):
+    assert _decode.decode_max_pairs(hidden, intermediate) == want
+    # and the crossover never rises with the expert size
+    sizes = sorted(_decode.DECODE_MAX_PAIRS_BY_SHAPE, key=lambda s: s[0] * s[1])
+    pairs = [_decode.DECODE_MAX_PAIRS_BY_SHAPE[s] for s in sizes]
+    assert pairs == sorted(pairs, reverse=True)
 
 
 def test_choose_kernel_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"kernel: 'gemv' is not one of auto, fused, decode"):
-        _decode.choose_kernel("gemv", "fp8", 1, 6)
+        _decode.choose_kernel("gemv", "fp8", 1, 6, **FLASH)
     with pytest.raises(ValueError, match=r"kernel='decode'.*'fp8'.*'mxf4xmxf4'"):
-        _decode.choose_kernel("decode", "mxf4xmxf4", 1, 6)
+        _decode.choose_kernel("decode", "mxf4xmxf4", 1, 6, **FLASH)
 
 
 def test_mega_moe_validates_kernel_on_every_backend():
@@ -74,8 +99,10 @@ def _lowered_for_cuda(fn, *args) -> str:
 
 
 @pytest.mark.parametrize("t,kernel,targets", [
-    (1, "auto", ("decode_l1_sm90", "decode_l2_sm90") if _decode.DECODE_MAX_PAIRS >= 4 else ("mega_moe_sm90",)),
+    (1, "auto", ("decode_l1_sm90", "decode_l2_sm90")),
+    (_decode.decode_max_pairs(512, 256) // 4, "auto", ("decode_l1_sm90", "decode_l2_sm90")),
     (2, "decode", ("decode_l1_sm90", "decode_l2_sm90")),
+    (_decode.decode_max_pairs(512, 256) // 4 + 1, "auto", ("mega_moe_sm90",)),
     (64, "auto", ("mega_moe_sm90",)),
 ])
 def test_lowering_picks_the_kernels(t, kernel, targets):

@@ -122,7 +122,7 @@ def test_mega_moe_lowers_to_the_sm90_custom_call():
     weights = _small_weights("fp8")
     fn = functools.partial(
         ops.mega_moe, weights=weights, activation_clamp=10.0, routed_scaling_factor=1.5, num_max_tokens=200,
-        backend="ffi",
+        backend="ffi", kernel="fused",  # T*K = 28: "auto" would take the decode kernels at this shape
     )
     text = _lower_cuda(lambda x, i, w: fn(x, i, w), x, idx, w)
     line = next(line for line in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in line)
@@ -146,7 +146,7 @@ def test_mega_moe_graph_target_follows_the_policy(monkeypatch):
     x, idx, w = _inputs(5, t=7)
     weights = _small_weights("fp8")
     on, off = Policy(graph_targets=True), Policy()
-    fn = functools.partial(ops.mega_moe, weights=weights, num_max_tokens=200, backend="ffi")
+    fn = functools.partial(ops.mega_moe, weights=weights, num_max_tokens=200, backend="ffi", kernel="fused")
     monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "0")  # ignored: the policy decides
     text = _lower_cuda(lambda x, i, w: fn(x, i, w, policy=on), x, idx, w)
     assert "@jax_megamoe_mega_moe_sm90_graph(" in text

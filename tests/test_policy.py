@@ -130,7 +130,7 @@ def test_an_explicit_policy_is_what_the_ops_trace_with(monkeypatch):
     x, idx, w = _inputs()
 
     def lower(p):
-        fn = jax.jit(lambda x, i, w: ops.mega_moe(x, i, w, weights, backend="ffi", policy=p))
+        fn = jax.jit(lambda x, i, w: ops.mega_moe(x, i, w, weights, backend="ffi", kernel="fused", policy=p))
         return fn.trace(x, idx, w).lower(lowering_platforms=("cuda",)).as_text()
 
     monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "1")  # ignored: the policy is explicit

@@ -112,7 +112,7 @@ def test_vmap_ffi_lowers_to_one_kernel_call_per_element():
     """backend='ffi': vmap lowers to a loop around the unbatched custom call (the kernel's own shapes)."""
     x, idx, w = _inputs(5, b=3, t=7)
     wts = _weights("fp8", seed=5)
-    text = _lower_cuda(jax.vmap(lambda a, b, c: ops.mega_moe(a, b, c, wts, num_max_tokens=200, backend="ffi")), x, idx, w)
+    text = _lower_cuda(jax.vmap(lambda a, b, c: ops.mega_moe(a, b, c, wts, num_max_tokens=200, backend="ffi", kernel="fused")), x, idx, w)
     calls = [ln for ln in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in ln]
     assert len(calls) == 1 and "-> tensor<7x512xbf16>" in calls[0], calls
     assert "stablehlo.while" in text

@@ -112,8 +112,7 @@ def compile_row(lib, mode: str, kind: int, shape_name: str, s: dict[str, int], c
         cubin_path, error = None, str(e)
     seconds = time.perf_counter() - t0
     row = dict(nvcc=_ffi.jit_stats().compiles - before, mode=mode, shape=shape_name, cap=cap, ranks=ranks,
-               tokens=t,
-               per_expert=round(c["expected_tokens_per_expert"], 3), block_m=c["block_m"],
+               tokens=t, per_expert=round(c["expected_tokens_per_expert"], 3), block_m=c["block_m"],
                block_k=c["block_k"], store=f"{c['store_block_m_l1']}/{c['store_block_m_l2']}",
                ring=c["num_ring_tokens"], sf_ring=c["num_sf_ring_tokens"], stages=c["num_stages"],
                smem=c["smem_size"], seconds=round(seconds, 1))

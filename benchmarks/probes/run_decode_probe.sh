@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds benchmarks/probes/decode_kernels_probe.cu against the decode kernels' CUDA source (taken
-# from ffi/jit/decode_kernels.cc, once per --depths value, passed as JMM_DECODE_DEPTH: the l2 ring
-# depth of the v2 kernels of decode_kernels_v2.patch; the v1 kernels on main ignore it; with
-# --baseline-source FILE also from that decode_kernels.cc), runs every build and, with --ncu,
-# profiles one l1 and one l2 launch at T=1 and T=2 of each.
+# from ffi/jit/decode_kernels.cc, once per --depths value, passed as -DJMM_DECODE_DEPTH for a variant
+# under test that reads it (the kernels on main do not; the l2-ring v2 variant that did lost on an
+# H100, 2026-12-07, and was dropped); with --baseline-source FILE also from that decode_kernels.cc,
+# e.g. `git show HEAD:ffi/jit/decode_kernels.cc`), runs every build and, with --ncu, profiles one l1
+# and one l2 launch at T=1 and T=2 of each.
 # Usage on the GPU machine (repo root): bash benchmarks/probes/run_decode_probe.sh [--depths 4,8]
 #   [--baseline-source FILE] [--ncu] [-- probe args]. Output under $OUT/probe (JSON per build, ncu text).
 set -uo pipefail

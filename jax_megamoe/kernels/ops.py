@@ -318,8 +318,9 @@ def mega_moe(
 
     ``kernel`` picks the GPU kernel where the FFI backend runs: ``"fused"`` (DeepGEMM's mega
     kernel), ``"decode"`` (our low-latency FP8 GEMV passes, sm_90 ``fp8`` only, no token cap) or
-    ``"auto"`` (decode while ``0 < T * K <= jax_megamoe.kernels._decode.DECODE_MAX_PAIRS`` = 12, the
-    crossover measured on an H100; see :mod:`jax_megamoe.kernels._decode`).
+    ``"auto"`` (decode while ``0 < T * K <= jax_megamoe.kernels._decode.decode_max_pairs(H, I)``, the
+    crossover measured on an H100 per expert shape: 48 for V4-Flash, i.e. T <= 8, and 6 for V4-Pro,
+    T = 1; see :mod:`jax_megamoe.kernels._decode`).
 
     ``mode`` defaults to the mode ``weights`` were built for. ``num_max_tokens`` is the token
     cap of the kernel's persistent buffer (default :func:`default_num_max_tokens`; rounded up
@@ -356,7 +357,10 @@ def mega_moe(
         # Never run on hardware here: "auto" keeps the reference until a B200 has validated it.
         chosen = "reference"
     # The decode kernels have no token cap (their scratch is f32[T*K, I] in XLA's memory).
-    use_decode = _decode.choose_kernel(kernel, mode, t, k) == "decode" and chosen == "ffi"
+    use_decode = (
+        _decode.choose_kernel(kernel, mode, t, k, hidden=h, intermediate=weights.intermediate) == "decode"
+        and chosen == "ffi"
+    )
     if t > cap_requested and not use_decode:
         if backend == "ffi":
             raise ValueError(

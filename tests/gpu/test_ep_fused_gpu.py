@@ -89,7 +89,7 @@ def test_fused_matches_reference_tiny(tiny_fp8, n):
     tl = 32 // n
     assert (np.asarray(y)[:tl] == 0).all()  # rank 0: no token routed anywhere
     # The single-GPU kernel on the same 32 tokens: same per-token quantisation and combine order.
-    one = ops.mega_moe(*args, tiny_fp8, activation_clamp=CLAMP, routed_scaling_factor=1.5, backend="ffi")
+    one = ops.mega_moe(*args, tiny_fp8, activation_clamp=CLAMP, routed_scaling_factor=1.5, backend="ffi", kernel="fused")
     a, b = np.asarray(y).view(np.uint16), np.asarray(one).view(np.uint16)
     differing = int((a != b).sum())
     rel1 = _rel(y, one)
@@ -226,13 +226,13 @@ def test_plain_jit_token_sharded_runs_the_kernel_per_gpu(tiny_fp8, n):
     mesh = _mesh(n)
     args = [jax.device_put(jnp.asarray(a), NamedSharding(mesh, P("ep"))) for a in (x, idx, w)]
     rep = jax.device_put(tiny_fp8, NamedSharding(mesh, P()))
-    f = jax.jit(lambda a, b, c, ww: ops.mega_moe(a, b, c, ww, activation_clamp=CLAMP, backend="ffi"))
+    f = jax.jit(lambda a, b, c, ww: ops.mega_moe(a, b, c, ww, activation_clamp=CLAMP, backend="ffi", kernel="fused"))
     hlo = f.lower(*args, rep).compile().as_text()
     collectives = [c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute") if c in hlo]
     assert not collectives, collectives
     y = np.asarray(f(*args, rep))
     tl = x.shape[0] // n
-    one = jax.jit(lambda a, b, c: ops.mega_moe(a, b, c, tiny_fp8, activation_clamp=CLAMP, backend="ffi"))
+    one = jax.jit(lambda a, b, c: ops.mega_moe(a, b, c, tiny_fp8, activation_clamp=CLAMP, backend="ffi", kernel="fused"))
     for d in range(n):  # the one-GPU kernel on shard d's rows alone
         rows = slice(d * tl, (d + 1) * tl)
         want = np.asarray(one(jnp.asarray(x[rows]), jnp.asarray(idx[rows]), jnp.asarray(w[rows])))
