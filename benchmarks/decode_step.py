@@ -114,6 +114,12 @@ DEFAULT_OUT = str(C.REPO / "benchmarks" / "results")
 #: ``ffi`` is what users get (``kernel="auto"``); ``ffi_fused`` / ``ffi_decode`` force one kernel, so the
 #: table shows the crossover that ``jax_megamoe.kernels._decode.DECODE_MAX_PAIRS`` encodes.
 FFI_KERNELS = {"ffi": "auto", "ffi_fused": "fused", "ffi_decode": "decode"}
+#: moe_layer's plot styles plus the two forced-kernel rows (colours the XLA paths do not use).
+_STYLE = {
+    **M._STYLE,
+    "ffi_fused": dict(color="tab:red", marker="^", ls="--"),
+    "ffi_decode": dict(color="tab:purple", marker="d", ls="--"),
+}
 SPEC = {
     **M.PATH_BY_NAME,
     "ffi_fused": dataclasses.replace(M.PATH_BY_NAME["ffi"], name="ffi_fused", label="FFI, DeepGEMM fused kernel"),
@@ -539,7 +545,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 lo.append(r["per_layer_p10_s"] * 1e6)
                 hi.append(r["per_layer_p90_s"] * 1e6)
         if xs:
-            st = dict(M._STYLE.get(name, {}))
+            st = dict(_STYLE.get(name, {}))
             ax.plot(xs, ys, label=_LABEL.get(name, name), ms=4, **st)
             ax.fill_between(xs, lo, hi, color=st.get("color"), alpha=0.12, lw=0)
     fl = [(q["tokens"], q["floor_s"] * 1e6) for q in pts if q.get("floor_s")]
