@@ -170,6 +170,7 @@ class CupyPreDispatch:
 
 def jax_timings(x, idx, w, p: int, n: int, repeats: int, unroll: int) -> dict[str, Any]:
     from jax_megamoe import ops
+    from jax_megamoe import policy as _policy
 
     pd = partial(ops.pre_dispatch, mode="fp8", num_max_tokens=p, backend="ffi")
     f = jax.jit(pd)
@@ -197,11 +198,11 @@ def jax_timings(x, idx, w, p: int, n: int, repeats: int, unroll: int) -> dict[st
 
     t = x.shape[0]
     if t == p:  # each call's weights output feeds the next call (rsf = 1: same values): nothing can be hoisted
-        def body(x_, idx_, ww):
-            return pd(x_, idx_, ww).topk_weights
+        def body(x_, idx_, ww, call=pd):
+            return call(x_, idx_, ww).topk_weights
 
-        def unrolled(x_, idx_, w_):
-            return lax.scan(lambda c, _: (body(x_, idx_, c), None), w_, None, length=unroll, unroll=True)[0]
+        def unrolled(x_, idx_, w_, call=pd):
+            return lax.scan(lambda c, _: (body(x_, idx_, c, call), None), w_, None, length=unroll, unroll=True)[0]
 
         def rolled(x_, idx_, w_):
             return lax.fori_loop(0, n, lambda _, c: body(x_, idx_, c), w_)
@@ -215,16 +216,9 @@ def jax_timings(x, idx, w, p: int, n: int, repeats: int, unroll: int) -> dict[st
         # The same unrolled calls through the targets that declare CUDA-graph compatibility, with
         # XLA's command buffers allowed to capture custom calls (best effort: the reason if not).
         # (The process policy is read once: the twin is asked for through policy=, not the environment.)
-        from jax_megamoe import policy as _policy
-
         pd_graph = partial(pd, policy=_policy.current().replace(graph_targets=True))
-
-        def unrolled_graph(x_, idx_, w_):
-            step = lambda c, _: (pd_graph(x_, idx_, c).topk_weights, None)  # noqa: E731
-            return lax.scan(step, w_, None, length=unroll, unroll=True)[0]
-
         try:
-            g = jax.jit(unrolled_graph, compiler_options=GRAPH_OPTIONS)
+            g = jax.jit(partial(unrolled, call=pd_graph), compiler_options=GRAPH_OPTIONS)
             out["jax_unrolled_graph_s"] = _time_whole(g, (x, idx, w), unroll, repeats)
         except Exception as e:  # noqa: BLE001
             out["jax_unrolled_graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parallel_worker import make_routing, make_weights  # noqa: E402
 
 from jax_megamoe import parallel  # noqa: E402
+from jax_megamoe import policy as _policy  # noqa: E402
 
 
 def main() -> int:
@@ -39,8 +40,6 @@ def main() -> int:
 
     # The process policy (JAX_MEGAMOE_GRAPH_TARGETS) is read once per process: each function names
     # its own, the plain target and then the command-buffer compatible twin.
-    from jax_megamoe import policy as _policy
-
     base = _policy.current()
     plain = jax.jit(lambda *a: layer(*a, policy=base.replace(graph_targets=False)))
     want = [np.asarray(plain(*a, w_all)) for a in inputs]

@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jax_megamoe import ops, reference  # noqa: E402
+from jax_megamoe import policy as _policy  # noqa: E402
 from jax_megamoe.layout import MoEWeights  # noqa: E402
 
 
@@ -36,8 +37,6 @@ def _layer(x, idx, w, ww, policy=None):  # the MoE call between two small fusion
 def graph_check(wg, xs, idx, w) -> int:
     # The process policy (JAX_MEGAMOE_GRAPH_TARGETS) is read once per process, so each function
     # names its own policy: the plain target, then the command-buffer compatible twin.
-    from jax_megamoe import policy as _policy
-
     base = _policy.current()
     plain = jax.jit(lambda *a: _layer(*a, policy=base.replace(graph_targets=False)))
     want = [np.asarray(plain(x, idx, w, wg)) for x in xs]
