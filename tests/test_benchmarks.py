@@ -315,3 +315,22 @@ def test_decode_step_smoke_writes_json_png_and_results(tmp_path):
     both = md2.read_text()
     assert both.count("<!-- BEGIN decode_step -->") == 1 and both.count("<!-- BEGIN decode_step_pro -->") == 1
     assert (tmp_path / "re" / "decode_step_pro.png").is_file()
+
+
+def test_narrow_pair_probe_patch_applies_and_only_adds_the_switch():
+    """benchmarks/probes/narrow_pair.patch (the large-T probe) still applies to ffi/layout, and it
+    changes the configuration only behind its probe variable: every added code line sits in the
+    include or in the block guarded by JMM_PROBE_NARROW_PAIR."""
+    import shutil
+
+    patch = REPO / "benchmarks" / "probes" / "narrow_pair.patch"
+    text = patch.read_text()
+    added = [l[1:] for l in text.splitlines() if l.startswith("+") and not l.startswith("+++")]
+    code = [l.strip() for l in added if l.strip() and not l.strip().startswith("//")]
+    assert code[0].startswith("#include <cstdlib>")
+    assert 'std::getenv("JMM_PROBE_NARROW_PAIR")' in code[1] and code[-2:] == ["c.cluster_size = 2;", "}"]
+    assert not any(l.startswith("-") and not l.startswith("---") for l in text.splitlines())
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("no git checkout to check the patch against")
+    r = subprocess.run(["git", "apply", "--check", str(patch)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
