@@ -200,7 +200,7 @@ def versions(extra: dict[str, str | None] | None = None) -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         out["platform_version"] = None
     try:
-        from jax_megamoe import _ffi
+        from jax_megamoe._src.kernels import _ffi
 
         st = _ffi.status()
         out["ffi_library"] = st.library

@@ -112,7 +112,7 @@ DEFAULT_OUT = str(C.REPO / "benchmarks" / "results")
 
 
 #: ``ffi`` is what users get (``kernel="auto"``); ``ffi_fused`` / ``ffi_decode`` force one kernel, so the
-#: table shows the crossover that ``jax_megamoe.kernels._decode.DECODE_MAX_PAIRS`` encodes.
+#: table shows the crossover that ``jax_megamoe._src.kernels._decode.DECODE_MAX_PAIRS`` encodes.
 FFI_KERNELS = {"ffi": "auto", "ffi_fused": "fused", "ffi_decode": "decode"}
 #: moe_layer's plot styles plus the two forced-kernel rows (colours the XLA paths do not use).
 _STYLE = {

@@ -4,7 +4,7 @@ buffer, against the single-GPU kernel on the same (token, expert) pairs (issue 1
 For a simulated EP size ``n``: ``n`` source devices of ``T_l`` tokens each (uniform top-6 over E 256,
 V4-Flash shapes, FP8), this device is rank 0 and owns experts ``[0, E/n)``; ``T_l = T_pairs / K``
 (default 4096) so that this device receives about the pairs a single GPU computes at T = 4096. The
-receive buffer is laid out exactly as :func:`jax_megamoe.parallel_hier.ep_moe_grouped` receives it:
+receive buffer is laid out exactly as :func:`jax_megamoe._src.kernels.parallel_hier.ep_moe_grouped` receives it:
 ``n`` blocks of ``capacity`` rows, each token once with its ``K`` slots (local id or -1), padding
 rows all -1. Times, each one jitted call per step on inputs already on the GPU:
 
@@ -85,7 +85,8 @@ def _dev(arrs):
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.moe_layer import model_shape, random_fp8_weights
-    from jax_megamoe import ops, parallel
+    from jax_megamoe import ops
+    from jax_megamoe._src.kernels import parallel
 
     shape = model_shape("flash", smoke=args.smoke)
     h, e, k = shape.hidden, shape.num_experts, shape.top_k

@@ -68,7 +68,8 @@ def _spec(path: str):
 
 
 def _call(path: str, n: int, t: int, mesh, backend: str = "ffi"):
-    from jax_megamoe import parallel, parallel_hier
+    from jax_megamoe import parallel
+    from jax_megamoe._src.kernels import parallel_hier
 
     kw: dict[str, Any] = dict(mesh=mesh, mode="fp8", activation_clamp=CLAMP)
     if path == "fused":
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sharding = jax.sharding.NamedSharding(mesh, _spec(path))
             w_n = jax.tree.map(lambda a, s=sharding: jax.device_put(a, s), weights)
             if path in ("grouped_ffi", "hier"):
-                from jax_megamoe import parallel_hier
+                from jax_megamoe._src.kernels import parallel_hier
 
                 hosts, axis = ("host", "ep") if path == "hier" else ("ep", None)
                 C.log(f"EP{n} {path}: {parallel_hier.hier_path(mesh, hosts, axis, 'fp8', 64, backend=args.backend)}")

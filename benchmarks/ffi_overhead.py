@@ -245,7 +245,8 @@ def _time_whole(fn, args, calls: int, repeats: int) -> float:
 
 def skip_reason() -> str | None:
     """Why this benchmark cannot run here (None when it can)."""
-    from jax_megamoe import _ffi, ops
+    from jax_megamoe import ops
+    from jax_megamoe._src.kernels import _ffi
 
     dev = jax.devices()[0]
     if dev.platform != "gpu":
@@ -273,7 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["skipped"] = reason
         C.log(f"skipped: {reason}")
         return result
-    from jax_megamoe import _ffi
+    from jax_megamoe._src.kernels import _ffi
 
     t0 = time.perf_counter()
     cubin = _ffi.compile_pre_dispatch(90, 0)

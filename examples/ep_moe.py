@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from flax import nnx
 
-    from jax_megamoe import config as mm_config
+    from jax_megamoe._src.numerics import config as mm_config
     from jax_megamoe import parallel
     from jax_megamoe.layout import MoEWeights
     from jax_megamoe.models.deepseek_v4 import DeepseekV4Config, DeepseekV4MoE, random_moe_checkpoint

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_megamoe import config as mm_config
+from jax_megamoe._src.numerics import config as mm_config
 from jax_megamoe.layout import MoEWeights
 from jax_megamoe.models.deepseek_v4 import (
     BACKENDS,

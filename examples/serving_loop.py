@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_megamoe import config as mm_config
+from jax_megamoe._src.numerics import config as mm_config
 from jax_megamoe import ops
 from jax_megamoe.models.deepseek_v4 import BACKENDS, DeepseekV4Config, DeepseekV4MoE
 

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
-from jax_megamoe import _ffi, _toolchain
+from jax_megamoe._src.kernels import _ffi
+from jax_megamoe._src.kernels import _toolchain
 
 
 def library() -> ctypes.CDLL:
-    """The FFI library (jax_megamoe._ffi.load_library), or a pytest skip saying why it is missing."""
+    """The FFI library (jax_megamoe._src.kernels._ffi.load_library), or a pytest skip saying why it is missing."""
     lib = _ffi.load_library()
     if lib is None:
         pytest.skip(_ffi.library_reason() or "FFI library not built")

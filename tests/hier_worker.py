@@ -1,4 +1,4 @@
-"""Checks of jax_megamoe.parallel_hier that need several (virtual) CPU devices; run by
+"""Checks of jax_megamoe._src.kernels.parallel_hier that need several (virtual) CPU devices; run by
 tests/test_parallel_hier.py in fresh interpreters (jax reads the device count once):
 
     python tests/hier_worker.py single                         # 8 virtual devices, one process
@@ -130,7 +130,7 @@ def run_single() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from jax_megamoe import parallel_hier as PH
+    from jax_megamoe._src.kernels import parallel_hier as PH
 
     devs = jax.devices()
     check("devices", len(devs) == 8, f"{len(devs)} {devs[0].platform}")
@@ -257,7 +257,7 @@ def run_multi(process_id: int, port: int, num_processes: int) -> None:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jax_megamoe import parallel_hier as PH
+    from jax_megamoe._src.kernels import parallel_hier as PH
 
     devs = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     check("devices", len(devs) == 8 and len(jax.local_devices()) == 4, f"{len(devs)}")

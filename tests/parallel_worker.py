@@ -121,7 +121,8 @@ def run_single() -> None:
     import numpy as np
     from jax.sharding import Mesh
 
-    from jax_megamoe import parallel, reference
+    from jax_megamoe import reference
+    from jax_megamoe._src.kernels import parallel
 
     devs = jax.devices()
     check("devices", len(devs) == 8, f"{len(devs)} {devs[0].platform}")
@@ -253,7 +254,7 @@ def run_fused_lowering(devs) -> None:
     import jax
     import numpy as np
 
-    from jax_megamoe import parallel
+    from jax_megamoe._src.kernels import parallel
 
     mesh = jax.make_mesh((2, 4), ("dp", "ep"), devices=devs)
     w_all = make_weights("fp8")
@@ -339,7 +340,8 @@ def run_multi(process_id: int, port: int, num_processes: int) -> None:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jax_megamoe import parallel, reference
+    from jax_megamoe import reference
+    from jax_megamoe._src.kernels import parallel
 
     devs = jax.devices()
     n = len(devs)
@@ -383,7 +385,8 @@ def run_gpu() -> None:
     import jax
     import jax.numpy as jnp
 
-    from jax_megamoe import parallel, reference
+    from jax_megamoe import reference
+    from jax_megamoe._src.kernels import parallel
 
     devs = jax.devices()
     n = len(devs)

@@ -9,7 +9,7 @@ import math
 import pytest
 
 import ffi_testing as ft
-from jax_megamoe import _ffi
+from jax_megamoe._src.kernels import _ffi
 
 STRUCTS = ("jmm_mega_shape", "jmm_mega_call", "jmm_sm90_mega_layout", "jmm_sm90_mega_config",
            "jmm_sm100_mega_layout", "jmm_sm100_mega_config", "jmm_tensor_map", "jmm_pre_dispatch_launch")

@@ -255,7 +255,7 @@ def test_files_of_the_official_writer_load(tmp_path):
 
 
 def test_files_of_the_converter_writer_load(tmp_path):
-    from jax_megamoe import convert
+    from jax_megamoe._src.io import convert
 
     rng = np.random.default_rng(1)
     arrays = {

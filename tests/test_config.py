@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from jax_megamoe import config
+from jax_megamoe._src.numerics import config
 
 ALL_VARS = config.ENV_FP4_ACTS + config.ENV_MXF4_KIND + (config.DG_FP4_ACTS, config.DG_MXF4_KIND)
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jax_megamoe import checkpoint as ckpt
-from jax_megamoe import convert
+from jax_megamoe._src.io import convert
 from jax_megamoe.models.deepseek_v4 import DeepseekV4MoE
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jax_megamoe import checkpoint as ckpt
-from jax_megamoe import convert
+from jax_megamoe._src.io import convert
 from jax_megamoe.checkpoint import CheckpointError
 from jax_megamoe.models.deepseek_v4 import DeepseekV4MoE
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from jax_megamoe import ops, reference
-from jax_megamoe.kernels import _decode, _ffi
-from jax_megamoe.numerics.layout import MoEWeights
+from jax_megamoe._src.kernels import _decode, _ffi
+from jax_megamoe._src.numerics.layout import MoEWeights
 from ffi_testing import jit_sandbox
 
 

@@ -1,6 +1,6 @@
 """libjax_megamoe_ffi.so: build, ctypes loading without a GPU, exports, registration, describe().
 
-The library is looked up like users do (jax_megamoe._ffi.load_library(): $JAX_MEGAMOE_FFI_LIB,
+The library is looked up like users do (jax_megamoe._src.kernels._ffi.load_library(): $JAX_MEGAMOE_FFI_LIB,
 then next to the package). When it is not built these tests skip, unless
 JAX_MEGAMOE_REQUIRE_FFI=1 (CI with the CUDA headers sets it) turns that into a failure.
 """
@@ -22,7 +22,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jax_megamoe import _ffi, _toolchain, config
+from jax_megamoe._src.kernels import _ffi
+from jax_megamoe._src.kernels import _toolchain
+from jax_megamoe._src.numerics import config
 from ffi_testing import has_cuda_driver
 
 REPO = Path(__file__).resolve().parents[1]

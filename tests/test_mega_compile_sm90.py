@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jax_megamoe import _ffi
+from jax_megamoe._src.kernels import _ffi
 import ffi_testing as ft
 from ffi_testing import has_cuda_driver, jit_sandbox
 

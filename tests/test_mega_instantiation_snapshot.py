@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import ffi_testing as ft
-from jax_megamoe import _ffi
+from jax_megamoe._src.kernels import _ffi
 
 DATA = json.loads((Path(__file__).parent / "data" / "mega_instantiations.json").read_text())
 # Fields of the old arrays that are gone on purpose: sm_90's ring was always the full pool and its

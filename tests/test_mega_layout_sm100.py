@@ -23,7 +23,8 @@ import subprocess
 import pytest
 
 import ffi_testing as ft
-from jax_megamoe import _ffi, _toolchain
+from jax_megamoe._src.kernels import _ffi
+from jax_megamoe._src.kernels import _toolchain
 
 MXFP8FP4, MXFP4 = 1, 2
 # The tests' short names for the C struct fields (common/c_api.h) they use most; the others keep

@@ -14,7 +14,7 @@ import math
 import pytest
 
 import ffi_testing as ft
-from jax_megamoe import _ffi
+from jax_megamoe._src.kernels import _ffi
 
 # The tests' short names for the C struct fields (common/c_api.h) they use most; the others keep
 # their C names. By name, not position: the field order lives in the C header only.

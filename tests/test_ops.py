@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_megamoe import ops
+from jax_megamoe._src.kernels import ops
 
 
 def _inputs(seed, t=5, h=512, k=4, e=16):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_megamoe import parallel
+from jax_megamoe._src.kernels import parallel
 from jax_megamoe.layout import MoEWeights
 
 WORKER = Path(__file__).with_name("parallel_worker.py")

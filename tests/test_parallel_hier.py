@@ -1,4 +1,4 @@
-"""Token-form and two-level expert parallelism (jax_megamoe.parallel_hier) against the reference.
+"""Token-form and two-level expert parallelism (jax_megamoe._src.kernels.parallel_hier) against the reference.
 
 The multi-device checks run in fresh interpreters (tests/hier_worker.py), all three at once: one
 process with 8 virtual CPU devices (2 x 4 and 8 x 1 meshes), and two processes x 4 devices over
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_megamoe import parallel_hier as PH
+from jax_megamoe._src.kernels import parallel_hier as PH
 from jax_megamoe.layout import MoEWeights
 
 WORKER = Path(__file__).with_name("hier_worker.py")

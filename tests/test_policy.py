@@ -1,4 +1,4 @@
-"""The process policy (jax_megamoe.numerics.policy): read once, frozen, precedence, passed explicitly."""
+"""The process policy (jax_megamoe._src.numerics.policy): read once, frozen, precedence, passed explicitly."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_megamoe import policy as policy_mod
-from jax_megamoe.kernels import ops
-from jax_megamoe.numerics import config
-from jax_megamoe.numerics.policy import Policy
+from jax_megamoe._src.numerics import policy as policy_mod
+from jax_megamoe._src.kernels import ops
+from jax_megamoe._src.numerics import config
+from jax_megamoe._src.numerics.policy import Policy
 
 
 def test_precedence_project_name_over_sglang_alias_over_default():
@@ -91,7 +91,7 @@ def test_the_process_policy_is_read_once():
         "os.environ['JAX_MEGAMOE_GRAPH_TARGETS'] = '1'\n"
         "import jax_megamoe\n"
         "from jax_megamoe import policy\n"
-        "from jax_megamoe.kernels import ops\n"
+        "from jax_megamoe._src.kernels import ops\n"
         "jax_megamoe.register()\n"
         "os.environ['JAX_MEGAMOE_NUM_MAX_TOKENS'] = '4000'\n"
         "os.environ['JAX_MEGAMOE_GRAPH_TARGETS'] = '0'\n"
@@ -114,7 +114,7 @@ def _inputs(t=7, h=512, e=8, k=2, seed=0):
 
 def _fp8_weights(seed, e=8, h=512, i=256):
     """Random FP4-checkpoint experts converted to mode ``fp8`` weights."""
-    from jax_megamoe.numerics.layout import MoEWeights
+    from jax_megamoe._src.numerics.layout import MoEWeights
 
     rng = np.random.default_rng(seed)
     w13 = rng.integers(0, 256, (e, 2 * i, h // 2), dtype=np.uint8)
@@ -192,8 +192,8 @@ def test_a_traced_function_keeps_the_wide_tile_it_was_read_with():
         "import jax, jax.numpy as jnp, numpy as np\n"
         "import jax_megamoe\n"
         "from jax_megamoe import policy\n"
-        "from jax_megamoe.kernels import ops\n"
-        "from jax_megamoe.numerics.layout import MoEWeights\n"
+        "from jax_megamoe._src.kernels import ops\n"
+        "from jax_megamoe._src.numerics.layout import MoEWeights\n"
         "jax_megamoe.register()\n"
         "rng = np.random.default_rng(9)\n"
         "e, h, i = 8, 512, 256\n"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ffi_testing as ft
-from jax_megamoe import _ffi
+from jax_megamoe._src.kernels import _ffi
 
 lib = _ffi.load_library()
 pytestmark = pytest.mark.skipif(lib is None, reason="FFI library not built")

@@ -163,10 +163,10 @@ def test_public_api_has_complete_type_hints() -> None:
     # A walk that finds nothing would pass vacuously: insist it saw the package's main entries.
     assert count >= 100, f"only {count} public functions inspected: {inspected}"
     for entry in (
-        "jax_megamoe.kernels.ops.mega_moe",
-        "jax_megamoe.kernels.parallel.ep_moe",
-        "jax_megamoe.numerics.reference.mega_moe",
-        "jax_megamoe.numerics.policy.Policy.from_environ",
+        "jax_megamoe._src.kernels.ops.mega_moe",
+        "jax_megamoe._src.kernels.parallel.ep_moe",
+        "jax_megamoe._src.numerics.reference.mega_moe",
+        "jax_megamoe._src.numerics.policy.Policy.from_environ",
         "jax_megamoe.register",
     ):
         assert entry in inspected, f"{entry} was not inspected"
@@ -176,12 +176,12 @@ def test_public_api_has_complete_type_hints() -> None:
 def test_alias_modules_are_not_walked_twice() -> None:
     """The flat aliases are the layered modules themselves, and the walk names each module once."""
     import jax_megamoe.ops as flat_ops
-    from jax_megamoe.kernels import ops
+    from jax_megamoe._src.kernels import ops
 
     assert flat_ops is ops
     names = [m.__name__ for m in public_modules()]
     assert len(names) == len(set(names))
-    assert "jax_megamoe.ops" not in names and "jax_megamoe.kernels.ops" in names
+    assert "jax_megamoe.ops" not in names and "jax_megamoe._src.kernels.ops" in names
 
 
 # ---- the checker itself catches what it must (so the test above can fail) ----
@@ -266,7 +266,7 @@ def test_checker_walks_classes_and_modules() -> None:
 
 def test_public_names_without_all() -> None:
     """Without ``__all__``: the module's own top-level callables, not its imports or private names."""
-    from jax_megamoe.kernels import ops
+    from jax_megamoe._src.kernels import ops
 
     assert not hasattr(ops, "__all__")
     names = public_names(ops)

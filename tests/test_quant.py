@@ -22,7 +22,7 @@ from jax import lax
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jax_megamoe import quant as Q
+from jax_megamoe._src.numerics import quant as Q
 
 F32 = np.float32
 F64 = np.float64

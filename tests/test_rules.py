@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 import jax_megamoe
-from jax_megamoe import ops, reference
-from jax_megamoe.kernels import _rules
+from jax_megamoe import reference
+from jax_megamoe._src.kernels import ops
+from jax_megamoe._src.kernels import _rules
 from jax_megamoe.layout import MoEWeights
 
 WORKER = Path(__file__).with_name("rules_worker.py")

@@ -1,4 +1,4 @@
-"""nvcc / DeepGEMM header lookup (jax_megamoe._toolchain), with fake toolkits and fake wheels."""
+"""nvcc / DeepGEMM header lookup (jax_megamoe._src.kernels._toolchain), with fake toolkits and fake wheels."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from jax_megamoe import _toolchain as tc
-from jax_megamoe._toolchain import ToolchainError
+from jax_megamoe._src.kernels import _toolchain as tc
+from jax_megamoe._src.kernels._toolchain import ToolchainError
 
 NVCC_TEXT = textwrap.dedent(
     """\

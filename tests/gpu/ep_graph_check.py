@@ -46,7 +46,7 @@ def main() -> int:
     graph = jax.jit(lambda *a: layer(*a, policy=base.replace(graph_targets=True)))
     hlo = graph.lower(*inputs[0], w_all).compile().as_text()
     ok_target = "jax_megamoe_mega_moe_sm90_graph" in hlo and "num_ranks=2" in hlo.replace(" ", "")
-    from jax_megamoe import _ffi
+    from jax_megamoe._src.kernels import _ffi
 
     before = _ffi.execute_stats()
     for s in range(100):

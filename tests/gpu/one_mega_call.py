@@ -43,7 +43,7 @@ def graph_check(wg, xs, idx, w) -> int:
     graph = jax.jit(lambda *a: _layer(*a, policy=base.replace(graph_targets=True)))
     hlo = graph.lower(xs[0], idx, w, wg).compile().as_text()
     in_target = "jax_megamoe_mega_moe_sm90_graph" in hlo
-    from jax_megamoe import _ffi
+    from jax_megamoe._src.kernels import _ffi
 
     before = _ffi.execute_stats()
     jax.block_until_ready(graph(xs[0], idx, w, wg))  # first run: records the command buffer

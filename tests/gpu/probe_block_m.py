@@ -26,7 +26,7 @@ from tests.gpu import test_mega_moe_sm90_gpu as g  # noqa: E402
 
 
 def _wide() -> bool:
-    from jax_megamoe import policy
+    from jax_megamoe._src.numerics import policy
 
     return policy.current().sm90_wide_tile
 

@@ -1,4 +1,4 @@
-"""Token-form and two-level expert parallelism on sm_90 GPUs (``jax_megamoe.parallel_hier``).
+"""Token-form and two-level expert parallelism on sm_90 GPUs (``jax_megamoe._src.kernels.parallel_hier``).
 
 - one GPU: ``ep_moe_grouped`` on a 1-device mesh (the single-rank kernel once over the received rows)
   against the reference and the plain single-GPU kernel;
@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_megamoe import ops, parallel_hier, reference
+from jax_megamoe import ops, reference
+from jax_megamoe._src.kernels import parallel_hier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hier_worker import expected_rows  # noqa: E402

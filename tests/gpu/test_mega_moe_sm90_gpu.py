@@ -45,7 +45,7 @@ def _card() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _ffi_fn(*, H, I, E, K, cap, clamp, fast_math, rsf, reserved_sms=0, wide_tile=False):
-    from jax_megamoe import _ffi
+    from jax_megamoe._src.kernels import _ffi
 
     assert _ffi.register(), _ffi.status().reason
 

@@ -166,7 +166,7 @@ def test_presets_have_published_values():
     assert (t.hidden_size, t.n_routed_experts, t.num_experts_per_tok, t.routed_scaling_factor) == (512, 16, 4, 1.5)
     assert (t.swiglu_limit, t.num_hash_layers, t.vocab_size) == (10.0, 1, 1000)
     # Presets are valid for every kernel mode they claim (tiny: all three).
-    from jax_megamoe import config as cfgmod
+    from jax_megamoe._src.numerics import config as cfgmod
 
     for c, modes in ((f, MODES), (p, MODES), (t, MODES)):
         for m in modes:

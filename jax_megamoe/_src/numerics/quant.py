@@ -62,8 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_megamoe.numerics._validate import ArrayIn, check_dtype, check_multiple
-from jax_megamoe.numerics.config import check_mode
+from jax_megamoe._src.numerics._validate import ArrayIn, check_dtype, check_multiple
+from jax_megamoe._src.numerics.config import check_mode
 
 __all__ = [
     "E2M1_VALUES",

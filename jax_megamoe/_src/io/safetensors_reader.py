@@ -6,7 +6,7 @@ data; JSON key order is free), so ``F8_E8M0`` and I8-packed FP4 read the same ev
 memory-mapped once (``np.memmap``) and a tensor is a read-only view of its byte range.
 :class:`Checkpoint` opens a folder (``model.safetensors.index.json`` + shards, a single
 ``model.safetensors``, un-indexed shards) or one file lazily. Knows nothing of DeepSeek V4 (that is
-:mod:`jax_megamoe.io.v4_checkpoint`).
+:mod:`jax_megamoe._src.io.v4_checkpoint`).
 """
 
 from __future__ import annotations

@@ -39,8 +39,8 @@ import jaxlib
 import numpy as np
 
 from jax_megamoe._version import __version__
-from jax_megamoe.kernels import _toolchain
-from jax_megamoe.numerics import config, policy
+from jax_megamoe._src.kernels import _toolchain
+from jax_megamoe._src.numerics import config, policy
 
 LIB_NAME = "libjax_megamoe_ffi.so"
 ENV_LIB = "JAX_MEGAMOE_FFI_LIB"

@@ -1,7 +1,7 @@
 """The MoE-related part of a DeepSeek V4 ``config.json`` (:class:`DeepseekV4Config`).
 
 Plain, frozen, hashable data with no Flax or JAX in it: the checkpoint reader infers it
-(:mod:`jax_megamoe.io.v4_checkpoint`), the converter records it, the model
+(:mod:`jax_megamoe._src.io.v4_checkpoint`), the converter records it, the model
 (:mod:`jax_megamoe.models.deepseek_v4`, which re-exports it) is built from it.
 """
 

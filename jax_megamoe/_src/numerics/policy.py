@@ -2,8 +2,8 @@
 
 :func:`current` reads the environment the first time it is called (``jax_megamoe.register()``
 calls it, and so does the first op that needs a setting) and never again: the result is a frozen,
-hashable :class:`Policy`. The ops (:mod:`jax_megamoe.kernels.ops`), expert parallelism
-(:mod:`jax_megamoe.kernels.parallel`) and the model (:class:`~jax_megamoe.models.deepseek_v4.DeepseekV4MoE`)
+hashable :class:`Policy`. The ops (:mod:`jax_megamoe._src.kernels.ops`), expert parallelism
+(:mod:`jax_megamoe._src.kernels.parallel`) and the model (:class:`~jax_megamoe.models.deepseek_v4.DeepseekV4MoE`)
 take it as ``policy=`` and default to :func:`current`. Because the process policy never changes
 after it is read, a function traced before and one traced after any change of ``os.environ``
 see the same values: there is no stale trace. To run with other values, pass an explicit policy
@@ -15,7 +15,7 @@ Precedence, per setting: **explicit argument** (a ``policy=`` or a keyword such 
 ``num_max_tokens=``) > ``JAX_MEGAMOE_*`` > the ``SGLANG_OPT_DEEPGEMM_MEGA_MOE_*`` alias > the
 default. The two sm_100 mode flags are forwarded once to DeepGEMM's ``DG_USE_FP4_ACTS`` /
 ``DG_USE_MXF4_KIND`` (set only where absent; a ``DG_*`` already set wins, see
-:func:`jax_megamoe.numerics.config.forward_env`).
+:func:`jax_megamoe._src.numerics.config.forward_env`).
 
 ========================  ===========================================================  ==========
 field                     variables (first set wins)                                   default
@@ -33,7 +33,7 @@ field                     variables (first set wins)                            
 
 Where the library and the CUDA headers are found (``JAX_MEGAMOE_FFI_LIB``, ``CUDA_HOME``,
 ``JAX_MEGAMOE_DEEPGEMM_INCLUDE``, ...) is not a runtime policy: the loader reads those once when
-it loads the library (:mod:`jax_megamoe.kernels._ffi`, :mod:`jax_megamoe.kernels._toolchain`).
+it loads the library (:mod:`jax_megamoe._src.kernels._ffi`, :mod:`jax_megamoe._src.kernels._toolchain`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from jax_megamoe.numerics import config
+from jax_megamoe._src.numerics import config
 
 __all__ = ["Policy", "current", "describe", "ENV"]
 

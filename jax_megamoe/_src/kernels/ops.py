@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_megamoe.kernels import _decode, _ffi, _rules
-from jax_megamoe.numerics import config
-from jax_megamoe.numerics import policy as _policy
-from jax_megamoe.numerics.layout import MoEWeights
-from jax_megamoe.numerics.policy import Policy
-from jax_megamoe.numerics import reference
-from jax_megamoe.numerics._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
+from jax_megamoe._src.kernels import _decode, _ffi, _rules
+from jax_megamoe._src.numerics import config
+from jax_megamoe._src.numerics import policy as _policy
+from jax_megamoe._src.numerics.layout import MoEWeights
+from jax_megamoe._src.numerics.policy import Policy
+from jax_megamoe._src.numerics import reference
+from jax_megamoe._src.numerics._validate import check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
 
 Backend = Literal["auto", "ffi", "reference"]
 BACKENDS = ("auto", "ffi", "reference")
@@ -210,7 +210,7 @@ def ffi_call_on_gpu(
     """
     side = kwargs.pop("has_side_effect", False)
 
-    # vmap: one kernel call per batch element, in order; grad: InferenceOnlyError (jax_megamoe.kernels._rules).
+    # vmap: one kernel call per batch element, in order; grad: InferenceOnlyError (jax_megamoe._src.kernels._rules).
     @functools.partial(_rules.inference_only, op=op)
     def call(*a):
         return jax.ffi.ffi_call(target, result_shapes, has_side_effect=side, vmap_method="sequential")(*a, **kwargs)
@@ -318,9 +318,9 @@ def mega_moe(
 
     ``kernel`` picks the GPU kernel where the FFI backend runs: ``"fused"`` (DeepGEMM's mega
     kernel), ``"decode"`` (our low-latency FP8 GEMV passes, sm_90 ``fp8`` only, no token cap) or
-    ``"auto"`` (decode while ``0 < T * K <= jax_megamoe.kernels._decode.decode_max_pairs(H, I)``, the
+    ``"auto"`` (decode while ``0 < T * K <= jax_megamoe._src.kernels._decode.decode_max_pairs(H, I)``, the
     crossover measured on an H100 per expert shape: 48 for V4-Flash, i.e. T <= 8, and 6 for V4-Pro,
-    T = 1; see :mod:`jax_megamoe.kernels._decode`).
+    T = 1; see :mod:`jax_megamoe._src.kernels._decode`).
 
     ``mode`` defaults to the mode ``weights`` were built for. ``num_max_tokens`` is the token
     cap of the kernel's persistent buffer (default :func:`default_num_max_tokens`; rounded up

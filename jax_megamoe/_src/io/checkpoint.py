@@ -1,11 +1,11 @@
 """Load one DeepSeek V4 MoE layer from a safetensors checkpoint into kernel layout (the public face).
 
-What is read and how (tensor names, dtypes, checks, nibble order): :mod:`jax_megamoe.io.v4_checkpoint`.
+What is read and how (tensor names, dtypes, checks, nibble order): :mod:`jax_megamoe._src.io.v4_checkpoint`.
 
 Where it lives: this module is the public face of the checkpoint path and re-exports it; the
-code is in :mod:`jax_megamoe.io.safetensors_reader` (safetensors files and folders),
-:mod:`jax_megamoe.io.v4_checkpoint` (V4 tensor names, config inference, nibble checks, reading one
-layer), :mod:`jax_megamoe.io.build` (kernel layout) and :mod:`jax_megamoe.io.convert` (converted
+code is in :mod:`jax_megamoe._src.io.safetensors_reader` (safetensors files and folders),
+:mod:`jax_megamoe._src.io.v4_checkpoint` (V4 tensor names, config inference, nibble checks, reading one
+layer), :mod:`jax_megamoe._src.io.build` (kernel layout) and :mod:`jax_megamoe._src.io.convert` (converted
 folders). Building a Flax block from a checkpoint is the model's job:
 :meth:`jax_megamoe.models.deepseek_v4.DeepseekV4MoE.from_checkpoint` /
 :func:`jax_megamoe.models.deepseek_v4.load_moe_block`.
@@ -13,9 +13,9 @@ folders). Building a Flax block from a checkpoint is the model's job:
 
 from __future__ import annotations
 
-from jax_megamoe.io.build import build_moe_layer, load_moe_layer
-from jax_megamoe.io.convert import load_converted
-from jax_megamoe.io.safetensors_reader import (
+from jax_megamoe._src.io.build import build_moe_layer, load_moe_layer
+from jax_megamoe._src.io.convert import load_converted
+from jax_megamoe._src.io.safetensors_reader import (
     CONFIG_NAME,
     INDEX_NAME,
     MAX_HEADER_BYTES,
@@ -28,7 +28,7 @@ from jax_megamoe.io.safetensors_reader import (
     read_safetensors_header,
     safetensors_dtype,
 )
-from jax_megamoe.io.v4_checkpoint import (
+from jax_megamoe._src.io.v4_checkpoint import (
     CONFIG_KEYS,
     NIBBLE_ORDERS,
     MoELayer,
@@ -43,7 +43,7 @@ from jax_megamoe.io.v4_checkpoint import (
     read_moe_layer,
     swap_nibbles,
 )
-from jax_megamoe.numerics.progress import make_progress
+from jax_megamoe._src.numerics.progress import make_progress
 
 __all__ = [
     "CheckpointError",

@@ -89,15 +89,15 @@ import ml_dtypes
 import numpy as np
 
 from jax_megamoe._version import __version__
-from jax_megamoe.io.build import load_moe_layer
-from jax_megamoe.io.safetensors_reader import (
+from jax_megamoe._src.io.build import load_moe_layer
+from jax_megamoe._src.io.safetensors_reader import (
     Checkpoint, CheckpointError, CheckpointSource, SafetensorsFile, safetensors_dtype,
 )  # fmt: skip
-from jax_megamoe.io.v4_checkpoint import NIBBLE_ORDERS, MoELayer, _derive_dims, infer_config, layer_prefix, list_moe_layers
-from jax_megamoe.numerics import config as _cfg
-from jax_megamoe.numerics.config import MODES
-from jax_megamoe.numerics.layout import ConversionReport, MoEWeights
-from jax_megamoe.numerics.v4_config import DeepseekV4Config
+from jax_megamoe._src.io.v4_checkpoint import NIBBLE_ORDERS, MoELayer, _derive_dims, infer_config, layer_prefix, list_moe_layers
+from jax_megamoe._src.numerics import config as _cfg
+from jax_megamoe._src.numerics.config import MODES
+from jax_megamoe._src.numerics.layout import ConversionReport, MoEWeights
+from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
 __all__ = [
     "FORMAT",

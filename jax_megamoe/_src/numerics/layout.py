@@ -46,9 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_megamoe.numerics import config as _config
-from jax_megamoe.numerics._validate import ArrayIn, check_dtype, check_multiple, check_ndim
-from jax_megamoe.numerics.quant import (
+from jax_megamoe._src.numerics import config as _config
+from jax_megamoe._src.numerics._validate import ArrayIn, check_dtype, check_multiple, check_ndim
+from jax_megamoe._src.numerics.quant import (
     decode_e2m1,
     dequantize_fp8_block128,
     dequantize_mxfp4_weight,

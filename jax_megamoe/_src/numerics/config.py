@@ -13,7 +13,7 @@ import threading
 import warnings
 from typing import Literal
 
-from jax_megamoe.numerics import _validate
+from jax_megamoe._src.numerics import _validate
 
 Mode = Literal["mxf4xmxf4", "fp8xfp4", "fp8"]
 

@@ -36,18 +36,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_megamoe.io import convert
-from jax_megamoe.io.build import load_moe_layer
-from jax_megamoe.io.safetensors_reader import CheckpointError, CheckpointSource
-from jax_megamoe.io.v4_checkpoint import MoELayer
-from jax_megamoe.kernels import ops, parallel
-from jax_megamoe.numerics import config as _cfg
-from jax_megamoe.numerics import policy as _policy
-from jax_megamoe.numerics import quant, reference
-from jax_megamoe.numerics.layout import MoEWeights
-from jax_megamoe.numerics.policy import Policy
-from jax_megamoe.numerics.progress import ProgressArg, text_progress_bar
-from jax_megamoe.numerics.v4_config import DeepseekV4Config, _check_int
+from jax_megamoe._src.io import convert
+from jax_megamoe._src.io.build import load_moe_layer
+from jax_megamoe._src.io.safetensors_reader import CheckpointError, CheckpointSource
+from jax_megamoe._src.io.v4_checkpoint import MoELayer
+from jax_megamoe._src.kernels import ops, parallel
+from jax_megamoe._src.numerics import config as _cfg
+from jax_megamoe._src.numerics import policy as _policy
+from jax_megamoe._src.numerics import quant, reference
+from jax_megamoe._src.numerics.layout import MoEWeights
+from jax_megamoe._src.numerics.policy import Policy
+from jax_megamoe._src.numerics.progress import ProgressArg, text_progress_bar
+from jax_megamoe._src.numerics.v4_config import DeepseekV4Config, _check_int
 
 __all__ = [
     "BACKENDS",

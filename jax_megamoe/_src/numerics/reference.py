@@ -66,9 +66,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_megamoe.numerics import config, quant
-from jax_megamoe.numerics.layout import MoEWeights
-from jax_megamoe.numerics._validate import ArrayIn, check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
+from jax_megamoe._src.numerics import config, quant
+from jax_megamoe._src.numerics.layout import MoEWeights
+from jax_megamoe._src.numerics._validate import ArrayIn, check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
 
 __all__ = [
     "PreDispatched",

@@ -73,11 +73,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe.kernels import _rules, ops
-from jax_megamoe.numerics import config, reference
-from jax_megamoe.numerics import policy as _policy
-from jax_megamoe.numerics.policy import Policy
-from jax_megamoe.numerics.layout import MoEWeights
+from jax_megamoe._src.kernels import _rules, ops
+from jax_megamoe._src.numerics import config, reference
+from jax_megamoe._src.numerics import policy as _policy
+from jax_megamoe._src.numerics.policy import Policy
+from jax_megamoe._src.numerics.layout import MoEWeights
 
 __all__ = [
     "ep_moe", "ep_moe_any_tokens", "ep_moe_padded", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
@@ -395,7 +395,7 @@ def ep_moe(
         _ep_moe_jit,
         mesh=mesh, axis=axis, mode=mode, clamp=clamp, backend=be, path=path, cap=cap, chunk=chunk, fused=fused,
     )  # fmt: skip
-    # jax.grad / jvp: InferenceOnlyError (jax_megamoe.kernels._rules), whichever path runs.
+    # jax.grad / jvp: InferenceOnlyError (jax_megamoe._src.kernels._rules), whichever path runs.
     y, dropped = _rules.inference_only(run, "parallel.ep_moe")(x, topk_idx, topk_weights, rsf, weights)
     return (y, dropped) if return_overflow else y
 

@@ -68,11 +68,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jax_megamoe.io.safetensors_reader import CONFIG_NAME, Checkpoint, CheckpointError, CheckpointSource, _as_checkpoint
-from jax_megamoe.numerics._validate import ArrayIn
-from jax_megamoe.numerics.layout import ConversionReport, MoEWeights, nan_scale_message
-from jax_megamoe.numerics.progress import ProgressArg, make_progress
-from jax_megamoe.numerics.v4_config import DeepseekV4Config
+from jax_megamoe._src.io.safetensors_reader import CONFIG_NAME, Checkpoint, CheckpointError, CheckpointSource, _as_checkpoint
+from jax_megamoe._src.numerics._validate import ArrayIn
+from jax_megamoe._src.numerics.layout import ConversionReport, MoEWeights, nan_scale_message
+from jax_megamoe._src.numerics.progress import ProgressArg, make_progress
+from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
 __all__ = [
     "MoELayerTensors",

@@ -72,11 +72,11 @@ from jax import lax
 from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe.kernels import ops, parallel
-from jax_megamoe.numerics import config, reference
-from jax_megamoe.numerics import policy as _policy
-from jax_megamoe.numerics.layout import MoEWeights
-from jax_megamoe.numerics.policy import Policy
+from jax_megamoe._src.kernels import ops, parallel
+from jax_megamoe._src.numerics import config, reference
+from jax_megamoe._src.numerics import policy as _policy
+from jax_megamoe._src.numerics.layout import MoEWeights
+from jax_megamoe._src.numerics.policy import Policy
 
 __all__ = ["ep_moe_grouped", "ep_moe_hier", "hier_path", "EPStats", "HierPath", "INTRANODE", "OVERFLOW_POLICY"]
 

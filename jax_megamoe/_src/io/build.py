@@ -1,9 +1,9 @@
 """Build one MoE layer in kernel layout from its checkpoint-format tensors.
 
-:func:`build_moe_layer` turns :class:`~jax_megamoe.io.v4_checkpoint.MoELayerTensors` into a
-:class:`~jax_megamoe.io.v4_checkpoint.MoELayer` (``MoEWeights`` of the chosen mode, plus the gate and
+:func:`build_moe_layer` turns :class:`~jax_megamoe._src.io.v4_checkpoint.MoELayerTensors` into a
+:class:`~jax_megamoe._src.io.v4_checkpoint.MoELayer` (``MoEWeights`` of the chosen mode, plus the gate and
 the shared expert); :func:`load_moe_layer` reads and builds in one call. The mode defaults to the
-device's (:func:`jax_megamoe.numerics.config.resolve_mode` with :func:`jax_megamoe.kernels.ops.device_arch`).
+device's (:func:`jax_megamoe._src.numerics.config.resolve_mode` with :func:`jax_megamoe._src.kernels.ops.device_arch`).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import dataclasses
 import logging
 import threading
 
-from jax_megamoe.io.safetensors_reader import CheckpointError, CheckpointSource
-from jax_megamoe.io.v4_checkpoint import ConfigArg, MoELayer, MoELayerTensors, read_moe_layer
-from jax_megamoe.kernels import ops
-from jax_megamoe.numerics import config as _cfg
-from jax_megamoe.numerics.layout import MoEWeights
-from jax_megamoe.numerics.progress import ProgressArg, make_progress
+from jax_megamoe._src.io.safetensors_reader import CheckpointError, CheckpointSource
+from jax_megamoe._src.io.v4_checkpoint import ConfigArg, MoELayer, MoELayerTensors, read_moe_layer
+from jax_megamoe._src.kernels import ops
+from jax_megamoe._src.numerics import config as _cfg
+from jax_megamoe._src.numerics.layout import MoEWeights
+from jax_megamoe._src.numerics.progress import ProgressArg, make_progress
 
 __all__ = ["build_moe_layer", "load_moe_layer"]
 

@@ -1,5 +1,0 @@
-"""Layer 3, io: safetensors reading, DeepSeek V4 checkpoint mapping (``checkpoint``) and the
-offline conversion to kernel layout (``convert``, ``python -m jax_megamoe.io.convert``).
-
-Imports only from ``jax_megamoe.numerics`` and ``jax_megamoe.kernels``. Submodules are imported on use.
-"""

@@ -1,0 +1,27 @@
+"""The pure-JAX definition of correct: every kernel, in the kernels' order of operations (the CPU path)."""
+
+from jax_megamoe._src.numerics.reference import (
+    PreDispatched,
+    pre_dispatch,
+    mega_moe,
+    expert_ffn,
+    swiglu,
+    quantize_activations,
+    dequantize_activations,
+    requantize_intermediate,
+    default_chunk_rows,
+    route_ids,
+)
+
+__all__ = [
+    "PreDispatched",
+    "pre_dispatch",
+    "mega_moe",
+    "expert_ffn",
+    "swiglu",
+    "quantize_activations",
+    "dequantize_activations",
+    "requantize_intermediate",
+    "default_chunk_rows",
+    "route_ids",
+]
