@@ -57,6 +57,37 @@ class DeepseekV4Config:
     scoring_func: str = "sqrtsoftplus"
     norm_topk_prob: bool = True
     renorm_eps: float = 1e-20
+    # -- the rest of the model (attention, mHC, head); defaults are V4-Flash's ------------------
+    num_hidden_layers: int = 43
+    num_attention_heads: int = 64
+    head_dim: int = 512
+    q_lora_rank: int = 1024
+    qk_rope_head_dim: int = 64
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    sliding_window: int = 128
+    #: Per-layer compress ratio: 0 sliding window only, 4 CSA (compressor + indexer), 128 HCA.
+    #: ``None``: HF's default schedule (two HCA layers, then CSA / HCA interleaved).
+    compress_ratios: tuple[int, ...] | None = None
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    #: YaRN on the compressed layers (``None``: plain RoPE there too).
+    yarn_factor: float | None = 16.0
+    yarn_original_max_position: int = 65536
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    max_position_embeddings: int = 1048576
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6
+    num_nextn_predict_layers: int = 1
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
 
     def __post_init__(self) -> None:
         _check_int("hidden_size", self.hidden_size, 1)
@@ -80,6 +111,23 @@ class DeepseekV4Config:
         if not isinstance(self.norm_topk_prob, (bool, np.bool_)):
             raise ValueError(f"norm_topk_prob: {self.norm_topk_prob!r} must be a bool")
         _check_float("renorm_eps", self.renorm_eps, lo=0.0)
+        for name in ("num_hidden_layers", "num_attention_heads", "head_dim", "q_lora_rank", "o_groups",
+                     "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk", "hc_mult"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("qk_rope_head_dim", self.qk_rope_head_dim, 0)
+        if self.qk_rope_head_dim > self.head_dim or self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim: {self.qk_rope_head_dim} must be even and <= head_dim = {self.head_dim}")
+        if self.num_attention_heads % self.o_groups:
+            raise ValueError(f"o_groups: {self.o_groups} must divide num_attention_heads = {self.num_attention_heads}")
+        if self.compress_ratios is not None:
+            if not isinstance(self.compress_ratios, tuple):
+                object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
+            bad = [r for r in self.compress_ratios if r not in (0, 4, 128)]
+            if bad or len(self.compress_ratios) < self.num_hidden_layers:
+                raise ValueError(
+                    f"compress_ratios: {self.compress_ratios!r} must hold one of 0, 4, 128 per layer "
+                    f"({self.num_hidden_layers} layers)"
+                )
 
     # -- derived values -------------------------------------------------------------------------
     @property
@@ -92,6 +140,17 @@ class DeepseekV4Config:
     @property
     def shared_intermediate_size(self) -> int:
         return self.moe_intermediate_size * self.n_shared_experts
+
+    def layer_compress_ratio(self, layer_idx: int) -> int:
+        """0 (sliding window only), 4 (CSA) or 128 (HCA) for layer ``layer_idx``."""
+        if self.compress_ratios is not None:
+            return self.compress_ratios[layer_idx]
+        # HF's default schedule: two HCA layers, then CSA on odd and HCA on even indices.
+        return 128 if layer_idx < 2 or layer_idx % 2 == 0 else 4
+
+    @property
+    def qk_nope_head_dim(self) -> int:
+        return self.head_dim - self.qk_rope_head_dim
 
     def is_hash_layer(self, layer_idx: int, *, is_mtp: bool = False) -> bool:
         """Layers ``< num_hash_layers`` route by token id; the MTP block never does."""
