@@ -33,13 +33,8 @@ from flax import nnx
 
 from jax_megamoe._src.numerics import config as mm_config
 from jax_megamoe.layout import MoEWeights
-from jax_megamoe.models.deepseek_v4 import (
-    BACKENDS,
-    DeepseekV4Config,
-    DeepseekV4MoE,
-    random_moe_checkpoint,
-    text_progress_bar,
-)
+from jax_megamoe.models.deepseek_v4 import BACKENDS, DeepseekV4Config, DeepseekV4MoE, random_moe_checkpoint
+from jax_megamoe._src.models.deepseek_v4.moe import text_progress_bar
 
 
 def _progress(desc: str):

@@ -9,8 +9,6 @@ here too.
 
 from __future__ import annotations
 
-from typing import Any
-
 from jax_megamoe._src.io.safetensors_reader import CheckpointError
 from jax_megamoe._src.kernels import _ffi
 from jax_megamoe._src.kernels._ffi import FfiUnavailableError
@@ -20,6 +18,7 @@ from jax_megamoe._src.kernels.ops import BackendUnavailableError, mega_moe, pre_
 from jax_megamoe._src.kernels.parallel import ep_moe
 from jax_megamoe._src.numerics.config import MODES, MegaMoEConfig, Mode
 from jax_megamoe._src.numerics.layout import MoEWeights
+from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4MoE
 from jax_megamoe._src.numerics.policy import Policy
 from jax_megamoe._version import __version__
 
@@ -36,15 +35,6 @@ def register() -> bool:
 def describe() -> str:
     """A readable report: versions, library, headers, device, mode and where each setting came from."""
     return _ffi.describe()
-
-
-def __getattr__(name: str) -> Any:
-    # The Flax block is imported on first use, so `import jax_megamoe` does not import Flax.
-    if name == "DeepseekV4MoE":
-        from jax_megamoe.models.deepseek_v4 import DeepseekV4MoE
-
-        return DeepseekV4MoE
-    raise AttributeError(f"module 'jax_megamoe' has no attribute {name!r}")
 
 
 __all__ = [

@@ -6,6 +6,8 @@ checkpoint is :meth:`jax_megamoe.models.deepseek_v4.DeepseekV4MoE.from_checkpoin
 
 from jax_megamoe._src.io.build import build_moe_layer, load_moe_layer
 from jax_megamoe._src.io.safetensors_reader import (
+    CONFIG_NAME,
+    INDEX_NAME,
     Checkpoint,
     CheckpointError,
     SafetensorsFile,
@@ -13,6 +15,7 @@ from jax_megamoe._src.io.safetensors_reader import (
     read_safetensors_header,
 )
 from jax_megamoe._src.io.v4_checkpoint import (
+    CONFIG_KEYS,
     NIBBLE_ORDERS,
     MoELayer,
     MoELayerTensors,
@@ -45,4 +48,7 @@ __all__ = [
     "check_nibble_order",
     "check_checkpoint_nibble_order",
     "NIBBLE_ORDERS",
+    "CONFIG_KEYS",
+    "CONFIG_NAME",
+    "INDEX_NAME",
 ]

@@ -6,17 +6,21 @@ from jax_megamoe._src.io.convert import (
     TARGETS,
     check_converted,
     is_converted_dir,
+    layer_file_names,
     load_converted,
     main,
     parse_layers,
     validate_manifest,
     write_converted_layer,
+    write_safetensors,
 )
 
 __all__ = [
     "main",
     "load_converted",
     "write_converted_layer",
+    "write_safetensors",
+    "layer_file_names",
     "check_converted",
     "validate_manifest",
     "is_converted_dir",

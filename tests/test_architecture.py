@@ -1,11 +1,13 @@
 """The package's layering, read from its source (ast, nothing imported).
 
-Layers, bottom to top: ``numerics`` -> ``kernels`` -> ``io`` -> ``models`` (docs/architecture.md).
-A module may import its own layer and the layers below it, never one above; the package imports
-form no circle; a package module is imported at module level, never inside a function (optional
-third-party dependencies such as tqdm may be imported where they are used). The root
-``jax_megamoe/__init__.py`` is the facade above every layer; ``jax_megamoe._version`` sits below
-all of them. Inside the package the flat alias names (``jax_megamoe.ops``, ...) are not used.
+The implementation lives in ``jax_megamoe/_src`` in four layers, bottom to top: ``numerics`` ->
+``kernels`` -> ``io`` -> ``models`` (docs/architecture.md). A module may import its own layer and the
+layers below it, never one above; the package imports form no circle; a package module is imported
+at module level, never inside a function (optional third-party dependencies such as tqdm may be
+imported where they are used). The public modules (``jax_megamoe/*.py``,
+``jax_megamoe/models/...``) are facades above every layer: imports and ``__all__`` only, and no
+``_src`` module imports them. ``jax_megamoe._version`` sits below all of them. Each module has one
+public name: no import hook, no second path.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "jax_megamoe"
 ROOT = "jax_megamoe"
+SRC = "_src"
 LAYERS = ("numerics", "kernels", "io", "models")
 #: Modules outside the four layers: rank -1 (below all), the facade rank len(LAYERS) (above all).
 BASE_MODULES = {f"{ROOT}._version"}
@@ -43,11 +46,11 @@ def rank(mod: str, root: str = ROOT, base: frozenset[str] | set[str] = frozenset
     if mod in base:
         return -1
     parts = mod.split(".")
-    if len(parts) >= 2 and parts[1] in LAYERS:
-        return LAYERS.index(parts[1])
-    if len(parts) >= 2 and parts[1] == "_version":
+    if len(parts) >= 3 and parts[1] == SRC and parts[2] in LAYERS:
+        return LAYERS.index(parts[2])
+    if len(parts) == 2 and parts[1] in ("_version", SRC):
         return -1
-    return len(LAYERS)  # the root package (facade)
+    return len(LAYERS)  # the root package and the public modules (facades)
 
 
 def _resolve(name: str, known: dict[str, Path]) -> str:
@@ -127,7 +130,7 @@ def violations(pkg: Path, root: str = ROOT, aliases: frozenset[str] = frozenset(
             if (mod, target) in ALLOWED:
                 continue
             if target in aliases:
-                bad.append(f"{where}: imports the flat alias {target}; use its layered name")
+                bad.append(f"{where}: imports the public module {target}; use its _src home")
                 continue
             if target not in known:
                 continue
@@ -181,19 +184,38 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def _aliases() -> frozenset[str]:
-    return frozenset(_alias_table())
+def _public_modules() -> frozenset[str]:
+    """The facades: every package module outside ``_src`` (and not the root or ``_version``)."""
+    return frozenset(m for m in module_names(PKG) if rank(m) == len(LAYERS) and m != ROOT)
 
 
 def test_the_package_imports_only_run_downward_with_no_circle():
-    assert violations(PKG, aliases=_aliases()) == []
+    assert violations(PKG, aliases=_public_modules()) == []
 
 
-def test_every_module_sits_in_a_layer():
-    stray = [m for m in module_names(PKG) if rank(m) == len(LAYERS) and m != ROOT]
-    assert stray == [], f"modules outside numerics/kernels/io/models: {stray}"
+def test_every_implementation_module_sits_in_a_layer():
+    known = module_names(PKG)
+    stray = [m for m in known if f".{SRC}." in m and rank(m) == len(LAYERS)]
+    assert stray == [], f"modules under _src outside numerics/kernels/io/models: {stray}"
     for layer in LAYERS:
-        assert (PKG / layer / "__init__.py").is_file()
+        assert (PKG / SRC / layer / "__init__.py").is_file()
+
+
+def test_public_modules_are_thin():
+    """A public module holds a docstring, imports, ``__all__`` and at most a ``__main__`` guard."""
+    fat = []
+    for mod in sorted(_public_modules()):
+        tree = ast.parse(module_names(PKG)[mod].read_text())
+        for node in tree.body:
+            ok = (
+                isinstance(node, (ast.Import, ast.ImportFrom))
+                or (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+                or (isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["__all__"])
+                or (isinstance(node, ast.If) and "__main__" in ast.unparse(node.test))
+            )
+            if not ok:
+                fat.append(f"{mod}:{node.lineno}: {ast.unparse(node)[:60]}")
+    assert fat == []
 
 
 def test_allowlist_is_empty():
@@ -203,82 +225,79 @@ def test_allowlist_is_empty():
 def _write(root: Path, files: dict[str, str]) -> Path:
     pkg = root / "fake"
     for rel, text in files.items():
-        p = pkg / rel
+        p = pkg / SRC / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
-    for d in ["", *LAYERS]:
+    (pkg / "__init__.py").parent.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").touch()
+    for d in [SRC, *(f"{SRC}/{layer}" for layer in LAYERS)]:
         (pkg / d / "__init__.py").parent.mkdir(parents=True, exist_ok=True)
         (pkg / d / "__init__.py").touch()
     return pkg
 
 
 def test_the_checker_catches_an_upward_import(tmp_path):
-    pkg = _write(tmp_path, {"numerics/a.py": "from fake.io import b\n", "io/b.py": "x = 1\n"})
+    pkg = _write(tmp_path, {"numerics/a.py": "from fake._src.io import b\n", "io/b.py": "x = 1\n"})
     bad = violations(pkg, root="fake")
-    assert len(bad) == 1 and "fake.numerics.a (layer 0) imports fake.io.b from a layer above (layer 2)" in bad[0]
+    assert len(bad) == 1 and "fake._src.numerics.a (layer 0) imports fake._src.io.b from a layer above (layer 2)" in bad[0]
 
 
 def test_the_checker_catches_a_circle_inside_a_layer(tmp_path):
-    pkg = _write(tmp_path, {"io/a.py": "from fake.io import b\n", "io/b.py": "import fake.io.a\n"})
+    pkg = _write(tmp_path, {"io/a.py": "from fake._src.io import b\n", "io/b.py": "import fake._src.io.a\n"})
     bad = violations(pkg, root="fake")
-    assert bad == ["import circle: fake.io.a -> fake.io.b -> fake.io.a"]
+    assert bad == ["import circle: fake._src.io.a -> fake._src.io.b -> fake._src.io.a"]
 
 
 def test_the_checker_catches_function_level_and_relative_imports(tmp_path):
     pkg = _write(
         tmp_path,
         {
-            "kernels/a.py": "def f():\n    from fake.numerics import c\n    import json\n    import tqdm\n",
+            "kernels/a.py": "def f():\n    from fake._src.numerics import c\n    import json\n    import tqdm\n",
             "kernels/b.py": "from ..models import m\n",
             "numerics/c.py": "",
             "models/m.py": "",
         },
     )
     bad = violations(pkg, root="fake")
-    assert any("imports fake.numerics.c inside a function" in b for b in bad)
+    assert any("imports fake._src.numerics.c inside a function" in b for b in bad)
     assert any("imports json inside a function" in b for b in bad)
     assert not any("tqdm" in b for b in bad)  # an optional dependency
-    assert any("fake.kernels.b (layer 1) imports fake.models.m from a layer above" in b for b in bad)
+    assert any("fake._src.kernels.b (layer 1) imports fake._src.models.m from a layer above" in b for b in bad)
     assert len(bad) == 3
 
 
-def test_the_checker_catches_a_flat_alias(tmp_path):
+def test_the_checker_catches_an_import_of_a_facade(tmp_path):
     pkg = _write(tmp_path, {"models/a.py": "from fake import ops\n"})
     assert violations(pkg, root="fake", aliases=frozenset({"fake.ops"})) == [
-        "fake/models/a.py:1: imports the flat alias fake.ops; use its layered name"
+        "fake/_src/models/a.py:1: imports the public module fake.ops; use its _src home"
     ]
 
 
-FLAT = {
-    "ops": "kernels.ops", "parallel": "kernels.parallel", "_ffi": "kernels._ffi", "_toolchain": "kernels._toolchain",
-    "config": "numerics.config", "policy": "numerics.policy", "quant": "numerics.quant", "layout": "numerics.layout",
-    "reference": "numerics.reference", "_validate": "numerics._validate", "checkpoint": "io.checkpoint",
-    "convert": "io.convert", "parallel_hier": "kernels.parallel_hier",
-}  # fmt: skip
+PUBLIC = ("ops", "reference", "quant", "layout", "policy", "parallel", "checkpoint", "convert", "models.deepseek_v4")
+GONE = (
+    "kernels.ops", "numerics.layout", "numerics.reference", "io.checkpoint", "kernels.parallel", "parallel_hier",
+    "config", "_ffi", "_toolchain", "io", "kernels", "numerics",
+)  # fmt: skip
 
 
-def test_flat_names_are_the_layered_modules():
-    """Old import paths give the very module object, named by its layered home (in a fresh
-    interpreter, the flat name imported before its home)."""
-    assert {f"{ROOT}.{k}": f"{ROOT}.{v}" for k, v in FLAT.items()} == _alias_table()
+def test_each_module_has_one_public_name():
+    """The public names import; the old layered and flat paths do not; no import hook is installed."""
     code = (
-        "import importlib\n"
-        f"for old, new in {FLAT!r}.items():\n"
-        "    a = importlib.import_module(f'jax_megamoe.{old}')\n"
-        "    b = importlib.import_module(f'jax_megamoe.{new}')\n"
-        "    c = getattr(importlib.import_module('jax_megamoe'), old)\n"
-        "    assert a is b is c, (old, a, b, c)\n"
-        "    assert a.__name__ == a.__spec__.name == f'jax_megamoe.{new}', (a.__name__, a.__spec__.name)\n"
+        "import importlib, sys\n"
+        "import jax_megamoe\n"
+        "ours = [f for f in sys.meta_path if getattr(type(f), '__module__', '').startswith('jax_megamoe')]\n"
+        "assert ours == [], ours\n"
+        f"for m in {PUBLIC!r}:\n"
+        "    mod = importlib.import_module('jax_megamoe.' + m)\n"
+        "    assert mod.__all__ and all(hasattr(mod, n) for n in mod.__all__), m\n"
+        f"for m in {GONE!r}:\n"
+        "    try:\n"
+        "        importlib.import_module('jax_megamoe.' + m)\n"
+        "    except ImportError:\n"
+        "        continue\n"
+        "    raise AssertionError('still importable: jax_megamoe.' + m)\n"
         "print('ok')\n"
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
-
-
-def _alias_table() -> dict[str, str]:
-    tree = ast.parse((PKG / "__init__.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "_ALIASES":
-            return ast.literal_eval(node.value)
-    raise AssertionError("jax_megamoe/__init__.py has no _ALIASES table")

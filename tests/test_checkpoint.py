@@ -23,6 +23,7 @@ import pytest
 from flax import nnx
 
 from jax_megamoe import checkpoint as ckpt
+from jax_megamoe._src.numerics.progress import make_progress
 from jax_megamoe.checkpoint import CheckpointError
 from jax_megamoe.layout import MoEWeights
 from jax_megamoe.models import deepseek_v4 as dsv4
@@ -567,10 +568,10 @@ def test_text_progress_and_tqdm(v4, capsys):
     ckpt.read_moe_layer(path, 1, progress="text")
     err = capsys.readouterr().err
     assert "layer 1: read experts" in err and f"{E}/{E} expert" in err
-    bar = ckpt.make_progress(True, 3, "x")
+    bar = make_progress(True, 3, "x")
     for i in range(1, 4):
         bar(i)
     bar.close()
-    assert ckpt.make_progress(None, 3, "x") is None
+    assert make_progress(None, 3, "x") is None
     with pytest.raises(TypeError):
-        ckpt.make_progress(3, 3, "x")
+        make_progress(3, 3, "x")

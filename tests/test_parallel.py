@@ -272,7 +272,8 @@ def test_dispatch_path_and_capacity():
 def test_ffi_backend_plugs_in_per_device(monkeypatch):
     """backend='ffi' reaches ops.mega_moe (the single plug-in point) with backend='ffi' and the
     device's E/n local experts; the stand-in records the call and computes the reference."""
-    from jax_megamoe import ops, reference
+    from jax_megamoe import reference
+    from jax_megamoe._src.kernels import ops
 
     calls = []
 

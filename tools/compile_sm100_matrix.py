@@ -43,7 +43,7 @@ sys.path.insert(0, str(_ROOT))
 sys.path.insert(0, str(_ROOT / "tests"))  # ffi_testing: the ctypes declarations of the C test API
 
 import ffi_testing as ft  # noqa: E402
-from jax_megamoe import _ffi, _toolchain  # noqa: E402
+from jax_megamoe._src.kernels import _ffi, _toolchain  # noqa: E402
 
 MODES = {"mxf4xmxf4": 2, "fp8xfp4": 1}
 SHAPES = {

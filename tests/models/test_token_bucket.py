@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jax_megamoe.models.deepseek_v4 import token_bucket
+from jax_megamoe._src.models.deepseek_v4.moe import token_bucket
 
 
 @pytest.mark.parametrize(
