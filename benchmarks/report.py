@@ -92,7 +92,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             xs = [p["tokens"] for p in pts]
             ys = [p["floors"][key]["floor_s"] * 1e6 for p in pts]
             if xs:
-                ax.plot(xs, ys, ls="--", color=col, lw=1.2, alpha=0.8, label=lab)
+                ax.plot(xs, ys, ls="--", color=col, lw=1.2, alpha=0.8, label=lab, marker="_", ms=14)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ts = sorted({p["tokens"] for p in pts})
@@ -108,7 +108,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best", framealpha=0.7)
     dev = result.get("device", {})
-    fig.suptitle(f"routed-expert layer on {dev.get('kind', '?')} ({result.get('date', '')})", fontsize=11)
+    fig.suptitle(f"routed-expert layer on {dev.get('kind', '?')} ({str(result.get('date', ''))[:10]})", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -142,7 +142,7 @@ def merge_moe_layer(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for m in models.values():
         m["points"].sort(key=lambda q: q["tokens"])
     out["paths"] = paths
-    out["models"] = list(models.values())
+    out["models"] = [models[k] for k in sorted(models)]
     return out
 
 
@@ -463,13 +463,14 @@ def build(folder: Path = C.RESULTS_DIR, md_path: Path = RESULTS_MD, *, draw: boo
             png_file = folder / Path(r["_file"]).with_suffix(".png").name
             png = f"{rel}/{png_file.name}" if png_file.is_file() else None
             if r["_kind"] == "moe_layer":
-                text = results_markdown(r, png, f"## Routed-expert layer, variant: {run_variant(r)}")
+                text = results_markdown(r, png, "## Routed-expert layer, a variant run (`python -m benchmarks.moe_layer`)")
             else:
                 fn = _renderer(r["_kind"])
                 text = fn(r, png) if fn else f"## `{r['_file']}`\n\n*No renderer for this JSON ({r['_kind']}).*"
                 if not text.lstrip().startswith("#"):
                     text = f"## `{r['_file']}`\n\n" + text
-            body += [_demote(text).rstrip(), "", f"*Source: `results/{r['_file']}`.*", ""]
+            note = (r.get("annotation") or {}).get("note")
+            body += [_demote(text).rstrip(), "", f"*Source: `results/{r['_file']}`" + (f"; annotated: {note}" if note else "") + ".*", ""]
     tail = ""
     if md_path.is_file():
         old = md_path.read_text()

@@ -244,6 +244,12 @@ def test_results_md_is_built_from_the_json_one_section_per_card_and_date(tmp_pat
     assert R.main(["--results", str(res), "--out", str(md), "--check"]) == 1  # stale now
 
 
+def test_results_md_in_the_repo_is_what_its_json_gives():
+    """benchmarks/RESULTS.md is generated: it must match benchmarks/results/*.json."""
+    assert R.build(C.RESULTS_DIR, R.RESULTS_MD, draw=False) == R.RESULTS_MD.read_text(), (
+        "benchmarks/RESULTS.md is stale: run python -m benchmarks.report")
+
+
 def _run(module: str, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
     """``python -m benchmarks.<module> args`` from the repository root, as the README runs it."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
