@@ -404,3 +404,110 @@ def test_validation_errors_name_the_argument():
         DeepseekV4Attention(CFG, -1, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="config"):
         DeepseekV4Attention({"hidden_size": 64}, 0, rngs=nnx.Rngs(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek's quantisation simulation (simulate_quant=True; Hugging Face has none)
+# ---------------------------------------------------------------------------------------------
+
+QCFG = make_config(head_dim=80)  # 64 non-RoPE channels: one FP8 block of 64
+
+
+def _is_pow2(s: np.ndarray) -> bool:
+    m, _ = np.frexp(s)
+    return bool(np.all(m == 0.5))
+
+
+def test_fp8_roundtrip_grid_scale_and_error():
+    import ml_dtypes
+
+    from jax_megamoe._src.models.deepseek_v4.qat import fp8_roundtrip
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((6, 128)) * np.exp(rng.uniform(-6, 6, (6, 1)))).astype(np.float32)
+    x[0, :64] *= 1e-7  # a block below the 1e-4 amax floor
+    q = np.asarray(fp8_roundtrip(jnp.asarray(x), 64))
+    xb, qb = x.reshape(6, 2, 64), q.reshape(6, 2, 64)
+    amax = np.maximum(np.abs(xb).max(-1, keepdims=True), 1e-4)
+    s = 2.0 ** np.ceil(np.log2(amax / 448.0))
+    assert _is_pow2(s) and np.all(s >= amax / 448) and np.all(s < 2 * amax / 448)
+    code = qb / s
+    np.testing.assert_array_equal(code.astype(ml_dtypes.float8_e4m3fn).astype(np.float32), code)  # on the grid
+    normal = np.abs(xb / s) >= 2.0**-6
+    err = np.abs(qb - xb)
+    assert np.all(err[normal] <= 2.0**-4 * np.abs(xb[normal]) * (1 + 1e-6))
+    assert np.all(err[~normal] <= (2.0**-10 * s * np.ones_like(xb))[~normal] * (1 + 1e-6))
+    assert np.abs(q - x).max() > 0  # it does round
+
+
+def test_fp4_roundtrip_is_nearest_on_the_e2m1_grid():
+    from jax_megamoe._src.models.deepseek_v4.qat import fp4_roundtrip
+
+    grid = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((5, 64)) * 3).astype(np.float32)
+    q = np.asarray(fp4_roundtrip(jnp.asarray(x), 32))
+    xb, qb = x.reshape(5, 2, 32), q.reshape(5, 2, 32)
+    s = 2.0 ** np.ceil(np.log2(np.abs(xb).max(-1, keepdims=True) / 6.0))
+    assert _is_pow2(s)
+    code, target = np.abs(qb / s), np.abs(xb / s)
+    assert np.isin(code, grid).all()
+    best = np.abs(target[..., None] - grid).min(-1)
+    np.testing.assert_allclose(np.abs(code - target), best, atol=1e-6)  # nearest grid point
+    assert np.all(np.sign(qb) * np.sign(xb) >= 0)
+
+
+def test_hadamard_is_orthonormal():
+    from jax_megamoe._src.models.deepseek_v4.qat import hadamard
+
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((2, 3, 32)).astype(np.float32)
+    ha, hb = np.asarray(hadamard(jnp.asarray(a))), np.asarray(hadamard(jnp.asarray(b)))
+    np.testing.assert_allclose(np.sum(ha * hb, -1), np.sum(a * b, -1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(hadamard(jnp.asarray(ha))), a, atol=1e-5)  # H is its own inverse
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard(jnp.ones((2, 24)))
+
+
+def _qlayer(ratio: int, sim: bool) -> DeepseekV4Attention:
+    m = make_layer(ratio, QCFG)
+    if not sim:
+        return m
+    q = nnx.eval_shape(lambda: DeepseekV4Attention(QCFG, RATIOS.index(ratio), param_dtype=jnp.float32,
+                                                   rngs=nnx.Rngs(0), simulate_quant=True))
+    graphdef, _, rest = nnx.split(q, nnx.Param, ...)
+    return nnx.merge(graphdef, nnx.state(m, nnx.Param), rest)
+
+
+@pytest.mark.parametrize("ratio", (0, 4))
+def test_simulate_quant_changes_little_and_keeps_the_cache_exact(ratio):
+    """With DeepSeek's FP8 / FP4 round trips: a small, nonzero change against exact float32 where the
+    selection cannot differ, and the
+    cached path (prefill + decode) still equals the uncached forward (the stored rows are rounded
+    the same way)."""
+    s = SEQ[ratio]
+    x, pos = inputs(s)
+    m_exact, m_sim = _qlayer(ratio, False), _qlayer(ratio, True)
+    assert m_sim.simulate_quant and (ratio == 0 or m_sim.compressor.quant == "fp8")
+    y_exact, _ = fwd(m_exact, x, pos)
+    y_sim, _ = fwd(m_sim, x, pos)
+    # FP8 on the K=V rows moves the output a little; on CSA layers keep to the positions whose
+    # entries all fit in index_topk (t < 4 (topk + 1)), as the FP4 indexer may pick other entries later
+    n = SEQ[ratio] if ratio == 0 else 4 * (QCFG.index_topk + 1) - 1
+    assert 1e-4 < rel(np.asarray(y_sim)[:, :n], np.asarray(y_exact)[:, :n]) < 0.05
+    p = s - 4
+    cache = m_sim.init_cache(B, MAX_LEN[ratio])
+    outs = []
+    y, cache = fwd(m_sim, x[:, :p], pos[:, :p], cache)
+    outs.append(y)
+    for i in range(p, s):
+        y, cache = fwd(m_sim, x[:, i : i + 1], pos[:, i : i + 1], cache)
+        outs.append(y)
+    assert rel(np.concatenate(outs, axis=1), y_sim) < 1e-4
+
+
+def test_simulate_quant_validates_block_sizes():
+    with pytest.raises(ValueError, match="head_dim"):
+        DeepseekV4Attention(CFG, 0, rngs=nnx.Rngs(0), simulate_quant=True)
+    with pytest.raises(ValueError, match="index_head_dim"):
+        DeepseekV4Attention(make_config(head_dim=80, index_head_dim=48), 1, rngs=nnx.Rngs(0), simulate_quant=True)
