@@ -511,3 +511,24 @@ def test_simulate_quant_validates_block_sizes():
         DeepseekV4Attention(CFG, 0, rngs=nnx.Rngs(0), simulate_quant=True)
     with pytest.raises(ValueError, match="index_head_dim"):
         DeepseekV4Attention(make_config(head_dim=80, index_head_dim=48), 1, rngs=nnx.Rngs(0), simulate_quant=True)
+
+
+@pytest.mark.parametrize("ratio", (4, 128))
+def test_rows_at_different_positions_decode_together(ratio):
+    """Each row of a batch continues its own sequence: caches of rows prefilled to different lengths,
+    stacked, decode one step together and match each row's own full forward."""
+    m = make_layer(ratio)
+    s = SEQ[ratio]
+    x, pos = inputs(s, b=1)
+    y_full = np.asarray(fwd(m, x, pos)[0])
+    lens = (s - 3, s - 8)  # not aligned to the window or the ratio
+    caches = []
+    for n in lens:
+        _, c = fwd(m, x[:, :n], pos[:, :n], m.init_cache(1, MAX_LEN[ratio]))
+        caches.append(c)
+    cache = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), *caches)
+    xs = jnp.concatenate([x[:, n : n + 1] for n in lens], axis=0)
+    ps = jnp.asarray([[lens[0]], [lens[1]]], jnp.int32)
+    y, _ = fwd(m, xs, ps, cache)
+    for row, n in enumerate(lens):
+        np.testing.assert_allclose(np.asarray(y[row, 0]), y_full[0, n], rtol=1e-5, atol=2e-6)
