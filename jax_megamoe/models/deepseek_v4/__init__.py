@@ -1,6 +1,12 @@
 """DeepSeek V4 in Flax NNX: the MoE block (gate, hash routing, routed experts on the Mega MoE ops,
-shared expert) and its configuration."""
+shared expert), the attention layer (sliding window, CSA / HCA compressed KV, Lightning Indexer,
+fixed-shape cache) and its configuration."""
 
+from jax_megamoe._src.models.deepseek_v4.attention import (
+    AttentionCache,
+    CompressorCache,
+    DeepseekV4Attention,
+)
 from jax_megamoe._src.models.deepseek_v4.moe import (
     BACKENDS,
     DeepseekV4Config,
@@ -18,6 +24,9 @@ from jax_megamoe._src.models.deepseek_v4.moe import (
 
 __all__ = [
     "DeepseekV4Config",
+    "DeepseekV4Attention",
+    "AttentionCache",
+    "CompressorCache",
     "DeepseekV4Gate",
     "DeepseekV4SharedExpert",
     "DeepseekV4MoE",
