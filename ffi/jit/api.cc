@@ -33,18 +33,22 @@ int fail(std::string msg, char* err_out = nullptr, size_t err_cap = 0) {
 
 }  // namespace
 
-// Paths come from Python (jax_megamoe/_toolchain.py). extra_include_dirs and
-// cache_dirs are colon-separated and may be empty (cache_dirs empty: read
-// $DG_JIT_CACHE_DIR at every compile, else the default folder).
+// Everything the JIT needs, from Python (jax_megamoe/_src/kernels/_ffi.py configure_jit: the
+// paths _toolchain.py found, the cache roots and nvcc switches of the process policy); the
+// library reads no environment variable. extra_include_dirs and cache_dirs are colon-separated;
+// cache_dirs empty: /tmp/jax_megamoe-jit-<uid>. with_lineinfo: nvcc -lineinfo (part of the cache
+// key); print_commands: print every nvcc command line to stderr.
 JMM_EXPORT int jmm_configure(const char* deepgemm_include, const char* nvcc_path,
                              const char* extra_include_dirs, const char* cache_dirs,
-                             const char* header_version) {
+                             const char* header_version, int with_lineinfo, int print_commands) {
   jmm::jit::JitConfig c;
   c.deepgemm_include = str(deepgemm_include);
   c.nvcc = str(nvcc_path);
   c.extra_includes = jmm::jit::split_paths(str(extra_include_dirs));
   c.cache_dirs = str(cache_dirs);
   c.header_version = str(header_version);
+  c.with_lineinfo = with_lineinfo != 0;
+  c.print_commands = print_commands != 0;
   if (c.deepgemm_include.empty() || c.nvcc.empty()) {
     return fail("jmm_configure: deepgemm_include and nvcc_path must be non-empty");
   }

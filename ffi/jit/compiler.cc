@@ -37,13 +37,6 @@ std::map<std::string, CompiledKernel> g_memory;
 std::map<std::string, NvccVersion> g_nvcc_versions;
 JitStats g_stats;
 
-bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  if (v == nullptr) return false;
-  const std::string s(v);
-  return !(s.empty() || s == "0" || s == "false" || s == "False" || s == "off");
-}
-
 bool read_file(const fs::path& p, std::string* out) {
   std::ifstream f(p, std::ios::binary);
   if (!f) return false;
@@ -289,7 +282,7 @@ bool jit_compile(const KernelSource& k, CompiledKernel* out, std::string* error)
       "--expt-extended-lambda",
       cat("--gpu-architecture=", k.gpu_arch),
   };
-  if (env_flag("DG_JIT_WITH_LINEINFO")) flags.push_back("-lineinfo");
+  if (cfg.with_lineinfo) flags.push_back("-lineinfo");
   std::vector<std::string> hashed_flags = flags;
   for (const auto& inc : cfg.extra_includes) {
     flags.push_back("-I" + inc);
@@ -350,7 +343,7 @@ bool jit_compile(const KernelSource& k, CompiledKernel* out, std::string* error)
   std::vector<std::string> argv = {cfg.nvcc, src.string(), "-o", cubin.string()};
   argv.insert(argv.end(), flags.begin(), flags.end());
   const std::string command = shell_join(argv);
-  if (env_flag("DG_JIT_PRINT_COMPILER_COMMAND") || env_flag("DG_JIT_DEBUG")) {
+  if (cfg.print_commands) {
     std::fprintf(stderr, "[jax_megamoe JIT] %s\n", command.c_str());
   }
   std::string log;
