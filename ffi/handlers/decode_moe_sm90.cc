@@ -28,6 +28,7 @@
 #include "cuda/driver.h"
 #include "handlers/buffer_checks.h"
 #include "handlers/host_glue.h"
+#include "handlers/stages.h"
 #include "jit/compiler.h"
 #include "jit/decode_kernels.h"
 #include "jit/loader.h"
@@ -310,20 +311,10 @@ JMM_EXPORT const XLA_FFI_TypeInfo* jmm_decode_state_type_info() { return &jmm::k
       .Arg<ffi::AnyBuffer>() /* l2_sf */                 \
       .Ret<ffi::AnyBuffer>() /* y */
 
-#define JMM_DEFINE_DECODE(NAME, INST, INST_BIND, EXEC, EXEC_BIND, ...)                              \
-  JMM_EXPORT XLA_FFI_Error* NAME##_instantiate(XLA_FFI_CallFrame*);                                 \
-  JMM_EXPORT XLA_FFI_Error* NAME##_initialize(XLA_FFI_CallFrame*);                                  \
-  JMM_EXPORT XLA_FFI_Error* NAME##_execute(XLA_FFI_CallFrame*);                                     \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_instantiate, INST, INST_BIND, ##__VA_ARGS__);                \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_initialize, jmm::Initialize, JMM_DECODE_INIT_BINDING,        \
-                                ##__VA_ARGS__);                                                     \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_execute, EXEC, EXEC_BIND, ##__VA_ARGS__)
-
-JMM_DEFINE_DECODE(jmm_decode_l1_sm90, jmm::InstantiateL1, JMM_DECODE_L1_INSTANTIATE, jmm::ExecuteL1,
-                  JMM_DECODE_L1_EXECUTE);
-JMM_DEFINE_DECODE(jmm_decode_l2_sm90, jmm::InstantiateL2, JMM_DECODE_L2_INSTANTIATE, jmm::ExecuteL2,
-                  JMM_DECODE_L2_EXECUTE);
-JMM_DEFINE_DECODE(jmm_decode_l1_sm90_graph, jmm::InstantiateL1, JMM_DECODE_L1_INSTANTIATE, jmm::ExecuteL1,
-                  JMM_DECODE_L1_EXECUTE, {ffi::Traits::kCmdBufferCompatible});
-JMM_DEFINE_DECODE(jmm_decode_l2_sm90_graph, jmm::InstantiateL2, JMM_DECODE_L2_INSTANTIATE, jmm::ExecuteL2,
-                  JMM_DECODE_L2_EXECUTE, {ffi::Traits::kCmdBufferCompatible});
+// Each pass's plain target and its `_graph` twin (handlers/stages.h).
+JMM_DEFINE_STAGES_AND_GRAPH_TWIN(jmm_decode_l1_sm90, jmm::InstantiateL1, JMM_DECODE_L1_INSTANTIATE,
+                                 jmm::Initialize, JMM_DECODE_INIT_BINDING, jmm::ExecuteL1,
+                                 JMM_DECODE_L1_EXECUTE);
+JMM_DEFINE_STAGES_AND_GRAPH_TWIN(jmm_decode_l2_sm90, jmm::InstantiateL2, JMM_DECODE_L2_INSTANTIATE,
+                                 jmm::Initialize, JMM_DECODE_INIT_BINDING, jmm::ExecuteL2,
+                                 JMM_DECODE_L2_EXECUTE);

@@ -60,6 +60,7 @@
 #include "handlers/buffer_checks.h"
 #include "handlers/host_glue.h"
 #include "handlers/pre_dispatch.h"
+#include "handlers/stages.h"
 #include "handlers/symmetric.h"
 #include "jit/compiler.h"
 #include "jit/kernels.h"
@@ -713,31 +714,23 @@ int Compile(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, char* cu
       .Arg<::xla::ffi::AnyBuffer>() /* l2_sf */   \
       .Ret<::xla::ffi::AnyBuffer>() /* y */
 
-// Defines the three stage symbols NAME_instantiate / _initialize / _execute of one target for
-// `Arch`; the optional last argument is the handler traits (e.g. {kCmdBufferCompatible}).
-#define JMM_DEFINE_MEGA_MOE_TARGET(NAME, ARCH, ...)                                            \
-  JMM_EXPORT XLA_FFI_Error* NAME##_instantiate(XLA_FFI_CallFrame*);                            \
-  JMM_EXPORT XLA_FFI_Error* NAME##_initialize(XLA_FFI_CallFrame*);                             \
-  JMM_EXPORT XLA_FFI_Error* NAME##_execute(XLA_FFI_CallFrame*);                                \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                               \
-      NAME##_instantiate, ::jmm::mega::Instantiate<ARCH>,                                      \
-      ::xla::ffi::Ffi::BindInstantiate().Attrs<ARCH::Attrs>(), ##__VA_ARGS__);                 \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                               \
-      NAME##_initialize, (::jmm::mega::Stage<ARCH, true>),                                        \
-      ::xla::ffi::Ffi::Bind<::xla::ffi::ExecutionStage::kInitialize>()                         \
-          .Ctx<::xla::ffi::PlatformStream<CUstream>>()                                         \
-          .Ctx<::xla::ffi::DeviceOrdinal>()                                                    \
-          .Ctx<::xla::ffi::State<::jmm::mega::State<ARCH>>>() JMM_MEGA_MOE_BUFFERS,            \
-      ##__VA_ARGS__);                                                                          \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                               \
-      NAME##_execute, (::jmm::mega::Stage<ARCH, false>),                                              \
-      ::xla::ffi::Ffi::Bind()                                                                  \
-          .Ctx<::xla::ffi::PlatformStream<CUstream>>()                                         \
-          .Ctx<::xla::ffi::DeviceOrdinal>()                                                    \
-          .Ctx<::xla::ffi::State<::jmm::mega::State<ARCH>>>() JMM_MEGA_MOE_BUFFERS,            \
-      ##__VA_ARGS__)
+// The stage implementations and bindings of `ARCH`'s target, as the arguments of
+// JMM_DEFINE_STAGES / JMM_DEFINE_STAGES_AND_GRAPH_TWIN (handlers/stages.h).
+#define JMM_MEGA_MOE_STAGES(ARCH)                                                    \
+  (::jmm::mega::Instantiate<ARCH>),                                                  \
+      ::xla::ffi::Ffi::BindInstantiate().Attrs<ARCH::Attrs>(),                       \
+      (::jmm::mega::Stage<ARCH, true>),                                              \
+      ::xla::ffi::Ffi::Bind<::xla::ffi::ExecutionStage::kInitialize>()               \
+          .Ctx<::xla::ffi::PlatformStream<CUstream>>()                               \
+          .Ctx<::xla::ffi::DeviceOrdinal>()                                          \
+          .Ctx<::xla::ffi::State<::jmm::mega::State<ARCH>>>() JMM_MEGA_MOE_BUFFERS,  \
+      (::jmm::mega::Stage<ARCH, false>),                                             \
+      ::xla::ffi::Ffi::Bind()                                                        \
+          .Ctx<::xla::ffi::PlatformStream<CUstream>>()                               \
+          .Ctx<::xla::ffi::DeviceOrdinal>()                                          \
+          .Ctx<::xla::ffi::State<::jmm::mega::State<ARCH>>>() JMM_MEGA_MOE_BUFFERS
 
-// The state type's id / info exports and the plain and `_graph` targets of one arch.
+// The state type's id / info exports of one arch.
 #define JMM_DEFINE_MEGA_MOE_STATE(PREFIX, ARCH)                                                \
   namespace {                                                                                  \
   constexpr XLA_FFI_TypeInfo PREFIX##_type_info = ::xla::ffi::MakeTypeInfo<::jmm::mega::State<ARCH>>(); \

@@ -350,5 +350,5 @@ JMM_EXPORT int jmm_sm100_locality_table(int64_t sm_count, uint8_t* out, int n) {
   return static_cast<int>(entries);
 }
 
-// Plain target: XLA runs it outside CUDA graphs.
-JMM_DEFINE_MEGA_MOE_TARGET(jmm_mega_moe_sm100, ::jmm::Sm100Mega);
+// The plain target only (XLA runs it outside CUDA graphs; handlers/stages.h).
+JMM_DEFINE_STAGES(jmm_mega_moe_sm100, JMM_MEGA_MOE_STAGES(::jmm::Sm100Mega));

@@ -138,16 +138,11 @@ JMM_EXPORT int jmm_sm90_mega_layout(const jmm_mega_shape_t* shape, jmm_sm90_mega
 
 JMM_DEFINE_MEGA_MOE_C_API(jmm_sm90_mega, ::jmm::Sm90Mega, jmm_sm90_mega_config_t)
 
-// Plain target: XLA runs it outside CUDA graphs.
-JMM_DEFINE_MEGA_MOE_TARGET(jmm_mega_moe_sm90, ::jmm::Sm90Mega);
-
-// `_graph` target: the same code, declared command-buffer compatible, so that XLA may trace the
-// custom call into its CUDA graphs (jax_megamoe.ops uses it with JAX_MEGAMOE_GRAPH_TARGETS=1).
-// Safe because initialize (allocation, zeroing, compilation, module loading, peer access) runs
-// outside any capture and refuses to run inside one, and execute only launches: the two launches
-// and their by-value arguments (buffer TMA descriptors, the pointer table, the weight descriptors
-// encoded on the host from the operands' addresses at trace time) are what the graph records.
-// The persistent kernel carries its barrier state in the symmetric buffer, which DeepGEMM builds
-// for graph replay.
-JMM_DEFINE_MEGA_MOE_TARGET(jmm_mega_moe_sm90_graph, ::jmm::Sm90Mega,
-                           {::xla::ffi::Traits::kCmdBufferCompatible});
+// The plain target and its `_graph` twin (handlers/stages.h; jax_megamoe.ops uses the twin with
+// JAX_MEGAMOE_GRAPH_TARGETS=1). The twin is safe because initialize (allocation, zeroing,
+// compilation, module loading, peer access) runs outside any capture and refuses to run inside
+// one, and execute only launches: the two launches and their by-value arguments (buffer TMA
+// descriptors, the pointer table, the weight descriptors encoded on the host from the operands'
+// addresses at trace time) are what the graph records. The persistent kernel carries its barrier
+// state in the symmetric buffer, which DeepGEMM builds for graph replay.
+JMM_DEFINE_STAGES_AND_GRAPH_TWIN(jmm_mega_moe_sm90, JMM_MEGA_MOE_STAGES(::jmm::Sm90Mega));

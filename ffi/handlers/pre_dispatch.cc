@@ -13,6 +13,7 @@
 #include "handlers/attrs.h"
 #include "handlers/buffer_checks.h"
 #include "handlers/host_glue.h"
+#include "handlers/stages.h"
 #include "cuda/driver.h"
 #include "jit/compiler.h"
 #include "jit/kernels.h"
@@ -316,38 +317,12 @@ JMM_EXPORT const XLA_FFI_TypeInfo* jmm_pre_dispatch_state_type_info() {
       .Ret<ffi::AnyBuffer>() /* topk_idx_out */                          \
       .Ret<ffi::AnyBuffer>() /* topk_weights_out */
 
-#define JMM_DECLARE_STAGES(NAME)                                     \
-  JMM_EXPORT XLA_FFI_Error* NAME##_instantiate(XLA_FFI_CallFrame*); \
-  JMM_EXPORT XLA_FFI_Error* NAME##_initialize(XLA_FFI_CallFrame*);  \
-  JMM_EXPORT XLA_FFI_Error* NAME##_execute(XLA_FFI_CallFrame*)
-
-// Plain targets: XLA runs them outside CUDA graphs.
-#define JMM_DEFINE_PRE_DISPATCH(ARCH)                                                  \
-  JMM_DECLARE_STAGES(jmm_pre_dispatch_sm##ARCH);                                       \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_instantiate,               \
-                                jmm::Instantiate<ARCH>, JMM_INSTANTIATE_BINDING(ARCH)); \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_initialize, jmm::Initialize, \
-                                JMM_INITIALIZE_BINDING);                               \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_execute, jmm::Execute<ARCH>, \
-                                JMM_EXECUTE_BINDING)
-
-// `_graph` targets: same code, declared command-buffer compatible. Execute only
-// enqueues two memsets and one kernel on the given stream (no allocation,
-// synchronisation, compilation or module loading); the CUfunction is made in
-// initialize, which XLA runs outside capture.
-#define JMM_DEFINE_PRE_DISPATCH_GRAPH(ARCH)                                              \
-  JMM_DECLARE_STAGES(jmm_pre_dispatch_sm##ARCH##_graph);                                 \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_graph_instantiate,           \
-                                jmm::Instantiate<ARCH>, JMM_INSTANTIATE_BINDING(ARCH),   \
-                                {ffi::Traits::kCmdBufferCompatible});                    \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_graph_initialize,            \
-                                jmm::Initialize, JMM_INITIALIZE_BINDING,                 \
-                                {ffi::Traits::kCmdBufferCompatible});                    \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_graph_execute,               \
-                                jmm::Execute<ARCH>, JMM_EXECUTE_BINDING,                 \
-                                {ffi::Traits::kCmdBufferCompatible})
-
-JMM_DEFINE_PRE_DISPATCH(90);
-JMM_DEFINE_PRE_DISPATCH(100);
-JMM_DEFINE_PRE_DISPATCH_GRAPH(90);
-JMM_DEFINE_PRE_DISPATCH_GRAPH(100);
+// Each arch's plain target and its `_graph` twin (handlers/stages.h). Execute only enqueues two
+// memsets and one kernel on the given stream; the CUfunction is made in initialize, which XLA
+// runs outside capture.
+JMM_DEFINE_STAGES_AND_GRAPH_TWIN(jmm_pre_dispatch_sm90, jmm::Instantiate<90>,
+                                 JMM_INSTANTIATE_BINDING(90), jmm::Initialize,
+                                 JMM_INITIALIZE_BINDING, jmm::Execute<90>, JMM_EXECUTE_BINDING);
+JMM_DEFINE_STAGES_AND_GRAPH_TWIN(jmm_pre_dispatch_sm100, jmm::Instantiate<100>,
+                                 JMM_INSTANTIATE_BINDING(100), jmm::Initialize,
+                                 JMM_INITIALIZE_BINDING, jmm::Execute<100>, JMM_EXECUTE_BINDING);
