@@ -80,6 +80,26 @@ def test_exported_symbols(lib):
     assert "XLA FFI API 0." in info and "cuda.h" in info
 
 
+def _declared(header: str) -> dict[str, int]:
+    """name -> parameter count of every function a C API header declares (``JMM_*API <ret> name(...)``)."""
+    text = re.sub(r"/\*.*?\*/", "", (REPO / "ffi" / "common" / header).read_text(), flags=re.S)
+    out = {}
+    for ret_name, params in re.findall(r"JMM_(?:TESTING_)?API\s+([^;(]+?)\s*\(([^)]*)\)\s*;", text):
+        params = params.strip()
+        out[ret_name.split()[-1].lstrip("*")] = 0 if params in ("", "void") else params.count(",") + 1
+    return out
+
+
+def test_c_api_table_matches_the_production_header():
+    """_ffi._C_API declares exactly what ffi/common/c_api.h does, in its order and with its parameter
+    counts; no test-only export (c_api_testing.h) is in either."""
+    declared = _declared("c_api.h")
+    assert list(declared) == list(_ffi._C_API)
+    assert {n: len(a) for n, (_, a) in _ffi._C_API.items()} == declared
+    testing = _declared("c_api_testing.h")
+    assert "jmm_c_struct_fields" in testing and not set(testing) & set(declared)
+
+
 @pytest.mark.skipif(shutil.which("nm") is None, reason="nm not installed")
 def test_only_jmm_symbols_exported(lib):
     out = subprocess.run(

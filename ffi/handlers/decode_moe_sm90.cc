@@ -23,6 +23,7 @@
 #include <string>
 #include <utility>
 
+#include "common/c_api.h"
 #include "common/export.h"
 #include "common/status.h"
 #include "cuda/driver.h"

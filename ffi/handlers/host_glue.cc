@@ -7,6 +7,7 @@
 #include <mutex>
 #include <type_traits>
 
+#include "common/c_api.h"
 #include "common/export.h"
 #include "common/status.h"
 #include "jit/compiler.h"

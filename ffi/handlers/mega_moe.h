@@ -5,7 +5,7 @@
 // operands' dtypes and shapes, the device resources beyond the symmetric buffer, the TMA
 // descriptors and the kernel arguments. Everything else is here: attribute checks, the buffer
 // checks, the per-device state lookup, instantiate / initialize / execute, the residency check,
-// the two launches and the C test API helpers.
+// the two launches. (The C test API over these templates is common/c_api_testing.cc.)
 //
 // Operands: x bf16[T,H], topk_idx s32[T,K] (global expert ids, -1 = skip), topk_weights f32[T,K],
 //           then this rank's E_l = E / num_ranks experts: l1, l1_sf, l2, l2_sf (Arch::Weights).
@@ -20,7 +20,7 @@
 //   sm_90 also sm90_wide_tile bool, sm_100 also mma_kind (jmm::MmaKind). The arch's own
 //   kernel choices that are not part of the shape (sm_90's sm90_wide_tile) are its Options, taken
 //   from the attributes (Arch::OptionsOf) or from the C test API's jmm_mega_call
-//   (Arch::OptionsFromC), and passed to Arch::Plan.
+//   (common/c_api_testing.cc), and passed to Arch::Plan.
 //
 // Stages:
 //   instantiate  validate the attributes; JIT-compile and load the arch's pre-dispatch kernel
@@ -52,8 +52,6 @@
 #include <string>
 #include <vector>
 
-#include "common/c_api.h"
-#include "common/c_api_copy.h"
 #include "common/mma_kind.h"
 #include "common/status.h"
 #include "cuda/driver.h"
@@ -593,113 +591,6 @@ ffi::Error EncodeOperandMaps(const cuda::Driver* d, const DriverExt* x, const ch
   return ffi::Error::Success();
 }
 
-// ---------------------------------------------------------------------------------------------
-// C test API (common/c_api.h): no GPU needed.
-// ---------------------------------------------------------------------------------------------
-
-// The arch's shape from the C struct; false + jmm_last_error when the struct is missing or the
-// shape invalid.
-template <class Arch>
-bool ShapeFromC(const jmm_mega_shape_t* in, typename Arch::Shape* s) {
-  if (in == nullptr) {
-    set_last_error("jmm_mega_shape_t* is null");
-    return false;
-  }
-  *s = CommonShape<typename Arch::Shape>(in->num_ranks, in->num_experts, in->capacity, in->top_k,
-                                         in->hidden, in->intermediate);
-  std::string why;
-  if (!Arch::SetMmaKind(static_cast<MmaKind>(in->mma_kind), s, &why) ||
-      !Arch::ShapeValid(*s, &why)) {
-    set_last_error(why);
-    return false;
-  }
-  return true;
-}
-
-// Layout and configuration of one call, as initialize would pick them on num_sms SMs.
-template <class Arch>
-bool PlanFromC(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,
-               typename Arch::Layout* l, typename Arch::Config* c) {
-  typename Arch::Shape s;
-  if (!ShapeFromC<Arch>(shape, &s)) return false;
-  if (call == nullptr) {
-    set_last_error("jmm_mega_call_t* is null");
-    return false;
-  }
-  std::string why;
-  typename Arch::Options options;
-  if (!Arch::OptionsFromC(*call, &options, &why) ||
-      !Arch::Plan(s, options, call->num_sms, call->num_tokens,
-                  static_cast<float>(call->activation_clamp), call->fast_math != 0, l, c, &why)) {
-    set_last_error(why);
-    return false;
-  }
-  return true;
-}
-
-// The arch's descriptor plans (TensorMapPlan order = kernel parameter order); returns the count.
-template <class Arch>
-int TensorMapsToC(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,
-                  jmm_tensor_map_t* out, int n, size_t elem_size) {
-  if (!c_api::size_ok(out, elem_size, sizeof(jmm_tensor_map_t), Arch::kTarget)) return -1;
-  typename Arch::Layout l;
-  typename Arch::Config c;
-  if (!PlanFromC<Arch>(shape, call, &l, &c)) return -1;
-  const auto plans = Arch::Plans(c, l);
-  int i = 0;
-  for (; i < n && i < static_cast<int>(plans.size()); ++i) {
-    const TensorMapPlan& src = plans[static_cast<size_t>(i)];
-    jmm_tensor_map_t* o = &out[i];
-    {
-      jmm_tensor_map_t* out = o;
-      JMM_TENSOR_MAP_FIELDS(JMM_C_COPY_FIELD)
-    }
-  }
-  return i;
-}
-
-template <class Arch, class CConfig>
-int ConfigToC(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, CConfig* out,
-              size_t out_size) {
-  if (!c_api::size_ok(out, out_size, sizeof(CConfig), Arch::kTarget)) return -1;
-  typename Arch::Layout l;
-  typename Arch::Config c;
-  if (!PlanFromC<Arch>(shape, call, &l, &c)) return -1;
-  Arch::ToC(c, out);
-  return 0;
-}
-
-// kernel.cu of the mega kernel (snprintf convention), or -1 (jmm_last_error).
-template <class Arch>
-int Render(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, char* out, size_t cap) {
-  typename Arch::Layout l;
-  typename Arch::Config c;
-  if (!PlanFromC<Arch>(shape, call, &l, &c)) return -1;
-  return static_cast<int>(copy_out(Arch::Source(c).source, out, cap));
-}
-
-// Compiles (or finds in the caches) the mega kernel; writes the cubin path. 0 on success.
-template <class Arch>
-int Compile(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, char* cubin_path_out,
-            size_t cap, char* err_out, size_t err_cap) {
-  typename Arch::Layout l;
-  typename Arch::Config c;
-  if (!PlanFromC<Arch>(shape, call, &l, &c)) {
-    copy_out(last_error(), err_out, err_cap);
-    return 1;
-  }
-  jit::CompiledKernel compiled;
-  std::string why;
-  if (!jit::jit_compile(Arch::Source(c), &compiled, &why)) {
-    set_last_error(why);
-    copy_out(why, err_out, err_cap);
-    return 1;
-  }
-  copy_out(compiled.cubin_path, cubin_path_out, cap);
-  copy_out("", err_out, err_cap);
-  return 0;
-}
-
 }  // namespace mega
 }  // namespace jmm
 
@@ -737,29 +628,3 @@ int Compile(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, char* cu
   }                                                                                            \
   JMM_EXPORT XLA_FFI_TypeId* PREFIX##_state_type_id() { return &::jmm::mega::State<ARCH>::id; } \
   JMM_EXPORT const XLA_FFI_TypeInfo* PREFIX##_state_type_info() { return &PREFIX##_type_info; }
-
-// The C test API exports every arch has alike (common/c_api.h): PREFIX_config, _tensor_maps,
-// _render, _compile, for `Arch` with C config struct CONFIG_T.
-#define JMM_DEFINE_MEGA_MOE_C_API(PREFIX, ARCH, CONFIG_T)                                      \
-  /* Kernel configuration of one call. 0, or -1 (jmm_last_error). */                           \
-  JMM_EXPORT int PREFIX##_config(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,   \
-                                 CONFIG_T* out, size_t out_size) {                             \
-    return ::jmm::mega::ConfigToC<ARCH>(shape, call, out, out_size);                           \
-  }                                                                                            \
-  /* Its TMA descriptor plans, in kernel parameter order: the count, or -1. */                 \
-  JMM_EXPORT int PREFIX##_tensor_maps(const jmm_mega_shape_t* shape,                           \
-                                      const jmm_mega_call_t* call, jmm_tensor_map_t* out,      \
-                                      int n, size_t elem_size) {                               \
-    return ::jmm::mega::TensorMapsToC<ARCH>(shape, call, out, n, elem_size);                   \
-  }                                                                                            \
-  /* kernel.cu of its mega kernel: the length (>= cap: truncated), or -1. */                   \
-  JMM_EXPORT int PREFIX##_render(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,   \
-                                 char* out, size_t cap) {                                      \
-    return ::jmm::mega::Render<ARCH>(shape, call, out, cap);                                   \
-  }                                                                                            \
-  /* Compiles (or finds in the caches) that kernel; writes the cubin path. 0 on success. */    \
-  JMM_EXPORT int PREFIX##_compile(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,  \
-                                  char* cubin_path_out, size_t cap, char* err_out,             \
-                                  size_t err_cap) {                                            \
-    return ::jmm::mega::Compile<ARCH>(shape, call, cubin_path_out, cap, err_out, err_cap);     \
-  }

@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "common/c_api.h"
-#include "common/c_api_copy.h"
 #include "common/export.h"
 #include "common/status.h"
 #include "cuda/driver.h"
@@ -223,15 +222,6 @@ std::array<mega::WeightSpec, 4> Sm100Mega::Weights(const Shape& s) {
            {"l2_sf", ffi::DataType::S32, I / 128, H}}};
 }
 
-bool Sm100Mega::OptionsFromC(const jmm_mega_call_t& call, Options*, std::string* why) {
-  if (call.sm90_wide_tile != 0) {
-    *why = cat("jmm_mega_call.sm90_wide_tile=", call.sm90_wide_tile,
-               " must be 0 on sm_100 (the wide-tile switch is the sm_90 kernel's)");
-    return false;
-  }
-  return true;
-}
-
 bool Sm100Mega::Plan(const Shape& s, const Options&, int64_t num_sms, int64_t num_tokens,
                      float clamp, bool fast_math, Layout* l, Config* c, std::string* why) {
   return layout::sm100_mega_layout(s, num_sms, l, why) &&
@@ -306,49 +296,13 @@ ffi::Error Sm100Mega::KernelArgs(const cuda::Driver* d, const DriverExt* x, cons
   return ffi::Error::Success();
 }
 
-void Sm100Mega::ToC(const Config& src, jmm_sm100_mega_config_t* out) {
-  JMM_SM100_MEGA_CONFIG_FIELDS(JMM_C_COPY_FIELD)
-}
-
 }  // namespace jmm
 
 // ---------------------------------------------------------------------------
-// Exported symbols (see ffi/exports.map; Python: jax_megamoe/_ffi.py, tests/ffi_testing.py).
+// Exported symbols (see ffi/exports.map; Python: jax_megamoe/_src/kernels/_ffi.py).
 // ---------------------------------------------------------------------------
 
 JMM_DEFINE_MEGA_MOE_STATE(jmm_mega_moe_sm100, ::jmm::Sm100Mega)
-
-// Symmetric-buffer layout of a shape sized for num_sms SMs. 0, or -1 (jmm_last_error).
-JMM_EXPORT int jmm_sm100_mega_layout(const jmm_mega_shape_t* shape, int64_t num_sms,
-                                     jmm_sm100_mega_layout_t* out, size_t out_size) {
-  if (!jmm::c_api::size_ok(out, out_size, sizeof(*out), "jmm_sm100_mega_layout")) return -1;
-  jmm::Sm100Mega::Shape s;
-  if (!jmm::mega::ShapeFromC<jmm::Sm100Mega>(shape, &s)) return -1;
-  jmm::layout::Sm100MegaLayout src;
-  std::string why;
-  if (!jmm::layout::sm100_mega_layout(s, num_sms, &src, &why)) {
-    jmm::set_last_error(why);
-    return -1;
-  }
-  JMM_SM100_MEGA_LAYOUT_FIELDS(JMM_C_COPY_FIELD)
-  return 0;
-}
-
-JMM_DEFINE_MEGA_MOE_C_API(jmm_sm100_mega, ::jmm::Sm100Mega, jmm_sm100_mega_config_t)
-
-// Host-side view of the sm_locality_domains table the handler uploads for a device with
-// sm_count SMs: writes min(n, entries) bytes, returns the entry count.
-JMM_EXPORT int jmm_sm100_locality_table(int64_t sm_count, uint8_t* out, int n) {
-  if (sm_count < 1) {
-    jmm::set_last_error(jmm::cat("sm_count=", sm_count, " must be >= 1"));
-    return -1;
-  }
-  const int64_t entries = jmm::sm100_locality_table_entries(sm_count);
-  for (int64_t i = 0; out != nullptr && i < n && i < entries; ++i) {
-    out[i] = jmm::sm100_balanced_locality_domain(i);
-  }
-  return static_cast<int>(entries);
-}
 
 // The plain target only (XLA runs it outside CUDA graphs; handlers/stages.h).
 JMM_DEFINE_STAGES(jmm_mega_moe_sm100, JMM_MEGA_MOE_STAGES(::jmm::Sm100Mega));

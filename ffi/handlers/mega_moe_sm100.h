@@ -93,7 +93,6 @@ struct Sm100Mega {
   static const mega::MegaMoeAttrs& Common(const Attrs& a) { return a.common; }
   static bool AttrsValid(const Attrs& a, std::string* why);
   static Options OptionsOf(const Attrs&) { return Options{}; }
-  static bool OptionsFromC(const jmm_mega_call_t& call, Options* o, std::string* why);
   static Shape ShapeOf(const Attrs& a);
   static bool ShapeValid(const Shape& s, std::string* why);
   static MmaKind MmaKindOf(const Shape& s) { return s.mma_kind; }
@@ -110,7 +109,6 @@ struct Sm100Mega {
   static xla::ffi::Error KernelArgs(const cuda::Driver* d, const host::DriverExt* x,
                                     const State& st, int64_t T, const mega::ExecuteOperands& ops,
                                     Device* e, Args* a, void** params);
-  static void ToC(const Config& c, jmm_sm100_mega_config_t* out);
 };
 
 using MegaMoeSm100State = Sm100Mega::State;

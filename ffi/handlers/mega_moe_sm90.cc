@@ -4,7 +4,6 @@
 #include <vector>
 
 #include "common/c_api.h"
-#include "common/c_api_copy.h"
 #include "common/export.h"
 #include "common/status.h"
 #include "jit/mega_kernels.h"
@@ -113,30 +112,13 @@ ffi::Error Sm90Mega::KernelArgs(const cuda::Driver* d, const host::DriverExt* x,
   return ffi::Error::Success();
 }
 
-void Sm90Mega::ToC(const Config& src, jmm_sm90_mega_config_t* out) {
-  JMM_SM90_MEGA_CONFIG_FIELDS(JMM_C_COPY_FIELD)
-}
-
 }  // namespace jmm
 
 // ---------------------------------------------------------------------------
-// Exported symbols (see ffi/exports.map; Python: jax_megamoe/_ffi.py, tests/ffi_testing.py).
+// Exported symbols (see ffi/exports.map; Python: jax_megamoe/_src/kernels/_ffi.py).
 // ---------------------------------------------------------------------------
 
 JMM_DEFINE_MEGA_MOE_STATE(jmm_mega_moe_sm90, ::jmm::Sm90Mega)
-
-// Symmetric-buffer layout of a shape (mma_kind 0). 0, or -1 (jmm_last_error).
-JMM_EXPORT int jmm_sm90_mega_layout(const jmm_mega_shape_t* shape, jmm_sm90_mega_layout_t* out,
-                                    size_t out_size) {
-  if (!jmm::c_api::size_ok(out, out_size, sizeof(*out), "jmm_sm90_mega_layout")) return -1;
-  jmm::Sm90Mega::Shape s;
-  if (!jmm::mega::ShapeFromC<jmm::Sm90Mega>(shape, &s)) return -1;
-  const jmm::layout::Sm90MegaLayout src = jmm::layout::sm90_mega_layout(s);
-  JMM_SM90_MEGA_LAYOUT_FIELDS(JMM_C_COPY_FIELD)
-  return 0;
-}
-
-JMM_DEFINE_MEGA_MOE_C_API(jmm_sm90_mega, ::jmm::Sm90Mega, jmm_sm90_mega_config_t)
 
 // The plain target and its `_graph` twin (handlers/stages.h; jax_megamoe.ops uses the twin with
 // JAX_MEGAMOE_GRAPH_TARGETS=1). The twin is safe because initialize (allocation, zeroing,

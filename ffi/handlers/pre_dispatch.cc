@@ -7,7 +7,6 @@
 #include <utility>
 
 #include "common/c_api.h"
-#include "common/c_api_copy.h"
 #include "common/export.h"
 #include "common/status.h"
 #include "handlers/attrs.h"
@@ -258,29 +257,6 @@ CUresult launch_pre_dispatch(const cuda::Driver* d, CUfunction fn, CUstream stre
 }
 
 }  // namespace jmm
-
-// Host-side view of the launch geometry, for tests (common/c_api.h). Returns 0, or -1
-// (jmm_last_error) for arguments no handler would accept.
-JMM_EXPORT int jmm_pre_dispatch_launch_plan(int arch, int mma_kind, int64_t T, int64_t P,
-                                            int64_t H, int64_t K, jmm_pre_dispatch_launch_t* out,
-                                            size_t out_size) {
-  if (!jmm::c_api::size_ok(out, out_size, sizeof(*out), "jmm_pre_dispatch_launch_plan")) return -1;
-  const auto kind = static_cast<jmm::MmaKind>(mma_kind);
-  std::string why;
-  if (!jmm::mma_kind_valid(arch, kind, &why)) {
-    jmm::set_last_error(why);
-    return -1;
-  }
-  if (T < 0 || P < T || H <= 0 || H % 128 != 0 || K <= 0) {
-    jmm::set_last_error(jmm::cat("jmm_pre_dispatch_launch_plan: T=", T, ", P=", P, ", H=", H,
-                                 ", K=", K, " (want 0 <= T <= P, H a positive multiple of 128, "
-                                 "K >= 1)"));
-    return -1;
-  }
-  const jmm::PreDispatchLaunch src = jmm::plan_pre_dispatch(arch, kind, T, P, H, K);
-  JMM_PRE_DISPATCH_LAUNCH_FIELDS(JMM_C_COPY_FIELD)
-  return 0;
-}
 
 // ---------------------------------------------------------------------------
 // Exported symbols (see ffi/exports.map; Python: jax_megamoe/_ffi.py).

@@ -1,4 +1,5 @@
-// C entry points of the JIT, for Python (ctypes) and tooling. No GPU needed.
+// C entry points of the JIT, for Python (ctypes) and tooling (declared in common/c_api.h). No GPU
+// needed.
 //
 // Conventions: functions returning int give 0 on success and non-zero on
 // failure, with the reason in jmm_last_error() (per thread). Output strings
@@ -7,6 +8,7 @@
 
 #include <string>
 
+#include "common/c_api.h"
 #include "common/export.h"
 #include "common/status.h"
 #include "cuda/driver.h"

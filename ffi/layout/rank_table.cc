@@ -45,14 +45,3 @@ bool rank_table_find(const int64_t* table, int64_t size, int64_t num_ranks, int6
 }
 
 }  // namespace jmm::layout
-
-// [group, rank] of `device` in a table; 0 found, 1 absent, -1 invalid table (jmm_last_error).
-JMM_EXPORT int jmm_rank_table_lookup(const int64_t* table, int64_t size, int64_t num_ranks,
-                                     int64_t device, int64_t* out) {
-  std::string why;
-  if (!jmm::layout::rank_table_valid(table, size, num_ranks, &why)) {
-    jmm::set_last_error(why);
-    return -1;
-  }
-  return jmm::layout::rank_table_find(table, size, num_ranks, device, &out[0], &out[1]) ? 0 : 1;
-}
