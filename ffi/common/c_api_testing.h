@@ -100,9 +100,9 @@
   X(i64, num_tmem_cols, 1) X(i64, reusable_smem_bytes, 1)
 
 /* One TMA descriptor plan of a mega handler (handlers/mega_moe.h TensorMapPlan), in kernel
- * parameter order. source: 0 symmetric buffer + offset, 1 l1, 2 l1_sf, 3 l2, 4 l2_sf;
- * dtype: CUtensorMapDataType (0 UINT8, 3 INT32, 7 FLOAT32, 14 16U4_ALIGN16B); strides in
- * bytes; swizzle in bytes (0, 32, 64, 128). */
+ * parameter order; the enums' values: source (MapSource) 0 symmetric buffer + offset, 1 l1,
+ * 2 l1_sf, 3 l2, 4 l2_sf; dtype (MapDtype = CUtensorMapDataType) 0 UINT8, 3 INT32, 7 FLOAT32,
+ * 14 16U4_ALIGN16B; strides in bytes; swizzle (Swizzle) in bytes: 0, 32, 64, 128. */
 #define JMM_TENSOR_MAP_FIELDS(X)                                                       \
   X(i64, source, 1) X(i64, offset, 1) X(i64, dtype, 1) X(i64, rank, 1) X(i64, dims, 5) \
   X(i64, strides, 4) X(i64, box, 5) X(i64, swizzle, 1)

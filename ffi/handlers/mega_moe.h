@@ -74,16 +74,37 @@ namespace jmm {
 // make_tma_*_desc conventions: inner dim first, strides in bytes, element strides 1, L2
 // promotion 256B, no OOB fill, no interleave). A pure function of the configuration where the
 // arch computes it ahead (sm100_tensor_map_plans), so that tests check it without a GPU.
+// Where a descriptor's global address comes from: the symmetric buffer (+ TensorMapPlan::offset),
+// or one of the four weight operands (the C API's `source`: these values).
+enum class MapSource : int { kBuffer = 0, kL1 = 1, kL1Sf = 2, kL2 = 3, kL2Sf = 4 };
+constexpr int kNumMapSources = 5;
+
+// The element types the descriptors use, with CUtensorMapDataType's values (the C API's `dtype`).
+// Our own enum because CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B exists only in CUDA >= 12.8 headers.
+enum class MapDtype : int { kUint8 = 0, kInt32 = 3, kFloat32 = 7, kU4Align16B = 14 };
+static_assert(static_cast<int>(MapDtype::kUint8) == CU_TENSOR_MAP_DATA_TYPE_UINT8 &&
+                  static_cast<int>(MapDtype::kInt32) == CU_TENSOR_MAP_DATA_TYPE_INT32 &&
+                  static_cast<int>(MapDtype::kFloat32) == CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+              "MapDtype follows CUtensorMapDataType");
+#if defined(CUDA_VERSION) && CUDA_VERSION >= 12080
+static_assert(static_cast<int>(MapDtype::kU4Align16B) ==
+                  static_cast<int>(CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B),
+              "MapDtype follows CUtensorMapDataType");
+#endif
+
+// The swizzle of a descriptor's shared-memory box, in bytes (the C API's `swizzle`).
+enum class Swizzle : int { kNone = 0, k32B = 32, k64B = 64, k128B = 128 };
+
 struct TensorMapPlan {
   const char* name = "";
-  int source = 0;        // 0: symmetric buffer + offset; 1: operand l1; 2: l1_sf; 3: l2; 4: l2_sf
-  uint64_t offset = 0;   // byte offset in the symmetric buffer (source 0)
-  int dtype = 0;         // CUtensorMapDataType: 0 UINT8, 3 INT32, 7 FLOAT32, 14 16U4_ALIGN16B
+  MapSource source = MapSource::kBuffer;
+  uint64_t offset = 0;  // byte offset in the symmetric buffer (MapSource::kBuffer)
+  MapDtype dtype = MapDtype::kUint8;
   int rank = 0;
   int64_t dims[5] = {};
   int64_t strides[4] = {};  // bytes, dims 1..rank-1
   int64_t box[5] = {};
-  int swizzle = 0;       // bytes: 0, 32, 64 or 128
+  Swizzle swizzle = Swizzle::kNone;
 };
 
 namespace mega {
@@ -187,12 +208,12 @@ inline ffi::Error EncodeTiled(const cuda::Driver* d, const DriverExt* x, const c
     if (k + 1 < p.rank) strides[k] = static_cast<cuuint64_t>(p.strides[k]);
   }
   CUtensorMapSwizzle swizzle = CU_TENSOR_MAP_SWIZZLE_NONE;
-  if (p.swizzle == 32) swizzle = CU_TENSOR_MAP_SWIZZLE_32B;
-  if (p.swizzle == 64) swizzle = CU_TENSOR_MAP_SWIZZLE_64B;
-  if (p.swizzle == 128) swizzle = CU_TENSOR_MAP_SWIZZLE_128B;
+  if (p.swizzle == Swizzle::k32B) swizzle = CU_TENSOR_MAP_SWIZZLE_32B;
+  if (p.swizzle == Swizzle::k64B) swizzle = CU_TENSOR_MAP_SWIZZLE_64B;
+  if (p.swizzle == Swizzle::k128B) swizzle = CU_TENSOR_MAP_SWIZZLE_128B;
   std::memset(out, 0, sizeof(*out));
   CUresult r = x->TensorMapEncodeTiled(
-      out, static_cast<CUtensorMapDataType>(p.dtype), static_cast<cuuint32_t>(p.rank),
+      out, static_cast<CUtensorMapDataType>(static_cast<int>(p.dtype)), static_cast<cuuint32_t>(p.rank),
       const_cast<void*>(base), dims, strides, box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
@@ -202,8 +223,9 @@ inline ffi::Error EncodeTiled(const cuda::Driver* d, const DriverExt* x, const c
       boxs += cat(k ? "x" : "", box[k]);
     }
     return ffi::Error::Internal(cat(target, ": cuTensorMapEncodeTiled(", p.name, ": dtype ",
-                                    p.dtype, ", dims ", shape, ", box ", boxs, ", swizzle ",
-                                    p.swizzle, ", base ", base, ") failed: ",
+                                    static_cast<int>(p.dtype), ", dims ", shape, ", box ", boxs,
+                                    ", swizzle ", static_cast<int>(p.swizzle), ", base ", base,
+                                    ") failed: ",
                                     cuda::error_string(d, r)));
   }
   return ffi::Error::Success();
@@ -219,14 +241,14 @@ struct ExecuteOperands {
 };
 
 // A 2-D plan (inner dim first; stride of the outer dim in bytes).
-inline TensorMapPlan Plan2D(const char* name, int source, uint64_t offset, int dtype, int64_t inner,
-                            int64_t outer, int64_t stride_bytes, int64_t box_inner,
-                            int64_t box_outer, int swizzle) {
+inline TensorMapPlan Plan2D(const char* name, MapSource source, uint64_t offset, MapDtype dtype,
+                            int64_t inner, int64_t outer, int64_t stride_bytes, int64_t box_inner,
+                            int64_t box_outer, Swizzle swizzle) {
   return TensorMapPlan{name,   source,         offset,                   dtype, /*rank=*/2,
                        {inner, outer}, {stride_bytes}, {box_inner, box_outer}, swizzle};
 }
 
-// The descriptors of a kernel's launch, in kernel parameter order: the buffer slices' (source 0)
+// The descriptors of a kernel's launch, in kernel parameter order: the buffer slices' (kBuffer)
 // are encoded once at initialize, the operands' in execute (host only, cached by operand
 // pointer, guarded by Device::mu).
 template <size_t N>
@@ -241,7 +263,7 @@ ffi::Error EncodeBufferMaps(const cuda::Driver* d, const DriverExt* x, const cha
                             CUdeviceptr base, TensorMaps<N>* m) {
   for (size_t i = 0; i < N; ++i) {
     const TensorMapPlan& p = m->plans[i];
-    if (p.source != 0) continue;
+    if (p.source != MapSource::kBuffer) continue;
     const void* at = reinterpret_cast<const void*>(base + p.offset);
     if (ffi::Error err = EncodeTiled(d, x, target, &m->maps[i], p, at); !err.success()) return err;
     m->encoded_for[i] = at;
@@ -577,16 +599,18 @@ ffi::Error Stage(CUstream stream, int32_t device, State<Arch>* st, ffi::AnyBuffe
 template <size_t N>
 ffi::Error EncodeOperandMaps(const cuda::Driver* d, const DriverExt* x, const char* target,
                              const ExecuteOperands& ops, TensorMaps<N>* m) {
-  const void* operands[5] = {nullptr, ops.l1, ops.l1_sf, ops.l2, ops.l2_sf};
+  const void* operands[kNumMapSources] = {nullptr, ops.l1, ops.l1_sf, ops.l2, ops.l2_sf};
   for (size_t i = 0; i < N; ++i) {
     const TensorMapPlan& p = m->plans[i];
-    if (p.source == 0 || m->encoded_for[i] == operands[p.source]) continue;
-    if (ffi::Error err = EncodeTiled(d, x, target, &m->maps[i], p, operands[p.source]);
+    if (p.source == MapSource::kBuffer) continue;
+    const void* at = operands[static_cast<int>(p.source)];
+    if (m->encoded_for[i] == at) continue;
+    if (ffi::Error err = EncodeTiled(d, x, target, &m->maps[i], p, at);
         !err.success()) {
       m->encoded_for[i] = nullptr;
       return err;
     }
-    m->encoded_for[i] = operands[p.source];
+    m->encoded_for[i] = at;
   }
   return ffi::Error::Success();
 }

@@ -25,14 +25,9 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jmm::Sm100MegaMoeAttrs, JMM_MEGA_MOE_ATT
 
 namespace jmm {
 
-// CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B (CUDA 12.8+ headers): packed E2M1 in global memory, each
-// 4-bit value in an 8-bit container in shared memory (DeepGEMM's "unpacked smem" FP4 weights of
-// the fp8xfp4 kernel, which feeds kind::mxf8f6f4).
-// sm100_tensor_map_plans writes the enum values as plain ints (0, 3, 14).
-static_assert(CU_TENSOR_MAP_DATA_TYPE_UINT8 == 0 && CU_TENSOR_MAP_DATA_TYPE_INT32 == 3, "enum");
-#if defined(CUDA_VERSION) && CUDA_VERSION >= 12080
-static_assert(static_cast<int>(CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B) == 14, "enum value");
-#endif
+// MapDtype::kU4Align16B (CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B, CUDA 12.8+ headers): packed E2M1
+// in global memory, each 4-bit value in an 8-bit container in shared memory (DeepGEMM's "unpacked
+// smem" FP4 weights of the fp8xfp4 kernel, which feeds kind::mxf8f6f4).
 static_assert(kSm100NumRoutedTensorMaps == jit::kSm100SharedL1Acts,
               "the routed descriptors precede the shared-expert ones");
 
@@ -143,45 +138,47 @@ std::array<TensorMapPlan, Sm100Mega::kNumTensorMaps> Sm100Mega::Plans(const Conf
   const int64_t R = l.num_ring_tokens, Rsf = l.num_sf_ring_tokens;
   const int64_t hb = H * c.elem_bits / 8, ib = I * c.elem_bits / 8;  // activation row bytes
   const int64_t sf_rows = c.block_k / (c.gran_k * 4);                // SF words per K block
-  constexpr int kUint8 = 0, kInt32 = 3, kU4Align16B = 14;
+  constexpr MapDtype kUint8 = MapDtype::kUint8, kInt32 = MapDtype::kInt32;
+  using Src = MapSource;
   const auto plan2 = mega::Plan2D;
   // Routed weights [E][N][K/2] packed E2M1, viewed 4-D as [E][2 halves][N/2][K] (the kernel loads
   // (k, n within the half, half, expert)); K in bytes (mxf4xmxf4: UINT8) or in 4-bit elements
   // (fp8xfp4: 16U4_ALIGN16B, each value unpacked to an 8-bit shared-memory container).
-  const auto weights = [&](const char* name, int source, int64_t n, int64_t k) {
+  const auto weights = [&](const char* name, MapSource source, int64_t n, int64_t k) {
     const bool unpacked = c.mma_kind == MmaKind::kMXFP8FP4;
     const int64_t row = k / 2;
     TensorMapPlan p;
     p.name = name;
     p.source = source;
-    p.dtype = unpacked ? kU4Align16B : kUint8;
+    p.dtype = unpacked ? MapDtype::kU4Align16B : kUint8;
     p.rank = 4;
     const int64_t dims[4] = {unpacked ? k : row, n / 2, 2, e_local};
     const int64_t strides[3] = {row, (n / 2) * row, n * row};
     const int64_t box[4] = {c.block_k_bytes, c.load_block_n, 1, 1};
     for (int i = 0; i < 4; ++i) p.dims[i] = dims[i], p.box[i] = box[i];
     for (int i = 0; i < 3; ++i) p.strides[i] = strides[i];
-    p.swizzle = static_cast<int>(c.swizzle_weights_mode);
+    p.swizzle = static_cast<Swizzle>(c.swizzle_weights_mode);
     return p;
   };
-  const int sw_acts = static_cast<int>(c.swizzle_acts_mode);
-  const int sw_out = static_cast<int>(c.l1_out_block_n_bytes);  // 64B (FP8) / 32B (FP4) swizzle
+  const auto sw_acts = static_cast<Swizzle>(c.swizzle_acts_mode);
+  const auto sw_out = static_cast<Swizzle>(c.l1_out_block_n_bytes);  // 64B (FP8) / 32B (FP4)
+  constexpr Swizzle kNone = Swizzle::kNone;
   return {
       // A operand of L1: [R, H*b/8] bytes, (BLOCK_M/2 rows x 128 B) per CTA, 128B swizzle
-      plan2("l1_acts", 0, l.l1, kUint8, hb, R, hb, c.block_k_bytes, c.load_block_m, sw_acts),
+      plan2("l1_acts", Src::kBuffer, l.l1, kUint8, hb, R, hb, c.block_k_bytes, c.load_block_m, sw_acts),
       // SFA of L1: int32 [H/128][Rsf] (MN-major), (SF_BLOCK_M x BLOCK_K/128) words
-      plan2("l1_acts_sf", 0, l.l1_sf, kInt32, Rsf, H / 128, Rsf * 4, c.sf_block_m, sf_rows, 0),
-      weights("l1_weights", 1, 2 * I, H),
+      plan2("l1_acts_sf", Src::kBuffer, l.l1_sf, kInt32, Rsf, H / 128, Rsf * 4, c.sf_block_m, sf_rows, kNone),
+      weights("l1_weights", Src::kL1, 2 * I, H),
       // SFB of L1: int32 [E][H/128][2I] (MN-major), (128 x BLOCK_K/128) words
-      plan2("l1_weights_sf", 2, 0, kInt32, 2 * I, e_local * (H / 128), 2 * I * 4, c.block_n,
-            sf_rows, 0),
+      plan2("l1_weights_sf", Src::kL1Sf, 0, kInt32, 2 * I, e_local * (H / 128), 2 * I * 4, c.block_n,
+            sf_rows, kNone),
       // L1 output (post-SwiGLU, requantised) stores into l2: (STORE_BLOCK_M_L1 x BLOCK_N/2 values)
-      plan2("l1_output", 0, l.l2, kUint8, ib, R, ib, c.l1_out_block_n_bytes, c.store_block_m_l1,
+      plan2("l1_output", Src::kBuffer, l.l2, kUint8, ib, R, ib, c.l1_out_block_n_bytes, c.store_block_m_l1,
             sw_out),
-      plan2("l2_acts", 0, l.l2, kUint8, ib, R, ib, c.block_k_bytes, c.load_block_m, sw_acts),
-      plan2("l2_acts_sf", 0, l.l2_sf, kInt32, Rsf, I / 128, Rsf * 4, c.sf_block_m, sf_rows, 0),
-      weights("l2_weights", 3, H, I),
-      plan2("l2_weights_sf", 4, 0, kInt32, H, e_local * (I / 128), H * 4, c.block_n, sf_rows, 0),
+      plan2("l2_acts", Src::kBuffer, l.l2, kUint8, ib, R, ib, c.block_k_bytes, c.load_block_m, sw_acts),
+      plan2("l2_acts_sf", Src::kBuffer, l.l2_sf, kInt32, Rsf, I / 128, Rsf * 4, c.sf_block_m, sf_rows, kNone),
+      weights("l2_weights", Src::kL2, H, I),
+      plan2("l2_weights_sf", Src::kL2Sf, 0, kInt32, H, e_local * (I / 128), H * 4, c.block_n, sf_rows, kNone),
   };
 }
 

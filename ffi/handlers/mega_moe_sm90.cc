@@ -43,31 +43,35 @@ bool Sm90Mega::Plan(const Shape& s, const Options& o, int64_t num_sms, int64_t n
 jit::KernelSource Sm90Mega::Source(const Config& c) { return jit::mega_moe_sm90_source(c); }
 
 // DeepGEMM's make_tma_2d_desc conventions: 2-D, inner dim first, 128B swizzle -> inner box =
-// 128 bytes. Buffer slices (source 0) and the two weight operands (sources 1 and 3).
+// 128 bytes. Buffer slices and the two weight operands (l1, l2).
 std::array<TensorMapPlan, Sm90Mega::kNumTensorMaps> Sm90Mega::Plans(const Config& c,
                                                                    const Layout& l) {
   const int64_t H = c.hidden, I = c.intermediate, D = l.num_data_pool_tokens;
   const int64_t S = l.num_padded_sf_pool_tokens, e_local = l.num_experts_per_rank;
-  constexpr int kUint8 = CU_TENSOR_MAP_DATA_TYPE_UINT8, kFloat32 = CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
+  using Src = MapSource;
   // e4m3 [outer, inner] rows of `inner` bytes; a swizzled box is one swizzle atom wide.
-  const auto fp8 = [](const char* name, int source, uint64_t offset, int64_t inner, int64_t outer,
-                      int64_t box_inner, int64_t box_outer, int swizzle) {
-    return mega::Plan2D(name, source, offset, kUint8, inner, outer, inner,
-                        swizzle != 0 ? swizzle : box_inner, box_outer, swizzle);
+  const auto fp8 = [](const char* name, MapSource source, uint64_t offset, int64_t inner,
+                      int64_t outer, int64_t box_inner, int64_t box_outer, Swizzle swizzle) {
+    const int64_t atom = static_cast<int64_t>(swizzle);
+    return mega::Plan2D(name, source, offset, MapDtype::kUint8, inner, outer, inner,
+                        swizzle != Swizzle::kNone ? atom : box_inner, box_outer, swizzle);
   };
   // f32 [K/128][S] MN-major scale factors, one column of block_m rows per box.
   const auto sf = [&](const char* name, uint64_t offset, int64_t groups) {
-    return mega::Plan2D(name, 0, offset, kFloat32, S, groups, S * 4, c.block_m, 1, 0);
+    return mega::Plan2D(name, Src::kBuffer, offset, MapDtype::kFloat32, S, groups, S * 4,
+                        c.block_m, 1, Swizzle::kNone);
   };
-  const int out_swizzle = static_cast<int>(c.l1_output_swizzle);
+  const auto out_swizzle = static_cast<Swizzle>(c.l1_output_swizzle);
+  constexpr Swizzle k128B = Swizzle::k128B;
   return {
-      fp8("l1_acts", 0, l.l1_acts, H, D, c.block_k, c.block_m, 128),
+      fp8("l1_acts", Src::kBuffer, l.l1_acts, H, D, c.block_k, c.block_m, k128B),
       sf("l1_acts_sf", l.l1_acts_sf, H / 128),
-      fp8("l1_weights", 1, 0, H, e_local * 2 * I, c.block_k, c.weight_tma_block_n, 128),
-      fp8("l1_output", 0, l.l2_acts, I, D, c.l1_output_box_n, c.l1_output_box_m, out_swizzle),
-      fp8("l2_acts", 0, l.l2_acts, I, D, c.block_k, c.block_m, 128),
+      fp8("l1_weights", Src::kL1, 0, H, e_local * 2 * I, c.block_k, c.weight_tma_block_n, k128B),
+      fp8("l1_output", Src::kBuffer, l.l2_acts, I, D, c.l1_output_box_n, c.l1_output_box_m,
+          out_swizzle),
+      fp8("l2_acts", Src::kBuffer, l.l2_acts, I, D, c.block_k, c.block_m, k128B),
       sf("l2_acts_sf", l.l2_acts_sf, I / 128),
-      fp8("l2_weights", 3, 0, I, e_local * H, c.block_k, c.weight_tma_block_n, 128),
+      fp8("l2_weights", Src::kL2, 0, I, e_local * H, c.block_k, c.weight_tma_block_n, k128B),
   };
 }
 
