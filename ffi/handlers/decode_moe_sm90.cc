@@ -97,21 +97,13 @@ ffi::ErrorOr<std::unique_ptr<DecodeMoeState>> Build(jit::DecodePass pass, int64_
         cat(t, ": ", smem, " B of shared memory needed (hidden=", h, ", intermediate=", i,
             ", top_k=", k, "), more than an sm_90 block has (227 KiB)")));
   }
-  std::shared_ptr<const jit::LoadedKernel> kernel;
-  if (ffi::Error err = host::CompileAndLoad(jit::decode_source(pass), t, &kernel); !err.success()) {
-    return ffi::Unexpected<ffi::Error>(std::move(err));
-  }
   auto st = std::make_unique<DecodeMoeState>();
   st->pass = pass;
-  st->hidden = h;
-  st->intermediate = i;
-  st->num_experts = e;
-  st->top_k = k;
+  st->hidden = h, st->intermediate = i, st->num_experts = e, st->top_k = k;  // the shape
   st->activation_clamp = clamp;
   st->routed_scaling_factor = rsf;
   st->smem_bytes = smem;
-  st->kernel = std::move(kernel);
-  return st;
+  return host::WithKernel(std::move(st), jit::decode_source(pass), t);
 }
 
 ffi::ErrorOr<std::unique_ptr<DecodeMoeState>> InstantiateL1(int64_t h, int64_t i, int64_t e, int64_t k,
@@ -271,30 +263,19 @@ JMM_EXPORT int jmm_decode_compile(int pass, char* cubin_out, size_t cap, char* e
 JMM_EXPORT XLA_FFI_TypeId* jmm_decode_state_type_id() { return &jmm::DecodeMoeState::id; }
 JMM_EXPORT const XLA_FFI_TypeInfo* jmm_decode_state_type_info() { return &jmm::kDecodeStateTypeInfo; }
 
-#define JMM_DECODE_INIT_BINDING                          \
-  ffi::Ffi::Bind<ffi::ExecutionStage::kInitialize>()     \
-      .Ctx<ffi::PlatformStream<CUstream>>()              \
-      .Ctx<ffi::DeviceOrdinal>()                         \
-      .Ctx<ffi::State<jmm::DecodeMoeState>>()
-#define JMM_DECODE_L1_INSTANTIATE                        \
-  ffi::Ffi::BindInstantiate()                            \
-      .Attr<int64_t>("hidden")                           \
-      .Attr<int64_t>("intermediate")                     \
-      .Attr<int64_t>("num_experts")                      \
-      .Attr<int64_t>("top_k")                            \
-      .Attr<float>("activation_clamp")                   \
-      .Attr<float>("routed_scaling_factor")
+#define JMM_DECODE_INIT_BINDING JMM_INITIALIZE_CONTEXTS(jmm::DecodeMoeState)
 #define JMM_DECODE_L2_INSTANTIATE                        \
   ffi::Ffi::BindInstantiate()                            \
       .Attr<int64_t>("hidden")                           \
       .Attr<int64_t>("intermediate")                     \
       .Attr<int64_t>("num_experts")                      \
       .Attr<int64_t>("top_k")
+#define JMM_DECODE_L1_INSTANTIATE                        \
+  JMM_DECODE_L2_INSTANTIATE                              \
+      .Attr<float>("activation_clamp")                   \
+      .Attr<float>("routed_scaling_factor")
 #define JMM_DECODE_L1_EXECUTE                            \
-  ffi::Ffi::Bind()                                       \
-      .Ctx<ffi::PlatformStream<CUstream>>()              \
-      .Ctx<ffi::DeviceOrdinal>()                         \
-      .Ctx<ffi::State<jmm::DecodeMoeState>>()            \
+  JMM_EXECUTE_CONTEXTS(jmm::DecodeMoeState)              \
       .Arg<ffi::AnyBuffer>() /* x */                     \
       .Arg<ffi::AnyBuffer>() /* topk_idx */              \
       .Arg<ffi::AnyBuffer>() /* topk_weights */          \
@@ -302,10 +283,7 @@ JMM_EXPORT const XLA_FFI_TypeInfo* jmm_decode_state_type_info() { return &jmm::k
       .Arg<ffi::AnyBuffer>() /* l1_sf */                 \
       .Ret<ffi::AnyBuffer>() /* act */
 #define JMM_DECODE_L2_EXECUTE                            \
-  ffi::Ffi::Bind()                                       \
-      .Ctx<ffi::PlatformStream<CUstream>>()              \
-      .Ctx<ffi::DeviceOrdinal>()                         \
-      .Ctx<ffi::State<jmm::DecodeMoeState>>()            \
+  JMM_EXECUTE_CONTEXTS(jmm::DecodeMoeState)              \
       .Arg<ffi::AnyBuffer>() /* act */                   \
       .Arg<ffi::AnyBuffer>() /* topk_idx */              \
       .Arg<ffi::AnyBuffer>() /* l2 */                    \

@@ -635,15 +635,9 @@ ffi::Error EncodeOperandMaps(const cuda::Driver* d, const DriverExt* x, const ch
   (::jmm::mega::Instantiate<ARCH>),                                                  \
       ::xla::ffi::Ffi::BindInstantiate().Attrs<ARCH::Attrs>(),                       \
       (::jmm::mega::Stage<ARCH, true>),                                              \
-      ::xla::ffi::Ffi::Bind<::xla::ffi::ExecutionStage::kInitialize>()               \
-          .Ctx<::xla::ffi::PlatformStream<CUstream>>()                               \
-          .Ctx<::xla::ffi::DeviceOrdinal>()                                          \
-          .Ctx<::xla::ffi::State<::jmm::mega::State<ARCH>>>() JMM_MEGA_MOE_BUFFERS,  \
+      JMM_INITIALIZE_CONTEXTS(::jmm::mega::State<ARCH>) JMM_MEGA_MOE_BUFFERS,        \
       (::jmm::mega::Stage<ARCH, false>),                                             \
-      ::xla::ffi::Ffi::Bind()                                                        \
-          .Ctx<::xla::ffi::PlatformStream<CUstream>>()                               \
-          .Ctx<::xla::ffi::DeviceOrdinal>()                                          \
-          .Ctx<::xla::ffi::State<::jmm::mega::State<ARCH>>>() JMM_MEGA_MOE_BUFFERS
+      JMM_EXECUTE_CONTEXTS(::jmm::mega::State<ARCH>) JMM_MEGA_MOE_BUFFERS
 
 // The state type's id / info exports of one arch.
 #define JMM_DEFINE_MEGA_MOE_STATE(PREFIX, ARCH)                                                \

@@ -90,22 +90,14 @@ ffi::ErrorOr<std::unique_ptr<PreDispatchState>> Instantiate(int64_t hidden, int6
       !e.success()) {
     return ffi::Unexpected<ffi::Error>(std::move(e));
   }
-  std::shared_ptr<const jit::LoadedKernel> kernel;
-  if (ffi::Error e = host::CompileAndLoad(jit::pre_dispatch_source(kArch, mma_kind),
-                                          TargetName(kArch), &kernel);
-      !e.success()) {
-    return ffi::Unexpected<ffi::Error>(std::move(e));
-  }
   auto state = std::make_unique<PreDispatchState>();
   state->arch = kArch;
   state->mma_kind = mma_kind;
-  state->hidden = hidden;
-  state->top_k = top_k;
-  state->capacity = capacity;
+  state->hidden = hidden, state->top_k = top_k, state->capacity = capacity;  // the shape
   state->group = group;
   state->routed_scaling_factor = rsf;
-  state->kernel = std::move(kernel);
-  return state;
+  return host::WithKernel(std::move(state), jit::pre_dispatch_source(kArch, mma_kind),
+                          TargetName(kArch));
 }
 
 // The kernel's CUfunction in the current context `ctx` (host::FunctionCache: cached per context).
@@ -275,16 +267,9 @@ JMM_EXPORT const XLA_FFI_TypeInfo* jmm_pre_dispatch_state_type_info() {
       .Attr<int64_t>("group")                                            \
       .Attr<jmm::MmaKind>("mma_kind")                                    \
       .Attr<float>("routed_scaling_factor")
-#define JMM_INITIALIZE_BINDING                                           \
-  ffi::Ffi::Bind<ffi::ExecutionStage::kInitialize>()                     \
-      .Ctx<ffi::PlatformStream<CUstream>>()                              \
-      .Ctx<ffi::DeviceOrdinal>()                                         \
-      .Ctx<ffi::State<jmm::PreDispatchState>>()
+#define JMM_INITIALIZE_BINDING JMM_INITIALIZE_CONTEXTS(jmm::PreDispatchState)
 #define JMM_EXECUTE_BINDING                                              \
-  ffi::Ffi::Bind()                                                       \
-      .Ctx<ffi::PlatformStream<CUstream>>()                              \
-      .Ctx<ffi::DeviceOrdinal>()                                         \
-      .Ctx<ffi::State<jmm::PreDispatchState>>()                          \
+  JMM_EXECUTE_CONTEXTS(jmm::PreDispatchState)                            \
       .Arg<ffi::AnyBuffer>() /* x */                                     \
       .Arg<ffi::AnyBuffer>() /* topk_idx */                              \
       .Arg<ffi::AnyBuffer>() /* topk_weights */                          \

@@ -20,6 +20,16 @@
   JMM_DEFINE_STAGES_(NAME, __VA_ARGS__);            \
   JMM_DEFINE_STAGES_(NAME##_graph, __VA_ARGS__, {::xla::ffi::Traits::kCmdBufferCompatible})
 
+// The contexts every target's initialize and execute stages bind first, on BIND (e.g.
+// ::xla::ffi::Ffi::Bind()): XLA's stream, the device ordinal and the target's state type.
+#define JMM_STAGE_CONTEXTS(BIND, STATE)                 \
+  BIND.Ctx<::xla::ffi::PlatformStream<CUstream>>()      \
+      .Ctx<::xla::ffi::DeviceOrdinal>()                 \
+      .Ctx<::xla::ffi::State<STATE>>()
+#define JMM_INITIALIZE_CONTEXTS(STATE) \
+  JMM_STAGE_CONTEXTS(::xla::ffi::Ffi::Bind<::xla::ffi::ExecutionStage::kInitialize>(), STATE)
+#define JMM_EXECUTE_CONTEXTS(STATE) JMM_STAGE_CONTEXTS(::xla::ffi::Ffi::Bind(), STATE)
+
 #define JMM_DEFINE_STAGES_(NAME, INSTANTIATE, INSTANTIATE_BINDING, INITIALIZE,                  \
                            INITIALIZE_BINDING, EXECUTE, EXECUTE_BINDING, ...)                   \
   JMM_EXPORT XLA_FFI_Error* NAME##_instantiate(XLA_FFI_CallFrame*);                             \

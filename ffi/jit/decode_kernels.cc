@@ -9,11 +9,9 @@ namespace jmm::jit {
 
 KernelSource decode_source(DecodePass pass) {
   const bool l1 = pass == DecodePass::kL1;
-  KernelSource k;
-  k.name = l1 ? "sm90_decode_l1" : "sm90_decode_l2";
-  k.gpu_arch = "sm_90a";
-  k.impl_header = "";  // ours: no DeepGEMM header
-  k.symbol_hint = l1 ? "jmm_decode_l1_sm90" : "jmm_decode_l2_sm90";
+  // Ours: no DeepGEMM header.
+  KernelSource k = kernel_named(l1 ? "sm90_decode_l1" : "sm90_decode_l2", "sm_90a", "",
+                                l1 ? "jmm_decode_l1_sm90" : "jmm_decode_l2_sm90");
   // The decode kernels' CUDA source is ffi/kernels/decode_moe_sm90.cuh, embedded at build time
   // (ffi/cmake/embed_file.cmake). Both passes live in one source; JMM_DECODE_PASS selects the one
   // entry function of a cubin. The first line keeps its old wording (the file's former home) so

@@ -42,19 +42,16 @@ std::string render(const std::string& header, const std::string& kernel,
 KernelSource pre_dispatch_source(int arch, MmaKind mma_kind) {
   KernelSource k;
   if (arch == 90) {
-    k.name = "sm90_pre_dispatch";
-    k.gpu_arch = "sm_90a";
-    k.impl_header = "deep_gemm/impls/sm90_mega_moe_pre_dispatch.cuh";
-    k.symbol_hint = "sm90_mega_moe_pre_dispatch_kernel";
+    k = kernel_named("sm90_pre_dispatch", "sm_90a", "deep_gemm/impls/sm90_mega_moe_pre_dispatch.cuh",
+                     "sm90_mega_moe_pre_dispatch_kernel");
     k.source = render(k.impl_header, "sm90_mega_moe_pre_dispatch_kernel", "128u, false",
                       kSm90PreDispatchSignature,
                       "FP8 e4m3 acts, f32 scale per 128 columns, no PDL");
   } else {
     const bool fp4 = mma_kind == MmaKind::kMXFP4;
-    k.name = fp4 ? "sm100_pre_dispatch_mxfp4" : "sm100_pre_dispatch_mxfp8fp4";
-    k.gpu_arch = "sm_100f";
-    k.impl_header = "deep_gemm/impls/sm100_mega_moe_pre_dispatch.cuh";
-    k.symbol_hint = "mega_moe_pre_dispatch_kernel";
+    k = kernel_named(fp4 ? "sm100_pre_dispatch_mxfp4" : "sm100_pre_dispatch_mxfp8fp4", "sm_100f",
+                     "deep_gemm/impls/sm100_mega_moe_pre_dispatch.cuh",
+                     "mega_moe_pre_dispatch_kernel");
     k.source = render(k.impl_header, "mega_moe_pre_dispatch_kernel",
                       fp4 ? "32u, deep_gemm::MmaKind::MXFP4, false"
                           : "32u, deep_gemm::MmaKind::MXFP8FP4, false",

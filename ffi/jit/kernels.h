@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "common/mma_kind.h"
 
@@ -27,6 +28,17 @@ struct KernelSource {
   std::string impl_header;  // DeepGEMM header it includes (relative to the include dir)
   std::string symbol_hint;  // substring the mangled entry symbol must contain
 };
+
+// A kernel's identity: everything but its source, which the caller renders into `source`.
+inline KernelSource kernel_named(std::string name, std::string gpu_arch, std::string impl_header,
+                                 std::string symbol_hint) {
+  KernelSource k;
+  k.name = std::move(name);
+  k.gpu_arch = std::move(gpu_arch);
+  k.impl_header = std::move(impl_header);
+  k.symbol_hint = std::move(symbol_hint);
+  return k;
+}
 
 // Pre-dispatch kernels. arch: 90 (sm_90a) or 100 (sm_100f); mma_kind: kNone for
 // arch 90, kMXFP8FP4 (FP8 acts) or kMXFP4 (packed FP4 acts) for arch 100 (mma_kind_valid).
