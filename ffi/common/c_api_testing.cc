@@ -34,7 +34,8 @@ void copy_field(D (*d)[N], const S (&s)[M]) {
 bool size_ok(const void* p, size_t got, size_t want, const char* what) {
   if (p == nullptr || got != want) {
     set_last_error(cat(what, ": the caller's struct is ", p == nullptr ? 0 : got, " bytes, the ",
-                       "library's is ", want, " (rebuild the library, or use tests/ffi_testing.py)"));
+                       "library's is ", want,
+                       " (rebuild the library, or use tests/ffi_testing.py)"));
     return false;
   }
   return true;
@@ -91,8 +92,8 @@ bool ShapeFromC(const jmm_mega_shape_t* in, typename Arch::Shape* s) {
 
 // Layout and configuration of one call, as initialize would pick them on num_sms SMs.
 template <class Arch>
-bool PlanFromC(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,
-               typename Arch::Layout* l, typename Arch::Config* c) {
+bool PlanFromC(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, typename Arch::Layout* l,
+               typename Arch::Config* c) {
   typename Arch::Shape s;
   if (!ShapeFromC<Arch>(shape, &s)) return false;
   if (call == nullptr) {
@@ -112,8 +113,8 @@ bool PlanFromC(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,
 
 // The arch's descriptor plans (TensorMapPlan order = kernel parameter order); returns the count.
 template <class Arch>
-int TensorMapsToC(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,
-                  jmm_tensor_map_t* out, int n, size_t elem_size) {
+int TensorMapsToC(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, jmm_tensor_map_t* out,
+                  int n, size_t elem_size) {
   if (!size_ok(out, elem_size, sizeof(jmm_tensor_map_t), Arch::kTarget)) return -1;
   typename Arch::Layout l;
   typename Arch::Config c;
@@ -192,8 +193,8 @@ JMM_EXPORT int jmm_c_struct_fields(const char* name, char* out, size_t cap) {
   return -1;
 }
 
-JMM_EXPORT int jmm_pre_dispatch_launch_plan(int arch, int mma_kind, int64_t T, int64_t P,
-                                            int64_t H, int64_t K, jmm_pre_dispatch_launch_t* out,
+JMM_EXPORT int jmm_pre_dispatch_launch_plan(int arch, int mma_kind, int64_t T, int64_t P, int64_t H,
+                                            int64_t K, jmm_pre_dispatch_launch_t* out,
                                             size_t out_size) {
   if (!size_ok(out, out_size, sizeof(*out), "jmm_pre_dispatch_launch_plan")) return -1;
   const auto kind = static_cast<jmm::MmaKind>(mma_kind);
@@ -204,7 +205,8 @@ JMM_EXPORT int jmm_pre_dispatch_launch_plan(int arch, int mma_kind, int64_t T, i
   }
   if (T < 0 || P < T || H <= 0 || H % 128 != 0 || K <= 0) {
     jmm::set_last_error(jmm::cat("jmm_pre_dispatch_launch_plan: T=", T, ", P=", P, ", H=", H,
-                                 ", K=", K, " (want 0 <= T <= P, H a positive multiple of 128, "
+                                 ", K=", K,
+                                 " (want 0 <= T <= P, H a positive multiple of 128, "
                                  "K >= 1)"));
     return -1;
   }
@@ -241,23 +243,23 @@ JMM_EXPORT int jmm_sm100_mega_layout(const jmm_mega_shape_t* shape, int64_t num_
 }
 
 // The per-arch exports (declared by JMM_MEGA_C_API_DECLS).
-#define JMM_DEFINE_MEGA_C_API(PREFIX, ARCH, CONFIG_T)                                            \
-  JMM_EXPORT int PREFIX##_config(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,     \
-                                 CONFIG_T* out, size_t out_size) {                               \
-    return ::jmm::c_api::ConfigToC<ARCH>(shape, call, out, out_size);                            \
-  }                                                                                              \
+#define JMM_DEFINE_MEGA_C_API(PREFIX, ARCH, CONFIG_T)                                             \
+  JMM_EXPORT int PREFIX##_config(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,      \
+                                 CONFIG_T* out, size_t out_size) {                                \
+    return ::jmm::c_api::ConfigToC<ARCH>(shape, call, out, out_size);                             \
+  }                                                                                               \
   JMM_EXPORT int PREFIX##_tensor_maps(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, \
-                                      jmm_tensor_map_t* out, int n, size_t elem_size) {          \
-    return ::jmm::c_api::TensorMapsToC<ARCH>(shape, call, out, n, elem_size);                    \
-  }                                                                                              \
-  JMM_EXPORT int PREFIX##_render(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,     \
-                                 char* out, size_t cap) {                                        \
-    return ::jmm::c_api::Render<ARCH>(shape, call, out, cap);                                    \
-  }                                                                                              \
-  JMM_EXPORT int PREFIX##_compile(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,    \
-                                  char* cubin_path_out, size_t cap, char* err_out,               \
-                                  size_t err_cap) {                                              \
-    return ::jmm::c_api::Compile<ARCH>(shape, call, cubin_path_out, cap, err_out, err_cap);      \
+                                      jmm_tensor_map_t* out, int n, size_t elem_size) {           \
+    return ::jmm::c_api::TensorMapsToC<ARCH>(shape, call, out, n, elem_size);                     \
+  }                                                                                               \
+  JMM_EXPORT int PREFIX##_render(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,      \
+                                 char* out, size_t cap) {                                         \
+    return ::jmm::c_api::Render<ARCH>(shape, call, out, cap);                                     \
+  }                                                                                               \
+  JMM_EXPORT int PREFIX##_compile(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,     \
+                                  char* cubin_path_out, size_t cap, char* err_out,                \
+                                  size_t err_cap) {                                               \
+    return ::jmm::c_api::Compile<ARCH>(shape, call, cubin_path_out, cap, err_out, err_cap);       \
   }
 
 JMM_DEFINE_MEGA_C_API(jmm_sm90_mega, ::jmm::Sm90Mega, jmm_sm90_mega_config_t)

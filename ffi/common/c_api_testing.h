@@ -27,6 +27,9 @@
 #define JMM_C_FIELD_DECL(kind, name, count) JMM_C_TYPE_##kind name[count];
 #define JMM_C_FIELD_DECL1(kind, name, count) JMM_C_TYPE_##kind name;
 
+/* The field lists are tables, laid out by hand (clang-format reflows them differently on each
+ * run). */
+/* clang-format off */
 /* Static problem of one symmetric buffer (input). mma_kind: 0 on sm_90; 1 (MXFP8FP4, fp8xfp4)
  * or 2 (MXFP4, mxf4xmxf4) on sm_100. */
 #define JMM_MEGA_SHAPE_FIELDS(X)                                                   \
@@ -123,6 +126,8 @@
   X(jmm_tensor_map, JMM_TENSOR_MAP_FIELDS)                       \
   X(jmm_pre_dispatch_launch, JMM_PRE_DISPATCH_LAUNCH_FIELDS)
 
+/* clang-format on */
+
 /* typedef struct jmm_<name>_t { ... } jmm_<name>_t; (arrays of one are declared as scalars) */
 #define JMM_C_FIELD(kind, name, count) JMM_C_FIELD_##count(kind, name, count)
 #define JMM_C_FIELD_1(kind, name, count) JMM_C_FIELD_DECL1(kind, name, count)
@@ -154,8 +159,8 @@ JMM_TESTING_API int jmm_pre_dispatch_launch_plan(int arch, int mma_kind, int64_t
                                                  jmm_pre_dispatch_launch_t* out, size_t out_size);
 
 /* Symmetric-buffer layout of a shape: sm_90 (mma_kind 0), sm_100 sized for num_sms SMs. */
-JMM_TESTING_API int jmm_sm90_mega_layout(const jmm_mega_shape_t* shape,
-                                         jmm_sm90_mega_layout_t* out, size_t out_size);
+JMM_TESTING_API int jmm_sm90_mega_layout(const jmm_mega_shape_t* shape, jmm_sm90_mega_layout_t* out,
+                                         size_t out_size);
 JMM_TESTING_API int jmm_sm100_mega_layout(const jmm_mega_shape_t* shape, int64_t num_sms,
                                           jmm_sm100_mega_layout_t* out, size_t out_size);
 
@@ -163,17 +168,17 @@ JMM_TESTING_API int jmm_sm100_mega_layout(const jmm_mega_shape_t* shape, int64_t
  * plans in kernel parameter order (the count, or -1); the kernel.cu of its mega kernel (the
  * length, >= cap: truncated; or -1); compile it (or find it in the caches) and write the cubin
  * path (0 on success, else 1 and the reason in err_out). */
-#define JMM_MEGA_C_API_DECLS(PREFIX, CONFIG_T)                                                   \
-  JMM_TESTING_API int PREFIX##_config(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, \
-                                      CONFIG_T* out, size_t out_size);                            \
-  JMM_TESTING_API int PREFIX##_tensor_maps(const jmm_mega_shape_t* shape,                         \
-                                           const jmm_mega_call_t* call, jmm_tensor_map_t* out,    \
-                                           int n, size_t elem_size);                              \
-  JMM_TESTING_API int PREFIX##_render(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, \
-                                      char* out, size_t cap);                                     \
-  JMM_TESTING_API int PREFIX##_compile(const jmm_mega_shape_t* shape,                             \
-                                       const jmm_mega_call_t* call, char* cubin_path_out,         \
-                                       size_t cap, char* err_out, size_t err_cap);
+#define JMM_MEGA_C_API_DECLS(PREFIX, CONFIG_T)                                                     \
+  JMM_TESTING_API int PREFIX##_config(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,  \
+                                      CONFIG_T* out, size_t out_size);                             \
+  JMM_TESTING_API int PREFIX##_tensor_maps(const jmm_mega_shape_t* shape,                          \
+                                           const jmm_mega_call_t* call, jmm_tensor_map_t* out,     \
+                                           int n, size_t elem_size);                               \
+  JMM_TESTING_API int PREFIX##_render(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,  \
+                                      char* out, size_t cap);                                      \
+  JMM_TESTING_API int PREFIX##_compile(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, \
+                                       char* cubin_path_out, size_t cap, char* err_out,            \
+                                       size_t err_cap);
 JMM_MEGA_C_API_DECLS(jmm_sm90_mega, jmm_sm90_mega_config_t)
 JMM_MEGA_C_API_DECLS(jmm_sm100_mega, jmm_sm100_mega_config_t)
 

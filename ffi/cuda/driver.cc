@@ -31,8 +31,8 @@ struct Loader {
 };
 
 template <typename Fn>
-bool resolve(void* lib, GetProcAddressV2 gpa2, GetProcAddressV1 gpa1,
-             const char* base_name, const char* versioned_name, Fn* out) {
+bool resolve(void* lib, GetProcAddressV2 gpa2, GetProcAddressV1 gpa1, const char* base_name,
+             const char* versioned_name, Fn* out) {
   void* p = nullptr;
   if (gpa2 != nullptr) {
     CUdriverProcAddressQueryResult status = CU_GET_PROC_ADDRESS_SUCCESS;
@@ -66,8 +66,9 @@ Loader* load() {
   L->lib = lib, L->gpa2 = gpa2, L->gpa1 = gpa1;
   Driver& d = L->table;
   std::string missing;
-#define JMM_RESOLVE(member, versioned) \
-  note_missing(resolve(lib, gpa2, gpa1, "cu" #member, #versioned, &d.member), "cu" #member, &missing);
+#define JMM_RESOLVE(member, versioned)                                                      \
+  note_missing(resolve(lib, gpa2, gpa1, "cu" #member, #versioned, &d.member), "cu" #member, \
+               &missing);
   JMM_CUDA_DRIVER_ENTRIES(JMM_RESOLVE)
 #undef JMM_RESOLVE
 #define JMM_RESOLVE_OPTIONAL(member, versioned) \

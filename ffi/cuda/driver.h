@@ -17,32 +17,32 @@ namespace jmm::cuda {
 // (`decltype` does not odr-use the prototype, so no link dependency on libcuda is created) and is
 // resolved by its base name "cuM" with cuGetProcAddress, else by dlsym of the versioned symbol.
 // Required: driver() fails naming the missing ones.
-#define JMM_CUDA_DRIVER_ENTRIES(X)                                       \
-  X(Init, cuInit)                                                        \
-  X(DriverGetVersion, cuDriverGetVersion)                                \
-  X(GetErrorName, cuGetErrorName)                                        \
-  X(GetErrorString, cuGetErrorString)                                    \
-  X(DeviceGet, cuDeviceGet)                                              \
-  X(DevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain)                    \
-  X(DevicePrimaryCtxRelease, cuDevicePrimaryCtxRelease_v2)               \
-  X(CtxGetCurrent, cuCtxGetCurrent)                                      \
-  X(CtxPushCurrent, cuCtxPushCurrent_v2)                                 \
-  X(CtxPopCurrent, cuCtxPopCurrent_v2)                                   \
-  X(StreamGetCtx, cuStreamGetCtx)                                        \
-  X(StreamIsCapturing, cuStreamIsCapturing)                              \
-  X(LibraryLoadFromFile, cuLibraryLoadFromFile)                          \
-  X(LibraryUnload, cuLibraryUnload)                                      \
-  X(LibraryGetKernel, cuLibraryGetKernel)                                \
-  X(KernelGetFunction, cuKernelGetFunction)                              \
-  X(ThreadExchangeStreamCaptureMode, cuThreadExchangeStreamCaptureMode)  \
-  X(LaunchKernel, cuLaunchKernel)                                        \
-  X(MemsetD8Async, cuMemsetD8Async)                                     
+#define JMM_CUDA_DRIVER_ENTRIES(X)                                      \
+  X(Init, cuInit)                                                       \
+  X(DriverGetVersion, cuDriverGetVersion)                               \
+  X(GetErrorName, cuGetErrorName)                                       \
+  X(GetErrorString, cuGetErrorString)                                   \
+  X(DeviceGet, cuDeviceGet)                                             \
+  X(DevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain)                   \
+  X(DevicePrimaryCtxRelease, cuDevicePrimaryCtxRelease_v2)              \
+  X(CtxGetCurrent, cuCtxGetCurrent)                                     \
+  X(CtxPushCurrent, cuCtxPushCurrent_v2)                                \
+  X(CtxPopCurrent, cuCtxPopCurrent_v2)                                  \
+  X(StreamGetCtx, cuStreamGetCtx)                                       \
+  X(StreamIsCapturing, cuStreamIsCapturing)                             \
+  X(LibraryLoadFromFile, cuLibraryLoadFromFile)                         \
+  X(LibraryUnload, cuLibraryUnload)                                     \
+  X(LibraryGetKernel, cuLibraryGetKernel)                               \
+  X(KernelGetFunction, cuKernelGetFunction)                             \
+  X(ThreadExchangeStreamCaptureMode, cuThreadExchangeStreamCaptureMode) \
+  X(LaunchKernel, cuLaunchKernel)                                       \
+  X(MemsetD8Async, cuMemsetD8Async)
 
 // Optional (12.4+; used only as fallbacks): left null when the driver lacks them.
-#define JMM_CUDA_DRIVER_OPTIONAL_ENTRIES(X)              \
-  X(LibraryGetKernelCount, cuLibraryGetKernelCount)      \
-  X(LibraryEnumerateKernels, cuLibraryEnumerateKernels)  \
-  X(FuncLoad, cuFuncLoad)                               
+#define JMM_CUDA_DRIVER_OPTIONAL_ENTRIES(X)             \
+  X(LibraryGetKernelCount, cuLibraryGetKernelCount)     \
+  X(LibraryEnumerateKernels, cuLibraryEnumerateKernels) \
+  X(FuncLoad, cuFuncLoad)
 
 // X-macro helper: the member of one entry point.
 #define JMM_CUDA_ENTRY_MEMBER(member, versioned) decltype(&::cu##member) member = nullptr;

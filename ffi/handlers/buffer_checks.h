@@ -14,25 +14,44 @@ namespace jmm {
 inline std::string DTypeName(xla::ffi::DataType t) {
   using xla::ffi::DataType;
   switch (t) {
-    case DataType::PRED: return "pred";
-    case DataType::S8: return "s8";
-    case DataType::S16: return "s16";
-    case DataType::S32: return "s32";
-    case DataType::S64: return "s64";
-    case DataType::U8: return "u8";
-    case DataType::U16: return "u16";
-    case DataType::U32: return "u32";
-    case DataType::U64: return "u64";
-    case DataType::F16: return "f16";
-    case DataType::F32: return "f32";
-    case DataType::F64: return "f64";
-    case DataType::BF16: return "bf16";
-    case DataType::F8E5M2: return "f8e5m2";
-    case DataType::F8E4M3: return "f8e4m3";
-    case DataType::F8E4M3FN: return "f8e4m3fn";
-    case DataType::F4E2M1FN: return "f4e2m1fn";
-    case DataType::F8E8M0FNU: return "f8e8m0fnu";
-    default: return cat("dtype#", static_cast<int>(t));
+    case DataType::PRED:
+      return "pred";
+    case DataType::S8:
+      return "s8";
+    case DataType::S16:
+      return "s16";
+    case DataType::S32:
+      return "s32";
+    case DataType::S64:
+      return "s64";
+    case DataType::U8:
+      return "u8";
+    case DataType::U16:
+      return "u16";
+    case DataType::U32:
+      return "u32";
+    case DataType::U64:
+      return "u64";
+    case DataType::F16:
+      return "f16";
+    case DataType::F32:
+      return "f32";
+    case DataType::F64:
+      return "f64";
+    case DataType::BF16:
+      return "bf16";
+    case DataType::F8E5M2:
+      return "f8e5m2";
+    case DataType::F8E4M3:
+      return "f8e4m3";
+    case DataType::F8E4M3FN:
+      return "f8e4m3fn";
+    case DataType::F4E2M1FN:
+      return "f4e2m1fn";
+    case DataType::F8E8M0FNU:
+      return "f8e8m0fnu";
+    default:
+      return cat("dtype#", static_cast<int>(t));
   }
 }
 
@@ -79,12 +98,12 @@ inline xla::ffi::Error ExpectTokens(const char* target, const xla::ffi::AnyBuffe
                                     int64_t capacity, int64_t* t_out) {
   const auto xd = x.dimensions();
   if (x.element_type() != xla::ffi::DataType::BF16 || xd.size() != 2 || xd[1] != H) {
-    return xla::ffi::Error::InvalidArgument(cat(target, ": operand 'x' must be bf16[T,", H,
-                                                "], got ", Shape(x.element_type(), xd)));
+    return xla::ffi::Error::InvalidArgument(
+        cat(target, ": operand 'x' must be bf16[T,", H, "], got ", Shape(x.element_type(), xd)));
   }
   if (xd[0] > capacity) {
-    return xla::ffi::Error::InvalidArgument(cat(target, ": operand 'x' has T=", xd[0],
-                                                " tokens, more than capacity=", capacity));
+    return xla::ffi::Error::InvalidArgument(
+        cat(target, ": operand 'x' has T=", xd[0], " tokens, more than capacity=", capacity));
   }
   *t_out = xd[0];
   return xla::ffi::Error::Success();

@@ -1,6 +1,5 @@
 #include "handlers/host_glue.h"
 
-
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -31,7 +30,7 @@ ExtLoader* load_ext() {
   }
   std::string missing;
   DriverExt& d = L->table;
-#define JMM_RESOLVE_EXT(member, versioned)                                                \
+#define JMM_RESOLVE_EXT(member, versioned)                                                      \
   d.member = reinterpret_cast<decltype(d.member)>(cuda::entry_point("cu" #member, #versioned)); \
   cuda::note_missing(d.member != nullptr, "cu" #member, &missing);
   JMM_CUDA_DRIVER_EXT_ENTRIES(JMM_RESOLVE_EXT)
@@ -133,7 +132,8 @@ ffi::Error RefuseCapture(const cuda::Driver* d, CUstream stream, const char* tar
   CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
   if (stream != nullptr && d->StreamIsCapturing(stream, &capture) == CUDA_SUCCESS &&
       capture != CU_STREAM_CAPTURE_STATUS_NONE) {
-    return ffi::Error::Internal(cat(target, ": the initialize stage ran during CUDA-graph capture; "
+    return ffi::Error::Internal(cat(target,
+                                    ": the initialize stage ran during CUDA-graph capture; "
                                     "the library's device memory cannot be allocated there"));
   }
   return ffi::Error::Success();

@@ -26,22 +26,22 @@ namespace jmm::host {
 // Driver entry points the handlers need beyond cuda/driver.h's table, X(member, versioned symbol)
 // as there, resolved the same way (cuda::entry_point, after cuda::driver() ran cuInit); all
 // required.
-#define JMM_CUDA_DRIVER_EXT_ENTRIES(X)                                                       \
-  X(CtxGetDevice, cuCtxGetDevice)                                                            \
-  X(CtxEnablePeerAccess, cuCtxEnablePeerAccess)                                              \
-  X(DeviceCanAccessPeer, cuDeviceCanAccessPeer)                                              \
-  X(DeviceGetAttribute, cuDeviceGetAttribute)                                                \
-  X(MemAlloc, cuMemAlloc_v2)                                                                 \
-  X(MemFree, cuMemFree_v2)                                                                   \
-  X(MemcpyHtoDAsync, cuMemcpyHtoDAsync_v2)                                                   \
-  X(MemsetD32Async, cuMemsetD32Async)                                                        \
-  X(StreamCreate, cuStreamCreate)                                                            \
-  X(StreamDestroy, cuStreamDestroy_v2)                                                       \
-  X(StreamSynchronize, cuStreamSynchronize)                                                  \
-  X(FuncSetAttribute, cuFuncSetAttribute)                                                    \
-  X(LaunchKernelEx, cuLaunchKernelEx)                                                        \
-  X(TensorMapEncodeTiled, cuTensorMapEncodeTiled)                                            \
-  X(OccupancyMaxActiveClusters, cuOccupancyMaxActiveClusters)                                \
+#define JMM_CUDA_DRIVER_EXT_ENTRIES(X)                        \
+  X(CtxGetDevice, cuCtxGetDevice)                             \
+  X(CtxEnablePeerAccess, cuCtxEnablePeerAccess)               \
+  X(DeviceCanAccessPeer, cuDeviceCanAccessPeer)               \
+  X(DeviceGetAttribute, cuDeviceGetAttribute)                 \
+  X(MemAlloc, cuMemAlloc_v2)                                  \
+  X(MemFree, cuMemFree_v2)                                    \
+  X(MemcpyHtoDAsync, cuMemcpyHtoDAsync_v2)                    \
+  X(MemsetD32Async, cuMemsetD32Async)                         \
+  X(StreamCreate, cuStreamCreate)                             \
+  X(StreamDestroy, cuStreamDestroy_v2)                        \
+  X(StreamSynchronize, cuStreamSynchronize)                   \
+  X(FuncSetAttribute, cuFuncSetAttribute)                     \
+  X(LaunchKernelEx, cuLaunchKernelEx)                         \
+  X(TensorMapEncodeTiled, cuTensorMapEncodeTiled)             \
+  X(OccupancyMaxActiveClusters, cuOccupancyMaxActiveClusters) \
   X(OccupancyMaxActiveBlocksPerMultiprocessor, cuOccupancyMaxActiveBlocksPerMultiprocessor)
 
 struct DriverExt {

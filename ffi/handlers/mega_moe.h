@@ -128,17 +128,15 @@ struct MegaMoeAttrs {
 };
 
 // The StructMember list of MegaMoeAttrs (XLA_FFI_REGISTER_STRUCT_ATTR_DECODING, in the arch files).
-#define JMM_MEGA_MOE_ATTR_MEMBERS                                   \
-  ::xla::ffi::StructMember<int64_t>("hidden"),                      \
-      ::xla::ffi::StructMember<int64_t>("intermediate"),            \
-      ::xla::ffi::StructMember<int64_t>("num_experts"),             \
-      ::xla::ffi::StructMember<int64_t>("top_k"),                   \
-      ::xla::ffi::StructMember<int64_t>("capacity"),                \
-      ::xla::ffi::StructMember<float>("activation_clamp"),          \
-      ::xla::ffi::StructMember<bool>("fast_math"),                  \
-      ::xla::ffi::StructMember<int64_t>("reserved_sms"),            \
-      ::xla::ffi::StructMember<float>("routed_scaling_factor"),     \
-      ::xla::ffi::StructMember<int64_t>("num_ranks"),               \
+#define JMM_MEGA_MOE_ATTR_MEMBERS                                                                 \
+  ::xla::ffi::StructMember<int64_t>("hidden"), ::xla::ffi::StructMember<int64_t>("intermediate"), \
+      ::xla::ffi::StructMember<int64_t>("num_experts"),                                           \
+      ::xla::ffi::StructMember<int64_t>("top_k"), ::xla::ffi::StructMember<int64_t>("capacity"),  \
+      ::xla::ffi::StructMember<float>("activation_clamp"),                                        \
+      ::xla::ffi::StructMember<bool>("fast_math"),                                                \
+      ::xla::ffi::StructMember<int64_t>("reserved_sms"),                                          \
+      ::xla::ffi::StructMember<float>("routed_scaling_factor"),                                   \
+      ::xla::ffi::StructMember<int64_t>("num_ranks"),                                             \
       ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("rank_devices")
 
 // dtype and trailing dims of one weight operand (the leading dim is the rank's expert count).
@@ -181,9 +179,9 @@ struct State {
   std::shared_ptr<const jit::LoadedKernel> pre_dispatch;
 
   static constexpr int kMaxDevices = 64;
-  std::mutex mu;  // serialises initialize
+  std::mutex mu;                                                  // serialises initialize
   std::array<std::atomic<Device<Arch>*>, kMaxDevices> devices{};  // published entries
-  std::vector<std::unique_ptr<Device<Arch>>> owned;              // guarded by mu
+  std::vector<std::unique_ptr<Device<Arch>>> owned;               // guarded by mu
 };
 
 template <class Arch>
@@ -213,9 +211,10 @@ inline ffi::Error EncodeTiled(const cuda::Driver* d, const DriverExt* x, const c
   if (p.swizzle == Swizzle::k128B) swizzle = CU_TENSOR_MAP_SWIZZLE_128B;
   std::memset(out, 0, sizeof(*out));
   CUresult r = x->TensorMapEncodeTiled(
-      out, static_cast<CUtensorMapDataType>(static_cast<int>(p.dtype)), static_cast<cuuint32_t>(p.rank),
-      const_cast<void*>(base), dims, strides, box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
-      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+      out, static_cast<CUtensorMapDataType>(static_cast<int>(p.dtype)),
+      static_cast<cuuint32_t>(p.rank), const_cast<void*>(base), dims, strides, box, estrides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     std::string shape, boxs;
     for (int k = 0; k < p.rank; ++k) {
@@ -225,8 +224,7 @@ inline ffi::Error EncodeTiled(const cuda::Driver* d, const DriverExt* x, const c
     return ffi::Error::Internal(cat(target, ": cuTensorMapEncodeTiled(", p.name, ": dtype ",
                                     static_cast<int>(p.dtype), ", dims ", shape, ", box ", boxs,
                                     ", swizzle ", static_cast<int>(p.swizzle), ", base ", base,
-                                    ") failed: ",
-                                    cuda::error_string(d, r)));
+                                    ") failed: ", cuda::error_string(d, r)));
   }
   return ffi::Error::Success();
 }
@@ -244,8 +242,9 @@ struct ExecuteOperands {
 inline TensorMapPlan Plan2D(const char* name, MapSource source, uint64_t offset, MapDtype dtype,
                             int64_t inner, int64_t outer, int64_t stride_bytes, int64_t box_inner,
                             int64_t box_outer, Swizzle swizzle) {
-  return TensorMapPlan{name,   source,         offset,                   dtype, /*rank=*/2,
-                       {inner, outer}, {stride_bytes}, {box_inner, box_outer}, swizzle};
+  return TensorMapPlan{name,       source,         offset,         dtype,
+                       /*rank=*/2, {inner, outer}, {stride_bytes}, {box_inner, box_outer},
+                       swizzle};
 }
 
 // The descriptors of a kernel's launch, in kernel parameter order: the buffer slices' (kBuffer)
@@ -308,15 +307,15 @@ ffi::ErrorOr<std::unique_ptr<State<Arch>>> Instantiate(typename Arch::Attrs attr
   const MegaMoeAttrs& a = Arch::Common(attrs);
   std::string why;
   if (!Arch::AttrsValid(attrs, &why)) return invalid(why);
-  if (!layout::rank_table_valid(a.rank_devices.begin(),
-                                static_cast<int64_t>(a.rank_devices.size()), a.num_ranks, &why)) {
+  if (!layout::rank_table_valid(a.rank_devices.begin(), static_cast<int64_t>(a.rank_devices.size()),
+                                a.num_ranks, &why)) {
     return invalid(why);
   }
   const typename Arch::Shape shape = Arch::ShapeOf(attrs);
   if (!Arch::ShapeValid(shape, &why)) return invalid(why);
   if (std::isnan(a.activation_clamp) || a.activation_clamp < 0.0f) {
-    return invalid(cat("attribute activation_clamp=", a.activation_clamp,
-                       " must be >= 0 (+inf: no clamp)"));
+    return invalid(
+        cat("attribute activation_clamp=", a.activation_clamp, " must be >= 0 (+inf: no clamp)"));
   }
   if (a.reserved_sms < 0) {
     return invalid(cat("attribute reserved_sms=", a.reserved_sms, " must be >= 0"));
@@ -326,8 +325,8 @@ ffi::ErrorOr<std::unique_ptr<State<Arch>>> Instantiate(typename Arch::Attrs attr
         cat("attribute routed_scaling_factor=", a.routed_scaling_factor, " must be finite"));
   }
   std::shared_ptr<const jit::LoadedKernel> pre;
-  if (ffi::Error e = host::CompileAndLoad(jit::pre_dispatch_source(Arch::kArch, Arch::MmaKindOf(shape)),
-                                          Arch::kTarget, &pre);
+  if (ffi::Error e = host::CompileAndLoad(
+          jit::pre_dispatch_source(Arch::kArch, Arch::MmaKindOf(shape)), Arch::kTarget, &pre);
       !e.success()) {
     return ffi::Unexpected<ffi::Error>(std::move(e));
   }
@@ -375,10 +374,10 @@ ffi::Error CheckResidency(const cuda::Driver* d, const DriverExt* x, const char*
           cat(target, ": cuOccupancyMaxActiveClusters failed: ", cuda::error_string(d, r)));
     }
     if (static_cast<int64_t>(clusters) * c.cluster_size < c.num_sms) {
-      return ffi::Error::InvalidArgument(
-          cat(target, ": only ", clusters, " clusters of ", c.cluster_size,
-              " CTAs can be resident, the persistent kernel needs ", c.num_sms,
-              " CTAs at once; raise reserved_sms"));
+      return ffi::Error::InvalidArgument(cat(target, ": only ", clusters, " clusters of ",
+                                             c.cluster_size,
+                                             " CTAs can be resident, the persistent kernel needs ",
+                                             c.num_sms, " CTAs at once; raise reserved_sms"));
     }
     return ffi::Error::Success();
   }
@@ -386,10 +385,10 @@ ffi::Error CheckResidency(const cuda::Driver* d, const DriverExt* x, const char*
   if (CUresult r = x->OccupancyMaxActiveBlocksPerMultiprocessor(
           &blocks, fn, static_cast<int>(c.num_threads), static_cast<size_t>(c.smem_size));
       r != CUDA_SUCCESS || blocks < 1) {
-    return ffi::Error::InvalidArgument(cat(target, ": the kernel (", c.num_threads, " threads, ",
-                                           c.smem_size, " B shared memory) cannot be resident: ",
-                                           r != CUDA_SUCCESS ? cuda::error_string(d, r)
-                                                             : std::string("0 blocks per SM")));
+    return ffi::Error::InvalidArgument(
+        cat(target, ": the kernel (", c.num_threads, " threads, ", c.smem_size,
+            " B shared memory) cannot be resident: ",
+            r != CUDA_SUCCESS ? cuda::error_string(d, r) : std::string("0 blocks per SM")));
   }
   return ffi::Error::Success();
 }
@@ -449,8 +448,8 @@ ffi::Error Prepare(const cuda::Driver* d, const DriverExt* x, State<Arch>* st, C
   // This device's rank and its group's buffers (allocated for the whole group at once, see
   // handlers/symmetric.h). The key tells the configurations sharing a buffer apart.
   const layout::MegaShape& s = st->shape;
-  std::vector<int64_t> key{Arch::kArch, s.num_experts, s.capacity, s.top_k, s.hidden,
-                           s.intermediate, c.num_sms, s.num_ranks};
+  std::vector<int64_t> key{Arch::kArch, s.num_experts,  s.capacity, s.top_k,
+                           s.hidden,    s.intermediate, c.num_sms,  s.num_ranks};
   Arch::ExtendGroupKey(st->shape, &key);
   if (ffi::Error err = host::JoinGroup(d, x, ctx, dev, s.num_ranks, st->rank_devices, key,
                                        e->layout.num_bytes, t, &e->buffer, &e->rank, &e->sym);
@@ -544,13 +543,13 @@ ffi::Error ExecuteChecked(CUstream stream, int32_t device, State<Arch>* st, int6
   pre.buf_topk_idx = at(l.topk_idx);
   pre.buf_topk_weights = at(l.topk_weights);
   PreDispatchLaunch plan;
-  if (CUresult r = launch_pre_dispatch(d, e->pre_fn, stream, Arch::kArch,
-                                       Arch::MmaKindOf(st->shape), pre, T, P, H, K,
-                                       st->routed_scaling_factor, &plan);
+  if (CUresult r =
+          launch_pre_dispatch(d, e->pre_fn, stream, Arch::kArch, Arch::MmaKindOf(st->shape), pre, T,
+                              P, H, K, st->routed_scaling_factor, &plan);
       r != CUDA_SUCCESS) {
     return ffi::Error::Internal(cat(t, ": launching the pre-dispatch kernel (grid ", plan.grid,
-                                    ", block ", plan.block, ") failed: ",
-                                    cuda::error_string(d, r)));
+                                    ", block ", plan.block,
+                                    ") failed: ", cuda::error_string(d, r)));
   }
 
   // 2. The mega kernel: the arch's argument block, one cuLaunchKernelEx.
@@ -564,9 +563,9 @@ ffi::Error ExecuteChecked(CUstream stream, int32_t device, State<Arch>* st, int6
   CUlaunchConfig lc{};
   FillLaunch(c, stream, &attr, &lc);
   if (CUresult r = dx->LaunchKernelEx(&lc, e->mega_fn, params, nullptr); r != CUDA_SUCCESS) {
-    return ffi::Error::Internal(cat(t, ": cuLaunchKernelEx(", e->mega->symbol, ", grid ",
-                                    c.num_sms, ", block ", c.num_threads, ", cluster ",
-                                    c.cluster_size, ", smem ", c.smem_size,
+    return ffi::Error::Internal(cat(t, ": cuLaunchKernelEx(", e->mega->symbol, ", grid ", c.num_sms,
+                                    ", block ", c.num_threads, ", cluster ", c.cluster_size,
+                                    ", smem ", c.smem_size,
                                     ") failed: ", cuda::error_string(d, r)));
   }
   host::CountExecute(d, stream);
@@ -605,8 +604,7 @@ ffi::Error EncodeOperandMaps(const cuda::Driver* d, const DriverExt* x, const ch
     if (p.source == MapSource::kBuffer) continue;
     const void* at = operands[static_cast<int>(p.source)];
     if (m->encoded_for[i] == at) continue;
-    if (ffi::Error err = EncodeTiled(d, x, target, &m->maps[i], p, at);
-        !err.success()) {
+    if (ffi::Error err = EncodeTiled(d, x, target, &m->maps[i], p, at); !err.success()) {
       m->encoded_for[i] = nullptr;
       return err;
     }
@@ -619,30 +617,30 @@ ffi::Error EncodeOperandMaps(const cuda::Driver* d, const DriverExt* x, const ch
 }  // namespace jmm
 
 // The argument list both targets' initialize and execute stages bind.
-#define JMM_MEGA_MOE_BUFFERS                      \
-  .Arg<::xla::ffi::AnyBuffer>() /* x */           \
-      .Arg<::xla::ffi::AnyBuffer>() /* topk_idx */ \
+#define JMM_MEGA_MOE_BUFFERS                           \
+  .Arg<::xla::ffi::AnyBuffer>()     /* x */            \
+      .Arg<::xla::ffi::AnyBuffer>() /* topk_idx */     \
       .Arg<::xla::ffi::AnyBuffer>() /* topk_weights */ \
-      .Arg<::xla::ffi::AnyBuffer>() /* l1 */      \
-      .Arg<::xla::ffi::AnyBuffer>() /* l1_sf */   \
-      .Arg<::xla::ffi::AnyBuffer>() /* l2 */      \
-      .Arg<::xla::ffi::AnyBuffer>() /* l2_sf */   \
+      .Arg<::xla::ffi::AnyBuffer>() /* l1 */           \
+      .Arg<::xla::ffi::AnyBuffer>() /* l1_sf */        \
+      .Arg<::xla::ffi::AnyBuffer>() /* l2 */           \
+      .Arg<::xla::ffi::AnyBuffer>() /* l2_sf */        \
       .Ret<::xla::ffi::AnyBuffer>() /* y */
 
 // The stage implementations and bindings of `ARCH`'s target, as the arguments of
 // JMM_DEFINE_STAGES / JMM_DEFINE_STAGES_AND_GRAPH_TWIN (handlers/stages.h).
-#define JMM_MEGA_MOE_STAGES(ARCH)                                                    \
-  (::jmm::mega::Instantiate<ARCH>),                                                  \
-      ::xla::ffi::Ffi::BindInstantiate().Attrs<ARCH::Attrs>(),                       \
-      (::jmm::mega::Stage<ARCH, true>),                                              \
-      JMM_INITIALIZE_CONTEXTS(::jmm::mega::State<ARCH>) JMM_MEGA_MOE_BUFFERS,        \
-      (::jmm::mega::Stage<ARCH, false>),                                             \
+#define JMM_MEGA_MOE_STAGES(ARCH)                                                            \
+  (::jmm::mega::Instantiate<ARCH>), ::xla::ffi::Ffi::BindInstantiate().Attrs<ARCH::Attrs>(), \
+      (::jmm::mega::Stage<ARCH, true>),                                                      \
+      JMM_INITIALIZE_CONTEXTS(::jmm::mega::State<ARCH>) JMM_MEGA_MOE_BUFFERS,                \
+      (::jmm::mega::Stage<ARCH, false>),                                                     \
       JMM_EXECUTE_CONTEXTS(::jmm::mega::State<ARCH>) JMM_MEGA_MOE_BUFFERS
 
 // The state type's id / info exports of one arch.
-#define JMM_DEFINE_MEGA_MOE_STATE(PREFIX, ARCH)                                                \
-  namespace {                                                                                  \
-  constexpr XLA_FFI_TypeInfo PREFIX##_type_info = ::xla::ffi::MakeTypeInfo<::jmm::mega::State<ARCH>>(); \
-  }                                                                                            \
+#define JMM_DEFINE_MEGA_MOE_STATE(PREFIX, ARCH)                                                 \
+  namespace {                                                                                   \
+  constexpr XLA_FFI_TypeInfo PREFIX##_type_info =                                               \
+      ::xla::ffi::MakeTypeInfo<::jmm::mega::State<ARCH>>();                                     \
+  }                                                                                             \
   JMM_EXPORT XLA_FFI_TypeId* PREFIX##_state_type_id() { return &::jmm::mega::State<ARCH>::id; } \
   JMM_EXPORT const XLA_FFI_TypeInfo* PREFIX##_state_type_info() { return &PREFIX##_type_info; }

@@ -71,8 +71,8 @@ ffi::Error Allocate(const cuda::Driver* d, const DriverExt* x, CUcontext ctx, ui
   if (CUresult r = x->MemAlloc(&m->ptr, static_cast<size_t>(bytes)); r != CUDA_SUCCESS) {
     m->ptr = 0;
     return ffi::Error::Internal(
-        cat(kTarget, ": cuMemAlloc of the ", bytes, "-byte ", what, " failed: ",
-            cuda::error_string(d, r),
+        cat(kTarget, ": cuMemAlloc of the ", bytes, "-byte ", what,
+            " failed: ", cuda::error_string(d, r),
             " (leave room next to XLA's pool: XLA_PYTHON_CLIENT_MEM_FRACTION or "
             "XLA_PYTHON_CLIENT_PREALLOCATE=false)"));
   }
@@ -99,8 +99,8 @@ std::map<CUcontext, std::weak_ptr<DeviceMemory>> g_locality_tables;
 
 // The context's sm_locality_domains table (u8, one balanced entry per physical SM), built once.
 ffi::ErrorOr<std::shared_ptr<DeviceMemory>> AcquireLocalityTable(const cuda::Driver* d,
-                                                                 const DriverExt* x,
-                                                                 CUcontext ctx, int sm_count) {
+                                                                 const DriverExt* x, CUcontext ctx,
+                                                                 int sm_count) {
   std::lock_guard<std::mutex> lock(g_registry_mu);
   if (auto it = g_locality_tables.find(ctx); it != g_locality_tables.end()) {
     if (auto alive = it->second.lock()) return alive;
@@ -109,8 +109,8 @@ ffi::ErrorOr<std::shared_ptr<DeviceMemory>> AcquireLocalityTable(const cuda::Dri
   std::vector<uint8_t> host(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) host[static_cast<size_t>(i)] = sm100_balanced_locality_domain(i);
   auto table = std::make_shared<DeviceMemory>();
-  if (ffi::Error e = Allocate(d, x, ctx, static_cast<uint64_t>(n), "sm_locality_domains table",
-                              table.get());
+  if (ffi::Error e =
+          Allocate(d, x, ctx, static_cast<uint64_t>(n), "sm_locality_domains table", table.get());
       !e.success()) {
     return ffi::Unexpected<ffi::Error>(e);
   }
@@ -122,9 +122,8 @@ ffi::ErrorOr<std::shared_ptr<DeviceMemory>> AcquireLocalityTable(const cuda::Dri
   if (r == CUDA_SUCCESS) r = x->StreamSynchronize(s);
   if (s != nullptr) x->StreamDestroy(s);
   if (r != CUDA_SUCCESS) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(
-        cat(kTarget, ": uploading the sm_locality_domains table failed: ",
-            cuda::error_string(d, r))));
+    return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(cat(
+        kTarget, ": uploading the sm_locality_domains table failed: ", cuda::error_string(d, r))));
   }
   g_locality_tables[ctx] = table;
   return table;
@@ -133,7 +132,7 @@ ffi::ErrorOr<std::shared_ptr<DeviceMemory>> AcquireLocalityTable(const cuda::Dri
 }  // namespace
 
 std::array<TensorMapPlan, Sm100Mega::kNumTensorMaps> Sm100Mega::Plans(const Config& c,
-                                                                     const Layout& l) {
+                                                                      const Layout& l) {
   const int64_t H = c.hidden, I = c.intermediate, e_local = l.num_experts_per_rank;
   const int64_t R = l.num_ring_tokens, Rsf = l.num_sf_ring_tokens;
   const int64_t hb = H * c.elem_bits / 8, ib = I * c.elem_bits / 8;  // activation row bytes
@@ -165,29 +164,34 @@ std::array<TensorMapPlan, Sm100Mega::kNumTensorMaps> Sm100Mega::Plans(const Conf
   constexpr Swizzle kNone = Swizzle::kNone;
   return {
       // A operand of L1: [R, H*b/8] bytes, (BLOCK_M/2 rows x 128 B) per CTA, 128B swizzle
-      plan2("l1_acts", Src::kBuffer, l.l1, kUint8, hb, R, hb, c.block_k_bytes, c.load_block_m, sw_acts),
+      plan2("l1_acts", Src::kBuffer, l.l1, kUint8, hb, R, hb, c.block_k_bytes, c.load_block_m,
+            sw_acts),
       // SFA of L1: int32 [H/128][Rsf] (MN-major), (SF_BLOCK_M x BLOCK_K/128) words
-      plan2("l1_acts_sf", Src::kBuffer, l.l1_sf, kInt32, Rsf, H / 128, Rsf * 4, c.sf_block_m, sf_rows, kNone),
+      plan2("l1_acts_sf", Src::kBuffer, l.l1_sf, kInt32, Rsf, H / 128, Rsf * 4, c.sf_block_m,
+            sf_rows, kNone),
       weights("l1_weights", Src::kL1, 2 * I, H),
       // SFB of L1: int32 [E][H/128][2I] (MN-major), (128 x BLOCK_K/128) words
-      plan2("l1_weights_sf", Src::kL1Sf, 0, kInt32, 2 * I, e_local * (H / 128), 2 * I * 4, c.block_n,
-            sf_rows, kNone),
+      plan2("l1_weights_sf", Src::kL1Sf, 0, kInt32, 2 * I, e_local * (H / 128), 2 * I * 4,
+            c.block_n, sf_rows, kNone),
       // L1 output (post-SwiGLU, requantised) stores into l2: (STORE_BLOCK_M_L1 x BLOCK_N/2 values)
-      plan2("l1_output", Src::kBuffer, l.l2, kUint8, ib, R, ib, c.l1_out_block_n_bytes, c.store_block_m_l1,
-            sw_out),
-      plan2("l2_acts", Src::kBuffer, l.l2, kUint8, ib, R, ib, c.block_k_bytes, c.load_block_m, sw_acts),
-      plan2("l2_acts_sf", Src::kBuffer, l.l2_sf, kInt32, Rsf, I / 128, Rsf * 4, c.sf_block_m, sf_rows, kNone),
+      plan2("l1_output", Src::kBuffer, l.l2, kUint8, ib, R, ib, c.l1_out_block_n_bytes,
+            c.store_block_m_l1, sw_out),
+      plan2("l2_acts", Src::kBuffer, l.l2, kUint8, ib, R, ib, c.block_k_bytes, c.load_block_m,
+            sw_acts),
+      plan2("l2_acts_sf", Src::kBuffer, l.l2_sf, kInt32, Rsf, I / 128, Rsf * 4, c.sf_block_m,
+            sf_rows, kNone),
       weights("l2_weights", Src::kL2, H, I),
-      plan2("l2_weights_sf", Src::kL2Sf, 0, kInt32, H, e_local * (I / 128), H * 4, c.block_n, sf_rows, kNone),
+      plan2("l2_weights_sf", Src::kL2Sf, 0, kInt32, H, e_local * (I / 128), H * 4, c.block_n,
+            sf_rows, kNone),
   };
 }
-
 
 Sm100Mega::DeviceExtra::DeviceExtra() = default;
 Sm100Mega::DeviceExtra::~DeviceExtra() = default;
 
 bool Sm100Mega::AttrsValid(const Attrs& a, std::string* why) {
-  if (a.common.num_ranks > 32) {  // the sm_90 kernel's limit; the sm_100 one takes 72, the table code 32
+  if (a.common.num_ranks >
+      32) {  // the sm_90 kernel's limit; the sm_100 one takes 72, the table code 32
     *why = cat("attribute num_ranks=", a.common.num_ranks, " must be in [1, 32]");
     return false;
   }
@@ -260,8 +264,8 @@ const void* Sm100Mega::ExpertScales(const Device& e) {
   return e.expert_scales ? reinterpret_cast<const void*>(e.expert_scales->ptr) : nullptr;
 }
 
-ffi::Error Sm100Mega::KernelArgs(const cuda::Driver* d, const DriverExt* x, const State&,
-                                 int64_t T, const mega::ExecuteOperands& ops, Device* e, Args* a,
+ffi::Error Sm100Mega::KernelArgs(const cuda::Driver* d, const DriverExt* x, const State&, int64_t T,
+                                 const mega::ExecuteOperands& ops, Device* e, Args* a,
                                  void** params) {
   a->y = ops.y;
   a->cumulative_local_expert_recv_stats = nullptr;
@@ -274,11 +278,13 @@ ffi::Error Sm100Mega::KernelArgs(const cuda::Driver* d, const DriverExt* x, cons
     if (ffi::Error err = mega::EncodeOperandMaps(d, x, kTarget, ops, &e->maps); !err.success()) {
       return err;
     }
-    for (int i = 0; i < kSm100NumRoutedTensorMaps; ++i) a->maps[i] = e->maps.maps[static_cast<size_t>(i)];
+    for (int i = 0; i < kSm100NumRoutedTensorMaps; ++i)
+      a->maps[i] = e->maps.maps[static_cast<size_t>(i)];
   }
   // No shared experts: the shared slots get copies of the routed descriptors (as DeepGEMM 0.2.5
   // passes them); the kernel only prefetches them.
-  for (int i = 0; i < jit::kSm100SharedL1Acts; ++i) a->maps[jit::kSm100SharedL1Acts + i] = a->maps[i];
+  for (int i = 0; i < jit::kSm100SharedL1Acts; ++i)
+    a->maps[jit::kSm100SharedL1Acts + i] = a->maps[i];
   int n = 0;
   params[n++] = &a->y;
   params[n++] = &a->cumulative_local_expert_recv_stats;

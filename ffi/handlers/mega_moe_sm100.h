@@ -60,7 +60,8 @@ struct Sm100MegaMoeAttrs {
 };
 
 using Sm100TensorMapPlan = TensorMapPlan;
-constexpr int kSm100NumRoutedTensorMaps = 9;  // l1_acts .. l2_weights_sf; the shared slots copy them
+constexpr int kSm100NumRoutedTensorMaps =
+    9;  // l1_acts .. l2_weights_sf; the shared slots copy them
 
 // What the sm_100 target adds to handlers/mega_moe.h.
 struct Sm100Mega {
@@ -121,9 +122,13 @@ inline std::array<Sm100TensorMapPlan, kSm100NumRoutedTensorMaps> sm100_tensor_ma
 
 // Balanced stand-in for DeepGEMM's probed locality table: domain(sm) = (sm / 2) % 2, so the two
 // CTAs of a cluster (a TPC pair) share a domain and both domains get half of the SMs.
-inline uint8_t sm100_balanced_locality_domain(int64_t sm) { return static_cast<uint8_t>((sm / 2) % 2); }
+inline uint8_t sm100_balanced_locality_domain(int64_t sm) {
+  return static_cast<uint8_t>((sm / 2) % 2);
+}
 // Entries of the device table: one per physical SM, at least 1024 (a guard: %smid is below the
 // SM count on current parts, but PTX does not promise a contiguous numbering).
-inline int64_t sm100_locality_table_entries(int64_t sm_count) { return sm_count > 1024 ? sm_count : 1024; }
+inline int64_t sm100_locality_table_entries(int64_t sm_count) {
+  return sm_count > 1024 ? sm_count : 1024;
+}
 
 }  // namespace jmm

@@ -36,8 +36,8 @@ std::array<mega::WeightSpec, 4> Sm90Mega::Weights(const Shape& s) {
 bool Sm90Mega::Plan(const Shape& s, const Options& o, int64_t num_sms, int64_t num_tokens,
                     float clamp, bool fast_math, Layout* l, Config* c, std::string* why) {
   *l = layout::sm90_mega_layout(s);
-  return layout::sm90_mega_config(s, *l, num_tokens, num_sms, clamp, fast_math, o.sm90_wide_tile,
-                                  c, why);
+  return layout::sm90_mega_config(s, *l, num_tokens, num_sms, clamp, fast_math, o.sm90_wide_tile, c,
+                                  why);
 }
 
 jit::KernelSource Sm90Mega::Source(const Config& c) { return jit::mega_moe_sm90_source(c); }
@@ -45,7 +45,7 @@ jit::KernelSource Sm90Mega::Source(const Config& c) { return jit::mega_moe_sm90_
 // DeepGEMM's make_tma_2d_desc conventions: 2-D, inner dim first, 128B swizzle -> inner box =
 // 128 bytes. Buffer slices and the two weight operands (l1, l2).
 std::array<TensorMapPlan, Sm90Mega::kNumTensorMaps> Sm90Mega::Plans(const Config& c,
-                                                                   const Layout& l) {
+                                                                    const Layout& l) {
   const int64_t H = c.hidden, I = c.intermediate, D = l.num_data_pool_tokens;
   const int64_t S = l.num_padded_sf_pool_tokens, e_local = l.num_experts_per_rank;
   using Src = MapSource;
@@ -58,8 +58,8 @@ std::array<TensorMapPlan, Sm90Mega::kNumTensorMaps> Sm90Mega::Plans(const Config
   };
   // f32 [K/128][S] MN-major scale factors, one column of block_m rows per box.
   const auto sf = [&](const char* name, uint64_t offset, int64_t groups) {
-    return mega::Plan2D(name, Src::kBuffer, offset, MapDtype::kFloat32, S, groups, S * 4,
-                        c.block_m, 1, Swizzle::kNone);
+    return mega::Plan2D(name, Src::kBuffer, offset, MapDtype::kFloat32, S, groups, S * 4, c.block_m,
+                        1, Swizzle::kNone);
   };
   const auto out_swizzle = static_cast<Swizzle>(c.l1_output_swizzle);
   constexpr Swizzle k128B = Swizzle::k128B;
@@ -75,8 +75,8 @@ std::array<TensorMapPlan, Sm90Mega::kNumTensorMaps> Sm90Mega::Plans(const Config
   };
 }
 
-ffi::Error Sm90Mega::PrepareExtra(const cuda::Driver* d, const host::DriverExt* x,
-                                  const State&, CUcontext, int, Device* e) {
+ffi::Error Sm90Mega::PrepareExtra(const cuda::Driver* d, const host::DriverExt* x, const State&,
+                                  CUcontext, int, Device* e) {
   e->maps.plans = Plans(e->config, e->layout);
   return mega::EncodeBufferMaps(d, x, kTarget, e->buffer->ptr[e->rank], &e->maps);
 }
@@ -105,13 +105,20 @@ ffi::Error Sm90Mega::KernelArgs(const cuda::Driver* d, const host::DriverExt* x,
   a->l2_weights = m[6];
   a->l2_weights_sf = static_cast<const float*>(ops.l2_sf);
   a->trace = nullptr;
-  void* p[kNumParams] = {&a->y,          &a->cumulative_local_expert_recv_stats,
-                         &a->num_tokens, &a->sym_buffer,
-                         &a->l1_acts,    &a->l1_acts_sf,
-                         &a->l1_weights, &a->l1_weights_sf,
-                         &a->l1_output,  &a->l2_acts,
-                         &a->l2_acts_sf, &a->l2_weights,
-                         &a->l2_weights_sf, &a->trace};
+  void* p[kNumParams] = {&a->y,
+                         &a->cumulative_local_expert_recv_stats,
+                         &a->num_tokens,
+                         &a->sym_buffer,
+                         &a->l1_acts,
+                         &a->l1_acts_sf,
+                         &a->l1_weights,
+                         &a->l1_weights_sf,
+                         &a->l1_output,
+                         &a->l2_acts,
+                         &a->l2_acts_sf,
+                         &a->l2_weights,
+                         &a->l2_weights_sf,
+                         &a->trace};
   for (int i = 0; i < kNumParams; ++i) params[i] = p[i];
   return ffi::Error::Success();
 }

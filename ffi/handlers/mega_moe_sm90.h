@@ -67,7 +67,8 @@ struct Sm90Mega {
   static constexpr int kTmaAlignment = 16;  // l1, l2, y (the scales are plain pointers)
   static constexpr bool kTmaScales = false;
   static constexpr int kNumParams = jit::kSm90MegaMoeNumParams;
-  static constexpr size_t kNumTensorMaps = 7;  // l1_acts l1_acts_sf l1_weights l1_output l2_acts l2_acts_sf l2_weights
+  static constexpr size_t kNumTensorMaps =
+      7;  // l1_acts l1_acts_sf l1_weights l1_output l2_acts l2_acts_sf l2_weights
 
   using Attrs = Sm90MegaMoeAttrs;
   struct Options {

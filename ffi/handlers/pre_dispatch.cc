@@ -9,11 +9,11 @@
 #include "common/c_api.h"
 #include "common/export.h"
 #include "common/status.h"
+#include "cuda/driver.h"
 #include "handlers/attrs.h"
 #include "handlers/buffer_checks.h"
 #include "handlers/host_glue.h"
 #include "handlers/stages.h"
-#include "cuda/driver.h"
 #include "jit/compiler.h"
 #include "jit/kernels.h"
 #include "jit/loader.h"
@@ -41,8 +41,8 @@ ffi::Error Expect(int arch, const char* role, const char* name, const ffi::AnyBu
 }
 
 // Attribute checks shared by instantiate (and mirrored in Python's ops.py).
-ffi::Error ValidateAttrs(int arch, int64_t hidden, int64_t top_k, int64_t capacity,
-                         int64_t group, MmaKind mma_kind, float rsf) {
+ffi::Error ValidateAttrs(int arch, int64_t hidden, int64_t top_k, int64_t capacity, int64_t group,
+                         MmaKind mma_kind, float rsf) {
   const char* t = TargetName(arch);
   const int64_t want_group = arch == 90 ? 128 : 32;
   if (group != want_group) {
@@ -66,9 +66,9 @@ ffi::Error ValidateAttrs(int arch, int64_t hidden, int64_t top_k, int64_t capaci
   // The kernel indexes slots and scale bytes with 32-bit arithmetic.
   if (capacity < 0 || capacity * top_k > std::numeric_limits<int32_t>::max() ||
       capacity * (hidden / group) > std::numeric_limits<int32_t>::max()) {
-    return ffi::Error::InvalidArgument(
-        cat(t, ": attribute capacity=", capacity, " must be >= 0 with capacity*top_k and ",
-            "capacity*hidden/group below 2^31"));
+    return ffi::Error::InvalidArgument(cat(t, ": attribute capacity=", capacity,
+                                           " must be >= 0 with capacity*top_k and ",
+                                           "capacity*hidden/group below 2^31"));
   }
   if (arch == 90 && !std::isfinite(rsf)) {
     return ffi::Error::InvalidArgument(
@@ -84,8 +84,8 @@ ffi::Error ValidateAttrs(int arch, int64_t hidden, int64_t top_k, int64_t capaci
 
 template <int kArch>
 ffi::ErrorOr<std::unique_ptr<PreDispatchState>> Instantiate(int64_t hidden, int64_t top_k,
-                                                             int64_t capacity, int64_t group,
-                                                             MmaKind mma_kind, float rsf) {
+                                                            int64_t capacity, int64_t group,
+                                                            MmaKind mma_kind, float rsf) {
   if (ffi::Error e = ValidateAttrs(kArch, hidden, top_k, capacity, group, mma_kind, rsf);
       !e.success()) {
     return ffi::Unexpected<ffi::Error>(std::move(e));
@@ -101,8 +101,7 @@ ffi::ErrorOr<std::unique_ptr<PreDispatchState>> Instantiate(int64_t hidden, int6
 }
 
 // The kernel's CUfunction in the current context `ctx` (host::FunctionCache: cached per context).
-ffi::Error FunctionFor(const cuda::Driver* d, PreDispatchState* st, CUcontext ctx,
-                       CUfunction* fn) {
+ffi::Error FunctionFor(const cuda::Driver* d, PreDispatchState* st, CUcontext ctx, CUfunction* fn) {
   return st->functions.Get(d, *st->kernel, ctx, TargetName(st->arch), fn);
 }
 
@@ -114,7 +113,8 @@ ffi::Error Initialize(CUstream stream, int32_t device, PreDispatchState* st) {
   if (d == nullptr) return ffi::Error::Internal(cat(TargetName(st->arch), ": ", why));
   host::ContextScope scope;
   CUcontext ctx = nullptr;
-  if (ffi::Error e = scope.Enter(d, stream, device, &ctx, TargetName(st->arch)); !e.success()) return e;
+  if (ffi::Error e = scope.Enter(d, stream, device, &ctx, TargetName(st->arch)); !e.success())
+    return e;
   CUfunction fn = nullptr;
   return FunctionFor(d, st, ctx, &fn);
 }
@@ -174,8 +174,8 @@ ffi::Error Execute(CUstream stream, int32_t device, PreDispatchState* st, ffi::A
     } pads[2] = {{"x_q", x_q->untyped_data(), plan.x_row_bytes},
                  {"x_sf", x_sf->untyped_data(), plan.sf_row_bytes}};
     for (const auto& p : pads) {
-      const CUdeviceptr dst = reinterpret_cast<CUdeviceptr>(p.base) +
-                              static_cast<CUdeviceptr>(T * p.row_bytes);
+      const CUdeviceptr dst =
+          reinterpret_cast<CUdeviceptr>(p.base) + static_cast<CUdeviceptr>(T * p.row_bytes);
       if (CUresult r = d->MemsetD8Async(dst, 0, static_cast<size_t>((P - T) * p.row_bytes), stream);
           r != CUDA_SUCCESS) {
         return ffi::Error::Internal(cat(t, ": cuMemsetD8Async of the pad rows of ", p.name,
@@ -228,23 +228,62 @@ CUresult launch_pre_dispatch(const cuda::Driver* d, CUfunction fn, CUstream stre
                            params, nullptr);
   };
   if (arch == 90) {
-    jit::Sm90PreDispatchArgs a{o.x, o.topk_idx, o.topk_weights, o.buf_x, o.buf_x_sf,
-                               o.buf_topk_idx, o.buf_topk_weights, u32(T), u32(P), u32(H),
-                               u32(plan->num_groups), u32(K), routed_scaling_factor};
-    void* params[] = {&a.x,          &a.topk_idx,     &a.topk_weights,     &a.buf_x,
-                      &a.buf_x_sf,   &a.buf_topk_idx, &a.buf_topk_weights, &a.num_tokens,
-                      &a.padded_max, &a.hidden,       &a.num_groups,       &a.top_k,
+    jit::Sm90PreDispatchArgs a{o.x,
+                               o.topk_idx,
+                               o.topk_weights,
+                               o.buf_x,
+                               o.buf_x_sf,
+                               o.buf_topk_idx,
+                               o.buf_topk_weights,
+                               u32(T),
+                               u32(P),
+                               u32(H),
+                               u32(plan->num_groups),
+                               u32(K),
+                               routed_scaling_factor};
+    void* params[] = {&a.x,
+                      &a.topk_idx,
+                      &a.topk_weights,
+                      &a.buf_x,
+                      &a.buf_x_sf,
+                      &a.buf_topk_idx,
+                      &a.buf_topk_weights,
+                      &a.num_tokens,
+                      &a.padded_max,
+                      &a.hidden,
+                      &a.num_groups,
+                      &a.top_k,
                       &a.routed_scaling_factor};
     return launch(params);
   }
-  jit::Sm100PreDispatchArgs a{o.x,          o.topk_idx,       o.topk_weights, o.expert_scales,
-                              o.buf_x,      o.buf_x_sf,       /*buf_x_scales=*/nullptr,
-                              o.buf_topk_idx, o.buf_topk_weights, u32(T), u32(P), u32(H),
-                              u32(plan->num_groups), u32(K)};
-  void* params[] = {&a.x,          &a.topk_idx,     &a.topk_weights,     &a.expert_scales,
-                    &a.buf_x,      &a.buf_x_sf,     &a.buf_x_scales,     &a.buf_topk_idx,
-                    &a.buf_topk_weights, &a.num_tokens, &a.padded_max,  &a.hidden,
-                    &a.num_groups, &a.top_k};
+  jit::Sm100PreDispatchArgs a{o.x,
+                              o.topk_idx,
+                              o.topk_weights,
+                              o.expert_scales,
+                              o.buf_x,
+                              o.buf_x_sf,
+                              /*buf_x_scales=*/nullptr,
+                              o.buf_topk_idx,
+                              o.buf_topk_weights,
+                              u32(T),
+                              u32(P),
+                              u32(H),
+                              u32(plan->num_groups),
+                              u32(K)};
+  void* params[] = {&a.x,
+                    &a.topk_idx,
+                    &a.topk_weights,
+                    &a.expert_scales,
+                    &a.buf_x,
+                    &a.buf_x_sf,
+                    &a.buf_x_scales,
+                    &a.buf_topk_idx,
+                    &a.buf_topk_weights,
+                    &a.num_tokens,
+                    &a.padded_max,
+                    &a.hidden,
+                    &a.num_groups,
+                    &a.top_k};
   return launch(params);
 }
 
@@ -259,23 +298,23 @@ JMM_EXPORT const XLA_FFI_TypeInfo* jmm_pre_dispatch_state_type_info() {
   return &jmm::kPreDispatchStateTypeInfo;
 }
 
-#define JMM_INSTANTIATE_BINDING(ARCH)                                    \
-  ffi::Ffi::BindInstantiate()                                            \
-      .Attr<int64_t>("hidden")                                           \
-      .Attr<int64_t>("top_k")                                            \
-      .Attr<int64_t>("capacity")                                         \
-      .Attr<int64_t>("group")                                            \
-      .Attr<jmm::MmaKind>("mma_kind")                                    \
+#define JMM_INSTANTIATE_BINDING(ARCH) \
+  ffi::Ffi::BindInstantiate()         \
+      .Attr<int64_t>("hidden")        \
+      .Attr<int64_t>("top_k")         \
+      .Attr<int64_t>("capacity")      \
+      .Attr<int64_t>("group")         \
+      .Attr<jmm::MmaKind>("mma_kind") \
       .Attr<float>("routed_scaling_factor")
 #define JMM_INITIALIZE_BINDING JMM_INITIALIZE_CONTEXTS(jmm::PreDispatchState)
-#define JMM_EXECUTE_BINDING                                              \
-  JMM_EXECUTE_CONTEXTS(jmm::PreDispatchState)                            \
-      .Arg<ffi::AnyBuffer>() /* x */                                     \
-      .Arg<ffi::AnyBuffer>() /* topk_idx */                              \
-      .Arg<ffi::AnyBuffer>() /* topk_weights */                          \
-      .Ret<ffi::AnyBuffer>() /* x_q */                                   \
-      .Ret<ffi::AnyBuffer>() /* x_sf */                                  \
-      .Ret<ffi::AnyBuffer>() /* topk_idx_out */                          \
+#define JMM_EXECUTE_BINDING                     \
+  JMM_EXECUTE_CONTEXTS(jmm::PreDispatchState)   \
+      .Arg<ffi::AnyBuffer>() /* x */            \
+      .Arg<ffi::AnyBuffer>() /* topk_idx */     \
+      .Arg<ffi::AnyBuffer>() /* topk_weights */ \
+      .Ret<ffi::AnyBuffer>() /* x_q */          \
+      .Ret<ffi::AnyBuffer>() /* x_sf */         \
+      .Ret<ffi::AnyBuffer>() /* topk_idx_out */ \
       .Ret<ffi::AnyBuffer>() /* topk_weights_out */
 
 // Each arch's plain target and its `_graph` twin (handlers/stages.h). Execute only enqueues two

@@ -22,21 +22,20 @@
 
 // The contexts every target's initialize and execute stages bind first, on BIND (e.g.
 // ::xla::ffi::Ffi::Bind()): XLA's stream, the device ordinal and the target's state type.
-#define JMM_STAGE_CONTEXTS(BIND, STATE)                 \
-  BIND.Ctx<::xla::ffi::PlatformStream<CUstream>>()      \
-      .Ctx<::xla::ffi::DeviceOrdinal>()                 \
+#define JMM_STAGE_CONTEXTS(BIND, STATE)            \
+  BIND.Ctx<::xla::ffi::PlatformStream<CUstream>>() \
+      .Ctx<::xla::ffi::DeviceOrdinal>()            \
       .Ctx<::xla::ffi::State<STATE>>()
 #define JMM_INITIALIZE_CONTEXTS(STATE) \
   JMM_STAGE_CONTEXTS(::xla::ffi::Ffi::Bind<::xla::ffi::ExecutionStage::kInitialize>(), STATE)
 #define JMM_EXECUTE_CONTEXTS(STATE) JMM_STAGE_CONTEXTS(::xla::ffi::Ffi::Bind(), STATE)
 
-#define JMM_DEFINE_STAGES_(NAME, INSTANTIATE, INSTANTIATE_BINDING, INITIALIZE,                  \
-                           INITIALIZE_BINDING, EXECUTE, EXECUTE_BINDING, ...)                   \
-  JMM_EXPORT XLA_FFI_Error* NAME##_instantiate(XLA_FFI_CallFrame*);                             \
-  JMM_EXPORT XLA_FFI_Error* NAME##_initialize(XLA_FFI_CallFrame*);                              \
-  JMM_EXPORT XLA_FFI_Error* NAME##_execute(XLA_FFI_CallFrame*);                                 \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_instantiate, INSTANTIATE, INSTANTIATE_BINDING,           \
-                                ##__VA_ARGS__);                                                 \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_initialize, INITIALIZE, INITIALIZE_BINDING,              \
-                                ##__VA_ARGS__);                                                 \
+#define JMM_DEFINE_STAGES_(NAME, INSTANTIATE, INSTANTIATE_BINDING, INITIALIZE, INITIALIZE_BINDING, \
+                           EXECUTE, EXECUTE_BINDING, ...)                                          \
+  JMM_EXPORT XLA_FFI_Error* NAME##_instantiate(XLA_FFI_CallFrame*);                                \
+  JMM_EXPORT XLA_FFI_Error* NAME##_initialize(XLA_FFI_CallFrame*);                                 \
+  JMM_EXPORT XLA_FFI_Error* NAME##_execute(XLA_FFI_CallFrame*);                                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_instantiate, INSTANTIATE, INSTANTIATE_BINDING,              \
+                                ##__VA_ARGS__);                                                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_initialize, INITIALIZE, INITIALIZE_BINDING, ##__VA_ARGS__); \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_execute, EXECUTE, EXECUTE_BINDING, ##__VA_ARGS__)

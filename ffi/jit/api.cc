@@ -131,9 +131,8 @@ JMM_EXPORT int jmm_cubin_kernel_symbols(const char* path, char* out, size_t cap)
 
 // SHA-256 hex of a byte string (the JIT cache's hash; exported for tests).
 JMM_EXPORT int jmm_sha256_hex(const char* data, size_t size, char* out, size_t cap) {
-  return static_cast<int>(
-      jmm::copy_out(jmm::jit::sha256_hex(std::string_view(data ? data : "", data ? size : 0)),
-                    out, cap));
+  return static_cast<int>(jmm::copy_out(
+      jmm::jit::sha256_hex(std::string_view(data ? data : "", data ? size : 0)), out, cap));
 }
 
 // 0 when the CUDA driver loads and initialises; otherwise 1 and the reason.
@@ -144,9 +143,9 @@ JMM_EXPORT int jmm_driver_status(char* out, size_t cap) {
     jmm::copy_out(why, out, cap);
     return 1;
   }
-  jmm::copy_out(jmm::cat("CUDA driver ", d->driver_version / 1000, ".",
-                         (d->driver_version % 1000) / 10),
-                out, cap);
+  jmm::copy_out(
+      jmm::cat("CUDA driver ", d->driver_version / 1000, ".", (d->driver_version % 1000) / 10), out,
+      cap);
   return 0;
 }
 
