@@ -100,7 +100,7 @@ def test_cache_roots_with_read_only_second_root(jit, tmp_path, monkeypatch):
     """The roots configure_jit hands over, in order: the first written, the others read-only
     lookups. The library reads no environment variable: DG_JIT_CACHE_DIR set afterwards changes
     nothing until the next configure (the policy reads it, once)."""
-    lib, tc, hd, root, cubins = jit
+    _, tc, hd, root, cubins = jit
     first = tmp_path / "first"
     _ffi.configure_jit(tc, hd, cache_dirs=f"{first}:{root}")
     try:
