@@ -21,12 +21,9 @@ inline int64_t mma_kind_value(MmaKind k) { return static_cast<int64_t>(k); }
 // The jax_megamoe mode name of a kind ("fp8xfp4", "mxf4xmxf4"; "fp8" for kNone).
 inline const char* mma_kind_mode(MmaKind k) {
   switch (k) {
-    case MmaKind::kNone:
-      return "fp8";
-    case MmaKind::kMXFP8FP4:
-      return "fp8xfp4";
-    case MmaKind::kMXFP4:
-      return "mxf4xmxf4";
+    case MmaKind::kNone: return "fp8";
+    case MmaKind::kMXFP8FP4: return "fp8xfp4";
+    case MmaKind::kMXFP4: return "mxf4xmxf4";
   }
   return "unknown";
 }

@@ -14,44 +14,25 @@ namespace jmm {
 inline std::string DTypeName(xla::ffi::DataType t) {
   using xla::ffi::DataType;
   switch (t) {
-    case DataType::PRED:
-      return "pred";
-    case DataType::S8:
-      return "s8";
-    case DataType::S16:
-      return "s16";
-    case DataType::S32:
-      return "s32";
-    case DataType::S64:
-      return "s64";
-    case DataType::U8:
-      return "u8";
-    case DataType::U16:
-      return "u16";
-    case DataType::U32:
-      return "u32";
-    case DataType::U64:
-      return "u64";
-    case DataType::F16:
-      return "f16";
-    case DataType::F32:
-      return "f32";
-    case DataType::F64:
-      return "f64";
-    case DataType::BF16:
-      return "bf16";
-    case DataType::F8E5M2:
-      return "f8e5m2";
-    case DataType::F8E4M3:
-      return "f8e4m3";
-    case DataType::F8E4M3FN:
-      return "f8e4m3fn";
-    case DataType::F4E2M1FN:
-      return "f4e2m1fn";
-    case DataType::F8E8M0FNU:
-      return "f8e8m0fnu";
-    default:
-      return cat("dtype#", static_cast<int>(t));
+    case DataType::PRED: return "pred";
+    case DataType::S8: return "s8";
+    case DataType::S16: return "s16";
+    case DataType::S32: return "s32";
+    case DataType::S64: return "s64";
+    case DataType::U8: return "u8";
+    case DataType::U16: return "u16";
+    case DataType::U32: return "u32";
+    case DataType::U64: return "u64";
+    case DataType::F16: return "f16";
+    case DataType::F32: return "f32";
+    case DataType::F64: return "f64";
+    case DataType::BF16: return "bf16";
+    case DataType::F8E5M2: return "f8e5m2";
+    case DataType::F8E4M3: return "f8e4m3";
+    case DataType::F8E4M3FN: return "f8e4m3fn";
+    case DataType::F4E2M1FN: return "f4e2m1fn";
+    case DataType::F8E8M0FNU: return "f8e8m0fnu";
+    default: return cat("dtype#", static_cast<int>(t));
   }
 }
 

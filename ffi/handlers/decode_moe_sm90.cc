@@ -213,19 +213,11 @@ ffi::Error ExecuteL1(CUstream stream, int32_t device, DecodeMoeState* st, ffi::A
       static_cast<uint32_t>(T), static_cast<uint32_t>(H), static_cast<uint32_t>(I),
       static_cast<uint32_t>(E), static_cast<uint32_t>(K), st->routed_scaling_factor,
       st->activation_clamp};
-  void* params[] = {&a.x,
-                    &a.topk_idx,
-                    &a.topk_weights,
-                    &a.l1,
-                    &a.l1_sf,
-                    &a.act,
-                    &a.num_tokens,
-                    &a.hidden,
-                    &a.intermediate,
-                    &a.num_experts,
-                    &a.top_k,
-                    &a.routed_scaling_factor,
-                    &a.activation_clamp};
+  // clang-format off
+  void* params[] = {&a.x, &a.topk_idx, &a.topk_weights, &a.l1, &a.l1_sf, &a.act, &a.num_tokens,
+                    &a.hidden, &a.intermediate, &a.num_experts, &a.top_k,
+                    &a.routed_scaling_factor, &a.activation_clamp};
+  // clang-format on
   return Launch(stream, device, st, T * (I / jit::kDecodeL1ColsPerBlock), params);
 }
 

@@ -227,63 +227,24 @@ CUresult launch_pre_dispatch(const cuda::Driver* d, CUfunction fn, CUstream stre
                            static_cast<unsigned>(plan->block), 1, 1, /*sharedMemBytes=*/0, stream,
                            params, nullptr);
   };
+  // The argument blocks and their addresses, in kernel parameter order (tables, laid out by hand).
+  // clang-format off
   if (arch == 90) {
-    jit::Sm90PreDispatchArgs a{o.x,
-                               o.topk_idx,
-                               o.topk_weights,
-                               o.buf_x,
-                               o.buf_x_sf,
-                               o.buf_topk_idx,
-                               o.buf_topk_weights,
-                               u32(T),
-                               u32(P),
-                               u32(H),
-                               u32(plan->num_groups),
-                               u32(K),
-                               routed_scaling_factor};
-    void* params[] = {&a.x,
-                      &a.topk_idx,
-                      &a.topk_weights,
-                      &a.buf_x,
-                      &a.buf_x_sf,
-                      &a.buf_topk_idx,
-                      &a.buf_topk_weights,
-                      &a.num_tokens,
-                      &a.padded_max,
-                      &a.hidden,
-                      &a.num_groups,
-                      &a.top_k,
-                      &a.routed_scaling_factor};
+    jit::Sm90PreDispatchArgs a{o.x, o.topk_idx, o.topk_weights, o.buf_x, o.buf_x_sf,
+                               o.buf_topk_idx, o.buf_topk_weights, u32(T), u32(P), u32(H),
+                               u32(plan->num_groups), u32(K), routed_scaling_factor};
+    void* params[] = {&a.x, &a.topk_idx, &a.topk_weights, &a.buf_x, &a.buf_x_sf, &a.buf_topk_idx,
+                      &a.buf_topk_weights, &a.num_tokens, &a.padded_max, &a.hidden, &a.num_groups,
+                      &a.top_k, &a.routed_scaling_factor};
     return launch(params);
   }
-  jit::Sm100PreDispatchArgs a{o.x,
-                              o.topk_idx,
-                              o.topk_weights,
-                              o.expert_scales,
-                              o.buf_x,
-                              o.buf_x_sf,
-                              /*buf_x_scales=*/nullptr,
-                              o.buf_topk_idx,
-                              o.buf_topk_weights,
-                              u32(T),
-                              u32(P),
-                              u32(H),
-                              u32(plan->num_groups),
-                              u32(K)};
-  void* params[] = {&a.x,
-                    &a.topk_idx,
-                    &a.topk_weights,
-                    &a.expert_scales,
-                    &a.buf_x,
-                    &a.buf_x_sf,
-                    &a.buf_x_scales,
-                    &a.buf_topk_idx,
-                    &a.buf_topk_weights,
-                    &a.num_tokens,
-                    &a.padded_max,
-                    &a.hidden,
-                    &a.num_groups,
-                    &a.top_k};
+  jit::Sm100PreDispatchArgs a{o.x, o.topk_idx, o.topk_weights, o.expert_scales, o.buf_x, o.buf_x_sf,
+                              /*buf_x_scales=*/nullptr, o.buf_topk_idx, o.buf_topk_weights,
+                              u32(T), u32(P), u32(H), u32(plan->num_groups), u32(K)};
+  void* params[] = {&a.x, &a.topk_idx, &a.topk_weights, &a.expert_scales, &a.buf_x, &a.buf_x_sf,
+                    &a.buf_x_scales, &a.buf_topk_idx, &a.buf_topk_weights, &a.num_tokens,
+                    &a.padded_max, &a.hidden, &a.num_groups, &a.top_k};
+  // clang-format on
   return launch(params);
 }
 
