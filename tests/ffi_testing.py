@@ -54,7 +54,7 @@ def jit_sandbox(tmp_path_factory: Any, name: str) -> Iterator[tuple[Any, Any, An
 
 
 # --------------------------------------------------------------------------------------
-# The typed C test API (ffi/common/c_api.h): ctypes structs built from the library's own
+# The typed C test API (ffi/common/c_api_testing.h): ctypes structs built from the library's own
 # description of each struct (jmm_c_struct_fields), so the field order lives in the C header only.
 # Shared by the tests and tools/ (tools put this folder on sys.path).
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The typed C test API (ffi/common/c_api.h, tests/ffi_testing.py): structs described by the library
+"""The typed C test API (ffi/common/c_api_testing.h, tests/ffi_testing.py): structs described by the library
 itself, size-checked on every call, errors named. CPU only."""
 
 from __future__ import annotations

@@ -80,6 +80,26 @@ def test_exported_symbols(lib):
     assert "XLA FFI API 0." in info and "cuda.h" in info
 
 
+def _declared(header: str) -> dict[str, int]:
+    """name -> parameter count of every function a C API header declares (``JMM_*API <ret> name(...)``)."""
+    text = re.sub(r"/\*.*?\*/", "", (REPO / "ffi" / "common" / header).read_text(), flags=re.DOTALL)
+    out = {}
+    for ret_name, params in re.findall(r"JMM_(?:TESTING_)?API\s+([^;(]+?)\s*\(([^)]*)\)\s*;", text):
+        params = params.strip()
+        out[ret_name.split()[-1].lstrip("*")] = 0 if params in ("", "void") else params.count(",") + 1
+    return out
+
+
+def test_c_api_table_matches_the_production_header():
+    """_ffi._C_API declares exactly what ffi/common/c_api.h does, in its order and with its parameter
+    counts; no test-only export (c_api_testing.h) is in either."""
+    declared = _declared("c_api.h")
+    assert list(declared) == list(_ffi._C_API)
+    assert {n: len(a) for n, (_, a) in _ffi._C_API.items()} == declared
+    testing = _declared("c_api_testing.h")
+    assert "jmm_c_struct_fields" in testing and not set(testing) & set(declared)
+
+
 @pytest.mark.skipif(shutil.which("nm") is None, reason="nm not installed")
 def test_only_jmm_symbols_exported(lib):
     out = subprocess.run(
@@ -334,3 +354,17 @@ def test_cmake_and_bazel_build_the_same_sources():
     on_disk = sorted(str(p.relative_to(REPO)) for p in (REPO / "ffi").rglob("*.cc"))
     assert _cmake_sources() == _bazel_sources()
     assert sorted(_cmake_sources()) == on_disk
+
+
+def test_ffi_sources_are_clang_formatted():
+    """tools/check_format.sh passes: ffi/**/*.{cc,h,cuh} follow ffi/.clang-format. Skipped without
+    clang-format 14 (Debian bookworm's `apt-get install clang-format`, the version that formatted
+    them: other versions reflow some lines differently)."""
+    cf = shutil.which("clang-format")
+    if cf is None:
+        pytest.skip("clang-format not installed (apt-get install -y clang-format)")
+    version = subprocess.run([cf, "--version"], capture_output=True, text=True, check=True).stdout
+    if not re.search(r"version 14\.", version):
+        pytest.skip(f"ffi/ is formatted with clang-format 14, this is {version.strip()}")
+    res = subprocess.run([str(REPO / "tools" / "check_format.sh")], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from jax_megamoe._src.kernels import _ffi
+from jax_megamoe._src.numerics.policy import Policy
 from ffi_testing import has_cuda_driver, jit_sandbox
 
 pytestmark = pytest.mark.nvcc
@@ -95,12 +96,15 @@ def test_second_compile_hits_memory_then_disk(jit):
     assert not list((cubin.parents[1].parent / "tmp").iterdir())  # no leftover build folders
 
 
-def test_dg_jit_cache_dir_env_with_read_only_second_root(jit, tmp_path, monkeypatch):
-    lib, tc, hd, root, cubins = jit
+def test_cache_roots_with_read_only_second_root(jit, tmp_path, monkeypatch):
+    """The roots configure_jit hands over, in order: the first written, the others read-only
+    lookups. The library reads no environment variable: DG_JIT_CACHE_DIR set afterwards changes
+    nothing until the next configure (the policy reads it, once)."""
+    _, tc, hd, root, cubins = jit
     first = tmp_path / "first"
-    _ffi.configure_jit(tc, hd, cache_dirs="")  # roots come from the environment now
+    _ffi.configure_jit(tc, hd, cache_dirs=f"{first}:{root}")
     try:
-        monkeypatch.setenv("DG_JIT_CACHE_DIR", f"{first}:{root}")
+        monkeypatch.setenv("DG_JIT_CACHE_DIR", str(tmp_path / "ignored"))
         assert _ffi.jit_cache_roots() == [str(first), str(root)]
         os.chmod(root / "cache", stat.S_IRUSR | stat.S_IXUSR)  # read-only lookup root
         try:
@@ -112,14 +116,24 @@ def test_dg_jit_cache_dir_env_with_read_only_second_root(jit, tmp_path, monkeypa
             os.chmod(root / "cache", stat.S_IRWXU)
         assert s1.disk_hits - s0.disk_hits == len(KERNELS) and s1.compiles == s0.compiles
         assert not (first / "cache").exists() or not list((first / "cache").iterdir())
-        monkeypatch.setenv("DG_JIT_CACHE_DIR", str(root))
-        assert _ffi.jit_cache_roots() == [str(root)]
-        monkeypatch.delenv("DG_JIT_CACHE_DIR")
-        monkeypatch.delenv("DJ_JIT_CACHE_DIR", raising=False)
-        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-        assert _ffi.jit_cache_roots() == [str(tmp_path / "xdg" / "jax_megamoe" / "jit")]
+        assert not (tmp_path / "ignored").exists()
     finally:
         _ffi.configure_jit(tc, hd, cache_dirs=str(root))
+
+
+def test_policy_resolves_the_cache_roots_and_nvcc_switches():
+    """What configure_jit passes when no cache_dirs is given: DG_JIT_CACHE_DIR (then
+    DJ_JIT_CACHE_DIR; empty is unset), else $XDG_CACHE_HOME/jax_megamoe/jit, else
+    ~/.cache/jax_megamoe/jit; the DG_JIT_* switches read as DeepGEMM reads them."""
+    p = Policy.from_environ({"DG_JIT_CACHE_DIR": "", "DJ_JIT_CACHE_DIR": "/a:/b", "HOME": "/h"})
+    assert (p.jit_cache_dirs, p.source("jit_cache_dirs")) == ("/a:/b", "DJ_JIT_CACHE_DIR")
+    assert Policy.from_environ({"HOME": "/h", "XDG_CACHE_HOME": "/x"}).jit_cache_dirs == "/x/jax_megamoe/jit"
+    assert Policy.from_environ({"HOME": "/h"}).jit_cache_dirs == "/h/.cache/jax_megamoe/jit"
+    q = Policy.from_environ({"DG_JIT_WITH_LINEINFO": "2", "DG_JIT_PRINT_COMPILER_COMMAND": "0", "DG_JIT_DEBUG": "1"})
+    assert (q.jit_lineinfo, q.jit_print_commands) == (True, True)
+    r = Policy.from_environ({"DG_JIT_WITH_LINEINFO": "off", "DG_JIT_DEBUG": "false"})
+    assert (r.jit_lineinfo, r.jit_print_commands) == (False, False)
+    assert p == Policy() and hash(p) == hash(Policy())  # JIT settings change no result
 
 
 def test_bad_include_dir_is_a_readable_error(jit, tmp_path):
@@ -169,6 +183,27 @@ def test_old_nvcc_is_rejected_by_the_jit(jit, tmp_path):
             _ffi.compile_pre_dispatch(100, 2)
     finally:
         _ffi.configure_jit(tc, hd, cache_dirs=str(root))
+
+
+def test_nvcc_switches_come_from_jmm_configure(jit, tmp_path, capfd):
+    """with_lineinfo adds -lineinfo, print_commands prints the command line (a fake nvcc that
+    reports 13.0 and builds nothing: the compile fails after the command ran)."""
+    lib, tc, hd, root, _ = jit
+    fake = tmp_path / "nvcc"
+    fake.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.48'\n")
+    fake.chmod(0o755)
+    for lineinfo, printed in ((1, 1), (0, 1), (1, 0)):
+        rc = lib.jmm_configure(hd.include_dir.encode(), str(fake).encode(), b"", str(tmp_path / "cache").encode(),
+                               hd.header_version.encode(), lineinfo, printed)
+        assert rc == 0
+        try:
+            with pytest.raises(RuntimeError, match="nvcc failed with exit status 0") as e:
+                _ffi.compile_pre_dispatch(90, 0)
+        finally:
+            _ffi.configure_jit(tc, hd, cache_dirs=str(root))
+        err = capfd.readouterr().err
+        assert ("[jax_megamoe JIT]" in err) == bool(printed)
+        assert (" -lineinfo" in str(e.value)) == bool(lineinfo)
 
 
 def test_concurrent_processes_publish_one_entry(jit, tmp_path):

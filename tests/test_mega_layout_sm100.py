@@ -27,7 +27,7 @@ from jax_megamoe._src.kernels import _ffi
 from jax_megamoe._src.kernels import _toolchain
 
 MXFP8FP4, MXFP4 = 1, 2
-# The tests' short names for the C struct fields (common/c_api.h) they use most; the others keep
+# The tests' short names for the C struct fields (common/c_api_testing.h) they use most; the others keep
 # their C names. By name, not position: the field order lives in the C header only.
 LAYOUT_NAMES = dict(workspace_bytes="workspace", num_max_pool_tokens="pool", num_ring_tokens="ring",
                     num_sf_ring_tokens="sf_ring", num_experts_per_rank="e_local", elem_bits="bits",

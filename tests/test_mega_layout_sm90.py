@@ -16,7 +16,7 @@ import pytest
 import ffi_testing as ft
 from jax_megamoe._src.kernels import _ffi
 
-# The tests' short names for the C struct fields (common/c_api.h) they use most; the others keep
+# The tests' short names for the C struct fields (common/c_api_testing.h) they use most; the others keep
 # their C names. By name, not position: the field order lives in the C header only.
 LAYOUT_NAMES = dict(workspace_bytes="workspace", num_max_pool_tokens="pool", num_data_pool_tokens="data_pool",
                     num_padded_sf_pool_tokens="padded_sf", num_experts_per_rank="e_local")

@@ -25,11 +25,14 @@ struct Loader {
   Driver table;
   std::string error;  // empty on success
   bool ok = false;
+  void* lib = nullptr;  // for entry_point()
+  GetProcAddressV2 gpa2 = nullptr;
+  GetProcAddressV1 gpa1 = nullptr;
 };
 
 template <typename Fn>
-bool resolve(void* lib, GetProcAddressV2 gpa2, GetProcAddressV1 gpa1,
-             const char* base_name, const char* versioned_name, Fn* out) {
+bool resolve(void* lib, GetProcAddressV2 gpa2, GetProcAddressV1 gpa1, const char* base_name,
+             const char* versioned_name, Fn* out) {
   void* p = nullptr;
   if (gpa2 != nullptr) {
     CUdriverProcAddressQueryResult status = CU_GET_PROC_ADDRESS_SUCCESS;
@@ -60,39 +63,18 @@ Loader* load() {
   }
   auto gpa2 = reinterpret_cast<GetProcAddressV2>(dlsym(lib, "cuGetProcAddress_v2"));
   auto gpa1 = gpa2 ? nullptr : reinterpret_cast<GetProcAddressV1>(dlsym(lib, "cuGetProcAddress"));
+  L->lib = lib, L->gpa2 = gpa2, L->gpa1 = gpa1;
   Driver& d = L->table;
   std::string missing;
-#define JMM_RESOLVE(field, base, versioned)                                 \
-  if (!resolve(lib, gpa2, gpa1, base, versioned, &d.field)) {              \
-    missing += missing.empty() ? base : cat(", ", base);                   \
-  }
-  JMM_RESOLVE(Init, "cuInit", "cuInit")
-  JMM_RESOLVE(DriverGetVersion, "cuDriverGetVersion", "cuDriverGetVersion")
-  JMM_RESOLVE(GetErrorName, "cuGetErrorName", "cuGetErrorName")
-  JMM_RESOLVE(GetErrorString, "cuGetErrorString", "cuGetErrorString")
-  JMM_RESOLVE(DeviceGet, "cuDeviceGet", "cuDeviceGet")
-  JMM_RESOLVE(DevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain", "cuDevicePrimaryCtxRetain")
-  JMM_RESOLVE(DevicePrimaryCtxRelease, "cuDevicePrimaryCtxRelease", "cuDevicePrimaryCtxRelease_v2")
-  JMM_RESOLVE(CtxGetCurrent, "cuCtxGetCurrent", "cuCtxGetCurrent")
-  JMM_RESOLVE(CtxPushCurrent, "cuCtxPushCurrent", "cuCtxPushCurrent_v2")
-  JMM_RESOLVE(CtxPopCurrent, "cuCtxPopCurrent", "cuCtxPopCurrent_v2")
-  JMM_RESOLVE(StreamGetCtx, "cuStreamGetCtx", "cuStreamGetCtx")
-  JMM_RESOLVE(StreamIsCapturing, "cuStreamIsCapturing", "cuStreamIsCapturing")
-  JMM_RESOLVE(LibraryLoadFromFile, "cuLibraryLoadFromFile", "cuLibraryLoadFromFile")
-  JMM_RESOLVE(LibraryUnload, "cuLibraryUnload", "cuLibraryUnload")
-  JMM_RESOLVE(LibraryGetKernel, "cuLibraryGetKernel", "cuLibraryGetKernel")
-  JMM_RESOLVE(KernelGetFunction, "cuKernelGetFunction", "cuKernelGetFunction")
-  JMM_RESOLVE(ThreadExchangeStreamCaptureMode, "cuThreadExchangeStreamCaptureMode",
-              "cuThreadExchangeStreamCaptureMode")
-  JMM_RESOLVE(LaunchKernel, "cuLaunchKernel", "cuLaunchKernel")
-  JMM_RESOLVE(MemsetD8Async, "cuMemsetD8Async", "cuMemsetD8Async")
+#define JMM_RESOLVE(member, versioned)                                                      \
+  note_missing(resolve(lib, gpa2, gpa1, "cu" #member, #versioned, &d.member), "cu" #member, \
+               &missing);
+  JMM_CUDA_DRIVER_ENTRIES(JMM_RESOLVE)
 #undef JMM_RESOLVE
-  // Optional (only used as a fallback when the symbol name is unknown).
-  resolve(lib, gpa2, gpa1, "cuLibraryGetKernelCount", "cuLibraryGetKernelCount",
-          &d.LibraryGetKernelCount);
-  resolve(lib, gpa2, gpa1, "cuLibraryEnumerateKernels", "cuLibraryEnumerateKernels",
-          &d.LibraryEnumerateKernels);
-  resolve(lib, gpa2, gpa1, "cuFuncLoad", "cuFuncLoad", &d.FuncLoad);
+#define JMM_RESOLVE_OPTIONAL(member, versioned) \
+  resolve(lib, gpa2, gpa1, "cu" #member, #versioned, &d.member);
+  JMM_CUDA_DRIVER_OPTIONAL_ENTRIES(JMM_RESOLVE_OPTIONAL)
+#undef JMM_RESOLVE_OPTIONAL
   if (!missing.empty()) {
     L->error = cat("the CUDA driver (libcuda.so.1) lacks ", missing,
                    "; update the NVIDIA driver (CUDA 12.4 or newer, CUDA 13 recommended)");
@@ -107,15 +89,31 @@ Loader* load() {
   return L;
 }
 
+Loader* loader() {
+  static Loader* l = load();  // thread-safe static initialisation
+  return l;
+}
+
 }  // namespace
 
 const Driver* driver(std::string* error) {
-  static Loader* loader = load();  // thread-safe static initialisation
-  if (!loader->ok) {
-    if (error != nullptr) *error = loader->error;
+  Loader* L = loader();
+  if (!L->ok) {
+    if (error != nullptr) *error = L->error;
     return nullptr;
   }
-  return &loader->table;
+  return &L->table;
+}
+
+void* entry_point(const char* base_name, const char* versioned_name) {
+  Loader* L = loader();
+  void* p = nullptr;
+  if (L->ok) resolve(L->lib, L->gpa2, L->gpa1, base_name, versioned_name, &p);
+  return p;
+}
+
+void note_missing(bool found, const char* name, std::string* missing) {
+  if (!found) *missing += missing->empty() ? std::string(name) : cat(", ", name);
 }
 
 std::string error_string(const Driver* d, CUresult r) {

@@ -79,12 +79,12 @@ inline xla::ffi::Error ExpectTokens(const char* target, const xla::ffi::AnyBuffe
                                     int64_t capacity, int64_t* t_out) {
   const auto xd = x.dimensions();
   if (x.element_type() != xla::ffi::DataType::BF16 || xd.size() != 2 || xd[1] != H) {
-    return xla::ffi::Error::InvalidArgument(cat(target, ": operand 'x' must be bf16[T,", H,
-                                                "], got ", Shape(x.element_type(), xd)));
+    return xla::ffi::Error::InvalidArgument(
+        cat(target, ": operand 'x' must be bf16[T,", H, "], got ", Shape(x.element_type(), xd)));
   }
   if (xd[0] > capacity) {
-    return xla::ffi::Error::InvalidArgument(cat(target, ": operand 'x' has T=", xd[0],
-                                                " tokens, more than capacity=", capacity));
+    return xla::ffi::Error::InvalidArgument(
+        cat(target, ": operand 'x' has T=", xd[0], " tokens, more than capacity=", capacity));
   }
   *t_out = xd[0];
   return xla::ffi::Error::Success();

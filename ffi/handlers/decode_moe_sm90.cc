@@ -23,11 +23,13 @@
 #include <string>
 #include <utility>
 
+#include "common/c_api.h"
 #include "common/export.h"
 #include "common/status.h"
 #include "cuda/driver.h"
 #include "handlers/buffer_checks.h"
 #include "handlers/host_glue.h"
+#include "handlers/stages.h"
 #include "jit/compiler.h"
 #include "jit/decode_kernels.h"
 #include "jit/loader.h"
@@ -60,14 +62,16 @@ const char* TargetName(jit::DecodePass p) {
 
 ffi::Error ValidateShape(const char* t, int64_t h, int64_t i, int64_t e, int64_t k) {
   if (h <= 0 || h % 128 != 0) {
-    return ffi::Error::InvalidArgument(cat(t, ": attribute hidden=", h, " must be a positive multiple of 128"));
+    return ffi::Error::InvalidArgument(
+        cat(t, ": attribute hidden=", h, " must be a positive multiple of 128"));
   }
   if (i <= 0 || i % 128 != 0) {
     return ffi::Error::InvalidArgument(
         cat(t, ": attribute intermediate=", i, " must be a positive multiple of 128"));
   }
   if (e <= 0 || e > std::numeric_limits<int32_t>::max()) {
-    return ffi::Error::InvalidArgument(cat(t, ": attribute num_experts=", e, " must be in [1, 2^31)"));
+    return ffi::Error::InvalidArgument(
+        cat(t, ": attribute num_experts=", e, " must be in [1, 2^31)"));
   }
   if (k < 1 || k > 64) {
     return ffi::Error::InvalidArgument(cat(t, ": attribute top_k=", k, " must be in [1, 64]"));
@@ -95,29 +99,22 @@ ffi::ErrorOr<std::unique_ptr<DecodeMoeState>> Build(jit::DecodePass pass, int64_
         cat(t, ": ", smem, " B of shared memory needed (hidden=", h, ", intermediate=", i,
             ", top_k=", k, "), more than an sm_90 block has (227 KiB)")));
   }
-  std::shared_ptr<const jit::LoadedKernel> kernel;
-  if (ffi::Error err = host::CompileAndLoad(jit::decode_source(pass), t, &kernel); !err.success()) {
-    return ffi::Unexpected<ffi::Error>(std::move(err));
-  }
   auto st = std::make_unique<DecodeMoeState>();
   st->pass = pass;
-  st->hidden = h;
-  st->intermediate = i;
-  st->num_experts = e;
-  st->top_k = k;
+  st->hidden = h, st->intermediate = i, st->num_experts = e, st->top_k = k;  // the shape
   st->activation_clamp = clamp;
   st->routed_scaling_factor = rsf;
   st->smem_bytes = smem;
-  st->kernel = std::move(kernel);
-  return st;
+  return host::WithKernel(std::move(st), jit::decode_source(pass), t);
 }
 
-ffi::ErrorOr<std::unique_ptr<DecodeMoeState>> InstantiateL1(int64_t h, int64_t i, int64_t e, int64_t k,
-                                                            float clamp, float rsf) {
+ffi::ErrorOr<std::unique_ptr<DecodeMoeState>> InstantiateL1(int64_t h, int64_t i, int64_t e,
+                                                            int64_t k, float clamp, float rsf) {
   return Build(jit::DecodePass::kL1, h, i, e, k, clamp, rsf);
 }
 
-ffi::ErrorOr<std::unique_ptr<DecodeMoeState>> InstantiateL2(int64_t h, int64_t i, int64_t e, int64_t k) {
+ffi::ErrorOr<std::unique_ptr<DecodeMoeState>> InstantiateL2(int64_t h, int64_t i, int64_t e,
+                                                            int64_t k) {
   return Build(jit::DecodePass::kL2, h, i, e, k, INFINITY, 1.0f);
 }
 
@@ -142,7 +139,8 @@ ffi::Error Enter(CUstream stream, int32_t device, DecodeMoeState* st, host::Cont
                  const cuda::Driver** d, CUfunction* fn) {
   const host::DriverExt* x = nullptr;
   CUcontext ctx = nullptr;
-  if (ffi::Error e = host::Begin(stream, device, TargetName(st->pass), scope, d, &x, &ctx); !e.success()) {
+  if (ffi::Error e = host::Begin(stream, device, TargetName(st->pass), scope, d, &x, &ctx);
+      !e.success()) {
     return e;
   }
   return FunctionFor(*d, x, st, ctx, fn);
@@ -155,14 +153,16 @@ ffi::Error Initialize(CUstream stream, int32_t device, DecodeMoeState* st) {
   return Enter(stream, device, st, &scope, &d, &fn);
 }
 
-ffi::Error Launch(CUstream stream, int32_t device, DecodeMoeState* st, int64_t blocks, void** params) {
+ffi::Error Launch(CUstream stream, int32_t device, DecodeMoeState* st, int64_t blocks,
+                  void** params) {
   if (blocks == 0) return ffi::Error::Success();
   host::ContextScope scope;
   const cuda::Driver* d = nullptr;
   CUfunction fn = nullptr;
   if (ffi::Error e = Enter(stream, device, st, &scope, &d, &fn); !e.success()) return e;
-  if (CUresult r = d->LaunchKernel(fn, static_cast<unsigned>(blocks), 1, 1, jit::kDecodeThreads, 1, 1,
-                                   static_cast<unsigned>(st->smem_bytes), stream, params, nullptr);
+  if (CUresult r =
+          d->LaunchKernel(fn, static_cast<unsigned>(blocks), 1, 1, jit::kDecodeThreads, 1, 1,
+                          static_cast<unsigned>(st->smem_bytes), stream, params, nullptr);
       r != CUDA_SUCCESS) {
     return ffi::Error::Internal(cat(TargetName(st->pass), ": cuLaunchKernel(grid=", blocks,
                                     ") failed: ", cuda::error_string(d, r)));
@@ -170,8 +170,8 @@ ffi::Error Launch(CUstream stream, int32_t device, DecodeMoeState* st, int64_t b
   return ffi::Error::Success();
 }
 
-ffi::Error Check(const DecodeMoeState* st, const char* role, const char* name, const ffi::AnyBuffer& b,
-                 ffi::DataType type, std::initializer_list<int64_t> dims) {
+ffi::Error Check(const DecodeMoeState* st, const char* role, const char* name,
+                 const ffi::AnyBuffer& b, ffi::DataType type, std::initializer_list<int64_t> dims) {
   return ExpectBuffer(TargetName(st->pass), role, name, b, type, dims);
 }
 
@@ -179,13 +179,16 @@ ffi::Error Check(const DecodeMoeState* st, const char* role, const char* name, c
 ffi::Error Tokens(const DecodeMoeState* st, const ffi::AnyBuffer& topk_idx, int64_t* T) {
   const auto dims = topk_idx.dimensions();
   if (dims.size() != 2 || topk_idx.element_type() != ffi::DataType::S32 || dims[1] != st->top_k) {
-    return ffi::Error::InvalidArgument(cat(TargetName(st->pass), ": operand 'topk_idx' must be s32[T,",
-                                           st->top_k, "], got ", Shape(topk_idx.element_type(), dims)));
+    return ffi::Error::InvalidArgument(cat(TargetName(st->pass),
+                                           ": operand 'topk_idx' must be s32[T,", st->top_k,
+                                           "], got ", Shape(topk_idx.element_type(), dims)));
   }
   *T = dims[0];
   // Grid sizes and the kernels' 32-bit slot arithmetic.
-  if (*T * st->top_k * std::max(st->intermediate, st->hidden) > std::numeric_limits<int32_t>::max()) {
-    return ffi::Error::InvalidArgument(cat(TargetName(st->pass), ": T=", *T, " is too many tokens"));
+  if (*T * st->top_k * std::max(st->intermediate, st->hidden) >
+      std::numeric_limits<int32_t>::max()) {
+    return ffi::Error::InvalidArgument(
+        cat(TargetName(st->pass), ": T=", *T, " is too many tokens"));
   }
   return ffi::Error::Success();
 }
@@ -197,20 +200,24 @@ ffi::Error ExecuteL1(CUstream stream, int32_t device, DecodeMoeState* st, ffi::A
   int64_t T = 0;
   ffi::Error e = Tokens(st, topk_idx, &T);
   if (e.success()) e = Check(st, "operand", "x", x, ffi::DataType::BF16, {T, H});
-  if (e.success()) e = Check(st, "operand", "topk_weights", topk_weights, ffi::DataType::F32, {T, K});
+  if (e.success())
+    e = Check(st, "operand", "topk_weights", topk_weights, ffi::DataType::F32, {T, K});
   if (e.success()) e = Check(st, "operand", "l1", l1, ffi::DataType::F8E4M3FN, {E, 2 * I, H});
-  if (e.success()) e = Check(st, "operand", "l1_sf", l1_sf, ffi::DataType::F32, {E, 2 * I / 128, H / 128});
+  if (e.success())
+    e = Check(st, "operand", "l1_sf", l1_sf, ffi::DataType::F32, {E, 2 * I / 128, H / 128});
   if (e.success()) e = Check(st, "result", "act", *act, ffi::DataType::F32, {T * K, I});
   if (!e.success()) return e;
-  jit::DecodeL1Args a{x.untyped_data(),       topk_idx.untyped_data(), topk_weights.untyped_data(),
-                      l1.untyped_data(),      l1_sf.untyped_data(),    act->untyped_data(),
-                      static_cast<uint32_t>(T), static_cast<uint32_t>(H), static_cast<uint32_t>(I),
-                      static_cast<uint32_t>(E), static_cast<uint32_t>(K), st->routed_scaling_factor,
-                      st->activation_clamp};
-  void* params[] = {&a.x,          &a.topk_idx,    &a.topk_weights, &a.l1,
-                    &a.l1_sf,      &a.act,         &a.num_tokens,   &a.hidden,
-                    &a.intermediate, &a.num_experts, &a.top_k,      &a.routed_scaling_factor,
-                    &a.activation_clamp};
+  jit::DecodeL1Args a{
+      x.untyped_data(),         topk_idx.untyped_data(),  topk_weights.untyped_data(),
+      l1.untyped_data(),        l1_sf.untyped_data(),     act->untyped_data(),
+      static_cast<uint32_t>(T), static_cast<uint32_t>(H), static_cast<uint32_t>(I),
+      static_cast<uint32_t>(E), static_cast<uint32_t>(K), st->routed_scaling_factor,
+      st->activation_clamp};
+  // clang-format off
+  void* params[] = {&a.x, &a.topk_idx, &a.topk_weights, &a.l1, &a.l1_sf, &a.act, &a.num_tokens,
+                    &a.hidden, &a.intermediate, &a.num_experts, &a.top_k,
+                    &a.routed_scaling_factor, &a.activation_clamp};
+  // clang-format on
   return Launch(stream, device, st, T * (I / jit::kDecodeL1ColsPerBlock), params);
 }
 
@@ -222,14 +229,16 @@ ffi::Error ExecuteL2(CUstream stream, int32_t device, DecodeMoeState* st, ffi::A
   ffi::Error e = Tokens(st, topk_idx, &T);
   if (e.success()) e = Check(st, "operand", "act", act, ffi::DataType::F32, {T * K, I});
   if (e.success()) e = Check(st, "operand", "l2", l2, ffi::DataType::F8E4M3FN, {E, H, I});
-  if (e.success()) e = Check(st, "operand", "l2_sf", l2_sf, ffi::DataType::F32, {E, H / 128, I / 128});
+  if (e.success())
+    e = Check(st, "operand", "l2_sf", l2_sf, ffi::DataType::F32, {E, H / 128, I / 128});
   if (e.success()) e = Check(st, "result", "y", *y, ffi::DataType::BF16, {T, H});
   if (!e.success()) return e;
-  jit::DecodeL2Args a{act.untyped_data(), topk_idx.untyped_data(), l2.untyped_data(), l2_sf.untyped_data(),
-                      y->untyped_data(),  static_cast<uint32_t>(T), static_cast<uint32_t>(H),
-                      static_cast<uint32_t>(I), static_cast<uint32_t>(E), static_cast<uint32_t>(K)};
-  void* params[] = {&a.act, &a.topk_idx, &a.l2, &a.l2_sf, &a.y, &a.num_tokens,
-                    &a.hidden, &a.intermediate, &a.num_experts, &a.top_k};
+  jit::DecodeL2Args a{act.untyped_data(),       topk_idx.untyped_data(),  l2.untyped_data(),
+                      l2_sf.untyped_data(),     y->untyped_data(),        static_cast<uint32_t>(T),
+                      static_cast<uint32_t>(H), static_cast<uint32_t>(I), static_cast<uint32_t>(E),
+                      static_cast<uint32_t>(K)};
+  void* params[] = {&a.act,        &a.topk_idx, &a.l2,           &a.l2_sf,       &a.y,
+                    &a.num_tokens, &a.hidden,   &a.intermediate, &a.num_experts, &a.top_k};
   return Launch(stream, device, st, T * (H / jit::kDecodeL2RowsPerBlock), params);
 }
 
@@ -242,17 +251,19 @@ JMM_EXPORT int jmm_decode_render(int pass, char* out, size_t cap) {
     jmm::set_last_error(jmm::cat("jmm_decode_render: pass must be 1 or 2, got ", pass));
     return -1;
   }
-  return static_cast<int>(jmm::copy_out(jmm::jit::decode_source(static_cast<jmm::jit::DecodePass>(pass)).source,
-                                        out, cap));
+  return static_cast<int>(jmm::copy_out(
+      jmm::jit::decode_source(static_cast<jmm::jit::DecodePass>(pass)).source, out, cap));
 }
 
-JMM_EXPORT int jmm_decode_compile(int pass, char* cubin_out, size_t cap, char* err_out, size_t err_cap) {
+JMM_EXPORT int jmm_decode_compile(int pass, char* cubin_out, size_t cap, char* err_out,
+                                  size_t err_cap) {
   std::string why;
   if (pass != 1 && pass != 2) {
     why = jmm::cat("jmm_decode_compile: pass must be 1 or 2, got ", pass);
   } else {
     jmm::jit::CompiledKernel c;
-    if (jmm::jit::jit_compile(jmm::jit::decode_source(static_cast<jmm::jit::DecodePass>(pass)), &c, &why)) {
+    if (jmm::jit::jit_compile(jmm::jit::decode_source(static_cast<jmm::jit::DecodePass>(pass)), &c,
+                              &why)) {
       if (c.cubin_path.size() + 1 <= cap) {
         jmm::copy_out(c.cubin_path, cubin_out, cap);
         jmm::copy_out("", err_out, err_cap);
@@ -267,63 +278,39 @@ JMM_EXPORT int jmm_decode_compile(int pass, char* cubin_out, size_t cap, char* e
 }
 
 JMM_EXPORT XLA_FFI_TypeId* jmm_decode_state_type_id() { return &jmm::DecodeMoeState::id; }
-JMM_EXPORT const XLA_FFI_TypeInfo* jmm_decode_state_type_info() { return &jmm::kDecodeStateTypeInfo; }
+JMM_EXPORT const XLA_FFI_TypeInfo* jmm_decode_state_type_info() {
+  return &jmm::kDecodeStateTypeInfo;
+}
 
-#define JMM_DECODE_INIT_BINDING                          \
-  ffi::Ffi::Bind<ffi::ExecutionStage::kInitialize>()     \
-      .Ctx<ffi::PlatformStream<CUstream>>()              \
-      .Ctx<ffi::DeviceOrdinal>()                         \
-      .Ctx<ffi::State<jmm::DecodeMoeState>>()
-#define JMM_DECODE_L1_INSTANTIATE                        \
-  ffi::Ffi::BindInstantiate()                            \
-      .Attr<int64_t>("hidden")                           \
-      .Attr<int64_t>("intermediate")                     \
-      .Attr<int64_t>("num_experts")                      \
-      .Attr<int64_t>("top_k")                            \
-      .Attr<float>("activation_clamp")                   \
-      .Attr<float>("routed_scaling_factor")
-#define JMM_DECODE_L2_INSTANTIATE                        \
-  ffi::Ffi::BindInstantiate()                            \
-      .Attr<int64_t>("hidden")                           \
-      .Attr<int64_t>("intermediate")                     \
-      .Attr<int64_t>("num_experts")                      \
+#define JMM_DECODE_INIT_BINDING JMM_INITIALIZE_CONTEXTS(jmm::DecodeMoeState)
+#define JMM_DECODE_L2_INSTANTIATE    \
+  ffi::Ffi::BindInstantiate()        \
+      .Attr<int64_t>("hidden")       \
+      .Attr<int64_t>("intermediate") \
+      .Attr<int64_t>("num_experts")  \
       .Attr<int64_t>("top_k")
-#define JMM_DECODE_L1_EXECUTE                            \
-  ffi::Ffi::Bind()                                       \
-      .Ctx<ffi::PlatformStream<CUstream>>()              \
-      .Ctx<ffi::DeviceOrdinal>()                         \
-      .Ctx<ffi::State<jmm::DecodeMoeState>>()            \
-      .Arg<ffi::AnyBuffer>() /* x */                     \
-      .Arg<ffi::AnyBuffer>() /* topk_idx */              \
-      .Arg<ffi::AnyBuffer>() /* topk_weights */          \
-      .Arg<ffi::AnyBuffer>() /* l1 */                    \
-      .Arg<ffi::AnyBuffer>() /* l1_sf */                 \
+#define JMM_DECODE_L1_INSTANTIATE \
+  JMM_DECODE_L2_INSTANTIATE.Attr<float>("activation_clamp").Attr<float>("routed_scaling_factor")
+#define JMM_DECODE_L1_EXECUTE                   \
+  JMM_EXECUTE_CONTEXTS(jmm::DecodeMoeState)     \
+      .Arg<ffi::AnyBuffer>() /* x */            \
+      .Arg<ffi::AnyBuffer>() /* topk_idx */     \
+      .Arg<ffi::AnyBuffer>() /* topk_weights */ \
+      .Arg<ffi::AnyBuffer>() /* l1 */           \
+      .Arg<ffi::AnyBuffer>() /* l1_sf */        \
       .Ret<ffi::AnyBuffer>() /* act */
-#define JMM_DECODE_L2_EXECUTE                            \
-  ffi::Ffi::Bind()                                       \
-      .Ctx<ffi::PlatformStream<CUstream>>()              \
-      .Ctx<ffi::DeviceOrdinal>()                         \
-      .Ctx<ffi::State<jmm::DecodeMoeState>>()            \
-      .Arg<ffi::AnyBuffer>() /* act */                   \
-      .Arg<ffi::AnyBuffer>() /* topk_idx */              \
-      .Arg<ffi::AnyBuffer>() /* l2 */                    \
-      .Arg<ffi::AnyBuffer>() /* l2_sf */                 \
+#define JMM_DECODE_L2_EXECUTE               \
+  JMM_EXECUTE_CONTEXTS(jmm::DecodeMoeState) \
+      .Arg<ffi::AnyBuffer>() /* act */      \
+      .Arg<ffi::AnyBuffer>() /* topk_idx */ \
+      .Arg<ffi::AnyBuffer>() /* l2 */       \
+      .Arg<ffi::AnyBuffer>() /* l2_sf */    \
       .Ret<ffi::AnyBuffer>() /* y */
 
-#define JMM_DEFINE_DECODE(NAME, INST, INST_BIND, EXEC, EXEC_BIND, ...)                              \
-  JMM_EXPORT XLA_FFI_Error* NAME##_instantiate(XLA_FFI_CallFrame*);                                 \
-  JMM_EXPORT XLA_FFI_Error* NAME##_initialize(XLA_FFI_CallFrame*);                                  \
-  JMM_EXPORT XLA_FFI_Error* NAME##_execute(XLA_FFI_CallFrame*);                                     \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_instantiate, INST, INST_BIND, ##__VA_ARGS__);                \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_initialize, jmm::Initialize, JMM_DECODE_INIT_BINDING,        \
-                                ##__VA_ARGS__);                                                     \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_execute, EXEC, EXEC_BIND, ##__VA_ARGS__)
-
-JMM_DEFINE_DECODE(jmm_decode_l1_sm90, jmm::InstantiateL1, JMM_DECODE_L1_INSTANTIATE, jmm::ExecuteL1,
-                  JMM_DECODE_L1_EXECUTE);
-JMM_DEFINE_DECODE(jmm_decode_l2_sm90, jmm::InstantiateL2, JMM_DECODE_L2_INSTANTIATE, jmm::ExecuteL2,
-                  JMM_DECODE_L2_EXECUTE);
-JMM_DEFINE_DECODE(jmm_decode_l1_sm90_graph, jmm::InstantiateL1, JMM_DECODE_L1_INSTANTIATE, jmm::ExecuteL1,
-                  JMM_DECODE_L1_EXECUTE, {ffi::Traits::kCmdBufferCompatible});
-JMM_DEFINE_DECODE(jmm_decode_l2_sm90_graph, jmm::InstantiateL2, JMM_DECODE_L2_INSTANTIATE, jmm::ExecuteL2,
-                  JMM_DECODE_L2_EXECUTE, {ffi::Traits::kCmdBufferCompatible});
+// Each pass's plain target and its `_graph` twin (handlers/stages.h).
+JMM_DEFINE_STAGES_AND_GRAPH_TWIN(jmm_decode_l1_sm90, jmm::InstantiateL1, JMM_DECODE_L1_INSTANTIATE,
+                                 jmm::Initialize, JMM_DECODE_INIT_BINDING, jmm::ExecuteL1,
+                                 JMM_DECODE_L1_EXECUTE);
+JMM_DEFINE_STAGES_AND_GRAPH_TWIN(jmm_decode_l2_sm90, jmm::InstantiateL2, JMM_DECODE_L2_INSTANTIATE,
+                                 jmm::Initialize, JMM_DECODE_INIT_BINDING, jmm::ExecuteL2,
+                                 JMM_DECODE_L2_EXECUTE);

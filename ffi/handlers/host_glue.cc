@@ -1,12 +1,11 @@
 #include "handlers/host_glue.h"
 
-#include <dlfcn.h>
-
 #include <atomic>
 #include <map>
 #include <mutex>
 #include <type_traits>
 
+#include "common/c_api.h"
 #include "common/export.h"
 #include "common/status.h"
 #include "jit/compiler.h"
@@ -22,9 +21,6 @@ struct ExtLoader {
   bool ok = false;
 };
 
-using GetProcAddressV2 = CUresult (*)(const char*, void**, int, cuuint64_t,
-                                      CUdriverProcAddressQueryResult*);
-
 ExtLoader* load_ext() {
   auto* L = new ExtLoader();  // intentionally leaked: lives for the process
   std::string why;
@@ -32,45 +28,13 @@ ExtLoader* load_ext() {
     L->error = why;
     return L;
   }
-  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-  if (lib == nullptr) {
-    L->error = "libcuda.so.1 could not be loaded";
-    return L;
-  }
-  auto gpa = reinterpret_cast<GetProcAddressV2>(dlsym(lib, "cuGetProcAddress_v2"));
   std::string missing;
-  const auto get = [&](const char* base, const char* versioned, auto* out) {
-    void* p = nullptr;
-    if (gpa != nullptr) {
-      CUdriverProcAddressQueryResult st = CU_GET_PROC_ADDRESS_SUCCESS;
-      if (gpa(base, &p, 12040, CU_GET_PROC_ADDRESS_DEFAULT, &st) != CUDA_SUCCESS ||
-          st != CU_GET_PROC_ADDRESS_SUCCESS) {
-        p = nullptr;
-      }
-    }
-    if (p == nullptr) p = dlsym(lib, versioned);
-    *out = reinterpret_cast<std::remove_pointer_t<decltype(out)>>(p);
-    if (p == nullptr) missing += missing.empty() ? base : cat(", ", base);
-  };
   DriverExt& d = L->table;
-  get("cuCtxGetDevice", "cuCtxGetDevice", &d.CtxGetDevice);
-  get("cuCtxEnablePeerAccess", "cuCtxEnablePeerAccess", &d.CtxEnablePeerAccess);
-  get("cuDeviceCanAccessPeer", "cuDeviceCanAccessPeer", &d.DeviceCanAccessPeer);
-  get("cuDeviceGetAttribute", "cuDeviceGetAttribute", &d.DeviceGetAttribute);
-  get("cuMemAlloc", "cuMemAlloc_v2", &d.MemAlloc);
-  get("cuMemFree", "cuMemFree_v2", &d.MemFree);
-  get("cuMemcpyHtoDAsync", "cuMemcpyHtoDAsync_v2", &d.MemcpyHtoDAsync);
-  get("cuMemsetD32Async", "cuMemsetD32Async", &d.MemsetD32Async);
-  get("cuStreamCreate", "cuStreamCreate", &d.StreamCreate);
-  get("cuStreamDestroy", "cuStreamDestroy_v2", &d.StreamDestroy);
-  get("cuStreamSynchronize", "cuStreamSynchronize", &d.StreamSynchronize);
-  get("cuFuncSetAttribute", "cuFuncSetAttribute", &d.FuncSetAttribute);
-  get("cuLaunchKernelEx", "cuLaunchKernelEx", &d.LaunchKernelEx);
-  get("cuTensorMapEncodeTiled", "cuTensorMapEncodeTiled", &d.TensorMapEncodeTiled);
-  get("cuOccupancyMaxActiveClusters", "cuOccupancyMaxActiveClusters",
-      &d.OccupancyMaxActiveClusters);
-  get("cuOccupancyMaxActiveBlocksPerMultiprocessor", "cuOccupancyMaxActiveBlocksPerMultiprocessor",
-      &d.OccupancyMaxActiveBlocksPerMultiprocessor);
+#define JMM_RESOLVE_EXT(member, versioned)                                                      \
+  d.member = reinterpret_cast<decltype(d.member)>(cuda::entry_point("cu" #member, #versioned)); \
+  cuda::note_missing(d.member != nullptr, "cu" #member, &missing);
+  JMM_CUDA_DRIVER_EXT_ENTRIES(JMM_RESOLVE_EXT)
+#undef JMM_RESOLVE_EXT
   if (!missing.empty()) {
     L->error = cat("the CUDA driver lacks ", missing,
                    "; the jax_megamoe kernels need a CUDA 12.8+ driver (CUDA 13 recommended)");
@@ -168,7 +132,8 @@ ffi::Error RefuseCapture(const cuda::Driver* d, CUstream stream, const char* tar
   CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
   if (stream != nullptr && d->StreamIsCapturing(stream, &capture) == CUDA_SUCCESS &&
       capture != CU_STREAM_CAPTURE_STATUS_NONE) {
-    return ffi::Error::Internal(cat(target, ": the initialize stage ran during CUDA-graph capture; "
+    return ffi::Error::Internal(cat(target,
+                                    ": the initialize stage ran during CUDA-graph capture; "
                                     "the library's device memory cannot be allocated there"));
   }
   return ffi::Error::Success();

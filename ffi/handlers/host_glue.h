@@ -23,26 +23,29 @@
 
 namespace jmm::host {
 
-// Driver entry points the handlers need beyond cuda/driver.h's table, resolved the same way
-// (cuGetProcAddress with the 12.4 ABI, after cuda::driver() ran cuInit).
+// Driver entry points the handlers need beyond cuda/driver.h's table, X(member, versioned symbol)
+// as there, resolved the same way (cuda::entry_point, after cuda::driver() ran cuInit); all
+// required.
+#define JMM_CUDA_DRIVER_EXT_ENTRIES(X)                        \
+  X(CtxGetDevice, cuCtxGetDevice)                             \
+  X(CtxEnablePeerAccess, cuCtxEnablePeerAccess)               \
+  X(DeviceCanAccessPeer, cuDeviceCanAccessPeer)               \
+  X(DeviceGetAttribute, cuDeviceGetAttribute)                 \
+  X(MemAlloc, cuMemAlloc_v2)                                  \
+  X(MemFree, cuMemFree_v2)                                    \
+  X(MemcpyHtoDAsync, cuMemcpyHtoDAsync_v2)                    \
+  X(MemsetD32Async, cuMemsetD32Async)                         \
+  X(StreamCreate, cuStreamCreate)                             \
+  X(StreamDestroy, cuStreamDestroy_v2)                        \
+  X(StreamSynchronize, cuStreamSynchronize)                   \
+  X(FuncSetAttribute, cuFuncSetAttribute)                     \
+  X(LaunchKernelEx, cuLaunchKernelEx)                         \
+  X(TensorMapEncodeTiled, cuTensorMapEncodeTiled)             \
+  X(OccupancyMaxActiveClusters, cuOccupancyMaxActiveClusters) \
+  X(OccupancyMaxActiveBlocksPerMultiprocessor, cuOccupancyMaxActiveBlocksPerMultiprocessor)
+
 struct DriverExt {
-  decltype(&::cuCtxGetDevice) CtxGetDevice = nullptr;
-  decltype(&::cuCtxEnablePeerAccess) CtxEnablePeerAccess = nullptr;
-  decltype(&::cuDeviceCanAccessPeer) DeviceCanAccessPeer = nullptr;
-  decltype(&::cuDeviceGetAttribute) DeviceGetAttribute = nullptr;
-  decltype(&::cuMemAlloc) MemAlloc = nullptr;
-  decltype(&::cuMemFree) MemFree = nullptr;
-  decltype(&::cuMemcpyHtoDAsync) MemcpyHtoDAsync = nullptr;
-  decltype(&::cuMemsetD32Async) MemsetD32Async = nullptr;
-  decltype(&::cuStreamCreate) StreamCreate = nullptr;
-  decltype(&::cuStreamDestroy) StreamDestroy = nullptr;
-  decltype(&::cuStreamSynchronize) StreamSynchronize = nullptr;
-  decltype(&::cuFuncSetAttribute) FuncSetAttribute = nullptr;
-  decltype(&::cuLaunchKernelEx) LaunchKernelEx = nullptr;
-  decltype(&::cuTensorMapEncodeTiled) TensorMapEncodeTiled = nullptr;
-  decltype(&::cuOccupancyMaxActiveClusters) OccupancyMaxActiveClusters = nullptr;
-  decltype(&::cuOccupancyMaxActiveBlocksPerMultiprocessor) OccupancyMaxActiveBlocksPerMultiprocessor =
-      nullptr;
+  JMM_CUDA_DRIVER_EXT_ENTRIES(JMM_CUDA_ENTRY_MEMBER)
 };
 
 // The table (loaded once per process), or nullptr with *error saying what is missing.
@@ -89,6 +92,18 @@ void CountExecute(const cuda::Driver* d, CUstream stream);
 // needed) and loads the cubin (cuLibrary: context independent, cached for the process) into *out.
 xla::ffi::Error CompileAndLoad(const jit::KernelSource& src, const char* target,
                                std::shared_ptr<const jit::LoadedKernel>* out);
+
+// What an instantiate stage returns: `state` with its `kernel` member compiled and loaded from
+// `src` (CompileAndLoad), or the error.
+template <class State>
+xla::ffi::ErrorOr<std::unique_ptr<State>> WithKernel(std::unique_ptr<State> state,
+                                                     const jit::KernelSource& src,
+                                                     const char* target) {
+  if (xla::ffi::Error e = CompileAndLoad(src, target, &state->kernel); !e.success()) {
+    return xla::ffi::Unexpected<xla::ffi::Error>(std::move(e));
+  }
+  return state;
+}
 
 // The CUfunction of library kernel `k` in the current context, with its module loaded now
 // (cuFuncLoad) so that no lazy load happens later on a launch path.

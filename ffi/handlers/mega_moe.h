@@ -5,7 +5,7 @@
 // operands' dtypes and shapes, the device resources beyond the symmetric buffer, the TMA
 // descriptors and the kernel arguments. Everything else is here: attribute checks, the buffer
 // checks, the per-device state lookup, instantiate / initialize / execute, the residency check,
-// the two launches and the C test API helpers.
+// the two launches. (The C test API over these templates is common/c_api_testing.cc.)
 //
 // Operands: x bf16[T,H], topk_idx s32[T,K] (global expert ids, -1 = skip), topk_weights f32[T,K],
 //           then this rank's E_l = E / num_ranks experts: l1, l1_sf, l2, l2_sf (Arch::Weights).
@@ -20,7 +20,7 @@
 //   sm_90 also sm90_wide_tile bool, sm_100 also mma_kind (jmm::MmaKind). The arch's own
 //   kernel choices that are not part of the shape (sm_90's sm90_wide_tile) are its Options, taken
 //   from the attributes (Arch::OptionsOf) or from the C test API's jmm_mega_call
-//   (Arch::OptionsFromC), and passed to Arch::Plan.
+//   (common/c_api_testing.cc), and passed to Arch::Plan.
 //
 // Stages:
 //   instantiate  validate the attributes; JIT-compile and load the arch's pre-dispatch kernel
@@ -52,14 +52,13 @@
 #include <string>
 #include <vector>
 
-#include "common/c_api.h"
-#include "common/c_api_copy.h"
 #include "common/mma_kind.h"
 #include "common/status.h"
 #include "cuda/driver.h"
 #include "handlers/buffer_checks.h"
 #include "handlers/host_glue.h"
 #include "handlers/pre_dispatch.h"
+#include "handlers/stages.h"
 #include "handlers/symmetric.h"
 #include "jit/compiler.h"
 #include "jit/kernels.h"
@@ -75,16 +74,37 @@ namespace jmm {
 // make_tma_*_desc conventions: inner dim first, strides in bytes, element strides 1, L2
 // promotion 256B, no OOB fill, no interleave). A pure function of the configuration where the
 // arch computes it ahead (sm100_tensor_map_plans), so that tests check it without a GPU.
+// Where a descriptor's global address comes from: the symmetric buffer (+ TensorMapPlan::offset),
+// or one of the four weight operands (the C API's `source`: these values).
+enum class MapSource : int { kBuffer = 0, kL1 = 1, kL1Sf = 2, kL2 = 3, kL2Sf = 4 };
+constexpr int kNumMapSources = 5;
+
+// The element types the descriptors use, with CUtensorMapDataType's values (the C API's `dtype`).
+// Our own enum because CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B exists only in CUDA >= 12.8 headers.
+enum class MapDtype : int { kUint8 = 0, kInt32 = 3, kFloat32 = 7, kU4Align16B = 14 };
+static_assert(static_cast<int>(MapDtype::kUint8) == CU_TENSOR_MAP_DATA_TYPE_UINT8 &&
+                  static_cast<int>(MapDtype::kInt32) == CU_TENSOR_MAP_DATA_TYPE_INT32 &&
+                  static_cast<int>(MapDtype::kFloat32) == CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+              "MapDtype follows CUtensorMapDataType");
+#if defined(CUDA_VERSION) && CUDA_VERSION >= 12080
+static_assert(static_cast<int>(MapDtype::kU4Align16B) ==
+                  static_cast<int>(CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B),
+              "MapDtype follows CUtensorMapDataType");
+#endif
+
+// The swizzle of a descriptor's shared-memory box, in bytes (the C API's `swizzle`).
+enum class Swizzle : int { kNone = 0, k32B = 32, k64B = 64, k128B = 128 };
+
 struct TensorMapPlan {
   const char* name = "";
-  int source = 0;        // 0: symmetric buffer + offset; 1: operand l1; 2: l1_sf; 3: l2; 4: l2_sf
-  uint64_t offset = 0;   // byte offset in the symmetric buffer (source 0)
-  int dtype = 0;         // CUtensorMapDataType: 0 UINT8, 3 INT32, 7 FLOAT32, 14 16U4_ALIGN16B
+  MapSource source = MapSource::kBuffer;
+  uint64_t offset = 0;  // byte offset in the symmetric buffer (MapSource::kBuffer)
+  MapDtype dtype = MapDtype::kUint8;
   int rank = 0;
   int64_t dims[5] = {};
   int64_t strides[4] = {};  // bytes, dims 1..rank-1
   int64_t box[5] = {};
-  int swizzle = 0;       // bytes: 0, 32, 64 or 128
+  Swizzle swizzle = Swizzle::kNone;
 };
 
 namespace mega {
@@ -108,17 +128,15 @@ struct MegaMoeAttrs {
 };
 
 // The StructMember list of MegaMoeAttrs (XLA_FFI_REGISTER_STRUCT_ATTR_DECODING, in the arch files).
-#define JMM_MEGA_MOE_ATTR_MEMBERS                                   \
-  ::xla::ffi::StructMember<int64_t>("hidden"),                      \
-      ::xla::ffi::StructMember<int64_t>("intermediate"),            \
-      ::xla::ffi::StructMember<int64_t>("num_experts"),             \
-      ::xla::ffi::StructMember<int64_t>("top_k"),                   \
-      ::xla::ffi::StructMember<int64_t>("capacity"),                \
-      ::xla::ffi::StructMember<float>("activation_clamp"),          \
-      ::xla::ffi::StructMember<bool>("fast_math"),                  \
-      ::xla::ffi::StructMember<int64_t>("reserved_sms"),            \
-      ::xla::ffi::StructMember<float>("routed_scaling_factor"),     \
-      ::xla::ffi::StructMember<int64_t>("num_ranks"),               \
+#define JMM_MEGA_MOE_ATTR_MEMBERS                                                                 \
+  ::xla::ffi::StructMember<int64_t>("hidden"), ::xla::ffi::StructMember<int64_t>("intermediate"), \
+      ::xla::ffi::StructMember<int64_t>("num_experts"),                                           \
+      ::xla::ffi::StructMember<int64_t>("top_k"), ::xla::ffi::StructMember<int64_t>("capacity"),  \
+      ::xla::ffi::StructMember<float>("activation_clamp"),                                        \
+      ::xla::ffi::StructMember<bool>("fast_math"),                                                \
+      ::xla::ffi::StructMember<int64_t>("reserved_sms"),                                          \
+      ::xla::ffi::StructMember<float>("routed_scaling_factor"),                                   \
+      ::xla::ffi::StructMember<int64_t>("num_ranks"),                                             \
       ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("rank_devices")
 
 // dtype and trailing dims of one weight operand (the leading dim is the rank's expert count).
@@ -161,9 +179,9 @@ struct State {
   std::shared_ptr<const jit::LoadedKernel> pre_dispatch;
 
   static constexpr int kMaxDevices = 64;
-  std::mutex mu;  // serialises initialize
+  std::mutex mu;                                                  // serialises initialize
   std::array<std::atomic<Device<Arch>*>, kMaxDevices> devices{};  // published entries
-  std::vector<std::unique_ptr<Device<Arch>>> owned;              // guarded by mu
+  std::vector<std::unique_ptr<Device<Arch>>> owned;               // guarded by mu
 };
 
 template <class Arch>
@@ -188,14 +206,15 @@ inline ffi::Error EncodeTiled(const cuda::Driver* d, const DriverExt* x, const c
     if (k + 1 < p.rank) strides[k] = static_cast<cuuint64_t>(p.strides[k]);
   }
   CUtensorMapSwizzle swizzle = CU_TENSOR_MAP_SWIZZLE_NONE;
-  if (p.swizzle == 32) swizzle = CU_TENSOR_MAP_SWIZZLE_32B;
-  if (p.swizzle == 64) swizzle = CU_TENSOR_MAP_SWIZZLE_64B;
-  if (p.swizzle == 128) swizzle = CU_TENSOR_MAP_SWIZZLE_128B;
+  if (p.swizzle == Swizzle::k32B) swizzle = CU_TENSOR_MAP_SWIZZLE_32B;
+  if (p.swizzle == Swizzle::k64B) swizzle = CU_TENSOR_MAP_SWIZZLE_64B;
+  if (p.swizzle == Swizzle::k128B) swizzle = CU_TENSOR_MAP_SWIZZLE_128B;
   std::memset(out, 0, sizeof(*out));
   CUresult r = x->TensorMapEncodeTiled(
-      out, static_cast<CUtensorMapDataType>(p.dtype), static_cast<cuuint32_t>(p.rank),
-      const_cast<void*>(base), dims, strides, box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
-      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+      out, static_cast<CUtensorMapDataType>(static_cast<int>(p.dtype)),
+      static_cast<cuuint32_t>(p.rank), const_cast<void*>(base), dims, strides, box, estrides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     std::string shape, boxs;
     for (int k = 0; k < p.rank; ++k) {
@@ -203,9 +222,9 @@ inline ffi::Error EncodeTiled(const cuda::Driver* d, const DriverExt* x, const c
       boxs += cat(k ? "x" : "", box[k]);
     }
     return ffi::Error::Internal(cat(target, ": cuTensorMapEncodeTiled(", p.name, ": dtype ",
-                                    p.dtype, ", dims ", shape, ", box ", boxs, ", swizzle ",
-                                    p.swizzle, ", base ", base, ") failed: ",
-                                    cuda::error_string(d, r)));
+                                    static_cast<int>(p.dtype), ", dims ", shape, ", box ", boxs,
+                                    ", swizzle ", static_cast<int>(p.swizzle), ", base ", base,
+                                    ") failed: ", cuda::error_string(d, r)));
   }
   return ffi::Error::Success();
 }
@@ -220,14 +239,15 @@ struct ExecuteOperands {
 };
 
 // A 2-D plan (inner dim first; stride of the outer dim in bytes).
-inline TensorMapPlan Plan2D(const char* name, int source, uint64_t offset, int dtype, int64_t inner,
-                            int64_t outer, int64_t stride_bytes, int64_t box_inner,
-                            int64_t box_outer, int swizzle) {
-  return TensorMapPlan{name,   source,         offset,                   dtype, /*rank=*/2,
-                       {inner, outer}, {stride_bytes}, {box_inner, box_outer}, swizzle};
+inline TensorMapPlan Plan2D(const char* name, MapSource source, uint64_t offset, MapDtype dtype,
+                            int64_t inner, int64_t outer, int64_t stride_bytes, int64_t box_inner,
+                            int64_t box_outer, Swizzle swizzle) {
+  return TensorMapPlan{name,       source,         offset,         dtype,
+                       /*rank=*/2, {inner, outer}, {stride_bytes}, {box_inner, box_outer},
+                       swizzle};
 }
 
-// The descriptors of a kernel's launch, in kernel parameter order: the buffer slices' (source 0)
+// The descriptors of a kernel's launch, in kernel parameter order: the buffer slices' (kBuffer)
 // are encoded once at initialize, the operands' in execute (host only, cached by operand
 // pointer, guarded by Device::mu).
 template <size_t N>
@@ -242,7 +262,7 @@ ffi::Error EncodeBufferMaps(const cuda::Driver* d, const DriverExt* x, const cha
                             CUdeviceptr base, TensorMaps<N>* m) {
   for (size_t i = 0; i < N; ++i) {
     const TensorMapPlan& p = m->plans[i];
-    if (p.source != 0) continue;
+    if (p.source != MapSource::kBuffer) continue;
     const void* at = reinterpret_cast<const void*>(base + p.offset);
     if (ffi::Error err = EncodeTiled(d, x, target, &m->maps[i], p, at); !err.success()) return err;
     m->encoded_for[i] = at;
@@ -287,15 +307,15 @@ ffi::ErrorOr<std::unique_ptr<State<Arch>>> Instantiate(typename Arch::Attrs attr
   const MegaMoeAttrs& a = Arch::Common(attrs);
   std::string why;
   if (!Arch::AttrsValid(attrs, &why)) return invalid(why);
-  if (!layout::rank_table_valid(a.rank_devices.begin(),
-                                static_cast<int64_t>(a.rank_devices.size()), a.num_ranks, &why)) {
+  if (!layout::rank_table_valid(a.rank_devices.begin(), static_cast<int64_t>(a.rank_devices.size()),
+                                a.num_ranks, &why)) {
     return invalid(why);
   }
   const typename Arch::Shape shape = Arch::ShapeOf(attrs);
   if (!Arch::ShapeValid(shape, &why)) return invalid(why);
   if (std::isnan(a.activation_clamp) || a.activation_clamp < 0.0f) {
-    return invalid(cat("attribute activation_clamp=", a.activation_clamp,
-                       " must be >= 0 (+inf: no clamp)"));
+    return invalid(
+        cat("attribute activation_clamp=", a.activation_clamp, " must be >= 0 (+inf: no clamp)"));
   }
   if (a.reserved_sms < 0) {
     return invalid(cat("attribute reserved_sms=", a.reserved_sms, " must be >= 0"));
@@ -305,8 +325,8 @@ ffi::ErrorOr<std::unique_ptr<State<Arch>>> Instantiate(typename Arch::Attrs attr
         cat("attribute routed_scaling_factor=", a.routed_scaling_factor, " must be finite"));
   }
   std::shared_ptr<const jit::LoadedKernel> pre;
-  if (ffi::Error e = host::CompileAndLoad(jit::pre_dispatch_source(Arch::kArch, Arch::MmaKindOf(shape)),
-                                          Arch::kTarget, &pre);
+  if (ffi::Error e = host::CompileAndLoad(
+          jit::pre_dispatch_source(Arch::kArch, Arch::MmaKindOf(shape)), Arch::kTarget, &pre);
       !e.success()) {
     return ffi::Unexpected<ffi::Error>(std::move(e));
   }
@@ -354,10 +374,10 @@ ffi::Error CheckResidency(const cuda::Driver* d, const DriverExt* x, const char*
           cat(target, ": cuOccupancyMaxActiveClusters failed: ", cuda::error_string(d, r)));
     }
     if (static_cast<int64_t>(clusters) * c.cluster_size < c.num_sms) {
-      return ffi::Error::InvalidArgument(
-          cat(target, ": only ", clusters, " clusters of ", c.cluster_size,
-              " CTAs can be resident, the persistent kernel needs ", c.num_sms,
-              " CTAs at once; raise reserved_sms"));
+      return ffi::Error::InvalidArgument(cat(target, ": only ", clusters, " clusters of ",
+                                             c.cluster_size,
+                                             " CTAs can be resident, the persistent kernel needs ",
+                                             c.num_sms, " CTAs at once; raise reserved_sms"));
     }
     return ffi::Error::Success();
   }
@@ -365,10 +385,10 @@ ffi::Error CheckResidency(const cuda::Driver* d, const DriverExt* x, const char*
   if (CUresult r = x->OccupancyMaxActiveBlocksPerMultiprocessor(
           &blocks, fn, static_cast<int>(c.num_threads), static_cast<size_t>(c.smem_size));
       r != CUDA_SUCCESS || blocks < 1) {
-    return ffi::Error::InvalidArgument(cat(target, ": the kernel (", c.num_threads, " threads, ",
-                                           c.smem_size, " B shared memory) cannot be resident: ",
-                                           r != CUDA_SUCCESS ? cuda::error_string(d, r)
-                                                             : std::string("0 blocks per SM")));
+    return ffi::Error::InvalidArgument(
+        cat(target, ": the kernel (", c.num_threads, " threads, ", c.smem_size,
+            " B shared memory) cannot be resident: ",
+            r != CUDA_SUCCESS ? cuda::error_string(d, r) : std::string("0 blocks per SM")));
   }
   return ffi::Error::Success();
 }
@@ -428,8 +448,8 @@ ffi::Error Prepare(const cuda::Driver* d, const DriverExt* x, State<Arch>* st, C
   // This device's rank and its group's buffers (allocated for the whole group at once, see
   // handlers/symmetric.h). The key tells the configurations sharing a buffer apart.
   const layout::MegaShape& s = st->shape;
-  std::vector<int64_t> key{Arch::kArch, s.num_experts, s.capacity, s.top_k, s.hidden,
-                           s.intermediate, c.num_sms, s.num_ranks};
+  std::vector<int64_t> key{Arch::kArch, s.num_experts,  s.capacity, s.top_k,
+                           s.hidden,    s.intermediate, c.num_sms,  s.num_ranks};
   Arch::ExtendGroupKey(st->shape, &key);
   if (ffi::Error err = host::JoinGroup(d, x, ctx, dev, s.num_ranks, st->rank_devices, key,
                                        e->layout.num_bytes, t, &e->buffer, &e->rank, &e->sym);
@@ -523,13 +543,13 @@ ffi::Error ExecuteChecked(CUstream stream, int32_t device, State<Arch>* st, int6
   pre.buf_topk_idx = at(l.topk_idx);
   pre.buf_topk_weights = at(l.topk_weights);
   PreDispatchLaunch plan;
-  if (CUresult r = launch_pre_dispatch(d, e->pre_fn, stream, Arch::kArch,
-                                       Arch::MmaKindOf(st->shape), pre, T, P, H, K,
-                                       st->routed_scaling_factor, &plan);
+  if (CUresult r =
+          launch_pre_dispatch(d, e->pre_fn, stream, Arch::kArch, Arch::MmaKindOf(st->shape), pre, T,
+                              P, H, K, st->routed_scaling_factor, &plan);
       r != CUDA_SUCCESS) {
     return ffi::Error::Internal(cat(t, ": launching the pre-dispatch kernel (grid ", plan.grid,
-                                    ", block ", plan.block, ") failed: ",
-                                    cuda::error_string(d, r)));
+                                    ", block ", plan.block,
+                                    ") failed: ", cuda::error_string(d, r)));
   }
 
   // 2. The mega kernel: the arch's argument block, one cuLaunchKernelEx.
@@ -543,9 +563,9 @@ ffi::Error ExecuteChecked(CUstream stream, int32_t device, State<Arch>* st, int6
   CUlaunchConfig lc{};
   FillLaunch(c, stream, &attr, &lc);
   if (CUresult r = dx->LaunchKernelEx(&lc, e->mega_fn, params, nullptr); r != CUDA_SUCCESS) {
-    return ffi::Error::Internal(cat(t, ": cuLaunchKernelEx(", e->mega->symbol, ", grid ",
-                                    c.num_sms, ", block ", c.num_threads, ", cluster ",
-                                    c.cluster_size, ", smem ", c.smem_size,
+    return ffi::Error::Internal(cat(t, ": cuLaunchKernelEx(", e->mega->symbol, ", grid ", c.num_sms,
+                                    ", block ", c.num_threads, ", cluster ", c.cluster_size,
+                                    ", smem ", c.smem_size,
                                     ") failed: ", cuda::error_string(d, r)));
   }
   host::CountExecute(d, stream);
@@ -578,195 +598,49 @@ ffi::Error Stage(CUstream stream, int32_t device, State<Arch>* st, ffi::AnyBuffe
 template <size_t N>
 ffi::Error EncodeOperandMaps(const cuda::Driver* d, const DriverExt* x, const char* target,
                              const ExecuteOperands& ops, TensorMaps<N>* m) {
-  const void* operands[5] = {nullptr, ops.l1, ops.l1_sf, ops.l2, ops.l2_sf};
+  const void* operands[kNumMapSources] = {nullptr, ops.l1, ops.l1_sf, ops.l2, ops.l2_sf};
   for (size_t i = 0; i < N; ++i) {
     const TensorMapPlan& p = m->plans[i];
-    if (p.source == 0 || m->encoded_for[i] == operands[p.source]) continue;
-    if (ffi::Error err = EncodeTiled(d, x, target, &m->maps[i], p, operands[p.source]);
-        !err.success()) {
+    if (p.source == MapSource::kBuffer) continue;
+    const void* at = operands[static_cast<int>(p.source)];
+    if (m->encoded_for[i] == at) continue;
+    if (ffi::Error err = EncodeTiled(d, x, target, &m->maps[i], p, at); !err.success()) {
       m->encoded_for[i] = nullptr;
       return err;
     }
-    m->encoded_for[i] = operands[p.source];
+    m->encoded_for[i] = at;
   }
   return ffi::Error::Success();
-}
-
-// ---------------------------------------------------------------------------------------------
-// C test API (common/c_api.h): no GPU needed.
-// ---------------------------------------------------------------------------------------------
-
-// The arch's shape from the C struct; false + jmm_last_error when the struct is missing or the
-// shape invalid.
-template <class Arch>
-bool ShapeFromC(const jmm_mega_shape_t* in, typename Arch::Shape* s) {
-  if (in == nullptr) {
-    set_last_error("jmm_mega_shape_t* is null");
-    return false;
-  }
-  *s = CommonShape<typename Arch::Shape>(in->num_ranks, in->num_experts, in->capacity, in->top_k,
-                                         in->hidden, in->intermediate);
-  std::string why;
-  if (!Arch::SetMmaKind(static_cast<MmaKind>(in->mma_kind), s, &why) ||
-      !Arch::ShapeValid(*s, &why)) {
-    set_last_error(why);
-    return false;
-  }
-  return true;
-}
-
-// Layout and configuration of one call, as initialize would pick them on num_sms SMs.
-template <class Arch>
-bool PlanFromC(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,
-               typename Arch::Layout* l, typename Arch::Config* c) {
-  typename Arch::Shape s;
-  if (!ShapeFromC<Arch>(shape, &s)) return false;
-  if (call == nullptr) {
-    set_last_error("jmm_mega_call_t* is null");
-    return false;
-  }
-  std::string why;
-  typename Arch::Options options;
-  if (!Arch::OptionsFromC(*call, &options, &why) ||
-      !Arch::Plan(s, options, call->num_sms, call->num_tokens,
-                  static_cast<float>(call->activation_clamp), call->fast_math != 0, l, c, &why)) {
-    set_last_error(why);
-    return false;
-  }
-  return true;
-}
-
-// The arch's descriptor plans (TensorMapPlan order = kernel parameter order); returns the count.
-template <class Arch>
-int TensorMapsToC(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,
-                  jmm_tensor_map_t* out, int n, size_t elem_size) {
-  if (!c_api::size_ok(out, elem_size, sizeof(jmm_tensor_map_t), Arch::kTarget)) return -1;
-  typename Arch::Layout l;
-  typename Arch::Config c;
-  if (!PlanFromC<Arch>(shape, call, &l, &c)) return -1;
-  const auto plans = Arch::Plans(c, l);
-  int i = 0;
-  for (; i < n && i < static_cast<int>(plans.size()); ++i) {
-    const TensorMapPlan& src = plans[static_cast<size_t>(i)];
-    jmm_tensor_map_t* o = &out[i];
-    {
-      jmm_tensor_map_t* out = o;
-      JMM_TENSOR_MAP_FIELDS(JMM_C_COPY_FIELD)
-    }
-  }
-  return i;
-}
-
-template <class Arch, class CConfig>
-int ConfigToC(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, CConfig* out,
-              size_t out_size) {
-  if (!c_api::size_ok(out, out_size, sizeof(CConfig), Arch::kTarget)) return -1;
-  typename Arch::Layout l;
-  typename Arch::Config c;
-  if (!PlanFromC<Arch>(shape, call, &l, &c)) return -1;
-  Arch::ToC(c, out);
-  return 0;
-}
-
-// kernel.cu of the mega kernel (snprintf convention), or -1 (jmm_last_error).
-template <class Arch>
-int Render(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, char* out, size_t cap) {
-  typename Arch::Layout l;
-  typename Arch::Config c;
-  if (!PlanFromC<Arch>(shape, call, &l, &c)) return -1;
-  return static_cast<int>(copy_out(Arch::Source(c).source, out, cap));
-}
-
-// Compiles (or finds in the caches) the mega kernel; writes the cubin path. 0 on success.
-template <class Arch>
-int Compile(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call, char* cubin_path_out,
-            size_t cap, char* err_out, size_t err_cap) {
-  typename Arch::Layout l;
-  typename Arch::Config c;
-  if (!PlanFromC<Arch>(shape, call, &l, &c)) {
-    copy_out(last_error(), err_out, err_cap);
-    return 1;
-  }
-  jit::CompiledKernel compiled;
-  std::string why;
-  if (!jit::jit_compile(Arch::Source(c), &compiled, &why)) {
-    set_last_error(why);
-    copy_out(why, err_out, err_cap);
-    return 1;
-  }
-  copy_out(compiled.cubin_path, cubin_path_out, cap);
-  copy_out("", err_out, err_cap);
-  return 0;
 }
 
 }  // namespace mega
 }  // namespace jmm
 
 // The argument list both targets' initialize and execute stages bind.
-#define JMM_MEGA_MOE_BUFFERS                      \
-  .Arg<::xla::ffi::AnyBuffer>() /* x */           \
-      .Arg<::xla::ffi::AnyBuffer>() /* topk_idx */ \
+#define JMM_MEGA_MOE_BUFFERS                           \
+  .Arg<::xla::ffi::AnyBuffer>()     /* x */            \
+      .Arg<::xla::ffi::AnyBuffer>() /* topk_idx */     \
       .Arg<::xla::ffi::AnyBuffer>() /* topk_weights */ \
-      .Arg<::xla::ffi::AnyBuffer>() /* l1 */      \
-      .Arg<::xla::ffi::AnyBuffer>() /* l1_sf */   \
-      .Arg<::xla::ffi::AnyBuffer>() /* l2 */      \
-      .Arg<::xla::ffi::AnyBuffer>() /* l2_sf */   \
+      .Arg<::xla::ffi::AnyBuffer>() /* l1 */           \
+      .Arg<::xla::ffi::AnyBuffer>() /* l1_sf */        \
+      .Arg<::xla::ffi::AnyBuffer>() /* l2 */           \
+      .Arg<::xla::ffi::AnyBuffer>() /* l2_sf */        \
       .Ret<::xla::ffi::AnyBuffer>() /* y */
 
-// Defines the three stage symbols NAME_instantiate / _initialize / _execute of one target for
-// `Arch`; the optional last argument is the handler traits (e.g. {kCmdBufferCompatible}).
-#define JMM_DEFINE_MEGA_MOE_TARGET(NAME, ARCH, ...)                                            \
-  JMM_EXPORT XLA_FFI_Error* NAME##_instantiate(XLA_FFI_CallFrame*);                            \
-  JMM_EXPORT XLA_FFI_Error* NAME##_initialize(XLA_FFI_CallFrame*);                             \
-  JMM_EXPORT XLA_FFI_Error* NAME##_execute(XLA_FFI_CallFrame*);                                \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                               \
-      NAME##_instantiate, ::jmm::mega::Instantiate<ARCH>,                                      \
-      ::xla::ffi::Ffi::BindInstantiate().Attrs<ARCH::Attrs>(), ##__VA_ARGS__);                 \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                               \
-      NAME##_initialize, (::jmm::mega::Stage<ARCH, true>),                                        \
-      ::xla::ffi::Ffi::Bind<::xla::ffi::ExecutionStage::kInitialize>()                         \
-          .Ctx<::xla::ffi::PlatformStream<CUstream>>()                                         \
-          .Ctx<::xla::ffi::DeviceOrdinal>()                                                    \
-          .Ctx<::xla::ffi::State<::jmm::mega::State<ARCH>>>() JMM_MEGA_MOE_BUFFERS,            \
-      ##__VA_ARGS__);                                                                          \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                               \
-      NAME##_execute, (::jmm::mega::Stage<ARCH, false>),                                              \
-      ::xla::ffi::Ffi::Bind()                                                                  \
-          .Ctx<::xla::ffi::PlatformStream<CUstream>>()                                         \
-          .Ctx<::xla::ffi::DeviceOrdinal>()                                                    \
-          .Ctx<::xla::ffi::State<::jmm::mega::State<ARCH>>>() JMM_MEGA_MOE_BUFFERS,            \
-      ##__VA_ARGS__)
+// The stage implementations and bindings of `ARCH`'s target, as the arguments of
+// JMM_DEFINE_STAGES / JMM_DEFINE_STAGES_AND_GRAPH_TWIN (handlers/stages.h).
+#define JMM_MEGA_MOE_STAGES(ARCH)                                                            \
+  (::jmm::mega::Instantiate<ARCH>), ::xla::ffi::Ffi::BindInstantiate().Attrs<ARCH::Attrs>(), \
+      (::jmm::mega::Stage<ARCH, true>),                                                      \
+      JMM_INITIALIZE_CONTEXTS(::jmm::mega::State<ARCH>) JMM_MEGA_MOE_BUFFERS,                \
+      (::jmm::mega::Stage<ARCH, false>),                                                     \
+      JMM_EXECUTE_CONTEXTS(::jmm::mega::State<ARCH>) JMM_MEGA_MOE_BUFFERS
 
-// The state type's id / info exports and the plain and `_graph` targets of one arch.
-#define JMM_DEFINE_MEGA_MOE_STATE(PREFIX, ARCH)                                                \
-  namespace {                                                                                  \
-  constexpr XLA_FFI_TypeInfo PREFIX##_type_info = ::xla::ffi::MakeTypeInfo<::jmm::mega::State<ARCH>>(); \
-  }                                                                                            \
+// The state type's id / info exports of one arch.
+#define JMM_DEFINE_MEGA_MOE_STATE(PREFIX, ARCH)                                                 \
+  namespace {                                                                                   \
+  constexpr XLA_FFI_TypeInfo PREFIX##_type_info =                                               \
+      ::xla::ffi::MakeTypeInfo<::jmm::mega::State<ARCH>>();                                     \
+  }                                                                                             \
   JMM_EXPORT XLA_FFI_TypeId* PREFIX##_state_type_id() { return &::jmm::mega::State<ARCH>::id; } \
   JMM_EXPORT const XLA_FFI_TypeInfo* PREFIX##_state_type_info() { return &PREFIX##_type_info; }
-
-// The C test API exports every arch has alike (common/c_api.h): PREFIX_config, _tensor_maps,
-// _render, _compile, for `Arch` with C config struct CONFIG_T.
-#define JMM_DEFINE_MEGA_MOE_C_API(PREFIX, ARCH, CONFIG_T)                                      \
-  /* Kernel configuration of one call. 0, or -1 (jmm_last_error). */                           \
-  JMM_EXPORT int PREFIX##_config(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,   \
-                                 CONFIG_T* out, size_t out_size) {                             \
-    return ::jmm::mega::ConfigToC<ARCH>(shape, call, out, out_size);                           \
-  }                                                                                            \
-  /* Its TMA descriptor plans, in kernel parameter order: the count, or -1. */                 \
-  JMM_EXPORT int PREFIX##_tensor_maps(const jmm_mega_shape_t* shape,                           \
-                                      const jmm_mega_call_t* call, jmm_tensor_map_t* out,      \
-                                      int n, size_t elem_size) {                               \
-    return ::jmm::mega::TensorMapsToC<ARCH>(shape, call, out, n, elem_size);                   \
-  }                                                                                            \
-  /* kernel.cu of its mega kernel: the length (>= cap: truncated), or -1. */                   \
-  JMM_EXPORT int PREFIX##_render(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,   \
-                                 char* out, size_t cap) {                                      \
-    return ::jmm::mega::Render<ARCH>(shape, call, out, cap);                                   \
-  }                                                                                            \
-  /* Compiles (or finds in the caches) that kernel; writes the cubin path. 0 on success. */    \
-  JMM_EXPORT int PREFIX##_compile(const jmm_mega_shape_t* shape, const jmm_mega_call_t* call,  \
-                                  char* cubin_path_out, size_t cap, char* err_out,             \
-                                  size_t err_cap) {                                            \
-    return ::jmm::mega::Compile<ARCH>(shape, call, cubin_path_out, cap, err_out, err_cap);     \
-  }

@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "common/c_api.h"
-#include "common/c_api_copy.h"
 #include "common/export.h"
 #include "common/status.h"
 #include "cuda/driver.h"
@@ -26,14 +25,9 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jmm::Sm100MegaMoeAttrs, JMM_MEGA_MOE_ATT
 
 namespace jmm {
 
-// CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B (CUDA 12.8+ headers): packed E2M1 in global memory, each
-// 4-bit value in an 8-bit container in shared memory (DeepGEMM's "unpacked smem" FP4 weights of
-// the fp8xfp4 kernel, which feeds kind::mxf8f6f4).
-// sm100_tensor_map_plans writes the enum values as plain ints (0, 3, 14).
-static_assert(CU_TENSOR_MAP_DATA_TYPE_UINT8 == 0 && CU_TENSOR_MAP_DATA_TYPE_INT32 == 3, "enum");
-#if defined(CUDA_VERSION) && CUDA_VERSION >= 12080
-static_assert(static_cast<int>(CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B) == 14, "enum value");
-#endif
+// MapDtype::kU4Align16B (CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B, CUDA 12.8+ headers): packed E2M1
+// in global memory, each 4-bit value in an 8-bit container in shared memory (DeepGEMM's "unpacked
+// smem" FP4 weights of the fp8xfp4 kernel, which feeds kind::mxf8f6f4).
 static_assert(kSm100NumRoutedTensorMaps == jit::kSm100SharedL1Acts,
               "the routed descriptors precede the shared-expert ones");
 
@@ -77,8 +71,8 @@ ffi::Error Allocate(const cuda::Driver* d, const DriverExt* x, CUcontext ctx, ui
   if (CUresult r = x->MemAlloc(&m->ptr, static_cast<size_t>(bytes)); r != CUDA_SUCCESS) {
     m->ptr = 0;
     return ffi::Error::Internal(
-        cat(kTarget, ": cuMemAlloc of the ", bytes, "-byte ", what, " failed: ",
-            cuda::error_string(d, r),
+        cat(kTarget, ": cuMemAlloc of the ", bytes, "-byte ", what,
+            " failed: ", cuda::error_string(d, r),
             " (leave room next to XLA's pool: XLA_PYTHON_CLIENT_MEM_FRACTION or "
             "XLA_PYTHON_CLIENT_PREALLOCATE=false)"));
   }
@@ -105,8 +99,8 @@ std::map<CUcontext, std::weak_ptr<DeviceMemory>> g_locality_tables;
 
 // The context's sm_locality_domains table (u8, one balanced entry per physical SM), built once.
 ffi::ErrorOr<std::shared_ptr<DeviceMemory>> AcquireLocalityTable(const cuda::Driver* d,
-                                                                 const DriverExt* x,
-                                                                 CUcontext ctx, int sm_count) {
+                                                                 const DriverExt* x, CUcontext ctx,
+                                                                 int sm_count) {
   std::lock_guard<std::mutex> lock(g_registry_mu);
   if (auto it = g_locality_tables.find(ctx); it != g_locality_tables.end()) {
     if (auto alive = it->second.lock()) return alive;
@@ -115,8 +109,8 @@ ffi::ErrorOr<std::shared_ptr<DeviceMemory>> AcquireLocalityTable(const cuda::Dri
   std::vector<uint8_t> host(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) host[static_cast<size_t>(i)] = sm100_balanced_locality_domain(i);
   auto table = std::make_shared<DeviceMemory>();
-  if (ffi::Error e = Allocate(d, x, ctx, static_cast<uint64_t>(n), "sm_locality_domains table",
-                              table.get());
+  if (ffi::Error e =
+          Allocate(d, x, ctx, static_cast<uint64_t>(n), "sm_locality_domains table", table.get());
       !e.success()) {
     return ffi::Unexpected<ffi::Error>(e);
   }
@@ -128,9 +122,8 @@ ffi::ErrorOr<std::shared_ptr<DeviceMemory>> AcquireLocalityTable(const cuda::Dri
   if (r == CUDA_SUCCESS) r = x->StreamSynchronize(s);
   if (s != nullptr) x->StreamDestroy(s);
   if (r != CUDA_SUCCESS) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(
-        cat(kTarget, ": uploading the sm_locality_domains table failed: ",
-            cuda::error_string(d, r))));
+    return ffi::Unexpected<ffi::Error>(ffi::Error::Internal(cat(
+        kTarget, ": uploading the sm_locality_domains table failed: ", cuda::error_string(d, r))));
   }
   g_locality_tables[ctx] = table;
   return table;
@@ -139,59 +132,66 @@ ffi::ErrorOr<std::shared_ptr<DeviceMemory>> AcquireLocalityTable(const cuda::Dri
 }  // namespace
 
 std::array<TensorMapPlan, Sm100Mega::kNumTensorMaps> Sm100Mega::Plans(const Config& c,
-                                                                     const Layout& l) {
+                                                                      const Layout& l) {
   const int64_t H = c.hidden, I = c.intermediate, e_local = l.num_experts_per_rank;
   const int64_t R = l.num_ring_tokens, Rsf = l.num_sf_ring_tokens;
   const int64_t hb = H * c.elem_bits / 8, ib = I * c.elem_bits / 8;  // activation row bytes
   const int64_t sf_rows = c.block_k / (c.gran_k * 4);                // SF words per K block
-  constexpr int kUint8 = 0, kInt32 = 3, kU4Align16B = 14;
+  constexpr MapDtype kUint8 = MapDtype::kUint8, kInt32 = MapDtype::kInt32;
+  using Src = MapSource;
   const auto plan2 = mega::Plan2D;
   // Routed weights [E][N][K/2] packed E2M1, viewed 4-D as [E][2 halves][N/2][K] (the kernel loads
   // (k, n within the half, half, expert)); K in bytes (mxf4xmxf4: UINT8) or in 4-bit elements
   // (fp8xfp4: 16U4_ALIGN16B, each value unpacked to an 8-bit shared-memory container).
-  const auto weights = [&](const char* name, int source, int64_t n, int64_t k) {
+  const auto weights = [&](const char* name, MapSource source, int64_t n, int64_t k) {
     const bool unpacked = c.mma_kind == MmaKind::kMXFP8FP4;
     const int64_t row = k / 2;
     TensorMapPlan p;
     p.name = name;
     p.source = source;
-    p.dtype = unpacked ? kU4Align16B : kUint8;
+    p.dtype = unpacked ? MapDtype::kU4Align16B : kUint8;
     p.rank = 4;
     const int64_t dims[4] = {unpacked ? k : row, n / 2, 2, e_local};
     const int64_t strides[3] = {row, (n / 2) * row, n * row};
     const int64_t box[4] = {c.block_k_bytes, c.load_block_n, 1, 1};
     for (int i = 0; i < 4; ++i) p.dims[i] = dims[i], p.box[i] = box[i];
     for (int i = 0; i < 3; ++i) p.strides[i] = strides[i];
-    p.swizzle = static_cast<int>(c.swizzle_weights_mode);
+    p.swizzle = static_cast<Swizzle>(c.swizzle_weights_mode);
     return p;
   };
-  const int sw_acts = static_cast<int>(c.swizzle_acts_mode);
-  const int sw_out = static_cast<int>(c.l1_out_block_n_bytes);  // 64B (FP8) / 32B (FP4) swizzle
+  const auto sw_acts = static_cast<Swizzle>(c.swizzle_acts_mode);
+  const auto sw_out = static_cast<Swizzle>(c.l1_out_block_n_bytes);  // 64B (FP8) / 32B (FP4)
+  constexpr Swizzle kNone = Swizzle::kNone;
   return {
       // A operand of L1: [R, H*b/8] bytes, (BLOCK_M/2 rows x 128 B) per CTA, 128B swizzle
-      plan2("l1_acts", 0, l.l1, kUint8, hb, R, hb, c.block_k_bytes, c.load_block_m, sw_acts),
+      plan2("l1_acts", Src::kBuffer, l.l1, kUint8, hb, R, hb, c.block_k_bytes, c.load_block_m,
+            sw_acts),
       // SFA of L1: int32 [H/128][Rsf] (MN-major), (SF_BLOCK_M x BLOCK_K/128) words
-      plan2("l1_acts_sf", 0, l.l1_sf, kInt32, Rsf, H / 128, Rsf * 4, c.sf_block_m, sf_rows, 0),
-      weights("l1_weights", 1, 2 * I, H),
+      plan2("l1_acts_sf", Src::kBuffer, l.l1_sf, kInt32, Rsf, H / 128, Rsf * 4, c.sf_block_m,
+            sf_rows, kNone),
+      weights("l1_weights", Src::kL1, 2 * I, H),
       // SFB of L1: int32 [E][H/128][2I] (MN-major), (128 x BLOCK_K/128) words
-      plan2("l1_weights_sf", 2, 0, kInt32, 2 * I, e_local * (H / 128), 2 * I * 4, c.block_n,
-            sf_rows, 0),
+      plan2("l1_weights_sf", Src::kL1Sf, 0, kInt32, 2 * I, e_local * (H / 128), 2 * I * 4,
+            c.block_n, sf_rows, kNone),
       // L1 output (post-SwiGLU, requantised) stores into l2: (STORE_BLOCK_M_L1 x BLOCK_N/2 values)
-      plan2("l1_output", 0, l.l2, kUint8, ib, R, ib, c.l1_out_block_n_bytes, c.store_block_m_l1,
-            sw_out),
-      plan2("l2_acts", 0, l.l2, kUint8, ib, R, ib, c.block_k_bytes, c.load_block_m, sw_acts),
-      plan2("l2_acts_sf", 0, l.l2_sf, kInt32, Rsf, I / 128, Rsf * 4, c.sf_block_m, sf_rows, 0),
-      weights("l2_weights", 3, H, I),
-      plan2("l2_weights_sf", 4, 0, kInt32, H, e_local * (I / 128), H * 4, c.block_n, sf_rows, 0),
+      plan2("l1_output", Src::kBuffer, l.l2, kUint8, ib, R, ib, c.l1_out_block_n_bytes,
+            c.store_block_m_l1, sw_out),
+      plan2("l2_acts", Src::kBuffer, l.l2, kUint8, ib, R, ib, c.block_k_bytes, c.load_block_m,
+            sw_acts),
+      plan2("l2_acts_sf", Src::kBuffer, l.l2_sf, kInt32, Rsf, I / 128, Rsf * 4, c.sf_block_m,
+            sf_rows, kNone),
+      weights("l2_weights", Src::kL2, H, I),
+      plan2("l2_weights_sf", Src::kL2Sf, 0, kInt32, H, e_local * (I / 128), H * 4, c.block_n,
+            sf_rows, kNone),
   };
 }
-
 
 Sm100Mega::DeviceExtra::DeviceExtra() = default;
 Sm100Mega::DeviceExtra::~DeviceExtra() = default;
 
 bool Sm100Mega::AttrsValid(const Attrs& a, std::string* why) {
-  if (a.common.num_ranks > 32) {  // the sm_90 kernel's limit; the sm_100 one takes 72, the table code 32
+  if (a.common.num_ranks >
+      32) {  // the sm_90 kernel's limit; the sm_100 one takes 72, the table code 32
     *why = cat("attribute num_ranks=", a.common.num_ranks, " must be in [1, 32]");
     return false;
   }
@@ -221,15 +221,6 @@ std::array<mega::WeightSpec, 4> Sm100Mega::Weights(const Shape& s) {
            {"l1_sf", ffi::DataType::S32, H / 128, 2 * I},
            {"l2", ffi::DataType::U8, H, I / 2},
            {"l2_sf", ffi::DataType::S32, I / 128, H}}};
-}
-
-bool Sm100Mega::OptionsFromC(const jmm_mega_call_t& call, Options*, std::string* why) {
-  if (call.sm90_wide_tile != 0) {
-    *why = cat("jmm_mega_call.sm90_wide_tile=", call.sm90_wide_tile,
-               " must be 0 on sm_100 (the wide-tile switch is the sm_90 kernel's)");
-    return false;
-  }
-  return true;
 }
 
 bool Sm100Mega::Plan(const Shape& s, const Options&, int64_t num_sms, int64_t num_tokens,
@@ -273,8 +264,8 @@ const void* Sm100Mega::ExpertScales(const Device& e) {
   return e.expert_scales ? reinterpret_cast<const void*>(e.expert_scales->ptr) : nullptr;
 }
 
-ffi::Error Sm100Mega::KernelArgs(const cuda::Driver* d, const DriverExt* x, const State&,
-                                 int64_t T, const mega::ExecuteOperands& ops, Device* e, Args* a,
+ffi::Error Sm100Mega::KernelArgs(const cuda::Driver* d, const DriverExt* x, const State&, int64_t T,
+                                 const mega::ExecuteOperands& ops, Device* e, Args* a,
                                  void** params) {
   a->y = ops.y;
   a->cumulative_local_expert_recv_stats = nullptr;
@@ -287,11 +278,13 @@ ffi::Error Sm100Mega::KernelArgs(const cuda::Driver* d, const DriverExt* x, cons
     if (ffi::Error err = mega::EncodeOperandMaps(d, x, kTarget, ops, &e->maps); !err.success()) {
       return err;
     }
-    for (int i = 0; i < kSm100NumRoutedTensorMaps; ++i) a->maps[i] = e->maps.maps[static_cast<size_t>(i)];
+    for (int i = 0; i < kSm100NumRoutedTensorMaps; ++i)
+      a->maps[i] = e->maps.maps[static_cast<size_t>(i)];
   }
   // No shared experts: the shared slots get copies of the routed descriptors (as DeepGEMM 0.2.5
   // passes them); the kernel only prefetches them.
-  for (int i = 0; i < jit::kSm100SharedL1Acts; ++i) a->maps[jit::kSm100SharedL1Acts + i] = a->maps[i];
+  for (int i = 0; i < jit::kSm100SharedL1Acts; ++i)
+    a->maps[jit::kSm100SharedL1Acts + i] = a->maps[i];
   int n = 0;
   params[n++] = &a->y;
   params[n++] = &a->cumulative_local_expert_recv_stats;
@@ -306,49 +299,13 @@ ffi::Error Sm100Mega::KernelArgs(const cuda::Driver* d, const DriverExt* x, cons
   return ffi::Error::Success();
 }
 
-void Sm100Mega::ToC(const Config& src, jmm_sm100_mega_config_t* out) {
-  JMM_SM100_MEGA_CONFIG_FIELDS(JMM_C_COPY_FIELD)
-}
-
 }  // namespace jmm
 
 // ---------------------------------------------------------------------------
-// Exported symbols (see ffi/exports.map; Python: jax_megamoe/_ffi.py, tests/ffi_testing.py).
+// Exported symbols (see ffi/exports.map; Python: jax_megamoe/_src/kernels/_ffi.py).
 // ---------------------------------------------------------------------------
 
 JMM_DEFINE_MEGA_MOE_STATE(jmm_mega_moe_sm100, ::jmm::Sm100Mega)
 
-// Symmetric-buffer layout of a shape sized for num_sms SMs. 0, or -1 (jmm_last_error).
-JMM_EXPORT int jmm_sm100_mega_layout(const jmm_mega_shape_t* shape, int64_t num_sms,
-                                     jmm_sm100_mega_layout_t* out, size_t out_size) {
-  if (!jmm::c_api::size_ok(out, out_size, sizeof(*out), "jmm_sm100_mega_layout")) return -1;
-  jmm::Sm100Mega::Shape s;
-  if (!jmm::mega::ShapeFromC<jmm::Sm100Mega>(shape, &s)) return -1;
-  jmm::layout::Sm100MegaLayout src;
-  std::string why;
-  if (!jmm::layout::sm100_mega_layout(s, num_sms, &src, &why)) {
-    jmm::set_last_error(why);
-    return -1;
-  }
-  JMM_SM100_MEGA_LAYOUT_FIELDS(JMM_C_COPY_FIELD)
-  return 0;
-}
-
-JMM_DEFINE_MEGA_MOE_C_API(jmm_sm100_mega, ::jmm::Sm100Mega, jmm_sm100_mega_config_t)
-
-// Host-side view of the sm_locality_domains table the handler uploads for a device with
-// sm_count SMs: writes min(n, entries) bytes, returns the entry count.
-JMM_EXPORT int jmm_sm100_locality_table(int64_t sm_count, uint8_t* out, int n) {
-  if (sm_count < 1) {
-    jmm::set_last_error(jmm::cat("sm_count=", sm_count, " must be >= 1"));
-    return -1;
-  }
-  const int64_t entries = jmm::sm100_locality_table_entries(sm_count);
-  for (int64_t i = 0; out != nullptr && i < n && i < entries; ++i) {
-    out[i] = jmm::sm100_balanced_locality_domain(i);
-  }
-  return static_cast<int>(entries);
-}
-
-// Plain target: XLA runs it outside CUDA graphs.
-JMM_DEFINE_MEGA_MOE_TARGET(jmm_mega_moe_sm100, ::jmm::Sm100Mega);
+// The plain target only (XLA runs it outside CUDA graphs; handlers/stages.h).
+JMM_DEFINE_STAGES(jmm_mega_moe_sm100, JMM_MEGA_MOE_STAGES(::jmm::Sm100Mega));

@@ -60,7 +60,8 @@ struct Sm100MegaMoeAttrs {
 };
 
 using Sm100TensorMapPlan = TensorMapPlan;
-constexpr int kSm100NumRoutedTensorMaps = 9;  // l1_acts .. l2_weights_sf; the shared slots copy them
+constexpr int kSm100NumRoutedTensorMaps =
+    9;  // l1_acts .. l2_weights_sf; the shared slots copy them
 
 // What the sm_100 target adds to handlers/mega_moe.h.
 struct Sm100Mega {
@@ -93,7 +94,6 @@ struct Sm100Mega {
   static const mega::MegaMoeAttrs& Common(const Attrs& a) { return a.common; }
   static bool AttrsValid(const Attrs& a, std::string* why);
   static Options OptionsOf(const Attrs&) { return Options{}; }
-  static bool OptionsFromC(const jmm_mega_call_t& call, Options* o, std::string* why);
   static Shape ShapeOf(const Attrs& a);
   static bool ShapeValid(const Shape& s, std::string* why);
   static MmaKind MmaKindOf(const Shape& s) { return s.mma_kind; }
@@ -110,7 +110,6 @@ struct Sm100Mega {
   static xla::ffi::Error KernelArgs(const cuda::Driver* d, const host::DriverExt* x,
                                     const State& st, int64_t T, const mega::ExecuteOperands& ops,
                                     Device* e, Args* a, void** params);
-  static void ToC(const Config& c, jmm_sm100_mega_config_t* out);
 };
 
 using MegaMoeSm100State = Sm100Mega::State;
@@ -123,9 +122,13 @@ inline std::array<Sm100TensorMapPlan, kSm100NumRoutedTensorMaps> sm100_tensor_ma
 
 // Balanced stand-in for DeepGEMM's probed locality table: domain(sm) = (sm / 2) % 2, so the two
 // CTAs of a cluster (a TPC pair) share a domain and both domains get half of the SMs.
-inline uint8_t sm100_balanced_locality_domain(int64_t sm) { return static_cast<uint8_t>((sm / 2) % 2); }
+inline uint8_t sm100_balanced_locality_domain(int64_t sm) {
+  return static_cast<uint8_t>((sm / 2) % 2);
+}
 // Entries of the device table: one per physical SM, at least 1024 (a guard: %smid is below the
 // SM count on current parts, but PTX does not promise a contiguous numbering).
-inline int64_t sm100_locality_table_entries(int64_t sm_count) { return sm_count > 1024 ? sm_count : 1024; }
+inline int64_t sm100_locality_table_entries(int64_t sm_count) {
+  return sm_count > 1024 ? sm_count : 1024;
+}
 
 }  // namespace jmm

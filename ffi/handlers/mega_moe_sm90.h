@@ -67,7 +67,8 @@ struct Sm90Mega {
   static constexpr int kTmaAlignment = 16;  // l1, l2, y (the scales are plain pointers)
   static constexpr bool kTmaScales = false;
   static constexpr int kNumParams = jit::kSm90MegaMoeNumParams;
-  static constexpr size_t kNumTensorMaps = 7;  // l1_acts l1_acts_sf l1_weights l1_output l2_acts l2_acts_sf l2_weights
+  static constexpr size_t kNumTensorMaps =
+      7;  // l1_acts l1_acts_sf l1_weights l1_output l2_acts l2_acts_sf l2_weights
 
   using Attrs = Sm90MegaMoeAttrs;
   struct Options {
@@ -86,10 +87,6 @@ struct Sm90Mega {
   static const mega::MegaMoeAttrs& Common(const Attrs& a) { return a.common; }
   static bool AttrsValid(const Attrs&, std::string*) { return true; }
   static Options OptionsOf(const Attrs& a) { return Options{a.sm90_wide_tile}; }
-  static bool OptionsFromC(const jmm_mega_call_t& call, Options* o, std::string*) {
-    o->sm90_wide_tile = call.sm90_wide_tile != 0;
-    return true;
-  }
   static Shape ShapeOf(const Attrs& a);
   static bool ShapeValid(const Shape& s, std::string* why);
   static MmaKind MmaKindOf(const Shape&) { return MmaKind::kNone; }
@@ -106,7 +103,6 @@ struct Sm90Mega {
   static xla::ffi::Error KernelArgs(const cuda::Driver* d, const host::DriverExt* x,
                                     const State& st, int64_t T, const mega::ExecuteOperands& ops,
                                     Device* e, Args* a, void** params);
-  static void ToC(const Config& c, jmm_sm90_mega_config_t* out);
 };
 
 using MegaMoeSm90State = Sm90Mega::State;

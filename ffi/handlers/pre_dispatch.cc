@@ -7,13 +7,13 @@
 #include <utility>
 
 #include "common/c_api.h"
-#include "common/c_api_copy.h"
 #include "common/export.h"
 #include "common/status.h"
+#include "cuda/driver.h"
 #include "handlers/attrs.h"
 #include "handlers/buffer_checks.h"
 #include "handlers/host_glue.h"
-#include "cuda/driver.h"
+#include "handlers/stages.h"
 #include "jit/compiler.h"
 #include "jit/kernels.h"
 #include "jit/loader.h"
@@ -41,8 +41,8 @@ ffi::Error Expect(int arch, const char* role, const char* name, const ffi::AnyBu
 }
 
 // Attribute checks shared by instantiate (and mirrored in Python's ops.py).
-ffi::Error ValidateAttrs(int arch, int64_t hidden, int64_t top_k, int64_t capacity,
-                         int64_t group, MmaKind mma_kind, float rsf) {
+ffi::Error ValidateAttrs(int arch, int64_t hidden, int64_t top_k, int64_t capacity, int64_t group,
+                         MmaKind mma_kind, float rsf) {
   const char* t = TargetName(arch);
   const int64_t want_group = arch == 90 ? 128 : 32;
   if (group != want_group) {
@@ -66,9 +66,9 @@ ffi::Error ValidateAttrs(int arch, int64_t hidden, int64_t top_k, int64_t capaci
   // The kernel indexes slots and scale bytes with 32-bit arithmetic.
   if (capacity < 0 || capacity * top_k > std::numeric_limits<int32_t>::max() ||
       capacity * (hidden / group) > std::numeric_limits<int32_t>::max()) {
-    return ffi::Error::InvalidArgument(
-        cat(t, ": attribute capacity=", capacity, " must be >= 0 with capacity*top_k and ",
-            "capacity*hidden/group below 2^31"));
+    return ffi::Error::InvalidArgument(cat(t, ": attribute capacity=", capacity,
+                                           " must be >= 0 with capacity*top_k and ",
+                                           "capacity*hidden/group below 2^31"));
   }
   if (arch == 90 && !std::isfinite(rsf)) {
     return ffi::Error::InvalidArgument(
@@ -84,33 +84,24 @@ ffi::Error ValidateAttrs(int arch, int64_t hidden, int64_t top_k, int64_t capaci
 
 template <int kArch>
 ffi::ErrorOr<std::unique_ptr<PreDispatchState>> Instantiate(int64_t hidden, int64_t top_k,
-                                                             int64_t capacity, int64_t group,
-                                                             MmaKind mma_kind, float rsf) {
+                                                            int64_t capacity, int64_t group,
+                                                            MmaKind mma_kind, float rsf) {
   if (ffi::Error e = ValidateAttrs(kArch, hidden, top_k, capacity, group, mma_kind, rsf);
-      !e.success()) {
-    return ffi::Unexpected<ffi::Error>(std::move(e));
-  }
-  std::shared_ptr<const jit::LoadedKernel> kernel;
-  if (ffi::Error e = host::CompileAndLoad(jit::pre_dispatch_source(kArch, mma_kind),
-                                          TargetName(kArch), &kernel);
       !e.success()) {
     return ffi::Unexpected<ffi::Error>(std::move(e));
   }
   auto state = std::make_unique<PreDispatchState>();
   state->arch = kArch;
   state->mma_kind = mma_kind;
-  state->hidden = hidden;
-  state->top_k = top_k;
-  state->capacity = capacity;
+  state->hidden = hidden, state->top_k = top_k, state->capacity = capacity;  // the shape
   state->group = group;
   state->routed_scaling_factor = rsf;
-  state->kernel = std::move(kernel);
-  return state;
+  return host::WithKernel(std::move(state), jit::pre_dispatch_source(kArch, mma_kind),
+                          TargetName(kArch));
 }
 
 // The kernel's CUfunction in the current context `ctx` (host::FunctionCache: cached per context).
-ffi::Error FunctionFor(const cuda::Driver* d, PreDispatchState* st, CUcontext ctx,
-                       CUfunction* fn) {
+ffi::Error FunctionFor(const cuda::Driver* d, PreDispatchState* st, CUcontext ctx, CUfunction* fn) {
   return st->functions.Get(d, *st->kernel, ctx, TargetName(st->arch), fn);
 }
 
@@ -122,7 +113,8 @@ ffi::Error Initialize(CUstream stream, int32_t device, PreDispatchState* st) {
   if (d == nullptr) return ffi::Error::Internal(cat(TargetName(st->arch), ": ", why));
   host::ContextScope scope;
   CUcontext ctx = nullptr;
-  if (ffi::Error e = scope.Enter(d, stream, device, &ctx, TargetName(st->arch)); !e.success()) return e;
+  if (ffi::Error e = scope.Enter(d, stream, device, &ctx, TargetName(st->arch)); !e.success())
+    return e;
   CUfunction fn = nullptr;
   return FunctionFor(d, st, ctx, &fn);
 }
@@ -182,8 +174,8 @@ ffi::Error Execute(CUstream stream, int32_t device, PreDispatchState* st, ffi::A
     } pads[2] = {{"x_q", x_q->untyped_data(), plan.x_row_bytes},
                  {"x_sf", x_sf->untyped_data(), plan.sf_row_bytes}};
     for (const auto& p : pads) {
-      const CUdeviceptr dst = reinterpret_cast<CUdeviceptr>(p.base) +
-                              static_cast<CUdeviceptr>(T * p.row_bytes);
+      const CUdeviceptr dst =
+          reinterpret_cast<CUdeviceptr>(p.base) + static_cast<CUdeviceptr>(T * p.row_bytes);
       if (CUresult r = d->MemsetD8Async(dst, 0, static_cast<size_t>((P - T) * p.row_bytes), stream);
           r != CUDA_SUCCESS) {
         return ffi::Error::Internal(cat(t, ": cuMemsetD8Async of the pad rows of ", p.name,
@@ -235,51 +227,28 @@ CUresult launch_pre_dispatch(const cuda::Driver* d, CUfunction fn, CUstream stre
                            static_cast<unsigned>(plan->block), 1, 1, /*sharedMemBytes=*/0, stream,
                            params, nullptr);
   };
+  // The argument blocks and their addresses, in kernel parameter order (tables, laid out by hand).
+  // clang-format off
   if (arch == 90) {
     jit::Sm90PreDispatchArgs a{o.x, o.topk_idx, o.topk_weights, o.buf_x, o.buf_x_sf,
                                o.buf_topk_idx, o.buf_topk_weights, u32(T), u32(P), u32(H),
                                u32(plan->num_groups), u32(K), routed_scaling_factor};
-    void* params[] = {&a.x,          &a.topk_idx,     &a.topk_weights,     &a.buf_x,
-                      &a.buf_x_sf,   &a.buf_topk_idx, &a.buf_topk_weights, &a.num_tokens,
-                      &a.padded_max, &a.hidden,       &a.num_groups,       &a.top_k,
-                      &a.routed_scaling_factor};
+    void* params[] = {&a.x, &a.topk_idx, &a.topk_weights, &a.buf_x, &a.buf_x_sf, &a.buf_topk_idx,
+                      &a.buf_topk_weights, &a.num_tokens, &a.padded_max, &a.hidden, &a.num_groups,
+                      &a.top_k, &a.routed_scaling_factor};
     return launch(params);
   }
-  jit::Sm100PreDispatchArgs a{o.x,          o.topk_idx,       o.topk_weights, o.expert_scales,
-                              o.buf_x,      o.buf_x_sf,       /*buf_x_scales=*/nullptr,
-                              o.buf_topk_idx, o.buf_topk_weights, u32(T), u32(P), u32(H),
-                              u32(plan->num_groups), u32(K)};
-  void* params[] = {&a.x,          &a.topk_idx,     &a.topk_weights,     &a.expert_scales,
-                    &a.buf_x,      &a.buf_x_sf,     &a.buf_x_scales,     &a.buf_topk_idx,
-                    &a.buf_topk_weights, &a.num_tokens, &a.padded_max,  &a.hidden,
-                    &a.num_groups, &a.top_k};
+  jit::Sm100PreDispatchArgs a{o.x, o.topk_idx, o.topk_weights, o.expert_scales, o.buf_x, o.buf_x_sf,
+                              /*buf_x_scales=*/nullptr, o.buf_topk_idx, o.buf_topk_weights,
+                              u32(T), u32(P), u32(H), u32(plan->num_groups), u32(K)};
+  void* params[] = {&a.x, &a.topk_idx, &a.topk_weights, &a.expert_scales, &a.buf_x, &a.buf_x_sf,
+                    &a.buf_x_scales, &a.buf_topk_idx, &a.buf_topk_weights, &a.num_tokens,
+                    &a.padded_max, &a.hidden, &a.num_groups, &a.top_k};
+  // clang-format on
   return launch(params);
 }
 
 }  // namespace jmm
-
-// Host-side view of the launch geometry, for tests (common/c_api.h). Returns 0, or -1
-// (jmm_last_error) for arguments no handler would accept.
-JMM_EXPORT int jmm_pre_dispatch_launch_plan(int arch, int mma_kind, int64_t T, int64_t P,
-                                            int64_t H, int64_t K, jmm_pre_dispatch_launch_t* out,
-                                            size_t out_size) {
-  if (!jmm::c_api::size_ok(out, out_size, sizeof(*out), "jmm_pre_dispatch_launch_plan")) return -1;
-  const auto kind = static_cast<jmm::MmaKind>(mma_kind);
-  std::string why;
-  if (!jmm::mma_kind_valid(arch, kind, &why)) {
-    jmm::set_last_error(why);
-    return -1;
-  }
-  if (T < 0 || P < T || H <= 0 || H % 128 != 0 || K <= 0) {
-    jmm::set_last_error(jmm::cat("jmm_pre_dispatch_launch_plan: T=", T, ", P=", P, ", H=", H,
-                                 ", K=", K, " (want 0 <= T <= P, H a positive multiple of 128, "
-                                 "K >= 1)"));
-    return -1;
-  }
-  const jmm::PreDispatchLaunch src = jmm::plan_pre_dispatch(arch, kind, T, P, H, K);
-  JMM_PRE_DISPATCH_LAUNCH_FIELDS(JMM_C_COPY_FIELD)
-  return 0;
-}
 
 // ---------------------------------------------------------------------------
 // Exported symbols (see ffi/exports.map; Python: jax_megamoe/_ffi.py).
@@ -290,64 +259,31 @@ JMM_EXPORT const XLA_FFI_TypeInfo* jmm_pre_dispatch_state_type_info() {
   return &jmm::kPreDispatchStateTypeInfo;
 }
 
-#define JMM_INSTANTIATE_BINDING(ARCH)                                    \
-  ffi::Ffi::BindInstantiate()                                            \
-      .Attr<int64_t>("hidden")                                           \
-      .Attr<int64_t>("top_k")                                            \
-      .Attr<int64_t>("capacity")                                         \
-      .Attr<int64_t>("group")                                            \
-      .Attr<jmm::MmaKind>("mma_kind")                                    \
+#define JMM_INSTANTIATE_BINDING(ARCH) \
+  ffi::Ffi::BindInstantiate()         \
+      .Attr<int64_t>("hidden")        \
+      .Attr<int64_t>("top_k")         \
+      .Attr<int64_t>("capacity")      \
+      .Attr<int64_t>("group")         \
+      .Attr<jmm::MmaKind>("mma_kind") \
       .Attr<float>("routed_scaling_factor")
-#define JMM_INITIALIZE_BINDING                                           \
-  ffi::Ffi::Bind<ffi::ExecutionStage::kInitialize>()                     \
-      .Ctx<ffi::PlatformStream<CUstream>>()                              \
-      .Ctx<ffi::DeviceOrdinal>()                                         \
-      .Ctx<ffi::State<jmm::PreDispatchState>>()
-#define JMM_EXECUTE_BINDING                                              \
-  ffi::Ffi::Bind()                                                       \
-      .Ctx<ffi::PlatformStream<CUstream>>()                              \
-      .Ctx<ffi::DeviceOrdinal>()                                         \
-      .Ctx<ffi::State<jmm::PreDispatchState>>()                          \
-      .Arg<ffi::AnyBuffer>() /* x */                                     \
-      .Arg<ffi::AnyBuffer>() /* topk_idx */                              \
-      .Arg<ffi::AnyBuffer>() /* topk_weights */                          \
-      .Ret<ffi::AnyBuffer>() /* x_q */                                   \
-      .Ret<ffi::AnyBuffer>() /* x_sf */                                  \
-      .Ret<ffi::AnyBuffer>() /* topk_idx_out */                          \
+#define JMM_INITIALIZE_BINDING JMM_INITIALIZE_CONTEXTS(jmm::PreDispatchState)
+#define JMM_EXECUTE_BINDING                     \
+  JMM_EXECUTE_CONTEXTS(jmm::PreDispatchState)   \
+      .Arg<ffi::AnyBuffer>() /* x */            \
+      .Arg<ffi::AnyBuffer>() /* topk_idx */     \
+      .Arg<ffi::AnyBuffer>() /* topk_weights */ \
+      .Ret<ffi::AnyBuffer>() /* x_q */          \
+      .Ret<ffi::AnyBuffer>() /* x_sf */         \
+      .Ret<ffi::AnyBuffer>() /* topk_idx_out */ \
       .Ret<ffi::AnyBuffer>() /* topk_weights_out */
 
-#define JMM_DECLARE_STAGES(NAME)                                     \
-  JMM_EXPORT XLA_FFI_Error* NAME##_instantiate(XLA_FFI_CallFrame*); \
-  JMM_EXPORT XLA_FFI_Error* NAME##_initialize(XLA_FFI_CallFrame*);  \
-  JMM_EXPORT XLA_FFI_Error* NAME##_execute(XLA_FFI_CallFrame*)
-
-// Plain targets: XLA runs them outside CUDA graphs.
-#define JMM_DEFINE_PRE_DISPATCH(ARCH)                                                  \
-  JMM_DECLARE_STAGES(jmm_pre_dispatch_sm##ARCH);                                       \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_instantiate,               \
-                                jmm::Instantiate<ARCH>, JMM_INSTANTIATE_BINDING(ARCH)); \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_initialize, jmm::Initialize, \
-                                JMM_INITIALIZE_BINDING);                               \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_execute, jmm::Execute<ARCH>, \
-                                JMM_EXECUTE_BINDING)
-
-// `_graph` targets: same code, declared command-buffer compatible. Execute only
-// enqueues two memsets and one kernel on the given stream (no allocation,
-// synchronisation, compilation or module loading); the CUfunction is made in
-// initialize, which XLA runs outside capture.
-#define JMM_DEFINE_PRE_DISPATCH_GRAPH(ARCH)                                              \
-  JMM_DECLARE_STAGES(jmm_pre_dispatch_sm##ARCH##_graph);                                 \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_graph_instantiate,           \
-                                jmm::Instantiate<ARCH>, JMM_INSTANTIATE_BINDING(ARCH),   \
-                                {ffi::Traits::kCmdBufferCompatible});                    \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_graph_initialize,            \
-                                jmm::Initialize, JMM_INITIALIZE_BINDING,                 \
-                                {ffi::Traits::kCmdBufferCompatible});                    \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jmm_pre_dispatch_sm##ARCH##_graph_execute,               \
-                                jmm::Execute<ARCH>, JMM_EXECUTE_BINDING,                 \
-                                {ffi::Traits::kCmdBufferCompatible})
-
-JMM_DEFINE_PRE_DISPATCH(90);
-JMM_DEFINE_PRE_DISPATCH(100);
-JMM_DEFINE_PRE_DISPATCH_GRAPH(90);
-JMM_DEFINE_PRE_DISPATCH_GRAPH(100);
+// Each arch's plain target and its `_graph` twin (handlers/stages.h). Execute only enqueues two
+// memsets and one kernel on the given stream; the CUfunction is made in initialize, which XLA
+// runs outside capture.
+JMM_DEFINE_STAGES_AND_GRAPH_TWIN(jmm_pre_dispatch_sm90, jmm::Instantiate<90>,
+                                 JMM_INSTANTIATE_BINDING(90), jmm::Initialize,
+                                 JMM_INITIALIZE_BINDING, jmm::Execute<90>, JMM_EXECUTE_BINDING);
+JMM_DEFINE_STAGES_AND_GRAPH_TWIN(jmm_pre_dispatch_sm100, jmm::Instantiate<100>,
+                                 JMM_INSTANTIATE_BINDING(100), jmm::Initialize,
+                                 JMM_INITIALIZE_BINDING, jmm::Execute<100>, JMM_EXECUTE_BINDING);

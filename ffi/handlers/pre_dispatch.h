@@ -45,10 +45,10 @@ namespace jmm {
 // Launch geometry of one pre-dispatch call: a pure function of the shapes, shared by the
 // execute handler and the host-side tests (jmm_pre_dispatch_launch_plan).
 struct PreDispatchLaunch {
-  int64_t grid = 0;        // T quantise CTAs + ceil((P - T) * K / threads) pad CTAs
-  int64_t block = 0;       // H / 8 threads: one 16-byte bf16 load each
-  int64_t num_groups = 0;  // kernel argument: H / group (scale bytes per token)
-  int64_t x_row_bytes = 0; // bytes of one x_q row: H / 2 (packed FP4) or H (e4m3)
+  int64_t grid = 0;          // T quantise CTAs + ceil((P - T) * K / threads) pad CTAs
+  int64_t block = 0;         // H / 8 threads: one 16-byte bf16 load each
+  int64_t num_groups = 0;    // kernel argument: H / group (scale bytes per token)
+  int64_t x_row_bytes = 0;   // bytes of one x_q row: H / 2 (packed FP4) or H (e4m3)
   int64_t sf_row_bytes = 0;  // bytes of one x_sf row: 4 * H / 128 (f32 or packed int32)
 };
 PreDispatchLaunch plan_pre_dispatch(int arch, MmaKind mma_kind, int64_t T, int64_t P, int64_t H,
@@ -57,14 +57,14 @@ PreDispatchLaunch plan_pre_dispatch(int arch, MmaKind mma_kind, int64_t T, int64
 // Where one pre-dispatch launch reads and writes (the pre-dispatch targets write XLA results; the
 // mega targets their symmetric buffer's input slots).
 struct PreDispatchOperands {
-  const void* x = nullptr;             // bf16 [T, H]
-  const void* topk_idx = nullptr;      // s32 [T, K]
-  const void* topk_weights = nullptr;  // f32 [T, K]
-  const void* expert_scales = nullptr; // sm_100: f32 [E] multiplied into the weights, or null
-  void* buf_x = nullptr;               // [P, x_row_bytes]
-  void* buf_x_sf = nullptr;            // [P, sf_row_bytes]
-  void* buf_topk_idx = nullptr;        // s64 [P, K]
-  void* buf_topk_weights = nullptr;    // f32 [P, K]
+  const void* x = nullptr;              // bf16 [T, H]
+  const void* topk_idx = nullptr;       // s32 [T, K]
+  const void* topk_weights = nullptr;   // f32 [T, K]
+  const void* expert_scales = nullptr;  // sm_100: f32 [E] multiplied into the weights, or null
+  void* buf_x = nullptr;                // [P, x_row_bytes]
+  void* buf_x_sf = nullptr;             // [P, sf_row_bytes]
+  void* buf_topk_idx = nullptr;         // s64 [P, K]
+  void* buf_topk_weights = nullptr;     // f32 [P, K]
 };
 
 // Launches the arch's pre-dispatch kernel `fn` on `stream` with the geometry of

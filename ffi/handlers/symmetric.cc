@@ -20,8 +20,8 @@ std::map<GroupKey, std::weak_ptr<SymmetricGroup>> g_registry;
 ffi::Error AllocateZeroed(const cuda::Driver* d, const DriverExt* x, SymmetricGroup* g, size_t r,
                           const char* target) {
   if (CUresult rc = d->CtxPushCurrent(g->ctx[r]); rc != CUDA_SUCCESS) {
-    return ffi::Error::Internal(cat(target, ": cuCtxPushCurrent for rank ", r, " failed: ",
-                                    cuda::error_string(d, rc)));
+    return ffi::Error::Internal(
+        cat(target, ": cuCtxPushCurrent for rank ", r, " failed: ", cuda::error_string(d, rc)));
   }
   CUresult rc = x->MemAlloc(&g->ptr[r], static_cast<size_t>(g->bytes));
   if (rc != CUDA_SUCCESS) {
@@ -70,8 +70,8 @@ ffi::Error EnablePeerAccess(const cuda::Driver* d, const DriverExt* x, const Sym
   }
   for (size_t i = 0; i < n; ++i) {
     if (CUresult rc = d->CtxPushCurrent(g.ctx[i]); rc != CUDA_SUCCESS) {
-      return ffi::Error::Internal(cat(target, ": cuCtxPushCurrent failed: ",
-                                      cuda::error_string(d, rc)));
+      return ffi::Error::Internal(
+          cat(target, ": cuCtxPushCurrent failed: ", cuda::error_string(d, rc)));
     }
     ffi::Error err = ffi::Error::Success();
     for (size_t j = 0; j < n && err.success(); ++j) {
@@ -79,8 +79,8 @@ ffi::Error EnablePeerAccess(const cuda::Driver* d, const DriverExt* x, const Sym
       CUresult rc = x->CtxEnablePeerAccess(g.ctx[j], 0);
       if (rc != CUDA_SUCCESS && rc != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) {
         err = ffi::Error::Internal(cat(target, ": cuCtxEnablePeerAccess(device ", g.device[i],
-                                       " -> device ", g.device[j], ") failed: ",
-                                       cuda::error_string(d, rc)));
+                                       " -> device ", g.device[j],
+                                       ") failed: ", cuda::error_string(d, rc)));
       }
     }
     CUcontext popped = nullptr;
@@ -106,8 +106,8 @@ SymmetricGroup::~SymmetricGroup() {
 }
 
 ffi::Error ResolveGroup(const cuda::Driver* d, const DriverExt* x, CUcontext own_ctx,
-                        CUdevice own_device, int64_t num_ranks, const int64_t* table,
-                        int64_t size, const char* target, RankPlacement* out) {
+                        CUdevice own_device, int64_t num_ranks, const int64_t* table, int64_t size,
+                        const char* target, RankPlacement* out) {
   out->rank = 0;
   out->devices = {own_device};
   out->ctx = {own_ctx};
@@ -117,7 +117,8 @@ ffi::Error ResolveGroup(const cuda::Driver* d, const DriverExt* x, CUcontext own
   if (!layout::rank_table_find(table, size, num_ranks, static_cast<int64_t>(own_device), &group,
                                &rank)) {
     return ffi::Error::InvalidArgument(
-        cat(target, ": CUDA device ", own_device, " runs this call but is not in the rank table "
+        cat(target, ": CUDA device ", own_device,
+            " runs this call but is not in the rank table "
             "(attribute rank_devices); the fused expert-parallel path needs every device of the "
             "mesh in the table"));
   }
@@ -131,10 +132,9 @@ ffi::Error ResolveGroup(const cuda::Driver* d, const DriverExt* x, CUcontext own
     const int64_t ordinal = table[group * num_ranks + r];
     CUdevice peer = 0;
     if (CUresult rc = d->DeviceGet(&peer, static_cast<int>(ordinal)); rc != CUDA_SUCCESS) {
-      return ffi::Error::InvalidArgument(cat(target, ": rank ", r, " of the group of device ",
-                                             own_device, " is CUDA device ", ordinal,
-                                             ", which does not exist: ",
-                                             cuda::error_string(d, rc)));
+      return ffi::Error::InvalidArgument(
+          cat(target, ": rank ", r, " of the group of device ", own_device, " is CUDA device ",
+              ordinal, ", which does not exist: ", cuda::error_string(d, rc)));
     }
     // Every rank must launch the same kernel: same architecture, same SM count.
     int peer_sms = 0, peer_major = 0;
@@ -142,9 +142,9 @@ ffi::Error ResolveGroup(const cuda::Driver* d, const DriverExt* x, CUcontext own
     x->DeviceGetAttribute(&peer_major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, peer);
     if (peer_sms != own_sms || peer_major != own_major) {
       return ffi::Error::InvalidArgument(
-          cat(target, ": the ranks' GPUs differ (device ", own_device, ": sm_", own_major, "x with ",
-              own_sms, " SMs; device ", ordinal, ": sm_", peer_major, "x with ", peer_sms,
-              " SMs); every rank must run the same kernel configuration"));
+          cat(target, ": the ranks' GPUs differ (device ", own_device, ": sm_", own_major,
+              "x with ", own_sms, " SMs; device ", ordinal, ": sm_", peer_major, "x with ",
+              peer_sms, " SMs); every rank must run the same kernel configuration"));
     }
     CUcontext primary = nullptr;
     if (ffi::Error e = PrimaryContext(d, static_cast<int32_t>(ordinal), &primary, target);
@@ -153,7 +153,8 @@ ffi::Error ResolveGroup(const cuda::Driver* d, const DriverExt* x, CUcontext own
     }
     if (r == rank && primary != own_ctx) {
       return ffi::Error::Internal(
-          cat(target, ": XLA's stream on device ", own_device, " is not in the device's primary "
+          cat(target, ": XLA's stream on device ", own_device,
+              " is not in the device's primary "
               "context; the fused expert-parallel path maps peers through primary contexts"));
     }
     out->devices.push_back(peer);

@@ -51,18 +51,19 @@ xla::ffi::Error ResolveGroup(const cuda::Driver* d, const DriverExt* x, CUcontex
 // configurations apart): every rank's buffer allocated (`bytes`, rounded up to 16) and zeroed,
 // peer access enabled, all before this returns. Called from initialize only, outside any capture;
 // the first rank to get here does the work for the whole group.
-xla::ffi::ErrorOr<std::shared_ptr<SymmetricGroup>> AcquireGroup(
-    const cuda::Driver* d, const DriverExt* x, const RankPlacement& placement,
-    const std::vector<int64_t>& config, uint64_t bytes, const char* target);
+xla::ffi::ErrorOr<std::shared_ptr<SymmetricGroup>> AcquireGroup(const cuda::Driver* d,
+                                                                const DriverExt* x,
+                                                                const RankPlacement& placement,
+                                                                const std::vector<int64_t>& config,
+                                                                uint64_t bytes, const char* target);
 
 // ResolveGroup + AcquireGroup, then this rank's SymBuffer<kNumRanks> (DeepGEMM's by-value pointer
 // table: base = own buffer, offsets[r] = buffer of rank r - own buffer, rank_idx), into `sym`
 // (jit::Sm90SymBuffer / jit::Sm100SymBuffer: the same layout).
 template <typename Sym>
 xla::ffi::Error JoinGroup(const cuda::Driver* d, const DriverExt* x, CUcontext own_ctx,
-                          CUdevice own_device, int64_t num_ranks,
-                          const std::vector<int64_t>& table, const std::vector<int64_t>& config,
-                          uint64_t bytes, const char* target,
+                          CUdevice own_device, int64_t num_ranks, const std::vector<int64_t>& table,
+                          const std::vector<int64_t>& config, uint64_t bytes, const char* target,
                           std::shared_ptr<SymmetricGroup>* group, int64_t* rank, Sym* sym) {
   RankPlacement placement;
   if (xla::ffi::Error e = ResolveGroup(d, x, own_ctx, own_device, num_ranks, table.data(),

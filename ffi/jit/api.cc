@@ -1,4 +1,5 @@
-// C entry points of the JIT, for Python (ctypes) and tooling. No GPU needed.
+// C entry points of the JIT, for Python (ctypes) and tooling (declared in common/c_api.h). No GPU
+// needed.
 //
 // Conventions: functions returning int give 0 on success and non-zero on
 // failure, with the reason in jmm_last_error() (per thread). Output strings
@@ -7,6 +8,7 @@
 
 #include <string>
 
+#include "common/c_api.h"
 #include "common/export.h"
 #include "common/status.h"
 #include "cuda/driver.h"
@@ -33,18 +35,22 @@ int fail(std::string msg, char* err_out = nullptr, size_t err_cap = 0) {
 
 }  // namespace
 
-// Paths come from Python (jax_megamoe/_toolchain.py). extra_include_dirs and
-// cache_dirs are colon-separated and may be empty (cache_dirs empty: read
-// $DG_JIT_CACHE_DIR at every compile, else the default folder).
+// Everything the JIT needs, from Python (jax_megamoe/_src/kernels/_ffi.py configure_jit: the
+// paths _toolchain.py found, the cache roots and nvcc switches of the process policy); the
+// library reads no environment variable. extra_include_dirs and cache_dirs are colon-separated;
+// cache_dirs empty: /tmp/jax_megamoe-jit-<uid>. with_lineinfo: nvcc -lineinfo (part of the cache
+// key); print_commands: print every nvcc command line to stderr.
 JMM_EXPORT int jmm_configure(const char* deepgemm_include, const char* nvcc_path,
                              const char* extra_include_dirs, const char* cache_dirs,
-                             const char* header_version) {
+                             const char* header_version, int with_lineinfo, int print_commands) {
   jmm::jit::JitConfig c;
   c.deepgemm_include = str(deepgemm_include);
   c.nvcc = str(nvcc_path);
   c.extra_includes = jmm::jit::split_paths(str(extra_include_dirs));
   c.cache_dirs = str(cache_dirs);
   c.header_version = str(header_version);
+  c.with_lineinfo = with_lineinfo != 0;
+  c.print_commands = print_commands != 0;
   if (c.deepgemm_include.empty() || c.nvcc.empty()) {
     return fail("jmm_configure: deepgemm_include and nvcc_path must be non-empty");
   }
@@ -125,9 +131,8 @@ JMM_EXPORT int jmm_cubin_kernel_symbols(const char* path, char* out, size_t cap)
 
 // SHA-256 hex of a byte string (the JIT cache's hash; exported for tests).
 JMM_EXPORT int jmm_sha256_hex(const char* data, size_t size, char* out, size_t cap) {
-  return static_cast<int>(
-      jmm::copy_out(jmm::jit::sha256_hex(std::string_view(data ? data : "", data ? size : 0)),
-                    out, cap));
+  return static_cast<int>(jmm::copy_out(
+      jmm::jit::sha256_hex(std::string_view(data ? data : "", data ? size : 0)), out, cap));
 }
 
 // 0 when the CUDA driver loads and initialises; otherwise 1 and the reason.
@@ -138,9 +143,9 @@ JMM_EXPORT int jmm_driver_status(char* out, size_t cap) {
     jmm::copy_out(why, out, cap);
     return 1;
   }
-  jmm::copy_out(jmm::cat("CUDA driver ", d->driver_version / 1000, ".",
-                         (d->driver_version % 1000) / 10),
-                out, cap);
+  jmm::copy_out(
+      jmm::cat("CUDA driver ", d->driver_version / 1000, ".", (d->driver_version % 1000) / 10), out,
+      cap);
   return 0;
 }
 

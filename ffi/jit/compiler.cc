@@ -37,13 +37,6 @@ std::map<std::string, CompiledKernel> g_memory;
 std::map<std::string, NvccVersion> g_nvcc_versions;
 JitStats g_stats;
 
-bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  if (v == nullptr) return false;
-  const std::string s(v);
-  return !(s.empty() || s == "0" || s == "false" || s == "False" || s == "off");
-}
-
 bool read_file(const fs::path& p, std::string* out) {
   std::ifstream f(p, std::ios::binary);
   if (!f) return false;
@@ -115,9 +108,9 @@ std::vector<std::pair<char, std::string>> includes_of(const std::string& text) {
 
 // Adds every header under `root` reachable from `source` to the hash, in a
 // deterministic order (sorted by path relative to root).
-bool hash_header_closure(const fs::path& root, const std::string& source, Sha256* h,
-                         size_t* count, std::string* error) {
-  std::map<std::string, std::string> files;  // relative path -> contents
+bool hash_header_closure(const fs::path& root, const std::string& source, Sha256* h, size_t* count,
+                         std::string* error) {
+  std::map<std::string, std::string> files;            // relative path -> contents
   std::vector<std::pair<fs::path, std::string>> work;  // (dir of includer, include text)
   for (const auto& inc : includes_of(source)) work.emplace_back(fs::path(), inc.second);
   while (!work.empty()) {
@@ -171,8 +164,8 @@ bool pick_symbol(const std::string& cubin, const std::string& hint, std::string*
   if (matching.size() != 1 || names.size() != 1) {
     std::string all;
     for (const auto& n : names) all += cat("\n  ", n);
-    *error = cat("expected exactly one kernel entry containing '", hint, "' in ", cubin,
-                 ", found ", names.size(), " entries:", all.empty() ? " (none)" : all);
+    *error = cat("expected exactly one kernel entry containing '", hint, "' in ", cubin, ", found ",
+                 names.size(), " entries:", all.empty() ? " (none)" : all);
     return false;
   }
   *symbol = matching[0];
@@ -205,8 +198,8 @@ bool nvcc_version(const std::string& nvcc, NvccVersion* out, std::string* error)
   const size_t p = text.find("release ");
   if (p == std::string::npos ||
       std::sscanf(text.c_str() + p + 8, "%d.%d", &v.major, &v.minor) != 2) {
-    *error = cat("cannot parse the CUDA release from '", nvcc, " --version' output: ",
-                 tail(text, 2000));
+    *error =
+        cat("cannot parse the CUDA release from '", nvcc, " --version' output: ", tail(text, 2000));
     return false;
   }
   std::lock_guard<std::mutex> lock(g_compile_mu);
@@ -233,8 +226,7 @@ bool jit_compile(const KernelSource& k, CompiledKernel* out, std::string* error)
   // Our own kernels (impl_header empty) include no DeepGEMM header.
   if (cfg.deepgemm_include.empty() ||
       (!k.impl_header.empty() && !fs::is_regular_file(dg_root / k.impl_header, ec))) {
-    return fail(cat("DeepGEMM header '", k.impl_header, "' not found under '",
-                    cfg.deepgemm_include,
+    return fail(cat("DeepGEMM header '", k.impl_header, "' not found under '", cfg.deepgemm_include,
                     "'; install the headers with `pip install sgl-deep-gemm==0.2.5` or point "
                     "JAX_MEGAMOE_DEEPGEMM_INCLUDE at the folder that contains deep_gemm/"));
   }
@@ -289,7 +281,7 @@ bool jit_compile(const KernelSource& k, CompiledKernel* out, std::string* error)
       "--expt-extended-lambda",
       cat("--gpu-architecture=", k.gpu_arch),
   };
-  if (env_flag("DG_JIT_WITH_LINEINFO")) flags.push_back("-lineinfo");
+  if (cfg.with_lineinfo) flags.push_back("-lineinfo");
   std::vector<std::string> hashed_flags = flags;
   for (const auto& inc : cfg.extra_includes) {
     flags.push_back("-I" + inc);
@@ -317,8 +309,8 @@ bool jit_compile(const KernelSource& k, CompiledKernel* out, std::string* error)
     if (!pick_symbol((entry / "kernel.cubin").string(), k.symbol_hint, &symbol, &why)) {
       continue;  // corrupt entry: ignore it (a fresh build replaces it in the first root)
     }
-    CompiledKernel c{(entry / "kernel.cubin").string(), symbol, digest, entry.string(), false,
-                     true};
+    CompiledKernel c{
+        (entry / "kernel.cubin").string(), symbol, digest, entry.string(), false, true};
     ++g_stats.disk_hits;
     g_memory[memory_key] = c;
     *out = c;
@@ -350,7 +342,7 @@ bool jit_compile(const KernelSource& k, CompiledKernel* out, std::string* error)
   std::vector<std::string> argv = {cfg.nvcc, src.string(), "-o", cubin.string()};
   argv.insert(argv.end(), flags.begin(), flags.end());
   const std::string command = shell_join(argv);
-  if (env_flag("DG_JIT_PRINT_COMPILER_COMMAND") || env_flag("DG_JIT_DEBUG")) {
+  if (cfg.print_commands) {
     std::fprintf(stderr, "[jax_megamoe JIT] %s\n", command.c_str());
   }
   std::string log;
@@ -373,23 +365,16 @@ bool jit_compile(const KernelSource& k, CompiledKernel* out, std::string* error)
     return fail_locked(why);
   }
   const std::string meta = cat(
-      "{\n",
-      "  \"format\": \"", kFormatTag, "\",\n",
-      "  \"name\": \"", json_escape(k.name), "\",\n",
-      "  \"digest\": \"", digest, "\",\n",
-      "  \"gpu_arch\": \"", json_escape(k.gpu_arch), "\",\n",
-      "  \"kernel_symbol\": \"", json_escape(symbol), "\",\n",
-      "  \"impl_header\": \"", json_escape(k.impl_header), "\",\n",
-      "  \"deepgemm_include\": \"", json_escape(dg_root.string()), "\",\n",
-      "  \"deepgemm_headers_hashed\": ", num_headers, ",\n",
-      "  \"header_version\": \"", json_escape(cfg.header_version), "\",\n",
-      "  \"nvcc\": \"", json_escape(cfg.nvcc), "\",\n",
-      "  \"nvcc_release\": \"", ver.major, ".", ver.minor, "\",\n",
-      "  \"nvcc_version_text\": \"", json_escape(ver.text), "\",\n",
-      "  \"command\": \"", json_escape(command), "\",\n",
-      "  \"compile_seconds\": ", seconds, ",\n",
-      "  \"created_unix\": ", static_cast<long long>(std::time(nullptr)), "\n",
-      "}\n");
+      "{\n", "  \"format\": \"", kFormatTag, "\",\n", "  \"name\": \"", json_escape(k.name),
+      "\",\n", "  \"digest\": \"", digest, "\",\n", "  \"gpu_arch\": \"", json_escape(k.gpu_arch),
+      "\",\n", "  \"kernel_symbol\": \"", json_escape(symbol), "\",\n", "  \"impl_header\": \"",
+      json_escape(k.impl_header), "\",\n", "  \"deepgemm_include\": \"",
+      json_escape(dg_root.string()), "\",\n", "  \"deepgemm_headers_hashed\": ", num_headers, ",\n",
+      "  \"header_version\": \"", json_escape(cfg.header_version), "\",\n", "  \"nvcc\": \"",
+      json_escape(cfg.nvcc), "\",\n", "  \"nvcc_release\": \"", ver.major, ".", ver.minor, "\",\n",
+      "  \"nvcc_version_text\": \"", json_escape(ver.text), "\",\n", "  \"command\": \"",
+      json_escape(command), "\",\n", "  \"compile_seconds\": ", seconds, ",\n",
+      "  \"created_unix\": ", static_cast<long long>(std::time(nullptr)), "\n", "}\n");
   if (!write_file(tmp / "meta.json", meta, &why)) {
     discard();
     return fail_locked(why);
@@ -413,8 +398,7 @@ bool jit_compile(const KernelSource& k, CompiledKernel* out, std::string* error)
       }
     }
   }
-  CompiledKernel c{(entry / "kernel.cubin").string(), symbol, digest, entry.string(), false,
-                   false};
+  CompiledKernel c{(entry / "kernel.cubin").string(), symbol, digest, entry.string(), false, false};
   ++g_stats.compiles;
   g_memory[memory_key] = c;
   *out = c;

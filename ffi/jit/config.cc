@@ -2,18 +2,12 @@
 
 #include <unistd.h>
 
-#include <cstdlib>
 #include <mutex>
 
 namespace jmm::jit {
 namespace {
 std::mutex g_mu;
 JitConfig g_config;
-
-std::string env(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? std::string(v) : std::string();
-}
 }  // namespace
 
 JitConfig jit_config() {
@@ -41,21 +35,8 @@ std::vector<std::string> split_paths(const std::string& s) {
 }
 
 std::vector<std::string> cache_roots(const JitConfig& config) {
-  std::string spec = config.cache_dirs;
-  if (spec.empty()) spec = env("DG_JIT_CACHE_DIR");
-  if (spec.empty()) spec = env("DJ_JIT_CACHE_DIR");
-  std::vector<std::string> roots = split_paths(spec);
-  if (roots.empty()) {
-    const std::string xdg = env("XDG_CACHE_HOME");
-    const std::string home = env("HOME");
-    if (!xdg.empty()) {
-      roots.push_back(xdg + "/jax_megamoe/jit");
-    } else if (!home.empty()) {
-      roots.push_back(home + "/.cache/jax_megamoe/jit");
-    } else {
-      roots.push_back("/tmp/jax_megamoe-jit-" + std::to_string(getuid()));
-    }
-  }
+  std::vector<std::string> roots = split_paths(config.cache_dirs);
+  if (roots.empty()) roots.push_back("/tmp/jax_megamoe-jit-" + std::to_string(getuid()));
   return roots;
 }
 

@@ -2,11 +2,13 @@
 // sm_90 that stream only the selected experts' weights. DeepGEMM's persistent mega kernel pays a
 // fixed cost (pre-dispatch, grid barriers, per-expert scheduling over every expert, the
 // GEMM1 -> GEMM2 drain) that dominates when a step has a handful of tokens; these kernels have
-// none of it, so they reach the HBM floor for T*K small (ops.py chooses them from a measured table).
+// none of it, so they reach the HBM floor for T*K small (ops.py chooses them from a measured
+// table).
 //
 // Numerics are those of reference.mega_moe for mode "fp8" (the same activation quantisation and
 // the same per-128 requantisation of the SwiGLU output, f32 accumulation):
-//   l1:  per token t: x[t] -> e4m3 per 128 (scale amax/448) in shared memory; for every valid slot k
+//   l1:  per token t: x[t] -> e4m3 per 128 (scale amax/448) in shared memory; for every valid slot
+//   k
 //        (expert e = topk_idx[t, k] in [0, E)) and every intermediate column j:
 //        g, u = W1[e] rows (gate j, up j) . xq  (f32; 128x128 block scales)
 //        a[t*K+k, j] = ((silu(clamp(g)) * clamp(u)) * (topk_weights[t, k] * rsf))     (f32 out)
@@ -50,15 +52,15 @@ struct DecodeL1Args {
   uint32_t num_experts;      // E
   uint32_t top_k;            // K
   float routed_scaling_factor;
-  float activation_clamp;    // +inf: no clamp
+  float activation_clamp;  // +inf: no clamp
 };
 
 struct DecodeL2Args {
-  const void* act;           // const float*         [T*K, I]
-  const void* topk_idx;      // const int32_t*       [T, K]
-  const void* l2;            // const uint8_t*       [E, H, I] e4m3
-  const void* l2_sf;         // const float*         [E, H/128, I/128]
-  void* y;                   // __nv_bfloat16*       [T, H]
+  const void* act;       // const float*         [T*K, I]
+  const void* topk_idx;  // const int32_t*       [T, K]
+  const void* l2;        // const uint8_t*       [E, H, I] e4m3
+  const void* l2_sf;     // const float*         [E, H/128, I/128]
+  void* y;               // __nv_bfloat16*       [T, H]
   uint32_t num_tokens;
   uint32_t hidden;
   uint32_t intermediate;

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "common/mma_kind.h"
 
@@ -28,6 +29,17 @@ struct KernelSource {
   std::string symbol_hint;  // substring the mangled entry symbol must contain
 };
 
+// A kernel's identity: everything but its source, which the caller renders into `source`.
+inline KernelSource kernel_named(std::string name, std::string gpu_arch, std::string impl_header,
+                                 std::string symbol_hint) {
+  KernelSource k;
+  k.name = std::move(name);
+  k.gpu_arch = std::move(gpu_arch);
+  k.impl_header = std::move(impl_header);
+  k.symbol_hint = std::move(symbol_hint);
+  return k;
+}
+
 // Pre-dispatch kernels. arch: 90 (sm_90a) or 100 (sm_100f); mma_kind: kNone for
 // arch 90, kMXFP8FP4 (FP8 acts) or kMXFP4 (packed FP4 acts) for arch 100 (mma_kind_valid).
 KernelSource pre_dispatch_source(int arch, MmaKind mma_kind);
@@ -36,18 +48,15 @@ KernelSource pre_dispatch_source(int arch, MmaKind mma_kind);
 // signatures rendered by pre_dispatch_source() (see kSm90PreDispatchSignature
 // and kSm100PreDispatchSignature in kernels.cc).
 struct Sm90PreDispatchArgs {
-  const void* x;              // const __nv_bfloat16*  [T, H]
-  const void* topk_idx;       // const int32_t*        [T, K]
-  const void* topk_weights;   // const float*          [T, K]
-  void* buf_x;                // __nv_fp8_e4m3*        [P, H]
-  void* buf_x_sf;             // float*                [P, H/128]
-  void* buf_topk_idx;         // int64_t*              [P, K]
-  void* buf_topk_weights;     // float*                [P, K]
-  uint32_t num_tokens;        // T
-  uint32_t padded_max;        // P
-  uint32_t hidden;            // H
-  uint32_t num_groups;        // H / 128
-  uint32_t top_k;             // K
+  const void* x;                            // const __nv_bfloat16*  [T, H]
+  const void* topk_idx;                     // const int32_t*        [T, K]
+  const void* topk_weights;                 // const float*          [T, K]
+  void* buf_x;                              // __nv_fp8_e4m3*        [P, H]
+  void* buf_x_sf;                           // float*                [P, H/128]
+  void* buf_topk_idx;                       // int64_t*              [P, K]
+  void* buf_topk_weights;                   // float*                [P, K]
+  uint32_t num_tokens, padded_max, hidden;  // T, P, H
+  uint32_t num_groups, top_k;               // H / 128, K
   float routed_scaling_factor;
 };
 
@@ -61,11 +70,8 @@ struct Sm100PreDispatchArgs {
   void* buf_x_scales;         // float*                (nullptr: NVFP4 only)
   void* buf_topk_idx;         // int64_t*              [P, K]
   void* buf_topk_weights;     // float*                [P, K]
-  uint32_t num_tokens;        // T
-  uint32_t padded_max;        // P
-  uint32_t hidden;            // H
-  uint32_t num_groups;        // H / 32
-  uint32_t top_k;             // K
+  uint32_t num_tokens, padded_max, hidden;  // T, P, H
+  uint32_t num_groups, top_k;               // H / 32, K
 };
 
 }  // namespace jmm::jit

@@ -39,20 +39,20 @@ static_assert(sizeof(CUtensorMap) == 128, "cute::TmaDescriptor is a 128-byte CUt
 //   TmaDescriptor l1_output, l2_acts, l2_acts_sf, l2_weights, const float* l2_weights_sf,
 //   uint64_t* trace
 struct Sm90MegaMoeArgs {
-  void* y;                                 // bf16 [T, H] (XLA result)
-  int* cumulative_local_expert_recv_stats; // nullptr
-  uint32_t num_tokens;                     // T
+  void* y;                                  // bf16 [T, H] (XLA result)
+  int* cumulative_local_expert_recv_stats;  // nullptr
+  uint32_t num_tokens;                      // T
   Sm90SymBuffer sym_buffer;
-  CUtensorMap l1_acts;                     // e4m3 [D, H] in the buffer, box (128, BLOCK_M), 128B swizzle
-  CUtensorMap l1_acts_sf;                  // f32 [H/128][S] in the buffer, box (BLOCK_M, 1)
-  CUtensorMap l1_weights;                  // e4m3 [E*2I, H] (operand l1), box (128, 256), 128B swizzle
-  const float* l1_weights_sf;              // f32 [E, 2I/128, H/128] (operand l1_sf)
-  CUtensorMap l1_output;                   // e4m3 [D, I] in the buffer (TMA store)
-  CUtensorMap l2_acts;                     // e4m3 [D, I] in the buffer, box (128, BLOCK_M), 128B swizzle
-  CUtensorMap l2_acts_sf;                  // f32 [I/128][S] in the buffer, box (BLOCK_M, 1)
-  CUtensorMap l2_weights;                  // e4m3 [E*H, I] (operand l2), box (128, 256), 128B swizzle
-  const float* l2_weights_sf;              // f32 [E, H/128, I/128] (operand l2_sf)
-  uint64_t* trace;                         // nullptr (kTrace = false)
+  CUtensorMap l1_acts;         // e4m3 [D, H] in the buffer, box (128, BLOCK_M), 128B swizzle
+  CUtensorMap l1_acts_sf;      // f32 [H/128][S] in the buffer, box (BLOCK_M, 1)
+  CUtensorMap l1_weights;      // e4m3 [E*2I, H] (operand l1), box (128, 256), 128B swizzle
+  const float* l1_weights_sf;  // f32 [E, 2I/128, H/128] (operand l1_sf)
+  CUtensorMap l1_output;       // e4m3 [D, I] in the buffer (TMA store)
+  CUtensorMap l2_acts;         // e4m3 [D, I] in the buffer, box (128, BLOCK_M), 128B swizzle
+  CUtensorMap l2_acts_sf;      // f32 [I/128][S] in the buffer, box (BLOCK_M, 1)
+  CUtensorMap l2_weights;      // e4m3 [E*H, I] (operand l2), box (128, 256), 128B swizzle
+  const float* l2_weights_sf;  // f32 [E, H/128, I/128] (operand l2_sf)
+  uint64_t* trace;             // nullptr (kTrace = false)
 };
 constexpr int kSm90MegaMoeNumParams = 14;
 
@@ -82,10 +82,23 @@ static_assert(sizeof(Sm100SymBuffer) == layout::kSm100SymBufferBytes, "SymBuffer
 // jax_megamoe; like DeepGEMM 0.2.5 it passes copies of the routed descriptors there, which the
 // kernel only prefetches).
 enum Sm100TensorMap : int {
-  kSm100L1Acts = 0, kSm100L1ActsSf, kSm100L1Weights, kSm100L1WeightsSf, kSm100L1Output,
-  kSm100L2Acts, kSm100L2ActsSf, kSm100L2Weights, kSm100L2WeightsSf,
-  kSm100SharedL1Acts, kSm100SharedL1ActsSf, kSm100SharedL1Weights, kSm100SharedL1WeightsSf,
-  kSm100SharedL1Output, kSm100SharedL2Acts, kSm100SharedL2ActsSf, kSm100SharedL2Weights,
+  kSm100L1Acts = 0,
+  kSm100L1ActsSf,
+  kSm100L1Weights,
+  kSm100L1WeightsSf,
+  kSm100L1Output,
+  kSm100L2Acts,
+  kSm100L2ActsSf,
+  kSm100L2Weights,
+  kSm100L2WeightsSf,
+  kSm100SharedL1Acts,
+  kSm100SharedL1ActsSf,
+  kSm100SharedL1Weights,
+  kSm100SharedL1WeightsSf,
+  kSm100SharedL1Output,
+  kSm100SharedL2Acts,
+  kSm100SharedL2ActsSf,
+  kSm100SharedL2Weights,
   kSm100SharedL2WeightsSf,
   kSm100NumTensorMaps
 };
@@ -106,8 +119,8 @@ struct Sm100MegaMoeArgs {
   const float* post_expert_norm_weight;     // nullptr (no post-expert norm)
   uint32_t num_tokens;                      // T
   Sm100SymBuffer sym_buffer;
-  CUtensorMap maps[kSm100NumTensorMaps];    // see Sm100TensorMap
-  const uint8_t* sm_locality_domains;       // device u8 [>= physical SM count]
+  CUtensorMap maps[kSm100NumTensorMaps];  // see Sm100TensorMap
+  const uint8_t* sm_locality_domains;     // device u8 [>= physical SM count]
 };
 constexpr int kSm100MegaMoeNumParams = 7 + 1 + kSm100NumTensorMaps + 1;  // 26
 

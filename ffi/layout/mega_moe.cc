@@ -22,8 +22,8 @@ bool mega_experts_valid(const MegaShape& s, const MegaShapeLimits& lim, std::str
   }
   const bool too_many = lim.max_experts > 0 && s.num_experts > lim.max_experts;
   if (s.num_experts < 1 || s.num_experts % s.num_ranks != 0 || too_many) {
-    const std::string range =
-        lim.max_experts > 0 ? cat("in [1, ", lim.max_experts, "] and") : std::string("positive and");
+    const std::string range = lim.max_experts > 0 ? cat("in [1, ", lim.max_experts, "] and")
+                                                  : std::string("positive and");
     return fail(error, cat("num_experts=", s.num_experts, " must be ", range,
                            " divisible by num_ranks=", s.num_ranks));
   }
@@ -52,16 +52,15 @@ bool mega_call_valid(const MegaShape& s, int64_t num_tokens, float activation_cl
                 cat("num_tokens=", num_tokens, " must be in [1, capacity=", s.capacity, "]"));
   }
   if (std::isnan(activation_clamp) || activation_clamp < 0.0f) {
-    return fail(error, cat("activation_clamp=", activation_clamp,
-                           " must be >= 0 (or +inf: no clamp)"));
+    return fail(error,
+                cat("activation_clamp=", activation_clamp, " must be >= 0 (or +inf: no clamp)"));
   }
   return true;
 }
 
 int64_t mega_max_pool_tokens(int64_t ranks, int64_t cap, int64_t topk, int64_t e_local,
                              int64_t max_block_m, int64_t lcm_block_m) {
-  return align_up(ranks * cap * std::min(topk, e_local) + e_local * (max_block_m - 1),
-                  lcm_block_m);
+  return align_up(ranks * cap * std::min(topk, e_local) + e_local * (max_block_m - 1), lcm_block_m);
 }
 
 }  // namespace jmm::layout

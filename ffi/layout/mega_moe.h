@@ -11,20 +11,20 @@ namespace jmm::layout {
 // Static problem description of one symmetric buffer.
 struct MegaShape {
   int64_t num_ranks = 1;
-  int64_t num_experts = 0;    // global experts E
-  int64_t capacity = 0;       // token capacity per rank P (kNumMaxTokensPerRank)
-  int64_t top_k = 0;          // K
-  int64_t hidden = 0;         // H
-  int64_t intermediate = 0;   // I
+  int64_t num_experts = 0;   // global experts E
+  int64_t capacity = 0;      // token capacity per rank P (kNumMaxTokensPerRank)
+  int64_t top_k = 0;         // K
+  int64_t hidden = 0;        // H
+  int64_t intermediate = 0;  // I
 };
 
 // The limits an arch puts on a shape.
 struct MegaShapeLimits {
-  const char* arch = "";           // "sm_90", "sm_100" (in messages)
+  const char* arch = "";  // "sm_90", "sm_100" (in messages)
   int64_t max_ranks = 0;
-  int64_t max_experts = 0;         // 0: no limit of its own
+  int64_t max_experts = 0;  // 0: no limit of its own
   int64_t max_local_experts = 0;
-  int64_t token_alignment = 0;     // the capacity must be a multiple of it
+  int64_t token_alignment = 0;  // the capacity must be a multiple of it
 };
 
 // num_ranks in [1, max_ranks], num_experts positive (at most max_experts) and divisible by

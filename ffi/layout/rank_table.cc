@@ -2,8 +2,8 @@
 
 #include <set>
 
-#include "common/status.h"
 #include "common/export.h"
+#include "common/status.h"
 
 namespace jmm::layout {
 
@@ -16,8 +16,10 @@ bool rank_table_valid(const int64_t* table, int64_t size, int64_t num_ranks, std
     return fail(cat("attribute num_ranks=", num_ranks, " must be in [1, 32]"));
   }
   if (size < 0 || (size == 0 && num_ranks > 1) || size % num_ranks != 0) {
-    return fail(cat("attribute rank_devices has ", size, " entries; expected a positive multiple of "
-                    "num_ranks=", num_ranks, " (rows of CUDA device ordinals, one row per group)"));
+    return fail(cat("attribute rank_devices has ", size,
+                    " entries; expected a positive multiple of "
+                    "num_ranks=",
+                    num_ranks, " (rows of CUDA device ordinals, one row per group)"));
   }
   std::set<int64_t> seen;
   for (int64_t i = 0; i < size; ++i) {
@@ -45,14 +47,3 @@ bool rank_table_find(const int64_t* table, int64_t size, int64_t num_ranks, int6
 }
 
 }  // namespace jmm::layout
-
-// [group, rank] of `device` in a table; 0 found, 1 absent, -1 invalid table (jmm_last_error).
-JMM_EXPORT int jmm_rank_table_lookup(const int64_t* table, int64_t size, int64_t num_ranks,
-                                     int64_t device, int64_t* out) {
-  std::string why;
-  if (!jmm::layout::rank_table_valid(table, size, num_ranks, &why)) {
-    jmm::set_last_error(why);
-    return -1;
-  }
-  return jmm::layout::rank_table_find(table, size, num_ranks, device, &out[0], &out[1]) ? 0 : 1;
-}

@@ -33,18 +33,18 @@ constexpr int64_t kCandidateBlockM[] = {8, 16, 32, 64, 96, 128, 192, 240};
 constexpr int64_t kLcmBlockM = 1920;
 constexpr int64_t kMaxCandidateBlockM = 240;
 constexpr int64_t kMinCandidateBlockM = 8;
-constexpr int64_t kTokenSrcMetadataBytes = 12;          // {rank, token, topk} u32
-constexpr int64_t kNumMaxRingBlocks = int64_t{1} << 20; // MegaMoESignals::kNumMaxRingBlocks
+constexpr int64_t kTokenSrcMetadataBytes = 12;           // {rank, token, topk} u32
+constexpr int64_t kNumMaxRingBlocks = int64_t{1} << 20;  // MegaMoESignals::kNumMaxRingBlocks
 constexpr int64_t kNumMaxSharedL2Blocks = int64_t{1} << 15;
 constexpr int64_t kMegaMoEBlockN = 128;
 constexpr int64_t kNumCTAsPerCluster = 2;
-constexpr int64_t kPullThreshold = 8192;                // 0.2.5 (public source: 4096)
+constexpr int64_t kPullThreshold = 8192;  // 0.2.5 (public source: 4096)
 constexpr int64_t kSmemAlignment = 1024;
 constexpr int64_t kNumEpilogueStages = 2;
 constexpr int64_t kNumTMAStoreStages = 2;
 constexpr int64_t kNumScheduleStages = 2;
-constexpr int64_t kTaskInfoBytes = 32;                  // sizeof(sched::TaskInfo<false>)
-constexpr int64_t kBarrierBytes = 8;                    // ClusterTransactionBarrier
+constexpr int64_t kTaskInfoBytes = 32;  // sizeof(sched::TaskInfo<false>)
+constexpr int64_t kBarrierBytes = 8;    // ClusterTransactionBarrier
 
 constexpr MegaShapeLimits kLimits{"sm_100", /*max_ranks=*/72, /*max_experts=*/2048,
                                   /*max_local_experts=*/512, kSm100TokenAlignment};
@@ -68,9 +68,9 @@ int64_t l1_warmup_waves(int64_t total_m_blocks, int64_t clusters, int64_t l1_n, 
 // Workspace::get_num_bytes()
 uint64_t workspace_bytes(int64_t experts, int64_t cap, int64_t topk, int64_t pool) {
   int64_t n = kSm100MegaSignalsBytes;
-  n += experts * cap * 4;                    // source token-topk [E_loc][rank][token]
-  n += pool * kTokenSrcMetadataBytes;        // TokenSrcMetadata
-  n += cap * topk * 4;                       // post-norm partial sums (always sized)
+  n += experts * cap * 4;              // source token-topk [E_loc][rank][token]
+  n += pool * kTokenSrcMetadataBytes;  // TokenSrcMetadata
+  n += cap * topk * 4;                 // post-norm partial sums (always sized)
   return static_cast<uint64_t>(align_up(n, 16));
 }
 
@@ -84,24 +84,25 @@ SmemLayout kernel_smem(int64_t experts, int64_t dispatch_warps, int64_t pull, in
                        int64_t epi_warps, int64_t sl1, int64_t l1_out_bytes, int64_t sl2,
                        int64_t block_n, int64_t stages, int64_t load_bm, int64_t load_bn,
                        int64_t bk_bytes, int64_t sf_bm, int64_t sf_bn, int64_t sf_chunks) {
-  int64_t o = experts * 4;                                        // expert_token_count
-  o = align_up(o, 1024) + dispatch_warps * pull;                  // dispatch_send_buffer
+  int64_t o = experts * 4;                        // expert_token_count
+  o = align_up(o, 1024) + dispatch_warps * pull;  // dispatch_send_buffer
   const int64_t d_l1 = wgs * kNumTMAStoreStages * sl1 * l1_out_bytes;
   const int64_t d_l2 = wgs * sl2 * block_n * 2;
   o = align_up(o, 1024) + align_up(std::max(d_l1, d_l2), 1024);  // smem_d (union, alignas 1024)
-  o = align_up(o, 1024) + stages * load_bm * bk_bytes;            // smem_a
-  o = align_up(o, 1024) + stages * load_bn * bk_bytes;            // smem_b
-  o = align_up(o, 4) + stages * sf_bm * sf_chunks * 4;            // smem_sfa
-  o += stages * sf_bn * sf_chunks * 4;                            // smem_sfb
-  o = align_up(o, 8) + epi_warps * (sl1 / 2) * 8;                 // amax_reduction (float2)
-  o = align_up(o, 16) + kNumScheduleStages * kTaskInfoBytes;      // task_infos
+  o = align_up(o, 1024) + stages * load_bm * bk_bytes;           // smem_a
+  o = align_up(o, 1024) + stages * load_bn * bk_bytes;           // smem_b
+  o = align_up(o, 4) + stages * sf_bm * sf_chunks * 4;           // smem_sfa
+  o += stages * sf_bn * sf_chunks * 4;                           // smem_sfb
+  o = align_up(o, 8) + epi_warps * (sl1 / 2) * 8;                // amax_reduction (float2)
+  o = align_up(o, 16) + kNumScheduleStages * kTaskInfoBytes;     // task_infos
   o = align_up(o, 8);
   SmemLayout l;
-  l.reusable = o;                                                 // dispatch_barriers
+  l.reusable = o;  // dispatch_barriers
   o += (dispatch_warps + 2 * stages + 2 * kNumEpilogueStages + 2 * epi_warps +
-        2 * kNumScheduleStages) * kBarrierBytes;                  // all barriers
-  o += 4;                                                         // tmem_ptr_in_smem
-  l.used_end = o;  // then float nvfp4_sf_inv_lut[1]: only read by NVFP4 kernels
+        2 * kNumScheduleStages) *
+       kBarrierBytes;  // all barriers
+  o += 4;              // tmem_ptr_in_smem
+  l.used_end = o;      // then float nvfp4_sf_inv_lut[1]: only read by NVFP4 kernels
   return l;
 }
 
@@ -117,8 +118,7 @@ int64_t sm100_max_live_pool_blocks(int64_t total_m_blocks, int64_t num_sms, int6
   const int64_t warmup = std::min(l1_warmup_waves(total_m_blocks, clusters, l1_n, l2_n), l1_waves);
   const int64_t warmup_clusters = std::min(warmup * clusters, l1_clusters);
   const int64_t live_after_warmup = ceil_div(warmup_clusters, l1_n);
-  const int64_t frontier_growth =
-      l2_n > l1_n ? ceil_div(total_m_blocks * (l2_n - l1_n), l2_n) : 0;
+  const int64_t frontier_growth = l2_n > l1_n ? ceil_div(total_m_blocks * (l2_n - l1_n), l2_n) : 0;
   const int64_t wave_margin = ceil_div(clusters, std::min(l1_n, l2_n));
   return std::min(total_m_blocks, live_after_warmup + frontier_growth + wave_margin);
 }
@@ -138,7 +138,8 @@ bool sm100_mega_shape_valid(const Sm100MegaShape& s, std::string* error) {
   }
   // The combine splits a bf16 row into 1 or 2 chunks of whole 512-byte warp loads.
   if (s.hidden > 4096 && s.hidden % 512 != 0) {
-    return fail(cat("hidden=", s.hidden, " must be a multiple of 512 above 4096 (the sm_100 "
+    return fail(cat("hidden=", s.hidden,
+                    " must be a multiple of 512 above 4096 (the sm_100 "
                     "combine splits rows in halves of whole 512-byte warp loads)"));
   }
   const bool fp4 = s.mma_kind == MmaKind::kMXFP4;
@@ -207,18 +208,18 @@ bool sm100_mega_layout(const Sm100MegaShape& s, int64_t num_sms, Sm100MegaLayout
     *field = o;
     o += static_cast<uint64_t>(bytes);
   };
-  take(&l.x, P * (H * bits / 8));          // [P, H*b/8]
-  take(&l.x_sf, P * (H / 32));             // s32 [P, H/128]
-  take(&l.topk_idx, P * K * 8);            // s64 [P, K]
-  take(&l.topk_weights, P * K * 4);        // f32 [P, K]
-  take(&l.l1, R * (H * bits / 8));         // [R, H*b/8]
-  take(&l.l1_sf, Rsf * (H / 32));          // s32 [H/128][Rsf]
-  take(&l.l1_topk_weights, R * 4);         // f32 [R]
-  take(&l.l2, R * (I * bits / 8));         // [R, I*b/8]
-  take(&l.l2_sf, Rsf * (I / 32));          // s32 [I/128][Rsf]
-  take(&l.combine, K * P * H * 2);         // bf16 [K, P, H] (+ 0 bytes of FP8-combine SF)
-  take(&l.input_x_scales, P * 4);          // f32 [P]
-  take(&l.l1_x_scales, R * 4);             // f32 [R]
+  take(&l.x, P * (H * bits / 8));    // [P, H*b/8]
+  take(&l.x_sf, P * (H / 32));       // s32 [P, H/128]
+  take(&l.topk_idx, P * K * 8);      // s64 [P, K]
+  take(&l.topk_weights, P * K * 4);  // f32 [P, K]
+  take(&l.l1, R * (H * bits / 8));   // [R, H*b/8]
+  take(&l.l1_sf, Rsf * (H / 32));    // s32 [H/128][Rsf]
+  take(&l.l1_topk_weights, R * 4);   // f32 [R]
+  take(&l.l2, R * (I * bits / 8));   // [R, I*b/8]
+  take(&l.l2_sf, Rsf * (I / 32));    // s32 [I/128][Rsf]
+  take(&l.combine, K * P * H * 2);   // bf16 [K, P, H] (+ 0 bytes of FP8-combine SF)
+  take(&l.input_x_scales, P * 4);    // f32 [P]
+  take(&l.l1_x_scales, R * 4);       // f32 [R]
   l.num_bytes = o;
   *out = l;
   return true;
@@ -262,7 +263,7 @@ bool sm100_mega_config(const Sm100MegaShape& s, const Sm100MegaLayout& l, int64_
   c.expected_tokens_per_expert = expected;
   int64_t bm = 0, store = 0;
   if (expected <= 10.0f) {
-    bm = 16, store = 8;        // really few tokens per expert: smallest tile, larger BLOCK_K
+    bm = 16, store = 8;  // really few tokens per expert: smallest tile, larger BLOCK_K
   } else if (expected <= 24.0f) {
     bm = 32, store = 16;
   } else {
@@ -323,8 +324,10 @@ bool sm100_mega_config(const Sm100MegaShape& s, const Sm100MegaLayout& l, int64_
     c.num_bytes_per_pull /= 2;
   }
   if (c.num_bytes_per_pull % 16 != 0 || token_bytes % c.num_bytes_per_pull != 0) {
-    return fail(cat("num_bytes_per_pull=", c.num_bytes_per_pull, " must be a multiple of 16 "
-                    "dividing the ", token_bytes, " token bytes"));
+    return fail(cat("num_bytes_per_pull=", c.num_bytes_per_pull,
+                    " must be a multiple of 16 "
+                    "dividing the ",
+                    token_bytes, " token bytes"));
   }
 
   // get_pipeline_config_for_mega_moe (0.2.5 accounting).
@@ -334,12 +337,13 @@ bool sm100_mega_config(const Sm100MegaShape& s, const Sm100MegaLayout& l, int64_
   const int64_t sf_chunks = c.block_k / (c.gran_k * 4);
   const int64_t dispatch = align_up(E * 4, kSmemAlignment) +
                            align_up(dispatch_warps * c.num_bytes_per_pull, kSmemAlignment);
-  const int64_t cd_l1 = wgs * c.store_block_m_l1 * (c.block_n / 2) * kNumTMAStoreStages *
-                        c.elem_bits / 8;
+  const int64_t cd_l1 =
+      wgs * c.store_block_m_l1 * (c.block_n / 2) * kNumTMAStoreStages * c.elem_bits / 8;
   const int64_t cd_l2 = wgs * c.store_block_m_l2 * c.block_n * 2;
   const int64_t cd = align_up(std::max(cd_l1, cd_l2), kSmemAlignment);
-  const int64_t barriers = (dispatch_warps + kNumEpilogueStages * 2 + epi_warps * 2 +
-                            kNumScheduleStages * 2) * kBarrierBytes;
+  const int64_t barriers =
+      (dispatch_warps + kNumEpilogueStages * 2 + epi_warps * 2 + kNumScheduleStages * 2) *
+      kBarrierBytes;
   const int64_t amax = c.store_block_m_l1 * epi_warps * 4;
   const int64_t tail = 4 + kNumScheduleStages * kTaskInfoBytes;  // tmem pointer + task infos
   const int64_t a_stage = c.load_block_m * c.block_k_bytes;
@@ -372,8 +376,7 @@ bool sm100_mega_config(const Sm100MegaShape& s, const Sm100MegaLayout& l, int64_
 
   // Combine: bf16 rows in 1 or 2 chunks staged in the reusable shared memory (kernel asserts).
   const int64_t row_bytes = H * 2;
-  c.combine_chunks =
-      (3 * epi_warps * row_bytes <= c.reusable_smem_bytes && H <= 32 * 128) ? 1 : 2;
+  c.combine_chunks = (3 * epi_warps * row_bytes <= c.reusable_smem_bytes && H <= 32 * 128) ? 1 : 2;
   if (3 * epi_warps * row_bytes / c.combine_chunks > c.reusable_smem_bytes ||
       (row_bytes / c.combine_chunks) % 512 != 0) {
     return fail(cat("hidden=", H, " does not fit the combine's shared-memory staging"));

@@ -63,20 +63,20 @@ bool sm100_mega_shape_valid(const Sm100MegaShape& s, std::string* error);
 // Byte offsets (from the buffer base) and sizes of every region, for `num_sms` SMs (the ring
 // capacity depends on the SM count; DeepGEMM sizes with the SM count it later launches with).
 struct Sm100MegaLayout {
-  int64_t num_sms = 0;                 // SM count the ring was sized for
+  int64_t num_sms = 0;  // SM count the ring was sized for
   int64_t num_experts_per_rank = 0;
-  int64_t elem_bits = 0;               // 4 or 8
-  int64_t num_max_pool_tokens = 0;     // get_num_max_pool_tokens
-  int64_t num_ring_tokens = 0;         // R (kNumRingTokens)
-  int64_t num_sf_ring_tokens = 0;      // Rsf (kNumSFRingTokens)
-  bool ring_is_full_pool = false;      // capacity >= 6144: R = pool
-  uint64_t workspace_bytes = 0;        // Workspace::get_num_bytes()
+  int64_t elem_bits = 0;            // 4 or 8
+  int64_t num_max_pool_tokens = 0;  // get_num_max_pool_tokens
+  int64_t num_ring_tokens = 0;      // R (kNumRingTokens)
+  int64_t num_sf_ring_tokens = 0;   // Rsf (kNumSFRingTokens)
+  bool ring_is_full_pool = false;   // capacity >= 6144: R = pool
+  uint64_t workspace_bytes = 0;     // Workspace::get_num_bytes()
   uint64_t x = 0, x_sf = 0, topk_idx = 0, topk_weights = 0;
   uint64_t l1 = 0, l1_sf = 0, l1_topk_weights = 0;
   uint64_t l2 = 0, l2_sf = 0;
   uint64_t combine = 0;
   uint64_t input_x_scales = 0, l1_x_scales = 0;
-  uint64_t num_bytes = 0;              // MegaMoEBuffer::get_num_bytes()
+  uint64_t num_bytes = 0;  // MegaMoEBuffer::get_num_bytes()
 };
 
 // Requires sm100_mega_shape_valid(s). false + *error when num_sms is invalid (even, >= 2) or
@@ -118,15 +118,15 @@ struct Sm100MegaConfig {
   bool use_trtllm_weights = false;
 
   // derived
-  float expected_tokens_per_expert = 0.0f;  // T * ranks * K / E (f32, as the host computes it)
-  int64_t elem_bits = 0;            // activation bits: 4 or 8
-  int64_t block_k_bytes = 0;        // BLOCK_K * elem_bits / 8 (= 128)
+  float expected_tokens_per_expert = 0.0f;     // T * ranks * K / E (f32, as the host computes it)
+  int64_t elem_bits = 0;                       // activation bits: 4 or 8
+  int64_t block_k_bytes = 0;                   // BLOCK_K * elem_bits / 8 (= 128)
   int64_t load_block_m = 0, load_block_n = 0;  // BLOCK_M / 2 (A is split over the 2 CTAs), BLOCK_N
-  int64_t gran_k = 0;               // 32 (UE8M0 per 32 K elements)
+  int64_t gran_k = 0;                          // 32 (UE8M0 per 32 K elements)
   int64_t swizzle_acts_mode = 0, swizzle_weights_mode = 0;  // 128, 128
-  int64_t l1_out_block_n_bytes = 0; // L1 output TMA store box inner bytes (= its swizzle mode)
-  int64_t num_locality_domains = 0; // 2 when 2I and H are multiples of 512, else 1
-  int64_t combine_chunks = 0;       // the combine's H split (1 or 2)
+  int64_t l1_out_block_n_bytes = 0;  // L1 output TMA store box inner bytes (= its swizzle mode)
+  int64_t num_locality_domains = 0;  // 2 when 2I and H are multiples of 512, else 1
+  int64_t combine_chunks = 0;        // the combine's H split (1 or 2)
   int64_t num_tmem_cols = 0;
   // launch
   int64_t cluster_size = 0;         // 2

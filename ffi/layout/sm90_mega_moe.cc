@@ -34,13 +34,13 @@ uint64_t workspace_bytes(int64_t ranks, int64_t experts, int64_t cap, int64_t to
   const int64_t ring_blocks = pool_blocks;
   uint64_t n = 0;
   n += kBarrierSignalBytes;
-  n += experts * 8 * 2;                            // send counts + recv counts (bank 0)
-  n += e_local * 8;                                // unused u64 tail of bank 0
-  n += align_up(pool_blocks, 2) * 4;               // L1 arrival counts
-  n += pool_blocks * 8;                            // L2 arrival masks
-  n += ring_blocks * 4 * 2;                        // ring empty semaphores
-  n += e_local * ranks * recv_per_expert * 4;      // source token-topk indices
-  n += pool * kTokenSrcMetadataBytes;              // TokenSrcMetadata
+  n += experts * 8 * 2;                        // send counts + recv counts (bank 0)
+  n += e_local * 8;                            // unused u64 tail of bank 0
+  n += align_up(pool_blocks, 2) * 4;           // L1 arrival counts
+  n += pool_blocks * 8;                        // L2 arrival masks
+  n += ring_blocks * 4 * 2;                    // ring empty semaphores
+  n += e_local * ranks * recv_per_expert * 4;  // source token-topk indices
+  n += pool * kTokenSrcMetadataBytes;          // TokenSrcMetadata
   const int64_t flag_words = experts + e_local + 1 + ranks;
   const int64_t bank1_offset = align_up(flag_words * 4, 8);
   const int64_t bank1_bytes = (experts + e_local) * 8 + flag_words * 4;
@@ -53,9 +53,8 @@ uint64_t workspace_bytes(int64_t ranks, int64_t experts, int64_t cap, int64_t to
 // with the full-pool ring that loop never lowers it (a wave of every local expert holds at most
 // align(ranks*cap*min(K, E_loc) + E_loc*(BLOCK_M-1), BLOCK_M) <= pool tokens for BLOCK_M <= 128),
 // so the sweep starts from e_local.
-int64_t experts_per_wave_occupancy(int64_t e_local, int64_t num_tokens, int64_t topk,
-                                   int64_t inter, int64_t block_m, int64_t block_n,
-                                   int64_t num_sms) {
+int64_t experts_per_wave_occupancy(int64_t e_local, int64_t num_tokens, int64_t topk, int64_t inter,
+                                   int64_t block_m, int64_t block_n, int64_t num_sms) {
   const int64_t max_epw = e_local;
   constexpr int64_t kImbalanceFactor = 2;
   const float expected = static_cast<float>(num_tokens * topk) / static_cast<float>(e_local);
@@ -86,8 +85,8 @@ int64_t experts_per_wave(int64_t e_local, int64_t num_tokens, int64_t topk, int6
                          int64_t block_m, int64_t block_n, int64_t num_sms) {
   // decode single wave: BLOCK_M 64 and at most 256 tokens
   if (block_m == 64 && num_tokens <= 256) return e_local;
-  const float expected = static_cast<float>(num_tokens) * static_cast<float>(topk) /
-                         static_cast<float>(e_local);
+  const float expected =
+      static_cast<float>(num_tokens) * static_cast<float>(topk) / static_cast<float>(e_local);
   if (block_m == 64 && expected > 4.0f) {
     const int64_t n_blocks = (2 * inter) / block_n;
     const int64_t wave = std::max<int64_t>(1, num_sms / std::max<int64_t>(1, n_blocks));
@@ -122,8 +121,8 @@ Pipeline host_pipeline(int64_t experts, int64_t hidden, int64_t inter, int64_t b
   const int64_t sfa_per_stage = align_up(block_m * 4, 128);  // per-128 L2 act SF: one float per row
   const int64_t per_stage = block_m * block_k + block_n * block_k + sfa_per_stage;
   const int64_t wgs = epilogue_warps / 4;
-  const int64_t wg_block_n =
-      (block_m == 64 && wgs > 1) ? block_n / wgs
+  const int64_t wg_block_n = (block_m == 64 && wgs > 1)
+                                 ? block_n / wgs
                                  : ((block_m == 128 && block_n == 256 && wgs == 4) ? 128 : block_n);
   const int64_t sf_groups = wg_block_n >= 128 ? wg_block_n / 128 : 1;
   const int64_t sf_floats = std::max(2 * (hidden / 128), sf_groups * (inter / 128));
@@ -132,9 +131,8 @@ Pipeline host_pipeline(int64_t experts, int64_t hidden, int64_t inter, int64_t b
   const int64_t barriers_per_stage = 2 * 8;
   const int64_t ec = early_combine_smem ? dispatch_warps * 8 + 64 + 8 : 0;
   const int64_t table_region = std::max(tile_table_entries * 8, expert_count_bytes) + 8;
-  const int64_t pull = pull_publish_batch > 1
-                           ? align_up(dispatch_warps * pull_publish_batch * 4, 16) + 8
-                           : 0;
+  const int64_t pull =
+      pull_publish_batch > 1 ? align_up(dispatch_warps * pull_publish_batch * 4, 16) + 8 : 0;
   const int64_t fixed = send + cd + weight_sf + barriers_fixed + ec + table_region + pull;
   Pipeline p;
   p.num_stages = (kSm90SmemCapacity - fixed) / (per_stage + barriers_per_stage);
@@ -152,20 +150,18 @@ int64_t kernel_smem_end(const Sm90MegaConfig& c) {
   const int64_t a_stage = c.block_m * c.block_k;  // LOAD_BLOCK_M == BLOCK_M
   const int64_t b_stage = c.block_n * c.block_k;  // LOAD_BLOCK_N == BLOCK_N
   const int64_t sfa_stage = align_up(c.block_m * 4, 128);
-  const bool split_n = c.block_m == 64 && c.block_n % wgs == 0 &&
-                       (c.block_n / wgs == 64 || c.block_n / wgs == 128);
+  const bool split_n =
+      c.block_m == 64 && c.block_n % wgs == 0 && (c.block_n / wgs == 64 || c.block_n / wgs == 128);
   const int64_t wg_block_n = c.block_n / (split_n ? wgs : 1);
   const int64_t sf_groups = wg_block_n >= 128 ? wg_block_n / 128 : 1;
-  const int64_t sf_floats =
-      std::max(2 * (c.hidden / 128), sf_groups * (c.intermediate / 128));
+  const int64_t sf_floats = std::max(2 * (c.hidden / 128), sf_groups * (c.intermediate / 128));
   const int64_t weight_sf = align_up(wgs * sf_floats * 4, 128);
   const int64_t passes = c.l2_cd_passes != 0 ? c.l2_cd_passes : (c.half_l2_cd ? 2 : 1);
-  const int64_t cd = align_up(
-      std::max(c.block_m * (c.block_n / 2), c.block_m * (c.block_n / passes) * 2), 1024);
+  const int64_t cd =
+      align_up(std::max(c.block_m * (c.block_n / 2), c.block_m * (c.block_n / passes) * 2), 1024);
   const int64_t barriers = dispatch_warps + c.num_stages * 2 + epilogue_warps * 2;
-  const int64_t table_offset =
-      align_up(send + cd + c.num_stages * (a_stage + b_stage + sfa_stage) + weight_sf + barriers * 8,
-               16);
+  const int64_t table_offset = align_up(
+      send + cd + c.num_stages * (a_stage + b_stage + sfa_stage) + weight_sf + barriers * 8, 16);
   const int64_t table_region = std::max(c.tile_table_entries * 8, c.num_experts * 4);
   const int64_t ec_offset = align_up(table_offset + table_region, 8);
   const int64_t ec_bytes = c.early_combine != 0 ? dispatch_warps * 8 + 64 : 0;
@@ -212,21 +208,32 @@ Sm90MegaLayout sm90_mega_layout(const Sm90MegaShape& s) {
   l.num_data_pool_tokens = l.num_max_pool_tokens;  // the full-pool ring
   // get_num_padded_sf_pool_tokens_sm90: max over the SM90 BLOCK_M candidates {64, 128}
   const int64_t D = l.num_data_pool_tokens;
-  l.num_padded_sf_pool_tokens = std::max((D / 64) * align_up(64, 128), (D / 128) * align_up(128, 128));
+  l.num_padded_sf_pool_tokens =
+      std::max((D / 64) * align_up(64, 128), (D / 128) * align_up(128, 128));
   const int64_t S = l.num_padded_sf_pool_tokens;
   l.workspace_bytes = workspace_bytes(ranks, E, P, K);
   // Regions in the order the kernel slices them (each follows the previous one).
   uint64_t o = l.workspace_bytes;
-  l.x = o;               o += static_cast<uint64_t>(P) * H;            // e4m3 [P, H]
-  l.x_sf = o;            o += static_cast<uint64_t>(P) * (H / 32);     // f32 [P, H/128]
-  l.topk_idx = o;        o += static_cast<uint64_t>(P) * K * 8;        // i64 [P, K]
-  l.topk_weights = o;    o += static_cast<uint64_t>(P) * K * 4;        // f32 [P, K]
-  l.l1_acts = o;         o += static_cast<uint64_t>(D) * H;            // e4m3 [D, H]
-  l.l1_acts_sf = o;      o += static_cast<uint64_t>(S) * (H / 32);     // f32 [H/128][S]
-  l.l1_topk_weights = o; o += static_cast<uint64_t>(D) * 4;            // f32 [D]
-  l.l2_acts = o;         o += static_cast<uint64_t>(D) * I;            // e4m3 [D, I]
-  l.l2_acts_sf = o;      o += static_cast<uint64_t>(S) * (I * 4 / 128); // f32 [I/128][S]
-  l.combine = o;         o += static_cast<uint64_t>(K) * P * H * 2;    // bf16 [K, P, H]
+  l.x = o;
+  o += static_cast<uint64_t>(P) * H;  // e4m3 [P, H]
+  l.x_sf = o;
+  o += static_cast<uint64_t>(P) * (H / 32);  // f32 [P, H/128]
+  l.topk_idx = o;
+  o += static_cast<uint64_t>(P) * K * 8;  // i64 [P, K]
+  l.topk_weights = o;
+  o += static_cast<uint64_t>(P) * K * 4;  // f32 [P, K]
+  l.l1_acts = o;
+  o += static_cast<uint64_t>(D) * H;  // e4m3 [D, H]
+  l.l1_acts_sf = o;
+  o += static_cast<uint64_t>(S) * (H / 32);  // f32 [H/128][S]
+  l.l1_topk_weights = o;
+  o += static_cast<uint64_t>(D) * 4;  // f32 [D]
+  l.l2_acts = o;
+  o += static_cast<uint64_t>(D) * I;  // e4m3 [D, I]
+  l.l2_acts_sf = o;
+  o += static_cast<uint64_t>(S) * (I * 4 / 128);  // f32 [I/128][S]
+  l.combine = o;
+  o += static_cast<uint64_t>(K) * P * H * 2;  // bf16 [K, P, H]
   l.num_bytes = o;
   return l;
 }
@@ -303,7 +310,8 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
   const bool early_combine_smem = H >= 512 * K && ec_stripes <= 32;
   c.tile_table_entries =
       ceil_div((c.num_max_pool_tokens / c.block_m) * ((2 * I) / c.block_n + H / c.block_n),
-               num_sms) + 2;  // get_sm90_tile_table_entries_compact
+               num_sms) +
+      2;  // get_sm90_tile_table_entries_compact
   // Pull publish batch: 16 rows per release fence from 8192 tokens per rank on.
   c.pull_publish_batch = rule_tokens >= 8192 ? 16 : 1;
 
@@ -315,10 +323,10 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
     c.l2_cd_passes = 4;
     c.half_l2_cd = true;
   }
-  const Pipeline p = host_pipeline(E, H, I, c.block_m, c.block_n, c.block_k,
-                                   c.num_dispatch_threads / 32, c.num_epilogue_threads / 32,
-                                   c.half_l2_cd, c.l2_cd_passes, c.tile_table_entries,
-                                   early_combine_smem, c.pull_publish_batch);
+  const Pipeline p =
+      host_pipeline(E, H, I, c.block_m, c.block_n, c.block_k, c.num_dispatch_threads / 32,
+                    c.num_epilogue_threads / 32, c.half_l2_cd, c.l2_cd_passes, c.tile_table_entries,
+                    early_combine_smem, c.pull_publish_batch);
   if (p.num_stages < 2) {
     return fail(cat("shared memory: only ", p.num_stages, " pipeline stages fit (hidden=", H,
                     ", intermediate=", I, ", experts=", E, ", capacity=", P, ")"));
@@ -326,14 +334,14 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
   c.num_stages = p.num_stages;
   c.host_smem_size = p.smem_size;
   // The early-combine signal reads the k-block kNumStages ahead: both GEMMs need more k-blocks.
-  c.early_combine = (early_combine_smem && H / c.block_k > c.num_stages &&
-                     I / c.block_k > c.num_stages) ? 1 : 0;
+  c.early_combine =
+      (early_combine_smem && H / c.block_k > c.num_stages && I / c.block_k > c.num_stages) ? 1 : 0;
 
   // Launcher flags (fp8_mega_moe of 0.2.5).
   c.epilogue_register_budget = 0;
   c.reuse_accum_as_final = c.block_m == 128;
-  c.l2_arrival_counter = c.block_m == 128 ? c.block_n == 256
-                                          : (c.block_n == 256 && T >= 4 && T <= 128);
+  c.l2_arrival_counter =
+      c.block_m == 128 ? c.block_n == 256 : (c.block_n == 256 && T >= 4 && T <= 128);
   c.l2_epilogue_requires_full_sync = !c.l2_arrival_counter;
   c.pdl = false;
   c.pull_eager_publish = c.pull_publish_batch == 1 && rule_tokens <= 256;
@@ -341,8 +349,8 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
 
   // L1 output TMA store box (the kernel stages it per warpgroup, or jointly for the split-N tile).
   const int64_t wgs = c.num_epilogue_threads / 128;
-  const bool split_n = c.block_m == 64 && c.block_n % wgs == 0 &&
-                       (c.block_n / wgs == 64 || c.block_n / wgs == 128);
+  const bool split_n =
+      c.block_m == 64 && c.block_n % wgs == 0 && (c.block_n / wgs == 64 || c.block_n / wgs == 128);
   if (split_n) {
     // the two N-split warpgroups share one L2 act-SF group and one unswizzled staging tile
     c.l1_output_box_n = c.block_n / 2;

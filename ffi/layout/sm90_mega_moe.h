@@ -1,7 +1,8 @@
 // sm_90 (H100/H200) Mega MoE: symmetric-buffer layout and launch heuristics.
 //
 // Host-side port of the arithmetic in sgl-deep-gemm 0.2.5:
-//   deep_gemm/layout/sm90_mega_moe.cuh   get_num_max_pool_tokens_sm90, SM90Workspace::get_num_bytes,
+//   deep_gemm/layout/sm90_mega_moe.cuh   get_num_max_pool_tokens_sm90,
+//   SM90Workspace::get_num_bytes,
 //                                        get_sm90_tile_table_entries_compact
 //   deep_gemm/layout/mega_moe.cuh        get_num_sf_ring_tokens, Data / Buffer (region sizes)
 //   deep_gemm/impls/sm90_fp8_mega_moe.cuh  the slicing of the buffer after the workspace, the
@@ -15,7 +16,8 @@
 // The symmetric buffer, from its base (every region follows the previous one directly;
 // P = token capacity (kNumMaxTokensPerRank), D = data-pool tokens, S = padded SF-pool tokens):
 //   workspace        SM90Workspace (barrier signals, launch-parity banked counters, arrival
-//                    and ring semaphores, source-token table, TokenSrcMetadata, flags), 1 KiB aligned
+//                    and ring semaphores, source-token table, TokenSrcMetadata, flags), 1 KiB
+//                    aligned
 //   x                e4m3 [P, H]                       <- pre-dispatch
 //   x_sf             f32  [P, H/128]                   <- pre-dispatch
 //   topk_idx         i64  [P, K]                       <- pre-dispatch
@@ -51,15 +53,16 @@ bool sm90_mega_shape_valid(const Sm90MegaShape& s, std::string* error);
 // Byte offsets (from the buffer base) and sizes of every region.
 struct Sm90MegaLayout {
   int64_t num_experts_per_rank = 0;
-  int64_t num_max_pool_tokens = 0;        // get_num_max_pool_tokens_sm90
-  int64_t num_data_pool_tokens = 0;       // D = the pool (the ring is the full pool)
-  int64_t num_padded_sf_pool_tokens = 0;  // S = max over BLOCK_M in {64,128} of (D/bm)*align(bm,128)
-  uint64_t workspace_bytes = 0;           // SM90Workspace::get_num_bytes()
+  int64_t num_max_pool_tokens = 0;   // get_num_max_pool_tokens_sm90
+  int64_t num_data_pool_tokens = 0;  // D = the pool (the ring is the full pool)
+  int64_t num_padded_sf_pool_tokens =
+      0;                         // S = max over BLOCK_M in {64,128} of (D/bm)*align(bm,128)
+  uint64_t workspace_bytes = 0;  // SM90Workspace::get_num_bytes()
   uint64_t x = 0, x_sf = 0, topk_idx = 0, topk_weights = 0;
   uint64_t l1_acts = 0, l1_acts_sf = 0, l1_topk_weights = 0;
   uint64_t l2_acts = 0, l2_acts_sf = 0;
   uint64_t combine = 0;
-  uint64_t num_bytes = 0;                 // total size (end of the combine region)
+  uint64_t num_bytes = 0;  // total size (end of the combine region)
 };
 
 // Requires sm90_mega_shape_valid(s).
@@ -79,7 +82,8 @@ struct Sm90MegaConfig {
   // 19-36
   float activation_clamp = 0.0f;  // +inf: no clamp
   bool fast_math = true;
-  int64_t epilogue_register_budget = 0;  // 0: the kernel's default (168, or 200 on the 128x256 tile)
+  int64_t epilogue_register_budget =
+      0;  // 0: the kernel's default (168, or 200 on the 128x256 tile)
   bool reuse_accum_as_final = false;
   bool l2_arrival_counter = false;
   bool l2_epilogue_requires_full_sync = false;
@@ -90,14 +94,14 @@ struct Sm90MegaConfig {
   int64_t l2_cd_passes = 0;
   bool trace = false, trace_epi = false;
   int64_t l2_stage_mode = 0;
-  bool pdl = false;             // DeepGEMM forces PDL for <= 256 tokens; jax_megamoe never uses PDL
+  bool pdl = false;  // DeepGEMM forces PDL for <= 256 tokens; jax_megamoe never uses PDL
   int64_t early_combine = 0;
   int64_t pull_publish_batch = 1;
   bool pull_eager_publish = false;
   // launch
-  int64_t num_threads = 0;      // dispatch + non-epilogue + epilogue
-  int64_t smem_size = 0;        // dynamic shared memory bytes (cuFuncSetAttribute + launch)
-  int64_t host_smem_size = 0;   // the host heuristic's figure (smem_size may exceed it, see .cc)
+  int64_t num_threads = 0;        // dispatch + non-epilogue + epilogue
+  int64_t smem_size = 0;          // dynamic shared memory bytes (cuFuncSetAttribute + launch)
+  int64_t host_smem_size = 0;     // the host heuristic's figure (smem_size may exceed it, see .cc)
   int64_t kernel_smem_bytes = 0;  // the kernel's own shared-memory layout end
   int64_t tile_table_entries = 0;
   // TMA store box of the L1 output (post-SwiGLU e4m3 into l2_acts) and its swizzle (0 or 128)
@@ -117,6 +121,7 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
 
 constexpr int64_t kSm90SmemCapacity = 232448;  // SM90ArchSpec::smem_capacity (227 KiB)
 constexpr int64_t kSm90TokenAlignment = 128;   // layout::kSM90LCMBlockM
-constexpr int64_t kSm90SymBufferBytes = 592;   // sizeof(layout::SymBuffer<N>) (int64 base, 72 offsets, rank)
+constexpr int64_t kSm90SymBufferBytes =
+    592;  // sizeof(layout::SymBuffer<N>) (int64 base, 72 offsets, rank)
 
 }  // namespace jmm::layout

@@ -94,7 +94,7 @@ STATE_TYPES: dict[str, str] = {
 
 # C API of the library (besides the handler symbols): name -> (restype, argtypes).
 _C_API: dict[str, tuple[Any, tuple[Any, ...]]] = {
-    "jmm_configure": (ctypes.c_int, (ctypes.c_char_p,) * 5),
+    "jmm_configure": (ctypes.c_int, (ctypes.c_char_p,) * 5 + (ctypes.c_int, ctypes.c_int)),
     "jmm_last_error": (ctypes.c_char_p, ()),
     "jmm_render_pre_dispatch": (ctypes.c_int, (ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)),
     "jmm_compile_pre_dispatch": (
@@ -256,14 +256,19 @@ def configure_jit(
     cache_dirs: str = "",
     lib: ctypes.CDLL | None = None,
 ) -> None:
-    """Hand nvcc and header paths to the C++ JIT. ``cache_dirs`` empty: $DG_JIT_CACHE_DIR or the default."""
+    """Hand the C++ JIT every setting it uses (it reads no environment variable itself): nvcc and
+    the header paths, plus the process policy's ``jit_cache_dirs`` (``cache_dirs`` given: those
+    roots instead, colon-separated, the first written), ``jit_lineinfo`` and ``jit_print_commands``."""
     lib = lib or _check_lib()
+    p = policy.current()
     rc = lib.jmm_configure(
         headers.include_dir.encode(),
         toolchain.nvcc.encode(),
         ":".join(toolchain.include_dirs).encode(),
-        cache_dirs.encode(),
+        (cache_dirs or p.jit_cache_dirs).encode(),
         headers.header_version.encode(),
+        int(p.jit_lineinfo),
+        int(p.jit_print_commands),
     )
     if rc != 0:
         raise FfiUnavailableError(f"jmm_configure failed: {last_error(lib)}")

@@ -29,6 +29,9 @@ field                     variables (first set wins)                            
 ``sm100_mega``            JAX_MEGAMOE_SM100_MEGA                                        off
 ``fused_ep``              JAX_MEGAMOE_FUSED_EP                                          on
 ``sm90_wide_tile``        JAX_MEGAMOE_SM90_WIDE_TILE                                    off
+``jit_cache_dirs``        DG_JIT_CACHE_DIR, DJ_JIT_CACHE_DIR                            ~/.cache/jax_megamoe/jit
+``jit_lineinfo``          DG_JIT_WITH_LINEINFO                                          off
+``jit_print_commands``    DG_JIT_PRINT_COMPILER_COMMAND or DG_JIT_DEBUG                 off
 ========================  ===========================================================  ==========
 
 Where the library and the CUDA headers are found (``JAX_MEGAMOE_FFI_LIB``, ``CUDA_HOME``,
@@ -56,7 +59,11 @@ ENV: dict[str, tuple[str, ...]] = {
     "sm100_mega": ("JAX_MEGAMOE_SM100_MEGA",),
     "fused_ep": ("JAX_MEGAMOE_FUSED_EP",),
     "sm90_wide_tile": ("JAX_MEGAMOE_SM90_WIDE_TILE",),
+    "jit_cache_dirs": ("DG_JIT_CACHE_DIR", "DJ_JIT_CACHE_DIR"),
+    "jit_lineinfo": ("DG_JIT_WITH_LINEINFO",),
+    "jit_print_commands": ("DG_JIT_PRINT_COMPILER_COMMAND", "DG_JIT_DEBUG"),
 }
+_DG_FLAGS = ("jit_lineinfo", "jit_print_commands")  # read as DeepGEMM does: set and not 0/false/off
 
 DEFAULT_NUM_MAX_TOKENS = 1024
 DEFAULT_RESERVED_SMS = 2
@@ -77,6 +84,9 @@ class Policy:
     the reference at H=4096, above the 1e-2 contract); off: always the 64-row tile. It reaches the
     C++ only as the sm_90 custom call's ``sm90_wide_tile`` attribute (the library reads no
     environment variable for it).
+    ``jit_cache_dirs`` (colon-separated, the first written), ``jit_lineinfo`` (nvcc -lineinfo),
+    ``jit_print_commands``: how the C++ JIT runs nvcc, handed to it by ``configure_jit`` (not part
+    of equality or the hash: they change no result).
     ``sources``: where each field came from (``"default"``, ``"explicit"`` or a variable name);
     not part of equality or the hash.
     """
@@ -88,6 +98,9 @@ class Policy:
     sm100_mega: bool = False
     fused_ep: bool = True
     sm90_wide_tile: bool = False
+    jit_cache_dirs: str = dataclasses.field(default="", compare=False)
+    jit_lineinfo: bool = dataclasses.field(default=False, compare=False)
+    jit_print_commands: bool = dataclasses.field(default=False, compare=False)
     sources: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -100,7 +113,9 @@ class Policy:
             lo = 1 if name == "num_max_tokens" else 0
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: {v!r} must be an integer >= {lo}")
-        for name in ("graph_targets", "sm100_mega", "fused_ep", "sm90_wide_tile"):
+        if not isinstance(self.jit_cache_dirs, str):
+            raise TypeError(f"jit_cache_dirs: {self.jit_cache_dirs!r} must be a str")
+        for name in ("graph_targets", "sm100_mega", "fused_ep", "sm90_wide_tile", *_DG_FLAGS):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: {getattr(self, name)!r} must be a bool")
 
@@ -128,7 +143,7 @@ class Policy:
         sources: dict[str, str] = {}
         values: dict[str, Any] = {}
         for name, names in ENV.items():
-            hit = next(((n, env[n]) for n in names if n in env), None)
+            hit = next(((n, env[n]) for n in names if n in env and (env[n] or name != "jit_cache_dirs")), None)
             if hit is None:
                 continue
             var, raw = hit
@@ -137,9 +152,16 @@ class Policy:
                     values[name] = int(raw)
                 except ValueError:
                     raise ValueError(f"environment variable {var}={raw!r} is not an integer") from None
+            elif name == "jit_cache_dirs":
+                values[name] = raw
+            elif name in _DG_FLAGS:
+                values[name] = any(env.get(n, "") not in ("", "0", "false", "False", "off") for n in names)
             else:
                 values[name] = config.parse_bool(var, raw)
             sources[name] = var
+        if "jit_cache_dirs" not in values:  # the default folder: $XDG_CACHE_HOME, else ~/.cache
+            cache = env.get("XDG_CACHE_HOME") or (env["HOME"] + "/.cache" if env.get("HOME") else "")
+            values["jit_cache_dirs"] = f"{cache}/jax_megamoe/jit" if cache else f"/tmp/jax_megamoe-jit-{os.getuid()}"
         if sm100_mode is None:
             sm100_mode, src = _sm100_mode_of(env)
         else:

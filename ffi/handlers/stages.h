@@ -1,0 +1,41 @@
+// The one way a target's stage handlers are defined: NAME_instantiate / NAME_initialize /
+// NAME_execute (exported, C linkage; what jax_megamoe/_src/kernels/_ffi.py registers as the
+// stage dict), and the CUDA-graph twin NAME_graph of a target.
+#pragma once
+
+#include "common/export.h"
+#include "xla/ffi/api/ffi.h"
+
+// The three stage symbols of target NAME, each from its implementation and binding, in stage
+// order: (INSTANTIATE, its binding, INITIALIZE, its binding, EXECUTE, its binding); an optional
+// eighth argument is the handler traits, e.g. {::xla::ffi::Traits::kCmdBufferCompatible}. The
+// arguments may come from a macro that expands to several of them (JMM_MEGA_MOE_STAGES).
+#define JMM_DEFINE_STAGES(NAME, ...) JMM_DEFINE_STAGES_(NAME, __VA_ARGS__)
+
+// Target NAME (plain: XLA runs it outside CUDA graphs) and NAME_graph: the same code, declared
+// command-buffer compatible, so that XLA may trace the custom call into its CUDA graphs. Only for
+// handlers whose execute stage just enqueues work on XLA's stream (no allocation, synchronisation,
+// compilation or module loading: those run in instantiate / initialize, outside any capture).
+#define JMM_DEFINE_STAGES_AND_GRAPH_TWIN(NAME, ...) \
+  JMM_DEFINE_STAGES_(NAME, __VA_ARGS__);            \
+  JMM_DEFINE_STAGES_(NAME##_graph, __VA_ARGS__, {::xla::ffi::Traits::kCmdBufferCompatible})
+
+// The contexts every target's initialize and execute stages bind first, on BIND (e.g.
+// ::xla::ffi::Ffi::Bind()): XLA's stream, the device ordinal and the target's state type.
+#define JMM_STAGE_CONTEXTS(BIND, STATE)            \
+  BIND.Ctx<::xla::ffi::PlatformStream<CUstream>>() \
+      .Ctx<::xla::ffi::DeviceOrdinal>()            \
+      .Ctx<::xla::ffi::State<STATE>>()
+#define JMM_INITIALIZE_CONTEXTS(STATE) \
+  JMM_STAGE_CONTEXTS(::xla::ffi::Ffi::Bind<::xla::ffi::ExecutionStage::kInitialize>(), STATE)
+#define JMM_EXECUTE_CONTEXTS(STATE) JMM_STAGE_CONTEXTS(::xla::ffi::Ffi::Bind(), STATE)
+
+#define JMM_DEFINE_STAGES_(NAME, INSTANTIATE, INSTANTIATE_BINDING, INITIALIZE, INITIALIZE_BINDING, \
+                           EXECUTE, EXECUTE_BINDING, ...)                                          \
+  JMM_EXPORT XLA_FFI_Error* NAME##_instantiate(XLA_FFI_CallFrame*);                                \
+  JMM_EXPORT XLA_FFI_Error* NAME##_initialize(XLA_FFI_CallFrame*);                                 \
+  JMM_EXPORT XLA_FFI_Error* NAME##_execute(XLA_FFI_CallFrame*);                                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_instantiate, INSTANTIATE, INSTANTIATE_BINDING,              \
+                                ##__VA_ARGS__);                                                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_initialize, INITIALIZE, INITIALIZE_BINDING, ##__VA_ARGS__); \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_execute, EXECUTE, EXECUTE_BINDING, ##__VA_ARGS__)
