@@ -77,7 +77,7 @@ def hc_split_sinkhorn(
         c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
         return c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
 
-    comb = jax.lax.fori_loop(0, max(spec.sinkhorn_iters - 1, 0), body, comb, unroll=True)
+    comb = jax.lax.fori_loop(0, max(spec.sinkhorn_iters - 1, 0), body, comb)
     return pre, post, comb
 
 
