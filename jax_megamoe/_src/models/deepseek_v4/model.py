@@ -236,16 +236,20 @@ def forward(
     return logits, (None if cache is None else ModelCache(tuple(new_layers)))
 
 
+def _merged_forward(graphdef: Any, state: Any, cache: Any, tokens: jax.Array, positions: jax.Array):
+    return forward(nnx.merge(graphdef, state), cache, tokens, positions)
+
+
+_jitted_forward = jax.jit(_merged_forward, static_argnums=0)
+
+
 def jit_forward(model: DeepseekV4ForCausalLM):
     """A jitted ``step(cache, tokens, positions) -> (logits, cache)`` over ``model``'s current
-    parameters (``nnx.split`` once, ``nnx.merge`` inside the trace; one compile per input shape)."""
+    parameters (``nnx.split`` once, ``nnx.merge`` inside the trace). Models of the same structure
+    share one compile per input shape (the graph definition is the static key)."""
     graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def _step(state, cache, tokens, positions):
-        return forward(nnx.merge(graphdef, state), cache, tokens, positions)
-
     def step(cache: ModelCache | None, tokens: jax.Array, positions: jax.Array) -> tuple[jax.Array, Any]:
-        return _step(state, cache, tokens, positions)
+        return _jitted_forward(graphdef, state, cache, tokens, positions)
 
     return step
