@@ -20,6 +20,7 @@ mixing, norms, attention and logits compute in f32. Quantized experts get bf16 i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -28,7 +29,10 @@ import numpy as np
 from flax import nnx
 
 from jax_megamoe._src.models.deepseek_v4 import hyper
-from jax_megamoe._src.models.deepseek_v4.attention import AttentionCache, DeepseekV4Attention
+from jax_megamoe._src.models.deepseek_v4.attention import (
+    AttentionCache,
+    DeepseekV4Attention,
+)
 from jax_megamoe._src.models.deepseek_v4.layers import RMSNorm
 from jax_megamoe._src.models.deepseek_v4.moe import EXPERT_KINDS, DeepseekV4MoE
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
@@ -243,13 +247,15 @@ def _merged_forward(graphdef: Any, state: Any, cache: Any, tokens: jax.Array, po
 _jitted_forward = jax.jit(_merged_forward, static_argnums=0)
 
 
-def jit_forward(model: DeepseekV4ForCausalLM):
+def jit_forward(
+    model: DeepseekV4ForCausalLM,
+) -> Callable[[ModelCache | None, jax.Array, jax.Array], tuple[jax.Array, ModelCache | None]]:
     """A jitted ``step(cache, tokens, positions) -> (logits, cache)`` over ``model``'s current
     parameters (``nnx.split`` once, ``nnx.merge`` inside the trace). Models of the same structure
     share one compile per input shape (the graph definition is the static key)."""
     graphdef, state = nnx.split(model)
 
-    def step(cache: ModelCache | None, tokens: jax.Array, positions: jax.Array) -> tuple[jax.Array, Any]:
+    def step(cache: ModelCache | None, tokens: jax.Array, positions: jax.Array) -> tuple[jax.Array, ModelCache | None]:
         return _jitted_forward(graphdef, state, cache, tokens, positions)
 
     return step
