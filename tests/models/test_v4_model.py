@@ -431,3 +431,42 @@ def test_hyper_connection_matches_hf_modules():
         h_t = head(torch.tensor(x)).numpy()
     h = hyper.hc_head(jnp.asarray(x), jnp.asarray(fn_h), jnp.asarray([0.8], jnp.float32), jnp.asarray(base_h), spec)
     assert o.rel_l2(h, h_t) <= 1e-6
+
+
+def test_bf16_params_track_f32(fixture_data):
+    """param_dtype bf16 (the stream and the linear weights in bf16, math in f32) stays near f32."""
+    cfg, sd, tokens, hf_logits, _, ours = _ours(fixture_data, "clamped")
+    model = DeepseekV4ForCausalLM(cfg, experts="exact", param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    o.load_into(model, sd)
+    assert model.layers[0].attn.wq_a.weight.get_value().dtype == jnp.bfloat16
+    assert model.layers[0].hc_attn_fn.get_value().dtype == jnp.float32  # hc parameters stay f32
+    b, s = tokens.shape
+    logits, _ = jit_forward(model)(None, jnp.asarray(tokens), _positions(b, s))
+    assert logits.dtype == jnp.float32
+    err = o.rel_l2(logits, hf_logits)
+    print(f"bf16 params vs HF f32: rel. L2 {err:.3e}")
+    assert 1e-4 < err < 5e-2, err
+
+
+def test_exact_moe_block_hash_padding_and_dtypes():
+    """Exact experts: out-of-vocabulary ids on a hash layer route nowhere (only the shared expert),
+    f32 and bf16 inputs both work, and the output keeps the input dtype."""
+    from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4MoE
+
+    cfg = DeepseekV4Config.tiny_model()
+    block = DeepseekV4MoE(cfg, 0, experts="exact", param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert block.is_hash_layer and block.expert_kind == "exact"
+    x = jax.random.normal(jax.random.key(0), (6, cfg.hidden_size), jnp.float32)
+    tid = jnp.asarray([3, -1, 7, cfg.vocab_size, 0, 5], jnp.int32)
+    y = block(x, tid)
+    shared = block.shared_experts(x)
+    assert y.dtype == jnp.float32 and y.shape == x.shape
+    np.testing.assert_allclose(np.asarray(y[1]), np.asarray(shared[1]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(y[3]), np.asarray(shared[3]), rtol=1e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(y[0] - shared[0]))) > 1e-2  # a routed token gets its experts
+    yb = block(x.astype(jnp.bfloat16), tid)
+    assert yb.dtype == jnp.bfloat16 and o.rel_l2(yb.astype(jnp.float32), y) < 2e-2
+    with pytest.raises(ValueError, match="MoEWeights"):
+        _ = block.moe_weights
+    with pytest.raises(ValueError, match="mesh"):
+        DeepseekV4MoE(cfg, 0, experts="exact", rngs=nnx.Rngs(0), mesh=object())
