@@ -50,7 +50,8 @@ def build_model(args: argparse.Namespace) -> DeepseekV4ForCausalLM:
                 "--checkpoint: this build of jax_megamoe has no whole-model checkpoint loader "
                 "(jax_megamoe.models.deepseek_v4.load_checkpoint); use --tiny"
             ) from None
-        return load_checkpoint(args.checkpoint, experts=args.experts, progress=True)
+        dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
+        return load_checkpoint(args.checkpoint, experts=args.experts, param_dtype=dtype, progress=True)
     if args.config == "tiny_model":
         base = DeepseekV4Config.tiny_model()
     else:
@@ -58,7 +59,7 @@ def build_model(args: argparse.Namespace) -> DeepseekV4ForCausalLM:
     n = min(args.layers, base.num_hidden_layers)
     cfg = DeepseekV4Config.tiny_model(num_hidden_layers=n) if args.config == "tiny_model" else \
         DeepseekV4Config.tiny(num_hidden_layers=n)
-    dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     return DeepseekV4ForCausalLM(cfg, experts=args.experts, backend=args.backend, param_dtype=dtype,
                                  rngs=nnx.Rngs(args.seed))
 
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=3, help="layers of the tiny model (its first N)")
     p.add_argument("--experts", choices=("exact", "quantized"), default="exact")
     p.add_argument("--backend", default="auto", help="routed-expert backend (quantized experts)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="tiny model param dtype")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="param dtype (default: float32 for --tiny, bfloat16 for --checkpoint)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--prompt", default=None, help="comma-separated prompt ids (default: random, --prompt-len)")
     p.add_argument("--prompt-len", type=int, default=8)

@@ -91,3 +91,20 @@ def test_generate_checkpoint_flag_without_loader_is_a_clear_error(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode != 0 and "--checkpoint" in proc.stderr and "load_checkpoint" in proc.stderr, proc.stderr
+
+
+def test_generate_from_a_synthetic_checkpoint(tmp_path):
+    """--checkpoint through the whole-model loader, once the loader and the synthetic writer exist."""
+    import pytest
+
+    dsv4 = pytest.importorskip("jax_megamoe.models.deepseek_v4")
+    ckpt = pytest.importorskip("jax_megamoe.checkpoint")
+    if not hasattr(dsv4, "load_checkpoint") or not hasattr(ckpt, "write_synthetic_checkpoint"):
+        pytest.skip("no whole-model checkpoint loader in this build")
+    cfg = dsv4.DeepseekV4Config.tiny_model(num_hidden_layers=3)
+    ckpt.write_synthetic_checkpoint(tmp_path, cfg, seed=0, float_weights=True)
+    out = _run("generate.py", "--checkpoint", str(tmp_path), "--experts", "exact", "--dtype", "float32",
+               "--new-tokens", "4", "--batch", "1")
+    assert re.search(r"^model: 3 layers, hidden 64, vocab 256, compress ratios \[0, 4, 128\]", out, re.M), out
+    m = re.search(r"^sequence 0: prompt \[[\d, ]+\] -> generated \[([\d, ]+)\]$", out, re.M)
+    assert m and len(m.group(1).split(",")) == 4, out
