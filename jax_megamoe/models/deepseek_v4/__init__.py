@@ -1,7 +1,11 @@
 """DeepSeek V4 in Flax NNX: the whole model (attention with its compressors and indexer, mHC
 hyper-connections, MoE blocks on the Mega MoE ops, LM head), its cache, and its configuration."""
 
-from jax_megamoe._src.models.deepseek_v4.attention import AttentionCache, DeepseekV4Attention
+from jax_megamoe._src.models.deepseek_v4.attention import (
+    AttentionCache,
+    CompressorCache,
+    DeepseekV4Attention,
+)
 from jax_megamoe._src.models.deepseek_v4.model import (
     DeepseekV4Block,
     DeepseekV4ForCausalLM,
@@ -32,6 +36,7 @@ __all__ = [
     "DeepseekV4Block",
     "DeepseekV4Attention",
     "AttentionCache",
+    "CompressorCache",
     "ModelCache",
     "forward",
     "jit_forward",
