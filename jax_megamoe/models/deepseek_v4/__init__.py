@@ -1,18 +1,26 @@
-"""DeepSeek V4 in Flax NNX: the MoE block (gate, hash routing, routed experts on the Mega MoE ops,
-shared expert), the attention layer (sliding window, CSA / HCA compressed KV, Lightning Indexer,
-fixed-shape cache) and its configuration."""
+"""DeepSeek V4 in Flax NNX: the whole model (attention with its compressors and indexer, mHC
+hyper-connections, MoE blocks on the Mega MoE ops, LM head), its cache, and its configuration."""
 
 from jax_megamoe._src.models.deepseek_v4.attention import (
     AttentionCache,
     CompressorCache,
     DeepseekV4Attention,
 )
+from jax_megamoe._src.models.deepseek_v4.model import (
+    DeepseekV4Block,
+    DeepseekV4ForCausalLM,
+    ModelCache,
+    forward,
+    jit_forward,
+)
 from jax_megamoe._src.models.deepseek_v4.moe import (
     BACKENDS,
+    EXPERT_KINDS,
     DeepseekV4Config,
     DeepseekV4Gate,
     DeepseekV4MoE,
     DeepseekV4SharedExpert,
+    ExactExperts,
     GateBias,
     HashTable,
     MoECheckpoint,
@@ -24,12 +32,19 @@ from jax_megamoe._src.models.deepseek_v4.moe import (
 
 __all__ = [
     "DeepseekV4Config",
+    "DeepseekV4ForCausalLM",
+    "DeepseekV4Block",
     "DeepseekV4Attention",
     "AttentionCache",
     "CompressorCache",
+    "ModelCache",
+    "forward",
+    "jit_forward",
     "DeepseekV4Gate",
     "DeepseekV4SharedExpert",
     "DeepseekV4MoE",
+    "ExactExperts",
+    "EXPERT_KINDS",
     "load_moe_block",
     "MoECheckpoint",
     "GateBias",
