@@ -186,27 +186,24 @@ def run_single() -> None:
     exp = expected_rows(idx, e, 8, 8, 2)
     got = tuple(int(v) for v in st2)
     check("grouped_ep8_second_pass", ok and got == exp and exp[1] > 0, f"{info} stats={got} want={exp}")
-    # dispatch="dense" (deprecated name of "padded"): warns once per call, naming "padded", same bits.
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        y_p = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, activation_clamp=CLAMP, dispatch="padded")
-        n_padded = len([c for c in caught if issubclass(c.category, DeprecationWarning)])
-        y_d = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, activation_clamp=CLAMP, dispatch="dense")
-        y_h = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, activation_clamp=CLAMP, dispatch="dense")
-        p_d = PH.hier_path(mesh, "host", "ep", mode, T // 8, dispatch="dense")
-    deps = [str(c.message) for c in caught if issubclass(c.category, DeprecationWarning)]
-    ok_g, info_g = same_bits(y_d, y_p)
-    ok_e, _ = same_bits(y_p, exact)
+    # dispatch="padded" named explicitly: the bits of "auto" (padded on CPU) and of the exact
+    # per-host sums, one level and two; "dense" (never released) is an error.
+    y_p = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, activation_clamp=CLAMP, dispatch="padded")
+    ok_e, info_g = same_bits(y_p, exact)
+    y_h = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, activation_clamp=CLAMP)
     y_hp = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, activation_clamp=CLAMP, dispatch="padded")
     ok_h, _ = same_bits(y_h, y_hp)
+    p_d = PH.hier_path(mesh, "host", "ep", mode, T // 8, dispatch="padded")
+    try:
+        PH.hier_path(mesh, "host", "ep", mode, T // 8, dispatch="dense")
+        dense_err = ""
+    except ValueError as err:
+        dense_err = str(err)
     check(
-        "dense_alias_warns_same_bits",
-        ok_g and ok_e and ok_h and n_padded == 0 and p_d.dispatch == "padded" and len(deps) == 3
-        and all("dispatch='dense' is deprecated" in d and "'padded'" in d for d in deps)
+        "padded_dispatch_same_bits",
+        ok_e and ok_h and p_d.dispatch == "padded" and "dispatch: 'dense' is not one of" in dense_err
         and bool(np.any(np.asarray(y_p) != 0)),
-        f"{info_g} hier={ok_h} warnings={deps}",
+        f"{info_g} hier={ok_h} dense={dense_err!r}",
     )  # fmt: skip
     x4, idx4, w4 = make_routing(4, e, seed=4)
     m4 = jax.make_mesh((4,), ("ep",), devices=devs[:4])

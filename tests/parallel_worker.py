@@ -186,52 +186,40 @@ def run_single() -> None:
     )  # fmt: skip
     check("exact_capacity_no_drop", int(none) == 0, f"{time.perf_counter() - t0:.1f}s")
 
-    # dispatch="dense", the deprecated name of "padded": one DeprecationWarning naming "padded", and
-    # the same bits as "padded" (and as the reference) on random routing with nonzero output.
-    import warnings
-
+    # dispatch="padded" named explicitly: the same bits as the reference (and as "auto" on CPU) on
+    # random routing with nonzero output; "dense" (a name that was never released) is an error.
     t0 = time.perf_counter()
     args = (jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all)
-    with warnings.catch_warnings(record=True) as new_name_warnings:
-        warnings.simplefilter("always")
-        y_padded = parallel.ep_moe(*args, mesh=mesh, mode=mode, activation_clamp=clamp, dispatch="padded")
-    with warnings.catch_warnings(record=True) as old_name_warnings:
-        warnings.simplefilter("always")
-        y_dense = parallel.ep_moe(*args, mesh=mesh, mode=mode, activation_clamp=clamp, dispatch="dense")
-        path_dense = parallel.ep_path(mesh, "ep", mode, T // n, dispatch="dense")
-    deps = [str(m.message) for m in old_name_warnings if issubclass(m.category, DeprecationWarning)]
+    y_padded = parallel.ep_moe(*args, mesh=mesh, mode=mode, activation_clamp=clamp, dispatch="padded")
+    y_auto = parallel.ep_moe(*args, mesh=mesh, mode=mode, activation_clamp=clamp)
     ref = reference.mega_moe(*args, mode=mode, activation_clamp=clamp)
-    ok, info = same_bits(y_dense, y_padded)
+    ok, info = same_bits(y_auto, y_padded)
     ok_ref, _ = same_bits(y_padded, ref)
     nonzero = int(np.any(np.asarray(y_padded) != 0, axis=1).sum())
+    try:
+        parallel.ep_path(mesh, "ep", mode, T // n, dispatch="dense")
+        dense_err = ""
+    except ValueError as err:
+        dense_err = str(err)
     check(
-        "dense_alias_warns_same_bits",
-        ok and ok_ref and nonzero > 0 and path_dense == "padded"
-        and len(deps) == 2 and all("dispatch='dense' is deprecated" in d and "'padded'" in d for d in deps)
-        and not [m for m in new_name_warnings if issubclass(m.category, DeprecationWarning)],
-        f"{info} warnings={deps} path={path_dense} {time.perf_counter() - t0:.1f}s",
+        "padded_dispatch_same_bits",
+        ok and ok_ref and nonzero > 0 and "dispatch: 'dense' is not one of" in dense_err,
+        f"{info} dense={dense_err!r} {time.perf_counter() - t0:.1f}s",
     )  # fmt: skip
 
     # ep_moe_any_tokens: T not a multiple of the axis size (the batch is padded with rows routed
-    # nowhere and cut back): the reference's bits; ep_moe_padded, its deprecated name, warns once and
-    # gives the same bits.
+    # nowhere and cut back): the reference's bits.
     t0 = time.perf_counter()
     cut = T - 3  # T is a multiple of n; T - 3 is not
     uneven = (jnp.asarray(x[:cut]), jnp.asarray(idx[:cut]), jnp.asarray(w[:cut]), w_all)
     y_any = parallel.ep_moe_any_tokens(*uneven, mesh=mesh, mode=mode, activation_clamp=clamp)
-    with warnings.catch_warnings(record=True) as old_fn_warnings:
-        warnings.simplefilter("always")
-        y_old = parallel.ep_moe_padded(*uneven, mesh=mesh, mode=mode, activation_clamp=clamp)
-    deps = [str(m.message) for m in old_fn_warnings if issubclass(m.category, DeprecationWarning)]
     ref = reference.mega_moe(*uneven, mode=mode, activation_clamp=clamp)
     ok, info = same_bits(y_any, ref)
-    ok_old, _ = same_bits(y_old, y_any)
     nonzero = int(np.any(np.asarray(y_any) != 0, axis=1).sum())
     check(
         "any_tokens_uneven_batch",
-        cut % n != 0 and y_any.shape == (cut, x.shape[1]) and ok and ok_old and nonzero > 0
-        and len(deps) == 1 and "ep_moe_any_tokens" in deps[0],
-        f"{info} warnings={deps} {time.perf_counter() - t0:.1f}s",
+        cut % n != 0 and y_any.shape == (cut, x.shape[1]) and ok and nonzero > 0,
+        f"{info} {time.perf_counter() - t0:.1f}s",
     )  # fmt: skip
 
     # Forcing the ragged path on CPU fails with a clear error before XLA does.

@@ -183,8 +183,6 @@ def test_token_cap_alignment_and_config():
     assert config.align_token_cap(129, "fp8") == 256
     cfg = config.MegaMoEConfig(4096, 2048, 256, 6, 1000, "fp8", activation_clamp=10.0)
     assert cfg.capacity == 1024 and cfg.act_group == 128
-    with pytest.warns(DeprecationWarning, match="capacity"):
-        assert cfg.token_capacity == 1024
     assert config.MegaMoEConfig(4096, 2048, 256, 6, 1, "fp8xfp4").capacity == 1920
     assert hash(cfg) == hash(config.MegaMoEConfig(4096, 2048, 256, 6, 1000, "fp8", activation_clamp=10.0))
     with pytest.raises(ValueError, match="activation_clamp"):

@@ -36,7 +36,7 @@ SINGLE_CHECKS = (
     "ep8_fp8_auto_mesh_jit",
     "capacity_overflow",
     "exact_capacity_no_drop",
-    "dense_alias_warns_same_bits",
+    "padded_dispatch_same_bits",
     "any_tokens_uneven_batch",
     "ragged_on_cpu_error",
     "fused_lowers_for_cuda",
@@ -185,12 +185,9 @@ def test_error_options():
         parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", pair_capacity=3)
     with pytest.raises(ValueError, match=r"pair_capacity: 0 must be"):
         parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", pair_capacity=0, return_overflow=True)
-    # the old name still works, with a warning; both names at once is an error
-    with pytest.warns(DeprecationWarning, match="pair_capacity"):
-        with pytest.raises(ValueError, match=r"pair_capacity: 3 is below the exact worst case"):
-            parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=3)
-    with pytest.raises(TypeError, match="capacity: the deprecated name of pair_capacity"):
-        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=3, pair_capacity=3)
+    # the old name capacity= is gone (never released): a TypeError like any unknown keyword
+    with pytest.raises(TypeError, match="capacity"):
+        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=3)
     with pytest.raises(ValueError, match=r"x: hidden=100 must be a multiple of 128"):
         parallel.ep_moe(
             jax.ShapeDtypeStruct((32, 100), jnp.bfloat16), *_inputs(32)[1:], _weights(), mesh=_mesh(4), mode="fp8xfp4"
@@ -217,8 +214,8 @@ def test_error_fused_dispatch():
     assert not ok and "'cpu', not CUDA GPUs" in why
     # sm_100 modes: "auto" needs the opt-in on top (that kernel has never run on a B200 here)
     assert parallel.ep_path(cpu, "ep", "fp8xfp4", 8) == "padded"
-    with pytest.warns(DeprecationWarning, match=r"dispatch='dense' is deprecated: it is dispatch='padded'"):
-        assert parallel.ep_path(cpu, "ep", "fp8", 8, dispatch="dense") == "padded"
+    with pytest.raises(ValueError, match=r"dispatch: 'dense' is not one of auto, fused, ragged, padded"):
+        parallel.ep_path(cpu, "ep", "fp8", 8, dispatch="dense")
     with pytest.raises(ValueError, match=r"dispatch: 'dense ' is not one of auto, fused, ragged, padded"):
         parallel.ep_path(cpu, "ep", "fp8", 8, dispatch="dense ")
 
@@ -259,8 +256,8 @@ def test_dispatch_path_and_capacity():
     cpu_mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
     assert parallel.dispatch_path(cpu_mesh) == "padded"
     assert parallel.dispatch_path(cpu_mesh, "padded") == "padded"
-    with pytest.warns(DeprecationWarning, match=r"dispatch='dense' is deprecated: it is dispatch='padded'"):
-        assert parallel.dispatch_path(cpu_mesh, "dense") == "padded"
+    with pytest.raises(ValueError, match=r"dispatch: 'dense' is not one of"):
+        parallel.dispatch_path(cpu_mesh, "dense")
     with pytest.raises(ValueError, match=r"dispatch: 'collective' is not one of auto, fused, ragged, padded"):
         parallel.dispatch_path(cpu_mesh, "collective")
     with pytest.raises(ValueError, match=r"dispatch: 'ragged' needs ragged_all_to_all"):
@@ -272,7 +269,8 @@ def test_dispatch_path_and_capacity():
 def test_ffi_backend_plugs_in_per_device(monkeypatch):
     """backend='ffi' reaches ops.mega_moe (the single plug-in point) with backend='ffi' and the
     device's E/n local experts; the stand-in records the call and computes the reference."""
-    from jax_megamoe import ops, reference
+    from jax_megamoe import reference
+    from jax_megamoe._src.kernels import ops
 
     calls = []
 

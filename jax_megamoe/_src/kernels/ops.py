@@ -279,18 +279,6 @@ MEGA_MOE_TARGET = {9: "jax_megamoe_mega_moe_sm90", 10: "jax_megamoe_mega_moe_sm1
 #: Token cap used when ``num_max_tokens`` is not given (SGLang's per-rank default); the policy's
 #: ``num_max_tokens`` (``JAX_MEGAMOE_NUM_MAX_TOKENS``, read once) overrides it.
 DEFAULT_NUM_MAX_TOKENS = _policy.DEFAULT_NUM_MAX_TOKENS
-ENV_NUM_MAX_TOKENS = _policy.ENV["num_max_tokens"]
-ENV_RESERVED_SMS = _policy.ENV["reserved_sms"]
-
-
-def sm100_mega_opted_in(policy: Policy | None = None) -> bool:
-    """``policy.sm100_mega`` (``JAX_MEGAMOE_SM100_MEGA=1``) lets ``backend="auto"`` use the sm_100 fused kernel.
-
-    That kernel is compiled and host-side tested but has never run on a B200 in this project,
-    so ``auto`` keeps the exact reference there unless a user opts in (``backend="ffi"`` always
-    uses the kernel).
-    """
-    return _policy.resolve(policy).sm100_mega
 
 
 def default_num_max_tokens(policy: Policy | None = None) -> int:

@@ -18,7 +18,6 @@ of its own tokens back. One call, inside :func:`jax.shard_map`, per device:
    ``ragged-all-to-all``: ``UNIMPLEMENTED: HLO opcode `ragged-all-to-all` is not supported by
    XLA:CPU ThunkEmitter`` with jax 0.10.2). :func:`dispatch_path` says which one a call takes.
    These two are the *collective* dispatches (XLA collectives), as opposed to ``"fused"`` below.
-   ``"dense"``, the old name of ``"padded"``, is still accepted with a DeprecationWarning.
 3. **Local experts** (:func:`_local_experts`, the one place a kernel plugs in): the received rows are
    a single-rank Mega MoE problem with top-k 1 over the ``E/n`` local experts. ``backend="auto"`` /
    ``"reference"`` run :func:`jax_megamoe.reference.mega_moe` on them with the chunk size the
@@ -35,8 +34,7 @@ with both ragged and padded dispatch, at V4-Flash size too (``python tests/paral
 ``python examples/ep_moe.py --check``).
 
 Capacity: ``pair_capacity=None`` is exact. A smaller ``pair_capacity`` (rows per source/destination pair;
-the token cap of the kernel buffer is ``num_max_tokens``, a different thing; ``capacity=`` is the
-deprecated old name)
+the token cap of the kernel buffer is ``num_max_tokens``, a different thing)
 drops the pairs past it (they contribute 0) and is only accepted with ``return_overflow=True``,
 which returns ``(y, dropped)``, ``dropped`` the int32 number of (token, slot) pairs dropped over the
 whole mesh, so a drop is never silent.
@@ -61,7 +59,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from functools import partial
 from typing import Any
 
@@ -80,9 +77,8 @@ from jax_megamoe._src.numerics.policy import Policy
 from jax_megamoe._src.numerics.layout import MoEWeights
 
 __all__ = [
-    "ep_moe", "ep_moe_any_tokens", "ep_moe_padded", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
-    "rank_table",
-    "canonical_dispatch", "DISPATCHES", "COLLECTIVE_DISPATCHES", "DEPRECATED_DISPATCHES", "BACKENDS",
+    "ep_moe", "ep_moe_any_tokens", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
+    "rank_table", "DISPATCHES", "COLLECTIVE_DISPATCHES", "BACKENDS",
 ]  # fmt: skip
 
 #: ``dispatch=`` values: ``"fused"`` (the intranode kernel) or a collective one, ``"ragged"``
@@ -92,10 +88,6 @@ DISPATCHES: tuple[str, ...] = ("auto", "fused", "ragged", "padded")
 #: The ``dispatch=`` values that name an XLA collective, ``"auto"`` first (what :func:`dispatch_path`
 #: and :func:`jax_megamoe.parallel_hier`'s inter-host exchange take).
 COLLECTIVE_DISPATCHES: tuple[str, ...] = tuple(d for d in DISPATCHES if d != "fused")
-#: Old ``dispatch=`` names, still accepted with a DeprecationWarning: old name -> its name now.
-DEPRECATED_DISPATCHES: dict[str, str] = {"dense": "padded"}
-#: Environment switch: ``0`` keeps ``dispatch="auto"`` off the fused intranode kernel.
-ENV_FUSED_EP = _policy.ENV["fused_ep"][0]  # read once, into the process policy
 BACKENDS: tuple[str, ...] = ("auto", "ffi", "reference")
 
 #: Platforms whose XLA implements ``ragged-all-to-all``.
@@ -124,31 +116,14 @@ def _platform(mesh: Mesh | AbstractMesh) -> str | None:
     return devices.flat[0].platform
 
 
-def canonical_dispatch(dispatch: str, *, name: str = "dispatch", stacklevel: int = 3) -> str:
-    """``dispatch`` with a deprecated name (:data:`DEPRECATED_DISPATCHES`: ``"dense"``) replaced by
-    its name now (``"padded"``), with a DeprecationWarning naming it; any other value unchanged.
-    ``name``: the argument, for the warning; ``stacklevel``: as :func:`warnings.warn`'s, counted from
-    the caller of this function's caller (the public entry point's caller by default)."""
-    new = DEPRECATED_DISPATCHES.get(dispatch) if isinstance(dispatch, str) else None
-    if new is None:
-        return dispatch
-    warnings.warn(
-        f"{name}={dispatch!r} is deprecated: it is {name}={new!r} (all_to_all of the fixed-capacity "
-        "padded buffer), which behaves identically",
-        DeprecationWarning, stacklevel=stacklevel,
-    )  # fmt: skip
-    return new
-
-
 def dispatch_path(mesh: Mesh | AbstractMesh, dispatch: str = "auto") -> str:
     """``"ragged"`` or ``"padded"``: the collective :func:`ep_moe` uses on ``mesh`` for ``dispatch``
     when it does not take the fused kernel.
 
     ``"auto"`` is ``"ragged"`` (:func:`jax.lax.ragged_all_to_all`) where the mesh's platform is a GPU
     or TPU and ``"padded"`` (:func:`jax.lax.all_to_all` of the fixed-capacity buffer) elsewhere, i.e.
-    on CPU. ``"dense"``: the deprecated name of ``"padded"`` (warns).
+    on CPU.
     """
-    dispatch = canonical_dispatch(dispatch)
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
     if dispatch == "fused":
@@ -301,7 +276,6 @@ def ep_moe(
     return_overflow: bool = False,
     num_max_tokens: int | None = None,
     policy: Policy | None = None,
-    capacity: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Routed experts of one MoE layer with experts and tokens sharded over ``mesh`` axis ``axis``.
 
@@ -324,14 +298,13 @@ def ep_moe(
         kernel) | ``"ffi"`` (kernels: the fused kernel, or on the collective path the single-rank
         FFI mega kernel per device).
       routed_scaling_factor: multiplied into ``topk_weights`` in f32 before dispatch.
-      dispatch: ``"auto"`` | ``"fused"`` | ``"ragged"`` | ``"padded"`` (``"dense"``: its deprecated
-        name, with a DeprecationWarning). ``"auto"`` takes the fused
+      dispatch: ``"auto"`` | ``"fused"`` | ``"ragged"`` | ``"padded"``. ``"auto"`` takes the fused
         intranode kernel where :func:`fused_available` says it can (and ``T/n <= num_max_tokens``,
         ``pair_capacity`` not given, backend not ``"reference"``, ``JAX_MEGAMOE_FUSED_EP`` not 0), else the
         collective of :func:`dispatch_path`. ``"fused"`` insists (clear error where it cannot run; on
         a machine without GPUs it still lowers for ``cuda``).
       pair_capacity: rows per (source, destination) pair; default :func:`exact_capacity` (never overflows).
-        Collective path only. (``capacity=``: its deprecated name, with a DeprecationWarning.)
+        Collective path only.
       return_overflow: return ``(y, dropped)``; required when ``pair_capacity`` is below the exact one
         (the fused path never drops: ``dropped`` is 0).
       num_max_tokens: fused path: token cap per rank of the kernel's buffers (default
@@ -353,8 +326,7 @@ def ep_moe(
             "pad the batch with rows whose topk_idx is -1)"
         )
     _check_weights(weights, mode, h, k, n)
-    capacity = _pair_capacity(pair_capacity, capacity)
-    dispatch = canonical_dispatch(dispatch)
+    capacity = pair_capacity
     clamp = config.check_clamp(activation_clamp)
     reference._check_scaling(routed_scaling_factor)
     path, fused = _choose_path(
@@ -411,31 +383,13 @@ def ep_path(
     pair_capacity: int | None = None,
     num_max_tokens: int | None = None,
     policy: Policy | None = None,
-    capacity: int | None = None,
 ) -> str:
     """``"fused"``, ``"ragged"`` or ``"padded"``: the path :func:`ep_moe` takes with these arguments
     (``tokens_per_device`` = ``T/n``); raises as :func:`ep_moe` would for a ``dispatch`` that cannot run."""
     return _choose_path(
-        mesh, axis, mode, tokens_per_device, dispatch=canonical_dispatch(dispatch), backend=backend,
-        capacity=_pair_capacity(pair_capacity, capacity),
+        mesh, axis, mode, tokens_per_device, dispatch=dispatch, backend=backend, capacity=pair_capacity,
         num_max_tokens=num_max_tokens, policy=policy,
     )[0]  # fmt: skip
-
-
-def _pair_capacity(
-    pair_capacity: int | None, capacity: int | None, where: str = "ep_moe", stacklevel: int = 3
-) -> int | None:
-    """``pair_capacity``, or the deprecated ``capacity=`` (with a warning naming ``where``, the public
-    function; ``stacklevel`` as :func:`warnings.warn`'s from here); both is a TypeError."""
-    if capacity is None:
-        return pair_capacity
-    if pair_capacity is not None:
-        raise TypeError("capacity: the deprecated name of pair_capacity; pass only pair_capacity")
-    warnings.warn(
-        f"{where}(capacity=...) is deprecated: the rows per (source, destination) pair are pair_capacity= "
-        "(the kernel's token cap is num_max_tokens=)", DeprecationWarning, stacklevel=stacklevel,
-    )  # fmt: skip
-    return capacity
 
 
 def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capacity, num_max_tokens, policy=None):
@@ -645,9 +599,3 @@ def ep_moe_any_tokens(
     y = ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, **kwargs)
     y = _place(y, mesh, P(), _is_explicit(mesh, axis))
     return y[:t]
-
-
-def ep_moe_padded(*args: Any, **kwargs: Any) -> jax.Array:
-    """Deprecated name of :func:`ep_moe_any_tokens` (warns): "padded" is a dispatch's name."""
-    warnings.warn("parallel.ep_moe_padded is deprecated: use ep_moe_any_tokens", DeprecationWarning, stacklevel=2)
-    return ep_moe_any_tokens(*args, **kwargs)

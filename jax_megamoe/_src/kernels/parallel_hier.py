@@ -45,8 +45,7 @@ With the kernels, ``o_k`` themselves are the kernel's (rel. L2 ~5e-3 vs the refe
 
 **Capacity and overflow** (policy: exact by a second pass, never a drop). ``pair_capacity`` is rows
 (tokens) per (source device, destination host) pair, the name :func:`jax_megamoe.parallel.ep_moe`
-uses for its per-pair rows (``capacity=`` is the deprecated old name, with a DeprecationWarning); a
-receive buffer holds ``n_o * pair_capacity`` rows.
+uses for its per-pair rows; a receive buffer holds ``n_o * pair_capacity`` rows.
 Rows past it in a step are not dropped: a **second pass** (the same exchange, intranode stage and
 reverse exchange, sized ``T_l - pair_capacity`` per pair so that it can never overflow) moves them, under
 a :func:`jax.lax.cond` on the mesh-wide overflow count, so a step without overflow pays nothing for
@@ -85,8 +84,6 @@ __all__ = ["ep_moe_grouped", "ep_moe_hier", "hier_path", "EPStats", "HierPath", 
 INTRANODE: tuple[str, ...] = ("auto", "fused", "collective", "local")
 #: What happens to rows past ``pair_capacity``: a second pass moves them (exact); nothing is dropped.
 OVERFLOW_POLICY = "second_pass"
-#: Environment switch: ``0`` keeps ``intranode="auto"`` off the fused kernel.
-ENV_FUSED_EP = parallel.ENV_FUSED_EP
 
 
 class EPStats(NamedTuple):
@@ -227,7 +224,7 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
             elif backend == "reference":
                 reason = "backend='reference'"
             elif not pol.fused_ep:
-                reason = f"{ENV_FUSED_EP}=0"
+                reason = f"{_policy.ENV['fused_ep'][0]}=0 (policy.fused_ep off)"
             else:
                 reason = f"mode {mode!r}: the sm_100 fused kernel is opt-in (JAX_MEGAMOE_SM100_MEGA=1)"
     elif intranode == "fused":  # g == 1
@@ -262,17 +259,14 @@ def hier_path(
     pair_capacity: int | None = None,
     num_max_tokens: int | None = None,
     policy: Policy | None = None,
-    capacity: int | None = None,
 ) -> HierPath:
     """The :class:`HierPath` :func:`ep_moe_hier` takes with these arguments (``axis=None``: that of
-    :func:`ep_moe_grouped` over ``host_axis``); raises as the call would for one that cannot run.
-    (``capacity=``: the deprecated name of ``pair_capacity``, with a DeprecationWarning.)"""
-    pair_capacity = parallel._pair_capacity(pair_capacity, capacity, "hier_path")
+    :func:`ep_moe_grouped` over ``host_axis``); raises as the call would for one that cannot run."""
     config.check_mode(mode)
     n_o, _ = _axes(mesh, host_axis, axis)
     c = _capacity(pair_capacity, int(tokens_per_device))
     return _resolve(
-        mesh, host_axis, axis, mode, dispatch=parallel.canonical_dispatch(dispatch), intranode=intranode,
+        mesh, host_axis, axis, mode, dispatch=dispatch, intranode=intranode,
         backend=backend, rows_per_device=n_o * c, num_max_tokens=num_max_tokens, policy=policy,
     )[0]  # fmt: skip
 
@@ -306,12 +300,6 @@ def ep_moe_grouped(
     device its own "host". One all-to-all of token rows (each token once per destination device, its
     ``K`` slots local or ``-1``), one single-rank kernel call over the received rows, the reverse
     all-to-all, combine. Same options and bound as :func:`ep_moe_hier`."""
-    if "dispatch" in kwargs:  # a deprecated name warns here, naming the caller's line
-        kwargs["dispatch"] = parallel.canonical_dispatch(kwargs["dispatch"])
-    if "capacity" in kwargs:
-        kwargs["pair_capacity"] = parallel._pair_capacity(
-            kwargs.get("pair_capacity"), kwargs.pop("capacity"), "ep_moe_grouped"
-        )
     return ep_moe_hier(x, topk_idx, topk_weights, weights, mesh=mesh, host_axis=axis, axis=None, **kwargs)
 
 
@@ -334,7 +322,6 @@ def ep_moe_hier(
     return_stats: bool = False,
     num_max_tokens: int | None = None,
     policy: Policy | None = None,
-    capacity: int | None = None,
 ) -> jax.Array | tuple[jax.Array, EPStats]:
     """Routed experts of one MoE layer over a two-level mesh: hosts (``host_axis``, XLA collectives)
     x GPUs of a host (``axis``: the fused kernel, or a collective on CPU). Jit-able; keywords static.
@@ -351,12 +338,10 @@ def ep_moe_hier(
       backend: per-GPU expert compute of the ``"local"``/``"collective"`` stages: ``"auto"`` (the
         single-rank kernel where the default device runs the mode's kernels, else the reference),
         ``"ffi"``, ``"reference"``.
-      dispatch: inter-host collective, ``"auto"`` | ``"ragged"`` | ``"padded"`` (:func:`parallel.dispatch_path`;
-        ``"dense"``: the deprecated name of ``"padded"``, warns).
+      dispatch: inter-host collective, ``"auto"`` | ``"ragged"`` | ``"padded"`` (:func:`parallel.dispatch_path`).
       intranode: ``"auto"`` | ``"fused"`` | ``"collective"`` | ``"local"`` (see :func:`hier_path`).
       pair_capacity: token rows per (source device, destination host) pair per pass; default (and at
         most) ``T_l``, the exact worst case. Rows past it take the second pass (module docstring).
-        (``capacity=``: its deprecated name, with a DeprecationWarning.)
       return_stats: return ``(y, EPStats)``.
       num_max_tokens: at least the rows a device receives per pass (``n_o * pair_capacity``); default that.
       policy: the settings the call does not give (fused opt-out, reserved SMs, graph targets, sm_100
@@ -365,7 +350,6 @@ def ep_moe_hier(
     Returns:
       ``y`` bf16 ``[T, H]`` sharded ``P((host_axis, axis))`` (and :class:`EPStats` if ``return_stats``).
     """
-    pair_capacity = parallel._pair_capacity(pair_capacity, capacity, "ep_moe_hier")
     config.check_mode(mode)
     n_o, g = _axes(mesh, host_axis, axis)
     n = n_o * g
@@ -386,7 +370,7 @@ def ep_moe_hier(
     tl = t // n
     cap1 = _capacity(pair_capacity, tl)
     path, fused = _resolve(
-        mesh, host_axis, axis, mode, dispatch=parallel.canonical_dispatch(dispatch), intranode=intranode, backend=backend,
+        mesh, host_axis, axis, mode, dispatch=dispatch, intranode=intranode, backend=backend,
         rows_per_device=n_o * cap1, num_max_tokens=num_max_tokens, policy=policy,
     )  # fmt: skip
     caps = (cap1,) if cap1 >= tl else (cap1, tl - cap1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-import warnings
 from typing import Literal
 
 from jax_megamoe._src.numerics import _validate
@@ -210,12 +209,6 @@ class MegaMoEConfig:
         """Rows of the kernel's token buffer: ``num_max_tokens`` after the mode's alignment (the
         custom call's ``capacity`` attribute; DeepGEMM's ``kNumMaxTokensPerRank``)."""
         return align_token_cap(self.num_max_tokens, self.mode)
-
-    @property
-    def token_capacity(self) -> int:
-        """Deprecated name of :attr:`capacity` (warns)."""
-        warnings.warn("MegaMoEConfig.token_capacity is deprecated: use .capacity", DeprecationWarning, stacklevel=2)
-        return self.capacity
 
     @property
     def act_group(self) -> int:

@@ -515,7 +515,6 @@ class DeepseekV4MoE(nnx.Module):
         # Expert parallelism (jax_megamoe.parallel.ep_moe) over mesh axis ep_axis; None: one device.
         self.mesh = mesh
         self.ep_axis = ep_axis
-        ep_dispatch = parallel.canonical_dispatch(ep_dispatch, name="ep_dispatch")  # "dense": deprecated, warns
         if ep_dispatch not in parallel.DISPATCHES:
             raise ValueError(f"ep_dispatch: {ep_dispatch!r} is not one of {', '.join(parallel.DISPATCHES)}")
         self.ep_dispatch = ep_dispatch
