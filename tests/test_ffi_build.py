@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax_megamoe._src.kernels import _ffi
 from jax_megamoe._src.kernels import _toolchain
 from jax_megamoe._src.numerics import config
+from jax_megamoe._src.numerics import policy as policy_mod
 from ffi_testing import has_cuda_driver
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +150,7 @@ def test_register_idempotent_and_thread_safe():
 
     assert jax_megamoe.register() == results[0]
     # The environment was forwarded (once; the snapshot is shared).
-    assert config.forward_env() is config.forward_env()
+    assert policy_mod.forward_env() is policy_mod.forward_env()
     st = _ffi.status()
     if st.library is not None and st.toolchain is not None and st.headers is not None:
         assert st.registered, st.reason
@@ -184,7 +185,9 @@ def _fresh_ffi_state(monkeypatch):
 
 def test_missing_library_reports_reference_only(monkeypatch, tmp_path, caplog):
     _fresh_ffi_state(monkeypatch)
-    monkeypatch.setenv(_ffi.ENV_LIB, str(tmp_path / "nope" / _ffi.LIB_NAME))
+    # the policy holds the location (read once): a process whose JAX_MEGAMOE_FFI_LIB names no file
+    wrong = policy_mod.Locations(ffi_lib=str(tmp_path / "nope" / _ffi.LIB_NAME))
+    monkeypatch.setattr(policy_mod, "_current", policy_mod.current().replace(locations=wrong))
     with caplog.at_level("WARNING", logger="jax_megamoe"):
         assert _ffi.register() is False
         assert _ffi.register() is False
@@ -203,7 +206,7 @@ def test_toolchain_failure_is_recorded_not_raised(monkeypatch, lib):
     _fresh_ffi_state(monkeypatch)
     monkeypatch.setattr(_ffi, "_lib", None)
 
-    def no_nvcc():
+    def no_nvcc(locations=None):
         raise _toolchain.ToolchainError("nvcc not found (looked in ...): install the CUDA toolkit >= 12.9")
 
     monkeypatch.setattr(_toolchain, "toolchain", no_nvcc)
@@ -230,8 +233,11 @@ def test_describe_mentions_key_lines():
 
 
 def test_describe_shows_invalid_env_mode(monkeypatch):
-    bad = config.EnvState(config.EnvSetting(True, "JAX_MEGAMOE_USE_FP4_ACTS"), config.EnvSetting(False, "default"), ())
-    monkeypatch.setattr(config, "_env_state", bad)
+    bad = policy_mod.EnvState(
+        policy_mod.EnvSetting(True, "JAX_MEGAMOE_USE_FP4_ACTS"), policy_mod.EnvSetting(False, "default"), ()
+    )
+    monkeypatch.setattr(policy_mod, "_env_state", bad)
+    monkeypatch.setattr(policy_mod, "_current", None)  # derived again from the (bad) forwarded flags
     text = _ffi.describe()
     assert "invalid environment" in text and "USE_FP4_ACTS=1 without USE_MXF4_KIND=1" in text
 

@@ -266,6 +266,44 @@ def test_dispatch_path_and_capacity():
     assert parallel.exact_capacity(32, 6, 8) == 24
 
 
+def test_explicit_policy_reaches_the_kernel_on_the_collective_path(monkeypatch):
+    """ep_moe(policy=...) on the collective path hands that policy (not the process one) to the
+    per-device kernel call: its token cap, graph and wide-tile switches decide there too."""
+    from jax_megamoe import reference
+    from jax_megamoe._src.kernels import ops
+    from jax_megamoe.policy import Policy, current
+
+    seen = []
+
+    def fake_mega_moe(x, idx, w, weights, **kw):
+        seen.append(kw.get("policy"))
+        kw = {k: v for k, v in kw.items() if k in ("mode", "activation_clamp", "routed_scaling_factor")}
+        return reference.mega_moe(x, idx, w, weights, **kw)
+
+    monkeypatch.setattr(ops, "mega_moe", fake_mega_moe)
+    jax.clear_caches()  # a trace cached by another test would not call the stand-in
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    rng = np.random.default_rng(1)
+    shapes = MoEWeights.kernel_shapes("fp8xfp4", E, H, I)
+    w = MoEWeights(
+        **{k: jnp.asarray(rng.integers(0, 120, size=s).astype(np.dtype(d))) for k, (s, d) in shapes.items()},
+        mode="fp8xfp4", hidden=H, intermediate=I, num_experts=E,
+    )
+    x = jnp.asarray(rng.standard_normal((4, H)), jnp.bfloat16)
+    idx = jnp.asarray(rng.integers(0, E, size=(4, K)), jnp.int32)
+    tw = jnp.asarray(rng.random((4, K)), jnp.float32)
+    mine = Policy(graph_targets=True, sm90_wide_tile=True, num_max_tokens=77)
+    assert mine != current()
+    y = parallel.ep_moe(x, idx, tw, w, mesh=mesh, mode="fp8xfp4", backend="ffi", dispatch="padded", policy=mine)
+    assert seen and all(p == mine for p in seen), seen
+    seen.clear()
+    parallel.ep_moe(x, idx, tw, w, mesh=mesh, mode="fp8xfp4", backend="ffi", dispatch="padded")
+    assert seen and all(p == current() for p in seen), seen  # no policy: the process one
+    want = reference.mega_moe(x, idx, tw, w, mode="fp8xfp4")
+    assert np.any(np.asarray(want) != 0)
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint16), np.asarray(want).view(np.uint16))
+
+
 def test_ffi_backend_plugs_in_per_device(monkeypatch):
     """backend='ffi' reaches ops.mega_moe (the single plug-in point) with backend='ffi' and the
     device's E/n local experts; the stand-in records the call and computes the reference."""
@@ -280,6 +318,7 @@ def test_ffi_backend_plugs_in_per_device(monkeypatch):
         return reference.mega_moe(x, idx, w, weights, **kw)
 
     monkeypatch.setattr(ops, "mega_moe", fake_mega_moe)
+    jax.clear_caches()  # a trace cached by another test would not call the stand-in
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
     rng = np.random.default_rng(0)
     shapes = MoEWeights.kernel_shapes("fp8xfp4", E, H, I)

@@ -89,11 +89,13 @@ import ml_dtypes
 import numpy as np
 
 from jax_megamoe._version import __version__
-from jax_megamoe._src.io.build import load_moe_layer
+from jax_megamoe._src.io.build import build_moe_layer
 from jax_megamoe._src.io.safetensors_reader import (
     Checkpoint, CheckpointError, CheckpointSource, SafetensorsFile, safetensors_dtype,
 )  # fmt: skip
-from jax_megamoe._src.io.v4_checkpoint import NIBBLE_ORDERS, MoELayer, _derive_dims, infer_config, layer_prefix, list_moe_layers
+from jax_megamoe._src.io.v4_checkpoint import (
+    NIBBLE_ORDERS, MoELayer, _derive_dims, infer_config, layer_prefix, list_moe_layers, read_moe_layer,
+)  # fmt: skip
 from jax_megamoe._src.numerics import config as _cfg
 from jax_megamoe._src.numerics.config import MODES
 from jax_megamoe._src.numerics.layout import ConversionReport, MoEWeights
@@ -846,9 +848,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 say(f"{head}: converting to {mode} ({'--force' if ok else why})")
                 t0 = time.perf_counter()
-                layer = load_moe_layer(
-                    ck, i, mode=mode, config=cfg, nibble_order=args.nibble_order, progress=progress,
-                    experts_per_step=args.experts_per_step,
+                layer = build_moe_layer(
+                    read_moe_layer(ck, i, config=cfg, nibble_order=args.nibble_order, progress=progress),
+                    mode=mode, progress=progress, experts_per_step=args.experts_per_step,
                 )
                 man = write_converted_layer(args.out, layer, target=args.target, fingerprint=fp)
                 del layer

@@ -1,15 +1,19 @@
-"""Load ``libjax_megamoe_ffi.so``, forward the environment, register the XLA FFI types and targets.
+"""Load ``libjax_megamoe_ffi.so``, register the XLA FFI types and targets.
 
-The library is found, in order, at ``$JAX_MEGAMOE_FFI_LIB`` (a file path), then next to
+Nothing here reads the environment: the process policy (:func:`jax_megamoe.policy.current`, read
+once) holds every setting and location, and is read first by ``register()``.
+
+The library is found, in order, at ``$JAX_MEGAMOE_FFI_LIB`` (a file path; ``policy.locations.ffi_lib``), then next to
 the package's modules: every folder of ``jax_megamoe.__path__`` (an editable install of
 scikit-build-core in "redirect" mode lists both the source folder and the CMake install
 folder in site-packages there) and the folder of this file. It is loaded with ``ctypes``
 only; it needs no GPU or driver to load (the CUDA driver is opened lazily by the
 handlers).
 
-``register()`` (idempotent, thread-safe) always forwards the environment first
-(``config.forward_env()``), then, when the library loads: looks up nvcc and the
-DeepGEMM headers (``_toolchain``), hands them to the C++ JIT (``jmm_configure``), and
+``register()`` (idempotent, thread-safe) always reads the process policy first (which forwards
+the sm_100 flags to DG_*, once), then, when the library loads: looks up nvcc and the
+DeepGEMM headers (``_toolchain``, at the policy's locations), hands them and the policy's
+JIT settings to the C++ JIT (``configure_jit``), and
 registers for platform "CUDA" the FFI state type ``jax_megamoe.PreDispatchState`` and
 the targets below with the stage dict {"instantiate", "initialize", "execute"}. Failures
 never raise from ``register()``: they are recorded (``status()``) and ``require()``
@@ -27,7 +31,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
-import os
 import sys
 import threading
 from pathlib import Path
@@ -41,9 +44,10 @@ import numpy as np
 from jax_megamoe._version import __version__
 from jax_megamoe._src.kernels import _toolchain
 from jax_megamoe._src.numerics import config, policy
+from jax_megamoe._src.numerics.policy import Locations
 
 LIB_NAME = "libjax_megamoe_ffi.so"
-ENV_LIB = "JAX_MEGAMOE_FFI_LIB"
+ENV_LIB = policy.ENV_FFI_LIB
 PLATFORM = "CUDA"
 NOT_BUILT = "FFI library not built: reference backend only"
 
@@ -162,10 +166,11 @@ _warned_not_built = False
 # --------------------------------------------------------------------------------------
 
 
-def library_candidates() -> list[Path]:
-    """Where the loader looks for the .so, in order (the env override first)."""
+def library_candidates(locations: Locations | None = None) -> list[Path]:
+    """Where the loader looks for the .so, in order (``locations.ffi_lib``, the env override, first;
+    default: the process policy's locations)."""
     out: list[Path] = []
-    env = os.environ.get(ENV_LIB)
+    env = (policy.current().locations if locations is None else locations).ffi_lib
     if env:
         out.append(Path(env))
     # The root package's folders: with an editable install the built library sits in site-packages.
@@ -193,9 +198,10 @@ def load_library() -> ctypes.CDLL | None:
         if _lib_tried:
             return _lib
         _lib_tried = True
-        env = os.environ.get(ENV_LIB)
+        loc = policy.current().locations
+        env = loc.ffi_lib
         errors: list[str] = []
-        for path in library_candidates():
+        for path in library_candidates(loc):
             if not path.is_file():
                 if env and str(path) == env:
                     errors.append(f"{ENV_LIB}={env} does not exist")
@@ -211,7 +217,7 @@ def load_library() -> ctypes.CDLL | None:
                 continue
             _lib, _lib_path = lib, str(path.resolve())
             return _lib
-        where = ", ".join(str(p.parent) for p in library_candidates()) or "(nowhere)"
+        where = ", ".join(str(p.parent) for p in library_candidates(loc)) or "(nowhere)"
         _lib_reason = (
             f"{NOT_BUILT} ({'; '.join(errors)})"
             if errors
@@ -398,7 +404,7 @@ def _capsules(lib: ctypes.CDLL, prefix: str) -> dict[str, Any]:
     return {stage: jax.ffi.pycapsule(getattr(lib, f"{prefix}_{stage}")) for stage in STAGES}
 
 
-def _register_locked() -> FfiStatus:
+def _register_locked(pol: policy.Policy) -> FfiStatus:
     lib = load_library()
     if lib is None:
         global _warned_not_built
@@ -410,11 +416,11 @@ def _register_locked() -> FfiStatus:
     tc = hd = None
     tc_err = hd_err = None
     try:
-        tc = _toolchain.toolchain()
+        tc = _toolchain.toolchain(pol.locations)
     except _toolchain.ToolchainError as e:
         tc_err = str(e)
     try:
-        hd = _toolchain.headers()
+        hd = _toolchain.headers(pol.locations)
     except _toolchain.ToolchainError as e:
         hd_err = str(e)
     if tc is None or hd is None:
@@ -449,8 +455,8 @@ def register() -> bool:
     global _status
     with _lock:
         if _status is None:
-            policy.current()  # always first, whatever happens next: every setting, read once (DG_* forwarding too)
-            _status = _register_locked()
+            # always first, whatever happens next: every setting, read once (DG_* forwarding too)
+            _status = _register_locked(policy.current())
         return _status.registered
 
 
@@ -498,9 +504,19 @@ def _gpu_lines() -> tuple[list[str], int | None]:
 
 
 def describe() -> str:
-    """A readable multi-line report: versions, library, headers, nvcc, device, mode, settings."""
-    st = status()
-    env = config.forward_env()
+    """A readable multi-line report: versions, library, headers, nvcc, device, mode, settings.
+
+    Everything comes from the process policy (read once); an invalid environment is reported,
+    not raised (nothing is registered then)."""
+    env: policy.EnvState | None = None
+    pol: policy.Policy | None = None
+    try:
+        env = policy.forward_env()
+        pol = policy.current()
+        sm100 = pol.sm100_mode
+    except ValueError as e:
+        sm100 = f"invalid environment: {e}"
+    st = status() if pol is not None else FfiStatus(None, sm100, False, (), None, None, None, None, None)
     lines = [
         f"jax_megamoe {__version__}",
         f"jax {jax.__version__}, jaxlib {jaxlib.__version__}",
@@ -535,23 +551,22 @@ def describe() -> str:
             lines.append(f"JIT cache: unknown ({e})")
     gpu_lines, major = _gpu_lines()
     lines.extend(gpu_lines)
-    try:
-        sm100 = config.default_sm100_mode()
-    except ValueError as e:
-        sm100 = f"invalid environment: {e}"
     if major == 9:
         lines.append(f"default mode: fp8 (sm_90); sm_100 would use: {sm100}")
     elif major is not None and major >= 10:
         lines.append(f"default mode: {sm100} (sm_100); sm_90 would use: fp8")
     else:
         lines.append(f"default mode: sm_100 -> {sm100}; sm_90 -> fp8 (no GPU: reference backend)")
-    lines.append(f"setting DG_USE_FP4_ACTS={int(env.fp4_acts.value)} (from {env.fp4_acts.source})")
-    lines.append(f"setting DG_USE_MXF4_KIND={int(env.mxf4_kind.value)} (from {env.mxf4_kind.source})")
-    fwd = ", ".join(f"{k}={v}" for k, v in env.forwarded) or "none"
-    lines.append(f"forwarded to DG_* by this process: {fwd}")
-    try:
+    if env is not None:
+        lines.append(f"setting DG_USE_FP4_ACTS={int(env.fp4_acts.value)} (from {env.fp4_acts.source})")
+        lines.append(f"setting DG_USE_MXF4_KIND={int(env.mxf4_kind.value)} (from {env.mxf4_kind.source})")
+        fwd = ", ".join(f"{k}={v}" for k, v in env.forwarded) or "none"
+        lines.append(f"forwarded to DG_* by this process: {fwd}")
+    else:
+        lines.append(f"setting DG_USE_*: {sm100}")
+    if pol is not None:
         lines.append("policy (jax_megamoe.policy.current(), read once; explicit args and policy= win):")
-        lines.append(policy.current().describe())
-    except ValueError as e:
-        lines.append(f"policy: invalid environment: {e}")
+        lines.append(pol.describe())
+    else:
+        lines.append(f"policy: {sm100}")
     return "\n".join(lines)

@@ -148,7 +148,7 @@ def pre_dispatch(
     ``policy``: the settings to use (default: the process policy, :func:`jax_megamoe.policy.current`).
     """
     pol = _policy.resolve(policy)
-    mode = config.resolve_mode(mode, device_arch(), pol.sm100_mode)
+    mode = _policy.resolve_mode(mode, device_arch(), pol)
     t, h, k = _check_routing(x, topk_idx, topk_weights)
     config.validate_pre_dispatch_shape(hidden=h, top_k=k, mode=mode)
     num_max_tokens = static_int("num_max_tokens", num_max_tokens, lo=1)
@@ -323,7 +323,7 @@ def mega_moe(
     pol = _policy.resolve(policy)
     if mode is None:
         mode = getattr(weights, "mode", None)
-    mode = config.resolve_mode(mode, device_arch(), pol.sm100_mode)
+    mode = _policy.resolve_mode(mode, device_arch(), pol)
     t, h, k = _check_routing(x, topk_idx, topk_weights)
     rsf = _check_scaling(routed_scaling_factor)
     activation_clamp = config.check_clamp(activation_clamp)
@@ -417,7 +417,7 @@ def mega_moe_target_call(
     arch = config.arch_of_mode(mode)
     t, h = x.shape
     # sm_100 only: the MMA kind; the handler applies routed_scaling_factor itself (per-expert scales).
-    # sm_90 only: the wide-tile switch (the policy's, read once; never os.environ at trace time).
+    # sm_90 only: the wide-tile switch (the policy's, read once; never the environment at trace time).
     if arch == 10:
         extra = {"mma_kind": np.int64(_MMA_KIND[mode])}
     else:

@@ -366,6 +366,7 @@ def ep_moe(
     run = partial(
         _ep_moe_jit,
         mesh=mesh, axis=axis, mode=mode, clamp=clamp, backend=be, path=path, cap=cap, chunk=chunk, fused=fused,
+        policy=_policy.resolve(policy),
     )  # fmt: skip
     # jax.grad / jvp: InferenceOnlyError (jax_megamoe._src.kernels._rules), whichever path runs.
     y, dropped = _rules.inference_only(run, "parallel.ep_moe")(x, topk_idx, topk_weights, rsf, weights)
@@ -439,15 +440,15 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
     return "fused", (cap, table, reserved, pol.graph_targets, pol.sm90_wide_tile)
 
 
-@partial(jax.jit, static_argnames=("mesh", "axis", "mode", "clamp", "backend", "path", "cap", "chunk", "fused"))
-def _ep_moe_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, axis, mode, clamp, backend, path, cap, chunk, fused):
+@partial(jax.jit, static_argnames=("mesh", "axis", "mode", "clamp", "backend", "path", "cap", "chunk", "fused", "policy"))
+def _ep_moe_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, axis, mode, clamp, backend, path, cap, chunk, fused, policy):
     w = topk_weights.astype(jnp.float32) * rsf  # reference._scale_weights: one f32 multiply
     if path == "fused":
         body = partial(_ep_fused_body, axis=axis, mode=mode, clamp=clamp, fused=fused, num_experts=weights.num_experts)
     else:
         body = partial(
             _ep_body, axis=axis, mode=mode, clamp=clamp, backend=backend, path=path, cap=cap, chunk=chunk,
-            num_experts=weights.num_experts,
+            num_experts=weights.num_experts, policy=policy,
         )  # fmt: skip
     f = jax.shard_map(
         body,
@@ -464,7 +465,7 @@ def _ep_moe_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, axis, mode, cl
 # --------------------------------------------------------------------------------------------
 
 
-def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk):
+def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk, policy):
     """The experts of this device on its received rows: ``x`` bf16 ``[R, H]``, ``idx`` int32 ``[R, 1]``
     local expert ids (``-1`` = padding row), ``w`` f32 ``[R, 1]`` -> bf16 ``[R, H]`` (0 for padding).
 
@@ -475,7 +476,8 @@ def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk):
         # buffer for all R received rows.
         local = dataclasses.replace(weights, num_experts=weights.num_local_experts)
         return ops.mega_moe(
-            x, idx, w, local, mode=mode, activation_clamp=clamp, num_max_tokens=x.shape[0], backend="ffi"
+            x, idx, w, local, mode=mode, activation_clamp=clamp, num_max_tokens=x.shape[0], backend="ffi",
+            policy=policy,
         )
     return reference.mega_moe(x, idx, w, weights, mode=mode, activation_clamp=clamp, chunk_rows=chunk)
 
@@ -492,7 +494,7 @@ def _ep_fused_body(x, topk_idx, w, weights, *, axis, mode, clamp, fused, num_exp
     return y, jnp.zeros((), jnp.int32)
 
 
-def _ep_body(x, topk_idx, w, weights, *, axis, mode, clamp, backend, path, cap, chunk, num_experts):
+def _ep_body(x, topk_idx, w, weights, *, axis, mode, clamp, backend, path, cap, chunk, num_experts, policy):
     n = lax.axis_size(axis)
     me = lax.axis_index(axis)
     tl, h = x.shape
@@ -541,7 +543,8 @@ def _ep_body(x, topk_idx, w, weights, *, axis, mode, clamp, backend, path, cap, 
 
     # 3. Local experts on the received rows.
     out = _local_experts(
-        recv_x, recv_e[:, None], recv_w[:, None], weights, mode=mode, clamp=clamp, backend=backend, chunk=chunk
+        recv_x, recv_e[:, None], recv_w[:, None], weights, mode=mode, clamp=clamp, backend=backend, chunk=chunk,
+        policy=policy,
     )
 
     # 4. Back to the senders (reverse exchange), then combine in ascending k.

@@ -396,18 +396,18 @@ def ep_moe_hier(
     y, stats = _hier_jit(
         x, topk_idx, topk_weights, rsf, weights,
         mesh=mesh, host_axis=host_axis, axis=axis, mode=mode, clamp=clamp, path=path, caps=caps,
-        fused=(fused, fused2), chunk=chunk,
+        fused=(fused, fused2), chunk=chunk, policy=_policy.resolve(policy),
     )  # fmt: skip
     return (y, EPStats(*stats)) if return_stats else y
 
 
-@partial(jax.jit, static_argnames=("mesh", "host_axis", "axis", "mode", "clamp", "path", "caps", "fused", "chunk"))
-def _hier_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, host_axis, axis, mode, clamp, path, caps, fused, chunk):
+@partial(jax.jit, static_argnames=("mesh", "host_axis", "axis", "mode", "clamp", "path", "caps", "fused", "chunk", "policy"))
+def _hier_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, host_axis, axis, mode, clamp, path, caps, fused, chunk, policy):
     w = topk_weights.astype(jnp.float32) * rsf  # reference._scale_weights: one f32 multiply
     spec = P(host_axis) if axis is None else P((host_axis, axis))
     body = partial(
         _hier_body, host_axis=host_axis, axis=axis, mode=mode, clamp=clamp, path=path, caps=caps, fused=fused,
-        chunk=chunk, num_experts=weights.num_experts,
+        chunk=chunk, num_experts=weights.num_experts, policy=policy,
     )  # fmt: skip
     f = jax.shard_map(
         body,
@@ -446,7 +446,7 @@ def _exchange_fn(path: HierPath, axis: str, n: int, cap: int, send_sizes: jax.Ar
     return (lambda a, fill: go(a, fill, send_sizes, recv_sizes)), (lambda a, fill: go(a, fill, recv_sizes, send_sizes))
 
 
-def _intranode(rx, rid, rw, weights, *, axis, mode, clamp, path, fused, chunk, num_host_experts):
+def _intranode(rx, rid, rw, weights, *, axis, mode, clamp, path, fused, chunk, num_host_experts, policy):
     """The experts of this host on the received rows (host-local ids, ``-1`` = none): per row, the
     sum of its slots on this host (ascending ``k``), bf16 ``[R, H]``."""
     rows = rx.shape[0]
@@ -464,14 +464,16 @@ def _intranode(rx, rid, rw, weights, *, axis, mode, clamp, path, fused, chunk, n
         y, _ = parallel._ep_body(
             rx, rid, rw, weights, axis=axis, mode=mode, clamp=clamp, backend=path.backend,
             path=path.dispatch, cap=rows * rid.shape[1], chunk=chunk,
-            num_experts=num_host_experts,
+            num_experts=num_host_experts, policy=policy,
         )  # fmt: skip
         return y
     # "local": this device's experts alone, one call over every received row.
-    return parallel._local_experts(rx, rid, rw, weights, mode=mode, clamp=clamp, backend=path.backend, chunk=chunk)
+    return parallel._local_experts(
+        rx, rid, rw, weights, mode=mode, clamp=clamp, backend=path.backend, chunk=chunk, policy=policy
+    )
 
 
-def _hier_body(x, topk_idx, w, weights, *, host_axis, axis, mode, clamp, path, caps, fused, chunk, num_experts):
+def _hier_body(x, topk_idx, w, weights, *, host_axis, axis, mode, clamp, path, caps, fused, chunk, num_experts, policy):
     n_o = lax.axis_size(host_axis)
     tl, h = x.shape
     k = topk_idx.shape[1]
@@ -504,7 +506,7 @@ def _hier_body(x, topk_idx, w, weights, *, host_axis, axis, mode, clamp, path, c
         rx, rid, rw = fwd(send_x, 0), fwd(send_e, -1), fwd(send_w, 0)
         part = _intranode(
             rx, rid, rw, weights, axis=axis, mode=mode, clamp=clamp, path=path, fused=fused_p, chunk=chunk,
-            num_host_experts=eh,
+            num_host_experts=eh, policy=policy,
         )  # fmt: skip
         back = bwd(part, 0)
         got = back[jnp.minimum(slot, rows - 1)]  # [tl, n_o, H]

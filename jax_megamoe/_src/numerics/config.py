@@ -1,4 +1,4 @@
-"""Modes, kernel limits, static configuration, and the environment forwarding done at registration.
+"""Modes, kernel limits and the static checks of a call (no environment: that is the policy's).
 
 The limits here are the ones DeepGEMM's host code and kernel static asserts enforce
 (`sgl-deep-gemm==0.2.5`); checking them at trace time turns a kernel trap or a silent
@@ -8,8 +8,6 @@ wrong answer into a ValueError that names the argument.
 from __future__ import annotations
 
 import dataclasses
-import os
-import threading
 from typing import Literal
 
 from jax_megamoe._src.numerics import _validate
@@ -37,12 +35,6 @@ MAX_RANKS_SM100 = 72
 # sm_90 mega kernel limits (host checks of fp8_mega_moe).
 MAX_INTERMEDIATE_SM90 = 4096
 MAX_RANKS_SM90 = 32
-
-# Environment variables, in precedence order (the project's own name first).
-ENV_FP4_ACTS = ("JAX_MEGAMOE_USE_FP4_ACTS", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_FP4_ACTS")
-ENV_MXF4_KIND = ("JAX_MEGAMOE_USE_MXF4_KIND", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_MXF4_KIND")
-DG_FP4_ACTS = "DG_USE_FP4_ACTS"
-DG_MXF4_KIND = "DG_USE_MXF4_KIND"
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", ""}
@@ -92,89 +84,6 @@ def mode_from_flags(use_fp4_acts: bool, use_mxf4_kind: bool, *, source: str = "e
         "kind::mxf8f6f4 MMA, a mode that sgl-deep-gemm 0.2.x no longer has; set USE_MXF4_KIND=1 "
         "too (mode='mxf4xmxf4') or unset both (mode='fp8xfp4')"
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class EnvSetting:
-    value: bool
-    source: str  # which variable (or "default") decided it
-
-
-@dataclasses.dataclass(frozen=True)
-class EnvState:
-    """What the one-time forwarding saw and did; reported by ``describe()``."""
-
-    fp4_acts: EnvSetting
-    mxf4_kind: EnvSetting
-    forwarded: tuple[tuple[str, str], ...]  # (DG_ variable, value) pairs this process set
-
-
-_env_lock = threading.Lock()
-_env_state: EnvState | None = None
-
-
-def _read_first(names: tuple[str, ...]) -> tuple[str, str] | None:
-    for n in names:
-        if n in os.environ:
-            return n, os.environ[n]
-    return None
-
-
-def forward_env() -> EnvState:
-    """Forward JAX_MEGAMOE_* / SGLang flags to DG_USE_* once per process (set-if-absent).
-
-    Thread-safe and idempotent: the first caller does the work, every later caller gets the
-    same snapshot, whatever the environment looks like by then. An explicit ``DG_*`` value
-    already in the environment wins over the forwarded one.
-    """
-    global _env_state
-    with _env_lock:
-        if _env_state is not None:
-            return _env_state
-        forwarded: list[tuple[str, str]] = []
-        settings = []
-        for names, dg in ((ENV_FP4_ACTS, DG_FP4_ACTS), (ENV_MXF4_KIND, DG_MXF4_KIND)):
-            src = _read_first(names)
-            if src is not None:
-                val = parse_bool(src[0], src[1])
-                if dg not in os.environ:
-                    os.environ[dg] = "1" if val else "0"
-                    forwarded.append((dg, os.environ[dg]))
-            if dg in os.environ and (src is None or (dg, os.environ[dg]) not in forwarded):
-                settings.append(EnvSetting(parse_bool(dg, os.environ[dg]), dg))
-            elif src is not None:
-                settings.append(EnvSetting(parse_bool(dg, os.environ[dg]), src[0]))
-            else:
-                settings.append(EnvSetting(False, "default"))
-        _env_state = EnvState(settings[0], settings[1], tuple(forwarded))
-        return _env_state
-
-
-def _reset_env_forwarding() -> None:
-    """Forget the snapshot (tests only; real processes forward exactly once)."""
-    global _env_state
-    with _env_lock:
-        _env_state = None
-
-
-def default_sm100_mode() -> str:
-    """The sm_100 mode the environment selects (W4A8 unless both FP4 flags are on)."""
-    st = forward_env()
-    return mode_from_flags(
-        st.fp4_acts.value,
-        st.mxf4_kind.value,
-        source=f"{DG_FP4_ACTS} (from {st.fp4_acts.source}) / {DG_MXF4_KIND} (from {st.mxf4_kind.source})",
-    )
-
-
-def resolve_mode(mode: str | None, arch: int | None = None, sm100_mode: str | None = None) -> str:
-    """An explicit ``mode`` wins; else sm_90 means ``fp8``; else ``sm100_mode`` (a policy's,
-    :class:`jax_megamoe.policy.Policy`), or the environment's sm_100 mode when it is None."""
-    if mode is not None:
-        return check_mode(mode)
-    if arch == 9:
-        return "fp8"
-    return default_sm100_mode() if sm100_mode is None else check_mode(sm100_mode, "sm100_mode")
 
 
 @dataclasses.dataclass(frozen=True)

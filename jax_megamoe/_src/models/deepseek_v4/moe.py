@@ -524,7 +524,7 @@ class DeepseekV4MoE(nnx.Module):
         # Every setting the block's calls do not give (token cap, graph targets, sm_100 mode, ...):
         # frozen here, so every trace of this block sees the same values.
         self.policy = _policy.resolve(policy)
-        self.mode = _cfg.resolve_mode(mode, ops.device_arch(), self.policy.sm100_mode)
+        self.mode = _policy.resolve_mode(mode, ops.device_arch(), self.policy)
         _cfg.validate_moe_shape(
             hidden=config.hidden_size,
             intermediate=config.moe_intermediate_size,
