@@ -60,6 +60,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
+from jax_megamoe.ops import MoEOptions
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -552,7 +553,7 @@ def ffi_mega_moe(x, idx, w, weights, *, clamp, cap=None, reserved_sms=None, kern
 
     return ops.mega_moe(
         x, idx, w, weights, mode="fp8", activation_clamp=clamp, backend="ffi",
-        num_max_tokens=cap or x.shape[0], reserved_sms=reserved_sms, kernel=kernel,
+        options=MoEOptions(num_max_tokens=cap or x.shape[0], reserved_sms=reserved_sms, kernel=kernel)
     )
 
 

@@ -32,6 +32,8 @@ import argparse
 import os
 import sys
 import time
+from jax_megamoe.ops import MoEOptions
+from jax_megamoe.parallel import EPOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from flax import nnx
 
     from jax_megamoe._src.numerics import config as mm_config
+    from jax_megamoe import policy as mm_policy
     from jax_megamoe import parallel
     from jax_megamoe.layout import MoEWeights
     from jax_megamoe.models.deepseek_v4 import DeepseekV4Config, DeepseekV4MoE, random_moe_checkpoint
@@ -92,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = -(-tokens // n) * n
     from jax_megamoe.ops import device_arch
 
-    mode = mm_config.resolve_mode(args.mode, device_arch())
-    path = parallel.ep_path(mesh, "ep", mode, tokens // n, dispatch=args.dispatch)
+    mode = mm_policy.resolve_mode(args.mode, device_arch())
+    path = parallel.ep_path(mesh, "ep", mode, tokens // n, options=EPOptions(dispatch=args.dispatch))
     print(f"jax {jax.__version__}: {n} x {devices[0].platform} ({devices[0].device_kind}); mesh ('ep': {n})")
     print(
         f"layer {args.layer}: hidden {cfg.hidden_size}, intermediate {cfg.moe_intermediate_size}, {e} experts "
@@ -156,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             mode=mode, activation_clamp=cfg.activation_clamp,
         )  # fmt: skip
         ep = parallel.ep_moe(
-            x, topk_idx, topk_w, block.moe_weights, mesh=mesh, mode=mode, activation_clamp=cfg.activation_clamp,
-            dispatch=args.dispatch,
+            x, topk_idx, topk_w, block.moe_weights, mesh=mesh, mode=mode,
+            options=EPOptions(activation_clamp=cfg.activation_clamp, dispatch=args.dispatch)
         )  # fmt: skip
         if path == "fused":
             # The fused kernel follows the kernel's numerics, not the reference's: compare it with the
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
             one = ops.mega_moe(
                 x1, jax.device_put(topk_idx, devices[0]), jax.device_put(topk_w, devices[0]), weights,
-                activation_clamp=cfg.activation_clamp, num_max_tokens=tokens, backend="ffi",
+                activation_clamp=cfg.activation_clamp, backend="ffi",options=MoEOptions(num_max_tokens=tokens)
             )  # fmt: skip
             a, b = np.asarray(ep, np.float64), np.asarray(ref, np.float64)
             rel = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

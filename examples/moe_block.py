@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jax_megamoe._src.numerics import config as mm_config
+from jax_megamoe import policy as mm_policy
 from jax_megamoe.layout import MoEWeights
 from jax_megamoe.models.deepseek_v4 import (
     BACKENDS,
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     # The mode the ops would pick for this device when none is given.
     from jax_megamoe.ops import device_arch
 
-    mode = mm_config.resolve_mode(args.mode, device_arch())
+    mode = mm_policy.resolve_mode(args.mode, device_arch())
     t0 = time.perf_counter()
     weights = jax.block_until_ready(MoEWeights.from_checkpoint(*ckpt, mode=mode))
     del ckpt

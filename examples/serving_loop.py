@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jax_megamoe._src.numerics import config as mm_config
+from jax_megamoe import policy as mm_policy
 from jax_megamoe import ops
 from jax_megamoe.models.deepseek_v4 import BACKENDS, DeepseekV4Config, DeepseekV4MoE
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"tiny": DeepseekV4Config.tiny, "flash": DeepseekV4Config.v4_flash, "pro": DeepseekV4Config.v4_pro}[args.model](
         **overrides
     )
-    mode = mm_config.resolve_mode(args.mode, ops.device_arch())
+    mode = mm_policy.resolve_mode(args.mode, ops.device_arch())
     dev = jax.devices()[0]
     print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind})")
     t0 = time.perf_counter()

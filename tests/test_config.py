@@ -184,13 +184,22 @@ def test_pre_dispatch_limits(hidden, top_k, mode, match):
         config.validate_pre_dispatch_shape(hidden=hidden, top_k=top_k, mode=mode)
 
 
-def test_token_cap_alignment_and_config():
+def test_token_cap_alignment_and_call_spec():
+    from jax_megamoe._src.kernels._calls import MMA_KIND, MegaMoECall
+
     assert config.align_token_cap(1, "fp8xfp4") == 1920
     assert config.align_token_cap(1921, "mxf4xmxf4") == 3840
     assert config.align_token_cap(129, "fp8") == 256
-    cfg = config.MegaMoEConfig(4096, 2048, 256, 6, 1000, "fp8", activation_clamp=10.0)
-    assert cfg.capacity == 1024 and cfg.act_group == 128
-    assert config.MegaMoEConfig(4096, 2048, 256, 6, 1, "fp8xfp4").capacity == 1920
-    assert hash(cfg) == hash(config.MegaMoEConfig(4096, 2048, 256, 6, 1000, "fp8", activation_clamp=10.0))
+    # The static attributes of one kernel call: hashable (one static argument), one definition.
+    a = MegaMoECall("fp8", num_experts=256, capacity=config.align_token_cap(1000, "fp8"), activation_clamp=10.0)
+    assert a.capacity == 1024 and a.target == "jax_megamoe_mega_moe_sm90"
+    assert hash(a) == hash(MegaMoECall("fp8", num_experts=256, capacity=1024, activation_clamp=10.0))
+    attrs = a.attributes(hidden=4096, intermediate=2048, top_k=6)
+    assert (attrs["capacity"], attrs["top_k"], float(attrs["activation_clamp"])) == (1024, 6, 10.0)
+    assert attrs["sm90_wide_tile"] is False and "mma_kind" not in attrs
+    b = MegaMoECall("fp8xfp4", num_experts=256, capacity=1920, graph=True)
+    assert b.target == "jax_megamoe_mega_moe_sm100"  # no graph twin on sm_100
+    assert b.attributes(hidden=4096, intermediate=2048, top_k=6)["mma_kind"] == MMA_KIND["fp8xfp4"] == 1
+    assert float(b.attributes(hidden=4096, intermediate=2048, top_k=6)["activation_clamp"]) == float("inf")
     with pytest.raises(ValueError, match="activation_clamp"):
-        config.MegaMoEConfig(4096, 2048, 256, 6, 1000, "fp8", activation_clamp=-1.0)
+        config.check_clamp(-1.0)

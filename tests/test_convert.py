@@ -17,9 +17,6 @@ import numpy as np
 import pytest
 
 from jax_megamoe import checkpoint as ckpt
-from jax_megamoe._src.io import safetensors_reader as _st
-from jax_megamoe._src.io import v4_checkpoint as _v4
-from jax_megamoe._src.numerics import progress as _progress
 from jax_megamoe._src.io import convert
 from jax_megamoe.models.deepseek_v4 import DeepseekV4MoE
 

@@ -22,7 +22,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jax_megamoe._src.kernels import _ffi
+from jax_megamoe._src.kernels import _calls, _ffi, ops
 from jax_megamoe._src.kernels import _toolchain
 from jax_megamoe._src.numerics import config
 from jax_megamoe._src.numerics import policy as policy_mod
@@ -249,9 +249,8 @@ def test_describe_shows_invalid_env_mode(monkeypatch):
 def test_lowering_contract(mode):
     T, H, K, P = 7, 512, 6, 128
     rsf = 2.5 if mode == "fp8" else 1.0
-    target = _ffi.pre_dispatch_target(mode)
-    attrs = _ffi.pre_dispatch_attrs(mode, hidden=H, top_k=K, capacity=P, routed_scaling_factor=rsf)
-    results = _ffi.pre_dispatch_result_types(mode, hidden=H, top_k=K, capacity=P)
+    call = _calls.PreDispatchCall(mode, hidden=H, top_k=K, capacity=P, routed_scaling_factor=rsf)
+    target, attrs, results = call.target, call.attributes(), call.result_types()
 
     def f(x, idx, w):
         return jax.ffi.ffi_call(target, results, has_side_effect=True)(x, idx, w, **attrs)
@@ -266,7 +265,12 @@ def test_lowering_contract(mode):
     for key, value in (("hidden", H), ("top_k", K), ("capacity", P), ("group", config.ACT_GROUP[mode])):
         assert f"{key} = {value} : i64" in text
     assert re.search(r"routed_scaling_factor = [0-9.e+]+ : f32", text)
-    assert f"mma_kind = {_ffi.MODE_TO_ARCH_MMA[mode][1]} : i64" in text
+    assert f"mma_kind = {_calls.MMA_KIND[mode]} : i64" in text
+    # the same spec is what ops.pre_dispatch emits (one definition of the contract)
+    ops_text = jax.jit(lambda x, i, w: ops.pre_dispatch(x, i, w, mode=mode, num_max_tokens=P, routed_scaling_factor=rsf,
+                                                        backend="ffi", policy=policy_mod.Policy())).trace(*specs).lower(
+        lowering_platforms=("cuda",)).as_text()  # fmt: skip
+    assert f"@{target}(" in ops_text and f"mma_kind = {_calls.MMA_KIND[mode]} : i64" in ops_text
     q = "tensor<128x256xui8>" if mode == "mxf4xmxf4" else "tensor<128x512xf8E4M3FN>"
     sf = "tensor<128x4xf32>" if mode == "fp8" else "tensor<128x4xi32>"
     for t in (q, sf, "tensor<128x6x2xi32>", "tensor<128x6xf32>"):

@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.extend
+import jax.interpreters.batching
+import jax.interpreters.mlir
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,15 +36,46 @@ class BackendUnavailableError(RuntimeError):
     """The FFI backend was requested where it cannot run; the message says what is missing."""
 
 
-def _no_handler_here(op: str):
-    def fail(*_args):
-        raise BackendUnavailableError(
-            f"jax_megamoe: backend='ffi' for {op} runs DeepGEMM kernels, which exist only for CUDA GPUs, "
-            f"but this computation runs on {jax.default_backend()!r}; use backend='auto' (the pure-JAX "
-            "reference off the GPU) or backend='reference', or run it on an H100/H200"
-        )
+def _no_handler_message(op: str, platform: str) -> str:
+    return (
+        f"jax_megamoe: backend='ffi' for {op} runs DeepGEMM kernels, which exist only for CUDA GPUs, "
+        f"but this computation runs on {platform!r}; use backend='auto' (the pure-JAX reference off the "
+        "GPU) or backend='reference', or run it on an H100/H200"
+    )
 
-    return fail
+
+# Stands in for a custom call on every platform but CUDA: abstractly it has the call's results,
+# and lowering it (jit on CPU) or evaluating it (eager) raises BackendUnavailableError, before
+# anything runs. Lowering for "cuda" never reaches it (platform_dependent takes the real call).
+_unavailable = jax.extend.core.Primitive("jax_megamoe_ffi_unavailable")
+_unavailable.multiple_results = True
+
+
+def _unavailable_abstract(*args: Any, shapes: tuple[Any, ...], op: str) -> list[Any]:
+    del args, op
+    return [jax.core.ShapedArray(s.shape, s.dtype) for s in shapes]
+
+
+def _unavailable_raise(*args: Any, shapes: tuple[Any, ...], op: str, **_: Any) -> Any:
+    raise BackendUnavailableError(_no_handler_message(op, jax.default_backend()))
+
+
+def _unavailable_lowering(ctx: Any, *args: Any, shapes: tuple[Any, ...], op: str) -> Any:
+    platforms = getattr(ctx.module_context, "platforms", None) or (jax.default_backend(),)
+    raise BackendUnavailableError(_no_handler_message(op, "/".join(platforms)))
+
+
+def _unavailable_batch(args: Any, dims: Any, *, shapes: tuple[Any, ...], op: str) -> Any:
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    batched = tuple(jax.ShapeDtypeStruct((size, *s.shape), s.dtype) for s in shapes)
+    args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+    return _unavailable.bind(*args, shapes=batched, op=op), [0] * len(shapes)
+
+
+_unavailable.def_abstract_eval(_unavailable_abstract)
+_unavailable.def_impl(_unavailable_raise)
+jax.interpreters.mlir.register_lowering(_unavailable, _unavailable_lowering)
+jax.interpreters.batching.primitive_batchers[_unavailable] = _unavailable_batch
 
 
 def ffi_call_on_gpu(
@@ -56,8 +90,10 @@ def ffi_call_on_gpu(
     The handlers are registered for CUDA only, so XLA on another platform would stop with "No FFI
     handler registered ... on a platform Host". Where the default backend is not a GPU the call is
     wrapped in :func:`jax.lax.platform_dependent`: lowering for ``cuda`` still emits the bare custom
-    call, and running it elsewhere fails with one message that says why and what to use. On a GPU
-    process the call is emitted as is (nothing is added to the hot path).
+    call. On a GPU
+    process the call is emitted as is (nothing is added to the hot path). Compiling or running it
+    anywhere else raises :class:`BackendUnavailableError` before anything runs (jit: when XLA
+    lowers it for the CPU; eagerly: at the call).
 
     ``kwargs`` are the custom call's attributes (NumPy scalars and arrays) and ``has_side_effect``.
     Returns one array per entry of ``result_shapes`` (one array for a single shape).
@@ -72,14 +108,29 @@ def ffi_call_on_gpu(
     if jax.default_backend() == "gpu":
         return call(*args)
 
+    single = isinstance(result_shapes, jax.ShapeDtypeStruct)
+    shapes = (result_shapes,) if single else tuple(result_shapes)
+
+    @functools.partial(_rules.inference_only, op=op)
     def elsewhere(*a):
-        return jax.pure_callback(_no_handler_here(op), result_shapes, *a, vmap_method="sequential")
+        outs = _unavailable.bind(*a, shapes=shapes, op=op)
+        return outs[0] if single else (tuple(outs) if isinstance(result_shapes, tuple) else list(outs))
 
     return jax.lax.platform_dependent(*args, cuda=call, default=elsewhere)
 
 
+class _ModeCall:
+    """What every call spec derives from its ``mode``: the compute-capability major it runs on."""
+
+    mode: Mode
+
+    @property
+    def arch(self) -> int:
+        return config.arch_of_mode(self.mode)
+
+
 @dataclasses.dataclass(frozen=True)
-class PreDispatchCall:
+class PreDispatchCall(_ModeCall):
     """The pre-dispatch custom call (``ffi/handlers/pre_dispatch.h``): ``(x bf16[T, H], topk_idx
     int32[T, K], topk_weights f32[T, K]) -> (x_q, x_sf, topk_idx int32[cap, K, 2] (int64 slots),
     topk_weights f32[cap, K])``, the kernel's input slots of ``capacity`` rows."""
@@ -90,10 +141,6 @@ class PreDispatchCall:
     capacity: int
     routed_scaling_factor: float = 1.0
     graph: bool = False
-
-    @property
-    def arch(self) -> int:
-        return config.arch_of_mode(self.mode)
 
     @property
     def target(self) -> str:
@@ -127,7 +174,7 @@ class PreDispatchCall:
 
 
 @dataclasses.dataclass(frozen=True)
-class MegaMoECall:
+class MegaMoECall(_ModeCall):
     """Static attributes of one mega-kernel custom call (``ffi/handlers/mega_moe_sm*.h``), and of the
     decode passes (``ffi/handlers/decode_moe_sm90.cc``, which use ``activation_clamp``,
     ``routed_scaling_factor`` and ``graph``): hashable, the one static argument of a kernel call.
@@ -149,10 +196,6 @@ class MegaMoECall:
     rank_devices: tuple[tuple[int, ...], ...] = ()
     graph: bool = False
     sm90_wide_tile: bool = False
-
-    @property
-    def arch(self) -> int:
-        return config.arch_of_mode(self.mode)
 
     @property
     def target(self) -> str:

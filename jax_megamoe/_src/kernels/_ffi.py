@@ -37,13 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import jaxlib
-import numpy as np
 
 from jax_megamoe._version import __version__
 from jax_megamoe._src.kernels import _toolchain
-from jax_megamoe._src.numerics import config, policy
+from jax_megamoe._src.numerics import policy
 from jax_megamoe._src.numerics.policy import Locations
 
 LIB_NAME = "libjax_megamoe_ffi.so"
@@ -63,30 +61,30 @@ TARGET_MEGA_MOE_SM100 = "jax_megamoe_mega_moe_sm100"
 GRAPH_SUFFIX = "_graph"
 STAGES = ("instantiate", "initialize", "execute")
 
-# target name -> C symbol prefix; stage symbols are f"{prefix}_{stage}".
-TARGETS: dict[str, str] = {
-    TARGET_PRE_DISPATCH_SM90: "jmm_pre_dispatch_sm90",
-    TARGET_PRE_DISPATCH_SM100: "jmm_pre_dispatch_sm100",
-    TARGET_PRE_DISPATCH_SM90 + GRAPH_SUFFIX: "jmm_pre_dispatch_sm90_graph",
-    TARGET_PRE_DISPATCH_SM100 + GRAPH_SUFFIX: "jmm_pre_dispatch_sm100_graph",
-}
+def _with_graph_twins(prefixes: dict[str, str], *, twins: tuple[str, ...]) -> dict[str, str]:
+    """``target -> C symbol prefix`` (stage symbols are f"{prefix}_{stage}"), plus the
+    command-buffer compatible ``_graph`` twin of each target in ``twins``."""
+    return {**prefixes, **{t + GRAPH_SUFFIX: prefixes[t] + GRAPH_SUFFIX for t in twins}}
+
+
+# The pre-dispatch targets (status().targets lists these).
+TARGETS: dict[str, str] = _with_graph_twins(
+    {TARGET_PRE_DISPATCH_SM90: "jmm_pre_dispatch_sm90", TARGET_PRE_DISPATCH_SM100: "jmm_pre_dispatch_sm100"},
+    twins=(TARGET_PRE_DISPATCH_SM90, TARGET_PRE_DISPATCH_SM100),
+)
 # Targets whose handlers keep a MegaMoeSm90State / MegaMoeSm100State (MEGA_SM90_STATE_TYPE_NAME,
-# MEGA_SM100_STATE_TYPE_NAME); same stage symbols. Registered together with TARGETS
-# (status().targets lists TARGETS only).
-MEGA_TARGETS: dict[str, str] = {
-    TARGET_MEGA_MOE_SM90: "jmm_mega_moe_sm90",
-    TARGET_MEGA_MOE_SM90 + GRAPH_SUFFIX: "jmm_mega_moe_sm90_graph",
-    TARGET_MEGA_MOE_SM100: "jmm_mega_moe_sm100",
-}
+# MEGA_SM100_STATE_TYPE_NAME); registered together with TARGETS.
+MEGA_TARGETS: dict[str, str] = _with_graph_twins(
+    {TARGET_MEGA_MOE_SM90: "jmm_mega_moe_sm90", TARGET_MEGA_MOE_SM100: "jmm_mega_moe_sm100"},
+    twins=(TARGET_MEGA_MOE_SM90,),
+)
 # The low-latency decode passes (ours, ffi/handlers/decode_moe_sm90.cc); state DECODE_STATE_TYPE_NAME.
 TARGET_DECODE_L1_SM90 = "jax_megamoe_decode_l1_sm90"
 TARGET_DECODE_L2_SM90 = "jax_megamoe_decode_l2_sm90"
-DECODE_TARGETS: dict[str, str] = {
-    TARGET_DECODE_L1_SM90: "jmm_decode_l1_sm90",
-    TARGET_DECODE_L2_SM90: "jmm_decode_l2_sm90",
-    TARGET_DECODE_L1_SM90 + GRAPH_SUFFIX: "jmm_decode_l1_sm90_graph",
-    TARGET_DECODE_L2_SM90 + GRAPH_SUFFIX: "jmm_decode_l2_sm90_graph",
-}
+DECODE_TARGETS: dict[str, str] = _with_graph_twins(
+    {TARGET_DECODE_L1_SM90: "jmm_decode_l1_sm90", TARGET_DECODE_L2_SM90: "jmm_decode_l2_sm90"},
+    twins=(TARGET_DECODE_L1_SM90, TARGET_DECODE_L2_SM90),
+)
 
 # FFI state types: type name -> C symbol prefix of its `{prefix}_type_id` / `{prefix}_type_info` exports.
 STATE_TYPES: dict[str, str] = {
@@ -127,10 +125,6 @@ _C_API: dict[str, tuple[Any, tuple[Any, ...]]] = {
         (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t),
     ),
 }
-
-# mma_kind attribute values (= deep_gemm::MmaKind).
-MMA_NONE, MMA_MXFP8FP4, MMA_MXFP4 = 0, 1, 2
-MODE_TO_ARCH_MMA = {"fp8": (90, MMA_NONE), "fp8xfp4": (100, MMA_MXFP8FP4), "mxf4xmxf4": (100, MMA_MXFP4)}
 
 log = logging.getLogger("jax_megamoe")
 
@@ -349,50 +343,20 @@ def cubin_kernel_symbols(path: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------
-# Call-site helpers (the attribute / result contract of the pre-dispatch targets)
+# Devices (the one parser of a compute capability; the call contracts live in _calls.py)
 # --------------------------------------------------------------------------------------
 
 
-def pre_dispatch_target(mode: str, *, graph: bool = False) -> str:
-    arch, _ = MODE_TO_ARCH_MMA[config.check_mode(mode)]
-    name = TARGET_PRE_DISPATCH_SM90 if arch == 90 else TARGET_PRE_DISPATCH_SM100
-    return name + (GRAPH_SUFFIX if graph else "")
-
-
-def pre_dispatch_attrs(
-    mode: str, *, hidden: int, top_k: int, capacity: int, routed_scaling_factor: float = 1.0
-) -> dict[str, Any]:
-    """Attributes with the exact MLIR types the handlers decode (i64 / f32)."""
-    arch, mma = MODE_TO_ARCH_MMA[config.check_mode(mode)]
-    return {
-        "hidden": np.int64(hidden),
-        "top_k": np.int64(top_k),
-        "capacity": np.int64(capacity),
-        "group": np.int64(config.ACT_GROUP[mode]),
-        "mma_kind": np.int64(mma),
-        "routed_scaling_factor": np.float32(routed_scaling_factor),
-    }
-
-
-def pre_dispatch_result_types(mode: str, *, hidden: int, top_k: int, capacity: int) -> tuple[Any, ...]:
-    """``jax.ShapeDtypeStruct``s of (x_q, x_sf, topk_idx_out, topk_weights_out)."""
-    arch, mma = MODE_TO_ARCH_MMA[config.check_mode(mode)]
-    P, H, K = capacity, hidden, top_k
-    if arch == 90:
-        x_q, x_sf = jax.ShapeDtypeStruct((P, H), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((P, H // 128), jnp.float32)
-    else:
-        x_q = (
-            jax.ShapeDtypeStruct((P, H // 2), jnp.uint8)
-            if mma == MMA_MXFP4
-            else jax.ShapeDtypeStruct((P, H), jnp.float8_e4m3fn)
-        )
-        x_sf = jax.ShapeDtypeStruct((P, H // 128), jnp.int32)
-    return (
-        x_q,
-        x_sf,
-        jax.ShapeDtypeStruct((P, K, 2), jnp.int32),
-        jax.ShapeDtypeStruct((P, K), jnp.float32),
-    )
+def cc_major(device: Any) -> int | None:
+    """Compute-capability major of ``device`` (9 for sm_90, 10 for sm_100), or None when it is not
+    a CUDA GPU or does not say."""
+    if getattr(device, "platform", None) != "gpu":
+        return None
+    cc = getattr(device, "compute_capability", None)
+    try:
+        return int(str(cc).split(".")[0]) if cc else None
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------------------
@@ -490,17 +454,11 @@ def _gpu_lines() -> tuple[list[str], int | None]:
     if not devs:
         return [f"GPU: none (default backend: {jax.default_backend()})"], None
     lines = []
-    major = None
     for d in devs:
         cc = getattr(d, "compute_capability", None)
         arch = f"sm_{str(cc).replace('.', '')}" if cc else "sm_?"
-        if major is None and cc:
-            try:
-                major = int(str(cc).split(".")[0])
-            except ValueError:
-                pass
         lines.append(f"GPU {d.id}: {d.device_kind} ({arch})")
-    return lines, major
+    return lines, next((m for m in map(cc_major, devs) if m is not None), None)
 
 
 def describe() -> str:

@@ -70,15 +70,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe._src.kernels import _rules, ops
+from jax_megamoe._src.kernels import _ffi, _rules, ops
 from jax_megamoe._src.numerics import config, reference
 from jax_megamoe._src.numerics import policy as _policy
 from jax_megamoe._src.numerics.policy import Policy
 from jax_megamoe._src.numerics.layout import MoEWeights
+from jax_megamoe._src.numerics._validate import check_instance
 
 __all__ = [
     "ep_moe", "ep_moe_any_tokens", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
-    "rank_table", "DISPATCHES", "COLLECTIVE_DISPATCHES", "BACKENDS",
+    "rank_table", "EPOptions", "DISPATCHES", "COLLECTIVE_DISPATCHES", "BACKENDS",
 ]  # fmt: skip
 
 #: ``dispatch=`` values: ``"fused"`` (the intranode kernel) or a collective one, ``"ragged"``
@@ -88,7 +89,60 @@ DISPATCHES: tuple[str, ...] = ("auto", "fused", "ragged", "padded")
 #: The ``dispatch=`` values that name an XLA collective, ``"auto"`` first (what :func:`dispatch_path`
 #: and :func:`jax_megamoe.parallel_hier`'s inter-host exchange take).
 COLLECTIVE_DISPATCHES: tuple[str, ...] = tuple(d for d in DISPATCHES if d != "fused")
-BACKENDS: tuple[str, ...] = ("auto", "ffi", "reference")
+BACKENDS: tuple[str, ...] = ops.BACKENDS
+
+
+@dataclasses.dataclass(frozen=True)
+class EPOptions:
+    """The options of the expert-parallel calls (:func:`ep_moe`, :func:`ep_path`,
+    :func:`jax_megamoe.parallel.ep_moe_hier`, ``ep_moe_grouped``, ``hier_path``), grouped so the
+    calls keep a short signature.
+
+    ``activation_clamp``: ``None`` or a number ``>= 0`` (SwiGLU clamp). ``backend``: ``"auto"`` |
+    ``"reference"`` | ``"ffi"`` (see :func:`ep_moe`). ``routed_scaling_factor``: multiplied into
+    ``topk_weights`` in f32 before dispatch (a float or a traced scalar). ``dispatch``: ``"auto"`` |
+    ``"fused"`` | ``"ragged"`` | ``"padded"`` (two-level calls: the inter-host collective, no
+    ``"fused"``). ``intranode`` (two-level calls only): ``"auto"`` | ``"fused"`` | ``"collective"`` |
+    ``"local"``. ``pair_capacity``: rows per (source, destination) pair of the collective buffer.
+    ``num_max_tokens``: the fused kernel's token cap per rank. ``return_overflow`` (:func:`ep_moe`):
+    return ``(y, dropped)``; ``return_stats`` (two-level calls): return ``(y, EPStats)``.
+    ``policy``: a :class:`jax_megamoe.policy.Policy` (default: the process policy).
+    """
+
+    activation_clamp: float | None = None
+    backend: str = "auto"
+    routed_scaling_factor: Any = 1.0
+    dispatch: str = "auto"
+    intranode: str = "auto"
+    pair_capacity: int | None = None
+    num_max_tokens: int | None = None
+    return_overflow: bool = False
+    return_stats: bool = False
+    policy: Policy | None = None
+
+    @staticmethod
+    def of(options: EPOptions | None) -> EPOptions:
+        """``options``, or the defaults for None (a TypeError naming the argument otherwise)."""
+        if options is None:
+            return EPOptions()
+        return check_instance("options", options, EPOptions, "a jax_megamoe.parallel.EPOptions")
+
+
+@dataclasses.dataclass(frozen=True)
+class _EPCall:
+    """Every static choice of one collective / fused expert-parallel step: the one static argument
+    of the jitted step and of the per-device bodies."""
+
+    mesh: Any
+    axis: Any
+    mode: str
+    clamp: float | None
+    backend: str
+    path: str
+    cap: int
+    chunk: int
+    fused: ops.MegaMoECall | None
+    policy: Policy
 
 #: Platforms whose XLA implements ``ragged-all-to-all``.
 _RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
@@ -185,11 +239,9 @@ def fused_available(mesh: Mesh | AbstractMesh, axis: str = "ep", mode: str = "fp
     if any(d.process_index != me for d in devices):
         return False, "the mesh spans several processes; the fused path needs one process driving every GPU"
     for d in devices:
-        cc = str(getattr(d, "compute_capability", "") or "")
-        if not cc.startswith(f"{arch}."):
-            return False, (
-                f"device {d.id} has compute capability {cc or '?'}; mode {mode!r} runs the sm_{arch}0 kernel"
-            )
+        if _ffi.cc_major(d) != arch:
+            cc = getattr(d, "compute_capability", None) or "?"
+            return False, f"device {d.id} has compute capability {cc}; mode {mode!r} runs the sm_{arch}0 kernel"
     ok, reason = ops._ffi_ready()
     if not ok:
         return False, reason
@@ -267,15 +319,8 @@ def ep_moe(
     *,
     mesh: Mesh | AbstractMesh,
     axis: str = "ep",
-    mode: str,
-    activation_clamp: float | None = None,
-    backend: str = "auto",
-    routed_scaling_factor: float = 1.0,
-    dispatch: str = "auto",
-    pair_capacity: int | None = None,
-    return_overflow: bool = False,
-    num_max_tokens: int | None = None,
-    policy: Policy | None = None,
+    mode: config.Mode,
+    options: EPOptions | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Routed experts of one MoE layer with experts and tokens sharded over ``mesh`` axis ``axis``.
 
@@ -293,6 +338,7 @@ def ep_moe(
       mesh: a :class:`jax.sharding.Mesh` with axis ``axis`` (Auto or Explicit axis types). Other axes
         replicate the computation.
       mode: ``"mxf4xmxf4"``, ``"fp8xfp4"`` or ``"fp8"``; must be the mode ``weights`` were built for.
+      options: an :class:`EPOptions`; its fields:
       activation_clamp: ``None`` or a number ``>= 0`` (SwiGLU clamp).
       backend: ``"auto"`` | ``"reference"`` (pure-JAX expert math per device; never the fused
         kernel) | ``"ffi"`` (kernels: the fused kernel, or on the collective path the single-rank
@@ -315,6 +361,9 @@ def ep_moe(
     Returns:
       ``y`` bf16 ``[T, H]`` sharded ``P(axis)`` (and ``dropped`` int32 ``[]`` if ``return_overflow``).
     """
+    opts = EPOptions.of(options)
+    activation_clamp, routed_scaling_factor = opts.activation_clamp, opts.routed_scaling_factor
+    return_overflow = opts.return_overflow
     config.check_mode(mode)
     n = _axis_size(mesh, axis)
     t, h, k = reference._check_routing(x, topk_idx, topk_weights)
@@ -326,14 +375,13 @@ def ep_moe(
             "pad the batch with rows whose topk_idx is -1)"
         )
     _check_weights(weights, mode, h, k, n)
-    capacity = pair_capacity
+    capacity = opts.pair_capacity
     clamp = config.check_clamp(activation_clamp)
     reference._check_scaling(routed_scaling_factor)
-    path, fused = _choose_path(
-        mesh, axis, mode, t // n, dispatch=dispatch, backend=backend, capacity=capacity, num_max_tokens=num_max_tokens,
-        policy=policy,
-    )  # fmt: skip
-    be = _resolve_backend(backend, mode)
+    if opts.return_stats or opts.intranode != "auto":
+        raise ValueError("options: return_stats and intranode apply to ep_moe_hier / ep_moe_grouped, not ep_moe")
+    path, fused = _choose_path(mesh, axis, mode, t // n, opts)
+    be = _resolve_backend(opts.backend, mode)
     exact = exact_capacity(t, k, n)
     if capacity is None:
         cap = exact
@@ -363,11 +411,10 @@ def ep_moe(
     # The chunk size reference.mega_moe picks for all T tokens on one device: with it every
     # expert's rows pass through the same matmul shapes, in the same chunks, as there.
     chunk = reference.default_chunk_rows(t * k, weights.num_experts)
-    run = partial(
-        _ep_moe_jit,
-        mesh=mesh, axis=axis, mode=mode, clamp=clamp, backend=be, path=path, cap=cap, chunk=chunk, fused=fused,
-        policy=_policy.resolve(policy),
-    )  # fmt: skip
+    if fused is not None:
+        fused = dataclasses.replace(fused, num_experts=weights.num_experts, activation_clamp=clamp)
+    spec = _EPCall(mesh, axis, mode, clamp, be, path, cap, chunk, fused, _policy.resolve(opts.policy))
+    run = partial(_ep_moe_jit, spec=spec)
     # jax.grad / jvp: InferenceOnlyError (jax_megamoe._src.kernels._rules), whichever path runs.
     y, dropped = _rules.inference_only(run, "parallel.ep_moe")(x, topk_idx, topk_weights, rsf, weights)
     return (y, dropped) if return_overflow else y
@@ -379,23 +426,21 @@ def ep_path(
     mode: str = "fp8",
     tokens_per_device: int = 1,
     *,
-    dispatch: str = "auto",
-    backend: str = "auto",
-    pair_capacity: int | None = None,
-    num_max_tokens: int | None = None,
-    policy: Policy | None = None,
+    options: EPOptions | None = None,
 ) -> str:
     """``"fused"``, ``"ragged"`` or ``"padded"``: the path :func:`ep_moe` takes with these arguments
-    (``tokens_per_device`` = ``T/n``); raises as :func:`ep_moe` would for a ``dispatch`` that cannot run."""
-    return _choose_path(
-        mesh, axis, mode, tokens_per_device, dispatch=dispatch, backend=backend, capacity=pair_capacity,
-        num_max_tokens=num_max_tokens, policy=policy,
-    )[0]  # fmt: skip
+    (``tokens_per_device`` = ``T/n``; ``options``: the :class:`EPOptions` of the call, of which
+    ``dispatch``, ``backend``, ``pair_capacity``, ``num_max_tokens`` and ``policy`` matter here);
+    raises as :func:`ep_moe` would for a ``dispatch`` that cannot run."""
+    return _choose_path(mesh, axis, mode, tokens_per_device, EPOptions.of(options))[0]
 
 
-def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capacity, num_max_tokens, policy=None):
-    """``(path, fused)``: ``"fused"`` with ``fused = (token cap, rank table rows, reserved SMs)``, or
-    the collective ``"ragged"``/``"padded"`` with ``fused = None``."""
+def _choose_path(mesh, axis, mode, tokens_per_device, opts: EPOptions):
+    """``(path, fused)``: ``"fused"`` with ``fused`` the kernel call (its ``num_experts`` and clamp
+    filled in by the caller), or the collective ``"ragged"``/``"padded"`` with ``fused = None``."""
+    dispatch, backend, capacity, num_max_tokens, policy = (
+        opts.dispatch, opts.backend, opts.pair_capacity, opts.num_max_tokens, opts.policy
+    )
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
     pol = _policy.resolve(policy)
@@ -433,28 +478,28 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
             dispatch = "fused"
     if dispatch != "fused":
         return dispatch_path(mesh, dispatch), None
-    reserved = pol.reserved_sms
     table = tuple(tuple(int(v) for v in row) for row in rank_table(mesh, axis))
-    # The graph-target and wide-tile switches come from the policy and travel as a static argument,
-    # so that _ep_moe_jit's trace cache never hands a trace made for one policy to a call with another.
-    return "fused", (cap, table, reserved, pol.graph_targets, pol.sm90_wide_tile)
+    # The graph-target and wide-tile switches come from the policy and travel in the static call
+    # spec, so that _ep_moe_jit's trace cache never hands a trace made for one policy to another.
+    call = ops.MegaMoECall(
+        mode, num_experts=0, capacity=cap, reserved_sms=pol.reserved_sms, num_ranks=_axis_size(mesh, axis),
+        rank_devices=table, graph=pol.graph_targets, sm90_wide_tile=pol.sm90_wide_tile,
+    )  # fmt: skip
+    return "fused", call
 
 
-@partial(jax.jit, static_argnames=("mesh", "axis", "mode", "clamp", "backend", "path", "cap", "chunk", "fused", "policy"))
-def _ep_moe_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, axis, mode, clamp, backend, path, cap, chunk, fused, policy):
+@partial(jax.jit, static_argnames=("spec",))
+def _ep_moe_jit(x, topk_idx, topk_weights, rsf, weights, *, spec: _EPCall):
     w = topk_weights.astype(jnp.float32) * rsf  # reference._scale_weights: one f32 multiply
-    if path == "fused":
-        body = partial(_ep_fused_body, axis=axis, mode=mode, clamp=clamp, fused=fused, num_experts=weights.num_experts)
+    if spec.path == "fused":
+        body = partial(_ep_fused_body, call=spec.fused)
     else:
-        body = partial(
-            _ep_body, axis=axis, mode=mode, clamp=clamp, backend=backend, path=path, cap=cap, chunk=chunk,
-            num_experts=weights.num_experts, policy=policy,
-        )  # fmt: skip
+        body = partial(_ep_body, spec=spec, num_experts=weights.num_experts)
     f = jax.shard_map(
         body,
-        mesh=mesh,
-        in_specs=(P(axis), P(axis), P(axis), P(axis)),
-        out_specs=(P(axis), P()),
+        mesh=spec.mesh,
+        in_specs=(P(spec.axis), P(spec.axis), P(spec.axis), P(spec.axis)),
+        out_specs=(P(spec.axis), P()),
         check_vma=False,  # the reference's loops start from unsharded zeros
     )
     return f(x, topk_idx, w, weights)
@@ -465,36 +510,33 @@ def _ep_moe_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, axis, mode, cl
 # --------------------------------------------------------------------------------------------
 
 
-def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk, policy):
+def _local_experts(x, idx, w, weights, spec: _EPCall):
     """The experts of this device on its received rows: ``x`` bf16 ``[R, H]``, ``idx`` int32 ``[R, 1]``
     local expert ids (``-1`` = padding row), ``w`` f32 ``[R, 1]`` -> bf16 ``[R, H]`` (0 for padding).
 
     A single-rank Mega MoE problem with top-k 1: the one place a per-device kernel plugs in.
     """
-    if backend == "ffi":
+    if spec.backend == "ffi":
         # One rank holding E/n experts with local ids: the kernel sees a layer of E/n experts and a
-        # buffer for all R received rows.
+        # buffer for all R received rows; the call's policy (not the process one) decides the rest.
         local = dataclasses.replace(weights, num_experts=weights.num_local_experts)
         return ops.mega_moe(
-            x, idx, w, local, mode=mode, activation_clamp=clamp, num_max_tokens=x.shape[0], backend="ffi",
-            policy=policy,
+            x, idx, w, local, mode=spec.mode, activation_clamp=spec.clamp, backend="ffi",
+            options=ops.MoEOptions(num_max_tokens=x.shape[0], policy=spec.policy),
         )
-    return reference.mega_moe(x, idx, w, weights, mode=mode, activation_clamp=clamp, chunk_rows=chunk)
+    return reference.mega_moe(
+        x, idx, w, weights, mode=spec.mode, activation_clamp=spec.clamp, options=ops.MoEOptions(chunk_rows=spec.chunk)
+    )
 
 
-def _ep_fused_body(x, topk_idx, w, weights, *, axis, mode, clamp, fused, num_experts):
+def _ep_fused_body(x, topk_idx, w, weights, *, call: ops.MegaMoECall):
     """One rank of the fused kernel: its own tokens in, its own outputs back; the kernel moves the
     (token, slot) pairs between the GPUs itself. ``w`` already carries routed_scaling_factor."""
-    cap, table, reserved, graph, wide = fused
-    y = ops.mega_moe_target_call(
-        x, topk_idx, w, weights, mode=mode, num_experts=num_experts, capacity=cap, activation_clamp=clamp,
-        routed_scaling_factor=1.0, fast_math=True, reserved_sms=reserved, num_ranks=lax.axis_size(axis),
-        rank_devices=np.asarray(table, np.int64), graph=graph, sm90_wide_tile=wide,
-    )  # fmt: skip
-    return y, jnp.zeros((), jnp.int32)
+    return ops.mega_moe_target_call(x, topk_idx, w, weights, call), jnp.zeros((), jnp.int32)
 
 
-def _ep_body(x, topk_idx, w, weights, *, axis, mode, clamp, backend, path, cap, chunk, num_experts, policy):
+def _ep_body(x, topk_idx, w, weights, *, spec: _EPCall, num_experts: int):
+    axis, path, cap = spec.axis, spec.path, spec.cap
     n = lax.axis_size(axis)
     me = lax.axis_index(axis)
     tl, h = x.shape
@@ -542,10 +584,7 @@ def _ep_body(x, topk_idx, w, weights, *, axis, mode, clamp, backend, path, cap, 
     recv_w = exchange(send_w, 0, send_sizes, recv_sizes)
 
     # 3. Local experts on the received rows.
-    out = _local_experts(
-        recv_x, recv_e[:, None], recv_w[:, None], weights, mode=mode, clamp=clamp, backend=backend, chunk=chunk,
-        policy=policy,
-    )
+    out = _local_experts(recv_x, recv_e[:, None], recv_w[:, None], weights, spec)
 
     # 4. Back to the senders (reverse exchange), then combine in ascending k.
     back = exchange(out, 0, recv_sizes, send_sizes)
@@ -584,7 +623,8 @@ def ep_moe_any_tokens(
     *,
     mesh: Mesh | AbstractMesh,
     axis: str = "ep",
-    **kwargs: Any,
+    mode: config.Mode,
+    options: EPOptions | None = None,
 ) -> jax.Array:
     """:func:`ep_moe` for any ``T``: pads the batch to a multiple of the axis size with rows routed
     nowhere (``topk_idx = -1``, they give exactly 0) and returns the first ``T`` rows (replicated
@@ -593,12 +633,12 @@ def ep_moe_any_tokens(
     t = x.shape[0]
     pad = (-t) % n
     if pad == 0:
-        return ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, **kwargs)
-    if kwargs.get("return_overflow"):
+        return ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, mode=mode, options=options)
+    if EPOptions.of(options).return_overflow:
         raise ValueError("return_overflow: not supported by ep_moe_any_tokens when T needs padding; call ep_moe")
     x = jnp.pad(x, ((0, pad), (0, 0)))
     topk_idx = jnp.pad(topk_idx, ((0, pad), (0, 0)), constant_values=-1)
     topk_weights = jnp.pad(topk_weights, ((0, pad), (0, 0)))
-    y = ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, **kwargs)
+    y = ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, mode=mode, options=options)
     y = _place(y, mesh, P(), _is_explicit(mesh, axis))
     return y[:t]

@@ -8,7 +8,7 @@ wrong answer into a ValueError that names the argument.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from jax_megamoe._src.numerics import _validate
 
@@ -86,44 +86,6 @@ def mode_from_flags(use_fp4_acts: bool, use_mxf4_kind: bool, *, source: str = "e
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class MegaMoEConfig:
-    """Static shape and mode of one Mega MoE call site (hashable: it keys buffers and cubins)."""
-
-    hidden: int
-    intermediate: int
-    num_experts: int
-    top_k: int
-    num_max_tokens: int
-    mode: str
-    activation_clamp: float | None = None
-    num_ranks: int = 1
-
-    def __post_init__(self) -> None:
-        check_mode(self.mode)
-        validate_moe_shape(
-            hidden=self.hidden,
-            intermediate=self.intermediate,
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            mode=self.mode,
-            num_ranks=self.num_ranks,
-        )
-        check_clamp(self.activation_clamp)
-        if self.num_max_tokens < 1:
-            raise ValueError(f"num_max_tokens: {self.num_max_tokens} must be >= 1")
-
-    @property
-    def capacity(self) -> int:
-        """Rows of the kernel's token buffer: ``num_max_tokens`` after the mode's alignment (the
-        custom call's ``capacity`` attribute; DeepGEMM's ``kNumMaxTokensPerRank``)."""
-        return align_token_cap(self.num_max_tokens, self.mode)
-
-    @property
-    def act_group(self) -> int:
-        return ACT_GROUP[self.mode]
-
-
 def check_clamp(activation_clamp: float | None) -> float | None:
     """``activation_clamp`` as a static float (``None``: no clamp; ``inf`` means the same).
 
@@ -184,3 +146,34 @@ def validate_moe_shape(
             raise ValueError(f"intermediate: {intermediate} exceeds the sm_90 kernel's limit of {MAX_INTERMEDIATE_SM90}")
         if num_ranks > MAX_RANKS_SM90:
             raise ValueError(f"num_ranks: {num_ranks} exceeds {MAX_RANKS_SM90}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEOptions:
+    """The rarely changed options of one Mega MoE call (:func:`jax_megamoe.ops.mega_moe`,
+    :func:`jax_megamoe.reference.mega_moe`), grouped so the calls keep a short signature.
+
+    ``routed_scaling_factor``: multiplied into ``topk_weights`` in f32 (a Python float, or a traced
+    scalar: then the options are not hashable, which only matters if you make them static).
+    ``num_max_tokens``: the kernel buffer's token cap (default: the policy's); the reference only
+    checks ``T`` against it. ``fast_math``: the kernels' fast ``exp``/division (None: on for the
+    kernels; the reference always computes exactly). ``reserved_sms``: SMs the kernel leaves free
+    (default: the policy's). ``kernel``: ``"auto"`` | ``"fused"`` | ``"decode"`` (see
+    :func:`jax_megamoe.ops.mega_moe`). ``chunk_rows``: the reference's rows per expert step (speed
+    and memory only). ``policy``: a :class:`jax_megamoe.policy.Policy` (default: the process policy).
+    """
+
+    routed_scaling_factor: Any = 1.0
+    num_max_tokens: int | None = None
+    fast_math: bool | None = None
+    reserved_sms: int | None = None
+    kernel: str = "auto"
+    chunk_rows: int | None = None
+    policy: Any = None
+
+    @staticmethod
+    def of(options: MoEOptions | None) -> MoEOptions:
+        """``options``, or the defaults for None (a TypeError naming the argument otherwise)."""
+        if options is None:
+            return MoEOptions()
+        return _validate.check_instance("options", options, MoEOptions, "a jax_megamoe.ops.MoEOptions")

@@ -50,7 +50,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from jax_megamoe._src.numerics import config
+from jax_megamoe._src.numerics import _validate, config
 
 __all__ = ["Policy", "Locations", "current", "describe", "resolve", "resolve_mode", "forward_env", "ENV"]
 
@@ -332,9 +332,7 @@ def resolve(policy: Policy | None) -> Policy:
     """``policy`` itself, or the process policy for None (a TypeError for anything else)."""
     if policy is None:
         return current()
-    if not isinstance(policy, Policy):
-        raise TypeError(f"policy: expected a jax_megamoe.policy.Policy or None, got {type(policy).__name__}")
-    return policy
+    return _validate.check_instance("policy", policy, Policy, "a jax_megamoe.policy.Policy")
 
 
 def resolve_mode(mode: str | None, arch: int | None = None, policy: Policy | None = None) -> str:

@@ -445,12 +445,12 @@ def _routed_experts(
                 mode=weights.mode,
                 activation_clamp=activation_clamp,
                 backend=backend,
-                policy=policy,
+                options=ops.MoEOptions(policy=policy),
             )
             return y[:t]
         return ops.mega_moe(
             x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp, backend=backend,
-            policy=policy,
+            options=ops.MoEOptions(policy=policy),
         )  # fmt: skip
     return reference.mega_moe(x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp)
 
@@ -613,8 +613,10 @@ class DeepseekV4MoE(nnx.Module):
             # experts run sharded over ep_axis (T padded to a multiple of the axis size).
             y = parallel.ep_moe_any_tokens(
                 x, topk_idx, topk_weights, self.moe_weights, mesh=self.mesh, axis=self.ep_axis,
-                mode=self.mode, activation_clamp=cfg.activation_clamp, backend=self.backend,
-                dispatch=self.ep_dispatch, policy=self.policy,
+                mode=self.mode, options=parallel.EPOptions(
+                    activation_clamp=cfg.activation_clamp, backend=self.backend, dispatch=self.ep_dispatch,
+                    policy=self.policy,
+                ),
             )  # fmt: skip
         else:
             y = _routed_experts(
