@@ -7,8 +7,8 @@ skips the device check when no GPU is present, so a jitted call can be lowered f
 ``cuda`` on a CPU-only machine; *running* it there fails with one error that says why and what
 to use, see :func:`ffi_call_on_gpu`); ``backend="reference"`` always runs the pure-JAX path.
 
-Scalar arguments that become kernel attributes (``activation_clamp``, ``num_max_tokens``,
-``reserved_sms``) must be static Python numbers: a traced one is a ``TypeError`` naming it. A
+Scalar arguments that become kernel attributes (``activation_clamp``, and the
+:class:`MoEOptions` fields ``num_max_tokens``, ``reserved_sms``) must be static Python numbers: a traced one is a ``TypeError`` naming it. A
 traced ``routed_scaling_factor`` is accepted: it is multiplied into ``topk_weights`` in f32 before
 the kernel (the same bits as the kernel's own multiply). Expert ids outside ``[0, E)``, int64 ones
 ``>= 2**31`` included, route nowhere on every backend (:func:`jax_megamoe.reference.route_ids`).

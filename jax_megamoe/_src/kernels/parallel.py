@@ -1,5 +1,8 @@
 """Expert parallelism over a mesh axis with XLA collectives: :func:`ep_moe`.
 
+The options below (``dispatch=``, ``pair_capacity=``, ``return_overflow=``, ...) are fields of one
+:class:`EPOptions`: ``ep_moe(..., mesh=mesh, mode="fp8", options=EPOptions(dispatch="padded"))``.
+
 Experts and tokens are both sharded over one mesh axis (``axis``, size ``n``): device ``d`` owns
 experts ``[d * E/n, (d + 1) * E/n)`` and tokens ``[d * T/n, (d + 1) * T/n)``, and gets the outputs
 of its own tokens back. One call, inside :func:`jax.shard_map`, per device:

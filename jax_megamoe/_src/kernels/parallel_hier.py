@@ -1,6 +1,9 @@
 """Expert parallelism that reads each local expert's weights once per step, over one mesh axis or a
 two-level ``(host, GPU)`` mesh: :func:`ep_moe_grouped`, :func:`ep_moe_hier`, :func:`hier_path`.
 
+Options (``dispatch``, ``intranode``, ``pair_capacity``, ``return_stats``, ...) are fields of one
+:class:`jax_megamoe.parallel.EPOptions`; the two mesh axes are ``axes=(host_axis, axis)``.
+
 The collective path of :func:`jax_megamoe.parallel.ep_moe` sends every (token, slot) *pair* as its
 own top-1 row and sizes each device's receive buffer for ``n * T/n * K`` rows. Here, as in DeepEP,
 a token travels **once per destination** with all ``K`` of its slots: the slots whose expert lives
