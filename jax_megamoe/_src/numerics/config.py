@@ -35,6 +35,8 @@ MAX_RANKS_SM100 = 72
 # sm_90 mega kernel limits (host checks of fp8_mega_moe).
 MAX_INTERMEDIATE_SM90 = 4096
 MAX_RANKS_SM90 = 32
+# (hidden multiple, intermediate multiple, most ranks) of the mega kernels per compute-capability major.
+_MEGA_LIMITS = {10: (256, 128, MAX_RANKS_SM100), 9: (512, 256, MAX_RANKS_SM90)}
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", ""}
@@ -122,30 +124,25 @@ def validate_moe_shape(
         raise ValueError(f"top_k: {top_k} must be in [1, num_experts = {num_experts}]")
     if num_ranks < 1 or num_experts % num_ranks != 0:
         raise ValueError(f"num_experts: {num_experts} must be divisible by the number of ranks {num_ranks}")
-    if mode in SM100_MODES:
-        if hidden % 256 != 0:
-            raise ValueError(f"hidden: {hidden} must be a multiple of 256 for mode {mode!r}")
-        if intermediate % 128 != 0:
-            raise ValueError(f"intermediate: {intermediate} must be a multiple of 128 for mode {mode!r}")
-        if top_k > MAX_TOPK_SM100:
-            raise ValueError(f"top_k: {top_k} exceeds the sm_100 kernel's limit of {MAX_TOPK_SM100}")
-        if num_experts > MAX_EXPERTS_SM100:
-            raise ValueError(f"num_experts: {num_experts} exceeds the sm_100 kernel's limit of {MAX_EXPERTS_SM100}")
-        if num_experts // num_ranks > MAX_LOCAL_EXPERTS_SM100:
-            raise ValueError(
-                f"num_experts: {num_experts // num_ranks} local experts exceed the limit of {MAX_LOCAL_EXPERTS_SM100}"
-            )
-        if num_ranks > MAX_RANKS_SM100:
-            raise ValueError(f"num_ranks: {num_ranks} exceeds {MAX_RANKS_SM100}")
-    else:
-        if hidden % 512 != 0:
-            raise ValueError(f"hidden: {hidden} must be a multiple of 512 for mode 'fp8'")
-        if intermediate % 256 != 0:
-            raise ValueError(f"intermediate: {intermediate} must be a multiple of 256 for mode 'fp8'")
+    h_mult, i_mult, max_ranks = _MEGA_LIMITS[arch_of_mode(mode)]
+    if hidden % h_mult != 0:
+        raise ValueError(f"hidden: {hidden} must be a multiple of {h_mult} for mode {mode!r}")
+    if intermediate % i_mult != 0:
+        raise ValueError(f"intermediate: {intermediate} must be a multiple of {i_mult} for mode {mode!r}")
+    if num_ranks > max_ranks:
+        raise ValueError(f"num_ranks: {num_ranks} exceeds {max_ranks}")
+    if mode in SM90_MODES:
         if intermediate > MAX_INTERMEDIATE_SM90:
             raise ValueError(f"intermediate: {intermediate} exceeds the sm_90 kernel's limit of {MAX_INTERMEDIATE_SM90}")
-        if num_ranks > MAX_RANKS_SM90:
-            raise ValueError(f"num_ranks: {num_ranks} exceeds {MAX_RANKS_SM90}")
+        return
+    if top_k > MAX_TOPK_SM100:
+        raise ValueError(f"top_k: {top_k} exceeds the sm_100 kernel's limit of {MAX_TOPK_SM100}")
+    if num_experts > MAX_EXPERTS_SM100:
+        raise ValueError(f"num_experts: {num_experts} exceeds the sm_100 kernel's limit of {MAX_EXPERTS_SM100}")
+    if num_experts // num_ranks > MAX_LOCAL_EXPERTS_SM100:
+        raise ValueError(
+            f"num_experts: {num_experts // num_ranks} local experts exceed the limit of {MAX_LOCAL_EXPERTS_SM100}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
