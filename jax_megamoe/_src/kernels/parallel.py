@@ -426,7 +426,7 @@ def ep_moe(
 def ep_path(
     mesh: Mesh | AbstractMesh,
     axis: str = "ep",
-    mode: str = "fp8",
+    mode: config.Mode = "fp8",
     tokens_per_device: int = 1,
     *,
     options: EPOptions | None = None,

@@ -261,7 +261,7 @@ def hier_path(
     mesh: Mesh | AbstractMesh,
     host_axis: str = "host",
     axis: str | None = "ep",
-    mode: str = "fp8",
+    mode: config.Mode = "fp8",
     tokens_per_device: int = 1,
     *,
     options: EPOptions | None = None,

@@ -259,7 +259,7 @@ def pre_dispatch(
     topk_idx: jax.Array,
     topk_weights: jax.Array,
     *,
-    mode: str,
+    mode: config.Mode,
     num_max_tokens: int,
     routed_scaling_factor: float = 1.0,
 ) -> PreDispatched:
