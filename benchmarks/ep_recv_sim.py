@@ -34,6 +34,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+from jax_megamoe.ops import MoEOptions
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def same(x, i, ww, W=w_loc, r=rows_real):
             loc = dataclasses.replace(W, num_experts=W.num_local_experts)
-            return ops.mega_moe(x, i, ww, loc, mode="fp8", activation_clamp=clamp, num_max_tokens=r, backend=be)
+            return ops.mega_moe(x, i, ww, loc, mode="fp8", activation_clamp=clamp, backend=be, options=MoEOptions(num_max_tokens=r))
 
         y_same = timed("kernel_same", n, same, _dev(comp), {**common, "rows": rows_real})
         if y_exact is not None and y_same is not None:
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         idx, w = make_routing(t, e, k, shape.rho, rng)
         arrs = _dev((rng.standard_normal((t, h), dtype=np.float32), idx, w))
         timed("ep1_t4096", 1, lambda x, i, ww, W=w_all: ops.mega_moe(
-            x, i, ww, W, mode="fp8", activation_clamp=clamp, num_max_tokens=t, backend=be), arrs,
+            x, i, ww, W, mode="fp8", activation_clamp=clamp, backend=be, options=MoEOptions(num_max_tokens=t)), arrs,
             {"rows": t, "pairs": t * k, "experts": e})  # fmt: skip
         del w_all
 

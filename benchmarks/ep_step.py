@@ -34,6 +34,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+from jax_megamoe.parallel import EPOptions
 
 import jax
 import jax.numpy as jnp
@@ -63,18 +64,19 @@ def _spec(path: str):
 def _call(path: str, n: int, t: int, mesh, backend: str = "ffi"):
     from jax_megamoe import parallel
 
-    kw: dict[str, Any] = dict(mesh=mesh, mode="fp8", activation_clamp=CLAMP)
+    kw: dict[str, Any] = dict(activation_clamp=CLAMP)
     if path == "fused":
         kw.update(dispatch="fused", num_max_tokens=max(t // n, 128))
-        return lambda x, i, w, ww: parallel.ep_moe(x, i, w, ww, **kw)
-    if path == "ragged_ffi":
+    elif path == "ragged_ffi":
         kw.update(dispatch="ragged" if backend == "ffi" else "auto", backend=backend)
-        return lambda x, i, w, ww: parallel.ep_moe(x, i, w, ww, **kw)
-    if path == "grouped_ffi":
+    else:
         kw.update(backend=backend)
-        return lambda x, i, w, ww: parallel.ep_moe_grouped(x, i, w, ww, **kw)
-    kw.update(backend=backend)
-    return lambda x, i, w, ww: parallel.ep_moe_hier(x, i, w, ww, **kw)
+    opts = parallel.EPOptions(**kw)
+    if path in ("fused", "ragged_ffi"):
+        return lambda x, i, w, ww: parallel.ep_moe(x, i, w, ww, mesh=mesh, mode="fp8", options=opts)
+    if path == "grouped_ffi":
+        return lambda x, i, w, ww: parallel.ep_moe_grouped(x, i, w, ww, mesh=mesh, mode="fp8", options=opts)
+    return lambda x, i, w, ww: parallel.ep_moe_hier(x, i, w, ww, mesh=mesh, mode="fp8", options=opts)
 
 
 def _inputs(t: int, seed: int, h: int, e: int, k: int, rho: float):
@@ -154,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 from jax_megamoe import parallel
 
                 hosts, axis = ("host", "ep") if path == "hier" else ("ep", None)
-                C.log(f"EP{n} {path}: {parallel.hier_path(mesh, hosts, axis, 'fp8', 64, backend=args.backend)}")
+                C.log(f"EP{n} {path}: {parallel.hier_path(mesh, hosts, axis, 'fp8', 64, options=EPOptions(backend=args.backend))}")
             for t in args.tokens:
                 if t % n:
                     continue

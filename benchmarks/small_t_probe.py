@@ -67,8 +67,9 @@ def main() -> int:
                 continue
             for r, graph in [(r, g) for r in a.reserved for g in ((False, True) if a.graph else (False,))]:
                 pol = _policy.current().replace(graph_targets=graph)  # the process policy is read once
-                kw = dict(activation_clamp=10.0, num_max_tokens=cap, reserved_sms=r, backend="ffi", kernel="fused",
-                          policy=pol)  # token caps and reserved SMs are the fused kernel's
+                kw = dict(activation_clamp=10.0, backend="ffi", options=ops.MoEOptions(
+                    num_max_tokens=cap, reserved_sms=r, kernel="fused", policy=pol,
+                ))  # token caps and reserved SMs are the fused kernel's
                 one = jax.jit(lambda x, i, w, ww, kw=kw: ops.mega_moe(x, i, w, ww, **kw))
 
                 @jax.jit

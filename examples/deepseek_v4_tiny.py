@@ -36,13 +36,6 @@ from jax_megamoe.models.deepseek_v4 import BACKENDS, DeepseekV4Config, DeepseekV
 _List = getattr(nnx, "List", list)  # nnx.List (flax >= 0.12) holds submodules; older flax takes a plain list
 
 
-def device_mode(mode: str | None) -> str:
-    """``--mode``, else the mode the ops pick on this device when a call names none: ``fp8`` on
-    sm_90, the process policy's sm_100 mode elsewhere."""
-    return mode or ("fp8" if ops.device_arch() == 9 else policy.current().sm100_mode)
-
-
-
 class Block(nnx.Module):
     """One layer: causal-mean mixer (attention stand-in) and the V4 MoE block, each pre-normed and residual."""
 
@@ -130,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = DeepseekV4Config.tiny()
-    mode = device_mode(args.mode)
+    mode = policy.resolve_mode(args.mode, ops.device_arch())
     dev = jax.devices()[0]
     print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind})")
     t0 = time.perf_counter()

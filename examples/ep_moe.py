@@ -32,6 +32,8 @@ import argparse
 import os
 import sys
 import time
+from jax_megamoe.ops import MoEOptions
+from jax_megamoe.parallel import EPOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (5 if args.quick else 3)
     tokens = args.tokens or ((4 * n if on_cpu else 64 * n) if args.quick else (2 * n if on_cpu else 256 * n))
     tokens = -(-tokens // n) * n
-    # --mode, else the mode the ops pick on this device: fp8 on sm_90, the policy's sm_100 mode elsewhere.
-    mode = args.mode or ("fp8" if ops.device_arch() == 9 else policy.current().sm100_mode)
-    path = parallel.ep_path(mesh, "ep", mode, tokens // n, dispatch=args.dispatch)
+    mode = policy.resolve_mode(args.mode, ops.device_arch())
+    path = parallel.ep_path(mesh, "ep", mode, tokens // n, options=EPOptions(dispatch=args.dispatch))
     print(f"jax {jax.__version__}: {n} x {devices[0].platform} ({devices[0].device_kind}); mesh ('ep': {n})")
     print(
         f"layer {args.layer}: hidden {cfg.hidden_size}, intermediate {cfg.moe_intermediate_size}, {e} experts "
@@ -158,15 +159,15 @@ def main(argv: list[str] | None = None) -> int:
             mode=mode, activation_clamp=cfg.activation_clamp,
         )  # fmt: skip
         ep = parallel.ep_moe(
-            x, topk_idx, topk_w, block.moe_weights, mesh=mesh, mode=mode, activation_clamp=cfg.activation_clamp,
-            dispatch=args.dispatch,
+            x, topk_idx, topk_w, block.moe_weights, mesh=mesh, mode=mode,
+            options=EPOptions(activation_clamp=cfg.activation_clamp, dispatch=args.dispatch)
         )  # fmt: skip
         if path == "fused":
             # The fused kernel follows the kernel's numerics, not the reference's: compare it with the
             # single-GPU kernel (same bits expected) and with the reference (within 1e-2).
             one = ops.mega_moe(
                 x1, jax.device_put(topk_idx, devices[0]), jax.device_put(topk_w, devices[0]), weights,
-                activation_clamp=cfg.activation_clamp, num_max_tokens=tokens, backend="ffi",
+                activation_clamp=cfg.activation_clamp, backend="ffi",options=MoEOptions(num_max_tokens=tokens)
             )  # fmt: skip
             a, b = np.asarray(ep, np.float64), np.asarray(ref, np.float64)
             rel = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

@@ -41,13 +41,6 @@ from jax_megamoe.models.deepseek_v4 import (
 )
 
 
-def device_mode(mode: str | None) -> str:
-    """``--mode``, else the mode the ops pick on this device when a call names none: ``fp8`` on
-    sm_90, the process policy's sm_100 mode elsewhere."""
-    return mode or ("fp8" if ops.device_arch() == 9 else policy.current().sm100_mode)
-
-
-
 def _tokens(s: str) -> list[int]:
     try:
         out = [int(v) for v in s.split(",") if v.strip()]
@@ -105,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = sum(a.nbytes for a in ckpt)
     print(f"generated {nbytes / 2**30:.2f} GiB of checkpoint-format experts in {t_gen:.1f} s")
 
-    mode = device_mode(args.mode)
+    # The mode the ops would pick for this device when none is given.
+    mode = policy.resolve_mode(args.mode, ops.device_arch())
     t0 = time.perf_counter()
     weights = jax.block_until_ready(MoEWeights.from_checkpoint(*ckpt, mode=mode))
     del ckpt

@@ -29,13 +29,6 @@ from jax_megamoe import MODES, ops, policy
 from jax_megamoe.models.deepseek_v4 import BACKENDS, DeepseekV4Config, DeepseekV4MoE
 
 
-def device_mode(mode: str | None) -> str:
-    """``--mode``, else the mode the ops pick on this device when a call names none: ``fp8`` on
-    sm_90, the process policy's sm_100 mode elsewhere."""
-    return mode or ("fp8" if ops.device_arch() == 9 else policy.current().sm100_mode)
-
-
-
 def buckets_up_to(max_batch: int) -> list[int]:
     """1, 2, 4, ... and ``max_batch`` itself (the last bucket)."""
     out, b = [], 1
@@ -103,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"tiny": DeepseekV4Config.tiny, "flash": DeepseekV4Config.v4_flash, "pro": DeepseekV4Config.v4_pro}[args.model](
         **overrides
     )
-    mode = device_mode(args.mode)
+    mode = policy.resolve_mode(args.mode, ops.device_arch())
     dev = jax.devices()[0]
     print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind})")
     t0 = time.perf_counter()

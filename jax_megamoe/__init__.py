@@ -16,7 +16,7 @@ from jax_megamoe._src.kernels._rules import InferenceOnlyError, ShardingError
 from jax_megamoe._src.kernels._toolchain import ToolchainError
 from jax_megamoe._src.kernels.ops import BackendUnavailableError, mega_moe, pre_dispatch
 from jax_megamoe._src.kernels.parallel import ep_moe
-from jax_megamoe._src.numerics.config import MODES, MegaMoEConfig, Mode
+from jax_megamoe._src.numerics.config import MODES, Mode
 from jax_megamoe._src.numerics.layout import MoEWeights
 from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4MoE
 from jax_megamoe._src.numerics.policy import Policy
@@ -43,7 +43,6 @@ __all__ = [
     "ep_moe",
     "MoEWeights",
     "DeepseekV4MoE",
-    "MegaMoEConfig",
     "Policy",
     "Mode",
     "MODES",

@@ -8,6 +8,7 @@ from jax_megamoe._src.kernels.ops import (
     default_num_max_tokens,
     BACKENDS,
     BackendUnavailableError,
+    MoEOptions,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "default_num_max_tokens",
     "BACKENDS",
     "BackendUnavailableError",
+    "MoEOptions",
 ]

@@ -8,6 +8,7 @@ from jax_megamoe._src.kernels.parallel import (
     BACKENDS,
     COLLECTIVE_DISPATCHES,
     DISPATCHES,
+    EPOptions,
     dispatch_path,
     ep_moe,
     ep_moe_any_tokens,
@@ -29,6 +30,7 @@ from jax_megamoe._src.kernels.parallel_hier import (
 
 __all__ = [
     "ep_moe",
+    "EPOptions",
     "ep_moe_any_tokens",
     "ep_moe_grouped",
     "ep_moe_hier",

@@ -12,6 +12,7 @@ from jax_megamoe._src.numerics.reference import (
     default_chunk_rows,
     route_ids,
 )
+from jax_megamoe._src.numerics.config import MoEOptions
 
 __all__ = [
     "PreDispatched",
@@ -24,4 +25,5 @@ __all__ = [
     "requantize_intermediate",
     "default_chunk_rows",
     "route_ids",
+    "MoEOptions",
 ]

@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 import time
+from jax_megamoe.ops import MoEOptions
+from jax_megamoe.parallel import EPOptions
 
 
 def _setup(devices: int) -> None:
@@ -136,12 +138,12 @@ def run_single() -> None:
         x, idx, w = make_routing(n, w_all.num_experts, seed=n)
         ref = reference.mega_moe(
             jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all,
-            mode=mode, activation_clamp=clamp, routed_scaling_factor=rsf,
+            mode=mode, activation_clamp=clamp, options=MoEOptions(routed_scaling_factor=rsf)
         )  # fmt: skip
         mesh = jax.make_mesh((n,), ("ep",), devices=devs[:n])  # Explicit axis
         y = parallel.ep_moe(
             jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all, mesh=mesh, mode=mode,
-            activation_clamp=clamp, routed_scaling_factor=rsf,
+            options=EPOptions(activation_clamp=clamp, routed_scaling_factor=rsf)
         )  # fmt: skip
         ok, info = same_bits(y, ref)
         el, tl = w_all.num_experts // n, T // n
@@ -160,7 +162,7 @@ def run_single() -> None:
     mesh = Mesh(np.array(devs), ("ep",))
     w_sh = parallel.shard_weights(w_all, mesh)
     check("shard_weights", w_sh.l1.sharding.spec[0] == "ep" and w_sh.l1.addressable_shards[0].data.shape[0] == 2)
-    f = jax.jit(lambda a, b, c, ww: parallel.ep_moe(a, b, c, ww, mesh=mesh, mode=mode, activation_clamp=clamp))
+    f = jax.jit(lambda a, b, c, ww: parallel.ep_moe(a, b, c, ww, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp)))
     y = f(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_sh)
     ref = reference.mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all, mode=mode, activation_clamp=clamp)
     ok, info = same_bits(y, ref)
@@ -174,7 +176,7 @@ def run_single() -> None:
     mesh = jax.make_mesh((n,), ("ep",), devices=devs[:n])
     y, dropped = parallel.ep_moe(
         jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all, mesh=mesh, mode=mode,
-        activation_clamp=clamp, pair_capacity=cap, return_overflow=True,
+        options=EPOptions(activation_clamp=clamp, pair_capacity=cap, return_overflow=True)
     )  # fmt: skip
     kept, want = expected_drops(idx, n, w_all.num_experts, cap)
     ref = reference.mega_moe(jnp.asarray(x), jnp.asarray(kept), jnp.asarray(w), w_all, mode=mode, activation_clamp=clamp)
@@ -182,61 +184,49 @@ def run_single() -> None:
     check("capacity_overflow", ok and int(dropped) == want > 0, f"dropped={int(dropped)} want={want} {info}")
     _, none = parallel.ep_moe(
         jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all, mesh=mesh, mode=mode,
-        activation_clamp=clamp, return_overflow=True,
+        options=EPOptions(activation_clamp=clamp, return_overflow=True)
     )  # fmt: skip
     check("exact_capacity_no_drop", int(none) == 0, f"{time.perf_counter() - t0:.1f}s")
 
-    # dispatch="dense", the deprecated name of "padded": one DeprecationWarning naming "padded", and
-    # the same bits as "padded" (and as the reference) on random routing with nonzero output.
-    import warnings
-
+    # dispatch="padded" named explicitly: the same bits as the reference (and as "auto" on CPU) on
+    # random routing with nonzero output; "dense" (a name that was never released) is an error.
     t0 = time.perf_counter()
     args = (jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all)
-    with warnings.catch_warnings(record=True) as new_name_warnings:
-        warnings.simplefilter("always")
-        y_padded = parallel.ep_moe(*args, mesh=mesh, mode=mode, activation_clamp=clamp, dispatch="padded")
-    with warnings.catch_warnings(record=True) as old_name_warnings:
-        warnings.simplefilter("always")
-        y_dense = parallel.ep_moe(*args, mesh=mesh, mode=mode, activation_clamp=clamp, dispatch="dense")
-        path_dense = parallel.ep_path(mesh, "ep", mode, T // n, dispatch="dense")
-    deps = [str(m.message) for m in old_name_warnings if issubclass(m.category, DeprecationWarning)]
+    y_padded = parallel.ep_moe(*args, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp, dispatch="padded"))
+    y_auto = parallel.ep_moe(*args, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp))
     ref = reference.mega_moe(*args, mode=mode, activation_clamp=clamp)
-    ok, info = same_bits(y_dense, y_padded)
+    ok, info = same_bits(y_auto, y_padded)
     ok_ref, _ = same_bits(y_padded, ref)
     nonzero = int(np.any(np.asarray(y_padded) != 0, axis=1).sum())
+    try:
+        parallel.ep_path(mesh, "ep", mode, T // n, options=EPOptions(dispatch="dense"))
+        dense_err = ""
+    except ValueError as err:
+        dense_err = str(err)
     check(
-        "dense_alias_warns_same_bits",
-        ok and ok_ref and nonzero > 0 and path_dense == "padded"
-        and len(deps) == 2 and all("dispatch='dense' is deprecated" in d and "'padded'" in d for d in deps)
-        and not [m for m in new_name_warnings if issubclass(m.category, DeprecationWarning)],
-        f"{info} warnings={deps} path={path_dense} {time.perf_counter() - t0:.1f}s",
+        "padded_dispatch_same_bits",
+        ok and ok_ref and nonzero > 0 and "dispatch: 'dense' is not one of" in dense_err,
+        f"{info} dense={dense_err!r} {time.perf_counter() - t0:.1f}s",
     )  # fmt: skip
 
     # ep_moe_any_tokens: T not a multiple of the axis size (the batch is padded with rows routed
-    # nowhere and cut back): the reference's bits; ep_moe_padded, its deprecated name, warns once and
-    # gives the same bits.
+    # nowhere and cut back): the reference's bits.
     t0 = time.perf_counter()
     cut = T - 3  # T is a multiple of n; T - 3 is not
     uneven = (jnp.asarray(x[:cut]), jnp.asarray(idx[:cut]), jnp.asarray(w[:cut]), w_all)
-    y_any = parallel.ep_moe_any_tokens(*uneven, mesh=mesh, mode=mode, activation_clamp=clamp)
-    with warnings.catch_warnings(record=True) as old_fn_warnings:
-        warnings.simplefilter("always")
-        y_old = parallel.ep_moe_padded(*uneven, mesh=mesh, mode=mode, activation_clamp=clamp)
-    deps = [str(m.message) for m in old_fn_warnings if issubclass(m.category, DeprecationWarning)]
+    y_any = parallel.ep_moe_any_tokens(*uneven, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp))
     ref = reference.mega_moe(*uneven, mode=mode, activation_clamp=clamp)
     ok, info = same_bits(y_any, ref)
-    ok_old, _ = same_bits(y_old, y_any)
     nonzero = int(np.any(np.asarray(y_any) != 0, axis=1).sum())
     check(
         "any_tokens_uneven_batch",
-        cut % n != 0 and y_any.shape == (cut, x.shape[1]) and ok and ok_old and nonzero > 0
-        and len(deps) == 1 and "ep_moe_any_tokens" in deps[0],
-        f"{info} warnings={deps} {time.perf_counter() - t0:.1f}s",
+        cut % n != 0 and y_any.shape == (cut, x.shape[1]) and ok and nonzero > 0,
+        f"{info} {time.perf_counter() - t0:.1f}s",
     )  # fmt: skip
 
     # Forcing the ragged path on CPU fails with a clear error before XLA does.
     try:
-        parallel.ep_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all, mesh=mesh, mode=mode, dispatch="ragged")
+        parallel.ep_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all, mesh=mesh, mode=mode, options=EPOptions(dispatch="ragged"))
         check("ragged_on_cpu_error", False, "no error")
     except ValueError as err:
         check("ragged_on_cpu_error", "dispatch" in str(err) and "ragged" in str(err), str(err)[:80])
@@ -260,7 +250,7 @@ def run_fused_lowering(devs) -> None:
     w_all = make_weights("fp8")
     x, idx, w = make_routing(4, w_all.num_experts, seed=4)
     f = jax.jit(lambda a, b, c, ww: parallel.ep_moe(
-        a, b, c, ww, mesh=mesh, mode="fp8", activation_clamp=10.0, routed_scaling_factor=1.5, dispatch="fused"))
+        a, b, c, ww, mesh=mesh, mode="fp8", options=EPOptions(activation_clamp=10.0, routed_scaling_factor=1.5, dispatch="fused")))
     specs = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in (x, idx, w)]
     wspec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w_all)
     text = f.trace(*specs, wspec).lower(lowering_platforms=("cuda",)).as_text()
@@ -284,7 +274,7 @@ def run_fused_lowering(devs) -> None:
     mesh8 = jax.make_mesh((8,), ("ep",), devices=devs)
     w4 = make_weights("mxf4xmxf4")
     x8, idx8, wt8 = make_routing(8, w4.num_experts, seed=8)
-    f4 = jax.jit(lambda a, b, c, ww: parallel.ep_moe(a, b, c, ww, mesh=mesh8, mode="mxf4xmxf4", dispatch="fused"))
+    f4 = jax.jit(lambda a, b, c, ww: parallel.ep_moe(a, b, c, ww, mesh=mesh8, mode="mxf4xmxf4", options=EPOptions(dispatch="fused")))
     specs = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in (x8, idx8, wt8)]
     text4 = f4.trace(*specs, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w4)).lower(
         lowering_platforms=("cuda",)).as_text()
@@ -364,7 +354,7 @@ def run_multi(process_id: int, port: int, num_processes: int) -> None:
         return jax.make_array_from_callback(a.shape, sh, lambda i: a[i])
 
     wg = jax.tree.map(glob, w_all)
-    y = parallel.ep_moe(glob(x), glob(idx), glob(w), wg, mesh=mesh, mode=mode, activation_clamp=clamp)
+    y = parallel.ep_moe(glob(x), glob(idx), glob(w), wg, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp))
     import numpy as np
 
     ref = np.asarray(ref)
@@ -399,7 +389,7 @@ def run_gpu() -> None:
         args = (jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w))
         ref = reference.mega_moe(*args, w_all, mode=mode, activation_clamp=10.0)
         for dispatch in ("ragged", "padded"):
-            y = parallel.ep_moe(*args, w_all, mesh=mesh, mode=mode, activation_clamp=10.0, dispatch=dispatch)
+            y = parallel.ep_moe(*args, w_all, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=10.0, dispatch=dispatch))
             ok, info = same_bits(y, ref)
             check(f"gpu_ep{n}_{mode}_{dispatch}", ok, info)
 

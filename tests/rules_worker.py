@@ -27,6 +27,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import jax_megamoe  # noqa: E402
 from jax_megamoe import ops, reference  # noqa: E402
 from jax_megamoe.layout import MoEWeights  # noqa: E402
+from jax_megamoe.ops import MoEOptions  # noqa: E402
+from jax_megamoe import ShardingError  # noqa: E402
 
 FAILED: list[str] = []
 T, H, I, E, K = 32, 512, 256, 16, 4
@@ -84,9 +86,9 @@ def token_sharded(kind: AxisType) -> None:
     x, idx, w = inputs(1)
     for mode in ("fp8", "fp8xfp4", "mxf4xmxf4"):
         wts = weights(mode, seed=2)
-        want = reference.mega_moe(x, idx, w, wts, mode=mode, routed_scaling_factor=1.5)
+        want = reference.mega_moe(x, idx, w, wts, mode=mode, options=MoEOptions(routed_scaling_factor=1.5))
         args = [put(a, mesh, P("data")) for a in (x, idx, w)]
-        f = jax.jit(lambda a, b, c: ops.mega_moe(a, b, c, wts, routed_scaling_factor=1.5))
+        f = jax.jit(lambda a, b, c: ops.mega_moe(a, b, c, wts, options=MoEOptions(routed_scaling_factor=1.5)))
         y = f(*args)
         text = compiled_text(f, *args)
         collectives = [c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute") if c in text]
@@ -127,7 +129,7 @@ def expert_sharded(kind: AxisType) -> None:
         try:
             f.lower(*args, sharded).compile()
             check(f"expert_sharded_{kind.name}_{backend}", False, "no error")
-        except jax_megamoe.ShardingError as e:
+        except ShardingError as e:
             msg = str(e)
             ok = kind == AxisType.Explicit and "weights.l1" in msg and "'ep'" in msg and "parallel.ep_moe" in msg
             check(f"expert_sharded_{kind.name}_{backend}", ok, msg[:200])
@@ -146,13 +148,13 @@ def other_dims_sharded() -> None:
     try:
         jax.jit(lambda a, b, c: ops.mega_moe(a, b, c, wts))(put(x, mesh, P(None, "m")), idx, w)
         check("hidden_sharded", False, "no error")
-    except jax_megamoe.ShardingError as e:
+    except ShardingError as e:
         check("hidden_sharded", "x of jax_megamoe.mega_moe" in str(e) and "dim 1" in str(e) and "'m'" in str(e), str(e))
     args = [put(a, mesh, P("m")) for a in (x, idx, w)]
     try:
         jax.jit(lambda a, b, c: ops.pre_dispatch(a, b, c, mode="fp8", num_max_tokens=2 * T))(*args)
         check("pre_dispatch_padded_sharded", False, "no error")
-    except jax_megamoe.ShardingError as e:
+    except ShardingError as e:
         check("pre_dispatch_padded_sharded", f"num_max_tokens={2 * T}" in str(e) and "shard_map" in str(e), str(e))
     # replicated operands over a multi-device mesh: every device runs the whole op, no collective
     rep = [put(a, mesh, P()) for a in (x, idx, w)]
@@ -170,16 +172,22 @@ def ffi_token_sharded_lowers_per_shard() -> None:
     x, idx, w = inputs(9)
     wts = weights("fp8", seed=10)
     args = [put(a, mesh, P("data")) for a in (x, idx, w)]
-    f = jax.jit(lambda a, b, c: ops.mega_moe(a, b, c, wts, num_max_tokens=T, backend="ffi"))
+    f = jax.jit(lambda a, b, c: ops.mega_moe(a, b, c, wts, backend="ffi", options=MoEOptions(num_max_tokens=T)))
     lowered = f.lower(*args)
     text = lowered.as_text()
     line = next((ln for ln in text.splitlines() if "CustomSPMDPartitioning" in ln), "")
     m = re.search(r"sdy\.op_sharding_rule<\(\[(\w+), \w+\], \[(\w+), \w+\], \[(\w+), \w+\],.*->\(\[(\w+), \w+\]\)", line)
     rule_ok = m is not None and len(set(m.groups())) == 1  # one token factor
-    hlo = lowered.compile().as_text()
-    per_shard = "bf16[4,512]" in hlo  # T/8 = 4 rows per device
-    check("ffi_token_sharded_lowers_per_shard", rule_ok and per_shard and "all-gather" not in hlo,
-          f"rule_ok={rule_ok} per_shard={per_shard} line={line[:300]}")  # fmt: skip
+    # Compiling it for this CPU mesh partitions it per shard, and lowering the shard's kernel call
+    # for the CPU raises BackendUnavailableError then: before anything runs.
+    try:
+        lowered.compile()
+        err = ""
+    except Exception as e:  # noqa: BLE001 - XLA wraps what the partitioner raised
+        err = f"{type(e).__name__}: {e}"
+    refused = "backend='ffi' for mega_moe runs DeepGEMM kernels" in err
+    check("ffi_token_sharded_lowers_per_shard", rule_ok and refused and "all-gather" not in text,
+          f"rule_ok={rule_ok} refused={refused} line={line[:300]} err={err[:300]}")  # fmt: skip
 
 
 def main() -> int:

@@ -23,7 +23,9 @@ import pytest
 from flax import nnx
 
 from jax_megamoe import checkpoint as ckpt
-from jax_megamoe._src.numerics.progress import make_progress
+from jax_megamoe._src.io import safetensors_reader as _st
+from jax_megamoe._src.io import v4_checkpoint as _v4
+from jax_megamoe._src.numerics import progress as _progress
 from jax_megamoe.checkpoint import CheckpointError
 from jax_megamoe.layout import MoEWeights
 from jax_megamoe.models import deepseek_v4 as dsv4
@@ -152,7 +154,7 @@ def write_safetensors_raw(path, entries: dict, *, metadata: dict | None = None) 
 
 
 def config_json(cfg: DeepseekV4Config = CFG, num_layers: int = 3) -> dict:
-    d = {k: getattr(cfg, k) for k in ckpt.CONFIG_KEYS}
+    d = {k: getattr(cfg, k) for k in _v4.CONFIG_KEYS}
     d.update(
         model_type="deepseek_v4",
         num_hidden_layers=num_layers,
@@ -177,10 +179,10 @@ def write_checkpoint(folder, tensors: dict, *, config: dict | None = None, split
         wm.update({n: fn for n in part})
     wm["head.weight"] = "model-extra-00003.safetensors"  # never read
     wm.update(index_extra or {})
-    with open(os.path.join(folder, ckpt.INDEX_NAME), "w") as f:
+    with open(os.path.join(folder, _st.INDEX_NAME), "w") as f:
         json.dump({"metadata": {"total_size": 0}, "weight_map": wm}, f)
     if config is not None:
-        with open(os.path.join(folder, ckpt.CONFIG_NAME), "w") as f:
+        with open(os.path.join(folder, _st.CONFIG_NAME), "w") as f:
             json.dump(config, f)
     return str(folder)
 
@@ -363,7 +365,7 @@ def test_fp8_expert_checkpoint(tmp_path):
 
 def _no_config_copy(src, dst):
     os.makedirs(dst)
-    for fn in (*SHARDS, ckpt.INDEX_NAME):
+    for fn in (*SHARDS, _st.INDEX_NAME):
         os.symlink(os.path.join(src, fn), os.path.join(dst, fn))
     return str(dst)
 
@@ -431,10 +433,10 @@ def _corrupt(kind, tensors, folder):
         extra = {T_S3: "model-00009-of-00009.safetensors"}
     path = write_checkpoint(folder, tensors, config=config_json(), split_at=split, index_extra=extra)
     if kind == "missing_in_header":
-        with open(os.path.join(path, ckpt.INDEX_NAME)) as f:
+        with open(os.path.join(path, _st.INDEX_NAME)) as f:
             idx = json.load(f)
         idx["weight_map"][T_S3] = SHARDS[0]  # the index says shard 1, the tensor is in shard 2
-        with open(os.path.join(path, ckpt.INDEX_NAME), "w") as f:
+        with open(os.path.join(path, _st.INDEX_NAME), "w") as f:
             json.dump(idx, f)
     elif kind == "truncated":
         size = os.path.getsize(s2)
@@ -457,7 +459,7 @@ def _corrupt(kind, tensors, folder):
     elif kind == "short_file":
         with open(s2, "wb") as f:
             f.write(b"\x01\x02\x03")
-    idx_path = os.path.join(path, ckpt.INDEX_NAME)
+    idx_path = os.path.join(path, _st.INDEX_NAME)
     return {
         "wrong_dtype": ("dtype F32 is not supported for UE8M0 routed-expert scales", [T_S2, s1]),
         "wrong_shape": (r"shape \[256, 240\] does not match the expected \[256, 256\] = \[I, H/2\]", [T_W1, s2]),
@@ -568,10 +570,10 @@ def test_text_progress_and_tqdm(v4, capsys):
     ckpt.read_moe_layer(path, 1, progress="text")
     err = capsys.readouterr().err
     assert "layer 1: read experts" in err and f"{E}/{E} expert" in err
-    bar = make_progress(True, 3, "x")
+    bar = _progress.make_progress(True, 3, "x")
     for i in range(1, 4):
         bar(i)
     bar.close()
-    assert make_progress(None, 3, "x") is None
+    assert _progress.make_progress(None, 3, "x") is None
     with pytest.raises(TypeError):
-        make_progress(3, 3, "x")
+        _progress.make_progress(3, 3, "x")

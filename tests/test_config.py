@@ -10,76 +10,82 @@ import threading
 import pytest
 
 from jax_megamoe._src.numerics import config
+from jax_megamoe._src.numerics import policy as P
 
-ALL_VARS = config.ENV_FP4_ACTS + config.ENV_MXF4_KIND + (config.DG_FP4_ACTS, config.DG_MXF4_KIND)
+ALL_VARS = P.ENV_FP4_ACTS + P.ENV_MXF4_KIND + (P.DG_FP4_ACTS, P.DG_MXF4_KIND)
+
+
+def sm100_mode() -> str:
+    """The process policy's sm_100 mode (derived once, from the forwarded DG_* flags)."""
+    return P.current().sm100_mode
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
     for v in ALL_VARS:
         monkeypatch.delenv(v, raising=False)
-    config._reset_env_forwarding()
+    P._reset()
     yield monkeypatch
-    config._reset_env_forwarding()
+    P._reset()
 
 
 def test_neither_flag_is_w4a8_and_nothing_is_forwarded(clean_env):
-    st = config.forward_env()
+    st = P.forward_env()
     assert st.forwarded == ()
     assert st.fp4_acts.source == "default" and st.mxf4_kind.source == "default"
-    assert config.DG_FP4_ACTS not in os.environ
-    assert config.default_sm100_mode() == "fp8xfp4"
+    assert P.DG_FP4_ACTS not in os.environ
+    assert sm100_mode() == "fp8xfp4"
 
 
 def test_project_variables_forward_to_dg(clean_env):
     clean_env.setenv("JAX_MEGAMOE_USE_FP4_ACTS", "1")
     clean_env.setenv("JAX_MEGAMOE_USE_MXF4_KIND", "true")
-    st = config.forward_env()
-    assert os.environ[config.DG_FP4_ACTS] == "1"
-    assert os.environ[config.DG_MXF4_KIND] == "1"
-    assert set(st.forwarded) == {(config.DG_FP4_ACTS, "1"), (config.DG_MXF4_KIND, "1")}
+    st = P.forward_env()
+    assert os.environ[P.DG_FP4_ACTS] == "1"
+    assert os.environ[P.DG_MXF4_KIND] == "1"
+    assert set(st.forwarded) == {(P.DG_FP4_ACTS, "1"), (P.DG_MXF4_KIND, "1")}
     assert st.fp4_acts.source == "JAX_MEGAMOE_USE_FP4_ACTS"
-    assert config.default_sm100_mode() == "mxf4xmxf4"
+    assert sm100_mode() == "mxf4xmxf4"
 
 
 def test_sglang_aliases_forward(clean_env):
     clean_env.setenv("SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_FP4_ACTS", "1")
     clean_env.setenv("SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_MXF4_KIND", "1")
-    st = config.forward_env()
+    st = P.forward_env()
     assert st.mxf4_kind.source == "SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_MXF4_KIND"
-    assert config.default_sm100_mode() == "mxf4xmxf4"
+    assert sm100_mode() == "mxf4xmxf4"
 
 
 def test_project_name_beats_sglang_name(clean_env):
     clean_env.setenv("JAX_MEGAMOE_USE_FP4_ACTS", "0")
     clean_env.setenv("SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_FP4_ACTS", "1")
-    st = config.forward_env()
+    st = P.forward_env()
     assert st.fp4_acts.value is False
-    assert os.environ[config.DG_FP4_ACTS] == "0"
+    assert os.environ[P.DG_FP4_ACTS] == "0"
 
 
 def test_explicit_dg_value_wins(clean_env):
-    clean_env.setenv(config.DG_FP4_ACTS, "1")
-    clean_env.setenv(config.DG_MXF4_KIND, "1")
+    clean_env.setenv(P.DG_FP4_ACTS, "1")
+    clean_env.setenv(P.DG_MXF4_KIND, "1")
     clean_env.setenv("JAX_MEGAMOE_USE_FP4_ACTS", "0")
     clean_env.setenv("JAX_MEGAMOE_USE_MXF4_KIND", "0")
-    st = config.forward_env()
+    st = P.forward_env()
     assert st.forwarded == ()
-    assert os.environ[config.DG_FP4_ACTS] == "1"
-    assert st.fp4_acts.source == config.DG_FP4_ACTS
-    assert config.default_sm100_mode() == "mxf4xmxf4"
+    assert os.environ[P.DG_FP4_ACTS] == "1"
+    assert st.fp4_acts.source == P.DG_FP4_ACTS
+    assert sm100_mode() == "mxf4xmxf4"
 
 
 def test_forwarding_happens_once(clean_env):
     clean_env.setenv("JAX_MEGAMOE_USE_FP4_ACTS", "1")
     clean_env.setenv("JAX_MEGAMOE_USE_MXF4_KIND", "1")
-    first = config.forward_env()
+    first = P.forward_env()
     clean_env.setenv("JAX_MEGAMOE_USE_FP4_ACTS", "0")
-    clean_env.delenv(config.DG_FP4_ACTS)
-    second = config.forward_env()
+    clean_env.delenv(P.DG_FP4_ACTS)
+    second = P.forward_env()
     assert second is first
-    assert config.DG_FP4_ACTS not in os.environ  # not re-forwarded
-    assert config.default_sm100_mode() == "mxf4xmxf4"
+    assert P.DG_FP4_ACTS not in os.environ  # not re-forwarded
+    assert sm100_mode() == "mxf4xmxf4"
 
 
 def test_forwarding_is_thread_safe(clean_env):
@@ -90,7 +96,7 @@ def test_forwarding_is_thread_safe(clean_env):
 
     def work():
         barrier.wait()
-        results.append(config.forward_env())
+        results.append(P.forward_env())
 
     threads = [threading.Thread(target=work) for _ in range(16)]
     for th in threads:
@@ -104,28 +110,29 @@ def test_forwarding_is_thread_safe(clean_env):
 def test_mxf4_kind_without_fp4_acts_is_an_error(clean_env):
     clean_env.setenv("JAX_MEGAMOE_USE_MXF4_KIND", "1")
     with pytest.raises(ValueError, match="USE_MXF4_KIND=1 needs USE_FP4_ACTS=1"):
-        config.default_sm100_mode()
+        sm100_mode()
 
 
 def test_fp4_acts_without_mxf4_kind_is_an_error(clean_env):
     clean_env.setenv("SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_FP4_ACTS", "1")
     with pytest.raises(ValueError, match="0.2.x no longer has"):
-        config.default_sm100_mode()
+        sm100_mode()
 
 
 def test_bad_boolean_names_the_variable(clean_env):
     clean_env.setenv("JAX_MEGAMOE_USE_FP4_ACTS", "maybe")
     with pytest.raises(ValueError, match="JAX_MEGAMOE_USE_FP4_ACTS"):
-        config.forward_env()
+        P.forward_env()
 
 
 def test_explicit_mode_beats_environment(clean_env):
     clean_env.setenv("JAX_MEGAMOE_USE_MXF4_KIND", "1")  # impossible combination in the environment
-    assert config.resolve_mode("fp8xfp4") == "fp8xfp4"
-    assert config.resolve_mode("mxf4xmxf4", arch=9) == "mxf4xmxf4"
-    assert config.resolve_mode(None, arch=9) == "fp8"
+    assert P.resolve_mode("fp8xfp4") == "fp8xfp4"
+    assert P.resolve_mode("mxf4xmxf4", arch=9) == "mxf4xmxf4"
+    assert P.resolve_mode(None, arch=9) == "fp8"
+    assert P.resolve_mode(None, 10, P.Policy(sm100_mode="mxf4xmxf4")) == "mxf4xmxf4"  # an explicit policy wins
     with pytest.raises(ValueError):
-        config.resolve_mode(None, arch=10)
+        P.resolve_mode(None, arch=10)  # the process policy: the impossible combination
 
 
 def test_unknown_mode_is_named():
@@ -137,8 +144,8 @@ def test_register_forwards_in_a_fresh_process():
     env = {k: v for k, v in os.environ.items() if k not in ALL_VARS}
     env.update(JAX_MEGAMOE_USE_FP4_ACTS="1", SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_MXF4_KIND="1", JAX_PLATFORMS="cpu")
     code = (
-        "import os, jax_megamoe as m; from jax_megamoe._src.numerics import config as c; m.register(); m.register();"
-        "print(os.environ['DG_USE_FP4_ACTS'], os.environ['DG_USE_MXF4_KIND'], c.default_sm100_mode())"
+        "import os, jax_megamoe as m; from jax_megamoe import policy as p; m.register(); m.register();"
+        "print(os.environ['DG_USE_FP4_ACTS'], os.environ['DG_USE_MXF4_KIND'], p.current().sm100_mode)"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -177,15 +184,22 @@ def test_pre_dispatch_limits(hidden, top_k, mode, match):
         config.validate_pre_dispatch_shape(hidden=hidden, top_k=top_k, mode=mode)
 
 
-def test_token_cap_alignment_and_config():
+def test_token_cap_alignment_and_call_spec():
+    from jax_megamoe._src.kernels._calls import MMA_KIND, MegaMoECall
+
     assert config.align_token_cap(1, "fp8xfp4") == 1920
     assert config.align_token_cap(1921, "mxf4xmxf4") == 3840
     assert config.align_token_cap(129, "fp8") == 256
-    cfg = config.MegaMoEConfig(4096, 2048, 256, 6, 1000, "fp8", activation_clamp=10.0)
-    assert cfg.capacity == 1024 and cfg.act_group == 128
-    with pytest.warns(DeprecationWarning, match="capacity"):
-        assert cfg.token_capacity == 1024
-    assert config.MegaMoEConfig(4096, 2048, 256, 6, 1, "fp8xfp4").capacity == 1920
-    assert hash(cfg) == hash(config.MegaMoEConfig(4096, 2048, 256, 6, 1000, "fp8", activation_clamp=10.0))
+    # The static attributes of one kernel call: hashable (one static argument), one definition.
+    a = MegaMoECall("fp8", num_experts=256, capacity=config.align_token_cap(1000, "fp8"), activation_clamp=10.0)
+    assert a.capacity == 1024 and a.target == "jax_megamoe_mega_moe_sm90"
+    assert hash(a) == hash(MegaMoECall("fp8", num_experts=256, capacity=1024, activation_clamp=10.0))
+    attrs = a.attributes(hidden=4096, intermediate=2048, top_k=6)
+    assert (attrs["capacity"], attrs["top_k"], float(attrs["activation_clamp"])) == (1024, 6, 10.0)
+    assert attrs["sm90_wide_tile"] is False and "mma_kind" not in attrs
+    b = MegaMoECall("fp8xfp4", num_experts=256, capacity=1920, graph=True)
+    assert b.target == "jax_megamoe_mega_moe_sm100"  # no graph twin on sm_100
+    assert b.attributes(hidden=4096, intermediate=2048, top_k=6)["mma_kind"] == MMA_KIND["fp8xfp4"] == 1
+    assert float(b.attributes(hidden=4096, intermediate=2048, top_k=6)["activation_clamp"]) == float("inf")
     with pytest.raises(ValueError, match="activation_clamp"):
-        config.MegaMoEConfig(4096, 2048, 256, 6, 1000, "fp8", activation_clamp=-1.0)
+        config.check_clamp(-1.0)

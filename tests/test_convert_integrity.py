@@ -97,6 +97,27 @@ def test_flipped_data_byte_is_rejected_by_default(conv, out):
     assert convert.check_converted(out, 1, verify=False) == (True, "")
 
 
+def test_tensor_dropped_from_the_header_is_named(conv, out):
+    """A data file whose header lost a tensor the manifest lists (same file size: the header is
+    padded back) names that tensor, not the byte gap its data leaves behind."""
+    path = out / DATA1
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    victim = "experts.l2_sf"
+    assert victim in header
+    del header[victim]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    path.write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n :])
+    for verify in (True, False):
+        with pytest.raises(CheckpointError) as ei:
+            convert.load_converted(out, 1, verify=verify)
+        msg = str(ei.value)
+        assert repr(victim) in msg and "is missing from" in msg and MAN1 in msg, msg
+        assert "gap" not in msg and "belong to no tensor" not in msg, msg
+
+
 def test_verified_load_streams_once_without_mmap(conv, monkeypatch):
     """The verified load hashes while it reads: no separate hashing pass, no memory map."""
 

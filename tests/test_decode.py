@@ -18,6 +18,7 @@ from jax_megamoe import ops, reference
 from jax_megamoe._src.kernels import _decode, _ffi
 from jax_megamoe._src.numerics.layout import MoEWeights
 from ffi_testing import jit_sandbox
+from jax_megamoe.ops import MoEOptions
 
 
 def _weights(seed: int, h=512, i=256, e=8) -> MoEWeights:
@@ -89,11 +90,11 @@ def test_mega_moe_validates_kernel_on_every_backend():
     idx = jnp.asarray(rng.integers(0, 8, (2, 4)), jnp.int32)
     w = jnp.asarray(rng.random((2, 4)), jnp.float32)
     with pytest.raises(ValueError, match="kernel: 'x'"):
-        ops.mega_moe(x, idx, w, wt, kernel="x", backend="reference")
+        ops.mega_moe(x, idx, w, wt, backend="reference", options=MoEOptions(kernel="x"))
     # Off the GPU every kernel choice is the reference, bit for bit.
     want = np.asarray(reference.mega_moe(x, idx, w, wt, mode="fp8"))
     for kernel in ("auto", "fused", "decode"):
-        np.testing.assert_array_equal(np.asarray(ops.mega_moe(x, idx, w, wt, kernel=kernel)), want)
+        np.testing.assert_array_equal(np.asarray(ops.mega_moe(x, idx, w, wt, options=MoEOptions(kernel=kernel))), want)
 
 
 def _lowered_for_cuda(fn, *args) -> str:
@@ -116,7 +117,7 @@ def test_lowering_picks_the_kernels(t, kernel, targets):
     x = jnp.zeros((t, 512), jnp.bfloat16)
     idx = jnp.zeros((t, 4), jnp.int32)
     w = jnp.zeros((t, 4), jnp.float32)
-    txt = _lowered_for_cuda(lambda x, i, w, wt: ops.mega_moe(x, i, w, wt, backend="ffi", kernel=kernel), x, idx, w, wt)
+    txt = _lowered_for_cuda(lambda x, i, w, wt: ops.mega_moe(x, i, w, wt, backend="ffi", options=MoEOptions(kernel=kernel)), x, idx, w, wt)
     for name in targets:
         assert f"jax_megamoe_{name}" in txt
     other = {"decode_l1_sm90", "mega_moe_sm90"} - {n for n in targets}

@@ -22,9 +22,10 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jax_megamoe._src.kernels import _ffi
+from jax_megamoe._src.kernels import _calls, _ffi, ops
 from jax_megamoe._src.kernels import _toolchain
 from jax_megamoe._src.numerics import config
+from jax_megamoe._src.numerics import policy as policy_mod
 from ffi_testing import has_cuda_driver
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,7 +170,7 @@ def test_register_idempotent_and_thread_safe():
 
     assert jax_megamoe.register() == results[0]
     # The environment was forwarded (once; the snapshot is shared).
-    assert config.forward_env() is config.forward_env()
+    assert policy_mod.forward_env() is policy_mod.forward_env()
     st = _ffi.status()
     if st.library is not None and st.toolchain is not None and st.headers is not None:
         assert st.registered, st.reason
@@ -204,7 +205,9 @@ def _fresh_ffi_state(monkeypatch):
 
 def test_missing_library_reports_reference_only(monkeypatch, tmp_path, caplog):
     _fresh_ffi_state(monkeypatch)
-    monkeypatch.setenv(_ffi.ENV_LIB, str(tmp_path / "nope" / _ffi.LIB_NAME))
+    # the policy holds the location (read once): a process whose JAX_MEGAMOE_FFI_LIB names no file
+    wrong = policy_mod.Locations(ffi_lib=str(tmp_path / "nope" / _ffi.LIB_NAME))
+    monkeypatch.setattr(policy_mod, "_current", policy_mod.current().replace(locations=wrong))
     with caplog.at_level("WARNING", logger="jax_megamoe"):
         assert _ffi.register() is False
         assert _ffi.register() is False
@@ -223,7 +226,7 @@ def test_toolchain_failure_is_recorded_not_raised(monkeypatch, lib):
     _fresh_ffi_state(monkeypatch)
     monkeypatch.setattr(_ffi, "_lib", None)
 
-    def no_nvcc():
+    def no_nvcc(locations=None):
         raise _toolchain.ToolchainError("nvcc not found (looked in ...): install the CUDA toolkit >= 12.9")
 
     monkeypatch.setattr(_toolchain, "toolchain", no_nvcc)
@@ -250,8 +253,11 @@ def test_describe_mentions_key_lines():
 
 
 def test_describe_shows_invalid_env_mode(monkeypatch):
-    bad = config.EnvState(config.EnvSetting(True, "JAX_MEGAMOE_USE_FP4_ACTS"), config.EnvSetting(False, "default"), ())
-    monkeypatch.setattr(config, "_env_state", bad)
+    bad = policy_mod.EnvState(
+        policy_mod.EnvSetting(True, "JAX_MEGAMOE_USE_FP4_ACTS"), policy_mod.EnvSetting(False, "default"), ()
+    )
+    monkeypatch.setattr(policy_mod, "_env_state", bad)
+    monkeypatch.setattr(policy_mod, "_current", None)  # derived again from the (bad) forwarded flags
     text = _ffi.describe()
     assert "invalid environment" in text and "USE_FP4_ACTS=1 without USE_MXF4_KIND=1" in text
 
@@ -263,9 +269,8 @@ def test_describe_shows_invalid_env_mode(monkeypatch):
 def test_lowering_contract(mode):
     T, H, K, P = 7, 512, 6, 128
     rsf = 2.5 if mode == "fp8" else 1.0
-    target = _ffi.pre_dispatch_target(mode)
-    attrs = _ffi.pre_dispatch_attrs(mode, hidden=H, top_k=K, capacity=P, routed_scaling_factor=rsf)
-    results = _ffi.pre_dispatch_result_types(mode, hidden=H, top_k=K, capacity=P)
+    call = _calls.PreDispatchCall(mode, hidden=H, top_k=K, capacity=P, routed_scaling_factor=rsf)
+    target, attrs, results = call.target, call.attributes(), call.result_types()
 
     def f(x, idx, w):
         return jax.ffi.ffi_call(target, results, has_side_effect=True)(x, idx, w, **attrs)
@@ -280,7 +285,12 @@ def test_lowering_contract(mode):
     for key, value in (("hidden", H), ("top_k", K), ("capacity", P), ("group", config.ACT_GROUP[mode])):
         assert f"{key} = {value} : i64" in text
     assert re.search(r"routed_scaling_factor = [0-9.e+]+ : f32", text)
-    assert f"mma_kind = {_ffi.MODE_TO_ARCH_MMA[mode][1]} : i64" in text
+    assert f"mma_kind = {_calls.MMA_KIND[mode]} : i64" in text
+    # the same spec is what ops.pre_dispatch emits (one definition of the contract)
+    ops_text = jax.jit(lambda x, i, w: ops.pre_dispatch(x, i, w, mode=mode, num_max_tokens=P, routed_scaling_factor=rsf,
+                                                        backend="ffi", policy=policy_mod.Policy())).trace(*specs).lower(
+        lowering_platforms=("cuda",)).as_text()  # fmt: skip
+    assert f"@{target}(" in ops_text and f"mma_kind = {_calls.MMA_KIND[mode]} : i64" in ops_text
     q = "tensor<128x256xui8>" if mode == "mxf4xmxf4" else "tensor<128x512xf8E4M3FN>"
     sf = "tensor<128x4xf32>" if mode == "fp8" else "tensor<128x4xi32>"
     for t in (q, sf, "tensor<128x6x2xi32>", "tensor<128x6xf32>"):

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jax_megamoe._src.kernels import _ffi
-from jax_megamoe._src.numerics.policy import Policy
+from jax_megamoe._src.kernels import _calls, _ffi
 from ffi_testing import has_cuda_driver, jit_sandbox
 
 pytestmark = pytest.mark.nvcc
@@ -249,7 +248,7 @@ def dataclass_replace(obj, **kw):
 #
 # XLA CPU runs FFI instantiate handlers too. Registering the CUDA handlers' symbols for
 # "cpu" under test names checks, without a GPU: the type registration through ctypes
-# capsules, the attribute names/types ops.py sends (via _ffi.pre_dispatch_attrs), the
+# capsules, the attribute names/types ops.py sends (via _calls.PreDispatchCall), the
 # attribute validation, the JIT running inside instantiate, and error propagation
 # (instantiate then stops at the missing CUDA driver, with a readable message).
 
@@ -286,11 +285,12 @@ def _run_on_cpu(lib, mode, *, graph=False, **overrides):
 
     T, H, K, P = 3, 512, 6, 128
     names = _cpu_targets(lib)
-    attrs = _ffi.pre_dispatch_attrs(mode, hidden=H, top_k=K, capacity=P,
-                                    routed_scaling_factor=2.5 if mode == "fp8" else 1.0)
+    call = _calls.PreDispatchCall(mode, hidden=H, top_k=K, capacity=P, routed_scaling_factor=2.5 if mode == "fp8" else 1.0,
+                                  graph=graph)
+    attrs = call.attributes()
     attrs.update({k: (np.float32(v) if k == "routed_scaling_factor" else np.int64(v)) for k, v in overrides.items()})
-    results = _ffi.pre_dispatch_result_types(mode, hidden=H, top_k=K, capacity=P)
-    target = names[_ffi.pre_dispatch_target(mode, graph=graph)]
+    results = call.result_types()
+    target = names[call.target]
     f = jax.jit(lambda x, i, w: jax.ffi.ffi_call(target, results, has_side_effect=True)(x, i, w, **attrs))
     with pytest.raises(Exception) as e:
         f(jnp.zeros((T, H), jnp.bfloat16), jnp.zeros((T, K), jnp.int32), jnp.ones((T, K), jnp.float32))
@@ -304,7 +304,7 @@ def test_instantiate_compiles_then_needs_the_driver(jit, mode, graph):
         pytest.skip("a CUDA driver is present")
     s0 = _ffi.jit_stats()
     msg = _run_on_cpu(lib, mode, graph=graph)
-    arch = _ffi.MODE_TO_ARCH_MMA[mode][0]
+    arch = _calls.PreDispatchCall(mode, 512, 6, 128).arch * 10
     assert f"jax_megamoe_pre_dispatch_sm{arch}: the CUDA driver (libcuda.so.1) could not be loaded" in msg
     s1 = _ffi.jit_stats()
     assert s1.memory_hits + s1.disk_hits == s0.memory_hits + s0.disk_hits + 1  # the JIT ran, from the cache

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jax_megamoe._src.kernels import ops
+from jax_megamoe.ops import MoEOptions
 
 
 def _inputs(seed, t=5, h=512, k=4, e=16):
@@ -121,8 +122,9 @@ def test_mega_moe_lowers_to_the_sm90_custom_call():
     x, idx, w = _inputs(4, t=7)
     weights = _small_weights("fp8")
     fn = functools.partial(
-        ops.mega_moe, weights=weights, activation_clamp=10.0, routed_scaling_factor=1.5, num_max_tokens=200,
-        backend="ffi", kernel="fused",  # T*K = 28: "auto" would take the decode kernels at this shape
+        ops.mega_moe, weights=weights, activation_clamp=10.0,
+        backend="ffi",  # T*K = 28: "auto" would take the decode kernels at this shape
+        options=MoEOptions(routed_scaling_factor=1.5, num_max_tokens=200, kernel="fused"),
     )
     text = _lower_cuda(lambda x, i, w: fn(x, i, w), x, idx, w)
     line = next(line for line in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in line)
@@ -146,7 +148,10 @@ def test_mega_moe_graph_target_follows_the_policy(monkeypatch):
     x, idx, w = _inputs(5, t=7)
     weights = _small_weights("fp8")
     on, off = Policy(graph_targets=True), Policy()
-    fn = functools.partial(ops.mega_moe, weights=weights, num_max_tokens=200, backend="ffi", kernel="fused")
+    def fn(x, i, w, policy):
+        options = MoEOptions(num_max_tokens=200, kernel="fused", policy=policy)
+        return ops.mega_moe(x, i, w, weights, backend="ffi", options=options)
+
     monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "0")  # ignored: the policy decides
     text = _lower_cuda(lambda x, i, w: fn(x, i, w, policy=on), x, idx, w)
     assert "@jax_megamoe_mega_moe_sm90_graph(" in text
@@ -154,7 +159,7 @@ def test_mega_moe_graph_target_follows_the_policy(monkeypatch):
     text = _lower_cuda(lambda x, i, w: fn(x, i, w, policy=off), x, idx, w)
     assert "@jax_megamoe_mega_moe_sm90(" in text and "_graph" not in text
     x100 = _small_weights("fp8xfp4", seed=4)
-    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, x100, backend="ffi", policy=on), x, idx, w)
+    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, x100, backend="ffi", options=MoEOptions(policy=on)), x, idx, w)
     assert "@jax_megamoe_mega_moe_sm100(" in text
 
 
@@ -162,7 +167,7 @@ def test_mega_moe_graph_target_follows_the_policy(monkeypatch):
 def test_mega_moe_sm100_lowers_to_its_custom_call(mode, kind):
     x, idx, w = _inputs(8, t=9)
     weights = _small_weights(mode, seed=4)
-    fn = functools.partial(ops.mega_moe, weights=weights, activation_clamp=10.0, routed_scaling_factor=1.5, backend="ffi")
+    fn = functools.partial(ops.mega_moe, weights=weights, activation_clamp=10.0, backend="ffi", options=MoEOptions(routed_scaling_factor=1.5))
     text = _lower_cuda(lambda x, i, w: fn(x, i, w), x, idx, w)
     line = next(line for line in text.splitlines() if "@jax_megamoe_mega_moe_sm100" in line)
     for attr in (f"mma_kind = {kind}", "capacity = 1920", "routed_scaling_factor = 1.500000e+00", "top_k = 4"):
@@ -204,7 +209,7 @@ def test_mega_moe_errors():
     x, idx, w = _inputs(7, t=5)
     fp8 = _small_weights("fp8", seed=2)
     with pytest.raises(ValueError, match="num_max_tokens=4"):
-        ops.mega_moe(x, idx, w, fp8, num_max_tokens=4, backend="ffi", kernel="fused")
+        ops.mega_moe(x, idx, w, fp8, backend="ffi", options=MoEOptions(num_max_tokens=4, kernel="fused"))
     with pytest.raises(ValueError, match="weights: built for mode 'fp8'"):
         ops.mega_moe(x, idx, w, fp8, mode="fp8xfp4")
     with pytest.raises(TypeError, match="weights: expected"):
@@ -215,7 +220,7 @@ def test_mega_moe_errors():
         ops.mega_moe(jnp.zeros((5, 1024), jnp.bfloat16), idx, w, fp8)
     # above the cap, auto falls back to the reference instead of failing: the same MoE
     x, idx, w, weights, want = _oracle_case("fp8", 7, t=9)
-    y = ops.mega_moe(x, idx, w, weights, activation_clamp=10.0, num_max_tokens=4, backend="auto")
+    y = ops.mega_moe(x, idx, w, weights, activation_clamp=10.0, backend="auto", options=MoEOptions(num_max_tokens=4))
     assert _rel_l2(np.asarray(y, np.float32), want) < 1e-3
 
 
@@ -236,8 +241,8 @@ def test_auto_keeps_the_unvalidated_sm100_mega_kernel_opt_in(monkeypatch):
     monkeypatch.setattr(ops, "_ffi_ready", lambda: (True, ""))
     from jax_megamoe.policy import Policy
 
-    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, weights, policy=Policy()), x, idx, w)
+    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, weights, options=MoEOptions(policy=Policy())), x, idx, w)
     assert "jax_megamoe_mega_moe_sm100" not in text  # reference
     opted_in = Policy.from_environ({"JAX_MEGAMOE_SM100_MEGA": "1"})
-    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, weights, policy=opted_in), x, idx, w)
+    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, weights, options=MoEOptions(policy=opted_in)), x, idx, w)
     assert "@jax_megamoe_mega_moe_sm100" in text

@@ -12,6 +12,7 @@ import pytest
 
 from jax_megamoe import ops, parallel, quant, reference
 from tests.test_ops import _inputs, _small_weights
+from jax_megamoe.ops import MoEOptions
 
 E = 16
 WRAPS_TO_3 = 2**32 + 3  # int64 -> int32 keeps the low 32 bits: 3, a real expert
@@ -76,7 +77,7 @@ def test_ffi_call_lowered_for_cuda_compares_before_the_cast():
     weights = _small_weights("fp8", seed=3)
     with jax.enable_x64(True):
         specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, jnp.asarray(idx), w)]
-        fn = functools.partial(ops.mega_moe, weights=weights, num_max_tokens=64, backend="ffi", kernel="fused")
+        fn = functools.partial(ops.mega_moe, weights=weights, backend="ffi", options=MoEOptions(num_max_tokens=64, kernel="fused"))
         text = jax.jit(lambda a, b, c: fn(a, b, c)).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
     assert "tensor<6x4xi64>" in text and "@jax_megamoe_mega_moe_sm90(" in text
     line = next(line for line in text.splitlines() if "stablehlo.compare" in line and "LT" in line)
@@ -85,15 +86,21 @@ def test_ffi_call_lowered_for_cuda_compares_before_the_cast():
 
 @pytest.mark.parametrize("op", ["mega_moe", "pre_dispatch"])
 def test_ffi_backend_without_a_gpu_is_one_clear_error(op):
-    """backend='ffi' still lowers for cuda (test_ops), but running it on the host says why."""
+    """backend='ffi' still lowers for cuda (test_ops), but running it on the host raises
+    BackendUnavailableError itself, before anything runs: jitted (when XLA lowers it for the CPU),
+    eagerly and under vmap; never a JaxRuntimeError from a host callback."""
     x, idx, w = _inputs(3, t=5)
     if op == "mega_moe":
-        call = functools.partial(ops.mega_moe, weights=_small_weights("fp8", seed=1), num_max_tokens=64)
+        call = functools.partial(ops.mega_moe, weights=_small_weights("fp8", seed=1), options=MoEOptions(num_max_tokens=64))
     else:
         call = functools.partial(ops.pre_dispatch, mode="fp8", num_max_tokens=64)
-    with pytest.raises(Exception, match=rf"backend='ffi' for {op} runs DeepGEMM kernels.*use backend='auto'") as e:
-        jax.block_until_ready(jax.jit(functools.partial(call, backend="ffi"))(x, idx, w))
-    assert "No FFI handler registered" not in str(e.value)
+    ffi = functools.partial(call, backend="ffi")
+    for run, args in ((jax.jit(ffi), (x, idx, w)), (ffi, (x, idx, w)), (jax.vmap(ffi), (x[None], idx[None], w[None]))):
+        with pytest.raises(ops.BackendUnavailableError, match=rf"backend='ffi' for {op} runs DeepGEMM kernels.*use backend='auto'") as e:
+            jax.block_until_ready(run(*args))
+        assert "No FFI handler registered" not in str(e.value) and "CpuCallback" not in str(e.value)
+    text = jax.jit(ffi).trace(x, idx, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "@jax_megamoe_" in text  # lowering for cuda is unaffected
 
 
 def test_quantize_fp8_per128_nonfinite_semantics():
@@ -145,15 +152,18 @@ def test_scalar_arguments_are_named(entry, kwargs, exc, match):
         fn = functools.partial(reference.mega_moe, mode="fp8")
     else:
         fn = ops.mega_moe
+    kwargs = dict(kwargs)  # shared by the parametrized cases
+    clamp = kwargs.pop("activation_clamp", None)
+    options = MoEOptions(**kwargs) if kwargs else None
     with pytest.raises(exc, match=match):
-        fn(x, idx, w, weights, **kwargs)
+        fn(x, idx, w, weights, activation_clamp=clamp, options=options)
 
 
 @pytest.mark.parametrize("chunk_rows, exc, match", [("8", TypeError, r"chunk_rows: got '8'"), (2.5, TypeError, r"chunk_rows: got 2.5"), (0, ValueError, r"chunk_rows: 0 must be >= 1")])
 def test_chunk_rows_is_named(chunk_rows, exc, match):
     x, idx, w = _inputs(5, t=5)
     with pytest.raises(exc, match=match):
-        reference.mega_moe(x, idx, w, _small_weights("fp8", seed=2), mode="fp8", chunk_rows=chunk_rows)
+        reference.mega_moe(x, idx, w, _small_weights("fp8", seed=2), mode="fp8", options=MoEOptions(chunk_rows=chunk_rows))
 
 
 def test_traced_clamp_is_named_and_traced_scaling_factor_is_folded():
@@ -164,15 +174,14 @@ def test_traced_clamp_is_named_and_traced_scaling_factor_is_folded():
             jax.jit(lambda c, fn=fn: fn(x, idx, w, weights, activation_clamp=c))(10.0)
     # a traced routed_scaling_factor is data: folded into the weights (same bits as a static one)
     for fn in (ops.mega_moe, functools.partial(reference.mega_moe, mode="fp8")):
-        got = jax.jit(lambda r, fn=fn: fn(x, idx, w, weights, routed_scaling_factor=r))(1.5)
-        want = fn(x, idx, w, weights, routed_scaling_factor=1.5)
+        got = jax.jit(lambda r, fn=fn: fn(x, idx, w, weights, options=MoEOptions(routed_scaling_factor=r)))(1.5)
+        want = fn(x, idx, w, weights, options=MoEOptions(routed_scaling_factor=1.5))
         np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
     got = jax.jit(lambda r: ops.pre_dispatch(x, idx, w, mode="fp8", num_max_tokens=8, routed_scaling_factor=r))(1.5)
     want = reference.pre_dispatch(x, idx, w, mode="fp8", num_max_tokens=8, routed_scaling_factor=1.5)
     np.testing.assert_array_equal(np.asarray(got.topk_weights), np.asarray(want.topk_weights))
     lowered = jax.jit(
-        lambda a, b, c, r: ops.mega_moe(a, b, c, weights, routed_scaling_factor=r, num_max_tokens=64, backend="ffi",
-                                         kernel="fused")
+        lambda a, b, c, r: ops.mega_moe(a, b, c, weights, backend="ffi", options=MoEOptions(routed_scaling_factor=r, num_max_tokens=64, kernel="fused"))
     ).trace(x, idx, w, 1.5).lower(lowering_platforms=("cuda",)).as_text()
     line = next(line for line in lowered.splitlines() if "@jax_megamoe_mega_moe_sm90(" in line)
     assert "routed_scaling_factor = 1.000000e+00" in line  # folded before the kernel

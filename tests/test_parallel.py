@@ -8,7 +8,6 @@ one process with 8 virtual devices, and two processes x 4 devices over ``jax.dis
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import pytest
 
 from jax_megamoe._src.kernels import parallel
 from jax_megamoe.layout import MoEWeights
+from jax_megamoe.parallel import EPOptions
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 TIMEOUT_S = 150
@@ -36,7 +36,7 @@ SINGLE_CHECKS = (
     "ep8_fp8_auto_mesh_jit",
     "capacity_overflow",
     "exact_capacity_no_drop",
-    "dense_alias_warns_same_bits",
+    "padded_dispatch_same_bits",
     "any_tokens_uneven_batch",
     "ragged_on_cpu_error",
     "fused_lowers_for_cuda",
@@ -178,19 +178,16 @@ def test_error_weights_local_slice():
 def test_error_options():
     args = (*_inputs(32), _weights())
     with pytest.raises(ValueError, match=r"dispatch: 'sparse' is not one of"):
-        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", dispatch="sparse")
+        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", options=EPOptions(dispatch="sparse"))
     with pytest.raises(ValueError, match=r"backend: 'cuda' is not one of"):
-        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", backend="cuda")
+        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", options=EPOptions(backend="cuda"))
     with pytest.raises(ValueError, match=r"pair_capacity: 3 is below the exact worst case T/n\*K = 32.*return_overflow=True"):
-        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", pair_capacity=3)
+        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", options=EPOptions(pair_capacity=3))
     with pytest.raises(ValueError, match=r"pair_capacity: 0 must be"):
-        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", pair_capacity=0, return_overflow=True)
-    # the old name still works, with a warning; both names at once is an error
-    with pytest.warns(DeprecationWarning, match="pair_capacity"):
-        with pytest.raises(ValueError, match=r"pair_capacity: 3 is below the exact worst case"):
-            parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=3)
-    with pytest.raises(TypeError, match="capacity: the deprecated name of pair_capacity"):
-        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=3, pair_capacity=3)
+        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", options=EPOptions(pair_capacity=0, return_overflow=True))
+    # the old name capacity= is gone (never released): a TypeError like any unknown keyword
+    with pytest.raises(TypeError, match="capacity"):
+        parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", capacity=3)
     with pytest.raises(ValueError, match=r"x: hidden=100 must be a multiple of 128"):
         parallel.ep_moe(
             jax.ShapeDtypeStruct((32, 100), jnp.bfloat16), *_inputs(32)[1:], _weights(), mesh=_mesh(4), mode="fp8xfp4"
@@ -202,25 +199,25 @@ def test_error_fused_dispatch():
     cpu = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
     fp8 = (*_inputs(32), _weights("fp8"))
     with pytest.raises(ValueError, match=r"dispatch: 'fused' cannot run here: an AbstractMesh has no devices"):
-        parallel.ep_moe(*fp8, mesh=_mesh(4), mode="fp8", dispatch="fused")
+        parallel.ep_moe(*fp8, mesh=_mesh(4), mode="fp8", options=EPOptions(dispatch="fused"))
     with pytest.raises(ValueError, match=r"pair_capacity: applies to the collective dispatch"):
-        parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", dispatch="fused", pair_capacity=8)
+        parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", options=EPOptions(dispatch="fused", pair_capacity=8))
     with pytest.raises(ValueError, match=r"backend='reference' cannot run it"):
-        parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", dispatch="fused", backend="reference")
+        parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", options=EPOptions(dispatch="fused", backend="reference"))
     with pytest.raises(ValueError, match=r"x: 256 tokens per device exceed num_max_tokens=128 .*dispatch='auto'"):
-        parallel.ep_moe(*_inputs(256), _weights("fp8"), mesh=cpu, mode="fp8", dispatch="fused", num_max_tokens=100)
+        parallel.ep_moe(*_inputs(256), _weights("fp8"), mesh=cpu, mode="fp8", options=EPOptions(dispatch="fused", num_max_tokens=100))
     with pytest.raises(ValueError, match=r"num_max_tokens: 0 must be a Python int >= 1"):
-        parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", dispatch="fused", num_max_tokens=0)
+        parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", options=EPOptions(dispatch="fused", num_max_tokens=0))
     with pytest.raises(ValueError, match=r"dispatch: 'fused' uses no collective"):
         parallel.dispatch_path(cpu, "fused")
     ok, why = parallel.fused_available(cpu, "ep", "fp8")
     assert not ok and "'cpu', not CUDA GPUs" in why
     # sm_100 modes: "auto" needs the opt-in on top (that kernel has never run on a B200 here)
     assert parallel.ep_path(cpu, "ep", "fp8xfp4", 8) == "padded"
-    with pytest.warns(DeprecationWarning, match=r"dispatch='dense' is deprecated: it is dispatch='padded'"):
-        assert parallel.ep_path(cpu, "ep", "fp8", 8, dispatch="dense") == "padded"
+    with pytest.raises(ValueError, match=r"dispatch: 'dense' is not one of auto, fused, ragged, padded"):
+        parallel.ep_path(cpu, "ep", "fp8", 8, options=EPOptions(dispatch="dense"))
     with pytest.raises(ValueError, match=r"dispatch: 'dense ' is not one of auto, fused, ragged, padded"):
-        parallel.ep_path(cpu, "ep", "fp8", 8, dispatch="dense ")
+        parallel.ep_path(cpu, "ep", "fp8", 8, options=EPOptions(dispatch="dense "))
 
 
 def test_fused_auto_env_switch(monkeypatch):
@@ -231,16 +228,19 @@ def test_fused_auto_env_switch(monkeypatch):
 
     cpu = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
     monkeypatch.setattr(parallel, "fused_available", lambda *a, **k: (True, ""))
-    choose = functools.partial(
-        parallel._choose_path, cpu, "ep", "fp8", 8, backend="auto", capacity=None, num_max_tokens=None
-    )
+    def choose(capacity=None, **kw):
+        return parallel._choose_path(cpu, "ep", "fp8", 8, EPOptions(pair_capacity=capacity, **kw))
+
     base = Policy()
     path, fused = choose(dispatch="auto", policy=base)
-    assert path == "fused" and fused[0] == 1024 and fused[1] == ((jax.devices()[0].id,),) and fused[2] == 2
-    assert fused[3] is False and fused[4] is False  # graph_targets, sm90_wide_tile off
-    assert choose(dispatch="auto", policy=base.replace(graph_targets=True))[1][3] is True  # static: no stale trace
-    assert choose(dispatch="auto", policy=base.replace(sm90_wide_tile=True))[1][3:] == (False, True)
-    assert choose(dispatch="auto", policy=base.replace(reserved_sms=5, num_max_tokens=200))[1][0:3:2] == (256, 5)
+    assert path == "fused" and fused.capacity == 1024 and fused.rank_devices == ((jax.devices()[0].id,),)
+    assert fused.reserved_sms == 2 and fused.num_ranks == 1
+    assert fused.graph is False and fused.sm90_wide_tile is False  # graph_targets, sm90_wide_tile off
+    assert choose(dispatch="auto", policy=base.replace(graph_targets=True))[1].graph is True  # static: no stale trace
+    wide = choose(dispatch="auto", policy=base.replace(sm90_wide_tile=True))[1]
+    assert (wide.graph, wide.sm90_wide_tile) == (False, True)
+    capped = choose(dispatch="auto", policy=base.replace(reserved_sms=5, num_max_tokens=200))[1]
+    assert (capped.capacity, capped.reserved_sms) == (256, 5)
     assert choose(dispatch="auto", policy=Policy.from_environ({"JAX_MEGAMOE_FUSED_EP": "0"})) == ("padded", None)
     assert policy.current().fused_ep  # the process policy, read now if not before
     monkeypatch.setenv("JAX_MEGAMOE_FUSED_EP", "0")  # read once into the process policy: changing it later does nothing
@@ -249,24 +249,61 @@ def test_fused_auto_env_switch(monkeypatch):
     assert choose(dispatch="auto", backend="reference") == ("padded", None)  # the reference never runs the kernel
     assert choose(dispatch="auto", capacity=4) == ("padded", None)  # a capacity asks for the collective
     assert parallel.ep_path(cpu, "ep", "fp8", 2048) == "padded"  # over the per-rank cap
-    assert parallel.ep_path(cpu, "ep", "fp8", 2048, num_max_tokens=4096) == "fused"
+    assert parallel.ep_path(cpu, "ep", "fp8", 2048, options=EPOptions(num_max_tokens=4096)) == "fused"
     assert parallel.ep_path(cpu, "ep", "fp8xfp4", 8) == "padded"  # sm_100 kernel: opt-in only
     opted_in = Policy.from_environ({"JAX_MEGAMOE_SM100_MEGA": "1"})
-    assert parallel.ep_path(cpu, "ep", "mxf4xmxf4", 8, policy=opted_in) == "fused"
+    assert parallel.ep_path(cpu, "ep", "mxf4xmxf4", 8, options=EPOptions(policy=opted_in)) == "fused"
 
 
 def test_dispatch_path_and_capacity():
     cpu_mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
     assert parallel.dispatch_path(cpu_mesh) == "padded"
     assert parallel.dispatch_path(cpu_mesh, "padded") == "padded"
-    with pytest.warns(DeprecationWarning, match=r"dispatch='dense' is deprecated: it is dispatch='padded'"):
-        assert parallel.dispatch_path(cpu_mesh, "dense") == "padded"
+    with pytest.raises(ValueError, match=r"dispatch: 'dense' is not one of"):
+        parallel.dispatch_path(cpu_mesh, "dense")
     with pytest.raises(ValueError, match=r"dispatch: 'collective' is not one of auto, fused, ragged, padded"):
         parallel.dispatch_path(cpu_mesh, "collective")
     with pytest.raises(ValueError, match=r"dispatch: 'ragged' needs ragged_all_to_all"):
         parallel.dispatch_path(cpu_mesh, "ragged")
     assert parallel.dispatch_path(_mesh(2), "ragged") == "ragged"  # no platform to judge
     assert parallel.exact_capacity(32, 6, 8) == 24
+
+
+def test_explicit_policy_reaches_the_kernel_on_the_collective_path(monkeypatch):
+    """ep_moe(policy=...) on the collective path hands that policy (not the process one) to the
+    per-device kernel call: its token cap, graph and wide-tile switches decide there too."""
+    from jax_megamoe import reference
+    from jax_megamoe._src.kernels import ops
+    from jax_megamoe.policy import Policy, current
+
+    seen = []
+
+    def fake_mega_moe(x, idx, w, weights, **kw):
+        seen.append(kw["options"].policy)
+        return reference.mega_moe(x, idx, w, weights, mode=kw["mode"], activation_clamp=kw.get("activation_clamp"))
+
+    monkeypatch.setattr(ops, "mega_moe", fake_mega_moe)
+    jax.clear_caches()  # a trace cached by another test would not call the stand-in
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    rng = np.random.default_rng(1)
+    shapes = MoEWeights.kernel_shapes("fp8xfp4", E, H, I)
+    w = MoEWeights(
+        **{k: jnp.asarray(rng.integers(0, 120, size=s).astype(np.dtype(d))) for k, (s, d) in shapes.items()},
+        mode="fp8xfp4", hidden=H, intermediate=I, num_experts=E,
+    )
+    x = jnp.asarray(rng.standard_normal((4, H)), jnp.bfloat16)
+    idx = jnp.asarray(rng.integers(0, E, size=(4, K)), jnp.int32)
+    tw = jnp.asarray(rng.random((4, K)), jnp.float32)
+    mine = Policy(graph_targets=True, sm90_wide_tile=True, num_max_tokens=77)
+    assert mine != current()
+    y = parallel.ep_moe(x, idx, tw, w, mesh=mesh, mode="fp8xfp4", options=EPOptions(backend="ffi", dispatch="padded", policy=mine))
+    assert seen and all(p == mine for p in seen), seen
+    seen.clear()
+    parallel.ep_moe(x, idx, tw, w, mesh=mesh, mode="fp8xfp4", options=EPOptions(backend="ffi", dispatch="padded"))
+    assert seen and all(p == current() for p in seen), seen  # no policy: the process one
+    want = reference.mega_moe(x, idx, tw, w, mode="fp8xfp4")
+    assert np.any(np.asarray(want) != 0)
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint16), np.asarray(want).view(np.uint16))
 
 
 def test_ffi_backend_plugs_in_per_device(monkeypatch):
@@ -279,10 +316,10 @@ def test_ffi_backend_plugs_in_per_device(monkeypatch):
 
     def fake_mega_moe(x, idx, w, weights, **kw):
         calls.append((kw.get("backend"), weights.num_local_experts, x.shape))
-        kw = {k: v for k, v in kw.items() if k in ("mode", "activation_clamp", "routed_scaling_factor")}
-        return reference.mega_moe(x, idx, w, weights, **kw)
+        return reference.mega_moe(x, idx, w, weights, mode=kw["mode"], activation_clamp=kw.get("activation_clamp"))
 
     monkeypatch.setattr(ops, "mega_moe", fake_mega_moe)
+    jax.clear_caches()  # a trace cached by another test would not call the stand-in
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
     rng = np.random.default_rng(0)
     shapes = MoEWeights.kernel_shapes("fp8xfp4", E, H, I)
@@ -293,7 +330,7 @@ def test_ffi_backend_plugs_in_per_device(monkeypatch):
     x = jnp.asarray(rng.standard_normal((4, H)), jnp.bfloat16)
     idx = jnp.asarray(rng.integers(0, E, size=(4, K)), jnp.int32)
     tw = jnp.asarray(rng.random((4, K)), jnp.float32)
-    y = parallel.ep_moe(x, idx, tw, w, mesh=mesh, mode="fp8xfp4", backend="ffi")
+    y = parallel.ep_moe(x, idx, tw, w, mesh=mesh, mode="fp8xfp4", options=EPOptions(backend="ffi"))
     assert calls and all(c[0] == "ffi" and c[1] == E for c in calls), calls
     want = reference.mega_moe(x, idx, tw, w, mode="fp8xfp4")
     np.testing.assert_array_equal(np.asarray(y).view(np.uint16), np.asarray(want).view(np.uint16))

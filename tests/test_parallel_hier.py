@@ -8,6 +8,8 @@ are checked here, on an AbstractMesh or this process's one CPU device.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import socket
 import subprocess
@@ -22,13 +24,14 @@ import pytest
 
 from jax_megamoe._src.kernels import parallel_hier as PH
 from jax_megamoe.layout import MoEWeights
+from jax_megamoe.parallel import EPOptions
 
 WORKER = Path(__file__).with_name("hier_worker.py")
 TIMEOUT_S = 170
 
 SINGLE_CHECKS = (
     "devices", "path_cpu", "hier2x4_skewed", "hier2x4_sharding", "hier2x4_second_pass", "hier2x4_empty_host",
-    "hier2x4_empty_host_rows", "grouped_path", "grouped_ep8", "grouped_ep8_second_pass", "dense_alias_warns_same_bits",
+    "hier2x4_empty_host_rows", "grouped_path", "grouped_ep8", "grouped_ep8_second_pass", "padded_dispatch_same_bits",
     "grouped_ep4",
     "hier_fused_lowers_for_cuda", "hier_fused_second_pass_lowered", "ragged_on_cpu_error", "fused_groups_one_process",
 )  # fmt: skip
@@ -122,9 +125,14 @@ def _mesh(hosts: int = 2, gpus: int = 4, names=("host", "ep")):
     return jax.sharding.AbstractMesh((hosts, gpus), names)
 
 
-def _call(t=32, mesh=None, **kw):
+def _call(t=32, mesh=None, host_axis="host", axis="ep", **kw):
+    """ep_moe_hier with ``kw``: the EPOptions fields go into ``options``, the rest are keywords."""
     kw.setdefault("mode", "fp8")
-    return PH.ep_moe_hier(*_inputs(t), kw.pop("weights", _weights()), mesh=mesh or _mesh(), **kw)
+    fields = {f.name for f in dataclasses.fields(EPOptions)}
+    opts = EPOptions(**{k: kw.pop(k) for k in list(kw) if k in fields})
+    return PH.ep_moe_hier(
+        *_inputs(t), kw.pop("weights", _weights()), mesh=mesh or _mesh(), axes=(host_axis, axis), options=opts, **kw
+    )
 
 
 def test_error_axes():
@@ -167,8 +175,8 @@ def test_error_options():
         _call(pair_capacity=0)
     with pytest.raises(ValueError, match=r"pair_capacity: True must be a Python int >= 1"):
         _call(pair_capacity=True)
-    with pytest.raises(TypeError, match=r"capacity: the deprecated name of pair_capacity; pass only pair_capacity"):
-        _call(pair_capacity=2, capacity=2)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'capacity'"):
+        _call(pair_capacity=2, capacity=2)  # the old name is gone
     with pytest.raises(ValueError, match=r"num_max_tokens: 5 is below the 8 rows a device can receive per pass"):
         _call(num_max_tokens=5)
     with pytest.raises(ValueError, match=r"num_max_tokens: 0 must be a Python int >= 1"):
@@ -189,30 +197,28 @@ def test_hier_path_reports_choice_and_reason():
     assert g.intranode == "local" and "one device per host" in g.reason
     one = PH.hier_path(jax.sharding.AbstractMesh((8,), ("ep",)), "ep", None, "fp8", 4)
     assert one.intranode == "local"
-    c = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, intranode="collective")
+    c = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, options=EPOptions(intranode="collective"))
     assert c.intranode == "collective" and "requested" in c.reason
-    with pytest.warns(DeprecationWarning, match=r"dispatch='dense' is deprecated: it is dispatch='padded'"):
-        old = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, dispatch="dense")
-    assert old == PH.hier_path(_mesh(), "host", "ep", "fp8", 4, dispatch="padded") == p
+    assert PH.hier_path(_mesh(), "host", "ep", "fp8", 4, options=EPOptions(dispatch="padded")) == p
+    with pytest.raises(ValueError, match=r"dispatch: 'dense' is not one of"):
+        PH.hier_path(_mesh(), "host", "ep", "fp8", 4, options=EPOptions(dispatch="dense"))
     with pytest.raises(ValueError, match=r"pair_capacity: -2 must be"):
-        PH.hier_path(_mesh(), "host", "ep", "fp8", 4, pair_capacity=-2)
-    # capacity=: the deprecated name of pair_capacity (the same rows per device pair as ep_moe's).
-    with pytest.warns(DeprecationWarning, match=r"hier_path\(capacity=\.\.\.\) is deprecated: .* pair_capacity="):
-        old_cap = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, num_max_tokens=4, capacity=1)
-    assert old_cap == PH.hier_path(_mesh(), "host", "ep", "fp8", 4, num_max_tokens=4, pair_capacity=1)
+        PH.hier_path(_mesh(), "host", "ep", "fp8", 4, options=EPOptions(pair_capacity=-2))
+    one_row = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, options=EPOptions(num_max_tokens=4, pair_capacity=1))
+    assert one_row.dispatch == "padded"
     with pytest.raises(ValueError, match=r"num_max_tokens: 4 is below the 8 rows"):
-        PH.hier_path(_mesh(), "host", "ep", "fp8", 4, num_max_tokens=4)  # so pair_capacity=1 did reach it
+        PH.hier_path(_mesh(), "host", "ep", "fp8", 4, options=EPOptions(num_max_tokens=4))  # so pair_capacity=1 did reach it
 
 
 def test_hier_path_env_switch(monkeypatch):
     """With fused available (faked), 'auto' takes it unless JAX_MEGAMOE_FUSED_EP=0 or backend='reference'."""
     monkeypatch.setattr(PH, "_fused_inner_available", lambda mesh, axis, mode: (True, ""))
     assert PH.hier_path(_mesh(), "host", "ep", "fp8", 4).intranode == "fused"
-    assert PH.hier_path(_mesh(), "host", "ep", "fp8", 4, backend="reference").intranode == "collective"
+    assert PH.hier_path(_mesh(), "host", "ep", "fp8", 4, options=EPOptions(backend="reference")).intranode == "collective"
     assert PH.hier_path(_mesh(), "host", "ep", "mxf4xmxf4", 4).intranode == "collective"  # sm_100: opt-in
     import jax_megamoe
 
-    p = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, policy=jax_megamoe.policy.current().replace(fused_ep=False))
+    p = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, options=EPOptions(policy=jax_megamoe.policy.current().replace(fused_ep=False)))
     assert p.intranode == "collective" and "JAX_MEGAMOE_FUSED_EP=0" in p.reason
 
 
@@ -242,19 +248,17 @@ def test_one_cpu_device_runs():
     idx = jnp.asarray(rng.integers(-1, w.num_experts, (8, 4)), jnp.int32)
     tw = jnp.asarray(rng.uniform(0.1, 1, (8, 4)), jnp.float32)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("host", "ep"))
-    y, st = PH.ep_moe_hier(x, idx, tw, w, mesh=mesh, mode="fp8", return_stats=True)
+    y, st = PH.ep_moe_hier(x, idx, tw, w, mesh=mesh, mode="fp8", options=EPOptions(return_stats=True))
     ref = reference.mega_moe(x, idx, tw, w, mode="fp8")
     assert np.array_equal(np.asarray(y).view(np.uint16), np.asarray(ref).view(np.uint16))
     assert np.any(np.asarray(ref) != 0)
     assert int(st.rows) == int(np.sum(np.any(np.asarray(idx) >= 0, axis=1))) and int(st.second_pass_rows) == 0
-    # capacity=, the deprecated name of pair_capacity: warns (naming the function and the new name)
-    # and runs the same second pass as pair_capacity=1, so the same bits and the same stats.
-    y1, st1 = PH.ep_moe_hier(x, idx, tw, w, mesh=mesh, mode="fp8", pair_capacity=1, return_stats=True)
+    # pair_capacity=1 runs the second pass: the same bits; ep_moe_grouped over one device agrees.
+    y1, st1 = PH.ep_moe_hier(x, idx, tw, w, mesh=mesh, mode="fp8", options=EPOptions(pair_capacity=1, return_stats=True))
     assert int(st1.second_pass_rows) > 0
     assert np.array_equal(np.asarray(y1).view(np.uint16), np.asarray(ref).view(np.uint16))
     one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
     for fn, kw in ((PH.ep_moe_hier, dict(mesh=mesh)), (PH.ep_moe_grouped, dict(mesh=one, axis="ep"))):
-        with pytest.warns(DeprecationWarning, match=rf"{fn.__name__}\(capacity=\.\.\.\) is deprecated: .*pair_capacity="):
-            y_old, st_old = fn(x, idx, tw, w, mode="fp8", capacity=1, return_stats=True, **kw)
+        y_old, st_old = fn(x, idx, tw, w, mode="fp8", options=EPOptions(pair_capacity=1, return_stats=True), **kw)
         assert np.array_equal(np.asarray(y_old).view(np.uint16), np.asarray(y1).view(np.uint16))
         assert tuple(int(v) for v in st_old) == tuple(int(v) for v in st1)

@@ -15,6 +15,7 @@ from jax_megamoe._src.numerics import policy as policy_mod
 from jax_megamoe._src.kernels import ops
 from jax_megamoe._src.numerics import config
 from jax_megamoe._src.numerics.policy import Policy
+from jax_megamoe.ops import MoEOptions
 
 
 def test_precedence_project_name_over_sglang_alias_over_default():
@@ -130,7 +131,7 @@ def test_an_explicit_policy_is_what_the_ops_trace_with(monkeypatch):
     x, idx, w = _inputs()
 
     def lower(p):
-        fn = jax.jit(lambda x, i, w: ops.mega_moe(x, i, w, weights, backend="ffi", kernel="fused", policy=p))
+        fn = jax.jit(lambda x, i, w: ops.mega_moe(x, i, w, weights, backend="ffi", options=MoEOptions(kernel="fused", policy=p)))
         return fn.trace(x, idx, w).lower(lowering_platforms=("cuda",)).as_text()
 
     monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "1")  # ignored: the policy is explicit
@@ -164,22 +165,21 @@ def test_policy_wide_tile_reaches_the_lowered_attribute(monkeypatch):
     x, idx, w = _inputs(seed=5)
 
     def lower(p):
-        fn = jax.jit(lambda x, i, w: ops.mega_moe(x, i, w, weights, backend="ffi", kernel="fused", policy=p))
+        fn = jax.jit(lambda x, i, w: ops.mega_moe(x, i, w, weights, backend="ffi", options=MoEOptions(kernel="fused", policy=p)))
         return fn.trace(x, idx, w).lower(lowering_platforms=("cuda",)).as_text()
 
     monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "1")  # ignored: the policy is explicit
     assert _wide_tile_attr(lower(Policy())) == "false"
     monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "0")
     assert _wide_tile_attr(lower(Policy().replace(sm90_wide_tile=True))) == "true"
-    # the bare custom call takes it as an argument too, and checks its type
-    call = dict(weights=weights, mode="fp8", num_experts=e, capacity=128, activation_clamp=None,
-                routed_scaling_factor=1.0, fast_math=True, reserved_sms=2)  # fmt: skip
+    # the bare custom call takes it in its call spec too
     for wide in (True, False):
-        text = jax.jit(lambda a, b, c, wide=wide: ops.mega_moe_target_call(a, b, c, **call, sm90_wide_tile=wide)).trace(
+        spec = ops.MegaMoECall("fp8", num_experts=e, capacity=128, sm90_wide_tile=wide)
+        text = jax.jit(lambda a, b, c, spec=spec: ops.mega_moe_target_call(a, b, c, weights, spec)).trace(
             x, idx, w).lower(lowering_platforms=("cuda",)).as_text()  # fmt: skip
         assert _wide_tile_attr(text) == str(wide).lower()
-    with pytest.raises(TypeError, match="sm90_wide_tile: 1 must be a bool"):
-        ops.mega_moe_target_call(x, idx, w, **call, sm90_wide_tile=1)
+    with pytest.raises(TypeError, match="call: expected a MegaMoECall"):
+        ops.mega_moe_target_call(x, idx, w, weights, {"sm90_wide_tile": True})
 
 
 def test_a_traced_function_keeps_the_wide_tile_it_was_read_with():
@@ -204,7 +204,7 @@ def test_a_traced_function_keeps_the_wide_tile_it_was_read_with():
         "x = jnp.asarray(rng.standard_normal((7, h)), jnp.bfloat16)\n"
         "idx = jnp.asarray(np.stack([rng.choice(e, 2, replace=False) for _ in range(7)]), jnp.int32)\n"
         "w = jnp.asarray(rng.uniform(0.1, 1.0, (7, 2)), jnp.float32)\n"
-        "mk = lambda: jax.jit(lambda x, i, w: ops.mega_moe(x, i, w, wts, backend='ffi', kernel='fused'))\n"
+        "mk = lambda: jax.jit(lambda x, i, w: ops.mega_moe(x, i, w, wts, backend='ffi', options=ops.MoEOptions(kernel='fused')))\n"
         "attr = lambda f: re.findall(r'sm90_wide_tile = (true|false)',\n"
         "                            f.trace(x, idx, w).lower(lowering_platforms=('cuda',)).as_text())\n"
         "f = mk()\n"

@@ -24,6 +24,7 @@ import pytest
 
 from jax_megamoe.layout import MoEWeights
 from jax_megamoe.reference import PreDispatched, mega_moe, pre_dispatch
+from jax_megamoe.ops import MoEOptions
 
 BF16 = ml_dtypes.bfloat16
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -253,8 +254,7 @@ def run_case(mode, *, t=48, k=4, e=8, h=512, i=256, seed=0, x_scale=8.0, clamp=N
     weights, w13, w2 = make_weights(mode, e, h, i)
     x = make_x(rng, t, h, x_scale)
     idx, w = make_routing(rng, t, k, e, skew=skew, drop=drop)
-    y = mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, activation_clamp=clamp,
-                 routed_scaling_factor=rsf)
+    y = mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, activation_clamp=clamp, options=MoEOptions(routed_scaling_factor=rsf))
     assert y.dtype == jnp.bfloat16 and y.shape == (t, h)
     _, _, xd = np_quantize_x(x, mode)
     w_eff = f32(w.astype(np.float64) * f32(rsf))
@@ -524,7 +524,7 @@ def test_jit_equals_eager(mode):
     jitted = f(x, jnp.asarray(idx), jnp.asarray(w), weights)
     np.testing.assert_array_equal(np.asarray(eager).view(np.uint16), np.asarray(jitted).view(np.uint16))
     # chunking never changes the result
-    other = mega_moe(x, jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, activation_clamp=10.0, chunk_rows=5)
+    other = mega_moe(x, jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, activation_clamp=10.0, options=MoEOptions(chunk_rows=5))
     np.testing.assert_array_equal(np.asarray(eager).view(np.uint16), np.asarray(other).view(np.uint16))
 
 
@@ -569,7 +569,7 @@ def test_streaming_dequantizes_only_routed_experts(monkeypatch):
     idx = np.array([[63, 5, 17, 40]], np.int32)
     w = np.array([[0.4, 0.3, 0.2, 0.1]], F32)
     t0 = time.perf_counter()
-    y = np.asarray(mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, chunk_rows=3))
+    y = np.asarray(mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, options=MoEOptions(chunk_rows=3)))
     elapsed = time.perf_counter() - t0
     assert sorted(seen) == [5, 17, 40, 63]
     _, _, xd = np_quantize_x(x, mode)
@@ -581,7 +581,7 @@ def test_streaming_dequantizes_only_routed_experts(monkeypatch):
     x = make_x(rng, 16, h, 8.0)
     idx = np.stack([[7, 9 + t % 3, -1, 30 + t] for t in range(16)]).astype(np.int32)
     w = rng.uniform(0.1, 1.0, size=(16, 4)).astype(F32)
-    y = np.asarray(mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, chunk_rows=3))
+    y = np.asarray(mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, options=MoEOptions(chunk_rows=3)))
     assert sorted(seen) == sorted(set(idx[idx >= 0].tolist()))
     _, _, xd = np_quantize_x(x, mode)
     emul = np_moe(xd, idx, w.astype(np.float64), w13, w2, mode=mode, clamp=None, emulate=True)
@@ -626,9 +626,9 @@ def test_mega_moe_errors():
     with pytest.raises(ValueError, match="activation_clamp"):
         mega_moe(x, idx, w, weights, mode=mode, activation_clamp=float("nan"))
     with pytest.raises(ValueError, match="num_max_tokens"):
-        mega_moe(x, idx, w, weights, mode=mode, num_max_tokens=3)
+        mega_moe(x, idx, w, weights, mode=mode, options=MoEOptions(num_max_tokens=3))
     with pytest.raises(ValueError, match="routed_scaling_factor"):
-        mega_moe(x, idx, w, weights, mode=mode, routed_scaling_factor=float("inf"))
+        mega_moe(x, idx, w, weights, mode=mode, options=MoEOptions(routed_scaling_factor=float("inf")))
     with pytest.raises(ValueError, match="mode"):
         mega_moe(x, idx, w, weights, mode="nvfp4")
 

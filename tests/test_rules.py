@@ -24,6 +24,7 @@ from jax_megamoe import reference
 from jax_megamoe._src.kernels import ops
 from jax_megamoe._src.kernels import _rules
 from jax_megamoe.layout import MoEWeights
+from jax_megamoe.ops import MoEOptions
 
 WORKER = Path(__file__).with_name("rules_worker.py")
 H, I, E, K = 512, 256, 16, 4
@@ -75,11 +76,11 @@ def test_vmap_mega_moe_is_the_loop_bit_for_bit(mode):
     """vmap over a batch of token sets (weights shared): each element equals the unbatched op."""
     x, idx, w = _inputs(1, b=3)
     wts = _weights(mode, seed=1)
-    f = functools.partial(ops.mega_moe, weights=wts, activation_clamp=8.0, routed_scaling_factor=1.5)
+    f = functools.partial(ops.mega_moe, weights=wts, activation_clamp=8.0, options=MoEOptions(routed_scaling_factor=1.5))
     got = jax.jit(jax.vmap(lambda a, b, c: f(a, b, c)))(x, idx, w)
     assert got.shape == (3, 6, H)
     for j in range(3):
-        want = reference.mega_moe(x[j], idx[j], w[j], wts, mode=mode, activation_clamp=8.0, routed_scaling_factor=1.5)
+        want = reference.mega_moe(x[j], idx[j], w[j], wts, mode=mode, activation_clamp=8.0, options=MoEOptions(routed_scaling_factor=1.5))
         np.testing.assert_array_equal(_bits(got[j]), _bits(want))
     assert not np.array_equal(_bits(got[0]), _bits(got[1]))  # the elements differ: the test can fail
 
@@ -113,7 +114,7 @@ def test_vmap_ffi_lowers_to_one_kernel_call_per_element():
     """backend='ffi': vmap lowers to a loop around the unbatched custom call (the kernel's own shapes)."""
     x, idx, w = _inputs(5, b=3, t=7)
     wts = _weights("fp8", seed=5)
-    text = _lower_cuda(jax.vmap(lambda a, b, c: ops.mega_moe(a, b, c, wts, num_max_tokens=200, backend="ffi", kernel="fused")), x, idx, w)
+    text = _lower_cuda(jax.vmap(lambda a, b, c: ops.mega_moe(a, b, c, wts, backend="ffi", options=MoEOptions(num_max_tokens=200, kernel="fused"))), x, idx, w)
     calls = [ln for ln in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in ln]
     assert len(calls) == 1 and "-> tensor<7x512xbf16>" in calls[0], calls
     assert "stablehlo.while" in text
@@ -127,10 +128,8 @@ def test_vmap_of_the_bare_custom_call_is_sequential():
     """The custom call itself (what parallel's fused path calls) has vmap_method='sequential'."""
     x, idx, w = _inputs(6, b=2, t=5)
     wts = _weights("fp8", seed=6)
-    call = functools.partial(
-        ops.mega_moe_target_call, weights=wts, mode="fp8", num_experts=E, capacity=128, activation_clamp=None,
-        routed_scaling_factor=1.0, fast_math=True, reserved_sms=2,
-    )  # fmt: skip
+    spec = ops.MegaMoECall("fp8", num_experts=E, capacity=128)
+    call = functools.partial(ops.mega_moe_target_call, weights=wts, call=spec)
     text = _lower_cuda(jax.vmap(lambda a, b, c: call(a, b, c)), x, idx, w)
     assert "stablehlo.while" in text and "-> tensor<5x512xbf16>" in text
     with pytest.raises(jax_megamoe.InferenceOnlyError, match="inference-only"):

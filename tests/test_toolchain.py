@@ -14,6 +14,13 @@ import pytest
 
 from jax_megamoe._src.kernels import _toolchain as tc
 from jax_megamoe._src.kernels._toolchain import ToolchainError
+from jax_megamoe._src.numerics.policy import Locations
+
+
+def here() -> Locations:
+    """The locations the (monkeypatched) environment describes now: the policy reads them once per
+    process, so each lookup here gets them explicitly."""
+    return Locations.from_environ()
 
 NVCC_TEXT = textwrap.dedent(
     """\
@@ -77,14 +84,14 @@ def test_version_gate(clean_env, tmp_path, version, ok):
     nvcc = fake_nvcc(tmp_path / "cuda" / "bin" / "nvcc", version)
     clean_env.setenv("CUDA_HOME", str(tmp_path / "cuda"))
     if ok:
-        t = tc.find_nvcc()
+        t = tc.find_nvcc(here())
         assert t.nvcc == str(nvcc)
         assert t.version == tuple(int(x) for x in version.split("."))
         assert t.source == "CUDA_HOME"
         assert t.include_dirs == ()
     else:
         with pytest.raises(ToolchainError) as e:
-            tc.find_nvcc()
+            tc.find_nvcc(here())
         msg = str(e.value)
         assert f"nvcc {version}" in msg and "too old" in msg and ">= 12.9" in msg
         assert "jax_megamoe[cuda13]" in msg
@@ -97,12 +104,12 @@ def test_cuda_home_beats_cuda_path_and_path(clean_env, tmp_path):
     clean_env.setenv("PATH", f"{onpath.parent}{os.pathsep}/bin")
     clean_env.setenv("CUDA_PATH", str(tmp_path / "cpath"))
     clean_env.setenv("CUDA_HOME", str(tmp_path / "home"))
-    assert tc.find_nvcc().nvcc == str(home)
+    assert tc.find_nvcc(here()).nvcc == str(home)
     clean_env.delenv("CUDA_HOME")
-    t = tc.find_nvcc()
+    t = tc.find_nvcc(here())
     assert (t.nvcc, t.source) == (str(tmp_path / "cpath" / "bin" / "nvcc"), "CUDA_PATH")
     clean_env.delenv("CUDA_PATH")
-    t = tc.find_nvcc()
+    t = tc.find_nvcc(here())
     assert (t.nvcc, t.source) == (str(onpath), "PATH")
 
 
@@ -111,7 +118,7 @@ def test_cuda_home_without_nvcc_falls_through(clean_env, tmp_path):
     onpath = fake_nvcc(tmp_path / "onpath" / "nvcc", "13.0")
     clean_env.setenv("CUDA_HOME", str(tmp_path / "empty_home"))
     clean_env.setenv("PATH", str(onpath.parent))
-    assert tc.find_nvcc().nvcc == str(onpath)
+    assert tc.find_nvcc(here()).nvcc == str(onpath)
 
 
 def test_explicit_override_wins_and_must_exist(clean_env, tmp_path):
@@ -119,23 +126,23 @@ def test_explicit_override_wins_and_must_exist(clean_env, tmp_path):
     fake_nvcc(tmp_path / "home" / "bin" / "nvcc", "12.9")
     clean_env.setenv("CUDA_HOME", str(tmp_path / "home"))
     clean_env.setenv("JAX_MEGAMOE_NVCC", str(explicit))
-    t = tc.find_nvcc()
+    t = tc.find_nvcc(here())
     assert (t.nvcc, t.source) == (str(explicit), "JAX_MEGAMOE_NVCC")
     clean_env.setenv("JAX_MEGAMOE_NVCC", str(tmp_path / "nope" / "nvcc"))
     with pytest.raises(ToolchainError, match="JAX_MEGAMOE_NVCC=.*not an executable nvcc"):
-        tc.find_nvcc()
+        tc.find_nvcc(here())
 
 
 def test_default_root_is_last(clean_env, tmp_path):
     root = tmp_path / "usr_local_cuda"
     nvcc = fake_nvcc(root / "bin" / "nvcc", "13.0")
     clean_env.setattr(tc, "_DEFAULT_CUDA_ROOTS", (str(root),))
-    assert tc.find_nvcc().nvcc == str(nvcc)
+    assert tc.find_nvcc(here()).nvcc == str(nvcc)
 
 
 def test_missing_nvcc_one_clear_message(clean_env):
     with pytest.raises(ToolchainError) as e:
-        tc.find_nvcc()
+        tc.find_nvcc(here())
     msg = str(e.value)
     assert msg.startswith("nvcc not found (looked in ")
     for where in ("CUDA_HOME", "CUDA_PATH", "PATH", "nvidia-cuda-nvcc"):
@@ -148,7 +155,7 @@ def test_failing_nvcc_is_reported(clean_env, tmp_path):
     fake_nvcc(tmp_path / "cuda" / "bin" / "nvcc", "13.0", exit_code=3)
     clean_env.setenv("CUDA_HOME", str(tmp_path / "cuda"))
     with pytest.raises(ToolchainError, match="exited with status 3"):
-        tc.find_nvcc()
+        tc.find_nvcc(here())
 
 
 # --- pip wheel layouts, as real fake distributions on sys.path -------------------------
@@ -188,7 +195,7 @@ def test_pip_cuda13_layout(fake_site, clean_env):
               exe=("nvidia/cu13/bin/nvcc",))
     make_dist(fake_site, "nvidia-cuda-runtime", "13.0.96", {"nvidia/cu13/include/cuda_runtime.h": "", "nvidia/cu13/include/cuda.h": ""})
     make_dist(fake_site, "nvidia-cuda-cccl", "13.0.85", {"nvidia/cu13/include/cccl/cuda/std/cstdint": ""})
-    t = tc.find_nvcc()
+    t = tc.find_nvcc(here())
     assert t.source == "pip nvidia-cuda-nvcc"
     assert t.nvcc == str((fake_site / "nvidia/cu13/bin/nvcc").resolve())
     assert t.version == (13, 0)
@@ -205,7 +212,7 @@ def test_pip_cuda12_layout(fake_site, clean_env):
               exe=("nvidia/cuda_nvcc/bin/nvcc",))
     make_dist(fake_site, "nvidia-cuda-runtime-cu12", "12.9.79", {"nvidia/cuda_runtime/include/cuda_runtime.h": ""})
     make_dist(fake_site, "nvidia-cuda-cccl-cu12", "12.9.27", {"nvidia/cuda_cccl/include/cuda/std/cstdint": ""})
-    t = tc.find_nvcc()
+    t = tc.find_nvcc(here())
     assert t.source == "pip nvidia-cuda-nvcc-cu12" and t.version == (12, 9)
     assert t.include_dirs == tuple(
         str((fake_site / d).resolve())
@@ -219,7 +226,7 @@ def test_path_beats_pip(fake_site, clean_env, tmp_path):
               exe=("nvidia/cu13/bin/nvcc",))
     onpath = fake_nvcc(tmp_path / "onpath" / "nvcc", "12.9")
     clean_env.setenv("PATH", str(onpath.parent))
-    assert tc.find_nvcc().source == "PATH"
+    assert tc.find_nvcc(here()).source == "PATH"
 
 
 # --- DeepGEMM headers ------------------------------------------------------------------
@@ -233,11 +240,11 @@ def test_headers_env_override(clean_env, tmp_path):
     (inc / PROBE).parent.mkdir(parents=True)
     (inc / PROBE).write_text("// fake\n")
     clean_env.setenv(tc.ENV_DEEPGEMM_INCLUDE, str(inc))
-    h = tc.find_deepgemm_headers()
+    h = tc.find_deepgemm_headers(here())
     assert h.include_dir == str(inc.resolve()) and h.source == tc.ENV_DEEPGEMM_INCLUDE
     clean_env.setenv(tc.ENV_DEEPGEMM_INCLUDE, str(tmp_path / "missing"))
     with pytest.raises(ToolchainError, match="does not contain deep_gemm/impls"):
-        tc.find_deepgemm_headers()
+        tc.find_deepgemm_headers(here())
 
 
 def test_headers_missing_one_clear_message(clean_env):
@@ -250,7 +257,7 @@ def test_headers_missing_one_clear_message(clean_env):
 
     clean_env.setattr(tc.md, "distribution", fake)
     with pytest.raises(ToolchainError) as e:
-        tc.find_deepgemm_headers()
+        tc.find_deepgemm_headers(here())
     assert "pip install sgl-deep-gemm==0.2.5" in str(e.value)
     assert "not installed" in str(e.value)
 
@@ -258,12 +265,12 @@ def test_headers_missing_one_clear_message(clean_env):
 def test_headers_version_pin(fake_site, clean_env):
     make_dist(fake_site, "sgl-deep-gemm", "0.2.4", {f"deep_gemm/include/{PROBE}": "// fake\n"})
     with pytest.raises(ToolchainError) as e:
-        tc.find_deepgemm_headers()
+        tc.find_deepgemm_headers(here())
     assert "0.2.4" in str(e.value) and "pip install sgl-deep-gemm==0.2.5" in str(e.value)
     clean_env.setenv(tc.ENV_ALLOW_DEEPGEMM_VERSION, "1")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        h = tc.find_deepgemm_headers()
+        h = tc.find_deepgemm_headers(here())
     assert h.version == "0.2.4" and h.include_dir == str((fake_site / "deep_gemm/include").resolve())
     assert any("0.2.4" in str(x.message) for x in w)
 
@@ -271,7 +278,7 @@ def test_headers_version_pin(fake_site, clean_env):
 def test_headers_dist_without_probe(fake_site):
     make_dist(fake_site, "sgl-deep-gemm", "0.2.5", {"deep_gemm/__init__.py": ""})
     with pytest.raises(ToolchainError, match="reinstall"):
-        tc.find_deepgemm_headers()
+        tc.find_deepgemm_headers(here())
 
 
 def test_installed_headers_found_without_importing_deep_gemm(clean_env):
@@ -280,7 +287,7 @@ def test_installed_headers_found_without_importing_deep_gemm(clean_env):
     except md.PackageNotFoundError:
         pytest.skip("sgl-deep-gemm is not installed")
     before = set(sys.modules)
-    h = tc.find_deepgemm_headers()
+    h = tc.find_deepgemm_headers(here())
     assert (Path(h.include_dir) / PROBE).is_file()
     assert (Path(h.include_dir) / "cute").is_dir()
     assert h.version == tc.DEEPGEMM_VERSION

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from jax_megamoe.parallel import EPOptions
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=CUSTOM_CALL,FUSION"
@@ -34,8 +35,7 @@ def main() -> int:
     inputs = [tuple(jax.device_put(a, sharded) for a in make_routing(n, 16, seed=900 + j)) for j in range(3)]
 
     def layer(x, i, w, ww, policy):
-        y = parallel.ep_moe(x * 2, i, w, ww, mesh=mesh, mode="fp8", activation_clamp=10.0, dispatch="fused",
-                            policy=policy)
+        y = parallel.ep_moe(x * 2, i, w, ww, mesh=mesh, mode="fp8",  options=EPOptions(activation_clamp=10.0, dispatch="fused", policy=policy))
         return (y.astype(jnp.float32) * 0.5).astype(jnp.bfloat16)
 
     # The process policy (JAX_MEGAMOE_GRAPH_TARGETS) is read once per process: each function names

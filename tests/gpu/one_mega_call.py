@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from jax_megamoe.ops import MoEOptions
 
 GRAPH = "--graph" in sys.argv
 if GRAPH:
@@ -29,8 +30,7 @@ from jax_megamoe.layout import MoEWeights  # noqa: E402
 
 
 def _layer(x, idx, w, ww, policy=None):  # the MoE call between two small fusions, as in a model
-    y = ops.mega_moe(x * 2, idx, w, ww, activation_clamp=10.0, num_max_tokens=128, backend="ffi", kernel="fused",
-                     policy=policy)
+    y = ops.mega_moe(x * 2, idx, w, ww, activation_clamp=10.0, backend="ffi",  options=MoEOptions(num_max_tokens=128, kernel="fused", policy=policy))
     return (y.astype(jnp.float32) * 0.5).astype(jnp.bfloat16)
 
 
@@ -84,7 +84,7 @@ def main() -> int:
     x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
     idx = jnp.asarray(np.stack([rng.choice(e, size=k, replace=False) for _ in range(t)]), jnp.int32)
     w = jnp.asarray(rng.random((t, k)), jnp.float32)
-    y = np.asarray(ops.mega_moe(x, idx, w, wg, activation_clamp=10.0, num_max_tokens=128, backend="ffi", kernel="fused"),
+    y = np.asarray(ops.mega_moe(x, idx, w, wg, activation_clamp=10.0, backend="ffi", options=MoEOptions(num_max_tokens=128, kernel="fused")),
                    np.float32)
     with jax.default_device(cpu):
         want = np.asarray(reference.mega_moe(jax.device_put(np.asarray(x), cpu), np.asarray(idx), np.asarray(w), wc,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from expert_checks import check_per_expert
 from jax_megamoe import ops
 from test_mega_moe_sm90_gpu import FLASH, GPU_ARCH, SMALL, _card, _check, _cpu_weights, _reference, _routing, _weights, _x
+from jax_megamoe.ops import MoEOptions
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU_ARCH != 9, reason="sm_90 kernels need an H100/H200")]
 
@@ -27,8 +28,8 @@ DECODE_TOL = 3e-3
 
 
 def decode(x, idx, w, weights, *, clamp=None, rsf=1.0):
-    f = jax.jit(lambda x, i, w, wt: ops.mega_moe(x, i, w, wt, backend="ffi", kernel="decode",
-                                                 activation_clamp=clamp, routed_scaling_factor=rsf))
+    f = jax.jit(lambda x, i, w, wt: ops.mega_moe(x, i, w, wt, backend="ffi",
+                                                 activation_clamp=clamp, options=MoEOptions(kernel="decode", routed_scaling_factor=rsf)))
     return jax.block_until_ready(f(x, jnp.asarray(idx), jnp.asarray(w), weights))
 
 
@@ -97,7 +98,7 @@ def test_flash(flash_weights, t):
     ref = _reference(x, idx, w, _cpu_weights(flash_weights, used), used, clamp=10.0, rsf=1.0)
     rel = _check(y, ref, idx, what=f"decode V4-Flash T={t}")
     assert rel <= DECODE_TOL, rel
-    fused = jax.jit(lambda x, i, w, wt: ops.mega_moe(x, i, w, wt, backend="ffi", kernel="fused", activation_clamp=10.0))
+    fused = jax.jit(lambda x, i, w, wt: ops.mega_moe(x, i, w, wt, backend="ffi", activation_clamp=10.0, options=MoEOptions(kernel="fused")))
     yf = jax.block_until_ready(fused(x, jnp.asarray(idx), jnp.asarray(w), flash_weights))
     vs_fused = _rel(y, yf)
     assert vs_fused <= 1e-2, vs_fused

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 
 from jax_megamoe import ops, parallel, reference
+from jax_megamoe.ops import MoEOptions
+from jax_megamoe.parallel import EPOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: parallel_worker helpers
 from parallel_worker import make_routing, make_weights  # noqa: E402
@@ -80,16 +82,16 @@ def test_fused_matches_reference_tiny(tiny_fp8, n):
     assert path == "fused", parallel.fused_available(mesh, "ep", "fp8")
     t0 = time.perf_counter()
     y = jax.block_until_ready(
-        parallel.ep_moe(*args, tiny_fp8, mesh=mesh, mode="fp8", activation_clamp=CLAMP, routed_scaling_factor=1.5)
+        parallel.ep_moe(*args, tiny_fp8, mesh=mesh, mode="fp8", options=EPOptions(activation_clamp=CLAMP, routed_scaling_factor=1.5))
     )
     first = time.perf_counter() - t0
     assert y.sharding.spec[0] == "ep"
-    ref = reference.mega_moe(*args, tiny_fp8, mode="fp8", activation_clamp=CLAMP, routed_scaling_factor=1.5)
+    ref = reference.mega_moe(*args, tiny_fp8, mode="fp8", activation_clamp=CLAMP, options=MoEOptions(routed_scaling_factor=1.5))
     rel = _check(y, ref, idx, tiny_fp8.num_experts, what=f"fused EP{n} tiny")
     tl = 32 // n
     assert (np.asarray(y)[:tl] == 0).all()  # rank 0: no token routed anywhere
     # The single-GPU kernel on the same 32 tokens: same per-token quantisation and combine order.
-    one = ops.mega_moe(*args, tiny_fp8, activation_clamp=CLAMP, routed_scaling_factor=1.5, backend="ffi", kernel="fused")
+    one = ops.mega_moe(*args, tiny_fp8, activation_clamp=CLAMP, backend="ffi", options=MoEOptions(routed_scaling_factor=1.5, kernel="fused"))
     a, b = np.asarray(y).view(np.uint16), np.asarray(one).view(np.uint16)
     differing = int((a != b).sum())
     rel1 = _rel(y, one)
@@ -120,9 +122,10 @@ def test_fused_v4_flash_matches_collective_reference(flash_fp8, n):
     x = jnp.asarray(rng.standard_normal((t, FLASH["H"])), jnp.bfloat16)
     args = (x, jnp.asarray(idx), jnp.asarray(w))
     mesh = _mesh(n)
-    kw = dict(mesh=mesh, mode="fp8", activation_clamp=CLAMP)
-    y = parallel.ep_moe(*args, weights, dispatch="fused", **kw)
-    ref = parallel.ep_moe(*args, weights, dispatch="ragged", backend="reference", **kw)
+    kw = dict(mesh=mesh, mode="fp8")
+    y = parallel.ep_moe(*args, weights, **kw, options=EPOptions(activation_clamp=CLAMP, dispatch="fused"))
+    ref = parallel.ep_moe(*args, weights, **kw, options=EPOptions(activation_clamp=CLAMP, dispatch="ragged",
+                                                                  backend="reference"))
     rel = _check(y, ref, idx, FLASH["E"], what=f"fused EP{n} V4-Flash")
     print(f"TABLE ep_fused|V4-Flash H=4096 I=2048 E=256 K=6 clamp 10|EP{n}|T={t} ({t // n}/rank, rank 0 empty)|"
           f"rel_l2 vs reference={rel:.2e}|collective path with reference math as oracle|{_card()}")
@@ -136,8 +139,7 @@ def test_fused_1000_steps_with_an_empty_rank(tiny_fp8):
     dev = [tuple(jax.device_put(a, sharded) for a in r) for r in routings]
     w_sh = parallel.shard_weights(tiny_fp8, mesh)
     run = jax.jit(
-        lambda x, i, w, ww: parallel.ep_moe(x, i, w, ww, mesh=mesh, mode="fp8", activation_clamp=CLAMP,
-                                            dispatch="fused")
+        lambda x, i, w, ww: parallel.ep_moe(x, i, w, ww, mesh=mesh, mode="fp8",  options=EPOptions(activation_clamp=CLAMP, dispatch="fused"))
     )
     vary = jax.jit(lambda x, s: (x * (1 + s % 5).astype(jnp.bfloat16)).astype(jnp.bfloat16))
     samples = {0, 1, 333, 998, 999}
@@ -226,13 +228,13 @@ def test_plain_jit_token_sharded_runs_the_kernel_per_gpu(tiny_fp8, n):
     mesh = _mesh(n)
     args = [jax.device_put(jnp.asarray(a), NamedSharding(mesh, P("ep"))) for a in (x, idx, w)]
     rep = jax.device_put(tiny_fp8, NamedSharding(mesh, P()))
-    f = jax.jit(lambda a, b, c, ww: ops.mega_moe(a, b, c, ww, activation_clamp=CLAMP, backend="ffi", kernel="fused"))
+    f = jax.jit(lambda a, b, c, ww: ops.mega_moe(a, b, c, ww, activation_clamp=CLAMP, backend="ffi", options=MoEOptions(kernel="fused")))
     hlo = f.lower(*args, rep).compile().as_text()
     collectives = [c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute") if c in hlo]
     assert not collectives, collectives
     y = np.asarray(f(*args, rep))
     tl = x.shape[0] // n
-    one = jax.jit(lambda a, b, c: ops.mega_moe(a, b, c, tiny_fp8, activation_clamp=CLAMP, backend="ffi", kernel="fused"))
+    one = jax.jit(lambda a, b, c: ops.mega_moe(a, b, c, tiny_fp8, activation_clamp=CLAMP, backend="ffi", options=MoEOptions(kernel="fused")))
     for d in range(n):  # the one-GPU kernel on shard d's rows alone
         rows = slice(d * tl, (d + 1) * tl)
         want = np.asarray(one(jnp.asarray(x[rows]), jnp.asarray(idx[rows]), jnp.asarray(w[rows])))

@@ -21,6 +21,8 @@ import pytest
 
 from jax_megamoe import ops, reference
 from jax_megamoe._src.kernels import parallel_hier
+from jax_megamoe.ops import MoEOptions
+from jax_megamoe.parallel import EPOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hier_worker import expected_rows  # noqa: E402
@@ -64,10 +66,10 @@ def test_grouped_one_gpu(tiny_fp8):
     mesh = jax.sharding.Mesh(np.array(GPUS[:1]), ("ep",))
     path = parallel_hier.hier_path(mesh, "ep", None, "fp8", 32)
     assert (path.intranode, path.backend) == ("local", "ffi"), path
-    y = parallel_hier.ep_moe_grouped(*args, tiny_fp8, mesh=mesh, mode="fp8", activation_clamp=CLAMP)
+    y = parallel_hier.ep_moe_grouped(*args, tiny_fp8, mesh=mesh, mode="fp8", options=EPOptions(activation_clamp=CLAMP))
     ref = reference.mega_moe(*args, tiny_fp8, mode="fp8", activation_clamp=CLAMP)
     rel = _check(y, ref, idx, tiny_fp8.num_experts, "grouped 1 GPU")
-    one = ops.mega_moe(*args, tiny_fp8, activation_clamp=CLAMP, backend="ffi", kernel="fused")
+    one = ops.mega_moe(*args, tiny_fp8, activation_clamp=CLAMP, backend="ffi", options=MoEOptions(kernel="fused"))
     same = bool(np.array_equal(np.asarray(y).view(np.uint16), np.asarray(one).view(np.uint16)))
     print(f"TABLE ep_hier|grouped 1 GPU tiny|rel vs reference={rel:.2e}|bitwise vs single-GPU kernel={same}|"
           f"{GPUS[0].device_kind}")
@@ -80,10 +82,10 @@ def test_grouped_multi_gpu(tiny_fp8, capacity):
     x, idx, w = make_routing(n, tiny_fp8.num_experts, seed=40 + n)
     args = (jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w))
     mesh = jax.sharding.Mesh(np.array(GPUS[:n]), ("ep",))
-    path = parallel_hier.hier_path(mesh, "ep", None, "fp8", 32 // n, pair_capacity=capacity)
+    path = parallel_hier.hier_path(mesh, "ep", None, "fp8", 32 // n, options=EPOptions(pair_capacity=capacity))
     assert (path.dispatch, path.backend) == ("ragged", "ffi"), path
-    y, st = parallel_hier.ep_moe_grouped(*args, tiny_fp8, mesh=mesh, mode="fp8", activation_clamp=CLAMP,
-                                         pair_capacity=capacity, return_stats=True)
+    y, st = parallel_hier.ep_moe_grouped(*args, tiny_fp8, mesh=mesh, mode="fp8",
+                                         options=EPOptions(activation_clamp=CLAMP, pair_capacity=capacity, return_stats=True))
     ref = reference.mega_moe(*args, tiny_fp8, mode="fp8", activation_clamp=CLAMP)
     rel = _check(y, ref, idx, tiny_fp8.num_experts, f"grouped EP{n} capacity={capacity}")
     want = expected_rows(idx, tiny_fp8.num_experts, n, n, capacity or 32)
@@ -101,8 +103,8 @@ def test_hier_fused_simulated_hosts(tiny_fp8):
     path = parallel_hier.hier_path(mesh, "host", "ep", "fp8", 32 // n)
     assert path.intranode == "fused", path
     for capacity in (None, 1):
-        y, st = parallel_hier.ep_moe_hier(*args, tiny_fp8, mesh=mesh, mode="fp8", activation_clamp=CLAMP,
-                                          pair_capacity=capacity, return_stats=True)
+        y, st = parallel_hier.ep_moe_hier(*args, tiny_fp8, mesh=mesh, mode="fp8",
+                                          options=EPOptions(activation_clamp=CLAMP, pair_capacity=capacity, return_stats=True))
         ref = reference.mega_moe(*args, tiny_fp8, mode="fp8", activation_clamp=CLAMP)
         rel = _check(y, ref, idx, tiny_fp8.num_experts, f"hier 2x{n // 2} capacity={capacity}")
         want = expected_rows(idx, tiny_fp8.num_experts, 2, n, capacity or 32)

@@ -19,6 +19,7 @@ import pytest
 from expert_checks import check_per_expert, expert_errors, plant_scale_block, single_expert_routing
 from jax_megamoe import ops, reference
 from jax_megamoe.layout import MoEWeights
+from jax_megamoe.ops import MoEOptions
 
 GPU_ARCH = ops.device_arch()
 TARGET = "jax_megamoe_mega_moe_sm90"
@@ -49,17 +50,17 @@ def _ffi_fn(*, H, I, E, K, cap, clamp, fast_math, rsf, reserved_sms=0, wide_tile
 
     assert _ffi.register(), _ffi.status().reason
 
+    from jax_megamoe._src.kernels._calls import MegaMoECall
+
+    # The one definition of the target's attributes (what ops.mega_moe emits), bare ffi_call here.
+    call = MegaMoECall("fp8", num_experts=E, capacity=cap, activation_clamp=clamp, routed_scaling_factor=rsf,
+                       fast_math=fast_math, reserved_sms=reserved_sms, sm90_wide_tile=wide_tile)  # fmt: skip
+    assert call.target == TARGET
+
     def f(x, idx, w, l1, l1_sf, l2, l2_sf):
         return jax.ffi.ffi_call(
             TARGET, jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), has_side_effect=True
-        )(
-            x, idx, w, l1, l1_sf, l2, l2_sf,
-            hidden=np.int64(H), intermediate=np.int64(I), num_experts=np.int64(E), top_k=np.int64(K),
-            capacity=np.int64(cap), activation_clamp=np.float32(clamp), fast_math=bool(fast_math),
-            reserved_sms=np.int64(reserved_sms),
-            routed_scaling_factor=np.float32(rsf), num_ranks=np.int64(1), rank_devices=np.zeros((0,), np.int64),
-            sm90_wide_tile=bool(wide_tile),
-        )
+        )(x, idx, w, l1, l1_sf, l2, l2_sf, **call.attributes(hidden=H, intermediate=I, top_k=K))
 
     return jax.jit(f)
 
@@ -154,7 +155,7 @@ def _reference(x, idx, w, cpu_weights: MoEWeights, experts: np.ndarray, *, clamp
         y = reference.mega_moe(
             jax.device_put(np.asarray(x), cpu), jax.device_put(idx_sub, cpu), jax.device_put(np.asarray(w), cpu),
             cpu_weights, mode="fp8", activation_clamp=None if np.isinf(clamp) else clamp,
-            routed_scaling_factor=rsf, fast_math=True,
+            options=MoEOptions(routed_scaling_factor=rsf, fast_math=True)
         )
         return np.asarray(y)
 
@@ -434,7 +435,7 @@ def test_large_t_matches_the_reference(flash_weights, model, skewed, t):
     rows = np.unique(np.concatenate([[1], np.linspace(0, t - 1, 255).round().astype(np.int64)]))
     ref = np.asarray(
         reference.mega_moe(x[rows], jnp.asarray(idx[rows]), jnp.asarray(w[rows]), weights, mode="fp8",
-                           activation_clamp=clamp, routed_scaling_factor=rsf)
+                           activation_clamp=clamp, options=MoEOptions(routed_scaling_factor=rsf))
     )
     rel = _check(y[rows], ref, idx[rows], what=f"V4-{model} T={t} {'skewed' if skewed else 'uniform'}")
     assert (y[1] == 0).all()
@@ -448,11 +449,11 @@ def test_above_the_cap_auto_falls_back_and_buckets_stay_exact(flash_weights):
     idx, w = _large_t_routing(901, cap + 8, s["K"], s["E"], skewed=False)
     x = _x(902, cap + 8, s["H"])
     args = (x, jnp.asarray(idx), jnp.asarray(w), flash_weights)
-    y_auto = np.asarray(ops.mega_moe(*args, num_max_tokens=cap, activation_clamp=10.0, backend="auto"))
+    y_auto = np.asarray(ops.mega_moe(*args, activation_clamp=10.0, backend="auto", options=MoEOptions(num_max_tokens=cap)))
     y_ref = np.asarray(reference.mega_moe(*args, mode="fp8", activation_clamp=10.0))
     np.testing.assert_array_equal(y_auto.view(np.uint16), y_ref.view(np.uint16))
     with pytest.raises(ValueError, match="exceed num_max_tokens"):
-        ops.mega_moe(*args, num_max_tokens=cap, backend="ffi")
+        ops.mega_moe(*args, backend="ffi", options=MoEOptions(num_max_tokens=cap))
     print(f"TABLE mega_moe_sm90|V4-Flash T={cap + 8} > cap {cap}|auto = reference bit for bit|{_card()}")
 
 

@@ -565,9 +565,8 @@ def test_block_errors_name_the_argument():
         DeepseekV4MoE({"hidden_size": 512}, 1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"ep_dispatch: 'collective' is not one of auto, fused, ragged, padded"):
         DeepseekV4MoE(CFG, 1, rngs=nnx.Rngs(0), mode="fp8xfp4", weights=block.moe_weights, ep_dispatch="collective")
-    with pytest.warns(DeprecationWarning, match=r"ep_dispatch='dense' is deprecated: it is ep_dispatch='padded'"):
-        old = DeepseekV4MoE(CFG, 1, rngs=nnx.Rngs(0), mode="fp8xfp4", weights=block.moe_weights, ep_dispatch="dense")
-    assert old.ep_dispatch == "padded"
+    with pytest.raises(ValueError, match=r"ep_dispatch: 'dense' is not one of"):
+        DeepseekV4MoE(CFG, 1, rngs=nnx.Rngs(0), mode="fp8xfp4", weights=block.moe_weights, ep_dispatch="dense")
 
 
 def test_block_abstract_and_jitted_init():

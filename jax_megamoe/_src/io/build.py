@@ -3,7 +3,8 @@
 :func:`build_moe_layer` turns :class:`~jax_megamoe._src.io.v4_checkpoint.MoELayerTensors` into a
 :class:`~jax_megamoe._src.io.v4_checkpoint.MoELayer` (``MoEWeights`` of the chosen mode, plus the gate and
 the shared expert); :func:`load_moe_layer` reads and builds in one call. The mode defaults to the
-device's (:func:`jax_megamoe._src.numerics.config.resolve_mode` with :func:`jax_megamoe._src.kernels.ops.device_arch`).
+device's, resolved through the policy (:func:`jax_megamoe.policy.resolve_mode` with
+:func:`jax_megamoe.ops.device_arch`: ``fp8`` on sm_90, else ``policy.sm100_mode``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import threading
 from jax_megamoe._src.io.safetensors_reader import CheckpointError, CheckpointSource
 from jax_megamoe._src.io.v4_checkpoint import ConfigArg, MoELayer, MoELayerTensors, read_moe_layer
 from jax_megamoe._src.kernels import ops
-from jax_megamoe._src.numerics import config as _cfg
+from jax_megamoe._src.numerics import policy as _policy
 from jax_megamoe._src.numerics.layout import MoEWeights
+from jax_megamoe._src.numerics.policy import Policy
 from jax_megamoe._src.numerics.progress import ProgressArg, make_progress
 
 __all__ = ["build_moe_layer", "load_moe_layer"]
@@ -41,8 +43,8 @@ _CONVERT_RELAY = _Relay([None])
 _CONVERT_LOCK = threading.Lock()  # one conversion at a time uses the relay
 
 
-def _resolve_mode(mode: str | None) -> str:
-    return _cfg.resolve_mode(mode, ops.device_arch() if mode is None else None)
+def _resolve_mode(mode: str | None, policy: Policy | None = None) -> str:
+    return _policy.resolve_mode(mode, ops.device_arch() if mode is None else None, policy)
 
 
 def build_moe_layer(
@@ -52,10 +54,13 @@ def build_moe_layer(
     progress: ProgressArg = None,
     experts_per_step: int = 1,
     allow_nan_scales: bool = False,
+    policy: Policy | None = None,
 ) -> MoELayer:
     """Kernel-layout :class:`MoELayer` from checkpoint-format tensors (see :func:`load_moe_layer`;
-    ``allow_nan_scales`` goes to :meth:`~jax_megamoe.layout.MoEWeights.from_checkpoint_with_report`)."""
-    mode = _resolve_mode(mode)
+    ``allow_nan_scales`` goes to :meth:`~jax_megamoe.layout.MoEWeights.from_checkpoint_with_report`;
+    ``experts_per_step`` experts are converted per jitted step; ``policy`` resolves ``mode=None``,
+    default the process policy)."""
+    mode = _resolve_mode(mode, policy)
     t = tensors
     report = None
     if t.expert_format == "fp8":
@@ -117,15 +122,15 @@ def load_moe_layer(
     nibble_order: str = "low_even",
     progress: ProgressArg = None,
     prefix: str | None = None,
-    experts_per_step: int = 1,
     allow_nan_scales: bool = False,
 ) -> MoELayer:
     """Read one MoE layer of a checkpoint and build its kernel-layout weights.
 
     ``mode``: ``"mxf4xmxf4"`` / ``"fp8xfp4"`` (sm_100) or ``"fp8"`` (sm_90); None picks the
-    device's (``fp8`` on sm_90, else the environment's sm_100 mode). For ``fp8`` from an FP4
+    device's (``fp8`` on sm_90, else the process policy's ``sm100_mode``). For ``fp8`` from an FP4
     checkpoint the result's ``report`` tells what the FP4 -> FP8 conversion lost (also logged,
-    as a warning when any block is lossy). Other arguments: :func:`read_moe_layer`.
+    as a warning when any block is lossy). Other arguments: :func:`read_moe_layer`. For a policy of
+    your own or ``experts_per_step``, call :func:`read_moe_layer` and :func:`build_moe_layer`.
     """
     mode = _resolve_mode(mode)
     t = read_moe_layer(
@@ -137,6 +142,4 @@ def load_moe_layer(
         prefix=prefix,
         allow_nan_scales=allow_nan_scales,
     )
-    return build_moe_layer(
-        t, mode=mode, progress=progress, experts_per_step=experts_per_step, allow_nan_scales=allow_nan_scales
-    )
+    return build_moe_layer(t, mode=mode, progress=progress, allow_nan_scales=allow_nan_scales)

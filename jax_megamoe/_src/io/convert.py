@@ -89,11 +89,13 @@ import ml_dtypes
 import numpy as np
 
 from jax_megamoe._version import __version__
-from jax_megamoe._src.io.build import load_moe_layer
+from jax_megamoe._src.io.build import build_moe_layer
 from jax_megamoe._src.io.safetensors_reader import (
-    Checkpoint, CheckpointError, CheckpointSource, SafetensorsFile, safetensors_dtype,
+    Checkpoint, CheckpointError, CheckpointSource, SafetensorsFile, read_safetensors_header, safetensors_dtype,
 )  # fmt: skip
-from jax_megamoe._src.io.v4_checkpoint import NIBBLE_ORDERS, MoELayer, _derive_dims, infer_config, layer_prefix, list_moe_layers
+from jax_megamoe._src.io.v4_checkpoint import (
+    NIBBLE_ORDERS, MoELayer, _derive_dims, infer_config, layer_prefix, list_moe_layers, read_moe_layer,
+)  # fmt: skip
 from jax_megamoe._src.numerics import config as _cfg
 from jax_megamoe._src.numerics.config import MODES
 from jax_megamoe._src.numerics.layout import ConversionReport, MoEWeights
@@ -494,6 +496,15 @@ def _open_data(out_dir: str, man: dict[str, Any], man_path: str) -> SafetensorsF
     size = os.path.getsize(data_path)
     if size != fi["size"]:
         raise CheckpointError(f"{data_path}: {size} bytes but {man_path} records {fi['size']} (truncated or replaced)")
+    # The names first: a tensor dropped from the header would otherwise surface as the layout
+    # check's "bytes ... belong to no tensor" (a gap), which does not say what is missing.
+    header, _, _ = read_safetensors_header(data_path)
+    missing = [n for n in man["tensors"] if n not in header]
+    if missing:
+        raise CheckpointError(
+            f"tensor{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+            f"{'are' if len(missing) > 1 else 'is'} missing from {data_path} (listed by {man_path})"
+        )
     sf = SafetensorsFile(data_path)
     want = _binding(man["layer_idx"], man["mode"], man["source"]["fingerprint"])
     if man["version"] < 2:
@@ -846,9 +857,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 say(f"{head}: converting to {mode} ({'--force' if ok else why})")
                 t0 = time.perf_counter()
-                layer = load_moe_layer(
-                    ck, i, mode=mode, config=cfg, nibble_order=args.nibble_order, progress=progress,
-                    experts_per_step=args.experts_per_step,
+                layer = build_moe_layer(
+                    read_moe_layer(ck, i, config=cfg, nibble_order=args.nibble_order, progress=progress),
+                    mode=mode, progress=progress, experts_per_step=args.experts_per_step,
                 )
                 man = write_converted_layer(args.out, layer, target=args.target, fingerprint=fp)
                 del layer

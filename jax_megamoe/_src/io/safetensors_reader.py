@@ -24,17 +24,6 @@ import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
-__all__ = [
-    "CheckpointError",
-    "TensorInfo",
-    "SafetensorsFile",
-    "Checkpoint",
-    "read_safetensors_header",
-    "safetensors_dtype",
-    "SAFETENSORS_DTYPES",
-    "CheckpointSource",
-]
-
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

@@ -74,21 +74,6 @@ from jax_megamoe._src.numerics.layout import ConversionReport, MoEWeights, nan_s
 from jax_megamoe._src.numerics.progress import ProgressArg, make_progress
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
-__all__ = [
-    "MoELayerTensors",
-    "MoELayer",
-    "read_moe_layer",
-    "infer_config",
-    "layer_prefix",
-    "list_moe_layers",
-    "dequantize_fp4_numpy",
-    "swap_nibbles",
-    "check_nibble_order",
-    "check_checkpoint_nibble_order",
-    "NIBBLE_ORDERS",
-    "CONFIG_KEYS",
-]
-
 NIBBLE_ORDERS = ("low_even", "high_even")
 #: ``config=`` of the readers: a ``DeepseekV4Config`` (used as is, after the checks), a dict of
 #: fields (laid over ``config.json``) or None (``config.json`` of the checkpoint folder).

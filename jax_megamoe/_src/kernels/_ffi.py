@@ -1,15 +1,19 @@
-"""Load ``libjax_megamoe_ffi.so``, forward the environment, register the XLA FFI types and targets.
+"""Load ``libjax_megamoe_ffi.so``, register the XLA FFI types and targets.
 
-The library is found, in order, at ``$JAX_MEGAMOE_FFI_LIB`` (a file path), then next to
+Nothing here reads the environment: the process policy (:func:`jax_megamoe.policy.current`, read
+once) holds every setting and location, and is read first by ``register()``.
+
+The library is found, in order, at ``$JAX_MEGAMOE_FFI_LIB`` (a file path; ``policy.locations.ffi_lib``), then next to
 the package's modules: every folder of ``jax_megamoe.__path__`` (an editable install of
 scikit-build-core in "redirect" mode lists both the source folder and the CMake install
 folder in site-packages there) and the folder of this file. It is loaded with ``ctypes``
 only; it needs no GPU or driver to load (the CUDA driver is opened lazily by the
 handlers).
 
-``register()`` (idempotent, thread-safe) always forwards the environment first
-(``config.forward_env()``), then, when the library loads: looks up nvcc and the
-DeepGEMM headers (``_toolchain``), hands them to the C++ JIT (``jmm_configure``), and
+``register()`` (idempotent, thread-safe) always reads the process policy first (which forwards
+the sm_100 flags to DG_*, once), then, when the library loads: looks up nvcc and the
+DeepGEMM headers (``_toolchain``, at the policy's locations), hands them and the policy's
+JIT settings to the C++ JIT (``configure_jit``), and
 registers for platform "CUDA" the FFI state type ``jax_megamoe.PreDispatchState`` and
 the targets below with the stage dict {"instantiate", "initialize", "execute"}. Failures
 never raise from ``register()``: they are recorded (``status()``) and ``require()``
@@ -27,23 +31,21 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
-import os
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import jaxlib
-import numpy as np
 
 from jax_megamoe._version import __version__
 from jax_megamoe._src.kernels import _toolchain
-from jax_megamoe._src.numerics import config, policy
+from jax_megamoe._src.numerics import policy
+from jax_megamoe._src.numerics.policy import Locations
 
 LIB_NAME = "libjax_megamoe_ffi.so"
-ENV_LIB = "JAX_MEGAMOE_FFI_LIB"
+ENV_LIB = policy.ENV_FFI_LIB
 PLATFORM = "CUDA"
 NOT_BUILT = "FFI library not built: reference backend only"
 
@@ -59,30 +61,30 @@ TARGET_MEGA_MOE_SM100 = "jax_megamoe_mega_moe_sm100"
 GRAPH_SUFFIX = "_graph"
 STAGES = ("instantiate", "initialize", "execute")
 
-# target name -> C symbol prefix; stage symbols are f"{prefix}_{stage}".
-TARGETS: dict[str, str] = {
-    TARGET_PRE_DISPATCH_SM90: "jmm_pre_dispatch_sm90",
-    TARGET_PRE_DISPATCH_SM100: "jmm_pre_dispatch_sm100",
-    TARGET_PRE_DISPATCH_SM90 + GRAPH_SUFFIX: "jmm_pre_dispatch_sm90_graph",
-    TARGET_PRE_DISPATCH_SM100 + GRAPH_SUFFIX: "jmm_pre_dispatch_sm100_graph",
-}
+def _with_graph_twins(prefixes: dict[str, str], *, twins: tuple[str, ...]) -> dict[str, str]:
+    """``target -> C symbol prefix`` (stage symbols are f"{prefix}_{stage}"), plus the
+    command-buffer compatible ``_graph`` twin of each target in ``twins``."""
+    return {**prefixes, **{t + GRAPH_SUFFIX: prefixes[t] + GRAPH_SUFFIX for t in twins}}
+
+
+# The pre-dispatch targets (status().targets lists these).
+TARGETS: dict[str, str] = _with_graph_twins(
+    {TARGET_PRE_DISPATCH_SM90: "jmm_pre_dispatch_sm90", TARGET_PRE_DISPATCH_SM100: "jmm_pre_dispatch_sm100"},
+    twins=(TARGET_PRE_DISPATCH_SM90, TARGET_PRE_DISPATCH_SM100),
+)
 # Targets whose handlers keep a MegaMoeSm90State / MegaMoeSm100State (MEGA_SM90_STATE_TYPE_NAME,
-# MEGA_SM100_STATE_TYPE_NAME); same stage symbols. Registered together with TARGETS
-# (status().targets lists TARGETS only).
-MEGA_TARGETS: dict[str, str] = {
-    TARGET_MEGA_MOE_SM90: "jmm_mega_moe_sm90",
-    TARGET_MEGA_MOE_SM90 + GRAPH_SUFFIX: "jmm_mega_moe_sm90_graph",
-    TARGET_MEGA_MOE_SM100: "jmm_mega_moe_sm100",
-}
+# MEGA_SM100_STATE_TYPE_NAME); registered together with TARGETS.
+MEGA_TARGETS: dict[str, str] = _with_graph_twins(
+    {TARGET_MEGA_MOE_SM90: "jmm_mega_moe_sm90", TARGET_MEGA_MOE_SM100: "jmm_mega_moe_sm100"},
+    twins=(TARGET_MEGA_MOE_SM90,),
+)
 # The low-latency decode passes (ours, ffi/handlers/decode_moe_sm90.cc); state DECODE_STATE_TYPE_NAME.
 TARGET_DECODE_L1_SM90 = "jax_megamoe_decode_l1_sm90"
 TARGET_DECODE_L2_SM90 = "jax_megamoe_decode_l2_sm90"
-DECODE_TARGETS: dict[str, str] = {
-    TARGET_DECODE_L1_SM90: "jmm_decode_l1_sm90",
-    TARGET_DECODE_L2_SM90: "jmm_decode_l2_sm90",
-    TARGET_DECODE_L1_SM90 + GRAPH_SUFFIX: "jmm_decode_l1_sm90_graph",
-    TARGET_DECODE_L2_SM90 + GRAPH_SUFFIX: "jmm_decode_l2_sm90_graph",
-}
+DECODE_TARGETS: dict[str, str] = _with_graph_twins(
+    {TARGET_DECODE_L1_SM90: "jmm_decode_l1_sm90", TARGET_DECODE_L2_SM90: "jmm_decode_l2_sm90"},
+    twins=(TARGET_DECODE_L1_SM90, TARGET_DECODE_L2_SM90),
+)
 
 # FFI state types: type name -> C symbol prefix of its `{prefix}_type_id` / `{prefix}_type_info` exports.
 STATE_TYPES: dict[str, str] = {
@@ -124,10 +126,6 @@ _C_API: dict[str, tuple[Any, tuple[Any, ...]]] = {
     ),
 }
 
-# mma_kind attribute values (= deep_gemm::MmaKind).
-MMA_NONE, MMA_MXFP8FP4, MMA_MXFP4 = 0, 1, 2
-MODE_TO_ARCH_MMA = {"fp8": (90, MMA_NONE), "fp8xfp4": (100, MMA_MXFP8FP4), "mxf4xmxf4": (100, MMA_MXFP4)}
-
 log = logging.getLogger("jax_megamoe")
 
 
@@ -162,10 +160,11 @@ _warned_not_built = False
 # --------------------------------------------------------------------------------------
 
 
-def library_candidates() -> list[Path]:
-    """Where the loader looks for the .so, in order (the env override first)."""
+def library_candidates(locations: Locations | None = None) -> list[Path]:
+    """Where the loader looks for the .so, in order (``locations.ffi_lib``, the env override, first;
+    default: the process policy's locations)."""
     out: list[Path] = []
-    env = os.environ.get(ENV_LIB)
+    env = (policy.current().locations if locations is None else locations).ffi_lib
     if env:
         out.append(Path(env))
     # The root package's folders: with an editable install the built library sits in site-packages.
@@ -193,9 +192,10 @@ def load_library() -> ctypes.CDLL | None:
         if _lib_tried:
             return _lib
         _lib_tried = True
-        env = os.environ.get(ENV_LIB)
+        loc = policy.current().locations
+        env = loc.ffi_lib
         errors: list[str] = []
-        for path in library_candidates():
+        for path in library_candidates(loc):
             if not path.is_file():
                 if env and str(path) == env:
                     errors.append(f"{ENV_LIB}={env} does not exist")
@@ -211,7 +211,7 @@ def load_library() -> ctypes.CDLL | None:
                 continue
             _lib, _lib_path = lib, str(path.resolve())
             return _lib
-        where = ", ".join(str(p.parent) for p in library_candidates()) or "(nowhere)"
+        where = ", ".join(str(p.parent) for p in library_candidates(loc)) or "(nowhere)"
         _lib_reason = (
             f"{NOT_BUILT} ({'; '.join(errors)})"
             if errors
@@ -348,50 +348,20 @@ def cubin_kernel_symbols(path: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------
-# Call-site helpers (the attribute / result contract of the pre-dispatch targets)
+# Devices (the one parser of a compute capability; the call contracts live in _calls.py)
 # --------------------------------------------------------------------------------------
 
 
-def pre_dispatch_target(mode: str, *, graph: bool = False) -> str:
-    arch, _ = MODE_TO_ARCH_MMA[config.check_mode(mode)]
-    name = TARGET_PRE_DISPATCH_SM90 if arch == 90 else TARGET_PRE_DISPATCH_SM100
-    return name + (GRAPH_SUFFIX if graph else "")
-
-
-def pre_dispatch_attrs(
-    mode: str, *, hidden: int, top_k: int, capacity: int, routed_scaling_factor: float = 1.0
-) -> dict[str, Any]:
-    """Attributes with the exact MLIR types the handlers decode (i64 / f32)."""
-    arch, mma = MODE_TO_ARCH_MMA[config.check_mode(mode)]
-    return {
-        "hidden": np.int64(hidden),
-        "top_k": np.int64(top_k),
-        "capacity": np.int64(capacity),
-        "group": np.int64(config.ACT_GROUP[mode]),
-        "mma_kind": np.int64(mma),
-        "routed_scaling_factor": np.float32(routed_scaling_factor),
-    }
-
-
-def pre_dispatch_result_types(mode: str, *, hidden: int, top_k: int, capacity: int) -> tuple[Any, ...]:
-    """``jax.ShapeDtypeStruct``s of (x_q, x_sf, topk_idx_out, topk_weights_out)."""
-    arch, mma = MODE_TO_ARCH_MMA[config.check_mode(mode)]
-    P, H, K = capacity, hidden, top_k
-    if arch == 90:
-        x_q, x_sf = jax.ShapeDtypeStruct((P, H), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((P, H // 128), jnp.float32)
-    else:
-        x_q = (
-            jax.ShapeDtypeStruct((P, H // 2), jnp.uint8)
-            if mma == MMA_MXFP4
-            else jax.ShapeDtypeStruct((P, H), jnp.float8_e4m3fn)
-        )
-        x_sf = jax.ShapeDtypeStruct((P, H // 128), jnp.int32)
-    return (
-        x_q,
-        x_sf,
-        jax.ShapeDtypeStruct((P, K, 2), jnp.int32),
-        jax.ShapeDtypeStruct((P, K), jnp.float32),
-    )
+def cc_major(device: Any) -> int | None:
+    """Compute-capability major of ``device`` (9 for sm_90, 10 for sm_100), or None when it is not
+    a CUDA GPU or does not say."""
+    if getattr(device, "platform", None) != "gpu":
+        return None
+    cc = getattr(device, "compute_capability", None)
+    try:
+        return int(str(cc).split(".")[0]) if cc else None
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------------------
@@ -403,7 +373,7 @@ def _capsules(lib: ctypes.CDLL, prefix: str) -> dict[str, Any]:
     return {stage: jax.ffi.pycapsule(getattr(lib, f"{prefix}_{stage}")) for stage in STAGES}
 
 
-def _register_locked() -> FfiStatus:
+def _register_locked(pol: policy.Policy) -> FfiStatus:
     lib = load_library()
     if lib is None:
         global _warned_not_built
@@ -415,11 +385,11 @@ def _register_locked() -> FfiStatus:
     tc = hd = None
     tc_err = hd_err = None
     try:
-        tc = _toolchain.toolchain()
+        tc = _toolchain.toolchain(pol.locations)
     except _toolchain.ToolchainError as e:
         tc_err = str(e)
     try:
-        hd = _toolchain.headers()
+        hd = _toolchain.headers(pol.locations)
     except _toolchain.ToolchainError as e:
         hd_err = str(e)
     if tc is None or hd is None:
@@ -454,8 +424,8 @@ def register() -> bool:
     global _status
     with _lock:
         if _status is None:
-            policy.current()  # always first, whatever happens next: every setting, read once (DG_* forwarding too)
-            _status = _register_locked()
+            # always first, whatever happens next: every setting, read once (DG_* forwarding too)
+            _status = _register_locked(policy.current())
         return _status.registered
 
 
@@ -489,23 +459,27 @@ def _gpu_lines() -> tuple[list[str], int | None]:
     if not devs:
         return [f"GPU: none (default backend: {jax.default_backend()})"], None
     lines = []
-    major = None
     for d in devs:
         cc = getattr(d, "compute_capability", None)
         arch = f"sm_{str(cc).replace('.', '')}" if cc else "sm_?"
-        if major is None and cc:
-            try:
-                major = int(str(cc).split(".")[0])
-            except ValueError:
-                pass
         lines.append(f"GPU {d.id}: {d.device_kind} ({arch})")
-    return lines, major
+    return lines, next((m for m in map(cc_major, devs) if m is not None), None)
 
 
 def describe() -> str:
-    """A readable multi-line report: versions, library, headers, nvcc, device, mode, settings."""
-    st = status()
-    env = config.forward_env()
+    """A readable multi-line report: versions, library, headers, nvcc, device, mode, settings.
+
+    Everything comes from the process policy (read once); an invalid environment is reported,
+    not raised (nothing is registered then)."""
+    env: policy.EnvState | None = None
+    pol: policy.Policy | None = None
+    try:
+        env = policy.forward_env()
+        pol = policy.current()
+        sm100 = pol.sm100_mode
+    except ValueError as e:
+        sm100 = f"invalid environment: {e}"
+    st = status() if pol is not None else FfiStatus(None, sm100, False, (), None, None, None, None, None)
     lines = [
         f"jax_megamoe {__version__}",
         f"jax {jax.__version__}, jaxlib {jaxlib.__version__}",
@@ -540,23 +514,22 @@ def describe() -> str:
             lines.append(f"JIT cache: unknown ({e})")
     gpu_lines, major = _gpu_lines()
     lines.extend(gpu_lines)
-    try:
-        sm100 = config.default_sm100_mode()
-    except ValueError as e:
-        sm100 = f"invalid environment: {e}"
     if major == 9:
         lines.append(f"default mode: fp8 (sm_90); sm_100 would use: {sm100}")
     elif major is not None and major >= 10:
         lines.append(f"default mode: {sm100} (sm_100); sm_90 would use: fp8")
     else:
         lines.append(f"default mode: sm_100 -> {sm100}; sm_90 -> fp8 (no GPU: reference backend)")
-    lines.append(f"setting DG_USE_FP4_ACTS={int(env.fp4_acts.value)} (from {env.fp4_acts.source})")
-    lines.append(f"setting DG_USE_MXF4_KIND={int(env.mxf4_kind.value)} (from {env.mxf4_kind.source})")
-    fwd = ", ".join(f"{k}={v}" for k, v in env.forwarded) or "none"
-    lines.append(f"forwarded to DG_* by this process: {fwd}")
-    try:
+    if env is not None:
+        lines.append(f"setting DG_USE_FP4_ACTS={int(env.fp4_acts.value)} (from {env.fp4_acts.source})")
+        lines.append(f"setting DG_USE_MXF4_KIND={int(env.mxf4_kind.value)} (from {env.mxf4_kind.source})")
+        fwd = ", ".join(f"{k}={v}" for k, v in env.forwarded) or "none"
+        lines.append(f"forwarded to DG_* by this process: {fwd}")
+    else:
+        lines.append(f"setting DG_USE_*: {sm100}")
+    if pol is not None:
         lines.append("policy (jax_megamoe.policy.current(), read once; explicit args and policy= win):")
-        lines.append(policy.current().describe())
-    except ValueError as e:
-        lines.append(f"policy: invalid environment: {e}")
+        lines.append(pol.describe())
+    else:
+        lines.append(f"policy: {sm100}")
     return "\n".join(lines)

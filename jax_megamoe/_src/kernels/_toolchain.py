@@ -26,6 +26,9 @@ distribution. The project is pinned to 0.2.5: another installed version raises
 ``ToolchainError`` unless ``JAX_MEGAMOE_ALLOW_DEEPGEMM_VERSION=1`` (then it only
 warns); headers given through the environment variable are not version-checked
 (their version is reported as "unknown (from JAX_MEGAMOE_DEEPGEMM_INCLUDE)").
+
+The variables are read once, by the policy (:class:`jax_megamoe.policy.Locations`); the
+lookups here take them as ``locations`` (default: the process policy's).
 """
 
 from __future__ import annotations
@@ -40,13 +43,16 @@ import subprocess
 import warnings
 from pathlib import Path
 
+from jax_megamoe._src.numerics import policy as _policy
+from jax_megamoe._src.numerics.policy import Locations
+
 MIN_NVCC: tuple[int, int] = (12, 9)
 DEEPGEMM_DIST = "sgl-deep-gemm"
 DEEPGEMM_VERSION = "0.2.5"
 
-ENV_NVCC = ("JAX_MEGAMOE_NVCC", "DG_JIT_NVCC_COMPILER")
-ENV_DEEPGEMM_INCLUDE = "JAX_MEGAMOE_DEEPGEMM_INCLUDE"
-ENV_ALLOW_DEEPGEMM_VERSION = "JAX_MEGAMOE_ALLOW_DEEPGEMM_VERSION"
+ENV_NVCC = _policy.ENV_NVCC
+ENV_DEEPGEMM_INCLUDE = _policy.ENV_DEEPGEMM_INCLUDE
+ENV_ALLOW_DEEPGEMM_VERSION = _policy.ENV_ALLOW_DEEPGEMM_VERSION
 
 # Last-resort toolkit folders (tests replace this).
 _DEFAULT_CUDA_ROOTS: tuple[str, ...] = ("/usr/local/cuda",)
@@ -153,16 +159,18 @@ def _wheel_include_dirs(major: int) -> tuple[str, ...]:
     return tuple(dirs)
 
 
-def _candidates() -> list[tuple[str, Path, tuple[str, ...]]]:
+def _locations(locations: Locations | None) -> Locations:
+    return _policy.current().locations if locations is None else locations
+
+
+def _candidates(loc: Locations) -> list[tuple[str, Path, tuple[str, ...]]]:
     """(source, nvcc path, extra include dirs) in lookup order; paths may not exist."""
     out: list[tuple[str, Path, tuple[str, ...]]] = []
-    for var in ENV_NVCC:
-        if os.environ.get(var):
-            out.append((var, Path(os.environ[var]), ()))
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            out.append((var, Path(os.environ[var]) / "bin" / "nvcc", ()))
-    which = shutil.which("nvcc")
+    if loc.nvcc is not None:
+        out.append((loc.nvcc[0], Path(loc.nvcc[1]), ()))
+    for var, root in loc.cuda_roots:
+        out.append((var, Path(root) / "bin" / "nvcc", ()))
+    which = shutil.which("nvcc", path=os.defpath if loc.search_path is None else loc.search_path)
     if which:
         out.append(("PATH", Path(which), ()))
     for dist, suffix, major in _NVCC_WHEELS:
@@ -181,12 +189,13 @@ def _looked_in() -> str:
     )
 
 
-def find_nvcc() -> Toolchain:
-    """The nvcc the JIT will use, its version and extra include folders.
+def find_nvcc(locations: Locations | None = None) -> Toolchain:
+    """The nvcc the JIT will use, its version and extra include folders (``locations``: where to
+    look, default the process policy's).
 
     Raises ToolchainError (one class, one message saying what to install).
     """
-    for source, path, includes in _candidates():
+    for source, path, includes in _candidates(_locations(locations)):
         explicit = source in ENV_NVCC
         if not _is_exe(path):
             if explicit:
@@ -224,9 +233,11 @@ def find_nvcc() -> Toolchain:
 # --------------------------------------------------------------------------------------
 
 
-def find_deepgemm_headers() -> DeepGemmHeaders:
-    """The DeepGEMM include folder (holding deep_gemm/, cute/, cutlass/), found without importing it."""
-    env = os.environ.get(ENV_DEEPGEMM_INCLUDE)
+def find_deepgemm_headers(locations: Locations | None = None) -> DeepGemmHeaders:
+    """The DeepGEMM include folder (holding deep_gemm/, cute/, cutlass/), found without importing it
+    (``locations``: where to look, default the process policy's)."""
+    loc = _locations(locations)
+    env = loc.deepgemm_include
     if env:
         inc = Path(env)
         if not (inc / _DEEPGEMM_PROBE).is_file():
@@ -255,31 +266,31 @@ def find_deepgemm_headers() -> DeepGemmHeaders:
             f"{DEEPGEMM_DIST} {dist.version} is installed but jax_megamoe is built and tested against "
             f"{DEEPGEMM_VERSION} (kernel signatures and numerics are pinned); {_INSTALL_DG}"
         )
-        if os.environ.get(ENV_ALLOW_DEEPGEMM_VERSION, "").strip().lower() in ("1", "true", "yes", "on"):
+        if loc.allow_deepgemm_version:
             warnings.warn(msg + f" ({ENV_ALLOW_DEEPGEMM_VERSION} is set: continuing)", RuntimeWarning, stacklevel=2)
         else:
             raise ToolchainError(msg + f", or set {ENV_ALLOW_DEEPGEMM_VERSION}=1 to try it anyway")
     return DeepGemmHeaders(inc, dist.version, f"{DEEPGEMM_DIST} distribution")
 
 
-@functools.lru_cache(maxsize=1)
-def _cached_toolchain() -> Toolchain:
-    return find_nvcc()
+@functools.lru_cache(maxsize=4)
+def _cached_toolchain(locations: Locations) -> Toolchain:
+    return find_nvcc(locations)
 
 
-@functools.lru_cache(maxsize=1)
-def _cached_headers() -> DeepGemmHeaders:
-    return find_deepgemm_headers()
+@functools.lru_cache(maxsize=4)
+def _cached_headers(locations: Locations) -> DeepGemmHeaders:
+    return find_deepgemm_headers(locations)
 
 
-def toolchain() -> Toolchain:
-    """Cached ``find_nvcc()`` (errors are not cached)."""
-    return _cached_toolchain()
+def toolchain(locations: Locations | None = None) -> Toolchain:
+    """Cached ``find_nvcc(locations)`` (errors are not cached)."""
+    return _cached_toolchain(_locations(locations))
 
 
-def headers() -> DeepGemmHeaders:
-    """Cached ``find_deepgemm_headers()`` (errors are not cached)."""
-    return _cached_headers()
+def headers(locations: Locations | None = None) -> DeepGemmHeaders:
+    """Cached ``find_deepgemm_headers(locations)`` (errors are not cached)."""
+    return _cached_headers(_locations(locations))
 
 
 def clear_cache() -> None:

@@ -1,5 +1,8 @@
 """Expert parallelism over a mesh axis with XLA collectives: :func:`ep_moe`.
 
+The options below (``dispatch=``, ``pair_capacity=``, ``return_overflow=``, ...) are fields of one
+:class:`EPOptions`: ``ep_moe(..., mesh=mesh, mode="fp8", options=EPOptions(dispatch="padded"))``.
+
 Experts and tokens are both sharded over one mesh axis (``axis``, size ``n``): device ``d`` owns
 experts ``[d * E/n, (d + 1) * E/n)`` and tokens ``[d * T/n, (d + 1) * T/n)``, and gets the outputs
 of its own tokens back. One call, inside :func:`jax.shard_map`, per device:
@@ -18,7 +21,6 @@ of its own tokens back. One call, inside :func:`jax.shard_map`, per device:
    ``ragged-all-to-all``: ``UNIMPLEMENTED: HLO opcode `ragged-all-to-all` is not supported by
    XLA:CPU ThunkEmitter`` with jax 0.10.2). :func:`dispatch_path` says which one a call takes.
    These two are the *collective* dispatches (XLA collectives), as opposed to ``"fused"`` below.
-   ``"dense"``, the old name of ``"padded"``, is still accepted with a DeprecationWarning.
 3. **Local experts** (:func:`_local_experts`, the one place a kernel plugs in): the received rows are
    a single-rank Mega MoE problem with top-k 1 over the ``E/n`` local experts. ``backend="auto"`` /
    ``"reference"`` run :func:`jax_megamoe.reference.mega_moe` on them with the chunk size the
@@ -35,8 +37,7 @@ with both ragged and padded dispatch, at V4-Flash size too (``python tests/paral
 ``python examples/ep_moe.py --check``).
 
 Capacity: ``pair_capacity=None`` is exact. A smaller ``pair_capacity`` (rows per source/destination pair;
-the token cap of the kernel buffer is ``num_max_tokens``, a different thing; ``capacity=`` is the
-deprecated old name)
+the token cap of the kernel buffer is ``num_max_tokens``, a different thing)
 drops the pairs past it (they contribute 0) and is only accepted with ``return_overflow=True``,
 which returns ``(y, dropped)``, ``dropped`` the int32 number of (token, slot) pairs dropped over the
 whole mesh, so a drop is never silent.
@@ -61,7 +62,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from functools import partial
 from typing import Any
 
@@ -73,16 +73,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe._src.kernels import _rules, ops
+from jax_megamoe._src.kernels import _ffi, _rules, ops
 from jax_megamoe._src.numerics import config, reference
 from jax_megamoe._src.numerics import policy as _policy
 from jax_megamoe._src.numerics.policy import Policy
 from jax_megamoe._src.numerics.layout import MoEWeights
+from jax_megamoe._src.numerics._validate import check_instance
 
 __all__ = [
-    "ep_moe", "ep_moe_any_tokens", "ep_moe_padded", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
-    "rank_table",
-    "canonical_dispatch", "DISPATCHES", "COLLECTIVE_DISPATCHES", "DEPRECATED_DISPATCHES", "BACKENDS",
+    "ep_moe", "ep_moe_any_tokens", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
+    "rank_table", "EPOptions", "DISPATCHES", "COLLECTIVE_DISPATCHES", "BACKENDS",
 ]  # fmt: skip
 
 #: ``dispatch=`` values: ``"fused"`` (the intranode kernel) or a collective one, ``"ragged"``
@@ -92,11 +92,60 @@ DISPATCHES: tuple[str, ...] = ("auto", "fused", "ragged", "padded")
 #: The ``dispatch=`` values that name an XLA collective, ``"auto"`` first (what :func:`dispatch_path`
 #: and :func:`jax_megamoe.parallel_hier`'s inter-host exchange take).
 COLLECTIVE_DISPATCHES: tuple[str, ...] = tuple(d for d in DISPATCHES if d != "fused")
-#: Old ``dispatch=`` names, still accepted with a DeprecationWarning: old name -> its name now.
-DEPRECATED_DISPATCHES: dict[str, str] = {"dense": "padded"}
-#: Environment switch: ``0`` keeps ``dispatch="auto"`` off the fused intranode kernel.
-ENV_FUSED_EP = _policy.ENV["fused_ep"][0]  # read once, into the process policy
-BACKENDS: tuple[str, ...] = ("auto", "ffi", "reference")
+BACKENDS: tuple[str, ...] = ops.BACKENDS
+
+
+@dataclasses.dataclass(frozen=True)
+class EPOptions:
+    """The options of the expert-parallel calls (:func:`ep_moe`, :func:`ep_path`,
+    :func:`jax_megamoe.parallel.ep_moe_hier`, ``ep_moe_grouped``, ``hier_path``), grouped so the
+    calls keep a short signature.
+
+    ``activation_clamp``: ``None`` or a number ``>= 0`` (SwiGLU clamp). ``backend``: ``"auto"`` |
+    ``"reference"`` | ``"ffi"`` (see :func:`ep_moe`). ``routed_scaling_factor``: multiplied into
+    ``topk_weights`` in f32 before dispatch (a float or a traced scalar). ``dispatch``: ``"auto"`` |
+    ``"fused"`` | ``"ragged"`` | ``"padded"`` (two-level calls: the inter-host collective, no
+    ``"fused"``). ``intranode`` (two-level calls only): ``"auto"`` | ``"fused"`` | ``"collective"`` |
+    ``"local"``. ``pair_capacity``: rows per (source, destination) pair of the collective buffer.
+    ``num_max_tokens``: the fused kernel's token cap per rank. ``return_overflow`` (:func:`ep_moe`):
+    return ``(y, dropped)``; ``return_stats`` (two-level calls): return ``(y, EPStats)``.
+    ``policy``: a :class:`jax_megamoe.policy.Policy` (default: the process policy).
+    """
+
+    activation_clamp: float | None = None
+    backend: str = "auto"
+    routed_scaling_factor: Any = 1.0
+    dispatch: str = "auto"
+    intranode: str = "auto"
+    pair_capacity: int | None = None
+    num_max_tokens: int | None = None
+    return_overflow: bool = False
+    return_stats: bool = False
+    policy: Policy | None = None
+
+    @staticmethod
+    def of(options: EPOptions | None) -> EPOptions:
+        """``options``, or the defaults for None (a TypeError naming the argument otherwise)."""
+        if options is None:
+            return EPOptions()
+        return check_instance("options", options, EPOptions, "a jax_megamoe.parallel.EPOptions")
+
+
+@dataclasses.dataclass(frozen=True)
+class _EPCall:
+    """Every static choice of one collective / fused expert-parallel step: the one static argument
+    of the jitted step and of the per-device bodies."""
+
+    mesh: Any
+    axis: Any
+    mode: str
+    clamp: float | None
+    backend: str
+    path: str
+    cap: int
+    chunk: int
+    fused: ops.MegaMoECall | None
+    policy: Policy
 
 #: Platforms whose XLA implements ``ragged-all-to-all``.
 _RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
@@ -124,31 +173,14 @@ def _platform(mesh: Mesh | AbstractMesh) -> str | None:
     return devices.flat[0].platform
 
 
-def canonical_dispatch(dispatch: str, *, name: str = "dispatch", stacklevel: int = 3) -> str:
-    """``dispatch`` with a deprecated name (:data:`DEPRECATED_DISPATCHES`: ``"dense"``) replaced by
-    its name now (``"padded"``), with a DeprecationWarning naming it; any other value unchanged.
-    ``name``: the argument, for the warning; ``stacklevel``: as :func:`warnings.warn`'s, counted from
-    the caller of this function's caller (the public entry point's caller by default)."""
-    new = DEPRECATED_DISPATCHES.get(dispatch) if isinstance(dispatch, str) else None
-    if new is None:
-        return dispatch
-    warnings.warn(
-        f"{name}={dispatch!r} is deprecated: it is {name}={new!r} (all_to_all of the fixed-capacity "
-        "padded buffer), which behaves identically",
-        DeprecationWarning, stacklevel=stacklevel,
-    )  # fmt: skip
-    return new
-
-
 def dispatch_path(mesh: Mesh | AbstractMesh, dispatch: str = "auto") -> str:
     """``"ragged"`` or ``"padded"``: the collective :func:`ep_moe` uses on ``mesh`` for ``dispatch``
     when it does not take the fused kernel.
 
     ``"auto"`` is ``"ragged"`` (:func:`jax.lax.ragged_all_to_all`) where the mesh's platform is a GPU
     or TPU and ``"padded"`` (:func:`jax.lax.all_to_all` of the fixed-capacity buffer) elsewhere, i.e.
-    on CPU. ``"dense"``: the deprecated name of ``"padded"`` (warns).
+    on CPU.
     """
-    dispatch = canonical_dispatch(dispatch)
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
     if dispatch == "fused":
@@ -210,11 +242,9 @@ def fused_available(mesh: Mesh | AbstractMesh, axis: str = "ep", mode: str = "fp
     if any(d.process_index != me for d in devices):
         return False, "the mesh spans several processes; the fused path needs one process driving every GPU"
     for d in devices:
-        cc = str(getattr(d, "compute_capability", "") or "")
-        if not cc.startswith(f"{arch}."):
-            return False, (
-                f"device {d.id} has compute capability {cc or '?'}; mode {mode!r} runs the sm_{arch}0 kernel"
-            )
+        if _ffi.cc_major(d) != arch:
+            cc = getattr(d, "compute_capability", None) or "?"
+            return False, f"device {d.id} has compute capability {cc}; mode {mode!r} runs the sm_{arch}0 kernel"
     ok, reason = ops._ffi_ready()
     if not ok:
         return False, reason
@@ -292,16 +322,8 @@ def ep_moe(
     *,
     mesh: Mesh | AbstractMesh,
     axis: str = "ep",
-    mode: str,
-    activation_clamp: float | None = None,
-    backend: str = "auto",
-    routed_scaling_factor: float = 1.0,
-    dispatch: str = "auto",
-    pair_capacity: int | None = None,
-    return_overflow: bool = False,
-    num_max_tokens: int | None = None,
-    policy: Policy | None = None,
-    capacity: int | None = None,
+    mode: config.Mode,
+    options: EPOptions | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Routed experts of one MoE layer with experts and tokens sharded over ``mesh`` axis ``axis``.
 
@@ -319,19 +341,19 @@ def ep_moe(
       mesh: a :class:`jax.sharding.Mesh` with axis ``axis`` (Auto or Explicit axis types). Other axes
         replicate the computation.
       mode: ``"mxf4xmxf4"``, ``"fp8xfp4"`` or ``"fp8"``; must be the mode ``weights`` were built for.
+      options: an :class:`EPOptions`; its fields:
       activation_clamp: ``None`` or a number ``>= 0`` (SwiGLU clamp).
       backend: ``"auto"`` | ``"reference"`` (pure-JAX expert math per device; never the fused
         kernel) | ``"ffi"`` (kernels: the fused kernel, or on the collective path the single-rank
         FFI mega kernel per device).
       routed_scaling_factor: multiplied into ``topk_weights`` in f32 before dispatch.
-      dispatch: ``"auto"`` | ``"fused"`` | ``"ragged"`` | ``"padded"`` (``"dense"``: its deprecated
-        name, with a DeprecationWarning). ``"auto"`` takes the fused
+      dispatch: ``"auto"`` | ``"fused"`` | ``"ragged"`` | ``"padded"``. ``"auto"`` takes the fused
         intranode kernel where :func:`fused_available` says it can (and ``T/n <= num_max_tokens``,
         ``pair_capacity`` not given, backend not ``"reference"``, ``JAX_MEGAMOE_FUSED_EP`` not 0), else the
         collective of :func:`dispatch_path`. ``"fused"`` insists (clear error where it cannot run; on
         a machine without GPUs it still lowers for ``cuda``).
       pair_capacity: rows per (source, destination) pair; default :func:`exact_capacity` (never overflows).
-        Collective path only. (``capacity=``: its deprecated name, with a DeprecationWarning.)
+        Collective path only.
       return_overflow: return ``(y, dropped)``; required when ``pair_capacity`` is below the exact one
         (the fused path never drops: ``dropped`` is 0).
       num_max_tokens: fused path: token cap per rank of the kernel's buffers (default
@@ -342,6 +364,9 @@ def ep_moe(
     Returns:
       ``y`` bf16 ``[T, H]`` sharded ``P(axis)`` (and ``dropped`` int32 ``[]`` if ``return_overflow``).
     """
+    opts = EPOptions.of(options)
+    activation_clamp, routed_scaling_factor = opts.activation_clamp, opts.routed_scaling_factor
+    return_overflow = opts.return_overflow
     config.check_mode(mode)
     n = _axis_size(mesh, axis)
     t, h, k = reference._check_routing(x, topk_idx, topk_weights)
@@ -353,15 +378,13 @@ def ep_moe(
             "pad the batch with rows whose topk_idx is -1)"
         )
     _check_weights(weights, mode, h, k, n)
-    capacity = _pair_capacity(pair_capacity, capacity)
-    dispatch = canonical_dispatch(dispatch)
+    capacity = opts.pair_capacity
     clamp = config.check_clamp(activation_clamp)
     reference._check_scaling(routed_scaling_factor)
-    path, fused = _choose_path(
-        mesh, axis, mode, t // n, dispatch=dispatch, backend=backend, capacity=capacity, num_max_tokens=num_max_tokens,
-        policy=policy,
-    )  # fmt: skip
-    be = _resolve_backend(backend, mode)
+    if opts.return_stats or opts.intranode != "auto":
+        raise ValueError("options: return_stats and intranode apply to ep_moe_hier / ep_moe_grouped, not ep_moe")
+    path, fused = _choose_path(mesh, axis, mode, t // n, opts)
+    be = _resolve_backend(opts.backend, mode)
     exact = exact_capacity(t, k, n)
     if capacity is None:
         cap = exact
@@ -391,10 +414,10 @@ def ep_moe(
     # The chunk size reference.mega_moe picks for all T tokens on one device: with it every
     # expert's rows pass through the same matmul shapes, in the same chunks, as there.
     chunk = reference.default_chunk_rows(t * k, weights.num_experts)
-    run = partial(
-        _ep_moe_jit,
-        mesh=mesh, axis=axis, mode=mode, clamp=clamp, backend=be, path=path, cap=cap, chunk=chunk, fused=fused,
-    )  # fmt: skip
+    if fused is not None:
+        fused = dataclasses.replace(fused, num_experts=weights.num_experts, activation_clamp=clamp)
+    spec = _EPCall(mesh, axis, mode, clamp, be, path, cap, chunk, fused, _policy.resolve(opts.policy))
+    run = partial(_ep_moe_jit, spec=spec)
     # jax.grad / jvp: InferenceOnlyError (jax_megamoe._src.kernels._rules), whichever path runs.
     y, dropped = _rules.inference_only(run, "parallel.ep_moe")(x, topk_idx, topk_weights, rsf, weights)
     return (y, dropped) if return_overflow else y
@@ -403,44 +426,24 @@ def ep_moe(
 def ep_path(
     mesh: Mesh | AbstractMesh,
     axis: str = "ep",
-    mode: str = "fp8",
+    mode: config.Mode = "fp8",
     tokens_per_device: int = 1,
     *,
-    dispatch: str = "auto",
-    backend: str = "auto",
-    pair_capacity: int | None = None,
-    num_max_tokens: int | None = None,
-    policy: Policy | None = None,
-    capacity: int | None = None,
+    options: EPOptions | None = None,
 ) -> str:
     """``"fused"``, ``"ragged"`` or ``"padded"``: the path :func:`ep_moe` takes with these arguments
-    (``tokens_per_device`` = ``T/n``); raises as :func:`ep_moe` would for a ``dispatch`` that cannot run."""
-    return _choose_path(
-        mesh, axis, mode, tokens_per_device, dispatch=canonical_dispatch(dispatch), backend=backend,
-        capacity=_pair_capacity(pair_capacity, capacity),
-        num_max_tokens=num_max_tokens, policy=policy,
-    )[0]  # fmt: skip
+    (``tokens_per_device`` = ``T/n``; ``options``: the :class:`EPOptions` of the call, of which
+    ``dispatch``, ``backend``, ``pair_capacity``, ``num_max_tokens`` and ``policy`` matter here);
+    raises as :func:`ep_moe` would for a ``dispatch`` that cannot run."""
+    return _choose_path(mesh, axis, mode, tokens_per_device, EPOptions.of(options))[0]
 
 
-def _pair_capacity(
-    pair_capacity: int | None, capacity: int | None, where: str = "ep_moe", stacklevel: int = 3
-) -> int | None:
-    """``pair_capacity``, or the deprecated ``capacity=`` (with a warning naming ``where``, the public
-    function; ``stacklevel`` as :func:`warnings.warn`'s from here); both is a TypeError."""
-    if capacity is None:
-        return pair_capacity
-    if pair_capacity is not None:
-        raise TypeError("capacity: the deprecated name of pair_capacity; pass only pair_capacity")
-    warnings.warn(
-        f"{where}(capacity=...) is deprecated: the rows per (source, destination) pair are pair_capacity= "
-        "(the kernel's token cap is num_max_tokens=)", DeprecationWarning, stacklevel=stacklevel,
-    )  # fmt: skip
-    return capacity
-
-
-def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capacity, num_max_tokens, policy=None):
-    """``(path, fused)``: ``"fused"`` with ``fused = (token cap, rank table rows, reserved SMs)``, or
-    the collective ``"ragged"``/``"padded"`` with ``fused = None``."""
+def _choose_path(mesh, axis, mode, tokens_per_device, opts: EPOptions):
+    """``(path, fused)``: ``"fused"`` with ``fused`` the kernel call (its ``num_experts`` and clamp
+    filled in by the caller), or the collective ``"ragged"``/``"padded"`` with ``fused = None``."""
+    dispatch, backend, capacity, num_max_tokens, policy = (
+        opts.dispatch, opts.backend, opts.pair_capacity, opts.num_max_tokens, opts.policy
+    )
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
     pol = _policy.resolve(policy)
@@ -478,28 +481,28 @@ def _choose_path(mesh, axis, mode, tokens_per_device, *, dispatch, backend, capa
             dispatch = "fused"
     if dispatch != "fused":
         return dispatch_path(mesh, dispatch), None
-    reserved = pol.reserved_sms
     table = tuple(tuple(int(v) for v in row) for row in rank_table(mesh, axis))
-    # The graph-target and wide-tile switches come from the policy and travel as a static argument,
-    # so that _ep_moe_jit's trace cache never hands a trace made for one policy to a call with another.
-    return "fused", (cap, table, reserved, pol.graph_targets, pol.sm90_wide_tile)
+    # The graph-target and wide-tile switches come from the policy and travel in the static call
+    # spec, so that _ep_moe_jit's trace cache never hands a trace made for one policy to another.
+    call = ops.MegaMoECall(
+        mode, num_experts=0, capacity=cap, reserved_sms=pol.reserved_sms, num_ranks=_axis_size(mesh, axis),
+        rank_devices=table, graph=pol.graph_targets, sm90_wide_tile=pol.sm90_wide_tile,
+    )  # fmt: skip
+    return "fused", call
 
 
-@partial(jax.jit, static_argnames=("mesh", "axis", "mode", "clamp", "backend", "path", "cap", "chunk", "fused"))
-def _ep_moe_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, axis, mode, clamp, backend, path, cap, chunk, fused):
+@partial(jax.jit, static_argnames=("spec",))
+def _ep_moe_jit(x, topk_idx, topk_weights, rsf, weights, *, spec: _EPCall):
     w = topk_weights.astype(jnp.float32) * rsf  # reference._scale_weights: one f32 multiply
-    if path == "fused":
-        body = partial(_ep_fused_body, axis=axis, mode=mode, clamp=clamp, fused=fused, num_experts=weights.num_experts)
+    if spec.path == "fused":
+        body = partial(_ep_fused_body, call=spec.fused)
     else:
-        body = partial(
-            _ep_body, axis=axis, mode=mode, clamp=clamp, backend=backend, path=path, cap=cap, chunk=chunk,
-            num_experts=weights.num_experts,
-        )  # fmt: skip
+        body = partial(_ep_body, spec=spec, num_experts=weights.num_experts)
     f = jax.shard_map(
         body,
-        mesh=mesh,
-        in_specs=(P(axis), P(axis), P(axis), P(axis)),
-        out_specs=(P(axis), P()),
+        mesh=spec.mesh,
+        in_specs=(P(spec.axis), P(spec.axis), P(spec.axis), P(spec.axis)),
+        out_specs=(P(spec.axis), P()),
         check_vma=False,  # the reference's loops start from unsharded zeros
     )
     return f(x, topk_idx, w, weights)
@@ -510,35 +513,33 @@ def _ep_moe_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, axis, mode, cl
 # --------------------------------------------------------------------------------------------
 
 
-def _local_experts(x, idx, w, weights, *, mode, clamp, backend, chunk):
+def _local_experts(x, idx, w, weights, spec: _EPCall):
     """The experts of this device on its received rows: ``x`` bf16 ``[R, H]``, ``idx`` int32 ``[R, 1]``
     local expert ids (``-1`` = padding row), ``w`` f32 ``[R, 1]`` -> bf16 ``[R, H]`` (0 for padding).
 
     A single-rank Mega MoE problem with top-k 1: the one place a per-device kernel plugs in.
     """
-    if backend == "ffi":
+    if spec.backend == "ffi":
         # One rank holding E/n experts with local ids: the kernel sees a layer of E/n experts and a
-        # buffer for all R received rows.
+        # buffer for all R received rows; the call's policy (not the process one) decides the rest.
         local = dataclasses.replace(weights, num_experts=weights.num_local_experts)
         return ops.mega_moe(
-            x, idx, w, local, mode=mode, activation_clamp=clamp, num_max_tokens=x.shape[0], backend="ffi"
+            x, idx, w, local, mode=spec.mode, activation_clamp=spec.clamp, backend="ffi",
+            options=ops.MoEOptions(num_max_tokens=x.shape[0], policy=spec.policy),
         )
-    return reference.mega_moe(x, idx, w, weights, mode=mode, activation_clamp=clamp, chunk_rows=chunk)
+    return reference.mega_moe(
+        x, idx, w, weights, mode=spec.mode, activation_clamp=spec.clamp, options=ops.MoEOptions(chunk_rows=spec.chunk)
+    )
 
 
-def _ep_fused_body(x, topk_idx, w, weights, *, axis, mode, clamp, fused, num_experts):
+def _ep_fused_body(x, topk_idx, w, weights, *, call: ops.MegaMoECall):
     """One rank of the fused kernel: its own tokens in, its own outputs back; the kernel moves the
     (token, slot) pairs between the GPUs itself. ``w`` already carries routed_scaling_factor."""
-    cap, table, reserved, graph, wide = fused
-    y = ops.mega_moe_target_call(
-        x, topk_idx, w, weights, mode=mode, num_experts=num_experts, capacity=cap, activation_clamp=clamp,
-        routed_scaling_factor=1.0, fast_math=True, reserved_sms=reserved, num_ranks=lax.axis_size(axis),
-        rank_devices=np.asarray(table, np.int64), graph=graph, sm90_wide_tile=wide,
-    )  # fmt: skip
-    return y, jnp.zeros((), jnp.int32)
+    return ops.mega_moe_target_call(x, topk_idx, w, weights, call), jnp.zeros((), jnp.int32)
 
 
-def _ep_body(x, topk_idx, w, weights, *, axis, mode, clamp, backend, path, cap, chunk, num_experts):
+def _ep_body(x, topk_idx, w, weights, *, spec: _EPCall, num_experts: int):
+    axis, path, cap = spec.axis, spec.path, spec.cap
     n = lax.axis_size(axis)
     me = lax.axis_index(axis)
     tl, h = x.shape
@@ -586,9 +587,7 @@ def _ep_body(x, topk_idx, w, weights, *, axis, mode, clamp, backend, path, cap, 
     recv_w = exchange(send_w, 0, send_sizes, recv_sizes)
 
     # 3. Local experts on the received rows.
-    out = _local_experts(
-        recv_x, recv_e[:, None], recv_w[:, None], weights, mode=mode, clamp=clamp, backend=backend, chunk=chunk
-    )
+    out = _local_experts(recv_x, recv_e[:, None], recv_w[:, None], weights, spec)
 
     # 4. Back to the senders (reverse exchange), then combine in ascending k.
     back = exchange(out, 0, recv_sizes, send_sizes)
@@ -627,7 +626,8 @@ def ep_moe_any_tokens(
     *,
     mesh: Mesh | AbstractMesh,
     axis: str = "ep",
-    **kwargs: Any,
+    mode: config.Mode,
+    options: EPOptions | None = None,
 ) -> jax.Array:
     """:func:`ep_moe` for any ``T``: pads the batch to a multiple of the axis size with rows routed
     nowhere (``topk_idx = -1``, they give exactly 0) and returns the first ``T`` rows (replicated
@@ -636,18 +636,12 @@ def ep_moe_any_tokens(
     t = x.shape[0]
     pad = (-t) % n
     if pad == 0:
-        return ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, **kwargs)
-    if kwargs.get("return_overflow"):
+        return ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, mode=mode, options=options)
+    if EPOptions.of(options).return_overflow:
         raise ValueError("return_overflow: not supported by ep_moe_any_tokens when T needs padding; call ep_moe")
     x = jnp.pad(x, ((0, pad), (0, 0)))
     topk_idx = jnp.pad(topk_idx, ((0, pad), (0, 0)), constant_values=-1)
     topk_weights = jnp.pad(topk_weights, ((0, pad), (0, 0)))
-    y = ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, **kwargs)
+    y = ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, mode=mode, options=options)
     y = _place(y, mesh, P(), _is_explicit(mesh, axis))
     return y[:t]
-
-
-def ep_moe_padded(*args: Any, **kwargs: Any) -> jax.Array:
-    """Deprecated name of :func:`ep_moe_any_tokens` (warns): "padded" is a dispatch's name."""
-    warnings.warn("parallel.ep_moe_padded is deprecated: use ep_moe_any_tokens", DeprecationWarning, stacklevel=2)
-    return ep_moe_any_tokens(*args, **kwargs)

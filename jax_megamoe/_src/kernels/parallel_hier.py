@@ -1,6 +1,9 @@
 """Expert parallelism that reads each local expert's weights once per step, over one mesh axis or a
 two-level ``(host, GPU)`` mesh: :func:`ep_moe_grouped`, :func:`ep_moe_hier`, :func:`hier_path`.
 
+Options (``dispatch``, ``intranode``, ``pair_capacity``, ``return_stats``, ...) are fields of one
+:class:`jax_megamoe.parallel.EPOptions`; the two mesh axes are ``axes=(host_axis, axis)``.
+
 The collective path of :func:`jax_megamoe.parallel.ep_moe` sends every (token, slot) *pair* as its
 own top-1 row and sizes each device's receive buffer for ``n * T/n * K`` rows. Here, as in DeepEP,
 a token travels **once per destination** with all ``K`` of its slots: the slots whose expert lives
@@ -45,8 +48,7 @@ With the kernels, ``o_k`` themselves are the kernel's (rel. L2 ~5e-3 vs the refe
 
 **Capacity and overflow** (policy: exact by a second pass, never a drop). ``pair_capacity`` is rows
 (tokens) per (source device, destination host) pair, the name :func:`jax_megamoe.parallel.ep_moe`
-uses for its per-pair rows (``capacity=`` is the deprecated old name, with a DeprecationWarning); a
-receive buffer holds ``n_o * pair_capacity`` rows.
+uses for its per-pair rows; a receive buffer holds ``n_o * pair_capacity`` rows.
 Rows past it in a step are not dropped: a **second pass** (the same exchange, intranode stage and
 reverse exchange, sized ``T_l - pair_capacity`` per pair so that it can never overflow) moves them, under
 a :func:`jax.lax.cond` on the mesh-wide overflow count, so a step without overflow pays nothing for
@@ -72,7 +74,8 @@ from jax import lax
 from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe._src.kernels import ops, parallel
+from jax_megamoe._src.kernels import _ffi, ops, parallel
+from jax_megamoe._src.kernels.parallel import EPOptions
 from jax_megamoe._src.numerics import config, reference
 from jax_megamoe._src.numerics import policy as _policy
 from jax_megamoe._src.numerics.layout import MoEWeights
@@ -85,8 +88,6 @@ __all__ = ["ep_moe_grouped", "ep_moe_hier", "hier_path", "EPStats", "HierPath", 
 INTRANODE: tuple[str, ...] = ("auto", "fused", "collective", "local")
 #: What happens to rows past ``pair_capacity``: a second pass moves them (exact); nothing is dropped.
 OVERFLOW_POLICY = "second_pass"
-#: Environment switch: ``0`` keeps ``intranode="auto"`` off the fused kernel.
-ENV_FUSED_EP = parallel.ENV_FUSED_EP
 
 
 class EPStats(NamedTuple):
@@ -151,9 +152,9 @@ def _fused_inner_available(mesh: Mesh | AbstractMesh, axis: str, mode: str) -> t
     for d in devices:
         if d.process_index != jax.process_index():
             continue
-        cc = str(getattr(d, "compute_capability", "") or "")
-        if not cc.startswith(f"{arch}."):
-            return False, f"device {d.id} has compute capability {cc or '?'}; mode {mode!r} runs the sm_{arch}0 kernel"
+        if _ffi.cc_major(d) != arch:
+            cc = getattr(d, "compute_capability", None) or "?"
+            return False, f"device {d.id} has compute capability {cc}; mode {mode!r} runs the sm_{arch}0 kernel"
     return ops._ffi_ready()
 
 
@@ -170,8 +171,12 @@ def _local_rank_table(mesh: Mesh | AbstractMesh, axis: str) -> tuple[tuple[int, 
     return tuple(tuple(ordinal(d) for d in row) for row in rows if row[0].process_index == me)
 
 
-def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_per_device, num_max_tokens, policy=None):
-    """``(HierPath, fused)``; ``fused`` = (token cap, rank table, reserved SMs, graph, sm90 wide tile) for the fused stage."""
+def _resolve(mesh, host_axis, axis, mode, rows_per_device: int, opts: EPOptions):
+    """``(HierPath, fused)``; ``fused``: the fused stage's kernel call (its ``num_experts`` and clamp
+    filled in by the caller), or None."""
+    dispatch, intranode, backend, num_max_tokens, policy = (
+        opts.dispatch, opts.intranode, opts.backend, opts.num_max_tokens, opts.policy
+    )
     if intranode not in INTRANODE:
         raise ValueError(f"intranode: {intranode!r} is not one of {', '.join(INTRANODE)}")
     if backend not in parallel.BACKENDS:
@@ -227,7 +232,7 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
             elif backend == "reference":
                 reason = "backend='reference'"
             elif not pol.fused_ep:
-                reason = f"{ENV_FUSED_EP}=0"
+                reason = f"{_policy.ENV['fused_ep'][0]}=0 (policy.fused_ep off)"
             else:
                 reason = f"mode {mode!r}: the sm_100 fused kernel is opt-in (JAX_MEGAMOE_SM100_MEGA=1)"
     elif intranode == "fused":  # g == 1
@@ -244,7 +249,10 @@ def _resolve(mesh, host_axis, axis, mode, *, dispatch, intranode, backend, rows_
     if inner == "fused":
         be = "ffi"
         table = _local_rank_table(mesh, axis) if not isinstance(mesh, jax.sharding.AbstractMesh) else ()
-        fused = (cap, table, pol.reserved_sms, pol.graph_targets, pol.sm90_wide_tile)
+        fused = ops.MegaMoECall(
+            mode, num_experts=0, capacity=cap, reserved_sms=pol.reserved_sms, num_ranks=g, rank_devices=table,
+            graph=pol.graph_targets, sm90_wide_tile=pol.sm90_wide_tile,
+        )  # fmt: skip
     why_disp = f"inter-host {disp} ({'ragged_all_to_all' if disp == 'ragged' else 'all_to_all'}) over {host_axis!r}"
     return HierPath(disp, inner, be, f"{why_disp}; {reason}; expert compute: {be}"), fused
 
@@ -253,28 +261,20 @@ def hier_path(
     mesh: Mesh | AbstractMesh,
     host_axis: str = "host",
     axis: str | None = "ep",
-    mode: str = "fp8",
+    mode: config.Mode = "fp8",
     tokens_per_device: int = 1,
     *,
-    dispatch: str = "auto",
-    intranode: str = "auto",
-    backend: str = "auto",
-    pair_capacity: int | None = None,
-    num_max_tokens: int | None = None,
-    policy: Policy | None = None,
-    capacity: int | None = None,
+    options: EPOptions | None = None,
 ) -> HierPath:
     """The :class:`HierPath` :func:`ep_moe_hier` takes with these arguments (``axis=None``: that of
-    :func:`ep_moe_grouped` over ``host_axis``); raises as the call would for one that cannot run.
-    (``capacity=``: the deprecated name of ``pair_capacity``, with a DeprecationWarning.)"""
-    pair_capacity = parallel._pair_capacity(pair_capacity, capacity, "hier_path")
+    :func:`ep_moe_grouped` over ``host_axis``; ``options``: the call's :class:`EPOptions`, of which
+    ``dispatch``, ``intranode``, ``backend``, ``pair_capacity``, ``num_max_tokens`` and ``policy``
+    matter here); raises as the call would for one that cannot run."""
+    opts = EPOptions.of(options)
     config.check_mode(mode)
     n_o, _ = _axes(mesh, host_axis, axis)
-    c = _capacity(pair_capacity, int(tokens_per_device))
-    return _resolve(
-        mesh, host_axis, axis, mode, dispatch=parallel.canonical_dispatch(dispatch), intranode=intranode,
-        backend=backend, rows_per_device=n_o * c, num_max_tokens=num_max_tokens, policy=policy,
-    )[0]  # fmt: skip
+    c = _capacity(opts.pair_capacity, int(tokens_per_device))
+    return _resolve(mesh, host_axis, axis, mode, n_o * c, opts)[0]
 
 
 def _capacity(pair_capacity: Any, tokens_per_device: int) -> int:
@@ -300,19 +300,14 @@ def ep_moe_grouped(
     *,
     mesh: Mesh | AbstractMesh,
     axis: str = "ep",
-    **kwargs: Any,
+    mode: config.Mode,
+    options: EPOptions | None = None,
 ) -> jax.Array | tuple[jax.Array, EPStats]:
     """:func:`ep_moe_hier` with one level: experts and tokens sharded over ``axis`` alone, every
     device its own "host". One all-to-all of token rows (each token once per destination device, its
     ``K`` slots local or ``-1``), one single-rank kernel call over the received rows, the reverse
     all-to-all, combine. Same options and bound as :func:`ep_moe_hier`."""
-    if "dispatch" in kwargs:  # a deprecated name warns here, naming the caller's line
-        kwargs["dispatch"] = parallel.canonical_dispatch(kwargs["dispatch"])
-    if "capacity" in kwargs:
-        kwargs["pair_capacity"] = parallel._pair_capacity(
-            kwargs.get("pair_capacity"), kwargs.pop("capacity"), "ep_moe_grouped"
-        )
-    return ep_moe_hier(x, topk_idx, topk_weights, weights, mesh=mesh, host_axis=axis, axis=None, **kwargs)
+    return ep_moe_hier(x, topk_idx, topk_weights, weights, mesh=mesh, axes=(axis, None), mode=mode, options=options)
 
 
 def ep_moe_hier(
@@ -322,19 +317,9 @@ def ep_moe_hier(
     weights: MoEWeights,
     *,
     mesh: Mesh | AbstractMesh,
-    host_axis: str = "host",
-    axis: str | None = "ep",
-    mode: str,
-    activation_clamp: float | None = None,
-    backend: str = "auto",
-    routed_scaling_factor: float = 1.0,
-    dispatch: str = "auto",
-    intranode: str = "auto",
-    pair_capacity: int | None = None,
-    return_stats: bool = False,
-    num_max_tokens: int | None = None,
-    policy: Policy | None = None,
-    capacity: int | None = None,
+    axes: tuple[str, str | None] = ("host", "ep"),
+    mode: config.Mode,
+    options: EPOptions | None = None,
 ) -> jax.Array | tuple[jax.Array, EPStats]:
     """Routed experts of one MoE layer over a two-level mesh: hosts (``host_axis``, XLA collectives)
     x GPUs of a host (``axis``: the fused kernel, or a collective on CPU). Jit-able; keywords static.
@@ -346,17 +331,18 @@ def ep_moe_hier(
       weights: the layer's global :class:`jax_megamoe.layout.MoEWeights`, ``E`` divisible by
         ``n_o * G``; placed ``P((host_axis, axis))`` on the expert dim (host-major blocks).
       mesh: a :class:`jax.sharding.Mesh` with both axes (other axes replicate).
-      host_axis, axis: the outer (inter-host) and inner (intranode) axes; ``axis=None``: one level.
-      mode, activation_clamp, routed_scaling_factor: as :func:`jax_megamoe.ops.mega_moe`.
+      axes: ``(host_axis, axis)``, the outer (inter-host) and inner (intranode) axes; ``axis=None``:
+        one level.
+      mode: as :func:`jax_megamoe.ops.mega_moe`.
+      options: an :class:`jax_megamoe.parallel.EPOptions`; its fields here:
+      activation_clamp, routed_scaling_factor: as :func:`jax_megamoe.ops.mega_moe`.
       backend: per-GPU expert compute of the ``"local"``/``"collective"`` stages: ``"auto"`` (the
         single-rank kernel where the default device runs the mode's kernels, else the reference),
         ``"ffi"``, ``"reference"``.
-      dispatch: inter-host collective, ``"auto"`` | ``"ragged"`` | ``"padded"`` (:func:`parallel.dispatch_path`;
-        ``"dense"``: the deprecated name of ``"padded"``, warns).
+      dispatch: inter-host collective, ``"auto"`` | ``"ragged"`` | ``"padded"`` (:func:`parallel.dispatch_path`).
       intranode: ``"auto"`` | ``"fused"`` | ``"collective"`` | ``"local"`` (see :func:`hier_path`).
       pair_capacity: token rows per (source device, destination host) pair per pass; default (and at
         most) ``T_l``, the exact worst case. Rows past it take the second pass (module docstring).
-        (``capacity=``: its deprecated name, with a DeprecationWarning.)
       return_stats: return ``(y, EPStats)``.
       num_max_tokens: at least the rows a device receives per pass (``n_o * pair_capacity``); default that.
       policy: the settings the call does not give (fused opt-out, reserved SMs, graph targets, sm_100
@@ -365,7 +351,15 @@ def ep_moe_hier(
     Returns:
       ``y`` bf16 ``[T, H]`` sharded ``P((host_axis, axis))`` (and :class:`EPStats` if ``return_stats``).
     """
-    pair_capacity = parallel._pair_capacity(pair_capacity, capacity, "ep_moe_hier")
+    opts = EPOptions.of(options)
+    if not (isinstance(axes, tuple) and len(axes) == 2):
+        raise TypeError(f"axes: {axes!r} must be a pair (host_axis, axis), axis None for one level")
+    host_axis, axis = axes
+    activation_clamp, routed_scaling_factor, return_stats = (
+        opts.activation_clamp, opts.routed_scaling_factor, opts.return_stats
+    )
+    if opts.return_overflow:
+        raise ValueError("options: return_overflow applies to ep_moe; ep_moe_hier never drops (return_stats)")
     config.check_mode(mode)
     n_o, g = _axes(mesh, host_axis, axis)
     n = n_o * g
@@ -384,17 +378,16 @@ def ep_moe_hier(
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats: expected a bool, got {type(return_stats).__name__}")
     tl = t // n
-    cap1 = _capacity(pair_capacity, tl)
-    path, fused = _resolve(
-        mesh, host_axis, axis, mode, dispatch=parallel.canonical_dispatch(dispatch), intranode=intranode, backend=backend,
-        rows_per_device=n_o * cap1, num_max_tokens=num_max_tokens, policy=policy,
-    )  # fmt: skip
+    cap1 = _capacity(opts.pair_capacity, tl)
+    path, fused = _resolve(mesh, host_axis, axis, mode, n_o * cap1, opts)
     caps = (cap1,) if cap1 >= tl else (cap1, tl - cap1)
-    fused2 = None
-    if fused is not None and len(caps) == 2:
-        fused2 = (config.align_token_cap(n_o * caps[1], mode),) + fused[1:]
     if clamp is not None and math.isinf(clamp):
         clamp = None
+    fused2 = None
+    if fused is not None:
+        fused = dataclasses.replace(fused, num_experts=weights.num_experts // n_o, activation_clamp=clamp)
+        if len(caps) == 2:
+            fused2 = dataclasses.replace(fused, capacity=config.align_token_cap(n_o * caps[1], mode))
     zero = jnp.zeros((), jnp.int32)
     if t == 0:
         y = jnp.zeros((0, h), jnp.bfloat16)
@@ -409,27 +402,41 @@ def ep_moe_hier(
     weights = jax.tree.map(lambda a: parallel._place(a, mesh, spec, explicit), weights)
     rsf = jnp.asarray(routed_scaling_factor, jnp.float32)
     chunk = reference.default_chunk_rows(t * k, weights.num_experts)
-    y, stats = _hier_jit(
-        x, topk_idx, topk_weights, rsf, weights,
-        mesh=mesh, host_axis=host_axis, axis=axis, mode=mode, clamp=clamp, path=path, caps=caps,
-        fused=(fused, fused2), chunk=chunk,
-    )  # fmt: skip
+    spec = _HierCall(mesh, host_axis, axis, mode, clamp, path, caps, (fused, fused2), chunk, _policy.resolve(opts.policy))
+    y, stats = _hier_jit(x, topk_idx, topk_weights, rsf, weights, spec=spec)
     return (y, EPStats(*stats)) if return_stats else y
 
 
-@partial(jax.jit, static_argnames=("mesh", "host_axis", "axis", "mode", "clamp", "path", "caps", "fused", "chunk"))
-def _hier_jit(x, topk_idx, topk_weights, rsf, weights, *, mesh, host_axis, axis, mode, clamp, path, caps, fused, chunk):
+@dataclasses.dataclass(frozen=True)
+class _HierCall:
+    """Every static choice of one two-level step: the one static argument of the jitted step."""
+
+    mesh: Any
+    host_axis: Any
+    axis: Any
+    mode: str
+    clamp: float | None
+    path: HierPath
+    caps: tuple[int, ...]
+    fused: tuple[ops.MegaMoECall | None, ops.MegaMoECall | None]
+    chunk: int
+    policy: Policy
+
+    def inner(self, backend: str, path: str, cap: int) -> parallel._EPCall:
+        """The one-level spec of the intranode stage over ``axis`` (or of the local experts)."""
+        return parallel._EPCall(None, self.axis, self.mode, self.clamp, backend, path, cap, self.chunk, None, self.policy)
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def _hier_jit(x, topk_idx, topk_weights, rsf, weights, *, spec: _HierCall):
     w = topk_weights.astype(jnp.float32) * rsf  # reference._scale_weights: one f32 multiply
-    spec = P(host_axis) if axis is None else P((host_axis, axis))
-    body = partial(
-        _hier_body, host_axis=host_axis, axis=axis, mode=mode, clamp=clamp, path=path, caps=caps, fused=fused,
-        chunk=chunk, num_experts=weights.num_experts,
-    )  # fmt: skip
+    pspec = P(spec.host_axis) if spec.axis is None else P((spec.host_axis, spec.axis))
+    body = partial(_hier_body, spec=spec, num_experts=weights.num_experts)
     f = jax.shard_map(
         body,
-        mesh=mesh,
-        in_specs=(spec, spec, spec, spec),
-        out_specs=(spec, P()),
+        mesh=spec.mesh,
+        in_specs=(pspec, pspec, pspec, pspec),
+        out_specs=(pspec, P()),
         check_vma=False,
     )
     return f(x, topk_idx, w, weights)
@@ -462,32 +469,25 @@ def _exchange_fn(path: HierPath, axis: str, n: int, cap: int, send_sizes: jax.Ar
     return (lambda a, fill: go(a, fill, send_sizes, recv_sizes)), (lambda a, fill: go(a, fill, recv_sizes, send_sizes))
 
 
-def _intranode(rx, rid, rw, weights, *, axis, mode, clamp, path, fused, chunk, num_host_experts):
+def _intranode(rx, rid, rw, weights, *, spec: _HierCall, fused: ops.MegaMoECall | None, num_host_experts: int):
     """The experts of this host on the received rows (host-local ids, ``-1`` = none): per row, the
     sum of its slots on this host (ascending ``k``), bf16 ``[R, H]``."""
     rows = rx.shape[0]
+    path = spec.path
     if path.intranode == "fused":
-        cap, table, reserved, graph, wide = fused
-        return ops.mega_moe_target_call(
-            rx, rid, rw, weights, mode=mode, num_experts=num_host_experts, capacity=cap, activation_clamp=clamp,
-            routed_scaling_factor=1.0, fast_math=True, reserved_sms=reserved, num_ranks=lax.axis_size(axis),
-            rank_devices=np.asarray(table, np.int64).reshape(-1, lax.axis_size(axis)), graph=graph,
-            sm90_wide_tile=wide,
-        )  # fmt: skip
+        return ops.mega_moe_target_call(rx, rid, rw, weights, fused)
     if path.intranode == "collective":
         # The pair-form collective body of parallel.ep_moe over the host's GPUs; its pair_capacity is the
         # exact worst case (rows * K pairs per device pair), so nothing is dropped here.
-        y, _ = parallel._ep_body(
-            rx, rid, rw, weights, axis=axis, mode=mode, clamp=clamp, backend=path.backend,
-            path=path.dispatch, cap=rows * rid.shape[1], chunk=chunk,
-            num_experts=num_host_experts,
-        )  # fmt: skip
+        inner = spec.inner(path.backend, path.dispatch, rows * rid.shape[1])
+        y, _ = parallel._ep_body(rx, rid, rw, weights, spec=inner, num_experts=num_host_experts)
         return y
     # "local": this device's experts alone, one call over every received row.
-    return parallel._local_experts(rx, rid, rw, weights, mode=mode, clamp=clamp, backend=path.backend, chunk=chunk)
+    return parallel._local_experts(rx, rid, rw, weights, spec.inner(path.backend, path.dispatch, 0))
 
 
-def _hier_body(x, topk_idx, w, weights, *, host_axis, axis, mode, clamp, path, caps, fused, chunk, num_experts):
+def _hier_body(x, topk_idx, w, weights, *, spec: _HierCall, num_experts: int):
+    host_axis, axis, path, caps, fused = spec.host_axis, spec.axis, spec.path, spec.caps, spec.fused
     n_o = lax.axis_size(host_axis)
     tl, h = x.shape
     k = topk_idx.shape[1]
@@ -518,10 +518,7 @@ def _hier_body(x, topk_idx, w, weights, *, host_axis, axis, mode, clamp, path, c
         sizes = jnp.clip(count - offset, 0, cap).astype(jnp.int32)
         fwd, bwd = _exchange_fn(path, host_axis, n_o, cap, sizes)
         rx, rid, rw = fwd(send_x, 0), fwd(send_e, -1), fwd(send_w, 0)
-        part = _intranode(
-            rx, rid, rw, weights, axis=axis, mode=mode, clamp=clamp, path=path, fused=fused_p, chunk=chunk,
-            num_host_experts=eh,
-        )  # fmt: skip
+        part = _intranode(rx, rid, rw, weights, spec=spec, fused=fused_p, num_host_experts=eh)
         back = bwd(part, 0)
         got = back[jnp.minimum(slot, rows - 1)]  # [tl, n_o, H]
         return jnp.where(mine[:, :, None], got, jnp.zeros((), jnp.bfloat16))

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 #: An array argument of a public function: a JAX array (concrete or traced) or a NumPy array.
@@ -119,3 +120,28 @@ def static_int(name: str, value: Any, *, lo: int | None = None, allow_none: bool
     if lo is not None and n < lo:
         raise ValueError(f"{name}: {n} must be >= {lo}")
     return n
+
+
+def check_routing(x: Any, topk_idx: Any, topk_weights: Any) -> tuple[int, int, int]:
+    """``(T, H, K)`` of a call's routing inputs: ``x`` bf16 ``[T, H]``, ``topk_idx`` int32/int64
+    ``[T, K]`` (``K >= 1``), ``topk_weights`` f32 ``[T, K]``; errors name the argument."""
+    check_ndim("x", x, 2)
+    check_dtype("x", x, jnp.bfloat16)
+    t, h = x.shape
+    check_ndim("topk_idx", topk_idx, 2)
+    check_dtype("topk_idx", topk_idx, (jnp.int32, jnp.int64))
+    check_shape("topk_idx", topk_idx, (t, None))
+    k = topk_idx.shape[1]
+    if k < 1:
+        raise ValueError(f"topk_idx: needs at least one top-k slot, got shape {list(topk_idx.shape)}")
+    check_ndim("topk_weights", topk_weights, 2)
+    check_dtype("topk_weights", topk_weights, jnp.float32)
+    check_shape("topk_weights", topk_weights, (t, k))
+    return t, h, k
+
+
+def check_instance(name: str, value: Any, cls: type, expected: str) -> Any:
+    """``value`` when it is a ``cls``; else a TypeError naming ``name`` and ``expected``."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{name}: expected {expected} or None, got {type(value).__name__}")
+    return value

@@ -1,4 +1,4 @@
-"""Modes, kernel limits, static configuration, and the environment forwarding done at registration.
+"""Modes, kernel limits and the static checks of a call (no environment: that is the policy's).
 
 The limits here are the ones DeepGEMM's host code and kernel static asserts enforce
 (`sgl-deep-gemm==0.2.5`); checking them at trace time turns a kernel trap or a silent
@@ -8,10 +8,7 @@ wrong answer into a ValueError that names the argument.
 from __future__ import annotations
 
 import dataclasses
-import os
-import threading
-import warnings
-from typing import Literal
+from typing import Any, Literal
 
 from jax_megamoe._src.numerics import _validate
 
@@ -38,12 +35,8 @@ MAX_RANKS_SM100 = 72
 # sm_90 mega kernel limits (host checks of fp8_mega_moe).
 MAX_INTERMEDIATE_SM90 = 4096
 MAX_RANKS_SM90 = 32
-
-# Environment variables, in precedence order (the project's own name first).
-ENV_FP4_ACTS = ("JAX_MEGAMOE_USE_FP4_ACTS", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_FP4_ACTS")
-ENV_MXF4_KIND = ("JAX_MEGAMOE_USE_MXF4_KIND", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_MXF4_KIND")
-DG_FP4_ACTS = "DG_USE_FP4_ACTS"
-DG_MXF4_KIND = "DG_USE_MXF4_KIND"
+# (hidden multiple, intermediate multiple, most ranks) of the mega kernels per compute-capability major.
+_MEGA_LIMITS = {10: (256, 128, MAX_RANKS_SM100), 9: (512, 256, MAX_RANKS_SM90)}
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", ""}
@@ -95,133 +88,6 @@ def mode_from_flags(use_fp4_acts: bool, use_mxf4_kind: bool, *, source: str = "e
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class EnvSetting:
-    value: bool
-    source: str  # which variable (or "default") decided it
-
-
-@dataclasses.dataclass(frozen=True)
-class EnvState:
-    """What the one-time forwarding saw and did; reported by ``describe()``."""
-
-    fp4_acts: EnvSetting
-    mxf4_kind: EnvSetting
-    forwarded: tuple[tuple[str, str], ...]  # (DG_ variable, value) pairs this process set
-
-
-_env_lock = threading.Lock()
-_env_state: EnvState | None = None
-
-
-def _read_first(names: tuple[str, ...]) -> tuple[str, str] | None:
-    for n in names:
-        if n in os.environ:
-            return n, os.environ[n]
-    return None
-
-
-def forward_env() -> EnvState:
-    """Forward JAX_MEGAMOE_* / SGLang flags to DG_USE_* once per process (set-if-absent).
-
-    Thread-safe and idempotent: the first caller does the work, every later caller gets the
-    same snapshot, whatever the environment looks like by then. An explicit ``DG_*`` value
-    already in the environment wins over the forwarded one.
-    """
-    global _env_state
-    with _env_lock:
-        if _env_state is not None:
-            return _env_state
-        forwarded: list[tuple[str, str]] = []
-        settings = []
-        for names, dg in ((ENV_FP4_ACTS, DG_FP4_ACTS), (ENV_MXF4_KIND, DG_MXF4_KIND)):
-            src = _read_first(names)
-            if src is not None:
-                val = parse_bool(src[0], src[1])
-                if dg not in os.environ:
-                    os.environ[dg] = "1" if val else "0"
-                    forwarded.append((dg, os.environ[dg]))
-            if dg in os.environ and (src is None or (dg, os.environ[dg]) not in forwarded):
-                settings.append(EnvSetting(parse_bool(dg, os.environ[dg]), dg))
-            elif src is not None:
-                settings.append(EnvSetting(parse_bool(dg, os.environ[dg]), src[0]))
-            else:
-                settings.append(EnvSetting(False, "default"))
-        _env_state = EnvState(settings[0], settings[1], tuple(forwarded))
-        return _env_state
-
-
-def _reset_env_forwarding() -> None:
-    """Forget the snapshot (tests only; real processes forward exactly once)."""
-    global _env_state
-    with _env_lock:
-        _env_state = None
-
-
-def default_sm100_mode() -> str:
-    """The sm_100 mode the environment selects (W4A8 unless both FP4 flags are on)."""
-    st = forward_env()
-    return mode_from_flags(
-        st.fp4_acts.value,
-        st.mxf4_kind.value,
-        source=f"{DG_FP4_ACTS} (from {st.fp4_acts.source}) / {DG_MXF4_KIND} (from {st.mxf4_kind.source})",
-    )
-
-
-def resolve_mode(mode: str | None, arch: int | None = None, sm100_mode: str | None = None) -> str:
-    """An explicit ``mode`` wins; else sm_90 means ``fp8``; else ``sm100_mode`` (a policy's,
-    :class:`jax_megamoe.policy.Policy`), or the environment's sm_100 mode when it is None."""
-    if mode is not None:
-        return check_mode(mode)
-    if arch == 9:
-        return "fp8"
-    return default_sm100_mode() if sm100_mode is None else check_mode(sm100_mode, "sm100_mode")
-
-
-@dataclasses.dataclass(frozen=True)
-class MegaMoEConfig:
-    """Static shape and mode of one Mega MoE call site (hashable: it keys buffers and cubins)."""
-
-    hidden: int
-    intermediate: int
-    num_experts: int
-    top_k: int
-    num_max_tokens: int
-    mode: str
-    activation_clamp: float | None = None
-    num_ranks: int = 1
-
-    def __post_init__(self) -> None:
-        check_mode(self.mode)
-        validate_moe_shape(
-            hidden=self.hidden,
-            intermediate=self.intermediate,
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            mode=self.mode,
-            num_ranks=self.num_ranks,
-        )
-        check_clamp(self.activation_clamp)
-        if self.num_max_tokens < 1:
-            raise ValueError(f"num_max_tokens: {self.num_max_tokens} must be >= 1")
-
-    @property
-    def capacity(self) -> int:
-        """Rows of the kernel's token buffer: ``num_max_tokens`` after the mode's alignment (the
-        custom call's ``capacity`` attribute; DeepGEMM's ``kNumMaxTokensPerRank``)."""
-        return align_token_cap(self.num_max_tokens, self.mode)
-
-    @property
-    def token_capacity(self) -> int:
-        """Deprecated name of :attr:`capacity` (warns)."""
-        warnings.warn("MegaMoEConfig.token_capacity is deprecated: use .capacity", DeprecationWarning, stacklevel=2)
-        return self.capacity
-
-    @property
-    def act_group(self) -> int:
-        return ACT_GROUP[self.mode]
-
-
 def check_clamp(activation_clamp: float | None) -> float | None:
     """``activation_clamp`` as a static float (``None``: no clamp; ``inf`` means the same).
 
@@ -258,27 +124,53 @@ def validate_moe_shape(
         raise ValueError(f"top_k: {top_k} must be in [1, num_experts = {num_experts}]")
     if num_ranks < 1 or num_experts % num_ranks != 0:
         raise ValueError(f"num_experts: {num_experts} must be divisible by the number of ranks {num_ranks}")
-    if mode in SM100_MODES:
-        if hidden % 256 != 0:
-            raise ValueError(f"hidden: {hidden} must be a multiple of 256 for mode {mode!r}")
-        if intermediate % 128 != 0:
-            raise ValueError(f"intermediate: {intermediate} must be a multiple of 128 for mode {mode!r}")
-        if top_k > MAX_TOPK_SM100:
-            raise ValueError(f"top_k: {top_k} exceeds the sm_100 kernel's limit of {MAX_TOPK_SM100}")
-        if num_experts > MAX_EXPERTS_SM100:
-            raise ValueError(f"num_experts: {num_experts} exceeds the sm_100 kernel's limit of {MAX_EXPERTS_SM100}")
-        if num_experts // num_ranks > MAX_LOCAL_EXPERTS_SM100:
-            raise ValueError(
-                f"num_experts: {num_experts // num_ranks} local experts exceed the limit of {MAX_LOCAL_EXPERTS_SM100}"
-            )
-        if num_ranks > MAX_RANKS_SM100:
-            raise ValueError(f"num_ranks: {num_ranks} exceeds {MAX_RANKS_SM100}")
-    else:
-        if hidden % 512 != 0:
-            raise ValueError(f"hidden: {hidden} must be a multiple of 512 for mode 'fp8'")
-        if intermediate % 256 != 0:
-            raise ValueError(f"intermediate: {intermediate} must be a multiple of 256 for mode 'fp8'")
+    h_mult, i_mult, max_ranks = _MEGA_LIMITS[arch_of_mode(mode)]
+    if hidden % h_mult != 0:
+        raise ValueError(f"hidden: {hidden} must be a multiple of {h_mult} for mode {mode!r}")
+    if intermediate % i_mult != 0:
+        raise ValueError(f"intermediate: {intermediate} must be a multiple of {i_mult} for mode {mode!r}")
+    if num_ranks > max_ranks:
+        raise ValueError(f"num_ranks: {num_ranks} exceeds {max_ranks}")
+    if mode in SM90_MODES:
         if intermediate > MAX_INTERMEDIATE_SM90:
             raise ValueError(f"intermediate: {intermediate} exceeds the sm_90 kernel's limit of {MAX_INTERMEDIATE_SM90}")
-        if num_ranks > MAX_RANKS_SM90:
-            raise ValueError(f"num_ranks: {num_ranks} exceeds {MAX_RANKS_SM90}")
+        return
+    if top_k > MAX_TOPK_SM100:
+        raise ValueError(f"top_k: {top_k} exceeds the sm_100 kernel's limit of {MAX_TOPK_SM100}")
+    if num_experts > MAX_EXPERTS_SM100:
+        raise ValueError(f"num_experts: {num_experts} exceeds the sm_100 kernel's limit of {MAX_EXPERTS_SM100}")
+    if num_experts // num_ranks > MAX_LOCAL_EXPERTS_SM100:
+        raise ValueError(
+            f"num_experts: {num_experts // num_ranks} local experts exceed the limit of {MAX_LOCAL_EXPERTS_SM100}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEOptions:
+    """The rarely changed options of one Mega MoE call (:func:`jax_megamoe.ops.mega_moe`,
+    :func:`jax_megamoe.reference.mega_moe`), grouped so the calls keep a short signature.
+
+    ``routed_scaling_factor``: multiplied into ``topk_weights`` in f32 (a Python float, or a traced
+    scalar: then the options are not hashable, which only matters if you make them static).
+    ``num_max_tokens``: the kernel buffer's token cap (default: the policy's); the reference only
+    checks ``T`` against it. ``fast_math``: the kernels' fast ``exp``/division (None: on for the
+    kernels; the reference always computes exactly). ``reserved_sms``: SMs the kernel leaves free
+    (default: the policy's). ``kernel``: ``"auto"`` | ``"fused"`` | ``"decode"`` (see
+    :func:`jax_megamoe.ops.mega_moe`). ``chunk_rows``: the reference's rows per expert step (speed
+    and memory only). ``policy``: a :class:`jax_megamoe.policy.Policy` (default: the process policy).
+    """
+
+    routed_scaling_factor: Any = 1.0
+    num_max_tokens: int | None = None
+    fast_math: bool | None = None
+    reserved_sms: int | None = None
+    kernel: str = "auto"
+    chunk_rows: int | None = None
+    policy: Any = None
+
+    @staticmethod
+    def of(options: MoEOptions | None) -> MoEOptions:
+        """``options``, or the defaults for None (a TypeError naming the argument otherwise)."""
+        if options is None:
+            return MoEOptions()
+        return _validate.check_instance("options", options, MoEOptions, "a jax_megamoe.ops.MoEOptions")

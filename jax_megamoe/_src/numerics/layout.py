@@ -58,20 +58,6 @@ from jax_megamoe._src.numerics.quant import (
     unpack_ue8m0,
 )
 
-__all__ = [
-    "interleave_gate_up",
-    "deinterleave_gate_up",
-    "interleave_gate_up_packed_fp4",
-    "deinterleave_gate_up_packed_fp4",
-    "utccp_transpose",
-    "utccp_untranspose",
-    "pack_sf_mn_major",
-    "unpack_sf_mn_major",
-    "fp4_to_fp8_block128",
-    "ConversionReport",
-    "MoEWeights",
-]
-
 _FP8_MAX = 448.0
 _BLOCK = 128  # FP8 scale block (sm_90) and UTCCP row block (sm_100)
 _UTCCP_A, _UTCCP_C = 4, 32  # new_row[128b + 4c + a] = old_row[128b + 32a + c]
@@ -790,7 +776,7 @@ class MoEWeights:
         under ``jax.jit``, cannot be looked at and are not checked).
         """
         w, _ = cls._from_checkpoint(
-            w13, w13_scale, w2, w2_scale, mode, False, progress, experts_per_step, allow_nan_scales
+            (w13, w13_scale, w2, w2_scale), mode, False, progress, experts_per_step, allow_nan_scales
         )
         return w
 
@@ -810,23 +796,21 @@ class MoEWeights:
         """:meth:`from_checkpoint` plus the FP4 -> FP8 :class:`ConversionReport` of L1 and L2
         merged (``None`` for the sm_100 modes, which keep the FP4 bytes). Needs concrete arrays."""
         return cls._from_checkpoint(
-            w13, w13_scale, w2, w2_scale, mode, True, progress, experts_per_step, allow_nan_scales
+            (w13, w13_scale, w2, w2_scale), mode, True, progress, experts_per_step, allow_nan_scales
         )
 
     @classmethod
     def _from_checkpoint(
         cls,
-        w13: ArrayIn,
-        w13_scale: ArrayIn,
-        w2: ArrayIn,
-        w2_scale: ArrayIn,
+        tensors: tuple[ArrayIn, ArrayIn, ArrayIn, ArrayIn],
         mode: str,
         want_report: bool,
         progress: Any,
         eps: int,
         allow_nan_scales: bool = False,
     ) -> tuple[MoEWeights, ConversionReport | None]:
-        w13, s13, w2, s2 = cls._check_checkpoint(w13, w13_scale, w2, w2_scale, mode, allow_nan_scales)
+        """``tensors``: ``(w13, w13_scale, w2, w2_scale)`` in checkpoint format."""
+        w13, s13, w2, s2 = cls._check_checkpoint(*tensors, mode, allow_nan_scales)
         e, two_i, h2 = w13.shape
         h, i = 2 * h2, two_i // 2
         meta = dict(mode=mode, hidden=h, intermediate=i, num_experts=e)

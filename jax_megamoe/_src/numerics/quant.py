@@ -65,35 +65,6 @@ from jax import lax
 from jax_megamoe._src.numerics._validate import ArrayIn, check_dtype, check_multiple
 from jax_megamoe._src.numerics.config import check_mode
 
-__all__ = [
-    "E2M1_VALUES",
-    "E2M1_MAX",
-    "E4M3_MAX",
-    "FP8_UE8M0_GROUPS",
-    "encode_e2m1",
-    "encode_e2m1_cvt",
-    "decode_e2m1",
-    "pack_nibbles",
-    "unpack_nibbles",
-    "pack_ue8m0",
-    "unpack_ue8m0",
-    "ue8m0_to_float",
-    "encode_e4m3",
-    "quantize_mxfp4",
-    "dequantize_mxfp4",
-    "quantize_fp8_ue8m0",
-    "dequantize_fp8_ue8m0",
-    "quantize_fp8_per128",
-    "dequantize_fp8_per128",
-    "requant_mxfp4",
-    "requant_fp8_ue8m0",
-    "requant_fp8_per128",
-    "fake_quantize",
-    "fake_requant",
-    "dequantize_mxfp4_weight",
-    "dequantize_fp8_block128",
-]
-
 #: The 16 E2M1 code values (index = code; bit 3 = sign). Code 8 is -0.0.
 E2M1_VALUES = np.array(
     [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32
@@ -135,6 +106,14 @@ _E2M1_THRESHOLDS = (  # (bits of t, strict): code += [a > t] if strict else [a >
 
 def _arr(x):
     return x if hasattr(x, "dtype") and hasattr(x, "shape") else jnp.asarray(x)
+
+
+def _operand(name, x, dtype):
+    """``x`` as an array of ``dtype`` with at least one dimension (errors name ``name``)."""
+    x = _arr(x)
+    check_dtype(name, x, dtype)
+    _check_rank_ge1(name, x)
+    return x
 
 
 def _check_rank_ge1(name, x):
@@ -426,19 +405,14 @@ def pack_nibbles(codes: ArrayIn) -> jax.Array:
 
     Only the low nibble of each code is used.
     """
-    codes = _arr(codes)
-    check_dtype("codes", codes, jnp.uint8)
-    _check_rank_ge1("codes", codes)
+    codes = _operand("codes", codes, jnp.uint8)
     check_multiple("codes", codes.shape[-1], 2, "last dimension")
     return _jit_pack_nibbles(codes)
 
 
 def unpack_nibbles(packed: ArrayIn) -> jax.Array:
     """uint8 ``[..., n]`` -> uint8 ``[..., 2n]`` codes (inverse of ``pack_nibbles``)."""
-    packed = _arr(packed)
-    check_dtype("packed", packed, jnp.uint8)
-    _check_rank_ge1("packed", packed)
-    return _jit_unpack_nibbles(packed)
+    return _jit_unpack_nibbles(_operand("packed", packed, jnp.uint8))
 
 
 _jit_pack_nibbles = jax.jit(_pack_nibbles)
@@ -464,19 +438,14 @@ def _unpack_ue8m0(words):
 
 def pack_ue8m0(sf_bytes: ArrayIn) -> jax.Array:
     """uint8 ``[..., 4m]`` -> int32 ``[..., m]``: byte j of word c is group 4c + j (little-endian)."""
-    sf_bytes = _arr(sf_bytes)
-    check_dtype("sf_bytes", sf_bytes, jnp.uint8)
-    _check_rank_ge1("sf_bytes", sf_bytes)
+    sf_bytes = _operand("sf_bytes", sf_bytes, jnp.uint8)
     check_multiple("sf_bytes", sf_bytes.shape[-1], 4, "last dimension")
     return _jit_pack_ue8m0(sf_bytes)
 
 
 def unpack_ue8m0(words: ArrayIn) -> jax.Array:
     """int32 ``[..., m]`` -> uint8 ``[..., 4m]`` (inverse of ``pack_ue8m0``)."""
-    words = _arr(words)
-    check_dtype("words", words, jnp.int32)
-    _check_rank_ge1("words", words)
-    return _jit_unpack_ue8m0(words)
+    return _jit_unpack_ue8m0(_operand("words", words, jnp.int32))
 
 
 _jit_pack_ue8m0 = jax.jit(_pack_ue8m0)

@@ -68,20 +68,9 @@ from jax import lax
 
 from jax_megamoe._src.numerics import config, quant
 from jax_megamoe._src.numerics.layout import MoEWeights
-from jax_megamoe._src.numerics._validate import ArrayIn, check_dtype, check_ndim, check_shape, is_traced, static_float, static_int
-
-__all__ = [
-    "PreDispatched",
-    "pre_dispatch",
-    "mega_moe",
-    "expert_ffn",
-    "swiglu",
-    "quantize_activations",
-    "dequantize_activations",
-    "requantize_intermediate",
-    "default_chunk_rows",
-    "route_ids",
-]
+from jax_megamoe._src.numerics._validate import (
+    ArrayIn, check_routing, is_traced, static_float, static_int,
+)  # fmt: skip
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -111,20 +100,7 @@ class PreDispatched(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_routing(x: Any, topk_idx: Any, topk_weights: Any) -> tuple[int, int, int]:
-    check_ndim("x", x, 2)
-    check_dtype("x", x, jnp.bfloat16)
-    t, h = x.shape
-    check_ndim("topk_idx", topk_idx, 2)
-    check_dtype("topk_idx", topk_idx, (jnp.int32, jnp.int64))
-    check_shape("topk_idx", topk_idx, (t, None))
-    k = topk_idx.shape[1]
-    if k < 1:
-        raise ValueError(f"topk_idx: needs at least one top-k slot, got shape {list(topk_idx.shape)}")
-    check_ndim("topk_weights", topk_weights, 2)
-    check_dtype("topk_weights", topk_weights, jnp.float32)
-    check_shape("topk_weights", topk_weights, (t, k))
-    return t, h, k
+_check_routing = check_routing  # one definition (numerics._validate), used by the ops too
 
 
 def _check_scaling(routed_scaling_factor: Any) -> None:
@@ -283,7 +259,7 @@ def pre_dispatch(
     topk_idx: jax.Array,
     topk_weights: jax.Array,
     *,
-    mode: str,
+    mode: config.Mode,
     num_max_tokens: int,
     routed_scaling_factor: float = 1.0,
 ) -> PreDispatched:
@@ -377,12 +353,9 @@ def mega_moe(
     topk_weights: jax.Array,
     weights: MoEWeights,
     *,
-    mode: str,
+    mode: config.Mode,
     activation_clamp: float | None = None,
-    routed_scaling_factor: float = 1.0,
-    num_max_tokens: int | None = None,
-    fast_math: bool = False,
-    chunk_rows: int | None = None,
+    options: config.MoEOptions | None = None,
 ) -> jax.Array:
     """Routed experts of one MoE layer, as the Mega MoE kernel computes them -> ``bf16[T, H]``.
 
@@ -396,18 +369,19 @@ def mega_moe(
       mode: ``"mxf4xmxf4"``, ``"fp8xfp4"`` or ``"fp8"``; static.
       activation_clamp: ``None`` (no clamp) or a number ``>= 0``: gate ``min(g, C)``, up
         ``clip(u, -C, C)``; static.
-      routed_scaling_factor: multiplied into ``topk_weights`` in f32 (sm_90: inside pre-dispatch;
-        sm_100: folded in before it, same bits).
-      num_max_tokens: when given, ``T`` must not exceed it (the kernel's buffer capacity).
-      fast_math: accepted for parity with the kernels; the reference always computes an accurate
-        ``exp`` and a true division.
-      chunk_rows: rows per expert step (static); default :func:`default_chunk_rows`. It only changes
-        speed and memory, never the result.
+      options: a :class:`jax_megamoe.ops.MoEOptions` (default: none set). Read here:
+        ``routed_scaling_factor``, multiplied into ``topk_weights`` in f32 (sm_90: inside
+        pre-dispatch; sm_100: folded in before it, same bits); ``num_max_tokens``: when given, ``T``
+        must not exceed it (the kernel's buffer capacity); ``chunk_rows``: rows per expert step
+        (static; default :func:`default_chunk_rows`), which only changes speed and memory, never the
+        result. ``fast_math`` is accepted for parity with the kernels (the reference always
+        computes an accurate ``exp`` and a true division); the kernel-only fields are ignored.
 
     Returns:
       ``y`` bf16 ``[T, H]``; rows whose slots are all unused are exactly 0.
     """
-    del fast_math  # the reference has one (exact) math mode
+    opts = config.MoEOptions.of(options)
+    routed_scaling_factor, num_max_tokens, chunk_rows = opts.routed_scaling_factor, opts.num_max_tokens, opts.chunk_rows
     config.check_mode(mode)
     t, h, k = _check_routing(x, topk_idx, topk_weights)
     if h % 128 != 0:

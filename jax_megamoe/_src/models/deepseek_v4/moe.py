@@ -477,12 +477,12 @@ def _routed_experts(
                 mode=weights.mode,
                 activation_clamp=activation_clamp,
                 backend=backend,
-                policy=policy,
+                options=ops.MoEOptions(policy=policy),
             )
             return y[:t]
         return ops.mega_moe(
             x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp, backend=backend,
-            policy=policy,
+            options=ops.MoEOptions(policy=policy),
         )  # fmt: skip
     return reference.mega_moe(x, topk_idx, topk_weights, weights, mode=weights.mode, activation_clamp=activation_clamp)
 
@@ -615,7 +615,6 @@ class DeepseekV4MoE(nnx.Module):
         # Expert parallelism (jax_megamoe.parallel.ep_moe) over mesh axis ep_axis; None: one device.
         self.mesh = mesh
         self.ep_axis = ep_axis
-        ep_dispatch = parallel.canonical_dispatch(ep_dispatch, name="ep_dispatch")  # "dense": deprecated, warns
         if ep_dispatch not in parallel.DISPATCHES:
             raise ValueError(f"ep_dispatch: {ep_dispatch!r} is not one of {', '.join(parallel.DISPATCHES)}")
         self.ep_dispatch = ep_dispatch
@@ -625,7 +624,7 @@ class DeepseekV4MoE(nnx.Module):
         # Every setting the block's calls do not give (token cap, graph targets, sm_100 mode, ...):
         # frozen here, so every trace of this block sees the same values.
         self.policy = _policy.resolve(policy)
-        self.mode = _cfg.resolve_mode(mode, ops.device_arch(), self.policy.sm100_mode)
+        self.mode = _policy.resolve_mode(mode, ops.device_arch(), self.policy)
         _cfg.validate_moe_shape(
             hidden=config.hidden_size,
             intermediate=config.moe_intermediate_size,
@@ -758,8 +757,10 @@ class DeepseekV4MoE(nnx.Module):
             # experts run sharded over ep_axis (T padded to a multiple of the axis size).
             y = parallel.ep_moe_any_tokens(
                 x, topk_idx, topk_weights, self.moe_weights, mesh=self.mesh, axis=self.ep_axis,
-                mode=self.mode, activation_clamp=cfg.activation_clamp, backend=self.backend,
-                dispatch=self.ep_dispatch, policy=self.policy,
+                mode=self.mode, options=parallel.EPOptions(
+                    activation_clamp=cfg.activation_clamp, backend=self.backend, dispatch=self.ep_dispatch,
+                    policy=self.policy,
+                ),
             )  # fmt: skip
         else:
             y = _routed_experts(
