@@ -433,7 +433,7 @@ def ffi_mega_moe(x, idx, w, weights, *, clamp, cap=None, reserved_sms=None, kern
 
     return ops.mega_moe(
         x, idx, w, weights, mode="fp8", activation_clamp=clamp, backend="ffi",
-        num_max_tokens=cap or x.shape[0], reserved_sms=reserved_sms, kernel=kernel,
+        options=ops.MoEOptions(num_max_tokens=cap or x.shape[0], reserved_sms=reserved_sms, kernel=kernel),
     )
 
 

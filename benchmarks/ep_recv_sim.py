@@ -81,7 +81,7 @@ def local_experts(x, idx, w, weights, *, clamp, backend, chunk):
 
     if backend == "ffi":
         local = dataclasses.replace(weights, num_experts=weights.num_local_experts)
-        return ops.mega_moe(x, idx, w, local, mode="fp8", activation_clamp=clamp, num_max_tokens=x.shape[0], backend="ffi")
+        return ops.mega_moe(x, idx, w, local, mode="fp8", activation_clamp=clamp, backend="ffi", options=MoEOptions(num_max_tokens=x.shape[0]))
     return reference.mega_moe(x, idx, w, weights, mode="fp8", activation_clamp=clamp, chunk_rows=chunk)
 
 
