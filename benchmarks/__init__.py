@@ -1,4 +1,2 @@
-"""Benchmarks of jax_megamoe (run the scripts in this folder; see README.md).
-
-A package only so that the tests can import the scripts' functions (``benchmarks.moe_layer``).
-"""
+"""Benchmarks of jax_megamoe: run the scripts as ``python -m benchmarks.<name>`` from the repository
+root (see README.md); the modules import each other as ``benchmarks.*``."""

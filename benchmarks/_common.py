@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: timing, environment facts, JSON and RESULTS.md output.
+"""Shared pieces of the benchmark scripts: timing, formatting, environment facts, JSON and
+RESULTS.md sections.
 
 Timing method (both scripts): the function is jitted and called once per input set first (compile,
 module load, kernel JIT and first-touch stay out of the numbers); then each *sample* dispatches
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+GIB = 2**30
 
 
 def log(msg: str) -> None:
@@ -38,7 +41,7 @@ _T0 = time.perf_counter()
 
 
 def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +130,41 @@ def rel_l2(y: Any, ref: Any) -> float:
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
+def first_line(e: BaseException, n: int = 300) -> str:
+    """The first line of an exception's message (at most ``n`` characters), for one-line reasons."""
+    s = str(e).strip().splitlines()
+    s = s[0] if s else type(e).__name__
+    return s[:n]
+
+
+def fmt_bytes(n: float) -> str:
+    """``1.5 GiB`` from a GiB on, else ``12 MiB``."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
+
+
+def fmt_rate(v: float | None, unit: str) -> str:
+    """A rate with an SI prefix (``2.94 TB/s``, ``633 TFLOP/s``); ``-`` for none."""
+    if not v:
+        return "-"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if v >= scale:
+            return f"{v / scale:.3g} {prefix}{unit}"
+    return f"{v:.3g} {unit}"
+
+
+def int_list(s: str) -> list[int]:
+    """argparse type: ``"1,8,64"`` -> ``[1, 8, 64]`` (integers >= 1)."""
+    import argparse
+
+    try:
+        out = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers") from None
+    if not out or any(v < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"{s!r}: need integers >= 1")
+    return out
+
+
 def fmt_time(s: float | None) -> str:
     if s is None or not math.isfinite(s):
         return "-"
@@ -200,25 +238,30 @@ def versions(extra: dict[str, str | None] | None = None) -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         out["platform_version"] = None
     try:
-        from jax_megamoe._src.kernels import _ffi
-
-        st = _ffi.status()
-        out["ffi_library"] = st.library
-        out["ffi_build"] = st.build_info
-        out["ffi_registered"] = st.registered
-        out["ffi_reason"] = st.reason
-        if st.headers is not None:
-            out["deepgemm_headers"] = st.headers.version
-        if st.toolchain is not None:
-            out["nvcc"] = ".".join(str(v) for v in st.toolchain.version)
+        out["ffi_registered"] = jax_megamoe.register()
+        out["describe"] = jax_megamoe.describe()
     except Exception as e:  # noqa: BLE001
-        out["ffi_reason"] = f"{type(e).__name__}: {e}"
+        out["ffi_registered"] = False
+        out["describe"] = f"{type(e).__name__}: {e}"
+    out["policy"] = policy_record()
     git = _git_head()
     if git:
         out["git_head"] = git
     if extra:
         out.update(extra)
     return out
+
+
+def policy_record() -> dict[str, Any]:
+    """The process policy (:func:`jax_megamoe.policy.current`) as JSON, with the fields that differ
+    from the defaults under ``"non_default"`` (a run with any is a variant, not the headline)."""
+    from jax_megamoe import policy
+
+    cur, default = policy.current(), policy.Policy()
+    fields = [f.name for f in dataclasses.fields(cur) if f.name != "sources"]
+    rec: dict[str, Any] = {f: getattr(cur, f) for f in fields}
+    rec["non_default"] = {f: f"{getattr(cur, f)} ({cur.source(f)})" for f in fields if getattr(cur, f) != getattr(default, f)}
+    return rec
 
 
 def _git_head() -> str | None:
@@ -281,17 +324,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 RESULTS_TEMPLATE = """# Benchmark results
 
-Filled by the benchmark scripts (`--write-results benchmarks/RESULTS.md`, or later from their JSON
-with `--from-json benchmarks/results/<name>.json --write-results benchmarks/RESULTS.md`). Each script
-replaces only its own section between the markers below. How to run them, what each path is and how
-the roofline is computed: [README.md](README.md). Raw numbers: `results/*.json`.
+Sections filled by the benchmark scripts' ``--write-results FILE`` (each replaces only its own
+section between the markers). The repository's benchmarks/RESULTS.md is instead rebuilt from the
+JSON files by ``python -m benchmarks.report``.
 
 <!-- BEGIN moe_layer -->
-*Not run yet.* `python benchmarks/moe_layer.py --write-results benchmarks/RESULTS.md` fills this section.
+*Not run yet.* `python -m benchmarks.moe_layer --write-results FILE` fills this section.
 <!-- END moe_layer -->
 
 <!-- BEGIN ffi_overhead -->
-*Not run yet.* `python benchmarks/ffi_overhead.py --write-results benchmarks/RESULTS.md` fills this section.
+*Not run yet.* `python -m benchmarks.ffi_overhead --write-results FILE` fills this section.
 <!-- END ffi_overhead -->
 """
 
@@ -303,7 +345,7 @@ def replace_section(path: Path, name: str, body: str) -> None:
     text = path.read_text() if path.is_file() else RESULTS_TEMPLATE
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}"
-    pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
     if pat.search(text):
         text = pat.sub(lambda _m: block, text, count=1)
     else:

@@ -1,13 +1,13 @@
 """A decode step in ONE program: L routed-expert layers inside one jitted step, per-layer time.
 
-``benchmarks/moe_layer.py`` times one dispatched ``jit`` call per layer; at decode T that is mostly
+``benchmarks.moe_layer`` times one dispatched ``jit`` call per layer; at decode T that is mostly
 host dispatch (one Python call, one executable launch per layer). A serving step is one program
 with many layers. This script times that: for T = 1 ... 256 tokens, ``--layers`` (default 43, as
 V4-Flash) routed-expert layers chained as in the model, ``x = x + moe(rms_norm(x))`` (the norm keeps
 every layer's input at the scale the random weights are made for), inside one ``jax.jit``, for each
 path, with the same weights and routing:
 
-  ffi             ``ops.mega_moe(backend="ffi")`` (``moe_layer.ffi_mega_moe``), token cap
+  ffi             ``ops.mega_moe(backend="ffi")`` (``baselines.ffi_mega_moe``), token cap
                   ``num_max_tokens`` = the smallest power of two >= T, at least 128
   tokamax_ragged  bf16, sort + ``tokamax.ragged_dot`` (skipped when tokamax does not import)
   xla_capacity    bf16, capacity layout, one batched einsum over all experts   } the best of
@@ -20,13 +20,13 @@ and an **empty** step: the same program with each layer's MoE replaced by ``0 * 
 per layer.
 
 Weights: ``--layers-distinct`` (default 8) distinct random weight sets per format, layer ``l``
-using set ``l mod L``; the FP8 sets are ``moe_layer.random_fp8_weights`` (6 GiB each for
+using set ``l mod L``; the FP8 sets are ``baselines.random_fp8_weights`` (6 GiB each for
 V4-Flash), the bf16 sets their exact dequantisation (12 GiB each). L is reduced until the sets
 fit in 80% of the device pool (bf16 usually gets fewer: the output says which L was used and why).
 Cycling is sound because all L sets together (and already one layer's touched experts at T=1)
 are far larger than the 50 MiB L2, so no layer finds its experts in L2 from an earlier layer.
 
-Routing: a distinct random top-K routing per layer (``moe_layer.make_routing``, rho folded in),
+Routing: a distinct random top-K routing per layer (``baselines.make_routing``, rho folded in),
 the same for every path. Each layer's (x, routing) goes through ``lax.optimization_barrier`` first:
 as a router would, the routing of layer l then becomes available only after layer l-1, so XLA
 cannot hoist routing-only work (sorts, weight gathers) ahead of the previous layer.
@@ -37,18 +37,18 @@ stacked copy), then the ``layers mod L`` remaining layers unrolled; ``unroll`` u
 (about 4x the XLA compile time at 43 layers and L=8).
 
 Floor per layer: max(mean distinct experts hit per layer x bytes per FP8 expert / HBM bandwidth,
-FLOPs / FP8 matmul peak), with ``moe_layer``'s measured ceilings and roofline; every time is also
+FLOPs / FP8 matmul peak), with the sweep's measured ceilings and roofline (``benchmarks.sweep``); every time is also
 given as a multiple of it (the bf16-weight floor is in the JSON too). Timing: ``_common.measure``
 on the step (median over samples of n back-to-back steps), per layer = step / layers.
 
 Sanity check: each path's step output (input set 0, every path on the same weight cycle) is
 compared with ``xla_capacity``'s (else the first path that ran): rel. L2 within ``CHECK_TOL``
 (looser between FP8 and bf16 activations, whose per-layer difference compounds over the layers). It
-catches wrong weights (rel. L2 ~1.4), not numerics (``moe_layer.py`` checks those per layer).
+catches wrong weights (rel. L2 ~1.4), not numerics (``benchmarks.moe_layer`` checks those per layer).
 
-    python benchmarks/decode_step.py                       # GPU: V4-Flash, T = 1 ... 256, 43 layers
-    python benchmarks/decode_step.py --smoke --out /tmp/ds # CPU: tiny shapes, 3 layers, T = 1, 4
-    python benchmarks/decode_step.py --from-json benchmarks/results/decode_step.json --write-results benchmarks/RESULTS.md
+    python -m benchmarks.decode_step                       # GPU: V4-Flash, T = 1 ... 256, 43 layers
+    python -m benchmarks.decode_step --smoke --out /tmp/ds # CPU: tiny shapes, 3 layers, T = 1, 4
+    python -m benchmarks.decode_step --from-json benchmarks/results/decode_step.json   # re-draw the PNG
 
 Outputs ``decode_step.json`` and ``decode_step.png`` in ``--out``; ``--write-results`` fills the
 ``decode_step`` section of a RESULTS.md. With ``--model pro`` the files and the section are
@@ -63,28 +63,21 @@ import gc
 import json
 import math
 import os
-import sys
 import time
 import traceback
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-from benchmarks import _common as C  # noqa: E402
-
-if __name__ == "__main__":
-    C.set_gpu_memory_fraction("0.92")  # the weight sets are big; the FFI's buffers live outside the pool
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
-
-from benchmarks import moe_layer as M  # noqa: E402
+from benchmarks import _common as C
+from benchmarks import baselines as B
+from benchmarks import report
+from benchmarks import sweep as S
 
 SCHEMA = "jax_megamoe.benchmarks.decode_step/1"
 FULL_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -116,14 +109,14 @@ DEFAULT_OUT = str(C.REPO / "benchmarks" / "results")
 FFI_KERNELS = {"ffi": "auto", "ffi_fused": "fused", "ffi_decode": "decode"}
 #: moe_layer's plot styles plus the two forced-kernel rows (colours the XLA paths do not use).
 _STYLE = {
-    **M._STYLE,
+    **report.STYLE,
     "ffi_fused": dict(color="tab:red", marker="^", ls="--"),
     "ffi_decode": dict(color="tab:purple", marker="d", ls="--"),
 }
 SPEC = {
-    **M.PATH_BY_NAME,
-    "ffi_fused": dataclasses.replace(M.PATH_BY_NAME["ffi"], name="ffi_fused", label="FFI, DeepGEMM fused kernel"),
-    "ffi_decode": dataclasses.replace(M.PATH_BY_NAME["ffi"], name="ffi_decode", label="FFI, decode kernels"),
+    **B.PATH_BY_NAME,
+    "ffi_fused": dataclasses.replace(B.PATH_BY_NAME["ffi"], name="ffi_fused", label="FFI, DeepGEMM fused kernel"),
+    "ffi_decode": dataclasses.replace(B.PATH_BY_NAME["ffi"], name="ffi_decode", label="FFI, decode kernels"),
 }
 
 
@@ -132,11 +125,11 @@ def ffi_cap(t: int) -> int:
     return max(128, 1 << max(0, t - 1).bit_length())
 
 
-def set_bytes(shape: M.Shape, fmt: str) -> int:
-    return M.bytes_per_expert(fmt, shape.hidden, shape.intermediate) * shape.num_experts
+def set_bytes(shape: B.Shape, fmt: str) -> int:
+    return B.bytes_per_expert(fmt, shape.hidden, shape.intermediate) * shape.num_experts
 
 
-def choose_sets(shape: M.Shape, fmt: str, *, requested: int, n_layers: int, limit: int | None,
+def choose_sets(shape: B.Shape, fmt: str, *, requested: int, n_layers: int, limit: int | None,
                 explicit: bool) -> tuple[int, str]:
     """How many distinct weight sets of ``fmt`` to hold, and why."""
     per = set_bytes(shape, fmt)
@@ -166,7 +159,7 @@ def choose_sets(shape: M.Shape, fmt: str, *, requested: int, n_layers: int, limi
 
 def rms_norm(x):
     """The MoE's input norm (unit weight): ``x * rsqrt(mean(x^2) + 1e-6)`` in f32 -> bf16."""
-    xf = x.astype(M.F32)
+    xf = x.astype(B.F32)
     return (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + 1e-6)).astype(x.dtype)
 
 
@@ -225,12 +218,12 @@ class Point:
     capacity: int  # the largest expert load of any layer (xla_capacity drops nothing)
 
 
-def make_point(shape: M.Shape, t: int, n_layers: int, n_sets: int, seed: int) -> Point:
+def make_point(shape: B.Shape, t: int, n_layers: int, n_sets: int, seed: int) -> Point:
     rng = np.random.default_rng([seed, t, shape.num_experts, n_layers])
     sets, hits, loads = [], [], []
     for _ in range(n_sets):
         x = rng.standard_normal((t, shape.hidden), dtype=np.float32)
-        routes = [M.make_routing(t, shape.num_experts, shape.top_k, shape.rho, rng) for _ in range(n_layers)]
+        routes = [B.make_routing(t, shape.num_experts, shape.top_k, shape.rho, rng) for _ in range(n_layers)]
         idx = np.stack([r[0] for r in routes])
         w = np.stack([r[1] for r in routes])
         sets.append((x, idx, w))
@@ -241,7 +234,7 @@ def make_point(shape: M.Shape, t: int, n_layers: int, n_sets: int, seed: int) ->
 
 
 def device_sets(p: Point):
-    return [(jnp.asarray(x, M.BF16), jnp.asarray(i), jnp.asarray(w)) for x, i, w in p.sets]
+    return [(jnp.asarray(x, B.BF16), jnp.asarray(i), jnp.asarray(w)) for x, i, w in p.sets]
 
 
 # =============================================================================================
@@ -250,17 +243,12 @@ def device_sets(p: Point):
 
 
 class Bench:
-    """State of one run. Its ``sticky`` / ``fail_count`` / ``tokamax_*`` / ``platform`` / ``args``
-    attributes are those ``moe_layer.Sweep``'s ``static_skip``, ``classify`` and ``pick_tokamax``
-    read, which are called on it."""
+    """State of one run; what it learns about the paths is a :class:`benchmarks.sweep.PathState`,
+    as in the moe_layer sweep."""
 
-    def __init__(self, args: argparse.Namespace, shape: M.Shape, result: dict[str, Any]):
+    def __init__(self, args: argparse.Namespace, shape: B.Shape, result: dict[str, Any]):
         self.args, self.shape, self.result = args, shape, result
-        self.platform = jax.devices()[0].platform
-        self.sticky: dict[str, str] = {}
-        self.fail_count: dict[str, int] = {}
-        self.tokamax_choice = None
-        self.tokamax_note = ""
+        self.state = S.PathState(include_reference=args.include_reference, gather_max_gib=args.gather_max_gib)
         self.oom: dict[str, int] = {}  # path -> smallest T that ran out of memory
         self.outputs: dict[tuple[int, str], np.ndarray] = {}  # (T, path) -> step output on the check cycle
         self.points: dict[int, Point] = {}
@@ -287,7 +275,7 @@ class Bench:
     def static_skip(self, name: str) -> str | None:
         if name not in self.args.paths:
             return "not asked for (--paths)"
-        return M.Sweep.static_skip(self, SPEC[name])
+        return self.state.static_skip(SPEC[name])
 
     # ---- weight sets ----------------------------------------------------------------------
 
@@ -296,11 +284,11 @@ class Bench:
         the exact dequantisation of the FP8 ones)."""
         out = []
         for j in range(n):
-            w8 = M.random_fp8_weights(self.shape, self.args.seed + j)
+            w8 = B.random_fp8_weights(self.shape, self.args.seed + j)
             if fmt == "fp8":
                 out.append((w8,))
             else:
-                w13t, w2t = M.dequantize_all_bf16(w8)
+                w13t, w2t = B.dequantize_all_bf16(w8)
                 jax.block_until_ready((w13t, w2t))
                 del w8
                 out.append((w13t, w2t))
@@ -310,26 +298,23 @@ class Bench:
     def layer_fn(self, name: str, p: Point, sets):
         clamp = self.shape.clamp
         if name in FFI_KERNELS:
-            return partial(M.ffi_mega_moe, clamp=clamp, cap=ffi_cap(p.tokens), reserved_sms=self.args.ffi_reserved_sms,
+            return partial(B.ffi_mega_moe, clamp=clamp, cap=ffi_cap(p.tokens), reserved_sms=self.args.ffi_reserved_sms,
                            kernel=FFI_KERNELS[name])
         if name == "reference":
-            return partial(M.reference_mega_moe, clamp=clamp)
+            return partial(B.reference_mega_moe, clamp=clamp)
         if name == "xla_capacity":
-            return partial(M.xla_capacity, clamp=clamp, cap=p.capacity)
+            return partial(B.xla_capacity, clamp=clamp, cap=p.capacity)
         if name == "xla_gather":
-            return partial(M.xla_gather, clamp=clamp)
+            return partial(B.xla_gather, clamp=clamp)
         if name == "tokamax_ragged":
-            if self.tokamax_choice is None:
-                x, i, w = device_sets(p)[0]
-                ctx = SimpleNamespace(shape=self.shape, w13t=sets[0][0], w2t=sets[0][1])
-                M.Sweep.pick_tokamax(self, ctx, SimpleNamespace(sets=[(x, i[0], w[0])]))
-            impl, dt = self.tokamax_choice
-            return partial(M.tokamax_ragged, clamp=clamp, implementation=impl, out_dtype=dt)
+            x, i, w = device_sets(p)[0]
+            impl, dt = self.state.pick_tokamax(clamp, (x, i[0], w[0]), sets[0][0], sets[0][1])
+            return partial(B.tokamax_ragged, clamp=clamp, implementation=impl, out_dtype=dt)
         raise ValueError(name)
 
     def gather_limit(self, resident: int) -> float:
         """``moe_layer``'s limit on one weight gather, next to ``resident`` bytes of weight sets."""
-        return M.Sweep.gather_limit(self, SimpleNamespace(resident_bytes=lambda: resident))
+        return self.state.gather_limit(resident)
 
     # ---- phases ---------------------------------------------------------------------------
 
@@ -353,7 +338,7 @@ class Bench:
         try:
             sets = self.make_sets(fmt, n_sets)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: the other format still runs
-            msg = f"making the {n_sets} {fmt} weight sets failed: {type(e).__name__}: {M._first_line(e)}"
+            msg = f"making the {n_sets} {fmt} weight sets failed: {type(e).__name__}: {C.first_line(e)}"
             C.log(msg)
             info["error"] = msg
             for t in a.tokens:
@@ -387,7 +372,7 @@ class Bench:
                     C.log(f"{fmt} T={t}: empty step {C.fmt_time(tm.median_s)} = {C.fmt_time(tm.median_s / a.layers)} per layer "
                           f"(compile {tm.first_call_s:.1f} s); {self.remaining():.0f} s left")
                 except Exception as e:  # noqa: BLE001
-                    q["empty"][fmt] = {"distinct_sets": n_sets, "error": f"{type(e).__name__}: {M._first_line(e)}"}
+                    q["empty"][fmt] = {"distinct_sets": n_sets, "error": f"{type(e).__name__}: {C.first_line(e)}"}
                 for n in runnable:
                     q["paths"][n] = self.run_path(n, p, q, xs, sets, check_sets, resident)
                     self.save()
@@ -399,12 +384,12 @@ class Bench:
     def run_path(self, name: str, p: Point, q: dict[str, Any], xs, sets, check_sets, resident: int) -> dict[str, Any]:
         a, shape, t = self.args, self.shape, p.tokens
         rec: dict[str, Any] = {"status": "skipped", "reason": None}
-        reason = self.sticky.get(name)
+        reason = self.state.sticky.get(name)
         if reason is None and name == "xla_gather":
-            g = t * shape.top_k * M.bytes_per_expert("bf16", shape.hidden, shape.intermediate)
+            g = t * shape.top_k * B.bytes_per_expert("bf16", shape.hidden, shape.intermediate)
             if g > self.gather_limit(resident):
-                reason = (f"gathering {t}x{shape.top_k} experts would materialise {M._gib(g)} per layer "
-                          f"(limit {M._gib(self.gather_limit(resident))}, --gather-max-gib)")
+                reason = (f"gathering {t}x{shape.top_k} experts would materialise {C.fmt_bytes(g)} per layer "
+                          f"(limit {C.fmt_bytes(self.gather_limit(resident))}, --gather-max-gib)")
         if reason is None and name in self.oom and t >= self.oom[name]:
             reason = f"ran out of memory at T={self.oom[name]} (its memory grows with T)"
         if reason is None and self.remaining() <= 0:
@@ -427,7 +412,7 @@ class Bench:
             tm = C.measure(lambda x, i, w: step(x, i, w, sets), xs, budget_s=min(a.time_per_point, max(0.0, self.remaining())),
                            sample_s=a.sample_s, first_call_s=first, min_samples=a.min_samples)
         except Exception as e:  # noqa: BLE001 - every failure is recorded, the sweep goes on
-            status, why = M.Sweep.classify(self, e, name)
+            status, why = self.state.classify(e, name)
             rec["status"], rec["reason"] = status, why
             if why.startswith("out of memory"):
                 self.oom[name] = min(t, self.oom.get(name, t))
@@ -460,8 +445,8 @@ class Bench:
         if name == "xla_capacity":
             rec["capacity"] = p.capacity
         if name == "tokamax_ragged":
-            rec["implementation"] = self.tokamax_note
-        self.fail_count.pop(name, None)
+            rec["implementation"] = self.state.tokamax_note
+        self.state.ok(name)
         C.log(f"  {name:15s} T={t}: {C.fmt_time(per)} per layer ({rec['time_over_floor']:.1f}x floor), step "
               f"{C.fmt_time(tm.median_s)}, first call {first:.1f} s; {self.remaining():.0f} s left")
         return rec
@@ -588,13 +573,13 @@ def results_markdown(result: dict[str, Any], png: str | None = None) -> str:
     soft = [f"{label.get(k, k + ' ')}{ver[k]}" for k in ("jax", "jaxlib", "jax_megamoe", "git_head", "tokamax", "platform_version")
             if ver.get(k)]
     lines = [
-        f"## Decode step: all layers in one program, {m['name']} (`benchmarks/decode_step.py`)",
+        f"## Decode step: all layers in one program, {m['name']} (`python -m benchmarks.decode_step`)",
         "",
         f"- **{dev.get('kind')}** ({dev.get('platform')}) on {result.get('date')}; " + ", ".join(soft),
         f"- `{result.get('command')}`",
         f"- measured ceilings{' (' + result['ceilings_source'] + ')' if result.get('ceilings_source') else ''}: "
-        f"HBM {M._rate(ceil['hbm_bytes_per_s'], 'B/s')}; bf16 matmul {M._rate(ceil['bf16_flops_per_s'], 'FLOP/s')}; FP8 matmul "
-        + (M._rate(ceil["fp8_flops_per_s"], "FLOP/s") if ceil.get("fp8_flops_per_s") else str(ceil.get("fp8_method"))),
+        f"HBM {C.fmt_rate(ceil['hbm_bytes_per_s'], 'B/s')}; bf16 matmul {C.fmt_rate(ceil['bf16_flops_per_s'], 'FLOP/s')}; FP8 matmul "
+        + (C.fmt_rate(ceil["fp8_flops_per_s"], "FLOP/s") if ceil.get("fp8_flops_per_s") else str(ceil.get("fp8_method"))),
         f"- layers: {m['name']} H={m['hidden']}, I={m['intermediate']}, E={m['num_experts']}, K={m['top_k']}, "
         f"{n} layers per step, one `jax.jit` program ({result['loop_note']})",
     ]
@@ -710,9 +695,10 @@ def finalize(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.decode_step", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="flash", choices=("flash", "pro"))
-    p.add_argument("--tokens", type=M._int_list, default=None, help=f"token counts (default {FULL_TOKENS}; --smoke {SMOKE_TOKENS})")
+    p.add_argument("--tokens", type=C.int_list, default=None, help=f"token counts (default {FULL_TOKENS}; --smoke {SMOKE_TOKENS})")
     p.add_argument("--layers", type=int, default=None, help="layers per step (default 43; --smoke 3)")
     p.add_argument("--layers-distinct", type=int, default=None,
                    help="distinct weight sets per format, cycled over the layers (default 8, --smoke 2; reduced to fit memory)")
@@ -766,6 +752,8 @@ def loop_note(loop: str, n_layers: int, fp8_l: int, bf16_l: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.decode_step``; 2 when a check failed."""
+    C.set_gpu_memory_fraction("0.92")  # the weight sets are big; the FFI's buffers live outside the pool
     args = parse_args(argv)
     if args.from_json:  # re-render only; the PNG goes next to the JSON unless --out says otherwise
         src = Path(args.from_json)
@@ -792,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.gather_max_gib is None:
             args.gather_max_gib = 1 / 16
     shrink_note = ""
-    shape = M.model_shape(args.model, smoke=smoke)
+    shape = B.model_shape(args.model, smoke=smoke)
     if smoke:
         shape = dataclasses.replace(shape, top_k=4)
         shrink_note = (
@@ -803,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         C.log(shrink_note)
     lim = None if on_cpu else dev["memory_bytes_limit"]
     wants_bf16 = any(n in args.paths for n in PHASES[1][1])
-    shape = M.choose_experts(shape, lim, args.experts, with_bf16=wants_bf16)
+    shape = S.choose_experts(shape, lim, args.experts, with_bf16=wants_bf16)
     l8, why8 = choose_sets(shape, "fp8", requested=args.layers_distinct, n_layers=args.layers, limit=lim, explicit=explicit_l)
     l16, why16 = choose_sets(shape, "bf16", requested=args.layers_distinct, n_layers=args.layers, limit=lim, explicit=explicit_l)
     cycle = math.gcd(l8, l16)
@@ -819,13 +807,13 @@ def main(argv: list[str] | None = None) -> int:
         ceilings_source = f"from {Path(args.ceilings_from).name}, measured on {kind}" + (
             "" if kind == dev["kind"] else f" -- NOT this device ({dev['kind']})")
     else:
-        ceilings = M.measure_ceilings(small=smoke or on_cpu, time_budget=0.1 if smoke else 0.5)
+        ceilings = S.measure_ceilings(small=smoke or on_cpu, time_budget=0.1 if smoke else 0.5)
     C.log(f"ceilings: HBM {ceilings['hbm_bytes_per_s'] / 1e9:.0f} GB/s, bf16 {ceilings['bf16_flops_per_s'] / 1e12:.1f} TFLOP/s, fp8 "
           + (f"{ceilings['fp8_flops_per_s'] / 1e12:.1f} TFLOP/s" if ceilings.get("fp8_flops_per_s") else str(ceilings.get("fp8_method")))
           + f" ({time.perf_counter() - t0:.1f} s)")
-    peaks = M.compute_peaks(ceilings)
+    peaks = S.compute_peaks(ceilings)
     extra = {}
-    if M.tokamax_import_error() is None:
+    if B.tokamax_import_error() is None:
         import tokamax
 
         extra["tokamax"] = getattr(tokamax, "__version__", "?")
@@ -834,11 +822,11 @@ def main(argv: list[str] | None = None) -> int:
         allb = ell * set_bytes(shape, fmt)
         sets_info[fmt] = {"distinct": ell, "requested": args.layers_distinct, "why": why, "set_bytes": set_bytes(shape, fmt),
                           "all_sets_bytes": allb, "cycling_valid": allb > L2_BYTES, "paths": []}
-    bpe8 = M.bytes_per_expert("fp8", shape.hidden, shape.intermediate)
+    bpe8 = B.bytes_per_expert("fp8", shape.hidden, shape.intermediate)
     valid = all(s["cycling_valid"] for s in sets_info.values())
     l2_note = (
         f"cycling L < {args.layers} weight sets is sound only while they cannot sit in the {L2_BYTES / 2**20:.0f} MiB L2: "
-        f"all FP8 sets {M._gib(sets_info['fp8']['all_sets_bytes'])}, all bf16 sets {M._gib(sets_info['bf16']['all_sets_bytes'])}, "
+        f"all FP8 sets {C.fmt_bytes(sets_info['fp8']['all_sets_bytes'])}, all bf16 sets {C.fmt_bytes(sets_info['bf16']['all_sets_bytes'])}, "
         f"one layer's touched experts at T=1 {shape.top_k * bpe8 / 2**20:.0f} MiB (FP8)"
         + (" -- holds" if valid else " -- does NOT hold for these shapes (smoke numbers only)")
     )
@@ -858,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
             "name": shape.name, "hidden": shape.hidden, "intermediate": shape.intermediate, "num_experts": shape.num_experts,
             "full_experts": shape.full_experts, "top_k": shape.top_k, "routed_scaling_factor": shape.rho,
             "activation_clamp": shape.clamp, "e_note": shape.e_note,
-            "bytes_per_expert": {f: M.bytes_per_expert(f, shape.hidden, shape.intermediate) for f in ("fp8", "bf16")},
+            "bytes_per_expert": {f: B.bytes_per_expert(f, shape.hidden, shape.intermediate) for f in ("fp8", "bf16")},
         },
         "n_layers": args.layers,
         "loop": args.loop,
@@ -877,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in args.tokens:
         p = bench.point(t)
         floors = {
-            f"{fmt}_weights_{mma}_mma": M.roofline(
+            f"{fmt}_weights_{mma}_mma": S.roofline(
                 tokens=t, top_k=shape.top_k, hidden=shape.hidden, intermediate=shape.intermediate, distinct_experts=p.distinct,
                 fmt=fmt, hbm_bytes_per_s=ceilings["hbm_bytes_per_s"], flops_per_s=peaks[mma])
             for fmt, mma in (("fp8", "fp8"), ("bf16", "bf16"))
@@ -885,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
         result["points"].append({
             "tokens": t, "distinct_experts": p.distinct, "distinct_experts_min": p.distinct_min,
             "distinct_experts_max": p.distinct_max, "capacity": p.capacity, "ffi_num_max_tokens": ffi_cap(t),
-            "flops_per_layer": M.layer_flops(t, shape.top_k, shape.hidden, shape.intermediate),
+            "flops_per_layer": S.layer_flops(t, shape.top_k, shape.hidden, shape.intermediate),
             "floors": floors, "floor_s": floors["fp8_weights_fp8_mma"]["floor_s"], "empty": {}, "paths": {},
         })
     bench.save()
@@ -895,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.run_phase(fmt, names, l8 if fmt == "fp8" else l16, cycle)
     fails = bench.check_and_summarise()
     result["elapsed_s"] = time.time() - bench.t_start
-    result["skipped_paths"] = dict(bench.sticky)
+    result["skipped_paths"] = dict(bench.state.sticky)
     bench.save()
     C.log(f"wrote {Path(args.out) / (output_stem(args.model) + '.json')}")
     finalize(args, result)
@@ -914,4 +902,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,14 +1,14 @@
 """One GPU: the per-device expert compute of the token-form collective EP path on a simulated receive
-buffer, against the single-GPU kernel on the same (token, expert) pairs (issue 12's acceptance).
+buffer, against the single-GPU kernel on the same (token, expert) pairs.
 
 For a simulated EP size ``n``: ``n`` source devices of ``T_l`` tokens each (uniform top-6 over E 256,
 V4-Flash shapes, FP8), this device is rank 0 and owns experts ``[0, E/n)``; ``T_l = T_pairs / K``
 (default 4096) so that this device receives about the pairs a single GPU computes at T = 4096. The
-receive buffer is laid out exactly as :func:`jax_megamoe._src.kernels.parallel_hier.ep_moe_grouped` receives it:
+receive buffer is laid out exactly as :func:`jax_megamoe.parallel.ep_moe_grouped` receives it:
 ``n`` blocks of ``capacity`` rows, each token once with its ``K`` slots (local id or -1), padding
 rows all -1. Times, each one jitted call per step on inputs already on the GPU:
 
-  recv_exact     the collective path's expert stage (``parallel._local_experts``, backend ffi: ONE
+  recv_exact     the collective path's expert stage (``local_experts`` below, backend ffi: ONE
                  single-rank kernel call) on the buffer sized for the exact worst case (``T_l`` rows
                  per source)
   recv_declared  the same with a declared capacity (``--capacity-factor`` x the mean rows per
@@ -22,31 +22,24 @@ rows all -1. Times, each one jitted call per step on inputs already on the GPU:
 Acceptance: recv_exact / kernel_same <= 1.3. Outputs ``ep_recv_sim.json`` / ``.png`` in ``--out``
 and a short table on stdout.
 
-    python benchmarks/ep_recv_sim.py                       # EP 8,4,2 simulated, V4-Flash (GPU)
-    python benchmarks/ep_recv_sim.py --smoke --backend reference --ep 2   # CPU smoke test
+    python -m benchmarks.ep_recv_sim                       # EP 8,4,2 simulated, V4-Flash (GPU)
+    python -m benchmarks.ep_recv_sim --smoke --backend reference --ep 2   # CPU smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from benchmarks import _common as C  # noqa: E402
-
-if __name__ == "__main__":
-    C.set_gpu_memory_fraction("0.8")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from benchmarks import _common as C
 
 SCHEMA = "jax_megamoe.benchmarks.ep_recv_sim/1"
 ACCEPT = 1.3
@@ -54,7 +47,7 @@ ACCEPT = 1.3
 
 def receive_buffer(n: int, tl: int, e: int, k: int, rho: float, h: int, cap: int, seed: int):
     """Host arrays of rank 0's receive buffer ``[n * cap]`` rows and of its real rows alone."""
-    from benchmarks.moe_layer import make_routing
+    from benchmarks.baselines import make_routing
 
     rng = np.random.default_rng([seed, n, tl])
     el = e // n
@@ -78,15 +71,27 @@ def receive_buffer(n: int, tl: int, e: int, k: int, rho: float, h: int, cap: int
     return buf, comp
 
 
+def local_experts(x, idx, w, weights, *, clamp, backend, chunk):
+    """The collective path's per-device expert stage on its received rows: ``x`` bf16 ``[R, H]``,
+    ``idx`` int32 ``[R, 1]`` local expert ids (-1: padding row), ``w`` f32 ``[R, 1]``: one
+    single-rank kernel call over all R rows (``backend="ffi"``, a layer of the E/n local experts),
+    else the reference in ``chunk``-row pieces."""
+    from jax_megamoe import ops, reference
+
+    if backend == "ffi":
+        local = dataclasses.replace(weights, num_experts=weights.num_local_experts)
+        return ops.mega_moe(x, idx, w, local, mode="fp8", activation_clamp=clamp, num_max_tokens=x.shape[0], backend="ffi")
+    return reference.mega_moe(x, idx, w, weights, mode="fp8", activation_clamp=clamp, chunk_rows=chunk)
+
+
 def _dev(arrs):
     x, i, w = arrs
     return jnp.asarray(x, jnp.bfloat16), jnp.asarray(i), jnp.asarray(w)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.moe_layer import model_shape, random_fp8_weights
+    from benchmarks.baselines import model_shape, random_fp8_weights
     from jax_megamoe import ops
-    from jax_megamoe._src.kernels import parallel
 
     shape = model_shape("flash", smoke=args.smoke)
     h, e, k = shape.hidden, shape.num_experts, shape.top_k
@@ -146,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         common = {"experts": el, "pairs": pairs, "real_rows": rows_real, "sources": n, "tokens_per_source": tl}
 
         def local_stage(x, i, ww, W=w_loc):
-            return parallel._local_experts(x, i, ww, W, mode="fp8", clamp=clamp, backend=be, chunk=chunk)
+            return local_experts(x, i, ww, W, clamp=clamp, backend=be, chunk=chunk)
 
         y_exact = timed("recv_exact", n, local_stage, _dev(buf), {**common, "rows": n * tl, "capacity": tl})
 
@@ -174,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.ep1 and not _late():
         w_all = random_fp8_weights(shape, seed=1)
         rng = np.random.default_rng(5)
-        from benchmarks.moe_layer import make_routing
+        from benchmarks.baselines import make_routing
 
         t = args.pairs_tokens
         idx, w = make_routing(t, e, k, shape.rho, rng)
@@ -216,7 +221,7 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         f"Collective EP path, per-device expert compute on a simulated receive buffer (V4-Flash, FP8), "
         f"{dev['kind']}, {results['created']}; median per call, ratio vs kernel_same (single-GPU kernel on the "
-        f"same pairs); acceptance recv_exact <= {ACCEPT}x. `python benchmarks/ep_recv_sim.py`.",
+        f"same pairs); acceptance recv_exact <= {ACCEPT}x. `python -m benchmarks.ep_recv_sim`.",
         "",
         "| EP (sim) | local E | pairs | " + " | ".join(names) + " | accept |",
         "|---|---|---|" + "---|" * len(names) + "---|",
@@ -266,7 +271,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``python -m benchmarks.ep_recv_sim``; 3 when an EP size misses the acceptance ratio."""
+    C.set_gpu_memory_fraction("0.8")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.ep_recv_sim", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ep", type=lambda s: [int(v) for v in s.split(",")], default=[8, 4, 2])
     ap.add_argument("--pairs-tokens", type=int, default=4096, help="T whose T*K pairs the device receives")
     ap.add_argument("--capacity-factor", type=float, default=1.25)
@@ -298,4 +306,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

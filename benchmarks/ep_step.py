@@ -8,9 +8,9 @@ weights, ``E/n`` experts per GPU, uniform top-6 routing) along these paths:
                (EP 1 is the same entry with one rank: the single-GPU kernel)
   ragged_ffi   ``dispatch="ragged", backend="ffi"``: XLA ragged all-to-all, the single-rank FFI
                kernel on each GPU's received rows, ragged all-to-all back (with ``--collective``)
-  grouped_ffi  ``parallel_hier.ep_moe_grouped`` (backend ffi): each token once per destination GPU
+  grouped_ffi  ``parallel.ep_moe_grouped`` (backend ffi): each token once per destination GPU
                (its K slots local or -1), ONE single-rank kernel call over the received rows
-  hier         ``parallel_hier.ep_moe_hier`` on a ``("host", "ep")`` = ``(2, n/2)`` mesh of the same
+  hier         ``parallel.ep_moe_hier`` on a ``("host", "ep")`` = ``(2, n/2)`` mesh of the same
                GPUs (a simulated host axis, EP >= 4): one XLA exchange over "host", then the fused
                multi-rank kernel over each half's GPUs (``intranode="auto"``)
 
@@ -21,32 +21,25 @@ also checked against the EP 1 fused result on the same tokens (rel. L2; the EP 1
 checked against the reference in tests/gpu). Results: ``ep_step.json`` and ``ep_step.png`` in
 ``--out``; ``--write-results`` fills the ``ep_step`` section of RESULTS.md.
 
-    python benchmarks/ep_step.py                                  # EP 1,2,4 x T 64..4096 (GPU)
-    python benchmarks/ep_step.py --ep 1,2 --tokens 256 --collective
-    python benchmarks/ep_step.py --paths fused,ragged_ffi,grouped_ffi,hier   # issue 13: every path
-    python benchmarks/ep_step.py --from-json benchmarks/results/ep_step.json --write-results benchmarks/RESULTS.md
+    python -m benchmarks.ep_step                                  # EP 1,2,4 x T 64..4096 (GPU)
+    python -m benchmarks.ep_step --ep 1,2 --tokens 256 --collective
+    python -m benchmarks.ep_step --paths fused,ragged_ffi,grouped_ffi,hier   # every path
+    python -m benchmarks.ep_step --from-json benchmarks/results/ep_step.json   # re-draw the PNG + table
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from benchmarks import _common as C  # noqa: E402
-
-if __name__ == "__main__":
-    C.set_gpu_memory_fraction("0.7")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from benchmarks import _common as C
 
 SCHEMA = "jax_megamoe.benchmarks.ep_step/1"
 _T0 = time.perf_counter()
@@ -69,7 +62,6 @@ def _spec(path: str):
 
 def _call(path: str, n: int, t: int, mesh, backend: str = "ffi"):
     from jax_megamoe import parallel
-    from jax_megamoe._src.kernels import parallel_hier
 
     kw: dict[str, Any] = dict(mesh=mesh, mode="fp8", activation_clamp=CLAMP)
     if path == "fused":
@@ -80,13 +72,13 @@ def _call(path: str, n: int, t: int, mesh, backend: str = "ffi"):
         return lambda x, i, w, ww: parallel.ep_moe(x, i, w, ww, **kw)
     if path == "grouped_ffi":
         kw.update(backend=backend)
-        return lambda x, i, w, ww: parallel_hier.ep_moe_grouped(x, i, w, ww, **kw)
+        return lambda x, i, w, ww: parallel.ep_moe_grouped(x, i, w, ww, **kw)
     kw.update(backend=backend)
-    return lambda x, i, w, ww: parallel_hier.ep_moe_hier(x, i, w, ww, **kw)
+    return lambda x, i, w, ww: parallel.ep_moe_hier(x, i, w, ww, **kw)
 
 
 def _inputs(t: int, seed: int, h: int, e: int, k: int, rho: float):
-    from benchmarks.moe_layer import make_routing
+    from benchmarks.baselines import make_routing
 
     rng = np.random.default_rng([seed, t])
     x = jnp.asarray(rng.standard_normal((t, h), dtype=np.float32), jnp.bfloat16)
@@ -130,7 +122,7 @@ def _point(args, path, n, t, mesh, sets, w_n, baseline) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.moe_layer import model_shape, random_fp8_weights
+    from benchmarks.baselines import model_shape, random_fp8_weights
 
     shape = model_shape("flash", smoke=args.smoke)
     n_dev = jax.device_count()
@@ -159,10 +151,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sharding = jax.sharding.NamedSharding(mesh, _spec(path))
             w_n = jax.tree.map(lambda a, s=sharding: jax.device_put(a, s), weights)
             if path in ("grouped_ffi", "hier"):
-                from jax_megamoe._src.kernels import parallel_hier
+                from jax_megamoe import parallel
 
                 hosts, axis = ("host", "ep") if path == "hier" else ("ep", None)
-                C.log(f"EP{n} {path}: {parallel_hier.hier_path(mesh, hosts, axis, 'fp8', 64, backend=args.backend)}")
+                C.log(f"EP{n} {path}: {parallel.hier_path(mesh, hosts, axis, 'fp8', 64, backend=args.backend)}")
             for t in args.tokens:
                 if t % n:
                     continue
@@ -187,7 +179,7 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         f"V4-Flash routed experts (H 4096, I 2048, E 256, K 6, FP8), {dev['count']} x {dev['kind']}, "
         f"{results['created']}; median step time (tokens/s), T = global tokens per step split over the GPUs; "
-        "`python benchmarks/ep_step.py`.",
+        "`python -m benchmarks.ep_step`.",
         "",
         "| path | EP | " + " | ".join(f"T={t}" for t in toks) + " |",
         "|---|---|" + "---|" * len(toks),
@@ -238,7 +230,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``python -m benchmarks.ep_step``."""
+    C.set_gpu_memory_fraction("0.7")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.ep_step", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ep", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8])
     ap.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")], default=list(TOKENS))
     ap.add_argument("--collective", action="store_true", help="also time ragged all-to-all + single-rank kernel")
@@ -268,4 +263,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

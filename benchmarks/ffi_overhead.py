@@ -31,27 +31,23 @@ Reported differences: pipelined - cupy eager (per call from Python), unrolled - 
 custom call inside a graph of XLA). Skips cleanly (exit 0, reason in the JSON) without a CUDA GPU,
 without the FFI library, or without CuPy (then only the JAX side runs).
 
-    python benchmarks/ffi_overhead.py [--quick] [--out DIR] [--write-results benchmarks/RESULTS.md]
+    python -m benchmarks.ffi_overhead [--quick] [--out DIR] [--write-results FILE.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-from benchmarks import _common as C  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
+from benchmarks import _common as C
 
 SCHEMA = "jax_megamoe.benchmarks.ffi_overhead/1"
 HIDDEN, TOP_K, NUM_EXPERTS = 4096, 6, 256  # V4-Flash
@@ -245,8 +241,8 @@ def _time_whole(fn, args, calls: int, repeats: int) -> float:
 
 def skip_reason() -> str | None:
     """Why this benchmark cannot run here (None when it can)."""
+    import jax_megamoe
     from jax_megamoe import ops
-    from jax_megamoe._src.kernels import _ffi
 
     dev = jax.devices()[0]
     if dev.platform != "gpu":
@@ -254,9 +250,19 @@ def skip_reason() -> str | None:
     arch = ops.device_arch()
     if arch != 9:
         return f"the harness launches the sm_90 pre-dispatch kernel; this GPU is sm_{arch}x ({dev.device_kind})"
-    if not _ffi.register():
-        return f"FFI library not usable: {_ffi.status().reason}"
+    if not jax_megamoe.register():
+        return "FFI library not usable: " + "; ".join(jax_megamoe.describe().splitlines())
     return None
+
+
+def pre_dispatch_cubin() -> tuple[str, list[str]]:
+    """The sm_90 pre-dispatch cubin the custom call launches (compiled by the library's kernel JIT)
+    and its pre-dispatch entry symbols. The one private access of the benchmarks: this script
+    times that very cubin outside XLA, which no public function hands out."""
+    from jax_megamoe._src.kernels import _ffi
+
+    cubin = _ffi.compile_pre_dispatch(90, 0)
+    return cubin, [s for s in _ffi.cubin_kernel_symbols(cubin) if "pre_dispatch" in s]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -274,11 +280,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["skipped"] = reason
         C.log(f"skipped: {reason}")
         return result
-    from jax_megamoe._src.kernels import _ffi
-
     t0 = time.perf_counter()
-    cubin = _ffi.compile_pre_dispatch(90, 0)
-    syms = [s for s in _ffi.cubin_kernel_symbols(cubin) if "pre_dispatch" in s]
+    cubin, syms = pre_dispatch_cubin()
     result["cubin"] = cubin
     result["symbol"] = syms[0] if syms else None
     C.log(f"cubin {cubin} ({time.perf_counter() - t0:.1f} s), entry {result['symbol']}")
@@ -348,7 +351,7 @@ COLUMNS = (
 def results_markdown(result: dict[str, Any]) -> str:
     dev, ver = result["device"], result.get("versions", {})
     lines = [
-        "## FFI overhead (`benchmarks/ffi_overhead.py`)",
+        "## FFI overhead (`python -m benchmarks.ffi_overhead`)",
         "",
         f"- device: **{dev.get('kind')}** ({dev.get('platform')}), date {result.get('date')}; "
         f"jax {ver.get('jax')}, cupy {ver.get('cupy', '-')}",
@@ -377,7 +380,8 @@ def results_markdown(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ffi_overhead", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer cases and iterations")
     p.add_argument("--iters", type=int, default=None, help="calls per timed batch (default 500; --quick 200)")
     p.add_argument("--repeats", type=int, default=None, help="timed batches (default 7; --quick 5)")
@@ -395,6 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.ffi_overhead``; exits 0 with the reason in the JSON where it cannot run."""
     args = parse_args(argv)
     if args.from_json:
         import json
@@ -414,4 +419,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

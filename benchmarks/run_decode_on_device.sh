@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# benchmarks/decode_step.py in ONE device call (H100/H200): the shared device setup
+# benchmarks.decode_step in ONE device call (H100/H200): the shared device setup
 # (tests/gpu/device_env.sh: carried .whl/*.whl into a target dir on PYTHONPATH, DG_JIT_CACHE_DIR=.jitcache,
 # editable build of the FFI library), the bench wheels (.whl/bench/*.whl: tokamax and its missing
-# dependencies), then decode_step.py with a deadline 40 s before BENCH_LIMIT_S (default 570 s; the
+# dependencies), then benchmarks.decode_step with a deadline 40 s before BENCH_LIMIT_S (default 570 s; the
 # device machine stops a command at 600 s). Everything lands in $OUT/bench: decode_step.{json,png,log}
 # (decode_step_pro.{json,png} with --model pro),
-# RESULTS.md (the repo's, with the decode_step section filled), nvidia-smi.txt, and jitcache.tgz (the
+# RESULTS.md (a fresh one with the decode_step section), nvidia-smi.txt, and jitcache.tgz (the
 # kernel JIT cache, to carry next time as .jitcache, when under 48 MB); the build log is $OUT/build.log.
 #
-# Usage, from the repo root on the GPU machine (extra arguments go to decode_step.py):
+# Usage, from the repo root on the GPU machine (extra arguments go to benchmarks.decode_step):
 #   bash benchmarks/run_decode_on_device.sh [--tokens 1,8,64] [--layers-distinct 4] [--loop unroll] ...
 # XLA_PYTHON_CLIENT_MEM_FRACTION defaults to 0.92 here (8 V4-Flash FP8 weight sets are 48 GiB).
 set -uo pipefail
@@ -36,18 +36,18 @@ fi
 python3 -c "import tokamax; print('tokamax', tokamax.__version__)" 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
   --format=csv > "$B/nvidia-smi.txt" 2>&1 || true
-cp benchmarks/RESULTS.md "$B/RESULTS.md" 2>/dev/null || true
+rm -f "$B/RESULTS.md"   # a fresh file: the scripts fill their sections into the template
 
 left=$(( T0 + LIMIT_S - $(date +%s) ))
-deadline=$(( T0 + LIMIT_S - 40 ))   # decode_step.py starts no new work after this
+deadline=$(( T0 + LIMIT_S - 40 ))   # benchmarks.decode_step starts no new work after this
 echo "== decode_step (${left} s left) =="
-timeout -s KILL $(( left - 10 )) python3 benchmarks/decode_step.py --deadline "$deadline" --out "$B" \
+timeout -s KILL $(( left - 10 )) python3 -m benchmarks.decode_step --deadline "$deadline" --out "$B" \
   --write-results "$B/RESULTS.md" "$@" > "$B/decode_step.log" 2>&1
 rc=$?
 echo "decode_step exit $rc"
 json=$(ls -t "$B"/decode_step*.json 2>/dev/null | head -1)   # decode_step.json, or decode_step_pro.json for --model pro
 if [ $rc -ne 0 ] && [ $rc -ne 2 ] && [ -n "$json" ]; then   # killed or failed: render what the JSON has
-  timeout 60 python3 benchmarks/decode_step.py --from-json "$json" --write-results "$B/RESULTS.md" \
+  timeout 60 python3 -m benchmarks.decode_step --from-json "$json" --write-results "$B/RESULTS.md" \
     >> "$B/decode_step.log" 2>&1
 fi
 

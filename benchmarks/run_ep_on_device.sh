@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Expert parallelism in ONE device call. Carry .whl (sgl-deep-gemm wheel) and .jitcache.
 #
-#   bash benchmarks/run_ep_on_device.sh --simulated-receive [ep_recv_sim.py arguments]
-#       ONE GPU (issue 12 acceptance): the token-form collective path's expert stage on a simulated
+#   bash benchmarks/run_ep_on_device.sh --simulated-receive [benchmarks.ep_recv_sim arguments]
+#       ONE GPU: the token-form collective path's expert stage on a simulated
 #       receive buffer of T=4096-equivalent pairs vs the single-GPU kernel on the same pairs
-#       (benchmarks/ep_recv_sim.py), plus the 1-GPU hier tests. Files: ep_recv_sim.{json,png,log}.
-#   bash benchmarks/run_ep_on_device.sh [ep_step.py arguments]
-#       SEVERAL GPUs (nvidia-h100-x2/x4/x8; issue 13): the fused and hier EP GPU tests
-#       (tests/gpu/test_ep_fused_gpu.py, test_ep_hier_gpu.py), then benchmarks/ep_step.py over EP 1/2/4/8
+#       (benchmarks.ep_recv_sim), plus the 1-GPU hier tests. Files: ep_recv_sim.{json,png,log}.
+#   bash benchmarks/run_ep_on_device.sh [benchmarks.ep_step arguments]
+#       SEVERAL GPUs (nvidia-h100-x2/x4/x8): the fused and hier EP GPU tests
+#       (tests/gpu/test_ep_fused_gpu.py, test_ep_hier_gpu.py), then benchmarks.ep_step over EP 1/2/4/8
 #       and every path: fused, ragged_ffi (pair form), grouped_ffi (token form), hier (("host","ep") =
 #       (2, n/2): a simulated host axis over XLA collectives x the fused kernel per half). Default
 #       ep_step arguments: --ep 1,2,4,8 --tokens 256,1024,4096 --paths fused,ragged_ffi,grouped_ffi,hier
@@ -28,7 +28,7 @@ if [ "${1:-}" = "--simulated-receive" ]; then
   grep -h "^TABLE" "$OUT/gpu_tests.log" | sed 's/^TABLE //' | tr '|' '\t' || true
   l=$(left)
   echo "== ep_recv_sim ($l s left) =="
-  timeout -s KILL $(( l - 10 )) python3 benchmarks/ep_recv_sim.py --out "$OUT" --write-results "$OUT/RESULTS.md" \
+  timeout -s KILL $(( l - 10 )) python3 -m benchmarks.ep_recv_sim --out "$OUT" --write-results "$OUT/RESULTS.md" \
     --time-limit $(( l - 70 )) "$@" \
     > "$OUT/ep_recv_sim.log" 2>&1
   src=$?
@@ -49,7 +49,7 @@ l=$(left)
 echo "== ep_step ($l s left) =="
 if [ $# -eq 0 ]; then set -- --ep 1,2,4,8 --tokens 256,1024,4096 --paths fused,ragged_ffi,grouped_ffi,hier; fi
 if [ "$l" -gt 60 ]; then
-  timeout -s KILL $(( l - 15 )) python3 benchmarks/ep_step.py --out "$OUT" --write-results "$OUT/RESULTS.md" \
+  timeout -s KILL $(( l - 15 )) python3 -m benchmarks.ep_step --out "$OUT" --write-results "$OUT/RESULTS.md" \
     --time-limit $(( l - 75 )) "$@" \
     > "$OUT/ep_step.log" 2>&1
   echo "ep_step exit $?"

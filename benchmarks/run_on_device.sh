@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The benchmarks in ONE device call (H100/H200): install the carried wheels, build the FFI library,
-# run ffi_overhead.py, then moe_layer.py until a deadline that keeps the whole call under
+# run benchmarks.ffi_overhead, then benchmarks.moe_layer until a deadline that keeps the whole call under
 # BENCH_LIMIT_S (default 570 s; the device machine stops a command at 600 s). Everything lands in
-# $OUT/bench: moe_layer.{json,png,log}, ffi_overhead.{json,log}, RESULTS.md (the repo's template with
+# $OUT/bench: moe_layer.{json,png,log}, ffi_overhead.{json,log}, RESULTS.md (a fresh template with
 # both sections filled), build.log, describe.txt, nvidia-smi.txt, and jitcache.tgz (the kernel JIT
 # cache, to carry next time as .jitcache so nvcc is skipped).
 #
 # Usage, from the repo root on the GPU machine:
-#   bash benchmarks/run_on_device.sh [--quick] [more moe_layer.py arguments, e.g. --models flash]
-# BENCH_SKIP_OVERHEAD=1 skips ffi_overhead.py (a moe_layer-only call, e.g. the large-T points).
+#   bash benchmarks/run_on_device.sh [--quick] [more benchmarks.moe_layer arguments, e.g. --models flash]
+# BENCH_SKIP_OVERHEAD=1 skips benchmarks.ffi_overhead (a moe_layer-only call, e.g. the large-T points).
 # Carry: .whl (sgl-deep-gemm wheel at .whl/*.whl; tokamax and its missing dependencies at
 # .whl/bench/*.whl) and, if you have it, .jitcache.
 set -uo pipefail
@@ -47,7 +47,7 @@ fi
 python3 -c "import jax_megamoe as m; print(m.describe())" 2>&1 | tee "$B/describe.txt"
 python3 -c "import tokamax; print('tokamax', tokamax.__version__)" 2>&1 | tail -1
 
-cp benchmarks/RESULTS.md "$B/RESULTS.md" 2>/dev/null || true
+rm -f "$B/RESULTS.md"   # a fresh file: the scripts fill their sections into the template
 
 remaining() { echo $(( T0 + LIMIT_S - $(date +%s) )); }
 
@@ -55,7 +55,7 @@ if [ "${BENCH_SKIP_OVERHEAD:-0}" = 1 ]; then
   echo "== ffi_overhead skipped (BENCH_SKIP_OVERHEAD=1) =="
 else
   echo "== ffi_overhead ($(remaining) s left) =="
-  timeout 150 python3 benchmarks/ffi_overhead.py ${QUICK[@]+"${QUICK[@]}"} --out "$B" --write-results "$B/RESULTS.md" \
+  timeout 150 python3 -m benchmarks.ffi_overhead ${QUICK[@]+"${QUICK[@]}"} --out "$B" --write-results "$B/RESULTS.md" \
     > "$B/ffi_overhead.log" 2>&1
   echo "ffi_overhead exit $?"; tail -12 "$B/ffi_overhead.log"
 fi
@@ -63,12 +63,12 @@ fi
 left=$(remaining)
 echo "== moe_layer (${left} s left) =="
 deadline=$(( $(date +%s) + left - 40 ))   # stop starting new work 40 s before the limit
-timeout $(( left - 10 )) python3 benchmarks/moe_layer.py ${QUICK[@]+"${QUICK[@]}"} --deadline "$deadline" --out "$B" \
+timeout $(( left - 10 )) python3 -m benchmarks.moe_layer ${QUICK[@]+"${QUICK[@]}"} --deadline "$deadline" --out "$B" \
   --write-results "$B/RESULTS.md" "$@" > "$B/moe_layer.log" 2>&1
 rc=$?
 echo "moe_layer exit $rc"
 if [ $rc -ne 0 ] && [ -f "$B/moe_layer.json" ]; then   # killed or failed: render what the JSON has
-  timeout 60 python3 benchmarks/moe_layer.py --from-json "$B/moe_layer.json" --write-results "$B/RESULTS.md" \
+  timeout 60 python3 -m benchmarks.moe_layer --from-json "$B/moe_layer.json" --write-results "$B/RESULTS.md" \
     >> "$B/moe_layer.log" 2>&1
 fi
 

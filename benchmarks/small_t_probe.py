@@ -1,9 +1,9 @@
 """Where does the single-GPU kernel's time go at decode-size T? V4-Flash shapes (E 256, K 6, FP8),
 one GPU, ``ops.mega_moe(backend="ffi")`` at small T over token caps and reserved SMs, timed two ways:
 ``in_graph`` (20 calls inside one jitted program: kernel time plus launch gaps) and ``dispatch``
-(one jitted call per step from Python, pipelined, as benchmarks/moe_layer.py times the ffi path).
+(one jitted call per step from Python, pipelined, as ``benchmarks.moe_layer`` times the ffi path).
 
-    python benchmarks/small_t_probe.py [--tokens 1,8] [--caps 128,512,1024] [--reserved 0,2] [--graph]
+    python -m benchmarks.small_t_probe [--tokens 1,8] [--caps 128,512,1024] [--reserved 0,2] [--graph]
 
 ``--graph`` turns XLA's command buffers on for custom calls (``XLA_FLAGS``, before jax starts) and
 times every point twice: the plain target and the command-buffer compatible one
@@ -14,27 +14,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from benchmarks import _common as C  # noqa: E402
-
-if "--graph" in sys.argv:
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=CUSTOM_CALL,FUSION"
-    )
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from benchmarks import _common as C
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    """``python -m benchmarks.small_t_probe``."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.small_t_probe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     ap.add_argument("--tokens", type=ints, default=[1, 8, 64])
     ap.add_argument("--caps", type=ints, default=[128, 512, 1024])
@@ -53,7 +46,11 @@ def main() -> int:
         if a.write_results:
             C.replace_section(a.write_results, "small_t_probe", text)
         return 0
-    from benchmarks.moe_layer import make_routing, model_shape, random_fp8_weights
+    if a.graph:  # XLA reads its flags when the backend starts, which is below
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=CUSTOM_CALL,FUSION"
+        )
+    from benchmarks.baselines import make_routing, model_shape, random_fp8_weights
     from jax_megamoe import ops
     from jax_megamoe import policy as _policy
 
@@ -109,7 +106,7 @@ def table(data: dict) -> str:
     lines = [
         f"Single-GPU kernel at decode-size T, V4-Flash shapes (E 256, K 6, FP8), {data['device']['kind']}: "
         "`ops.mega_moe(backend=\"ffi\")` per call, in-graph (20 calls in one jitted program) vs dispatched "
-        "(one jitted call per step). `python benchmarks/small_t_probe.py`.",
+        "(one jitted call per step). `python -m benchmarks.small_t_probe`.",
         "",
         "| T | cap | reserved SMs | target | in-graph | dispatched |",
         "|---|---|---|---|---|---|",
@@ -122,4 +119,4 @@ def table(data: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

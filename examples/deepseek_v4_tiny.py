@@ -30,11 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_megamoe._src.numerics import config as mm_config
+from jax_megamoe import MODES, ops, policy
 from jax_megamoe.models.deepseek_v4 import BACKENDS, DeepseekV4Config, DeepseekV4MoE
 
-
 _List = getattr(nnx, "List", list)  # nnx.List (flax >= 0.12) holds submodules; older flax takes a plain list
+
+
+def device_mode(mode: str | None) -> str:
+    """``--mode``, else the mode the ops pick on this device when a call names none: ``fp8`` on
+    sm_90, the process policy's sm_100 mode elsewhere."""
+    return mode or ("fp8" if ops.device_arch() == 9 else policy.current().sm100_mode)
+
 
 
 class Block(nnx.Module):
@@ -108,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=None, help="prompt length (default 8; --quick 4)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 16; --quick 4)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--mode", choices=mm_config.MODES, default=None, help="kernel mode (default: from device/env)")
+    p.add_argument("--mode", choices=MODES, default=None, help="kernel mode (default: from device/env)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     for name, full, quick in (("layers", 4, 2), ("batch", 4, 2), ("prompt", 8, 4), ("new_tokens", 16, 4)):
@@ -123,10 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from jax_megamoe import ops
-
     cfg = DeepseekV4Config.tiny()
-    mode = mm_config.resolve_mode(args.mode, ops.device_arch())
+    mode = device_mode(args.mode)
     dev = jax.devices()[0]
     print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind})")
     t0 = time.perf_counter()

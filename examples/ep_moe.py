@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=None, help="tokens per step over all devices (rounded up to a multiple of n)")
     p.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (default 3; --quick 5)")
     p.add_argument("--experts", type=int, default=None, help="routed experts (default: the config's)")
-    p.add_argument("--mode", default=None, help="kernel mode: mxf4xmxf4, fp8xfp4 or fp8 (default: from device/env)")
+    p.add_argument("--mode", choices=("mxf4xmxf4", "fp8xfp4", "fp8"), default=None, help="kernel mode (default: from device/env)")
     p.add_argument("--dispatch", choices=("auto", "fused", "ragged", "padded"), default="auto")
     p.add_argument("--layer", type=int, default=3, help="layer index (< num_hash_layers: hash-routed; default 3)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from flax import nnx
 
-    from jax_megamoe._src.numerics import config as mm_config
-    from jax_megamoe import parallel
+    from jax_megamoe import ops, parallel, policy
     from jax_megamoe.layout import MoEWeights
-    from jax_megamoe.models.deepseek_v4 import DeepseekV4Config, DeepseekV4MoE, random_moe_checkpoint
+    from jax_megamoe.models.deepseek_v4 import (
+        DeepseekV4Config,
+        DeepseekV4MoE,
+        random_moe_checkpoint,
+    )
 
     t_start = time.perf_counter()
     devices = jax.devices()
@@ -90,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (5 if args.quick else 3)
     tokens = args.tokens or ((4 * n if on_cpu else 64 * n) if args.quick else (2 * n if on_cpu else 256 * n))
     tokens = -(-tokens // n) * n
-    from jax_megamoe.ops import device_arch
-
-    mode = mm_config.resolve_mode(args.mode, device_arch())
+    # --mode, else the mode the ops pick on this device: fp8 on sm_90, the policy's sm_100 mode elsewhere.
+    mode = args.mode or ("fp8" if ops.device_arch() == 9 else policy.current().sm100_mode)
     path = parallel.ep_path(mesh, "ep", mode, tokens // n, dispatch=args.dispatch)
     print(f"jax {jax.__version__}: {n} x {devices[0].platform} ({devices[0].device_kind}); mesh ('ep': {n})")
     print(
@@ -162,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         if path == "fused":
             # The fused kernel follows the kernel's numerics, not the reference's: compare it with the
             # single-GPU kernel (same bits expected) and with the reference (within 1e-2).
-            from jax_megamoe import ops
-
             one = ops.mega_moe(
                 x1, jax.device_put(topk_idx, devices[0]), jax.device_put(topk_w, devices[0]), weights,
                 activation_clamp=cfg.activation_clamp, num_max_tokens=tokens, backend="ffi",

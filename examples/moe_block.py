@@ -31,31 +31,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_megamoe._src.numerics import config as mm_config
+from jax_megamoe import MODES, ops, policy
 from jax_megamoe.layout import MoEWeights
 from jax_megamoe.models.deepseek_v4 import (
     BACKENDS,
     DeepseekV4Config,
     DeepseekV4MoE,
     random_moe_checkpoint,
-    text_progress_bar,
 )
 
 
-def _progress(desc: str):
-    """tqdm if it is installed (no hard dependency), else a plain text bar on stderr."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return text_progress_bar(desc), lambda: None
-    bar = tqdm(total=None, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+def device_mode(mode: str | None) -> str:
+    """``--mode``, else the mode the ops pick on this device when a call names none: ``fp8`` on
+    sm_90, the process policy's sm_100 mode elsewhere."""
+    return mode or ("fp8" if ops.device_arch() == 9 else policy.current().sm100_mode)
 
-    def update(done: int, total: int) -> None:
-        if bar.total is None:
-            bar.total = total
-        bar.update(done - bar.n)
-
-    return update, bar.close
 
 
 def _tokens(s: str) -> list[int]:
@@ -76,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: 16 experts (unless --experts), tokens 1,4")
     p.add_argument("--experts", type=int, default=None, help="routed experts (default 256, the V4-Flash value)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--mode", choices=mm_config.MODES, default=None, help="kernel mode (default: from device/env)")
+    p.add_argument("--mode", choices=MODES, default=None, help="kernel mode (default: from device/env)")
     p.add_argument("--layer", type=int, default=3, help="layer index (< 3: hash-routed; default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -110,17 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     t0 = time.perf_counter()
-    progress, close = _progress("random MXFP4 experts")
-    ckpt = random_moe_checkpoint(cfg, args.seed, progress=progress)
-    close()
+    ckpt = random_moe_checkpoint(cfg, args.seed, progress=True)  # the library's progress bar, on stderr
     t_gen = time.perf_counter() - t0
     nbytes = sum(a.nbytes for a in ckpt)
     print(f"generated {nbytes / 2**30:.2f} GiB of checkpoint-format experts in {t_gen:.1f} s")
 
-    # The mode the ops would pick for this device when none is given.
-    from jax_megamoe.ops import device_arch
-
-    mode = mm_config.resolve_mode(args.mode, device_arch())
+    mode = device_mode(args.mode)
     t0 = time.perf_counter()
     weights = jax.block_until_ready(MoEWeights.from_checkpoint(*ckpt, mode=mode))
     del ckpt
@@ -128,8 +113,6 @@ def main(argv: list[str] | None = None) -> int:
 
     block = DeepseekV4MoE(cfg, args.layer, backend=args.backend, mode=mode, rngs=nnx.Rngs(args.seed), weights=weights)
     try:
-        from jax_megamoe import ops
-
         chosen = ops.choose_backend(args.backend, mode, op="mega_moe")
         print(f"routed experts run on: {chosen}")
     except Exception as e:  # noqa: BLE001 - informational only

@@ -25,9 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_megamoe._src.numerics import config as mm_config
-from jax_megamoe import ops
+from jax_megamoe import MODES, ops, policy
 from jax_megamoe.models.deepseek_v4 import BACKENDS, DeepseekV4Config, DeepseekV4MoE
+
+
+def device_mode(mode: str | None) -> str:
+    """``--mode``, else the mode the ops pick on this device when a call names none: ``fp8`` on
+    sm_90, the process policy's sm_100 mode elsewhere."""
+    return mode or ("fp8" if ops.device_arch() == 9 else policy.current().sm100_mode)
+
 
 
 def buckets_up_to(max_batch: int) -> list[int]:
@@ -76,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=None, help="largest bucket (default 64; --quick 8)")
     p.add_argument("--steps", type=int, default=None, help="timed decode steps (default 100; --quick 24)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--mode", choices=mm_config.MODES, default=None, help="kernel mode (default: from device/env)")
+    p.add_argument("--mode", choices=MODES, default=None, help="kernel mode (default: from device/env)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     on_cpu = jax.default_backend() == "cpu"
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"tiny": DeepseekV4Config.tiny, "flash": DeepseekV4Config.v4_flash, "pro": DeepseekV4Config.v4_pro}[args.model](
         **overrides
     )
-    mode = mm_config.resolve_mode(args.mode, ops.device_arch())
+    mode = device_mode(args.mode)
     dev = jax.devices()[0]
     print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind})")
     t0 = time.perf_counter()

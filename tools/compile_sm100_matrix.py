@@ -19,9 +19,13 @@ the cubin size, the registers per thread and stack frame read from the cubin's .
 ``nvcc -Xptxas -v`` run of the same kernel.cu; ``--no-spills`` skips it). ``cuobjdump`` and
 ``nvdisasm`` are not needed.
 
-    python tools/compile_sm100_matrix.py [--caps 1920,3840,7680] [--tokens cap|N,..] [--ranks R,..]
+    python -m tools.compile_sm100_matrix [--caps 1920,3840,7680] [--tokens cap|N,..] [--ranks R,..]
                                          [--num-sms 148] [--modes M,..] [--shapes S,..] [--cache DIR]
                                          [--no-spills] [--buckets] [--json OUT]
+
+Run from the repository root (``tools`` and ``tests`` import as packages from there). A maintainer
+tool over the library's C test API (``tests/ffi_testing.py``) and its kernel JIT, so it imports the
+private ``jax_megamoe._src.kernels._ffi`` / ``_toolchain`` on purpose: nothing here is a user API.
 """
 
 from __future__ import annotations
@@ -38,12 +42,11 @@ import tempfile
 import time
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
-sys.path.insert(0, str(_ROOT / "tests"))  # ffi_testing: the ctypes declarations of the C test API
-
-import ffi_testing as ft  # noqa: E402
-from jax_megamoe import _ffi, _toolchain  # noqa: E402
+from jax_megamoe._src.kernels import (  # the kernel JIT itself (see the docstring)
+    _ffi,
+    _toolchain,
+)
+from tests import ffi_testing as ft  # the ctypes declarations of the C test API
 
 MODES = {"mxf4xmxf4": 2, "fp8xfp4": 1}
 SHAPES = {
@@ -159,7 +162,8 @@ def print_buckets(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m tools.compile_sm100_matrix", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--caps", default="1920,3840,7680", help="token caps (multiples of 1920)")
     ap.add_argument("--tokens", default="cap", help="tokens of the call: 'cap' or numbers N,.. (each <= the cap)")
     ap.add_argument("--ranks", default="1", help="expert-parallel ranks R,.. (the kernel's num_ranks)")

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Probe for the large-T gap (issue 11 note, 2026-12-07): at T=4096 the default 64-row sm_90 tile
+# Probe for the large-T gap (2026-12-07): at T=4096 the default 64-row sm_90 tile
 # reads every expert's weights once per 64-row M-block (1.9x / 2.4x the floor for V4-Flash / V4-Pro
 # on an H100). narrow_pair.patch lets the 64-row tile use the 2-CTA cluster with the B (weight)
 # multicast that DeepGEMM only enables for its 128-row tile, behind JMM_PROBE_NARROW_PAIR (read by
 # the patched C++ only; main reads no environment variable for kernel choices). One build, then:
-#   1. moe_layer.py --paths ffi at --tokens (default 4096) for V4-Flash and V4-Pro, without and with
+#   1. benchmarks.moe_layer --paths ffi at --tokens (default 4096) for V4-Flash and V4-Pro, without and with
 #      the switch (same card, same call);
 #   2. the sm_90 GPU tests whose shapes reach >= 64 expected rows per expert, with the switch.
 # The patch is reverted at the end. Compile-checked on CPU (nvcc 13.0, sm_90a): the paired 64-row
