@@ -133,7 +133,7 @@ def build_model(cfg: DeepseekV4Config, *, seed: int, on_device: bool, log=C.log)
     ``on_device``: each block by its jitted constructor (the MXFP4 experts are drawn and converted on
     the device, one layer's temporaries at a time) and the top-level parameters drawn on the device;
     else the ordinary eager constructor (numpy-drawn experts; fine for tiny configs)."""
-    kw = dict(backend="ffi", experts="quantized", mode="fp8", param_dtype=jnp.bfloat16)
+    kw = {"backend": "ffi", "experts": "quantized", "mode": "fp8", "param_dtype": jnp.bfloat16}
     if not on_device:
         return DeepseekV4ForCausalLM(cfg, rngs=nnx.Rngs(seed), **kw)
     model = _abstract(cfg, "ffi")
@@ -409,7 +409,7 @@ class Run:
 def table(result: dict[str, Any]) -> str:
     n = result["model"]["layers"]
     lines = [
-        f"| point | backend | step | tokens/s | attn | MoE | rest | MoE per layer | attn per layer | logits rel. L2 vs ref |",
+        "| point | backend | step | tokens/s | attn | MoE | rest | MoE per layer | attn per layer | logits rel. L2 vs ref |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for q in result["points"]:
@@ -438,8 +438,8 @@ def results_markdown(result: dict[str, Any], png: str | None = None) -> str:
     head = [
         "## Whole-model steps, attention / MoE / rest (`python -m benchmarks.model_step`)",
         "",
-        f"- {result['device']['kind']}, {result['date']}; `{result['command']}`"
-        + (f"; **{result['shrink_note']}**" if result.get("shrink_note") else ""),
+        (f"- {result['device']['kind']}, {result['date']}; `{result['command']}`"
+         + (f"; **{result['shrink_note']}**" if result.get("shrink_note") else "")),
         f"- {m['name']}: layers {m['layer_ids']} (compress ratios {m['compress_ratios']}, {m['hash_layers']} hash-routed), "
         f"H={m['hidden']} E={m['experts']} K={m['top_k']} vocab={m['vocab']}; weights {C.fmt_bytes(m['param_bytes'])}; "
         f"decode at position {result['args']['context'] - 1} of a {result['args']['context']}-position cache",
