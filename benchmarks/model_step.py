@@ -1,14 +1,15 @@
 """The whole DeepSeek V4 model on one GPU: prefill and per-token decode steps of V4-Flash-shaped layers,
 time split into attention / MoE / rest, for the routed experts on our kernels vs the reference.
 
-    python -m benchmarks.model_step                       # GPU: 4 real V4-Flash layers (2..5), B = 1,4,16,64, prefill 512
+    python -m benchmarks.model_step                       # GPU: 4 real V4-Flash layers (4..7), B = 1,4,16,64, prefill 512
     python -m benchmarks.model_step --layers 6 --batch 1,64 --budget-s 200
     python -m benchmarks.model_step --cpu-smoke           # CPU seconds: DeepseekV4Config.tiny(), 2 layers
     python -m benchmarks.model_step --from-json benchmarks/results/model_step.json   # re-draw PNG + table
 
 **Model.** ``DeepseekV4Config.v4_flash()`` with ``--layers`` N layers cut from the real 43-layer
-schedule starting at ``--first-layer`` (default 2: layer 2 is CSA and hash-routed, then HCA, CSA, ...;
-the config's ``compress_ratios`` / ``num_hash_layers`` are the real ones of those layers), plus the real
+schedule starting at ``--first-layer`` (default 4: CSA, HCA, CSA, ... gate-routed, as 40 of the 43 layers
+are; ``--first-layer 0`` takes the two sliding-window hash layers first; the config's ``compress_ratios``
+/ ``num_hash_layers`` are the real ones of those layers), plus the real
 embedding, mHC head, norm and LM head (vocab 129280). Random weights are built on the device in the
 model's own formats (each block by its jitted constructor: bf16 Linear weights, f32 norms / mHC,
 MXFP4 experts generated on the device and converted to the sm_90 FP8 ``MoEWeights``), no checkpoint
@@ -282,9 +283,11 @@ class Point:
 
 
 def points_of(args: argparse.Namespace) -> list[Point]:
-    """Decode at the first batch size, then prefill, then the other batch sizes (so a short budget
-    still measures one point of each kind)."""
-    dec = [Point("decode", b, 1, args.context, args.context - 1) for b in args.batch]
+    """Decode at the smallest batch, prefill, decode at the largest batch, then the others from large
+    to small (so a short budget still measures both ends and the prefill)."""
+    bs = sorted(set(args.batch))
+    order = bs[:1] + bs[:0:-1]
+    dec = [Point("decode", b, 1, args.context, args.context - 1) for b in order]
     pre = [] if args.prefill_len <= 0 else [Point("prefill", args.prefill_batch, args.prefill_len, args.prefill_len, 0)]
     return dec[:1] + pre + dec[1:]
 
@@ -293,7 +296,7 @@ class Run:
     def __init__(self, args: argparse.Namespace, model: DeepseekV4ForCausalLM, result: dict[str, Any]):
         self.args, self.model, self.result = args, model, result
         self.t_start = time.time()
-        self.deadline = self.t_start + args.budget_s
+        self.deadline = args.deadline if args.deadline is not None else self.t_start + args.budget_s
         self.sticky: dict[str, str] = {}  # backend -> why it cannot run (skips it at every later point)
         if "ffi" in args.backends:
             why = ffi_unavailable()
@@ -439,7 +442,8 @@ def results_markdown(result: dict[str, Any], png: str | None = None) -> str:
         "## Whole-model steps, attention / MoE / rest (`python -m benchmarks.model_step`)",
         "",
         (f"- {result['device']['kind']}, {result['date']}; `{result['command']}`"
-         + (f"; **{result['shrink_note']}**" if result.get("shrink_note") else "")),
+         + (f"; **{result['shrink_note']}**" if result.get("shrink_note") else "")
+         + (f"; {result['layers_note']}" if result.get("layers_note") else "")),
         f"- {m['name']}: layers {m['layer_ids']} (compress ratios {m['compress_ratios']}, {m['hash_layers']} hash-routed), "
         f"H={m['hidden']} E={m['experts']} K={m['top_k']} vocab={m['vocab']}; weights {C.fmt_bytes(m['param_bytes'])}; "
         f"decode at position {result['args']['context'] - 1} of a {result['args']['context']}-position cache",
@@ -499,7 +503,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.model_step", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--layers", type=int, default=None, help="layers (default 4; --cpu-smoke 2); reduced to fit")
-    p.add_argument("--first-layer", type=int, default=None, help="first real layer index (default 2; --cpu-smoke 0)")
+    p.add_argument("--first-layer", type=int, default=None, help="first real layer index (default 4: CSA, HCA, ... gate-routed, as 40 of the 43 layers; --cpu-smoke 0)")
     p.add_argument("--batch", type=C.int_list, default=None, help="decode batch sizes (default 1,4,16,64; smoke 1,2)")
     p.add_argument("--prefill-len", type=int, default=None, help="prefill tokens per sequence (default 512; smoke 16; 0: none)")
     p.add_argument("--prefill-batch", type=int, default=1)
@@ -508,6 +512,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--cpu-smoke", action="store_true", help="DeepseekV4Config.tiny() (implied on a CPU device)")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new programs after this many seconds (default 240; smoke 120)")
+    p.add_argument("--deadline", type=float, default=None, help="same as --budget-s, as a Unix time (wins; counts the model build too)")
     p.add_argument("--time-per-program", type=float, default=None, help="seconds of timed samples per program (default 0.4; smoke 0.02)")
     p.add_argument("--sample-s", type=float, default=None, help="target length of one sample (default 0.02 s)")
     p.add_argument("--min-samples", type=int, default=5)
@@ -538,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = C.device_info()
     smoke = args.cpu_smoke or dev["platform"] == "cpu"
     args.layers = args.layers or (2 if smoke else 4)
-    args.first_layer = args.first_layer if args.first_layer is not None else (0 if smoke else 2)
+    args.first_layer = args.first_layer if args.first_layer is not None else (0 if smoke else 4)
     args.batch = args.batch or ([1, 2] if smoke else [1, 4, 16, 64])
     args.prefill_len = args.prefill_len if args.prefill_len is not None else (16 if smoke else 512)
     args.context = args.context or (64 if smoke else 4096)

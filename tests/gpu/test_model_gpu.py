@@ -117,37 +117,6 @@ def _compare(model, tokens, what: str) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# examples/generate.py on the GPU (first: the subprocess needs GPU memory this process has not used)
-# ---------------------------------------------------------------------------------------------
-
-
-def _generate(*args: str) -> str:
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION="0.15")
-    env.pop("JAX_PLATFORMS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / "generate.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240, check=False)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    return proc.stdout
-
-
-@pytest.mark.parametrize("extra", [
-    ("--tiny",),  # tiny_model, exact experts
-    ("--tiny", "--config", "tiny", "--experts", "quantized", "--backend", "ffi", "--dtype", "bfloat16"),  # our kernels
-], ids=["exact", "ffi"])
-def test_generate_tiny_on_the_gpu(extra):
-    out = _generate(*extra, "--new-tokens", "6", "--batch", "2", "--layers", "3")
-    gens = re.findall(r"^sequence \d: prompt \[[\d, ]+\] -> generated \[([\d, ]+)\]$", out, re.MULTILINE)
-    assert len(gens) == 2, out
-    ids = [[int(v) for v in g.split(",")] for g in gens]
-    vocab = 256 if "tiny" not in extra[1:] else 1000
-    assert all(len(r) == 6 and all(0 <= v < vocab for v in r) for r in ids), (ids, out)
-    rate = re.search(r"^decode: \d+ timed steps x 2 sequences: ([\d.]+) tokens/s", out, re.MULTILINE)
-    assert rate and float(rate.group(1)) > 0, out
-    print(f"TABLE generate.py|{' '.join(extra)}|6 tokens x 2|{rate.group(1)} tokens/s|{_card()}")
-
-
-# ---------------------------------------------------------------------------------------------
 # FFI experts vs reference experts, per layer count
 # ---------------------------------------------------------------------------------------------
 
@@ -196,6 +165,38 @@ def test_ffi_model_cached_decode_matches_reference():
     print(f"TABLE model|tiny L=2 cached|prefill 2x8 + 4 decode steps|logits rel_l2={rel:.2e} (per step "
           + ",".join(f"{r:.2e}" for r in rels) + f")|control={ctrl:.2e}|bound={bound:.2e}|{_card()}")
     assert rel <= bound, (rels, ctrl)
+
+
+# ---------------------------------------------------------------------------------------------
+# examples/generate.py on the GPU (a subprocess without preallocation, in what this process's pool leaves)
+# ---------------------------------------------------------------------------------------------
+
+
+def _generate(*args: str) -> str:
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION="0.15")
+    env.pop("JAX_PLATFORMS", None)
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "generate.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("extra", [
+    ("--tiny",),  # tiny_model, exact experts
+    ("--tiny", "--config", "tiny", "--experts", "quantized", "--backend", "ffi", "--dtype", "bfloat16"),  # our kernels
+], ids=["exact", "ffi"])
+def test_generate_tiny_on_the_gpu(extra):
+    out = _generate(*extra, "--new-tokens", "6", "--batch", "2", "--layers", "3")
+    gens = re.findall(r"^sequence \d: prompt \[[\d, ]+\] -> generated \[([\d, ]+)\]$", out, re.MULTILINE)
+    assert len(gens) == 2, out
+    ids = [[int(v) for v in g.split(",")] for g in gens]
+    vocab = 256 if "tiny" not in extra[1:] else 1000
+    assert all(len(r) == 6 and all(0 <= v < vocab for v in r) for r in ids), (ids, out)
+    rate = re.search(r"^decode: \d+ timed steps x 2 sequences: ([\d.]+) tokens/s", out, re.MULTILINE)
+    assert rate and float(rate.group(1)) > 0, out
+    print(f"TABLE generate.py|{' '.join(extra)}|6 tokens x 2|{rate.group(1)} tokens/s|{_card()}")
+
 
 
 @pytest.mark.skipif(os.environ.get("MODEL_GPU_FLASH", "1") == "0", reason="MODEL_GPU_FLASH=0")
