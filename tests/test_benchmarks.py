@@ -505,3 +505,5 @@ def test_model_step_cpu_smoke_writes_json_png_and_results(tmp_path):
     assert "| decode B=1 | `reference` |" in proc.stdout  # the table is printed
     assert MS.main(["--from-json", str(tmp_path / "model_step.json"), "--out", str(tmp_path / "re")]) == 0
     assert (tmp_path / "re" / "model_step.png").is_file()
+    built = R.build(tmp_path, tmp_path / "BUILT.md", draw=False)  # RESULTS.md renders a model_step JSON
+    assert "### Whole-model steps, attention / MoE / rest" in built and "| decode B=1 | `reference` |" in built
