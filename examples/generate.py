@@ -23,7 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_megamoe.models.deepseek_v4 import DeepseekV4Config, DeepseekV4ForCausalLM, jit_forward
+from jax_megamoe.models.deepseek_v4 import (
+    DeepseekV4Config,
+    DeepseekV4ForCausalLM,
+    jit_forward,
+)
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -44,7 +48,9 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) 
 def build_model(args: argparse.Namespace) -> DeepseekV4ForCausalLM:
     if args.checkpoint:
         try:
-            from jax_megamoe.models.deepseek_v4 import load_checkpoint  # the checkpoint loader, when present
+            from jax_megamoe.models.deepseek_v4 import (
+                load_checkpoint,  # the checkpoint loader, when present
+            )
         except ImportError:
             raise SystemExit(
                 "--checkpoint: this build of jax_megamoe has no whole-model checkpoint loader "

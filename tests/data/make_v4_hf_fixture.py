@@ -34,7 +34,6 @@ BATCH, SEQ = 2, 140  # > 128: the HCA layers produce a compressed entry
 def main() -> None:
     import torch
     import transformers
-
     import v4_oracle as o
 
     arrays: dict[str, np.ndarray] = {}

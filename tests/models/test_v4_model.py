@@ -23,16 +23,16 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import v4_oracle as o  # noqa: E402
+import v4_oracle as o
 
-from jax_megamoe._src.models.deepseek_v4 import hyper  # noqa: E402
-from jax_megamoe._src.models.deepseek_v4.model import (  # noqa: E402
+from jax_megamoe._src.models.deepseek_v4 import hyper
+from jax_megamoe._src.models.deepseek_v4.model import (
     DeepseekV4ForCausalLM,
     ModelCache,
     forward,
     jit_forward,
 )
-from jax_megamoe._src.numerics.v4_config import DeepseekV4Config  # noqa: E402
+from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "v4_tiny_hf_logits.npz")
 NAMES = tuple(o.oracle_configs())
@@ -288,7 +288,7 @@ def hf_cases(fixture_data, tmp_path_factory):
 def test_prefill_matches_hf_live(hf_cases, fixture_data, name):
     import torch
 
-    cfg, sd, tokens, hf, ours = hf_cases[name]
+    _cfg, _sd, tokens, hf, ours = hf_cases[name]
     with torch.no_grad():
         ref = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     err = o.rel_l2(ours, ref)
@@ -315,7 +315,7 @@ def test_hf_softmax_max_subtraction_is_immaterial(hf_cases, monkeypatch):
         probs = F.softmax(torch.cat([w, sinks], dim=-1), dim=-1)[..., :-1]  # no max subtraction
         return torch.matmul(probs.to(v.dtype), v).transpose(1, 2).contiguous(), probs
 
-    cfg, sd, tokens, hf, ours = hf_cases["mixed"]
+    _cfg, _sd, tokens, hf, ours = hf_cases["mixed"]
     with torch.no_grad():
         ref = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
         monkeypatch.setattr(mod, "eager_attention_forward", no_max_eager)
@@ -435,7 +435,7 @@ def test_hyper_connection_matches_hf_modules():
 
 def test_bf16_params_track_f32(fixture_data):
     """param_dtype bf16 (the stream and the linear weights in bf16, math in f32) stays near f32."""
-    cfg, sd, tokens, hf_logits, _, ours = _ours(fixture_data, "clamped")
+    cfg, sd, tokens, hf_logits, _, _ours_logits = _ours(fixture_data, "clamped")
     model = DeepseekV4ForCausalLM(cfg, experts="exact", param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     o.load_into(model, sd)
     assert model.layers[0].attn.wq_a.weight.get_value().dtype == jnp.bfloat16
@@ -470,3 +470,22 @@ def test_exact_moe_block_hash_padding_and_dtypes():
         _ = block.moe_weights
     with pytest.raises(ValueError, match="mesh"):
         DeepseekV4MoE(cfg, 0, experts="exact", rngs=nnx.Rngs(0), mesh=object())
+
+
+def test_simulate_quant_model_option():
+    """DeepSeek's attention quantisation simulation (FP8 KV, FP4 indexer) as a model option: a small,
+    visible change from the exact f32 model with the same weights."""
+    cfg = DeepseekV4Config.tiny_model(num_hidden_layers=3, compress_ratios=(0, 4, 128), head_dim=72,
+                                      index_head_dim=32, vocab_size=128)  # 64 non-rope dims: FP8 blocks of 64
+    sd = o.random_state_dict(cfg, 5)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 40)), jnp.int32)
+    out = {}
+    for sim in (False, True):
+        model = DeepseekV4ForCausalLM(cfg, experts="exact", param_dtype=jnp.float32, rngs=nnx.Rngs(0),
+                                      simulate_quant=sim)
+        o.load_into(model, sd)
+        assert all(layer.attn.simulate_quant == sim for layer in model.layers)
+        out[sim], _ = jit_forward(model)(None, tokens, _positions(1, 40))
+    err = o.rel_l2(out[True], out[False])
+    print(f"simulate_quant=True vs exact f32 attention: logits rel. L2 {err:.3e}")
+    assert 1e-4 < err < 1e-1, err

@@ -84,6 +84,7 @@ class DeepseekV4Block(nnx.Module):
         param_dtype: Any = jnp.bfloat16,
         mode: str | None = None,
         rngs: nnx.Rngs,
+        simulate_quant: bool = False,
     ) -> None:
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
@@ -93,7 +94,9 @@ class DeepseekV4Block(nnx.Module):
         self.stream_dtype = np.dtype(param_dtype)
         h = config.hidden_size
         self.attn_norm = RMSNorm(h, config.rms_norm_eps)
-        self.attn = DeepseekV4Attention(config, self.layer_idx, param_dtype=param_dtype, rngs=rngs)
+        self.attn = DeepseekV4Attention(
+            config, self.layer_idx, param_dtype=param_dtype, rngs=rngs, simulate_quant=simulate_quant
+        )
         self.ffn_norm = RMSNorm(h, config.rms_norm_eps)
         self.ffn = DeepseekV4MoE(
             config, self.layer_idx, backend=backend, mode=mode, rngs=rngs, experts=experts, param_dtype=param_dtype
@@ -135,6 +138,8 @@ class DeepseekV4ForCausalLM(nnx.Module):
     ``DeepseekV4Config.tiny()``) or ``"exact"`` (dense ``param_dtype`` experts, f32 math: what Hugging
     Face computes). ``param_dtype``: Linear weights and the residual stream (norm weights, hc
     parameters, ``attn_sink``/``ape`` stay f32). ``backend`` as :class:`~.moe.DeepseekV4MoE`.
+    ``simulate_quant``: the attention's FP8 KV / FP4 indexer quantisation *simulation* of DeepSeek's
+    inference code (off by default: exact f32, what Hugging Face computes).
     Parameters are random (for tests); a loader overwrites them from a checkpoint.
     """
 
@@ -147,6 +152,7 @@ class DeepseekV4ForCausalLM(nnx.Module):
         param_dtype: Any = jnp.bfloat16,
         mode: str | None = None,
         rngs: nnx.Rngs,
+        simulate_quant: bool = False,
     ) -> None:
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
@@ -161,7 +167,8 @@ class DeepseekV4ForCausalLM(nnx.Module):
         h, v = config.hidden_size, config.vocab_size
         self.embed = Embedding(v, h, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List([
-            DeepseekV4Block(config, i, backend=backend, experts=experts, param_dtype=param_dtype, mode=mode, rngs=rngs)
+            DeepseekV4Block(config, i, backend=backend, experts=experts, param_dtype=param_dtype, mode=mode, rngs=rngs,
+                            simulate_quant=simulate_quant)
             for i in range(config.num_hidden_layers)
         ])
         self.norm = RMSNorm(h, config.rms_norm_eps)
