@@ -320,6 +320,7 @@ TITLES = {
     "ep_recv_sim": "## Collective EP path on a simulated receive buffer (`python -m benchmarks.ep_recv_sim`)",
     "small_t_probe": "## Single-GPU kernel at decode-size T (`python -m benchmarks.small_t_probe`)",
     "convert_verify_cost": "## Cost of verifying a converted layer (`python -m benchmarks.convert_verify_cost`)",
+    "model_step": "## Whole-model steps, attention / MoE / rest (`python -m benchmarks.model_step`)",
 }
 
 
@@ -405,6 +406,10 @@ def _renderer(kind: str) -> Callable[[dict[str, Any], str | None], str] | None:
         return lambda r, png: TITLES[kind] + "\n\n" + mod.table(r) + (f"\n\n![{kind}]({png})" if png else "")
     if kind == "convert_verify_cost":
         return lambda r, png: _convert_verify_markdown(r)
+    if kind == "model_step":
+        from benchmarks import model_step
+
+        return model_step.results_markdown
     return None
 
 
@@ -422,7 +427,7 @@ def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
 
 
-KIND_ORDER = ("moe_layer", "decode_step", "ffi_overhead", "small_t_probe", "ep_step", "ep_recv_sim", "convert_verify_cost")
+KIND_ORDER = ("moe_layer", "decode_step", "model_step", "ffi_overhead", "small_t_probe", "ep_step", "ep_recv_sim", "convert_verify_cost")
 
 
 def build(folder: Path = C.RESULTS_DIR, md_path: Path = RESULTS_MD, *, draw: bool = True) -> str:

@@ -424,3 +424,86 @@ def test_narrow_pair_probe_patch_applies_and_only_adds_the_switch():
         pytest.skip("no git checkout to check the patch against")
     r = subprocess.run(["git", "apply", "--check", str(patch)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# model_step.py: the whole model's step split into attention / MoE / rest
+# ---------------------------------------------------------------------------------------------
+
+from benchmarks import model_step as MS  # noqa: E402 - the model_step tests' module, next to them
+
+
+def test_model_step_config_is_a_slice_of_the_real_schedule():
+    cfg = MS.model_config(smoke=False, layers=4, first_layer=2)
+    flash = MS.DeepseekV4Config.v4_flash()
+    assert cfg.compress_ratios == tuple(flash.layer_compress_ratio(i) for i in range(2, 6)) == (4, 128, 4, 128)
+    assert cfg.num_hash_layers == 1 and cfg.is_hash_layer(0) and not cfg.is_hash_layer(1)  # real layer 2 is hash
+    assert (cfg.hidden_size, cfg.n_routed_experts, cfg.vocab_size) == (4096, 256, 129280)
+    assert MS.model_config(smoke=False, layers=2, first_layer=10).num_hash_layers == 0
+    per_layer, top = MS.estimate_bytes(cfg)
+    assert 6.0 * 2**30 < per_layer < 7.0 * 2**30 and 1.8 * 2**30 < top < 2.3 * 2**30  # FP8 experts; embed + head bf16
+    with pytest.raises(ValueError, match="first-layer"):
+        MS.model_config(smoke=False, layers=4, first_layer=41)
+
+
+def test_model_step_variants_cut_what_they_say_and_leave_the_model_as_it_was():
+    cfg = MS.model_config(smoke=True, layers=1, first_layer=1)  # one CSA layer of tiny(), gate-routed
+    model = MS.build_model(cfg, seed=0, on_device=False)
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 3)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (2, 3))
+
+    def run(variant, backend="reference"):
+        gd, state = MS.split_variant(model, variant, backend)
+        logits, _ = MS.make_step(gd)(state, model.init_cache(2, 8), tok, pos)
+        return np.asarray(logits)
+
+    full = run("full")
+    no_moe, none = run("no_moe"), run("none")
+    assert np.isfinite(full).all() and np.abs(full).max() > 0
+    assert C.rel_l2(no_moe, full) > 1e-3 and C.rel_l2(none, no_moe) > 1e-3  # each cut removes real work
+    layer = model.layers[0]
+    assert type(layer.ffn).__name__ == "DeepseekV4MoE" and type(layer.attn).__name__ == "DeepseekV4Attention"
+    assert layer.ffn.backend == "ffi"  # put back after the reference variant
+    np.testing.assert_array_equal(run("full"), full)
+    from jax_megamoe.models.deepseek_v4 import jit_forward
+
+    plain, _ = jit_forward(_as_reference(model))(model.init_cache(2, 8), tok, pos)
+    assert C.rel_l2(full, np.asarray(plain)) < 1e-6  # the model's own jitted forward
+    with pytest.raises(ValueError, match="variant"):
+        MS.split_variant(model, "half")
+
+
+def _as_reference(model):
+    for layer in model.layers:
+        layer.ffn.backend = "reference"
+    return model
+
+
+def test_model_step_cpu_smoke_writes_json_png_and_results(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    proc = _run("model_step", "--cpu-smoke", "--batch", "1", "--prefill-len", "8", "--out", str(tmp_path),
+                "--write-results", str(md), timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads((tmp_path / "model_step.json").read_text())
+    assert data["schema"] == MS.SCHEMA and data["smoke"] and data["model"]["layers"] == 2
+    assert [q["label"] for q in data["points"]] == ["decode B=1", "prefill 1x8"]
+    for q in data["points"]:
+        ref = q["backends"]["reference"]
+        assert ref["status"] == "ok" and ref["logits_finite"], ref
+        assert ref["step_s"] > 0 and ref["tokens_per_s"] > 0
+        assert ref["attn_s"] + ref["moe_s"] + ref["rest_s"] == pytest.approx(ref["step_s"])
+        assert ref["moe_per_layer_s"] == pytest.approx(ref["moe_s"] / 2)
+        for name in ("full_reference", "no_moe", "none"):
+            r = q["programs"][name]
+            assert r["status"] == "ok" and 0 < r["p10_s"] <= r["median_s"] <= r["p90_s"], (name, r)
+        assert q["backends"]["ffi"]["status"] == "skipped" and "sm_90" in q["backends"]["ffi"]["reason"]
+        assert q["backends"]["tokamax"]["status"] == "skipped"
+    png = (tmp_path / "model_step.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    assert "<!-- BEGIN model_step -->" in text and "| decode B=1 | `reference` |" in text
+    assert "| decode B=1 | `reference` |" in proc.stdout  # the table is printed
+    assert MS.main(["--from-json", str(tmp_path / "model_step.json"), "--out", str(tmp_path / "re")]) == 0
+    assert (tmp_path / "re" / "model_step.png").is_file()
+    built = R.build(tmp_path, tmp_path / "BUILT.md", draw=False)  # RESULTS.md renders a model_step JSON
+    assert "### Whole-model steps, attention / MoE / rest" in built and "| decode B=1 | `reference` |" in built
