@@ -12,6 +12,12 @@ from jax_megamoe._src.io.safetensors_reader import (
     TensorInfo,
     read_safetensors_header,
 )
+from jax_megamoe._src.io.v4_model_checkpoint import (
+    TensorSpec,
+    check_checkpoint_layout,
+    expected_tensors,
+    write_synthetic_checkpoint,
+)
 from jax_megamoe._src.io.v4_checkpoint import (
     NIBBLE_ORDERS,
     MoELayer,
@@ -45,4 +51,8 @@ __all__ = [
     "check_nibble_order",
     "check_checkpoint_nibble_order",
     "NIBBLE_ORDERS",
+    "expected_tensors",
+    "write_synthetic_checkpoint",
+    "check_checkpoint_layout",
+    "TensorSpec",
 ]

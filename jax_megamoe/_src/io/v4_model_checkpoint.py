@@ -573,6 +573,9 @@ def _write_shard(path: str, names: list[str], specs: Mapping[str, TensorSpec], g
 
 
 def _float_spec(spec: TensorSpec) -> TensorSpec:
+    """The dense layout writes its official dtype first; only the hash table is not a float."""
+    if spec.kind == "int":
+        return spec
     return TensorSpec(spec.shape, ("BF16",) if spec.dtypes[0] != "F32" else ("F32",), spec.kind)
 
 

@@ -1,6 +1,7 @@
 """DeepSeek V4 in Flax NNX: the MoE block (gate, hash routing, routed experts on the Mega MoE ops,
 shared expert) and its configuration."""
 
+from jax_megamoe._src.models.deepseek_v4.loading import load_checkpoint, load_state_dict
 from jax_megamoe._src.models.deepseek_v4.moe import (
     BACKENDS,
     DeepseekV4Config,
@@ -29,4 +30,6 @@ __all__ = [
     "random_moe_checkpoint",
     "random_checkpoint_scale_bytes",
     "BACKENDS",
+    "load_checkpoint",
+    "load_state_dict",
 ]
