@@ -12,12 +12,6 @@ from jax_megamoe._src.io.safetensors_reader import (
     TensorInfo,
     read_safetensors_header,
 )
-from jax_megamoe._src.io.v4_model_checkpoint import (
-    TensorSpec,
-    check_checkpoint_layout,
-    expected_tensors,
-    write_synthetic_checkpoint,
-)
 from jax_megamoe._src.io.v4_checkpoint import (
     NIBBLE_ORDERS,
     MoELayer,
@@ -31,28 +25,34 @@ from jax_megamoe._src.io.v4_checkpoint import (
     read_moe_layer,
     swap_nibbles,
 )
+from jax_megamoe._src.io.v4_model_checkpoint import (
+    TensorSpec,
+    check_checkpoint_layout,
+    expected_tensors,
+    write_synthetic_checkpoint,
+)
 
 __all__ = [
+    "NIBBLE_ORDERS",
     "Checkpoint",
     "CheckpointError",
-    "SafetensorsFile",
-    "TensorInfo",
-    "read_safetensors_header",
     "MoELayer",
     "MoELayerTensors",
-    "read_moe_layer",
-    "load_moe_layer",
+    "SafetensorsFile",
+    "TensorInfo",
+    "TensorSpec",
     "build_moe_layer",
+    "check_checkpoint_layout",
+    "check_checkpoint_nibble_order",
+    "check_nibble_order",
+    "dequantize_fp4_numpy",
+    "expected_tensors",
     "infer_config",
     "layer_prefix",
     "list_moe_layers",
-    "dequantize_fp4_numpy",
+    "load_moe_layer",
+    "read_moe_layer",
+    "read_safetensors_header",
     "swap_nibbles",
-    "check_nibble_order",
-    "check_checkpoint_nibble_order",
-    "NIBBLE_ORDERS",
-    "expected_tensors",
     "write_synthetic_checkpoint",
-    "check_checkpoint_layout",
-    "TensorSpec",
 ]

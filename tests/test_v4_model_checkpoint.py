@@ -20,9 +20,17 @@ from flax import nnx
 
 from jax_megamoe import checkpoint as public_ckpt
 from jax_megamoe._src.io import v4_model_checkpoint as vmc
-from jax_megamoe._src.io.safetensors_reader import INDEX_NAME, Checkpoint, CheckpointError
+from jax_megamoe._src.io.safetensors_reader import (
+    INDEX_NAME,
+    Checkpoint,
+    CheckpointError,
+)
 from jax_megamoe._src.models.deepseek_v4 import loading
-from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4Gate, DeepseekV4MoE, DeepseekV4SharedExpert
+from jax_megamoe._src.models.deepseek_v4.moe import (
+    DeepseekV4Gate,
+    DeepseekV4MoE,
+    DeepseekV4SharedExpert,
+)
 from jax_megamoe._src.numerics.layout import MoEWeights
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
@@ -257,7 +265,7 @@ def test_synthetic_checkpoint_round_trips_every_tensor_bit_for_bit(official):
     with Checkpoint(d) as ck:
         for fn in sorted(set(wm.values())):
             with st.safe_open(os.path.join(d, fn), framework="numpy") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                     if specs[name].dtypes[0] in ("F32", "I64", "I8"):
                         arr = f.get_tensor(name)
                         np.testing.assert_array_equal(np.asarray(ck.get(name)), arr, err_msg=name)
@@ -356,9 +364,12 @@ def test_load_into_abstract_model_streams_and_places(official, capsys):
         assert len(ck._files) >= 4 and all(sf._mm is None for sf in ck._files.values())
         _check_loaded(model, ck, param_dtype=jnp.bfloat16)
     total = seen[-1][1]
-    assert seen[-1][0] == total and total == sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors")) - sum(
-        8 + struct.unpack("<Q", open(os.path.join(d, f), "rb").read(8))[0] for f in os.listdir(d) if f.endswith(".safetensors")
-    )
+    data = 0
+    for fn in os.listdir(d):
+        if fn.endswith(".safetensors"):
+            with open(os.path.join(d, fn), "rb") as f:
+                data += os.path.getsize(os.path.join(d, fn)) - 8 - struct.unpack("<Q", f.read(8))[0]
+    assert seen[-1][0] == total == data
     assert [a for a, _ in seen] == sorted(a for a, _ in seen)
     ex = model.layers[1].ffn.moe_weights
     P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
@@ -538,13 +549,11 @@ def test_bad_checkpoint_folders(official, tmp_path, case, match):
         hb += b" " * (-len(hb) % 8)
         with open(fn, "wb") as f:
             f.write(struct.pack("<Q", len(hb)) + hb + rest)
-    with Checkpoint(d) as ck:
-        with pytest.raises(CheckpointError, match=match):
-            vmc.check_checkpoint_layout(ck, CFG)
+    with Checkpoint(d) as ck, pytest.raises(CheckpointError, match=match):
+        vmc.check_checkpoint_layout(ck, CFG)
     if case in ("missing", "shard"):  # the walk reports them too, naming the tensor
-        with Checkpoint(d) as ck:
-            with pytest.raises(CheckpointError, match=match.split(":")[0].split(" is")[0]):
-                loading._load_into(lambda: Standin(CFG, rngs=nnx.Rngs(0)), ck, loading._placement(None), None, None)
+        with Checkpoint(d) as ck, pytest.raises(CheckpointError, match=match.split(":")[0].split(" is")[0]):
+            loading._load_into(lambda: Standin(CFG, rngs=nnx.Rngs(0)), ck, loading._placement(None), None, None)
 
 
 def test_public_names(tmp_path):

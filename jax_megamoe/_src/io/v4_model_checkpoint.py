@@ -72,20 +72,20 @@ from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
 __all__ = [
     "KINDS",
-    "TensorSpec",
-    "tensor_kind",
-    "expected_tensors",
-    "mtp_compress_ratio",
-    "is_ignored_tensor",
-    "check_checkpoint_layout",
-    "hf_config_dict",
-    "config_from_hf_dict",
-    "read_config",
-    "write_synthetic_checkpoint",
-    "synthetic_tensor",
     "CheckpointTensors",
-    "scale_name",
+    "TensorSpec",
+    "check_checkpoint_layout",
+    "config_from_hf_dict",
+    "expected_tensors",
     "fp8_scale_shape",
+    "hf_config_dict",
+    "is_ignored_tensor",
+    "mtp_compress_ratio",
+    "read_config",
+    "scale_name",
+    "synthetic_tensor",
+    "tensor_kind",
+    "write_synthetic_checkpoint",
 ]
 
 #: ``kind`` of a tensor: ``fp8`` an FP8 E4M3 weight with a 128x128 block scale next to it,
@@ -129,7 +129,7 @@ def tensor_kind(name: str) -> tuple[str, tuple[str, ...]]:
         return "fp4", ("I8", "U8", "F8_E4M3", *_FLOATS)
     if _EXPERT_S.search(name):
         return "fp4_scale", ("F8_E8M0", "U8", "F32")
-    if name.endswith(".scale") or name.endswith(".weight_scale_inv"):
+    if name.endswith((".scale", ".weight_scale_inv")):
         return "fp8_scale", ("F8_E8M0", "F32", "U8")
     if _FP8_W.search(name):
         return "fp8", ("F8_E4M3", *_FLOATS)

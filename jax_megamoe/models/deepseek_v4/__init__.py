@@ -18,18 +18,18 @@ from jax_megamoe._src.models.deepseek_v4.moe import (
 )
 
 __all__ = [
+    "BACKENDS",
     "DeepseekV4Config",
     "DeepseekV4Gate",
-    "DeepseekV4SharedExpert",
     "DeepseekV4MoE",
-    "load_moe_block",
-    "MoECheckpoint",
+    "DeepseekV4SharedExpert",
     "GateBias",
     "HashTable",
+    "MoECheckpoint",
     "RoutedExperts",
-    "random_moe_checkpoint",
-    "random_checkpoint_scale_bytes",
-    "BACKENDS",
     "load_checkpoint",
+    "load_moe_block",
     "load_state_dict",
+    "random_checkpoint_scale_bytes",
+    "random_moe_checkpoint",
 ]

@@ -53,7 +53,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_megamoe._src.io.build import build_moe_layer
-from jax_megamoe._src.io.safetensors_reader import Checkpoint, CheckpointError, safetensors_dtype
+from jax_megamoe._src.io.safetensors_reader import (
+    Checkpoint,
+    CheckpointError,
+    safetensors_dtype,
+)
 from jax_megamoe._src.io.v4_checkpoint import MoELayerTensors, dequantize_fp4_numpy
 from jax_megamoe._src.io.v4_model_checkpoint import (
     CheckpointTensors,
@@ -69,7 +73,7 @@ from jax_megamoe._src.numerics.layout import MoEWeights, nan_scale_message
 from jax_megamoe._src.numerics.progress import ProgressArg, make_progress
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
-__all__ = ["load_state_dict", "load_checkpoint", "EXPERTS"]
+__all__ = ["EXPERTS", "load_checkpoint", "load_state_dict"]
 
 log = logging.getLogger("jax_megamoe.checkpoint")
 
@@ -172,7 +176,7 @@ def _e8m0_to_f32(s: Any) -> np.ndarray:
 
 
 def _scale_of(src: _Source, name: str) -> str:
-    base = name[: -len(".weight")] if name.endswith(".weight") else name
+    base = name.removesuffix(".weight")
     for cand in (f"{base}.scale", f"{base}.weight_scale_inv"):
         if cand in src:
             return cand
@@ -615,7 +619,9 @@ def load_checkpoint(
         config = read_config(path)
     elif not isinstance(config, DeepseekV4Config):
         raise TypeError(f"config: expected a DeepseekV4Config or None, got {type(config).__name__}")
-    from jax_megamoe._src.models.deepseek_v4 import model as _model  # the model helper's module
+    from jax_megamoe._src.models.deepseek_v4 import (
+        model as _model,  # the model helper's module
+    )
 
     cls = _model.DeepseekV4ForCausalLM
     kw: dict[str, Any] = dict(model_kwargs or {})
