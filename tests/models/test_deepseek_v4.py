@@ -108,7 +108,7 @@ def gate64(gate: DeepseekV4Gate, x, token_ids=None):
 
 def shared64(shared: DeepseekV4SharedExpert, x, limit):
     x = f64(x)
-    w1, w3, w2 = (f64(p.get_value()) for p in (shared.w1, shared.w3, shared.w2))
+    w1, w3, w2 = (f64(p.get_value()) for p in (shared.w1.weight, shared.w3.weight, shared.w2.weight))
     g, u = x @ w1.T, x @ w3.T
     h = swiglu64(g, u, limit)
     return h @ w2.T, dict(g=g, u=u, h=h, w1=w1, w3=w3, w2=w2, x=x)
@@ -394,7 +394,7 @@ def test_shared_expert_load_fp8():
     shared.load_fp8(*tensors["w1"], *tensors["w2"], *tensors["w3"])
     for name, (q, s) in tensors.items():
         want = q.astype(np.float64) * np.repeat(np.repeat(np.ldexp(1.0, s.astype(int) - 127), 128, 0), 128, 1)
-        got = f64(getattr(shared, name).get_value())
+        got = f64(getattr(shared, name).weight.get_value())
         np.testing.assert_array_equal(got, want)  # exact: e4m3 times 2^k fits bf16
 
 

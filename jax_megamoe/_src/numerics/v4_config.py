@@ -8,12 +8,15 @@ Plain, frozen, hashable data with no Flax or JAX in it: the checkpoint reader in
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DeepseekV4Config"]
+__all__ = ["DeepseekV4Config", "REQUIRED_KEYS"]
 
 
 def _check_int(name: str, value: Any, lo: int) -> None:
@@ -159,7 +162,12 @@ class DeepseekV4Config:
     # -- presets --------------------------------------------------------------------------------
     @classmethod
     def v4_flash(cls, **overrides: Any) -> DeepseekV4Config:
-        """DeepSeek-V4-Flash (``deepseek-ai/DeepSeek-V4-Flash`` ``config.json``)."""
+        """DeepSeek-V4-Flash (``deepseek-ai/DeepSeek-V4-Flash``): 43 layers, hidden 4096, 256 experts.
+
+        The attention values are Hugging Face's ``DeepseekV4Config`` defaults (which are Flash's);
+        the compress schedule is MaxText's ``deepseek4-284b.yml``: layers 0-1 sliding window only,
+        then CSA (4) on even and HCA (128) on odd indices, plus ratio 0 for the MTP layer.
+        """
         base = dict(
             hidden_size=4096,
             moe_intermediate_size=2048,
@@ -170,12 +178,24 @@ class DeepseekV4Config:
             swiglu_limit=10.0,
             num_hash_layers=3,
             vocab_size=129280,
+            num_hidden_layers=43,
+            num_attention_heads=64,
+            head_dim=512,
+            q_lora_rank=1024,
+            qk_rope_head_dim=64,
+            o_groups=8,
+            o_lora_rank=1024,
+            sliding_window=128,
+            compress_ratios=(0, 0) + (4, 128) * 20 + (4, 0),
+            index_n_heads=64,
+            index_head_dim=128,
+            index_topk=512,
         )
         return cls(**{**base, **overrides})
 
     @classmethod
     def v4_pro(cls, **overrides: Any) -> DeepseekV4Config:
-        """DeepSeek-V4-Pro (values as quoted from its ``config.json``)."""
+        """DeepSeek-V4-Pro (its ``inference/config.json``): 61 layers, hidden 7168, 384 experts."""
         base = dict(
             hidden_size=7168,
             moe_intermediate_size=3072,
@@ -186,12 +206,25 @@ class DeepseekV4Config:
             swiglu_limit=10.0,
             num_hash_layers=3,
             vocab_size=129280,
+            num_hidden_layers=61,
+            num_attention_heads=128,
+            head_dim=512,
+            q_lora_rank=1536,
+            qk_rope_head_dim=64,
+            o_groups=16,
+            o_lora_rank=1024,
+            sliding_window=128,
+            compress_ratios=(128, 128) + (4, 128) * 29 + (4, 0),
+            index_n_heads=64,
+            index_head_dim=128,
+            index_topk=1024,
         )
         return cls(**{**base, **overrides})
 
     @classmethod
     def tiny(cls, **overrides: Any) -> DeepseekV4Config:
-        """A small V4-like layer for tests: valid in every kernel mode (H % 512 == 0, I % 256 == 0)."""
+        """A small V4-like model for tests, valid in every kernel mode (H % 512 == 0, I % 256 == 0),
+        with small attention (4 layers: sliding, CSA, HCA, CSA; 16 indexer heads)."""
         base = dict(
             hidden_size=512,
             moe_intermediate_size=256,
@@ -202,5 +235,192 @@ class DeepseekV4Config:
             swiglu_limit=10.0,
             num_hash_layers=1,
             vocab_size=1000,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            head_dim=64,
+            q_lora_rank=64,
+            qk_rope_head_dim=16,
+            o_groups=2,
+            o_lora_rank=32,
+            sliding_window=16,
+            compress_ratios=(0, 4, 128, 4),
+            index_n_heads=16,
+            index_head_dim=32,
+            index_topk=8,
+            num_nextn_predict_layers=0,
         )
         return cls(**{**base, **overrides})
+
+    @classmethod
+    def tiny_model(cls, **overrides: Any) -> DeepseekV4Config:
+        """A whole model small enough for CPU seconds (exact experts only: H=64 is below the kernels'
+        alignment): 5 layers covering sliding (0), CSA (4) and HCA (128), two hash-routed layers,
+        16 indexer heads (fewer make the indexer's top-k over ReLU scores tie-prone)."""
+        base = dict(
+            hidden_size=64,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            routed_scaling_factor=1.5,
+            swiglu_limit=10.0,
+            num_hash_layers=2,
+            vocab_size=256,
+            num_hidden_layers=5,
+            num_attention_heads=4,
+            head_dim=32,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            o_groups=2,
+            o_lora_rank=16,
+            sliding_window=16,
+            compress_ratios=(0, 4, 128, 4, 0),
+            index_n_heads=16,
+            index_head_dim=16,
+            index_topk=4,
+            num_nextn_predict_layers=0,
+        )
+        return cls(**{**base, **overrides})
+
+    # -- reading a checkpoint's config.json -----------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, path: str | os.PathLike[str] | Mapping[str, Any]) -> DeepseekV4Config:
+        """The config of a checkpoint's ``config.json`` (a folder, the file, or its parsed dict).
+
+        Reads Hugging Face key names (``hidden_size``, ``layer_types`` / ``compress_ratios``,
+        ``mlp_layer_types`` / ``num_hash_layers``, ``rope_parameters`` / ``rope_scaling``, ...) and
+        DeepSeek's inference key names (``dim``, ``n_layers``, ``n_heads``, ``compress_ratios``,
+        ``rope_factor``, ``original_seq_len``, ...). Unknown keys are ignored; keys missing from
+        :data:`REQUIRED_KEYS` raise a ValueError naming them; other missing keys take Hugging
+        Face's defaults (which are V4-Flash's).
+        """
+        return cls(**_fields_from_json(_read_json(path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json -> fields
+# ---------------------------------------------------------------------------------------------
+
+#: The fields a ``config.json`` must give (under either naming); everything else has a default.
+REQUIRED_KEYS: tuple[str, ...] = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "moe_intermediate_size",
+    "n_routed_experts",
+    "num_experts_per_tok",
+)
+
+#: DeepSeek's inference key -> our (HF) field name.
+_DEEPSEEK_KEYS: dict[str, str] = {
+    "dim": "hidden_size",
+    "moe_inter_dim": "moe_intermediate_size",
+    "n_layers": "num_hidden_layers",
+    "n_hash_layers": "num_hash_layers",
+    "n_mtp_layers": "num_nextn_predict_layers",
+    "n_heads": "num_attention_heads",
+    "n_activated_experts": "num_experts_per_tok",
+    "score_func": "scoring_func",
+    "route_scale": "routed_scaling_factor",
+    "rope_head_dim": "qk_rope_head_dim",
+    "norm_eps": "rms_norm_eps",
+    "window_size": "sliding_window",
+    "beta_fast": "yarn_beta_fast",
+    "beta_slow": "yarn_beta_slow",
+}
+
+_LAYER_TYPE_RATIO = {"sliding_attention": 0, "compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+_HF_DEFAULT_HASH_LAYERS = 3
+
+
+def _read_json(path: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(path, Mapping):
+        return dict(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a folder, a config.json path or a dict, got {type(path).__name__}")
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        p = os.path.join(p, "config.json")
+    if not os.path.isfile(p):
+        raise ValueError(f"path: {p!r} does not exist (expected a checkpoint folder or its config.json)")
+    with open(p, encoding="utf-8") as f:
+        d = json.load(f)
+    if not isinstance(d, dict):
+        raise ValueError(f"path: {p!r} does not hold a JSON object")
+    return d
+
+
+def _fields_from_json(cj: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(DeepseekV4Config)}
+    out: dict[str, Any] = {}
+    for k, v in cj.items():  # DeepSeek names first, HF names (when both are given) win
+        if k in _DEEPSEEK_KEYS:
+            out[_DEEPSEEK_KEYS[k]] = v
+    for k in ("n_routed_experts", "n_shared_experts", "swiglu_limit", "q_lora_rank", "head_dim", "o_groups",
+              "o_lora_rank", "rope_theta", "compress_rope_theta", "index_n_heads", "index_head_dim", "index_topk",
+              "hc_mult", "hc_sinkhorn_iters", "hc_eps", "vocab_size"):
+        if k in cj:
+            out[k] = cj[k]
+    # DeepSeek's YaRN keys: original_seq_len 0 disables YaRN.
+    if "rope_factor" in cj or "original_seq_len" in cj:
+        osl = int(cj.get("original_seq_len", 0) or 0)
+        out["yarn_factor"] = float(cj.get("rope_factor", 1.0)) if osl > 0 else None
+        if osl > 0:
+            out["yarn_original_max_position"] = osl
+    for k, v in cj.items():
+        if k in names and k not in ("compress_ratios",):
+            out[k] = v
+    # Per-layer compress ratios: HF layer_types (with compress_rates) > compress_ratios.
+    if isinstance(cj.get("layer_types"), (list, tuple)):
+        rates = dict(_LAYER_TYPE_RATIO)
+        if isinstance(cj.get("compress_rates"), Mapping):
+            rates.update({str(k): int(v) for k, v in cj["compress_rates"].items()})
+        bad = [t for t in cj["layer_types"] if t not in rates]
+        if bad:
+            raise ValueError(f"layer_types: unknown entries {sorted(set(map(str, bad)))}; expected {sorted(rates)}")
+        out["compress_ratios"] = tuple(0 if t == "sliding_attention" else rates[t] for t in cj["layer_types"])
+    elif cj.get("compress_ratios") is not None:
+        out["compress_ratios"] = tuple(int(r) for r in cj["compress_ratios"])
+    # Hash layers: HF mlp_layer_types (a prefix of "hash_moe") > num_hash_layers / n_hash_layers.
+    if isinstance(cj.get("mlp_layer_types"), (list, tuple)):
+        types = list(cj["mlp_layer_types"])
+        n_hash = sum(1 for t in types if t == "hash_moe")
+        if types[:n_hash] != ["hash_moe"] * n_hash:
+            raise ValueError(f"mlp_layer_types: hash_moe layers must come first, got {types}")
+        out["num_hash_layers"] = n_hash
+    out.setdefault("num_hash_layers", _HF_DEFAULT_HASH_LAYERS)
+    # RoPE dims: qk_rope_head_dim > partial_rotary_factor * head_dim.
+    if "qk_rope_head_dim" not in out and cj.get("partial_rotary_factor") is not None:
+        out["qk_rope_head_dim"] = int(round(float(cj["partial_rotary_factor"]) * int(out.get("head_dim", 512))))
+    # HF YaRN: rope_parameters {"main", "compress"} (nested) or a flat rope_parameters / rope_scaling.
+    rp = cj.get("rope_parameters") or cj.get("rope_scaling")
+    if isinstance(rp, Mapping):
+        comp = rp.get("compress") if isinstance(rp.get("compress"), Mapping) else rp
+        main = rp.get("main") if isinstance(rp.get("main"), Mapping) else None
+        if main is not None and "rope_theta" in main:
+            out["rope_theta"] = main["rope_theta"]
+        if comp is not rp and "rope_theta" in comp:
+            out["compress_rope_theta"] = comp["rope_theta"]
+        if comp.get("rope_type", comp.get("type", "default")) == "yarn":
+            out["yarn_factor"] = float(comp.get("factor", 1.0))
+            for src, dst in (("original_max_position_embeddings", "yarn_original_max_position"),
+                             ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+                if comp.get(src) is not None:
+                    out[dst] = comp[src]
+        elif "rope_factor" not in cj and "original_seq_len" not in cj:
+            out["yarn_factor"] = None
+    elif "rope_factor" not in cj and "original_seq_len" not in cj:
+        out["yarn_factor"] = None  # as Hugging Face reads a config without any RoPE scaling
+    if isinstance(out.get("eos_token_id"), (list, tuple)):
+        out["eos_token_id"] = int(out["eos_token_id"][0]) if out["eos_token_id"] else None
+    missing = [k for k in REQUIRED_KEYS if k not in out]
+    if missing:
+        raise ValueError(
+            f"config.json: missing required keys {missing} (Hugging Face names; DeepSeek's inference names "
+            f"{sorted(k for k, v in _DEEPSEEK_KEYS.items() if v in missing)} are accepted too)"
+        )
+    for k in ("yarn_original_max_position", "num_hash_layers", "qk_rope_head_dim", "hidden_size"):
+        if isinstance(out.get(k), float) and float(out[k]).is_integer():
+            out[k] = int(out[k])
+    return {k: v for k, v in out.items() if k in names}

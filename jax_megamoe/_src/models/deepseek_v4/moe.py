@@ -48,6 +48,7 @@ from jax_megamoe._src.numerics.layout import MoEWeights
 from jax_megamoe._src.numerics.policy import Policy
 from jax_megamoe._src.numerics.progress import ProgressArg, text_progress_bar
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config, _check_int
+from jax_megamoe._src.models.deepseek_v4.layers import Linear
 
 __all__ = [
     "BACKENDS",
@@ -59,6 +60,8 @@ __all__ = [
     "GateBias",
     "HashTable",
     "RoutedExperts",
+    "ExactExperts",
+    "EXPERT_KINDS",
     "random_moe_checkpoint",
     "random_checkpoint_scale_bytes",
     "text_progress_bar",
@@ -94,13 +97,18 @@ def _value(v: nnx.Variable) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_x(x: Any, hidden: int, name: str = "x") -> None:
+_BF16_ONLY = (np.dtype(jnp.bfloat16),)
+_BF16_OR_F32 = (np.dtype(jnp.bfloat16), np.dtype(np.float32))
+
+
+def _check_x(x: Any, hidden: int, name: str = "x", dtypes: tuple[np.dtype, ...] = _BF16_ONLY) -> None:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
     if len(x.shape) != 2:
         raise ValueError(f"{name}: expected a rank-2 array [T, H={hidden}], got shape {tuple(x.shape)}")
-    if np.dtype(x.dtype) != np.dtype(jnp.bfloat16):
-        raise TypeError(f"{name}: dtype {np.dtype(x.dtype).name} is not supported; expected bfloat16")
+    if np.dtype(x.dtype) not in dtypes:
+        want = " or ".join(d.name for d in dtypes)
+        raise TypeError(f"{name}: dtype {np.dtype(x.dtype).name} is not supported; expected {want}")
     if x.shape[1] != hidden:
         raise ValueError(f"{name}: hidden size {x.shape[1]} does not match the config's hidden_size = {hidden}")
 
@@ -143,7 +151,13 @@ class DeepseekV4Gate(nnx.Module):
     """
 
     def __init__(
-        self, config: DeepseekV4Config, layer_idx: int, *, rngs: nnx.Rngs, is_mtp: bool = False
+        self,
+        config: DeepseekV4Config,
+        layer_idx: int,
+        *,
+        rngs: nnx.Rngs,
+        is_mtp: bool = False,
+        param_dtype: Any = jnp.bfloat16,
     ) -> None:
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
@@ -153,7 +167,7 @@ class DeepseekV4Gate(nnx.Module):
         self.is_hash_layer = config.is_hash_layer(self.layer_idx, is_mtp=is_mtp)
         e, h, k = config.n_routed_experts, config.hidden_size, config.num_experts_per_tok
         w = jax.random.normal(rngs.params(), (e, h), jnp.float32) * (1.0 / math.sqrt(h))
-        self.weight = nnx.Param(w.astype(jnp.bfloat16))
+        self.weight = nnx.Param(w.astype(param_dtype))
         if self.is_hash_layer:
             tid = np.arange(config.vocab_size, dtype=np.int64)[:, None]
             self.tid2eid = HashTable(jnp.asarray((tid + np.arange(k)[None, :]) % e, jnp.int32))
@@ -161,15 +175,16 @@ class DeepseekV4Gate(nnx.Module):
             self.bias = GateBias(jnp.zeros((e,), jnp.float32))
 
     def scores(self, x: jax.Array) -> jax.Array:
-        """Unbiased affinities ``sqrt(softplus(f32(x) @ f32(W)^T))``, f32 ``[T, E]``."""
-        _check_x(x, self.config.hidden_size)
+        """Unbiased affinities ``sqrt(softplus(f32(x) @ f32(W)^T))``, f32 ``[T, E]`` (always f32, as
+        DeepSeek's ``Gate``; Hugging Face runs this linear in the model dtype)."""
+        _check_x(x, self.config.hidden_size, dtypes=_BF16_OR_F32)
         w = _value(self.weight)
         logits = _dot_nt(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
         return jnp.sqrt(jax.nn.softplus(logits))
 
     def __call__(self, x: jax.Array, token_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
-        _check_x(x, cfg.hidden_size)
+        _check_x(x, cfg.hidden_size, dtypes=_BF16_OR_F32)
         t = x.shape[0]
         if token_ids is not None:
             _check_token_ids(token_ids, t)
@@ -221,39 +236,55 @@ def _clamped_swiglu(g: jax.Array, u: jax.Array, limit: float | None) -> jax.Arra
 class DeepseekV4SharedExpert(nnx.Module):
     """The shared expert: ``W2 . bf16(silu(min(x W1^T, L)) * clip(x W3^T, -L, L))``, returns f32 ``[T, H]``.
 
-    ``w1``/``w3`` ``[I_s, H]`` and ``w2`` ``[H, I_s]`` are bf16 ``nnx.Param``. The checkpoint stores
-    them as FP8 e4m3 with 128x128 UE8M0 block scales; :meth:`load_fp8` dequantizes them to bf16 at
-    load, exactly (an e4m3 value times a power of two always fits bf16). The matmuls are
-    bf16 x bf16 with fp32 accumulation, the SwiGLU and clamp (same as the routed experts: gate
-    from above, up symmetric) in fp32, the intermediate rounded to bf16 before the down
-    projection as REF does; no routing weight, no rho. REF additionally quantizes the
-    activations of its FP8 linears to FP8 per 128 columns; this module does not (it is closer to
-    the exact function).
+    ``w1``/``w3`` ``[I_s, H]`` and ``w2`` ``[H, I_s]`` are :class:`~.layers.Linear` modules whose
+    ``weight`` (``nnx.Param``, bf16 by default) mirrors the checkpoint keys
+    ``shared_experts.{w1,w2,w3}.weight``. The checkpoint stores them as FP8 e4m3 with 128x128
+    UE8M0 block scales; :meth:`load_fp8` dequantizes them at load, exactly (an e4m3 value times a
+    power of two always fits bf16). The matmuls are bf16 x bf16 with fp32 accumulation, the
+    SwiGLU and clamp (same as the routed experts: gate from above, up symmetric) in fp32, the
+    intermediate rounded to bf16 before the down projection as REF does; no routing weight, no
+    rho. REF additionally quantizes the activations of its FP8 linears to FP8 per 128 columns;
+    this module does not (it is closer to the exact function).
+
+    ``exact=True`` (the model's ``experts="exact"``): x may be f32, the weights are cast to f32,
+    and the intermediate is not rounded to bf16 (what Hugging Face computes in f32).
     """
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, *, swiglu_limit: float | None, rngs: nnx.Rngs
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        swiglu_limit: float | None,
+        rngs: nnx.Rngs,
+        exact: bool = False,
+        param_dtype: Any = jnp.bfloat16,
     ) -> None:
         _check_int("hidden_size", hidden_size, 1)
         _check_int("intermediate_size", intermediate_size, 1)
         self.hidden_size = int(hidden_size)
         self.intermediate_size = int(intermediate_size)
         self.swiglu_limit = None if swiglu_limit is None or float(swiglu_limit) <= 0 else float(swiglu_limit)
+        self.exact = bool(exact)
         h, i = self.hidden_size, self.intermediate_size
-
-        def init(shape, fan_in):
-            return (jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)).astype(jnp.bfloat16)
-
-        self.w1 = nnx.Param(init((i, h), h))
-        self.w3 = nnx.Param(init((i, h), h))
-        self.w2 = nnx.Param(init((h, i), i))
+        self.w1 = Linear(h, i, param_dtype=param_dtype, rngs=rngs)
+        self.w3 = Linear(h, i, param_dtype=param_dtype, rngs=rngs)
+        self.w2 = Linear(i, h, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.exact:
+            _check_x(x, self.hidden_size, dtypes=_BF16_OR_F32)
+            hi = jax.lax.Precision.HIGHEST
+            x32 = x.astype(jnp.float32)
+            g = _dot_nt(x32, _value(self.w1.weight).astype(jnp.float32), precision=hi)
+            u = _dot_nt(x32, _value(self.w3.weight).astype(jnp.float32), precision=hi)
+            h = _clamped_swiglu(g, u, self.swiglu_limit)
+            return _dot_nt(h, _value(self.w2.weight).astype(jnp.float32), precision=hi)
         _check_x(x, self.hidden_size)
-        g = _dot_nt(x, _value(self.w1))
-        u = _dot_nt(x, _value(self.w3))
+        g = _dot_nt(x, _value(self.w1.weight).astype(jnp.bfloat16))
+        u = _dot_nt(x, _value(self.w3.weight).astype(jnp.bfloat16))
         h = _clamped_swiglu(g, u, self.swiglu_limit)
-        return _dot_nt(h.astype(jnp.bfloat16), _value(self.w2))
+        return _dot_nt(h.astype(jnp.bfloat16), _value(self.w2.weight).astype(jnp.bfloat16))
 
     def load_fp8(
         self,
@@ -286,9 +317,10 @@ class DeepseekV4SharedExpert(nnx.Module):
             return quant.dequantize_fp8_block128(q, jnp.asarray(s)).astype(jnp.bfloat16)
 
         h, i = self.hidden_size, self.intermediate_size
-        self.w1.set_value(deq("w1", w1, w1_scale, (i, h)))
-        self.w3.set_value(deq("w3", w3, w3_scale, (i, h)))
-        self.w2.set_value(deq("w2", w2, w2_scale, (h, i)))
+        dt = _value(self.w1.weight).dtype
+        self.w1.weight.set_value(deq("w1", w1, w1_scale, (i, h)).astype(dt))
+        self.w3.weight.set_value(deq("w3", w3, w3_scale, (i, h)).astype(dt))
+        self.w2.weight.set_value(deq("w2", w2, w2_scale, (h, i)).astype(dt))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,6 +488,60 @@ def _routed_experts(
 
 
 # ---------------------------------------------------------------------------------------------
+# Exact routed experts (dense weights, f32 math)
+# ---------------------------------------------------------------------------------------------
+
+#: What a block's routed experts are: the kernels' quantized ``MoEWeights`` or dense weights.
+EXPERT_KINDS: tuple[str, ...] = ("quantized", "exact")
+
+
+class ExactExperts(nnx.Module):
+    """Routed experts as dense weights: ``w13`` ``[E, 2I, H]`` (rows ``[w1 | w3]``: gate then up)
+    and ``w2`` ``[E, H, I]`` (``nnx.Param`` in ``param_dtype``), with f32 math and no activation
+    quantization: what Hugging Face's ``DeepseekV4Experts`` computes in f32.
+
+    The routing weight multiplies ``silu(gate) * up`` *before* the down projection, as DeepSeek's
+    ``Expert`` does (Hugging Face multiplies the down projection's output; in exact arithmetic the
+    two are equal). Checkpoint experts ``e`` map to ``w13[e] = concat(w1, w3)`` and ``w2[e] = w2``.
+    Rows are grouped by expert with a stable sort and run as two ``jax.lax.ragged_dot`` calls (no
+    ``[T, E]`` dense product), so the cost is ``T * K`` expert rows whatever ``E`` is.
+    """
+
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, *, param_dtype: Any, rngs: nnx.Rngs
+    ) -> None:
+        for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                        ("intermediate_size", intermediate_size)):
+            _check_int(name, v, 1)
+        e, h, i = int(num_experts), int(hidden_size), int(intermediate_size)
+        self.num_experts, self.hidden_size, self.intermediate_size = e, h, i
+        k13, k2 = jax.random.split(rngs.params())
+        self.w13 = nnx.Param((jax.random.normal(k13, (e, 2 * i, h), jnp.float32) / math.sqrt(h)).astype(param_dtype))
+        self.w2 = nnx.Param((jax.random.normal(k2, (e, h, i), jnp.float32) / math.sqrt(i)).astype(param_dtype))
+
+    def __call__(
+        self, x: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array, activation_clamp: float | None
+    ) -> jax.Array:
+        """``sum_k w_k * Expert_{idx_k}(x)`` in f32 ``[T, H]``; slots with ``idx < 0`` add nothing."""
+        t, k = topk_idx.shape
+        e, i = self.num_experts, self.intermediate_size
+        hi = jax.lax.Precision.HIGHEST
+        ok = topk_idx >= 0
+        ids = jnp.where(ok, topk_idx, 0).reshape(-1)
+        wts = jnp.where(ok, topk_weights.astype(jnp.float32), 0.0).reshape(-1)
+        order = jnp.argsort(ids, stable=True)
+        rows = order // k
+        sizes = jnp.bincount(ids, length=e).astype(jnp.int32)
+        xs = x.astype(jnp.float32)[rows]
+        w13 = jnp.swapaxes(_value(self.w13).astype(jnp.float32), 1, 2)  # [E, H, 2I]
+        gu = jax.lax.ragged_dot(xs, w13, sizes, precision=hi, preferred_element_type=jnp.float32)
+        h = _clamped_swiglu(gu[:, :i], gu[:, i:], activation_clamp) * wts[order][:, None]
+        w2 = jnp.swapaxes(_value(self.w2).astype(jnp.float32), 1, 2)  # [E, I, H]
+        ys = jax.lax.ragged_dot(h, w2, sizes, precision=hi, preferred_element_type=jnp.float32)
+        return jnp.zeros((t, self.hidden_size), jnp.float32).at[rows].add(ys)
+
+
+# ---------------------------------------------------------------------------------------------
 # The MoE block
 # ---------------------------------------------------------------------------------------------
 
@@ -491,6 +577,11 @@ class DeepseekV4MoE(nnx.Module):
     kernel on 2 x H200) and the collective path elsewhere (bit for bit the single-device result).
     ``policy``: the settings the calls do not give (:class:`jax_megamoe.policy.Policy`; default the
     process policy, read once), kept with the block.
+
+    ``experts="exact"``: the routed experts are :class:`ExactExperts` (dense ``param_dtype``
+    weights, f32 math, no FP8/FP4 activation quantization; no kernel shape constraints, no mesh),
+    the shared expert runs exact too, ``x`` may be f32 or bf16 and the result has ``x``'s dtype.
+    ``param_dtype`` is the dtype of the gate, shared-expert and exact-expert weights (bf16 default).
     """
 
     def __init__(
@@ -508,9 +599,18 @@ class DeepseekV4MoE(nnx.Module):
         ep_axis: str = "ep",
         ep_dispatch: str = "auto",
         policy: Policy | None = None,
+        experts: str = "quantized",
+        param_dtype: Any = jnp.bfloat16,
     ) -> None:
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
+        if experts not in EXPERT_KINDS:
+            raise ValueError(f"experts: {experts!r} is not one of {', '.join(EXPERT_KINDS)}")
+        self.expert_kind = experts
+        if experts == "exact":
+            self._init_exact(config, layer_idx, rngs=rngs, is_mtp=is_mtp, param_dtype=param_dtype,
+                             mesh=mesh, weights=weights, backend=backend)
+            return
         self.backend = _check_backend(backend)
         # Expert parallelism (jax_megamoe.parallel.ep_moe) over mesh axis ep_axis; None: one device.
         self.mesh = mesh
@@ -533,7 +633,7 @@ class DeepseekV4MoE(nnx.Module):
             top_k=config.num_experts_per_tok,
             mode=self.mode,
         )
-        self.gate = DeepseekV4Gate(config, layer_idx, rngs=rngs, is_mtp=is_mtp)
+        self.gate = DeepseekV4Gate(config, layer_idx, rngs=rngs, is_mtp=is_mtp, param_dtype=param_dtype)
         self.layer_idx = self.gate.layer_idx
         self.is_hash_layer = self.gate.is_hash_layer
         if weights is None:
@@ -550,7 +650,34 @@ class DeepseekV4MoE(nnx.Module):
         self.experts = RoutedExperts(weights)
         if config.n_shared_experts > 0:
             self.shared_experts = DeepseekV4SharedExpert(
-                config.hidden_size, config.shared_intermediate_size, swiglu_limit=config.swiglu_limit, rngs=rngs
+                config.hidden_size, config.shared_intermediate_size, swiglu_limit=config.swiglu_limit, rngs=rngs,
+                param_dtype=param_dtype,
+            )
+        else:
+            self.shared_experts = None
+
+    def _init_exact(self, config: DeepseekV4Config, layer_idx: int, *, rngs: nnx.Rngs, is_mtp: bool,
+                    param_dtype: Any, mesh: Any, weights: Any, backend: str) -> None:
+        if mesh is not None:
+            raise ValueError("mesh: experts='exact' runs on one device; use experts='quantized' with a mesh")
+        if weights is not None:
+            raise ValueError("weights: MoEWeights are quantized experts; experts='exact' takes dense weights")
+        self.backend = _check_backend(backend)
+        self.mesh, self.ep_axis, self.ep_dispatch = None, "ep", "auto"
+        self.config = config
+        self.policy = None
+        self.mode = None
+        self.gate = DeepseekV4Gate(config, layer_idx, rngs=rngs, is_mtp=is_mtp, param_dtype=param_dtype)
+        self.layer_idx = self.gate.layer_idx
+        self.is_hash_layer = self.gate.is_hash_layer
+        self.experts = ExactExperts(
+            config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
+            param_dtype=param_dtype, rngs=rngs,
+        )
+        if config.n_shared_experts > 0:
+            self.shared_experts = DeepseekV4SharedExpert(
+                config.hidden_size, config.shared_intermediate_size, swiglu_limit=config.swiglu_limit, rngs=rngs,
+                exact=True, param_dtype=param_dtype,
             )
         else:
             self.shared_experts = None
@@ -597,10 +724,27 @@ class DeepseekV4MoE(nnx.Module):
 
     @property
     def moe_weights(self) -> MoEWeights:
-        """The routed experts' ``MoEWeights``."""
+        """The routed experts' ``MoEWeights`` (quantized experts only)."""
+        if self.expert_kind != "quantized":
+            raise ValueError("experts: this block has exact (dense) experts, not MoEWeights")
         return _value(self.experts)
 
+    def _call_exact(self, x: jax.Array, token_ids: jax.Array | None) -> jax.Array:
+        cfg = self.config
+        _check_x(x, cfg.hidden_size, dtypes=_BF16_OR_F32)
+        if token_ids is not None:
+            _check_token_ids(token_ids, x.shape[0])
+        if x.shape[0] == 0:
+            return jnp.zeros((0, cfg.hidden_size), x.dtype)
+        topk_idx, topk_weights = self.gate(x, token_ids)
+        y = self.experts(x, topk_idx, topk_weights, cfg.activation_clamp)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.astype(x.dtype)
+
     def __call__(self, x: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
+        if self.expert_kind == "exact":
+            return self._call_exact(x, token_ids)
         cfg = self.config
         _check_x(x, cfg.hidden_size)
         t = x.shape[0]

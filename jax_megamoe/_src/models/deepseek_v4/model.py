@@ -1,0 +1,251 @@
+"""The whole DeepSeek V4 model in Flax NNX, as DeepSeek's inference code (``Block``, ``ParallelHead``,
+``Transformer``) computes it.
+
+``tokens [B, S]`` -> ``embed`` -> ``hc_mult`` copies of the stream ``[B, S, hc, H]`` -> per layer
+(:class:`DeepseekV4Block`): ``hc_pre`` -> ``attn_norm`` -> attention -> ``hc_post``, then
+``hc_pre`` -> ``ffn_norm`` -> MoE (:class:`~.moe.DeepseekV4MoE`, token ids for hash routing) ->
+``hc_post`` -> ``hc_head`` collapse -> ``norm`` -> ``head`` (f32 logits for every position).
+
+Attribute paths mirror the official checkpoint keys (``layers.3.attn.wq_a.weight`` is
+``model.layers[3].attn.wq_a.weight``), except the routed experts: quantized experts are one
+``ffn.experts`` :class:`~.moe.RoutedExperts` (``MoEWeights``), exact ones
+``ffn.experts.w13 [E, 2I, H]`` (``w1`` rows then ``w3`` rows) and ``ffn.experts.w2 [E, H, I]``.
+
+The MTP block (``mtp.*`` in the checkpoint, DeepSeek's speculative-decoding head) is not built:
+a loader skips those tensors and the model never computes it.
+
+The stream dtype is ``param_dtype`` (f32 for the parity tests, bf16 as DeepSeek runs); the mHC
+mixing, norms, attention and logits compute in f32. Quantized experts get bf16 inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_megamoe._src.models.deepseek_v4 import hyper
+from jax_megamoe._src.models.deepseek_v4.attention import AttentionCache, DeepseekV4Attention
+from jax_megamoe._src.models.deepseek_v4.layers import RMSNorm
+from jax_megamoe._src.models.deepseek_v4.moe import EXPERT_KINDS, DeepseekV4MoE
+from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
+
+__all__ = ["DeepseekV4Block", "DeepseekV4ForCausalLM", "ModelCache", "forward", "jit_forward"]
+
+_HI = jax.lax.Precision.HIGHEST
+#: std of the random hc ``fn`` / embedding init (Hugging Face's ``initializer_range``).
+_INIT_STD = 0.02
+
+
+class ModelCache(NamedTuple):
+    """The fixed-shape cache of a whole model: one attention cache per layer (a pytree)."""
+
+    layers: tuple[AttentionCache, ...]
+
+
+class Embedding(nnx.Module):
+    """Token embedding ``weight [vocab, H]`` (``embed.weight``)."""
+
+    def __init__(self, vocab_size: int, dim: int, *, param_dtype: Any, rngs: nnx.Rngs) -> None:
+        w = jax.random.normal(rngs.params(), (vocab_size, dim), jnp.float32)
+        self.weight = nnx.Param(w.astype(param_dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], tokens, axis=0)
+
+
+def _hc_params(spec: hyper.HyperSpec, hidden: int, rows: int, n_scale: int, rngs: nnx.Rngs):
+    fn = jax.random.normal(rngs.params(), (rows, spec.hc_mult * hidden), jnp.float32) * _INIT_STD
+    return nnx.Param(fn), nnx.Param(jnp.zeros((rows,), jnp.float32)), nnx.Param(jnp.ones((n_scale,), jnp.float32))
+
+
+class DeepseekV4Block(nnx.Module):
+    """One decoder layer: mHC around attention and around the MoE (DeepSeek's ``Block``).
+
+    Parameters (official names): ``attn_norm.weight``, ``attn.*``, ``ffn_norm.weight``, ``ffn.*``,
+    ``hc_attn_fn [(2+hc)*hc, hc*H]``, ``hc_attn_base``, ``hc_attn_scale [3]`` and the same for
+    ``hc_ffn_*`` (all f32). ``__call__(x [B, S, hc, H], positions, token_ids, cache)``.
+    """
+
+    def __init__(
+        self,
+        config: DeepseekV4Config,
+        layer_idx: int,
+        *,
+        backend: str = "auto",
+        experts: str = "quantized",
+        param_dtype: Any = jnp.bfloat16,
+        mode: str | None = None,
+        rngs: nnx.Rngs,
+    ) -> None:
+        if not isinstance(config, DeepseekV4Config):
+            raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
+        self.config = config
+        self.layer_idx = int(layer_idx)
+        self.spec = hyper.HyperSpec.from_config(config)
+        self.stream_dtype = np.dtype(param_dtype)
+        h = config.hidden_size
+        self.attn_norm = RMSNorm(h, config.rms_norm_eps)
+        self.attn = DeepseekV4Attention(config, self.layer_idx, param_dtype=param_dtype, rngs=rngs)
+        self.ffn_norm = RMSNorm(h, config.rms_norm_eps)
+        self.ffn = DeepseekV4MoE(
+            config, self.layer_idx, backend=backend, mode=mode, rngs=rngs, experts=experts, param_dtype=param_dtype
+        )
+        self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = _hc_params(self.spec, h, self.spec.mix_size, 3, rngs)
+        self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _hc_params(self.spec, h, self.spec.mix_size, 3, rngs)
+
+    def _ffn(self, y: jax.Array, token_ids: jax.Array) -> jax.Array:
+        b, s, h = y.shape
+        flat = y.reshape(b * s, h)
+        if self.ffn.expert_kind == "quantized":
+            flat = flat.astype(jnp.bfloat16)
+        out = self.ffn(flat, token_ids.reshape(b * s))
+        return out.reshape(b, s, h).astype(y.dtype)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        token_ids: jax.Array,
+        cache: AttentionCache | None = None,
+    ) -> tuple[jax.Array, AttentionCache | None]:
+        """``x [B, S, hc, H]`` (stream dtype) -> ``(x', cache')``."""
+        spec = self.spec
+        y, post, comb = hyper.hc_pre(x, self.hc_attn_fn[...], self.hc_attn_scale[...], self.hc_attn_base[...], spec)
+        y, cache = self.attn(self.attn_norm(y), positions, cache)
+        x = hyper.hc_post(y.astype(x.dtype), x, post, comb)
+        y, post, comb = hyper.hc_pre(x, self.hc_ffn_fn[...], self.hc_ffn_scale[...], self.hc_ffn_base[...], spec)
+        y = self._ffn(self.ffn_norm(y), token_ids)
+        x = hyper.hc_post(y, x, post, comb)
+        return x, cache
+
+
+class DeepseekV4ForCausalLM(nnx.Module):
+    """DeepSeek V4 (``Transformer`` of DeepSeek's inference code) without the MTP block.
+
+    ``experts``: ``"quantized"`` (routed experts as ``MoEWeights`` on the Mega MoE ops / reference,
+    the kernel mode ``mode`` (None: as the ops resolve it); needs the kernels' alignments, e.g.
+    ``DeepseekV4Config.tiny()``) or ``"exact"`` (dense ``param_dtype`` experts, f32 math: what Hugging
+    Face computes). ``param_dtype``: Linear weights and the residual stream (norm weights, hc
+    parameters, ``attn_sink``/``ape`` stay f32). ``backend`` as :class:`~.moe.DeepseekV4MoE`.
+    Parameters are random (for tests); a loader overwrites them from a checkpoint.
+    """
+
+    def __init__(
+        self,
+        config: DeepseekV4Config,
+        *,
+        backend: str = "auto",
+        experts: str = "quantized",
+        param_dtype: Any = jnp.bfloat16,
+        mode: str | None = None,
+        rngs: nnx.Rngs,
+    ) -> None:
+        if not isinstance(config, DeepseekV4Config):
+            raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
+        if experts not in EXPERT_KINDS:
+            raise ValueError(f"experts: {experts!r} is not one of {', '.join(EXPERT_KINDS)}")
+        if np.dtype(param_dtype) not in (np.dtype(np.float32), np.dtype(jnp.bfloat16)):
+            raise TypeError(f"param_dtype: {np.dtype(param_dtype).name} is not supported; expected float32 or bfloat16")
+        self.config = config
+        self.experts_kind = experts
+        self.spec = hyper.HyperSpec.from_config(config)
+        self.param_dtype = np.dtype(param_dtype)
+        h, v = config.hidden_size, config.vocab_size
+        self.embed = Embedding(v, h, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([
+            DeepseekV4Block(config, i, backend=backend, experts=experts, param_dtype=param_dtype, mode=mode, rngs=rngs)
+            for i in range(config.num_hidden_layers)
+        ])
+        self.norm = RMSNorm(h, config.rms_norm_eps)
+        self.head = _Head(h, v, param_dtype=param_dtype, rngs=rngs)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _hc_params(self.spec, h, self.spec.hc_mult, 1, rngs)
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = jnp.float32) -> ModelCache:
+        """An empty :class:`ModelCache` for ``batch`` sequences of up to ``max_len`` positions."""
+        return ModelCache(tuple(layer.attn.init_cache(batch, max_len, dtype) for layer in self.layers))
+
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, cache: ModelCache | None = None
+    ) -> tuple[jax.Array, ModelCache | None]:
+        """``(logits f32 [B, S, vocab], cache)``; see :func:`forward`."""
+        return forward(self, cache, tokens, positions)
+
+
+class _Head(nnx.Module):
+    """The LM head ``weight [vocab, H]`` (``head.weight``); logits in f32 (DeepSeek keeps it f32)."""
+
+    def __init__(self, dim: int, vocab_size: int, *, param_dtype: Any, rngs: nnx.Rngs) -> None:
+        w = jax.random.normal(rngs.params(), (vocab_size, dim), jnp.float32) * dim**-0.5
+        self.weight = nnx.Param(w.astype(param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...h,vh->...v", x.astype(jnp.float32), self.weight[...].astype(jnp.float32),
+                          precision=_HI)
+
+
+def _check_inputs(model: DeepseekV4ForCausalLM, cache: Any, tokens: Any, positions: Any) -> None:
+    if not isinstance(model, DeepseekV4ForCausalLM):
+        raise TypeError(f"model: expected a DeepseekV4ForCausalLM, got {type(model).__name__}")
+    for name, a in (("tokens", tokens), ("positions", positions)):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise TypeError(f"{name}: expected an int32 array [batch, seq], got {type(a).__name__}")
+        if len(a.shape) != 2:
+            raise ValueError(f"{name}: expected shape [batch, seq], got {tuple(a.shape)}")
+        if not jnp.issubdtype(a.dtype, jnp.integer):
+            raise TypeError(f"{name}: dtype {np.dtype(a.dtype).name} is not supported; expected int32")
+    if tuple(positions.shape) != tuple(tokens.shape):
+        raise ValueError(f"positions: shape {tuple(positions.shape)} must equal tokens' {tuple(tokens.shape)}")
+    if cache is not None:
+        if not isinstance(cache, ModelCache):
+            raise TypeError(f"cache: expected a ModelCache (model.init_cache), got {type(cache).__name__}")
+        if len(cache.layers) != len(model.layers):
+            raise ValueError(f"cache: has {len(cache.layers)} layers, the model {len(model.layers)}")
+
+
+def forward(
+    model: DeepseekV4ForCausalLM,
+    cache: ModelCache | None,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+) -> tuple[jax.Array, ModelCache | None]:
+    """Logits f32 ``[B, S, vocab]`` for ``tokens`` int32 ``[B, S]`` at ``positions`` int32 ``[B, S]``.
+
+    ``cache=None``: a plain causal forward over the S tokens (positions default to ``arange(S)``).
+    With a cache (``model.init_cache``): the tokens continue each cached sequence at
+    ``positions[:, 0]`` (contiguous per row); returns the updated cache. Prefill (S > 1) and
+    one-token decode steps have fixed shapes, so one jitted function serves every position
+    (``nnx.jit(forward)`` or :func:`jit_forward`).
+    """
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32)[None], tokens.shape)
+    _check_inputs(model, cache, tokens, positions)
+    tokens = tokens.astype(jnp.int32)
+    positions = positions.astype(jnp.int32)
+    e = model.embed(tokens).astype(model.param_dtype)  # [B, S, H]
+    x = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], model.spec.hc_mult, e.shape[-1]))
+    new_layers = []
+    for i, layer in enumerate(model.layers):
+        x, c = layer(x, positions, tokens, None if cache is None else cache.layers[i])
+        new_layers.append(c)
+    y = hyper.hc_head(x, model.hc_head_fn[...], model.hc_head_scale[...], model.hc_head_base[...], model.spec)
+    logits = model.head(model.norm(y))
+    return logits, (None if cache is None else ModelCache(tuple(new_layers)))
+
+
+def jit_forward(model: DeepseekV4ForCausalLM):
+    """A jitted ``step(cache, tokens, positions) -> (logits, cache)`` over ``model``'s current
+    parameters (``nnx.split`` once, ``nnx.merge`` inside the trace; one compile per input shape)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def _step(state, cache, tokens, positions):
+        return forward(nnx.merge(graphdef, state), cache, tokens, positions)
+
+    def step(cache: ModelCache | None, tokens: jax.Array, positions: jax.Array) -> tuple[jax.Array, Any]:
+        return _step(state, cache, tokens, positions)
+
+    return step
