@@ -75,7 +75,6 @@ __all__ = [
     "CheckpointTensors",
     "TensorSpec",
     "check_checkpoint_layout",
-    "config_from_hf_dict",
     "expected_tensors",
     "fp8_scale_shape",
     "hf_config_dict",
@@ -383,63 +382,16 @@ def hf_config_dict(config: DeepseekV4Config, *, quantized: bool = True) -> dict[
     return d
 
 
-_HF_TYPES = {"sliding_attention": 0, "compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
-
-
-def config_from_hf_dict(d: Mapping[str, Any]) -> DeepseekV4Config:
-    """A :class:`DeepseekV4Config` from ``config.json`` contents: the release's keys
-    (``compress_ratios``, ``num_hash_layers``, ``qk_rope_head_dim``, ``rope_scaling``) or
-    Hugging Face's newer ones (``layer_types``, ``mlp_layer_types``, ``partial_rotary_factor``,
-    ``rope_parameters``). Unknown keys are ignored."""
-    if not isinstance(d, Mapping):
-        raise TypeError(f"d: expected a mapping of config.json keys, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(DeepseekV4Config)}
-    kw: dict[str, Any] = {k: d[k] for k in names if k in d and k not in ("compress_ratios",)}
-    ratios = d.get("compress_ratios")
-    if ratios is None and d.get("layer_types") is not None:
-        ratios = [_HF_TYPES[t] for t in d["layer_types"]]
-    if ratios is not None:
-        kw["compress_ratios"] = tuple(int(r) for r in ratios)
-    if "num_hash_layers" not in kw and d.get("mlp_layer_types") is not None:
-        kw["num_hash_layers"] = sum(1 for t in d["mlp_layer_types"] if t == "hash_moe")
-    if "qk_rope_head_dim" not in kw and d.get("partial_rotary_factor") is not None and "head_dim" in d:
-        kw["qk_rope_head_dim"] = int(d["head_dim"] * d["partial_rotary_factor"])
-    rs = d.get("rope_scaling")
-    if rs is None and isinstance(d.get("rope_parameters"), Mapping):
-        rs = d["rope_parameters"].get("compress")
-    if isinstance(rs, Mapping):
-        if rs.get("type", rs.get("rope_type")) == "yarn":
-            kw["yarn_factor"] = float(rs["factor"])
-            for src, dst in (
-                ("original_max_position_embeddings", "yarn_original_max_position"),
-                ("beta_fast", "yarn_beta_fast"),
-                ("beta_slow", "yarn_beta_slow"),
-            ):
-                if src in rs:
-                    kw[dst] = rs[src]
-        else:
-            kw["yarn_factor"] = None
-    elif "rope_scaling" in d or "rope_parameters" in d:
-        kw["yarn_factor"] = None
-    if isinstance(kw.get("eos_token_id"), list):
-        kw["eos_token_id"] = kw["eos_token_id"][0] if kw["eos_token_id"] else None
-    try:
-        return DeepseekV4Config(**kw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"config.json: {e}") from None
-
-
 def read_config(path: str | os.PathLike[str]) -> DeepseekV4Config:
-    """The :class:`DeepseekV4Config` of a checkpoint folder's ``config.json``."""
+    """The :class:`DeepseekV4Config` of a checkpoint folder's ``config.json``
+    (:meth:`DeepseekV4Config.from_hf_config`; errors as :class:`CheckpointError` naming the file)."""
     p = os.path.join(os.fspath(path), CONFIG_NAME) if os.path.isdir(path) else os.fspath(path)
+    if not os.path.isfile(p):
+        raise CheckpointError(f"{p}: no config.json; pass config=DeepseekV4Config(...)")
     try:
-        with open(p, "rb") as f:
-            d = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{p}: no config.json; pass config=DeepseekV4Config(...)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return DeepseekV4Config.from_hf_config(p)
+    except (OSError, TypeError, ValueError) as e:
         raise CheckpointError(f"{p}: cannot read the model config ({e})") from None
-    return config_from_hf_dict(d)
 
 
 # ---------------------------------------------------------------------------------------------

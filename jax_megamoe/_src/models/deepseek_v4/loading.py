@@ -517,7 +517,8 @@ def _load(model: Any, src: _Source, place: _Placement, opts: _Options, progress:
             pre, w13v, w2v = job
             _load_dense_experts(src, pre, w13v, w2v, place, opts, bar)
     if bar is not None:
-        bar(total)
+        if opts.done < total:
+            bar(total)
         bar.close()
     if opts.strict:
         extra = [n for n in names if n not in src.used and not is_ignored_tensor(n) and not n.startswith(opts.skip_prefixes)]
