@@ -422,6 +422,24 @@ def test_moe_block_alone_with_relative_names(official):
         )
 
 
+@pytest.mark.parametrize("mode", ["fp8xfp4", "mxf4xmxf4", "fp8"])
+def test_routed_experts_in_chunks_equal_one_build(official, monkeypatch, caplog, mode):
+    """Chunks of 5 experts (5 + 5 + 5 + 1) build the same leaves as one call of the builder."""
+    d, _ = official
+    one = 3 * 512 * 256 // 2 + 3 * 512 * 256 // 32
+    monkeypatch.setattr(loading, "EXPERT_CHUNK_BYTES", 5 * one)
+    blk = DeepseekV4MoE(CFG, 2, mode=mode, backend="reference", rngs=nnx.Rngs(0))
+    pre = "layers.2.ffn."
+    with Checkpoint(d) as ck, caplog.at_level("INFO", logger="jax_megamoe.checkpoint"):
+        loading.load_state_dict(blk, {n[len(pre):]: ck.get(n) for n in ck.names() if n.startswith(pre)})
+        ref, rep = MoEWeights.from_checkpoint_with_report(*routed_truth(ck, "layers.2.ffn.experts", 16), mode=mode)
+    for leaf in ("l1", "l1_sf", "l2", "l2_sf"):
+        np.testing.assert_array_equal(np.asarray(getattr(blk.moe_weights, leaf)), np.asarray(getattr(ref, leaf)), err_msg=leaf)
+    assert blk.moe_weights.num_experts == 16 and blk.moe_weights.mode == mode
+    if mode == "fp8":  # the merged report of the chunks is the report of the whole layer
+        assert f"experts: {rep.summary()}" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------
 # The real model (DeepseekV4ForCausalLM: no MTP block, so mtp.* is skipped)
 # ------------------------------------------------------------------------------------------------

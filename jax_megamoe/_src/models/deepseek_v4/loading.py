@@ -39,6 +39,7 @@ the MoE blocks are given the mesh so they run expert-parallel.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -52,13 +53,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jax_megamoe._src.io.build import build_moe_layer
 from jax_megamoe._src.io.safetensors_reader import (
     Checkpoint,
     CheckpointError,
     safetensors_dtype,
 )
-from jax_megamoe._src.io.v4_checkpoint import MoELayerTensors, dequantize_fp4_numpy
+from jax_megamoe._src.io.v4_checkpoint import dequantize_fp4_numpy
 from jax_megamoe._src.io.v4_model_checkpoint import (
     CheckpointTensors,
     check_checkpoint_layout,
@@ -105,6 +105,19 @@ class _Placement:
             return parallel.shard_weights(w, self.mesh, self.axis)
         dev = self.device if self.device is not None else jax.devices()[0]
         return jax.tree.map(lambda a: jax.device_put(a, dev), w)
+
+    def _expert_sharding(self) -> Any:
+        if self.mesh is not None:
+            return NamedSharding(self.mesh, PartitionSpec(self.axis))
+        return jax.sharding.SingleDeviceSharding(self.device if self.device is not None else jax.devices()[0])
+
+    def zeros_sharded(self, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        """A zero ``[E, ...]`` buffer created where the routed experts live (never on the host)."""
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self._expert_sharding())()
+
+    def put_sharded_like(self, x: Any, like: jax.Array) -> jax.Array:
+        """A chunk of experts on the devices of ``like`` (replicated over the mesh: it is small)."""
+        return self.put(x)
 
     def put_sharded(self, x: Any) -> jax.Array:
         """A dense expert array ``[E, ...]`` placed like the routed experts."""
@@ -234,7 +247,9 @@ def _load_param(src: _Source, name: str, var: nnx.Variable, place: _Placement, o
             )
         value = place.put(a.astype(pdt))
     else:
-        value = place.put(np.asarray(src.get(name))).astype(pdt)
+        # an owned host copy (one tensor at a time): on the CPU backend device_put may alias its
+        # argument, and a parameter must not live in the read-only file mapping
+        value = place.put(np.array(src.get(name))).astype(pdt)
     var.set_value(value)
     src.release(name)
 
@@ -261,14 +276,15 @@ def _expert_format(src: _Source, pre: str) -> str:
 
 
 def _read_fp4_experts(
-    src: _Source, pre: str, e: int, h: int, i: int, opts: _Options, bar: Any
+    src: _Source, pre: str, experts: range, h: int, i: int, opts: _Options, bar: Any
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Checkpoint-format ``w13 [E, 2I, H/2]``, ``s13 [E, 2I, H/32]``, ``w2``, ``s2`` (uint8)."""
+    """Checkpoint-format ``w13 [n, 2I, H/2]``, ``s13 [n, 2I, H/32]``, ``w2``, ``s2`` (uint8) of ``experts``."""
+    e = len(experts)
     w13 = np.empty((e, 2 * i, h // 2), np.uint8)
     s13 = np.empty((e, 2 * i, h // 32), np.uint8)
     w2 = np.empty((e, h, i // 2), np.uint8)
     s2 = np.empty((e, h, i // 32), np.uint8)
-    for ex in range(e):
+    for k, ex in enumerate(experts):
         for proj, half in _PROJ:
             base = f"{pre}.{ex}.{proj}"
             rows, cols = (i, h) if half is not None else (h, i)
@@ -286,22 +302,25 @@ def _read_fp4_experts(
                 if msg is not None:
                     raise CheckpointError(msg)
             if half is None:
-                w2[ex], s2[ex] = wv, sv
+                w2[k], s2[k] = wv, sv
             else:
-                w13[ex, half * i : (half + 1) * i], s13[ex, half * i : (half + 1) * i] = wv, sv
+                w13[k, half * i : (half + 1) * i], s13[k, half * i : (half + 1) * i] = wv, sv
             for n in (wn, sn):
                 opts.tick(src, n, bar)
                 src.release(n)
     return w13, s13, w2, s2
 
 
-def _read_fp8_experts(src: _Source, pre: str, e: int, h: int, i: int, opts: _Options, bar: Any) -> tuple[np.ndarray, ...]:
+def _read_fp8_experts(
+    src: _Source, pre: str, experts: range, h: int, i: int, opts: _Options, bar: Any
+) -> tuple[np.ndarray, ...]:
     e4m3 = np.dtype(jnp.float8_e4m3fn)
+    e = len(experts)
     w13 = np.empty((e, 2 * i, h), e4m3)
     s13 = np.empty((e, 2 * i // 128, h // 128), np.float32)
     w2 = np.empty((e, h, i), e4m3)
     s2 = np.empty((e, h // 128, i // 128), np.float32)
-    for ex in range(e):
+    for k, ex in enumerate(experts):
         for proj, half in _PROJ:
             wn = f"{pre}.{ex}.{proj}.weight"
             rows, cols = (i, h) if half is not None else (h, i)
@@ -313,42 +332,69 @@ def _read_fp8_experts(src: _Source, pre: str, e: int, h: int, i: int, opts: _Opt
             s = _fp8_scale_f32(src, sn, (rows, cols), opts.allow_nan_scales)
             w = np.asarray(src.get(wn))
             if half is None:
-                w2[ex], s2[ex] = w, s
+                w2[k], s2[k] = w, s
             else:
                 r0, r1 = half * i, (half + 1) * i
-                w13[ex, r0:r1], s13[ex, r0 // 128 : r1 // 128] = w, s
+                w13[k, r0:r1], s13[k, r0 // 128 : r1 // 128] = w, s
             for n in (wn, sn):
                 opts.tick(src, n, bar)
                 src.release(n)
     return w13, s13, w2, s2
 
 
+#: Routed experts are read and converted this many checkpoint bytes at a time (a whole number of
+#: experts), so host memory holds one chunk, not a layer (V4-Flash: 3.2 GiB a layer).
+EXPERT_CHUNK_BYTES = 256 << 20
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_rows(buf: jax.Array, part: jax.Array, start: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(buf, part.astype(buf.dtype), start, 0)
+
+
 def _load_routed(src: _Source, pre: str, var: nnx.Variable, place: _Placement, opts: _Options, bar: Any) -> None:
+    """The block's ``MoEWeights`` (its mode), built a chunk of experts at a time into
+    preallocated (placed) leaves with the existing builder (``MoEWeights.from_checkpoint_with_report``
+    / ``from_fp8``: every leaf is per expert, so chunks give the same bits as one call)."""
     mw = var.get_value()
     e, h, i, mode = int(mw.num_experts), int(mw.hidden), int(mw.intermediate), str(mw.mode)
     fmt = _expert_format(src, pre)
+    first = f"{pre}.0.w1.weight"
     if fmt == "float":
         raise CheckpointError(
-            f"{src.where(f'{pre}.0.w1.weight')}: the routed experts are stored dense ({src.meta(f'{pre}.0.w1.weight')[0]}); "
-            "quantized experts need the FP4 (or FP8) checkpoint, or build the model with experts='exact'"
+            f"{src.where(first)}: the routed experts are stored dense ({src.meta(first)[0]}); quantized experts "
+            "need the FP4 (or FP8) checkpoint, or build the model with experts='exact'"
         )
-    if fmt == "fp8":
-        w13, s13, w2, s2 = _read_fp8_experts(src, pre, e, h, i, opts, bar)
-        if mode != "fp8":
-            raise CheckpointError(
-                f"{src.where(f'{pre}.0.w1.weight')}: FP8 routed experts only run in mode 'fp8' (sm_90); the model's "
-                f"experts are mode {mode!r} (requantizing FP8 to FP4 is lossy and not supported)"
-            )
-        weights = MoEWeights.from_fp8(w13, s13, w2, s2)
-    else:
-        w13, s13, w2, s2 = _read_fp4_experts(src, pre, e, h, i, opts, bar)
-        t = MoELayerTensors(
-            layer_idx=opts.layer_of(pre), prefix=pre, config=opts.config_of(var), is_hash_layer=False,
-            expert_format="fp4", w13=w13, w13_scale=s13, w2=w2, w2_scale=s2, gate_weight=None, gate_bias=None,
-            tid2eid=None, shared=None, nibble_order="low_even", source=pre,
-        )  # fmt: skip
-        weights = build_moe_layer(t, mode=mode, allow_nan_scales=opts.allow_nan_scales).weights
-    del w13, s13, w2, s2
+    if fmt == "fp8" and mode != "fp8":
+        raise CheckpointError(
+            f"{src.where(first)}: FP8 routed experts only run in mode 'fp8' (sm_90); the model's experts are mode "
+            f"{mode!r} (requantizing FP8 to FP4 is lossy and not supported)"
+        )
+    per_expert = 3 * h * i if fmt == "fp8" else 3 * h * i // 2 + 3 * h * i // 32
+    step = max(1, min(e, EXPERT_CHUNK_BYTES // max(per_expert, 1)))
+    bufs: list[jax.Array] | None = None
+    report = None
+    for e0 in range(0, e, step):
+        experts = range(e0, min(e, e0 + step))
+        if fmt == "fp8":
+            part = MoEWeights.from_fp8(*_read_fp8_experts(src, pre, experts, h, i, opts, bar))
+            rep = None
+        else:
+            args = _read_fp4_experts(src, pre, experts, h, i, opts, bar)
+            part, rep = MoEWeights.from_checkpoint_with_report(*args, mode=mode, allow_nan_scales=opts.allow_nan_scales)
+            del args
+        if rep is not None:
+            report = rep if report is None else report.merge(rep)
+        leaves = (part.l1, part.l1_sf, part.l2, part.l2_sf)
+        if bufs is None:
+            bufs = [place.zeros_sharded((e, *leaf.shape[1:]), leaf.dtype) for leaf in leaves]
+        bufs = [_set_rows(b, place.put_sharded_like(leaf, b), jnp.int32(e0)) for b, leaf in zip(bufs, leaves)]
+        del part, leaves
+    assert bufs is not None
+    weights = MoEWeights(l1=bufs[0], l1_sf=bufs[1], l2=bufs[2], l2_sf=bufs[3], mode=mode, hidden=h, intermediate=i, num_experts=e)
+    if report is not None:
+        report = dataclasses.replace(report, num_experts=e)
+        (log.info if report.lossless else log.warning)("%s: %s", pre, report.summary())
     var.set_value(place.put_experts(weights))
 
 
