@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -647,12 +648,30 @@ class CheckpointTensors(Mapping):
         return self.ck.info(name).file
 
     def release(self, name: str) -> None:
+        """``name`` is no longer needed: its pages leave the resident set (``MADV_DONTNEED`` on a
+        read-only file mapping only drops them; a later read faults them back in from the file),
+        and the shard's mapping is dropped once every tensor of it is released."""
         if name in self._released or name not in self.ck.weight_map:
             return
         self._released.add(name)
         fn = self.ck.weight_map[name]
+        sf = self.ck._files.get(fn)
+        if sf is not None:
+            _drop_pages(sf, name)
         self._left[fn] = self._left.get(fn, 1) - 1
-        if self._left[fn] <= 0:
-            sf = self.ck._files.get(fn)
-            if sf is not None:
-                sf.close()
+        if self._left[fn] <= 0 and sf is not None:
+            sf.close()
+
+
+def _drop_pages(sf: Any, name: str) -> None:
+    mm = getattr(getattr(sf, "_mm", None), "_mmap", None)
+    ti = sf.tensors.get(name)
+    if mm is None or ti is None or ti.nbytes == 0 or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    start = (sf.data_start + ti.begin) // page * page
+    end = min(len(mm), -(-(sf.data_start + ti.end) // page) * page)
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+    except (OSError, ValueError):  # advice only
+        pass

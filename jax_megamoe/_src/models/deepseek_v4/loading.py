@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import inspect
 import logging
 import math
@@ -96,9 +97,16 @@ class _Placement:
     device: Any = None
 
     def put(self, x: Any) -> jax.Array:
+        """``x`` placed (replicated over the mesh), in buffers of its own: where the CPU backend
+        aliased a host array (zero-copy ``device_put`` of a memory-mapped view), the buffer is
+        copied, so no parameter lives in (or keeps open) the read-only file mapping."""
         if self.mesh is not None:
-            return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
-        return jax.device_put(x, self.device if self.device is not None else jax.devices()[0])
+            y = jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
+        else:
+            y = jax.device_put(x, self.device if self.device is not None else jax.devices()[0])
+        if isinstance(x, np.ndarray) and x.nbytes and _aliases(y, x):
+            y = jnp.copy(y)
+        return y
 
     def put_experts(self, w: MoEWeights) -> MoEWeights:
         if self.mesh is not None:
@@ -124,6 +132,15 @@ class _Placement:
         if self.mesh is not None:
             return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec(self.axis)))
         return self.put(x)
+
+
+def _aliases(y: jax.Array, x: np.ndarray) -> bool:
+    lo = x.__array_interface__["data"][0]
+    hi = lo + x.nbytes
+    try:
+        return any(lo <= s.data.unsafe_buffer_pointer() < hi for s in y.addressable_shards)
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError):  # no buffer pointers: no aliasing
+        return False
 
 
 class _Source:
@@ -247,9 +264,7 @@ def _load_param(src: _Source, name: str, var: nnx.Variable, place: _Placement, o
             )
         value = place.put(a.astype(pdt))
     else:
-        # an owned host copy (one tensor at a time): on the CPU backend device_put may alias its
-        # argument, and a parameter must not live in the read-only file mapping
-        value = place.put(np.array(src.get(name))).astype(pdt)
+        value = place.put(np.asarray(src.get(name))).astype(pdt)
     var.set_value(value)
     src.release(name)
 
@@ -562,6 +577,7 @@ def _load(model: Any, src: _Source, place: _Placement, opts: _Options, progress:
         else:
             pre, w13v, w2v = job
             _load_dense_experts(src, pre, w13v, w2v, place, opts, bar)
+    gc.collect()  # views of the file mappings caught in reference cycles: drop them now
     if bar is not None:
         if opts.done < total:
             bar(total)
