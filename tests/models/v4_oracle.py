@@ -21,19 +21,19 @@ _EXPERT = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
 
 def oracle_configs() -> dict[str, DeepseekV4Config]:
     """Three tiny configs that together cover sliding, CSA, HCA, hash and normal layers, YaRN on/off."""
-    base = DeepseekV4Config.tiny_model()
     return {
         # sliding, CSA, HCA, CSA, sliding; layers 0-1 hash-routed; YaRN on the compressed layers
-        "mixed": base,
+        "mixed": DeepseekV4Config.tiny_model(vocab_size=128),
         # HCA first, CSA, sliding; one hash layer; no YaRN; hc_mult 2; more experts, top-3
         "hca_first": DeepseekV4Config.tiny_model(
             num_hidden_layers=3, compress_ratios=(128, 4, 0), num_hash_layers=1, yarn_factor=None, hc_mult=2,
-            n_routed_experts=16, num_experts_per_tok=3, sliding_window=8, index_topk=6, o_groups=4,
+            n_routed_experts=16, num_experts_per_tok=3, sliding_window=8, index_topk=6, o_groups=4, vocab_size=128,
         ),
         # no hash layers, a tight SwiGLU clamp (bites), wider hidden, 7 Sinkhorn iterations
         "clamped": DeepseekV4Config.tiny_model(
             hidden_size=96, num_hidden_layers=3, compress_ratios=(4, 0, 128), num_hash_layers=0, swiglu_limit=0.5,
             routed_scaling_factor=2.5, hc_sinkhorn_iters=7, num_attention_heads=2, o_groups=1,
+            vocab_size=128,
         ),
     }
 
@@ -61,35 +61,64 @@ def our_param_shapes(cfg: DeepseekV4Config) -> dict[str, tuple[tuple[int, ...], 
     return out
 
 
-def random_state_dict(cfg: DeepseekV4Config, seed: int) -> dict[str, np.ndarray]:
-    """Random official-named weights (f32; tid2eid int32 with distinct experts per row), scaled so
-    every part of the model matters (norm weights, biases, sinks and hc parameters are not at init)."""
+#: Quantisation grid of the random weights: integers in [-8, 8] times a per-tensor f32 step, plus an
+#: offset (1 for norm weights / hc scales). The fixture stores the int8 codes (1 byte a weight,
+#: compressible) and decodes them to the very same f32 values HF and our model were given.
+_Q = 8
+
+
+def random_coded_state_dict(cfg: DeepseekV4Config, seed: int) -> dict[str, tuple[np.ndarray, float, float]]:
+    """Random official-named weights as ``name -> (int8 codes, step, offset)`` (tid2eid: int32 codes,
+    distinct experts per row), scaled so every part of the model matters (norm weights, biases,
+    sinks and hc parameters are away from their init values)."""
     rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for name, (shape, dtype) in sorted(our_param_shapes(cfg).items()):
+    out: dict[str, tuple[np.ndarray, float, float]] = {}
+    sd_uniform = np.sqrt(((2 * _Q + 1) ** 2 - 1) / 12.0)  # std of the integer codes
+    for name, (shape, _dtype) in sorted(our_param_shapes(cfg).items()):
         leaf = name.rsplit(".", 1)[-1]
         if name.endswith("tid2eid"):
             v, k = shape
-            out[name] = np.stack([rng.permutation(cfg.n_routed_experts)[:k] for _ in range(v)]).astype(np.int32)
-        elif name.endswith("norm.weight"):
-            out[name] = (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+            out[name] = (np.stack([rng.permutation(cfg.n_routed_experts)[:k] for _ in range(v)]).astype(np.int32),
+                         1.0, 0.0)
+            continue
+        offset = 0.0
+        if name.endswith("norm.weight"):
+            std, offset = 0.2, 1.0
         elif leaf == "attn_sink":
-            out[name] = rng.standard_normal(shape).astype(np.float32)
+            std = 1.0
         elif leaf == "ape":
-            out[name] = (0.5 * rng.standard_normal(shape)).astype(np.float32)
+            std = 0.5
         elif name.endswith("gate.bias"):
-            out[name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
-        elif re.search(r"hc_\w+_fn$|^hc_head_fn$", name):
-            out[name] = (0.05 * rng.standard_normal(shape)).astype(np.float32)
-        elif re.search(r"hc_\w+_base$|^hc_head_base$", name):
-            out[name] = (0.5 * rng.standard_normal(shape)).astype(np.float32)
-        elif re.search(r"hc_\w+_scale$|^hc_head_scale$", name):
-            out[name] = (1.0 + 0.3 * rng.standard_normal(shape)).astype(np.float32)
+            std = 0.1
+        elif re.search(r"(^|_)fn$", leaf):
+            std = 0.05
+        elif re.search(r"(^|_)base$", leaf):
+            std = 0.5
+        elif re.search(r"(^|_)scale$", leaf):
+            std, offset = 0.3, 1.0
         elif name == "embed.weight":
-            out[name] = rng.standard_normal(shape).astype(np.float32)
+            std = 1.0
         else:  # linear weights [out, in]
-            out[name] = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+            std = 1.0 / np.sqrt(shape[-1])
+        codes = rng.integers(-_Q, _Q + 1, shape).astype(np.int8)
+        out[name] = (codes, float(np.float32(std / sd_uniform)), offset)
     return out
+
+
+def decode_state_dict(coded: dict[str, tuple[np.ndarray, float, float]]) -> dict[str, np.ndarray]:
+    """The f32 (int32 for tid2eid) arrays of :func:`random_coded_state_dict`'s codes."""
+    out = {}
+    for name, (q, step, offset) in coded.items():
+        if q.dtype == np.int32:
+            out[name] = q
+        else:
+            out[name] = (q.astype(np.float32) * np.float32(step) + np.float32(offset)).astype(np.float32)
+    return out
+
+
+def random_state_dict(cfg: DeepseekV4Config, seed: int) -> dict[str, np.ndarray]:
+    """Random official-named f32 weights (see :func:`random_coded_state_dict`)."""
+    return decode_state_dict(random_coded_state_dict(cfg, seed))
 
 
 def load_into(model: DeepseekV4ForCausalLM, sd: dict[str, np.ndarray]) -> None:
@@ -158,7 +187,15 @@ def hf_model(cfg: DeepseekV4Config, sd: dict[str, np.ndarray], tmpdir: str):
     with open(os.path.join(tmpdir, "config.json"), "w") as f:
         json.dump(cj, f)
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, os.path.join(tmpdir, "model.safetensors"))
-    model = HFModel.from_pretrained(tmpdir, torch_dtype=torch.float32, attn_implementation="eager")
+    model, info = HFModel.from_pretrained(
+        tmpdir, torch_dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
+    bad = {k: v for k, v in info.items() if v}
+    assert not bad, f"HF did not take every weight as given: {bad}"
+    hf_names = set(model.state_dict())
+    n_expert = sum(1 for k in sd if _EXPERT.match(k))
+    # every official tensor has one HF home (the routed experts of a layer merge into two)
+    assert len(hf_names) == len(sd) - n_expert + 2 * cfg.num_hidden_layers, (len(hf_names), len(sd))
     model.eval()
     return model
 

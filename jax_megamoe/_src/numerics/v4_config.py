@@ -332,6 +332,7 @@ _DEEPSEEK_KEYS: dict[str, str] = {
 
 _LAYER_TYPE_RATIO = {"sliding_attention": 0, "compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
 _HF_DEFAULT_HASH_LAYERS = 3
+_HF_DEFAULTS: dict[str, Any] = {"n_shared_experts": 1, "routed_scaling_factor": 1.5, "swiglu_limit": 10.0}
 
 
 def _read_json(path: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
@@ -390,6 +391,8 @@ def _fields_from_json(cj: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"mlp_layer_types: hash_moe layers must come first, got {types}")
         out["num_hash_layers"] = n_hash
     out.setdefault("num_hash_layers", _HF_DEFAULT_HASH_LAYERS)
+    for k, v in _HF_DEFAULTS.items():  # fields the dataclass requires but Hugging Face defaults
+        out.setdefault(k, v)
     # RoPE dims: qk_rope_head_dim > partial_rotary_factor * head_dim.
     if "qk_rope_head_dim" not in out and cj.get("partial_rotary_factor") is not None:
         out["qk_rope_head_dim"] = int(round(float(cj["partial_rotary_factor"]) * int(out.get("head_dim", 512))))

@@ -1,13 +1,27 @@
-"""DeepSeek V4 in Flax NNX: the MoE block (gate, hash routing, routed experts on the Mega MoE ops,
-shared expert) and its configuration."""
+"""DeepSeek V4 in Flax NNX: the whole model (attention with its compressors and indexer, mHC
+hyper-connections, MoE blocks on the Mega MoE ops, LM head), its cache, and its configuration."""
 
+from jax_megamoe._src.models.deepseek_v4.attention import (
+    AttentionCache,
+    CompressorCache,
+    DeepseekV4Attention,
+)
+from jax_megamoe._src.models.deepseek_v4.model import (
+    DeepseekV4Block,
+    DeepseekV4ForCausalLM,
+    ModelCache,
+    forward,
+    jit_forward,
+)
 from jax_megamoe._src.models.deepseek_v4.loading import load_checkpoint, load_state_dict
 from jax_megamoe._src.models.deepseek_v4.moe import (
     BACKENDS,
+    EXPERT_KINDS,
     DeepseekV4Config,
     DeepseekV4Gate,
     DeepseekV4MoE,
     DeepseekV4SharedExpert,
+    ExactExperts,
     GateBias,
     HashTable,
     MoECheckpoint,
@@ -20,9 +34,19 @@ from jax_megamoe._src.models.deepseek_v4.moe import (
 __all__ = [
     "BACKENDS",
     "DeepseekV4Config",
+    "DeepseekV4ForCausalLM",
+    "DeepseekV4Block",
+    "DeepseekV4Attention",
+    "AttentionCache",
+    "CompressorCache",
+    "ModelCache",
+    "forward",
+    "jit_forward",
     "DeepseekV4Gate",
     "DeepseekV4MoE",
     "DeepseekV4SharedExpert",
+    "ExactExperts",
+    "EXPERT_KINDS",
     "GateBias",
     "HashTable",
     "MoECheckpoint",

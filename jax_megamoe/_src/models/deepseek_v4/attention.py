@@ -23,8 +23,10 @@ cache attends to the ring (the ``W`` positions before ``positions[:, 0]``) plus 
 plus all stored entries (masked), then writes the new tokens; prefill (``S > 1``, from 0 or
 continuing) and one-token decode share the code, so one jitted step serves every position.
 
-Not reproduced (exact float32 instead, as Hugging Face): DeepSeek's FP8 / FP4 quantisation
-*simulation* of the KV (``act_quant`` on the non-rope channels) and of the indexer.
+``simulate_quant=True`` adds DeepSeek's quantisation simulation (:mod:`.qat`): the K=V rows and
+compressed entries round their non-RoPE channels through FP8 (blocks of 64), the indexer's queries
+and keys go through a Hadamard rotation and FP4 (blocks of 32). Off by default: Hugging Face does
+not simulate it, and the parity tests compare with Hugging Face.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from jax_megamoe._src.models.deepseek_v4.compressor import (
 )
 from jax_megamoe._src.models.deepseek_v4.indexer import DeepseekV4Indexer
 from jax_megamoe._src.models.deepseek_v4.layers import Linear, RMSNorm, rms_norm
+from jax_megamoe._src.models.deepseek_v4.qat import fp8_roundtrip
 from jax_megamoe._src.models.deepseek_v4.rope import apply_rope, rope_cos_sin, rope_spec
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
@@ -91,7 +94,8 @@ class DeepseekV4Attention(nnx.Module):
     Parameters: ``wq_a``, ``q_norm``, ``wq_b``, ``wkv``, ``kv_norm``, ``wo_a``, ``wo_b`` (``.weight``),
     ``attn_sink`` (f32 ``[H]``), ``compressor.{wkv, wgate, ape, norm}`` (ratio > 0),
     ``indexer.{wq_b, weights_proj, compressor.*}`` (ratio 4). Linear weights are ``[out, in]`` in
-    ``param_dtype``; norm weights, ``ape`` and ``attn_sink`` are float32.
+    ``param_dtype``; norm weights, ``ape`` and ``attn_sink`` are float32. ``simulate_quant``: DeepSeek's
+    FP8 / FP4 activation round trips (see the module docstring), off by default.
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class DeepseekV4Attention(nnx.Module):
         *,
         param_dtype: jnp.dtype = jnp.bfloat16,
         rngs: nnx.Rngs,
+        simulate_quant: bool = False,
     ) -> None:
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
@@ -118,6 +123,18 @@ class DeepseekV4Attention(nnx.Module):
         self.eps = config.rms_norm_eps
         self.softmax_scale = self.head_dim**-0.5
         self.rope = rope_spec(config, self.compress_ratio)
+        self.simulate_quant = bool(simulate_quant)
+        if self.simulate_quant:
+            if (self.head_dim - self.rope_dim) % 64:
+                raise ValueError(
+                    f"head_dim: {self.head_dim} - qk_rope_head_dim {self.rope_dim} must be a multiple of 64 "
+                    "with simulate_quant (FP8 blocks of 64)"
+                )
+            ih = config.index_head_dim
+            if self.compress_ratio == 4 and (ih % 32 or ih & (ih - 1)):
+                raise ValueError(
+                    f"index_head_dim: {ih} must be a power of two >= 32 with simulate_quant (Hadamard, FP4 blocks of 32)"
+                )
         h, d = self.n_heads, self.head_dim
         kw = {"param_dtype": param_dtype, "rngs": rngs}
         self.wq_a = Linear(config.hidden_size, config.q_lora_rank, **kw)
@@ -129,9 +146,13 @@ class DeepseekV4Attention(nnx.Module):
         self.wo_b = Linear(self.n_groups * self.o_lora_rank, config.hidden_size, **kw)
         self.attn_sink = nnx.Param(jnp.zeros((h,), jnp.float32))
         if self.compress_ratio:
-            self.compressor = DeepseekV4Compressor(config, self.compress_ratio, d, self.rope, **kw)
+            self.compressor = DeepseekV4Compressor(
+                config, self.compress_ratio, d, self.rope, **kw, quant="fp8" if self.simulate_quant else None
+            )
         if self.compress_ratio == 4:
-            self.indexer = DeepseekV4Indexer(config, self.compress_ratio, self.rope, **kw)
+            self.indexer = DeepseekV4Indexer(
+                config, self.compress_ratio, self.rope, **kw, simulate_quant=self.simulate_quant
+            )
 
     # -- cache ----------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> AttentionCache:
@@ -194,6 +215,9 @@ class DeepseekV4Attention(nnx.Module):
         q = rms_norm(self.wq_b(qr).reshape(b, s, h, d), self.eps)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         kv = apply_rope(self.kv_norm(self.wkv(xf)), cos, sin)  # [B, S, D]
+        if self.simulate_quant:
+            nope = d - self.rope_dim
+            kv = jnp.concatenate([fp8_roundtrip(kv[..., :nope], 64), kv[..., nope:]], axis=-1)
 
         t = pos[:, :, None]  # query positions [B, S, 1]
         if cache is None:

@@ -19,9 +19,9 @@ are the whole sequence, windows start at its first token) and :meth:`DeepseekV4C
 (cache: the pending tokens of the incomplete window, and for CSA the previous full window, are
 carried in :class:`CompressorCache`, so any chunking of the sequence gives the same entries).
 
-Not reproduced from DeepSeek's code: its FP8 (``act_quant``) / FP4 (``fp4_act_quant``, after a
-Hadamard rotation in the indexer) quantisation *simulation* of the compressed entries; everything
-here is exact float32 (as Hugging Face computes it).
+``quant`` (off by default, as Hugging Face): DeepSeek's quantisation simulation of the entries,
+``"fp8"`` (the KV compressor: non-RoPE channels through FP8 in blocks of 64) or ``"fp4"`` (the
+indexer's compressor: Hadamard rotation, then FP4 in blocks of 32); see :mod:`.qat`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_megamoe._src.models.deepseek_v4.layers import Linear, RMSNorm
+from jax_megamoe._src.models.deepseek_v4.qat import (
+    fp4_roundtrip,
+    fp8_roundtrip,
+    hadamard,
+)
 from jax_megamoe._src.models.deepseek_v4.rope import RopeSpec, apply_rope, rope_cos_sin
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
@@ -67,9 +72,13 @@ class DeepseekV4Compressor(nnx.Module):
         *,
         param_dtype: jnp.dtype = jnp.bfloat16,
         rngs: nnx.Rngs,
+        quant: str | None = None,
     ) -> None:
         if compress_ratio < 1:
             raise ValueError(f"compress_ratio: {compress_ratio} must be >= 1 for a compressor")
+        if quant not in (None, "fp8", "fp4"):
+            raise ValueError(f"quant: {quant!r} must be None, 'fp8' or 'fp4'")
+        self.quant = quant
         self.ratio = int(compress_ratio)
         self.head_dim = int(head_dim)
         self.overlap = self.ratio == 4
@@ -112,7 +121,13 @@ class DeepseekV4Compressor(nnx.Module):
         pooled = self.norm(pooled)
         pos = first_pos[:, None] + jnp.arange(n)[None, :] * r
         cos, sin = rope_cos_sin(self.rope, pos)
-        return apply_rope(pooled, cos, sin)
+        pooled = apply_rope(pooled, cos, sin)
+        if self.quant == "fp8":
+            rd = self.rope.dim
+            pooled = jnp.concatenate([fp8_roundtrip(pooled[..., : d - rd], 64), pooled[..., d - rd :]], axis=-1)
+        elif self.quant == "fp4":
+            pooled = fp4_roundtrip(hadamard(pooled), 32)
+        return pooled
 
     def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = x.astype(jnp.float32)

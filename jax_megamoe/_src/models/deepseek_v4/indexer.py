@@ -8,8 +8,8 @@ For a query at position ``t`` and the indexer's own compressed keys ``K_w`` (an
 with ``q = wq_b(qr)`` (``qr`` = the attention's normed low-rank query) roped on its trailing
 ``qk_rope_head_dim`` channels at ``t``. Entries ``w >= (t + 1) // 4`` are masked; the query keeps the
 ``index_topk`` best of the rest (all of them when fewer). DeepSeek rotates ``q`` and ``K`` by the same
-orthonormal Hadamard matrix before the product (it cancels in ``q . K``) only so that its FP4
-quantisation simulation loses less; that simulation is not reproduced here (exact float32).
+orthonormal Hadamard matrix before the product (it cancels in ``q . K``) so that its FP4
+quantisation simulation loses less; both happen only with ``simulate_quant=True`` (:mod:`.qat`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from flax import nnx
 
 from jax_megamoe._src.models.deepseek_v4.compressor import DeepseekV4Compressor
 from jax_megamoe._src.models.deepseek_v4.layers import Linear
+from jax_megamoe._src.models.deepseek_v4.qat import fp4_roundtrip, hadamard
 from jax_megamoe._src.models.deepseek_v4.rope import RopeSpec, apply_rope
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
@@ -37,7 +38,9 @@ class DeepseekV4Indexer(nnx.Module):
         *,
         param_dtype: jnp.dtype = jnp.bfloat16,
         rngs: nnx.Rngs,
+        simulate_quant: bool = False,
     ) -> None:
+        self.simulate_quant = bool(simulate_quant)
         self.n_heads = int(config.index_n_heads)
         self.head_dim = int(config.index_head_dim)
         self.index_topk = int(config.index_topk)
@@ -49,7 +52,8 @@ class DeepseekV4Indexer(nnx.Module):
         self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, param_dtype=param_dtype, rngs=rngs)
         self.weights_proj = Linear(config.hidden_size, self.n_heads, param_dtype=param_dtype, rngs=rngs)
         self.compressor = DeepseekV4Compressor(
-            config, compress_ratio, self.head_dim, rope, param_dtype=param_dtype, rngs=rngs
+            config, compress_ratio, self.head_dim, rope, param_dtype=param_dtype, rngs=rngs,
+            quant="fp4" if self.simulate_quant else None,
         )
 
     def select(
@@ -73,6 +77,8 @@ class DeepseekV4Indexer(nnx.Module):
             return jnp.zeros((b, s, 0), bool)
         q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+        if self.simulate_quant:
+            q = fp4_roundtrip(hadamard(q), 32)
         w = self.weights_proj(x) * (self.head_dim**-0.5 * self.n_heads**-0.5)  # [B, S, h]
         logits = jnp.einsum("bshd,btd->bsht", q, keys.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
         score = jnp.einsum("bsht,bsh->bst", jax.nn.relu(logits), w, precision=jax.lax.Precision.HIGHEST)

@@ -20,6 +20,7 @@ mixing, norms, attention and logits compute in f32. Quantized experts get bf16 i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -28,7 +29,10 @@ import numpy as np
 from flax import nnx
 
 from jax_megamoe._src.models.deepseek_v4 import hyper
-from jax_megamoe._src.models.deepseek_v4.attention import AttentionCache, DeepseekV4Attention
+from jax_megamoe._src.models.deepseek_v4.attention import (
+    AttentionCache,
+    DeepseekV4Attention,
+)
 from jax_megamoe._src.models.deepseek_v4.layers import RMSNorm
 from jax_megamoe._src.models.deepseek_v4.moe import EXPERT_KINDS, DeepseekV4MoE
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
@@ -80,6 +84,7 @@ class DeepseekV4Block(nnx.Module):
         param_dtype: Any = jnp.bfloat16,
         mode: str | None = None,
         rngs: nnx.Rngs,
+        simulate_quant: bool = False,
     ) -> None:
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
@@ -89,7 +94,9 @@ class DeepseekV4Block(nnx.Module):
         self.stream_dtype = np.dtype(param_dtype)
         h = config.hidden_size
         self.attn_norm = RMSNorm(h, config.rms_norm_eps)
-        self.attn = DeepseekV4Attention(config, self.layer_idx, param_dtype=param_dtype, rngs=rngs)
+        self.attn = DeepseekV4Attention(
+            config, self.layer_idx, param_dtype=param_dtype, rngs=rngs, simulate_quant=simulate_quant
+        )
         self.ffn_norm = RMSNorm(h, config.rms_norm_eps)
         self.ffn = DeepseekV4MoE(
             config, self.layer_idx, backend=backend, mode=mode, rngs=rngs, experts=experts, param_dtype=param_dtype
@@ -131,6 +138,8 @@ class DeepseekV4ForCausalLM(nnx.Module):
     ``DeepseekV4Config.tiny()``) or ``"exact"`` (dense ``param_dtype`` experts, f32 math: what Hugging
     Face computes). ``param_dtype``: Linear weights and the residual stream (norm weights, hc
     parameters, ``attn_sink``/``ape`` stay f32). ``backend`` as :class:`~.moe.DeepseekV4MoE`.
+    ``simulate_quant``: the attention's FP8 KV / FP4 indexer quantisation *simulation* of DeepSeek's
+    inference code (off by default: exact f32, what Hugging Face computes).
     Parameters are random (for tests); a loader overwrites them from a checkpoint.
     """
 
@@ -143,6 +152,7 @@ class DeepseekV4ForCausalLM(nnx.Module):
         param_dtype: Any = jnp.bfloat16,
         mode: str | None = None,
         rngs: nnx.Rngs,
+        simulate_quant: bool = False,
     ) -> None:
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
@@ -157,7 +167,8 @@ class DeepseekV4ForCausalLM(nnx.Module):
         h, v = config.hidden_size, config.vocab_size
         self.embed = Embedding(v, h, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List([
-            DeepseekV4Block(config, i, backend=backend, experts=experts, param_dtype=param_dtype, mode=mode, rngs=rngs)
+            DeepseekV4Block(config, i, backend=backend, experts=experts, param_dtype=param_dtype, mode=mode, rngs=rngs,
+                            simulate_quant=simulate_quant)
             for i in range(config.num_hidden_layers)
         ])
         self.norm = RMSNorm(h, config.rms_norm_eps)
@@ -236,16 +247,22 @@ def forward(
     return logits, (None if cache is None else ModelCache(tuple(new_layers)))
 
 
-def jit_forward(model: DeepseekV4ForCausalLM):
+def _merged_forward(graphdef: Any, state: Any, cache: Any, tokens: jax.Array, positions: jax.Array):
+    return forward(nnx.merge(graphdef, state), cache, tokens, positions)
+
+
+_jitted_forward = jax.jit(_merged_forward, static_argnums=0)
+
+
+def jit_forward(
+    model: DeepseekV4ForCausalLM,
+) -> Callable[[ModelCache | None, jax.Array, jax.Array], tuple[jax.Array, ModelCache | None]]:
     """A jitted ``step(cache, tokens, positions) -> (logits, cache)`` over ``model``'s current
-    parameters (``nnx.split`` once, ``nnx.merge`` inside the trace; one compile per input shape)."""
+    parameters (``nnx.split`` once, ``nnx.merge`` inside the trace). Models of the same structure
+    share one compile per input shape (the graph definition is the static key)."""
     graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def _step(state, cache, tokens, positions):
-        return forward(nnx.merge(graphdef, state), cache, tokens, positions)
-
-    def step(cache: ModelCache | None, tokens: jax.Array, positions: jax.Array) -> tuple[jax.Array, Any]:
-        return _step(state, cache, tokens, positions)
+    def step(cache: ModelCache | None, tokens: jax.Array, positions: jax.Array) -> tuple[jax.Array, ModelCache | None]:
+        return _jitted_forward(graphdef, state, cache, tokens, positions)
 
     return step

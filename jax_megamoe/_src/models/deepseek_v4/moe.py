@@ -41,6 +41,7 @@ from jax_megamoe._src.io.build import load_moe_layer
 from jax_megamoe._src.io.safetensors_reader import CheckpointError, CheckpointSource
 from jax_megamoe._src.io.v4_checkpoint import MoELayer
 from jax_megamoe._src.kernels import ops, parallel
+from jax_megamoe._src.models.deepseek_v4.layers import Linear
 from jax_megamoe._src.numerics import config as _cfg
 from jax_megamoe._src.numerics import policy as _policy
 from jax_megamoe._src.numerics import quant, reference
@@ -48,7 +49,6 @@ from jax_megamoe._src.numerics.layout import MoEWeights
 from jax_megamoe._src.numerics.policy import Policy
 from jax_megamoe._src.numerics.progress import ProgressArg, text_progress_bar
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config, _check_int
-from jax_megamoe._src.models.deepseek_v4.layers import Linear
 
 __all__ = [
     "BACKENDS",
