@@ -463,6 +463,22 @@ def test_load_checkpoint_real_model_quantized(tmp_path, caplog):
 TINY3 = DeepseekV4Config.tiny_model(num_hidden_layers=3, compress_ratios=(0, 4, 128), num_hash_layers=1)
 
 
+def test_load_checkpoint_over_a_two_device_mesh(tmp_path):
+    """Experts sharded P('ep') (E/2 per device), the rest replicated, the MoE blocks expert-parallel
+    with the single-device bits (a child process with two host devices)."""
+    import subprocess
+    import sys
+
+    cfg = DeepseekV4Config.tiny(num_hidden_layers=2, compress_ratios=(0, 4))
+    d = str(tmp_path / "m")
+    vmc.write_synthetic_checkpoint(d, cfg, seed=13, shard_size=2 << 20)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=root)
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "v4_mesh_load_worker.py")
+    proc = subprocess.run([sys.executable, worker, d, MODE], check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def tiny_dense(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tiny_dense"))
