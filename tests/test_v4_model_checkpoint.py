@@ -580,6 +580,30 @@ def test_bad_tensors_name_the_tensor(small_tensors, case, match):
         loading.load_state_dict(blk, t)
 
 
+def test_fp8_routed_experts_for_mode_fp8(small_tensors):
+    """FP8 routed experts (re-packaged checkpoints: E4M3 + 128x128 F32 scale) -> MoEWeights.from_fp8."""
+    rng = np.random.default_rng(0)
+    t = {n: v for n, v in small_tensors.items() if not n.startswith("experts.")}
+    w13, s13, w2, s2 = [], [], [], []
+    for x in range(16):
+        for proj, (r, c) in (("w1", (256, 512)), ("w3", (256, 512)), ("w2", (512, 256))):
+            w = (rng.standard_normal((r, c)) * 0.5).astype(E4M3)
+            s = np.ldexp(1.0, rng.integers(-8, -4, (r // 128, c // 128))).astype(np.float32)
+            t[f"experts.{x}.{proj}.weight"], t[f"experts.{x}.{proj}.scale"] = w, s
+        w13.append(np.concatenate([t[f"experts.{x}.w1.weight"], t[f"experts.{x}.w3.weight"]]))
+        s13.append(np.concatenate([t[f"experts.{x}.w1.scale"], t[f"experts.{x}.w3.scale"]]))
+        w2.append(t[f"experts.{x}.w2.weight"])
+        s2.append(t[f"experts.{x}.w2.scale"])
+    blk = DeepseekV4MoE(CFG, 1, mode="fp8", backend="reference", rngs=nnx.Rngs(0))
+    loading.load_state_dict(blk, t)
+    ref = MoEWeights.from_fp8(np.stack(w13), np.stack(s13), np.stack(w2), np.stack(s2))
+    for leaf in ("l1", "l1_sf", "l2", "l2_sf"):
+        np.testing.assert_array_equal(np.asarray(getattr(blk.moe_weights, leaf)), np.asarray(getattr(ref, leaf)), err_msg=leaf)
+    other = DeepseekV4MoE(CFG, 1, mode=MODE, backend="reference", rngs=nnx.Rngs(0))
+    with pytest.raises(CheckpointError, match=r"experts\.0\.w1\.weight.*only run in mode 'fp8'"):
+        loading.load_state_dict(other, t)
+
+
 def test_non_strict_ignores_extra(small_tensors):
     t = dict(small_tensors, **{"something.else": np.ones(3, np.float32)})
     blk = DeepseekV4MoE(CFG, 1, mode=MODE, backend="reference", rngs=nnx.Rngs(0))

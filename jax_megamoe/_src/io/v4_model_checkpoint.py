@@ -309,6 +309,15 @@ def check_checkpoint_layout(
         ti = ck.info(name)
         seen.add(name)
         alt = dense[name]
+        if spec.kind == "fp4" and ti.dtype == "F8_E4M3":  # FP8 routed experts (re-packagings)
+            spec = TensorSpec(alt.shape, ("F8_E4M3",), "fp8")
+            sn = scale_name(name)
+            if sn not in ck:
+                raise CheckpointError(f"tensor {sn!r} is missing: not listed in {ck.source} (the scale of {name})")
+            seen.update((name, sn))
+            _check_info(ti, spec, config)
+            _check_info(ck.info(sn), TensorSpec(fp8_scale_shape(alt.shape), ("F32", "F8_E8M0"), "fp8_scale"), config)
+            continue
         if spec.kind in ("fp8", "fp4") and ti.dtype in alt.dtypes + ("F16",):
             spec = alt
             sn = scale_name(name)
