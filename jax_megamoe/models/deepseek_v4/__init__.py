@@ -13,6 +13,7 @@ from jax_megamoe._src.models.deepseek_v4.model import (
     forward,
     jit_forward,
 )
+from jax_megamoe._src.models.deepseek_v4.loading import load_checkpoint, load_state_dict
 from jax_megamoe._src.models.deepseek_v4.moe import (
     BACKENDS,
     EXPERT_KINDS,
@@ -31,6 +32,7 @@ from jax_megamoe._src.models.deepseek_v4.moe import (
 )
 
 __all__ = [
+    "BACKENDS",
     "DeepseekV4Config",
     "DeepseekV4ForCausalLM",
     "DeepseekV4Block",
@@ -41,16 +43,17 @@ __all__ = [
     "forward",
     "jit_forward",
     "DeepseekV4Gate",
-    "DeepseekV4SharedExpert",
     "DeepseekV4MoE",
+    "DeepseekV4SharedExpert",
     "ExactExperts",
     "EXPERT_KINDS",
-    "load_moe_block",
-    "MoECheckpoint",
     "GateBias",
     "HashTable",
+    "MoECheckpoint",
     "RoutedExperts",
-    "random_moe_checkpoint",
+    "load_checkpoint",
+    "load_moe_block",
+    "load_state_dict",
     "random_checkpoint_scale_bytes",
-    "BACKENDS",
+    "random_moe_checkpoint",
 ]
