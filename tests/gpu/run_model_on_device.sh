@@ -12,7 +12,7 @@
 # --layers 2, i.e. real layers 4 and 5, B = 1,4,16,64 and a 512-token prefill):
 #   bash tests/gpu/run_model_on_device.sh [--layers 4] [--batch 1,4,16,64] [--prefill-len 512] ...
 # MODEL_GPU_FLASH=0 skips the two-layer V4-Flash test point (saves its build and compiles, ~1 min).
-# Carry .whl (sgl-deep-gemm wheel) and, if you have one, .jitcache.
+# Carry .whl (sgl-deep-gemm wheel; .whl/bench/*.whl for the tokamax experts) and, if you have one, .jitcache.
 set -uo pipefail
 T0=$(date +%s)
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -24,6 +24,13 @@ source "$ROOT/tests/gpu/device_env.sh" \
 cd "$ROOT"
 M="${OUT:-/tmp/jmm_out}/model"
 mkdir -p "$M"
+shopt -s nullglob
+bench_whls=(.whl/bench/*.whl)   # tokamax and its missing dependencies (benchmarks/README.md)
+if [ ${#bench_whls[@]} -gt 0 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/jmm_site "${bench_whls[@]}" \
+    || echo "warning: installing .whl/bench failed (the tokamax experts will be skipped)"
+fi
+python3 -c "import tokamax; print('tokamax', tokamax.__version__)" 2>&1 | tail -1
 echo "setup: $(( $(date +%s) - T0 )) s"
 
 left() { echo $(( T0 + LIMIT_S - $(date +%s) )); }
