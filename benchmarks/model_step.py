@@ -82,9 +82,11 @@ BACKENDS = ("ffi", "reference", "tokamax")
 #: tokamax's ragged_dot configuration (the one benchmarks.decode_step found running on an H100).
 TOKAMAX_IMPL = ("mosaic", jnp.float32)
 GIB = C.GIB
-#: Relative L2 of the FFI model's logits vs the reference model's that a point calls "pass" (see
-#: tests/gpu/test_model_gpu.py for where the bound comes from).
-LOGITS_TOL = 2e-2
+#: Relative L2 of the FFI model's logits vs the reference model's that a point calls "pass": a gross-
+#: error check (wrong weights or layout give O(1)). A random bf16 model amplifies a 1e-2 per-layer
+#: difference to ~8e-2 in the logits after two tiny layers; the measured bound per layer count is
+#: tests/gpu/test_model_gpu.py's.
+LOGITS_TOL = 0.1
 
 
 # =============================================================================================
@@ -393,6 +395,7 @@ class Run:
             C.log(f"  {p.label} {name}: {why}")
             return None
         rec[name] = {"status": "ok", **timing.as_dict()}
+        self.save()
         C.log(f"  {p.label} {name}: {C.fmt_time(timing.median_s)} (first call {timing.first_call_s:.1f} s, "
               f"{timing.samples}x{timing.calls_per_sample})")
         return logits
@@ -414,6 +417,7 @@ class Run:
     def point(self, p: Point) -> dict[str, Any]:
         q: dict[str, Any] = {"kind": p.kind, "label": p.label, "batch": p.batch, "seq": p.seq, "tokens": p.tokens,
                              "max_len": p.max_len, "position": p.position, "programs": {}, "backends": {}}
+        self.result["points"].append(q)  # in place: saved after every program (a killed run keeps them)
         tok, pos = self.inputs(p, self.args.seed + p.tokens)
         progs = q["programs"]
         firsts: dict[str, np.ndarray] = {}
@@ -462,7 +466,7 @@ class Run:
                 C.log(f"{p.label}: skipped (time budget exhausted)")
                 continue
             C.log(f"{p.label} ({p.tokens} tokens, cache {p.max_len}; {self.left():.0f} s left)")
-            self.result["points"].append(self.point(p))
+            self.point(p)
             self.save()
             gc.collect()
 
