@@ -471,6 +471,14 @@ def test_model_step_variants_cut_what_they_say_and_leave_the_model_as_it_was():
     assert C.rel_l2(full, np.asarray(plain)) < 1e-6  # the model's own jitted forward
     with pytest.raises(ValueError, match="variant"):
         MS.split_variant(model, "half")
+    # the tokamax backend's wiring (RoutedBF16MoE: the block's gate + shared expert, bf16 expert copies),
+    # here with XLA's ragged_dot in tokamax's place: bf16 instead of FP8 activations, otherwise the same layer
+    _as_reference(model)
+    copies = [B.dequantize_all_bf16(layer.ffn.moe_weights) for layer in model.layers]
+    gd, state = MS.split_variant(model, "full", "tokamax", (partial(B.xla_ragged), copies))
+    bf16, _ = MS.make_step(gd)(state, model.init_cache(2, 8), tok, pos)
+    assert type(model.layers[0].ffn).__name__ == "DeepseekV4MoE"
+    assert 1e-4 < C.rel_l2(np.asarray(bf16), full) < 0.1  # one layer: the FP8 activation rounding (~4% of the MoE)
 
 
 def _as_reference(model):
