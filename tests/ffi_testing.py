@@ -60,14 +60,19 @@ def jit_sandbox(tmp_path_factory: Any, name: str) -> Iterator[tuple[Any, Any, An
 # --------------------------------------------------------------------------------------
 
 _CTYPES = {"i64": ctypes.c_int64, "f64": ctypes.c_double}
-_STRUCTS: dict[tuple[int, str], type[ctypes.Structure]] = {}
-_DECLARED: set[int] = set()
+
+
+def _registry(lib: ctypes.CDLL) -> dict:
+    """Struct classes and declared functions, kept on the library object itself: this module may be
+    imported twice (``ffi_testing`` by the tests, ``tests.ffi_testing`` by tools/), and both copies
+    must hand ctypes the same Structure classes the functions' argtypes name."""
+    return lib.__dict__.setdefault("_jmm_test_registry", {"structs": {}, "declared": False})
 
 
 def c_struct(lib: ctypes.CDLL, name: str) -> type[ctypes.Structure]:
     """The ctypes.Structure of C struct ``<name>_t`` (e.g. ``"jmm_sm90_mega_config"``)."""
-    key = (id(lib), name)
-    if key not in _STRUCTS:
+    structs = _registry(lib)["structs"]
+    if name not in structs:
         fn = lib.jmm_c_struct_fields
         fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
         fn.restype = ctypes.c_int
@@ -86,8 +91,8 @@ def c_struct(lib: ctypes.CDLL, name: str) -> type[ctypes.Structure]:
         cls = type(name + "_t", (ctypes.Structure,), {"_fields_": decl})
         if ctypes.sizeof(cls) != int(size):
             raise RuntimeError(f"{name}_t: ctypes lays out {ctypes.sizeof(cls)} bytes, the library {size}")
-        _STRUCTS[key] = cls
-    return _STRUCTS[key]
+        structs[name] = cls
+    return structs[name]
 
 
 def as_dict(s: ctypes.Structure) -> dict[str, Any]:
@@ -100,7 +105,7 @@ def as_dict(s: ctypes.Structure) -> dict[str, Any]:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    if id(lib) in _DECLARED:
+    if _registry(lib)["declared"]:
         return
     P = ctypes.POINTER
     shape, call = P(c_struct(lib, "jmm_mega_shape")), P(c_struct(lib, "jmm_mega_call"))
@@ -124,7 +129,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = args
         fn.restype = ctypes.c_int
-    _DECLARED.add(id(lib))
+    _registry(lib)["declared"] = True
 
 
 def _arch(arch: int) -> str:

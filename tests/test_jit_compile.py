@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from jax_megamoe._src.kernels import _calls, _ffi
+from jax_megamoe._src.numerics.policy import Policy
 from ffi_testing import has_cuda_driver, jit_sandbox
 
 pytestmark = pytest.mark.nvcc

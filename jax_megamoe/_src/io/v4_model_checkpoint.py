@@ -69,6 +69,7 @@ from jax_megamoe._src.io.safetensors_reader import (
     TensorInfo,
     safetensors_dtype,
 )
+from jax_megamoe._src.numerics.progress import make_progress
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
 __all__ = [
@@ -565,8 +566,6 @@ def write_synthetic_checkpoint(
     one chunk at a time, so V4-Flash-sized layers need little host memory. ``progress``: see
     :func:`jax_megamoe._src.numerics.progress.make_progress` (bytes).
     """
-    from jax_megamoe._src.numerics.progress import make_progress
-
     if not isinstance(config, DeepseekV4Config):
         raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):

@@ -63,6 +63,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_megamoe._src.io.safetensors_reader import (
+    SAFETENSORS_DTYPES,
     Checkpoint,
     CheckpointError,
     safetensors_dtype,
@@ -80,6 +81,8 @@ from jax_megamoe._src.kernels import parallel
 from jax_megamoe._src.numerics import quant
 from jax_megamoe._src.numerics.layout import MoEWeights, nan_scale_message
 from jax_megamoe._src.numerics.progress import ProgressArg, make_progress
+from jax_megamoe._src.models.deepseek_v4 import model as _model
+from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4MoE
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
 __all__ = ["EXPERTS", "load_checkpoint", "load_state_dict"]
@@ -186,8 +189,6 @@ class _Source:
 
     def nbytes(self, name: str) -> int:
         dt, shape = self.meta(name)
-        from jax_megamoe._src.io.safetensors_reader import SAFETENSORS_DTYPES
-
         return math.prod(shape) * SAFETENSORS_DTYPES[dt].itemsize
 
     def release(self, name: str) -> None:
@@ -636,8 +637,6 @@ def _give_mesh(model: Any, place: _Placement) -> None:
     """Tell the MoE blocks to run expert-parallel over ``place.mesh``."""
     if place.mesh is None:
         return
-    from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4MoE
-
     for _, node in nnx.iter_graph(model):
         if isinstance(node, DeepseekV4MoE):
             node.mesh = place.mesh
@@ -690,9 +689,6 @@ def load_checkpoint(
         config = read_config(path)
     elif not isinstance(config, DeepseekV4Config):
         raise TypeError(f"config: expected a DeepseekV4Config or None, got {type(config).__name__}")
-    from jax_megamoe._src.models.deepseek_v4 import (
-        model as _model,  # the model helper's module
-    )
 
     cls = _model.DeepseekV4ForCausalLM
     kw: dict[str, Any] = dict(model_kwargs or {})
