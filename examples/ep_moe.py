@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from jax_megamoe.models.deepseek_v4 import (
         DeepseekV4Config,
         DeepseekV4MoE,
+        MoEBlockOptions,
         random_moe_checkpoint,
     )
 
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     weights = MoEWeights.from_checkpoint(*ckpt, mode=mode)
     del ckpt
     block = DeepseekV4MoE(
-        cfg, args.layer, mode=mode, rngs=nnx.Rngs(args.seed), weights=weights, mesh=mesh, ep_dispatch=args.dispatch
+        cfg, args.layer, mode=mode, rngs=nnx.Rngs(args.seed),
+        options=MoEBlockOptions(weights=weights, mesh=mesh, ep_dispatch=args.dispatch),
     )
     jax.block_until_ready(block.moe_weights)
     print(f"experts built and sharded ({weights.nbytes / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
@@ -182,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         # (b) The whole layer. Gate and shared expert are ordinary XLA matmuls over T/n rows here and
         # T rows there; a backend may pick a different GEMM algorithm per shape (cuBLAS does), so
         # only (a) is a statement about expert parallelism.
-        single = DeepseekV4MoE(cfg, args.layer, mode=mode, rngs=nnx.Rngs(args.seed), weights=weights)
+        single = DeepseekV4MoE(
+            cfg, args.layer, mode=mode, rngs=nnx.Rngs(args.seed), options=MoEBlockOptions(weights=weights)
+        )
         nnx.update(single, nnx.state(block, nnx.Param))
         want = nnx.jit(lambda m, a: m(a))(single, x1)
         print(f"check whole layer vs one device: {diff(y, want)}")

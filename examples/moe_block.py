@@ -37,6 +37,7 @@ from jax_megamoe.models.deepseek_v4 import (
     BACKENDS,
     DeepseekV4Config,
     DeepseekV4MoE,
+    MoEBlockOptions,
     random_moe_checkpoint,
 )
 
@@ -105,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     del ckpt
     print(f"converted to mode {mode!r} kernel layout ({weights.nbytes / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
 
-    block = DeepseekV4MoE(cfg, args.layer, backend=args.backend, mode=mode, rngs=nnx.Rngs(args.seed), weights=weights)
+    block = DeepseekV4MoE(
+        cfg, args.layer, backend=args.backend, mode=mode, rngs=nnx.Rngs(args.seed),
+        options=MoEBlockOptions(weights=weights),
+    )
     try:
         chosen = ops.choose_backend(args.backend, mode, op="mega_moe")
         print(f"routed experts run on: {chosen}")

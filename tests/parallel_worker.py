@@ -295,13 +295,15 @@ def run_block(devs) -> None:
     import numpy as np
     from flax import nnx
 
-    from jax_megamoe.models.deepseek_v4 import DeepseekV4Config, DeepseekV4MoE
+    from jax_megamoe.models.deepseek_v4 import DeepseekV4Config, DeepseekV4MoE, MoEBlockOptions
 
     t0 = time.perf_counter()
     cfg = DeepseekV4Config.tiny()
     mesh = jax.make_mesh((8,), ("ep",), devices=devs)
     plain = DeepseekV4MoE(cfg, 1, mode="fp8xfp4", rngs=nnx.Rngs(3))
-    ep = DeepseekV4MoE(cfg, 1, mode="fp8xfp4", rngs=nnx.Rngs(3), weights=plain.moe_weights, mesh=mesh)
+    ep = DeepseekV4MoE(
+        cfg, 1, mode="fp8xfp4", rngs=nnx.Rngs(3), options=MoEBlockOptions(weights=plain.moe_weights, mesh=mesh)
+    )
     nnx.update(ep, nnx.state(plain, nnx.Param))  # same gate and shared expert
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.standard_normal((30, cfg.hidden_size)), jnp.bfloat16)

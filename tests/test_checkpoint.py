@@ -29,7 +29,7 @@ from jax_megamoe._src.numerics import progress as _progress
 from jax_megamoe.checkpoint import CheckpointError
 from jax_megamoe.layout import MoEWeights
 from jax_megamoe.models import deepseek_v4 as dsv4
-from jax_megamoe.models.deepseek_v4 import DeepseekV4Config, DeepseekV4MoE
+from jax_megamoe.models.deepseek_v4 import DeepseekV4Config, DeepseekV4MoE, MoEBlockOptions
 
 E, H, I, K, VOCAB = 8, 512, 256, 4, 64
 CFG = DeepseekV4Config(
@@ -337,7 +337,9 @@ def test_block_from_checkpoint_matches_in_memory_block(v4, layer_idx, mode):
     block = DeepseekV4MoE.from_checkpoint(path, layer_idx, mode=mode, backend="reference")
     assert block.mode == mode and block.config == CFG and block.is_hash_layer == (layer_idx == 0)
     weights = MoEWeights.from_checkpoint(t.w13, t.w13_scale, t.w2, t.w2_scale, mode=mode)
-    ref = DeepseekV4MoE(CFG, layer_idx, mode=mode, backend="reference", rngs=nnx.Rngs(7), weights=weights)
+    ref = DeepseekV4MoE(
+        CFG, layer_idx, mode=mode, backend="reference", rngs=nnx.Rngs(7), options=MoEBlockOptions(weights=weights)
+    )
     set_params_in_memory(ref, t)
     x = jnp.asarray(np.random.default_rng(layer_idx).standard_normal((16, H)) * 3, jnp.bfloat16)
     tid = jnp.asarray(np.random.default_rng(9).integers(0, VOCAB, 16), jnp.int32)

@@ -442,7 +442,7 @@ def test_data_byte_change_is_read_faithfully(v4, data):
 def test_from_checkpoint_passes_allow_nan_scales(tmp_path):
     """The model entry (DeepseekV4MoE.from_checkpoint -> load_moe_block) refuses 0xFF by default and
     forwards the opt-out."""
-    from jax_megamoe.models.deepseek_v4 import DeepseekV4MoE
+    from jax_megamoe.models.deepseek_v4 import BlockLoadOptions, DeepseekV4MoE
 
     path, _ = synth_checkpoint(tmp_path / "c", 2, seed=5)
     name = "layers.1.ffn.experts.2.w1.scale"
@@ -450,5 +450,7 @@ def test_from_checkpoint_passes_allow_nan_scales(tmp_path):
     _set_bytes(fpath, spans(fpath)[name][0], [5], 0xFF)
     with pytest.raises(CheckpointError, match=r"experts\.2\.w1\.scale.*0xFF.*allow_nan_scales=True"):
         DeepseekV4MoE.from_checkpoint(path, 1, mode="fp8xfp4")
-    block = DeepseekV4MoE.from_checkpoint(path, 1, mode="fp8xfp4", allow_nan_scales=True)
+    block = DeepseekV4MoE.from_checkpoint(
+        path, 1, mode="fp8xfp4", load_options=BlockLoadOptions(allow_nan_scales=True)
+    )
     assert block.config.n_routed_experts == E

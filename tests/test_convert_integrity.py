@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from jax_megamoe import checkpoint as ckpt
 from jax_megamoe._src.io import convert
 from jax_megamoe.checkpoint import CheckpointError
-from jax_megamoe.models.deepseek_v4 import DeepseekV4MoE
+from jax_megamoe.models.deepseek_v4 import BlockLoadOptions, DeepseekV4MoE
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_checkpoint import synth_checkpoint  # noqa: E402
@@ -93,7 +93,7 @@ def test_flipped_data_byte_is_rejected_by_default(conv, out):
     got = convert.load_converted(out, 1, verify=False)
     diff = np.asarray(got.weights.l2).view(np.uint8) != np.asarray(clean.weights.l2).view(np.uint8)
     assert diff.sum() == 1
-    DeepseekV4MoE.from_checkpoint(out, 1, backend="reference", verify=False)
+    DeepseekV4MoE.from_checkpoint(out, 1, backend="reference", load_options=BlockLoadOptions(verify=False))
     assert convert.check_converted(out, 1, verify=False) == (True, "")
 
 

@@ -27,7 +27,7 @@ from jax_megamoe._src.io.safetensors_reader import (
 )
 from jax_megamoe._src.models.deepseek_v4 import loading
 from jax_megamoe._src.models.deepseek_v4.model import DeepseekV4ForCausalLM, forward
-from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4MoE
+from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4MoE, MoEBlockOptions
 from jax_megamoe._src.numerics.layout import MoEWeights
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
@@ -143,9 +143,14 @@ class Standin(nnx.Module):
             groups += [("mtp", k, cfg.num_hidden_layers + k, True) for k in range(cfg.num_nextn_predict_layers)]
         for top, k, layer_idx, is_mtp in groups:
             if experts == "quantized":
-                ffn = DeepseekV4MoE(cfg, layer_idx, mode=MODE, is_mtp=is_mtp, backend="reference", rngs=rngs)
+                ffn = DeepseekV4MoE(
+                    cfg, layer_idx, mode=MODE, backend="reference", rngs=rngs, options=MoEBlockOptions(is_mtp=is_mtp)
+                )
             else:
-                ffn = DeepseekV4MoE(cfg, layer_idx, experts="exact", is_mtp=is_mtp, param_dtype=param_dtype, rngs=rngs)
+                ffn = DeepseekV4MoE(
+                    cfg, layer_idx, experts="exact", param_dtype=param_dtype, rngs=rngs,
+                    options=MoEBlockOptions(is_mtp=is_mtp),
+                )
             tree[top][str(k)]["ffn"] = ffn
         for key, value in tree.items():
             setattr(self, key, _to_nnx(value))

@@ -174,13 +174,13 @@ def test_fused_1000_steps_with_an_empty_rank(tiny_fp8):
 def test_flax_block_with_a_mesh_takes_the_fused_path():
     from flax import nnx
 
-    from jax_megamoe.models.deepseek_v4 import DeepseekV4Config, DeepseekV4MoE
+    from jax_megamoe.models.deepseek_v4 import DeepseekV4Config, DeepseekV4MoE, MoEBlockOptions
 
     cfg = DeepseekV4Config.tiny()
     n = EP_SIZES[-1]
     mesh = _mesh(n)
     layer = cfg.num_hash_layers
-    sharded = DeepseekV4MoE(cfg, layer_idx=layer, mode="fp8", rngs=nnx.Rngs(3), mesh=mesh)
+    sharded = DeepseekV4MoE(cfg, layer_idx=layer, mode="fp8", rngs=nnx.Rngs(3), options=MoEBlockOptions(mesh=mesh))
     single = DeepseekV4MoE(cfg, layer_idx=layer, mode="fp8", rngs=nnx.Rngs(3))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((37, cfg.hidden_size)) * 2, jnp.bfloat16)
 

@@ -32,6 +32,7 @@ The shared expert alone has a rigorous element-wise bound (``test_shared_expert_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -47,6 +48,7 @@ from jax_megamoe.models.deepseek_v4 import (
     DeepseekV4Gate,
     DeepseekV4MoE,
     DeepseekV4SharedExpert,
+    MoEBlockOptions,
     random_moe_checkpoint,
 )
 
@@ -445,7 +447,7 @@ def make_block(mode: str, layer_idx: int, seed: int):
 
         ckpt = random_moe_checkpoint(CFG, 1000 + seed)
         weights = MoEWeights.from_checkpoint(*ckpt, mode=mode)
-        block = DeepseekV4MoE(CFG, layer_idx, mode=mode, rngs=nnx.Rngs(seed), weights=weights)
+        block = DeepseekV4MoE(CFG, layer_idx, mode=mode, rngs=nnx.Rngs(seed), options=MoEBlockOptions(weights=weights))
         if not block.is_hash_layer:
             set_bias(block.gate, np.random.default_rng(seed).standard_normal(16) * 0.3)
         _BLOCKS[key] = (block, ckpt)
@@ -493,7 +495,7 @@ def test_block_jit_equals_eager_and_split_merge():
     np.testing.assert_array_equal(np.asarray(eager, np.float32), np.asarray(via_jax, np.float32))
     assert float(jnp.sum(jnp.abs(eager.astype(jnp.float32)))) > 0
     # The reference backend is what "auto" runs on CPU.
-    ref = DeepseekV4MoE(CFG, 1, rngs=nnx.Rngs(0), weights=block.moe_weights, backend="reference")
+    ref = DeepseekV4MoE(CFG, 1, rngs=nnx.Rngs(0), backend="reference", options=MoEBlockOptions(weights=block.moe_weights))
     ref.gate.bias.set_value(block.gate.bias.get_value())
     ref.shared_experts = block.shared_experts
     np.testing.assert_array_equal(np.asarray(ref(x), np.float32), np.asarray(eager, np.float32))
@@ -552,11 +554,11 @@ def test_block_errors_name_the_argument():
     with pytest.raises(ValueError, match="token_ids"):
         block(x, jnp.zeros((5,), jnp.int32))
     with pytest.raises(ValueError, match="backend"):
-        DeepseekV4MoE(CFG, 1, rngs=nnx.Rngs(0), backend="cuda", weights=block.moe_weights)
+        DeepseekV4MoE(CFG, 1, rngs=nnx.Rngs(0), backend="cuda", options=MoEBlockOptions(weights=block.moe_weights))
     with pytest.raises(ValueError, match="mode"):
         DeepseekV4MoE(CFG, 1, rngs=nnx.Rngs(0), mode="fp4")
     with pytest.raises(ValueError, match="weights"):
-        DeepseekV4MoE(CFG, 1, rngs=nnx.Rngs(0), mode="mxf4xmxf4", weights=block.moe_weights)
+        DeepseekV4MoE(CFG, 1, rngs=nnx.Rngs(0), mode="mxf4xmxf4", options=MoEBlockOptions(weights=block.moe_weights))
     with pytest.raises(ValueError, match="hidden"):  # H % 512 != 0 is invalid for the sm_90 kernel
         DeepseekV4MoE(DeepseekV4Config.tiny(hidden_size=256), 1, rngs=nnx.Rngs(0), mode="fp8")
     with pytest.raises(ValueError, match="layer_idx"):
@@ -564,9 +566,9 @@ def test_block_errors_name_the_argument():
     with pytest.raises(TypeError, match="config"):
         DeepseekV4MoE({"hidden_size": 512}, 1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"ep_dispatch: 'collective' is not one of auto, fused, ragged, padded"):
-        DeepseekV4MoE(CFG, 1, rngs=nnx.Rngs(0), mode="fp8xfp4", weights=block.moe_weights, ep_dispatch="collective")
+        MoEBlockOptions(weights=block.moe_weights, ep_dispatch="collective")
     with pytest.raises(ValueError, match=r"ep_dispatch: 'dense' is not one of"):
-        DeepseekV4MoE(CFG, 1, rngs=nnx.Rngs(0), mode="fp8xfp4", weights=block.moe_weights, ep_dispatch="dense")
+        MoEBlockOptions(ep_dispatch="dense")
 
 
 def test_block_abstract_and_jitted_init():
@@ -578,3 +580,37 @@ def test_block_abstract_and_jitted_init():
     block = nnx.jit(lambda: DeepseekV4MoE(CFG, 0, mode="fp8xfp4", rngs=nnx.Rngs(0)))()
     y = block(rand_x(1, 3), jnp.asarray([5, 6, 7], jnp.int32))
     assert y.shape == (3, 512) and float(jnp.sum(jnp.abs(y.astype(jnp.float32)))) > 0
+
+
+def test_block_option_specs_validate_and_hash():
+    """MoEBlockOptions / BlockLoadOptions: frozen, hashable without weights, errors name the field."""
+    opts = MoEBlockOptions(is_mtp=True, ep_dispatch="ragged")
+    assert hash(opts) == hash(MoEBlockOptions(is_mtp=True, ep_dispatch="ragged")) and opts != MoEBlockOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.is_mtp = False  # type: ignore[misc]
+    lo = dsv4.BlockLoadOptions(verify=False, nibble_order="high_even")
+    assert hash(lo) == hash(dsv4.BlockLoadOptions(verify=False, nibble_order="high_even"))
+    bad = [
+        (TypeError, r"MoEBlockOptions\.weights", dict(weights=np.ones(3))),
+        (TypeError, r"MoEBlockOptions\.is_mtp", dict(is_mtp=1)),
+        (TypeError, r"MoEBlockOptions\.progress", dict(progress=3)),
+        (TypeError, r"MoEBlockOptions\.ep_axis", dict(ep_axis="")),
+        (TypeError, r"MoEBlockOptions\.policy", dict(policy="default")),
+    ]
+    for err, msg, kw in bad:
+        with pytest.raises(err, match=msg):
+            MoEBlockOptions(**kw)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    with pytest.raises(ValueError, match=r"MoEBlockOptions\.ep_axis: 'x' is not an axis of the mesh \('ep',\)"):
+        MoEBlockOptions(mesh=mesh, ep_axis="x")
+    with pytest.raises(ValueError, match=r"BlockLoadOptions\.nibble_order: 'big' is not one of low_even, high_even"):
+        dsv4.BlockLoadOptions(nibble_order="big")
+    with pytest.raises(TypeError, match=r"BlockLoadOptions\.verify"):
+        dsv4.BlockLoadOptions(verify="yes")
+    with pytest.raises(TypeError, match=r"options: expected a jax_megamoe\.models\.deepseek_v4\.MoEBlockOptions"):
+        DeepseekV4MoE(CFG, 1, mode="fp8xfp4", rngs=nnx.Rngs(0), options={"is_mtp": True})
+    with pytest.raises(TypeError, match=r"load_options: expected"):
+        DeepseekV4MoE.from_checkpoint("/nonexistent", 1, load_options={"verify": False})
+    # is_mtp through the spec: layer 0 is a hash layer, but never in the MTP block.
+    assert DeepseekV4MoE(CFG, 0, mode="fp8xfp4", rngs=nnx.Rngs(0)).is_hash_layer
+    assert not DeepseekV4MoE(CFG, 0, mode="fp8xfp4", rngs=nnx.Rngs(0), options=MoEBlockOptions(is_mtp=True)).is_hash_layer

@@ -451,7 +451,7 @@ def test_bf16_params_track_f32(fixture_data):
 def test_exact_moe_block_hash_padding_and_dtypes():
     """Exact experts: out-of-vocabulary ids on a hash layer route nowhere (only the shared expert),
     f32 and bf16 inputs both work, and the output keeps the input dtype."""
-    from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4MoE
+    from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4MoE, MoEBlockOptions
 
     cfg = DeepseekV4Config.tiny_model()
     block = DeepseekV4MoE(cfg, 0, experts="exact", param_dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -468,8 +468,11 @@ def test_exact_moe_block_hash_padding_and_dtypes():
     assert yb.dtype == jnp.bfloat16 and o.rel_l2(yb.astype(jnp.float32), y) < 2e-2
     with pytest.raises(ValueError, match="MoEWeights"):
         _ = block.moe_weights
-    with pytest.raises(ValueError, match="mesh"):
-        DeepseekV4MoE(cfg, 0, experts="exact", rngs=nnx.Rngs(0), mesh=object())
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    with pytest.raises(ValueError, match="options.mesh: experts='exact' runs on one device"):
+        DeepseekV4MoE(cfg, 0, experts="exact", rngs=nnx.Rngs(0), options=MoEBlockOptions(mesh=mesh))
+    with pytest.raises(TypeError, match="MoEBlockOptions.mesh: expected a jax.sharding.Mesh"):
+        MoEBlockOptions(mesh=object())
 
 
 def test_simulate_quant_model_option():

@@ -5,7 +5,8 @@ reads the environment the first time :func:`current` (or :func:`forward_env`) is
 ``jax_megamoe.register()`` calls it, and so does the first op that needs a setting -- and never
 again: the result is a frozen, hashable :class:`Policy`. The ops
 (:mod:`jax_megamoe._src.kernels.ops`), expert parallelism (:mod:`jax_megamoe._src.kernels.parallel`)
-and the model (:class:`~jax_megamoe.models.deepseek_v4.DeepseekV4MoE`) take it as ``policy=`` and
+and the model (:class:`~jax_megamoe.models.deepseek_v4.DeepseekV4MoE`, through its
+``MoEBlockOptions``) take it as ``policy=`` and
 default to :func:`current`. Because the process policy never changes after it is read, a function
 traced before and one traced after any change of ``os.environ`` see the same values: there is no
 stale trace. To run with other values, pass an explicit policy

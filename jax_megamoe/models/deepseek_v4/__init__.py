@@ -6,6 +6,7 @@ from jax_megamoe._src.models.deepseek_v4.attention import (
     CompressorCache,
     DeepseekV4Attention,
 )
+from jax_megamoe._src.models.deepseek_v4.loading import load_checkpoint, load_state_dict
 from jax_megamoe._src.models.deepseek_v4.model import (
     DeepseekV4Block,
     DeepseekV4ForCausalLM,
@@ -13,10 +14,10 @@ from jax_megamoe._src.models.deepseek_v4.model import (
     forward,
     jit_forward,
 )
-from jax_megamoe._src.models.deepseek_v4.loading import load_checkpoint, load_state_dict
 from jax_megamoe._src.models.deepseek_v4.moe import (
     BACKENDS,
     EXPERT_KINDS,
+    BlockLoadOptions,
     DeepseekV4Config,
     DeepseekV4Gate,
     DeepseekV4MoE,
@@ -24,6 +25,7 @@ from jax_megamoe._src.models.deepseek_v4.moe import (
     ExactExperts,
     GateBias,
     HashTable,
+    MoEBlockOptions,
     MoECheckpoint,
     RoutedExperts,
     load_moe_block,
@@ -44,6 +46,8 @@ __all__ = [
     "jit_forward",
     "DeepseekV4Gate",
     "DeepseekV4MoE",
+    "MoEBlockOptions",
+    "BlockLoadOptions",
     "DeepseekV4SharedExpert",
     "ExactExperts",
     "EXPERT_KINDS",

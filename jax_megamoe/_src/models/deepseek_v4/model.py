@@ -99,7 +99,7 @@ class DeepseekV4Block(nnx.Module):
         )
         self.ffn_norm = RMSNorm(h, config.rms_norm_eps)
         self.ffn = DeepseekV4MoE(
-            config, self.layer_idx, backend=backend, mode=mode, rngs=rngs, experts=experts, param_dtype=param_dtype
+            config, self.layer_idx, backend=backend, mode=mode, experts=experts, param_dtype=param_dtype, rngs=rngs
         )
         self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = _hc_params(self.spec, h, self.spec.mix_size, 3, rngs)
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _hc_params(self.spec, h, self.spec.mix_size, 3, rngs)

@@ -27,6 +27,7 @@ Everything is a pure function of arrays under ``nnx.jit`` / ``jax.jit`` (through
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, TypeVar
@@ -39,12 +40,14 @@ from flax import nnx
 from jax_megamoe._src.io import convert
 from jax_megamoe._src.io.build import load_moe_layer
 from jax_megamoe._src.io.safetensors_reader import CheckpointError, CheckpointSource
+from jax_megamoe._src.io.v4_checkpoint import NIBBLE_ORDERS as _NIBBLE_ORDERS
 from jax_megamoe._src.io.v4_checkpoint import MoELayer
 from jax_megamoe._src.kernels import ops, parallel
 from jax_megamoe._src.models.deepseek_v4.layers import Linear
 from jax_megamoe._src.numerics import config as _cfg
 from jax_megamoe._src.numerics import policy as _policy
 from jax_megamoe._src.numerics import quant, reference
+from jax_megamoe._src.numerics._validate import check_instance
 from jax_megamoe._src.numerics.layout import MoEWeights
 from jax_megamoe._src.numerics.policy import Policy
 from jax_megamoe._src.numerics.progress import ProgressArg, text_progress_bar
@@ -56,6 +59,8 @@ __all__ = [
     "DeepseekV4Gate",
     "DeepseekV4SharedExpert",
     "DeepseekV4MoE",
+    "MoEBlockOptions",
+    "BlockLoadOptions",
     "MoECheckpoint",
     "GateBias",
     "HashTable",
@@ -555,6 +560,68 @@ def _seed_from_key(key: jax.Array) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(v) for v in data.reshape(-1).astype(np.uint64)])
 
 
+@dataclasses.dataclass(frozen=True)
+class MoEBlockOptions:
+    """The rarely used options of :class:`DeepseekV4MoE`, grouped so the constructor keeps a short
+    signature (frozen; hashable while ``weights`` is None).
+
+    ``weights``: ready ``jax_megamoe.layout.MoEWeights`` (e.g. from a checkpoint) instead of random
+    experts. ``is_mtp``: the block of the MTP layer (never hash-routed). ``progress``: passed to the
+    random-expert generator (None / bool / ``callback(done, total)``). ``mesh`` / ``ep_axis`` /
+    ``ep_dispatch``: expert parallelism (see :class:`DeepseekV4MoE`); ``ep_dispatch`` is one of
+    ``jax_megamoe.parallel.DISPATCHES``. ``policy``: a :class:`jax_megamoe.policy.Policy` (default:
+    the process policy, read once when the block is built).
+    """
+
+    weights: MoEWeights | None = None
+    is_mtp: bool = False
+    progress: Callable[[int, int], None] | bool | None = None
+    mesh: jax.sharding.Mesh | None = None
+    ep_axis: str = "ep"
+    ep_dispatch: str = "auto"
+    policy: Policy | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and not isinstance(self.weights, MoEWeights):
+            raise TypeError(
+                f"MoEBlockOptions.weights: expected a jax_megamoe.layout.MoEWeights or None, "
+                f"got {type(self.weights).__name__}"
+            )
+        if not isinstance(self.is_mtp, (bool, np.bool_)):
+            raise TypeError(f"MoEBlockOptions.is_mtp: expected a bool, got {self.is_mtp!r}")
+        if self.progress is not None and not isinstance(self.progress, bool) and not callable(self.progress):
+            raise TypeError(
+                f"MoEBlockOptions.progress: expected None, a bool or a callback(done, total), got {self.progress!r}"
+            )
+        if self.mesh is not None and not isinstance(self.mesh, jax.sharding.Mesh):
+            raise TypeError(
+                f"MoEBlockOptions.mesh: expected a jax.sharding.Mesh or None, got {type(self.mesh).__name__}"
+            )
+        if not isinstance(self.ep_axis, str) or not self.ep_axis:
+            raise TypeError(
+                f"MoEBlockOptions.ep_axis: expected a mesh axis name (a non-empty str), got {self.ep_axis!r}"
+            )
+        if self.mesh is not None and self.ep_axis not in self.mesh.axis_names:
+            raise ValueError(
+                f"MoEBlockOptions.ep_axis: {self.ep_axis!r} is not an axis of the mesh {tuple(self.mesh.axis_names)}"
+            )
+        if self.ep_dispatch not in parallel.DISPATCHES:
+            raise ValueError(
+                f"MoEBlockOptions.ep_dispatch: {self.ep_dispatch!r} is not one of {', '.join(parallel.DISPATCHES)}"
+            )
+        if self.policy is not None and not isinstance(self.policy, Policy):
+            raise TypeError(
+                f"MoEBlockOptions.policy: expected a jax_megamoe.policy.Policy or None, got {type(self.policy).__name__}"
+            )
+
+    @staticmethod
+    def of(options: MoEBlockOptions | None) -> MoEBlockOptions:
+        """``options``, or the defaults for None (a TypeError naming the argument otherwise)."""
+        if options is None:
+            return MoEBlockOptions()
+        return check_instance("options", options, MoEBlockOptions, "a jax_megamoe.models.deepseek_v4.MoEBlockOptions")
+
+
 class DeepseekV4MoE(nnx.Module):
     """One DeepSeek V4 MoE layer: ``(x bf16[T, H], token_ids int32[T] | None) -> bf16[T, H]``.
 
@@ -566,6 +633,7 @@ class DeepseekV4MoE(nnx.Module):
 
     ``mode``: the kernel mode the experts are built for; None resolves it the way the ops do
     (``fp8`` on an sm_90 GPU, else the environment's sm_100 mode, ``fp8xfp4`` by default).
+    ``options`` (:class:`MoEBlockOptions`) holds the rarely used settings below.
     ``weights``: ready ``MoEWeights`` (e.g. from a checkpoint); when None the experts are random
     MXFP4 bytes (:func:`random_moe_checkpoint`, seeded from ``rngs.params()``) converted with
     ``MoEWeights.from_checkpoint``; ``progress`` is passed to the generator.
@@ -591,19 +659,15 @@ class DeepseekV4MoE(nnx.Module):
         *,
         backend: str = "auto",
         mode: str | None = None,
-        rngs: nnx.Rngs,
-        weights: MoEWeights | None = None,
-        is_mtp: bool = False,
-        progress: Callable[[int, int], None] | bool | None = None,
-        mesh: jax.sharding.Mesh | None = None,
-        ep_axis: str = "ep",
-        ep_dispatch: str = "auto",
-        policy: Policy | None = None,
         experts: str = "quantized",
         param_dtype: Any = jnp.bfloat16,
+        rngs: nnx.Rngs,
+        options: MoEBlockOptions | None = None,
     ) -> None:
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
+        opts = MoEBlockOptions.of(options)
+        weights, is_mtp, mesh, ep_axis = opts.weights, opts.is_mtp, opts.mesh, opts.ep_axis
         if experts not in EXPERT_KINDS:
             raise ValueError(f"experts: {experts!r} is not one of {', '.join(EXPERT_KINDS)}")
         self.expert_kind = experts
@@ -615,15 +679,13 @@ class DeepseekV4MoE(nnx.Module):
         # Expert parallelism (jax_megamoe.parallel.ep_moe) over mesh axis ep_axis; None: one device.
         self.mesh = mesh
         self.ep_axis = ep_axis
-        if ep_dispatch not in parallel.DISPATCHES:
-            raise ValueError(f"ep_dispatch: {ep_dispatch!r} is not one of {', '.join(parallel.DISPATCHES)}")
-        self.ep_dispatch = ep_dispatch
+        self.ep_dispatch = opts.ep_dispatch
         self.config = config
         if weights is not None and mode is None:
             mode = getattr(weights, "mode", None)
         # Every setting the block's calls do not give (token cap, graph targets, sm_100 mode, ...):
         # frozen here, so every trace of this block sees the same values.
-        self.policy = _policy.resolve(policy)
+        self.policy = _policy.resolve(opts.policy)
         self.mode = _policy.resolve_mode(mode, ops.device_arch(), self.policy)
         _cfg.validate_moe_shape(
             hidden=config.hidden_size,
@@ -638,7 +700,7 @@ class DeepseekV4MoE(nnx.Module):
         if weights is None:
             key = rngs.params()
             if _key_is_concrete(key):
-                ckpt = random_moe_checkpoint(config, _seed_from_key(key), progress=progress)
+                ckpt = random_moe_checkpoint(config, _seed_from_key(key), progress=opts.progress)
             else:
                 ckpt = _random_moe_checkpoint_jax(config, key)
             weights = MoEWeights.from_checkpoint(*ckpt, mode=self.mode)
@@ -658,9 +720,9 @@ class DeepseekV4MoE(nnx.Module):
     def _init_exact(self, config: DeepseekV4Config, layer_idx: int, *, rngs: nnx.Rngs, is_mtp: bool,
                     param_dtype: Any, mesh: Any, weights: Any, backend: str) -> None:
         if mesh is not None:
-            raise ValueError("mesh: experts='exact' runs on one device; use experts='quantized' with a mesh")
+            raise ValueError("options.mesh: experts='exact' runs on one device; use experts='quantized' with a mesh")
         if weights is not None:
-            raise ValueError("weights: MoEWeights are quantized experts; experts='exact' takes dense weights")
+            raise ValueError("options.weights: MoEWeights are quantized experts; experts='exact' takes dense weights")
         self.backend = _check_backend(backend)
         self.mesh, self.ep_axis, self.ep_dispatch = None, "ep", "auto"
         self.config = config
@@ -690,23 +752,25 @@ class DeepseekV4MoE(nnx.Module):
         backend: str = "auto",
         mode: str | None = None,
         config: DeepseekV4Config | Mapping[str, Any] | None = None,
-        progress: ProgressArg = None,
-        nibble_order: str = "low_even",
         rngs: nnx.Rngs | None = None,
+        load_options: BlockLoadOptions | None = None,
+        options: MoEBlockOptions | None = None,
         **kwargs: Any,
     ) -> DeepseekV4MoE:
         """The block of layer ``layer_idx`` with every parameter loaded from a DeepSeek V4
         safetensors checkpoint folder, or from a folder written by ``python -m jax_megamoe.convert``.
 
         ``config``: None infers it from the checkpoint's ``config.json`` (checked against the tensor
-        shapes). Other keyword arguments go to the constructor. See
-        :func:`load_moe_block` (and :func:`jax_megamoe.checkpoint.load_moe_layer` for the FP4 -> FP8
-        conversion report of mode ``'fp8'``).
+        shapes). ``load_options`` (:class:`BlockLoadOptions`): how the checkpoint is read;
+        ``options`` (:class:`MoEBlockOptions`, no ``weights``) and other keyword arguments go to
+        the constructor. See :func:`load_moe_block` (and
+        :func:`jax_megamoe.checkpoint.load_moe_layer` for the FP4 -> FP8 conversion report of mode
+        ``'fp8'``).
         """
         return load_moe_block(
-            cls, path, layer_idx, backend=backend, mode=mode, config=config, progress=progress,
-            nibble_order=nibble_order, rngs=rngs, **kwargs,
-        )
+            cls, path, layer_idx, backend=backend, mode=mode, config=config, rngs=rngs,
+            load_options=load_options, options=options, **kwargs,
+        )  # fmt: skip
 
     def _check_weights(self, weights: Any) -> None:
         cfg = self.config
@@ -814,6 +878,48 @@ def apply_layer(layer: MoELayer, block: _Block) -> _Block:
     return block
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockLoadOptions:
+    """How :func:`load_moe_block` / :meth:`DeepseekV4MoE.from_checkpoint` read a checkpoint (frozen,
+    hashable), grouped so the calls keep a short signature.
+
+    ``progress``: a progress bar for reading the experts (None / bool / a description str /
+    ``callback(done, total)``, as :func:`jax_megamoe.checkpoint.load_moe_layer`). ``nibble_order``:
+    the FP4 nibble order of the checkpoint (``"low_even"`` | ``"high_even"``). ``verify``: check a
+    converted folder's SHA-256 (False skips it). ``allow_nan_scales``: accept UE8M0 scale bytes
+    ``0xFF`` (NaN) instead of refusing them.
+    """
+
+    progress: ProgressArg = None
+    nibble_order: str = "low_even"
+    verify: bool = True
+    allow_nan_scales: bool = False
+
+    def __post_init__(self) -> None:
+        p = self.progress
+        if p is not None and not isinstance(p, (bool, str)) and not callable(p):
+            raise TypeError(
+                f"BlockLoadOptions.progress: expected None, a bool, a str or a callback(done, total), got {p!r}"
+            )
+        if self.nibble_order not in _NIBBLE_ORDERS:
+            raise ValueError(
+                f"BlockLoadOptions.nibble_order: {self.nibble_order!r} is not one of {', '.join(_NIBBLE_ORDERS)}"
+            )
+        for name in ("verify", "allow_nan_scales"):
+            v = getattr(self, name)
+            if not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"BlockLoadOptions.{name}: expected a bool, got {v!r}")
+
+    @staticmethod
+    def of(options: BlockLoadOptions | None) -> BlockLoadOptions:
+        """``options``, or the defaults for None (a TypeError naming the argument otherwise)."""
+        if options is None:
+            return BlockLoadOptions()
+        return check_instance(
+            "load_options", options, BlockLoadOptions, "a jax_megamoe.models.deepseek_v4.BlockLoadOptions"
+        )
+
+
 def load_moe_block(
     cls: type[_Block],
     path: CheckpointSource,
@@ -822,20 +928,26 @@ def load_moe_block(
     backend: str = "auto",
     mode: str | None = None,
     config: DeepseekV4Config | Mapping[str, Any] | None = None,
-    progress: ProgressArg = None,
-    nibble_order: str = "low_even",
     rngs: nnx.Rngs | None = None,
-    verify: bool = True,
-    allow_nan_scales: bool = False,
+    load_options: BlockLoadOptions | None = None,
+    options: MoEBlockOptions | None = None,
     **block_kwargs: Any,
 ) -> _Block:
-    """``cls(config, layer_idx, backend=..., mode=..., weights=...)`` with every parameter loaded.
+    """``cls(config, layer_idx, backend=..., mode=..., options=MoEBlockOptions(weights=...))`` with
+    every parameter loaded.
 
     ``path`` is a checkpoint (see :func:`load_moe_layer`) or a folder written by
     ``python -m jax_megamoe.convert`` (recognised by its per-layer manifest; its mode must match
-    ``mode`` when one is given; ``verify=False`` skips its SHA-256 check; ``allow_nan_scales`` as
-    in :func:`load_moe_layer`). Extra keyword arguments go to the block's constructor.
+    ``mode`` when one is given). ``load_options`` (:class:`BlockLoadOptions`): progress, nibble
+    order, ``verify`` (the converted folder's SHA-256 check) and ``allow_nan_scales`` (as in
+    :func:`load_moe_layer`). ``options`` (:class:`MoEBlockOptions`, its ``weights`` None: the
+    loaded experts take their place) and extra keyword arguments go to the block's constructor.
     """
+    lo = BlockLoadOptions.of(load_options)
+    block_opts = MoEBlockOptions.of(options)
+    if block_opts.weights is not None:
+        raise ValueError("options.weights: the loaded checkpoint gives the experts; pass options without weights")
+    nibble_order, verify, allow_nan_scales, progress = lo.nibble_order, lo.verify, lo.allow_nan_scales, lo.progress
     if convert.is_converted_dir(path, layer_idx):
         layer = convert.load_converted(path, layer_idx, verify=verify)
         if mode is not None and mode != layer.mode:
@@ -856,7 +968,7 @@ def load_moe_block(
         backend=backend,
         mode=layer.mode,
         rngs=nnx.Rngs(0) if rngs is None else rngs,
-        weights=layer.weights,
+        options=dataclasses.replace(block_opts, weights=layer.weights),
         **block_kwargs,
     )
     return apply_layer(layer, block)
