@@ -261,7 +261,9 @@ def policy_record() -> dict[str, Any]:
     # Settings that change results; where files live (Locations, the JIT cache) are machine facts.
     fields = [f.name for f in dataclasses.fields(cur) if f.name != "sources" and f.compare]
     rec: dict[str, Any] = {f: getattr(cur, f) for f in fields}
-    rec["non_default"] = {f: f"{getattr(cur, f)} ({cur.source(f)})" for f in fields if getattr(cur, f) != getattr(default, f)}
+    rec["non_default"] = {
+        f: f"{getattr(cur, f)} ({cur.source(f)})" for f in fields if getattr(cur, f) != getattr(default, f)
+    }
     return rec
 
 

@@ -209,12 +209,11 @@ def make_routing(t: int, e: int, k: int, rho: float, rng: np.random.Generator) -
     """Uniform top-K of E (distinct experts per token, random slot order) and positive weights that
     sum to ``rho`` per token (DeepSeek V4 folds rho into the weights before the experts)."""
     scores = rng.random((t, e))
-    idx = np.argpartition(scores, e - k, axis=1)[:, e - k:]
+    idx = np.argpartition(scores, e - k, axis=1)[:, e - k :]
     idx = np.take_along_axis(idx, rng.permuted(np.tile(np.arange(k), (t, 1)), axis=1), axis=1)
     g = rng.random((t, k)) + 0.1
     w = (g / g.sum(axis=1, keepdims=True) * rho).astype(np.float32)
     return idx.astype(np.int32), w
-
 
 
 # =============================================================================================
@@ -312,9 +311,7 @@ def tokamax_ragged(x, idx, w, w13t, w2t, *, clamp, implementation, out_dtype):
         if pad:
             lhs = jnp.pad(lhs, ((0, pad), (0, 0)))
             sizes = sizes.at[-1].add(pad)
-        out = tokamax.ragged_dot(
-            lhs, rhs, sizes, preferred_element_type=out_dtype, implementation=implementation
-        )
+        out = tokamax.ragged_dot(lhs, rhs, sizes, preferred_element_type=out_dtype, implementation=implementation)
         return out[:m]
 
     return _ragged(x, idx, w, w13t, w2t, clamp=clamp, dot=dot)
@@ -432,7 +429,13 @@ def ffi_mega_moe(x, idx, w, weights, *, clamp, cap=None, reserved_sms=None, kern
     from jax_megamoe import ops
 
     return ops.mega_moe(
-        x, idx, w, weights, mode="fp8", activation_clamp=clamp, backend="ffi",
+        x,
+        idx,
+        w,
+        weights,
+        mode="fp8",
+        activation_clamp=clamp,
+        backend="ffi",
         options=ops.MoEOptions(num_max_tokens=cap or x.shape[0], reserved_sms=reserved_sms, kernel=kernel),
     )
 
@@ -457,10 +460,22 @@ PATHS: tuple[PathSpec, ...] = (
     PathSpec("xla_gather", "(b1) XLA bf16 gather", "bf16", "bf16", "f32", gather=True),
     PathSpec("xla_capacity", "(b2) XLA bf16 capacity einsum", "bf16", "bf16", "f32"),
     PathSpec("xla_ragged", "(b3) XLA bf16 sort + ragged_dot", "bf16", "bf16", "f32"),
-    PathSpec("xla_ragged_cudnn", "(b3) ragged_dot, XLA cuDNN grouped GEMM", "bf16", "bf16", "f32",
-             gpu_only="an XLA:GPU ragged_dot backend (compiler option)"),
-    PathSpec("xla_ragged_triton", "(b3) ragged_dot, XLA Triton grouped GEMM", "bf16", "bf16", "f32",
-             gpu_only="an XLA:GPU ragged_dot backend (compiler option)"),
+    PathSpec(
+        "xla_ragged_cudnn",
+        "(b3) ragged_dot, XLA cuDNN grouped GEMM",
+        "bf16",
+        "bf16",
+        "f32",
+        gpu_only="an XLA:GPU ragged_dot backend (compiler option)",
+    ),
+    PathSpec(
+        "xla_ragged_triton",
+        "(b3) ragged_dot, XLA Triton grouped GEMM",
+        "bf16",
+        "bf16",
+        "f32",
+        gpu_only="an XLA:GPU ragged_dot backend (compiler option)",
+    ),
     PathSpec("tokamax_ragged", "(c) tokamax.ragged_dot bf16", "bf16", "bf16", "f32"),
     PathSpec("fp8w_gather", "(d) FP8 weights, gather, bf16 MMA", "fp8", "bf16", "f32", gather=True),
     PathSpec("fp8w_capacity", "(d) FP8 weights, capacity, bf16 MMA", "fp8", "bf16", "f32"),

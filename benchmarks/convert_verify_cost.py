@@ -201,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             fn()  # first touch of the allocator / page cache, not timed
             results[name] = {"warm": {"times_s": timed(fn, args.repeats), "bytes": nbytes}}
             if cold_ok:
-                results[name]["cold"] = {"times_s": timed(fn, args.repeats, before=lambda: evict(path)), "bytes": nbytes}
+                results[name]["cold"] = {
+                    "times_s": timed(fn, args.repeats, before=lambda: evict(path)),
+                    "bytes": nbytes,
+                }
             C.log(f"{name}: done")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -233,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     C.write_json(args.out, out)
     m = out["machine"]
-    print(f"\n{m['cpu']}, nproc {m['nproc']}, {nbytes / 1e9:.2f} GB file ({args.experts} experts), best of {args.repeats}")
+    print(
+        f"\n{m['cpu']}, nproc {m['nproc']}, {nbytes / 1e9:.2f} GB file ({args.experts} experts), best of {args.repeats}"
+    )
     print(f"{'':24s} {'cache':5s} {'seconds':>8s} {'GB/s':>6s} {'s / V4-Flash layer':>19s}")
     for name, cache, best, gbps, per_layer in rows:
         print(f"{name:24s} {cache:5s} {best:8.2f} {gbps:6.2f} {per_layer:19.2f}")

@@ -97,7 +97,15 @@ CHECK_ORDER = ("xla_capacity", "xla_gather", "tokamax_ragged", "reference", "ffi
 #: FP8 paths against each other compound too: on an H100 (T = 1-8, 43 V4-Flash layers) the fused
 #: kernel and the decode kernels are each 0.29-0.34 from the reference (one layer: 5e-3 and 1e-4).
 CHECK_TOL = {"same_activations": 0.5, "fp8_vs_bf16_activations": 0.5}
-ACTIVATIONS = {"ffi": "fp8", "ffi_fused": "fp8", "ffi_decode": "fp8", "reference": "fp8", "tokamax_ragged": "bf16", "xla_capacity": "bf16", "xla_gather": "bf16"}
+ACTIVATIONS = {
+    "ffi": "fp8",
+    "ffi_fused": "fp8",
+    "ffi_decode": "fp8",
+    "reference": "fp8",
+    "tokamax_ragged": "bf16",
+    "xla_capacity": "bf16",
+    "xla_gather": "bf16",
+}
 #: The weight sets of one format may take this much of the device pool.
 SETS_POOL_FRACTION = 0.8
 L2_BYTES = 50 * 2**20  # H100 / H200
@@ -129,8 +137,9 @@ def set_bytes(shape: B.Shape, fmt: str) -> int:
     return B.bytes_per_expert(fmt, shape.hidden, shape.intermediate) * shape.num_experts
 
 
-def choose_sets(shape: B.Shape, fmt: str, *, requested: int, n_layers: int, limit: int | None,
-                explicit: bool) -> tuple[int, str]:
+def choose_sets(
+    shape: B.Shape, fmt: str, *, requested: int, n_layers: int, limit: int | None, explicit: bool
+) -> tuple[int, str]:
     """How many distinct weight sets of ``fmt`` to hold, and why."""
     per = set_bytes(shape, fmt)
     want = max(1, min(requested, n_layers))
@@ -184,6 +193,7 @@ def make_step(layer, *, n_layers: int, n_sets: int, loop: str):
         cycles = n_layers // n_sets if loop == "scan" else 0
         start = 0
         if cycles > 1:
+
             def body(x, iw):
                 ic, wc = iw
                 for j in range(n_sets):
@@ -298,8 +308,13 @@ class Bench:
     def layer_fn(self, name: str, p: Point, sets):
         clamp = self.shape.clamp
         if name in FFI_KERNELS:
-            return partial(B.ffi_mega_moe, clamp=clamp, cap=ffi_cap(p.tokens), reserved_sms=self.args.ffi_reserved_sms,
-                           kernel=FFI_KERNELS[name])
+            return partial(
+                B.ffi_mega_moe,
+                clamp=clamp,
+                cap=ffi_cap(p.tokens),
+                reserved_sms=self.args.ffi_reserved_sms,
+                kernel=FFI_KERNELS[name],
+            )
         if name == "reference":
             return partial(B.reference_mega_moe, clamp=clamp)
         if name == "xla_capacity":
@@ -349,7 +364,9 @@ class Bench:
             return
         info["setup_s"] = time.perf_counter() - t0
         resident = n_sets * set_bytes(shape, fmt)
-        C.log(f"{fmt}: {n_sets} weight sets ({resident / GIB:.2f} GiB) ready in {info['setup_s']:.1f} s; paths {runnable}")
+        C.log(
+            f"{fmt}: {n_sets} weight sets ({resident / GIB:.2f} GiB) ready in {info['setup_s']:.1f} s; paths {runnable}"
+        )
         check_sets = tuple(sets[j % check_cycle] for j in range(n_sets))
         empty = make_step(empty_layer, n_layers=a.layers, n_sets=n_sets, loop=a.loop)
         no_weights = tuple(() for _ in range(n_sets))
@@ -360,17 +377,27 @@ class Bench:
                 xs = device_sets(p)
                 if self.remaining() <= 0:
                     for n in runnable:
-                        q["paths"][n] = {"status": "skipped", "reason": "time budget exhausted (--budget-s / --deadline)"}
+                        q["paths"][n] = {
+                            "status": "skipped",
+                            "reason": "time budget exhausted (--budget-s / --deadline)",
+                        }
                     C.log(f"{fmt} T={t}: skipped, time budget exhausted")
                     self.save()
                     continue
                 # The empty step of this format's program shape.
                 try:
-                    tm = C.measure(lambda x, i, w: empty(x, i, w, no_weights), xs, budget_s=min(a.time_per_point, self.remaining()),
-                                   sample_s=a.sample_s, min_samples=a.min_samples)
+                    tm = C.measure(
+                        lambda x, i, w: empty(x, i, w, no_weights),
+                        xs,
+                        budget_s=min(a.time_per_point, self.remaining()),
+                        sample_s=a.sample_s,
+                        min_samples=a.min_samples,
+                    )
                     q["empty"][fmt] = {"distinct_sets": n_sets, **tm.as_dict(), "per_layer_s": tm.median_s / a.layers}
-                    C.log(f"{fmt} T={t}: empty step {C.fmt_time(tm.median_s)} = {C.fmt_time(tm.median_s / a.layers)} per layer "
-                          f"(compile {tm.first_call_s:.1f} s); {self.remaining():.0f} s left")
+                    C.log(
+                        f"{fmt} T={t}: empty step {C.fmt_time(tm.median_s)} = {C.fmt_time(tm.median_s / a.layers)} per layer "
+                        f"(compile {tm.first_call_s:.1f} s); {self.remaining():.0f} s left"
+                    )
                 except Exception as e:  # noqa: BLE001
                     q["empty"][fmt] = {"distinct_sets": n_sets, "error": f"{type(e).__name__}: {C.first_line(e)}"}
                 for n in runnable:
@@ -388,8 +415,10 @@ class Bench:
         if reason is None and name == "xla_gather":
             g = t * shape.top_k * B.bytes_per_expert("bf16", shape.hidden, shape.intermediate)
             if g > self.gather_limit(resident):
-                reason = (f"gathering {t}x{shape.top_k} experts would materialise {C.fmt_bytes(g)} per layer "
-                          f"(limit {C.fmt_bytes(self.gather_limit(resident))}, --gather-max-gib)")
+                reason = (
+                    f"gathering {t}x{shape.top_k} experts would materialise {C.fmt_bytes(g)} per layer "
+                    f"(limit {C.fmt_bytes(self.gather_limit(resident))}, --gather-max-gib)"
+                )
         if reason is None and name in self.oom and t >= self.oom[name]:
             reason = f"ran out of memory at T={self.oom[name]} (its memory grows with T)"
         if reason is None and self.remaining() <= 0:
@@ -409,8 +438,14 @@ class Bench:
                 y0 = step(*xs[0], check_sets)  # the common weight cycle of every path (same executable)
             self.outputs[(t, name)] = np.asarray(y0).astype(np.float32)
             del y0
-            tm = C.measure(lambda x, i, w: step(x, i, w, sets), xs, budget_s=min(a.time_per_point, max(0.0, self.remaining())),
-                           sample_s=a.sample_s, first_call_s=first, min_samples=a.min_samples)
+            tm = C.measure(
+                lambda x, i, w: step(x, i, w, sets),
+                xs,
+                budget_s=min(a.time_per_point, max(0.0, self.remaining())),
+                sample_s=a.sample_s,
+                first_call_s=first,
+                min_samples=a.min_samples,
+            )
         except Exception as e:  # noqa: BLE001 - every failure is recorded, the sweep goes on
             status, why = self.state.classify(e, name)
             rec["status"], rec["reason"] = status, why
@@ -447,8 +482,10 @@ class Bench:
         if name == "tokamax_ragged":
             rec["implementation"] = self.state.tokamax_note
         self.state.ok(name)
-        C.log(f"  {name:15s} T={t}: {C.fmt_time(per)} per layer ({rec['time_over_floor']:.1f}x floor), step "
-              f"{C.fmt_time(tm.median_s)}, first call {first:.1f} s; {self.remaining():.0f} s left")
+        C.log(
+            f"  {name:15s} T={t}: {C.fmt_time(per)} per layer ({rec['time_over_floor']:.1f}x floor), step "
+            f"{C.fmt_time(tm.median_s)}, first call {first:.1f} s; {self.remaining():.0f} s left"
+        )
         return rec
 
     # ---- after all phases -----------------------------------------------------------------
@@ -467,13 +504,27 @@ class Bench:
                     chk = {"baseline": True, "finite": finite, "pass": finite}
                 else:
                     r = C.rel_l2(y, self.outputs[(t, base)])
-                    tol = CHECK_TOL["same_activations" if ACTIVATIONS[n] == ACTIVATIONS[base] else "fp8_vs_bf16_activations"]
-                    chk = {"vs": base, "rel_l2": r, "tol": tol, "finite": finite,
-                           "pass": bool(finite and math.isfinite(r) and r <= tol)}
+                    tol = CHECK_TOL[
+                        "same_activations" if ACTIVATIONS[n] == ACTIVATIONS[base] else "fp8_vs_bf16_activations"
+                    ]
+                    chk = {
+                        "vs": base,
+                        "rel_l2": r,
+                        "tol": tol,
+                        "finite": finite,
+                        "pass": bool(finite and math.isfinite(r) and r <= tol),
+                    }
                 chk["weight_cycle"] = self.result["check"]["weight_cycle"]
                 paths[n]["check"] = chk
                 if not chk["pass"]:
-                    fails.append(f"T={t} {n}: " + (f"rel L2 {chk['rel_l2']:.3g} vs {base} > {chk['tol']:g}" if "rel_l2" in chk else "non-finite output"))
+                    fails.append(
+                        f"T={t} {n}: "
+                        + (
+                            f"rel L2 {chk['rel_l2']:.3g} vs {base} > {chk['tol']:g}"
+                            if "rel_l2" in chk
+                            else "non-finite output"
+                        )
+                    )
             q["best"] = best_of(paths)
         return fails
 
@@ -540,7 +591,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if fb:
         ax.plot(*zip(*fb), ls="--", color="tab:green", lw=1.0, alpha=0.7, label="floor, bf16 weights")
     for fmt, col in (("fp8", "dimgray"), ("bf16", "silver")):
-        em = [(q["tokens"], q["empty"][fmt]["per_layer_s"] * 1e6) for q in pts if "per_layer_s" in q.get("empty", {}).get(fmt, {})]
+        em = [
+            (q["tokens"], q["empty"][fmt]["per_layer_s"] * 1e6)
+            for q in pts
+            if "per_layer_s" in q.get("empty", {}).get(fmt, {})
+        ]
         if em:
             lab = result["weight_sets"][fmt]["distinct"]
             ax.plot(*zip(*em), ls=":", color=col, marker=".", label=f"empty step per layer ({fmt} program, L={lab})")
@@ -552,8 +607,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     m = result["model"]
     ax.set_xlabel("tokens T")
     ax.set_ylabel("time per layer inside one step (us), median; band p10-p90")
-    ax.set_title(f"{m['name']}: {result['n_layers']} layers in one jitted step, H={m['hidden']} I={m['intermediate']} "
-                 f"E={m['num_experts']} K={m['top_k']}", fontsize=9)
+    ax.set_title(
+        f"{m['name']}: {result['n_layers']} layers in one jitted step, H={m['hidden']} I={m['intermediate']} "
+        f"E={m['num_experts']} K={m['top_k']}",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="best", framealpha=0.7)
@@ -570,8 +628,11 @@ def results_markdown(result: dict[str, Any], png: str | None = None) -> str:
     ws = result["weight_sets"]
     n = result["n_layers"]
     label = {"git_head": "git ", "platform_version": ""}
-    soft = [f"{label.get(k, k + ' ')}{ver[k]}" for k in ("jax", "jaxlib", "jax_megamoe", "git_head", "tokamax", "platform_version")
-            if ver.get(k)]
+    soft = [
+        f"{label.get(k, k + ' ')}{ver[k]}"
+        for k in ("jax", "jaxlib", "jax_megamoe", "git_head", "tokamax", "platform_version")
+        if ver.get(k)
+    ]
     lines = [
         f"## Decode step: all layers in one program, {m['name']} (`python -m benchmarks.decode_step`)",
         "",
@@ -579,7 +640,11 @@ def results_markdown(result: dict[str, Any], png: str | None = None) -> str:
         f"- `{result.get('command')}`",
         f"- measured ceilings{' (' + result['ceilings_source'] + ')' if result.get('ceilings_source') else ''}: "
         f"HBM {C.fmt_rate(ceil['hbm_bytes_per_s'], 'B/s')}; bf16 matmul {C.fmt_rate(ceil['bf16_flops_per_s'], 'FLOP/s')}; FP8 matmul "
-        + (C.fmt_rate(ceil["fp8_flops_per_s"], "FLOP/s") if ceil.get("fp8_flops_per_s") else str(ceil.get("fp8_method"))),
+        + (
+            C.fmt_rate(ceil["fp8_flops_per_s"], "FLOP/s")
+            if ceil.get("fp8_flops_per_s")
+            else str(ceil.get("fp8_method"))
+        ),
         f"- layers: {m['name']} H={m['hidden']}, I={m['intermediate']}, E={m['num_experts']}, K={m['top_k']}, "
         f"{n} layers per step, one `jax.jit` program ({result['loop_note']})",
     ]
@@ -637,26 +702,52 @@ def results_markdown(result: dict[str, Any], png: str | None = None) -> str:
                 mark = ""
                 if not chk.get("pass", True):
                     mark = " **check FAIL**"
-                    fails.append(f"T={q['tokens']} `{name}`: rel L2 {chk.get('rel_l2')} vs `{chk.get('vs')}`, finite {chk.get('finite')}")
+                    fails.append(
+                        f"T={q['tokens']} `{name}`: rel L2 {chk.get('rel_l2')} vs `{chk.get('vs')}`, finite {chk.get('finite')}"
+                    )
                 return f"{C.fmt_time(r['per_layer_s'])} ({r['time_over_floor']:.1f}x){mark}"
             if r.get("reason"):
                 skips.setdefault((name, r["reason"]), []).append(f"T={q['tokens']}")
             return "-" if r.get("status") != "failed" else "failed"
 
         row(f"`{name}`" + (f" (L={ws['fp8' if name in PHASES[0][1] else 'bf16']['distinct']})"), cell)
-    row("**best XLA**", lambda q: (f"`{q['best']['best_xla']}` {C.fmt_time(q['best']['best_xla_per_layer_s'])}"
-                                   if q.get("best", {}).get("best_xla") else "-"))
+    row(
+        "**best XLA**",
+        lambda q: (
+            f"`{q['best']['best_xla']}` {C.fmt_time(q['best']['best_xla_per_layer_s'])}"
+            if q.get("best", {}).get("best_xla")
+            else "-"
+        ),
+    )
     if any(q["paths"].get("ffi", {}).get("status") == "ok" for q in pts):  # else its reason is under "Not run"
-        row("**ffi fraction of floor**", lambda q: (f"{q['paths']['ffi']['floor_fraction']:.2f}"
-                                                     if q["paths"].get("ffi", {}).get("status") == "ok" else "-"))
-        row("ffi speed-up vs best XLA", lambda q: (f"{q['best']['ffi_speedup_vs_best_xla']:.2f}x"
-                                                   if q.get("best", {}).get("ffi_speedup_vs_best_xla") else "-"))
-        row("ffi speed-up vs tokamax", lambda q: (f"{q['best']['ffi_speedup_vs_tokamax']:.2f}x"
-                                                  if q.get("best", {}).get("ffi_speedup_vs_tokamax") else "-"))
+        row(
+            "**ffi fraction of floor**",
+            lambda q: (
+                f"{q['paths']['ffi']['floor_fraction']:.2f}" if q["paths"].get("ffi", {}).get("status") == "ok" else "-"
+            ),
+        )
+        row(
+            "ffi speed-up vs best XLA",
+            lambda q: (
+                f"{q['best']['ffi_speedup_vs_best_xla']:.2f}x"
+                if q.get("best", {}).get("ffi_speedup_vs_best_xla")
+                else "-"
+            ),
+        )
+        row(
+            "ffi speed-up vs tokamax",
+            lambda q: (
+                f"{q['best']['ffi_speedup_vs_tokamax']:.2f}x"
+                if q.get("best", {}).get("ffi_speedup_vs_tokamax")
+                else "-"
+            ),
+        )
     for fmt in ("fp8", "bf16"):
         if any("per_layer_s" in q.get("empty", {}).get(fmt, {}) for q in pts):
-            row(f"empty step, per layer ({fmt} program, L={ws[fmt]['distinct']})",
-                lambda q, fmt=fmt: C.fmt_time(q.get("empty", {}).get(fmt, {}).get("per_layer_s")))
+            row(
+                f"empty step, per layer ({fmt} program, L={ws[fmt]['distinct']})",
+                lambda q, fmt=fmt: C.fmt_time(q.get("empty", {}).get(fmt, {}).get("per_layer_s")),
+            )
     lines.append("")
     if fails:
         lines += ["### Check failures", ""] + [f"- {f}" for f in fails] + [""]
@@ -695,32 +786,61 @@ def finalize(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.decode_step", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.decode_step",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="flash", choices=("flash", "pro"))
-    p.add_argument("--tokens", type=C.int_list, default=None, help=f"token counts (default {FULL_TOKENS}; --smoke {SMOKE_TOKENS})")
+    p.add_argument(
+        "--tokens", type=C.int_list, default=None, help=f"token counts (default {FULL_TOKENS}; --smoke {SMOKE_TOKENS})"
+    )
     p.add_argument("--layers", type=int, default=None, help="layers per step (default 43; --smoke 3)")
-    p.add_argument("--layers-distinct", type=int, default=None,
-                   help="distinct weight sets per format, cycled over the layers (default 8, --smoke 2; reduced to fit memory)")
-    p.add_argument("--loop", choices=("scan", "unroll"), default="scan",
-                   help="scan: lax.scan over cycles of the L distinct layers (default); unroll: every layer unrolled")
+    p.add_argument(
+        "--layers-distinct",
+        type=int,
+        default=None,
+        help="distinct weight sets per format, cycled over the layers (default 8, --smoke 2; reduced to fit memory)",
+    )
+    p.add_argument(
+        "--loop",
+        choices=("scan", "unroll"),
+        default="scan",
+        help="scan: lax.scan over cycles of the L distinct layers (default); unroll: every layer unrolled",
+    )
     p.add_argument("--paths", default=None, help="comma list (default all): " + ", ".join(PATH_NAMES))
     p.add_argument("--include-reference", action="store_true", help="also time the pure-JAX reference on a GPU")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes (H=512 I=256 E=16 K=4), 3 layers, 2 distinct sets, T = 1, 4 (implied on a CPU device)")
-    p.add_argument("--experts", type=int, default=None, help="E (default: the model's, reduced when one FP8 + bf16 set does not fit)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes (H=512 I=256 E=16 K=4), 3 layers, 2 distinct sets, T = 1, 4 (implied on a CPU device)",
+    )
+    p.add_argument(
+        "--experts",
+        type=int,
+        default=None,
+        help="E (default: the model's, reduced when one FP8 + bf16 set does not fit)",
+    )
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (JSON + PNG)")
     p.add_argument("--write-results", default=None, help="also fill this RESULTS.md (its decode_step section)")
     p.add_argument("--from-json", default=None, help="no measuring: re-render the PNG / RESULTS.md from this JSON")
-    p.add_argument("--ceilings-from", default=None, help="take the HBM / matmul ceilings from this moe_layer or decode_step JSON")
+    p.add_argument(
+        "--ceilings-from", default=None, help="take the HBM / matmul ceilings from this moe_layer or decode_step JSON"
+    )
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new work after this many seconds")
-    p.add_argument("--deadline", type=float, default=None, help="same, as a Unix time (wins over the default --budget-s)")
-    p.add_argument("--time-per-point", type=float, default=None, help="seconds of timed samples per path and T (default 0.5)")
+    p.add_argument(
+        "--deadline", type=float, default=None, help="same, as a Unix time (wins over the default --budget-s)"
+    )
+    p.add_argument(
+        "--time-per-point", type=float, default=None, help="seconds of timed samples per path and T (default 0.5)"
+    )
     p.add_argument("--sample-s", type=float, default=None, help="target length of one timing sample (default 0.05 s)")
     p.add_argument("--min-samples", type=int, default=5)
     p.add_argument("--sets", type=int, default=2, help="rotating input sets (x + every layer's routing) per T")
     p.add_argument("--gather-max-gib", type=float, default=None, help="largest per-layer weight gather of xla_gather")
-    p.add_argument("--ffi-reserved-sms", type=int, default=None, help="SMs the FFI kernel leaves free (default: the op's)")
+    p.add_argument(
+        "--ffi-reserved-sms", type=int, default=None, help="SMs the FFI kernel leaves free (default: the op's)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing paths")
     a = p.parse_args(argv)
@@ -745,7 +865,9 @@ def loop_note(loop: str, n_layers: int, fp8_l: int, bf16_l: int) -> str:
     for fmt, ell in (("fp8", fp8_l), ("bf16", bf16_l)):
         cyc = n_layers // ell
         if cyc > 1:
-            parts.append(f"{fmt}: `lax.scan` over {cyc} cycles of {ell} unrolled layers + {n_layers - cyc * ell} unrolled")
+            parts.append(
+                f"{fmt}: `lax.scan` over {cyc} cycles of {ell} unrolled layers + {n_layers - cyc * ell} unrolled"
+            )
         else:
             parts.append(f"{fmt}: {n_layers} layers unrolled")
     return "; ".join(parts)
@@ -792,12 +914,18 @@ def main(argv: list[str] | None = None) -> int:
     lim = None if on_cpu else dev["memory_bytes_limit"]
     wants_bf16 = any(n in args.paths for n in PHASES[1][1])
     shape = S.choose_experts(shape, lim, args.experts, with_bf16=wants_bf16)
-    l8, why8 = choose_sets(shape, "fp8", requested=args.layers_distinct, n_layers=args.layers, limit=lim, explicit=explicit_l)
-    l16, why16 = choose_sets(shape, "bf16", requested=args.layers_distinct, n_layers=args.layers, limit=lim, explicit=explicit_l)
+    l8, why8 = choose_sets(
+        shape, "fp8", requested=args.layers_distinct, n_layers=args.layers, limit=lim, explicit=explicit_l
+    )
+    l16, why16 = choose_sets(
+        shape, "bf16", requested=args.layers_distinct, n_layers=args.layers, limit=lim, explicit=explicit_l
+    )
     cycle = math.gcd(l8, l16)
-    C.log(f"device {dev['kind']} ({dev['platform']}), pool {((dev['memory_bytes_limit'] or 0) / GIB):.1f} GiB; "
-          f"{shape.name} H={shape.hidden} I={shape.intermediate} E={shape.num_experts} K={shape.top_k}; {args.layers} layers; "
-          f"weight sets fp8 L={l8}, bf16 L={l16}; tokens {args.tokens}")
+    C.log(
+        f"device {dev['kind']} ({dev['platform']}), pool {((dev['memory_bytes_limit'] or 0) / GIB):.1f} GiB; "
+        f"{shape.name} H={shape.hidden} I={shape.intermediate} E={shape.num_experts} K={shape.top_k}; {args.layers} layers; "
+        f"weight sets fp8 L={l8}, bf16 L={l16}; tokens {args.tokens}"
+    )
     t0 = time.perf_counter()
     ceilings_source = ""
     if args.ceilings_from:
@@ -805,12 +933,19 @@ def main(argv: list[str] | None = None) -> int:
         ceilings = src["ceilings"]
         kind = src.get("device", {}).get("kind")
         ceilings_source = f"from {Path(args.ceilings_from).name}, measured on {kind}" + (
-            "" if kind == dev["kind"] else f" -- NOT this device ({dev['kind']})")
+            "" if kind == dev["kind"] else f" -- NOT this device ({dev['kind']})"
+        )
     else:
         ceilings = S.measure_ceilings(small=smoke or on_cpu, time_budget=0.1 if smoke else 0.5)
-    C.log(f"ceilings: HBM {ceilings['hbm_bytes_per_s'] / 1e9:.0f} GB/s, bf16 {ceilings['bf16_flops_per_s'] / 1e12:.1f} TFLOP/s, fp8 "
-          + (f"{ceilings['fp8_flops_per_s'] / 1e12:.1f} TFLOP/s" if ceilings.get("fp8_flops_per_s") else str(ceilings.get("fp8_method")))
-          + f" ({time.perf_counter() - t0:.1f} s)")
+    C.log(
+        f"ceilings: HBM {ceilings['hbm_bytes_per_s'] / 1e9:.0f} GB/s, bf16 {ceilings['bf16_flops_per_s'] / 1e12:.1f} TFLOP/s, fp8 "
+        + (
+            f"{ceilings['fp8_flops_per_s'] / 1e12:.1f} TFLOP/s"
+            if ceilings.get("fp8_flops_per_s")
+            else str(ceilings.get("fp8_method"))
+        )
+        + f" ({time.perf_counter() - t0:.1f} s)"
+    )
     peaks = S.compute_peaks(ceilings)
     extra = {}
     if B.tokamax_import_error() is None:
@@ -820,8 +955,15 @@ def main(argv: list[str] | None = None) -> int:
     sets_info = {}
     for fmt, ell, why in (("fp8", l8, why8), ("bf16", l16, why16)):
         allb = ell * set_bytes(shape, fmt)
-        sets_info[fmt] = {"distinct": ell, "requested": args.layers_distinct, "why": why, "set_bytes": set_bytes(shape, fmt),
-                          "all_sets_bytes": allb, "cycling_valid": allb > L2_BYTES, "paths": []}
+        sets_info[fmt] = {
+            "distinct": ell,
+            "requested": args.layers_distinct,
+            "why": why,
+            "set_bytes": set_bytes(shape, fmt),
+            "all_sets_bytes": allb,
+            "cycling_valid": allb > L2_BYTES,
+            "paths": [],
+        }
     bpe8 = B.bytes_per_expert("fp8", shape.hidden, shape.intermediate)
     valid = all(s["cycling_valid"] for s in sets_info.values())
     l2_note = (
@@ -843,9 +985,15 @@ def main(argv: list[str] | None = None) -> int:
         "ceilings_source": ceilings_source,
         "peaks": peaks,
         "model": {
-            "name": shape.name, "hidden": shape.hidden, "intermediate": shape.intermediate, "num_experts": shape.num_experts,
-            "full_experts": shape.full_experts, "top_k": shape.top_k, "routed_scaling_factor": shape.rho,
-            "activation_clamp": shape.clamp, "e_note": shape.e_note,
+            "name": shape.name,
+            "hidden": shape.hidden,
+            "intermediate": shape.intermediate,
+            "num_experts": shape.num_experts,
+            "full_experts": shape.full_experts,
+            "top_k": shape.top_k,
+            "routed_scaling_factor": shape.rho,
+            "activation_clamp": shape.clamp,
+            "e_note": shape.e_note,
             "bytes_per_expert": {f: B.bytes_per_expert(f, shape.hidden, shape.intermediate) for f in ("fp8", "bf16")},
         },
         "n_layers": args.layers,
@@ -866,16 +1014,32 @@ def main(argv: list[str] | None = None) -> int:
         p = bench.point(t)
         floors = {
             f"{fmt}_weights_{mma}_mma": S.roofline(
-                tokens=t, top_k=shape.top_k, hidden=shape.hidden, intermediate=shape.intermediate, distinct_experts=p.distinct,
-                fmt=fmt, hbm_bytes_per_s=ceilings["hbm_bytes_per_s"], flops_per_s=peaks[mma])
+                tokens=t,
+                top_k=shape.top_k,
+                hidden=shape.hidden,
+                intermediate=shape.intermediate,
+                distinct_experts=p.distinct,
+                fmt=fmt,
+                hbm_bytes_per_s=ceilings["hbm_bytes_per_s"],
+                flops_per_s=peaks[mma],
+            )
             for fmt, mma in (("fp8", "fp8"), ("bf16", "bf16"))
         }
-        result["points"].append({
-            "tokens": t, "distinct_experts": p.distinct, "distinct_experts_min": p.distinct_min,
-            "distinct_experts_max": p.distinct_max, "capacity": p.capacity, "ffi_num_max_tokens": ffi_cap(t),
-            "flops_per_layer": S.layer_flops(t, shape.top_k, shape.hidden, shape.intermediate),
-            "floors": floors, "floor_s": floors["fp8_weights_fp8_mma"]["floor_s"], "empty": {}, "paths": {},
-        })
+        result["points"].append(
+            {
+                "tokens": t,
+                "distinct_experts": p.distinct,
+                "distinct_experts_min": p.distinct_min,
+                "distinct_experts_max": p.distinct_max,
+                "capacity": p.capacity,
+                "ffi_num_max_tokens": ffi_cap(t),
+                "flops_per_layer": S.layer_flops(t, shape.top_k, shape.hidden, shape.intermediate),
+                "floors": floors,
+                "floor_s": floors["fp8_weights_fp8_mma"]["floor_s"],
+                "empty": {},
+                "paths": {},
+            }
+        )
     bench.save()
     for i, (fmt, names) in enumerate(PHASES):
         now = time.time()  # an equal share of the time left per format (unused time carries over)

@@ -34,13 +34,13 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
-from jax_megamoe.ops import MoEOptions
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _common as C
+from jax_megamoe.ops import MoEOptions
 
 SCHEMA = "jax_megamoe.benchmarks.ep_recv_sim/1"
 ACCEPT = 1.3
@@ -81,7 +81,16 @@ def local_experts(x, idx, w, weights, *, clamp, backend, chunk):
 
     if backend == "ffi":
         local = dataclasses.replace(weights, num_experts=weights.num_local_experts)
-        return ops.mega_moe(x, idx, w, local, mode="fp8", activation_clamp=clamp, backend="ffi", options=MoEOptions(num_max_tokens=x.shape[0]))
+        return ops.mega_moe(
+            x,
+            idx,
+            w,
+            local,
+            mode="fp8",
+            activation_clamp=clamp,
+            backend="ffi",
+            options=MoEOptions(num_max_tokens=x.shape[0]),
+        )
     return reference.mega_moe(x, idx, w, weights, mode="fp8", activation_clamp=clamp, chunk_rows=chunk)
 
 
@@ -158,7 +167,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def same(x, i, ww, W=w_loc, r=rows_real):
             loc = dataclasses.replace(W, num_experts=W.num_local_experts)
-            return ops.mega_moe(x, i, ww, loc, mode="fp8", activation_clamp=clamp, backend=be, options=MoEOptions(num_max_tokens=r))
+            return ops.mega_moe(
+                x, i, ww, loc, mode="fp8", activation_clamp=clamp, backend=be, options=MoEOptions(num_max_tokens=r)
+            )
 
         y_same = timed("kernel_same", n, same, _dev(comp), {**common, "rows": rows_real})
         if y_exact is not None and y_same is not None:
@@ -175,7 +186,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.pairs_form:
             r, kk = np.nonzero(comp[1] >= 0)
             pair = (comp[0][r], comp[1][r, kk][:, None], comp[2][r, kk][:, None])
-            timed("pairs_top1", n, lambda x, i, ww, rr=len(r): same(x, i, ww, r=rr), _dev(pair), {**common, "rows": len(r)})
+            timed(
+                "pairs_top1",
+                n,
+                lambda x, i, ww, rr=len(r): same(x, i, ww, r=rr),
+                _dev(pair),
+                {**common, "rows": len(r)},
+            )
         del w_loc
     if args.ep1 and not _late():
         w_all = random_fp8_weights(shape, seed=1)
@@ -235,7 +252,10 @@ def table(results: dict[str, Any]) -> str:
             cells.append(f"{C.fmt_time(row[nm])} ({row.get(nm + '_ratio', float('nan')):.2f}x)" if nm in row else "")
         lines.append(f"| {row['ep']} | {el} | {row['pairs']:,} | " + " | ".join(cells) + f" | {row['accept']} |")
     if ep1:
-        lines += ["", f"Single-GPU kernel at T={ep1['rows']} over all {ep1['experts']} experts: {C.fmt_time(ep1['median_s'])}."]
+        lines += [
+            "",
+            f"Single-GPU kernel at T={ep1['rows']} over all {ep1['experts']} experts: {C.fmt_time(ep1['median_s'])}.",
+        ]
     errs = [p for p in pts if "error" in p]
     if errs:
         lines += ["", "Failed: " + "; ".join(f"EP{p['ep']} {p['what']}: {p['error'][:160]}" for p in errs)]
@@ -274,8 +294,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main() -> int:
     """``python -m benchmarks.ep_recv_sim``; 3 when an EP size misses the acceptance ratio."""
     C.set_gpu_memory_fraction("0.8")
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.ep_recv_sim", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.ep_recv_sim",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--ep", type=lambda s: [int(v) for v in s.split(",")], default=[8, 4, 2])
     ap.add_argument("--pairs-tokens", type=int, default=4096, help="T whose T*K pairs the device receives")
     ap.add_argument("--capacity-factor", type=float, default=1.25)

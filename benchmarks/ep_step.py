@@ -34,13 +34,13 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
-from jax_megamoe.parallel import EPOptions
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _common as C
+from jax_megamoe.parallel import EPOptions
 
 SCHEMA = "jax_megamoe.benchmarks.ep_step/1"
 _T0 = time.perf_counter()
@@ -100,7 +100,10 @@ def _point(args, path, n, t, mesh, sets, w_n, baseline) -> dict[str, Any]:
         y = np.asarray(f(*sets[0], w_n)).astype(np.float32)
         first = time.perf_counter() - t1
         timing = C.measure(
-            lambda x, i, w, f=f, ww=w_n: f(x, i, w, ww), sets, budget_s=args.budget, sample_s=0.05,
+            lambda x, i, w, f=f, ww=w_n: f(x, i, w, ww),
+            sets,
+            budget_s=args.budget,
+            sample_s=0.05,
             first_call_s=first,
         )
         point.update(timing.as_dict())
@@ -156,14 +159,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 from jax_megamoe import parallel
 
                 hosts, axis = ("host", "ep") if path == "hier" else ("ep", None)
-                C.log(f"EP{n} {path}: {parallel.hier_path(mesh, hosts, axis, 'fp8', 64, options=EPOptions(backend=args.backend))}")
+                C.log(
+                    f"EP{n} {path}: {parallel.hier_path(mesh, hosts, axis, 'fp8', 64, options=EPOptions(backend=args.backend))}"
+                )
             for t in args.tokens:
                 if t % n:
                     continue
                 # Inputs already sharded over the GPUs, as a serving loop holds them (no per-step reshard).
                 sets = [
-                    tuple(jax.device_put(a, sharding) for a in _inputs(t, s, shape.hidden, shape.num_experts,
-                                                                       shape.top_k, shape.rho))
+                    tuple(
+                        jax.device_put(a, sharding)
+                        for a in _inputs(t, s, shape.hidden, shape.num_experts, shape.top_k, shape.rho)
+                    )
                     for s in range(3)
                 ]
                 results["points"].append(_point(args, path, n, t, mesh, sets, w_n, baseline))
@@ -196,7 +203,10 @@ def table(results: dict[str, Any]) -> str:
                 lines.append(f"| {path} | {n} | " + " | ".join(cells) + " |")
     errs = [p for p in results["points"] if "error" in p]
     if errs:
-        lines += ["", "Failed points: " + "; ".join(f"EP{p['ep']} T={p['tokens']} {p['path']}: {p['error']}" for p in errs)]
+        lines += [
+            "",
+            "Failed points: " + "; ".join(f"EP{p['ep']} T={p['tokens']} {p['path']}: {p['error']}" for p in errs),
+        ]
     rels = [p["rel_l2_vs_ep1"] for p in pts if "rel_l2_vs_ep1" in p and p["ep"] > 1]
     if rels:
         lines += ["", f"Every EP>1 output vs the EP 1 output on the same tokens: rel. L2 <= {max(rels):.1e}."]
@@ -217,8 +227,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key in sorted({(p["path"], p["ep"]) for p in pts}):
         sel = sorted((p for p in pts if (p["path"], p["ep"]) == key), key=lambda p: p["tokens"])
-        ax.plot([p["tokens"] for p in sel], [p["median_s"] * 1e3 for p in sel], marker="o",
-                label=f"{key[0]} EP{key[1]}")
+        ax.plot(
+            [p["tokens"] for p in sel], [p["median_s"] * 1e3 for p in sel], marker="o", label=f"{key[0]} EP{key[1]}"
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("global tokens per step")
@@ -234,15 +245,24 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main() -> int:
     """``python -m benchmarks.ep_step``."""
     C.set_gpu_memory_fraction("0.7")
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.ep_step", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.ep_step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--ep", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8])
     ap.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")], default=list(TOKENS))
     ap.add_argument("--collective", action="store_true", help="also time ragged all-to-all + single-rank kernel")
-    ap.add_argument("--paths", type=lambda s: [v for v in s.split(",") if v], default=["fused"],
-                    help=f"comma list of {', '.join(PATHS)}")
-    ap.add_argument("--backend", default="ffi", choices=("ffi", "reference"),
-                    help="per-GPU expert compute of the collective paths (reference: CPU smoke test)")
+    ap.add_argument(
+        "--paths",
+        type=lambda s: [v for v in s.split(",") if v],
+        default=["fused"],
+        help=f"comma list of {', '.join(PATHS)}",
+    )
+    ap.add_argument(
+        "--backend",
+        default="ffi",
+        choices=("ffi", "reference"),
+        help="per-GPU expert compute of the collective paths (reference: CPU smoke test)",
+    )
     ap.add_argument("--time-limit", type=float, default=None, help="seconds; later points are skipped (recorded)")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timed steps per point")
     ap.add_argument("--smoke", action="store_true", help="tiny stand-in shape (CPU smoke test)")

@@ -103,8 +103,18 @@ class CupyPreDispatch:
         self.bw = cp.empty((p, TOP_K), cp.float32)
         self.grid, self.block = launch_geometry(t, p, HIDDEN, TOP_K)
         self.args = (
-            self.x, self.idx, self.w, self.bx, self.bsf, self.bidx, self.bw,
-            np.uint32(t), np.uint32(p), np.uint32(HIDDEN), np.uint32(HIDDEN // 128), np.uint32(TOP_K),
+            self.x,
+            self.idx,
+            self.w,
+            self.bx,
+            self.bsf,
+            self.bidx,
+            self.bw,
+            np.uint32(t),
+            np.uint32(p),
+            np.uint32(HIDDEN),
+            np.uint32(HIDDEN // 128),
+            np.uint32(TOP_K),
             np.float32(rsf),
         )
 
@@ -194,6 +204,7 @@ def jax_timings(x, idx, w, p: int, n: int, repeats: int, unroll: int) -> dict[st
 
     t = x.shape[0]
     if t == p:  # each call's weights output feeds the next call (rsf = 1: same values): nothing can be hoisted
+
         def body(x_, idx_, ww, call=pd):
             return call(x_, idx_, ww).topk_weights
 
@@ -326,8 +337,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 case["overhead_unrolled_vs_graph_s"] = case["jax_unrolled_s"] - case["cupy_graph_s"]
         result["cases"].append(case)
         C.log(
-            f"T={t} P={p}: " + ", ".join(f"{k[:-2]} {C.fmt_time(v)}" for k, v in case.items()
-                                         if k.endswith("_s") and isinstance(v, float))
+            f"T={t} P={p}: "
+            + ", ".join(
+                f"{k[:-2]} {C.fmt_time(v)}" for k, v in case.items() if k.endswith("_s") and isinstance(v, float)
+            )
             + (f", bit-exact {case['bit_exact_vs_xla']}" if "bit_exact_vs_xla" in case else "")
         )
     return result
@@ -373,15 +386,24 @@ def results_markdown(result: dict[str, Any]) -> str:
         cells = []
         for key, _ in COLUMNS:
             v = c.get(key)
-            cells.append(("+" if key.startswith("overhead") and v is not None and v > 0 else "") + C.fmt_time(v) if v is not None else "-")
-        lines.append(f"| {c['tokens']} | {c['capacity']} | " + " | ".join(cells) + f" | {c.get('bit_exact_vs_xla', '-')} |")
+            cells.append(
+                ("+" if key.startswith("overhead") and v is not None and v > 0 else "") + C.fmt_time(v)
+                if v is not None
+                else "-"
+            )
+        lines.append(
+            f"| {c['tokens']} | {c['capacity']} | " + " | ".join(cells) + f" | {c.get('bit_exact_vs_xla', '-')} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ffi_overhead", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.ffi_overhead",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="fewer cases and iterations")
     p.add_argument("--iters", type=int, default=None, help="calls per timed batch (default 500; --quick 200)")
     p.add_argument("--repeats", type=int, default=None, help="timed batches (default 7; --quick 5)")

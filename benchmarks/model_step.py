@@ -106,8 +106,11 @@ def model_config(*, smoke: bool, layers: int, first_layer: int) -> DeepseekV4Con
 
 
 def _abstract(cfg: DeepseekV4Config, backend: str) -> DeepseekV4ForCausalLM:
-    return nnx.eval_shape(lambda: DeepseekV4ForCausalLM(
-        cfg, backend=backend, experts="quantized", mode="fp8", param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(
+        lambda: DeepseekV4ForCausalLM(
+            cfg, backend=backend, experts="quantized", mode="fp8", param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+        )
+    )
 
 
 def param_bytes(module: nnx.Module) -> int:
@@ -149,15 +152,19 @@ def build_model(cfg: DeepseekV4Config, *, seed: int, on_device: bool, log=C.log)
         block = nnx.jit(lambda i=i: DeepseekV4Block(cfg, i, rngs=nnx.Rngs(seed + 1 + i), **kw))()
         jax.block_until_ready(nnx.state(block))
         model.layers[i] = block
-        log(f"layer {i} (ratio {cfg.layer_compress_ratio(i)}, {'hash' if cfg.is_hash_layer(i) else 'gate'}) built "
-            f"on the device in {time.perf_counter() - t0:.1f} s")
+        log(
+            f"layer {i} (ratio {cfg.layer_compress_ratio(i)}, {'hash' if cfg.is_hash_layer(i) else 'gate'}) built "
+            f"on the device in {time.perf_counter() - t0:.1f} s"
+        )
     key = jax.random.key(seed)
     for j, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model))):
         if path[0] == "layers":
             continue
         a = var.get_value()
         name = ".".join(str(p) for p in path)
-        val = jax.jit(_top_value, static_argnums=(0, 1, 2))(name, tuple(a.shape), np.dtype(a.dtype), jax.random.fold_in(key, j))
+        val = jax.jit(_top_value, static_argnums=(0, 1, 2))(
+            name, tuple(a.shape), np.dtype(a.dtype), jax.random.fold_in(key, j)
+        )
         _set(model, path, val)
     return model
 
@@ -219,8 +226,12 @@ def tokamax_routed():
 VARIANTS = ("full", "no_moe", "none")
 
 
-def split_variant(model: DeepseekV4ForCausalLM, variant: str, backend: str = "ffi",
-                  bf16: tuple[Any, list[tuple[jax.Array, jax.Array]]] | None = None) -> tuple[Any, Any]:
+def split_variant(
+    model: DeepseekV4ForCausalLM,
+    variant: str,
+    backend: str = "ffi",
+    bf16: tuple[Any, list[tuple[jax.Array, jax.Array]]] | None = None,
+) -> tuple[Any, Any]:
     """``nnx.split`` of ``model`` as ``variant``: ``full`` with every block's experts on ``backend``,
     ``no_moe`` (MoE -> :class:`ZeroMoE`), ``none`` (also attention -> :class:`ZeroAttention`).
     ``bf16 = (routed, [(w13t, w2t) per layer])``: ``full`` with every MoE a :class:`RoutedBF16MoE`
@@ -274,8 +285,9 @@ def make_step(graphdef: Any):
 # =============================================================================================
 
 
-def time_threaded(step, state, cache, tokens, positions, *, budget_s: float, sample_s: float,
-                  min_samples: int) -> tuple[C.Timing, np.ndarray]:
+def time_threaded(
+    step, state, cache, tokens, positions, *, budget_s: float, sample_s: float, min_samples: int
+) -> tuple[C.Timing, np.ndarray]:
     """Time ``step`` with its (donated) cache threaded through; returns the timing and the first
     call's logits (f32 numpy)."""
     t0 = time.perf_counter()
@@ -380,14 +392,28 @@ class Run:
             gd, state = split_variant(self.model, variant, backend, bf16)
             cache = self.model.init_cache(p.batch, p.max_len, self.args.cache_dtype)
             budget = min(self.args.time_per_program, max(0.0, self.left()))
-            timing, logits = time_threaded(make_step(gd), state, cache, tok, pos, budget_s=budget,
-                                           sample_s=self.args.sample_s, min_samples=self.args.min_samples)
+            timing, logits = time_threaded(
+                make_step(gd),
+                state,
+                cache,
+                tok,
+                pos,
+                budget_s=budget,
+                sample_s=self.args.sample_s,
+                min_samples=self.args.min_samples,
+            )
         except Exception as e:  # noqa: BLE001 - recorded; the run goes on
             why = f"{type(e).__name__}: {C.first_line(e)}"
             if "BackendUnavailableError" in str(e):
                 why = "BackendUnavailableError: " + str(e).split("BackendUnavailableError:", 1)[1].strip()[:300]
             rec[name] = {"status": "failed", "reason": why}
-            if variant == "full" and ("BackendUnavailableError" in why or "bf16 copies" in why or backend == "tokamax" or "RESOURCE_EXHAUSTED" in why or "out of memory" in why):
+            if variant == "full" and (
+                "BackendUnavailableError" in why
+                or "bf16 copies" in why
+                or backend == "tokamax"
+                or "RESOURCE_EXHAUSTED" in why
+                or "out of memory" in why
+            ):
                 self.sticky[backend] = why
             if self.args.verbose:
                 traceback.print_exc()
@@ -396,16 +422,21 @@ class Run:
             return None
         rec[name] = {"status": "ok", **timing.as_dict()}
         self.save()
-        C.log(f"  {p.label} {name}: {C.fmt_time(timing.median_s)} (first call {timing.first_call_s:.1f} s, "
-              f"{timing.samples}x{timing.calls_per_sample})")
+        C.log(
+            f"  {p.label} {name}: {C.fmt_time(timing.median_s)} (first call {timing.first_call_s:.1f} s, "
+            f"{timing.samples}x{timing.calls_per_sample})"
+        )
         return logits
 
     def bf16_copies(self) -> list[tuple[jax.Array, jax.Array]]:
         """bf16 ``(W13t [E, H, 2I], W2t [E, I, H])`` of every layer's experts, made once (when they fit)."""
         if self.bf16 is None:
             cfg = self.model.config
-            need = cfg.num_hidden_layers * cfg.n_routed_experts * B.bytes_per_expert("bf16", cfg.hidden_size,
-                                                                                      cfg.moe_intermediate_size)
+            need = (
+                cfg.num_hidden_layers
+                * cfg.n_routed_experts
+                * B.bytes_per_expert("bf16", cfg.hidden_size, cfg.moe_intermediate_size)
+            )
             stats = jax.devices()[0].memory_stats() or {}
             if stats.get("bytes_limit"):
                 free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
@@ -415,8 +446,17 @@ class Run:
         return self.bf16
 
     def point(self, p: Point) -> dict[str, Any]:
-        q: dict[str, Any] = {"kind": p.kind, "label": p.label, "batch": p.batch, "seq": p.seq, "tokens": p.tokens,
-                             "max_len": p.max_len, "position": p.position, "programs": {}, "backends": {}}
+        q: dict[str, Any] = {
+            "kind": p.kind,
+            "label": p.label,
+            "batch": p.batch,
+            "seq": p.seq,
+            "tokens": p.tokens,
+            "max_len": p.max_len,
+            "position": p.position,
+            "programs": {},
+            "backends": {},
+        }
         self.result["points"].append(q)  # in place: saved after every program (a killed run keeps them)
         tok, pos = self.inputs(p, self.args.seed + p.tokens)
         progs = q["programs"]
@@ -442,8 +482,12 @@ class Run:
                 r["reason"] = progs.get(f"full_{be}", {}).get("reason", "")
                 q["backends"][be] = r
                 continue
-            r.update(step_s=full, tokens_per_s=p.tokens / full,
-                     step_p10_s=progs[f"full_{be}"]["p10_s"], step_p90_s=progs[f"full_{be}"]["p90_s"])
+            r.update(
+                step_s=full,
+                tokens_per_s=p.tokens / full,
+                step_p10_s=progs[f"full_{be}"]["p10_s"],
+                step_p90_s=progs[f"full_{be}"]["p90_s"],
+            )
             if "no_moe" in ok and "none" in ok:
                 r.update(moe_s=full - ok["no_moe"], attn_s=ok["no_moe"] - ok["none"], rest_s=ok["none"])
                 r["moe_per_layer_s"] = r["moe_s"] / n
@@ -461,8 +505,16 @@ class Run:
     def run(self) -> None:
         for p in points_of(self.args):
             if self.left() <= 0:
-                self.result["points"].append({"kind": p.kind, "label": p.label, "batch": p.batch, "seq": p.seq,
-                                              "tokens": p.tokens, "skipped": "time budget exhausted"})
+                self.result["points"].append(
+                    {
+                        "kind": p.kind,
+                        "label": p.label,
+                        "batch": p.batch,
+                        "seq": p.seq,
+                        "tokens": p.tokens,
+                        "skipped": "time budget exhausted",
+                    }
+                )
                 C.log(f"{p.label}: skipped (time budget exhausted)")
                 continue
             C.log(f"{p.label} ({p.tokens} tokens, cache {p.max_len}; {self.left():.0f} s left)")
@@ -488,17 +540,23 @@ def table(result: dict[str, Any]) -> str:
             continue
         for be, r in q["backends"].items():
             if r.get("status") != "ok":
-                lines.append(f"| {q['label']} | `{be}` | {r.get('status')}: {str(r.get('reason', ''))[:80]} | | | | | | | |")
+                lines.append(
+                    f"| {q['label']} | `{be}` | {r.get('status')}: {str(r.get('reason', ''))[:80]} | | | | | | | |"
+                )
                 continue
             rel = r.get("logits_rel_l2_vs_reference")
             lines.append(
                 f"| {q['label']} | `{be}` | {C.fmt_time(r['step_s'])} | {r['tokens_per_s']:.0f} | "
                 f"{C.fmt_time(r.get('attn_s'))} | {C.fmt_time(r.get('moe_s'))} | {C.fmt_time(r.get('rest_s'))} | "
                 f"{C.fmt_time(r.get('moe_per_layer_s'))} | {C.fmt_time(r.get('attn_per_layer_s'))} | "
-                + (f"{rel:.2e}" if rel is not None and be != "reference" else "-") + " |")
+                + (f"{rel:.2e}" if rel is not None and be != "reference" else "-")
+                + " |"
+            )
     lines.append("")
-    lines.append(f"{n} layers; attn = no_moe - none, MoE = full - no_moe, rest = none (embedding, mHC, norm, LM head). "
-                 "tokamax: bf16 expert copies, bf16 activations (its logits differ from the FP8 reference by that).")
+    lines.append(
+        f"{n} layers; attn = no_moe - none, MoE = full - no_moe, rest = none (embedding, mHC, norm, LM head). "
+        "tokamax: bf16 expert copies, bf16 activations (its logits differ from the FP8 reference by that)."
+    )
     return "\n".join(lines)
 
 
@@ -507,12 +565,16 @@ def results_markdown(result: dict[str, Any], png: str | None = None) -> str:
     head = [
         "## Whole-model steps, attention / MoE / rest (`python -m benchmarks.model_step`)",
         "",
-        (f"- {result['device']['kind']}, {result['date']}; `{result['command']}`"
-         + (f"; **{result['shrink_note']}**" if result.get("shrink_note") else "")
-         + (f"; {result['layers_note']}" if result.get("layers_note") else "")),
-        (f"- {m['name']}: layers {m['layer_ids']} (compress ratios {m['compress_ratios']}, {m['hash_layers']} hash-routed), "
-         f"H={m['hidden']} E={m['experts']} K={m['top_k']} vocab={m['vocab']}; weights {C.fmt_bytes(m['param_bytes'])}; "
-         f"decode at position {result['args']['context'] - 1} of a {result['args']['context']}-position cache"),
+        (
+            f"- {result['device']['kind']}, {result['date']}; `{result['command']}`"
+            + (f"; **{result['shrink_note']}**" if result.get("shrink_note") else "")
+            + (f"; {result['layers_note']}" if result.get("layers_note") else "")
+        ),
+        (
+            f"- {m['name']}: layers {m['layer_ids']} (compress ratios {m['compress_ratios']}, {m['hash_layers']} hash-routed), "
+            f"H={m['hidden']} E={m['experts']} K={m['top_k']} vocab={m['vocab']}; weights {C.fmt_bytes(m['param_bytes'])}; "
+            f"decode at position {result['args']['context'] - 1} of a {result['args']['context']}-position cache"
+        ),
         "",
     ]
     return "\n".join(head) + table(result) + (f"\n\n![model_step]({png})" if png else "")
@@ -566,20 +628,46 @@ def finalize(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.model_step", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.model_step",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--layers", type=int, default=None, help="layers (default 4; --cpu-smoke 2); reduced to fit")
-    p.add_argument("--first-layer", type=int, default=None, help="first real layer index (default 4: CSA, HCA, ... gate-routed, as 40 of the 43 layers; --cpu-smoke 0)")
+    p.add_argument(
+        "--first-layer",
+        type=int,
+        default=None,
+        help="first real layer index (default 4: CSA, HCA, ... gate-routed, as 40 of the 43 layers; --cpu-smoke 0)",
+    )
     p.add_argument("--batch", type=C.int_list, default=None, help="decode batch sizes (default 1,4,16,64; smoke 1,2)")
-    p.add_argument("--prefill-len", type=int, default=None, help="prefill tokens per sequence (default 512; smoke 16; 0: none)")
+    p.add_argument(
+        "--prefill-len", type=int, default=None, help="prefill tokens per sequence (default 512; smoke 16; 0: none)"
+    )
     p.add_argument("--prefill-batch", type=int, default=1)
     p.add_argument("--context", type=int, default=None, help="decode cache positions (default 4096; smoke 64)")
     p.add_argument("--backends", default="ffi,reference,tokamax", help="comma list of " + ", ".join(BACKENDS))
     p.add_argument("--cache-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--cpu-smoke", action="store_true", help="DeepseekV4Config.tiny() (implied on a CPU device)")
-    p.add_argument("--budget-s", type=float, default=None, help="stop starting new programs after this many seconds (default 240; smoke 120)")
-    p.add_argument("--deadline", type=float, default=None, help="same as --budget-s, as a Unix time (wins; counts the model build too)")
-    p.add_argument("--time-per-program", type=float, default=None, help="seconds of timed samples per program (default 0.4; smoke 0.02)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop starting new programs after this many seconds (default 240; smoke 120)",
+    )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="same as --budget-s, as a Unix time (wins; counts the model build too)",
+    )
+    p.add_argument(
+        "--time-per-program",
+        type=float,
+        default=None,
+        help="seconds of timed samples per program (default 0.4; smoke 0.02)",
+    )
     p.add_argument("--sample-s", type=float, default=None, help="target length of one sample (default 0.02 s)")
     p.add_argument("--min-samples", type=int, default=5)
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (model_step.json, model_step.png)")
@@ -629,8 +717,10 @@ def main(argv: list[str] | None = None) -> int:
         fit = int((0.8 * lim - top) // per_layer)
         if fit < args.layers:
             if fit < 1:
-                raise SystemExit(f"model_step: one layer ({C.fmt_bytes(per_layer)}) + embed/head ({C.fmt_bytes(top)}) "
-                                 f"do not fit 80% of the {C.fmt_bytes(lim)} pool")
+                raise SystemExit(
+                    f"model_step: one layer ({C.fmt_bytes(per_layer)}) + embed/head ({C.fmt_bytes(top)}) "
+                    f"do not fit 80% of the {C.fmt_bytes(lim)} pool"
+                )
             layers_note = f"--layers {args.layers} reduced to {fit}: {C.fmt_bytes(per_layer)} per layer in a {C.fmt_bytes(lim)} pool"
             C.log(layers_note)
             args.layers = fit
@@ -638,14 +728,19 @@ def main(argv: list[str] | None = None) -> int:
     cache_dtype = jnp.float32 if args.cache_dtype == "float32" else jnp.bfloat16
     args.cache_dtype_name, args.cache_dtype = args.cache_dtype, cache_dtype
     ids = list(range(args.first_layer, args.first_layer + args.layers))
-    C.log(f"device {dev['kind']} ({dev['platform']}), pool {(lim or 0) / GIB:.1f} GiB; layers {ids} "
-          f"(ratios {list(cfg.compress_ratios)}, {cfg.num_hash_layers} hash), {C.fmt_bytes(per_layer)} per layer + "
-          f"{C.fmt_bytes(top)} embed/head; backends {args.backends}; budget {args.budget_s:.0f} s")
+    C.log(
+        f"device {dev['kind']} ({dev['platform']}), pool {(lim or 0) / GIB:.1f} GiB; layers {ids} "
+        f"(ratios {list(cfg.compress_ratios)}, {cfg.num_hash_layers} hash), {C.fmt_bytes(per_layer)} per layer + "
+        f"{C.fmt_bytes(top)} embed/head; backends {args.backends}; budget {args.budget_s:.0f} s"
+    )
     t0 = time.perf_counter()
     model = build_model(cfg, seed=args.seed, on_device=not smoke)
     build_s = time.perf_counter() - t0
     C.log(f"model built in {build_s:.1f} s")
-    rec_args = {k: (v if not isinstance(v, type) and k != "cache_dtype" else args.cache_dtype_name) for k, v in vars(args).items()}
+    rec_args = {
+        k: (v if not isinstance(v, type) and k != "cache_dtype" else args.cache_dtype_name)
+        for k, v in vars(args).items()
+    }
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "date": C.utc_now(),
@@ -657,11 +752,20 @@ def main(argv: list[str] | None = None) -> int:
         "layers_note": layers_note,
         "args": rec_args,
         "model": {
-            "name": "tiny" if smoke else "v4_flash", "layers": args.layers, "layer_ids": ids,
-            "compress_ratios": list(cfg.compress_ratios), "hash_layers": cfg.num_hash_layers,
-            "hidden": cfg.hidden_size, "intermediate": cfg.moe_intermediate_size, "experts": cfg.n_routed_experts,
-            "top_k": cfg.num_experts_per_tok, "vocab": cfg.vocab_size, "heads": cfg.num_attention_heads,
-            "param_bytes": param_bytes(model), "per_layer_bytes": per_layer, "build_s": build_s,
+            "name": "tiny" if smoke else "v4_flash",
+            "layers": args.layers,
+            "layer_ids": ids,
+            "compress_ratios": list(cfg.compress_ratios),
+            "hash_layers": cfg.num_hash_layers,
+            "hidden": cfg.hidden_size,
+            "intermediate": cfg.moe_intermediate_size,
+            "experts": cfg.n_routed_experts,
+            "top_k": cfg.num_experts_per_tok,
+            "vocab": cfg.vocab_size,
+            "heads": cfg.num_attention_heads,
+            "param_bytes": param_bytes(model),
+            "per_layer_bytes": per_layer,
+            "build_s": build_s,
         },
         "method": {
             "split": "moe = full - no_moe; attn = no_moe - none; rest = none (each program jitted separately; see the module docstring)",
@@ -671,8 +775,11 @@ def main(argv: list[str] | None = None) -> int:
             "moe_per_layer_vs_decode_step": "moe_per_layer_s holds gate + routed + shared expert; decode_step's per-layer time is routed experts only, random routing",
         },
         "logits_tol": LOGITS_TOL,
-        "tokamax": {"implementation": TOKAMAX_IMPL[0], "out_dtype": np.dtype(TOKAMAX_IMPL[1]).name,
-                    "weights": "bf16 copies of the same MoEWeights (exact), made once; bf16 activations"},
+        "tokamax": {
+            "implementation": TOKAMAX_IMPL[0],
+            "out_dtype": np.dtype(TOKAMAX_IMPL[1]).name,
+            "weights": "bf16 copies of the same MoEWeights (exact), made once; bf16 activations",
+        },
         "points": [],
     }
     run = Run(args, model, result)
@@ -685,9 +792,12 @@ def main(argv: list[str] | None = None) -> int:
     finalize(args, result)
     print("== model_step ==")
     print(table(result))
-    fails = [f"{q['label']} {be}: rel L2 {r['logits_rel_l2_vs_reference']:.2e} > {LOGITS_TOL}"
-             for q in result["points"] for be, r in q.get("backends", {}).items()
-             if r.get("logits_pass") is False]
+    fails = [
+        f"{q['label']} {be}: rel L2 {r['logits_rel_l2_vs_reference']:.2e} > {LOGITS_TOL}"
+        for q in result["points"]
+        for be, r in q.get("backends", {}).items()
+        if r.get("logits_pass") is False
+    ]
     if fails:
         print("CHECK FAILURES: " + "; ".join(fails))
         return 2

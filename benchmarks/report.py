@@ -52,8 +52,6 @@ STYLE = {
 }
 
 
-
-
 def _path_order(result: dict[str, Any]) -> list[str]:
     """Path names in the order the sweep lists them (the JSON's ``paths`` table)."""
     return list(result.get("paths") or STYLE)
@@ -163,7 +161,12 @@ def _versions_line(ver: dict[str, Any]) -> str:
 def _ceilings_line(ceil: dict[str, Any]) -> str:
     return (
         f"HBM {C.fmt_rate(ceil['hbm_bytes_per_s'], 'B/s')}; bf16 matmul {C.fmt_rate(ceil['bf16_flops_per_s'], 'FLOP/s')}; "
-        "FP8 matmul " + (C.fmt_rate(ceil["fp8_flops_per_s"], "FLOP/s") if ceil.get("fp8_flops_per_s") else str(ceil.get("fp8_method")))
+        "FP8 matmul "
+        + (
+            C.fmt_rate(ceil["fp8_flops_per_s"], "FLOP/s")
+            if ceil.get("fp8_flops_per_s")
+            else str(ceil.get("fp8_method"))
+        )
     )
 
 
@@ -174,10 +177,13 @@ def results_markdown(result: dict[str, Any], png: str | None = None, title: str 
     tol = result.get("tolerances") or {}
     lines = [title or "## Routed-expert layer sweep (`python -m benchmarks.moe_layer`)", ""]
     if result.get("sources"):
-        lines.append(f"- device: **{dev.get('kind')}** ({dev.get('platform')}); {len(result['sources'])} runs, merged by T:")
+        lines.append(
+            f"- device: **{dev.get('kind')}** ({dev.get('platform')}); {len(result['sources'])} runs, merged by T:"
+        )
         for s in result["sources"]:
             lines.append(
-                f"  - {s.get('date')}" + (f", `results/{s['_file']}`" if s.get("_file") else "")
+                f"  - {s.get('date')}"
+                + (f", `results/{s['_file']}`" if s.get("_file") else "")
                 + f": `{s.get('command')}`; {_versions_line(s.get('versions') or {})}; ceilings {_ceilings_line(s['ceilings'])}"
             )
     else:
@@ -227,7 +233,9 @@ def results_markdown(result: dict[str, Any], png: str | None = None, title: str 
         lines.append("| | " + " | ".join(f"T={q['tokens']}" for q in pts) + " |")
         lines.append("|---|" + "---:|" * len(pts))
 
-        def row(label: str, fn: Callable[[dict[str, Any]], str], pts: list[dict[str, Any]] = pts, lines: list[str] = lines) -> None:
+        def row(
+            label: str, fn: Callable[[dict[str, Any]], str], pts: list[dict[str, Any]] = pts, lines: list[str] = lines
+        ) -> None:
             lines.append(f"| {label} | " + " | ".join(fn(q) for q in pts) + " |")
 
         row("experts hit", lambda q: f"{q['distinct_experts']:.1f}")
@@ -235,12 +243,15 @@ def results_markdown(result: dict[str, Any], png: str | None = None, title: str 
         row("floor bf16", lambda q: C.fmt_time(q["floors"]["bf16_weights_bf16_mma"]["floor_s"]))
         names = [n for n in order if any(n in q["paths"] for q in pts)]
         for n in names:
+
             def cell(q: dict[str, Any], n: str = n, model: str = m["name"]) -> str:
                 r = q["paths"].get(n, {})
                 if r.get("status") == "ok":
                     mark = "" if r["check"]["pass"] else " **check FAIL**"
                     if not r["check"]["pass"]:
-                        fails.append(f"{model} T={q['tokens']} {n}: rel L2 {r['check']['rel_l2']:.3g} > {r['check']['tol']:g}")
+                        fails.append(
+                            f"{model} T={q['tokens']} {n}: rel L2 {r['check']['rel_l2']:.3g} > {r['check']['tol']:g}"
+                        )
                     return f"{C.fmt_time(r['median_s'])} ({r['time_over_floor']:.1f}x){mark}"
                 if r.get("reason"):
                     skips.setdefault((n, r["reason"]), []).append(f"{model} T={q['tokens']}")
@@ -249,20 +260,30 @@ def results_markdown(result: dict[str, Any], png: str | None = None, title: str 
                 return "-" if r.get("status") != "failed" else "failed"
 
             row(f"`{n}`", cell)
-        row("**best XLA**", lambda q: (
-            f"`{q['best']['best_xla_any']}` {C.fmt_time(q['best']['best_xla_any_s'])}" if q["best"].get("best_xla_any") else "-"
-        ))
+        row(
+            "**best XLA**",
+            lambda q: (
+                f"`{q['best']['best_xla_any']}` {C.fmt_time(q['best']['best_xla_any_s'])}"
+                if q["best"].get("best_xla_any")
+                else "-"
+            ),
+        )
         row("best XLA bf16 (b)", lambda q: f"`{q['best']['best_xla_bf16']}`" if q["best"].get("best_xla_bf16") else "-")
-        row("**FFI speed-up**", lambda q: (
-            f"{q['best']['ffi_speedup_vs_best_xla']:.2f}x" if q["best"].get("ffi_speedup_vs_best_xla") else "-"
-        ))
+        row(
+            "**FFI speed-up**",
+            lambda q: (
+                f"{q['best']['ffi_speedup_vs_best_xla']:.2f}x" if q["best"].get("ffi_speedup_vs_best_xla") else "-"
+            ),
+        )
         lines.append("")
     if fails:
         lines += ["### Check failures", ""] + [f"- {f}" for f in fails] + [""]
     if skips:
         lines += ["### Not run or failed", ""]
         for (n, why), where in sorted(skips.items()):
-            lines.append(f"- `{n}` ({', '.join(where)}): {why}" if n != "every path" else f"- {', '.join(where)}: {why}")
+            lines.append(
+                f"- `{n}` ({', '.join(where)}): {why}" if n != "every path" else f"- {', '.join(where)}: {why}"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -279,7 +300,7 @@ def summary_table(result: dict[str, Any]) -> str:
             rows.append(
                 f"{m['name']:9s} T={q['tokens']:5d}  best XLA {b.get('best_xla_any') or '-':15s} "
                 f"{C.fmt_time(b.get('best_xla_any_s')):>10s}   ffi "
-                + (C.fmt_time(ffi['median_s']) if ffi.get("status") == "ok" else f"({ffi.get('status', '-')})")
+                + (C.fmt_time(ffi["median_s"]) if ffi.get("status") == "ok" else f"({ffi.get('status', '-')})")
             )
     return "\n".join(rows)
 
@@ -331,7 +352,15 @@ def run_kind(result: dict[str, Any], path: Path) -> str:
         return m.group(1)
     if result.get("benchmark"):
         return str(result["benchmark"])
-    for kind in ("small_t_probe", "convert_verify_cost", "moe_layer", "decode_step", "ep_step", "ep_recv_sim", "ffi_overhead"):
+    for kind in (
+        "small_t_probe",
+        "convert_verify_cost",
+        "moe_layer",
+        "decode_step",
+        "ep_step",
+        "ep_recv_sim",
+        "ffi_overhead",
+    ):
         if path.stem.startswith(kind):
             return kind
     return path.stem
@@ -381,9 +410,14 @@ def _convert_verify_markdown(result: dict[str, Any]) -> str:
     ]
     for name, by_cache in result["results"].items():
         for cache, r in by_cache.items():
-            lines.append(f"| {name} | {cache} | {r['best_s']:.2f} s | {r['gb_per_s']:.2f} | {r['s_per_v4_flash_layer']:.2f} |")
-    ratios = [f"{c}: {r['over_no_verify']:.2f}x" for c, r in result["results"].get("verify, threaded", {}).items()
-              if "over_no_verify" in r]
+            lines.append(
+                f"| {name} | {cache} | {r['best_s']:.2f} s | {r['gb_per_s']:.2f} | {r['s_per_v4_flash_layer']:.2f} |"
+            )
+    ratios = [
+        f"{c}: {r['over_no_verify']:.2f}x"
+        for c, r in result["results"].get("verify, threaded", {}).items()
+        if "over_no_verify" in r
+    ]
     if ratios:
         lines += ["", "Verified (threaded) over unverified load: " + ", ".join(ratios) + "."]
     return "\n".join(lines)
@@ -427,7 +461,16 @@ def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
 
 
-KIND_ORDER = ("moe_layer", "decode_step", "model_step", "ffi_overhead", "small_t_probe", "ep_step", "ep_recv_sim", "convert_verify_cost")
+KIND_ORDER = (
+    "moe_layer",
+    "decode_step",
+    "model_step",
+    "ffi_overhead",
+    "small_t_probe",
+    "ep_step",
+    "ep_recv_sim",
+    "convert_verify_cost",
+)
 
 
 def build(folder: Path = C.RESULTS_DIR, md_path: Path = RESULTS_MD, *, draw: bool = True) -> str:
@@ -437,6 +480,7 @@ def build(folder: Path = C.RESULTS_DIR, md_path: Path = RESULTS_MD, *, draw: boo
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["_card"], r["_date"]), []).append(r)
+
     def order(key: tuple[str, str]) -> tuple[bool, str, int]:  # GPUs first, by card, newest day first
         card, date = key
         return card.startswith("CPU"), card, -int(date.replace("-", "")) if date[:1].isdigit() else 0
@@ -448,7 +492,10 @@ def build(folder: Path = C.RESULTS_DIR, md_path: Path = RESULTS_MD, *, draw: boo
         title = f"{card}, {date}"
         toc.append(f"- [{title}](#{_anchor(title)})")
         body += [f"## {title}", ""]
-        rs = sorted(groups[(card, date)], key=lambda r: (KIND_ORDER.index(r["_kind"]) if r["_kind"] in KIND_ORDER else 99, r["_file"]))
+        rs = sorted(
+            groups[(card, date)],
+            key=lambda r: (KIND_ORDER.index(r["_kind"]) if r["_kind"] in KIND_ORDER else 99, r["_file"]),
+        )
         moe = [r for r in rs if r["_kind"] == "moe_layer"]
         headline = [r for r in moe if not run_variant(r)]
         if headline:
@@ -468,19 +515,26 @@ def build(folder: Path = C.RESULTS_DIR, md_path: Path = RESULTS_MD, *, draw: boo
             png_file = folder / Path(r["_file"]).with_suffix(".png").name
             png = f"{rel}/{png_file.name}" if png_file.is_file() else None
             if r["_kind"] == "moe_layer":
-                text = results_markdown(r, png, "## Routed-expert layer, a variant run (`python -m benchmarks.moe_layer`)")
+                text = results_markdown(
+                    r, png, "## Routed-expert layer, a variant run (`python -m benchmarks.moe_layer`)"
+                )
             else:
                 fn = _renderer(r["_kind"])
                 text = fn(r, png) if fn else f"## `{r['_file']}`\n\n*No renderer for this JSON ({r['_kind']}).*"
                 if not text.lstrip().startswith("#"):
                     text = f"## `{r['_file']}`\n\n" + text
             note = (r.get("annotation") or {}).get("note")
-            body += [_demote(text).rstrip(), "", f"*Source: `results/{r['_file']}`" + (f"; annotated: {note}" if note else "") + ".*", ""]
+            body += [
+                _demote(text).rstrip(),
+                "",
+                f"*Source: `results/{r['_file']}`" + (f"; annotated: {note}" if note else "") + ".*",
+                "",
+            ]
     tail = ""
     if md_path.is_file():
         old = md_path.read_text()
         if KEEP_MARKER in old:
-            tail = old[old.index(KEEP_MARKER) + len(KEEP_MARKER):].strip("\n")
+            tail = old[old.index(KEEP_MARKER) + len(KEEP_MARKER) :].strip("\n")
     out = [INTRO, "", *toc, "", *body, KEEP_MARKER, ""]
     if tail:
         out += [tail, ""]
@@ -497,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--results", type=Path, default=C.RESULTS_DIR, help="folder of the JSON files")
     p.add_argument("--out", type=Path, default=RESULTS_MD, help="the markdown file to write")
-    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when --out differs from what the JSON gives")
+    p.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 when --out differs from what the JSON gives"
+    )
     a = p.parse_args(argv)
     text = build(a.results, a.out, draw=not a.check)
     if a.check:

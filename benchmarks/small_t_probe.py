@@ -26,8 +26,11 @@ from benchmarks import _common as C
 
 def main() -> int:
     """``python -m benchmarks.small_t_probe``."""
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.small_t_probe", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.small_t_probe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     ap.add_argument("--tokens", type=ints, default=[1, 8, 64])
     ap.add_argument("--caps", type=ints, default=[128, 512, 1024])
@@ -48,7 +51,8 @@ def main() -> int:
         return 0
     if a.graph:  # XLA reads its flags when the backend starts, which is below
         os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=CUSTOM_CALL,FUSION"
+            os.environ.get("XLA_FLAGS", "")
+            + " --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=CUSTOM_CALL,FUSION"
         )
     from benchmarks.baselines import make_routing, model_shape, random_fp8_weights
     from jax_megamoe import ops
@@ -67,9 +71,16 @@ def main() -> int:
                 continue
             for r, graph in [(r, g) for r in a.reserved for g in ((False, True) if a.graph else (False,))]:
                 pol = _policy.current().replace(graph_targets=graph)  # the process policy is read once
-                kw = dict(activation_clamp=10.0, backend="ffi", options=ops.MoEOptions(
-                    num_max_tokens=cap, reserved_sms=r, kernel="fused", policy=pol,
-                ))  # token caps and reserved SMs are the fused kernel's
+                kw = dict(
+                    activation_clamp=10.0,
+                    backend="ffi",
+                    options=ops.MoEOptions(
+                        num_max_tokens=cap,
+                        reserved_sms=r,
+                        kernel="fused",
+                        policy=pol,
+                    ),
+                )  # token caps and reserved SMs are the fused kernel's
                 one = jax.jit(lambda x, i, w, ww, kw=kw: ops.mega_moe(x, i, w, ww, **kw))
 
                 @jax.jit
@@ -87,11 +98,19 @@ def main() -> int:
                     jax.block_until_ready(many(x, idx, w, weights))
                     best = min(best, (time.perf_counter() - t0) / 20)
                 timing = C.measure(lambda x, i, w: one(x, i, w, weights), [(x, idx, w)], budget_s=0.5, sample_s=0.05)
-                row = dict(tokens=t, cap=cap, reserved_sms=r, graph=graph, in_graph_us=best * 1e6,
-                           dispatch_us=timing.median_s * 1e6)
+                row = dict(
+                    tokens=t,
+                    cap=cap,
+                    reserved_sms=r,
+                    graph=graph,
+                    in_graph_us=best * 1e6,
+                    dispatch_us=timing.median_s * 1e6,
+                )
                 rows.append(row)
-                C.log(f"T={t} cap={cap} reserved={r} graph={graph}: in-graph {best * 1e6:.1f} us/call, "
-                      f"dispatched {timing.median_s * 1e6:.1f} us/call")
+                C.log(
+                    f"T={t} cap={cap} reserved={r} graph={graph}: in-graph {best * 1e6:.1f} us/call, "
+                    f"dispatched {timing.median_s * 1e6:.1f} us/call"
+                )
     data = dict(device=C.device_info(), created=C.utc_now(), rows=rows)
     if a.out:
         C.write_json(a.out / "small_t_probe.json", data)
@@ -106,7 +125,7 @@ def table(data: dict) -> str:
     rows = data["rows"]
     lines = [
         f"Single-GPU kernel at decode-size T, V4-Flash shapes (E 256, K 6, FP8), {data['device']['kind']}: "
-        "`ops.mega_moe(backend=\"ffi\")` per call, in-graph (20 calls in one jitted program) vs dispatched "
+        '`ops.mega_moe(backend="ffi")` per call, in-graph (20 calls in one jitted program) vs dispatched '
         "(one jitted call per step). `python -m benchmarks.small_t_probe`.",
         "",
         "| T | cap | reserved SMs | target | in-graph | dispatched |",
@@ -114,8 +133,10 @@ def table(data: dict) -> str:
     ]
     for r in rows:
         target = "`_graph` (CUDA graph)" if r.get("graph") else "plain"
-        lines.append(f"| {r['tokens']} | {r['cap']} | {r['reserved_sms']} | {target} | {r['in_graph_us']:.1f} us | "
-                     f"{r['dispatch_us']:.1f} us |")
+        lines.append(
+            f"| {r['tokens']} | {r['cap']} | {r['reserved_sms']} | {target} | {r['in_graph_us']:.1f} us | "
+            f"{r['dispatch_us']:.1f} us |"
+        )
     return "\n".join(lines)
 
 

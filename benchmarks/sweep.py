@@ -76,7 +76,6 @@ TOL = {
 }
 
 
-
 # =============================================================================================
 # Floors
 # =============================================================================================
@@ -88,8 +87,15 @@ def layer_flops(tokens: int, top_k: int, hidden: int, intermediate: int) -> int:
 
 
 def roofline(
-    *, tokens: int, top_k: int, hidden: int, intermediate: int, distinct_experts: float, fmt: str,
-    hbm_bytes_per_s: float, flops_per_s: float,
+    *,
+    tokens: int,
+    top_k: int,
+    hidden: int,
+    intermediate: int,
+    distinct_experts: float,
+    fmt: str,
+    hbm_bytes_per_s: float,
+    flops_per_s: float,
 ) -> dict[str, Any]:
     """The floor of one layer call: max(weight bytes / bandwidth, FLOPs / matmul peak)."""
     nbytes = distinct_experts * bytes_per_expert(fmt, hidden, intermediate)
@@ -131,7 +137,6 @@ def choose_experts(shape: Shape, limit_bytes: int | None, override: int | None, 
         + (" (the FP8-only paths fit more: --paths ffi,fp8w_capacity,fp8_capacity,fp8_ragged)" if with_bf16 else "")
     )
     return dataclasses.replace(shape, num_experts=e, e_note=note)
-
 
 
 # =============================================================================================
@@ -266,8 +271,17 @@ class PathState:
             self.sticky[name] = f"unavailable: {C.first_line(e)}"
             return "skipped", self.sticky[name]
         if isinstance(e, NotImplementedError) or any(
-            s in text for s in ("UNIMPLEMENTED", "not implemented", "Not implemented", "not supported",
-                                "Unsupported", "unsupported", "MLIR translation rule", "No such compile option")
+            s in text
+            for s in (
+                "UNIMPLEMENTED",
+                "not implemented",
+                "Not implemented",
+                "not supported",
+                "Unsupported",
+                "unsupported",
+                "MLIR translation rule",
+                "No such compile option",
+            )
         ):
             self.sticky[name] = f"not supported here: {msg}"
             return "skipped", self.sticky[name]
@@ -293,7 +307,9 @@ class PathState:
                 fn = jax.jit(partial(B.tokamax_ragged, clamp=clamp, implementation=impl, out_dtype=dt))
                 jax.block_until_ready(fn(*inputs, w13t, w2t))
             except Exception as e:  # noqa: BLE001
-                notes.append(f"implementation={impl!r} out={jnp.dtype(dt).name}: {type(e).__name__}: {C.first_line(e, 160)}")
+                notes.append(
+                    f"implementation={impl!r} out={jnp.dtype(dt).name}: {type(e).__name__}: {C.first_line(e, 160)}"
+                )
                 continue
             self.tokamax_choice = (impl, dt)
             self.tokamax_note = f"implementation={impl!r}, out={jnp.dtype(dt).name}" + (
@@ -375,9 +391,7 @@ class Sweep:
             "activation_clamp": shape.clamp,
             "e_note": shape.e_note,
             "weight_bytes": {"fp8": fp8_b, "bf16": bf16_b},
-            "bytes_per_expert": {
-                f: bytes_per_expert(f, shape.hidden, shape.intermediate) for f in ("fp8", "bf16")
-            },
+            "bytes_per_expert": {f: bytes_per_expert(f, shape.hidden, shape.intermediate) for f in ("fp8", "bf16")},
             "setup_s": setup_s,
             "points": [],
         }
@@ -438,7 +452,9 @@ class Sweep:
 
     def ffi_jit(self, shape: Shape):
         a = self.args
-        return jax.jit(partial(B.ffi_mega_moe, clamp=shape.clamp, cap=a.ffi_num_max_tokens, reserved_sms=a.ffi_reserved_sms))
+        return jax.jit(
+            partial(B.ffi_mega_moe, clamp=shape.clamp, cap=a.ffi_num_max_tokens, reserved_sms=a.ffi_reserved_sms)
+        )
 
     # ---- per point ------------------------------------------------------------------------
 
@@ -453,7 +469,9 @@ class Sweep:
 
         def y_ref() -> np.ndarray:
             if not ref_cache:
-                ref_cache.append(np.asarray(B.reference_mega_moe(xs, is_, ws, ctx.weights, clamp=shape.clamp)).astype(np.float32))
+                ref_cache.append(
+                    np.asarray(B.reference_mega_moe(xs, is_, ws, ctx.weights, clamp=shape.clamp)).astype(np.float32)
+                )
             return ref_cache[0]
 
         peaks = compute_peaks(self.result["ceilings"])
@@ -461,8 +479,14 @@ class Sweep:
         floors = {}
         for fmt, mma in (("bf16", "bf16"), ("fp8", "fp8"), ("fp8", "bf16")):
             floors[f"{fmt}_weights_{mma}_mma"] = roofline(
-                tokens=t, top_k=shape.top_k, hidden=shape.hidden, intermediate=shape.intermediate,
-                distinct_experts=inp.distinct, fmt=fmt, hbm_bytes_per_s=ceil["hbm_bytes_per_s"], flops_per_s=peaks[mma],
+                tokens=t,
+                top_k=shape.top_k,
+                hidden=shape.hidden,
+                intermediate=shape.intermediate,
+                distinct_experts=inp.distinct,
+                fmt=fmt,
+                hbm_bytes_per_s=ceil["hbm_bytes_per_s"],
+                flops_per_s=peaks[mma],
             )
         point: dict[str, Any] = {
             "tokens": t,
@@ -524,7 +548,9 @@ class Sweep:
         if p.name == "fp8w_gather":
             return jax.jit(partial(B.fp8w_gather, clamp=clamp)), q
         if p.name == "fp8w_capacity":
-            return jax.jit(partial(B.fp8w_capacity, clamp=clamp, cap=inp.capacity, group=ctx.expert_group(inp.capacity))), q
+            return jax.jit(
+                partial(B.fp8w_capacity, clamp=clamp, cap=inp.capacity, group=ctx.expert_group(inp.capacity))
+            ), q
         if p.name in ("fp8_gather", "fp8_capacity"):
             s1, s2 = ctx.scales()
             f = B.fp8_gather if p.name == "fp8_gather" else partial(B.fp8_capacity, cap=inp.capacity)
@@ -579,7 +605,11 @@ class Sweep:
             check = self.check(p, y0, y_f32, y_ref)
             budget = min(self.args.time_per_path, max(0.0, self.remaining()))
             timing = C.measure(
-                call, inp.sets, budget_s=budget, sample_s=self.args.sample_s, first_call_s=first,
+                call,
+                inp.sets,
+                budget_s=budget,
+                sample_s=self.args.sample_s,
+                first_call_s=first,
                 min_samples=self.args.min_samples,
             )
         except _Skip as e:
@@ -694,6 +724,7 @@ class ModelCtx:
 def best_of(paths: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The point's summary: fastest passing bf16 XLA path, fastest passing path other than ``ffi``
     and ``reference``, and the FFI's speed-up over the latter."""
+
     def ok(n):
         r = paths.get(n)
         return r is not None and r["status"] == "ok" and r["check"]["pass"]
@@ -735,30 +766,54 @@ def _experts(s: str) -> dict[str, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.moe_layer", description=USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.moe_layer", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", default="flash,pro", help="comma list of flash, pro (default both)")
-    p.add_argument("--tokens", type=C.int_list, default=None, help=f"token counts (default {FULL_TOKENS}; --quick {QUICK_TOKENS})")
+    p.add_argument(
+        "--tokens", type=C.int_list, default=None, help=f"token counts (default {FULL_TOKENS}; --quick {QUICK_TOKENS})"
+    )
     p.add_argument("--quick", action="store_true", help="fewer token counts and shorter timing (< 3 min on an H100)")
-    p.add_argument("--cpu-smoke", action="store_true", help=f"tiny shapes, tokens {SMOKE_TOKENS} (implied on a CPU device)")
+    p.add_argument(
+        "--cpu-smoke", action="store_true", help=f"tiny shapes, tokens {SMOKE_TOKENS} (implied on a CPU device)"
+    )
     p.add_argument("--no-shrink", action="store_true", help="on a CPU device, keep the real layer shapes")
     p.add_argument("--experts", type=_experts, default={}, help="E for every model (N) or per model (flash=N,pro=M)")
-    p.add_argument("--paths", default=None, help="comma list of paths to run (default all): " + ", ".join(x.name for x in PATHS))
+    p.add_argument(
+        "--paths", default=None, help="comma list of paths to run (default all): " + ", ".join(x.name for x in PATHS)
+    )
     p.add_argument("--include-reference", action="store_true", help="also time the pure-JAX reference on a GPU")
     p.add_argument("--out", default=str(C.RESULTS_DIR), help="output folder (JSON + PNG)")
     p.add_argument("--write-results", default=None, help="also fill the moe_layer section of this markdown file")
-    p.add_argument("--from-json", default=None, help="no measuring: re-render the PNG (and --write-results) from this JSON")
+    p.add_argument(
+        "--from-json", default=None, help="no measuring: re-render the PNG (and --write-results) from this JSON"
+    )
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new points after this many seconds")
     p.add_argument("--deadline", type=float, default=None, help="same, as a Unix time (wins over --budget-s)")
     p.add_argument("--time-per-path", type=float, default=None, help="seconds of timed samples per path and point")
     p.add_argument("--sample-s", type=float, default=None, help="target length of one timing sample (s)")
     p.add_argument("--min-samples", type=int, default=5)
-    p.add_argument("--sets", type=int, default=None, help="rotating input sets (x, routing) per point (default 4; CPU smoke 2)")
-    p.add_argument("--gather-max-gib", type=float, default=None, help="largest per-call weight gather of the gather paths")
-    p.add_argument("--ffi-prewarm", type=int, default=1, help="threads compiling the FFI path's token counts ahead (the JIT serialises nvcc runs anyway)")
-    p.add_argument("--ffi-num-max-tokens", type=int, default=None,
-                   help="token cap of the FFI kernel's buffer for every T (default: each point's own T, the smallest)")
-    p.add_argument("--ffi-reserved-sms", type=int, default=None, help="SMs the FFI kernel leaves free (default: the op's, 2)")
+    p.add_argument(
+        "--sets", type=int, default=None, help="rotating input sets (x, routing) per point (default 4; CPU smoke 2)"
+    )
+    p.add_argument(
+        "--gather-max-gib", type=float, default=None, help="largest per-call weight gather of the gather paths"
+    )
+    p.add_argument(
+        "--ffi-prewarm",
+        type=int,
+        default=1,
+        help="threads compiling the FFI path's token counts ahead (the JIT serialises nvcc runs anyway)",
+    )
+    p.add_argument(
+        "--ffi-num-max-tokens",
+        type=int,
+        default=None,
+        help="token cap of the FFI kernel's buffer for every T (default: each point's own T, the smallest)",
+    )
+    p.add_argument(
+        "--ffi-reserved-sms", type=int, default=None, help="SMs the FFI kernel leaves free (default: the op's, 2)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing paths")
     a = p.parse_args(argv)
@@ -813,12 +868,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         C.log(shrink_note)
     sweep = Sweep(args)
-    C.log(f"device {dev['kind']} ({dev['platform']}), pool {((dev['memory_bytes_limit'] or 0) / GIB):.1f} GiB; tokens {args.tokens}")
+    C.log(
+        f"device {dev['kind']} ({dev['platform']}), pool {((dev['memory_bytes_limit'] or 0) / GIB):.1f} GiB; tokens {args.tokens}"
+    )
     t0 = time.perf_counter()
     ceilings = measure_ceilings(small=smoke or on_cpu, time_budget=0.1 if smoke else 1.0)
     C.log(
         f"ceilings: HBM {ceilings['hbm_bytes_per_s'] / 1e9:.0f} GB/s, bf16 {ceilings['bf16_flops_per_s'] / 1e12:.1f} TFLOP/s, "
-        f"fp8 " + (f"{ceilings['fp8_flops_per_s'] / 1e12:.1f} TFLOP/s" if ceilings.get("fp8_flops_per_s") else ceilings["fp8_method"])
+        f"fp8 "
+        + (
+            f"{ceilings['fp8_flops_per_s'] / 1e12:.1f} TFLOP/s"
+            if ceilings.get("fp8_flops_per_s")
+            else ceilings["fp8_method"]
+        )
         + f" ({time.perf_counter() - t0:.1f} s)"
     )
     extra = {}
@@ -858,7 +920,9 @@ def main(argv: list[str] | None = None) -> int:
             C.log(f"{shape.name}: failed: {type(e).__name__}: {C.first_line(e)}")
             if args.verbose:
                 traceback.print_exc()
-            sweep.result["models"].append({"name": shape.name, "error": f"{type(e).__name__}: {C.first_line(e)}", "points": []})
+            sweep.result["models"].append(
+                {"name": shape.name, "error": f"{type(e).__name__}: {C.first_line(e)}", "points": []}
+            )
             gc.collect()
     sweep.result["elapsed_s"] = time.time() - sweep.t_start
     sweep.result["skipped_paths"] = dict(sweep.state.sticky)

@@ -100,7 +100,9 @@ class TinyV4(nnx.Module):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="CI smoke test: 2 layers, batch 2, prompt 4, 4 new tokens")
     p.add_argument("--layers", type=int, default=None, help="layers (default 4; --quick 2); layer 0 is hash-routed")
     p.add_argument("--batch", type=int, default=None, help="sequences decoded together (default 4; --quick 2)")

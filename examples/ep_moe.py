@@ -32,18 +32,25 @@ import argparse
 import os
 import sys
 import time
+
 from jax_megamoe.ops import MoEOptions
 from jax_megamoe.parallel import EPOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cpu-devices", type=int, default=None, help="run on N virtual CPU devices")
     p.add_argument("--quick", action="store_true", help="small V4-like layer (tiny config), few tokens: < 60 s on CPU")
-    p.add_argument("--tokens", type=int, default=None, help="tokens per step over all devices (rounded up to a multiple of n)")
+    p.add_argument(
+        "--tokens", type=int, default=None, help="tokens per step over all devices (rounded up to a multiple of n)"
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (default 3; --quick 5)")
     p.add_argument("--experts", type=int, default=None, help="routed experts (default: the config's)")
-    p.add_argument("--mode", choices=("mxf4xmxf4", "fp8xfp4", "fp8"), default=None, help="kernel mode (default: from device/env)")
+    p.add_argument(
+        "--mode", choices=("mxf4xmxf4", "fp8xfp4", "fp8"), default=None, help="kernel mode (default: from device/env)"
+    )
     p.add_argument("--dispatch", choices=("auto", "fused", "ragged", "padded"), default="auto")
     p.add_argument("--layer", type=int, default=3, help="layer index (< num_hash_layers: hash-routed; default 3)")
     p.add_argument("--seed", type=int, default=0)
@@ -110,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     weights = MoEWeights.from_checkpoint(*ckpt, mode=mode)
     del ckpt
     block = DeepseekV4MoE(
-        cfg, args.layer, mode=mode, rngs=nnx.Rngs(args.seed),
+        cfg,
+        args.layer,
+        mode=mode,
+        rngs=nnx.Rngs(args.seed),
         options=MoEBlockOptions(weights=weights, mesh=mesh, ep_dispatch=args.dispatch),
     )
     jax.block_until_ready(block.moe_weights)
@@ -174,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             a, b = np.asarray(ep, np.float64), np.asarray(ref, np.float64)
             rel = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
             routed = diff(ep, one)
-            print(f"check routed experts (fused ep_moe vs the single-GPU kernel): {routed}; "
-                  f"vs reference.mega_moe: rel. L2 {rel:.2e}")
+            print(
+                f"check routed experts (fused ep_moe vs the single-GPU kernel): {routed}; "
+                f"vs reference.mega_moe: rel. L2 {rel:.2e}"
+            )
             if rel > 1e-2:
                 return 1
         else:

@@ -63,11 +63,15 @@ def build_model(args: argparse.Namespace) -> DeepseekV4ForCausalLM:
     else:
         base = DeepseekV4Config.tiny()
     n = min(args.layers, base.num_hidden_layers)
-    cfg = DeepseekV4Config.tiny_model(num_hidden_layers=n) if args.config == "tiny_model" else \
-        DeepseekV4Config.tiny(num_hidden_layers=n)
+    cfg = (
+        DeepseekV4Config.tiny_model(num_hidden_layers=n)
+        if args.config == "tiny_model"
+        else DeepseekV4Config.tiny(num_hidden_layers=n)
+    )
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    return DeepseekV4ForCausalLM(cfg, experts=args.experts, backend=args.backend, param_dtype=dtype,
-                                 rngs=nnx.Rngs(args.seed))
+    return DeepseekV4ForCausalLM(
+        cfg, experts=args.experts, backend=args.backend, param_dtype=dtype, rngs=nnx.Rngs(args.seed)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=3, help="layers of the tiny model (its first N)")
     p.add_argument("--experts", choices=("exact", "quantized"), default="exact")
     p.add_argument("--backend", default="auto", help="routed-expert backend (quantized experts)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="param dtype (default: float32 for --tiny, bfloat16 for --checkpoint)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="param dtype (default: float32 for --tiny, bfloat16 for --checkpoint)",
+    )
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--prompt", default=None, help="comma-separated prompt ids (default: random, --prompt-len)")
     p.add_argument("--prompt-len", type=int, default=8)
@@ -106,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
         p.error(f"--prompt: ids must be in [0, {cfg.vocab_size})")
     b, plen = prompt.shape
-    print(f"model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
-          f"compress ratios {[cfg.layer_compress_ratio(i) for i in range(cfg.num_hidden_layers)]}, "
-          f"experts {args.experts}; built in {time.perf_counter() - t0:.2f} s")
+    print(
+        f"model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
+        f"compress ratios {[cfg.layer_compress_ratio(i) for i in range(cfg.num_hidden_layers)]}, "
+        f"experts {args.experts}; built in {time.perf_counter() - t0:.2f} s"
+    )
 
     step = jit_forward(model)
     sampler = jax.jit(sample, static_argnums=(2, 3))
@@ -136,14 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         out.append(np.asarray(tok))
         done = i + 1
         rate = "" if t_steady is None or i < 2 else f", {(i - 1) * b / (time.perf_counter() - t_steady):.1f} tokens/s"
-        print(f"\rgenerating: {done}/{args.new_tokens} tokens x {b} sequences{rate}", end="", file=sys.stderr,
-              flush=True)
+        print(
+            f"\rgenerating: {done}/{args.new_tokens} tokens x {b} sequences{rate}", end="", file=sys.stderr, flush=True
+        )
     print(file=sys.stderr)
     steady_steps = args.new_tokens - 2
     if t_steady is not None and steady_steps > 0:
         dt = time.perf_counter() - t_steady
-        print(f"decode: {steady_steps} timed steps x {b} sequences: {steady_steps * b / dt:.1f} tokens/s "
-              f"({dt / steady_steps * 1e3:.2f} ms/step)")
+        print(
+            f"decode: {steady_steps} timed steps x {b} sequences: {steady_steps * b / dt:.1f} tokens/s "
+            f"({dt / steady_steps * 1e3:.2f} ms/step)"
+        )
     gen = np.stack(out, axis=1)
     for r in range(min(b, 2)):
         print(f"sequence {r}: prompt {prompt[r].tolist()} -> generated {gen[r].tolist()}")

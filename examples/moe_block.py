@@ -53,9 +53,14 @@ def _tokens(s: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
-        "--tokens", type=_tokens, default=None, help="token counts to run (default 1,8,32 on GPU, 1,4,8 on CPU; --quick: 1,4)"
+        "--tokens",
+        type=_tokens,
+        default=None,
+        help="token counts to run (default 1,8,32 on GPU, 1,4,8 on CPU; --quick: 1,4)",
     )
     p.add_argument("--quick", action="store_true", help="smoke test: 16 experts (unless --experts), tokens 1,4")
     p.add_argument("--experts", type=int, default=None, help="routed experts (default 256, the V4-Flash value)")
@@ -64,7 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layer", type=int, default=3, help="layer index (< 3: hash-routed; default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--reps", type=int, default=None, help="timed calls per token count after one warm-up (default 1 on CPU, 10 on GPU)"
+        "--reps",
+        type=int,
+        default=None,
+        help="timed calls per token count after one warm-up (default 1 on CPU, 10 on GPU)",
     )
     args = p.parse_args(argv)
     on_cpu = jax.default_backend() == "cpu"
@@ -104,10 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     weights = jax.block_until_ready(MoEWeights.from_checkpoint(*ckpt, mode=mode))
     del ckpt
-    print(f"converted to mode {mode!r} kernel layout ({weights.nbytes / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"converted to mode {mode!r} kernel layout ({weights.nbytes / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s"
+    )
 
     block = DeepseekV4MoE(
-        cfg, args.layer, backend=args.backend, mode=mode, rngs=nnx.Rngs(args.seed),
+        cfg,
+        args.layer,
+        backend=args.backend,
+        mode=mode,
+        rngs=nnx.Rngs(args.seed),
         options=MoEBlockOptions(weights=weights),
     )
     try:

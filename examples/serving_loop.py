@@ -68,9 +68,16 @@ def make_step(graphdef, mode: str, backend: str):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="CI smoke test: tiny layer, max batch 8, 24 steps")
-    p.add_argument("--model", choices=("tiny", "flash", "pro"), default=None, help="layer shapes (default flash on GPU, tiny on CPU)")
+    p.add_argument(
+        "--model",
+        choices=("tiny", "flash", "pro"),
+        default=None,
+        help="layer shapes (default flash on GPU, tiny on CPU)",
+    )
     p.add_argument("--experts", type=int, default=None, help="override the routed expert count (e.g. to fit memory)")
     p.add_argument("--max-batch", type=int, default=None, help="largest bucket (default 64; --quick 8)")
     p.add_argument("--steps", type=int, default=None, help="timed decode steps (default 100; --quick 24)")
@@ -93,9 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {} if args.experts is None else {"n_routed_experts": args.experts}
-    cfg = {"tiny": DeepseekV4Config.tiny, "flash": DeepseekV4Config.v4_flash, "pro": DeepseekV4Config.v4_pro}[args.model](
-        **overrides
-    )
+    cfg = {"tiny": DeepseekV4Config.tiny, "flash": DeepseekV4Config.v4_flash, "pro": DeepseekV4Config.v4_pro}[
+        args.model
+    ](**overrides)
     mode = policy.resolve_mode(args.mode, ops.device_arch())
     dev = jax.devices()[0]
     print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind})")
@@ -172,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     y32, r32 = np.asarray(y, np.float32), np.asarray(y_ref, np.float32)
     rel = float(np.linalg.norm(y32 - r32) / max(np.linalg.norm(r32), 1e-30))
     ok = np.all(np.isfinite(y32)) and rel < 1e-2
-    print(f"padding check (last step, {len(x_rows)} rows vs the unpadded block): rel L2 {rel:.2e} {'ok' if ok else 'FAIL'}")
+    print(
+        f"padding check (last step, {len(x_rows)} rows vs the unpadded block): rel L2 {rel:.2e} {'ok' if ok else 'FAIL'}"
+    )
     if recompiles not in (0, "unknown"):
         print(f"error: {recompiles} recompiles inside the loop", file=sys.stderr)
         return 1

@@ -16,9 +16,9 @@ from jax_megamoe._src.kernels._rules import InferenceOnlyError, ShardingError
 from jax_megamoe._src.kernels._toolchain import ToolchainError
 from jax_megamoe._src.kernels.ops import BackendUnavailableError, mega_moe, pre_dispatch
 from jax_megamoe._src.kernels.parallel import ep_moe
+from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4MoE
 from jax_megamoe._src.numerics.config import MODES, Mode
 from jax_megamoe._src.numerics.layout import MoEWeights
-from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4MoE
 from jax_megamoe._src.numerics.policy import Policy
 from jax_megamoe._version import __version__
 

@@ -1,14 +1,14 @@
 """The Mega MoE ops: DeepGEMM's kernels through XLA FFI where the GPU runs the mode, else the reference."""
 
 from jax_megamoe._src.kernels.ops import (
-    pre_dispatch,
-    mega_moe,
-    choose_backend,
-    device_arch,
-    default_num_max_tokens,
     BACKENDS,
     BackendUnavailableError,
     MoEOptions,
+    choose_backend,
+    default_num_max_tokens,
+    device_arch,
+    mega_moe,
+    pre_dispatch,
 )
 
 __all__ = [

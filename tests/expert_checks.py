@@ -125,8 +125,9 @@ def _fmt(d: dict) -> str:
     return "{" + s + (f", ... {len(items) - 8} more" if len(items) > 8 else "") + "}"
 
 
-def plant_scale_block(weights, *, expert: int, leaf: str = "l2_sf", block: tuple[int, int] = (0, 0),
-                      factor: float = 2.0):
+def plant_scale_block(
+    weights, *, expert: int, leaf: str = "l2_sf", block: tuple[int, int] = (0, 0), factor: float = 2.0
+):
     """A copy of mode-``fp8`` ``weights`` whose one 128x128 scale block ``block`` (row block, column
     block) of ``leaf`` (``"l1_sf"``: ``[E, 2I/128, H/128]``, ``"l2_sf"``: ``[E, H/128, I/128]``) of
     local expert ``expert`` is multiplied by ``factor``; the other leaves are shared, not copied.

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from jax_megamoe._src.kernels import _ffi
-from jax_megamoe._src.kernels import _toolchain
+from jax_megamoe._src.kernels import _ffi, _toolchain
 
 
 def library() -> ctypes.CDLL:
@@ -121,7 +120,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "jmm_sm100_mega_render": [shape, call, ctypes.c_char_p, ctypes.c_size_t],
         "jmm_sm90_mega_compile": [shape, call] + [ctypes.c_char_p, ctypes.c_size_t] * 2,
         "jmm_sm100_mega_compile": [shape, call] + [ctypes.c_char_p, ctypes.c_size_t] * 2,
-        "jmm_pre_dispatch_launch_plan": [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 4
+        "jmm_pre_dispatch_launch_plan": [ctypes.c_int, ctypes.c_int]
+        + [ctypes.c_int64] * 4
         + [P(c_struct(lib, "jmm_pre_dispatch_launch")), ctypes.c_size_t],
         "jmm_sm100_locality_table": [ctypes.c_int64, P(ctypes.c_uint8), ctypes.c_int],
     }
@@ -138,19 +138,33 @@ def _arch(arch: int) -> str:
     return f"sm{arch}"
 
 
-def mega_shape(lib: ctypes.CDLL, *, E: int, P: int, K: int, H: int, I: int, ranks: int = 1,
-               kind: int = 0) -> ctypes.Structure:
+def mega_shape(
+    lib: ctypes.CDLL, *, E: int, P: int, K: int, H: int, I: int, ranks: int = 1, kind: int = 0
+) -> ctypes.Structure:
     """A ``jmm_mega_shape_t`` (kind = mma_kind: 0 on sm_90, 1 or 2 on sm_100)."""
-    return c_struct(lib, "jmm_mega_shape")(num_ranks=ranks, num_experts=E, capacity=P, top_k=K, hidden=H,
-                                           intermediate=I, mma_kind=kind)
+    return c_struct(lib, "jmm_mega_shape")(
+        num_ranks=ranks, num_experts=E, capacity=P, top_k=K, hidden=H, intermediate=I, mma_kind=kind
+    )
 
 
-def mega_call(lib: ctypes.CDLL, *, T: int, num_sms: int, clamp: float = float("inf"),
-              fast_math: bool = True, sm90_wide_tile: bool = False) -> ctypes.Structure:
+def mega_call(
+    lib: ctypes.CDLL,
+    *,
+    T: int,
+    num_sms: int,
+    clamp: float = float("inf"),
+    fast_math: bool = True,
+    sm90_wide_tile: bool = False,
+) -> ctypes.Structure:
     """A ``jmm_mega_call_t`` (``sm90_wide_tile``: the sm_90 target's attribute of that name, the
     policy's ``sm90_wide_tile``; must stay False for sm_100)."""
-    return c_struct(lib, "jmm_mega_call")(num_tokens=T, num_sms=num_sms, activation_clamp=clamp,
-                                          fast_math=int(fast_math), sm90_wide_tile=int(sm90_wide_tile))
+    return c_struct(lib, "jmm_mega_call")(
+        num_tokens=T,
+        num_sms=num_sms,
+        activation_clamp=clamp,
+        fast_math=int(fast_math),
+        sm90_wide_tile=int(sm90_wide_tile),
+    )
 
 
 def mega_layout(lib: ctypes.CDLL, arch: int, shape: ctypes.Structure, num_sms: int | None = None) -> dict[str, Any]:
@@ -170,19 +184,26 @@ def mega_config(lib: ctypes.CDLL, arch: int, shape: ctypes.Structure, call: ctyp
     _declare(lib)
     a = _arch(arch)
     out = c_struct(lib, f"jmm_{a}_mega_config")()
-    if getattr(lib, f"jmm_{a}_mega_config")(ctypes.byref(shape), ctypes.byref(call), ctypes.byref(out),
-                                              ctypes.sizeof(out)) != 0:
+    if (
+        getattr(lib, f"jmm_{a}_mega_config")(
+            ctypes.byref(shape), ctypes.byref(call), ctypes.byref(out), ctypes.sizeof(out)
+        )
+        != 0
+    ):
         raise ValueError(_ffi.last_error(lib))
     return as_dict(out)
 
 
-def mega_tensor_maps(lib: ctypes.CDLL, arch: int, shape: ctypes.Structure, call: ctypes.Structure) -> list[dict[str, Any]]:
+def mega_tensor_maps(
+    lib: ctypes.CDLL, arch: int, shape: ctypes.Structure, call: ctypes.Structure
+) -> list[dict[str, Any]]:
     """The TMA descriptor plans of one call, in kernel parameter order."""
     _declare(lib)
     t = c_struct(lib, "jmm_tensor_map")
     out = (t * 16)()
-    n = getattr(lib, f"jmm_{_arch(arch)}_mega_tensor_maps")(ctypes.byref(shape), ctypes.byref(call), out, len(out),
-                                                           ctypes.sizeof(t))
+    n = getattr(lib, f"jmm_{_arch(arch)}_mega_tensor_maps")(
+        ctypes.byref(shape), ctypes.byref(call), out, len(out), ctypes.sizeof(t)
+    )
     if n < 0:
         raise ValueError(_ffi.last_error(lib))
     return [as_dict(out[i]) for i in range(n)]
@@ -191,18 +212,20 @@ def mega_tensor_maps(lib: ctypes.CDLL, arch: int, shape: ctypes.Structure, call:
 def mega_render(lib: ctypes.CDLL, arch: int, shape: ctypes.Structure, call: ctypes.Structure) -> str:
     """kernel.cu of the mega kernel of one call; ValueError with the library's message."""
     _declare(lib)
-    return _ffi.call_render(lib, getattr(lib, f"jmm_{_arch(arch)}_mega_render"), ctypes.byref(shape),
-                            ctypes.byref(call))
+    return _ffi.call_render(
+        lib, getattr(lib, f"jmm_{_arch(arch)}_mega_render"), ctypes.byref(shape), ctypes.byref(call)
+    )
 
 
 def mega_compile(lib: ctypes.CDLL, arch: int, shape: ctypes.Structure, call: ctypes.Structure) -> str:
     """Compile (or find in the JIT caches) that kernel; the cubin path. RuntimeError with nvcc's output."""
     _declare(lib)
-    return _ffi.call_compile(getattr(lib, f"jmm_{_arch(arch)}_mega_compile"), ctypes.byref(shape),
-                             ctypes.byref(call))
+    return _ffi.call_compile(getattr(lib, f"jmm_{_arch(arch)}_mega_compile"), ctypes.byref(shape), ctypes.byref(call))
 
 
-def pre_dispatch_launch_plan(lib: ctypes.CDLL, arch: int, kind: int, T: int, P: int, H: int, K: int) -> dict[str, int] | None:
+def pre_dispatch_launch_plan(
+    lib: ctypes.CDLL, arch: int, kind: int, T: int, P: int, H: int, K: int
+) -> dict[str, int] | None:
     """The pre-dispatch launch geometry, or None for arguments no handler accepts."""
     _declare(lib)
     out = c_struct(lib, "jmm_pre_dispatch_launch")()

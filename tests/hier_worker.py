@@ -13,6 +13,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
 from jax_megamoe.ops import MoEOptions
 from jax_megamoe.parallel import EPOptions
 
@@ -40,8 +41,13 @@ def oracle(x, idx, w, w_all, *, mode: str, n_hosts: int, rsf: float = 1.0):
     def ref(ids):
         return np.asarray(
             reference.mega_moe(
-                jnp.asarray(x), jnp.asarray(ids.astype(np.int32)), jnp.asarray(w), w_all, mode=mode,
-                activation_clamp=CLAMP, options=MoEOptions(routed_scaling_factor=rsf, chunk_rows=chunk)
+                jnp.asarray(x),
+                jnp.asarray(ids.astype(np.int32)),
+                jnp.asarray(w),
+                w_all,
+                mode=mode,
+                activation_clamp=CLAMP,
+                options=MoEOptions(routed_scaling_factor=rsf, chunk_rows=chunk),
             )  # fmt: skip
         ).astype(np.float32)
 
@@ -148,13 +154,24 @@ def run_single() -> None:
     t0 = time.perf_counter()
     x, idx, w = make_routing(8, e, seed=21)
     args = (jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w))
-    y, st = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=CLAMP, return_stats=True))
+    y, st = PH.ep_moe_hier(
+        *args, w_all, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=CLAMP, return_stats=True)
+    )
     exact = verify("hier2x4_skewed", y, x, idx, w, w_all, mode=mode, n_hosts=2, stats=st)
-    check("hier2x4_sharding", tuple(y.sharding.spec)[0] == ("host", "ep") and bool(np.all(np.asarray(y)[: T // 8] == 0)),
-          f"{y.sharding.spec} {time.perf_counter() - t0:.1f}s")
+    check(
+        "hier2x4_sharding",
+        tuple(y.sharding.spec)[0] == ("host", "ep") and bool(np.all(np.asarray(y)[: T // 8] == 0)),
+        f"{y.sharding.spec} {time.perf_counter() - t0:.1f}s",
+    )
 
     # Capacity 1 (way below the skew): a second pass, the same bits, counted.
-    y2, st2 = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=CLAMP, pair_capacity=1, return_stats=True))
+    y2, st2 = PH.ep_moe_hier(
+        *args,
+        w_all,
+        mesh=mesh,
+        mode=mode,
+        options=EPOptions(activation_clamp=CLAMP, pair_capacity=1, return_stats=True),
+    )
     ok, info = same_bits(y2, exact)
     exp = expected_rows(idx, e, 2, 8, 1)
     got = tuple(int(v) for v in st2)
@@ -169,11 +186,22 @@ def run_single() -> None:
     w_sh = jax.tree.map(
         lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("host", "ep")))), w2
     )
-    f = jax.jit(lambda a, b, c, ww: PH.ep_moe_hier(a, b, c, ww, mesh=mesh, mode=mode2,
-                                                    options=EPOptions(activation_clamp=CLAMP, routed_scaling_factor=1.5, return_stats=True)))
+    f = jax.jit(
+        lambda a, b, c, ww: PH.ep_moe_hier(
+            a,
+            b,
+            c,
+            ww,
+            mesh=mesh,
+            mode=mode2,
+            options=EPOptions(activation_clamp=CLAMP, routed_scaling_factor=1.5, return_stats=True),
+        )
+    )
     y, st = f(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_sh)
     verify("hier2x4_empty_host", y, x, idx, w, w2, mode=mode2, n_hosts=2, rsf=1.5, stats=st)
-    check("hier2x4_empty_host_rows", bool(np.all(np.asarray(y)[T // 8 : T // 4] == 0)), f"{time.perf_counter() - t0:.1f}s")
+    check(
+        "hier2x4_empty_host_rows", bool(np.all(np.asarray(y)[T // 8 : T // 4] == 0)), f"{time.perf_counter() - t0:.1f}s"
+    )
 
     # One level (ep_moe_grouped) over 8 devices and over 4, with and without a second pass.
     t0 = time.perf_counter()
@@ -181,19 +209,27 @@ def run_single() -> None:
     args = (jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w))
     m8 = jax.make_mesh((8,), ("ep",), devices=devs)
     check("grouped_path", PH.hier_path(m8, "ep", None, mode, 4).intranode == "local")
-    y, st = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, options=EPOptions(activation_clamp=CLAMP, return_stats=True))
+    y, st = PH.ep_moe_grouped(
+        *args, w_all, mesh=m8, mode=mode, options=EPOptions(activation_clamp=CLAMP, return_stats=True)
+    )
     exact = verify("grouped_ep8", y, x, idx, w, w_all, mode=mode, n_hosts=8, stats=st)
-    y2, st2 = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, options=EPOptions(activation_clamp=CLAMP, pair_capacity=2, return_stats=True))
+    y2, st2 = PH.ep_moe_grouped(
+        *args, w_all, mesh=m8, mode=mode, options=EPOptions(activation_clamp=CLAMP, pair_capacity=2, return_stats=True)
+    )
     ok, info = same_bits(y2, exact)
     exp = expected_rows(idx, e, 8, 8, 2)
     got = tuple(int(v) for v in st2)
     check("grouped_ep8_second_pass", ok and got == exp and exp[1] > 0, f"{info} stats={got} want={exp}")
     # dispatch="padded" named explicitly: the bits of "auto" (padded on CPU) and of the exact
     # per-host sums, one level and two; "dense" (never released) is an error.
-    y_p = PH.ep_moe_grouped(*args, w_all, mesh=m8, mode=mode, options=EPOptions(activation_clamp=CLAMP, dispatch="padded"))
+    y_p = PH.ep_moe_grouped(
+        *args, w_all, mesh=m8, mode=mode, options=EPOptions(activation_clamp=CLAMP, dispatch="padded")
+    )
     ok_e, info_g = same_bits(y_p, exact)
     y_h = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=CLAMP))
-    y_hp = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=CLAMP, dispatch="padded"))
+    y_hp = PH.ep_moe_hier(
+        *args, w_all, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=CLAMP, dispatch="padded")
+    )
     ok_h, _ = same_bits(y_h, y_hp)
     p_d = PH.hier_path(mesh, "host", "ep", mode, T // 8, options=EPOptions(dispatch="padded"))
     try:
@@ -209,24 +245,46 @@ def run_single() -> None:
     )  # fmt: skip
     x4, idx4, w4 = make_routing(4, e, seed=4)
     m4 = jax.make_mesh((4,), ("ep",), devices=devs[:4])
-    y4 = PH.ep_moe_grouped(jnp.asarray(x4), jnp.asarray(idx4), jnp.asarray(w4), w_all, mesh=m4, mode=mode, options=EPOptions(activation_clamp=CLAMP))
+    y4 = PH.ep_moe_grouped(
+        jnp.asarray(x4),
+        jnp.asarray(idx4),
+        jnp.asarray(w4),
+        w_all,
+        mesh=m4,
+        mode=mode,
+        options=EPOptions(activation_clamp=CLAMP),
+    )
     verify("grouped_ep4", y4, x4, idx4, w4, w_all, mode=mode, n_hosts=4, n_dev=4)
     print(f"grouped {time.perf_counter() - t0:.1f}s", flush=True)
 
     # The GPU structure, lowered for cuda: one all-to-all exchange over 'host', then per device one
     # sm_90 mega-kernel custom call with 4 ranks (the fused intranode stage), no collective over 'ep'.
-    f = jax.jit(lambda a, b, c, ww: PH.ep_moe_hier(a, b, c, ww, mesh=mesh, mode=mode, options=EPOptions(intranode="fused")))
+    f = jax.jit(
+        lambda a, b, c, ww: PH.ep_moe_hier(a, b, c, ww, mesh=mesh, mode=mode, options=EPOptions(intranode="fused"))
+    )
     specs = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in (x, idx, w)]
-    text = f.trace(*specs, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w_all)).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = (
+        f.trace(*specs, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w_all))
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
     line = next((ln for ln in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in ln), "")
     n_a2a = text.count("all_to_all")
-    check("hier_fused_lowers_for_cuda", "num_ranks = 4" in line and n_a2a >= 4 and "ragged" not in text,
-          f"a2a={n_a2a} {line[:240]}")
-    f = jax.jit(lambda a, b, c, ww: PH.ep_moe_hier(a, b, c, ww, mesh=mesh, mode=mode,
-                                                    options=EPOptions(intranode="fused", num_max_tokens=200, pair_capacity=2)))
-    text = f.trace(*specs, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w_all)).lower(
-        lowering_platforms=("cuda",)).as_text()
+    check(
+        "hier_fused_lowers_for_cuda",
+        "num_ranks = 4" in line and n_a2a >= 4 and "ragged" not in text,
+        f"a2a={n_a2a} {line[:240]}",
+    )
+    f = jax.jit(
+        lambda a, b, c, ww: PH.ep_moe_hier(
+            a, b, c, ww, mesh=mesh, mode=mode, options=EPOptions(intranode="fused", num_max_tokens=200, pair_capacity=2)
+        )
+    )
+    text = (
+        f.trace(*specs, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w_all))
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
     calls = [ln for ln in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in ln]
     caps = sorted(int(ln.split("capacity = ")[1].split(" ")[0]) for ln in calls)
     # Two passes (pair_capacity 2 of 4 rows per pair): the first sized by num_max_tokens (aligned to 128),
@@ -274,8 +332,15 @@ def run_multi(process_id: int, port: int, num_processes: int) -> None:
         ("skewed", make_routing(8, w_all.num_experts, seed=31), 2),
         ("empty_host", empty_host_routing(8, w_all.num_experts, seed=6), None),
     ):
-        y, st = PH.ep_moe_hier(glob(x), glob(idx), glob(w), wg, mesh=mesh, mode=mode,
-                               options=EPOptions(activation_clamp=CLAMP, pair_capacity=cap, return_stats=True))
+        y, st = PH.ep_moe_hier(
+            glob(x),
+            glob(idx),
+            glob(w),
+            wg,
+            mesh=mesh,
+            mode=mode,
+            options=EPOptions(activation_clamp=CLAMP, pair_capacity=cap, return_stats=True),
+        )
         want, _, _ = oracle(x, idx, w, w_all, mode=mode, n_hosts=2)
         shards = sorted(y.addressable_shards, key=lambda s: s.index[0].start)
         mine = np.concatenate([np.asarray(s.data) for s in shards])

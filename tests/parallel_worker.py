@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+
 from jax_megamoe.ops import MoEOptions
 from jax_megamoe.parallel import EPOptions
 
@@ -162,7 +163,11 @@ def run_single() -> None:
     mesh = Mesh(np.array(devs), ("ep",))
     w_sh = parallel.shard_weights(w_all, mesh)
     check("shard_weights", w_sh.l1.sharding.spec[0] == "ep" and w_sh.l1.addressable_shards[0].data.shape[0] == 2)
-    f = jax.jit(lambda a, b, c, ww: parallel.ep_moe(a, b, c, ww, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp)))
+    f = jax.jit(
+        lambda a, b, c, ww: parallel.ep_moe(
+            a, b, c, ww, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp)
+        )
+    )
     y = f(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_sh)
     ref = reference.mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all, mode=mode, activation_clamp=clamp)
     ok, info = same_bits(y, ref)
@@ -179,7 +184,9 @@ def run_single() -> None:
         options=EPOptions(activation_clamp=clamp, pair_capacity=cap, return_overflow=True)
     )  # fmt: skip
     kept, want = expected_drops(idx, n, w_all.num_experts, cap)
-    ref = reference.mega_moe(jnp.asarray(x), jnp.asarray(kept), jnp.asarray(w), w_all, mode=mode, activation_clamp=clamp)
+    ref = reference.mega_moe(
+        jnp.asarray(x), jnp.asarray(kept), jnp.asarray(w), w_all, mode=mode, activation_clamp=clamp
+    )
     ok, info = same_bits(y, ref)
     check("capacity_overflow", ok and int(dropped) == want > 0, f"dropped={int(dropped)} want={want} {info}")
     _, none = parallel.ep_moe(
@@ -192,7 +199,9 @@ def run_single() -> None:
     # random routing with nonzero output; "dense" (a name that was never released) is an error.
     t0 = time.perf_counter()
     args = (jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all)
-    y_padded = parallel.ep_moe(*args, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp, dispatch="padded"))
+    y_padded = parallel.ep_moe(
+        *args, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp, dispatch="padded")
+    )
     y_auto = parallel.ep_moe(*args, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp))
     ref = reference.mega_moe(*args, mode=mode, activation_clamp=clamp)
     ok, info = same_bits(y_auto, y_padded)
@@ -226,7 +235,15 @@ def run_single() -> None:
 
     # Forcing the ragged path on CPU fails with a clear error before XLA does.
     try:
-        parallel.ep_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), w_all, mesh=mesh, mode=mode, options=EPOptions(dispatch="ragged"))
+        parallel.ep_moe(
+            jnp.asarray(x),
+            jnp.asarray(idx),
+            jnp.asarray(w),
+            w_all,
+            mesh=mesh,
+            mode=mode,
+            options=EPOptions(dispatch="ragged"),
+        )
         check("ragged_on_cpu_error", False, "no error")
     except ValueError as err:
         check("ragged_on_cpu_error", "dispatch" in str(err) and "ragged" in str(err), str(err)[:80])
@@ -249,8 +266,17 @@ def run_fused_lowering(devs) -> None:
     mesh = jax.make_mesh((2, 4), ("dp", "ep"), devices=devs)
     w_all = make_weights("fp8")
     x, idx, w = make_routing(4, w_all.num_experts, seed=4)
-    f = jax.jit(lambda a, b, c, ww: parallel.ep_moe(
-        a, b, c, ww, mesh=mesh, mode="fp8", options=EPOptions(activation_clamp=10.0, routed_scaling_factor=1.5, dispatch="fused")))
+    f = jax.jit(
+        lambda a, b, c, ww: parallel.ep_moe(
+            a,
+            b,
+            c,
+            ww,
+            mesh=mesh,
+            mode="fp8",
+            options=EPOptions(activation_clamp=10.0, routed_scaling_factor=1.5, dispatch="fused"),
+        )
+    )
     specs = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in (x, idx, w)]
     wspec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w_all)
     text = f.trace(*specs, wspec).lower(lowering_platforms=("cuda",)).as_text()
@@ -263,7 +289,9 @@ def run_fused_lowering(devs) -> None:
         and table.shape == (2, 4)
         and sorted(table.reshape(-1).tolist()) == sorted(d.id for d in devs)
         and all(table[g, r] == mesh.devices[g, r].id for g in range(2) for r in range(4))
-        and "num_ranks = 4" in line and "num_experts = 16" in line and want_table in line
+        and "num_ranks = 4" in line
+        and "num_experts = 16" in line
+        and want_table in line
         and "routed_scaling_factor = 1.000000e+00" in line  # already multiplied into the weights
         and "(tensor<8x512xbf16>, tensor<8x4xi32>, tensor<8x4xf32>, tensor<4x512x512xf8E4M3FN>" in line
         and "-> tensor<8x512xbf16>" in line
@@ -274,13 +302,25 @@ def run_fused_lowering(devs) -> None:
     mesh8 = jax.make_mesh((8,), ("ep",), devices=devs)
     w4 = make_weights("mxf4xmxf4")
     x8, idx8, wt8 = make_routing(8, w4.num_experts, seed=8)
-    f4 = jax.jit(lambda a, b, c, ww: parallel.ep_moe(a, b, c, ww, mesh=mesh8, mode="mxf4xmxf4", options=EPOptions(dispatch="fused")))
+    f4 = jax.jit(
+        lambda a, b, c, ww: parallel.ep_moe(
+            a, b, c, ww, mesh=mesh8, mode="mxf4xmxf4", options=EPOptions(dispatch="fused")
+        )
+    )
     specs = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in (x8, idx8, wt8)]
-    text4 = f4.trace(*specs, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w4)).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text4 = (
+        f4.trace(*specs, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w4))
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
     line4 = next((ln for ln in text4.splitlines() if "@jax_megamoe_mega_moe_sm100" in ln), "")
-    ok4 = ("num_ranks = 8" in line4 and "mma_kind = 2" in line4 and "capacity = 1920" in line4
-           and "tensor<2x512x256xui8>" in line4 and not re.search(r"all_to_all|ragged", text4))
+    ok4 = (
+        "num_ranks = 8" in line4
+        and "mma_kind = 2" in line4
+        and "capacity = 1920" in line4
+        and "tensor<2x512x256xui8>" in line4
+        and not re.search(r"all_to_all|ragged", text4)
+    )
     check("fused_sm100_lowers_for_cuda", ok4, line4[:300])
     # On CPU devices "auto" keeps the collective path; the reason is named.
     path = parallel.ep_path(mesh, "ep", "fp8", 8)
@@ -337,7 +377,11 @@ def run_multi(process_id: int, port: int, num_processes: int) -> None:
 
     devs = jax.devices()
     n = len(devs)
-    check("devices", n == 4 * num_processes and len(jax.local_devices()) == 4, f"global={n} local={len(jax.local_devices())}")
+    check(
+        "devices",
+        n == 4 * num_processes and len(jax.local_devices()) == 4,
+        f"global={n} local={len(jax.local_devices())}",
+    )
     mode, clamp = "fp8xfp4", 10.0
     w_all = make_weights(mode)  # same bytes in every process (seeded numpy)
     x, idx, w = make_routing(n, w_all.num_experts, seed=11)
@@ -356,7 +400,9 @@ def run_multi(process_id: int, port: int, num_processes: int) -> None:
         return jax.make_array_from_callback(a.shape, sh, lambda i: a[i])
 
     wg = jax.tree.map(glob, w_all)
-    y = parallel.ep_moe(glob(x), glob(idx), glob(w), wg, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp))
+    y = parallel.ep_moe(
+        glob(x), glob(idx), glob(w), wg, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp)
+    )
     import numpy as np
 
     ref = np.asarray(ref)
@@ -391,7 +437,9 @@ def run_gpu() -> None:
         args = (jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w))
         ref = reference.mega_moe(*args, w_all, mode=mode, activation_clamp=10.0)
         for dispatch in ("ragged", "padded"):
-            y = parallel.ep_moe(*args, w_all, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=10.0, dispatch=dispatch))
+            y = parallel.ep_moe(
+                *args, w_all, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=10.0, dispatch=dispatch)
+            )
             ok, info = same_bits(y, ref)
             check(f"gpu_ep{n}_{mode}_{dispatch}", ok, info)
 

@@ -24,11 +24,13 @@ import numpy as np  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-import jax_megamoe  # noqa: E402
-from jax_megamoe import ops, reference  # noqa: E402
+from jax_megamoe import (  # noqa: E402
+    ShardingError,  # noqa: E402
+    ops,
+    reference,
+)
 from jax_megamoe.layout import MoEWeights  # noqa: E402
 from jax_megamoe.ops import MoEOptions  # noqa: E402
-from jax_megamoe import ShardingError  # noqa: E402
 
 FAILED: list[str] = []
 T, H, I, E, K = 32, 512, 256, 16, 4
@@ -97,7 +99,9 @@ def token_sharded(kind: AxisType) -> None:
         check(f"token_sharded_{kind.name}_{mode}", ok and not collectives and spec is not None and spec[0] == "data",
               f"equal={ok} collectives={collectives} out={y.sharding}")  # fmt: skip
         want_pd = reference.pre_dispatch(x, idx, w, mode=mode, num_max_tokens=T, routed_scaling_factor=2.0)
-        g = jax.jit(lambda a, b, c: tuple(ops.pre_dispatch(a, b, c, mode=mode, num_max_tokens=T, routed_scaling_factor=2.0)))
+        g = jax.jit(
+            lambda a, b, c: tuple(ops.pre_dispatch(a, b, c, mode=mode, num_max_tokens=T, routed_scaling_factor=2.0))
+        )
         got = g(*args)
         eq = [np.array_equal(bits(p), bits(q)) for p, q in zip(got, want_pd)]
         text = compiled_text(g, *args)
@@ -176,7 +180,9 @@ def ffi_token_sharded_lowers_per_shard() -> None:
     lowered = f.lower(*args)
     text = lowered.as_text()
     line = next((ln for ln in text.splitlines() if "CustomSPMDPartitioning" in ln), "")
-    m = re.search(r"sdy\.op_sharding_rule<\(\[(\w+), \w+\], \[(\w+), \w+\], \[(\w+), \w+\],.*->\(\[(\w+), \w+\]\)", line)
+    m = re.search(
+        r"sdy\.op_sharding_rule<\(\[(\w+), \w+\], \[(\w+), \w+\], \[(\w+), \w+\],.*->\(\[(\w+), \w+\]\)", line
+    )
     rule_ok = m is not None and len(set(m.groups())) == 1  # one token factor
     # Compiling it for this CPU mesh partitions it per shard, and lowering the shard's kernel call
     # for the CPU raises BackendUnavailableError then: before anything runs.

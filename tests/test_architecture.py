@@ -18,7 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 PKG = Path(__file__).resolve().parents[1] / "jax_megamoe"
 ROOT = "jax_megamoe"
 SRC = "_src"
@@ -137,8 +136,10 @@ def violations(pkg: Path, root: str = ROOT, aliases: frozenset[str] = frozenset(
             if in_func:
                 bad.append(f"{where}: imports {target} inside a function")
             if rank(target, root, base) > rank(mod, root, base):
-                bad.append(f"{where}: {mod} (layer {rank(mod, root, base)}) imports {target} from a layer above "
-                           f"(layer {rank(target, root, base)})")
+                bad.append(
+                    f"{where}: {mod} (layer {rank(mod, root, base)}) imports {target} from a layer above "
+                    f"(layer {rank(target, root, base)})"
+                )
             if target != mod and not in_func:
                 graph[mod].add(target)
     # Every package also runs its parents' __init__ first: edges child -> parent package are implicit
@@ -239,7 +240,9 @@ def _write(root: Path, files: dict[str, str]) -> Path:
 def test_the_checker_catches_an_upward_import(tmp_path):
     pkg = _write(tmp_path, {"numerics/a.py": "from fake._src.io import b\n", "io/b.py": "x = 1\n"})
     bad = violations(pkg, root="fake")
-    assert len(bad) == 1 and "fake._src.numerics.a (layer 0) imports fake._src.io.b from a layer above (layer 2)" in bad[0]
+    assert (
+        len(bad) == 1 and "fake._src.numerics.a (layer 0) imports fake._src.io.b from a layer above (layer 2)" in bad[0]
+    )
 
 
 def test_the_checker_catches_a_circle_inside_a_layer(tmp_path):

@@ -124,14 +124,30 @@ def test_roofline_hand_worked():
     assert B.bytes_per_expert("fp8", 512, 256) == 393216 + 4 * 24
     # 2 * T * K * (2I*H + H*I) = 2 * 2 * 2 * 393216
     assert S.layer_flops(2, 2, 512, 256) == 3145728
-    r = S.roofline(tokens=2, top_k=2, hidden=512, intermediate=256, distinct_experts=3, fmt="bf16",
-                   hbm_bytes_per_s=1e9, flops_per_s=1e12)
+    r = S.roofline(
+        tokens=2,
+        top_k=2,
+        hidden=512,
+        intermediate=256,
+        distinct_experts=3,
+        fmt="bf16",
+        hbm_bytes_per_s=1e9,
+        flops_per_s=1e12,
+    )
     assert r["weight_bytes"] == 3 * 786432
     assert r["t_memory_s"] == pytest.approx(2.359296e-3)
     assert r["t_compute_s"] == pytest.approx(3.145728e-6)
     assert r["floor_s"] == r["t_memory_s"] and r["bound"] == "memory"
-    r = S.roofline(tokens=1000, top_k=2, hidden=512, intermediate=256, distinct_experts=3, fmt="fp8",
-                   hbm_bytes_per_s=1e12, flops_per_s=1e9)
+    r = S.roofline(
+        tokens=1000,
+        top_k=2,
+        hidden=512,
+        intermediate=256,
+        distinct_experts=3,
+        fmt="fp8",
+        hbm_bytes_per_s=1e12,
+        flops_per_s=1e9,
+    )
     assert r["t_compute_s"] == pytest.approx(1.572864) and r["bound"] == "compute"
     assert r["t_memory_s"] == pytest.approx(3 * 393312 / 1e12)
     # An FP8 matmul slower than bf16 is no native FP8 GEMM: FP8 floors then use the bf16 peak.
@@ -182,20 +198,47 @@ def test_path_state_skips_what_cannot_run_and_retries_once():
 
 def _fake_moe_run(date: str, kind: str, tokens: dict[int, float | None], *, experts: int = 256, **extra) -> dict:
     """A moe_layer JSON as the sweep writes it: ``tokens`` T -> ffi median (None: not run)."""
+
     def point(t, med):
         if med is None:
             return {"tokens": t, "skipped": "time budget exhausted (--budget-s / --deadline)"}
         floor = {"floor_s": med / 2}
-        ok = {"status": "ok", "median_s": med, "p10_s": med, "p90_s": med, "time_over_floor": 2.0,
-              "check": {"pass": True, "rel_l2": 1e-3, "tol": 1e-2}}
-        return {"tokens": t, "distinct_experts": 6.0, "floors": {"fp8_weights_fp8_mma": floor, "bf16_weights_bf16_mma": floor},
-                "paths": {"ffi": ok}, "best": {}}
+        ok = {
+            "status": "ok",
+            "median_s": med,
+            "p10_s": med,
+            "p90_s": med,
+            "time_over_floor": 2.0,
+            "check": {"pass": True, "rel_l2": 1e-3, "tol": 1e-2},
+        }
+        return {
+            "tokens": t,
+            "distinct_experts": 6.0,
+            "floors": {"fp8_weights_fp8_mma": floor, "bf16_weights_bf16_mma": floor},
+            "paths": {"ffi": ok},
+            "best": {},
+        }
+
     return {
-        "schema": S.SCHEMA, "date": f"{date}T01:00:00+00:00", "command": f"run {date}", "device": {"kind": kind, "platform": "gpu"},
-        "versions": {"jax": "0.x"}, "ceilings": {"hbm_bytes_per_s": 3e12, "bf16_flops_per_s": 6e14, "fp8_flops_per_s": 1.2e15},
-        "tolerances": dict(S.TOL), "paths": {"ffi": {"label": "(a) FFI"}},
-        "models": [{"name": "v4_flash", "hidden": 4096, "intermediate": 2048, "num_experts": experts, "full_experts": 256,
-                    "top_k": 6, "points": [point(t, m) for t, m in tokens.items()]}],
+        "schema": S.SCHEMA,
+        "date": f"{date}T01:00:00+00:00",
+        "command": f"run {date}",
+        "device": {"kind": kind, "platform": "gpu"},
+        "versions": {"jax": "0.x"},
+        "ceilings": {"hbm_bytes_per_s": 3e12, "bf16_flops_per_s": 6e14, "fp8_flops_per_s": 1.2e15},
+        "tolerances": dict(S.TOL),
+        "paths": {"ffi": {"label": "(a) FFI"}},
+        "models": [
+            {
+                "name": "v4_flash",
+                "hidden": 4096,
+                "intermediate": 2048,
+                "num_experts": experts,
+                "full_experts": 256,
+                "top_k": 6,
+                "points": [point(t, m) for t, m in tokens.items()],
+            }
+        ],
         **extra,
     }
 
@@ -205,7 +248,9 @@ def test_merge_moe_layer_puts_the_runs_of_a_day_side_by_side():
     b = _fake_moe_run("2026-12-07", "H100", {4096: 4e-3})
     m = R.merge_moe_layer([a, b])
     pts = {q["tokens"]: q for q in m["models"][0]["points"]}
-    assert sorted(pts) == [1, 4096] and pts[4096]["paths"]["ffi"]["median_s"] == 4e-3  # b's measured point wins the skip
+    assert (
+        sorted(pts) == [1, 4096] and pts[4096]["paths"]["ffi"]["median_s"] == 4e-3
+    )  # b's measured point wins the skip
     assert [s["command"] for s in m["sources"]] == ["run 2026-12-07", "run 2026-12-07"]
     md = R.results_markdown(m)
     assert "| | T=1 | T=4096 |" in md and "time budget exhausted" not in md
@@ -225,7 +270,9 @@ def test_results_md_is_built_from_the_json_one_section_per_card_and_date(tmp_pat
         "moe_layer.json": _fake_moe_run("2026-11-28", "NVIDIA H200", {1: 7e-4, 8: 5e-4}),
         "moe_layer_t4096.json": _fake_moe_run("2026-12-07", "NVIDIA H100", {4096: 4e-3}),
         "moe_layer_t1.json": _fake_moe_run("2026-12-07", "NVIDIA H100", {1: 2e-4}),
-        "moe_layer_wide.json": _fake_moe_run("2026-12-07", "NVIDIA H100", {4096: 3e-3}, annotation={"variant": "wide tile on"}),
+        "moe_layer_wide.json": _fake_moe_run(
+            "2026-12-07", "NVIDIA H100", {4096: 3e-3}, annotation={"variant": "wide tile on"}
+        ),
     }
     for name, r in runs.items():
         (res / name).write_text(json.dumps(r))
@@ -234,7 +281,7 @@ def test_results_md_is_built_from_the_json_one_section_per_card_and_date(tmp_pat
     text = R.build(res, md, draw=False)
     heads = [ln for ln in text.splitlines() if ln.startswith("## ")]
     assert heads == ["## NVIDIA H100, 2026-12-07", "## NVIDIA H200, 2026-11-28", "## History"], heads
-    h100 = text[text.index("## NVIDIA H100"):text.index("## NVIDIA H200")]
+    h100 = text[text.index("## NVIDIA H100") : text.index("## NVIDIA H200")]
     assert "2 runs, merged by T" in h100 and "| | T=1 | T=4096 |" in h100  # the two default-policy runs, one table
     assert "variant: wide tile on (annotated after the run)" in h100 and "3.00 ms" in h100  # the variant apart
     assert "old generated text" not in text and text.rstrip().endswith("- by hand")
@@ -247,20 +294,38 @@ def test_results_md_is_built_from_the_json_one_section_per_card_and_date(tmp_pat
 def test_results_md_in_the_repo_is_what_its_json_gives():
     """benchmarks/RESULTS.md is generated: it must match benchmarks/results/*.json."""
     assert R.build(C.RESULTS_DIR, R.RESULTS_MD, draw=False) == R.RESULTS_MD.read_text(), (
-        "benchmarks/RESULTS.md is stale: run python -m benchmarks.report")
+        "benchmarks/RESULTS.md is stale: run python -m benchmarks.report"
+    )
 
 
 def _run(module: str, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
     """``python -m benchmarks.<module> args`` from the repository root, as the README runs it."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_quick_cpu_smoke_writes_json_png_and_results(tmp_path):
     md = tmp_path / "RESULTS.md"
-    proc = _run("moe_layer", "--quick", "--cpu-smoke", "--models", "flash", "--budget-s", "400", "--out", str(tmp_path),
-                "--write-results", str(md))
+    proc = _run(
+        "moe_layer",
+        "--quick",
+        "--cpu-smoke",
+        "--models",
+        "flash",
+        "--budget-s",
+        "400",
+        "--out",
+        str(tmp_path),
+        "--write-results",
+        str(md),
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads((tmp_path / "moe_layer.json").read_text())
     assert data["schema"] == S.SCHEMA and data["cpu_smoke"] and "tiny stand-in shapes" in data["shrink_note"]
@@ -328,7 +393,9 @@ def test_decode_step_program_uses_set_l_mod_L_in_both_loop_shapes():
         assert ("while" in text) == (loop == "scan"), loop
     # The weight sets matter (a shifted cycle gives a different result).
     shifted = tuple(sets[(j + 1) % n_sets] for j in range(n_sets))
-    bad = np.asarray(D.make_step(_toy_layer, n_layers=n_layers, n_sets=n_sets, loop="scan")(x, idx, w, shifted), np.float32)
+    bad = np.asarray(
+        D.make_step(_toy_layer, n_layers=n_layers, n_sets=n_sets, loop="scan")(x, idx, w, shifted), np.float32
+    )
     assert C.rel_l2(bad, outs["scan"]) > 0.05
 
 
@@ -341,7 +408,9 @@ def test_decode_step_check_separates_numerics_from_wrong_weights():
     w8 = [B.random_fp8_weights(SHAPE, seed=j) for j in range(n_sets)]
     bf = [B.dequantize_all_bf16(v) for v in w8]
     ref = D.make_step(partial(B.reference_mega_moe, clamp=SHAPE.clamp), n_layers=n_layers, n_sets=n_sets, loop="scan")
-    cap = D.make_step(partial(B.xla_capacity, clamp=SHAPE.clamp, cap=p.capacity), n_layers=n_layers, n_sets=n_sets, loop="scan")
+    cap = D.make_step(
+        partial(B.xla_capacity, clamp=SHAPE.clamp, cap=p.capacity), n_layers=n_layers, n_sets=n_sets, loop="scan"
+    )
     y_cap = np.asarray(cap(x, idx, w, tuple(bf)), np.float32)
     y_ref = np.asarray(ref(x, idx, w, tuple((v,) for v in w8)), np.float32)
     y_bad = np.asarray(ref(x, idx, w, tuple((v,) for v in w8[::-1])), np.float32)
@@ -392,16 +461,35 @@ def test_decode_step_smoke_writes_json_png_and_results(tmp_path):
     png = (tmp_path / "decode_step.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     text = md.read_text()
-    assert "<!-- BEGIN decode_step -->" in text and "| `xla_capacity` (L=2) |" in text and "| empty step, per layer" in text
+    assert (
+        "<!-- BEGIN decode_step -->" in text
+        and "| `xla_capacity` (L=2) |" in text
+        and "| empty step, per layer" in text
+    )
     assert "smoke run" in text and "**L = 2 distinct**" in text
     # Re-rendered from the JSON alone.
     md2 = tmp_path / "again.md"
-    assert D.main(["--from-json", str(tmp_path / "decode_step.json"), "--out", str(tmp_path / "re"), "--write-results", str(md2)]) == 0
+    assert (
+        D.main(
+            [
+                "--from-json",
+                str(tmp_path / "decode_step.json"),
+                "--out",
+                str(tmp_path / "re"),
+                "--write-results",
+                str(md2),
+            ]
+        )
+        == 0
+    )
     assert "| `xla_capacity` (L=2) |" in md2.read_text() and (tmp_path / "re" / "decode_step.png").is_file()
     # A --model pro run keeps its own files and section, so one RESULTS.md holds both models.
     pro = dict(data, args=dict(data["args"], model="pro"))
     (tmp_path / "pro.json").write_text(json.dumps(pro))
-    assert D.main(["--from-json", str(tmp_path / "pro.json"), "--out", str(tmp_path / "re"), "--write-results", str(md2)]) == 0
+    assert (
+        D.main(["--from-json", str(tmp_path / "pro.json"), "--out", str(tmp_path / "re"), "--write-results", str(md2)])
+        == 0
+    )
     both = md2.read_text()
     assert both.count("<!-- BEGIN decode_step -->") == 1 and both.count("<!-- BEGIN decode_step_pro -->") == 1
     assert (tmp_path / "re" / "decode_step_pro.png").is_file()
@@ -489,8 +577,19 @@ def _as_reference(model):
 
 def test_model_step_cpu_smoke_writes_json_png_and_results(tmp_path):
     md = tmp_path / "RESULTS.md"
-    proc = _run("model_step", "--cpu-smoke", "--batch", "1", "--prefill-len", "8", "--out", str(tmp_path),
-                "--write-results", str(md), timeout=300)
+    proc = _run(
+        "model_step",
+        "--cpu-smoke",
+        "--batch",
+        "1",
+        "--prefill-len",
+        "8",
+        "--out",
+        str(tmp_path),
+        "--write-results",
+        str(md),
+        timeout=300,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads((tmp_path / "model_step.json").read_text())
     assert data["schema"] == MS.SCHEMA and data["smoke"] and data["model"]["layers"] == 2

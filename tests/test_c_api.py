@@ -6,13 +6,21 @@ from __future__ import annotations
 import ctypes
 import math
 
+import ffi_testing as ft
 import pytest
 
-import ffi_testing as ft
 from jax_megamoe._src.kernels import _ffi
 
-STRUCTS = ("jmm_mega_shape", "jmm_mega_call", "jmm_sm90_mega_layout", "jmm_sm90_mega_config",
-           "jmm_sm100_mega_layout", "jmm_sm100_mega_config", "jmm_tensor_map", "jmm_pre_dispatch_launch")
+STRUCTS = (
+    "jmm_mega_shape",
+    "jmm_mega_call",
+    "jmm_sm90_mega_layout",
+    "jmm_sm90_mega_config",
+    "jmm_sm100_mega_layout",
+    "jmm_sm100_mega_config",
+    "jmm_tensor_map",
+    "jmm_pre_dispatch_launch",
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +60,18 @@ def test_size_mismatch_is_refused(lib):
     rc = lib.jmm_sm90_mega_config(ctypes.byref(shape), ctypes.byref(call), ctypes.byref(out), ctypes.sizeof(out) - 8)
     assert rc == -1
     assert "the caller's struct is" in _ffi.last_error(lib) and str(ctypes.sizeof(out)) in _ffi.last_error(lib)
-    assert lib.jmm_sm90_mega_config(ctypes.byref(shape), ctypes.byref(call), ctypes.byref(out),
-                                    ctypes.sizeof(out)) == 0
+    assert lib.jmm_sm90_mega_config(ctypes.byref(shape), ctypes.byref(call), ctypes.byref(out), ctypes.sizeof(out)) == 0
     assert (out.block_m, out.num_sms, out.activation_clamp) == (64, 132, math.inf)
 
 
-@pytest.mark.parametrize("arch,kind,expect", [
-    (90, 1, "attribute mma_kind=1 must be 0 on sm_90"),
-    (100, 0, "attribute mma_kind=0 must be 1 (MXFP8FP4, fp8xfp4) or 2 (MXFP4, mxf4xmxf4)"),
-    (100, 7, "attribute mma_kind=7 must be 1"),
-])
+@pytest.mark.parametrize(
+    "arch,kind,expect",
+    [
+        (90, 1, "attribute mma_kind=1 must be 0 on sm_90"),
+        (100, 0, "attribute mma_kind=0 must be 1 (MXFP8FP4, fp8xfp4) or 2 (MXFP4, mxf4xmxf4)"),
+        (100, 7, "attribute mma_kind=7 must be 1"),
+    ],
+)
 def test_mma_kind_is_checked_in_one_place(lib, arch, kind, expect):
     P = 128 if arch == 90 else 1920
     shape = ft.mega_shape(lib, E=16, P=P, K=4, H=512, I=256, kind=kind)

@@ -75,7 +75,9 @@ def _fp8_block(rng, n, k):
     return q, s
 
 
-def synth_layers(num_layers: int, seed: int = 0, *, cfg: DeepseekV4Config = CFG, expert_format: str = "fp4") -> list[LayerTruth]:
+def synth_layers(
+    num_layers: int, seed: int = 0, *, cfg: DeepseekV4Config = CFG, expert_format: str = "fp4"
+) -> list[LayerTruth]:
     rng = np.random.default_rng(seed)
     out = []
     for layer in range(num_layers):
@@ -165,7 +167,9 @@ def config_json(cfg: DeepseekV4Config = CFG, num_layers: int = 3) -> dict:
     return d
 
 
-def write_checkpoint(folder, tensors: dict, *, config: dict | None = None, split_at: str | None = None, index_extra=None):
+def write_checkpoint(
+    folder, tensors: dict, *, config: dict | None = None, split_at: str | None = None, index_extra=None
+):
     """Two shards + ``model.safetensors.index.json`` (+ ``config.json``); ``split_at``: the first
     tensor of the second shard. ``head.weight`` is listed in a third shard that does not exist,
     which any read of a tensor outside the requested layer would hit."""
@@ -195,7 +199,13 @@ def model_tensors(truths: list[LayerTruth], *, nibble_order: str = "low_even") -
 
 
 def synth_checkpoint(
-    folder, num_layers: int = 3, *, seed: int = 0, nibble_order: str = "low_even", expert_format: str = "fp4", config: bool = True
+    folder,
+    num_layers: int = 3,
+    *,
+    seed: int = 0,
+    nibble_order: str = "low_even",
+    expert_format: str = "fp4",
+    config: bool = True,
 ):
     """Write a synthetic V4 checkpoint; returns ``(path, truths)``. Layer 1 spans both shards."""
     truths = synth_layers(num_layers, seed, expert_format=expert_format)
@@ -383,7 +393,10 @@ def test_config_from_json_shapes_or_explicit(v4, tmp_path):
     assert ckpt.infer_config(bare, 2, {"routed_scaling_factor": 1.5, "swiglu_limit": 10.0}) == CFG
     assert ckpt.infer_config(bare, 1, CFG) == CFG
     for bad, msg in (
-        (dataclasses.replace(CFG, hidden_size=1024), r"hidden_size = 1024 but layers.1.ffn.gate.weight \[8, 512\] gives 512"),
+        (
+            dataclasses.replace(CFG, hidden_size=1024),
+            r"hidden_size = 1024 but layers.1.ffn.gate.weight \[8, 512\] gives 512",
+        ),
         (
             dataclasses.replace(CFG, moe_intermediate_size=128),
             "moe_intermediate_size = 128 but layers.1.ffn.experts.0.w1.weight gives 256",
@@ -393,7 +406,9 @@ def test_config_from_json_shapes_or_explicit(v4, tmp_path):
     ):
         with pytest.raises(CheckpointError, match=msg):
             ckpt.read_moe_layer(path, 1, config=bad)
-    with pytest.raises(CheckpointError, match=r"num_experts_per_tok = 6 but layers.0.ffn.gate.tid2eid \[64, 4\] gives 4"):
+    with pytest.raises(
+        CheckpointError, match=r"num_experts_per_tok = 6 but layers.0.ffn.gate.tid2eid \[64, 4\] gives 4"
+    ):
         ckpt.read_moe_layer(path, 0, config=dataclasses.replace(CFG, num_experts_per_tok=6))
 
 
@@ -484,9 +499,21 @@ def _corrupt(kind, tensors, folder):
 @pytest.mark.parametrize(
     "kind",
     [
-        "wrong_dtype", "wrong_shape", "bad_e8m0_as_i8", "size_mismatch", "missing_tensor", "unknown_dtype",
-        "tid2eid_range", "missing_shard", "missing_in_header", "truncated", "header_len", "huge_header_len",
-        "json_garbage", "not_object", "short_file",
+        "wrong_dtype",
+        "wrong_shape",
+        "bad_e8m0_as_i8",
+        "size_mismatch",
+        "missing_tensor",
+        "unknown_dtype",
+        "tid2eid_range",
+        "missing_shard",
+        "missing_in_header",
+        "truncated",
+        "header_len",
+        "huge_header_len",
+        "json_garbage",
+        "not_object",
+        "short_file",
     ],
 )
 def test_corrupt_checkpoint_errors_name_tensor_and_file(tmp_path, kind):

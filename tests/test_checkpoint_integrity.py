@@ -34,7 +34,7 @@ from jax_megamoe.checkpoint import CheckpointError
 from jax_megamoe.layout import MoEWeights
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_checkpoint import E, I, SHARDS, write_safetensors_raw, synth_checkpoint  # noqa: E402
+from test_checkpoint import SHARDS, E, I, synth_checkpoint, write_safetensors_raw  # noqa: E402
 from test_layout import random_checkpoint  # noqa: E402
 
 safetensors = pytest.importorskip("safetensors")
@@ -72,7 +72,11 @@ def spans(path: str) -> dict[str, tuple[int, int]]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-    return {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
+    return {
+        k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
 
 
 class poke:  # noqa: N801 - a context manager used like a function
@@ -153,21 +157,49 @@ DATA = bytes(range(16))
 
 LAYOUT_CASES = {
     # name: (entries, data, regex of our error (None: accepted), names the message must hold)
-    "alias": ({"a": (0, 8), "b": (0, 8), "c": (8, 16)}, DATA, r"overlap \(bytes \[0, 8\) are claimed by both\)",
-              ["'a' data_offsets [0, 8]", "'b' data_offsets [0, 8]"]),
-    "partial_overlap": ({"a": (0, 8), "b": (4, 16)}, DATA, r"overlap \(bytes \[4, 8\) are claimed by both\)",
-                        ["'a' data_offsets [0, 8]", "'b' data_offsets [4, 16]"]),
+    "alias": (
+        {"a": (0, 8), "b": (0, 8), "c": (8, 16)},
+        DATA,
+        r"overlap \(bytes \[0, 8\) are claimed by both\)",
+        ["'a' data_offsets [0, 8]", "'b' data_offsets [0, 8]"],
+    ),
+    "partial_overlap": (
+        {"a": (0, 8), "b": (4, 16)},
+        DATA,
+        r"overlap \(bytes \[4, 8\) are claimed by both\)",
+        ["'a' data_offsets [0, 8]", "'b' data_offsets [4, 16]"],
+    ),
     "empty_inside": ({"a": (0, 8), "z": (3, 3), "b": (8, 16)}, DATA, r"the empty 'z' sits inside 'a'", ["'z'"]),
-    "gap": ({"a": (0, 8), "b": (9, 16)}, DATA, r"1 bytes \[8, 9\) between the end of tensor 'a' data_offsets \[0, 8\] "
-            r"and tensor 'b' data_offsets \[9, 16\] belong to no tensor", []),
-    "gap_at_start": ({"a": (2, 16)}, DATA, r"2 bytes \[0, 2\) between the start of the data section and tensor 'a'", []),
+    "gap": (
+        {"a": (0, 8), "b": (9, 16)},
+        DATA,
+        r"1 bytes \[8, 9\) between the end of tensor 'a' data_offsets \[0, 8\] "
+        r"and tensor 'b' data_offsets \[9, 16\] belong to no tensor",
+        [],
+    ),
+    "gap_at_start": (
+        {"a": (2, 16)},
+        DATA,
+        r"2 bytes \[0, 2\) between the start of the data section and tensor 'a'",
+        [],
+    ),
     "empty_past_end": ({"a": (0, 16), "z": (20, 20)}, DATA, r"4 bytes \[16, 20\) between .*'a'.* and tensor 'z'", []),
-    "trailing": ({"a": (0, 8), "b": (8, 12)}, DATA, r"4 bytes of hidden trailing data after tensor 'b' data_offsets "
-                 r"\[8, 12\]: the data section holds 16 bytes", []),
+    "trailing": (
+        {"a": (0, 8), "b": (8, 12)},
+        DATA,
+        r"4 bytes of hidden trailing data after tensor 'b' data_offsets "
+        r"\[8, 12\]: the data section holds 16 bytes",
+        [],
+    ),
     "no_tensors_but_data": ({}, DATA, r"16 bytes of hidden trailing data after a header listing no data", []),
     # accepted: JSON key order is free, zero-byte tensors at any boundary (start, middle, end)
     "keys_out_of_order": ({"b": (8, 16), "a": (0, 8)}, DATA, None, []),
-    "empty_at_boundaries": ({"z0": (0, 0), "a": (0, 8), "z1": (8, 8), "z2": (8, 8), "b": (8, 16), "z3": (16, 16)}, DATA, None, []),
+    "empty_at_boundaries": (
+        {"z0": (0, 0), "a": (0, 8), "z1": (8, 8), "z2": (8, 8), "b": (8, 16), "z3": (16, 16)},
+        DATA,
+        None,
+        [],
+    ),
     "empty_file": ({"z": (0, 0)}, b"", None, []),
 }
 
@@ -193,13 +225,18 @@ def test_layout_rules_match_the_official_reader(tmp_path, case):
 def test_aliased_tensors_in_a_checkpoint_name_the_tensors_and_file(tmp_path):
     """Two expert scales pointing at the same bytes would load as two (equal) tensors."""
     p = tmp_path / "alias.safetensors"
-    write_safetensors_raw(p, {"x.w1.scale": ("U8", np.arange(8, dtype=np.uint8)), "x.w3.scale": ("U8", np.arange(8, dtype=np.uint8))})
+    write_safetensors_raw(
+        p, {"x.w1.scale": ("U8", np.arange(8, dtype=np.uint8)), "x.w3.scale": ("U8", np.arange(8, dtype=np.uint8))}
+    )
     with open(p, "r+b") as f:  # point the second at the first one's bytes, same header length
         (n,) = struct.unpack("<Q", f.read(8))
         hb = f.read(n).replace(b'"data_offsets": [8, 16]', b'"data_offsets": [0,  8 ]')
         f.seek(8)
         f.write(hb)
-    with pytest.raises(CheckpointError, match=r"tensors 'x.w1.scale' data_offsets \[0, 8\] and 'x.w3.scale' data_offsets \[0, 8\] overlap") as ei:
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensors 'x.w1.scale' data_offsets \[0, 8\] and 'x.w3.scale' data_offsets \[0, 8\] overlap",
+    ) as ei:
         ckpt.Checkpoint(str(p))
     assert str(p) in str(ei.value)
     assert not official_accepts(p)
@@ -227,7 +264,9 @@ def test_truncated_shard_still_serves_tensors_before_the_cut(tmp_path):
     assert not official_accepts(p)  # the official reader refuses the whole file
     sf = ckpt.SafetensorsFile(p)
     assert sf.get("a").tobytes() == DATA[:4] and sf.get("b").tobytes() == DATA[4:8]
-    with pytest.raises(CheckpointError, match=r"'c' in .*data_offsets \[8, 16\] lie past the end of the file.*truncated"):
+    with pytest.raises(
+        CheckpointError, match=r"'c' in .*data_offsets \[8, 16\] lie past the end of the file.*truncated"
+    ):
         sf.get("c")
 
 
@@ -302,7 +341,9 @@ def test_nan_routed_scale_in_a_file_is_refused_with_its_position(tmp_path, dtype
                 (n,) = struct.unpack("<Q", f.read(8))
                 hb = f.read(n)
                 f.seek(8)
-                f.write(hb.replace(b'"dtype": "F8_E8M0", "shape": [256, 16]', b'"dtype": "U8", "shape": [256, 16]     '))
+                f.write(
+                    hb.replace(b'"dtype": "F8_E8M0", "shape": [256, 16]', b'"dtype": "U8", "shape": [256, 16]     ')
+                )
     fpath = os.path.join(path, SHARDS[1])
     start, _ = spans(fpath)[name]
     _set_bytes(fpath, start, [17 * 16 + 3, 40 * 16 + 1, 255 * 16 + 15], 0xFF)  # [17, 3] first in row-major order
@@ -310,7 +351,13 @@ def test_nan_routed_scale_in_a_file_is_refused_with_its_position(tmp_path, dtype
         with pytest.raises(CheckpointError) as ei:
             load(path, 1)
         msg = str(ei.value)
-        for part in (repr(name), fpath, "3 UE8M0 scale bytes are 0xFF", "expert 6, row 17, col 3", "allow_nan_scales=True"):
+        for part in (
+            repr(name),
+            fpath,
+            "3 UE8M0 scale bytes are 0xFF",
+            "expert 6, row 17, col 3",
+            "allow_nan_scales=True",
+        ):
             assert part in msg, (part, msg)
     ckpt.read_moe_layer(path, 0)  # layer 0 is untouched
     # The opt-out loads the bytes exactly as stored.
@@ -326,9 +373,15 @@ def test_nan_routed_scale_in_a_file_is_refused_with_its_position(tmp_path, dtype
 def test_nan_shared_block_scale_in_a_file_is_refused(tmp_path):
     path, _ = synth_checkpoint(tmp_path / "c", 2, seed=4)
     name = "layers.1.ffn.shared_experts.w2.scale"  # F8_E8M0 [H/128, I_s/128] = [4, 2]
-    (fpath, start, _), = [(os.path.join(path, fn), *spans(os.path.join(path, fn))[name]) for fn in SHARDS if name in spans(os.path.join(path, fn))]
+    ((fpath, start, _),) = [
+        (os.path.join(path, fn), *spans(os.path.join(path, fn))[name])
+        for fn in SHARDS
+        if name in spans(os.path.join(path, fn))
+    ]
     _set_bytes(fpath, start, [2 * 2 + 1], 0xFF)
-    with pytest.raises(CheckpointError, match=r"1 UE8M0 scale bytes are 0xFF .* the first at row 2, col 1; pass allow_nan_scales=True") as ei:
+    with pytest.raises(
+        CheckpointError, match=r"1 UE8M0 scale bytes are 0xFF .* the first at row 2, col 1; pass allow_nan_scales=True"
+    ) as ei:
         ckpt.read_moe_layer(path, 1)
     assert repr(name) in str(ei.value) and fpath in str(ei.value)
     t = ckpt.read_moe_layer(path, 1, allow_nan_scales=True)
@@ -345,8 +398,11 @@ def test_nan_scale_arguments_of_from_checkpoint_are_refused(mode, kind):
     conv = {"numpy": lambda a: a, "e8m0": lambda a: a.view(E8M0), "jax": jnp.asarray}[kind]
     args = (w13, conv(s13), w2, conv(s2))
     for build in (MoEWeights.from_checkpoint, lambda *a, **k: MoEWeights.from_checkpoint_with_report(*a, **k)[0]):
-        with pytest.raises(ValueError, match=r"^w2_scale: 2 UE8M0 scale bytes are 0xFF \(NaN in E8M0.*the first at "
-                           r"expert 1, row 5, col 2; pass allow_nan_scales=True to MoEWeights.from_checkpoint"):
+        with pytest.raises(
+            ValueError,
+            match=r"^w2_scale: 2 UE8M0 scale bytes are 0xFF \(NaN in E8M0.*the first at "
+            r"expert 1, row 5, col 2; pass allow_nan_scales=True to MoEWeights.from_checkpoint",
+        ):
             build(*args, mode=mode)
     w = MoEWeights.from_checkpoint(*args, mode=mode, allow_nan_scales=True)
     if mode != "fp8":
@@ -361,7 +417,10 @@ def test_validate_scans_numpy_scale_leaves():
     host = jax.tree_util.tree_map(np.array, w)  # hand-built / host-side weights: numpy leaves
     assert host.validate() is host
     host.l2_sf.view(np.uint8).reshape(*host.l2_sf.shape, 4)[1, 0, 7, 2] = 0xFF
-    with pytest.raises(ValueError, match=r"^weights.l2_sf: 1 UE8M0 scale bytes .* expert 1, K/128 word 0, MN row \(kernel order\) 7, byte 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"^weights.l2_sf: 1 UE8M0 scale bytes .* expert 1, K/128 word 0, MN row \(kernel order\) 7, byte 2",
+    ):
         host.validate()
     with pytest.raises(ValueError, match=r"^weights.l2_sf"):
         host.validate_for("fp8xfp4", hidden=256)
@@ -450,7 +509,5 @@ def test_from_checkpoint_passes_allow_nan_scales(tmp_path):
     _set_bytes(fpath, spans(fpath)[name][0], [5], 0xFF)
     with pytest.raises(CheckpointError, match=r"experts\.2\.w1\.scale.*0xFF.*allow_nan_scales=True"):
         DeepseekV4MoE.from_checkpoint(path, 1, mode="fp8xfp4")
-    block = DeepseekV4MoE.from_checkpoint(
-        path, 1, mode="fp8xfp4", load_options=BlockLoadOptions(allow_nan_scales=True)
-    )
+    block = DeepseekV4MoE.from_checkpoint(path, 1, mode="fp8xfp4", load_options=BlockLoadOptions(allow_nan_scales=True))
     assert block.config.n_routed_experts == E

@@ -21,7 +21,7 @@ from jax_megamoe._src.io import convert
 from jax_megamoe.models.deepseek_v4 import DeepseekV4MoE
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_checkpoint import CFG, E, H, VOCAB, leaves_equal, params_equal, synth_checkpoint  # noqa: E402
+from test_checkpoint import CFG, VOCAB, E, H, leaves_equal, params_equal, synth_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,9 @@ def test_convert_roundtrip_skip_and_repair(v4_2, tmp_path, capsys):
     # Re-running skips complete layers and touches nothing.
     stamps = {f: os.stat(out / f).st_mtime_ns for f in listing(out)}
     rc, err = run_main([path, "--layers", "0-1", "--target", "sm100", "--out", out, "--quiet"], capsys)
-    assert rc == 0 and err.count("already converted (verified), skipping") == 2 and "done: 0 converted, 2 skipped" in err
+    assert (
+        rc == 0 and err.count("already converted (verified), skipping") == 2 and "done: 0 converted, 2 skipped" in err
+    )
     rc, err = run_main([path, "--layers", "0-1", "--target", "sm100", "--out", out, "--quiet", "--no-verify"], capsys)
     assert rc == 0 and err.count("already converted (not re-hashed), skipping") == 2
     assert {f: os.stat(out / f).st_mtime_ns for f in listing(out)} == stamps
@@ -94,7 +96,9 @@ def test_convert_roundtrip_skip_and_repair(v4_2, tmp_path, capsys):
     rc, err = run_main([path, "--layers", "all", "--target", "sm100", "--out", out, "--quiet"], capsys)
     assert rc == 0 and "layer 0: already converted" in err and "layer 1: converting" in err and "truncated" in err
     same_layer(convert.load_converted(out, 1), ckpt.load_moe_layer(path, 1, mode="fp8xfp4"))
-    rc, err = run_main([path, "--layers", "1", "--target", "sm100", "--mode", "mxf4xmxf4", "--out", out, "--quiet"], capsys)
+    rc, err = run_main(
+        [path, "--layers", "1", "--target", "sm100", "--mode", "mxf4xmxf4", "--out", out, "--quiet"], capsys
+    )
     assert rc == 0 and "mode differs ('fp8xfp4' on disk, 'mxf4xmxf4' wanted)" in err
     assert convert.load_converted(out, 1).mode == "mxf4xmxf4"
     ok, why = convert.check_converted(out, 1, mode="fp8xfp4")
@@ -170,16 +174,23 @@ def test_cli_subprocess_sm90_and_serving_from_converted(v4_2, tmp_path):
 def test_cli_nibble_order_and_argument_errors(tmp_path, capsys):
     path, truths = synth_checkpoint(tmp_path / "swapped", 2, seed=2, nibble_order="high_even")
     out = tmp_path / "out"
-    rc, _ = run_main([path, "--layers", "1", "--target", "sm100", "--out", out, "--quiet", "--nibble-order", "high_even"], capsys)
+    rc, _ = run_main(
+        [path, "--layers", "1", "--target", "sm100", "--out", out, "--quiet", "--nibble-order", "high_even"], capsys
+    )
     assert rc == 0
     got = convert.load_converted(out, 1)
     assert got.nibble_order == "high_even"
-    for x, want in zip(got.weights.to_checkpoint(), (truths[1].w13, truths[1].w13_scale, truths[1].w2, truths[1].w2_scale)):
+    for x, want in zip(
+        got.weights.to_checkpoint(), (truths[1].w13, truths[1].w13_scale, truths[1].w2, truths[1].w2_scale)
+    ):
         np.testing.assert_array_equal(np.asarray(x), want)
     # The same folder asked for the other order is not complete.
     assert not convert.check_converted(out, 1, nibble_order="low_even")[0]
     for argv, msg in (
-        ([path, "--layers", "1", "--target", "sm90", "--mode", "fp8xfp4", "--out", out], "does not run on --target sm90"),
+        (
+            [path, "--layers", "1", "--target", "sm90", "--mode", "fp8xfp4", "--out", out],
+            "does not run on --target sm90",
+        ),
         ([path, "--layers", "5", "--target", "sm100", "--out", out], r"\[5\] have no MoE layer"),
         ([path, "--layers", "1-x", "--target", "sm100", "--out", out], "not an index or a range"),
     ):

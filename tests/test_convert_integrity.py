@@ -143,7 +143,9 @@ def test_streaming_read_threaded_or_not(conv, out, threaded, chunk):
         assert a.flags.writeable and a.flags.owndata
     flip(out / DATA1, os.path.getsize(out / DATA1) - 1)
     with pytest.raises(CheckpointError, match="corrupt or was replaced"):
-        convert._read_verified(ckpt.SafetensorsFile(out / DATA1), man["file"]["sha256"], "m.json", threaded=threaded, chunk=chunk)
+        convert._read_verified(
+            ckpt.SafetensorsFile(out / DATA1), man["file"]["sha256"], "m.json", threaded=threaded, chunk=chunk
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,7 +350,10 @@ def test_cli_errors_are_one_line(conv, tmp_path, capsys):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes((16).to_bytes(8, "little") + b"{not json}      ")
     for argv, msg in (
-        ([path, "--layers", "1", "--target", "sm100", "--out", tmp_path / "o", "--config", bad_config], "--config must hold a JSON object"),
+        (
+            [path, "--layers", "1", "--target", "sm100", "--out", tmp_path / "o", "--config", bad_config],
+            "--config must hold a JSON object",
+        ),
         ([path, "--layers", "1", "--target", "sm100", "--out", not_a_dir], "File exists"),
         ([broken, "--layers", "1", "--target", "sm100", "--out", tmp_path / "o2"], "not valid JSON"),
     ):
@@ -417,12 +422,27 @@ def test_verify_cost_benchmark_runs(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "cost.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(repo, "benchmarks", "convert_verify_cost.py"), "--experts", "2", "--repeats", "1",
-         "--no-cold", "--dir", str(tmp_path), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            os.path.join(repo, "benchmarks", "convert_verify_cost.py"),
+            "--experts",
+            "2",
+            "--repeats",
+            "1",
+            "--no-cold",
+            "--dir",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
     assert res["scaled_from_fewer_experts"] and res["file_bytes"] > 0
-    assert {"verify, threaded", "no verify (mmap+copy)", "sha256 of the file", "sha256 in memory"} <= set(res["results"])
+    assert {"verify, threaded", "no verify (mmap+copy)", "sha256 of the file", "sha256 in memory"} <= set(
+        res["results"]
+    )
     assert [p for p in os.listdir(tmp_path) if p.startswith("convert_verify_cost.")] == []  # temp file removed

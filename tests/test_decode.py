@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ffi_testing import jit_sandbox
 
 from jax_megamoe import ops, reference
 from jax_megamoe._src.kernels import _decode, _ffi
 from jax_megamoe._src.numerics.layout import MoEWeights
-from ffi_testing import jit_sandbox
 from jax_megamoe.ops import MoEOptions
 
 
@@ -101,13 +101,16 @@ def _lowered_for_cuda(fn, *args) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("t,kernel,targets", [
-    (1, "auto", ("decode_l1_sm90", "decode_l2_sm90")),
-    (_decode.decode_max_pairs(512, 256) // 4, "auto", ("decode_l1_sm90", "decode_l2_sm90")),
-    (2, "decode", ("decode_l1_sm90", "decode_l2_sm90")),
-    (_decode.decode_max_pairs(512, 256) // 4 + 1, "auto", ("mega_moe_sm90",)),
-    (64, "auto", ("mega_moe_sm90",)),
-])
+@pytest.mark.parametrize(
+    "t,kernel,targets",
+    [
+        (1, "auto", ("decode_l1_sm90", "decode_l2_sm90")),
+        (_decode.decode_max_pairs(512, 256) // 4, "auto", ("decode_l1_sm90", "decode_l2_sm90")),
+        (2, "decode", ("decode_l1_sm90", "decode_l2_sm90")),
+        (_decode.decode_max_pairs(512, 256) // 4 + 1, "auto", ("mega_moe_sm90",)),
+        (64, "auto", ("mega_moe_sm90",)),
+    ],
+)
 def test_lowering_picks_the_kernels(t, kernel, targets):
     """Lowered for CUDA on this CPU-only machine: the custom calls of the chosen kernel appear, and
     the decode calls carry the shape attributes the handler validates."""
@@ -117,12 +120,14 @@ def test_lowering_picks_the_kernels(t, kernel, targets):
     x = jnp.zeros((t, 512), jnp.bfloat16)
     idx = jnp.zeros((t, 4), jnp.int32)
     w = jnp.zeros((t, 4), jnp.float32)
-    txt = _lowered_for_cuda(lambda x, i, w, wt: ops.mega_moe(x, i, w, wt, backend="ffi", options=MoEOptions(kernel=kernel)), x, idx, w, wt)
+    txt = _lowered_for_cuda(
+        lambda x, i, w, wt: ops.mega_moe(x, i, w, wt, backend="ffi", options=MoEOptions(kernel=kernel)), x, idx, w, wt
+    )
     for name in targets:
         assert f"jax_megamoe_{name}" in txt
     other = {"decode_l1_sm90", "mega_moe_sm90"} - {n for n in targets}
     for name in other:
-        assert f"jax_megamoe_{name}\"" not in txt
+        assert f'jax_megamoe_{name}"' not in txt
     if "decode_l1_sm90" in targets:
         assert "intermediate = 256" in txt and "num_experts = 8" in txt and "top_k = 4" in txt
 

@@ -46,7 +46,10 @@ def test_relative_links_resolve_inside_the_repo(doc):
 def test_the_checker_catches_bad_links(tmp_path):
     (tmp_path / "a.md").write_text("[ok](b.md) [gone](c.md) [out](../x.md) [web](https://x.org) [anchor](#h)\n")
     (tmp_path / "b.md").write_text("")
-    assert broken_links(tmp_path / "a.md", tmp_path) == ["a.md: c.md does not exist", "a.md: ../x.md points outside the repository"]
+    assert broken_links(tmp_path / "a.md", tmp_path) == [
+        "a.md: c.md does not exist",
+        "a.md: ../x.md points outside the repository",
+    ]
 
 
 def test_readme_first_screen_has_install_command_and_matrix():

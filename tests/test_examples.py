@@ -15,7 +15,11 @@ def _run(script: str, *args: str, timeout: float = 150) -> str:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, str(REPO / "examples" / script), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{out[-4000:]}"
@@ -27,7 +31,9 @@ def test_moe_block_quick():
     assert "routed experts run on: reference" in out
     digests = []
     for t in (1, 4):  # one row per token count: T, shapes, checksum sum|y|, digest, times
-        m = re.search(rf"^\s+{t}\s+\[{t}, 4096\]\s+\[{t}, 4096\]\s+(\S+)\s+([0-9a-f]{{12}})\s+[\d.]+ms\s+[\d.]+ms$", out, re.M)
+        m = re.search(
+            rf"^\s+{t}\s+\[{t}, 4096\]\s+\[{t}, 4096\]\s+(\S+)\s+([0-9a-f]{{12}})\s+[\d.]+ms\s+[\d.]+ms$", out, re.M
+        )
         assert m, out
         assert 0 < float(m.group(1)) < float("inf"), m.group(0)  # a real, finite, non-zero layer output
         digests.append(m.group(2))
@@ -61,7 +67,9 @@ def test_serving_loop_quick():
 
 def test_generate_tiny():
     out = _run("generate.py", "--new-tokens", "5", "--batch", "2", "--layers", "3")
-    assert re.search(r"^model: 3 layers, hidden 64, vocab 256, compress ratios \[0, 4, 128\], experts exact", out, re.M), out
+    assert re.search(
+        r"^model: 3 layers, hidden 64, vocab 256, compress ratios \[0, 4, 128\], experts exact", out, re.M
+    ), out
     assert re.search(r"^prefill: 2 x 8 = 16 tokens in [\d.]+ ms", out, re.M), out
     m = re.search(r"^decode: 3 timed steps x 2 sequences: ([\d.]+) tokens/s", out, re.M)
     assert m and float(m.group(1)) > 0, out
@@ -72,7 +80,9 @@ def test_generate_tiny():
     # greedy decoding is deterministic; a temperature/top-p run with the same seed takes other tokens
     again = _run("generate.py", "--new-tokens", "5", "--batch", "2", "--layers", "3")
     assert re.findall(r"-> generated \[([\d, ]+)\]$", again, re.M) == gens
-    hot = _run("generate.py", "--new-tokens", "5", "--batch", "2", "--layers", "3", "--temperature", "5", "--top-p", "0.95")
+    hot = _run(
+        "generate.py", "--new-tokens", "5", "--batch", "2", "--layers", "3", "--temperature", "5", "--top-p", "0.95"
+    )
     assert re.findall(r"-> generated \[([\d, ]+)\]$", hot, re.M) != gens
 
 
@@ -88,7 +98,11 @@ def test_generate_checkpoint_flag_without_loader_is_a_clear_error(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, str(REPO / "examples" / "generate.py"), "--checkpoint", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0 and "--checkpoint" in proc.stderr and "load_checkpoint" in proc.stderr, proc.stderr
 
@@ -103,8 +117,19 @@ def test_generate_from_a_synthetic_checkpoint(tmp_path):
         pytest.skip("no whole-model checkpoint loader in this build")
     cfg = dsv4.DeepseekV4Config.tiny_model(num_hidden_layers=3)
     ckpt.write_synthetic_checkpoint(tmp_path, cfg, seed=0, float_weights=True)
-    out = _run("generate.py", "--checkpoint", str(tmp_path), "--experts", "exact", "--dtype", "float32",
-               "--new-tokens", "4", "--batch", "1")
+    out = _run(
+        "generate.py",
+        "--checkpoint",
+        str(tmp_path),
+        "--experts",
+        "exact",
+        "--dtype",
+        "float32",
+        "--new-tokens",
+        "4",
+        "--batch",
+        "1",
+    )
     assert re.search(r"^model: 3 layers, hidden 64, vocab 256, compress ratios \[0, 4, 128\]", out, re.M), out
     m = re.search(r"^sequence 0: prompt \[[\d, ]+\] -> generated \[([\d, ]+)\]$", out, re.M)
     assert m and len(m.group(1).split(",")) == 4, out

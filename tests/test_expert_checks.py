@@ -11,10 +11,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from expert_checks import check_per_expert, expert_errors, expert_of_rows, plant_scale_block, single_expert_routing
-from jax_megamoe import reference
 from test_reference import make_weights, make_x, np_moe, np_quantize_x
+
+from jax_megamoe import reference
 
 E, H, I, K = 16, 512, 256, 4
 TOL = 1e-2  # the GPU suite's bound, per expert here

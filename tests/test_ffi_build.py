@@ -17,16 +17,14 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
-
 import jax
 import jax.numpy as jnp
+import pytest
+from ffi_testing import has_cuda_driver
 
-from jax_megamoe._src.kernels import _calls, _ffi, ops
-from jax_megamoe._src.kernels import _toolchain
+from jax_megamoe._src.kernels import _calls, _ffi, _toolchain, ops
 from jax_megamoe._src.numerics import config
 from jax_megamoe._src.numerics import policy as policy_mod
-from ffi_testing import has_cuda_driver
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,7 +139,10 @@ def test_render_sources(lib):
     for kind, name in ((1, "MXFP8FP4"), (2, "MXFP4")):
         s = _ffi.render_pre_dispatch(100, kind)
         assert "#include <deep_gemm/impls/sm100_mega_moe_pre_dispatch.cuh>" in s
-        assert f"template __global__ void deep_gemm::mega_moe_pre_dispatch_kernel<32u, deep_gemm::MmaKind::{name}, false>(" in s
+        assert (
+            f"template __global__ void deep_gemm::mega_moe_pre_dispatch_kernel<32u, deep_gemm::MmaKind::{name}, false>("
+            in s
+        )
     # Exactly one explicit instantiation per source (one kernel per cubin).
     assert s90.count("template __global__") == 1
 
@@ -198,8 +199,14 @@ def test_cuda_registration_is_queued_once_on_cpu_jaxlib():
 
 
 def _fresh_ffi_state(monkeypatch):
-    for name, value in (("_status", None), ("_lib", None), ("_lib_path", None), ("_lib_reason", None),
-                        ("_lib_tried", False), ("_warned_not_built", False)):
+    for name, value in (
+        ("_status", None),
+        ("_lib", None),
+        ("_lib_path", None),
+        ("_lib_reason", None),
+        ("_lib_tried", False),
+        ("_warned_not_built", False),
+    ):
         monkeypatch.setattr(_ffi, name, value)
 
 
@@ -242,8 +249,17 @@ def test_toolchain_failure_is_recorded_not_raised(monkeypatch, lib):
 def test_describe_mentions_key_lines():
     text = _ffi.describe()
     assert f"jax {jax.__version__}, jaxlib " in text
-    for key in ("FFI library:", "FFI targets:", "DeepGEMM headers:", "nvcc:", "GPU", "default mode:",
-                "setting DG_USE_FP4_ACTS=", "setting DG_USE_MXF4_KIND=", "forwarded to DG_*"):
+    for key in (
+        "FFI library:",
+        "FFI targets:",
+        "DeepGEMM headers:",
+        "nvcc:",
+        "GPU",
+        "default mode:",
+        "setting DG_USE_FP4_ACTS=",
+        "setting DG_USE_MXF4_KIND=",
+        "forwarded to DG_*",
+    ):
         assert key in text, (key, text)
     if not any(d.platform == "gpu" for d in jax.devices()):
         assert "GPU: none" in text
@@ -333,8 +349,9 @@ def test_cmake_build_and_install(tmp_path, lib):
         pytest.skip(res.stderr.strip().splitlines()[1] if res.stderr else "library skipped")
     res = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    res = subprocess.run(["cmake", "--install", str(build), "--prefix", str(tmp_path / "inst")],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["cmake", "--install", str(build), "--prefix", str(tmp_path / "inst")], capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr
     so = tmp_path / "inst" / "jax_megamoe" / _ffi.LIB_NAME
     assert so.is_file()

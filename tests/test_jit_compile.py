@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from ffi_testing import has_cuda_driver, jit_sandbox
 
 from jax_megamoe._src.kernels import _calls, _ffi
 from jax_megamoe._src.numerics.policy import Policy
-from ffi_testing import has_cuda_driver, jit_sandbox
 
 pytestmark = pytest.mark.nvcc
 
@@ -55,8 +55,13 @@ def test_cubin_produced(jit, name):
     entry = cubin.parent
     assert entry.parent == root / "cache"
     assert {p.name for p in entry.iterdir()} >= {"kernel.cu", "kernel.cubin", "meta.json"}
-    assert entry.name.startswith({"sm90": "sm90_pre_dispatch.", "sm100_mxfp8fp4": "sm100_pre_dispatch_mxfp8fp4.",
-                                  "sm100_mxfp4": "sm100_pre_dispatch_mxfp4."}[name])
+    assert entry.name.startswith(
+        {
+            "sm90": "sm90_pre_dispatch.",
+            "sm100_mxfp8fp4": "sm100_pre_dispatch_mxfp8fp4.",
+            "sm100_mxfp4": "sm100_pre_dispatch_mxfp4.",
+        }[name]
+    )
     assert (entry / "kernel.cu").read_text() == _ffi.render_pre_dispatch(arch, kind)
     syms = _ffi.cubin_kernel_symbols(str(cubin))
     assert len(syms) == 1 and symbol_part in syms[0], syms
@@ -193,8 +198,15 @@ def test_nvcc_switches_come_from_jmm_configure(jit, tmp_path, capfd):
     fake.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.48'\n")
     fake.chmod(0o755)
     for lineinfo, printed in ((1, 1), (0, 1), (1, 0)):
-        rc = lib.jmm_configure(hd.include_dir.encode(), str(fake).encode(), b"", str(tmp_path / "cache").encode(),
-                               hd.header_version.encode(), lineinfo, printed)
+        rc = lib.jmm_configure(
+            hd.include_dir.encode(),
+            str(fake).encode(),
+            b"",
+            str(tmp_path / "cache").encode(),
+            hd.header_version.encode(),
+            lineinfo,
+            printed,
+        )
         assert rc == 0
         try:
             with pytest.raises(RuntimeError, match="nvcc failed with exit status 0") as e:
@@ -218,8 +230,13 @@ def test_concurrent_processes_publish_one_entry(jit, tmp_path):
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]))
     procs = [
-        subprocess.Popen([sys.executable, "-c", script, str(fresh)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(fresh)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -286,8 +303,9 @@ def _run_on_cpu(lib, mode, *, graph=False, **overrides):
 
     T, H, K, P = 3, 512, 6, 128
     names = _cpu_targets(lib)
-    call = _calls.PreDispatchCall(mode, hidden=H, top_k=K, capacity=P, routed_scaling_factor=2.5 if mode == "fp8" else 1.0,
-                                  graph=graph)
+    call = _calls.PreDispatchCall(
+        mode, hidden=H, top_k=K, capacity=P, routed_scaling_factor=2.5 if mode == "fp8" else 1.0, graph=graph
+    )
     attrs = call.attributes()
     attrs.update({k: (np.float32(v) if k == "routed_scaling_factor" else np.int64(v)) for k, v in overrides.items()})
     results = call.result_types()
@@ -328,5 +346,3 @@ def test_instantiate_compiles_then_needs_the_driver(jit, mode, graph):
 def test_instantiate_validates_attributes(jit, mode, override, expect):
     msg = _run_on_cpu(jit[0], mode, **override)
     assert "INVALID_ARGUMENT" in msg and expect in msg, msg
-
-

@@ -71,14 +71,14 @@ def force_edge(packed, scale, e, br, bc, spread):
     """In block (br, bc) of expert e: a value 6 * 2^(base+spread) and a value 0.5 * 2^base,
     so the block's exponent spread is exactly `spread` and its extreme values are present."""
     r0, c0 = 128 * br, 128 * bc
-    base = int(scale[e, r0:r0 + 128, c0 // 32:c0 // 32 + 4].min())
+    base = int(scale[e, r0 : r0 + 128, c0 // 32 : c0 // 32 + 4].min())
     base = min(base, 255 - spread - 1)
     scale[e, r0, c0 // 32] = base + spread
     set_code(packed, e, r0, c0, 7)  # +6
     scale[e, r0 + 1, c0 // 32 + 1] = base
     set_code(packed, e, r0 + 1, c0 + 32, 9)  # -0.5
     # keep every other group of the block within [base, base + spread]
-    blk = scale[e, r0:r0 + 128, c0 // 32:c0 // 32 + 4]
+    blk = scale[e, r0 : r0 + 128, c0 // 32 : c0 // 32 + 4]
     np.clip(blk, base, base + spread, out=blk)
 
 
@@ -100,10 +100,40 @@ def lossless_checkpoint(rng, e, h, i):
 
 def test_gran16_packed_interleave_hand_example():
     # 32 rows: gate rows 0..15, up rows 16..31; one output unit.
-    expected = [0, 2, 4, 6, 8, 10, 12, 14,        # G0, G2, .., G14
-                16, 18, 20, 22, 24, 26, 28, 30,   # U0, U2, .., U14
-                1, 3, 5, 7, 9, 11, 13, 15,        # G1, G3, .., G15
-                17, 19, 21, 23, 25, 27, 29, 31]   # U1, U3, .., U15
+    expected = [
+        0,
+        2,
+        4,
+        6,
+        8,
+        10,
+        12,
+        14,  # G0, G2, .., G14
+        16,
+        18,
+        20,
+        22,
+        24,
+        26,
+        28,
+        30,  # U0, U2, .., U14
+        1,
+        3,
+        5,
+        7,
+        9,
+        11,
+        13,
+        15,  # G1, G3, .., G15
+        17,
+        19,
+        21,
+        23,
+        25,
+        27,
+        29,
+        31,
+    ]  # U1, U3, .., U15
     rows = jnp.arange(32, dtype=jnp.int32)[:, None] * jnp.ones((1, 3), jnp.int32)
     out = np.asarray(L.interleave_gate_up_packed_fp4(rows))
     assert out[:, 0].tolist() == expected
@@ -114,13 +144,77 @@ def test_gran16_packed_interleave_hand_example():
 def test_gran16_packed_interleave_two_units():
     # 64 rows: gate 0..31, up 32..63; unit 1 is built from gate 16..31 and up 48..63.
     out = np.asarray(L.interleave_gate_up_packed_fp4(jnp.arange(64)[:, None]))[:, 0].tolist()
-    assert out[32:] == [16, 18, 20, 22, 24, 26, 28, 30, 48, 50, 52, 54, 56, 58, 60, 62,
-                        17, 19, 21, 23, 25, 27, 29, 31, 49, 51, 53, 55, 57, 59, 61, 63]
+    assert out[32:] == [
+        16,
+        18,
+        20,
+        22,
+        24,
+        26,
+        28,
+        30,
+        48,
+        50,
+        52,
+        54,
+        56,
+        58,
+        60,
+        62,
+        17,
+        19,
+        21,
+        23,
+        25,
+        27,
+        29,
+        31,
+        49,
+        51,
+        53,
+        55,
+        57,
+        59,
+        61,
+        63,
+    ]
 
 
 def test_gran8_interleave_hand_example():
-    expected = [0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23,
-                8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31]
+    expected = [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        16,
+        17,
+        18,
+        19,
+        20,
+        21,
+        22,
+        23,
+        8,
+        9,
+        10,
+        11,
+        12,
+        13,
+        14,
+        15,
+        24,
+        25,
+        26,
+        27,
+        28,
+        29,
+        30,
+        31,
+    ]
     out = np.asarray(L.interleave_gate_up(jnp.arange(32)[:, None], 8))[:, 0]
     assert out.tolist() == expected
     assert np.asarray(L.deinterleave_gate_up(out[:, None], 8))[:, 0].tolist() == list(range(32))
@@ -219,7 +313,11 @@ def test_checkpoint_roundtrip_bit_exact(mode, seed):
         assert np.array_equal(np.asarray(got), want), name
     # int8 data (safetensors I8) and float8_e8m0fnu scales give the same leaves
     w_alt = MoEWeights.from_checkpoint(
-        ck[0].view(np.int8), ck[1].view(jnp.float8_e8m0fnu), ck[2].view(np.int8), ck[3].view(jnp.float8_e8m0fnu), mode=mode,
+        ck[0].view(np.int8),
+        ck[1].view(jnp.float8_e8m0fnu),
+        ck[2].view(np.int8),
+        ck[3].view(jnp.float8_e8m0fnu),
+        mode=mode,
         allow_nan_scales=True,
     )
     for a, b in zip(jax.tree_util.tree_leaves(w), jax.tree_util.tree_leaves(w_alt)):
@@ -336,7 +434,9 @@ def test_fp4_to_fp8_exact_when_spread_at_most_14():
     want = np.where(amax > 0, np.exp2(np.ceil(np.log2(np.where(amax > 0, amax, 1) / 448.0))), 1.0)
     assert np.array_equal(np.asarray(s, np.float64), want)
     assert np.asarray(s)[1, 1, 1] == 1.0
-    assert np.abs(np_dequant_fp8(q, s)).reshape(e, n // 128, 128, k // 128, 128).max(axis=(2, 4)).max() <= 448 * want.max()
+    assert (
+        np.abs(np_dequant_fp8(q, s)).reshape(e, n // 128, 128, k // 128, 128).max(axis=(2, 4)).max() <= 448 * want.max()
+    )
     assert rep.lossless and rep.num_lossy_blocks == 0 and rep.num_flushed_elements == 0
     assert rep.num_blocks == e * (n // 128) * (k // 128) and rep.num_experts == e
     assert rep.max_exponent_spread == 14 and rep.lossy_experts == ()
@@ -455,7 +555,11 @@ def test_moe_weights_pytree_and_jit():
     leaves, treedef = jax.tree_util.tree_flatten(w)
     assert len(leaves) == 4  # static fields are not leaves
     assert w.num_experts == 2 and w.hidden == 256 and w.intermediate == 128 and w.arch == 10
-    assert w.nbytes == sum(x.nbytes for x in leaves) == 2 * (256 * 128 + (256 // 128) * 256 * 4 + 256 * 64 + (128 // 128) * 256 * 4)
+    assert (
+        w.nbytes
+        == sum(x.nbytes for x in leaves)
+        == 2 * (256 * 128 + (256 // 128) * 256 * 4 + 256 * 64 + (128 // 128) * 256 * 4)
+    )
     w2 = jax.tree_util.tree_unflatten(treedef, leaves)
     assert isinstance(w2, MoEWeights) and w2.mode == "mxf4xmxf4"
     # through jit as an argument and a result
@@ -556,13 +660,22 @@ def test_validate_for_rejects_wrong_layout():
     w4 = MoEWeights.from_checkpoint(w13, s13, w2, s2, mode="mxf4xmxf4")
     wh = MoEWeights.from_checkpoint(w13, s13, w2, s2, mode="fp8")
     assert w8.validate_for("fp8xfp4", hidden=512, intermediate=256, num_experts=2) is w8
-    with pytest.raises(ValueError, match=r"^weights: built for mode 'fp8xfp4' \(sm_100\) but mode 'mxf4xmxf4' was requested.*interleave"):
+    with pytest.raises(
+        ValueError,
+        match=r"^weights: built for mode 'fp8xfp4' \(sm_100\) but mode 'mxf4xmxf4' was requested.*interleave",
+    ):
         w8.validate_for("mxf4xmxf4")
-    with pytest.raises(ValueError, match=r"^weights: built for mode 'mxf4xmxf4' \(sm_100\) but mode 'fp8xfp4' was requested"):
+    with pytest.raises(
+        ValueError, match=r"^weights: built for mode 'mxf4xmxf4' \(sm_100\) but mode 'fp8xfp4' was requested"
+    ):
         w4.validate_for("fp8xfp4")
-    with pytest.raises(ValueError, match=r"^weights: built for mode 'fp8' \(sm_90\) but mode 'mxf4xmxf4' was requested"):
+    with pytest.raises(
+        ValueError, match=r"^weights: built for mode 'fp8' \(sm_90\) but mode 'mxf4xmxf4' was requested"
+    ):
         wh.validate_for("mxf4xmxf4")
-    with pytest.raises(ValueError, match=r"^weights: built for mode 'mxf4xmxf4' \(sm_100\) but mode 'fp8' was requested"):
+    with pytest.raises(
+        ValueError, match=r"^weights: built for mode 'mxf4xmxf4' \(sm_100\) but mode 'fp8' was requested"
+    ):
         w4.validate_for("fp8")
     with pytest.raises(ValueError, match=r"^weights: hidden is 512 but hidden=1024"):
         w4.validate_for("mxf4xmxf4", hidden=1024)

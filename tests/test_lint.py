@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,10 @@ def test_ruff_is_clean(args):
 
 def test_ruff_catches_a_lint_error(tmp_path):
     (tmp_path / "bad.py").write_text("import os\n")
-    proc = subprocess.run([*_ruff(), "check", "--no-cache", "--isolated", "--select", "F", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*_ruff(), "check", "--no-cache", "--isolated", "--select", "F", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "F401" in proc.stdout

@@ -19,11 +19,11 @@ import math
 import time
 from pathlib import Path
 
+import ffi_testing as ft
 import pytest
+from ffi_testing import has_cuda_driver, jit_sandbox
 
 from jax_megamoe._src.kernels import _ffi
-import ffi_testing as ft
-from ffi_testing import has_cuda_driver, jit_sandbox
 
 pytestmark = pytest.mark.nvcc
 
@@ -35,8 +35,10 @@ SMALL = (16, 1920, 4, 512, 256)  # E, P, K, H, I (the CPU-instantiate tests allo
 
 def _structs(lib, ranks, E, P, K, H, I, kind, T, num_sms, clamp, fast_math):
     """(shape, call) of the typed C API (tests/ffi_testing.py) from the tests' positional tuples."""
-    return (ft.mega_shape(lib, E=E, P=P, K=K, H=H, I=I, ranks=ranks, kind=kind),
-            ft.mega_call(lib, T=T, num_sms=num_sms, clamp=clamp, fast_math=bool(fast_math)))
+    return (
+        ft.mega_shape(lib, E=E, P=P, K=K, H=H, I=I, ranks=ranks, kind=kind),
+        ft.mega_call(lib, T=T, num_sms=num_sms, clamp=clamp, fast_math=bool(fast_math)),
+    )
 
 
 def render(lib, *args) -> str:
@@ -72,14 +74,18 @@ EXPECTED_ARGS = {
     # SMs; 11 stages; pull = the token (2048 B packed FP4, 4096 B e4m3); 128 + 128 + 256 threads; 148 SMs,
     # 1 rank; no clamp, plain SwiGLU, fast math; FP4 weights in unpacked shared-memory containers; the
     # defaulted SiTU / post-norm / TRT-LLM arguments spelled out.
-    MXFP4: ("deep_gemm::sm100_fp8_fp4_mega_moe_impl<1920u, 4096u, 2048u, 256u, 0u, 6u, 16u, 128u, 256u, 8u, 8u, "
-            "128u, 128u, deep_gemm::MmaKind::MXFP4, 3840u, 61440u, 11u, 2048u, 128u, 128u, 256u, 148u, 1u, "
-            "cute::numeric_limits<float>::infinity(), 0x0p+0f, false, true, false, false, false, false, false, "
-            "cutlass::detail::float_e2m1_unpacksmem_t, 0x1p+2f, 0x1.9p+4f, false, false, false, 0x0p+0f, false>"),
-    MXFP8FP4: ("deep_gemm::sm100_fp8_fp4_mega_moe_impl<1920u, 4096u, 2048u, 256u, 0u, 6u, 16u, 128u, 128u, 8u, 8u, "
-               "128u, 128u, deep_gemm::MmaKind::MXFP8FP4, 3840u, 61440u, 11u, 4096u, 128u, 128u, 256u, 148u, 1u, "
-               "cute::numeric_limits<float>::infinity(), 0x0p+0f, false, true, false, false, false, false, false, "
-               "cutlass::detail::float_e2m1_unpacksmem_t, 0x1p+2f, 0x1.9p+4f, false, false, false, 0x0p+0f, false>"),
+    MXFP4: (
+        "deep_gemm::sm100_fp8_fp4_mega_moe_impl<1920u, 4096u, 2048u, 256u, 0u, 6u, 16u, 128u, 256u, 8u, 8u, "
+        "128u, 128u, deep_gemm::MmaKind::MXFP4, 3840u, 61440u, 11u, 2048u, 128u, 128u, 256u, 148u, 1u, "
+        "cute::numeric_limits<float>::infinity(), 0x0p+0f, false, true, false, false, false, false, false, "
+        "cutlass::detail::float_e2m1_unpacksmem_t, 0x1p+2f, 0x1.9p+4f, false, false, false, 0x0p+0f, false>"
+    ),
+    MXFP8FP4: (
+        "deep_gemm::sm100_fp8_fp4_mega_moe_impl<1920u, 4096u, 2048u, 256u, 0u, 6u, 16u, 128u, 128u, 8u, 8u, "
+        "128u, 128u, deep_gemm::MmaKind::MXFP8FP4, 3840u, 61440u, 11u, 4096u, 128u, 128u, 256u, 148u, 1u, "
+        "cute::numeric_limits<float>::infinity(), 0x0p+0f, false, true, false, false, false, false, false, "
+        "cutlass::detail::float_e2m1_unpacksmem_t, 0x1p+2f, 0x1.9p+4f, false, false, false, 0x0p+0f, false>"
+    ),
 }
 
 
@@ -156,8 +162,24 @@ def test_matrix_tool_smoke(compiled, capsys, tmp_path):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out_json = tmp_path / "rows.json"
-    rc = tool.main(["--caps", "1920", "--tokens", f"1,64,{T}", "--modes", "mxf4xmxf4", "--shapes", "V4-Flash",
-                    "--cache", str(root), "--no-spills", "--buckets", "--json", str(out_json)])
+    rc = tool.main(
+        [
+            "--caps",
+            "1920",
+            "--tokens",
+            f"1,64,{T}",
+            "--modes",
+            "mxf4xmxf4",
+            "--shapes",
+            "V4-Flash",
+            "--cache",
+            str(root),
+            "--no-spills",
+            "--buckets",
+            "--json",
+            str(out_json),
+        ]
+    )
     assert rc == 0
     rows = json.loads(out_json.read_text())
     # T = 1, 64, 128 on one rank: 0.02 / 1.5 / 3 tokens per expert, all in the BLOCK_M 16 band, so one
@@ -194,13 +216,16 @@ def _cpu_target(lib) -> str:
         lib.jmm_mega_moe_sm100_state_type_info.restype = ctypes.c_void_p
         jax.ffi.register_ffi_type(
             "jax_megamoe_test.MegaMoeSm100State",
-            {"type_id": jax.ffi.pycapsule(lib.jmm_mega_moe_sm100_state_type_id()),
-             "type_info": jax.ffi.pycapsule(lib.jmm_mega_moe_sm100_state_type_info())},
+            {
+                "type_id": jax.ffi.pycapsule(lib.jmm_mega_moe_sm100_state_type_id()),
+                "type_info": jax.ffi.pycapsule(lib.jmm_mega_moe_sm100_state_type_info()),
+            },
             platform="cpu",
         )
         name = "jmm_test_cpu_" + _ffi.TARGET_MEGA_MOE_SM100
-        jax.ffi.register_ffi_target(name, _ffi._capsules(lib, _ffi.MEGA_TARGETS[_ffi.TARGET_MEGA_MOE_SM100]),
-                                    platform="cpu", api_version=1)
+        jax.ffi.register_ffi_target(
+            name, _ffi._capsules(lib, _ffi.MEGA_TARGETS[_ffi.TARGET_MEGA_MOE_SM100]), platform="cpu", api_version=1
+        )
         _CPU_TARGET.append(name)
     return _CPU_TARGET[0]
 
@@ -212,17 +237,36 @@ def _run_on_cpu(lib, **overrides) -> str:
 
     E, P, K, H, I = SMALL
     t = 3
-    attrs = dict(hidden=np.int64(H), intermediate=np.int64(I), num_experts=np.int64(E), top_k=np.int64(K),
-                 capacity=np.int64(P), activation_clamp=np.float32(np.inf), fast_math=True,
-                 reserved_sms=np.int64(0), routed_scaling_factor=np.float32(1.0), mma_kind=np.int64(MXFP4),
-                 num_ranks=np.int64(1), rank_devices=np.zeros((0,), np.int64))
+    attrs = dict(
+        hidden=np.int64(H),
+        intermediate=np.int64(I),
+        num_experts=np.int64(E),
+        top_k=np.int64(K),
+        capacity=np.int64(P),
+        activation_clamp=np.float32(np.inf),
+        fast_math=True,
+        reserved_sms=np.int64(0),
+        routed_scaling_factor=np.float32(1.0),
+        mma_kind=np.int64(MXFP4),
+        num_ranks=np.int64(1),
+        rank_devices=np.zeros((0,), np.int64),
+    )
     attrs.update(overrides)
     target = _cpu_target(lib)
-    f = jax.jit(lambda *a: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((t, H), jnp.bfloat16),
-                                            has_side_effect=True)(*a, **attrs))
-    args = (jnp.zeros((t, H), jnp.bfloat16), jnp.zeros((t, K), jnp.int32), jnp.ones((t, K), jnp.float32),
-            jnp.zeros((E, 2 * I, H // 2), jnp.uint8), jnp.zeros((E, H // 128, 2 * I), jnp.int32),
-            jnp.zeros((E, H, I // 2), jnp.uint8), jnp.zeros((E, I // 128, H), jnp.int32))
+    f = jax.jit(
+        lambda *a: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((t, H), jnp.bfloat16), has_side_effect=True)(
+            *a, **attrs
+        )
+    )
+    args = (
+        jnp.zeros((t, H), jnp.bfloat16),
+        jnp.zeros((t, K), jnp.int32),
+        jnp.ones((t, K), jnp.float32),
+        jnp.zeros((E, 2 * I, H // 2), jnp.uint8),
+        jnp.zeros((E, H // 128, 2 * I), jnp.int32),
+        jnp.zeros((E, H, I // 2), jnp.uint8),
+        jnp.zeros((E, I // 128, H), jnp.int32),
+    )
     with pytest.raises(Exception) as e:
         f(*args)
     return str(e.value)
@@ -238,17 +282,20 @@ def test_instantiate_on_cpu_reaches_the_driver(compiled, kind):
     assert "jax_megamoe_mega_moe_sm100" in msg and "driver" in msg, msg
 
 
-@pytest.mark.parametrize("override,expect", [
-    (dict(hidden=384), "hidden=384"),
-    (dict(intermediate=128), "intermediate=128"),  # mxf4xmxf4: I % 256
-    (dict(capacity=1000), "capacity=1000"),
-    (dict(top_k=40), "top_k=40"),
-    (dict(activation_clamp=-1.0), "activation_clamp"),
-    (dict(reserved_sms=-2), "reserved_sms=-2"),
-    (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor"),
-    (dict(mma_kind=0), "mma_kind=0"),
-    (dict(mma_kind=3), "mma_kind=3"),
-])
+@pytest.mark.parametrize(
+    "override,expect",
+    [
+        (dict(hidden=384), "hidden=384"),
+        (dict(intermediate=128), "intermediate=128"),  # mxf4xmxf4: I % 256
+        (dict(capacity=1000), "capacity=1000"),
+        (dict(top_k=40), "top_k=40"),
+        (dict(activation_clamp=-1.0), "activation_clamp"),
+        (dict(reserved_sms=-2), "reserved_sms=-2"),
+        (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor"),
+        (dict(mma_kind=0), "mma_kind=0"),
+        (dict(mma_kind=3), "mma_kind=3"),
+    ],
+)
 def test_instantiate_validates_attributes(compiled, override, expect):
     import numpy as np
 
@@ -257,13 +304,16 @@ def test_instantiate_validates_attributes(compiled, override, expect):
     assert "INVALID_ARGUMENT" in msg and expect in msg, msg
 
 
-@pytest.mark.parametrize("ranks,table,expect", [
-    (0, [], "num_ranks=0"),
-    (33, list(range(33)), "num_ranks=33"),
-    (2, [0], "rank_devices has 1 entries"),
-    (2, [3, 3], "lists CUDA device 3 twice"),
-    (3, [0, 1, 2], "num_ranks=3"),  # E=16 is not divisible by 3 ranks
-])
+@pytest.mark.parametrize(
+    "ranks,table,expect",
+    [
+        (0, [], "num_ranks=0"),
+        (33, list(range(33)), "num_ranks=33"),
+        (2, [0], "rank_devices has 1 entries"),
+        (2, [3, 3], "lists CUDA device 3 twice"),
+        (3, [0, 1, 2], "num_ranks=3"),  # E=16 is not divisible by 3 ranks
+    ],
+)
 def test_instantiate_validates_rank_table(compiled, ranks, table, expect):
     import numpy as np
 

@@ -16,9 +16,9 @@ import json
 import math
 from pathlib import Path
 
+import ffi_testing as ft
 import pytest
 
-import ffi_testing as ft
 from jax_megamoe._src.kernels import _ffi
 
 DATA = json.loads((Path(__file__).parent / "data" / "mega_instantiations.json").read_text())
@@ -34,8 +34,10 @@ def lib():
 
 def _ids(case):
     s, c = case["shape"], case["call"]
-    return (f"sm{case['arch']}{'w' if case.get('wide') else ''}-E{s['num_experts']}-P{s['capacity']}-H{s['hidden']}"
-            f"-R{s['num_ranks']}-k{s.get('mma_kind', 0)}-T{c['num_tokens']}-sms{c['num_sms']}")
+    return (
+        f"sm{case['arch']}{'w' if case.get('wide') else ''}-E{s['num_experts']}-P{s['capacity']}-H{s['hidden']}"
+        f"-R{s['num_ranks']}-k{s.get('mma_kind', 0)}-T{c['num_tokens']}-sms{c['num_sms']}"
+    )
 
 
 def test_snapshot_covers_both_archs_and_tiles():
@@ -56,11 +58,20 @@ def test_instantiation_unchanged(lib, case, monkeypatch):
     else:
         monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "1")
     s, c = case["shape"], case["call"]
-    shape = ft.mega_shape(lib, E=s["num_experts"], P=s["capacity"], K=s["top_k"], H=s["hidden"], I=s["intermediate"],
-                          ranks=s["num_ranks"], kind=s.get("mma_kind", 0))
+    shape = ft.mega_shape(
+        lib,
+        E=s["num_experts"],
+        P=s["capacity"],
+        K=s["top_k"],
+        H=s["hidden"],
+        I=s["intermediate"],
+        ranks=s["num_ranks"],
+        kind=s.get("mma_kind", 0),
+    )
     clamp = math.inf if c["activation_clamp"] == "inf" else c["activation_clamp"]
-    call = ft.mega_call(lib, T=c["num_tokens"], num_sms=c["num_sms"], clamp=clamp, fast_math=bool(c["fast_math"]),
-                        sm90_wide_tile=wide)
+    call = ft.mega_call(
+        lib, T=c["num_tokens"], num_sms=c["num_sms"], clamp=clamp, fast_math=bool(c["fast_math"]), sm90_wide_tile=wide
+    )
 
     src = ft.mega_render(lib, arch, shape, call)
     assert (len(src), hashlib.sha256(src.encode()).hexdigest()) == (case["source_len"], case["source_sha256"])
@@ -70,19 +81,27 @@ def test_instantiation_unchanged(lib, case, monkeypatch):
     cfg = ft.mega_config(lib, arch, shape, call)
     gone = set(case["config"]) - set(cfg)
     assert gone <= REMOVED, gone
-    assert {k: cfg[k] for k in case["config"] if k not in gone} == {k: v for k, v in case["config"].items()
-                                                                     if k not in gone}
+    assert {k: cfg[k] for k in case["config"] if k not in gone} == {
+        k: v for k, v in case["config"].items() if k not in gone
+    }
     if "expected_tokens_per_expert_x1000" in case["config"]:
-        assert math.floor(cfg["expected_tokens_per_expert"] * 1000 + 0.5) == case["config"]["expected_tokens_per_expert_x1000"]
+        assert (
+            math.floor(cfg["expected_tokens_per_expert"] * 1000 + 0.5)
+            == case["config"]["expected_tokens_per_expert_x1000"]
+        )
     if arch == 100:
         # old layout: 20 int64 per plan (..., swizzle, index)
-        old = [case["tensor_maps"][i * 20: i * 20 + 19] for i in range(9)]
-        new = [[m["source"], m["offset"], m["dtype"], m["rank"], *m["dims"], *m["strides"], *m["box"], m["swizzle"]]
-               for m in ft.mega_tensor_maps(lib, arch, shape, call)]
+        old = [case["tensor_maps"][i * 20 : i * 20 + 19] for i in range(9)]
+        new = [
+            [m["source"], m["offset"], m["dtype"], m["rank"], *m["dims"], *m["strides"], *m["box"], m["swizzle"]]
+            for m in ft.mega_tensor_maps(lib, arch, shape, call)
+        ]
         assert new == old
     kind = s.get("mma_kind", 0)
-    assert ft.pre_dispatch_launch_plan(lib, arch, kind, c["num_tokens"], s["capacity"], s["hidden"],
-                                       s["top_k"]) == case["pre_dispatch"]
+    assert (
+        ft.pre_dispatch_launch_plan(lib, arch, kind, c["num_tokens"], s["capacity"], s["hidden"], s["top_k"])
+        == case["pre_dispatch"]
+    )
 
 
 def test_pre_dispatch_sources_unchanged(lib):
@@ -100,8 +119,13 @@ def test_sm90_tensor_maps_follow_the_layout(lib):
     lay, cfg = ft.mega_layout(lib, 90, shape), ft.mega_config(lib, 90, shape, call)
     maps = ft.mega_tensor_maps(lib, 90, shape, call)
     assert [m["source"] for m in maps] == [0, 0, 1, 0, 0, 0, 3]
-    assert [m["offset"] for m in maps if m["source"] == 0] == [lay["l1_acts"], lay["l1_acts_sf"], lay["l2_acts"],
-                                                              lay["l2_acts"], lay["l2_acts_sf"]]
+    assert [m["offset"] for m in maps if m["source"] == 0] == [
+        lay["l1_acts"],
+        lay["l1_acts_sf"],
+        lay["l2_acts"],
+        lay["l2_acts"],
+        lay["l2_acts_sf"],
+    ]
     assert maps[2]["dims"][:2] == [1024, 32 * 2 * 512] and maps[6]["dims"][:2] == [512, 32 * 1024]
     assert maps[1]["dims"][:2] == [lay["num_padded_sf_pool_tokens"], 1024 // 128] and maps[1]["dtype"] == 7
     assert all(m["box"][0] == 128 for m in maps if m["swizzle"] == 128)

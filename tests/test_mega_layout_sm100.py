@@ -20,31 +20,73 @@ import json
 import math
 import subprocess
 
+import ffi_testing as ft
 import pytest
 
-import ffi_testing as ft
-from jax_megamoe._src.kernels import _ffi
 from jax_megamoe._src.kernels import _toolchain
 
 MXFP8FP4, MXFP4 = 1, 2
 # The tests' short names for the C struct fields (common/c_api_testing.h) they use most; the others keep
 # their C names. By name, not position: the field order lives in the C header only.
-LAYOUT_NAMES = dict(workspace_bytes="workspace", num_max_pool_tokens="pool", num_ring_tokens="ring",
-                    num_sf_ring_tokens="sf_ring", num_experts_per_rank="e_local", elem_bits="bits",
-                    ring_is_full_pool="full_pool")
-REGIONS = ("x", "x_sf", "topk_idx", "topk_weights", "l1", "l1_sf", "l1_topk_weights", "l2", "l2_sf", "combine",
-           "input_x_scales", "l1_x_scales")  # in buffer order
+LAYOUT_NAMES = dict(
+    workspace_bytes="workspace",
+    num_max_pool_tokens="pool",
+    num_ring_tokens="ring",
+    num_sf_ring_tokens="sf_ring",
+    num_experts_per_rank="e_local",
+    elem_bits="bits",
+    ring_is_full_pool="full_pool",
+)
+REGIONS = (
+    "x",
+    "x_sf",
+    "topk_idx",
+    "topk_weights",
+    "l1",
+    "l1_sf",
+    "l1_topk_weights",
+    "l2",
+    "l2_sf",
+    "combine",
+    "input_x_scales",
+    "l1_x_scales",
+)  # in buffer order
 CONFIG_NAMES = dict(
-    num_max_tokens_per_rank="cap", hidden="H", intermediate="I", num_experts="E", num_shared_experts="S",
-    top_k="K", store_block_m_l1="store_l1", store_block_m_l2="store_l2", num_ring_tokens="ring",
-    num_sf_ring_tokens="sf_ring", num_stages="stages", num_bytes_per_pull="pull",
-    num_dispatch_threads="dispatch_threads", num_non_epilogue_threads="non_epilogue_threads",
-    num_epilogue_threads="epilogue_threads", num_ranks="ranks", use_situ="situ", use_x_scales="x_scales",
-    with_l1_alphas="l1_alphas", with_l2_alphas="l2_alphas", with_l2_act_scales="l2_act_scales",
-    use_fp8_combine="fp8_combine", post_expert_norm="post_norm", use_trtllm_weights="trtllm", elem_bits="bits",
-    swizzle_acts_mode="swizzle_acts", swizzle_weights_mode="swizzle_weights", l1_out_block_n_bytes="l1_out_bytes",
-    num_locality_domains="domains", num_tmem_cols="tmem_cols", cluster_size="cluster", num_threads="threads",
-    smem_size="smem", host_smem_size="host_smem", kernel_smem_bytes="kernel_smem",
+    num_max_tokens_per_rank="cap",
+    hidden="H",
+    intermediate="I",
+    num_experts="E",
+    num_shared_experts="S",
+    top_k="K",
+    store_block_m_l1="store_l1",
+    store_block_m_l2="store_l2",
+    num_ring_tokens="ring",
+    num_sf_ring_tokens="sf_ring",
+    num_stages="stages",
+    num_bytes_per_pull="pull",
+    num_dispatch_threads="dispatch_threads",
+    num_non_epilogue_threads="non_epilogue_threads",
+    num_epilogue_threads="epilogue_threads",
+    num_ranks="ranks",
+    use_situ="situ",
+    use_x_scales="x_scales",
+    with_l1_alphas="l1_alphas",
+    with_l2_alphas="l2_alphas",
+    with_l2_act_scales="l2_act_scales",
+    use_fp8_combine="fp8_combine",
+    post_expert_norm="post_norm",
+    use_trtllm_weights="trtllm",
+    elem_bits="bits",
+    swizzle_acts_mode="swizzle_acts",
+    swizzle_weights_mode="swizzle_weights",
+    l1_out_block_n_bytes="l1_out_bytes",
+    num_locality_domains="domains",
+    num_tmem_cols="tmem_cols",
+    cluster_size="cluster",
+    num_threads="threads",
+    smem_size="smem",
+    host_smem_size="host_smem",
+    kernel_smem_bytes="kernel_smem",
     reusable_smem_bytes="reusable_smem",
 )
 SMEM_CAPACITY = 232448
@@ -52,8 +94,8 @@ SIGNALS_BYTES = 21140864
 B200_SMS = 148
 
 SMALL = dict(E=16, P=1920, K=4, H=512, I=256)
-FLASH = dict(E=256, P=1920, K=6, H=4096, I=2048)   # DeepSeek V4-Flash
-PRO = dict(E=384, P=1920, K=6, H=7168, I=3072)     # DeepSeek V4-Pro
+FLASH = dict(E=256, P=1920, K=6, H=4096, I=2048)  # DeepSeek V4-Flash
+PRO = dict(E=384, P=1920, K=6, H=7168, I=3072)  # DeepSeek V4-Pro
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +152,27 @@ def py_layout(E, P, K, H, I, kind=MXFP4, num_sms=B200_SMS, ranks=1):
         ring = pool
     sf = max((ring // bm) * align(bm, 128) for bm in CANDIDATE_BM)
     ws = align(SIGNALS_BYTES + E * P * 4 + pool * 12 + P * K * 4, 16)
-    sizes = [P * H * bits // 8, P * H // 32, P * K * 8, P * K * 4, ring * H * bits // 8, sf * H // 32, ring * 4,
-             ring * I * bits // 8, sf * I // 32, K * P * H * 2, P * 4, ring * 4]
+    sizes = [
+        P * H * bits // 8,
+        P * H // 32,
+        P * K * 8,
+        P * K * 4,
+        ring * H * bits // 8,
+        sf * H // 32,
+        ring * 4,
+        ring * I * bits // 8,
+        sf * I // 32,
+        K * P * H * 2,
+        P * 4,
+        ring * 4,
+    ]
     out, o = {"workspace": ws}, ws
     for name, n in zip(REGIONS, sizes):
         out[name] = o
         o += n
-    out.update(num_bytes=o, pool=pool, ring=ring, sf_ring=sf, e_local=el, bits=bits, full_pool=int(P >= 6144),
-               num_sms=num_sms)
+    out.update(
+        num_bytes=o, pool=pool, ring=ring, sf_ring=sf, e_local=el, bits=bits, full_pool=int(P >= 6144), num_sms=num_sms
+    )
     return out
 
 
@@ -132,22 +187,73 @@ HAND = {
     # 111*bm <= 7104, bm 96: 96 blocks (9216), 128: 76 (9728), 192: 56 (10752), 240: 48 (11520)
     # -> R = 11520; Rsf = (11520/8)*128 = 184320. Workspace 21140864 + 16*1920*4 + 11520*12 +
     # 1920*4*4 = 21432704.
-    "small": dict(workspace=21432704, ring=11520, sf_ring=184320, pool=11520, sizes=[
-        1920 * 256, 1920 * 16, 1920 * 4 * 8, 1920 * 4 * 4, 11520 * 256, 184320 * 16, 11520 * 4,
-        11520 * 128, 184320 * 8, 4 * 1920 * 512 * 2, 1920 * 4, 11520 * 4]),
+    "small": dict(
+        workspace=21432704,
+        ring=11520,
+        sf_ring=184320,
+        pool=11520,
+        sizes=[
+            1920 * 256,
+            1920 * 16,
+            1920 * 4 * 8,
+            1920 * 4 * 4,
+            11520 * 256,
+            184320 * 16,
+            11520 * 4,
+            11520 * 128,
+            184320 * 8,
+            4 * 1920 * 512 * 2,
+            1920 * 4,
+            11520 * 4,
+        ],
+    ),
     # V4-Flash: 16 L1 and 16 L2 N-clusters; live = min(tot, ceil(148/16) = 10 + 0 + ceil(74/16) = 5) = 15
     # -> max over bm is 15*240 = 3600 -> R = 3840; Rsf = 480*128 = 61440; pool = align(11520 + 256*239,
     # 1920) = 72960. Workspace 21140864 + 256*1920*4 + 72960*12 + 1920*6*4 = 24028544.
-    "flash": dict(workspace=24028544, ring=3840, sf_ring=61440, pool=72960, sizes=[
-        1920 * 2048, 1920 * 128, 1920 * 6 * 8, 1920 * 6 * 4, 3840 * 2048, 61440 * 128, 3840 * 4,
-        3840 * 1024, 61440 * 64, 6 * 1920 * 4096 * 2, 1920 * 4, 3840 * 4]),
+    "flash": dict(
+        workspace=24028544,
+        ring=3840,
+        sf_ring=61440,
+        pool=72960,
+        sizes=[
+            1920 * 2048,
+            1920 * 128,
+            1920 * 6 * 8,
+            1920 * 6 * 4,
+            3840 * 2048,
+            61440 * 128,
+            3840 * 4,
+            3840 * 1024,
+            61440 * 64,
+            6 * 1920 * 4096 * 2,
+            1920 * 4,
+            3840 * 4,
+        ],
+    ),
     # V4-Pro: 24 L1 and 28 L2 N-clusters; bm 240: tot = 48 + 384 = 432, live = ceil(148/24) = 7 +
     # ceil(432*4/28) = 62 + ceil(74/24) = 4 = 73 -> 17520 (the maximum) -> R = 19200; Rsf = 2400*128 =
     # 307200; pool = align(11520 + 384*239, 1920) = 103680. Workspace 21140864 + 384*1920*4 +
     # 103680*12 + 1920*6*4 = 25380224.
-    "pro": dict(workspace=25380224, ring=19200, sf_ring=307200, pool=103680, sizes=[
-        1920 * 3584, 1920 * 224, 1920 * 6 * 8, 1920 * 6 * 4, 19200 * 3584, 307200 * 224, 19200 * 4,
-        19200 * 1536, 307200 * 96, 6 * 1920 * 7168 * 2, 1920 * 4, 19200 * 4]),
+    "pro": dict(
+        workspace=25380224,
+        ring=19200,
+        sf_ring=307200,
+        pool=103680,
+        sizes=[
+            1920 * 3584,
+            1920 * 224,
+            1920 * 6 * 8,
+            1920 * 6 * 4,
+            19200 * 3584,
+            307200 * 224,
+            19200 * 4,
+            19200 * 1536,
+            307200 * 96,
+            6 * 1920 * 7168 * 2,
+            1920 * 4,
+            19200 * 4,
+        ],
+    ),
 }
 
 
@@ -156,7 +262,11 @@ def test_layout_hand_derived(lib, name, shape):
     got = layout(lib, **shape)
     want = HAND[name]
     assert (got["workspace"], got["ring"], got["sf_ring"], got["pool"]) == (
-        want["workspace"], want["ring"], want["sf_ring"], want["pool"])
+        want["workspace"],
+        want["ring"],
+        want["sf_ring"],
+        want["pool"],
+    )
     o = want["workspace"]
     for region, size in zip(REGIONS, want["sizes"]):
         assert got[region] == o, region
@@ -188,14 +298,16 @@ def test_layout_modes(lib):
 
 
 SHAPES = [
-    SMALL, FLASH, PRO,
+    SMALL,
+    FLASH,
+    PRO,
     dict(E=256, P=3840, K=6, H=4096, I=2048),
     dict(E=256, P=7680, K=6, H=4096, I=2048),
     dict(E=384, P=7680, K=6, H=7168, I=3072),
-    dict(E=8, P=1920, K=8, H=1024, I=512),      # K == E_local
-    dict(E=4, P=1920, K=6, H=2048, I=1024),     # K > E_local: min(K, E_local) slots per token
+    dict(E=8, P=1920, K=8, H=1024, I=512),  # K == E_local
+    dict(E=4, P=1920, K=6, H=2048, I=1024),  # K > E_local: min(K, E_local) slots per token
     dict(E=33, P=1920, K=1, H=8192, I=256),
-    dict(E=64, P=5760, K=8, H=2560, I=768),     # 2I not a multiple of 512: one locality domain
+    dict(E=64, P=5760, K=8, H=2560, I=768),  # 2I not a multiple of 512: one locality domain
 ]
 
 
@@ -225,17 +337,20 @@ def test_layout_n_ranks(lib, ranks):
     assert got["input_x_scales"] - got["combine"] == 6 * 1920 * 4096 * 2
 
 
-@pytest.mark.parametrize("bad,why", [
-    (dict(E=16, P=1000, K=4, H=512, I=256), "capacity"),
-    (dict(E=16, P=1920, K=4, H=384, I=256), "hidden"),
-    (dict(E=16, P=1920, K=4, H=16384, I=256), "hidden"),
-    (dict(E=16, P=1920, K=4, H=4352, I=256), "hidden"),   # > 4096 needs % 512 (combine halves)
-    (dict(E=16, P=1920, K=4, H=512, I=192), "intermediate"),
-    (dict(E=16, P=1920, K=4, H=512, I=384), "intermediate"),  # mxf4xmxf4: I % 256
-    (dict(E=16, P=1920, K=33, H=512, I=256), "top_k"),
-    (dict(E=4096, P=1920, K=4, H=512, I=256), "num_experts"),
-    (dict(E=16, P=1920 * 137, K=4, H=512, I=256), "capacity"),
-])
+@pytest.mark.parametrize(
+    "bad,why",
+    [
+        (dict(E=16, P=1000, K=4, H=512, I=256), "capacity"),
+        (dict(E=16, P=1920, K=4, H=384, I=256), "hidden"),
+        (dict(E=16, P=1920, K=4, H=16384, I=256), "hidden"),
+        (dict(E=16, P=1920, K=4, H=4352, I=256), "hidden"),  # > 4096 needs % 512 (combine halves)
+        (dict(E=16, P=1920, K=4, H=512, I=192), "intermediate"),
+        (dict(E=16, P=1920, K=4, H=512, I=384), "intermediate"),  # mxf4xmxf4: I % 256
+        (dict(E=16, P=1920, K=33, H=512, I=256), "top_k"),
+        (dict(E=4096, P=1920, K=4, H=512, I=256), "num_experts"),
+        (dict(E=16, P=1920 * 137, K=4, H=512, I=256), "capacity"),
+    ],
+)
 def test_layout_rejects(lib, bad, why):
     with pytest.raises(ValueError, match=why):
         layout(lib, **bad)
@@ -305,10 +420,17 @@ def check_kernel_rules(c, lay):
     assert c["ring"] <= (1 << 23)
     # dispatch pull: divides the token bytes, 16-byte aligned, at most 8192 bytes (0.2.5)
     tok = H * bits // 8
-    assert tok % c["pull"] == 0 and c["pull"] % 16 == 0 and c["pull"] <= 8192 and (c["pull"] == tok or c["pull"] * 2 > 8192)
+    assert (
+        tok % c["pull"] == 0
+        and c["pull"] % 16 == 0
+        and c["pull"] <= 8192
+        and (c["pull"] == tok or c["pull"] * 2 > 8192)
+    )
     # registers (setmaxnreg budget)
     regs = (48, 40, 208) if E // c["ranks"] <= 64 else (96, 72, 168)
-    assert regs[0] * c["dispatch_threads"] + regs[1] * c["non_epilogue_threads"] + regs[2] * c["epilogue_threads"] <= 64512
+    assert (
+        regs[0] * c["dispatch_threads"] + regs[1] * c["non_epilogue_threads"] + regs[2] * c["epilogue_threads"] <= 64512
+    )
     # tensor memory
     need = 2 * bm + c["sf_block_m"] // 32 + c["sf_block_n"] // 32
     assert need <= c["tmem_cols"] <= 512 and c["tmem_cols"] >= 32 and c["tmem_cols"] & (c["tmem_cols"] - 1) == 0
@@ -318,20 +440,42 @@ def check_kernel_rules(c, lay):
     chunks = c["combine_chunks"]
     assert chunks in (1, 2) and 3 * 8 * H * 2 // chunks <= c["reusable_smem"] and (H * 2 // chunks) % 512 == 0
     # launch: persistent grid of num_sms CTAs in 2-CTA clusters, 512 threads, one CTA per SM
-    assert c["cluster"] == 2 and c["threads"] == c["dispatch_threads"] + c["non_epilogue_threads"] + c["epilogue_threads"] == 512
+    assert (
+        c["cluster"] == 2
+        and c["threads"] == c["dispatch_threads"] + c["non_epilogue_threads"] + c["epilogue_threads"] == 512
+    )
     assert c["smem"] > SMEM_CAPACITY // 2  # so exactly one CTA per SM, as __launch_bounds__(…, 1) assumes
     # TMA boxes
     assert c["load_block_m"] == bm // 2 and c["load_block_n"] == bn and c["swizzle_acts"] == c["swizzle_weights"] == 128
     assert c["l1_out_bytes"] == (bn // 2) * bits // 8 and c["l1_out_bytes"] in (32, 64)
     # only what jax_megamoe uses
-    assert c["S"] == 0 and not any(c[k] for k in ("situ", "x_scales", "l1_alphas", "l2_alphas", "l2_act_scales",
-                                                  "fp8_combine", "post_norm", "post_norm_weight_first",
-                                                  "post_norm_has_weight", "trtllm"))
+    assert c["S"] == 0 and not any(
+        c[k]
+        for k in (
+            "situ",
+            "x_scales",
+            "l1_alphas",
+            "l2_alphas",
+            "l2_act_scales",
+            "fp8_combine",
+            "post_norm",
+            "post_norm_weight_first",
+            "post_norm_has_weight",
+            "trtllm",
+        )
+    )
 
 
-CONFIG_SHAPES = [SMALL, FLASH, PRO, dict(E=256, P=7680, K=6, H=4096, I=2048), dict(E=384, P=7680, K=6, H=7168, I=3072),
-                 dict(E=8, P=1920, K=8, H=1024, I=512), dict(E=64, P=5760, K=8, H=2560, I=768),
-                 dict(E=33, P=1920, K=1, H=8192, I=256)]
+CONFIG_SHAPES = [
+    SMALL,
+    FLASH,
+    PRO,
+    dict(E=256, P=7680, K=6, H=4096, I=2048),
+    dict(E=384, P=7680, K=6, H=7168, I=3072),
+    dict(E=8, P=1920, K=8, H=1024, I=512),
+    dict(E=64, P=5760, K=8, H=2560, I=768),
+    dict(E=33, P=1920, K=1, H=8192, I=256),
+]
 
 
 @pytest.mark.parametrize("shape", CONFIG_SHAPES)
@@ -355,13 +499,13 @@ def test_block_m_bands(lib):
     # E = 64, K = 8: expected = T / 8 tokens per expert (E_local = 64 > 13)
     s = dict(E=64, P=1920, K=8, H=1024, I=512)
     bands = {
-        80: 16,      # 10.0 <= 10 -> 16
-        81: 32,      # 10.125
-        192: 32,     # 24.0
-        193: 64,     # 24.125 + 4.91 = 29.0 covered -> one block; 64 >= 29
-        1000: 192,   # 125 + 11.2 = 136.2 -> n = 1: neither 64 nor 128 covers it, 192 does
-        1800: 240,   # 225 + 15 = 240 -> n = 1, > 192, E_local 64 > 13 -> 240
-        1920: 128,   # 240 + 15.5 = 255.5 -> n = 2: 2 * 64 < 255.5 <= 2 * 128 -> 128
+        80: 16,  # 10.0 <= 10 -> 16
+        81: 32,  # 10.125
+        192: 32,  # 24.0
+        193: 64,  # 24.125 + 4.91 = 29.0 covered -> one block; 64 >= 29
+        1000: 192,  # 125 + 11.2 = 136.2 -> n = 1: neither 64 nor 128 covers it, 192 does
+        1800: 240,  # 225 + 15 = 240 -> n = 1, > 192, E_local 64 > 13 -> 240
+        1920: 128,  # 240 + 15.5 = 255.5 -> n = 2: 2 * 64 < 255.5 <= 2 * 128 -> 128
     }
     for T, bm in bands.items():
         assert config(lib, **s, T=T, kind=MXFP4)["block_m"] == bm, T
@@ -370,8 +514,8 @@ def test_block_m_bands(lib):
     assert (c8["store_l1"], c8["store_l2"], c4["store_l1"], c4["store_l2"]) == (24, 8, 40, 40)
     # few local experts (<= 13): one covering 240-row block becomes two 128-row blocks
     few = dict(E=8, P=1920, K=1, H=1024, I=512)
-    assert config(lib, **few, T=1700)["block_m"] == 128     # 212.5 + 14.6 = 227.1 > 192
-    assert config(lib, **few, T=1400)["block_m"] == 192     # 175 + 13.2 = 188.2 <= 192
+    assert config(lib, **few, T=1700)["block_m"] == 128  # 212.5 + 14.6 = 227.1 > 192
+    assert config(lib, **few, T=1400)["block_m"] == 192  # 175 + 13.2 = 188.2 <= 192
     assert config(lib, **{**few, "E": 16, "K": 2}, T=1700)["block_m"] == 240  # same load, 16 local experts
     # N ranks: the expectation counts every rank's tokens
     assert config(lib, **{**s, "E": 512}, T=80, ranks=8)["block_m"] == 16
@@ -416,8 +560,17 @@ def test_config_rejects(lib):
         config(lib, **SMALL, T=1, clamp=-1.0)
 
 
-TMAP_NAMES = ("l1_acts", "l1_acts_sf", "l1_weights", "l1_weights_sf", "l1_output", "l2_acts", "l2_acts_sf",
-              "l2_weights", "l2_weights_sf")
+TMAP_NAMES = (
+    "l1_acts",
+    "l1_acts_sf",
+    "l1_weights",
+    "l1_weights_sf",
+    "l1_output",
+    "l2_acts",
+    "l2_acts_sf",
+    "l2_weights",
+    "l2_weights_sf",
+)
 UINT8, INT32, U4_ALIGN16B = 0, 3, 14
 
 
@@ -428,7 +581,7 @@ def tensor_maps(lib, E, P, K, H, I, T, kind=MXFP4, num_sms=B200_SMS, ranks=1):
     maps = {}
     for name, m in zip(TMAP_NAMES, plans):
         rank = m["rank"]
-        maps[name] = dict(m, dims=m["dims"][:rank], strides=m["strides"][:rank - 1], box=m["box"][:rank])
+        maps[name] = dict(m, dims=m["dims"][:rank], strides=m["strides"][: rank - 1], box=m["box"][:rank])
         assert m["dims"][rank:] == [0] * (5 - rank) and m["box"][rank:] == [0] * (5 - rank)
     return maps
 
@@ -477,7 +630,13 @@ def test_tensor_maps(lib, shape, kind, T):
     # A operands: (BLOCK_M/2 rows x 128 B) = one CTA's smem_a stage, 128B swizzle, over the ring
     for name, region, row in (("l1_acts", "l1", hb), ("l2_acts", "l2", ib)):
         m = maps[name]
-        assert (m["source"], m["offset"], m["dtype"], m["dims"], m["strides"]) == (0, lay[region], UINT8, [row, R], [row])
+        assert (m["source"], m["offset"], m["dtype"], m["dims"], m["strides"]) == (
+            0,
+            lay[region],
+            UINT8,
+            [row, R],
+            [row],
+        )
         assert (m["box"], m["swizzle"]) == ([128, c["block_m"] // 2], 128)
     # L1 output: the same memory as l2_acts; (STORE_BLOCK_M_L1 rows x BLOCK_N/2 values), swizzle = box bytes
     m = maps["l1_output"]
@@ -487,20 +646,35 @@ def test_tensor_maps(lib, shape, kind, T):
     for name, region, k in (("l1_acts_sf", "l1_sf", H), ("l2_acts_sf", "l2_sf", I)):
         m = maps[name]
         assert (m["offset"], m["dtype"], m["dims"], m["strides"], m["box"], m["swizzle"]) == (
-            lay[region], INT32, [Rsf, k // 128], [Rsf * 4], [c["sf_block_m"], sf_rows], 0)
+            lay[region],
+            INT32,
+            [Rsf, k // 128],
+            [Rsf * 4],
+            [c["sf_block_m"], sf_rows],
+            0,
+        )
     # weights: [E][2][N/2][K] 4-D view of the packed [E, N, K/2] operand, (128 rows x 128 smem bytes) boxes
     for name, source, n, k in (("l1_weights", 1, 2 * I, H), ("l2_weights", 3, H, I)):
         m = maps[name]
         unpacked = kind == MXFP8FP4
         assert (m["source"], m["dtype"]) == (source, U4_ALIGN16B if unpacked else UINT8)
-        assert m["dims"] == [k if unpacked else k // 2, n // 2, 2, E] and m["strides"] == [k // 2, n * k // 4, n * k // 2]
+        assert m["dims"] == [k if unpacked else k // 2, n // 2, 2, E] and m["strides"] == [
+            k // 2,
+            n * k // 4,
+            n * k // 2,
+        ]
         assert m["strides"][2] * E == E * n * k // 2  # exactly the operand's bytes
         assert (m["box"], m["swizzle"]) == ([128, 128, 1, 1], 128)
     # SFB: int32 [E][K/128][N] (the operand as laid out by jax_megamoe.layout), (128 x BLOCK_K/128) words
     for name, source, n, k in (("l1_weights_sf", 2, 2 * I, H), ("l2_weights_sf", 4, H, I)):
         m = maps[name]
         assert (m["source"], m["dtype"], m["dims"], m["strides"], m["box"]) == (
-            source, INT32, [n, E * (k // 128)], [n * 4], [128, sf_rows])
+            source,
+            INT32,
+            [n, E * (k // 128)],
+            [n * 4],
+            [128, sf_rows],
+        )
 
 
 def test_locality_table(lib):
@@ -618,17 +792,39 @@ int main() {
 
 def _smem_args(c):
     bits = c["bits"]
-    return (c["E"], c["dispatch_threads"] // 32, c["pull"], c["epilogue_threads"] // 128, c["epilogue_threads"] // 32,
-            c["store_l1"], (c["block_n"] // 2) * bits // 8, c["store_l2"], c["block_n"], c["stages"], c["load_block_m"],
-            c["load_block_n"], c["block_k_bytes"], c["sf_block_m"], c["sf_block_n"], c["block_k"] // (c["gran_k"] * 4))
+    return (
+        c["E"],
+        c["dispatch_threads"] // 32,
+        c["pull"],
+        c["epilogue_threads"] // 128,
+        c["epilogue_threads"] // 32,
+        c["store_l1"],
+        (c["block_n"] // 2) * bits // 8,
+        c["store_l2"],
+        c["block_n"],
+        c["stages"],
+        c["load_block_m"],
+        c["load_block_n"],
+        c["block_k_bytes"],
+        c["sf_block_m"],
+        c["sf_block_n"],
+        c["block_k"] // (c["gran_k"] * 4),
+    )
 
 
-LAYOUT_CASES = [(1, s["E"], s["P"], s["K"], s["H"], s["I"], kind, sms)
-                for s in SHAPES for kind in (MXFP4, MXFP8FP4) for sms in (148, 132, 2)
-                if not (kind == MXFP4 and s["I"] % 256)] + [
-    (8, 256, 1920, 6, 4096, 2048, MXFP4, 148), (72, 288, 1920, 6, 7168, 3072, MXFP8FP4, 146)]
-LIVE_CASES = [(t, sms, h, i) for t in (1, 17, 256, 1696, 4000) for sms in (2, 132, 148)
-              for h, i in ((512, 256), (4096, 2048), (7168, 3072), (2560, 768))]
+LAYOUT_CASES = [
+    (1, s["E"], s["P"], s["K"], s["H"], s["I"], kind, sms)
+    for s in SHAPES
+    for kind in (MXFP4, MXFP8FP4)
+    for sms in (148, 132, 2)
+    if not (kind == MXFP4 and s["I"] % 256)
+] + [(8, 256, 1920, 6, 4096, 2048, MXFP4, 148), (72, 288, 1920, 6, 7168, 3072, MXFP8FP4, 146)]
+LIVE_CASES = [
+    (t, sms, h, i)
+    for t in (1, 17, 256, 1696, 4000)
+    for sms in (2, 132, 148)
+    for h, i in ((512, 256), (4096, 2048), (7168, 3072), (2560, 768))
+]
 
 
 @pytest.fixture(scope="module")
@@ -656,8 +852,19 @@ def checker(lib, tmp_path_factory):
     d = tmp_path_factory.mktemp("sm100_checker")
     src, exe = d / "checker.cu", d / "checker"
     src.write_text("".join(body))
-    cmd = [tc.nvcc, "-std=c++20", "-x", "cu", "--expt-relaxed-constexpr", "-w", f"-I{hd.include_dir}",
-           *(f"-I{p}" for p in tc.include_dirs), str(src), "-o", str(exe)]
+    cmd = [
+        tc.nvcc,
+        "-std=c++20",
+        "-x",
+        "cu",
+        "--expt-relaxed-constexpr",
+        "-w",
+        f"-I{hd.include_dir}",
+        *(f"-I{p}" for p in tc.include_dirs),
+        str(src),
+        "-o",
+        str(exe),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)

@@ -11,33 +11,67 @@ from __future__ import annotations
 
 import math
 
-import pytest
-
 import ffi_testing as ft
-from jax_megamoe._src.kernels import _ffi
+import pytest
 
 # The tests' short names for the C struct fields (common/c_api_testing.h) they use most; the others keep
 # their C names. By name, not position: the field order lives in the C header only.
-LAYOUT_NAMES = dict(workspace_bytes="workspace", num_max_pool_tokens="pool", num_data_pool_tokens="data_pool",
-                    num_padded_sf_pool_tokens="padded_sf", num_experts_per_rank="e_local")
-LAYOUT_REGIONS = ("workspace", "x", "x_sf", "topk_idx", "topk_weights", "l1_acts", "l1_acts_sf", "l1_topk_weights",
-                  "l2_acts", "l2_acts_sf", "combine", "num_bytes")  # in buffer order
+LAYOUT_NAMES = dict(
+    workspace_bytes="workspace",
+    num_max_pool_tokens="pool",
+    num_data_pool_tokens="data_pool",
+    num_padded_sf_pool_tokens="padded_sf",
+    num_experts_per_rank="e_local",
+)
+LAYOUT_REGIONS = (
+    "workspace",
+    "x",
+    "x_sf",
+    "topk_idx",
+    "topk_weights",
+    "l1_acts",
+    "l1_acts_sf",
+    "l1_topk_weights",
+    "l2_acts",
+    "l2_acts_sf",
+    "combine",
+    "num_bytes",
+)  # in buffer order
 CONFIG_NAMES = dict(
-    num_max_tokens_per_rank="cap", hidden="H", intermediate="I", num_experts="E", top_k="K",
-    num_experts_per_wave="experts_per_wave", num_max_pool_tokens="pool", num_padded_sf_pool_tokens="padded_sf",
-    num_stages="stages", num_dispatch_threads="dispatch_threads", num_non_epilogue_threads="non_epilogue_threads",
-    num_epilogue_threads="epilogue_threads", num_ranks="ranks", epilogue_register_budget="epilogue_regs",
-    reuse_accum_as_final="reuse_accum", l2_epilogue_requires_full_sync="l2_full_sync", cluster_size="cluster",
-    multicast_on_b="multicast_b", pull_publish_batch="pull_batch", pull_eager_publish="pull_eager",
-    num_threads="threads", smem_size="smem", host_smem_size="host_smem", kernel_smem_bytes="kernel_smem",
-    tile_table_entries="tile_entries", l1_output_box_n="l1_out_box_n", l1_output_box_m="l1_out_box_m",
+    num_max_tokens_per_rank="cap",
+    hidden="H",
+    intermediate="I",
+    num_experts="E",
+    top_k="K",
+    num_experts_per_wave="experts_per_wave",
+    num_max_pool_tokens="pool",
+    num_padded_sf_pool_tokens="padded_sf",
+    num_stages="stages",
+    num_dispatch_threads="dispatch_threads",
+    num_non_epilogue_threads="non_epilogue_threads",
+    num_epilogue_threads="epilogue_threads",
+    num_ranks="ranks",
+    epilogue_register_budget="epilogue_regs",
+    reuse_accum_as_final="reuse_accum",
+    l2_epilogue_requires_full_sync="l2_full_sync",
+    cluster_size="cluster",
+    multicast_on_b="multicast_b",
+    pull_publish_batch="pull_batch",
+    pull_eager_publish="pull_eager",
+    num_threads="threads",
+    smem_size="smem",
+    host_smem_size="host_smem",
+    kernel_smem_bytes="kernel_smem",
+    tile_table_entries="tile_entries",
+    l1_output_box_n="l1_out_box_n",
+    l1_output_box_m="l1_out_box_m",
     l1_output_swizzle="l1_out_swizzle",
 )
 SMEM_CAPACITY = 232448
 
 SMALL = dict(E=16, P=128, K=4, H=512, I=256)
-FLASH = dict(E=256, P=512, K=6, H=4096, I=2048)   # DeepSeek V4-Flash, 512-token capacity
-PRO = dict(E=384, P=512, K=6, H=7168, I=3072)     # DeepSeek V4-Pro, 512-token capacity
+FLASH = dict(E=256, P=512, K=6, H=4096, I=2048)  # DeepSeek V4-Flash, 512-token capacity
+PRO = dict(E=384, P=512, K=6, H=7168, I=3072)  # DeepSeek V4-Pro, 512-token capacity
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +104,9 @@ def align(x, a):
 
 def py_layout(E, P, K, H, I, ranks=1):
     e_local = E // ranks
-    pool = align(ranks * P * min(K, e_local) + e_local * 127, 128)   # get_num_max_pool_tokens_sm90
-    pool_blocks = pool // 8                                          # kMinCandidateBlockM = 8
-    ring_blocks = pool_blocks                                        # full pool
+    pool = align(ranks * P * min(K, e_local) + e_local * 127, 128)  # get_num_max_pool_tokens_sm90
+    pool_blocks = pool // 8  # kMinCandidateBlockM = 8
+    ring_blocks = pool_blocks  # full pool
     ws = 32 + E * 16 + e_local * 8 + align(pool_blocks, 2) * 4 + pool_blocks * 8 + ring_blocks * 8
     ws += e_local * ranks * (ranks * P) * 4 + pool * 12
     flag_words = E + e_local + 1 + ranks
@@ -80,9 +114,18 @@ def py_layout(E, P, K, H, I, ranks=1):
     ws = align(ws, 1024)
     D = pool
     S = max((D // 64) * 128, (D // 128) * 128)
-    sizes = [("x", P * H), ("x_sf", P * H // 32), ("topk_idx", P * K * 8), ("topk_weights", P * K * 4),
-             ("l1_acts", D * H), ("l1_acts_sf", S * H // 32), ("l1_topk_weights", D * 4),
-             ("l2_acts", D * I), ("l2_acts_sf", S * I // 32), ("combine", K * P * H * 2)]
+    sizes = [
+        ("x", P * H),
+        ("x_sf", P * H // 32),
+        ("topk_idx", P * K * 8),
+        ("topk_weights", P * K * 4),
+        ("l1_acts", D * H),
+        ("l1_acts_sf", S * H // 32),
+        ("l1_topk_weights", D * 4),
+        ("l2_acts", D * I),
+        ("l2_acts_sf", S * I // 32),
+        ("combine", K * P * H * 2),
+    ]
     out, o = {"workspace": ws}, ws
     for name, n in sizes:
         out[name] = o
@@ -100,21 +143,64 @@ HAND = {
     # small: pool = align(128*4 + 16*127, 128) = 2560 (320 blocks of 8); workspace
     # 32 + 256 + 128 + 1280 + 2560 + 2560 + 8192 + 30720 + align(392 + 136, 1024) = 46752 -> 47104;
     # S = (2560/64)*128 = 5120; combine 4*128*512*2 = 524288
-    "small": dict(workspace=47104, x=47104, x_sf=112640, topk_idx=114688, topk_weights=118784, l1_acts=120832,
-                  l1_acts_sf=1431552, l1_topk_weights=1513472, l2_acts=1523712, l2_acts_sf=2179072,
-                  combine=2220032, num_bytes=2744320, pool=2560, data_pool=2560, padded_sf=5120, e_local=16),
+    "small": dict(
+        workspace=47104,
+        x=47104,
+        x_sf=112640,
+        topk_idx=114688,
+        topk_weights=118784,
+        l1_acts=120832,
+        l1_acts_sf=1431552,
+        l1_topk_weights=1513472,
+        l2_acts=1523712,
+        l2_acts_sf=2179072,
+        combine=2220032,
+        num_bytes=2744320,
+        pool=2560,
+        data_pool=2560,
+        padded_sf=5120,
+        e_local=16,
+    ),
     # V4-Flash: pool = 3072 + 256*127 = 35584 (4448 blocks); workspace 32 + 4096 + 2048 + 17792 + 35584
     # + 35584 + 524288 + 427008 + align(6152 + 2056, 1024) = 1055648 -> 1055744; S = 71168
-    "flash": dict(workspace=1055744, x=1055744, x_sf=3152896, topk_idx=3218432, topk_weights=3243008,
-                  l1_acts=3255296, l1_acts_sf=149007360, l1_topk_weights=158116864, l2_acts=158259200,
-                  l2_acts_sf=231135232, combine=235689984, num_bytes=260855808, pool=35584, data_pool=35584,
-                  padded_sf=71168, e_local=256),
+    "flash": dict(
+        workspace=1055744,
+        x=1055744,
+        x_sf=3152896,
+        topk_idx=3218432,
+        topk_weights=3243008,
+        l1_acts=3255296,
+        l1_acts_sf=149007360,
+        l1_topk_weights=158116864,
+        l2_acts=158259200,
+        l2_acts_sf=231135232,
+        combine=235689984,
+        num_bytes=260855808,
+        pool=35584,
+        data_pool=35584,
+        padded_sf=71168,
+        e_local=256,
+    ),
     # V4-Pro: pool = 3072 + 384*127 = 51840 (6480 blocks); workspace 32 + 6144 + 3072 + 25920 + 51840
     # + 51840 + 786432 + 622080 + align(9224 + 3080, 1024) = 1560672 -> 1561600; S = 103680
-    "pro": dict(workspace=1561600, x=1561600, x_sf=5231616, topk_idx=5346304, topk_weights=5370880,
-                l1_acts=5383168, l1_acts_sf=376972288, l1_topk_weights=400196608, l2_acts=400403968,
-                l2_acts_sf=559656448, combine=569609728, num_bytes=613649920, pool=51840, data_pool=51840,
-                padded_sf=103680, e_local=384),
+    "pro": dict(
+        workspace=1561600,
+        x=1561600,
+        x_sf=5231616,
+        topk_idx=5346304,
+        topk_weights=5370880,
+        l1_acts=5383168,
+        l1_acts_sf=376972288,
+        l1_topk_weights=400196608,
+        l2_acts=400403968,
+        l2_acts_sf=559656448,
+        combine=569609728,
+        num_bytes=613649920,
+        pool=51840,
+        data_pool=51840,
+        padded_sf=103680,
+        e_local=384,
+    ),
 }
 
 
@@ -123,15 +209,20 @@ def test_layout_hand_derived(lib, name, shape):
     assert layout(lib, **shape) == HAND[name]
 
 
-@pytest.mark.parametrize("shape", [
-    SMALL, FLASH, PRO,
-    dict(E=16, P=256, K=4, H=512, I=256),
-    dict(E=256, P=8192, K=6, H=4096, I=2048),
-    dict(E=384, P=4096, K=6, H=7168, I=3072),
-    dict(E=8, P=128, K=8, H=1024, I=512),      # K == E_local
-    dict(E=4, P=384, K=6, H=2048, I=4096),     # K > E_local: min(K, E_local) slots per token
-    dict(E=33, P=128, K=1, H=8192, I=256),
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        SMALL,
+        FLASH,
+        PRO,
+        dict(E=16, P=256, K=4, H=512, I=256),
+        dict(E=256, P=8192, K=6, H=4096, I=2048),
+        dict(E=384, P=4096, K=6, H=7168, I=3072),
+        dict(E=8, P=128, K=8, H=1024, I=512),  # K == E_local
+        dict(E=4, P=384, K=6, H=2048, I=4096),  # K > E_local: min(K, E_local) slots per token
+        dict(E=33, P=128, K=1, H=8192, I=256),
+    ],
+)
 def test_layout_matches_formulas(lib, shape):
     got = layout(lib, **shape)
     assert got == py_layout(**shape)
@@ -143,14 +234,17 @@ def test_layout_matches_formulas(lib, shape):
     assert got["data_pool"] % 128 == 0 and got["padded_sf"] >= (got["data_pool"] // 64) * 128
 
 
-@pytest.mark.parametrize("bad,why", [
-    (dict(E=16, P=100, K=4, H=512, I=256), "capacity"),
-    (dict(E=16, P=128, K=4, H=384, I=256), "hidden"),
-    (dict(E=16, P=128, K=4, H=512, I=384), "intermediate"),
-    (dict(E=16, P=128, K=4, H=512, I=8192), "intermediate"),
-    (dict(E=16, P=128, K=33, H=512, I=256), "top_k"),
-    (dict(E=16, P=128, K=4, H=16384, I=256), "hidden"),
-])
+@pytest.mark.parametrize(
+    "bad,why",
+    [
+        (dict(E=16, P=100, K=4, H=512, I=256), "capacity"),
+        (dict(E=16, P=128, K=4, H=384, I=256), "hidden"),
+        (dict(E=16, P=128, K=4, H=512, I=384), "intermediate"),
+        (dict(E=16, P=128, K=4, H=512, I=8192), "intermediate"),
+        (dict(E=16, P=128, K=33, H=512, I=256), "top_k"),
+        (dict(E=16, P=128, K=4, H=16384, I=256), "hidden"),
+    ],
+)
 def test_layout_rejects(lib, bad, why):
     with pytest.raises(ValueError, match=why):
         layout(lib, **bad)
@@ -216,8 +310,15 @@ def check_kernel_rules(c, lay, ranks=1):
     assert c["weight_tma_block_n"] == min(bn, 256)
 
 
-SHAPES = [SMALL, FLASH, PRO, dict(E=16, P=256, K=4, H=512, I=256), dict(E=256, P=8192, K=6, H=4096, I=2048),
-          dict(E=384, P=4096, K=6, H=7168, I=3072), dict(E=64, P=1024, K=8, H=2048, I=1024)]
+SHAPES = [
+    SMALL,
+    FLASH,
+    PRO,
+    dict(E=16, P=256, K=4, H=512, I=256),
+    dict(E=256, P=8192, K=6, H=4096, I=2048),
+    dict(E=384, P=4096, K=6, H=7168, I=3072),
+    dict(E=64, P=1024, K=8, H=2048, I=1024),
+]
 
 
 @pytest.mark.parametrize("wide", [False, True])

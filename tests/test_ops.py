@@ -37,9 +37,7 @@ def _lower_cuda(fn, *args) -> str:
 )
 def test_pre_dispatch_lowers_to_the_custom_call(mode, target, xq_type, sf_type, kind, group):
     x, idx, w = _inputs(0)
-    fn = functools.partial(
-        ops.pre_dispatch, mode=mode, num_max_tokens=256, routed_scaling_factor=1.5, backend="ffi"
-    )
+    fn = functools.partial(ops.pre_dispatch, mode=mode, num_max_tokens=256, routed_scaling_factor=1.5, backend="ffi")
     text = _lower_cuda(fn, x, idx, w)
     calls = re.findall(r"stablehlo\.custom_call @(\w+)\(([^)]*)\).*", text)
     assert [c[0] for c in calls] == [target], text
@@ -122,16 +120,26 @@ def test_mega_moe_lowers_to_the_sm90_custom_call():
     x, idx, w = _inputs(4, t=7)
     weights = _small_weights("fp8")
     fn = functools.partial(
-        ops.mega_moe, weights=weights, activation_clamp=10.0,
+        ops.mega_moe,
+        weights=weights,
+        activation_clamp=10.0,
         backend="ffi",  # T*K = 28: "auto" would take the decode kernels at this shape
         options=MoEOptions(routed_scaling_factor=1.5, num_max_tokens=200, kernel="fused"),
     )
     text = _lower_cuda(lambda x, i, w: fn(x, i, w), x, idx, w)
     line = next(line for line in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in line)
     for attr in (
-        "hidden = 512", "intermediate = 256", "num_experts = 16", "top_k = 4", "capacity = 256",
-        "activation_clamp = 1.000000e+01", "routed_scaling_factor = 1.500000e+00", "reserved_sms = 2",
-        "num_ranks = 1", "rank_devices = dense<> : tensor<0xi64>", "sm90_wide_tile = false",
+        "hidden = 512",
+        "intermediate = 256",
+        "num_experts = 16",
+        "top_k = 4",
+        "capacity = 256",
+        "activation_clamp = 1.000000e+01",
+        "routed_scaling_factor = 1.500000e+00",
+        "reserved_sms = 2",
+        "num_ranks = 1",
+        "rank_devices = dense<> : tensor<0xi64>",
+        "sm90_wide_tile = false",
     ):
         assert attr in line, (attr, line)
     assert "has_side_effect = true" in line and "-> tensor<7x512xbf16>" in line, line
@@ -148,6 +156,7 @@ def test_mega_moe_graph_target_follows_the_policy(monkeypatch):
     x, idx, w = _inputs(5, t=7)
     weights = _small_weights("fp8")
     on, off = Policy(graph_targets=True), Policy()
+
     def fn(x, i, w, policy):
         options = MoEOptions(num_max_tokens=200, kernel="fused", policy=policy)
         return ops.mega_moe(x, i, w, weights, backend="ffi", options=options)
@@ -159,7 +168,9 @@ def test_mega_moe_graph_target_follows_the_policy(monkeypatch):
     text = _lower_cuda(lambda x, i, w: fn(x, i, w, policy=off), x, idx, w)
     assert "@jax_megamoe_mega_moe_sm90(" in text and "_graph" not in text
     x100 = _small_weights("fp8xfp4", seed=4)
-    text = _lower_cuda(lambda x, i, w: ops.mega_moe(x, i, w, x100, backend="ffi", options=MoEOptions(policy=on)), x, idx, w)
+    text = _lower_cuda(
+        lambda x, i, w: ops.mega_moe(x, i, w, x100, backend="ffi", options=MoEOptions(policy=on)), x, idx, w
+    )
     assert "@jax_megamoe_mega_moe_sm100(" in text
 
 
@@ -167,7 +178,13 @@ def test_mega_moe_graph_target_follows_the_policy(monkeypatch):
 def test_mega_moe_sm100_lowers_to_its_custom_call(mode, kind):
     x, idx, w = _inputs(8, t=9)
     weights = _small_weights(mode, seed=4)
-    fn = functools.partial(ops.mega_moe, weights=weights, activation_clamp=10.0, backend="ffi", options=MoEOptions(routed_scaling_factor=1.5))
+    fn = functools.partial(
+        ops.mega_moe,
+        weights=weights,
+        activation_clamp=10.0,
+        backend="ffi",
+        options=MoEOptions(routed_scaling_factor=1.5),
+    )
     text = _lower_cuda(lambda x, i, w: fn(x, i, w), x, idx, w)
     line = next(line for line in text.splitlines() if "@jax_megamoe_mega_moe_sm100" in line)
     for attr in (f"mma_kind = {kind}", "capacity = 1920", "routed_scaling_factor = 1.500000e+00", "top_k = 4"):

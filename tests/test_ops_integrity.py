@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from jax_megamoe import ops, parallel, quant, reference
-from tests.test_ops import _inputs, _small_weights
 from jax_megamoe.ops import MoEOptions
+from tests.test_ops import _inputs, _small_weights
 
 E = 16
 WRAPS_TO_3 = 2**32 + 3  # int64 -> int32 keeps the low 32 bits: 3, a real expert
@@ -77,7 +77,9 @@ def test_ffi_call_lowered_for_cuda_compares_before_the_cast():
     weights = _small_weights("fp8", seed=3)
     with jax.enable_x64(True):
         specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, jnp.asarray(idx), w)]
-        fn = functools.partial(ops.mega_moe, weights=weights, backend="ffi", options=MoEOptions(num_max_tokens=64, kernel="fused"))
+        fn = functools.partial(
+            ops.mega_moe, weights=weights, backend="ffi", options=MoEOptions(num_max_tokens=64, kernel="fused")
+        )
         text = jax.jit(lambda a, b, c: fn(a, b, c)).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
     assert "tensor<6x4xi64>" in text and "@jax_megamoe_mega_moe_sm90(" in text
     line = next(line for line in text.splitlines() if "stablehlo.compare" in line and "LT" in line)
@@ -91,12 +93,16 @@ def test_ffi_backend_without_a_gpu_is_one_clear_error(op):
     eagerly and under vmap; never a JaxRuntimeError from a host callback."""
     x, idx, w = _inputs(3, t=5)
     if op == "mega_moe":
-        call = functools.partial(ops.mega_moe, weights=_small_weights("fp8", seed=1), options=MoEOptions(num_max_tokens=64))
+        call = functools.partial(
+            ops.mega_moe, weights=_small_weights("fp8", seed=1), options=MoEOptions(num_max_tokens=64)
+        )
     else:
         call = functools.partial(ops.pre_dispatch, mode="fp8", num_max_tokens=64)
     ffi = functools.partial(call, backend="ffi")
     for run, args in ((jax.jit(ffi), (x, idx, w)), (ffi, (x, idx, w)), (jax.vmap(ffi), (x[None], idx[None], w[None]))):
-        with pytest.raises(ops.BackendUnavailableError, match=rf"backend='ffi' for {op} runs DeepGEMM kernels.*use backend='auto'") as e:
+        with pytest.raises(
+            ops.BackendUnavailableError, match=rf"backend='ffi' for {op} runs DeepGEMM kernels.*use backend='auto'"
+        ) as e:
             jax.block_until_ready(run(*args))
         assert "No FFI handler registered" not in str(e.value) and "CpuCallback" not in str(e.value)
     text = jax.jit(ffi).trace(x, idx, w).lower(lowering_platforms=("cuda",)).as_text()
@@ -129,7 +135,11 @@ def test_quantize_fp8_per128_nonfinite_semantics():
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(activation_clamp="10"), TypeError, r"activation_clamp: got '10' \(str\); expected a static Python float or None"),
+        (
+            dict(activation_clamp="10"),
+            TypeError,
+            r"activation_clamp: got '10' \(str\); expected a static Python float or None",
+        ),
         (dict(activation_clamp=[1.0]), TypeError, r"activation_clamp: got \[1.0\]"),
         (dict(activation_clamp=True), TypeError, r"activation_clamp: got True"),
         (dict(activation_clamp=float("nan")), ValueError, r"activation_clamp: nan"),
@@ -159,11 +169,20 @@ def test_scalar_arguments_are_named(entry, kwargs, exc, match):
         fn(x, idx, w, weights, activation_clamp=clamp, options=options)
 
 
-@pytest.mark.parametrize("chunk_rows, exc, match", [("8", TypeError, r"chunk_rows: got '8'"), (2.5, TypeError, r"chunk_rows: got 2.5"), (0, ValueError, r"chunk_rows: 0 must be >= 1")])
+@pytest.mark.parametrize(
+    "chunk_rows, exc, match",
+    [
+        ("8", TypeError, r"chunk_rows: got '8'"),
+        (2.5, TypeError, r"chunk_rows: got 2.5"),
+        (0, ValueError, r"chunk_rows: 0 must be >= 1"),
+    ],
+)
 def test_chunk_rows_is_named(chunk_rows, exc, match):
     x, idx, w = _inputs(5, t=5)
     with pytest.raises(exc, match=match):
-        reference.mega_moe(x, idx, w, _small_weights("fp8", seed=2), mode="fp8", options=MoEOptions(chunk_rows=chunk_rows))
+        reference.mega_moe(
+            x, idx, w, _small_weights("fp8", seed=2), mode="fp8", options=MoEOptions(chunk_rows=chunk_rows)
+        )
 
 
 def test_traced_clamp_is_named_and_traced_scaling_factor_is_folded():
@@ -180,8 +199,20 @@ def test_traced_clamp_is_named_and_traced_scaling_factor_is_folded():
     got = jax.jit(lambda r: ops.pre_dispatch(x, idx, w, mode="fp8", num_max_tokens=8, routed_scaling_factor=r))(1.5)
     want = reference.pre_dispatch(x, idx, w, mode="fp8", num_max_tokens=8, routed_scaling_factor=1.5)
     np.testing.assert_array_equal(np.asarray(got.topk_weights), np.asarray(want.topk_weights))
-    lowered = jax.jit(
-        lambda a, b, c, r: ops.mega_moe(a, b, c, weights, backend="ffi", options=MoEOptions(routed_scaling_factor=r, num_max_tokens=64, kernel="fused"))
-    ).trace(x, idx, w, 1.5).lower(lowering_platforms=("cuda",)).as_text()
+    lowered = (
+        jax.jit(
+            lambda a, b, c, r: ops.mega_moe(
+                a,
+                b,
+                c,
+                weights,
+                backend="ffi",
+                options=MoEOptions(routed_scaling_factor=r, num_max_tokens=64, kernel="fused"),
+            )
+        )
+        .trace(x, idx, w, 1.5)
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
     line = next(line for line in lowered.splitlines() if "@jax_megamoe_mega_moe_sm90(" in line)
     assert "routed_scaling_factor = 1.000000e+00" in line  # folded before the kernel

@@ -88,7 +88,17 @@ def workers():
         "single": subprocess.Popen([sys.executable, str(WORKER), "single"], **run),
         **{
             f"multi{i}": subprocess.Popen(
-                [sys.executable, str(WORKER), "multi", "--process-id", str(i), "--num-processes", "2", "--port", str(port)],
+                [
+                    sys.executable,
+                    str(WORKER),
+                    "multi",
+                    "--process-id",
+                    str(i),
+                    "--num-processes",
+                    "2",
+                    "--port",
+                    str(port),
+                ],
                 **run,
             )
             for i in range(2)
@@ -181,7 +191,9 @@ def test_error_options():
         parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", options=EPOptions(dispatch="sparse"))
     with pytest.raises(ValueError, match=r"backend: 'cuda' is not one of"):
         parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", options=EPOptions(backend="cuda"))
-    with pytest.raises(ValueError, match=r"pair_capacity: 3 is below the exact worst case T/n\*K = 32.*return_overflow=True"):
+    with pytest.raises(
+        ValueError, match=r"pair_capacity: 3 is below the exact worst case T/n\*K = 32.*return_overflow=True"
+    ):
         parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", options=EPOptions(pair_capacity=3))
     with pytest.raises(ValueError, match=r"pair_capacity: 0 must be"):
         parallel.ep_moe(*args, mesh=_mesh(4), mode="fp8xfp4", options=EPOptions(pair_capacity=0, return_overflow=True))
@@ -205,7 +217,13 @@ def test_error_fused_dispatch():
     with pytest.raises(ValueError, match=r"backend='reference' cannot run it"):
         parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", options=EPOptions(dispatch="fused", backend="reference"))
     with pytest.raises(ValueError, match=r"x: 256 tokens per device exceed num_max_tokens=128 .*dispatch='auto'"):
-        parallel.ep_moe(*_inputs(256), _weights("fp8"), mesh=cpu, mode="fp8", options=EPOptions(dispatch="fused", num_max_tokens=100))
+        parallel.ep_moe(
+            *_inputs(256),
+            _weights("fp8"),
+            mesh=cpu,
+            mode="fp8",
+            options=EPOptions(dispatch="fused", num_max_tokens=100),
+        )
     with pytest.raises(ValueError, match=r"num_max_tokens: 0 must be a Python int >= 1"):
         parallel.ep_moe(*fp8, mesh=cpu, mode="fp8", options=EPOptions(dispatch="fused", num_max_tokens=0))
     with pytest.raises(ValueError, match=r"dispatch: 'fused' uses no collective"):
@@ -228,6 +246,7 @@ def test_fused_auto_env_switch(monkeypatch):
 
     cpu = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
     monkeypatch.setattr(parallel, "fused_available", lambda *a, **k: (True, ""))
+
     def choose(capacity=None, **kw):
         return parallel._choose_path(cpu, "ep", "fp8", 8, EPOptions(pair_capacity=capacity, **kw))
 
@@ -289,14 +308,19 @@ def test_explicit_policy_reaches_the_kernel_on_the_collective_path(monkeypatch):
     shapes = MoEWeights.kernel_shapes("fp8xfp4", E, H, I)
     w = MoEWeights(
         **{k: jnp.asarray(rng.integers(0, 120, size=s).astype(np.dtype(d))) for k, (s, d) in shapes.items()},
-        mode="fp8xfp4", hidden=H, intermediate=I, num_experts=E,
+        mode="fp8xfp4",
+        hidden=H,
+        intermediate=I,
+        num_experts=E,
     )
     x = jnp.asarray(rng.standard_normal((4, H)), jnp.bfloat16)
     idx = jnp.asarray(rng.integers(0, E, size=(4, K)), jnp.int32)
     tw = jnp.asarray(rng.random((4, K)), jnp.float32)
     mine = Policy(graph_targets=True, sm90_wide_tile=True, num_max_tokens=77)
     assert mine != current()
-    y = parallel.ep_moe(x, idx, tw, w, mesh=mesh, mode="fp8xfp4", options=EPOptions(backend="ffi", dispatch="padded", policy=mine))
+    y = parallel.ep_moe(
+        x, idx, tw, w, mesh=mesh, mode="fp8xfp4", options=EPOptions(backend="ffi", dispatch="padded", policy=mine)
+    )
     assert seen and all(p == mine for p in seen), seen
     seen.clear()
     parallel.ep_moe(x, idx, tw, w, mesh=mesh, mode="fp8xfp4", options=EPOptions(backend="ffi", dispatch="padded"))
@@ -325,7 +349,10 @@ def test_ffi_backend_plugs_in_per_device(monkeypatch):
     shapes = MoEWeights.kernel_shapes("fp8xfp4", E, H, I)
     w = MoEWeights(
         **{k: jnp.asarray(rng.integers(0, 120, size=s).astype(np.dtype(d))) for k, (s, d) in shapes.items()},
-        mode="fp8xfp4", hidden=H, intermediate=I, num_experts=E,
+        mode="fp8xfp4",
+        hidden=H,
+        intermediate=I,
+        num_experts=E,
     )
     x = jnp.asarray(rng.standard_normal((4, H)), jnp.bfloat16)
     idx = jnp.asarray(rng.integers(0, E, size=(4, K)), jnp.int32)

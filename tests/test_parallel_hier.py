@@ -9,7 +9,6 @@ are checked here, on an AbstractMesh or this process's one CPU device.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import socket
 import subprocess
@@ -152,8 +151,9 @@ def test_error_divisibility():
     with pytest.raises(ValueError, match=r"weights: num_experts=16 is not divisible by the size 12"):
         _call(t=48, mesh=_mesh(3, 4))
     with pytest.raises(ValueError, match=r"x: hidden=100 must be a multiple of 128"):
-        PH.ep_moe_hier(jax.ShapeDtypeStruct((32, 100), jnp.bfloat16), *_inputs(32)[1:], _weights(), mesh=_mesh(),
-                       mode="fp8")
+        PH.ep_moe_hier(
+            jax.ShapeDtypeStruct((32, 100), jnp.bfloat16), *_inputs(32)[1:], _weights(), mesh=_mesh(), mode="fp8"
+        )
 
 
 def test_error_options():
@@ -207,18 +207,24 @@ def test_hier_path_reports_choice_and_reason():
     one_row = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, options=EPOptions(num_max_tokens=4, pair_capacity=1))
     assert one_row.dispatch == "padded"
     with pytest.raises(ValueError, match=r"num_max_tokens: 4 is below the 8 rows"):
-        PH.hier_path(_mesh(), "host", "ep", "fp8", 4, options=EPOptions(num_max_tokens=4))  # so pair_capacity=1 did reach it
+        PH.hier_path(
+            _mesh(), "host", "ep", "fp8", 4, options=EPOptions(num_max_tokens=4)
+        )  # so pair_capacity=1 did reach it
 
 
 def test_hier_path_env_switch(monkeypatch):
     """With fused available (faked), 'auto' takes it unless JAX_MEGAMOE_FUSED_EP=0 or backend='reference'."""
     monkeypatch.setattr(PH, "_fused_inner_available", lambda mesh, axis, mode: (True, ""))
     assert PH.hier_path(_mesh(), "host", "ep", "fp8", 4).intranode == "fused"
-    assert PH.hier_path(_mesh(), "host", "ep", "fp8", 4, options=EPOptions(backend="reference")).intranode == "collective"
+    assert (
+        PH.hier_path(_mesh(), "host", "ep", "fp8", 4, options=EPOptions(backend="reference")).intranode == "collective"
+    )
     assert PH.hier_path(_mesh(), "host", "ep", "mxf4xmxf4", 4).intranode == "collective"  # sm_100: opt-in
     import jax_megamoe
 
-    p = PH.hier_path(_mesh(), "host", "ep", "fp8", 4, options=EPOptions(policy=jax_megamoe.policy.current().replace(fused_ep=False)))
+    p = PH.hier_path(
+        _mesh(), "host", "ep", "fp8", 4, options=EPOptions(policy=jax_megamoe.policy.current().replace(fused_ep=False))
+    )
     assert p.intranode == "collective" and "JAX_MEGAMOE_FUSED_EP=0" in p.reason
 
 
@@ -254,7 +260,9 @@ def test_one_cpu_device_runs():
     assert np.any(np.asarray(ref) != 0)
     assert int(st.rows) == int(np.sum(np.any(np.asarray(idx) >= 0, axis=1))) and int(st.second_pass_rows) == 0
     # pair_capacity=1 runs the second pass: the same bits; ep_moe_grouped over one device agrees.
-    y1, st1 = PH.ep_moe_hier(x, idx, tw, w, mesh=mesh, mode="fp8", options=EPOptions(pair_capacity=1, return_stats=True))
+    y1, st1 = PH.ep_moe_hier(
+        x, idx, tw, w, mesh=mesh, mode="fp8", options=EPOptions(pair_capacity=1, return_stats=True)
+    )
     assert int(st1.second_pass_rows) > 0
     assert np.array_equal(np.asarray(y1).view(np.uint16), np.asarray(ref).view(np.uint16))
     one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_megamoe._src.numerics import policy as policy_mod
 from jax_megamoe._src.kernels import ops
 from jax_megamoe._src.numerics import config
+from jax_megamoe._src.numerics import policy as policy_mod
 from jax_megamoe._src.numerics.policy import Policy
 from jax_megamoe.ops import MoEOptions
 
@@ -35,11 +35,20 @@ def test_precedence_project_name_over_sglang_alias_over_default():
     assert q.num_max_tokens == 64 and q.source("num_max_tokens") == "explicit" and q.reserved_sms == 5
     # The defaults with nothing set.
     d = Policy.from_environ({})
-    assert (d.num_max_tokens, d.reserved_sms, d.graph_targets, d.sm100_mega, d.fused_ep) == (1024, 2, False, False, True)
+    assert (d.num_max_tokens, d.reserved_sms, d.graph_targets, d.sm100_mega, d.fused_ep) == (
+        1024,
+        2,
+        False,
+        False,
+        True,
+    )
 
 
 def test_sm100_mode_from_flags_and_dg_wins():
-    assert Policy.from_environ({"JAX_MEGAMOE_USE_FP4_ACTS": "1", "JAX_MEGAMOE_USE_MXF4_KIND": "1"}).sm100_mode == "mxf4xmxf4"
+    assert (
+        Policy.from_environ({"JAX_MEGAMOE_USE_FP4_ACTS": "1", "JAX_MEGAMOE_USE_MXF4_KIND": "1"}).sm100_mode
+        == "mxf4xmxf4"
+    )
     assert Policy.from_environ({
         "SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_FP4_ACTS": "1", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_MXF4_KIND": "1",
         "DG_USE_FP4_ACTS": "0", "DG_USE_MXF4_KIND": "0",
@@ -131,7 +140,9 @@ def test_an_explicit_policy_is_what_the_ops_trace_with(monkeypatch):
     x, idx, w = _inputs()
 
     def lower(p):
-        fn = jax.jit(lambda x, i, w: ops.mega_moe(x, i, w, weights, backend="ffi", options=MoEOptions(kernel="fused", policy=p)))
+        fn = jax.jit(
+            lambda x, i, w: ops.mega_moe(x, i, w, weights, backend="ffi", options=MoEOptions(kernel="fused", policy=p))
+        )
         return fn.trace(x, idx, w).lower(lowering_platforms=("cuda",)).as_text()
 
     monkeypatch.setenv("JAX_MEGAMOE_GRAPH_TARGETS", "1")  # ignored: the policy is explicit
@@ -165,7 +176,9 @@ def test_policy_wide_tile_reaches_the_lowered_attribute(monkeypatch):
     x, idx, w = _inputs(seed=5)
 
     def lower(p):
-        fn = jax.jit(lambda x, i, w: ops.mega_moe(x, i, w, weights, backend="ffi", options=MoEOptions(kernel="fused", policy=p)))
+        fn = jax.jit(
+            lambda x, i, w: ops.mega_moe(x, i, w, weights, backend="ffi", options=MoEOptions(kernel="fused", policy=p))
+        )
         return fn.trace(x, idx, w).lower(lowering_platforms=("cuda",)).as_text()
 
     monkeypatch.setenv("JAX_MEGAMOE_SM90_WIDE_TILE", "1")  # ignored: the policy is explicit

@@ -7,10 +7,10 @@ enough pad CTAs for the (P - T) * K top-k slots, H/8 threads, ``num_groups = H /
 
 from __future__ import annotations
 
+import ffi_testing as ft
 import numpy as np
 import pytest
 
-import ffi_testing as ft
 from jax_megamoe._src.kernels import _ffi
 
 lib = _ffi.load_library()
@@ -58,7 +58,14 @@ def test_launch_plan_v4_numbers():
 
 
 @pytest.mark.parametrize(
-    "args", [(80, 0, 1, 8, 512, 6), (90, 1, 1, 8, 512, 6), (100, 0, 1, 8, 512, 6), (90, 0, 9, 8, 512, 6), (90, 0, 1, 8, 500, 6)]
+    "args",
+    [
+        (80, 0, 1, 8, 512, 6),
+        (90, 1, 1, 8, 512, 6),
+        (100, 0, 1, 8, 512, 6),
+        (90, 0, 9, 8, 512, 6),
+        (90, 0, 1, 8, 500, 6),
+    ],
 )
 def test_launch_plan_rejects_impossible_arguments(args):
     assert _plan(*args)[0] == -1

@@ -13,14 +13,14 @@ hypothesis tests draw theirs.
 
 from __future__ import annotations
 
-import numpy as np
-import ml_dtypes
-import pytest
 import jax
 import jax.numpy as jnp
-from jax import lax
+import ml_dtypes
+import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jax import lax
 
 from jax_megamoe._src.numerics import quant as Q
 
@@ -103,8 +103,6 @@ def o_ceil_exp(x):
 def o_f32(x):
     """One IEEE round to f32 of an exact float64 value (subnormals kept)."""
     return np.asarray(x, F64).astype(F32).astype(F64)
-
-
 
 
 def o_groups(x, g):
@@ -260,8 +258,21 @@ def bf16_neighbours(values):
 
 
 SPECIALS = np.array(
-    [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45, 1e-40, -1e-40,
-     1.1754942e-38, 3.4028235e38, -3.4028235e38],
+    [
+        0.0,
+        -0.0,
+        np.inf,
+        -np.inf,
+        np.nan,
+        -np.nan,
+        1e-45,
+        -1e-45,
+        1e-40,
+        -1e-40,
+        1.1754942e-38,
+        3.4028235e38,
+        -3.4028235e38,
+    ],
     F32,
 )
 
@@ -344,8 +355,10 @@ def test_decode_and_nibbles_match_ml_dtypes_and_jax_f4():
     assert f4.shape == (7, 48, 2)
     ours = np.asarray(Q.decode_e2m1(Q.unpack_nibbles(packed)))
     assert_same(np.asarray(f4).reshape(7, 96), ours, "jax f4 order", seed)
-    assert list(np.asarray(f4[0, 0])) == [E2M1_MAG[packed[0, 0] & 7] * (-1 if packed[0, 0] & 8 else 1),
-                                         E2M1_MAG[(packed[0, 0] >> 4) & 7] * (-1 if packed[0, 0] & 128 else 1)]
+    assert list(np.asarray(f4[0, 0])) == [
+        E2M1_MAG[packed[0, 0] & 7] * (-1 if packed[0, 0] & 8 else 1),
+        E2M1_MAG[(packed[0, 0] >> 4) & 7] * (-1 if packed[0, 0] & 128 else 1),
+    ]
     # pack_nibbles masks to the low nibble of each code
     assert int(np.asarray(Q.pack_nibbles(np.array([0x1F, 0xF2], np.uint8)))[0]) == 0x2F
 
@@ -419,12 +432,58 @@ def test_encode_e4m3_exact_dense():
 
 def test_encode_e4m3_edges():
     # subnormal ties: 0.5, 1.5, 2.5 and 7.5 units of 2^-9 round to 0, 2, 2 and 8 (= 2^-6, the carry)
-    v = np.array([448, 449, 463.99, 464, 464.01, 1e30, np.inf, -np.inf, -0.0, 0.0, -1e-40, 2.0**-10,
-                  3 * 2.0**-10, 5 * 2.0**-10, 3 * 2.0**-11, 2.0**-9, 7.5 * 2.0**-9, 480, 496, 15 * 2.0**-4,
-                  np.nan, -np.nan], F32)
+    v = np.array(
+        [
+            448,
+            449,
+            463.99,
+            464,
+            464.01,
+            1e30,
+            np.inf,
+            -np.inf,
+            -0.0,
+            0.0,
+            -1e-40,
+            2.0**-10,
+            3 * 2.0**-10,
+            5 * 2.0**-10,
+            3 * 2.0**-11,
+            2.0**-9,
+            7.5 * 2.0**-9,
+            480,
+            496,
+            15 * 2.0**-4,
+            np.nan,
+            -np.nan,
+        ],
+        F32,
+    )
     got = list(np.asarray(Q.encode_e4m3(v)).view(np.uint8))
-    assert got == [0x7E, 0x7E, 0x7E, 0x7E, 0x7E, 0x7E, 0x7E, 0xFE, 0x80, 0x00, 0x80, 0x00,
-                   0x02, 0x02, 0x01, 0x01, 0x08, 0x7E, 0x7E, 0x37, 0x7F, 0x7F]
+    assert got == [
+        0x7E,
+        0x7E,
+        0x7E,
+        0x7E,
+        0x7E,
+        0x7E,
+        0x7E,
+        0xFE,
+        0x80,
+        0x00,
+        0x80,
+        0x00,
+        0x02,
+        0x02,
+        0x01,
+        0x01,
+        0x08,
+        0x7E,
+        0x7E,
+        0x37,
+        0x7F,
+        0x7F,
+    ]
     xb = np.random.default_rng(fresh_seed()).standard_normal(4096).astype(BF16)
     got = np.asarray(Q.encode_e4m3(jnp.asarray(xb))).view(np.uint8)
     assert_same(got, o_e4m3(xb.astype(F32)), "encode_e4m3(bf16)")
@@ -443,11 +502,15 @@ def test_exact_division_matches_ieee():
     check it on dense inputs."""
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
-    x = np.concatenate([
-        rng.integers(0x2E000000, 0x7F000000, 400_000, dtype=np.uint64).astype(np.uint32).view(F32),
-        f32_neighbours(np.array([6.0, 448.0, 3.0, 7.0, 1e-4, 1e-10, 1.5, 1.75]) * 2.0 ** rng.integers(-20, 20, 8), 8),
-        np.array([np.inf, 3.4028235e38, 1e-10, 1e-4], F32),
-    ])
+    x = np.concatenate(
+        [
+            rng.integers(0x2E000000, 0x7F000000, 400_000, dtype=np.uint64).astype(np.uint32).view(F32),
+            f32_neighbours(
+                np.array([6.0, 448.0, 3.0, 7.0, 1e-4, 1e-10, 1.5, 1.75]) * 2.0 ** rng.integers(-20, 20, 8), 8
+            ),
+            np.array([np.inf, 3.4028235e38, 1e-10, 1e-4], F32),
+        ]
+    )
     x = np.abs(x)
     for odd, p2, d in ((3, 1, 6.0), (7, 6, 448.0)):
         got = np.asarray(jax.jit(lambda v: Q._div_exact(v, odd, p2))(x))
@@ -744,8 +807,11 @@ def test_round_trip_bounds(mode):
             bound = (1 / 16 + 2.0**-20) * np.abs(xf) + s * 2.0**-10
         else:
             if what == "fake_quantize":
-                sfb = Q.unpack_ue8m0(Q.quantize_mxfp4(jnp.asarray(x))[1] if mode == "mxf4xmxf4"
-                                     else Q.quantize_fp8_ue8m0(jnp.asarray(x))[1])
+                sfb = Q.unpack_ue8m0(
+                    Q.quantize_mxfp4(jnp.asarray(x))[1]
+                    if mode == "mxf4xmxf4"
+                    else Q.quantize_fp8_ue8m0(jnp.asarray(x))[1]
+                )
             else:
                 sfb = (Q.requant_mxfp4 if mode == "mxf4xmxf4" else Q.requant_fp8_ue8m0)(jnp.asarray(x.astype(F32)))[1]
             s = np.repeat(o_ue8m0(np.asarray(sfb)), 32, axis=-1)
@@ -884,8 +950,12 @@ ERROR_CASES = [
     ("quantize_fp8_ue8m0 dtype", lambda: Q.quantize_fp8_ue8m0(i32(2, 128)), TypeError, "x"),
     ("dequantize_fp8_ue8m0 q", lambda: Q.dequantize_fp8_ue8m0(u8z(2, 128), i32(2, 1)), TypeError, "q"),
     ("dequantize_fp8_ue8m0 sf", lambda: Q.dequantize_fp8_ue8m0(e4(2, 128), i32(2, 2)), ValueError, "sf"),
-    ("dequantize_fp8_ue8m0 group", lambda: Q.dequantize_fp8_ue8m0(e4(2, 128), i32(2, 1), group=256), ValueError,
-     "group"),
+    (
+        "dequantize_fp8_ue8m0 group",
+        lambda: Q.dequantize_fp8_ue8m0(e4(2, 128), i32(2, 1), group=256),
+        ValueError,
+        "group",
+    ),
     ("dequantize_fp8_ue8m0 hidden", lambda: Q.dequantize_fp8_ue8m0(e4(2, 96), i32(2, 1)), ValueError, "q"),
     ("quantize_fp8_per128 hidden", lambda: Q.quantize_fp8_per128(bf(2, 64)), ValueError, "x"),
     ("quantize_fp8_per128 dtype", lambda: Q.quantize_fp8_per128(u8z(2, 128)), TypeError, "x"),
@@ -905,8 +975,12 @@ ERROR_CASES = [
     ("weight scale dtype", lambda: Q.dequantize_mxfp4_weight(u8z(4, 64), f32(4, 4)), TypeError, "scale"),
     ("block128 q dtype", lambda: Q.dequantize_fp8_block128(u8z(128, 128), f32(1, 1)), TypeError, "q"),
     ("block128 scale shape", lambda: Q.dequantize_fp8_block128(e4(256, 128), f32(1, 1)), ValueError, "scale"),
-    ("block128 scale dtype", lambda: Q.dequantize_fp8_block128(e4(128, 128), jnp.zeros((1, 1), jnp.float16)),
-     TypeError, "scale"),
+    (
+        "block128 scale dtype",
+        lambda: Q.dequantize_fp8_block128(e4(128, 128), jnp.zeros((1, 1), jnp.float16)),
+        TypeError,
+        "scale",
+    ),
 ]
 
 

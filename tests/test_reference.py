@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from jax_megamoe.layout import MoEWeights
-from jax_megamoe.reference import PreDispatched, mega_moe, pre_dispatch
 from jax_megamoe.ops import MoEOptions
+from jax_megamoe.reference import PreDispatched, mega_moe, pre_dispatch
 
 BF16 = ml_dtypes.bfloat16
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -248,18 +248,24 @@ def rel_l2(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def run_case(mode, *, t=48, k=4, e=8, h=512, i=256, seed=0, x_scale=8.0, clamp=None, skew=False, drop=0.0,
-             rsf=1.0):
+def run_case(mode, *, t=48, k=4, e=8, h=512, i=256, seed=0, x_scale=8.0, clamp=None, skew=False, drop=0.0, rsf=1.0):
     rng = np.random.default_rng(seed)
     weights, w13, w2 = make_weights(mode, e, h, i)
     x = make_x(rng, t, h, x_scale)
     idx, w = make_routing(rng, t, k, e, skew=skew, drop=drop)
-    y = mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, activation_clamp=clamp, options=MoEOptions(routed_scaling_factor=rsf))
+    y = mega_moe(
+        jnp.asarray(x),
+        jnp.asarray(idx),
+        jnp.asarray(w),
+        weights,
+        mode=mode,
+        activation_clamp=clamp,
+        options=MoEOptions(routed_scaling_factor=rsf),
+    )
     assert y.dtype == jnp.bfloat16 and y.shape == (t, h)
     _, _, xd = np_quantize_x(x, mode)
     w_eff = f32(w.astype(np.float64) * f32(rsf))
-    return dict(y=np.asarray(y).astype(np.float64), x=x, xd=xd, idx=idx, w=w_eff, w13=w13, w2=w2,
-                weights=weights)
+    return dict(y=np.asarray(y).astype(np.float64), x=x, xd=xd, idx=idx, w=w_eff, w13=w13, w2=w2, weights=weights)
 
 
 # ============================================================================================
@@ -272,8 +278,9 @@ def _check_pre_dispatch(mode, t, cap, seed, rsf=1.0):
     h, k, e = 512, 4, 16
     x = make_x(rng, t, h, scale=rng.choice([1e-3, 1.0, 300.0]))
     idx, w = make_routing(rng, t, k, e, drop=0.2)
-    out = pre_dispatch(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), mode=mode, num_max_tokens=cap,
-                       routed_scaling_factor=rsf)
+    out = pre_dispatch(
+        jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), mode=mode, num_max_tokens=cap, routed_scaling_factor=rsf
+    )
     assert isinstance(out, PreDispatched)
     xq, xsf, _ = np_quantize_x(x, mode)
     if mode == "mxf4xmxf4":
@@ -335,8 +342,9 @@ def test_pre_dispatch_x64_returns_int64(mode):
         out = _check_pre_dispatch(mode, 5, 8, seed=11)
         assert out.topk_idx.dtype == jnp.int64
         idx64 = jnp.asarray(np.array([[3, -1]] * 2, np.int64))
-        out = pre_dispatch(jnp.ones((2, 512), jnp.bfloat16), idx64, jnp.ones((2, 2), jnp.float32), mode=mode,
-                           num_max_tokens=4)
+        out = pre_dispatch(
+            jnp.ones((2, 512), jnp.bfloat16), idx64, jnp.ones((2, 2), jnp.float32), mode=mode, num_max_tokens=4
+        )
         assert out.topk_idx.dtype == jnp.int64
         np.testing.assert_array_equal(np.asarray(out.topk_idx), [[3, -1], [3, -1], [-1, -1], [-1, -1]])
 
@@ -508,8 +516,9 @@ def test_slot_order_is_the_combine_order():
     idx, w = make_routing(rng, 48, 4, 8)
     y = np.asarray(mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), weights, mode=mode)).astype(float)
     perm = [3, 1, 0, 2]
-    yp = np.asarray(mega_moe(jnp.asarray(x), jnp.asarray(idx[:, perm]), jnp.asarray(w[:, perm]), weights,
-                             mode=mode)).astype(float)
+    yp = np.asarray(
+        mega_moe(jnp.asarray(x), jnp.asarray(idx[:, perm]), jnp.asarray(w[:, perm]), weights, mode=mode)
+    ).astype(float)
     assert rel_l2(yp, y) < 1e-2
 
 
@@ -524,7 +533,9 @@ def test_jit_equals_eager(mode):
     jitted = f(x, jnp.asarray(idx), jnp.asarray(w), weights)
     np.testing.assert_array_equal(np.asarray(eager).view(np.uint16), np.asarray(jitted).view(np.uint16))
     # chunking never changes the result
-    other = mega_moe(x, jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, activation_clamp=10.0, options=MoEOptions(chunk_rows=5))
+    other = mega_moe(
+        x, jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, activation_clamp=10.0, options=MoEOptions(chunk_rows=5)
+    )
     np.testing.assert_array_equal(np.asarray(eager).view(np.uint16), np.asarray(other).view(np.uint16))
 
 
@@ -569,7 +580,9 @@ def test_streaming_dequantizes_only_routed_experts(monkeypatch):
     idx = np.array([[63, 5, 17, 40]], np.int32)
     w = np.array([[0.4, 0.3, 0.2, 0.1]], F32)
     t0 = time.perf_counter()
-    y = np.asarray(mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, options=MoEOptions(chunk_rows=3)))
+    y = np.asarray(
+        mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, options=MoEOptions(chunk_rows=3))
+    )
     elapsed = time.perf_counter() - t0
     assert sorted(seen) == [5, 17, 40, 63]
     _, _, xd = np_quantize_x(x, mode)
@@ -581,7 +594,9 @@ def test_streaming_dequantizes_only_routed_experts(monkeypatch):
     x = make_x(rng, 16, h, 8.0)
     idx = np.stack([[7, 9 + t % 3, -1, 30 + t] for t in range(16)]).astype(np.int32)
     w = rng.uniform(0.1, 1.0, size=(16, 4)).astype(F32)
-    y = np.asarray(mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, options=MoEOptions(chunk_rows=3)))
+    y = np.asarray(
+        mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), weights, mode=mode, options=MoEOptions(chunk_rows=3))
+    )
     assert sorted(seen) == sorted(set(idx[idx >= 0].tolist()))
     _, _, xd = np_quantize_x(x, mode)
     emul = np_moe(xd, idx, w.astype(np.float64), w13, w2, mode=mode, clamp=None, emulate=True)

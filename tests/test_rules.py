@@ -21,8 +21,7 @@ import pytest
 
 import jax_megamoe
 from jax_megamoe import reference
-from jax_megamoe._src.kernels import ops
-from jax_megamoe._src.kernels import _rules
+from jax_megamoe._src.kernels import _rules, ops
 from jax_megamoe.layout import MoEWeights
 from jax_megamoe.ops import MoEOptions
 
@@ -39,7 +38,7 @@ def _inputs(seed, t=6, b=None):
     return x, idx, w
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _weights(mode, seed=0):
     rng = np.random.default_rng(seed)
     w13 = rng.integers(0, 256, size=(E, 2 * I, H // 2), dtype=np.uint8)
@@ -76,11 +75,15 @@ def test_vmap_mega_moe_is_the_loop_bit_for_bit(mode):
     """vmap over a batch of token sets (weights shared): each element equals the unbatched op."""
     x, idx, w = _inputs(1, b=3)
     wts = _weights(mode, seed=1)
-    f = functools.partial(ops.mega_moe, weights=wts, activation_clamp=8.0, options=MoEOptions(routed_scaling_factor=1.5))
+    f = functools.partial(
+        ops.mega_moe, weights=wts, activation_clamp=8.0, options=MoEOptions(routed_scaling_factor=1.5)
+    )
     got = jax.jit(jax.vmap(lambda a, b, c: f(a, b, c)))(x, idx, w)
     assert got.shape == (3, 6, H)
     for j in range(3):
-        want = reference.mega_moe(x[j], idx[j], w[j], wts, mode=mode, activation_clamp=8.0, options=MoEOptions(routed_scaling_factor=1.5))
+        want = reference.mega_moe(
+            x[j], idx[j], w[j], wts, mode=mode, activation_clamp=8.0, options=MoEOptions(routed_scaling_factor=1.5)
+        )
         np.testing.assert_array_equal(_bits(got[j]), _bits(want))
     assert not np.array_equal(_bits(got[0]), _bits(got[1]))  # the elements differ: the test can fail
 
@@ -96,7 +99,9 @@ def test_vmap_over_layers_and_in_axes():
     assert not np.array_equal(_bits(got[0]), _bits(got[1]))
     # the routing batched on axis 1 (in_axes=1), weights shared
     xs, ids, ws = _inputs(3, b=2)
-    got = jax.vmap(lambda p, q, r: ops.mega_moe(p, q, r, a), in_axes=(0, 1, 1))(xs, ids.swapaxes(0, 1), ws.swapaxes(0, 1))
+    got = jax.vmap(lambda p, q, r: ops.mega_moe(p, q, r, a), in_axes=(0, 1, 1))(
+        xs, ids.swapaxes(0, 1), ws.swapaxes(0, 1)
+    )
     for j in range(2):
         np.testing.assert_array_equal(_bits(got[j]), _bits(reference.mega_moe(xs[j], ids[j], ws[j], a, mode="fp8")))
 
@@ -114,7 +119,16 @@ def test_vmap_ffi_lowers_to_one_kernel_call_per_element():
     """backend='ffi': vmap lowers to a loop around the unbatched custom call (the kernel's own shapes)."""
     x, idx, w = _inputs(5, b=3, t=7)
     wts = _weights("fp8", seed=5)
-    text = _lower_cuda(jax.vmap(lambda a, b, c: ops.mega_moe(a, b, c, wts, backend="ffi", options=MoEOptions(num_max_tokens=200, kernel="fused"))), x, idx, w)
+    text = _lower_cuda(
+        jax.vmap(
+            lambda a, b, c: ops.mega_moe(
+                a, b, c, wts, backend="ffi", options=MoEOptions(num_max_tokens=200, kernel="fused")
+            )
+        ),
+        x,
+        idx,
+        w,
+    )
     calls = [ln for ln in text.splitlines() if "@jax_megamoe_mega_moe_sm90" in ln]
     assert len(calls) == 1 and "-> tensor<7x512xbf16>" in calls[0], calls
     assert "stablehlo.while" in text
@@ -156,7 +170,9 @@ def test_grad_is_a_clear_error(backend):
 
     run = (lambda f, *a: f(*a)) if backend == "reference" else (lambda f, *a: _lower_cuda(f, *a))
     for fn, arg in ((jax.grad(loss_x), xf), (jax.grad(loss_w), w)):
-        with pytest.raises(jax_megamoe.InferenceOnlyError, match=r"jax_megamoe.mega_moe is inference-only.*stop_gradient"):
+        with pytest.raises(
+            jax_megamoe.InferenceOnlyError, match=r"jax_megamoe.mega_moe is inference-only.*stop_gradient"
+        ):
             run(fn, arg)
     with pytest.raises(jax_megamoe.InferenceOnlyError, match="pre_dispatch is inference-only"):
         run(jax.grad(lambda a: ops.pre_dispatch(a.astype(jnp.bfloat16), idx, w, mode="fp8", num_max_tokens=8,

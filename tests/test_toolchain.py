@@ -22,6 +22,7 @@ def here() -> Locations:
     process, so each lookup here gets them explicitly."""
     return Locations.from_environ()
 
+
 NVCC_TEXT = textwrap.dedent(
     """\
     nvcc: NVIDIA (R) Cuda compiler driver
@@ -179,8 +180,6 @@ def make_dist(site: Path, name: str, version: str, files: dict[str, str], exe: t
     (info / "RECORD").write_text("\n".join(record) + "\n")
 
 
-
-
 @pytest.fixture
 def fake_site(clean_env, tmp_path):
     site = tmp_path / "site"
@@ -191,9 +190,19 @@ def fake_site(clean_env, tmp_path):
 
 def test_pip_cuda13_layout(fake_site, clean_env):
     clean_env.setattr(tc, "_NVCC_WHEELS", (("nvidia-cuda-nvcc", "nvidia/cu13/bin/nvcc", 13),))
-    make_dist(fake_site, "nvidia-cuda-nvcc", "13.0.88", {"nvidia/cu13/bin/nvcc": nvcc_script("13.0")},
-              exe=("nvidia/cu13/bin/nvcc",))
-    make_dist(fake_site, "nvidia-cuda-runtime", "13.0.96", {"nvidia/cu13/include/cuda_runtime.h": "", "nvidia/cu13/include/cuda.h": ""})
+    make_dist(
+        fake_site,
+        "nvidia-cuda-nvcc",
+        "13.0.88",
+        {"nvidia/cu13/bin/nvcc": nvcc_script("13.0")},
+        exe=("nvidia/cu13/bin/nvcc",),
+    )
+    make_dist(
+        fake_site,
+        "nvidia-cuda-runtime",
+        "13.0.96",
+        {"nvidia/cu13/include/cuda_runtime.h": "", "nvidia/cu13/include/cuda.h": ""},
+    )
     make_dist(fake_site, "nvidia-cuda-cccl", "13.0.85", {"nvidia/cu13/include/cccl/cuda/std/cstdint": ""})
     t = tc.find_nvcc(here())
     assert t.source == "pip nvidia-cuda-nvcc"
@@ -207,9 +216,13 @@ def test_pip_cuda13_layout(fake_site, clean_env):
 
 def test_pip_cuda12_layout(fake_site, clean_env):
     clean_env.setattr(tc, "_NVCC_WHEELS", (("nvidia-cuda-nvcc-cu12", "nvidia/cuda_nvcc/bin/nvcc", 12),))
-    make_dist(fake_site, "nvidia-cuda-nvcc-cu12", "12.9.86",
-              {"nvidia/cuda_nvcc/bin/nvcc": nvcc_script("12.9"), "nvidia/cuda_nvcc/include/crt/host_config.h": ""},
-              exe=("nvidia/cuda_nvcc/bin/nvcc",))
+    make_dist(
+        fake_site,
+        "nvidia-cuda-nvcc-cu12",
+        "12.9.86",
+        {"nvidia/cuda_nvcc/bin/nvcc": nvcc_script("12.9"), "nvidia/cuda_nvcc/include/crt/host_config.h": ""},
+        exe=("nvidia/cuda_nvcc/bin/nvcc",),
+    )
     make_dist(fake_site, "nvidia-cuda-runtime-cu12", "12.9.79", {"nvidia/cuda_runtime/include/cuda_runtime.h": ""})
     make_dist(fake_site, "nvidia-cuda-cccl-cu12", "12.9.27", {"nvidia/cuda_cccl/include/cuda/std/cstdint": ""})
     t = tc.find_nvcc(here())
@@ -222,8 +235,13 @@ def test_pip_cuda12_layout(fake_site, clean_env):
 
 def test_path_beats_pip(fake_site, clean_env, tmp_path):
     clean_env.setattr(tc, "_NVCC_WHEELS", (("nvidia-cuda-nvcc", "nvidia/cu13/bin/nvcc", 13),))
-    make_dist(fake_site, "nvidia-cuda-nvcc", "13.0.88", {"nvidia/cu13/bin/nvcc": nvcc_script("13.0")},
-              exe=("nvidia/cu13/bin/nvcc",))
+    make_dist(
+        fake_site,
+        "nvidia-cuda-nvcc",
+        "13.0.88",
+        {"nvidia/cu13/bin/nvcc": nvcc_script("13.0")},
+        exe=("nvidia/cu13/bin/nvcc",),
+    )
     onpath = fake_nvcc(tmp_path / "onpath" / "nvcc", "12.9")
     clean_env.setenv("PATH", str(onpath.parent))
     assert tc.find_nvcc(here()).source == "PATH"

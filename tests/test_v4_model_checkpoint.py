@@ -93,6 +93,7 @@ def _shared(ffn, proj):
 
 def routed_truth(ck, pre, e):
     """Checkpoint-format w13/s13/w2/s2 of one layer, assembled independently of the loader."""
+
     def get(n):
         return np.asarray(ck.get(n)).view(np.uint8)
 
@@ -148,7 +149,11 @@ class Standin(nnx.Module):
                 )
             else:
                 ffn = DeepseekV4MoE(
-                    cfg, layer_idx, experts="exact", param_dtype=param_dtype, rngs=rngs,
+                    cfg,
+                    layer_idx,
+                    experts="exact",
+                    param_dtype=param_dtype,
+                    rngs=rngs,
                     options=MoEBlockOptions(is_mtp=is_mtp),
                 )
             tree[top][str(k)]["ffn"] = ffn
@@ -313,7 +318,9 @@ def _check_loaded(model, ck, **_):
         if isinstance(got, MoEWeights):
             ref = MoEWeights.from_checkpoint(*routed_truth(ck, path, got.num_experts), mode=got.mode)
             for leaf in ("l1", "l1_sf", "l2", "l2_sf"):
-                np.testing.assert_array_equal(np.asarray(getattr(got, leaf)), np.asarray(getattr(ref, leaf)), err_msg=path)
+                np.testing.assert_array_equal(
+                    np.asarray(getattr(got, leaf)), np.asarray(getattr(ref, leaf)), err_msg=path
+                )
             n += 1
             continue
         got = np.asarray(got)
@@ -321,8 +328,12 @@ def _check_loaded(model, ck, **_):
         if leaf in ("w13", "w2") and head.endswith(".ffn.experts"):
             for x in range(got.shape[0]):
                 parts = ("w1", "w3") if leaf == "w13" else ("w2",)
-                want = np.concatenate([dequant_fp4(ck.get(f"{head}.{x}.{p}.weight"), ck.get(f"{head}.{x}.{p}.scale")) for p in parts])
-                np.testing.assert_array_equal(got[x].astype(np.float32), want.astype(got.dtype).astype(np.float32), err_msg=path)
+                want = np.concatenate(
+                    [dequant_fp4(ck.get(f"{head}.{x}.{p}.weight"), ck.get(f"{head}.{x}.{p}.scale")) for p in parts]
+                )
+                np.testing.assert_array_equal(
+                    got[x].astype(np.float32), want.astype(got.dtype).astype(np.float32), err_msg=path
+                )
             n += 1
             continue
         name = path if path in ck else f"{path}.weight"
@@ -331,7 +342,9 @@ def _check_loaded(model, ck, **_):
         if got.dtype.kind in "iu":
             np.testing.assert_array_equal(got, want, err_msg=name)
         else:
-            np.testing.assert_array_equal(got.astype(np.float32), want.astype(got.dtype).astype(np.float32), err_msg=name)
+            np.testing.assert_array_equal(
+                got.astype(np.float32), want.astype(got.dtype).astype(np.float32), err_msg=name
+            )
         n += 1
     assert n > 50
 
@@ -398,10 +411,12 @@ def test_exact_experts_from_fp4_and_dense(official, dense):
         vmc.check_checkpoint_layout(ck, CFG, include_mtp=False)
         loading.load_state_dict(model, vmc.CheckpointTensors(ck))
         np.testing.assert_array_equal(
-            np.asarray(model.layers[1].attn.wq_b.weight.get_value()), np.asarray(ck.get("layers.1.attn.wq_b.weight"), np.float32)
+            np.asarray(model.layers[1].attn.wq_b.weight.get_value()),
+            np.asarray(ck.get("layers.1.attn.wq_b.weight"), np.float32),
         )
         np.testing.assert_array_equal(
-            np.asarray(model.layers[1].ffn.experts.w2.get_value())[5], np.asarray(ck.get("layers.1.ffn.experts.5.w2.weight"), np.float32)
+            np.asarray(model.layers[1].ffn.experts.w2.get_value())[5],
+            np.asarray(ck.get("layers.1.ffn.experts.5.w2.weight"), np.float32),
         )
         quantized = Standin(CFG, include_mtp=False, rngs=nnx.Rngs(0))
         with pytest.raises(CheckpointError, match=r"layers\.0\.ffn\.experts\.0\.w1\.weight.*experts='exact'"):
@@ -414,17 +429,19 @@ def test_moe_block_alone_with_relative_names(official):
     blk = DeepseekV4MoE(CFG, 1, mode=MODE, backend="reference", rngs=nnx.Rngs(3))
     with Checkpoint(d) as ck:
         pre = "layers.1.ffn."
-        sub = {n[len(pre):]: np.asarray(ck.get(n)) for n in ck.names() if n.startswith(pre)}
+        sub = {n[len(pre) :]: np.asarray(ck.get(n)) for n in ck.names() if n.startswith(pre)}
         loading.load_state_dict(blk, sub)
         ref = DeepseekV4MoE.from_checkpoint(d, 1, mode=MODE, backend="reference")
     for leaf in ("l1", "l1_sf", "l2", "l2_sf"):
-        np.testing.assert_array_equal(np.asarray(getattr(blk.moe_weights, leaf)), np.asarray(getattr(ref.moe_weights, leaf)))
-    for name in ("weight", "bias"):
-        np.testing.assert_array_equal(np.asarray(getattr(blk.gate, name).get_value()), np.asarray(getattr(ref.gate, name).get_value()))
-    for proj in ("w1", "w2", "w3"):
         np.testing.assert_array_equal(
-            np.asarray(_shared(blk, proj)), np.asarray(_shared(ref, proj))
+            np.asarray(getattr(blk.moe_weights, leaf)), np.asarray(getattr(ref.moe_weights, leaf))
         )
+    for name in ("weight", "bias"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(blk.gate, name).get_value()), np.asarray(getattr(ref.gate, name).get_value())
+        )
+    for proj in ("w1", "w2", "w3"):
+        np.testing.assert_array_equal(np.asarray(_shared(blk, proj)), np.asarray(_shared(ref, proj)))
 
 
 @pytest.mark.parametrize("mode", ["fp8xfp4", "mxf4xmxf4", "fp8"])
@@ -436,10 +453,12 @@ def test_routed_experts_in_chunks_equal_one_build(official, monkeypatch, caplog,
     blk = DeepseekV4MoE(CFG, 2, mode=mode, backend="reference", rngs=nnx.Rngs(0))
     pre = "layers.2.ffn."
     with Checkpoint(d) as ck, caplog.at_level("INFO", logger="jax_megamoe.checkpoint"):
-        loading.load_state_dict(blk, {n[len(pre):]: ck.get(n) for n in ck.names() if n.startswith(pre)})
+        loading.load_state_dict(blk, {n[len(pre) :]: ck.get(n) for n in ck.names() if n.startswith(pre)})
         ref, rep = MoEWeights.from_checkpoint_with_report(*routed_truth(ck, "layers.2.ffn.experts", 16), mode=mode)
     for leaf in ("l1", "l1_sf", "l2", "l2_sf"):
-        np.testing.assert_array_equal(np.asarray(getattr(blk.moe_weights, leaf)), np.asarray(getattr(ref, leaf)), err_msg=leaf)
+        np.testing.assert_array_equal(
+            np.asarray(getattr(blk.moe_weights, leaf)), np.asarray(getattr(ref, leaf)), err_msg=leaf
+        )
     assert blk.moe_weights.num_experts == 16 and blk.moe_weights.mode == mode
     if mode == "fp8":  # the merged report of the chunks is the report of the whole layer
         assert f"experts: {rep.summary()}" in caplog.text
@@ -480,7 +499,9 @@ def test_load_checkpoint_over_a_two_device_mesh(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=root)
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "v4_mesh_load_worker.py")
-    proc = subprocess.run([sys.executable, worker, d, MODE], check=False, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, worker, d, MODE], check=False, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -529,7 +550,7 @@ def small_tensors(official):
     d, _ = official
     pre = "layers.1.ffn."
     with Checkpoint(d) as ck:
-        return {n[len(pre):]: np.array(ck.get(n)) for n in ck.names() if n.startswith(pre)}
+        return {n[len(pre) :]: np.array(ck.get(n)) for n in ck.names() if n.startswith(pre)}
 
 
 @pytest.mark.parametrize(
@@ -603,7 +624,9 @@ def test_fp8_routed_experts_for_mode_fp8(small_tensors):
     loading.load_state_dict(blk, t)
     ref = MoEWeights.from_fp8(np.stack(w13), np.stack(s13), np.stack(w2), np.stack(s2))
     for leaf in ("l1", "l1_sf", "l2", "l2_sf"):
-        np.testing.assert_array_equal(np.asarray(getattr(blk.moe_weights, leaf)), np.asarray(getattr(ref, leaf)), err_msg=leaf)
+        np.testing.assert_array_equal(
+            np.asarray(getattr(blk.moe_weights, leaf)), np.asarray(getattr(ref, leaf)), err_msg=leaf
+        )
     other = DeepseekV4MoE(CFG, 1, mode=MODE, backend="reference", rngs=nnx.Rngs(0))
     with pytest.raises(CheckpointError, match=r"experts\.0\.w1\.weight.*only run in mode 'fp8'"):
         loading.load_state_dict(other, t)
@@ -647,7 +670,9 @@ def test_bad_checkpoint_folders(official, tmp_path, case, match):
     if case == "missing":
         _rewrite_index(d, lambda wm: wm.pop("layers.2.attn.compressor.ape"))
     elif case == "extra":
-        _rewrite_index(d, lambda wm: wm.__setitem__("layers.0.attn.indexer.wq_b.weight", wm["layers.1.attn.indexer.wq_b.weight"]))
+        _rewrite_index(
+            d, lambda wm: wm.__setitem__("layers.0.attn.indexer.wq_b.weight", wm["layers.1.attn.indexer.wq_b.weight"])
+        )
     elif case == "shard":
         _rewrite_index(d, lambda wm: wm.__setitem__("layers.1.attn.wq_a.weight", "nope.safetensors"))
     else:  # rewrite one header entry: the FP8 weight claims I16 with half the rows (same bytes)

@@ -53,6 +53,8 @@ SHAPES = {
     "V4-Flash": dict(E=256, K=6, H=4096, I=2048),
     "V4-Pro": dict(E=384, K=6, H=7168, I=3072),
 }
+
+
 def cubin_resources(path: Path) -> tuple[int | None, int | None]:
     """(registers per thread, stack frame bytes) of the cubin's single kernel, from .nv.info."""
     d = path.read_bytes()
@@ -62,7 +64,7 @@ def cubin_resources(path: Path) -> tuple[int | None, int | None]:
     strtab = secs[shstrndx][4]
     regs = frame = None
     for s in secs:
-        name = d[strtab + s[0]: d.index(b"\0", strtab + s[0])]
+        name = d[strtab + s[0] : d.index(b"\0", strtab + s[0])]
         if name != b".nv.info":
             continue
         p, end = s[4], s[4] + s[5]
@@ -98,8 +100,18 @@ def ptxas_spills(entry: Path) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def compile_row(lib, mode: str, kind: int, shape_name: str, s: dict[str, int], cap: int, ranks: int, t: int,
-                args: argparse.Namespace, seen: set[str]) -> dict | None:
+def compile_row(
+    lib,
+    mode: str,
+    kind: int,
+    shape_name: str,
+    s: dict[str, int],
+    cap: int,
+    ranks: int,
+    t: int,
+    args: argparse.Namespace,
+    seen: set[str],
+) -> dict | None:
     """One configuration's row (None when the heuristics refuse it); compiles or reuses its cubin."""
     shape = ft.mega_shape(lib, E=s["E"], P=cap, K=s["K"], H=s["H"], I=s["I"], ranks=ranks, kind=kind)
     call = ft.mega_call(lib, T=t, num_sms=args.num_sms, clamp=math.inf)
@@ -114,11 +126,23 @@ def compile_row(lib, mode: str, kind: int, shape_name: str, s: dict[str, int], c
     except RuntimeError as e:
         cubin_path, error = None, str(e)
     seconds = time.perf_counter() - t0
-    row = dict(nvcc=_ffi.jit_stats().compiles - before, mode=mode, shape=shape_name, cap=cap, ranks=ranks,
-               tokens=t, per_expert=round(c["expected_tokens_per_expert"], 3), block_m=c["block_m"],
-               block_k=c["block_k"], store=f"{c['store_block_m_l1']}/{c['store_block_m_l2']}",
-               ring=c["num_ring_tokens"], sf_ring=c["num_sf_ring_tokens"], stages=c["num_stages"],
-               smem=c["smem_size"], seconds=round(seconds, 1))
+    row = dict(
+        nvcc=_ffi.jit_stats().compiles - before,
+        mode=mode,
+        shape=shape_name,
+        cap=cap,
+        ranks=ranks,
+        tokens=t,
+        per_expert=round(c["expected_tokens_per_expert"], 3),
+        block_m=c["block_m"],
+        block_k=c["block_k"],
+        store=f"{c['store_block_m_l1']}/{c['store_block_m_l2']}",
+        ring=c["num_ring_tokens"],
+        sf_ring=c["num_sf_ring_tokens"],
+        stages=c["num_stages"],
+        smem=c["smem_size"],
+        seconds=round(seconds, 1),
+    )
     if error is not None:
         row["error"] = error[-2000:]
         print(f"  {mode} {shape_name} cap={cap} ranks={ranks} T={t}: FAILED ({seconds:.1f} s)", flush=True)
@@ -135,8 +159,11 @@ def compile_row(lib, mode: str, kind: int, shape_name: str, s: dict[str, int], c
         else:
             row["spills"] = "(same)"
     seen.add(str(cubin))
-    print(f"  {mode} {shape_name} cap={cap} ranks={ranks} T={t}: BLOCK_M {c['block_m']}, "
-          f"{'compiled' if row['nvcc'] else 'cached'} ({seconds:.1f} s)", flush=True)
+    print(
+        f"  {mode} {shape_name} cap={cap} ranks={ranks} T={t}: BLOCK_M {c['block_m']}, "
+        f"{'compiled' if row['nvcc'] else 'cached'} ({seconds:.1f} s)",
+        flush=True,
+    )
     return row
 
 
@@ -157,13 +184,18 @@ def print_buckets(rows: list[dict]) -> None:
                 spans.append([r["tokens"], r["tokens"], r])
         for lo, hi, r in spans:
             rng = str(lo) if lo == hi else f"{lo}-{hi}"
-            print(f"| {' | '.join(map(str, key))} | {rng} | {r['block_m']} | {r['store']} | {r['stages']} | "
-                  f"{r['cubin'][-12:]} |")
+            print(
+                f"| {' | '.join(map(str, key))} | {rng} | {r['block_m']} | {r['store']} | {r['stages']} | "
+                f"{r['cubin'][-12:]} |"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.compile_sm100_matrix", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.compile_sm100_matrix",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--caps", default="1920,3840,7680", help="token caps (multiples of 1920)")
     ap.add_argument("--tokens", default="cap", help="tokens of the call: 'cap' or numbers N,.. (each <= the cap)")
     ap.add_argument("--ranks", default="1", help="expert-parallel ranks R,.. (the kernel's num_ranks)")
@@ -202,8 +234,27 @@ def main(argv: list[str] | None = None) -> int:
                         else:
                             rows.append(row)
 
-    cols = ["mode", "shape", "cap", "ranks", "tokens", "per_expert", "block_m", "block_k", "store", "ring",
-            "sf_ring", "stages", "smem", "new", "nvcc", "seconds", "cubin_bytes", "regs", "stack"]
+    cols = [
+        "mode",
+        "shape",
+        "cap",
+        "ranks",
+        "tokens",
+        "per_expert",
+        "block_m",
+        "block_k",
+        "store",
+        "ring",
+        "sf_ring",
+        "stages",
+        "smem",
+        "new",
+        "nvcc",
+        "seconds",
+        "cubin_bytes",
+        "regs",
+        "stack",
+    ]
     cols += [] if args.no_spills else ["spills"]
     print()
     print("| " + " | ".join(cols) + " |")
@@ -213,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(r["seconds"] for r in rows)
     new = sum(1 for r in rows if r.get("new"))
     compiled = sum(1 for r in rows if "cubin" in r)
-    print(f"\n{compiled}/{len(rows) + refused} configurations compiled ({new} distinct cubins), "
-          f"{total:.1f} s of compiles")
+    print(
+        f"\n{compiled}/{len(rows) + refused} configurations compiled ({new} distinct cubins), {total:.1f} s of compiles"
+    )
     if args.buckets:
         print_buckets(rows)
     if args.json:

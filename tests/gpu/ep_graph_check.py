@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+
 from jax_megamoe.parallel import EPOptions
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=CUSTOM_CALL,FUSION"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=CUSTOM_CALL,FUSION"
 )
 
 import jax  # noqa: E402
@@ -35,7 +37,15 @@ def main() -> int:
     inputs = [tuple(jax.device_put(a, sharded) for a in make_routing(n, 16, seed=900 + j)) for j in range(3)]
 
     def layer(x, i, w, ww, policy):
-        y = parallel.ep_moe(x * 2, i, w, ww, mesh=mesh, mode="fp8",  options=EPOptions(activation_clamp=10.0, dispatch="fused", policy=policy))
+        y = parallel.ep_moe(
+            x * 2,
+            i,
+            w,
+            ww,
+            mesh=mesh,
+            mode="fp8",
+            options=EPOptions(activation_clamp=10.0, dispatch="fused", policy=policy),
+        )
         return (y.astype(jnp.float32) * 0.5).astype(jnp.bfloat16)
 
     # The process policy (JAX_MEGAMOE_GRAPH_TARGETS) is read once per process: each function names
@@ -52,14 +62,17 @@ def main() -> int:
     for s in range(100):
         y = graph(*inputs[s % 3], w_all)
     jax.block_until_ready(y)
-    same = all(np.array_equal(np.asarray(graph(*a, w_all)).view(np.uint16), e.view(np.uint16))
-               for a, e in zip(inputs, want))
+    same = all(
+        np.array_equal(np.asarray(graph(*a, w_all)).view(np.uint16), e.view(np.uint16)) for a, e in zip(inputs, want)
+    )
     after = _ffi.execute_stats()
     # Each rank runs the first execution eagerly, then records its launches (n or more captured
     # executes: XLA re-records when buffer addresses change) and otherwise replays.
     ok_graph = after[1] - before[1] >= n and after[0] - before[0] <= n
-    print(f"graph EP{n} fused target={ok_target} recorded_per_rank_then_replayed={ok_graph} "
-          f"(execute stats {before} -> {after}) 100 steps same_bits_as_plain={same}")
+    print(
+        f"graph EP{n} fused target={ok_target} recorded_per_rank_then_replayed={ok_graph} "
+        f"(execute stats {before} -> {after}) 100 steps same_bits_as_plain={same}"
+    )
     return 0 if (ok_target and ok_graph and same) else 1
 
 

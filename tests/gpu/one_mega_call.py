@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+
 from jax_megamoe.ops import MoEOptions
 
 GRAPH = "--graph" in sys.argv
 if GRAPH:
     os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=CUSTOM_CALL,FUSION"
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=CUSTOM_CALL,FUSION"
     )
 
 import jax  # noqa: E402
@@ -30,7 +32,15 @@ from jax_megamoe.layout import MoEWeights  # noqa: E402
 
 
 def _layer(x, idx, w, ww, policy=None):  # the MoE call between two small fusions, as in a model
-    y = ops.mega_moe(x * 2, idx, w, ww, activation_clamp=10.0, backend="ffi",  options=MoEOptions(num_max_tokens=128, kernel="fused", policy=policy))
+    y = ops.mega_moe(
+        x * 2,
+        idx,
+        w,
+        ww,
+        activation_clamp=10.0,
+        backend="ffi",
+        options=MoEOptions(num_max_tokens=128, kernel="fused", policy=policy),
+    )
     return (y.astype(jnp.float32) * 0.5).astype(jnp.bfloat16)
 
 
@@ -56,17 +66,20 @@ def graph_check(wg, xs, idx, w) -> int:
             got = f(xs[n % 4], idx, w, wg)
         jax.block_until_ready(got)
         timings[name] = (time.perf_counter() - t0) / 200
-    same = all(np.array_equal(np.asarray(graph(x, idx, w, wg)).view(np.uint16), e.view(np.uint16))
-               for x, e in zip(xs, want))
+    same = all(
+        np.array_equal(np.asarray(graph(x, idx, w, wg)).view(np.uint16), e.view(np.uint16)) for x, e in zip(xs, want)
+    )
     after = _ffi.execute_stats()
     # XLA runs a new command buffer's first execution eagerly, then records (captured executes; it
     # re-records the custom call whenever a buffer address changed) and replays. Every graph call
     # after the first must be captured or replayed, never eager: only the 201 plain calls are.
     graph_eager = (after[0] - before[0]) - 201
     captured = after[1] > before[1]
-    print(f"graph target={in_target} captured={captured} eager_graph_executes={graph_eager} (execute stats "
-          f"{before} -> {recorded} -> {after}) same_bits_as_plain={same} dispatched: plain "
-          f"{timings['plain'] * 1e6:.0f} us/call, graph {timings['graph'] * 1e6:.0f} us/call")
+    print(
+        f"graph target={in_target} captured={captured} eager_graph_executes={graph_eager} (execute stats "
+        f"{before} -> {recorded} -> {after}) same_bits_as_plain={same} dispatched: plain "
+        f"{timings['plain'] * 1e6:.0f} us/call, graph {timings['graph'] * 1e6:.0f} us/call"
+    )
     return 0 if (in_target and captured and graph_eager <= 1 and same) else 1
 
 
@@ -84,11 +97,24 @@ def main() -> int:
     x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
     idx = jnp.asarray(np.stack([rng.choice(e, size=k, replace=False) for _ in range(t)]), jnp.int32)
     w = jnp.asarray(rng.random((t, k)), jnp.float32)
-    y = np.asarray(ops.mega_moe(x, idx, w, wg, activation_clamp=10.0, backend="ffi", options=MoEOptions(num_max_tokens=128, kernel="fused")),
-                   np.float32)
+    y = np.asarray(
+        ops.mega_moe(
+            x, idx, w, wg, activation_clamp=10.0, backend="ffi", options=MoEOptions(num_max_tokens=128, kernel="fused")
+        ),
+        np.float32,
+    )
     with jax.default_device(cpu):
-        want = np.asarray(reference.mega_moe(jax.device_put(np.asarray(x), cpu), np.asarray(idx), np.asarray(w), wc,
-                                             mode="fp8", activation_clamp=10.0), np.float32)
+        want = np.asarray(
+            reference.mega_moe(
+                jax.device_put(np.asarray(x), cpu),
+                np.asarray(idx),
+                np.asarray(w),
+                wc,
+                mode="fp8",
+                activation_clamp=10.0,
+            ),
+            np.float32,
+        )
     err = float(np.linalg.norm(y - want) / np.linalg.norm(want))
     print(f"mega_moe rel_l2={err:.2e}")
     if err >= 1e-2:

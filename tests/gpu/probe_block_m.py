@@ -49,8 +49,11 @@ def flash() -> int:
         rel = float(np.linalg.norm(y[rows] - r) / np.linalg.norm(r))
         dt = g._time_device(x, jnp.asarray(idx), jnp.asarray(w), weights, cap=t, wide_tile=wide)
         tile = 128 if wide and t * k / e >= 64 else 64
-        print(f"TABLE flash|WIDE_TILE={int(wide)}|T={t}|TK/E={t * k / e:.0f}|BLOCK_M {tile}|rel_l2={rel:.2e}|"
-              f"{dt * 1e6:.1f} us/call in-program|{g._card()}", flush=True)
+        print(
+            f"TABLE flash|WIDE_TILE={int(wide)}|T={t}|TK/E={t * k / e:.0f}|BLOCK_M {tile}|rel_l2={rel:.2e}|"
+            f"{dt * 1e6:.1f} us/call in-program|{g._card()}",
+            flush=True,
+        )
     return 0
 
 
@@ -75,8 +78,11 @@ def main() -> int:
             per_row = np.linalg.norm(y - r, axis=1) / np.maximum(np.linalg.norm(r, axis=1), 1e-30)
             tile = 128 if wide and t * k / e >= 64 else 64
             rows.append((h, i, t, t * k / e, tile, rel, float(np.median(per_row)), float(per_row.max())))
-            print(f"TABLE probe|H={h} I={i} E={e} K={k}|T={t}|TK/E={t * k / e:.0f}|BLOCK_M {tile}|rel_l2={rel:.2e}|"
-                  f"row median {np.median(per_row):.2e} max {per_row.max():.2e}", flush=True)
+            print(
+                f"TABLE probe|H={h} I={i} E={e} K={k}|T={t}|TK/E={t * k / e:.0f}|BLOCK_M {tile}|rel_l2={rel:.2e}|"
+                f"row median {np.median(per_row):.2e} max {per_row.max():.2e}",
+                flush=True,
+            )
         del weights, cpu_w
     return 0
 

@@ -9,15 +9,25 @@ Prints ``TABLE`` lines.
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
-
+import numpy as np
+import pytest
 from expert_checks import check_per_expert
+from test_mega_moe_sm90_gpu import (
+    FLASH,
+    GPU_ARCH,
+    SMALL,
+    _card,
+    _check,
+    _cpu_weights,
+    _reference,
+    _routing,
+    _weights,
+    _x,
+)
+
 from jax_megamoe import ops
-from test_mega_moe_sm90_gpu import FLASH, GPU_ARCH, SMALL, _card, _check, _cpu_weights, _reference, _routing, _weights, _x
 from jax_megamoe.ops import MoEOptions
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU_ARCH != 9, reason="sm_90 kernels need an H100/H200")]
@@ -28,8 +38,17 @@ DECODE_TOL = 3e-3
 
 
 def decode(x, idx, w, weights, *, clamp=None, rsf=1.0):
-    f = jax.jit(lambda x, i, w, wt: ops.mega_moe(x, i, w, wt, backend="ffi",
-                                                 activation_clamp=clamp, options=MoEOptions(kernel="decode", routed_scaling_factor=rsf)))
+    f = jax.jit(
+        lambda x, i, w, wt: ops.mega_moe(
+            x,
+            i,
+            w,
+            wt,
+            backend="ffi",
+            activation_clamp=clamp,
+            options=MoEOptions(kernel="decode", routed_scaling_factor=rsf),
+        )
+    )
     return jax.block_until_ready(f(x, jnp.asarray(idx), jnp.asarray(w), weights))
 
 
@@ -55,8 +74,15 @@ def test_small(small_weights, t, clamp, rsf):
     idx, w = _routing(100 + t, t, s["K"], experts)
     x = _x(200 + t, t, s["H"])
     y = decode(x, idx, w, small_weights, clamp=clamp, rsf=rsf)
-    ref = _reference(x, idx, w, _cpu_weights(small_weights, experts), experts,
-                     clamp=float("inf") if clamp is None else clamp, rsf=rsf)
+    ref = _reference(
+        x,
+        idx,
+        w,
+        _cpu_weights(small_weights, experts),
+        experts,
+        clamp=float("inf") if clamp is None else clamp,
+        rsf=rsf,
+    )
     rel = _check(y, ref, idx, what=f"decode small T={t} clamp={clamp} rsf={rsf}")
     assert rel <= DECODE_TOL, rel
     print(f"TABLE decode_sm90|H={s['H']} I={s['I']} E={s['E']} K={s['K']}|T={t}|rel_l2={rel:.2e}|{_card()}")
@@ -83,8 +109,10 @@ def test_small_per_expert_and_edge_ids(small_weights):
     errs = check_per_expert(y, ref, ref_idx, tol=DECODE_TOL, what="decode small, one expert per token")
     assert sorted(errs.per_expert) == list(range(e))  # every expert checked on its own rows
     worst_e, _, worst_b, worst_cell = errs.worst()
-    print(f"TABLE decode_sm90|per-expert (E={e})|worst rel_l2={max(errs.per_expert.values()):.2e}|"
-          f"worst cell expert {worst_e} block {worst_b} {worst_cell:.2e}|{_card()}")
+    print(
+        f"TABLE decode_sm90|per-expert (E={e})|worst rel_l2={max(errs.per_expert.values()):.2e}|"
+        f"worst cell expert {worst_e} block {worst_b} {worst_cell:.2e}|{_card()}"
+    )
 
 
 @pytest.mark.parametrize("t", [1, 2, 4, 8])
@@ -98,7 +126,11 @@ def test_flash(flash_weights, t):
     ref = _reference(x, idx, w, _cpu_weights(flash_weights, used), used, clamp=10.0, rsf=1.0)
     rel = _check(y, ref, idx, what=f"decode V4-Flash T={t}")
     assert rel <= DECODE_TOL, rel
-    fused = jax.jit(lambda x, i, w, wt: ops.mega_moe(x, i, w, wt, backend="ffi", activation_clamp=10.0, options=MoEOptions(kernel="fused")))
+    fused = jax.jit(
+        lambda x, i, w, wt: ops.mega_moe(
+            x, i, w, wt, backend="ffi", activation_clamp=10.0, options=MoEOptions(kernel="fused")
+        )
+    )
     yf = jax.block_until_ready(fused(x, jnp.asarray(idx), jnp.asarray(w), flash_weights))
     vs_fused = _rel(y, yf)
     assert vs_fused <= 1e-2, vs_fused

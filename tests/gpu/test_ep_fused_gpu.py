@@ -82,22 +82,34 @@ def test_fused_matches_reference_tiny(tiny_fp8, n):
     assert path == "fused", parallel.fused_available(mesh, "ep", "fp8")
     t0 = time.perf_counter()
     y = jax.block_until_ready(
-        parallel.ep_moe(*args, tiny_fp8, mesh=mesh, mode="fp8", options=EPOptions(activation_clamp=CLAMP, routed_scaling_factor=1.5))
+        parallel.ep_moe(
+            *args, tiny_fp8, mesh=mesh, mode="fp8", options=EPOptions(activation_clamp=CLAMP, routed_scaling_factor=1.5)
+        )
     )
     first = time.perf_counter() - t0
     assert y.sharding.spec[0] == "ep"
-    ref = reference.mega_moe(*args, tiny_fp8, mode="fp8", activation_clamp=CLAMP, options=MoEOptions(routed_scaling_factor=1.5))
+    ref = reference.mega_moe(
+        *args, tiny_fp8, mode="fp8", activation_clamp=CLAMP, options=MoEOptions(routed_scaling_factor=1.5)
+    )
     rel = _check(y, ref, idx, tiny_fp8.num_experts, what=f"fused EP{n} tiny")
     tl = 32 // n
     assert (np.asarray(y)[:tl] == 0).all()  # rank 0: no token routed anywhere
     # The single-GPU kernel on the same 32 tokens: same per-token quantisation and combine order.
-    one = ops.mega_moe(*args, tiny_fp8, activation_clamp=CLAMP, backend="ffi", options=MoEOptions(routed_scaling_factor=1.5, kernel="fused"))
+    one = ops.mega_moe(
+        *args,
+        tiny_fp8,
+        activation_clamp=CLAMP,
+        backend="ffi",
+        options=MoEOptions(routed_scaling_factor=1.5, kernel="fused"),
+    )
     a, b = np.asarray(y).view(np.uint16), np.asarray(one).view(np.uint16)
     differing = int((a != b).sum())
     rel1 = _rel(y, one)
     assert rel1 <= REL_TOL
-    print(f"TABLE ep_fused|tiny H=512 I=256 E=16 K=4|EP{n}|T=32 ({tl}/rank)|rel_l2 vs reference={rel:.2e}|"
-          f"vs EP1 kernel rel={rel1:.1e} differing bf16={differing}/{a.size}|first call {first:.1f} s|{_card()}")
+    print(
+        f"TABLE ep_fused|tiny H=512 I=256 E=16 K=4|EP{n}|T=32 ({tl}/rank)|rel_l2 vs reference={rel:.2e}|"
+        f"vs EP1 kernel rel={rel1:.1e} differing bf16={differing}/{a.size}|first call {first:.1f} s|{_card()}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +136,14 @@ def test_fused_v4_flash_matches_collective_reference(flash_fp8, n):
     mesh = _mesh(n)
     kw = dict(mesh=mesh, mode="fp8")
     y = parallel.ep_moe(*args, weights, **kw, options=EPOptions(activation_clamp=CLAMP, dispatch="fused"))
-    ref = parallel.ep_moe(*args, weights, **kw, options=EPOptions(activation_clamp=CLAMP, dispatch="ragged",
-                                                                  backend="reference"))
+    ref = parallel.ep_moe(
+        *args, weights, **kw, options=EPOptions(activation_clamp=CLAMP, dispatch="ragged", backend="reference")
+    )
     rel = _check(y, ref, idx, FLASH["E"], what=f"fused EP{n} V4-Flash")
-    print(f"TABLE ep_fused|V4-Flash H=4096 I=2048 E=256 K=6 clamp 10|EP{n}|T={t} ({t // n}/rank, rank 0 empty)|"
-          f"rel_l2 vs reference={rel:.2e}|collective path with reference math as oracle|{_card()}")
+    print(
+        f"TABLE ep_fused|V4-Flash H=4096 I=2048 E=256 K=6 clamp 10|EP{n}|T={t} ({t // n}/rank, rank 0 empty)|"
+        f"rel_l2 vs reference={rel:.2e}|collective path with reference math as oracle|{_card()}"
+    )
 
 
 def test_fused_1000_steps_with_an_empty_rank(tiny_fp8):
@@ -139,7 +154,9 @@ def test_fused_1000_steps_with_an_empty_rank(tiny_fp8):
     dev = [tuple(jax.device_put(a, sharded) for a in r) for r in routings]
     w_sh = parallel.shard_weights(tiny_fp8, mesh)
     run = jax.jit(
-        lambda x, i, w, ww: parallel.ep_moe(x, i, w, ww, mesh=mesh, mode="fp8",  options=EPOptions(activation_clamp=CLAMP, dispatch="fused"))
+        lambda x, i, w, ww: parallel.ep_moe(
+            x, i, w, ww, mesh=mesh, mode="fp8", options=EPOptions(activation_clamp=CLAMP, dispatch="fused")
+        )
     )
     vary = jax.jit(lambda x, s: (x * (1 + s % 5).astype(jnp.bfloat16)).astype(jnp.bfloat16))
     samples = {0, 1, 333, 998, 999}
@@ -166,9 +183,11 @@ def test_fused_1000_steps_with_an_empty_rank(tiny_fp8):
         ref = reference.mega_moe(xh, jnp.asarray(i), jnp.asarray(w), tiny_fp8, mode="fp8", activation_clamp=CLAMP)
         rels.append(_check(y, ref, i, tiny_fp8.num_experts, what=f"step {s}"))
         assert (np.asarray(y)[: 32 // n] == 0).all()
-    print(f"TABLE ep_fused|tiny, rank 0 with zero tokens|EP{n}|1000 steps|max rel_l2={max(rels):.2e} on "
-          f"{len(rels)} samples|{dt * 1e6:.0f} us/step incl. input update, {dt_layer * 1e6:.0f} us/step layer only|"
-          f"{_card()}")
+    print(
+        f"TABLE ep_fused|tiny, rank 0 with zero tokens|EP{n}|1000 steps|max rel_l2={max(rels):.2e} on "
+        f"{len(rels)} samples|{dt * 1e6:.0f} us/step incl. input update, {dt_layer * 1e6:.0f} us/step layer only|"
+        f"{_card()}"
+    )
 
 
 def test_flax_block_with_a_mesh_takes_the_fused_path():
@@ -198,8 +217,10 @@ def test_flax_block_with_a_mesh_takes_the_fused_path():
     assert np.isfinite(y_mesh).all()
     e1, e2 = _rel(y_mesh, y_one), _rel(y_mesh, y_ref)
     assert e1 <= REL_TOL and e2 <= REL_TOL, (e1, e2)
-    print(f"TABLE flax block|tiny, mesh ep={n}, T=37 -> padded to {t_pad}|fused path|rel_l2 vs 1-GPU kernel="
-          f"{e1:.1e}, vs reference={e2:.1e}|{_card()}")
+    print(
+        f"TABLE flax block|tiny, mesh ep={n}, T=37 -> padded to {t_pad}|fused path|rel_l2 vs 1-GPU kernel="
+        f"{e1:.1e}, vs reference={e2:.1e}|{_card()}"
+    )
 
 
 def test_fused_inside_cuda_graphs():
@@ -228,21 +249,33 @@ def test_plain_jit_token_sharded_runs_the_kernel_per_gpu(tiny_fp8, n):
     mesh = _mesh(n)
     args = [jax.device_put(jnp.asarray(a), NamedSharding(mesh, P("ep"))) for a in (x, idx, w)]
     rep = jax.device_put(tiny_fp8, NamedSharding(mesh, P()))
-    f = jax.jit(lambda a, b, c, ww: ops.mega_moe(a, b, c, ww, activation_clamp=CLAMP, backend="ffi", options=MoEOptions(kernel="fused")))
+    f = jax.jit(
+        lambda a, b, c, ww: ops.mega_moe(
+            a, b, c, ww, activation_clamp=CLAMP, backend="ffi", options=MoEOptions(kernel="fused")
+        )
+    )
     hlo = f.lower(*args, rep).compile().as_text()
     collectives = [c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute") if c in hlo]
     assert not collectives, collectives
     y = np.asarray(f(*args, rep))
     tl = x.shape[0] // n
-    one = jax.jit(lambda a, b, c: ops.mega_moe(a, b, c, tiny_fp8, activation_clamp=CLAMP, backend="ffi", options=MoEOptions(kernel="fused")))
+    one = jax.jit(
+        lambda a, b, c: ops.mega_moe(
+            a, b, c, tiny_fp8, activation_clamp=CLAMP, backend="ffi", options=MoEOptions(kernel="fused")
+        )
+    )
     for d in range(n):  # the one-GPU kernel on shard d's rows alone
         rows = slice(d * tl, (d + 1) * tl)
         want = np.asarray(one(jnp.asarray(x[rows]), jnp.asarray(idx[rows]), jnp.asarray(w[rows])))
         np.testing.assert_array_equal(y[rows].view(np.uint16), want.view(np.uint16))
-    ref = reference.mega_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), tiny_fp8, mode="fp8", activation_clamp=CLAMP)
+    ref = reference.mega_moe(
+        jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), tiny_fp8, mode="fp8", activation_clamp=CLAMP
+    )
     rel = _check(y, ref, idx, tiny_fp8.num_experts, what=f"plain jit token-sharded x{n}")
     sharded = jax.device_put(tiny_fp8, NamedSharding(mesh, P("ep")))
     with pytest.raises(jax.errors.JaxRuntimeError, match=r"ShardingError: weights.l1 .*'ep'.*ep_moe"):
         f.lower(*args, sharded).compile()
-    print(f"TABLE plain jit|tiny, T={x.shape[0]} token-sharded over {n} GPUs|per-GPU kernel, no collective|"
-          f"= one-GPU bits per shard|rel_l2={rel:.2e}|expert-sharded: ShardingError|{_card()}")
+    print(
+        f"TABLE plain jit|tiny, T={x.shape[0]} token-sharded over {n} GPUs|per-GPU kernel, no collective|"
+        f"= one-GPU bits per shard|rel_l2={rel:.2e}|expert-sharded: ShardingError|{_card()}"
+    )

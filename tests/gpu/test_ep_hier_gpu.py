@@ -71,8 +71,10 @@ def test_grouped_one_gpu(tiny_fp8):
     rel = _check(y, ref, idx, tiny_fp8.num_experts, "grouped 1 GPU")
     one = ops.mega_moe(*args, tiny_fp8, activation_clamp=CLAMP, backend="ffi", options=MoEOptions(kernel="fused"))
     same = bool(np.array_equal(np.asarray(y).view(np.uint16), np.asarray(one).view(np.uint16)))
-    print(f"TABLE ep_hier|grouped 1 GPU tiny|rel vs reference={rel:.2e}|bitwise vs single-GPU kernel={same}|"
-          f"{GPUS[0].device_kind}")
+    print(
+        f"TABLE ep_hier|grouped 1 GPU tiny|rel vs reference={rel:.2e}|bitwise vs single-GPU kernel={same}|"
+        f"{GPUS[0].device_kind}"
+    )
 
 
 @pytest.mark.skipif(len(GPUS) < 2, reason="needs 2 GPUs")
@@ -84,14 +86,21 @@ def test_grouped_multi_gpu(tiny_fp8, capacity):
     mesh = jax.sharding.Mesh(np.array(GPUS[:n]), ("ep",))
     path = parallel_hier.hier_path(mesh, "ep", None, "fp8", 32 // n, options=EPOptions(pair_capacity=capacity))
     assert (path.dispatch, path.backend) == ("ragged", "ffi"), path
-    y, st = parallel_hier.ep_moe_grouped(*args, tiny_fp8, mesh=mesh, mode="fp8",
-                                         options=EPOptions(activation_clamp=CLAMP, pair_capacity=capacity, return_stats=True))
+    y, st = parallel_hier.ep_moe_grouped(
+        *args,
+        tiny_fp8,
+        mesh=mesh,
+        mode="fp8",
+        options=EPOptions(activation_clamp=CLAMP, pair_capacity=capacity, return_stats=True),
+    )
     ref = reference.mega_moe(*args, tiny_fp8, mode="fp8", activation_clamp=CLAMP)
     rel = _check(y, ref, idx, tiny_fp8.num_experts, f"grouped EP{n} capacity={capacity}")
     want = expected_rows(idx, tiny_fp8.num_experts, n, n, capacity or 32)
     assert tuple(int(v) for v in st) == want
-    print(f"TABLE ep_hier|grouped EP{n} tiny capacity={capacity}|rel vs reference={rel:.2e}|stats={want}|"
-          f"{len(GPUS)} x {GPUS[0].device_kind}")
+    print(
+        f"TABLE ep_hier|grouped EP{n} tiny capacity={capacity}|rel vs reference={rel:.2e}|stats={want}|"
+        f"{len(GPUS)} x {GPUS[0].device_kind}"
+    )
 
 
 @pytest.mark.skipif(len(GPUS) < 4, reason="a two-level mesh with a fused stage needs 4 GPUs")
@@ -103,11 +112,18 @@ def test_hier_fused_simulated_hosts(tiny_fp8):
     path = parallel_hier.hier_path(mesh, "host", "ep", "fp8", 32 // n)
     assert path.intranode == "fused", path
     for capacity in (None, 1):
-        y, st = parallel_hier.ep_moe_hier(*args, tiny_fp8, mesh=mesh, mode="fp8",
-                                          options=EPOptions(activation_clamp=CLAMP, pair_capacity=capacity, return_stats=True))
+        y, st = parallel_hier.ep_moe_hier(
+            *args,
+            tiny_fp8,
+            mesh=mesh,
+            mode="fp8",
+            options=EPOptions(activation_clamp=CLAMP, pair_capacity=capacity, return_stats=True),
+        )
         ref = reference.mega_moe(*args, tiny_fp8, mode="fp8", activation_clamp=CLAMP)
         rel = _check(y, ref, idx, tiny_fp8.num_experts, f"hier 2x{n // 2} capacity={capacity}")
         want = expected_rows(idx, tiny_fp8.num_experts, 2, n, capacity or 32)
         assert tuple(int(v) for v in st) == want
-        print(f"TABLE ep_hier|hier 2x{n // 2} fused intranode capacity={capacity}|rel vs reference={rel:.2e}|"
-              f"stats={want}|{len(GPUS)} x {GPUS[0].device_kind}")
+        print(
+            f"TABLE ep_hier|hier 2x{n // 2} fused intranode capacity={capacity}|rel vs reference={rel:.2e}|"
+            f"stats={want}|{len(GPUS)} x {GPUS[0].device_kind}"
+        )

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from expert_checks import check_per_expert, expert_errors, plant_scale_block, single_expert_routing
+
 from jax_megamoe import ops, reference
 from jax_megamoe.layout import MoEWeights
 from jax_megamoe.ops import MoEOptions
@@ -44,7 +44,7 @@ def _card() -> str:
 # --------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ffi_fn(*, H, I, E, K, cap, clamp, fast_math, rsf, reserved_sms=0, wide_tile=False):
     from jax_megamoe._src.kernels import _ffi
 
@@ -58,16 +58,25 @@ def _ffi_fn(*, H, I, E, K, cap, clamp, fast_math, rsf, reserved_sms=0, wide_tile
     assert call.target == TARGET
 
     def f(x, idx, w, l1, l1_sf, l2, l2_sf):
-        return jax.ffi.ffi_call(
-            TARGET, jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), has_side_effect=True
-        )(x, idx, w, l1, l1_sf, l2, l2_sf, **call.attributes(hidden=H, intermediate=I, top_k=K))
+        return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), has_side_effect=True)(
+            x, idx, w, l1, l1_sf, l2, l2_sf, **call.attributes(hidden=H, intermediate=I, top_k=K)
+        )
 
     return jax.jit(f)
 
 
 def mega_moe_ffi(x, idx, w, weights, *, cap, clamp=float("inf"), fast_math=True, rsf=1.0, wide_tile=False):
-    f = _ffi_fn(H=weights.hidden, I=weights.intermediate, E=weights.num_local_experts, K=idx.shape[1],
-                cap=cap, clamp=float(clamp), fast_math=fast_math, rsf=float(rsf), wide_tile=bool(wide_tile))
+    f = _ffi_fn(
+        H=weights.hidden,
+        I=weights.intermediate,
+        E=weights.num_local_experts,
+        K=idx.shape[1],
+        cap=cap,
+        clamp=float(clamp),
+        fast_math=fast_math,
+        rsf=float(rsf),
+        wide_tile=bool(wide_tile),
+    )
     return f(x, idx.astype(jnp.int32), w, weights.l1, weights.l1_sf, weights.l2, weights.l2_sf)
 
 
@@ -153,9 +162,13 @@ def _reference(x, idx, w, cpu_weights: MoEWeights, experts: np.ndarray, *, clamp
     idx_sub = np.where(idx >= 0, remap[np.maximum(idx, 0)], -1).astype(np.int32)
     with jax.default_device(cpu):
         y = reference.mega_moe(
-            jax.device_put(np.asarray(x), cpu), jax.device_put(idx_sub, cpu), jax.device_put(np.asarray(w), cpu),
-            cpu_weights, mode="fp8", activation_clamp=None if np.isinf(clamp) else clamp,
-            options=MoEOptions(routed_scaling_factor=rsf, fast_math=True)
+            jax.device_put(np.asarray(x), cpu),
+            jax.device_put(idx_sub, cpu),
+            jax.device_put(np.asarray(w), cpu),
+            cpu_weights,
+            mode="fp8",
+            activation_clamp=None if np.isinf(clamp) else clamp,
+            options=MoEOptions(routed_scaling_factor=rsf, fast_math=True),
         )
         return np.asarray(y)
 
@@ -176,8 +189,17 @@ def _check(got, want, idx, *, what: str) -> float:
 
 def _time_device(x, idx, w, weights, *, cap, clamp=float("inf"), n: int = 20, wide_tile=False) -> float:
     """Seconds per call of n back-to-back calls inside ONE jitted program (no Python dispatch per call)."""
-    f = _ffi_fn(H=weights.hidden, I=weights.intermediate, E=weights.num_local_experts, K=idx.shape[1],
-                cap=cap, clamp=float(clamp), fast_math=True, rsf=1.0, wide_tile=bool(wide_tile))
+    f = _ffi_fn(
+        H=weights.hidden,
+        I=weights.intermediate,
+        E=weights.num_local_experts,
+        K=idx.shape[1],
+        cap=cap,
+        clamp=float(clamp),
+        fast_math=True,
+        rsf=1.0,
+        wide_tile=bool(wide_tile),
+    )
 
     @jax.jit
     def many(x, idx, w, l1, l1_sf, l2, l2_sf):
@@ -218,8 +240,10 @@ def test_small_shape(small_weights, t):
     ref = _reference(x, idx, w, _cpu_weights(small_weights, experts), experts, clamp=float("inf"), rsf=1.0)
     rel = _check(y, ref, idx, what=f"small T={t}")
     dt = _time_device(x, jnp.asarray(idx), jnp.asarray(w), small_weights, cap=cap)
-    print(f"TABLE mega_moe_sm90|H={s['H']} I={s['I']} E={s['E']} K={s['K']}|T={t}|cap={cap}|rel_l2={rel:.2e}|"
-          f"{dt * 1e6:.1f} us/call in-graph (first call {first:.2f} s)|{_card()}")
+    print(
+        f"TABLE mega_moe_sm90|H={s['H']} I={s['I']} E={s['E']} K={s['K']}|T={t}|cap={cap}|rel_l2={rel:.2e}|"
+        f"{dt * 1e6:.1f} us/call in-graph (first call {first:.2f} s)|{_card()}"
+    )
 
 
 def test_small_shape_prefill_tile(small_weights):
@@ -232,8 +256,10 @@ def test_small_shape_prefill_tile(small_weights):
     y = jax.block_until_ready(mega_moe_ffi(x, jnp.asarray(idx), jnp.asarray(w), small_weights, cap=cap, rsf=1.5))
     ref = _reference(x, idx, w, _cpu_weights(small_weights, experts), experts, clamp=float("inf"), rsf=1.5)
     rel = _check(y, ref, idx, what=f"small prefill T={t}")
-    print(f"TABLE mega_moe_sm90|H={s['H']} I={s['I']} E={s['E']} K={s['K']} (T*K/E = 64)|T={t}|"
-          f"cap={cap}|rel_l2={rel:.2e}|rsf=1.5|{_card()}")
+    print(
+        f"TABLE mega_moe_sm90|H={s['H']} I={s['I']} E={s['E']} K={s['K']} (T*K/E = 64)|T={t}|"
+        f"cap={cap}|rel_l2={rel:.2e}|rsf=1.5|{_card()}"
+    )
 
 
 def test_small_shape_10000_calls(small_weights):
@@ -261,8 +287,10 @@ def test_small_shape_10000_calls(small_weights):
         idx, w = routings[n % 5]
         ref = _reference(xi, idx, w, cpu_w, experts, clamp=float("inf"), rsf=1.0)
         rels.append(_check(y, ref, idx, what=f"call {n}"))
-    print(f"TABLE mega_moe_sm90|H={s['H']} I={s['I']} E={s['E']} K={s['K']}|T={t} x10000|cap={cap}|"
-          f"max rel_l2={max(rels):.2e} on {len(rels)} samples|{dt * 1e6:.1f} us/call incl. input update|{_card()}")
+    print(
+        f"TABLE mega_moe_sm90|H={s['H']} I={s['I']} E={s['E']} K={s['K']}|T={t} x10000|cap={cap}|"
+        f"max rel_l2={max(rels):.2e} on {len(rels)} samples|{dt * 1e6:.1f} us/call incl. input update|{_card()}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -283,8 +311,10 @@ def test_v4_flash_shape(flash_weights, t):
     ref = _reference(x, idx, w, _cpu_weights(flash_weights, experts), experts, clamp=clamp, rsf=1.0)
     rel = _check(y, ref, idx, what=f"V4-Flash T={t}")
     dt = _time_device(x, jnp.asarray(idx), jnp.asarray(w), flash_weights, cap=cap, clamp=clamp)
-    print(f"TABLE mega_moe_sm90|V4-Flash H={s['H']} I={s['I']} E={s['E']} K={s['K']} clamp={clamp}|T={t}|cap={cap}|"
-          f"rel_l2={rel:.2e}|{dt * 1e6:.1f} us/call in-graph (first call {first:.2f} s)|{_card()}")
+    print(
+        f"TABLE mega_moe_sm90|V4-Flash H={s['H']} I={s['I']} E={s['E']} K={s['K']} clamp={clamp}|T={t}|cap={cap}|"
+        f"rel_l2={rel:.2e}|{dt * 1e6:.1f} us/call in-graph (first call {first:.2f} s)|{_card()}"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -343,7 +373,9 @@ def test_flax_block_on_the_kernel_matches_the_reference():
     y_ref = np.asarray(run(block, x), np.float32)
     err = float(np.linalg.norm(y_kernel - y_ref) / np.linalg.norm(y_ref))
     assert np.isfinite(y_kernel).all() and err <= REL_TOL, err
-    print(f"TABLE flax block|tiny (H=512 I=256 E=16 K=4), T=37 -> bucket 64|nnx.jit|rel_l2={err:.2e}|vs reference backend|{_card()}")
+    print(
+        f"TABLE flax block|tiny (H=512 I=256 E=16 K=4), T=37 -> bucket 64|nnx.jit|rel_l2={err:.2e}|vs reference backend|{_card()}"
+    )
 
 
 @pytest.mark.parametrize("t", [16, 128])
@@ -363,7 +395,6 @@ def test_v4_pro_shape(t):
 @functools.lru_cache(maxsize=1)
 def _pro_weights():
     return _weights(7, H=7168, I=3072, E=384)
-
 
 
 def test_graph_target_is_captured_and_gives_the_same_bits():
@@ -401,8 +432,10 @@ def test_nonfinite_token_poisons_only_its_own_row(small_weights):
     assert bad_y.tolist() == bad_r.tolist(), (bad_y, bad_r)
     keep = np.arange(t) != 3
     _check(y[keep], ref[keep], idx[keep], what="rows without the inf")
-    print(f"TABLE mega_moe_sm90|inf in token 3|non-finite rows kernel={np.flatnonzero(bad_y).tolist()} "
-          f"reference={np.flatnonzero(bad_r).tolist()}|{_card()}")
+    print(
+        f"TABLE mega_moe_sm90|inf in token 3|non-finite rows kernel={np.flatnonzero(bad_y).tolist()} "
+        f"reference={np.flatnonzero(bad_r).tolist()}|{_card()}"
+    )
 
 
 def _large_t_routing(seed: int, t: int, k: int, e: int, *, skewed: bool):
@@ -434,8 +467,15 @@ def test_large_t_matches_the_reference(flash_weights, model, skewed, t):
     y = np.asarray(mega_moe_ffi(x, jnp.asarray(idx), jnp.asarray(w), weights, cap=t, clamp=clamp, rsf=rsf))
     rows = np.unique(np.concatenate([[1], np.linspace(0, t - 1, 255).round().astype(np.int64)]))
     ref = np.asarray(
-        reference.mega_moe(x[rows], jnp.asarray(idx[rows]), jnp.asarray(w[rows]), weights, mode="fp8",
-                           activation_clamp=clamp, options=MoEOptions(routed_scaling_factor=rsf))
+        reference.mega_moe(
+            x[rows],
+            jnp.asarray(idx[rows]),
+            jnp.asarray(w[rows]),
+            weights,
+            mode="fp8",
+            activation_clamp=clamp,
+            options=MoEOptions(routed_scaling_factor=rsf),
+        )
     )
     rel = _check(y[rows], ref, idx[rows], what=f"V4-{model} T={t} {'skewed' if skewed else 'uniform'}")
     assert (y[1] == 0).all()
@@ -449,7 +489,9 @@ def test_above_the_cap_auto_falls_back_and_buckets_stay_exact(flash_weights):
     idx, w = _large_t_routing(901, cap + 8, s["K"], s["E"], skewed=False)
     x = _x(902, cap + 8, s["H"])
     args = (x, jnp.asarray(idx), jnp.asarray(w), flash_weights)
-    y_auto = np.asarray(ops.mega_moe(*args, activation_clamp=10.0, backend="auto", options=MoEOptions(num_max_tokens=cap)))
+    y_auto = np.asarray(
+        ops.mega_moe(*args, activation_clamp=10.0, backend="auto", options=MoEOptions(num_max_tokens=cap))
+    )
     y_ref = np.asarray(reference.mega_moe(*args, mode="fp8", activation_clamp=10.0))
     np.testing.assert_array_equal(y_auto.view(np.uint16), y_ref.view(np.uint16))
     with pytest.raises(ValueError, match="exceed num_max_tokens"):
@@ -486,9 +528,11 @@ def test_every_expert_and_scale_block_and_a_planted_block_is_caught(request, mod
     ref = _reference(x, idx, w, _cpu_weights(weights, experts), experts, clamp=clamp, rsf=1.0)
     errs = check_per_expert(y, ref, idx, tol=PER_EXPERT_TOL, what=f"{model} clean")
     e_w, v_w, b_w, c_w = errs.worst()
-    print(f"TABLE per expert|{model} H={s['H']} E={s['E']}, {len(experts)} experts x {rows} rows|clean|"
-          f"max expert rel_l2={max(errs.per_expert.values()):.2e}|worst cell (expert {e_w}, cols {b_w}) "
-          f"{c_w:.2e}|whole {errs.overall:.2e}|{_card()}")
+    print(
+        f"TABLE per expert|{model} H={s['H']} E={s['E']}, {len(experts)} experts x {rows} rows|clean|"
+        f"max expert rel_l2={max(errs.per_expert.values()):.2e}|worst cell (expert {e_w}, cols {b_w}) "
+        f"{c_w:.2e}|whole {errs.overall:.2e}|{_card()}"
+    )
 
     target = int(experts[PLANT[model]["expert_at"]])
     r, c = PLANT[model]["block"]
@@ -501,7 +545,9 @@ def test_every_expert_and_scale_block_and_a_planted_block_is_caught(request, mod
     assert np.flatnonzero(bad_errs.per_block[target] > 2 * PER_EXPERT_TOL).tolist() == [r], bad_errs.per_block[target]
     ref_bad = _reference(x, idx, w, _cpu_weights(bad, experts), experts, clamp=clamp, rsf=1.0)
     check_per_expert(y_bad, ref_bad, idx, tol=PER_EXPERT_TOL, what=f"{model} planted vs planted reference")
-    print(f"TABLE per expert|{model}: l2_sf block ({r}, {c}) of expert {target} x2|caught: expert rel_l2="
-          f"{bad_errs.per_expert[target]:.2e}, cell {bad_errs.per_block[target][r]:.2e}|whole output "
-          f"{bad_errs.overall:.2e} ({'passes' if bad_errs.overall <= REL_TOL else 'fails'} the {REL_TOL:g} "
-          f"whole-output bound)|kernel = reference on the planted weights|{_card()}")
+    print(
+        f"TABLE per expert|{model}: l2_sf block ({r}, {c}) of expert {target} x2|caught: expert rel_l2="
+        f"{bad_errs.per_expert[target]:.2e}, cell {bad_errs.per_block[target][r]:.2e}|whole output "
+        f"{bad_errs.overall:.2e} ({'passes' if bad_errs.overall <= REL_TOL else 'fails'} the {REL_TOL:g} "
+        f"whole-output bound)|kernel = reference on the planted weights|{_card()}"
+    )

@@ -110,8 +110,10 @@ def _compare(model, tokens, what: str) -> tuple[float, float]:
     rel, ctrl = _rel(y_ffi, y_ref), _rel(y_noise, y_ref)
     bound = max(MARGIN * ctrl, FLOOR)
     agree = float(np.mean(np.argmax(y_ffi, -1) == np.argmax(y_ref, -1)))
-    print(f"TABLE model|{what}|T={tokens.size}|logits rel_l2 ffi vs reference={rel:.2e}|"
-          f"control (1e-2 noise per MoE layer)={ctrl:.2e}|bound={bound:.2e}|argmax agree={agree:.3f}|{_card()}")
+    print(
+        f"TABLE model|{what}|T={tokens.size}|logits rel_l2 ffi vs reference={rel:.2e}|"
+        f"control (1e-2 noise per MoE layer)={ctrl:.2e}|bound={bound:.2e}|argmax agree={agree:.3f}|{_card()}"
+    )
     assert rel <= bound, (rel, ctrl)
     return rel, ctrl
 
@@ -126,8 +128,9 @@ def test_ffi_model_matches_reference_model(n_layers):
     """tiny(): H=512, I=256, E=16, K=4 (the kernels' alignments), layers sliding / CSA / HCA / CSA,
     one hash layer; bf16 parameters as the model runs for real; 2 x 24 tokens."""
     cfg = DeepseekV4Config.tiny(num_hidden_layers=n_layers)
-    model = DeepseekV4ForCausalLM(cfg, backend="ffi", experts="quantized", mode="fp8", param_dtype=jnp.bfloat16,
-                                  rngs=nnx.Rngs(n_layers))
+    model = DeepseekV4ForCausalLM(
+        cfg, backend="ffi", experts="quantized", mode="fp8", param_dtype=jnp.bfloat16, rngs=nnx.Rngs(n_layers)
+    )
     tokens = jnp.asarray(np.random.default_rng(n_layers).integers(0, cfg.vocab_size, (2, 24)), jnp.int32)
     _compare(model, tokens, f"tiny L={n_layers}")
 
@@ -136,8 +139,9 @@ def test_ffi_model_cached_decode_matches_reference():
     """Prefill 8 tokens into a cache, then 4 one-token decode steps (the kernels at T = 2 rows, the
     token bucket 16), ffi vs reference on the same tokens."""
     cfg = DeepseekV4Config.tiny(num_hidden_layers=2)
-    model = DeepseekV4ForCausalLM(cfg, backend="ffi", experts="quantized", mode="fp8", param_dtype=jnp.bfloat16,
-                                  rngs=nnx.Rngs(7))
+    model = DeepseekV4ForCausalLM(
+        cfg, backend="ffi", experts="quantized", mode="fp8", param_dtype=jnp.bfloat16, rngs=nnx.Rngs(7)
+    )
     rng = np.random.default_rng(7)
     prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 8)), jnp.int32)
     nxt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 4)), jnp.int32)
@@ -152,7 +156,7 @@ def test_ffi_model_cached_decode_matches_reference():
             logits, cache = step(state, cache, prompt, pos)
             outs = [np.asarray(logits[:, -1])]
             for i in range(4):
-                logits, cache = step(state, cache, nxt[:, i:i + 1], jnp.full((2, 1), 8 + i, jnp.int32))
+                logits, cache = step(state, cache, nxt[:, i : i + 1], jnp.full((2, 1), 8 + i, jnp.int32))
                 outs.append(np.asarray(logits[:, -1]))
         return np.stack(outs)
 
@@ -162,8 +166,11 @@ def test_ffi_model_cached_decode_matches_reference():
     rel, ctrl = _rel(y_ffi, y_ref), _rel(y_noise, y_ref)
     rels = [_rel(a, b) for a, b in zip(y_ffi, y_ref)]
     bound = max(MARGIN * ctrl, FLOOR)
-    print(f"TABLE model|tiny L=2 cached|prefill 2x8 + 4 decode steps|logits rel_l2={rel:.2e} (per step "
-          + ",".join(f"{r:.2e}" for r in rels) + f")|control={ctrl:.2e}|bound={bound:.2e}|{_card()}")
+    print(
+        f"TABLE model|tiny L=2 cached|prefill 2x8 + 4 decode steps|logits rel_l2={rel:.2e} (per step "
+        + ",".join(f"{r:.2e}" for r in rels)
+        + f")|control={ctrl:.2e}|bound={bound:.2e}|{_card()}"
+    )
     assert rel <= bound, (rels, ctrl)
 
 
@@ -175,17 +182,38 @@ def test_ffi_model_cached_decode_matches_reference():
 def _generate(*args: str) -> str:
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION="0.15")
     env.pop("JAX_PLATFORMS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / "generate.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "generate.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     return proc.stdout
 
 
-@pytest.mark.parametrize("extra", [
-    ("--tiny",),  # tiny_model, exact experts
-    ("--tiny", "--config", "tiny", "--experts", "quantized", "--backend", "ffi", "--dtype", "bfloat16"),  # our kernels
-], ids=["exact", "ffi"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--tiny",),  # tiny_model, exact experts
+        (
+            "--tiny",
+            "--config",
+            "tiny",
+            "--experts",
+            "quantized",
+            "--backend",
+            "ffi",
+            "--dtype",
+            "bfloat16",
+        ),  # our kernels
+    ],
+    ids=["exact", "ffi"],
+)
 def test_generate_tiny_on_the_gpu(extra):
     out = _generate(*extra, "--new-tokens", "6", "--batch", "2", "--layers", "3")
     gens = re.findall(r"^sequence \d: prompt \[[\d, ]+\] -> generated \[([\d, ]+)\]$", out, re.MULTILINE)
@@ -196,7 +224,6 @@ def test_generate_tiny_on_the_gpu(extra):
     rate = re.search(r"^decode: \d+ timed steps x 2 sequences: ([\d.]+) tokens/s", out, re.MULTILINE)
     assert rate and float(rate.group(1)) > 0, out
     print(f"TABLE generate.py|{' '.join(extra)}|6 tokens x 2|{rate.group(1)} tokens/s|{_card()}")
-
 
 
 @pytest.mark.skipif(os.environ.get("MODEL_GPU_FLASH", "1") == "0", reason="MODEL_GPU_FLASH=0")

@@ -45,7 +45,7 @@ def _reference_on_cpu(x, idx, w, *, mode, cap, rsf):
         return reference.pre_dispatch(xs, ids, ws, mode=mode, num_max_tokens=cap, routed_scaling_factor=rsf)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(mode: str, cap: int, rsf: float):
     return jax.jit(
         functools.partial(ops.pre_dispatch, mode=mode, num_max_tokens=cap, routed_scaling_factor=rsf, backend="ffi")
@@ -76,7 +76,9 @@ def test_sm90_pre_dispatch_bit_exact(hidden, t):
         dt = time.perf_counter() - t0
         want = _reference_on_cpu(x, idx, w, mode="fp8", cap=CAP, rsf=rsf)
         _assert_equal_slots(got, want, t)
-        print(f"TABLE pre_dispatch|fp8|H={hidden}|T={t}|cap={CAP}|seed={seed}|bit-exact|{dt * 1e3:.2f} ms (incl. first-call)")
+        print(
+            f"TABLE pre_dispatch|fp8|H={hidden}|T={t}|cap={CAP}|seed={seed}|bit-exact|{dt * 1e3:.2f} ms (incl. first-call)"
+        )
 
 
 @pytest.mark.skipif(GPU_ARCH != 9, reason="sm_90 kernels need an H100/H200")
@@ -100,7 +102,9 @@ def test_sm90_pre_dispatch_repeated_1000_times():
     dt = (time.perf_counter() - t0) / 1000
     after = (dev.memory_stats() or {}).get("bytes_in_use", 0)
     assert after - before < 16 << 20, f"device memory grew by {after - before} bytes over 1000 calls"
-    print(f"TABLE pre_dispatch|fp8|H={h}|T={t}|x1000|exact samples, mem +{(after - before) >> 10} KiB|{dt * 1e6:.1f} us/call")
+    print(
+        f"TABLE pre_dispatch|fp8|H={h}|T={t}|x1000|exact samples, mem +{(after - before) >> 10} KiB|{dt * 1e6:.1f} us/call"
+    )
 
 
 @pytest.mark.skipif(GPU_ARCH != 9, reason="sm_90 kernels need an H100/H200")

@@ -243,8 +243,10 @@ def test_gate_bias_selects_but_does_not_weigh(seed):
 
     # A bias constructed to force one expert that no token picks without it.
     chosen = set(unbiased.reshape(-1).tolist())
-    outsider = next(e for e in range(CFG.n_routed_experts) if e not in chosen) if len(chosen) < 16 else int(
-        np.argmin(s64.max(0))
+    outsider = (
+        next(e for e in range(CFG.n_routed_experts) if e not in chosen)
+        if len(chosen) < 16
+        else int(np.argmin(s64.max(0)))
     )
     forced = np.zeros(CFG.n_routed_experts)
     forced[outsider] = s64.max() - s64.min() + 1.0
@@ -495,7 +497,9 @@ def test_block_jit_equals_eager_and_split_merge():
     np.testing.assert_array_equal(np.asarray(eager, np.float32), np.asarray(via_jax, np.float32))
     assert float(jnp.sum(jnp.abs(eager.astype(jnp.float32)))) > 0
     # The reference backend is what "auto" runs on CPU.
-    ref = DeepseekV4MoE(CFG, 1, rngs=nnx.Rngs(0), backend="reference", options=MoEBlockOptions(weights=block.moe_weights))
+    ref = DeepseekV4MoE(
+        CFG, 1, rngs=nnx.Rngs(0), backend="reference", options=MoEBlockOptions(weights=block.moe_weights)
+    )
     ref.gate.bias.set_value(block.gate.bias.get_value())
     ref.shared_experts = block.shared_experts
     np.testing.assert_array_equal(np.asarray(ref(x), np.float32), np.asarray(eager, np.float32))
@@ -613,4 +617,6 @@ def test_block_option_specs_validate_and_hash():
         DeepseekV4MoE.from_checkpoint("/nonexistent", 1, load_options={"verify": False})
     # is_mtp through the spec: layer 0 is a hash layer, but never in the MTP block.
     assert DeepseekV4MoE(CFG, 0, mode="fp8xfp4", rngs=nnx.Rngs(0)).is_hash_layer
-    assert not DeepseekV4MoE(CFG, 0, mode="fp8xfp4", rngs=nnx.Rngs(0), options=MoEBlockOptions(is_mtp=True)).is_hash_layer
+    assert not DeepseekV4MoE(
+        CFG, 0, mode="fp8xfp4", rngs=nnx.Rngs(0), options=MoEBlockOptions(is_mtp=True)
+    ).is_hash_layer

@@ -239,6 +239,7 @@ def test_compressed_entries_are_attended():
 # Cache consistency (no torch)
 # ---------------------------------------------------------------------------------------------
 
+
 @functools.cache
 def full_forward(ratio: int) -> np.ndarray:
     """The uncached forward over SEQ[ratio] tokens (shared by the tests below)."""
@@ -337,8 +338,16 @@ def test_bf16_params_compute_in_f32():
 # Shapes, names, validation
 # ---------------------------------------------------------------------------------------------
 
-_COMMON = {"wq_a.weight", "q_norm.weight", "wq_b.weight", "wkv.weight", "kv_norm.weight", "wo_a.weight",
-           "wo_b.weight", "attn_sink"}
+_COMMON = {
+    "wq_a.weight",
+    "q_norm.weight",
+    "wq_b.weight",
+    "wkv.weight",
+    "kv_norm.weight",
+    "wo_a.weight",
+    "wo_b.weight",
+    "attn_sink",
+}
 _COMP = {"compressor.wkv.weight", "compressor.wgate.weight", "compressor.ape", "compressor.norm.weight"}
 _IDX = {"indexer.wq_b.weight", "indexer.weights_proj.weight"} | {"indexer." + k for k in _COMP}
 
@@ -473,8 +482,11 @@ def _qlayer(ratio: int, sim: bool) -> DeepseekV4Attention:
     m = make_layer(ratio, QCFG)
     if not sim:
         return m
-    q = nnx.eval_shape(lambda: DeepseekV4Attention(QCFG, RATIOS.index(ratio), param_dtype=jnp.float32,
-                                                   rngs=nnx.Rngs(0), simulate_quant=True))
+    q = nnx.eval_shape(
+        lambda: DeepseekV4Attention(
+            QCFG, RATIOS.index(ratio), param_dtype=jnp.float32, rngs=nnx.Rngs(0), simulate_quant=True
+        )
+    )
     graphdef, _, rest = nnx.split(q, nnx.Param, ...)
     return nnx.merge(graphdef, nnx.state(m, nnx.Param), rest)
 

@@ -49,13 +49,14 @@ def fixture_data():
 
 
 def _fixture_case(data, name):
-    cfg = DeepseekV4Config(**{k: (tuple(v) if isinstance(v, list) else v)
-                              for k, v in json.loads(str(data[f"{name}/config"])).items()})
+    cfg = DeepseekV4Config(
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in json.loads(str(data[f"{name}/config"])).items()}
+    )
     pre = f"{name}/w/"
     coded = {}
     for k in data.files:
         if k.startswith(pre) and k.endswith("/q"):
-            w = k[len(pre):-2]
+            w = k[len(pre) : -2]
             coded[w] = (data[k], float(data[f"{pre}{w}/step"]), float(data[f"{pre}{w}/offset"]))
     return cfg, o.decode_state_dict(coded), data[f"{name}/tokens"], data[f"{name}/logits"]
 
@@ -140,7 +141,7 @@ def test_decode_32_steps_equals_full_forward(fixture_data):
     logits, cache = step(cache, jnp.asarray(tokens[:, :p]), _positions(b, p))
     got = [np.asarray(logits)]
     for t in range(p, s):
-        logits, cache = step(cache, jnp.asarray(tokens[:, t:t + 1]), _positions(b, 1, t))
+        logits, cache = step(cache, jnp.asarray(tokens[:, t : t + 1]), _positions(b, 1, t))
         got.append(np.asarray(logits))
     got = np.concatenate(got, axis=1)
     per_pos = [o.rel_l2(got[:, t], full[:, t]) for t in range(s)]
@@ -159,8 +160,7 @@ def _quantized_and_exact(n_layers: int):
     from jax_megamoe._src.numerics.layout import MoEWeights
 
     cfg = DeepseekV4Config.tiny(num_hidden_layers=n_layers)
-    q = DeepseekV4ForCausalLM(cfg, experts="quantized", backend="reference", param_dtype=jnp.float32,
-                              rngs=nnx.Rngs(0))
+    q = DeepseekV4ForCausalLM(cfg, experts="quantized", backend="reference", param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     ex = DeepseekV4ForCausalLM(cfg, experts="exact", param_dtype=jnp.float32, rngs=nnx.Rngs(1))
     # everything but the routed experts: copied; the experts: one FP4 checkpoint, dequantized for exact
     qs = nnx.to_flat_state(nnx.state(q))
@@ -214,8 +214,10 @@ def test_quantized_vs_exact_experts_per_layer_count():
     x = jax.random.normal(jax.random.key(0), (64, cfg.hidden_size), jnp.float32).astype(jnp.bfloat16)
     tid = jnp.arange(64, dtype=jnp.int32)
     block = o.rel_l2(q.layers[0].ffn(x, tid).astype(jnp.float32), ex.layers[0].ffn(x.astype(jnp.float32), tid))
-    print(f"quantized ({q.layers[0].ffn.mode}, reference) vs exact experts: one MoE block rel. L2 {block:.3e}; "
-          "logits rel. L2 by layer count: " + ", ".join(f"{k}: {e:.3e}" for k, e in errs.items()))
+    print(
+        f"quantized ({q.layers[0].ffn.mode}, reference) vs exact experts: one MoE block rel. L2 {block:.3e}; "
+        "logits rel. L2 by layer count: " + ", ".join(f"{k}: {e:.3e}" for k, e in errs.items())
+    )
     for a in lq:
         assert bool(jnp.all(jnp.isfinite(a))) and float(jnp.std(a)) > 0.1
     assert 1e-3 < block < 6e-2, block  # FP8 activation quantization: visible, small
@@ -232,8 +234,9 @@ def test_sinkhorn_comb_is_doubly_stochastic_and_pre_post_ranges():
     spec = hyper.HyperSpec(hc_mult=4, sinkhorn_iters=20, hc_eps=1e-6, norm_eps=1e-6)
     rng = np.random.default_rng(0)
     mixes = jnp.asarray(rng.standard_normal((3, 5, spec.mix_size)), jnp.float32)
-    pre, post, comb = hyper.hc_split_sinkhorn(mixes, jnp.asarray([1.0, 0.7, 1.3]),
-                                              jnp.asarray(rng.standard_normal(spec.mix_size), jnp.float32), spec)
+    pre, post, comb = hyper.hc_split_sinkhorn(
+        mixes, jnp.asarray([1.0, 0.7, 1.3]), jnp.asarray(rng.standard_normal(spec.mix_size), jnp.float32), spec
+    )
     assert pre.shape == post.shape == (3, 5, 4) and comb.shape == (3, 5, 4, 4)
     assert bool(jnp.all((pre > 0) & (pre <= 1 + 1e-6))) and bool(jnp.all((post > 0) & (post < 2)))
     np.testing.assert_allclose(np.asarray(comb.sum(-2)), 1.0, atol=1e-5)  # columns: normalised last
@@ -416,10 +419,16 @@ def test_hyper_connection_matches_hf_modules():
         m.scale.copy_(torch.tensor(scale))
         post_t, comb_t, coll_t = m(torch.tensor(x))
         out_t = post_t.unsqueeze(-1) * torch.tensor(y).unsqueeze(-2) + torch.matmul(
-            comb_t.transpose(-1, -2), torch.tensor(x))
+            comb_t.transpose(-1, -2), torch.tensor(x)
+        )
     coll, post, comb = hyper.hc_pre(jnp.asarray(x), jnp.asarray(fn), jnp.asarray(scale), jnp.asarray(base), spec)
     out = hyper.hc_post(jnp.asarray(y), jnp.asarray(x), post, comb)
-    for a, b, what in ((coll, coll_t, "collapsed"), (post, post_t, "post"), (comb, comb_t, "comb"), (out, out_t, "out")):
+    for a, b, what in (
+        (coll, coll_t, "collapsed"),
+        (post, post_t, "post"),
+        (comb, comb_t, "comb"),
+        (out, out_t, "out"),
+    ):
         assert o.rel_l2(a, b.numpy()) <= 1e-6, what
     head = mod.DeepseekV4HyperHead(hcfg)
     fn_h = (0.05 * rng.standard_normal((hc, hc * d))).astype(np.float32)
@@ -478,14 +487,16 @@ def test_exact_moe_block_hash_padding_and_dtypes():
 def test_simulate_quant_model_option():
     """DeepSeek's attention quantisation simulation (FP8 KV, FP4 indexer) as a model option: a small,
     visible change from the exact f32 model with the same weights."""
-    cfg = DeepseekV4Config.tiny_model(num_hidden_layers=3, compress_ratios=(0, 4, 128), head_dim=72,
-                                      index_head_dim=32, vocab_size=128)  # 64 non-rope dims: FP8 blocks of 64
+    cfg = DeepseekV4Config.tiny_model(
+        num_hidden_layers=3, compress_ratios=(0, 4, 128), head_dim=72, index_head_dim=32, vocab_size=128
+    )  # 64 non-rope dims: FP8 blocks of 64
     sd = o.random_state_dict(cfg, 5)
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 40)), jnp.int32)
     out = {}
     for sim in (False, True):
-        model = DeepseekV4ForCausalLM(cfg, experts="exact", param_dtype=jnp.float32, rngs=nnx.Rngs(0),
-                                      simulate_quant=sim)
+        model = DeepseekV4ForCausalLM(
+            cfg, experts="exact", param_dtype=jnp.float32, rngs=nnx.Rngs(0), simulate_quant=sim
+        )
         o.load_into(model, sd)
         assert all(layer.attn.simulate_quant == sim for layer in model.layers)
         out[sim], _ = jit_forward(model)(None, tokens, _positions(1, 40))

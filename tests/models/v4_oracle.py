@@ -26,13 +26,29 @@ def oracle_configs() -> dict[str, DeepseekV4Config]:
         "mixed": DeepseekV4Config.tiny_model(vocab_size=128),
         # HCA first, CSA, sliding; one hash layer; no YaRN; hc_mult 2; more experts, top-3
         "hca_first": DeepseekV4Config.tiny_model(
-            num_hidden_layers=3, compress_ratios=(128, 4, 0), num_hash_layers=1, yarn_factor=None, hc_mult=2,
-            n_routed_experts=16, num_experts_per_tok=3, sliding_window=8, index_topk=6, o_groups=4, vocab_size=128,
+            num_hidden_layers=3,
+            compress_ratios=(128, 4, 0),
+            num_hash_layers=1,
+            yarn_factor=None,
+            hc_mult=2,
+            n_routed_experts=16,
+            num_experts_per_tok=3,
+            sliding_window=8,
+            index_topk=6,
+            o_groups=4,
+            vocab_size=128,
         ),
         # no hash layers, a tight SwiGLU clamp (bites), wider hidden, 7 Sinkhorn iterations
         "clamped": DeepseekV4Config.tiny_model(
-            hidden_size=96, num_hidden_layers=3, compress_ratios=(4, 0, 128), num_hash_layers=0, swiglu_limit=0.5,
-            routed_scaling_factor=2.5, hc_sinkhorn_iters=7, num_attention_heads=2, o_groups=1,
+            hidden_size=96,
+            num_hidden_layers=3,
+            compress_ratios=(4, 0, 128),
+            num_hash_layers=0,
+            swiglu_limit=0.5,
+            routed_scaling_factor=2.5,
+            hc_sinkhorn_iters=7,
+            num_attention_heads=2,
+            o_groups=1,
             vocab_size=128,
         ),
     }
@@ -40,8 +56,9 @@ def oracle_configs() -> dict[str, DeepseekV4Config]:
 
 def our_param_shapes(cfg: DeepseekV4Config) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Official name -> (shape, numpy dtype) of every parameter of an exact-expert model of ``cfg``."""
-    model = nnx.eval_shape(lambda: DeepseekV4ForCausalLM(cfg, experts="exact", param_dtype=jnp.float32,
-                                                         rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: DeepseekV4ForCausalLM(cfg, experts="exact", param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    )
     out: dict[str, tuple[tuple[int, ...], Any]] = {}
     e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     for path, v in nnx.to_flat_state(nnx.state(model)):
@@ -78,8 +95,11 @@ def random_coded_state_dict(cfg: DeepseekV4Config, seed: int) -> dict[str, tuple
         leaf = name.rsplit(".", 1)[-1]
         if name.endswith("tid2eid"):
             v, k = shape
-            out[name] = (np.stack([rng.permutation(cfg.n_routed_experts)[:k] for _ in range(v)]).astype(np.int32),
-                         1.0, 0.0)
+            out[name] = (
+                np.stack([rng.permutation(cfg.n_routed_experts)[:k] for _ in range(v)]).astype(np.int32),
+                1.0,
+                0.0,
+            )
             continue
         offset = 0.0
         if name.endswith("norm.weight"):
@@ -151,23 +171,43 @@ def load_into(model: DeepseekV4ForCausalLM, sd: dict[str, np.ndarray]) -> None:
 def hf_config_dict(cfg: DeepseekV4Config) -> dict[str, Any]:
     """Keyword arguments of transformers' DeepseekV4Config for ``cfg``."""
     d: dict[str, Any] = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        head_dim=cfg.head_dim, q_lora_rank=cfg.q_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
-        num_experts_per_tok=cfg.num_experts_per_tok, n_routed_experts=cfg.n_routed_experts,
-        n_shared_experts=cfg.n_shared_experts, routed_scaling_factor=cfg.routed_scaling_factor,
-        rope_theta=cfg.rope_theta, compress_rope_theta=cfg.compress_rope_theta,
-        compress_ratios=list(cfg.compress_ratios[: cfg.num_hidden_layers]), num_hash_layers=cfg.num_hash_layers,
-        hc_mult=cfg.hc_mult, hc_sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
-        swiglu_limit=cfg.swiglu_limit, sliding_window=cfg.sliding_window, o_groups=cfg.o_groups,
-        o_lora_rank=cfg.o_lora_rank, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
-        index_topk=cfg.index_topk, rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        head_dim=cfg.head_dim,
+        q_lora_rank=cfg.q_lora_rank,
+        qk_rope_head_dim=cfg.qk_rope_head_dim,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        n_routed_experts=cfg.n_routed_experts,
+        n_shared_experts=cfg.n_shared_experts,
+        routed_scaling_factor=cfg.routed_scaling_factor,
+        rope_theta=cfg.rope_theta,
+        compress_rope_theta=cfg.compress_rope_theta,
+        compress_ratios=list(cfg.compress_ratios[: cfg.num_hidden_layers]),
+        num_hash_layers=cfg.num_hash_layers,
+        hc_mult=cfg.hc_mult,
+        hc_sinkhorn_iters=cfg.hc_sinkhorn_iters,
+        hc_eps=cfg.hc_eps,
+        swiglu_limit=cfg.swiglu_limit,
+        sliding_window=cfg.sliding_window,
+        o_groups=cfg.o_groups,
+        o_lora_rank=cfg.o_lora_rank,
+        index_n_heads=cfg.index_n_heads,
+        index_head_dim=cfg.index_head_dim,
+        index_topk=cfg.index_topk,
+        rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=False,
     )
     if cfg.yarn_factor is not None:
         d["rope_parameters"] = dict(
-            rope_type="yarn", factor=cfg.yarn_factor, original_max_position_embeddings=cfg.yarn_original_max_position,
-            beta_fast=cfg.yarn_beta_fast, beta_slow=cfg.yarn_beta_slow,
+            rope_type="yarn",
+            factor=cfg.yarn_factor,
+            original_max_position_embeddings=cfg.yarn_original_max_position,
+            beta_fast=cfg.yarn_beta_fast,
+            beta_slow=cfg.yarn_beta_slow,
         )
     return d
 

@@ -88,18 +88,29 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jax_megamoe._version import __version__
 from jax_megamoe._src.io.build import build_moe_layer
 from jax_megamoe._src.io.safetensors_reader import (
-    Checkpoint, CheckpointError, CheckpointSource, SafetensorsFile, read_safetensors_header, safetensors_dtype,
+    Checkpoint,
+    CheckpointError,
+    CheckpointSource,
+    SafetensorsFile,
+    read_safetensors_header,
+    safetensors_dtype,
 )  # fmt: skip
 from jax_megamoe._src.io.v4_checkpoint import (
-    NIBBLE_ORDERS, MoELayer, _derive_dims, infer_config, layer_prefix, list_moe_layers, read_moe_layer,
+    NIBBLE_ORDERS,
+    MoELayer,
+    _derive_dims,
+    infer_config,
+    layer_prefix,
+    list_moe_layers,
+    read_moe_layer,
 )  # fmt: skip
 from jax_megamoe._src.numerics import config as _cfg
 from jax_megamoe._src.numerics.config import MODES
 from jax_megamoe._src.numerics.layout import ConversionReport, MoEWeights
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
+from jax_megamoe._version import __version__
 
 __all__ = [
     "FORMAT",
@@ -244,7 +255,11 @@ def write_safetensors(
     header: dict[str, Any] = {}
     off = 0
     for name, a in arrays.items():
-        header[name] = {"dtype": safetensors_dtype(a.dtype), "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+        header[name] = {
+            "dtype": safetensors_dtype(a.dtype),
+            "shape": list(a.shape),
+            "data_offsets": [off, off + a.nbytes],
+        }
         off += a.nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -351,7 +366,9 @@ def write_converted_layer(
     except FileNotFoundError:
         pass
     tensors = _layer_tensors(layer)
-    size, digest = write_safetensors(os.path.join(out_dir, data_name), tensors, _binding(layer.layer_idx, layer.mode, fingerprint))
+    size, digest = write_safetensors(
+        os.path.join(out_dir, data_name), tensors, _binding(layer.layer_idx, layer.mode, fingerprint)
+    )
     w = layer.weights
     manifest = {
         "format": FORMAT,
@@ -412,14 +429,22 @@ def validate_manifest(man: Any, man_path: str, layer_idx: int | None = None) -> 
         if v is _MISSING:
             raise CheckpointError(f"{man_path}: field {path!r} is missing, expected {expected}")
         if not ok(v):
-            raise CheckpointError(f"{man_path}: field {path!r} is {_shown(v)} ({type(v).__name__}), expected {expected}")
+            raise CheckpointError(
+                f"{man_path}: field {path!r} is {_shown(v)} ({type(v).__name__}), expected {expected}"
+            )
         return v
 
     def mapping(parent: dict[str, Any], where: str, key: str) -> dict[str, Any]:
         return field(parent, where, key, lambda v: isinstance(v, dict), "a mapping (JSON object)")
 
     field(man, "", "format", lambda v: v == FORMAT, f"{FORMAT!r}")
-    version = field(man, "", "version", lambda v: _is_int(v) and v in READ_VERSIONS, f"one of {READ_VERSIONS} (versions this library reads)")
+    version = field(
+        man,
+        "",
+        "version",
+        lambda v: _is_int(v) and v in READ_VERSIONS,
+        f"one of {READ_VERSIONS} (versions this library reads)",
+    )
     idx = field(man, "", "layer_idx", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
     if layer_idx is not None and idx != layer_idx:
         raise CheckpointError(f"{man_path}: the manifest is for layer {idx!r}, not {layer_idx}")
@@ -443,7 +468,9 @@ def validate_manifest(man: Any, man_path: str, layer_idx: int | None = None) -> 
         )
     required = (*_REQUIRED_TENSORS, "gate.tid2eid" if is_hash else "gate.bias")
     shared = [n for n in _SHARED_TENSORS if n in tensors]
-    missing = [n for n in required if n not in tensors] + ([n for n in _SHARED_TENSORS if n not in tensors] if shared else [])
+    missing = [n for n in required if n not in tensors] + (
+        [n for n in _SHARED_TENSORS if n not in tensors] if shared else []
+    )
     if missing:
         kind = "hash-routed" if is_hash else "biased"
         raise CheckpointError(f"{man_path}: field 'tensors' lacks {missing} (needed by a {kind} layer)")
@@ -451,7 +478,13 @@ def validate_manifest(man: Any, man_path: str, layer_idx: int | None = None) -> 
     want_name = layer_file_names(idx)[0]
     field(fi, "file", "name", lambda v: v == want_name, f"{want_name!r} (the data file sits next to its manifest)")
     field(fi, "file", "size", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
-    field(fi, "file", "sha256", lambda v: isinstance(v, str) and _SHA_RE.fullmatch(v) is not None, "64 lowercase hex digits")
+    field(
+        fi,
+        "file",
+        "sha256",
+        lambda v: isinstance(v, str) and _SHA_RE.fullmatch(v) is not None,
+        "64 lowercase hex digits",
+    )
     field(man, "", "conversion_report", lambda v: v is None or isinstance(v, dict), "null or a mapping")
     src = mapping(man, "", "source")
     for k in ("path", "fingerprint"):
@@ -459,7 +492,13 @@ def validate_manifest(man: Any, man_path: str, layer_idx: int | None = None) -> 
     field(src, "source", "expert_format", lambda v: v in ("fp4", "fp8"), "'fp4' or 'fp8'")
     field(src, "source", "nibble_order", lambda v: v in NIBBLE_ORDERS, f"one of {', '.join(NIBBLE_ORDERS)}")
     if version >= 2:
-        field(man, "", "manifest_sha256", lambda v: isinstance(v, str) and _SHA_RE.fullmatch(v) is not None, "64 lowercase hex digits")
+        field(
+            man,
+            "",
+            "manifest_sha256",
+            lambda v: isinstance(v, str) and _SHA_RE.fullmatch(v) is not None,
+            "64 lowercase hex digits",
+        )
     return man
 
 
@@ -615,7 +654,9 @@ def _read_verified(
             for ti in infos:
                 start = sf.data_start + ti.begin
                 if start < pos:
-                    raise CheckpointError(f"tensor {ti.name!r} in {sf.path}: overlaps the tensor before it (corrupt header)")
+                    raise CheckpointError(
+                        f"tensor {ti.name!r} in {sf.path}: overlaps the tensor before it (corrupt header)"
+                    )
                 if start > pos:  # a gap: not written by this library, but covered by the digest
                     gap = bytearray(start - pos)
                     _readinto_exact(f, memoryview(gap), sf.path)
@@ -736,9 +777,15 @@ def _config_of(man: dict[str, Any], man_path: str) -> Any:
     """The manifest's DeepseekV4Config, checked against its kernel dimensions."""
     cfg = DeepseekV4Config(**man["config"])
     dims = man["weights"]
-    for f, c in (("hidden", "hidden_size"), ("intermediate", "moe_intermediate_size"), ("num_experts", "n_routed_experts")):
+    for f, c in (
+        ("hidden", "hidden_size"),
+        ("intermediate", "moe_intermediate_size"),
+        ("num_experts", "n_routed_experts"),
+    ):
         if dims[f] != getattr(cfg, c):
-            raise CheckpointError(f"{man_path}: field 'weights.{f}' is {dims[f]} but field 'config.{c}' is {getattr(cfg, c)!r}")
+            raise CheckpointError(
+                f"{man_path}: field 'weights.{f}' is {dims[f]} but field 'config.{c}' is {getattr(cfg, c)!r}"
+            )
     return cfg
 
 
@@ -791,7 +838,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="checkpoint folder (model.safetensors.index.json + shards) or file")
     p.add_argument("--layers", required=True, help="'all', or indices and inclusive ranges: 3-5 or 0,2,7-9")
-    p.add_argument("--target", required=True, choices=sorted(TARGETS), help="sm90 (H100/H200, FP8) or sm100 (B200, FP4)")
+    p.add_argument(
+        "--target", required=True, choices=sorted(TARGETS), help="sm90 (H100/H200, FP8) or sm100 (B200, FP4)"
+    )
     p.add_argument("--mode", choices=("mxf4xmxf4", "fp8xfp4", "fp8"), help="kernel mode (sm100: default fp8xfp4)")
     p.add_argument("--out", required=True, help="output folder (created if needed)")
     p.add_argument("--nibble-order", default="low_even", choices=NIBBLE_ORDERS, help="FP4 packing of the checkpoint")
@@ -804,7 +853,9 @@ def _parser() -> argparse.ArgumentParser:
         help="re-hash existing outputs against their manifests before skipping them (default; --no-verify: "
         "check their size, header and metadata only)",
     )
-    p.add_argument("--experts-per-step", type=int, default=1, help="experts converted per step for sm90 (memory vs speed)")
+    p.add_argument(
+        "--experts-per-step", type=int, default=1, help="experts converted per step for sm90 (memory vs speed)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -848,8 +899,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg = infer_config(ck, i, config)
                 fmt = _derive_dims(ck, pre).expert_format
                 ok, why = check_converted(
-                    args.out, i, mode=mode, nibble_order=args.nibble_order, fingerprint=fp,
-                    expert_format=fmt, config=cfg, verify=args.verify and not args.force,
+                    args.out,
+                    i,
+                    mode=mode,
+                    nibble_order=args.nibble_order,
+                    fingerprint=fp,
+                    expert_format=fmt,
+                    config=cfg,
+                    verify=args.verify and not args.force,
                 )
                 if ok and not args.force:
                     say(f"{head}: already converted ({'verified' if args.verify else 'not re-hashed'}), skipping")
@@ -859,7 +916,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 layer = build_moe_layer(
                     read_moe_layer(ck, i, config=cfg, nibble_order=args.nibble_order, progress=progress),
-                    mode=mode, progress=progress, experts_per_step=args.experts_per_step,
+                    mode=mode,
+                    progress=progress,
+                    experts_per_step=args.experts_per_step,
                 )
                 man = write_converted_layer(args.out, layer, target=args.target, fingerprint=fp)
                 del layer
@@ -867,7 +926,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(f"{head}: wrote {man['file']['name']} ({mib:.1f} MiB) in {time.perf_counter() - t0:.1f}s")
                 if man["conversion_report"] is not None:
                     rep = man["conversion_report"]
-                    say(f"{head}: {ConversionReport(**{**rep, 'lossy_experts': tuple(rep['lossy_experts'])}).summary()}")
+                    say(
+                        f"{head}: {ConversionReport(**{**rep, 'lossy_experts': tuple(rep['lossy_experts'])}).summary()}"
+                    )
                 done += 1
             say(f"done: {done} converted, {skipped} skipped, {time.perf_counter() - t_all:.1f}s")
     except (CheckpointError, ValueError, OSError) as e:  # one line, no traceback

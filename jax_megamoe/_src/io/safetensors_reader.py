@@ -98,7 +98,6 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
     """Parse a safetensors header: returns ``(header dict, data_start, file_size)``.
 
@@ -245,7 +244,9 @@ class SafetensorsFile:
         where = f"tensor {name!r} in {self.path}"
         dt = ti.np_dtype
         if dt is None:
-            raise CheckpointError(f"{where}: dtype {ti.dtype!r} is not supported (known: {', '.join(SAFETENSORS_DTYPES)})")
+            raise CheckpointError(
+                f"{where}: dtype {ti.dtype!r} is not supported (known: {', '.join(SAFETENSORS_DTYPES)})"
+            )
         want = math.prod(ti.shape) * dt.itemsize
         if ti.nbytes != want:
             raise CheckpointError(
@@ -381,7 +382,9 @@ class Checkpoint:
         except CheckpointError as e:
             raise CheckpointError(f"{e} (while reading tensor {name!r})") from None
         if name not in sf:
-            raise CheckpointError(f"tensor {name!r}: {self.source} places it in {path}, whose header has no such tensor")
+            raise CheckpointError(
+                f"tensor {name!r}: {self.source} places it in {path}, whose header has no such tensor"
+            )
         return sf
 
     def info(self, name: str) -> TensorInfo:
@@ -434,7 +437,9 @@ class Checkpoint:
         for n in sorted(names):
             sf = self.file_of(n)
             ti = sf.info(n)
-            h.update(json.dumps([n, os.path.basename(sf.path), sf.size, ti.dtype, list(ti.shape), ti.begin, ti.end]).encode())
+            h.update(
+                json.dumps([n, os.path.basename(sf.path), sf.size, ti.dtype, list(ti.shape), ti.begin, ti.end]).encode()
+            )
         return h.hexdigest()
 
     def close(self) -> None:
@@ -457,4 +462,3 @@ def _as_checkpoint(path: CheckpointSource) -> tuple[Checkpoint, bool]:
     if isinstance(path, Checkpoint):
         return path, False
     return Checkpoint(path), True
-

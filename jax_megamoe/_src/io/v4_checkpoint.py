@@ -68,7 +68,13 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jax_megamoe._src.io.safetensors_reader import CONFIG_NAME, Checkpoint, CheckpointError, CheckpointSource, _as_checkpoint
+from jax_megamoe._src.io.safetensors_reader import (
+    CONFIG_NAME,
+    Checkpoint,
+    CheckpointError,
+    CheckpointSource,
+    _as_checkpoint,
+)
 from jax_megamoe._src.numerics._validate import ArrayIn
 from jax_megamoe._src.numerics.layout import ConversionReport, MoEWeights, nan_scale_message
 from jax_megamoe._src.numerics.progress import ProgressArg, make_progress
@@ -269,7 +275,9 @@ def _derive_dims(ck: Checkpoint, pre: str) -> _Dims:
     gname = f"{pre}ffn.gate.weight"
     g = ck.expect(gname, ("BF16",), None, "the router weight")
     if len(g.shape) != 2:
-        raise CheckpointError(f"tensor {gname!r} in {g.file}: expected a rank-2 [E, H] router weight, got {list(g.shape)}")
+        raise CheckpointError(
+            f"tensor {gname!r} in {g.file}: expected a rank-2 [E, H] router weight, got {list(g.shape)}"
+        )
     e, h = g.shape
     has_t, has_b = f"{pre}ffn.gate.tid2eid" in ck, f"{pre}ffn.gate.bias" in ck
     if has_t == has_b:
@@ -405,7 +413,9 @@ def _infer_config(ck: Checkpoint, layer_idx: int, pre: str, config: ConfigArg, d
     if cfg.n_routed_experts != d.num_experts:
         raise mismatch("n_routed_experts", d.num_experts, cfg.n_routed_experts, g)
     if cfg.moe_intermediate_size != d.intermediate:
-        raise mismatch("moe_intermediate_size", d.intermediate, cfg.moe_intermediate_size, f"{pre}ffn.experts.0.w1.weight")
+        raise mismatch(
+            "moe_intermediate_size", d.intermediate, cfg.moe_intermediate_size, f"{pre}ffn.experts.0.w1.weight"
+        )
     want_si = cfg.shared_intermediate_size if cfg.n_shared_experts > 0 else None
     if d.shared_intermediate != want_si:
         have = "no shared expert" if d.shared_intermediate is None else f"I_s = {d.shared_intermediate}"
@@ -505,7 +515,9 @@ def _read_fp8_pair(
     ck.expect(wname, ("F8_E4M3",), shape, what, "[N, K]")
     sname = f"{base}.scale" if f"{base}.scale" in ck else f"{base}.weight_scale_inv"
     if sname not in ck:
-        raise CheckpointError(f"tensor {base}.scale is missing: neither it nor {base}.weight_scale_inv is listed in {ck.source}")
+        raise CheckpointError(
+            f"tensor {base}.scale is missing: neither it nor {base}.weight_scale_inv is listed in {ck.source}"
+        )
     sti = ck.expect(sname, ("F8_E8M0", "F32", "U8"), None, f"the 128x128 block scale of {what}")
     if sti.shape != (n // 128, k // 128):
         hint = ""
@@ -583,7 +595,9 @@ def read_moe_layer(
                     bar(ex + 1)
         else:
             if i % 128:
-                raise CheckpointError(f"{pre}ffn.experts.0.w1.weight: I = {i} is not a multiple of 128 (FP8 128x128 blocks)")
+                raise CheckpointError(
+                    f"{pre}ffn.experts.0.w1.weight: I = {i} is not a multiple of 128 (FP8 128x128 blocks)"
+                )
             w13 = np.empty((e, 2 * i, h), np.dtype(ml_dtypes.float8_e4m3fn))
             s13 = np.empty((e, 2 * i // 128, h // 128), np.float32)
             w2 = np.empty((e, h, i), np.dtype(ml_dtypes.float8_e4m3fn))
@@ -658,4 +672,3 @@ class MoELayer:
     expert_format: str = "fp4"
     nibble_order: str = "low_even"
     source: str = ""
-

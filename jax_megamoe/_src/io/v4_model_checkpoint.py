@@ -334,7 +334,11 @@ def check_checkpoint_layout(
             seen.add(sn)
             _check_info(ck.info(sn), want[sn], config)
     if strict:
-        extra = [n for n in ck.names() if n not in seen and not is_ignored_tensor(n) and (include_mtp or not n.startswith("mtp."))]
+        extra = [
+            n
+            for n in ck.names()
+            if n not in seen and not is_ignored_tensor(n) and (include_mtp or not n.startswith("mtp."))
+        ]
         if extra:
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
             raise CheckpointError(
@@ -368,7 +372,14 @@ def hf_config_dict(config: DeepseekV4Config, *, quantized: bool = True) -> dict[
         "model_type": "deepseek_v4",
         "torch_dtype": "bfloat16",
     }
-    skip = {"compress_ratios", "yarn_factor", "yarn_original_max_position", "yarn_beta_fast", "yarn_beta_slow", "renorm_eps"}
+    skip = {
+        "compress_ratios",
+        "yarn_factor",
+        "yarn_original_max_position",
+        "yarn_beta_fast",
+        "yarn_beta_slow",
+        "renorm_eps",
+    }
     for f in dataclasses.fields(c):
         if f.name not in skip:
             d[f.name] = getattr(c, f.name)

@@ -39,10 +39,10 @@ from typing import Any
 import jax
 import jaxlib
 
-from jax_megamoe._version import __version__
 from jax_megamoe._src.kernels import _toolchain
 from jax_megamoe._src.numerics import policy
 from jax_megamoe._src.numerics.policy import Locations
+from jax_megamoe._version import __version__
 
 LIB_NAME = "libjax_megamoe_ffi.so"
 ENV_LIB = policy.ENV_FFI_LIB
@@ -60,6 +60,7 @@ TARGET_MEGA_MOE_SM90 = "jax_megamoe_mega_moe_sm90"  # contract: ffi/handlers/meg
 TARGET_MEGA_MOE_SM100 = "jax_megamoe_mega_moe_sm100"
 GRAPH_SUFFIX = "_graph"
 STAGES = ("instantiate", "initialize", "execute")
+
 
 def _with_graph_twins(prefixes: dict[str, str], *, twins: tuple[str, ...]) -> dict[str, str]:
     """``target -> C symbol prefix`` (stage symbols are f"{prefix}_{stage}"), plus the

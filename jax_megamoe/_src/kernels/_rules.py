@@ -205,9 +205,7 @@ def _named_specs(spec: _Spec, arg_shapes: Sequence[Any]) -> list[Any]:
 def _partition(spec: _Spec, mesh: Any, arg_shapes: Any, result_shape: Any):
     args = list(arg_shapes)
     token = _token_axes(spec, _named_specs(spec, args), [tuple(a.shape) for a in args])
-    arg_sh = tuple(
-        _sharding_of(mesh, token, len(a.shape), i < spec.num_token_inputs) for i, a in enumerate(args)
-    )
+    arg_sh = tuple(_sharding_of(mesh, token, len(a.shape), i < spec.num_token_inputs) for i, a in enumerate(args))
     res_sh = tuple(_sharding_of(mesh, token, len(r.shape), True) for r in result_shape)
     return mesh, _lower_fn(spec), res_sh, arg_sh
 
@@ -238,8 +236,13 @@ if "infer_sharding_from_operands" in inspect.signature(_partitioned.def_partitio
 _partitioned.def_partition(_partition, **_kw)
 
 
-def _shardy_rule(spec_names: Sequence[str], in_shapes: Sequence[tuple[int, ...]], n_tok: int,
-                 out_shapes: Sequence[tuple[int, ...]], rows_are_tokens: bool) -> str:
+def _shardy_rule(
+    spec_names: Sequence[str],
+    in_shapes: Sequence[tuple[int, ...]],
+    n_tok: int,
+    out_shapes: Sequence[tuple[int, ...]],
+    rows_are_tokens: bool,
+) -> str:
     """Token dim ``t`` shared by the token-major operands (and the results when their rows are the
     tokens); the weights' expert dims share ``e``; every other dim is its own factor."""
     del spec_names
@@ -277,8 +280,10 @@ def _explicit_specs(leaves: Sequence[Any]) -> tuple[Any, list[Any]] | None:
         s = getattr(jax.typeof(a), "sharding", None)
         m = getattr(s, "mesh", None)
         ps = getattr(s, "spec", P())
-        explicit = m is not None and not m.empty and any(
-            t == jax.sharding.AxisType.Explicit for t in getattr(m, "axis_types", ())
+        explicit = (
+            m is not None
+            and not m.empty
+            and any(t == jax.sharding.AxisType.Explicit for t in getattr(m, "axis_types", ()))
         )
         if explicit:
             any_explicit = True
@@ -295,8 +300,7 @@ def _sharded(spec: _Spec) -> Callable[..., tuple[jax.Array, ...]]:
         mesh, specs = explicit
         token = _token_axes(spec, specs, [tuple(a.shape) for a in leaves])  # raises for anything else
         in_specs = tuple(
-            P(token, *([None] * (len(a.shape) - 1))) if i < spec.num_token_inputs else P()
-            for i, a in enumerate(leaves)
+            P(token, *([None] * (len(a.shape) - 1))) if i < spec.num_token_inputs else P() for i, a in enumerate(leaves)
         )
         out_specs = tuple(P(token, *([None] * (nd - 1))) for nd in spec.out_ndims)
         f = jax.shard_map(lambda *a: tuple(spec.fn(*a)), mesh=mesh, in_specs=in_specs, out_specs=out_specs,

@@ -202,9 +202,7 @@ def find_nvcc(locations: Locations | None = None) -> Toolchain:
                 raise ToolchainError(f"{source}={path} is not an executable nvcc; unset it or {_INSTALL_NVCC}")
             continue
         try:
-            proc = subprocess.run(
-                [str(path), "--version"], capture_output=True, text=True, timeout=60, check=False
-            )
+            proc = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=60, check=False)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise ToolchainError(f"cannot run `{path} --version` (found via {source}): {e}") from e
         text = proc.stdout + proc.stderr

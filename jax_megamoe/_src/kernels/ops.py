@@ -25,13 +25,12 @@ import numpy as np
 
 from jax_megamoe._src.kernels import _decode, _ffi, _rules
 from jax_megamoe._src.kernels._calls import BackendUnavailableError, MegaMoECall, PreDispatchCall, ffi_call_on_gpu
-from jax_megamoe._src.numerics import config
-from jax_megamoe._src.numerics.config import Mode, MoEOptions
+from jax_megamoe._src.numerics import config, reference
 from jax_megamoe._src.numerics import policy as _policy
+from jax_megamoe._src.numerics._validate import check_routing, is_traced, static_float, static_int
+from jax_megamoe._src.numerics.config import Mode, MoEOptions
 from jax_megamoe._src.numerics.layout import MoEWeights
 from jax_megamoe._src.numerics.policy import Policy
-from jax_megamoe._src.numerics import reference
-from jax_megamoe._src.numerics._validate import check_routing, is_traced, static_float, static_int
 
 Backend = Literal["auto", "ffi", "reference"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -140,7 +139,9 @@ def pre_dispatch(
     def run(x, topk_idx, topk_weights):
         cap = x.shape[0] + pad
         if chosen == "reference":
-            r = reference.pre_dispatch(x, topk_idx, topk_weights, mode=mode, num_max_tokens=cap, routed_scaling_factor=rsf)
+            r = reference.pre_dispatch(
+                x, topk_idx, topk_weights, mode=mode, num_max_tokens=cap, routed_scaling_factor=rsf
+            )
         else:
             call = PreDispatchCall(mode, x.shape[1], topk_idx.shape[1], cap, rsf, pol.graph_targets)
             r = _pre_dispatch_ffi(x, reference.route_ids(topk_idx), topk_weights, call)
@@ -313,7 +314,9 @@ def decode_target_call(
     e = weights.num_local_experts
     idx = reference.route_ids(topk_idx, e)
     suffix = _ffi.GRAPH_SUFFIX if call.graph else ""
-    dims = dict(hidden=np.int64(h), intermediate=np.int64(weights.intermediate), num_experts=np.int64(e), top_k=np.int64(k))
+    dims = dict(
+        hidden=np.int64(h), intermediate=np.int64(weights.intermediate), num_experts=np.int64(e), top_k=np.int64(k)
+    )
     act = ffi_call_on_gpu(
         "mega_moe", _ffi.TARGET_DECODE_L1_SM90 + suffix, jax.ShapeDtypeStruct((t * k, weights.intermediate), jnp.float32),
         x, idx, topk_weights, weights.l1, weights.l1_sf,

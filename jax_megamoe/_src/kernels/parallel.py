@@ -69,16 +69,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import AbstractMesh, Mesh
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_megamoe._src.kernels import _ffi, _rules, ops
 from jax_megamoe._src.numerics import config, reference
 from jax_megamoe._src.numerics import policy as _policy
-from jax_megamoe._src.numerics.policy import Policy
-from jax_megamoe._src.numerics.layout import MoEWeights
 from jax_megamoe._src.numerics._validate import check_instance
+from jax_megamoe._src.numerics.layout import MoEWeights
+from jax_megamoe._src.numerics.policy import Policy
 
 __all__ = [
     "ep_moe", "ep_moe_any_tokens", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
@@ -146,6 +145,7 @@ class _EPCall:
     chunk: int
     fused: ops.MegaMoECall | None
     policy: Policy
+
 
 #: Platforms whose XLA implements ``ragged-all-to-all``.
 _RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
@@ -442,7 +442,11 @@ def _choose_path(mesh, axis, mode, tokens_per_device, opts: EPOptions):
     """``(path, fused)``: ``"fused"`` with ``fused`` the kernel call (its ``num_experts`` and clamp
     filled in by the caller), or the collective ``"ragged"``/``"padded"`` with ``fused = None``."""
     dispatch, backend, capacity, num_max_tokens, policy = (
-        opts.dispatch, opts.backend, opts.pair_capacity, opts.num_max_tokens, opts.policy
+        opts.dispatch,
+        opts.backend,
+        opts.pair_capacity,
+        opts.num_max_tokens,
+        opts.policy,
     )
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
@@ -524,7 +528,13 @@ def _local_experts(x, idx, w, weights, spec: _EPCall):
         # buffer for all R received rows; the call's policy (not the process one) decides the rest.
         local = dataclasses.replace(weights, num_experts=weights.num_local_experts)
         return ops.mega_moe(
-            x, idx, w, local, mode=spec.mode, activation_clamp=spec.clamp, backend="ffi",
+            x,
+            idx,
+            w,
+            local,
+            mode=spec.mode,
+            activation_clamp=spec.clamp,
+            backend="ffi",
             options=ops.MoEOptions(num_max_tokens=x.shape[0], policy=spec.policy),
         )
     return reference.mega_moe(

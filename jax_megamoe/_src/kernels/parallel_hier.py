@@ -175,7 +175,11 @@ def _resolve(mesh, host_axis, axis, mode, rows_per_device: int, opts: EPOptions)
     """``(HierPath, fused)``; ``fused``: the fused stage's kernel call (its ``num_experts`` and clamp
     filled in by the caller), or None."""
     dispatch, intranode, backend, num_max_tokens, policy = (
-        opts.dispatch, opts.intranode, opts.backend, opts.num_max_tokens, opts.policy
+        opts.dispatch,
+        opts.intranode,
+        opts.backend,
+        opts.num_max_tokens,
+        opts.policy,
     )
     if intranode not in INTRANODE:
         raise ValueError(f"intranode: {intranode!r} is not one of {', '.join(INTRANODE)}")
@@ -218,12 +222,7 @@ def _resolve(mesh, host_axis, axis, mode, rows_per_device: int, opts: EPOptions)
             # no GPU at all: allowed, so that a jitted call still lowers for cuda on a CPU-only machine
             reason = "intranode='fused' requested" + ("" if ok else f" (lowering only: {why})")
             inner = "fused"
-        elif (
-            ok
-            and backend != "reference"
-            and pol.fused_ep
-            and (mode == "fp8" or pol.sm100_mega)
-        ):
+        elif ok and backend != "reference" and pol.fused_ep and (mode == "fp8" or pol.sm100_mega):
             inner, reason = "fused", f"the {g} GPUs of each host run DeepGEMM's multi-rank kernel over NVLink"
         else:
             inner = "collective"
@@ -356,7 +355,9 @@ def ep_moe_hier(
         raise TypeError(f"axes: {axes!r} must be a pair (host_axis, axis), axis None for one level")
     host_axis, axis = axes
     activation_clamp, routed_scaling_factor, return_stats = (
-        opts.activation_clamp, opts.routed_scaling_factor, opts.return_stats
+        opts.activation_clamp,
+        opts.routed_scaling_factor,
+        opts.return_stats,
     )
     if opts.return_overflow:
         raise ValueError("options: return_overflow applies to ep_moe; ep_moe_hier never drops (return_stats)")
@@ -402,7 +403,9 @@ def ep_moe_hier(
     weights = jax.tree.map(lambda a: parallel._place(a, mesh, spec, explicit), weights)
     rsf = jnp.asarray(routed_scaling_factor, jnp.float32)
     chunk = reference.default_chunk_rows(t * k, weights.num_experts)
-    spec = _HierCall(mesh, host_axis, axis, mode, clamp, path, caps, (fused, fused2), chunk, _policy.resolve(opts.policy))
+    spec = _HierCall(
+        mesh, host_axis, axis, mode, clamp, path, caps, (fused, fused2), chunk, _policy.resolve(opts.policy)
+    )
     y, stats = _hier_jit(x, topk_idx, topk_weights, rsf, weights, spec=spec)
     return (y, EPStats(*stats)) if return_stats else y
 
@@ -424,7 +427,9 @@ class _HierCall:
 
     def inner(self, backend: str, path: str, cap: int) -> parallel._EPCall:
         """The one-level spec of the intranode stage over ``axis`` (or of the local experts)."""
-        return parallel._EPCall(None, self.axis, self.mode, self.clamp, backend, path, cap, self.chunk, None, self.policy)
+        return parallel._EPCall(
+            None, self.axis, self.mode, self.clamp, backend, path, cap, self.chunk, None, self.policy
+        )
 
 
 @partial(jax.jit, static_argnames=("spec",))
@@ -509,8 +514,10 @@ def _hier_body(x, topk_idx, w, weights, *, spec: _HierCall, num_experts: int):
         slot = jnp.where(mine, dests[None, :] * cap + (pos - offset), rows)  # [tl, n_o]; rows: dropped
         # For every send row, the (token, host) entry it carries (tl * n_o: a padding row), then one
         # gather per buffer (no [tl * n_o, H] temporary).
-        src = jnp.full((rows,), tl * n_o, jnp.int32).at[slot.reshape(-1)].set(
-            jnp.arange(tl * n_o, dtype=jnp.int32), mode="drop"
+        src = (
+            jnp.full((rows,), tl * n_o, jnp.int32)
+            .at[slot.reshape(-1)]
+            .set(jnp.arange(tl * n_o, dtype=jnp.int32), mode="drop")
         )
         send_x = jnp.concatenate([x, jnp.zeros((1, h), x.dtype)])[src // n_o]
         send_e = jnp.concatenate([ids_to.reshape(-1, k), jnp.full((1, k), -1, jnp.int32)])[src]

@@ -133,7 +133,9 @@ def validate_moe_shape(
         raise ValueError(f"num_ranks: {num_ranks} exceeds {max_ranks}")
     if mode in SM90_MODES:
         if intermediate > MAX_INTERMEDIATE_SM90:
-            raise ValueError(f"intermediate: {intermediate} exceeds the sm_90 kernel's limit of {MAX_INTERMEDIATE_SM90}")
+            raise ValueError(
+                f"intermediate: {intermediate} exceeds the sm_90 kernel's limit of {MAX_INTERMEDIATE_SM90}"
+            )
         return
     if top_k > MAX_TOPK_SM100:
         raise ValueError(f"top_k: {top_k} exceeds the sm_100 kernel's limit of {MAX_TOPK_SM100}")

@@ -261,9 +261,7 @@ def _ceil_log2_over_fp8_max(m: float) -> int:
 
 
 #: ceil(log2(|v| / 448)) for the E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (index = code & 7).
-_TMAG = np.array(
-    [_NEG] + [_ceil_log2_over_fp8_max(m) for m in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)], dtype=np.int32
-)
+_TMAG = np.array([_NEG] + [_ceil_log2_over_fp8_max(m) for m in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)], dtype=np.int32)
 
 
 def _pow2_f32(t: jax.Array) -> jax.Array:
@@ -573,7 +571,9 @@ def _build_sm100(w13: jax.Array, s13: jax.Array, w2: jax.Array, s2: jax.Array, m
     return l1, l1_sf, w2, l2_sf
 
 
-def _unbuild_sm100(l1: jax.Array, l1_sf: jax.Array, l2: jax.Array, l2_sf: jax.Array, mode: str) -> tuple[jax.Array, ...]:
+def _unbuild_sm100(
+    l1: jax.Array, l1_sf: jax.Array, l2: jax.Array, l2_sf: jax.Array, mode: str
+) -> tuple[jax.Array, ...]:
     _, inv = _l1_interleave(mode)
     w13 = inv(l1)
     s13 = unpack_sf_mn_major(inv(utccp_untranspose(l1_sf, axis=-1), axis=-1))
@@ -610,7 +610,9 @@ class MoEWeights:
     # ---- shapes ---------------------------------------------------------------------------
 
     @staticmethod
-    def kernel_shapes(mode: str, num_experts: int, hidden: int, intermediate: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    def kernel_shapes(
+        mode: str, num_experts: int, hidden: int, intermediate: int
+    ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """``{leaf name: (shape, dtype)}`` of the kernel layout for ``mode``."""
         _config.check_mode(mode)
         e, h, i = num_experts, hidden, intermediate
@@ -639,7 +641,9 @@ class MoEWeights:
 
     @property
     def nbytes(self) -> int:
-        return int(sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in (self.l1, self.l1_sf, self.l2, self.l2_sf)))
+        return int(
+            sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in (self.l1, self.l1_sf, self.l2, self.l2_sf))
+        )
 
     def __repr__(self) -> str:
         def leaf(x: Any) -> str:

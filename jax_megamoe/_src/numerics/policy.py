@@ -128,7 +128,8 @@ class Locations:
             cuda_roots=tuple((v, env[v]) for v in ENV_CUDA_ROOTS if env.get(v)),
             search_path=env.get("PATH"),
             deepgemm_include=env.get(ENV_DEEPGEMM_INCLUDE) or None,
-            allow_deepgemm_version=env.get(ENV_ALLOW_DEEPGEMM_VERSION, "").strip().lower() in ("1", "true", "yes", "on"),
+            allow_deepgemm_version=env.get(ENV_ALLOW_DEEPGEMM_VERSION, "").strip().lower()
+            in ("1", "true", "yes", "on"),
         )
 
 

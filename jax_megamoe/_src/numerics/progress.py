@@ -110,7 +110,9 @@ def make_progress(progress: ProgressArg, total: int, desc: str, unit: str = "it"
         return TextBar(total, desc, unit)
     if callable(progress):
         return _CallbackBar(progress, total)
-    raise TypeError(f"progress: expected None, a bool, 'text' or a callable(done, total), got {type(progress).__name__}")
+    raise TypeError(
+        f"progress: expected None, a bool, 'text' or a callable(done, total), got {type(progress).__name__}"
+    )
 
 
 def text_progress_bar(desc: str = "", stream: TextIO | None = None, width: int = 30) -> Callable[[int, int], None]:

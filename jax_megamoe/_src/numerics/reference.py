@@ -67,10 +67,14 @@ import numpy as np
 from jax import lax
 
 from jax_megamoe._src.numerics import config, quant
-from jax_megamoe._src.numerics.layout import MoEWeights
 from jax_megamoe._src.numerics._validate import (
-    ArrayIn, check_routing, is_traced, static_float, static_int,
+    ArrayIn,
+    check_routing,
+    is_traced,
+    static_float,
+    static_int,
 )  # fmt: skip
+from jax_megamoe._src.numerics.layout import MoEWeights
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -197,9 +201,7 @@ def requantize_intermediate(a: jax.Array, mode: str) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
-def swiglu(
-    h: jax.Array, w: jax.Array, *, mode: str, activation_clamp: float | None
-) -> jax.Array:
+def swiglu(h: jax.Array, w: jax.Array, *, mode: str, activation_clamp: float | None) -> jax.Array:
     """L1 epilogue before requantisation: ``h`` f32 ``[M, 2I]`` ([gate | up]), ``w`` f32 ``[M]``.
 
     Returns ``a = ((silu(g) * u) * w)`` f32 ``[M, I]`` with the mode's rounding and clamp.

@@ -108,18 +108,29 @@ class DeepseekV4Config:
         _check_int("num_hash_layers", self.num_hash_layers, 0)
         _check_int("vocab_size", self.vocab_size, 1)
         if self.scoring_func != "sqrtsoftplus":
-            raise ValueError(
-                f"scoring_func: {self.scoring_func!r} is not supported; DeepSeek V4 uses 'sqrtsoftplus'"
-            )
+            raise ValueError(f"scoring_func: {self.scoring_func!r} is not supported; DeepSeek V4 uses 'sqrtsoftplus'")
         if not isinstance(self.norm_topk_prob, (bool, np.bool_)):
             raise ValueError(f"norm_topk_prob: {self.norm_topk_prob!r} must be a bool")
         _check_float("renorm_eps", self.renorm_eps, lo=0.0)
-        for name in ("num_hidden_layers", "num_attention_heads", "head_dim", "q_lora_rank", "o_groups",
-                     "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk", "hc_mult"):
+        for name in (
+            "num_hidden_layers",
+            "num_attention_heads",
+            "head_dim",
+            "q_lora_rank",
+            "o_groups",
+            "o_lora_rank",
+            "sliding_window",
+            "index_n_heads",
+            "index_head_dim",
+            "index_topk",
+            "hc_mult",
+        ):
             _check_int(name, getattr(self, name), 1)
         _check_int("qk_rope_head_dim", self.qk_rope_head_dim, 0)
         if self.qk_rope_head_dim > self.head_dim or self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim: {self.qk_rope_head_dim} must be even and <= head_dim = {self.head_dim}")
+            raise ValueError(
+                f"qk_rope_head_dim: {self.qk_rope_head_dim} must be even and <= head_dim = {self.head_dim}"
+            )
         if self.num_attention_heads % self.o_groups:
             raise ValueError(f"o_groups: {self.o_groups} must divide num_attention_heads = {self.num_attention_heads}")
         if self.compress_ratios is not None:
@@ -358,9 +369,24 @@ def _fields_from_json(cj: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in cj.items():  # DeepSeek names first, HF names (when both are given) win
         if k in _DEEPSEEK_KEYS:
             out[_DEEPSEEK_KEYS[k]] = v
-    for k in ("n_routed_experts", "n_shared_experts", "swiglu_limit", "q_lora_rank", "head_dim", "o_groups",
-              "o_lora_rank", "rope_theta", "compress_rope_theta", "index_n_heads", "index_head_dim", "index_topk",
-              "hc_mult", "hc_sinkhorn_iters", "hc_eps", "vocab_size"):
+    for k in (
+        "n_routed_experts",
+        "n_shared_experts",
+        "swiglu_limit",
+        "q_lora_rank",
+        "head_dim",
+        "o_groups",
+        "o_lora_rank",
+        "rope_theta",
+        "compress_rope_theta",
+        "index_n_heads",
+        "index_head_dim",
+        "index_topk",
+        "hc_mult",
+        "hc_sinkhorn_iters",
+        "hc_eps",
+        "vocab_size",
+    ):
         if k in cj:
             out[k] = cj[k]
     # DeepSeek's YaRN keys: original_seq_len 0 disables YaRN.
@@ -407,8 +433,11 @@ def _fields_from_json(cj: Mapping[str, Any]) -> dict[str, Any]:
             out["compress_rope_theta"] = comp["rope_theta"]
         if comp.get("rope_type", comp.get("type", "default")) == "yarn":
             out["yarn_factor"] = float(comp.get("factor", 1.0))
-            for src, dst in (("original_max_position_embeddings", "yarn_original_max_position"),
-                             ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+            for src, dst in (
+                ("original_max_position_embeddings", "yarn_original_max_position"),
+                ("beta_fast", "yarn_beta_fast"),
+                ("beta_slow", "yarn_beta_slow"),
+            ):
                 if comp.get(src) is not None:
                     out[dst] = comp[src]
         elif "rope_factor" not in cj and "original_seq_len" not in cj:

@@ -191,8 +191,10 @@ class DeepseekV4Compressor(nnx.Module):
 
         def carry(e_kv, e_gate, p0, p1):
             o = (p1 // r - p0 // r) * r
-            return (jax.lax.dynamic_slice(e_kv, (o, 0), (c * r, c * d)),
-                    jax.lax.dynamic_slice(e_gate, (o, 0), (c * r, c * d)))
+            return (
+                jax.lax.dynamic_slice(e_kv, (o, 0), (c * r, c * d)),
+                jax.lax.dynamic_slice(e_gate, (o, 0), (c * r, c * d)),
+            )
 
         st_kv, st_gate = jax.vmap(carry)(ext_kv, ext_gate, start, end)
         return CompressorCache(kv=st_kv, gate=st_gate, entries=entries)

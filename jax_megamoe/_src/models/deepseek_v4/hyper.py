@@ -43,8 +43,7 @@ class HyperSpec:
 
     @classmethod
     def from_config(cls, config: DeepseekV4Config) -> HyperSpec:
-        return cls(int(config.hc_mult), int(config.hc_sinkhorn_iters), float(config.hc_eps),
-                   float(config.rms_norm_eps))
+        return cls(int(config.hc_mult), int(config.hc_sinkhorn_iters), float(config.hc_eps), float(config.rms_norm_eps))
 
     @property
     def mix_size(self) -> int:
@@ -68,8 +67,8 @@ def hc_split_sinkhorn(
     scale = scale.astype(jnp.float32)
     base = base.astype(jnp.float32)
     pre = jax.nn.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
-    post = 2.0 * jax.nn.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
-    logits = mixes[..., 2 * hc:].reshape(*mixes.shape[:-1], hc, hc) * scale[2] + base[2 * hc:].reshape(hc, hc)
+    post = 2.0 * jax.nn.sigmoid(mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+    logits = mixes[..., 2 * hc :].reshape(*mixes.shape[:-1], hc, hc) * scale[2] + base[2 * hc :].reshape(hc, hc)
     comb = jax.nn.softmax(logits, axis=-1) + eps
     comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
 

@@ -46,13 +46,16 @@ class DeepseekV4Indexer(nnx.Module):
         self.index_topk = int(config.index_topk)
         self.ratio = int(compress_ratio)
         if config.qk_rope_head_dim > self.head_dim:
-            raise ValueError(
-                f"index_head_dim: {self.head_dim} must be >= qk_rope_head_dim = {config.qk_rope_head_dim}"
-            )
+            raise ValueError(f"index_head_dim: {self.head_dim} must be >= qk_rope_head_dim = {config.qk_rope_head_dim}")
         self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, param_dtype=param_dtype, rngs=rngs)
         self.weights_proj = Linear(config.hidden_size, self.n_heads, param_dtype=param_dtype, rngs=rngs)
         self.compressor = DeepseekV4Compressor(
-            config, compress_ratio, self.head_dim, rope, param_dtype=param_dtype, rngs=rngs,
+            config,
+            compress_ratio,
+            self.head_dim,
+            rope,
+            param_dtype=param_dtype,
+            rngs=rngs,
             quant="fp4" if self.simulate_quant else None,
         )
 

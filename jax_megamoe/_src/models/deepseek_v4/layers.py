@@ -51,8 +51,7 @@ class Linear(nnx.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: last dim {x.shape[-1]} must equal in_features = {self.in_features}")
         w = self.weight[...].astype(compute_dtype)
-        return jnp.einsum("...i,oi->...o", x.astype(compute_dtype), w,
-                          precision=jax.lax.Precision.HIGHEST)
+        return jnp.einsum("...i,oi->...o", x.astype(compute_dtype), w, precision=jax.lax.Precision.HIGHEST)
 
 
 class RMSNorm(nnx.Module):

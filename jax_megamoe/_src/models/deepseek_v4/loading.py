@@ -78,11 +78,11 @@ from jax_megamoe._src.io.v4_model_checkpoint import (
     tensor_kind,
 )
 from jax_megamoe._src.kernels import parallel
+from jax_megamoe._src.models.deepseek_v4 import model as _model
+from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4MoE
 from jax_megamoe._src.numerics import quant
 from jax_megamoe._src.numerics.layout import MoEWeights, nan_scale_message
 from jax_megamoe._src.numerics.progress import ProgressArg, make_progress
-from jax_megamoe._src.models.deepseek_v4 import model as _model
-from jax_megamoe._src.models.deepseek_v4.moe import DeepseekV4MoE
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
 __all__ = ["EXPERTS", "load_checkpoint", "load_state_dict"]
@@ -199,7 +199,9 @@ class _Source:
 def _check_dtype(src: _Source, name: str, dtypes: tuple[str, ...], what: str) -> str:
     dt, _ = src.meta(name)
     if dt not in dtypes:
-        raise CheckpointError(f"{src.where(name)}: dtype {dt} is not supported for {what}; expected {' or '.join(dtypes)}")
+        raise CheckpointError(
+            f"{src.where(name)}: dtype {dt} is not supported for {what}; expected {' or '.join(dtypes)}"
+        )
     return dt
 
 
@@ -296,7 +298,9 @@ def _expert_format(src: _Source, pre: str) -> str:
         return "fp8"
     if dt in _FLOAT_DT:
         return "float"
-    raise CheckpointError(f"{src.where(first)}: dtype {dt} is not a routed-expert format (I8/U8 FP4, F8_E4M3, BF16/F32)")
+    raise CheckpointError(
+        f"{src.where(first)}: dtype {dt} is not a routed-expert format (I8/U8 FP4, F8_E4M3, BF16/F32)"
+    )
 
 
 def _read_fp4_experts(
@@ -415,14 +419,18 @@ def _load_routed(src: _Source, pre: str, var: nnx.Variable, place: _Placement, o
         bufs = [_set_rows(b, place.put_sharded_like(leaf, b), jnp.int32(e0)) for b, leaf in zip(bufs, leaves)]
         del part, leaves
     assert bufs is not None
-    weights = MoEWeights(l1=bufs[0], l1_sf=bufs[1], l2=bufs[2], l2_sf=bufs[3], mode=mode, hidden=h, intermediate=i, num_experts=e)
+    weights = MoEWeights(
+        l1=bufs[0], l1_sf=bufs[1], l2=bufs[2], l2_sf=bufs[3], mode=mode, hidden=h, intermediate=i, num_experts=e
+    )
     if report is not None:
         report = dataclasses.replace(report, num_experts=e)
         (log.info if report.lossless else log.warning)("%s: %s", pre, report.summary())
     var.set_value(place.put_experts(weights))
 
 
-def _load_dense_experts(src: _Source, pre: str, w13v: nnx.Variable, w2v: nnx.Variable, place: _Placement, opts: _Options, bar: Any) -> None:
+def _load_dense_experts(
+    src: _Source, pre: str, w13v: nnx.Variable, w2v: nnx.Variable, place: _Placement, opts: _Options, bar: Any
+) -> None:
     """Exact path: ``w13 [E, 2I, H]`` (gate rows then up rows) and ``w2 [E, H, I]`` in the params' dtype."""
     c13, c2 = w13v.get_value(), w2v.get_value()
     e, two_i, h = (int(d) for d in c13.shape)
@@ -560,11 +568,19 @@ def _load(model: Any, src: _Source, place: _Placement, opts: _Options, progress:
             missing.append(path)
     for pre, d in dense.items():
         if set(d) != {"w13", "w2"}:
-            raise CheckpointError(f"model: the dense experts at {pre} need both w13 and w2 parameters, found {sorted(d)}")
+            raise CheckpointError(
+                f"model: the dense experts at {pre} need both w13 and w2 parameters, found {sorted(d)}"
+            )
         jobs.append(("dense", (pre, d["w13"], d["w2"])))
     if missing:
-        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}{', ...' if len(missing) > 4 else ''})" if len(missing) > 1 else ""
-        raise CheckpointError(f"tensor {missing[0]!r} is missing: the model's parameter {missing[0]} has no tensor{more}")
+        more = (
+            f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}{', ...' if len(missing) > 4 else ''})"
+            if len(missing) > 1
+            else ""
+        )
+        raise CheckpointError(
+            f"tensor {missing[0]!r} is missing: the model's parameter {missing[0]} has no tensor{more}"
+        )
     names = list(src.t.keys())
     total = sum(src.nbytes(n) for n in names if not n.startswith(opts.skip_prefixes) and not is_ignored_tensor(n))
     bar = make_progress(progress, total, "load checkpoint", "B")
@@ -592,15 +608,24 @@ def _load(model: Any, src: _Source, place: _Placement, opts: _Options, progress:
             bar(total)
         bar.close()
     if opts.strict:
-        extra = [n for n in names if n not in src.used and not is_ignored_tensor(n) and not n.startswith(opts.skip_prefixes)]
+        extra = [
+            n for n in names if n not in src.used and not is_ignored_tensor(n) and not n.startswith(opts.skip_prefixes)
+        ]
         if extra:
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            raise CheckpointError(f"{src.where(extra[0])}: no parameter of the model takes this tensor{more} (strict=True)")
+            raise CheckpointError(
+                f"{src.where(extra[0])}: no parameter of the model takes this tensor{more} (strict=True)"
+            )
     return model
 
 
 def load_state_dict(
-    model: Any, tensors: Mapping[str, Any], *, strict: bool = True, progress: ProgressArg = None, mesh: Mesh | None = None
+    model: Any,
+    tensors: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    progress: ProgressArg = None,
+    mesh: Mesh | None = None,
 ) -> Any:
     """Set every parameter of ``model`` from ``tensors`` (official DeepSeek V4 names); returns ``model``.
 
@@ -629,7 +654,9 @@ def _placement(mesh: Mesh | None) -> _Placement:
     elif len(names) == 1:
         axis = names[0]
     else:
-        raise ValueError(f"mesh: axes {names} have no 'ep' axis to shard the routed experts over (or use a 1-axis mesh)")
+        raise ValueError(
+            f"mesh: axes {names} have no 'ep' axis to shard the routed experts over (or use a 1-axis mesh)"
+        )
     return _Placement(mesh=mesh, axis=axis)
 
 

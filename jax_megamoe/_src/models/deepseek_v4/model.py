@@ -166,11 +166,21 @@ class DeepseekV4ForCausalLM(nnx.Module):
         self.param_dtype = np.dtype(param_dtype)
         h, v = config.hidden_size, config.vocab_size
         self.embed = Embedding(v, h, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([
-            DeepseekV4Block(config, i, backend=backend, experts=experts, param_dtype=param_dtype, mode=mode, rngs=rngs,
-                            simulate_quant=simulate_quant)
-            for i in range(config.num_hidden_layers)
-        ])
+        self.layers = nnx.List(
+            [
+                DeepseekV4Block(
+                    config,
+                    i,
+                    backend=backend,
+                    experts=experts,
+                    param_dtype=param_dtype,
+                    mode=mode,
+                    rngs=rngs,
+                    simulate_quant=simulate_quant,
+                )
+                for i in range(config.num_hidden_layers)
+            ]
+        )
         self.norm = RMSNorm(h, config.rms_norm_eps)
         self.head = _Head(h, v, param_dtype=param_dtype, rngs=rngs)
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _hc_params(self.spec, h, self.spec.hc_mult, 1, rngs)
@@ -194,8 +204,7 @@ class _Head(nnx.Module):
         self.weight = nnx.Param(w.astype(param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...h,vh->...v", x.astype(jnp.float32), self.weight[...].astype(jnp.float32),
-                          precision=_HI)
+        return jnp.einsum("...h,vh->...v", x.astype(jnp.float32), self.weight[...].astype(jnp.float32), precision=_HI)
 
 
 def _check_inputs(model: DeepseekV4ForCausalLM, cache: Any, tokens: Any, positions: Any) -> None:

@@ -226,9 +226,7 @@ class DeepseekV4Gate(nnx.Module):
 def _dot_nt(a: jax.Array, b: jax.Array, precision: Any = None) -> jax.Array:
     """``a @ b.T`` with fp32 accumulation, as one dot_general (no separate transpose op, so eager
     and jitted calls run the same contraction and give the same bits)."""
-    return jax.lax.dot_general(
-        a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-    )
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
 
 def _clamped_swiglu(g: jax.Array, u: jax.Array, limit: float | None) -> jax.Array:
@@ -305,6 +303,7 @@ class DeepseekV4SharedExpert(nnx.Module):
         ``w*`` are ``float8_e4m3fn`` (or their uint8 bytes); scales ``[N/128, K/128]`` as
         ``float8_e8m0fnu``, UE8M0 uint8 bytes, or f32.
         """
+
         def deq(name, q, s, shape):
             q = jnp.asarray(q)
             if q.dtype == jnp.uint8:
@@ -418,7 +417,9 @@ def random_moe_checkpoint(
     return out
 
 
-def _random_moe_checkpoint_jax(config: DeepseekV4Config, key: jax.Array, num_experts: int | None = None) -> MoECheckpoint:
+def _random_moe_checkpoint_jax(
+    config: DeepseekV4Config, key: jax.Array, num_experts: int | None = None
+) -> MoECheckpoint:
     """The same distribution from a (possibly traced) JAX key: used under ``nnx.eval_shape``/jit init."""
     e, h, i = _moe_dims(config, num_experts)
     c13 = random_checkpoint_scale_bytes(h, 2.0)
@@ -515,8 +516,11 @@ class ExactExperts(nnx.Module):
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int, *, param_dtype: Any, rngs: nnx.Rngs
     ) -> None:
-        for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
-                        ("intermediate_size", intermediate_size)):
+        for name, v in (
+            ("num_experts", num_experts),
+            ("hidden_size", hidden_size),
+            ("intermediate_size", intermediate_size),
+        ):
             _check_int(name, v, 1)
         e, h, i = int(num_experts), int(hidden_size), int(intermediate_size)
         self.num_experts, self.hidden_size, self.intermediate_size = e, h, i
@@ -672,8 +676,16 @@ class DeepseekV4MoE(nnx.Module):
             raise ValueError(f"experts: {experts!r} is not one of {', '.join(EXPERT_KINDS)}")
         self.expert_kind = experts
         if experts == "exact":
-            self._init_exact(config, layer_idx, rngs=rngs, is_mtp=is_mtp, param_dtype=param_dtype,
-                             mesh=mesh, weights=weights, backend=backend)
+            self._init_exact(
+                config,
+                layer_idx,
+                rngs=rngs,
+                is_mtp=is_mtp,
+                param_dtype=param_dtype,
+                mesh=mesh,
+                weights=weights,
+                backend=backend,
+            )
             return
         self.backend = _check_backend(backend)
         # Expert parallelism (jax_megamoe.parallel.ep_moe) over mesh axis ep_axis; None: one device.
@@ -711,14 +723,27 @@ class DeepseekV4MoE(nnx.Module):
         self.experts = RoutedExperts(weights)
         if config.n_shared_experts > 0:
             self.shared_experts = DeepseekV4SharedExpert(
-                config.hidden_size, config.shared_intermediate_size, swiglu_limit=config.swiglu_limit, rngs=rngs,
+                config.hidden_size,
+                config.shared_intermediate_size,
+                swiglu_limit=config.swiglu_limit,
+                rngs=rngs,
                 param_dtype=param_dtype,
             )
         else:
             self.shared_experts = None
 
-    def _init_exact(self, config: DeepseekV4Config, layer_idx: int, *, rngs: nnx.Rngs, is_mtp: bool,
-                    param_dtype: Any, mesh: Any, weights: Any, backend: str) -> None:
+    def _init_exact(
+        self,
+        config: DeepseekV4Config,
+        layer_idx: int,
+        *,
+        rngs: nnx.Rngs,
+        is_mtp: bool,
+        param_dtype: Any,
+        mesh: Any,
+        weights: Any,
+        backend: str,
+    ) -> None:
         if mesh is not None:
             raise ValueError("options.mesh: experts='exact' runs on one device; use experts='quantized' with a mesh")
         if weights is not None:
@@ -732,13 +757,20 @@ class DeepseekV4MoE(nnx.Module):
         self.layer_idx = self.gate.layer_idx
         self.is_hash_layer = self.gate.is_hash_layer
         self.experts = ExactExperts(
-            config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
-            param_dtype=param_dtype, rngs=rngs,
+            config.n_routed_experts,
+            config.hidden_size,
+            config.moe_intermediate_size,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         if config.n_shared_experts > 0:
             self.shared_experts = DeepseekV4SharedExpert(
-                config.hidden_size, config.shared_intermediate_size, swiglu_limit=config.swiglu_limit, rngs=rngs,
-                exact=True, param_dtype=param_dtype,
+                config.hidden_size,
+                config.shared_intermediate_size,
+                swiglu_limit=config.swiglu_limit,
+                rngs=rngs,
+                exact=True,
+                param_dtype=param_dtype,
             )
         else:
             self.shared_experts = None
@@ -959,7 +991,12 @@ def load_moe_block(
             raise CheckpointError(f"{path}: layer {layer_idx} was converted with config {layer.config}, not {config}")
     else:
         layer = load_moe_layer(
-            path, layer_idx, mode=mode, config=config, nibble_order=nibble_order, progress=progress,
+            path,
+            layer_idx,
+            mode=mode,
+            config=config,
+            nibble_order=nibble_order,
+            progress=progress,
             allow_nan_scales=allow_nan_scales,
         )
     block = cls(

@@ -70,5 +70,6 @@ def hadamard(x: jax.Array) -> jax.Array:
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"x: last dim {n} must be a power of two for the Hadamard transform")
-    return jnp.einsum("...i,ij->...j", x.astype(jnp.float32), jnp.asarray(_hadamard_matrix(n)),
-                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum(
+        "...i,ij->...j", x.astype(jnp.float32), jnp.asarray(_hadamard_matrix(n)), precision=jax.lax.Precision.HIGHEST
+    )

@@ -64,8 +64,8 @@ def inv_freq(spec: RopeSpec) -> np.ndarray:
     if spec.yarn_factor is not None and spec.yarn_original_max_position > 0:
 
         def corr_dim(rotations: float) -> float:
-            return dim * math.log(spec.yarn_original_max_position / (rotations * 2 * math.pi)) / (
-                2 * math.log(spec.theta)
+            return (
+                dim * math.log(spec.yarn_original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(spec.theta))
             )
 
         low = max(math.floor(corr_dim(spec.beta_fast)), 0)
