@@ -91,7 +91,9 @@ def local_experts(x, idx, w, weights, *, clamp, backend, chunk):
             backend="ffi",
             options=MoEOptions(num_max_tokens=x.shape[0]),
         )
-    return reference.mega_moe(x, idx, w, weights, mode="fp8", activation_clamp=clamp, chunk_rows=chunk)
+    return reference.mega_moe(
+        x, idx, w, weights, mode="fp8", activation_clamp=clamp, options=MoEOptions(chunk_rows=chunk)
+    )
 
 
 def _dev(arrs):
