@@ -776,22 +776,12 @@ class DeepseekV4MoE(nnx.Module):
             self.shared_experts = None
 
     @classmethod
-    def from_checkpoint(
-        cls,
-        path: CheckpointSource,
-        layer_idx: int,
-        *,
-        backend: str = "auto",
-        mode: str | None = None,
-        config: DeepseekV4Config | Mapping[str, Any] | None = None,
-        rngs: nnx.Rngs | None = None,
-        load_options: BlockLoadOptions | None = None,
-        options: MoEBlockOptions | None = None,
-        **kwargs: Any,
-    ) -> DeepseekV4MoE:
+    def from_checkpoint(cls, path: CheckpointSource, layer_idx: int, **kwargs: Any) -> DeepseekV4MoE:
         """The block of layer ``layer_idx`` with every parameter loaded from a DeepSeek V4
         safetensors checkpoint folder, or from a folder written by ``python -m jax_megamoe.convert``.
 
+        Takes :func:`load_moe_block`'s keywords (``backend``, ``mode``, ``config``, ``rngs``,
+        ``load_options``, ``options``, then the constructor's), which keeps that one signature.
         ``config``: None infers it from the checkpoint's ``config.json`` (checked against the tensor
         shapes). ``load_options`` (:class:`BlockLoadOptions`): how the checkpoint is read;
         ``options`` (:class:`MoEBlockOptions`, no ``weights``) and other keyword arguments go to
@@ -799,10 +789,7 @@ class DeepseekV4MoE(nnx.Module):
         :func:`jax_megamoe.checkpoint.load_moe_layer` for the FP4 -> FP8 conversion report of mode
         ``'fp8'``).
         """
-        return load_moe_block(
-            cls, path, layer_idx, backend=backend, mode=mode, config=config, rngs=rngs,
-            load_options=load_options, options=options, **kwargs,
-        )  # fmt: skip
+        return load_moe_block(cls, path, layer_idx, **kwargs)
 
     def _check_weights(self, weights: Any) -> None:
         cfg = self.config
