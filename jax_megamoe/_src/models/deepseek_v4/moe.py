@@ -626,6 +626,22 @@ class MoEBlockOptions:
         return check_instance("options", options, MoEBlockOptions, "a jax_megamoe.models.deepseek_v4.MoEBlockOptions")
 
 
+def _shared_expert(
+    config: DeepseekV4Config, rngs: nnx.Rngs, param_dtype: Any, *, exact: bool
+) -> DeepseekV4SharedExpert | None:
+    """The block's shared expert (``None`` for ``n_shared_experts == 0``), for either expert kind."""
+    if config.n_shared_experts == 0:
+        return None
+    return DeepseekV4SharedExpert(
+        config.hidden_size,
+        config.shared_intermediate_size,
+        swiglu_limit=config.swiglu_limit,
+        rngs=rngs,
+        exact=exact,
+        param_dtype=param_dtype,
+    )
+
+
 class DeepseekV4MoE(nnx.Module):
     """One DeepSeek V4 MoE layer: ``(x bf16[T, H], token_ids int32[T] | None) -> bf16[T, H]``.
 
@@ -721,16 +737,7 @@ class DeepseekV4MoE(nnx.Module):
         if mesh is not None:
             weights = parallel.shard_weights(weights, mesh, ep_axis)  # E/n experts per device, placed once
         self.experts = RoutedExperts(weights)
-        if config.n_shared_experts > 0:
-            self.shared_experts = DeepseekV4SharedExpert(
-                config.hidden_size,
-                config.shared_intermediate_size,
-                swiglu_limit=config.swiglu_limit,
-                rngs=rngs,
-                param_dtype=param_dtype,
-            )
-        else:
-            self.shared_experts = None
+        self.shared_experts = _shared_expert(config, rngs, param_dtype, exact=False)
 
     def _init_exact(
         self,
@@ -763,17 +770,7 @@ class DeepseekV4MoE(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
         )
-        if config.n_shared_experts > 0:
-            self.shared_experts = DeepseekV4SharedExpert(
-                config.hidden_size,
-                config.shared_intermediate_size,
-                swiglu_limit=config.swiglu_limit,
-                rngs=rngs,
-                exact=True,
-                param_dtype=param_dtype,
-            )
-        else:
-            self.shared_experts = None
+        self.shared_experts = _shared_expert(config, rngs, param_dtype, exact=True)
 
     @classmethod
     def from_checkpoint(cls, path: CheckpointSource, layer_idx: int, **kwargs: Any) -> DeepseekV4MoE:
