@@ -232,23 +232,39 @@ def fused_available(mesh: Mesh | AbstractMesh, axis: str = "ep", mode: str = "fp
     on a B200 here.
     """
     _axis_size(mesh, axis)  # names a bad mesh or axis
-    arch = config.arch_of_mode(mode)
-    if isinstance(mesh, jax.sharding.AbstractMesh):
-        return False, "an AbstractMesh has no devices"
-    devices = list(mesh.devices.flat)
-    if any(d.platform != "gpu" for d in devices):
-        return False, f"the mesh's devices are {devices[0].platform!r}, not CUDA GPUs"
+    devices, why = _mesh_gpus(mesh, mode)
+    if why:
+        return False, why
     me = jax.process_index()
     if any(d.process_index != me for d in devices):
         return False, "the mesh spans several processes; the fused path needs one process driving every GPU"
+    why = _wrong_arch(devices, mode)
+    if why:
+        return False, why
+    return ops._ffi_ready()
+
+
+def _mesh_gpus(mesh: Mesh | AbstractMesh, mode: str) -> tuple[list[Any], str]:
+    """``(devices, "")`` for a concrete mesh of GPUs, else ``([], why)``; a bad ``mode`` raises.
+
+    Shared by :func:`fused_available` and the hierarchical path's per-host check."""
+    config.arch_of_mode(mode)  # names a bad mode before any device question
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        return [], "an AbstractMesh has no devices"
+    devices = list(mesh.devices.flat)
+    if any(d.platform != "gpu" for d in devices):
+        return [], f"the mesh's devices are {devices[0].platform!r}, not CUDA GPUs"
+    return devices, ""
+
+
+def _wrong_arch(devices: list[Any], mode: str) -> str:
+    """Why one of ``devices`` cannot run ``mode``'s kernel (its compute capability), or ``""``."""
+    arch = config.arch_of_mode(mode)
     for d in devices:
         if _ffi.cc_major(d) != arch:
             cc = getattr(d, "compute_capability", None) or "?"
-            return False, f"device {d.id} has compute capability {cc}; mode {mode!r} runs the sm_{arch}0 kernel"
-    ok, reason = ops._ffi_ready()
-    if not ok:
-        return False, reason
-    return True, ""
+            return f"device {d.id} has compute capability {cc}; mode {mode!r} runs the sm_{arch}0 kernel"
+    return ""
 
 
 def _check_weights(weights: MoEWeights, mode: str, hidden: int, top_k: int, n: int) -> None:

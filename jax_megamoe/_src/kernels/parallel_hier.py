@@ -74,7 +74,7 @@ from jax import lax
 from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe._src.kernels import _ffi, ops, parallel
+from jax_megamoe._src.kernels import ops, parallel
 from jax_megamoe._src.kernels.parallel import EPOptions
 from jax_megamoe._src.numerics import config, reference
 from jax_megamoe._src.numerics import policy as _policy
@@ -140,21 +140,16 @@ def _groups_in_one_process(mesh: Mesh | AbstractMesh, axis: str) -> tuple[bool, 
 def _fused_inner_available(mesh: Mesh | AbstractMesh, axis: str, mode: str) -> tuple[bool, str]:
     """Like :func:`parallel.fused_available` for one host's GPUs: several processes may drive the
     mesh (one per host), but every group along ``axis`` belongs to one process."""
-    arch = config.arch_of_mode(mode)
-    if isinstance(mesh, jax.sharding.AbstractMesh):
-        return False, "an AbstractMesh has no devices"
-    devices = list(mesh.devices.flat)
-    if any(d.platform != "gpu" for d in devices):
-        return False, f"the mesh's devices are {devices[0].platform!r}, not CUDA GPUs"
+    devices, why = parallel._mesh_gpus(mesh, mode)
+    if why:
+        return False, why
     ok, why = _groups_in_one_process(mesh, axis)
     if not ok:
         return False, why
-    for d in devices:
-        if d.process_index != jax.process_index():
-            continue
-        if _ffi.cc_major(d) != arch:
-            cc = getattr(d, "compute_capability", None) or "?"
-            return False, f"device {d.id} has compute capability {cc}; mode {mode!r} runs the sm_{arch}0 kernel"
+    me = jax.process_index()
+    why = parallel._wrong_arch([d for d in devices if d.process_index == me], mode)
+    if why:
+        return False, why
     return ops._ffi_ready()
 
 

@@ -54,8 +54,10 @@ Exactness notes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fractions import Fraction
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -405,18 +407,12 @@ def pack_nibbles(codes: ArrayIn) -> jax.Array:
 
     Only the low nibble of each code is used.
     """
-    codes = _operand("codes", codes, jnp.uint8)
-    check_multiple("codes", codes.shape[-1], 2, "last dimension")
-    return _jit_pack_nibbles(codes)
+    return _checked_call(_pack_nibbles, "codes", codes, jnp.uint8, 2)
 
 
 def unpack_nibbles(packed: ArrayIn) -> jax.Array:
     """uint8 ``[..., n]`` -> uint8 ``[..., 2n]`` codes (inverse of ``pack_nibbles``)."""
-    return _jit_unpack_nibbles(_operand("packed", packed, jnp.uint8))
-
-
-_jit_pack_nibbles = jax.jit(_pack_nibbles)
-_jit_unpack_nibbles = jax.jit(_unpack_nibbles)
+    return _checked_call(_unpack_nibbles, "packed", packed, jnp.uint8, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,18 +434,25 @@ def _unpack_ue8m0(words):
 
 def pack_ue8m0(sf_bytes: ArrayIn) -> jax.Array:
     """uint8 ``[..., 4m]`` -> int32 ``[..., m]``: byte j of word c is group 4c + j (little-endian)."""
-    sf_bytes = _operand("sf_bytes", sf_bytes, jnp.uint8)
-    check_multiple("sf_bytes", sf_bytes.shape[-1], 4, "last dimension")
-    return _jit_pack_ue8m0(sf_bytes)
+    return _checked_call(_pack_ue8m0, "sf_bytes", sf_bytes, jnp.uint8, 4)
 
 
 def unpack_ue8m0(words: ArrayIn) -> jax.Array:
     """int32 ``[..., m]`` -> uint8 ``[..., 4m]`` (inverse of ``pack_ue8m0``)."""
-    return _jit_unpack_ue8m0(_operand("words", words, jnp.int32))
+    return _checked_call(_unpack_ue8m0, "words", words, jnp.int32, 1)
 
 
-_jit_pack_ue8m0 = jax.jit(_pack_ue8m0)
-_jit_unpack_ue8m0 = jax.jit(_unpack_ue8m0)
+#: The jitted byte (un)packers behind the public functions above (the private ones run inside jit).
+_JITTED = {f: jax.jit(f) for f in (_pack_nibbles, _unpack_nibbles, _pack_ue8m0, _unpack_ue8m0)}
+
+
+def _checked_call(fn: Callable[[jax.Array], jax.Array], name: str, x: ArrayIn, dtype: Any, group: int) -> jax.Array:
+    """``fn`` jitted over ``x`` once it is a ``dtype`` array whose last dim is a multiple of ``group``
+    (errors name the argument ``name``): the checks every public (un)packer shares."""
+    x = _operand(name, x, dtype)
+    if group > 1:
+        check_multiple(name, x.shape[-1], group, "last dimension")
+    return _JITTED[fn](x)
 
 
 def _check_e8m0(name, s):

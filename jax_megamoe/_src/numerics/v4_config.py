@@ -170,7 +170,7 @@ class DeepseekV4Config:
         """Layers ``< num_hash_layers`` route by token id; the MTP block never does."""
         return (not is_mtp) and layer_idx < self.num_hash_layers
 
-    # -- presets --------------------------------------------------------------------------------
+    # -- presets (the values are the module-level table :data:`_PRESETS`) -----------------------
     @classmethod
     def v4_flash(cls, **overrides: Any) -> DeepseekV4Config:
         """DeepSeek-V4-Flash (``deepseek-ai/DeepSeek-V4-Flash``): 43 layers, hidden 4096, 256 experts.
@@ -179,119 +179,25 @@ class DeepseekV4Config:
         the compress schedule is MaxText's ``deepseek4-284b.yml``: layers 0-1 sliding window only,
         then CSA (4) on even and HCA (128) on odd indices, plus ratio 0 for the MTP layer.
         """
-        base = dict(
-            hidden_size=4096,
-            moe_intermediate_size=2048,
-            n_routed_experts=256,
-            num_experts_per_tok=6,
-            n_shared_experts=1,
-            routed_scaling_factor=1.5,
-            swiglu_limit=10.0,
-            num_hash_layers=3,
-            vocab_size=129280,
-            num_hidden_layers=43,
-            num_attention_heads=64,
-            head_dim=512,
-            q_lora_rank=1024,
-            qk_rope_head_dim=64,
-            o_groups=8,
-            o_lora_rank=1024,
-            sliding_window=128,
-            compress_ratios=(0, 0) + (4, 128) * 20 + (4, 0),
-            index_n_heads=64,
-            index_head_dim=128,
-            index_topk=512,
-        )
-        return cls(**{**base, **overrides})
+        return cls(**{**_preset("v4_flash"), **overrides})
 
     @classmethod
     def v4_pro(cls, **overrides: Any) -> DeepseekV4Config:
         """DeepSeek-V4-Pro (its ``inference/config.json``): 61 layers, hidden 7168, 384 experts."""
-        base = dict(
-            hidden_size=7168,
-            moe_intermediate_size=3072,
-            n_routed_experts=384,
-            num_experts_per_tok=6,
-            n_shared_experts=1,
-            routed_scaling_factor=2.5,
-            swiglu_limit=10.0,
-            num_hash_layers=3,
-            vocab_size=129280,
-            num_hidden_layers=61,
-            num_attention_heads=128,
-            head_dim=512,
-            q_lora_rank=1536,
-            qk_rope_head_dim=64,
-            o_groups=16,
-            o_lora_rank=1024,
-            sliding_window=128,
-            compress_ratios=(128, 128) + (4, 128) * 29 + (4, 0),
-            index_n_heads=64,
-            index_head_dim=128,
-            index_topk=1024,
-        )
-        return cls(**{**base, **overrides})
+        return cls(**{**_preset("v4_pro"), **overrides})
 
     @classmethod
     def tiny(cls, **overrides: Any) -> DeepseekV4Config:
         """A small V4-like model for tests, valid in every kernel mode (H % 512 == 0, I % 256 == 0),
         with small attention (4 layers: sliding, CSA, HCA, CSA; 16 indexer heads)."""
-        base = dict(
-            hidden_size=512,
-            moe_intermediate_size=256,
-            n_routed_experts=16,
-            num_experts_per_tok=4,
-            n_shared_experts=1,
-            routed_scaling_factor=1.5,
-            swiglu_limit=10.0,
-            num_hash_layers=1,
-            vocab_size=1000,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            head_dim=64,
-            q_lora_rank=64,
-            qk_rope_head_dim=16,
-            o_groups=2,
-            o_lora_rank=32,
-            sliding_window=16,
-            compress_ratios=(0, 4, 128, 4),
-            index_n_heads=16,
-            index_head_dim=32,
-            index_topk=8,
-            num_nextn_predict_layers=0,
-        )
-        return cls(**{**base, **overrides})
+        return cls(**{**_preset("tiny"), **overrides})
 
     @classmethod
     def tiny_model(cls, **overrides: Any) -> DeepseekV4Config:
         """A whole model small enough for CPU seconds (exact experts only: H=64 is below the kernels'
         alignment): 5 layers covering sliding (0), CSA (4) and HCA (128), two hash-routed layers,
         16 indexer heads (fewer make the indexer's top-k over ReLU scores tie-prone)."""
-        base = dict(
-            hidden_size=64,
-            moe_intermediate_size=32,
-            n_routed_experts=8,
-            num_experts_per_tok=2,
-            n_shared_experts=1,
-            routed_scaling_factor=1.5,
-            swiglu_limit=10.0,
-            num_hash_layers=2,
-            vocab_size=256,
-            num_hidden_layers=5,
-            num_attention_heads=4,
-            head_dim=32,
-            q_lora_rank=32,
-            qk_rope_head_dim=8,
-            o_groups=2,
-            o_lora_rank=16,
-            sliding_window=16,
-            compress_ratios=(0, 4, 128, 4, 0),
-            index_n_heads=16,
-            index_head_dim=16,
-            index_topk=4,
-            num_nextn_predict_layers=0,
-        )
-        return cls(**{**base, **overrides})
+        return cls(**{**_preset("tiny_model"), **overrides})
 
     # -- reading a checkpoint's config.json -----------------------------------------------------
     @classmethod
@@ -306,6 +212,51 @@ class DeepseekV4Config:
         Face's defaults (which are V4-Flash's).
         """
         return cls(**_fields_from_json(_read_json(path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# presets: one row per field, one column per preset
+# ---------------------------------------------------------------------------------------------
+
+_PRESET_NAMES: tuple[str, ...] = ("v4_flash", "v4_pro", "tiny", "tiny_model")
+
+# fmt: off
+_PRESETS: tuple[tuple[Any, ...], ...] = (
+    # field                     v4_flash  v4_pro    tiny   tiny_model
+    ("hidden_size",             4096,     7168,     512,   64),
+    ("moe_intermediate_size",   2048,     3072,     256,   32),
+    ("n_routed_experts",        256,      384,      16,    8),
+    ("num_experts_per_tok",     6,        6,        4,     2),
+    ("n_shared_experts",        1,        1,        1,     1),
+    ("routed_scaling_factor",   1.5,      2.5,      1.5,   1.5),
+    ("swiglu_limit",            10.0,     10.0,     10.0,  10.0),
+    ("num_hash_layers",         3,        3,        1,     2),
+    ("vocab_size",              129280,   129280,   1000,  256),
+    ("num_hidden_layers",       43,       61,       4,     5),
+    ("num_attention_heads",     64,       128,      4,     4),
+    ("head_dim",                512,      512,      64,    32),
+    ("q_lora_rank",             1024,     1536,     64,    32),
+    ("qk_rope_head_dim",        64,       64,       16,    8),
+    ("o_groups",                8,        16,       2,     2),
+    ("o_lora_rank",             1024,     1024,     32,    16),
+    ("sliding_window",          128,      128,      16,    16),
+    ("compress_ratios",
+        (0, 0) + (4, 128) * 20 + (4, 0),
+        (128, 128) + (4, 128) * 29 + (4, 0),
+        (0, 4, 128, 4),
+        (0, 4, 128, 4, 0)),
+    ("index_n_heads",           64,       64,       16,    16),
+    ("index_head_dim",          128,      128,      32,    16),
+    ("index_topk",              512,      1024,     8,     4),
+    ("num_nextn_predict_layers", 1,       1,        0,     0),
+)
+# fmt: on
+
+
+def _preset(name: str) -> dict[str, Any]:
+    """The fields of preset ``name`` (a column of :data:`_PRESETS`)."""
+    col = 1 + _PRESET_NAMES.index(name)
+    return {row[0]: row[col] for row in _PRESETS}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -320,15 +320,8 @@ def _read_fp4_experts(
             for n in (wn, sn):
                 if n not in src:
                     raise CheckpointError(f"tensor {n!r} is missing (routed expert {ex} of {pre})")
-            _check_dtype(src, wn, ("I8", "U8"), "packed FP4 routed-expert weights")
-            _check_shape(src, wn, (rows, cols // 2), "the expected [rows, K/2]")
-            _check_dtype(src, sn, ("F8_E8M0", "U8"), "UE8M0 routed-expert scales")
-            _check_shape(src, sn, (rows, cols // 32), "the expected [rows, K/32]")
-            wv, sv = np.asarray(src.get(wn)).view(np.uint8), np.asarray(src.get(sn)).view(np.uint8)
-            if not opts.allow_nan_scales:
-                msg = nan_scale_message(src.where(sn), sv, ("row", "col"))
-                if msg is not None:
-                    raise CheckpointError(msg)
+            sv = _fp4_expert_scale(src, wn, sn, (rows, cols), opts.allow_nan_scales).view(np.uint8)
+            wv = np.asarray(src.get(wn)).view(np.uint8)
             if half is None:
                 w2[k], s2[k] = wv, sv
             else:
@@ -337,6 +330,23 @@ def _read_fp4_experts(
                 opts.tick(src, n, bar)
                 src.release(n)
     return w13, s13, w2, s2
+
+
+def _fp4_expert_scale(src: _Source, wn: str, sn: str, rows_cols: tuple[int, int], allow_nan_scales: bool) -> np.ndarray:
+    """The UE8M0 scale of one FP4 routed-expert projection ``[rows, K]``, once the packed weight
+    ``wn`` and the scale ``sn`` have the checkpoint's dtypes and shapes (and, unless allowed, no
+    0xFF scale byte); both FP4 readers (kernel layout and dense) check the pair here."""
+    rows, cols = rows_cols
+    _check_dtype(src, wn, ("I8", "U8"), "packed FP4 routed-expert weights")
+    _check_shape(src, wn, (rows, cols // 2), "the expected [rows, K/2]")
+    _check_dtype(src, sn, ("F8_E8M0", "U8"), "UE8M0 routed-expert scales")
+    _check_shape(src, sn, (rows, cols // 32), "the expected [rows, K/32]")
+    sv = np.asarray(src.get(sn))
+    if not allow_nan_scales:
+        msg = nan_scale_message(src.where(sn), sv, ("row", "col"))
+        if msg is not None:
+            raise CheckpointError(msg)
+    return sv
 
 
 def _read_fp8_experts(
@@ -452,15 +462,7 @@ def _load_dense_experts(
                 sn = f"{base}.scale"
                 if sn not in src:
                     raise CheckpointError(f"tensor {sn!r} is missing (routed expert {ex} of {pre})")
-                _check_dtype(src, wn, ("I8", "U8"), "packed FP4 routed-expert weights")
-                _check_shape(src, wn, (rows, cols // 2), "the expected [rows, K/2]")
-                _check_dtype(src, sn, ("F8_E8M0", "U8"), "UE8M0 routed-expert scales")
-                _check_shape(src, sn, (rows, cols // 32), "the expected [rows, K/32]")
-                sv = np.asarray(src.get(sn))
-                if not opts.allow_nan_scales:
-                    msg = nan_scale_message(src.where(sn), sv, ("row", "col"))
-                    if msg is not None:
-                        raise CheckpointError(msg)
+                sv = _fp4_expert_scale(src, wn, sn, (rows, cols), opts.allow_nan_scales)
                 w = dequantize_fp4_numpy(np.asarray(src.get(wn)), sv)
                 names.append(sn)
             elif fmt == "fp8":

@@ -626,6 +626,22 @@ class MoEBlockOptions:
         return check_instance("options", options, MoEBlockOptions, "a jax_megamoe.models.deepseek_v4.MoEBlockOptions")
 
 
+def _shared_expert(
+    config: DeepseekV4Config, rngs: nnx.Rngs, param_dtype: Any, *, exact: bool
+) -> DeepseekV4SharedExpert | None:
+    """The block's shared expert (``None`` for ``n_shared_experts == 0``), for either expert kind."""
+    if config.n_shared_experts == 0:
+        return None
+    return DeepseekV4SharedExpert(
+        config.hidden_size,
+        config.shared_intermediate_size,
+        swiglu_limit=config.swiglu_limit,
+        rngs=rngs,
+        exact=exact,
+        param_dtype=param_dtype,
+    )
+
+
 class DeepseekV4MoE(nnx.Module):
     """One DeepSeek V4 MoE layer: ``(x bf16[T, H], token_ids int32[T] | None) -> bf16[T, H]``.
 
@@ -721,16 +737,7 @@ class DeepseekV4MoE(nnx.Module):
         if mesh is not None:
             weights = parallel.shard_weights(weights, mesh, ep_axis)  # E/n experts per device, placed once
         self.experts = RoutedExperts(weights)
-        if config.n_shared_experts > 0:
-            self.shared_experts = DeepseekV4SharedExpert(
-                config.hidden_size,
-                config.shared_intermediate_size,
-                swiglu_limit=config.swiglu_limit,
-                rngs=rngs,
-                param_dtype=param_dtype,
-            )
-        else:
-            self.shared_experts = None
+        self.shared_experts = _shared_expert(config, rngs, param_dtype, exact=False)
 
     def _init_exact(
         self,
@@ -763,35 +770,15 @@ class DeepseekV4MoE(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
         )
-        if config.n_shared_experts > 0:
-            self.shared_experts = DeepseekV4SharedExpert(
-                config.hidden_size,
-                config.shared_intermediate_size,
-                swiglu_limit=config.swiglu_limit,
-                rngs=rngs,
-                exact=True,
-                param_dtype=param_dtype,
-            )
-        else:
-            self.shared_experts = None
+        self.shared_experts = _shared_expert(config, rngs, param_dtype, exact=True)
 
     @classmethod
-    def from_checkpoint(
-        cls,
-        path: CheckpointSource,
-        layer_idx: int,
-        *,
-        backend: str = "auto",
-        mode: str | None = None,
-        config: DeepseekV4Config | Mapping[str, Any] | None = None,
-        rngs: nnx.Rngs | None = None,
-        load_options: BlockLoadOptions | None = None,
-        options: MoEBlockOptions | None = None,
-        **kwargs: Any,
-    ) -> DeepseekV4MoE:
+    def from_checkpoint(cls, path: CheckpointSource, layer_idx: int, **kwargs: Any) -> DeepseekV4MoE:
         """The block of layer ``layer_idx`` with every parameter loaded from a DeepSeek V4
         safetensors checkpoint folder, or from a folder written by ``python -m jax_megamoe.convert``.
 
+        Takes :func:`load_moe_block`'s keywords (``backend``, ``mode``, ``config``, ``rngs``,
+        ``load_options``, ``options``, then the constructor's), which keeps that one signature.
         ``config``: None infers it from the checkpoint's ``config.json`` (checked against the tensor
         shapes). ``load_options`` (:class:`BlockLoadOptions`): how the checkpoint is read;
         ``options`` (:class:`MoEBlockOptions`, no ``weights``) and other keyword arguments go to
@@ -799,10 +786,7 @@ class DeepseekV4MoE(nnx.Module):
         :func:`jax_megamoe.checkpoint.load_moe_layer` for the FP4 -> FP8 conversion report of mode
         ``'fp8'``).
         """
-        return load_moe_block(
-            cls, path, layer_idx, backend=backend, mode=mode, config=config, rngs=rngs,
-            load_options=load_options, options=options, **kwargs,
-        )  # fmt: skip
+        return load_moe_block(cls, path, layer_idx, **kwargs)
 
     def _check_weights(self, weights: Any) -> None:
         cfg = self.config
