@@ -132,17 +132,19 @@ def test_lowering_picks_the_kernels(t, kernel, targets):
         assert "intermediate = 256" in txt and "num_experts = 8" in txt and "top_k = 4" in txt
 
 
-# SHA-256 of the two rendered decode sources since the kernels lived in a C++ string: the move to
-# ffi/kernels/decode_moe_sm90.cuh (embedded at build time) changed no byte, so no cached cubin.
+# SHA-256 of the two rendered decode sources, so that no edit of ffi/kernels/decode_moe_sm90.cuh goes
+# unnoticed: each changes the kernels the JIT compiles (and caches), so it comes with a GPU run of
+# tests/gpu/test_decode_gpu.py and a new pair of hashes here. Last change: the two-row dot product of
+# both passes became one helper (row_pair_dot; the same f32 operations in the same order).
 DECODE_RENDER_SHA256 = {
-    1: "97f0c737166b7a631a1f8d05a8452b9cd255eea01b2a8e1910b72c9d85811662",
-    2: "728642447e77541d3370fb06efb20ad52aec9557d9c8c44483d9333a7259265f",
+    1: "ef78576ce8a7f15c37726adebcea589781b960045857f3da40d3a9eaff63ede8",
+    2: "732b3e425646e22b2fda4c059e2751f0b9708f1bcef10e0d1c0dd7a278f7c6e5",
 }
 
 
 def test_decode_render_is_the_embedded_cuh_file():
     """The rendered kernel.cu is a two-line prefix, a blank line and ffi/kernels/decode_moe_sm90.cuh
-    byte for byte (the library embeds the file when it is built), unchanged since before the move."""
+    byte for byte (the library embeds the file when it is built), with the hashes above."""
     lib = _ffi.load_library()
     if lib is None:
         pytest.skip(_ffi.library_reason() or "FFI library not built")

@@ -75,9 +75,8 @@ Loader* load() {
   resolve(lib, gpa2, gpa1, "cu" #member, #versioned, &d.member);
   JMM_CUDA_DRIVER_OPTIONAL_ENTRIES(JMM_RESOLVE_OPTIONAL)
 #undef JMM_RESOLVE_OPTIONAL
-  if (!missing.empty()) {
-    L->error = cat("the CUDA driver (libcuda.so.1) lacks ", missing,
-                   "; update the NVIDIA driver (CUDA 12.4 or newer, CUDA 13 recommended)");
+  if (lacks_entries(missing, "update the NVIDIA driver (CUDA 12.4 or newer, CUDA 13 recommended)",
+                    &L->error)) {
     return L;
   }
   if (CUresult r = d.Init(0); r != CUDA_SUCCESS) {
@@ -114,6 +113,12 @@ void* entry_point(const char* base_name, const char* versioned_name) {
 
 void note_missing(bool found, const char* name, std::string* missing) {
   if (!found) *missing += missing->empty() ? std::string(name) : cat(", ", name);
+}
+
+bool lacks_entries(const std::string& missing, const char* remedy, std::string* error) {
+  if (missing.empty()) return false;
+  *error = cat("the CUDA driver (libcuda.so.1) lacks ", missing, "; ", remedy);
+  return true;
 }
 
 std::string error_string(const Driver* d, CUresult r) {

@@ -67,6 +67,10 @@ void* entry_point(const char* base_name, const char* versioned_name);
 // driver lacks.
 void note_missing(bool found, const char* name, std::string* missing);
 
+// Whether *missing names any entry point; if so, *error says so and how to fix it (`remedy`):
+// the one message both tables give.
+bool lacks_entries(const std::string& missing, const char* remedy, std::string* error);
+
 // "CUDA_ERROR_X (message)" for a CUresult.
 std::string error_string(const Driver* d, CUresult r);
 

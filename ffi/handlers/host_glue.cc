@@ -35,9 +35,9 @@ ExtLoader* load_ext() {
   cuda::note_missing(d.member != nullptr, "cu" #member, &missing);
   JMM_CUDA_DRIVER_EXT_ENTRIES(JMM_RESOLVE_EXT)
 #undef JMM_RESOLVE_EXT
-  if (!missing.empty()) {
-    L->error = cat("the CUDA driver lacks ", missing,
-                   "; the jax_megamoe kernels need a CUDA 12.8+ driver (CUDA 13 recommended)");
+  if (cuda::lacks_entries(missing,
+                          "the jax_megamoe kernels need a CUDA 12.8+ driver (CUDA 13 recommended)",
+                          &L->error)) {
     return L;
   }
   L->ok = true;

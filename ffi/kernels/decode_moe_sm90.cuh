@@ -57,6 +57,26 @@ __device__ __forceinline__ uint4 load_weights(const uint8_t* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
+// One warp's partial dot products of two weight rows (`wa`, `wb`: n e4m3 bytes each) with the same
+// activation codes (chunks c0 + off / 16 of stride `stride`, see dot16); `scales(blk)` gives the
+// two rows' f32 scales of 128-column block blk. Per-lane sums: the caller reduces the warp.
+template <class Scales>
+__device__ __forceinline__ float2 row_pair_dot(const uint8_t* wa, const uint8_t* wb,
+                                               const float4* __restrict__ x4, uint32_t c0,
+                                               uint32_t stride, uint32_t n, uint32_t lane,
+                                               Scales scales) {
+  float oa = 0.f, ob = 0.f;
+#pragma unroll 4
+  for (uint32_t off = lane * 16; off < n; off += 512) {
+    const uint4 a = load_weights(wa + off);
+    const uint4 b = load_weights(wb + off);
+    const float2 sc = scales(off / 128);
+    oa = fmaf(dot16(a, x4, c0 + off / 16, stride), sc.x, oa);
+    ob = fmaf(dot16(b, x4, c0 + off / 16, stride), sc.y, ob);
+  }
+  return make_float2(oa, ob);
+}
+
 // Quantises `n` f32 values (n % 128 == 0) per 128 columns into e4m3 codes (kept as f32, exact;
 // chunk-interleaved, stride n / 16, see dot16) and one f32 scale per group, with the rule of
 // `requant` (true: the mega kernels' L1 epilogue, sf = max(amax, 1e-10) * (1/448), inv = 1/sf) or
@@ -148,18 +168,11 @@ jmm_decode_l1_sm90(const __nv_bfloat16* __restrict__ x, const int32_t* __restric
     const uint8_t* wu = wg + 8 * static_cast<size_t>(hidden);
     const float* sg = l1_sf + (static_cast<size_t>(e) * (two_i / 128) + j / 128) * h_blocks;
     const float* su = l1_sf + (static_cast<size_t>(e) * (two_i / 128) + (intermediate + j) / 128) * h_blocks;
-    float ag = 0.f, au = 0.f;
-#pragma unroll 4
-    for (uint32_t off = lane * 16; off < hidden; off += 512) {
-      const uint4 a = load_weights(wg + off);
-      const uint4 b = load_weights(wu + off);
-      const uint32_t blk = off / 128;
+    const float2 p = row_pair_dot(wg, wu, xq, 0, hidden / 16, hidden, lane, [&](uint32_t blk) {
       const float xs = xsf[blk];
-      ag = fmaf(dot16(a, xq, off / 16, hidden / 16), __ldg(sg + blk) * xs, ag);
-      au = fmaf(dot16(b, xq, off / 16, hidden / 16), __ldg(su + blk) * xs, au);
-    }
-    ag = warp_sum(ag);
-    au = warp_sum(au);
+      return make_float2(__ldg(sg + blk) * xs, __ldg(su + blk) * xs);
+    });
+    const float ag = warp_sum(p.x), au = warp_sum(p.y);
     if (lane == 0) {
       float g = ag, u = au;
       if (activation_clamp < INFINITY) {  // sm_90 clamps the f32 accumulator
@@ -220,18 +233,11 @@ jmm_decode_l2_sm90(const float* __restrict__ act, const int32_t* __restrict__ to
     const float* s = l2_sf + (static_cast<size_t>(e) * (hidden / 128) + r0 / 128) * i_blocks;
     const uint32_t ck = k * (intermediate / 16), stride = top_k * intermediate / 16;
     const float* sk = asf + k * i_blocks;
-    float o0 = 0.f, o1 = 0.f;
-#pragma unroll 4
-    for (uint32_t off = lane * 16; off < intermediate; off += 512) {
-      const uint4 a = load_weights(w0 + off);
-      const uint4 b = load_weights(w1 + off);
-      const uint32_t blk = off / 128;
+    const float2 p = row_pair_dot(w0, w1, aq, ck, stride, intermediate, lane, [&](uint32_t blk) {
       const float sc = __ldg(s + blk) * sk[blk];
-      o0 = fmaf(dot16(a, aq, ck + off / 16, stride), sc, o0);
-      o1 = fmaf(dot16(b, aq, ck + off / 16, stride), sc, o1);
-    }
-    o0 = warp_sum(o0);
-    o1 = warp_sum(o1);
+      return make_float2(sc, sc);
+    });
+    const float o0 = warp_sum(p.x), o1 = warp_sum(p.y);
     y0 += __bfloat162float(__float2bfloat16_rn(o0));
     y1 += __bfloat162float(__float2bfloat16_rn(o1));
   }
