@@ -811,11 +811,11 @@ class DeepseekV4MoE(nnx.Module):
         if self.mesh is not None:
             # Gate and shared expert follow x's sharding (their weights are replicated); the routed
             # experts run sharded over ep_axis (T padded to a multiple of the axis size).
-            y = parallel.ep_moe_any_tokens(
+            y = parallel.ep_moe(
                 x, topk_idx, topk_weights, self.moe_weights, mesh=self.mesh, axis=self.ep_axis,
                 mode=self.mode, options=parallel.EPOptions(
                     activation_clamp=cfg.activation_clamp, backend=self.backend, dispatch=self.ep_dispatch,
-                    policy=self.policy,
+                    pad_tokens=True, policy=self.policy,
                 ),
             )  # fmt: skip
         else:
