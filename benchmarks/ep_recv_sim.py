@@ -4,8 +4,8 @@ buffer, against the single-GPU kernel on the same (token, expert) pairs.
 For a simulated EP size ``n``: ``n`` source devices of ``T_l`` tokens each (uniform top-6 over E 256,
 V4-Flash shapes, FP8), this device is rank 0 and owns experts ``[0, E/n)``; ``T_l = T_pairs / K``
 (default 4096) so that this device receives about the pairs a single GPU computes at T = 4096. The
-receive buffer is laid out exactly as :func:`jax_megamoe.parallel.ep_moe_grouped` receives it:
-``n`` blocks of ``capacity`` rows, each token once with its ``K`` slots (local id or -1), padding
+receive buffer is laid out exactly as one-level :func:`jax_megamoe.parallel.ep_moe_hier`
+(``axes=("ep", None)``) receives it: ``n`` blocks of ``capacity`` rows, each token once with its ``K`` slots (local id or -1), padding
 rows all -1. Times, each one jitted call per step on inputs already on the GPU:
 
   recv_exact     the collective path's expert stage (``local_experts`` below, backend ffi: ONE

@@ -8,7 +8,7 @@ weights, ``E/n`` experts per GPU, uniform top-6 routing) along these paths:
                (EP 1 is the same entry with one rank: the single-GPU kernel)
   ragged_ffi   ``dispatch="ragged", backend="ffi"``: XLA ragged all-to-all, the single-rank FFI
                kernel on each GPU's received rows, ragged all-to-all back (with ``--collective``)
-  grouped_ffi  ``parallel.ep_moe_grouped`` (backend ffi): each token once per destination GPU
+  grouped_ffi  one-level ``parallel.ep_moe_hier`` (``axes=("ep", None)``, backend ffi): each token once per destination GPU
                (its K slots local or -1), ONE single-rank kernel call over the received rows
   hier         ``parallel.ep_moe_hier`` on a ``("host", "ep")`` = ``(2, n/2)`` mesh of the same
                GPUs (a simulated host axis, EP >= 4): one XLA exchange over "host", then the fused
@@ -75,7 +75,9 @@ def _call(path: str, n: int, t: int, mesh, backend: str = "ffi"):
     if path in ("fused", "ragged_ffi"):
         return lambda x, i, w, ww: parallel.ep_moe(x, i, w, ww, mesh=mesh, mode="fp8", options=opts)
     if path == "grouped_ffi":
-        return lambda x, i, w, ww: parallel.ep_moe_grouped(x, i, w, ww, mesh=mesh, mode="fp8", options=opts)
+        return lambda x, i, w, ww: parallel.ep_moe_hier(
+            x, i, w, ww, mesh=mesh, axes=("ep", None), mode="fp8", options=opts
+        )
     return lambda x, i, w, ww: parallel.ep_moe_hier(x, i, w, ww, mesh=mesh, mode="fp8", options=opts)
 
 

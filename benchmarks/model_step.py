@@ -73,6 +73,7 @@ from jax_megamoe.models.deepseek_v4 import (
     DeepseekV4Block,
     DeepseekV4Config,
     DeepseekV4ForCausalLM,
+    ModelOptions,
     forward,
 )
 
@@ -147,9 +148,10 @@ def build_model(cfg: DeepseekV4Config, *, seed: int, on_device: bool, log=C.log)
     if not on_device:
         return DeepseekV4ForCausalLM(cfg, rngs=nnx.Rngs(seed), **kw)
     model = _abstract(cfg, "ffi")
+    options = ModelOptions(**kw)
     for i in range(cfg.num_hidden_layers):
         t0 = time.perf_counter()
-        block = nnx.jit(lambda i=i: DeepseekV4Block(cfg, i, rngs=nnx.Rngs(seed + 1 + i), **kw))()
+        block = nnx.jit(lambda i=i: DeepseekV4Block(cfg, i, rngs=nnx.Rngs(seed + 1 + i), options=options))()
         jax.block_until_ready(nnx.state(block))
         model.layers[i] = block
         log(

@@ -1,7 +1,7 @@
 """Expert parallelism: the Mega MoE layer with experts and tokens sharded over mesh axes.
 
-One level (:func:`ep_moe`, :func:`ep_moe_grouped`) within a host; two levels (:func:`ep_moe_hier`)
-over a host x GPU mesh. Same function as :func:`jax_megamoe.reference.mega_moe`.
+One level (:func:`ep_moe`; :func:`ep_moe_hier` with ``axes=(axis, None)``) within a host; two levels
+(:func:`ep_moe_hier`) over a host x GPU mesh. Same function as :func:`jax_megamoe.reference.mega_moe`.
 """
 
 from jax_megamoe._src.kernels.parallel import (
@@ -11,7 +11,6 @@ from jax_megamoe._src.kernels.parallel import (
     EPOptions,
     dispatch_path,
     ep_moe,
-    ep_moe_any_tokens,
     ep_path,
     exact_capacity,
     fused_available,
@@ -23,7 +22,6 @@ from jax_megamoe._src.kernels.parallel_hier import (
     OVERFLOW_POLICY,
     EPStats,
     HierPath,
-    ep_moe_grouped,
     ep_moe_hier,
     hier_path,
 )
@@ -31,8 +29,6 @@ from jax_megamoe._src.kernels.parallel_hier import (
 __all__ = [
     "ep_moe",
     "EPOptions",
-    "ep_moe_any_tokens",
-    "ep_moe_grouped",
     "ep_moe_hier",
     "shard_weights",
     "dispatch_path",

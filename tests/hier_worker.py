@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parallel_worker import FAILED, T, _setup, check, make_routing, make_weights, same_bits  # noqa: E402
 
 CLAMP = 10.0
+#: ``axes=`` of one level (every device its own "host").
+ONE_LEVEL = ("ep", None)
 
 
 def oracle(x, idx, w, w_all, *, mode: str, n_hosts: int, rsf: float = 1.0):
@@ -203,18 +205,23 @@ def run_single() -> None:
         "hier2x4_empty_host_rows", bool(np.all(np.asarray(y)[T // 8 : T // 4] == 0)), f"{time.perf_counter() - t0:.1f}s"
     )
 
-    # One level (ep_moe_grouped) over 8 devices and over 4, with and without a second pass.
+    # One level (ep_moe_hier, axes=("ep", None)) over 8 devices and over 4, with and without a second pass.
     t0 = time.perf_counter()
     x, idx, w = make_routing(8, e, seed=8)
     args = (jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w))
     m8 = jax.make_mesh((8,), ("ep",), devices=devs)
     check("grouped_path", PH.hier_path(m8, "ep", None, mode, 4).intranode == "local")
-    y, st = PH.ep_moe_grouped(
-        *args, w_all, mesh=m8, mode=mode, options=EPOptions(activation_clamp=CLAMP, return_stats=True)
+    y, st = PH.ep_moe_hier(
+        *args, w_all, mesh=m8, axes=ONE_LEVEL, mode=mode, options=EPOptions(activation_clamp=CLAMP, return_stats=True)
     )
     exact = verify("grouped_ep8", y, x, idx, w, w_all, mode=mode, n_hosts=8, stats=st)
-    y2, st2 = PH.ep_moe_grouped(
-        *args, w_all, mesh=m8, mode=mode, options=EPOptions(activation_clamp=CLAMP, pair_capacity=2, return_stats=True)
+    y2, st2 = PH.ep_moe_hier(
+        *args,
+        w_all,
+        mesh=m8,
+        axes=ONE_LEVEL,
+        mode=mode,
+        options=EPOptions(activation_clamp=CLAMP, pair_capacity=2, return_stats=True),
     )
     ok, info = same_bits(y2, exact)
     exp = expected_rows(idx, e, 8, 8, 2)
@@ -222,8 +229,8 @@ def run_single() -> None:
     check("grouped_ep8_second_pass", ok and got == exp and exp[1] > 0, f"{info} stats={got} want={exp}")
     # dispatch="padded" named explicitly: the bits of "auto" (padded on CPU) and of the exact
     # per-host sums, one level and two; "dense" (never released) is an error.
-    y_p = PH.ep_moe_grouped(
-        *args, w_all, mesh=m8, mode=mode, options=EPOptions(activation_clamp=CLAMP, dispatch="padded")
+    y_p = PH.ep_moe_hier(
+        *args, w_all, mesh=m8, axes=ONE_LEVEL, mode=mode, options=EPOptions(activation_clamp=CLAMP, dispatch="padded")
     )
     ok_e, info_g = same_bits(y_p, exact)
     y_h = PH.ep_moe_hier(*args, w_all, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=CLAMP))
@@ -245,12 +252,13 @@ def run_single() -> None:
     )  # fmt: skip
     x4, idx4, w4 = make_routing(4, e, seed=4)
     m4 = jax.make_mesh((4,), ("ep",), devices=devs[:4])
-    y4 = PH.ep_moe_grouped(
+    y4 = PH.ep_moe_hier(
         jnp.asarray(x4),
         jnp.asarray(idx4),
         jnp.asarray(w4),
         w_all,
         mesh=m4,
+        axes=ONE_LEVEL,
         mode=mode,
         options=EPOptions(activation_clamp=CLAMP),
     )

@@ -218,12 +218,12 @@ def run_single() -> None:
         f"{info} dense={dense_err!r} {time.perf_counter() - t0:.1f}s",
     )  # fmt: skip
 
-    # ep_moe_any_tokens: T not a multiple of the axis size (the batch is padded with rows routed
-    # nowhere and cut back): the reference's bits.
+    # EPOptions(pad_tokens=True): T not a multiple of the axis size (the batch is padded with rows
+    # routed nowhere and cut back): the reference's bits.
     t0 = time.perf_counter()
     cut = T - 3  # T is a multiple of n; T - 3 is not
     uneven = (jnp.asarray(x[:cut]), jnp.asarray(idx[:cut]), jnp.asarray(w[:cut]), w_all)
-    y_any = parallel.ep_moe_any_tokens(*uneven, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp))
+    y_any = parallel.ep_moe(*uneven, mesh=mesh, mode=mode, options=EPOptions(activation_clamp=clamp, pad_tokens=True))
     ref = reference.mega_moe(*uneven, mode=mode, activation_clamp=clamp)
     ok, info = same_bits(y_any, ref)
     nonzero = int(np.any(np.asarray(y_any) != 0, axis=1).sum())

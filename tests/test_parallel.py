@@ -167,8 +167,14 @@ def test_error_missing_mesh_axis():
 
 
 def test_error_tokens_not_divisible():
-    with pytest.raises(ValueError, match=r"x: 30 tokens are not divisible by the size 4 of mesh axis 'ep'"):
+    with pytest.raises(ValueError, match=r"x: 30 tokens are not divisible by the size 4 of mesh axis 'ep'.*pad_tokens"):
         parallel.ep_moe(*_inputs(30), _weights(), mesh=_mesh(4), mode="fp8xfp4")
+    # pad_tokens=True takes any T (run in parallel_worker), but not with return_overflow when it pads
+    opts = EPOptions(pad_tokens=True, return_overflow=True)
+    with pytest.raises(ValueError, match=r"return_overflow is not supported with pad_tokens when T needs padding"):
+        parallel.ep_moe(*_inputs(30), _weights(), mesh=_mesh(4), mode="fp8xfp4", options=opts)
+    with pytest.raises(TypeError, match=r"options\.pad_tokens: expected a bool, got 'yes'"):
+        parallel.ep_moe(*_inputs(32), _weights(), mesh=_mesh(4), mode="fp8xfp4", options=EPOptions(pad_tokens="yes"))
 
 
 def test_error_weights_mode_mismatch():

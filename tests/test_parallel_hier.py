@@ -259,14 +259,14 @@ def test_one_cpu_device_runs():
     assert np.array_equal(np.asarray(y).view(np.uint16), np.asarray(ref).view(np.uint16))
     assert np.any(np.asarray(ref) != 0)
     assert int(st.rows) == int(np.sum(np.any(np.asarray(idx) >= 0, axis=1))) and int(st.second_pass_rows) == 0
-    # pair_capacity=1 runs the second pass: the same bits; ep_moe_grouped over one device agrees.
+    # pair_capacity=1 runs the second pass: the same bits; one level over one device agrees.
     y1, st1 = PH.ep_moe_hier(
         x, idx, tw, w, mesh=mesh, mode="fp8", options=EPOptions(pair_capacity=1, return_stats=True)
     )
     assert int(st1.second_pass_rows) > 0
     assert np.array_equal(np.asarray(y1).view(np.uint16), np.asarray(ref).view(np.uint16))
     one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
-    for fn, kw in ((PH.ep_moe_hier, dict(mesh=mesh)), (PH.ep_moe_grouped, dict(mesh=one, axis="ep"))):
+    for fn, kw in ((PH.ep_moe_hier, dict(mesh=mesh)), (PH.ep_moe_hier, dict(mesh=one, axes=("ep", None)))):
         y_old, st_old = fn(x, idx, tw, w, mode="fp8", options=EPOptions(pair_capacity=1, return_stats=True), **kw)
         assert np.array_equal(np.asarray(y_old).view(np.uint16), np.asarray(y1).view(np.uint16))
         assert tuple(int(v) for v in st_old) == tuple(int(v) for v in st1)

@@ -1,8 +1,8 @@
 """Token-form and two-level expert parallelism on sm_90 GPUs (``jax_megamoe._src.kernels.parallel_hier``).
 
-- one GPU: ``ep_moe_grouped`` on a 1-device mesh (the single-rank kernel once over the received rows)
+- one GPU: one-level ``ep_moe_hier`` (``axes=("ep", None)``) on a 1-device mesh (the single-rank kernel once over the received rows)
   against the reference and the plain single-GPU kernel;
-- n >= 2 GPUs: ``ep_moe_grouped`` (ragged all-to-all + one kernel call per GPU), with and without a
+- n >= 2 GPUs: the same one level (ragged all-to-all + one kernel call per GPU), with and without a
   second pass past ``pair_capacity``, against the reference (kernel tolerance), stats checked;
 - n >= 4 GPUs: ``ep_moe_hier`` on a ``(2, n/2)`` mesh (a simulated host axis): one XLA exchange over
   "host", the fused multi-rank kernel over each half; against the reference.
@@ -66,7 +66,9 @@ def test_grouped_one_gpu(tiny_fp8):
     mesh = jax.sharding.Mesh(np.array(GPUS[:1]), ("ep",))
     path = parallel_hier.hier_path(mesh, "ep", None, "fp8", 32)
     assert (path.intranode, path.backend) == ("local", "ffi"), path
-    y = parallel_hier.ep_moe_grouped(*args, tiny_fp8, mesh=mesh, mode="fp8", options=EPOptions(activation_clamp=CLAMP))
+    y = parallel_hier.ep_moe_hier(
+        *args, tiny_fp8, mesh=mesh, axes=("ep", None), mode="fp8", options=EPOptions(activation_clamp=CLAMP)
+    )
     ref = reference.mega_moe(*args, tiny_fp8, mode="fp8", activation_clamp=CLAMP)
     rel = _check(y, ref, idx, tiny_fp8.num_experts, "grouped 1 GPU")
     one = ops.mega_moe(*args, tiny_fp8, activation_clamp=CLAMP, backend="ffi", options=MoEOptions(kernel="fused"))
@@ -86,10 +88,11 @@ def test_grouped_multi_gpu(tiny_fp8, capacity):
     mesh = jax.sharding.Mesh(np.array(GPUS[:n]), ("ep",))
     path = parallel_hier.hier_path(mesh, "ep", None, "fp8", 32 // n, options=EPOptions(pair_capacity=capacity))
     assert (path.dispatch, path.backend) == ("ragged", "ffi"), path
-    y, st = parallel_hier.ep_moe_grouped(
+    y, st = parallel_hier.ep_moe_hier(
         *args,
         tiny_fp8,
         mesh=mesh,
+        axes=("ep", None),
         mode="fp8",
         options=EPOptions(activation_clamp=CLAMP, pair_capacity=capacity, return_stats=True),
     )

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -27,8 +28,10 @@ import v4_oracle as o
 
 from jax_megamoe._src.models.deepseek_v4 import hyper
 from jax_megamoe._src.models.deepseek_v4.model import (
+    DeepseekV4Block,
     DeepseekV4ForCausalLM,
     ModelCache,
+    ModelOptions,
     forward,
     jit_forward,
 )
@@ -267,6 +270,36 @@ def test_forward_argument_errors():
         DeepseekV4ForCausalLM(cfg, experts="dense", rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="param_dtype"):
         DeepseekV4ForCausalLM(cfg, experts="exact", param_dtype=jnp.float16, rngs=nnx.Rngs(0))
+
+
+def test_model_options_travel_from_the_model_to_each_block():
+    """The model's keywords become one frozen ModelOptions that every block is built from; a block
+    built alone from the same options has the same structure and dtypes."""
+    cfg = o.oracle_configs()["clamped"]
+    model = DeepseekV4ForCausalLM(
+        cfg, experts="exact", param_dtype=jnp.float32, backend="reference", rngs=nnx.Rngs(0), simulate_quant=False
+    )
+    want = ModelOptions(backend="reference", experts="exact", param_dtype=jnp.float32)
+    assert model.options == want and hash(model.options) == hash(want) and want != ModelOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        want.experts = "quantized"
+    block = DeepseekV4Block(cfg, 1, rngs=nnx.Rngs(3), options=want)
+    layer = model.layers[1]
+    assert block.ffn.expert_kind == layer.ffn.expert_kind == "exact" and block.ffn.backend == "reference"
+    assert block.stream_dtype == layer.stream_dtype == np.float32 and not block.attn.simulate_quant
+    got = jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(block))
+    assert got == jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(layer))
+    x = jax.random.normal(jax.random.key(1), (1, 4, cfg.hc_mult, cfg.hidden_size), jnp.float32)
+    tok = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 4)), jnp.int32)
+    y, _ = block(x, _positions(1, 4), tok)
+    assert y.shape == x.shape and y.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(y)))
+    assert float(jnp.abs(y - x).max()) > 0
+    with pytest.raises(ValueError, match="experts: 'dense' is not one of"):
+        ModelOptions(experts="dense")
+    with pytest.raises(TypeError, match="param_dtype: float16 is not supported"):
+        ModelOptions(param_dtype=jnp.float16)
+    with pytest.raises(TypeError, match=r"options: expected a jax_megamoe\.models\.deepseek_v4\.ModelOptions"):
+        DeepseekV4Block(cfg, 0, rngs=nnx.Rngs(0), options={"experts": "exact"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ from jax_megamoe._src.numerics.layout import MoEWeights
 from jax_megamoe._src.numerics.policy import Policy
 
 __all__ = [
-    "ep_moe", "ep_moe_any_tokens", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
+    "ep_moe", "shard_weights", "dispatch_path", "ep_path", "exact_capacity", "fused_available",
     "rank_table", "EPOptions", "DISPATCHES", "COLLECTIVE_DISPATCHES", "BACKENDS",
 ]  # fmt: skip
 
@@ -97,7 +97,7 @@ BACKENDS: tuple[str, ...] = ops.BACKENDS
 @dataclasses.dataclass(frozen=True)
 class EPOptions:
     """The options of the expert-parallel calls (:func:`ep_moe`, :func:`ep_path`,
-    :func:`jax_megamoe.parallel.ep_moe_hier`, ``ep_moe_grouped``, ``hier_path``), grouped so the
+    :func:`jax_megamoe.parallel.ep_moe_hier`, ``hier_path``), grouped so the
     calls keep a short signature.
 
     ``activation_clamp``: ``None`` or a number ``>= 0`` (SwiGLU clamp). ``backend``: ``"auto"`` |
@@ -108,6 +108,7 @@ class EPOptions:
     ``"local"``. ``pair_capacity``: rows per (source, destination) pair of the collective buffer.
     ``num_max_tokens``: the fused kernel's token cap per rank. ``return_overflow`` (:func:`ep_moe`):
     return ``(y, dropped)``; ``return_stats`` (two-level calls): return ``(y, EPStats)``.
+    ``pad_tokens`` (:func:`ep_moe`): accept any ``T`` (see there).
     ``policy``: a :class:`jax_megamoe.policy.Policy` (default: the process policy).
     """
 
@@ -120,6 +121,7 @@ class EPOptions:
     num_max_tokens: int | None = None
     return_overflow: bool = False
     return_stats: bool = False
+    pad_tokens: bool = False
     policy: Policy | None = None
 
     @staticmethod
@@ -314,6 +316,15 @@ def _place(a: Any, mesh: Mesh | AbstractMesh, spec: P, explicit: bool) -> Any:
     return jax.device_put(a, sharding)
 
 
+def _check_token_cap(num_max_tokens: Any, unit: str) -> int | None:
+    """``EPOptions.num_max_tokens``: None or a Python int >= 1 (``unit``: what it counts, for the error)."""
+    if num_max_tokens is None:
+        return None
+    if isinstance(num_max_tokens, bool) or not isinstance(num_max_tokens, (int, np.integer)) or num_max_tokens < 1:
+        raise ValueError(f"num_max_tokens: {num_max_tokens!r} must be a Python int >= 1 ({unit})")
+    return int(num_max_tokens)
+
+
 def _resolve_backend(backend: str, mode: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -323,11 +334,6 @@ def _resolve_backend(backend: str, mode: str) -> str:
     # path), but it processes the whole padded receive buffer (n * T/n * K rows at top-1) and gets
     # slow above ~1k rows per GPU (benchmarks/RESULTS.md, ep_step), so "auto" does not pick it.
     return "ffi" if backend == "ffi" else "reference"
-
-
-# --------------------------------------------------------------------------------------------
-# Public entry point
-# --------------------------------------------------------------------------------------------
 
 
 def ep_moe(
@@ -376,6 +382,9 @@ def ep_moe(
         :func:`jax_megamoe.ops.default_num_max_tokens`, rounded up to 128).
       policy: the settings the call does not give (token cap, reserved SMs, graph targets, fused
         opt-out ``fused_ep``, sm_100 opt-in); default the process policy (:func:`jax_megamoe.policy.current`).
+      pad_tokens: accept any ``T`` (model code): a ``T`` that is not a multiple of ``n`` is padded with
+        rows routed nowhere (``topk_idx = -1``, they give exactly 0) and the first ``T`` rows come back
+        replicated; not with ``return_overflow``.
 
     Returns:
       ``y`` bf16 ``[T, H]`` sharded ``P(axis)`` (and ``dropped`` int32 ``[]`` if ``return_overflow``).
@@ -388,17 +397,21 @@ def ep_moe(
     t, h, k = reference._check_routing(x, topk_idx, topk_weights)
     if h % 128 != 0:
         raise ValueError(f"x: hidden={h} must be a multiple of 128")
+    if not isinstance(opts.pad_tokens, (bool, np.bool_)):
+        raise TypeError(f"options.pad_tokens: expected a bool, got {opts.pad_tokens!r}")
+    if t % n != 0 and opts.pad_tokens:
+        return _ep_moe_padded(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, mode=mode, opts=opts)
     if t % n != 0:
         raise ValueError(
             f"x: {t} tokens are not divisible by the size {n} of mesh axis {axis!r} (each device owns T/{n} tokens; "
-            "pad the batch with rows whose topk_idx is -1)"
+            "pad the batch with rows whose topk_idx is -1, or pass options=EPOptions(pad_tokens=True))"
         )
     _check_weights(weights, mode, h, k, n)
     capacity = opts.pair_capacity
     clamp = config.check_clamp(activation_clamp)
     reference._check_scaling(routed_scaling_factor)
     if opts.return_stats or opts.intranode != "auto":
-        raise ValueError("options: return_stats and intranode apply to ep_moe_hier / ep_moe_grouped, not ep_moe")
+        raise ValueError("options: return_stats and intranode apply to ep_moe_hier, not ep_moe")
     path, fused = _choose_path(mesh, axis, mode, t // n, opts)
     be = _resolve_backend(opts.backend, mode)
     exact = exact_capacity(t, k, n)
@@ -457,23 +470,12 @@ def ep_path(
 def _choose_path(mesh, axis, mode, tokens_per_device, opts: EPOptions):
     """``(path, fused)``: ``"fused"`` with ``fused`` the kernel call (its ``num_experts`` and clamp
     filled in by the caller), or the collective ``"ragged"``/``"padded"`` with ``fused = None``."""
-    dispatch, backend, capacity, num_max_tokens, policy = (
-        opts.dispatch,
-        opts.backend,
-        opts.pair_capacity,
-        opts.num_max_tokens,
-        opts.policy,
-    )
+    dispatch, backend, capacity = opts.dispatch, opts.backend, opts.pair_capacity
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
-    pol = _policy.resolve(policy)
-    if num_max_tokens is None:
-        cap = pol.num_max_tokens
-    elif isinstance(num_max_tokens, bool) or not isinstance(num_max_tokens, (int, np.integer)) or num_max_tokens < 1:
-        raise ValueError(f"num_max_tokens: {num_max_tokens!r} must be a Python int >= 1 (tokens per rank)")
-    else:
-        cap = int(num_max_tokens)
-    cap = config.align_token_cap(cap, mode)
+    pol = _policy.resolve(opts.policy)
+    num_max_tokens = _check_token_cap(opts.num_max_tokens, "tokens per rank")
+    cap = config.align_token_cap(pol.num_max_tokens if num_max_tokens is None else num_max_tokens, mode)
     if dispatch == "fused":
         if backend == "reference":
             raise ValueError("dispatch: 'fused' runs the FFI kernel; backend='reference' cannot run it")
@@ -628,7 +630,7 @@ def _ep_body(x, topk_idx, w, weights, *, spec: _EPCall, num_experts: int):
 
 
 # --------------------------------------------------------------------------------------------
-# For model code: any token count, weights placed once
+# For model code: weights placed once, any token count
 # --------------------------------------------------------------------------------------------
 
 
@@ -644,30 +646,16 @@ def shard_weights(weights: MoEWeights, mesh: Mesh | AbstractMesh, axis: str = "e
     return jax.tree.map(lambda a: _place(a, mesh, P(axis), explicit), weights)
 
 
-def ep_moe_any_tokens(
-    x: jax.Array,
-    topk_idx: jax.Array,
-    topk_weights: jax.Array,
-    weights: MoEWeights,
-    *,
-    mesh: Mesh | AbstractMesh,
-    axis: str = "ep",
-    mode: config.Mode,
-    options: EPOptions | None = None,
-) -> jax.Array:
-    """:func:`ep_moe` for any ``T``: pads the batch to a multiple of the axis size with rows routed
-    nowhere (``topk_idx = -1``, they give exactly 0) and returns the first ``T`` rows (replicated
-    when padding was needed, else sharded ``P(axis)`` over tokens)."""
-    n = _axis_size(mesh, axis)
+def _ep_moe_padded(x, topk_idx, topk_weights, weights, *, mesh, axis, mode, opts: EPOptions) -> jax.Array:
+    """:func:`ep_moe` with ``pad_tokens`` for a ``T`` that is not a multiple of the axis size ``n``:
+    pads to one with rows routed nowhere and returns the first ``T`` rows, replicated."""
+    if opts.return_overflow:
+        raise ValueError("options: return_overflow is not supported with pad_tokens when T needs padding")
     t = x.shape[0]
-    pad = (-t) % n
-    if pad == 0:
-        return ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, mode=mode, options=options)
-    if EPOptions.of(options).return_overflow:
-        raise ValueError("return_overflow: not supported by ep_moe_any_tokens when T needs padding; call ep_moe")
+    pad = (-t) % _axis_size(mesh, axis)
     x = jnp.pad(x, ((0, pad), (0, 0)))
     topk_idx = jnp.pad(topk_idx, ((0, pad), (0, 0)), constant_values=-1)
     topk_weights = jnp.pad(topk_weights, ((0, pad), (0, 0)))
-    y = ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, mode=mode, options=options)
+    y = ep_moe(x, topk_idx, topk_weights, weights, mesh=mesh, axis=axis, mode=mode, options=opts)
     y = _place(y, mesh, P(), _is_explicit(mesh, axis))
     return y[:t]

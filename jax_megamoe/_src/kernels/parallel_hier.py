@@ -1,5 +1,5 @@
 """Expert parallelism that reads each local expert's weights once per step, over one mesh axis or a
-two-level ``(host, GPU)`` mesh: :func:`ep_moe_grouped`, :func:`ep_moe_hier`, :func:`hier_path`.
+two-level ``(host, GPU)`` mesh: :func:`ep_moe_hier` (``axes=(axis, None)``: one level), :func:`hier_path`.
 
 Options (``dispatch``, ``intranode``, ``pair_capacity``, ``return_stats``, ...) are fields of one
 :class:`jax_megamoe.parallel.EPOptions`; the two mesh axes are ``axes=(host_axis, axis)``.
@@ -13,7 +13,7 @@ experts, padding rows all ``-1``), and one kernel call per step runs it: every l
 weights are read once, padding rows route nowhere.
 
 One step, per device, with ``n_o`` = size of the outer axis (``host_axis``), ``G`` = size of the
-inner axis (``axis``; 1 for :func:`ep_moe_grouped`), ``T_l = T / (n_o G)`` tokens per device:
+inner axis (``axis``; 1 for one level), ``T_l = T / (n_o G)`` tokens per device:
 
 1. **Route to hosts.** Expert ``e`` lives on host ``e // (E/n_o)``, and within it on GPU
    ``(e % (E/n_o)) // (E/(n_o G))`` (device ``(h, g)`` holds the ``h G + g``-th block of ``E/(n_o G)``
@@ -81,7 +81,7 @@ from jax_megamoe._src.numerics import policy as _policy
 from jax_megamoe._src.numerics.layout import MoEWeights
 from jax_megamoe._src.numerics.policy import Policy
 
-__all__ = ["ep_moe_grouped", "ep_moe_hier", "hier_path", "EPStats", "HierPath", "INTRANODE", "OVERFLOW_POLICY"]
+__all__ = ["ep_moe_hier", "hier_path", "EPStats", "HierPath", "INTRANODE", "OVERFLOW_POLICY"]
 
 #: Intranode stages: ``"auto"`` picks ``"fused"`` where it can run, else ``"collective"`` (``G > 1``)
 #: or ``"local"`` (``G = 1``).
@@ -100,7 +100,7 @@ class EPStats(NamedTuple):
 
 
 class HierPath(NamedTuple):
-    """What :func:`ep_moe_hier` / :func:`ep_moe_grouped` run: ``dispatch`` (``"padded"``/``"ragged"``,
+    """What :func:`ep_moe_hier` runs: ``dispatch`` (``"padded"``/``"ragged"``,
     the inter-host collective), ``intranode`` (``"fused"``/``"collective"``/``"local"``), ``backend``
     of the per-GPU expert compute (``"ffi"``/``"reference"``; ``"ffi"`` for the fused stage) and
     ``reason``, a sentence."""
@@ -169,13 +169,7 @@ def _local_rank_table(mesh: Mesh | AbstractMesh, axis: str) -> tuple[tuple[int, 
 def _resolve(mesh, host_axis, axis, mode, rows_per_device: int, opts: EPOptions):
     """``(HierPath, fused)``; ``fused``: the fused stage's kernel call (its ``num_experts`` and clamp
     filled in by the caller), or None."""
-    dispatch, intranode, backend, num_max_tokens, policy = (
-        opts.dispatch,
-        opts.intranode,
-        opts.backend,
-        opts.num_max_tokens,
-        opts.policy,
-    )
+    dispatch, intranode, backend = opts.dispatch, opts.intranode, opts.backend
     if intranode not in INTRANODE:
         raise ValueError(f"intranode: {intranode!r} is not one of {', '.join(INTRANODE)}")
     if backend not in parallel.BACKENDS:
@@ -185,14 +179,11 @@ def _resolve(mesh, host_axis, axis, mode, rows_per_device: int, opts: EPOptions)
             f"dispatch: {dispatch!r} is not one of {', '.join(parallel.COLLECTIVE_DISPATCHES)} (the inter-host collective)"
         )
     n_o, g = _axes(mesh, host_axis, axis)
-    pol = _policy.resolve(policy)
+    pol = _policy.resolve(opts.policy)
     disp = parallel.dispatch_path(mesh, dispatch)
-    if num_max_tokens is not None and (
-        isinstance(num_max_tokens, bool) or not isinstance(num_max_tokens, (int, np.integer)) or num_max_tokens < 1
-    ):
-        raise ValueError(f"num_max_tokens: {num_max_tokens!r} must be a Python int >= 1 (rows per device)")
+    num_max_tokens = parallel._check_token_cap(opts.num_max_tokens, "rows per device")
     cap = config.align_token_cap(max(int(rows_per_device if num_max_tokens is None else num_max_tokens), 1), mode)
-    if num_max_tokens is not None and int(num_max_tokens) < rows_per_device:
+    if num_max_tokens is not None and num_max_tokens < rows_per_device:
         raise ValueError(
             f"num_max_tokens: {num_max_tokens} is below the {rows_per_device} rows a device can receive per pass "
             f"({n_o} sources x pair_capacity); raise it, lower pair_capacity, or leave it None"
@@ -260,8 +251,8 @@ def hier_path(
     *,
     options: EPOptions | None = None,
 ) -> HierPath:
-    """The :class:`HierPath` :func:`ep_moe_hier` takes with these arguments (``axis=None``: that of
-    :func:`ep_moe_grouped` over ``host_axis``; ``options``: the call's :class:`EPOptions`, of which
+    """The :class:`HierPath` :func:`ep_moe_hier` takes with these arguments (``axis=None``: one level
+    over ``host_axis``; ``options``: the call's :class:`EPOptions`, of which
     ``dispatch``, ``intranode``, ``backend``, ``pair_capacity``, ``num_max_tokens`` and ``policy``
     matter here); raises as the call would for one that cannot run."""
     opts = EPOptions.of(options)
@@ -279,29 +270,6 @@ def _capacity(pair_capacity: Any, tokens_per_device: int) -> int:
             f"pair_capacity: {pair_capacity!r} must be a Python int >= 1 (token rows per source device and host)"
         )
     return max(1, min(int(pair_capacity), tokens_per_device))
-
-
-# --------------------------------------------------------------------------------------------
-# Public entry points
-# --------------------------------------------------------------------------------------------
-
-
-def ep_moe_grouped(
-    x: jax.Array,
-    topk_idx: jax.Array,
-    topk_weights: jax.Array,
-    weights: MoEWeights,
-    *,
-    mesh: Mesh | AbstractMesh,
-    axis: str = "ep",
-    mode: config.Mode,
-    options: EPOptions | None = None,
-) -> jax.Array | tuple[jax.Array, EPStats]:
-    """:func:`ep_moe_hier` with one level: experts and tokens sharded over ``axis`` alone, every
-    device its own "host". One all-to-all of token rows (each token once per destination device, its
-    ``K`` slots local or ``-1``), one single-rank kernel call over the received rows, the reverse
-    all-to-all, combine. Same options and bound as :func:`ep_moe_hier`."""
-    return ep_moe_hier(x, topk_idx, topk_weights, weights, mesh=mesh, axes=(axis, None), mode=mode, options=options)
 
 
 def ep_moe_hier(
@@ -325,8 +293,10 @@ def ep_moe_hier(
       weights: the layer's global :class:`jax_megamoe.layout.MoEWeights`, ``E`` divisible by
         ``n_o * G``; placed ``P((host_axis, axis))`` on the expert dim (host-major blocks).
       mesh: a :class:`jax.sharding.Mesh` with both axes (other axes replicate).
-      axes: ``(host_axis, axis)``, the outer (inter-host) and inner (intranode) axes; ``axis=None``:
-        one level.
+      axes: ``(host_axis, axis)``, the outer (inter-host) and inner (intranode) axes. ``axis=None``:
+        one level, e.g. ``("ep", None)``: experts and tokens over ``host_axis`` alone, every device its
+        own "host" (one all-to-all of token rows, each token once per destination device, one
+        single-rank kernel call over the received rows, the reverse all-to-all, combine).
       mode: as :func:`jax_megamoe.ops.mega_moe`.
       options: an :class:`jax_megamoe.parallel.EPOptions`; its fields here:
       activation_clamp, routed_scaling_factor: as :func:`jax_megamoe.ops.mega_moe`.

@@ -11,6 +11,7 @@ from jax_megamoe._src.models.deepseek_v4.model import (
     DeepseekV4Block,
     DeepseekV4ForCausalLM,
     ModelCache,
+    ModelOptions,
     forward,
     jit_forward,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "AttentionCache",
     "CompressorCache",
     "ModelCache",
+    "ModelOptions",
     "forward",
     "jit_forward",
     "DeepseekV4Gate",

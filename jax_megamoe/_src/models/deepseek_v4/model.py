@@ -20,6 +20,7 @@ mixing, norms, attention and logits compute in f32. Quantized experts get bf16 i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,9 +36,10 @@ from jax_megamoe._src.models.deepseek_v4.attention import (
 )
 from jax_megamoe._src.models.deepseek_v4.layers import RMSNorm
 from jax_megamoe._src.models.deepseek_v4.moe import EXPERT_KINDS, DeepseekV4MoE
+from jax_megamoe._src.numerics._validate import check_instance
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
-__all__ = ["DeepseekV4Block", "DeepseekV4ForCausalLM", "ModelCache", "forward", "jit_forward"]
+__all__ = ["DeepseekV4Block", "DeepseekV4ForCausalLM", "ModelCache", "ModelOptions", "forward", "jit_forward"]
 
 _HI = jax.lax.Precision.HIGHEST
 #: std of the random hc ``fn`` / embedding init (Hugging Face's ``initializer_range``).
@@ -66,40 +68,72 @@ def _hc_params(spec: hyper.HyperSpec, hidden: int, rows: int, n_scale: int, rngs
     return nnx.Param(fn), nnx.Param(jnp.zeros((rows,), jnp.float32)), nnx.Param(jnp.ones((n_scale,), jnp.float32))
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How every layer of a :class:`DeepseekV4ForCausalLM` is built: the settings the model passes
+    to each :class:`DeepseekV4Block` (frozen, hashable).
+
+    ``backend``: the MoE backend (:class:`~.moe.DeepseekV4MoE`). ``experts``: ``"quantized"``
+    (routed experts as ``MoEWeights`` in kernel mode ``mode``; None: as the ops resolve it) or
+    ``"exact"`` (dense ``param_dtype`` experts, f32 math). ``param_dtype``: float32 or bfloat16, the
+    Linear weights and the residual stream. ``simulate_quant``: the attention's FP8 KV / FP4 indexer
+    quantisation simulation. See :class:`DeepseekV4ForCausalLM`.
+    """
+
+    backend: str = "auto"
+    experts: str = "quantized"
+    param_dtype: Any = jnp.bfloat16
+    mode: str | None = None
+    simulate_quant: bool = False
+
+    def __post_init__(self) -> None:
+        if self.experts not in EXPERT_KINDS:
+            raise ValueError(f"experts: {self.experts!r} is not one of {', '.join(EXPERT_KINDS)}")
+        dtype = np.dtype(self.param_dtype)
+        if dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16)):
+            raise TypeError(f"param_dtype: {dtype.name} is not supported; expected float32 or bfloat16")
+
+    @staticmethod
+    def of(options: ModelOptions | None) -> ModelOptions:
+        """``options``, or the defaults for None (a TypeError naming the argument otherwise)."""
+        if options is None:
+            return ModelOptions()
+        return check_instance("options", options, ModelOptions, "a jax_megamoe.models.deepseek_v4.ModelOptions")
+
+
 class DeepseekV4Block(nnx.Module):
     """One decoder layer: mHC around attention and around the MoE (DeepSeek's ``Block``).
 
     Parameters (official names): ``attn_norm.weight``, ``attn.*``, ``ffn_norm.weight``, ``ffn.*``,
     ``hc_attn_fn [(2+hc)*hc, hc*H]``, ``hc_attn_base``, ``hc_attn_scale [3]`` and the same for
-    ``hc_ffn_*`` (all f32). ``__call__(x [B, S, hc, H], positions, token_ids, cache)``.
+    ``hc_ffn_*`` (all f32). ``options``: the model's :class:`ModelOptions` (None: the defaults).
+    ``__call__(x [B, S, hc, H], positions, token_ids, cache)``.
     """
 
     def __init__(
-        self,
-        config: DeepseekV4Config,
-        layer_idx: int,
-        *,
-        backend: str = "auto",
-        experts: str = "quantized",
-        param_dtype: Any = jnp.bfloat16,
-        mode: str | None = None,
-        rngs: nnx.Rngs,
-        simulate_quant: bool = False,
+        self, config: DeepseekV4Config, layer_idx: int, *, rngs: nnx.Rngs, options: ModelOptions | None = None
     ) -> None:
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
+        opts = ModelOptions.of(options)
         self.config = config
         self.layer_idx = int(layer_idx)
         self.spec = hyper.HyperSpec.from_config(config)
-        self.stream_dtype = np.dtype(param_dtype)
+        self.stream_dtype = np.dtype(opts.param_dtype)
         h = config.hidden_size
         self.attn_norm = RMSNorm(h, config.rms_norm_eps)
         self.attn = DeepseekV4Attention(
-            config, self.layer_idx, param_dtype=param_dtype, rngs=rngs, simulate_quant=simulate_quant
+            config, self.layer_idx, param_dtype=opts.param_dtype, rngs=rngs, simulate_quant=opts.simulate_quant
         )
         self.ffn_norm = RMSNorm(h, config.rms_norm_eps)
         self.ffn = DeepseekV4MoE(
-            config, self.layer_idx, backend=backend, mode=mode, experts=experts, param_dtype=param_dtype, rngs=rngs
+            config,
+            self.layer_idx,
+            backend=opts.backend,
+            mode=opts.mode,
+            experts=opts.experts,
+            param_dtype=opts.param_dtype,
+            rngs=rngs,
         )
         self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = _hc_params(self.spec, h, self.spec.mix_size, 3, rngs)
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _hc_params(self.spec, h, self.spec.mix_size, 3, rngs)
@@ -156,10 +190,9 @@ class DeepseekV4ForCausalLM(nnx.Module):
     ) -> None:
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
-        if experts not in EXPERT_KINDS:
-            raise ValueError(f"experts: {experts!r} is not one of {', '.join(EXPERT_KINDS)}")
-        if np.dtype(param_dtype) not in (np.dtype(np.float32), np.dtype(jnp.bfloat16)):
-            raise TypeError(f"param_dtype: {np.dtype(param_dtype).name} is not supported; expected float32 or bfloat16")
+        self.options = ModelOptions(
+            backend=backend, experts=experts, param_dtype=param_dtype, mode=mode, simulate_quant=simulate_quant
+        )
         self.config = config
         self.experts_kind = experts
         self.spec = hyper.HyperSpec.from_config(config)
@@ -167,19 +200,7 @@ class DeepseekV4ForCausalLM(nnx.Module):
         h, v = config.hidden_size, config.vocab_size
         self.embed = Embedding(v, h, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List(
-            [
-                DeepseekV4Block(
-                    config,
-                    i,
-                    backend=backend,
-                    experts=experts,
-                    param_dtype=param_dtype,
-                    mode=mode,
-                    rngs=rngs,
-                    simulate_quant=simulate_quant,
-                )
-                for i in range(config.num_hidden_layers)
-            ]
+            [DeepseekV4Block(config, i, rngs=rngs, options=self.options) for i in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(h, config.rms_norm_eps)
         self.head = _Head(h, v, param_dtype=param_dtype, rngs=rngs)

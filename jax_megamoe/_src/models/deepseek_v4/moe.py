@@ -687,90 +687,66 @@ class DeepseekV4MoE(nnx.Module):
         if not isinstance(config, DeepseekV4Config):
             raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
         opts = MoEBlockOptions.of(options)
-        weights, is_mtp, mesh, ep_axis = opts.weights, opts.is_mtp, opts.mesh, opts.ep_axis
         if experts not in EXPERT_KINDS:
             raise ValueError(f"experts: {experts!r} is not one of {', '.join(EXPERT_KINDS)}")
+        exact = experts == "exact"
+        if exact and opts.mesh is not None:
+            raise ValueError("options.mesh: experts='exact' runs on one device; use experts='quantized' with a mesh")
+        if exact and opts.weights is not None:
+            raise ValueError("options.weights: MoEWeights are quantized experts; experts='exact' takes dense weights")
         self.expert_kind = experts
-        if experts == "exact":
-            self._init_exact(
-                config,
-                layer_idx,
-                rngs=rngs,
-                is_mtp=is_mtp,
-                param_dtype=param_dtype,
-                mesh=mesh,
-                weights=weights,
-                backend=backend,
-            )
-            return
         self.backend = _check_backend(backend)
-        # Expert parallelism (jax_megamoe.parallel.ep_moe) over mesh axis ep_axis; None: one device.
-        self.mesh = mesh
-        self.ep_axis = ep_axis
-        self.ep_dispatch = opts.ep_dispatch
         self.config = config
-        if weights is not None and mode is None:
-            mode = getattr(weights, "mode", None)
-        # Every setting the block's calls do not give (token cap, graph targets, sm_100 mode, ...):
-        # frozen here, so every trace of this block sees the same values.
-        self.policy = _policy.resolve(opts.policy)
-        self.mode = _policy.resolve_mode(mode, ops.device_arch(), self.policy)
-        _cfg.validate_moe_shape(
-            hidden=config.hidden_size,
-            intermediate=config.moe_intermediate_size,
-            num_experts=config.n_routed_experts,
-            top_k=config.num_experts_per_tok,
-            mode=self.mode,
-        )
-        self.gate = DeepseekV4Gate(config, layer_idx, rngs=rngs, is_mtp=is_mtp, param_dtype=param_dtype)
+        if exact:
+            self.mesh, self.ep_axis, self.ep_dispatch = None, "ep", "auto"
+            self.policy = None
+            self.mode = None
+        else:
+            # Expert parallelism (jax_megamoe.parallel.ep_moe) over mesh axis ep_axis; None: one device.
+            self.mesh, self.ep_axis, self.ep_dispatch = opts.mesh, opts.ep_axis, opts.ep_dispatch
+            if opts.weights is not None and mode is None:
+                mode = getattr(opts.weights, "mode", None)
+            # Every setting the block's calls do not give (token cap, graph targets, sm_100 mode, ...):
+            # frozen here, so every trace of this block sees the same values.
+            self.policy = _policy.resolve(opts.policy)
+            self.mode = _policy.resolve_mode(mode, ops.device_arch(), self.policy)
+            _cfg.validate_moe_shape(
+                hidden=config.hidden_size,
+                intermediate=config.moe_intermediate_size,
+                num_experts=config.n_routed_experts,
+                top_k=config.num_experts_per_tok,
+                mode=self.mode,
+            )
+        self.gate = DeepseekV4Gate(config, layer_idx, rngs=rngs, is_mtp=opts.is_mtp, param_dtype=param_dtype)
         self.layer_idx = self.gate.layer_idx
         self.is_hash_layer = self.gate.is_hash_layer
+        if exact:
+            self.experts = ExactExperts(
+                config.n_routed_experts,
+                config.hidden_size,
+                config.moe_intermediate_size,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        else:
+            self.experts = RoutedExperts(self._routed_weights(rngs, opts))
+        self.shared_experts = _shared_expert(config, rngs, param_dtype, exact=exact)
+
+    def _routed_weights(self, rngs: nnx.Rngs, opts: MoEBlockOptions) -> MoEWeights:
+        """``opts.weights`` (checked) or random experts, placed over the mesh when there is one."""
+        weights = opts.weights
         if weights is None:
             key = rngs.params()
             if _key_is_concrete(key):
-                ckpt = random_moe_checkpoint(config, _seed_from_key(key), progress=opts.progress)
+                ckpt = random_moe_checkpoint(self.config, _seed_from_key(key), progress=opts.progress)
             else:
-                ckpt = _random_moe_checkpoint_jax(config, key)
+                ckpt = _random_moe_checkpoint_jax(self.config, key)
             weights = MoEWeights.from_checkpoint(*ckpt, mode=self.mode)
         else:
             self._check_weights(weights)
-        if mesh is not None:
-            weights = parallel.shard_weights(weights, mesh, ep_axis)  # E/n experts per device, placed once
-        self.experts = RoutedExperts(weights)
-        self.shared_experts = _shared_expert(config, rngs, param_dtype, exact=False)
-
-    def _init_exact(
-        self,
-        config: DeepseekV4Config,
-        layer_idx: int,
-        *,
-        rngs: nnx.Rngs,
-        is_mtp: bool,
-        param_dtype: Any,
-        mesh: Any,
-        weights: Any,
-        backend: str,
-    ) -> None:
-        if mesh is not None:
-            raise ValueError("options.mesh: experts='exact' runs on one device; use experts='quantized' with a mesh")
-        if weights is not None:
-            raise ValueError("options.weights: MoEWeights are quantized experts; experts='exact' takes dense weights")
-        self.backend = _check_backend(backend)
-        self.mesh, self.ep_axis, self.ep_dispatch = None, "ep", "auto"
-        self.config = config
-        self.policy = None
-        self.mode = None
-        self.gate = DeepseekV4Gate(config, layer_idx, rngs=rngs, is_mtp=is_mtp, param_dtype=param_dtype)
-        self.layer_idx = self.gate.layer_idx
-        self.is_hash_layer = self.gate.is_hash_layer
-        self.experts = ExactExperts(
-            config.n_routed_experts,
-            config.hidden_size,
-            config.moe_intermediate_size,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-        self.shared_experts = _shared_expert(config, rngs, param_dtype, exact=True)
+        if self.mesh is not None:
+            weights = parallel.shard_weights(weights, self.mesh, self.ep_axis)  # E/n experts per device, placed once
+        return weights
 
     @classmethod
     def from_checkpoint(cls, path: CheckpointSource, layer_idx: int, **kwargs: Any) -> DeepseekV4MoE:
@@ -835,11 +811,11 @@ class DeepseekV4MoE(nnx.Module):
         if self.mesh is not None:
             # Gate and shared expert follow x's sharding (their weights are replicated); the routed
             # experts run sharded over ep_axis (T padded to a multiple of the axis size).
-            y = parallel.ep_moe_any_tokens(
+            y = parallel.ep_moe(
                 x, topk_idx, topk_weights, self.moe_weights, mesh=self.mesh, axis=self.ep_axis,
                 mode=self.mode, options=parallel.EPOptions(
                     activation_clamp=cfg.activation_clamp, backend=self.backend, dispatch=self.ep_dispatch,
-                    policy=self.policy,
+                    pad_tokens=True, policy=self.policy,
                 ),
             )  # fmt: skip
         else:
