@@ -12,6 +12,7 @@ from jax_megamoe._src.models.deepseek_v4.model import (
     DeepseekV4ForCausalLM,
     ModelCache,
     forward,
+    forward_streams,
     jit_forward,
 )
 from jax_megamoe._src.models.deepseek_v4.moe import (
@@ -32,6 +33,13 @@ from jax_megamoe._src.models.deepseek_v4.moe import (
     random_checkpoint_scale_bytes,
     random_moe_checkpoint,
 )
+from jax_megamoe._src.models.deepseek_v4.mtp import (
+    DeepseekV4MTPBlock,
+    SpeculativeResult,
+    jit_mtp_draft,
+    mtp_draft,
+    speculative_greedy,
+)
 
 __all__ = [
     "BACKENDS",
@@ -44,6 +52,12 @@ __all__ = [
     "ModelCache",
     "forward",
     "jit_forward",
+    "forward_streams",
+    "DeepseekV4MTPBlock",
+    "mtp_draft",
+    "jit_mtp_draft",
+    "speculative_greedy",
+    "SpeculativeResult",
     "DeepseekV4Gate",
     "DeepseekV4MoE",
     "MoEBlockOptions",

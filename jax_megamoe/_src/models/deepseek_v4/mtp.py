@@ -142,9 +142,13 @@ def _check_draft_inputs(model: Any, cache: Any, streams: Any, next_tokens: Any, 
             raise TypeError(f"{name}: expected an int32 array [batch, seq], got {getattr(a, 'shape', type(a))}")
     want = (*next_tokens.shape, model.spec.hc_mult, model.config.hidden_size)
     if not hasattr(streams, "shape") or tuple(streams.shape) != want:
-        raise ValueError(f"streams: expected shape {want} (forward_streams' output), got {getattr(streams, 'shape', None)}")
+        raise ValueError(
+            f"streams: expected shape {want} (forward_streams' output), got {getattr(streams, 'shape', None)}"
+        )
     if tuple(positions.shape) != tuple(next_tokens.shape):
-        raise ValueError(f"positions: shape {tuple(positions.shape)} must equal next_tokens' {tuple(next_tokens.shape)}")
+        raise ValueError(
+            f"positions: shape {tuple(positions.shape)} must equal next_tokens' {tuple(next_tokens.shape)}"
+        )
     if cache is not None and (not isinstance(cache, ModelCache) or len(cache.mtp) != len(model.mtp)):
         raise TypeError("cache: expected a ModelCache with one entry per MTP block (model.init_cache)")
 
