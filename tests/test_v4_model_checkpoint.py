@@ -6,6 +6,7 @@ attention kind (sliding 0, CSA 4, HCA 128) plus an MTP block (ratio 4), one hash
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -465,7 +466,7 @@ def test_routed_experts_in_chunks_equal_one_build(official, monkeypatch, caplog,
 
 
 # ------------------------------------------------------------------------------------------------
-# The real model (DeepseekV4ForCausalLM: no MTP block, so mtp.* is skipped)
+# The real model (DeepseekV4ForCausalLM, with its MTP block)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -476,11 +477,51 @@ def test_load_checkpoint_real_model_quantized(tmp_path, caplog):
     with caplog.at_level("INFO", logger="jax_megamoe.checkpoint"):
         model = loading.load_checkpoint(d, mode=MODE, progress=False, model_kwargs={"backend": "reference"})
     assert isinstance(model, DeepseekV4ForCausalLM) and model.config == cfg
-    assert "no MTP block" in caplog.text
+    assert "no MTP block" not in caplog.text
+    # the MTP block's tensors round-trip bit for bit too (_check_loaded walks every variable)
+    assert len(model.mtp) == 1 and model.mtp[0].attn.compress_ratio == 4 and not model.mtp[0].ffn.gate.is_hash_layer
     with Checkpoint(d) as ck:
         _check_loaded(model, ck)
+        np.testing.assert_array_equal(
+            np.asarray(model.mtp[0].e_proj.weight.get_value()).astype(np.float32),
+            dequant_fp8(ck.get("mtp.0.e_proj.weight"), ck.get("mtp.0.e_proj.scale"))
+            .astype(jnp.bfloat16)
+            .astype(np.float32),
+        )
+        np.testing.assert_array_equal(np.asarray(model.mtp[0].hc_head_fn.get_value()), ck.get("mtp.0.hc_head_fn"))
     assert model.layers[1].attn.wq_a.weight.get_value().dtype == jnp.bfloat16
     assert model.layers[1].ffn.moe_weights.mode == MODE
+    assert model.mtp[0].ffn.moe_weights.mode == MODE
+    # opting out: a config without MTP blocks builds none and skips mtp.* (logged)
+    caplog.clear()
+    lean = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    with caplog.at_level("INFO", logger="jax_megamoe.checkpoint"):
+        model = loading.load_checkpoint(
+            d, config=lean, mode=MODE, progress=False, model_kwargs={"backend": "reference"}
+        )
+    assert len(model.mtp) == 0 and "no MTP block" in caplog.text
+
+
+def test_bad_mtp_tensor_names_it(tmp_path):
+    cfg = DeepseekV4Config.tiny_model(num_hidden_layers=2, compress_ratios=(0, 4, 0), num_nextn_predict_layers=1)
+    d = str(tmp_path / "m")
+    vmc.write_synthetic_checkpoint(d, cfg, seed=3, float_weights=True, shard_size=1 << 20)
+    model = DeepseekV4ForCausalLM(cfg, experts="exact", param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    with Checkpoint(d) as ck:
+        t = {n: np.array(ck.get(n)) for n in ck.names()}
+    loading.load_state_dict(model, t)
+    np.testing.assert_array_equal(np.asarray(model.mtp[0].h_proj.weight.get_value()), t["mtp.0.h_proj.weight"])
+    bad = dict(t)
+    bad["mtp.0.h_proj.weight"] = bad["mtp.0.h_proj.weight"][:, :-1]
+    with pytest.raises(CheckpointError, match=r"mtp\.0\.h_proj\.weight.*shape"):
+        loading.load_state_dict(model, bad)
+    bad = dict(t)
+    del bad["mtp.0.enorm.weight"]
+    with pytest.raises(CheckpointError, match=r"mtp\.0\.enorm"):
+        loading.load_state_dict(model, bad)
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 #: Three layers (sliding, CSA, HCA; one hash layer) keep the HF comparison's compile short.

@@ -13,6 +13,7 @@ from jax_megamoe._src.models.deepseek_v4.model import (
     ModelCache,
     ModelOptions,
     forward,
+    forward_streams,
     jit_forward,
 )
 from jax_megamoe._src.models.deepseek_v4.moe import (
@@ -33,6 +34,13 @@ from jax_megamoe._src.models.deepseek_v4.moe import (
     random_checkpoint_scale_bytes,
     random_moe_checkpoint,
 )
+from jax_megamoe._src.models.deepseek_v4.mtp import (
+    DeepseekV4MTPBlock,
+    SpeculativeResult,
+    jit_mtp_draft,
+    mtp_draft,
+    speculative_greedy,
+)
 
 __all__ = [
     "BACKENDS",
@@ -46,6 +54,12 @@ __all__ = [
     "ModelOptions",
     "forward",
     "jit_forward",
+    "forward_streams",
+    "DeepseekV4MTPBlock",
+    "mtp_draft",
+    "jit_mtp_draft",
+    "speculative_greedy",
+    "SpeculativeResult",
     "DeepseekV4Gate",
     "DeepseekV4MoE",
     "MoEBlockOptions",

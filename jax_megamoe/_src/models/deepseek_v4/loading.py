@@ -40,8 +40,9 @@ an 8.86 GiB model with a peak RSS of 10.5 GiB (9.3 GiB resident after the load).
 Placement: one device by default; with ``mesh``, the routed experts are sharded ``P(axis)`` on
 their expert dimension (``axis``: the mesh's ``"ep"`` axis, or its only axis), as
 :func:`jax_megamoe.parallel.ep_moe` expects, every other parameter is replicated, and the MoE
-blocks are given the mesh (``mesh``/``ep_axis``) so they run expert-parallel. The model has no
-MTP block: ``mtp.*`` tensors are skipped (logged).
+blocks are given the mesh (``mesh``/``ep_axis``) so they run expert-parallel. The MTP blocks
+(``model.mtp[k]``) load from ``mtp.k.*`` like the layers; a model built without them
+(``num_nextn_predict_layers=0``) skips those tensors (logged).
 """
 
 from __future__ import annotations
@@ -677,7 +678,7 @@ def _load_into(
 ) -> Any:
     """Abstract model from ``build`` (``nnx.eval_shape``), checked layout, streamed load."""
     model = nnx.eval_shape(build)
-    has_mtp = hasattr(model, "mtp")
+    has_mtp = len(getattr(model, "mtp", ())) > 0
     if config is not None:
         check_checkpoint_layout(ck, config, include_mtp=has_mtp)
     skip = () if has_mtp else ("mtp.",)

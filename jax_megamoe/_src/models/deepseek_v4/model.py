@@ -11,8 +11,10 @@ Attribute paths mirror the official checkpoint keys (``layers.3.attn.wq_a.weight
 ``ffn.experts`` :class:`~.moe.RoutedExperts` (``MoEWeights``), exact ones
 ``ffn.experts.w13 [E, 2I, H]`` (``w1`` rows then ``w3`` rows) and ``ffn.experts.w2 [E, H, I]``.
 
-The MTP block (``mtp.*`` in the checkpoint, DeepSeek's speculative-decoding head) is not built:
-a loader skips those tensors and the model never computes it.
+The ``config.num_nextn_predict_layers`` MTP blocks (``mtp.*`` in the checkpoint, DeepSeek's
+multi-token-prediction head, :class:`~.mtp.DeepseekV4MTPBlock`) are ``model.mtp[k]``; the main
+forward never runs them (they draft tokens for speculative decoding, :mod:`.mtp`). A config with
+``num_nextn_predict_layers=0`` builds none (a loader then skips the ``mtp.*`` tensors).
 
 The stream dtype is ``param_dtype`` (f32 for the parity tests, bf16 as DeepSeek runs); the mHC
 mixing, norms, attention and logits compute in f32. Quantized experts get bf16 inputs.
@@ -39,7 +41,15 @@ from jax_megamoe._src.models.deepseek_v4.moe import EXPERT_KINDS, DeepseekV4MoE
 from jax_megamoe._src.numerics._validate import check_instance
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 
-__all__ = ["DeepseekV4Block", "DeepseekV4ForCausalLM", "ModelCache", "ModelOptions", "forward", "jit_forward"]
+__all__ = [
+    "DeepseekV4Block",
+    "DeepseekV4ForCausalLM",
+    "ModelCache",
+    "ModelOptions",
+    "forward",
+    "forward_streams",
+    "jit_forward",
+]
 
 _HI = jax.lax.Precision.HIGHEST
 #: std of the random hc ``fn`` / embedding init (Hugging Face's ``initializer_range``).
@@ -47,9 +57,11 @@ _INIT_STD = 0.02
 
 
 class ModelCache(NamedTuple):
-    """The fixed-shape cache of a whole model: one attention cache per layer (a pytree)."""
+    """The fixed-shape cache of a whole model: one attention cache per layer (a pytree), and one
+    per MTP block (``mtp``; only the draft step reads or writes those)."""
 
     layers: tuple[AttentionCache, ...]
+    mtp: tuple[AttentionCache, ...] = ()
 
 
 class Embedding(nnx.Module):
@@ -165,7 +177,9 @@ class DeepseekV4Block(nnx.Module):
 
 
 class DeepseekV4ForCausalLM(nnx.Module):
-    """DeepSeek V4 (``Transformer`` of DeepSeek's inference code) without the MTP block.
+    """DeepSeek V4 (``Transformer`` of DeepSeek's inference code), with its
+    ``config.num_nextn_predict_layers`` MTP blocks as ``mtp`` (none when that is 0: the way to save
+    their memory).
 
     ``experts``: ``"quantized"`` (routed experts as ``MoEWeights`` on the Mega MoE ops / reference,
     the kernel mode ``mode`` (None: as the ops resolve it); needs the kernels' alignments, e.g.
@@ -205,10 +219,21 @@ class DeepseekV4ForCausalLM(nnx.Module):
         self.norm = RMSNorm(h, config.rms_norm_eps)
         self.head = _Head(h, v, param_dtype=param_dtype, rngs=rngs)
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _hc_params(self.spec, h, self.spec.hc_mult, 1, rngs)
+        from jax_megamoe._src.models.deepseek_v4.mtp import DeepseekV4MTPBlock  # here: mtp imports this module
+
+        self.mtp = nnx.List(
+            [
+                DeepseekV4MTPBlock(config, k, rngs=rngs, options=self.options)
+                for k in range(config.num_nextn_predict_layers)
+            ]
+        )
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = jnp.float32) -> ModelCache:
         """An empty :class:`ModelCache` for ``batch`` sequences of up to ``max_len`` positions."""
-        return ModelCache(tuple(layer.attn.init_cache(batch, max_len, dtype) for layer in self.layers))
+        return ModelCache(
+            tuple(layer.attn.init_cache(batch, max_len, dtype) for layer in self.layers),
+            tuple(block.attn.init_cache(batch, max_len, dtype) for block in self.mtp),
+        )
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array | None = None, cache: ModelCache | None = None
@@ -261,6 +286,18 @@ def forward(
     one-token decode steps have fixed shapes, so one jitted function serves every position
     (``nnx.jit(forward)`` or :func:`jit_forward`).
     """
+    logits, _, cache = forward_streams(model, cache, tokens, positions)
+    return logits, cache
+
+
+def forward_streams(
+    model: DeepseekV4ForCausalLM,
+    cache: ModelCache | None,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, ModelCache | None]:
+    """:func:`forward` that also returns the hidden streams ``[B, S, hc, H]`` after the last layer
+    (before the hyper-head): the input of the MTP draft step (:func:`~.mtp.mtp_draft`)."""
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32)[None], tokens.shape)
     _check_inputs(model, cache, tokens, positions)
@@ -274,7 +311,7 @@ def forward(
         new_layers.append(c)
     y = hyper.hc_head(x, model.hc_head_fn[...], model.hc_head_scale[...], model.hc_head_base[...], model.spec)
     logits = model.head(model.norm(y))
-    return logits, (None if cache is None else ModelCache(tuple(new_layers)))
+    return logits, x, (None if cache is None else cache._replace(layers=tuple(new_layers)))
 
 
 def _merged_forward(graphdef: Any, state: Any, cache: Any, tokens: jax.Array, positions: jax.Array):
