@@ -31,12 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_megamoe._src.io.v4_model_checkpoint import mtp_compress_ratio
 from jax_megamoe._src.models.deepseek_v4 import hyper
 from jax_megamoe._src.models.deepseek_v4.attention import (
     AttentionCache,
     DeepseekV4Attention,
 )
-from jax_megamoe._src.models.deepseek_v4.layers import RMSNorm
+from jax_megamoe._src.models.deepseek_v4.layers import Linear, RMSNorm
 from jax_megamoe._src.models.deepseek_v4.moe import EXPERT_KINDS, DeepseekV4MoE
 from jax_megamoe._src.numerics._validate import check_instance
 from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
@@ -44,6 +45,7 @@ from jax_megamoe._src.numerics.v4_config import DeepseekV4Config
 __all__ = [
     "DeepseekV4Block",
     "DeepseekV4ForCausalLM",
+    "DeepseekV4MTPBlock",
     "ModelCache",
     "ModelOptions",
     "forward",
@@ -176,6 +178,60 @@ class DeepseekV4Block(nnx.Module):
         return x, cache
 
 
+def _block_config(config: DeepseekV4Config) -> DeepseekV4Config:
+    """``config`` with explicit compress ratios for the layers and the MTP blocks (so the block's
+    attention, built at index ``num_hidden_layers + k``, gets :func:`mtp_compress_ratio`) and no
+    hash layer at or past ``num_hidden_layers`` (the MTP block is never hash-routed)."""
+    n = config.num_hidden_layers
+    ratios = tuple(config.layer_compress_ratio(i) for i in range(n))
+    ratios += tuple(mtp_compress_ratio(config, k) for k in range(config.num_nextn_predict_layers))
+    return dataclasses.replace(config, compress_ratios=ratios, num_hash_layers=min(config.num_hash_layers, n))
+
+
+class DeepseekV4MTPBlock(DeepseekV4Block):
+    """MTP block ``k`` (DeepSeek's ``MTPBlock``): a :class:`~.model.DeepseekV4Block` at layer index
+    ``num_hidden_layers + k`` plus ``e_proj``, ``h_proj`` (``[H, H]``), ``enorm``, ``hnorm``,
+    ``norm`` and ``hc_head_{fn,base,scale}`` (attribute paths mirror ``mtp.k.*``). The arguments
+    are the model's (see :class:`~.model.DeepseekV4ForCausalLM`). Math in f32 (the two projections'
+    sum is rounded to the stream dtype once)."""
+
+    def __init__(
+        self, config: DeepseekV4Config, k: int, *, rngs: nnx.Rngs, options: ModelOptions | None = None
+    ) -> None:
+        if not isinstance(config, DeepseekV4Config):
+            raise TypeError(f"config: expected a DeepseekV4Config, got {type(config).__name__}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < config.num_nextn_predict_layers:
+            raise ValueError(f"k: {k!r} must be an MTP block index in [0, {config.num_nextn_predict_layers})")
+        opts = ModelOptions.of(options)
+        param_dtype = opts.param_dtype
+        super().__init__(_block_config(config), config.num_hidden_layers + k, rngs=rngs, options=opts)
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.mtp_index = k
+        self.e_proj = Linear(h, h, param_dtype=param_dtype, rngs=rngs)
+        self.h_proj = Linear(h, h, param_dtype=param_dtype, rngs=rngs)
+        self.enorm = RMSNorm(h, eps)
+        self.hnorm = RMSNorm(h, eps)
+        self.norm = RMSNorm(h, eps)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _hc_params(self.spec, h, self.spec.hc_mult, 1, rngs)
+
+    def __call__(  # type: ignore[override]
+        self,
+        streams: jax.Array,
+        embedded: jax.Array,
+        positions: jax.Array,
+        token_ids: jax.Array,
+        cache: AttentionCache | None = None,
+    ) -> tuple[jax.Array, AttentionCache | None]:
+        """``streams [B, S, hc, H]`` (the main model's, at ``positions``) and ``embedded [B, S, H]``
+        (the embedding of the next tokens ``token_ids``) -> ``(norm(hc_head(block(...))) [B, S, H],
+        cache')``; the model's head turns it into draft logits."""
+        e = self.enorm(embedded.astype(jnp.float32))
+        x = self.h_proj(self.hnorm(streams.astype(jnp.float32))) + self.e_proj(e)[:, :, None, :]
+        x, cache = super().__call__(x.astype(self.stream_dtype), positions, token_ids, cache)
+        y = hyper.hc_head(x, self.hc_head_fn[...], self.hc_head_scale[...], self.hc_head_base[...], self.spec)
+        return self.norm(y), cache
+
+
 class DeepseekV4ForCausalLM(nnx.Module):
     """DeepSeek V4 (``Transformer`` of DeepSeek's inference code), with its
     ``config.num_nextn_predict_layers`` MTP blocks as ``mtp`` (none when that is 0: the way to save
@@ -219,8 +275,6 @@ class DeepseekV4ForCausalLM(nnx.Module):
         self.norm = RMSNorm(h, config.rms_norm_eps)
         self.head = _Head(h, v, param_dtype=param_dtype, rngs=rngs)
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _hc_params(self.spec, h, self.spec.hc_mult, 1, rngs)
-        from jax_megamoe._src.models.deepseek_v4.mtp import DeepseekV4MTPBlock  # here: mtp imports this module
-
         self.mtp = nnx.List(
             [
                 DeepseekV4MTPBlock(config, k, rngs=rngs, options=self.options)
