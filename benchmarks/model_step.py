@@ -103,7 +103,9 @@ def model_config(*, smoke: bool, layers: int, first_layer: int) -> DeepseekV4Con
         raise ValueError(f"--first-layer/--layers: {first_layer}+{layers} is outside the model's {total} layers")
     ratios = tuple(base.layer_compress_ratio(i) for i in range(first_layer, first_layer + layers))
     n_hash = min(layers, max(0, base.num_hash_layers - first_layer))  # hash layers come first
-    return dataclasses.replace(base, num_hidden_layers=layers, compress_ratios=ratios, num_hash_layers=n_hash)
+    return dataclasses.replace(
+        base, num_hidden_layers=layers, compress_ratios=ratios, num_hash_layers=n_hash, num_nextn_predict_layers=0
+    )
 
 
 def _abstract(cfg: DeepseekV4Config, backend: str) -> DeepseekV4ForCausalLM:
