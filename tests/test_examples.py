@@ -86,6 +86,34 @@ def test_generate_tiny():
     assert re.findall(r"-> generated \[([\d, ]+)\]$", hot, re.M) != gens
 
 
+def test_generate_mtp_gives_plain_greedy_ids():
+    """--mtp (speculative greedy with the MTP block) prints its draft counts and the same ids as a
+    plain greedy run of the same model; with sampling it is refused."""
+    args = ("--new-tokens", "10", "--batch", "2", "--layers", "3")
+    out = _run("generate.py", *args, "--mtp")
+    m = re.search(
+        r"^mtp: 10 tokens x 2 sequences in (\d+) verify steps after the prefill; drafted (\d+), "
+        r"accepted (\d+) \(acceptance ([\d.]+)\), replays (\d+);",
+        out,
+        re.M,
+    )
+    assert m, out
+    steps, drafted, accepted, _, replays = (float(v) for v in m.groups())
+    assert 1 <= steps <= 9 and drafted >= steps and accepted <= drafted and replays <= drafted - accepted, m.group(0)
+    gens = re.findall(r"-> generated \[([\d, ]+)\]$", out, re.M)
+    assert len(gens) == 2 and all(len(g.split(",")) == 10 for g in gens), out
+    assert gens == re.findall(r"-> generated \[([\d, ]+)\]$", _run("generate.py", *args), re.M)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "generate.py"), "--mtp", "--temperature", "0.5"],
+        cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--mtp" in proc.stderr and "--temperature 0" in proc.stderr, proc.stderr
+
+
 def test_generate_checkpoint_flag_without_loader_is_a_clear_error(tmp_path):
     try:
         from jax_megamoe.models.deepseek_v4 import load_checkpoint  # noqa: F401
