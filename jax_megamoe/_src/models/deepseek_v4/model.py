@@ -264,7 +264,6 @@ class DeepseekV4ForCausalLM(nnx.Module):
             backend=backend, experts=experts, param_dtype=param_dtype, mode=mode, simulate_quant=simulate_quant
         )
         self.config = config
-        self.experts_kind = experts
         self.spec = hyper.HyperSpec.from_config(config)
         self.param_dtype = np.dtype(param_dtype)
         h, v = config.hidden_size, config.vocab_size
