@@ -291,21 +291,9 @@ JMM_EXPORT const XLA_FFI_TypeInfo* jmm_decode_state_type_info() {
       .Attr<int64_t>("top_k")
 #define JMM_DECODE_L1_INSTANTIATE \
   JMM_DECODE_L2_INSTANTIATE.Attr<float>("activation_clamp").Attr<float>("routed_scaling_factor")
-#define JMM_DECODE_L1_EXECUTE                   \
-  JMM_EXECUTE_CONTEXTS(jmm::DecodeMoeState)     \
-      .Arg<ffi::AnyBuffer>() /* x */            \
-      .Arg<ffi::AnyBuffer>() /* topk_idx */     \
-      .Arg<ffi::AnyBuffer>() /* topk_weights */ \
-      .Arg<ffi::AnyBuffer>() /* l1 */           \
-      .Arg<ffi::AnyBuffer>() /* l1_sf */        \
-      .Ret<ffi::AnyBuffer>() /* act */
-#define JMM_DECODE_L2_EXECUTE               \
-  JMM_EXECUTE_CONTEXTS(jmm::DecodeMoeState) \
-      .Arg<ffi::AnyBuffer>() /* act */      \
-      .Arg<ffi::AnyBuffer>() /* topk_idx */ \
-      .Arg<ffi::AnyBuffer>() /* l2 */       \
-      .Arg<ffi::AnyBuffer>() /* l2_sf */    \
-      .Ret<ffi::AnyBuffer>() /* y */
+// L1: x, topk_idx, topk_weights, l1, l1_sf -> act; L2: act, topk_idx, l2, l2_sf -> y.
+#define JMM_DECODE_L1_EXECUTE JMM_EXECUTE_BUFFERS(jmm::DecodeMoeState, 5, 1)
+#define JMM_DECODE_L2_EXECUTE JMM_EXECUTE_BUFFERS(jmm::DecodeMoeState, 4, 1)
 
 // Each pass's plain target and its `_graph` twin (handlers/stages.h).
 JMM_DEFINE_STAGES_AND_GRAPH_TWIN(jmm_decode_l1_sm90, jmm::InstantiateL1, JMM_DECODE_L1_INSTANTIATE,

@@ -616,25 +616,18 @@ ffi::Error EncodeOperandMaps(const cuda::Driver* d, const DriverExt* x, const ch
 }  // namespace mega
 }  // namespace jmm
 
-// The argument list both targets' initialize and execute stages bind.
-#define JMM_MEGA_MOE_BUFFERS                           \
-  .Arg<::xla::ffi::AnyBuffer>()     /* x */            \
-      .Arg<::xla::ffi::AnyBuffer>() /* topk_idx */     \
-      .Arg<::xla::ffi::AnyBuffer>() /* topk_weights */ \
-      .Arg<::xla::ffi::AnyBuffer>() /* l1 */           \
-      .Arg<::xla::ffi::AnyBuffer>() /* l1_sf */        \
-      .Arg<::xla::ffi::AnyBuffer>() /* l2 */           \
-      .Arg<::xla::ffi::AnyBuffer>() /* l2_sf */        \
-      .Ret<::xla::ffi::AnyBuffer>() /* y */
+// The buffers both targets' initialize and execute stages bind: x, topk_idx, topk_weights, l1,
+// l1_sf, l2, l2_sf -> y.
+#define JMM_MEGA_MOE_BUFFERS(BINDING) JMM_WITH_BUFFERS(BINDING, 7, 1)
 
 // The stage implementations and bindings of `ARCH`'s target, as the arguments of
 // JMM_DEFINE_STAGES / JMM_DEFINE_STAGES_AND_GRAPH_TWIN (handlers/stages.h).
 #define JMM_MEGA_MOE_STAGES(ARCH)                                                            \
   (::jmm::mega::Instantiate<ARCH>), ::xla::ffi::Ffi::BindInstantiate().Attrs<ARCH::Attrs>(), \
       (::jmm::mega::Stage<ARCH, true>),                                                      \
-      JMM_INITIALIZE_CONTEXTS(::jmm::mega::State<ARCH>) JMM_MEGA_MOE_BUFFERS,                \
+      JMM_MEGA_MOE_BUFFERS(JMM_INITIALIZE_CONTEXTS(::jmm::mega::State<ARCH>)),               \
       (::jmm::mega::Stage<ARCH, false>),                                                     \
-      JMM_EXECUTE_CONTEXTS(::jmm::mega::State<ARCH>) JMM_MEGA_MOE_BUFFERS
+      JMM_MEGA_MOE_BUFFERS(JMM_EXECUTE_CONTEXTS(::jmm::mega::State<ARCH>))
 
 // The state type's id / info exports of one arch.
 #define JMM_DEFINE_MEGA_MOE_STATE(PREFIX, ARCH)                                                 \

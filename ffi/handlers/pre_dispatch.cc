@@ -268,15 +268,8 @@ JMM_EXPORT const XLA_FFI_TypeInfo* jmm_pre_dispatch_state_type_info() {
       .Attr<jmm::MmaKind>("mma_kind") \
       .Attr<float>("routed_scaling_factor")
 #define JMM_INITIALIZE_BINDING JMM_INITIALIZE_CONTEXTS(jmm::PreDispatchState)
-#define JMM_EXECUTE_BINDING                     \
-  JMM_EXECUTE_CONTEXTS(jmm::PreDispatchState)   \
-      .Arg<ffi::AnyBuffer>() /* x */            \
-      .Arg<ffi::AnyBuffer>() /* topk_idx */     \
-      .Arg<ffi::AnyBuffer>() /* topk_weights */ \
-      .Ret<ffi::AnyBuffer>() /* x_q */          \
-      .Ret<ffi::AnyBuffer>() /* x_sf */         \
-      .Ret<ffi::AnyBuffer>() /* topk_idx_out */ \
-      .Ret<ffi::AnyBuffer>() /* topk_weights_out */
+// x, topk_idx, topk_weights -> x_q, x_sf, topk_idx_out, topk_weights_out.
+#define JMM_EXECUTE_BINDING JMM_EXECUTE_BUFFERS(jmm::PreDispatchState, 3, 4)
 
 // Each arch's plain target and its `_graph` twin (handlers/stages.h). Execute only enqueues two
 // memsets and one kernel on the given stream; the CUfunction is made in initialize, which XLA

@@ -3,6 +3,8 @@
 // stage dict), and the CUDA-graph twin NAME_graph of a target.
 #pragma once
 
+#include <utility>
+
 #include "common/export.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -39,3 +41,49 @@
                                 ##__VA_ARGS__);                                                    \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_initialize, INITIALIZE, INITIALIZE_BINDING, ##__VA_ARGS__); \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##_execute, EXECUTE, EXECUTE_BINDING, ##__VA_ARGS__)
+
+namespace jmm {
+
+enum class BufferRole { kArg, kRet };
+
+// BINDING followed by one AnyBuffer argument (kArg) or result (kRet).
+template <BufferRole kRole, typename Binding>
+auto WithOneBuffer(Binding&& binding) {
+  if constexpr (kRole == BufferRole::kArg) {
+    return std::move(binding).template Arg<::xla::ffi::AnyBuffer>();
+  } else {
+    return std::move(binding).template Ret<::xla::ffi::AnyBuffer>();
+  }
+}
+
+// BINDING followed by N (>= 1) of them: the buffers of a stage, whose names are the handler's
+// parameter names. (XLA's Binding cannot be moved, only extended, hence the recursion that
+// returns each extension directly.)
+template <BufferRole kRole, int N, typename Binding>
+auto WithBuffers(Binding&& binding) {
+  static_assert(N >= 1, "WithBuffers: N must be >= 1");
+  if constexpr (N == 1) {
+    return WithOneBuffer<kRole>(std::move(binding));
+  } else {
+    return WithBuffers<kRole, N - 1>(WithOneBuffer<kRole>(std::move(binding)));
+  }
+}
+
+// The two of them with one template argument each, so that they can stand in a macro argument.
+template <int N, typename Binding>
+auto WithBufferArgs(Binding&& binding) {
+  return WithBuffers<BufferRole::kArg, N>(std::move(binding));
+}
+template <int N, typename Binding>
+auto WithBufferRets(Binding&& binding) {
+  return WithBuffers<BufferRole::kRet, N>(std::move(binding));
+}
+
+}  // namespace jmm
+
+// BINDING followed by NUM_ARGS AnyBuffer arguments, then NUM_RETS AnyBuffer results.
+#define JMM_WITH_BUFFERS(BINDING, NUM_ARGS, NUM_RETS) \
+  ::jmm::WithBufferRets<NUM_RETS>(::jmm::WithBufferArgs<NUM_ARGS>(BINDING))
+// The execute binding of a target with state STATE and only AnyBuffer arguments and results.
+#define JMM_EXECUTE_BUFFERS(STATE, NUM_ARGS, NUM_RETS) \
+  JMM_WITH_BUFFERS(JMM_EXECUTE_CONTEXTS(STATE), NUM_ARGS, NUM_RETS)

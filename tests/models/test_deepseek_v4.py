@@ -202,11 +202,35 @@ def test_presets_have_published_values():
         ("scoring_func", "sigmoid"),
         ("norm_topk_prob", "yes"),
         ("renorm_eps", -1e-20),
+        # the rest of the model: each field's bound is declared with it
+        ("num_hidden_layers", 0),
+        ("num_nextn_predict_layers", -1),
+        ("rms_norm_eps", 0.0),
+        ("qk_rope_head_dim", -2),
+        ("sliding_window", 0),
+        ("index_topk", 2.5),
+        ("rope_theta", 0.0),
+        ("compress_rope_theta", float("inf")),
+        ("yarn_factor", -16.0),
+        ("yarn_original_max_position", 0),
+        ("yarn_beta_fast", float("nan")),
+        ("max_position_embeddings", True),
+        ("hc_mult", 0),
+        ("hc_sinkhorn_iters", 0),
+        ("hc_eps", -1e-6),
     ],
 )
 def test_config_rejects_bad_fields(field, value):
     with pytest.raises(ValueError, match=field):
         DeepseekV4Config.tiny(**{field: value})
+
+
+def test_config_optional_fields_take_none():
+    """``swiglu_limit`` and ``yarn_factor`` are the only checked fields that may be None."""
+    cfg = DeepseekV4Config.tiny(swiglu_limit=None, yarn_factor=None)
+    assert cfg.swiglu_limit is None and cfg.yarn_factor is None
+    with pytest.raises(ValueError, match="rope_theta"):
+        DeepseekV4Config.tiny(rope_theta=None)
 
 
 def test_config_clamp_semantics():

@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from typing import Any
 
 from jax_megamoe._src.io.safetensors_reader import CheckpointError, CheckpointSource
-from jax_megamoe._src.io.v4_checkpoint import ConfigArg, MoELayer, MoELayerTensors, read_moe_layer
+from jax_megamoe._src.io.v4_checkpoint import MoELayer, MoELayerTensors, read_moe_layer
 from jax_megamoe._src.kernels import ops
 from jax_megamoe._src.numerics import policy as _policy
 from jax_megamoe._src.numerics.layout import MoEWeights
@@ -118,28 +119,20 @@ def load_moe_layer(
     layer_idx: int,
     *,
     mode: str | None = None,
-    config: ConfigArg = None,
-    nibble_order: str = "low_even",
     progress: ProgressArg = None,
-    prefix: str | None = None,
     allow_nan_scales: bool = False,
+    **read_options: Any,
 ) -> MoELayer:
     """Read one MoE layer of a checkpoint and build its kernel-layout weights.
 
     ``mode``: ``"mxf4xmxf4"`` / ``"fp8xfp4"`` (sm_100) or ``"fp8"`` (sm_90); None picks the
     device's (``fp8`` on sm_90, else the process policy's ``sm100_mode``). For ``fp8`` from an FP4
     checkpoint the result's ``report`` tells what the FP4 -> FP8 conversion lost (also logged,
-    as a warning when any block is lossy). Other arguments: :func:`read_moe_layer`. For a policy of
+    as a warning when any block is lossy). ``progress`` and ``allow_nan_scales`` serve both the
+    read and the build; ``read_options`` are :func:`read_moe_layer`'s others (``config``,
+    ``nibble_order``, ``prefix``). For a policy of
     your own or ``experts_per_step``, call :func:`read_moe_layer` and :func:`build_moe_layer`.
     """
     mode = _resolve_mode(mode)
-    t = read_moe_layer(
-        path,
-        layer_idx,
-        config=config,
-        nibble_order=nibble_order,
-        progress=progress,
-        prefix=prefix,
-        allow_nan_scales=allow_nan_scales,
-    )
+    t = read_moe_layer(path, layer_idx, progress=progress, allow_nan_scales=allow_nan_scales, **read_options)
     return build_moe_layer(t, mode=mode, progress=progress, allow_nan_scales=allow_nan_scales)

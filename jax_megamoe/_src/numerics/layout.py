@@ -780,28 +780,25 @@ class MoEWeights:
         under ``jax.jit``, cannot be looked at and are not checked).
         """
         w, _ = cls._from_checkpoint(
-            (w13, w13_scale, w2, w2_scale), mode, False, progress, experts_per_step, allow_nan_scales
+            (w13, w13_scale, w2, w2_scale),
+            mode,
+            False,
+            progress=progress,
+            experts_per_step=experts_per_step,
+            allow_nan_scales=allow_nan_scales,
         )
         return w
 
     @classmethod
     def from_checkpoint_with_report(
-        cls,
-        w13: ArrayIn,
-        w13_scale: ArrayIn,
-        w2: ArrayIn,
-        w2_scale: ArrayIn,
-        *,
-        mode: str,
-        progress: bool | Callable[[int, int], None] | None = None,
-        experts_per_step: int = 1,
-        allow_nan_scales: bool = False,
+        cls, w13: ArrayIn, w13_scale: ArrayIn, w2: ArrayIn, w2_scale: ArrayIn, *, mode: str, **options: Any
     ) -> tuple[MoEWeights, ConversionReport | None]:
         """:meth:`from_checkpoint` plus the FP4 -> FP8 :class:`ConversionReport` of L1 and L2
-        merged (``None`` for the sm_100 modes, which keep the FP4 bytes). Needs concrete arrays."""
-        return cls._from_checkpoint(
-            (w13, w13_scale, w2, w2_scale), mode, True, progress, experts_per_step, allow_nan_scales
-        )
+        merged (``None`` for the sm_100 modes, which keep the FP4 bytes). Needs concrete arrays.
+
+        ``options`` are :meth:`from_checkpoint`'s (``progress``, ``experts_per_step``,
+        ``allow_nan_scales``); the signature is written once, there."""
+        return cls._from_checkpoint((w13, w13_scale, w2, w2_scale), mode, True, **options)
 
     @classmethod
     def _from_checkpoint(
@@ -809,8 +806,9 @@ class MoEWeights:
         tensors: tuple[ArrayIn, ArrayIn, ArrayIn, ArrayIn],
         mode: str,
         want_report: bool,
-        progress: Any,
-        eps: int,
+        *,
+        progress: bool | Callable[[int, int], None] | None = None,
+        experts_per_step: int = 1,
         allow_nan_scales: bool = False,
     ) -> tuple[MoEWeights, ConversionReport | None]:
         """``tensors``: ``(w13, w13_scale, w2, w2_scale)`` in checkpoint format."""
@@ -826,6 +824,7 @@ class MoEWeights:
                 "w13: from_checkpoint_with_report needs concrete arrays (the report is computed on the "
                 "host); under jax.jit use MoEWeights.from_checkpoint"
             )
+        eps = experts_per_step
         _check_eps(eps)
         p1 = _progress_fn(progress, 0, 2 * e)  # L1 then L2: 2E steps
         p2 = _progress_fn(progress, e, 2 * e)

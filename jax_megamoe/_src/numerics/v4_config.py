@@ -35,6 +35,23 @@ def _check_float(name: str, value: Any, *, lo: float, lo_open: bool = False) -> 
         raise ValueError(f"{name}: {value} must be finite and {rel} {lo}")
 
 
+_BOUND = "jax_megamoe.bound"
+
+
+def _integer(default: Any = dataclasses.MISSING, *, lo: int = 1) -> Any:
+    """A field that ``__post_init__`` checks to be an integer >= ``lo``."""
+    return dataclasses.field(default=default, metadata={_BOUND: {"kind": "int", "lo": lo, "optional": False}})
+
+
+def _number(
+    default: Any = dataclasses.MISSING, *, lo: float = 0.0, lo_open: bool = False, optional: bool = False
+) -> Any:
+    """A field that ``__post_init__`` checks to be a finite number >= ``lo`` (> with ``lo_open``),
+    or ``None`` where ``optional``."""
+    bound = {"kind": "float", "lo": lo, "lo_open": lo_open, "optional": optional}
+    return dataclasses.field(default=default, metadata={_BOUND: bound})
+
+
 @dataclasses.dataclass(frozen=True)
 class DeepseekV4Config:
     """The MoE-related part of a DeepSeek V4 ``config.json`` (frozen, hashable: it is static).
@@ -48,85 +65,76 @@ class DeepseekV4Config:
     about -104 everywhere) gets weights 0 instead of NaN.
     """
 
-    hidden_size: int
-    moe_intermediate_size: int
-    n_routed_experts: int
-    num_experts_per_tok: int
-    n_shared_experts: int
-    routed_scaling_factor: float
-    swiglu_limit: float | None
-    num_hash_layers: int
-    vocab_size: int
+    # Each checked field says its bound where it is declared; ``__post_init__`` reads the bounds.
+    # -- the MoE block ---------------------------------------------------------------------------
+    hidden_size: int = _integer()
+    moe_intermediate_size: int = _integer()
+    n_routed_experts: int = _integer()
+    num_experts_per_tok: int = _integer()
+    n_shared_experts: int = _integer(lo=0)
+    routed_scaling_factor: float = _number(lo_open=True)
+    swiglu_limit: float | None = _number(optional=True)
+    num_hash_layers: int = _integer(lo=0)
+    vocab_size: int = _integer()
     scoring_func: str = "sqrtsoftplus"
     norm_topk_prob: bool = True
-    renorm_eps: float = 1e-20
-    # -- the rest of the model (attention, mHC, head); defaults are V4-Flash's ------------------
-    num_hidden_layers: int = 43
-    num_attention_heads: int = 64
-    head_dim: int = 512
-    q_lora_rank: int = 1024
-    qk_rope_head_dim: int = 64
-    o_groups: int = 8
-    o_lora_rank: int = 1024
-    sliding_window: int = 128
+    renorm_eps: float = _number(1e-20)
+    # -- the rest of the model; defaults are V4-Flash's, grouped by the part that reads them -----
+    # the stack
+    num_hidden_layers: int = _integer(43)
+    num_nextn_predict_layers: int = _integer(1, lo=0)
+    rms_norm_eps: float = _number(1e-6, lo_open=True)
+    tie_word_embeddings: bool = False
+    # attention: low-rank Q, one shared K=V head, grouped low-rank output
+    num_attention_heads: int = _integer(64)
+    head_dim: int = _integer(512)
+    q_lora_rank: int = _integer(1024)
+    qk_rope_head_dim: int = _integer(64, lo=0)
+    o_groups: int = _integer(8)
+    o_lora_rank: int = _integer(1024)
+    sliding_window: int = _integer(128)
     #: Per-layer compress ratio: 0 sliding window only, 4 CSA (compressor + indexer), 128 HCA.
     #: ``None``: HF's default schedule (two HCA layers, then CSA / HCA interleaved).
     compress_ratios: tuple[int, ...] | None = None
-    index_n_heads: int = 64
-    index_head_dim: int = 128
-    index_topk: int = 512
-    rope_theta: float = 10000.0
-    compress_rope_theta: float = 160000.0
+    # the Lightning Indexer of the CSA layers
+    index_n_heads: int = _integer(64)
+    index_head_dim: int = _integer(128)
+    index_topk: int = _integer(512)
+    # RoPE: plain on the sliding-window layers, YaRN on the compressed ones
+    rope_theta: float = _number(10000.0, lo_open=True)
+    compress_rope_theta: float = _number(160000.0, lo_open=True)
     #: YaRN on the compressed layers (``None``: plain RoPE there too).
-    yarn_factor: float | None = 16.0
-    yarn_original_max_position: int = 65536
-    yarn_beta_fast: float = 32.0
-    yarn_beta_slow: float = 1.0
-    max_position_embeddings: int = 1048576
-    hc_mult: int = 4
-    hc_sinkhorn_iters: int = 20
-    hc_eps: float = 1e-6
-    rms_norm_eps: float = 1e-6
-    num_nextn_predict_layers: int = 1
-    tie_word_embeddings: bool = False
+    yarn_factor: float | None = _number(16.0, lo_open=True, optional=True)
+    yarn_original_max_position: int = _integer(65536)
+    yarn_beta_fast: float = _number(32.0)
+    yarn_beta_slow: float = _number(1.0)
+    max_position_embeddings: int = _integer(1048576)
+    # mHC hyper-connections
+    hc_mult: int = _integer(4)
+    hc_sinkhorn_iters: int = _integer(20)
+    hc_eps: float = _number(1e-6)
+    # tokens
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
 
     def __post_init__(self) -> None:
-        _check_int("hidden_size", self.hidden_size, 1)
-        _check_int("moe_intermediate_size", self.moe_intermediate_size, 1)
-        _check_int("n_routed_experts", self.n_routed_experts, 1)
-        _check_int("num_experts_per_tok", self.num_experts_per_tok, 1)
+        for f in dataclasses.fields(self):
+            bound = f.metadata.get(_BOUND)
+            value = getattr(self, f.name)
+            if bound is None or (value is None and bound["optional"]):
+                continue
+            if bound["kind"] == "int":
+                _check_int(f.name, value, bound["lo"])
+            else:
+                _check_float(f.name, value, lo=bound["lo"], lo_open=bound["lo_open"])
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ValueError(
                 f"num_experts_per_tok: {self.num_experts_per_tok} exceeds n_routed_experts = {self.n_routed_experts}"
             )
-        _check_int("n_shared_experts", self.n_shared_experts, 0)
-        _check_float("routed_scaling_factor", self.routed_scaling_factor, lo=0.0, lo_open=True)
-        if self.swiglu_limit is not None:
-            _check_float("swiglu_limit", self.swiglu_limit, lo=0.0)
-        _check_int("num_hash_layers", self.num_hash_layers, 0)
-        _check_int("vocab_size", self.vocab_size, 1)
         if self.scoring_func != "sqrtsoftplus":
             raise ValueError(f"scoring_func: {self.scoring_func!r} is not supported; DeepSeek V4 uses 'sqrtsoftplus'")
         if not isinstance(self.norm_topk_prob, (bool, np.bool_)):
             raise ValueError(f"norm_topk_prob: {self.norm_topk_prob!r} must be a bool")
-        _check_float("renorm_eps", self.renorm_eps, lo=0.0)
-        for name in (
-            "num_hidden_layers",
-            "num_attention_heads",
-            "head_dim",
-            "q_lora_rank",
-            "o_groups",
-            "o_lora_rank",
-            "sliding_window",
-            "index_n_heads",
-            "index_head_dim",
-            "index_topk",
-            "hc_mult",
-        ):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("qk_rope_head_dim", self.qk_rope_head_dim, 0)
         if self.qk_rope_head_dim > self.head_dim or self.qk_rope_head_dim % 2:
             raise ValueError(
                 f"qk_rope_head_dim: {self.qk_rope_head_dim} must be even and <= head_dim = {self.head_dim}"

@@ -151,7 +151,7 @@ class DeepseekV4Attention(nnx.Module):
             )
         if self.compress_ratio == 4:
             self.indexer = DeepseekV4Indexer(
-                config, self.compress_ratio, self.rope, **kw, simulate_quant=self.simulate_quant
+                config, self.rope, compress_ratio=self.compress_ratio, **kw, simulate_quant=self.simulate_quant
             )
 
     # -- cache ----------------------------------------------------------------------------------

@@ -28,14 +28,16 @@ __all__ = ["DeepseekV4Indexer"]
 
 
 class DeepseekV4Indexer(nnx.Module):
-    """Parameters ``wq_b``, ``weights_proj``, ``compressor.{wkv, wgate, ape, norm}`` (DeepSeek names)."""
+    """Parameters ``wq_b``, ``weights_proj``, ``compressor.{wkv, wgate, ape, norm}`` (DeepSeek names).
+
+    ``compress_ratio``: its compressor's; 4, the CSA layers' (the only ones with an indexer)."""
 
     def __init__(
         self,
         config: DeepseekV4Config,
-        compress_ratio: int,
         rope: RopeSpec,
         *,
+        compress_ratio: int = 4,
         param_dtype: jnp.dtype = jnp.bfloat16,
         rngs: nnx.Rngs,
         simulate_quant: bool = False,
