@@ -437,11 +437,7 @@ class Sweep:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=max(1, self.args.ffi_prewarm))
 
-        cap = self.args.ffi_num_max_tokens
-
         def warm(t: int) -> float:
-            if cap is not None and t > cap:
-                return 0.0
             s = make_inputs(shape, t, 1, self.args.seed + 99).sets[0]
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*s, ctx.weights))
@@ -580,8 +576,6 @@ class Sweep:
                     f"gathering {t}x{shape.top_k} experts would materialise {C.fmt_bytes(g)} per call "
                     f"(limit {C.fmt_bytes(self.state.gather_limit(ctx.resident_bytes()))}, --gather-max-gib)"
                 )
-        if reason is None and p.name == "ffi" and self.args.ffi_num_max_tokens and t > self.args.ffi_num_max_tokens:
-            reason = f"T={t} exceeds the kernel buffer's token cap --ffi-num-max-tokens {self.args.ffi_num_max_tokens}"
         if reason is None and p.name in ctx.oom and t >= ctx.oom[p.name]:
             reason = f"ran out of memory at T={ctx.oom[p.name]} (its memory grows with T)"
         if reason is None and self.remaining() <= 0:
@@ -809,7 +803,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ffi-num-max-tokens",
         type=int,
         default=None,
-        help="token cap of the FFI kernel's buffer for every T (default: each point's own T, the smallest)",
+        help="token cap of the FFI kernel's buffer for every T (default: each point's own T, the smallest); "
+        "a larger T runs the kernel in chunks of the cap",
     )
     p.add_argument(
         "--ffi-reserved-sms", type=int, default=None, help="SMs the FFI kernel leaves free (default: the op's, 2)"

@@ -9,6 +9,7 @@ from jax_megamoe._src.kernels.ops import (
     device_arch,
     mega_moe,
     pre_dispatch,
+    token_cap,
 )
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "choose_backend",
     "device_arch",
     "default_num_max_tokens",
+    "token_cap",
     "BACKENDS",
     "BackendUnavailableError",
     "MoEOptions",

@@ -225,8 +225,8 @@ def test_mega_moe_auto_on_cpu_matches_the_float64_oracle(mode):
 def test_mega_moe_errors():
     x, idx, w = _inputs(7, t=5)
     fp8 = _small_weights("fp8", seed=2)
-    with pytest.raises(ValueError, match="num_max_tokens=4"):
-        ops.mega_moe(x, idx, w, fp8, backend="ffi", options=MoEOptions(num_max_tokens=4, kernel="fused"))
+    with pytest.raises(ValueError, match="num_max_tokens: 0"):
+        ops.mega_moe(x, idx, w, fp8, options=MoEOptions(num_max_tokens=0))
     with pytest.raises(ValueError, match="weights: built for mode 'fp8'"):
         ops.mega_moe(x, idx, w, fp8, mode="fp8xfp4")
     with pytest.raises(TypeError, match="weights: expected"):
@@ -235,10 +235,44 @@ def test_mega_moe_errors():
         ops.mega_moe(x, idx, w, fp8, activation_clamp=-1.0)
     with pytest.raises(ValueError, match="weights: hidden is 512"):
         ops.mega_moe(jnp.zeros((5, 1024), jnp.bfloat16), idx, w, fp8)
-    # above the cap, auto falls back to the reference instead of failing: the same MoE
+    # above the cap off the GPU, auto runs the reference: the same MoE
     x, idx, w, weights, want = _oracle_case("fp8", 7, t=9)
     y = ops.mega_moe(x, idx, w, weights, activation_clamp=10.0, backend="auto", options=MoEOptions(num_max_tokens=4))
     assert _rel_l2(np.asarray(y, np.float32), want) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "t, cap, prefill, want",
+    [(5, None, 4096, 1024), (1024, None, 4096, 1024), (1025, None, 4096, 2048), (3000, None, 4096, 4096),
+     (9000, None, 4096, 4096), (9000, None, 16384, 16384), (9000, 512, 4096, 512), (0, None, 4096, 1024)],
+)  # fmt: skip
+def test_token_cap(t, cap, prefill, want):
+    from jax_megamoe.policy import Policy
+
+    assert ops.token_cap(t, cap, Policy(prefill_token_cap=prefill)) == want
+
+
+def test_above_the_cap_the_kernel_runs_in_chunks(monkeypatch):
+    """Past its buffer's cap a call runs the fused kernel once per chunk of the (aligned) cap and
+    puts the rows back in order; with a stand-in kernel (the reference on each chunk) the result
+    is the reference's on the whole call."""
+    from jax_megamoe._src.numerics import reference
+
+    x, idx, w, weights, _ = _oracle_case("fp8", 11, t=300)
+    calls = []
+
+    def fake_kernel(x, topk_idx, topk_weights, weights, call):
+        assert x.shape[0] <= call.capacity
+        calls.append((x.shape[0], call.capacity))
+        return reference.mega_moe(x, topk_idx, topk_weights, weights, mode=call.mode, activation_clamp=10.0)
+
+    monkeypatch.setattr(ops, "choose_backend", lambda backend, mode, op: "ffi")
+    monkeypatch.setattr(ops, "mega_moe_target_call", fake_kernel)
+    y = ops.mega_moe(x, idx, w, weights, activation_clamp=10.0,
+                     options=MoEOptions(num_max_tokens=100, kernel="fused"))  # fmt: skip
+    assert calls == [(128, 128), (128, 128), (44, 128)]  # the cap 100 is aligned to 128 rows
+    want = reference.mega_moe(x, idx, w, weights, mode="fp8", activation_clamp=10.0)
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint16), np.asarray(want).view(np.uint16))
 
 
 @pytest.mark.parametrize("arch, mode", [(8, "fp8"), (9, "mxf4xmxf4"), (10, "fp8"), (12, "fp8xfp4")])

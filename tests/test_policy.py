@@ -152,9 +152,15 @@ def test_an_explicit_policy_is_what_the_ops_trace_with(monkeypatch):
     text = lower(base.replace(graph_targets=True, num_max_tokens=200))
     assert "@jax_megamoe_mega_moe_sm90_graph(" in text
     assert f"capacity = {config.align_token_cap(200, 'fp8')} : i64" in text
-    # above the policy's cap, backend='ffi' refuses (the cap is the policy's, not the default 1024)
-    with pytest.raises(ValueError, match="num_max_tokens=4"):
-        lower(base.replace(num_max_tokens=4))
+    # above the policy's cap (the policy's, not the default 1024) the buffer grows to the power
+    # of two >= T, up to the policy's prefill_token_cap; above that the kernel runs in chunks
+    x, idx, w = _inputs(t=300)
+    text = lower(base.replace(num_max_tokens=4))
+    assert text.count("@jax_megamoe_mega_moe_sm90(") == 1
+    assert f"capacity = {config.align_token_cap(512, 'fp8')} : i64" in text
+    text = lower(base.replace(num_max_tokens=4, prefill_token_cap=200))
+    assert f"capacity = {config.align_token_cap(200, 'fp8')} : i64" in text
+    assert text.count("@jax_megamoe_mega_moe_sm90(") == 2  # 256 + 44 rows
 
 
 def _wide_tile_attr(text: str) -> str:

@@ -182,6 +182,30 @@ def default_num_max_tokens(policy: Policy | None = None) -> int:
     return _policy.resolve(policy).num_max_tokens
 
 
+def token_cap(num_tokens: int, num_max_tokens: int | None = None, policy: Policy | None = None) -> int:
+    """The token cap of the fused kernel's buffer for a call of ``num_tokens`` tokens.
+
+    A call's own ``num_max_tokens`` is kept (the caller chose that memory). Otherwise the policy's
+    ``num_max_tokens`` (default 1024), raised for a larger call to the power of two >= T, at most
+    the policy's ``prefill_token_cap`` (default 4096, the largest cap a GPU has run): a prompt's
+    prefill runs on the kernel instead of the reference. A call of more tokens than its cap runs
+    the kernel in chunks of the cap, one after the other through the same buffer.
+    """
+    t = static_int("num_tokens", num_tokens, lo=0)
+    if num_max_tokens is not None:
+        return static_int("num_max_tokens", num_max_tokens, lo=1)
+    pol = _policy.resolve(policy)
+    cap = pol.num_max_tokens
+    if t <= cap:
+        return cap
+    return max(cap, min(1 << (t - 1).bit_length(), pol.prefill_token_cap))
+
+
+def _token_chunks(num_tokens: int, cap: int) -> tuple[tuple[int, int], ...]:
+    """``(start, size)`` of the kernel calls that run ``num_tokens`` rows through a buffer of ``cap``."""
+    return tuple((s, min(cap, num_tokens - s)) for s in range(0, num_tokens, cap))
+
+
 def mega_moe(
     x: jax.Array,
     topk_idx: jax.Array,
@@ -200,9 +224,11 @@ def mega_moe(
 
     - ``routed_scaling_factor`` (float, or a traced scalar, folded into ``topk_weights`` in f32);
     - ``num_max_tokens``: the token cap of the kernel's persistent buffer (default
-      :func:`default_num_max_tokens`; rounded up to the kernel's alignment; calls with the same cap
-      and shapes share one buffer). Above the cap ``backend="auto"`` runs the reference (as SGLang
-      falls back) and ``"ffi"`` raises;
+      :func:`token_cap`: the policy's cap, raised for a prefill up to its ``prefill_token_cap``;
+      rounded up to the kernel's alignment; calls with the same cap and shapes share one buffer).
+      A call of more tokens than the cap runs the fused kernel in chunks of the cap, one after the
+      other through the one buffer (each token's output depends on its own row only, so chunks
+      change nothing but the number of launches);
     - ``reserved_sms``: SMs left free for other streams (default the policy's, 2); ``fast_math``
       (default on);
     - ``kernel``: the GPU kernel where the FFI backend runs: ``"fused"`` (DeepGEMM's mega
@@ -231,9 +257,7 @@ def mega_moe(
     config.validate_moe_shape(
         hidden=h, intermediate=weights.intermediate, num_experts=weights.num_experts, top_k=k, mode=mode
     )
-    cap_requested = static_int("num_max_tokens", opts.num_max_tokens, lo=1, allow_none=True)
-    if cap_requested is None:
-        cap_requested = pol.num_max_tokens
+    cap_requested = token_cap(t, opts.num_max_tokens, pol)
     reserved = static_int("reserved_sms", opts.reserved_sms, lo=0, allow_none=True)
     if reserved is None:
         reserved = pol.reserved_sms
@@ -247,13 +271,6 @@ def mega_moe(
         _decode.choose_kernel(opts.kernel, mode, t, k, hidden=h, intermediate=weights.intermediate) == "decode"
         and chosen == "ffi"
     )
-    if t > cap_requested and not use_decode:
-        if backend == "ffi":
-            raise ValueError(
-                f"x: {t} tokens exceed num_max_tokens={cap_requested} (the kernel buffer's cap); "
-                "raise num_max_tokens or use backend='auto' to fall back to the reference above the cap"
-            )
-        chosen = "reference"
     topk_weights, rsf = _fold_traced_scaling(topk_weights, rsf)  # (w * f) * 1.0: the same bits
     topk_idx = reference.route_ids(topk_idx)  # int64 ids beyond int32 -> -1 before any int32 cast
     call = MegaMoECall(
@@ -271,7 +288,10 @@ def mega_moe(
                                        options=ref_options),)  # fmt: skip
         if use_decode:
             return (decode_target_call(x, topk_idx, topk_weights, w, call),)
-        return (mega_moe_target_call(x, topk_idx, topk_weights, w, call),)
+        chunks = _token_chunks(x.shape[0], call.capacity)  # this device's rows: one call per chunk
+        ys = [mega_moe_target_call(x[a : a + n], topk_idx[a : a + n], topk_weights[a : a + n], w, call)
+              for a, n in chunks]  # fmt: skip
+        return (ys[0] if len(ys) == 1 else jnp.concatenate(ys),)
 
     names = ("x", "topk_idx", "topk_weights", *(f"weights.{n}" for n in ("l1", "l1_sf", "l2", "l2_sf")))
     return _rules.apply(

@@ -28,6 +28,7 @@ field                     variables (first set wins)                            
                           SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_{FP4_ACTS,MXF4_KIND}
 ``num_max_tokens``        JAX_MEGAMOE_NUM_MAX_TOKENS,                                   1024
                           SGLANG_OPT_DEEPGEMM_MEGA_MOE_NUM_MAX_TOKENS_PER_RANK
+``prefill_token_cap``     JAX_MEGAMOE_PREFILL_TOKEN_CAP                                 4096
 ``reserved_sms``          JAX_MEGAMOE_RESERVED_SMS, SGLANG_OPT_DEEPGEMM_MEGA_MOE_RESERVED_SMS  2
 ``graph_targets``         JAX_MEGAMOE_GRAPH_TARGETS                                     off
 ``sm100_mega``            JAX_MEGAMOE_SM100_MEGA                                        off
@@ -58,6 +59,7 @@ __all__ = ["Policy", "Locations", "current", "describe", "resolve", "resolve_mod
 #: Every variable the policy reads for a runtime field, per field, in precedence order.
 ENV: dict[str, tuple[str, ...]] = {
     "num_max_tokens": ("JAX_MEGAMOE_NUM_MAX_TOKENS", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_NUM_MAX_TOKENS_PER_RANK"),
+    "prefill_token_cap": ("JAX_MEGAMOE_PREFILL_TOKEN_CAP",),
     "reserved_sms": ("JAX_MEGAMOE_RESERVED_SMS", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_RESERVED_SMS"),
     "graph_targets": ("JAX_MEGAMOE_GRAPH_TARGETS",),
     "sm100_mega": ("JAX_MEGAMOE_SM100_MEGA",),
@@ -68,6 +70,7 @@ ENV: dict[str, tuple[str, ...]] = {
     "jit_print_commands": ("DG_JIT_PRINT_COMPILER_COMMAND", "DG_JIT_DEBUG"),
 }
 _DG_FLAGS = ("jit_lineinfo", "jit_print_commands")  # read as DeepGEMM does: set and not 0/false/off
+_INT_FIELDS = ("num_max_tokens", "prefill_token_cap", "reserved_sms")
 
 # The sm_100 mode flags, in precedence order (the project's own name first), and their DG_* targets.
 ENV_FP4_ACTS = ("JAX_MEGAMOE_USE_FP4_ACTS", "SGLANG_OPT_DEEPGEMM_MEGA_MOE_USE_FP4_ACTS")
@@ -84,6 +87,9 @@ ENV_DEEPGEMM_INCLUDE = "JAX_MEGAMOE_DEEPGEMM_INCLUDE"
 ENV_ALLOW_DEEPGEMM_VERSION = "JAX_MEGAMOE_ALLOW_DEEPGEMM_VERSION"
 
 DEFAULT_NUM_MAX_TOKENS = 1024
+#: The largest buffer cap the kernel has run with on a GPU (V4-Flash and V4-Pro, T = 4096, H100,
+#: 2026-12-07, benchmarks/RESULTS.md): larger ones are a setting until a GPU has run them.
+DEFAULT_PREFILL_TOKEN_CAP = 4096
 DEFAULT_RESERVED_SMS = 2
 
 
@@ -186,7 +192,10 @@ class Policy:
 
     ``sm100_mode``: the kernel mode used on sm_100 when a call names none (``fp8xfp4`` W4A8 or
     ``mxf4xmxf4`` W4A4; sm_90 always runs ``fp8``). ``num_max_tokens``: the token cap of the
-    kernel's buffer when a call gives none. ``reserved_sms``: SMs the sm_100 kernel leaves free.
+    kernel's buffer when a call gives none. ``prefill_token_cap``: how far a call with more tokens
+    than ``num_max_tokens`` (and no cap of its own) may raise its buffer's cap, to the power of two
+    >= T; above it the fused kernel runs in chunks of that many tokens
+    (:func:`jax_megamoe.ops.token_cap`). ``reserved_sms``: SMs the sm_100 kernel leaves free.
     ``graph_targets``: call the custom-call twins that declare CUDA-graph compatibility.
     ``sm100_mega``: let ``backend="auto"`` use the (never run here) sm_100 fused kernel.
     ``fused_ep``: let expert parallelism take the fused intranode kernel where it can run.
@@ -203,6 +212,7 @@ class Policy:
 
     sm100_mode: str = "fp8xfp4"
     num_max_tokens: int = DEFAULT_NUM_MAX_TOKENS
+    prefill_token_cap: int = DEFAULT_PREFILL_TOKEN_CAP
     reserved_sms: int = DEFAULT_RESERVED_SMS
     graph_targets: bool = False
     sm100_mega: bool = False
@@ -219,9 +229,9 @@ class Policy:
             raise ValueError(
                 f"sm100_mode: {self.sm100_mode!r} is not an sm_100 mode; expected one of {', '.join(config.SM100_MODES)}"
             )
-        for name in ("num_max_tokens", "reserved_sms"):
+        for name in _INT_FIELDS:
             v = getattr(self, name)
-            lo = 1 if name == "num_max_tokens" else 0
+            lo = 0 if name == "reserved_sms" else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: {v!r} must be an integer >= {lo}")
         if not isinstance(self.jit_cache_dirs, str):
@@ -261,7 +271,7 @@ class Policy:
             if hit is None:
                 continue
             var, raw = hit
-            if name in ("num_max_tokens", "reserved_sms"):
+            if name in _INT_FIELDS:
                 try:
                     values[name] = int(raw)
                 except ValueError:

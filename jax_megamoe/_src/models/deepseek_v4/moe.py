@@ -42,7 +42,7 @@ from jax_megamoe._src.io.build import load_moe_layer
 from jax_megamoe._src.io.safetensors_reader import CheckpointError, CheckpointSource
 from jax_megamoe._src.io.v4_checkpoint import NIBBLE_ORDERS as _NIBBLE_ORDERS
 from jax_megamoe._src.io.v4_checkpoint import MoELayer
-from jax_megamoe._src.kernels import ops, parallel
+from jax_megamoe._src.kernels import _decode, ops, parallel
 from jax_megamoe._src.models.deepseek_v4.layers import Linear
 from jax_megamoe._src.numerics import config as _cfg
 from jax_megamoe._src.numerics import policy as _policy
@@ -442,15 +442,16 @@ def _random_moe_checkpoint_jax(
 # ---------------------------------------------------------------------------------------------
 
 
-def token_bucket(num_tokens: int, num_max_tokens: int) -> int:
-    """The static token count the kernel runs for ``num_tokens``: the next power of two >= 16,
-    or ``num_tokens`` itself above the token cap ``num_max_tokens`` (where the reference runs instead)."""
-    if num_tokens > num_max_tokens:
-        return num_tokens
+def token_bucket(num_tokens: int, cap: int) -> int:
+    """The static token count the kernel runs for ``num_tokens`` under a buffer of ``cap`` tokens
+    (:func:`jax_megamoe.ops.token_cap`): the next power of two >= 16, at most ``cap``; above the
+    cap, whole chunks of ``cap`` (the kernel runs them one after the other)."""
+    if num_tokens > cap:
+        return -(-num_tokens // cap) * cap
     b = 16
     while b < num_tokens:
         b *= 2
-    return min(b, num_max_tokens)
+    return min(b, cap)
 
 
 def _routed_experts(
@@ -469,8 +470,13 @@ def _routed_experts(
     goes to ``jax_megamoe.ops.mega_moe(..., backend=backend)`` (FFI kernels where available).
     """
     if backend != "reference":
-        t = x.shape[0]
-        bucket = token_bucket(t, ops.default_num_max_tokens(policy))
+        t, k = x.shape[0], topk_idx.shape[1]
+        # The decode kernels (kernel="auto" at T * K <= their crossover) take any T: a bucket would
+        # push a one-token step past the crossover onto the fused kernel.
+        decode = _decode.choose_kernel(
+            "auto", weights.mode, t, k, hidden=weights.hidden, intermediate=weights.intermediate
+        ) == "decode"  # fmt: skip
+        bucket = t if decode else token_bucket(t, ops.token_cap(t, policy=policy))
         if bucket != t and ops.choose_backend(backend, weights.mode, op="mega_moe") == "ffi":
             # Static token buckets: one kernel configuration per bucket instead of per T.
             # Pad rows route nowhere (idx -1, weight 0), so they cost nothing and give 0.
