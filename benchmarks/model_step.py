@@ -34,8 +34,9 @@ in whichever part keeps it. ``moe_per_layer_s`` (= moe / N) is comparable with
 ``benchmarks.decode_step``'s per-layer time at T = B tokens, except that it also holds the gate
 and the shared expert, and routes by the model's gate (hash layers by token id).
 
-**Backends.** ``ffi``: ``backend="ffi"``, mode ``fp8`` (DeepGEMM's sm_90 Mega MoE; T padded to the
-block's token buckets 16, 32, ...); ``reference``: ``backend="reference"`` (pure JAX, one expert at a
+**Backends.** ``ffi``: ``backend="ffi"``, mode ``fp8`` (DeepGEMM's sm_90 Mega MoE, T padded to the
+block's token buckets 16, 32, ...; a decode step of T * K at or under the crossover runs the decode
+kernels, unpadded); ``reference``: ``backend="reference"`` (pure JAX, one expert at a
 time). Both read the same ``MoEWeights``. ``tokamax`` (when it imports): every block's MoE swapped for
 :class:`RoutedBF16MoE` -- the block's own gate and shared expert, the routed experts as
 ``tokamax.ragged_dot`` (Mosaic GPU kernel, as ``benchmarks.baselines.tokamax_ragged``) on bf16 copies

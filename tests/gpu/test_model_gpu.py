@@ -136,8 +136,9 @@ def test_ffi_model_matches_reference_model(n_layers):
 
 
 def test_ffi_model_cached_decode_matches_reference():
-    """Prefill 8 tokens into a cache, then 4 one-token decode steps (the kernels at T = 2 rows, the
-    token bucket 16), ffi vs reference on the same tokens."""
+    """Prefill 8 tokens into a cache (16 rows: the fused kernel on the token bucket 16), then 4
+    one-token decode steps (2 rows x 4 experts: the decode kernels, unpadded), ffi vs reference on
+    the same tokens."""
     cfg = DeepseekV4Config.tiny(num_hidden_layers=2)
     model = DeepseekV4ForCausalLM(
         cfg, backend="ffi", experts="quantized", mode="fp8", param_dtype=jnp.bfloat16, rngs=nnx.Rngs(7)
