@@ -339,6 +339,10 @@ bool sm90_mega_config(const Sm90MegaShape& s, const Sm90MegaLayout& l, int64_t n
 
   // Launcher flags (fp8_mega_moe of 0.2.5).
   c.epilogue_register_budget = 0;
+  // The 128-row tile must reuse its WGMMA accumulators as the final sum: the two-level promotion
+  // (kReuseAccumAsFinal = false) is a static_assert there (two weight-SF groups per warpgroup) and
+  // would need 128 more f32 registers per thread than the 168 it uses (ptxas, V4-Flash, sm_90a;
+  // benchmarks/RESULTS.md, 2026-12-08).
   c.reuse_accum_as_final = c.block_m == 128;
   c.l2_arrival_counter =
       c.block_m == 128 ? c.block_n == 256 : (c.block_n == 256 && T >= 4 && T <= 128);
