@@ -22,17 +22,19 @@ not fit 80% of the pool. ``--cpu-smoke`` (implied on a CPU device) runs ``Deepse
 is ``jax.jit(forward)`` with the cache donated and threaded from call to call (as a decode loop does;
 the tokens and positions repeat, so every call rewrites the same cache slots).
 
-**Split.** Three programs per point, each jitted separately on the same weights and cache:
-``full`` (per backend), ``no_moe`` (every block's MoE replaced by zeros) and ``none`` (MoE and
+**Split.** Four programs per point, each jitted separately on the same weights and cache:
+``full`` (per backend), ``no_routed`` (every block's routed experts replaced by zeros; its gate
+and shared expert kept), ``no_moe`` (every block's MoE replaced by zeros) and ``none`` (MoE and
 attention replaced by zeros; the cache passes through). Then ``moe = full - no_moe`` (ffn_norm,
-gate, routed experts, shared expert), ``attn = no_moe - none`` (attn_norm, attention with its
-compressor / indexer and cache update) and ``rest = none`` (embedding, mHC mixing, final norm,
-LM head, the logits). ``no_moe`` and ``none`` do not depend on the experts' backend, so they are
-measured once per point. The split assumes the parts' times add (they run one after the other in
-one stream); XLA may fuse a little across the cut (e.g. the bf16 cast before the MoE), which stays
-in whichever part keeps it. ``moe_per_layer_s`` (= moe / N) is comparable with
-``benchmarks.decode_step``'s per-layer time at T = B tokens, except that it also holds the gate
-and the shared expert, and routes by the model's gate (hash layers by token id).
+gate, routed experts, shared expert), ``routed = full - no_routed`` (the routed experts alone),
+``attn = no_moe - none`` (attn_norm, attention with its compressor / indexer and cache update) and
+``rest = none`` (embedding, mHC mixing, final norm, LM head, the logits). ``no_routed``, ``no_moe``
+and ``none`` do not depend on the experts' backend, so they are measured once per point. The split
+assumes the parts' times add (they run one after the other in one stream); XLA may fuse a little
+across the cut (e.g. the bf16 cast before the MoE), which stays in whichever part keeps it.
+``routed_per_layer_s`` (= routed / N) is the number to hold against ``benchmarks.decode_step``'s
+per-layer time at T = B tokens (both time the routed experts alone; the model routes by its gate,
+hash layers by token id); ``moe_per_layer_s`` also holds the gate and the shared expert.
 
 **Backends.** ``ffi``: ``backend="ffi"``, mode ``fp8`` (DeepGEMM's sm_90 Mega MoE, T padded to the
 block's token buckets 16, 32, ...; a decode step of T * K at or under the crossover runs the decode
@@ -197,6 +199,26 @@ class ZeroMoE(nnx.Module):
         return jnp.zeros_like(x)
 
 
+class NoRoutedMoE(nnx.Module):
+    """A block's MoE without its routed experts: its gate and shared expert, so that
+    ``full - no_routed`` is the routed experts alone (what ``benchmarks.decode_step`` times per
+    layer). The gate's outputs feed a zero (``* 0.0``, which XLA keeps for floats), so the gate is
+    still computed here and stays out of the difference."""
+
+    expert_kind = "quantized"
+
+    def __init__(self, moe: Any) -> None:
+        self.gate = moe.gate
+        self.shared_experts = moe.shared_experts
+
+    def __call__(self, x: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
+        idx, w = self.gate(x, token_ids)
+        y = jnp.zeros(x.shape, jnp.float32) + (jnp.sum(w) + jnp.sum(idx).astype(jnp.float32)) * 0.0
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.astype(jnp.bfloat16)
+
+
 class RoutedBF16MoE(nnx.Module):
     """A block's MoE with its routed experts on bf16 copies of its ``MoEWeights`` (exact: e4m3 times a
     power of two) through ``routed(x, idx, w, w13t, w2t, clamp=...)`` (e.g. tokamax's ragged_dot, see
@@ -228,7 +250,7 @@ def tokamax_routed():
     return functools.partial(B.tokamax_ragged, implementation=impl, out_dtype=dt)
 
 
-VARIANTS = ("full", "no_moe", "none")
+VARIANTS = ("full", "no_routed", "no_moe", "none")
 
 
 def split_variant(
@@ -238,7 +260,8 @@ def split_variant(
     bf16: tuple[Any, list[tuple[jax.Array, jax.Array]]] | None = None,
 ) -> tuple[Any, Any]:
     """``nnx.split`` of ``model`` as ``variant``: ``full`` with every block's experts on ``backend``,
-    ``no_moe`` (MoE -> :class:`ZeroMoE`), ``none`` (also attention -> :class:`ZeroAttention`).
+    ``no_routed`` (MoE -> :class:`NoRoutedMoE`: gate and shared expert only), ``no_moe`` (MoE ->
+    :class:`ZeroMoE`), ``none`` (also attention -> :class:`ZeroAttention`).
     ``bf16 = (routed, [(w13t, w2t) per layer])``: ``full`` with every MoE a :class:`RoutedBF16MoE`
     instead (``backend`` is then only a name). The model is left as it was (its modules and
     backends are put back)."""
@@ -251,6 +274,8 @@ def split_variant(
                 layer.ffn = RoutedBF16MoE(layer.ffn, *bf16[1][i], bf16[0])
             elif variant == "full":
                 layer.ffn.backend = backend
+            elif variant == "no_routed":
+                layer.ffn = NoRoutedMoE(layer.ffn)
             else:
                 layer.ffn = ZeroMoE()
                 if variant == "none":
@@ -476,7 +501,7 @@ class Run:
                 firsts[be] = y
                 if not split_done:
                     split_done = True
-                    for v in ("no_moe", "none"):
+                    for v in VARIANTS[1:]:
                         self.program(p, v, "", tok, pos, progs)
         ok = {k: r["median_s"] for k, r in progs.items() if r.get("status") == "ok"}
         n = self.model.config.num_hidden_layers
@@ -497,6 +522,9 @@ class Run:
                 r.update(moe_s=full - ok["no_moe"], attn_s=ok["no_moe"] - ok["none"], rest_s=ok["none"])
                 r["moe_per_layer_s"] = r["moe_s"] / n
                 r["attn_per_layer_s"] = r["attn_s"] / n
+            if "no_routed" in ok:
+                r["routed_s"] = full - ok["no_routed"]
+                r["routed_per_layer_s"] = r["routed_s"] / n
             if be in firsts and "reference" in firsts:
                 rel = C.rel_l2(firsts[be], firsts["reference"])
                 r["logits_rel_l2_vs_reference"] = rel
@@ -536,30 +564,33 @@ class Run:
 def table(result: dict[str, Any]) -> str:
     n = result["model"]["layers"]
     lines = [
-        "| point | backend | step | tokens/s | attn | MoE | rest | MoE per layer | attn per layer | logits rel. L2 vs ref |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| point | backend | step | tokens/s | attn | MoE | rest | MoE per layer | routed per layer | attn per layer "
+        "| logits rel. L2 vs ref |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for q in result["points"]:
         if "skipped" in q:
-            lines.append(f"| {q['label']} | - | {q['skipped']} | | | | | | | |")
+            lines.append(f"| {q['label']} | - | {q['skipped']} | | | | | | | | |")
             continue
         for be, r in q["backends"].items():
             if r.get("status") != "ok":
                 lines.append(
-                    f"| {q['label']} | `{be}` | {r.get('status')}: {str(r.get('reason', ''))[:80]} | | | | | | | |"
+                    f"| {q['label']} | `{be}` | {r.get('status')}: {str(r.get('reason', ''))[:80]} | | | | | | | | |"
                 )
                 continue
             rel = r.get("logits_rel_l2_vs_reference")
             lines.append(
                 f"| {q['label']} | `{be}` | {C.fmt_time(r['step_s'])} | {r['tokens_per_s']:.0f} | "
                 f"{C.fmt_time(r.get('attn_s'))} | {C.fmt_time(r.get('moe_s'))} | {C.fmt_time(r.get('rest_s'))} | "
-                f"{C.fmt_time(r.get('moe_per_layer_s'))} | {C.fmt_time(r.get('attn_per_layer_s'))} | "
+                f"{C.fmt_time(r.get('moe_per_layer_s'))} | {C.fmt_time(r.get('routed_per_layer_s'))} | "
+                f"{C.fmt_time(r.get('attn_per_layer_s'))} | "
                 + (f"{rel:.2e}" if rel is not None and be != "reference" else "-")
                 + " |"
             )
     lines.append("")
     lines.append(
-        f"{n} layers; attn = no_moe - none, MoE = full - no_moe, rest = none (embedding, mHC, norm, LM head). "
+        f"{n} layers; attn = no_moe - none, MoE = full - no_moe, rest = none (embedding, mHC, norm, LM head); "
+        "routed = full - no_routed (the routed experts alone: compare with decode_step's per-layer time). "
         "tokamax: bf16 expert copies, bf16 activations (its logits differ from the FP8 reference by that)."
     )
     return "\n".join(lines)
@@ -773,7 +804,8 @@ def main(argv: list[str] | None = None) -> int:
             "build_s": build_s,
         },
         "method": {
-            "split": "moe = full - no_moe; attn = no_moe - none; rest = none (each program jitted separately; see the module docstring)",
+            "split": "moe = full - no_moe; routed = full - no_routed; attn = no_moe - none; rest = none "
+            "(each program jitted separately; see the module docstring)",
             "timing": "jit, cache donated and threaded; first call excluded; samples of n calls blocked on the last; median/p10/p90",
             "decode": "B sequences x 1 token at position context-1 of a context-position cache",
             "prefill": "prefill_batch sequences x prefill_len tokens into an empty cache of prefill_len positions",

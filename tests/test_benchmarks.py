@@ -546,9 +546,10 @@ def test_model_step_variants_cut_what_they_say_and_leave_the_model_as_it_was():
         return np.asarray(logits)
 
     full = run("full")
-    no_moe, none = run("no_moe"), run("none")
+    no_routed, no_moe, none = run("no_routed"), run("no_moe"), run("none")
     assert np.isfinite(full).all() and np.abs(full).max() > 0
-    assert C.rel_l2(no_moe, full) > 1e-3 and C.rel_l2(none, no_moe) > 1e-3  # each cut removes real work
+    # each cut removes real work: the routed experts, then the gate + shared expert, then attention
+    assert C.rel_l2(no_routed, full) > 1e-3 and C.rel_l2(no_moe, no_routed) > 1e-3 and C.rel_l2(none, no_moe) > 1e-3
     layer = model.layers[0]
     assert type(layer.ffn).__name__ == "DeepseekV4MoE" and type(layer.attn).__name__ == "DeepseekV4Attention"
     assert layer.ffn.backend == "ffi"  # put back after the reference variant
@@ -600,7 +601,8 @@ def test_model_step_cpu_smoke_writes_json_png_and_results(tmp_path):
         assert ref["step_s"] > 0 and ref["tokens_per_s"] > 0
         assert ref["attn_s"] + ref["moe_s"] + ref["rest_s"] == pytest.approx(ref["step_s"])
         assert ref["moe_per_layer_s"] == pytest.approx(ref["moe_s"] / 2)
-        for name in ("full_reference", "no_moe", "none"):
+        assert ref["routed_per_layer_s"] == pytest.approx(ref["routed_s"] / 2)
+        for name in ("full_reference", "no_routed", "no_moe", "none"):
             r = q["programs"][name]
             assert r["status"] == "ok" and 0 < r["p10_s"] <= r["median_s"] <= r["p90_s"], (name, r)
         assert q["backends"]["ffi"]["status"] == "skipped" and "sm_90" in q["backends"]["ffi"]["reason"]
