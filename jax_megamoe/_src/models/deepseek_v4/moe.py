@@ -14,6 +14,10 @@ collapsed, RMS-normed hidden states ``x`` ``bf16[T, H]`` of one layer and their 
    (the sm_100 pre-dispatch has no rho of its own).
 2. Routed experts (:class:`DeepseekV4MoE` through :func:`_routed_experts`): Mega MoE on MXFP4
    experts (``MoEWeights``), SwiGLU clamped at ``swiglu_limit`` (gate from above, up symmetric).
+   On the GPU the fused kernel runs ``T`` padded to a static token bucket (:func:`token_bucket`),
+   a prompt longer than the buffer's cap in chunks of it (:func:`jax_megamoe.ops.token_cap`), and
+   a decode step of ``T * K`` at most the crossover on the decode kernels, unpadded; the pure-JAX
+   reference runs on CPU and wherever the GPU cannot run the mode.
 3. Shared expert (:class:`DeepseekV4SharedExpert`): the same clamped SwiGLU as ordinary XLA
    matmuls, no routing weight and no rho.
 4. ``y = bf16(f32(routed) + shared_f32)``: the shared expert's fp32 output is added to the
