@@ -260,6 +260,17 @@ def results_markdown(result: dict[str, Any], png: str | None = None, title: str 
                 return "-" if r.get("status") != "failed" else "failed"
 
             row(f"`{n}`", cell)
+        if any(q["paths"].get("ffi", {}).get("status") == "ok" for q in pts):
+
+            def acc(q: dict[str, Any], key: str) -> str:
+                r = q["paths"].get("ffi", {})
+                v = (r.get("check") or {}).get(key) if r.get("status") == "ok" else None
+                return "-" if v is None else f"{v:.2e}"
+
+            # the kernel against the reference it follows, and against exact f32 math (which differs by
+            # the FP8 activation rounding that both share)
+            row("`ffi` rel. L2 vs reference", lambda q: acc(q, "rel_l2"))
+            row("`ffi` rel. L2 vs f32", lambda q: acc(q, "rel_l2_vs_f32"))
         row(
             "**best XLA**",
             lambda q: (

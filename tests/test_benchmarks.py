@@ -209,7 +209,7 @@ def _fake_moe_run(date: str, kind: str, tokens: dict[int, float | None], *, expe
             "p10_s": med,
             "p90_s": med,
             "time_over_floor": 2.0,
-            "check": {"pass": True, "rel_l2": 1e-3, "tol": 1e-2},
+            "check": {"pass": True, "rel_l2": 1e-3, "rel_l2_vs_f32": 4e-2, "tol": 1e-2},
         }
         return {
             "tokens": t,
@@ -284,6 +284,8 @@ def test_results_md_is_built_from_the_json_one_section_per_card_and_date(tmp_pat
     h100 = text[text.index("## NVIDIA H100") : text.index("## NVIDIA H200")]
     assert "2 runs, merged by T" in h100 and "| | T=1 | T=4096 |" in h100  # the two default-policy runs, one table
     assert "variant: wide tile on (annotated after the run)" in h100 and "3.00 ms" in h100  # the variant apart
+    assert "| `ffi` rel. L2 vs reference | 1.00e-03 | 1.00e-03 |" in h100  # accuracy rows under the times
+    assert "| `ffi` rel. L2 vs f32 | 4.00e-02 | 4.00e-02 |" in h100
     assert "old generated text" not in text and text.rstrip().endswith("- by hand")
     md.write_text(text)
     assert R.main(["--results", str(res), "--out", str(md), "--check"]) == 0
