@@ -400,7 +400,11 @@ def run_variant(result: dict[str, Any]) -> str:
     if ann.get("variant"):
         return f"{ann['variant']} (annotated after the run)"
     nd = ((result.get("versions") or {}).get("policy") or {}).get("non_default") or {}
-    return ("policy " + ", ".join(f"{k}={v}" for k, v in nd.items())) if nd else ""
+    parts = [f"policy {', '.join(f'{k}={v}' for k, v in nd.items())}"] if nd else []
+    cap = (result.get("args") or {}).get("ffi_num_max_tokens")
+    if cap:  # not each point's own T: larger T run the kernel in chunks of this cap
+        parts.append(f"ffi buffer cap {cap} (--ffi-num-max-tokens; larger T in chunks of it)")
+    return "; ".join(parts)
 
 
 def _demote(md: str) -> str:

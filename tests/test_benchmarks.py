@@ -273,6 +273,9 @@ def test_results_md_is_built_from_the_json_one_section_per_card_and_date(tmp_pat
         "moe_layer_wide.json": _fake_moe_run(
             "2026-12-07", "NVIDIA H100", {4096: 3e-3}, annotation={"variant": "wide tile on"}
         ),
+        "moe_layer_chunked.json": _fake_moe_run(
+            "2026-12-07", "NVIDIA H100", {8192: 9e-3}, args={"ffi_num_max_tokens": 4096}
+        ),
     }
     for name, r in runs.items():
         (res / name).write_text(json.dumps(r))
@@ -284,6 +287,9 @@ def test_results_md_is_built_from_the_json_one_section_per_card_and_date(tmp_pat
     h100 = text[text.index("## NVIDIA H100") : text.index("## NVIDIA H200")]
     assert "2 runs, merged by T" in h100 and "| | T=1 | T=4096 |" in h100  # the two default-policy runs, one table
     assert "variant: wide tile on (annotated after the run)" in h100 and "3.00 ms" in h100  # the variant apart
+    # a run with one buffer cap for every T (larger T in chunks of it) is a variant, not merged by T
+    assert "variant: ffi buffer cap 4096 (--ffi-num-max-tokens; larger T in chunks of it)" in h100
+    assert "| | T=1 | T=4096 |" in h100 and "9.00 ms" in h100
     assert "| `ffi` rel. L2 vs reference | 1.00e-03 | 1.00e-03 |" in h100  # accuracy rows under the times
     assert "| `ffi` rel. L2 vs f32 | 4.00e-02 | 4.00e-02 |" in h100
     assert "old generated text" not in text and text.rstrip().endswith("- by hand")
