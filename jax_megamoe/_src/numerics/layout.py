@@ -824,11 +824,10 @@ class MoEWeights:
                 "w13: from_checkpoint_with_report needs concrete arrays (the report is computed on the "
                 "host); under jax.jit use MoEWeights.from_checkpoint"
             )
-        eps = experts_per_step
-        _check_eps(eps)
+        _check_eps(experts_per_step)
         p1 = _progress_fn(progress, 0, 2 * e)  # L1 then L2: 2E steps
         p2 = _progress_fn(progress, e, 2 * e)
-        kw = dict(with_stats=want_report, batch_size=int(eps))
+        kw = dict(with_stats=want_report, batch_size=int(experts_per_step))
         l1, l1_sf, (t1, st1) = _convert_all_jit(w13, s13, interleave=True, progress=p1, **kw)
         l2, l2_sf, (t2, st2) = _convert_all_jit(w2, s2, interleave=False, progress=p2, **kw)
         if p1 is not None and not _is_tracer(l2):
