@@ -10,6 +10,7 @@ from jax_megamoe._src.kernels import ops
 from jax_megamoe._src.models.deepseek_v4 import moe
 from jax_megamoe._src.models.deepseek_v4.moe import token_bucket
 from jax_megamoe.layout import MoEWeights
+from jax_megamoe.models.deepseek_v4 import DeepseekV4Config, random_moe_checkpoint
 from jax_megamoe.policy import Policy
 
 
@@ -37,15 +38,6 @@ def test_buckets_cover_every_count_and_are_few():
     assert buckets == {16, 32, 64, 128, 256, 512, 1024}
 
 
-def _fp8_weights(e=16, h=512, i=256):
-    rng = np.random.default_rng(3)
-    w13 = rng.integers(0, 256, (e, 2 * i, h // 2), dtype=np.uint8)
-    s13 = rng.integers(118, 124, (e, 2 * i, h // 32), dtype=np.uint8)
-    w2 = rng.integers(0, 256, (e, h, i // 2), dtype=np.uint8)
-    s2 = rng.integers(118, 124, (e, h, i // 32), dtype=np.uint8)
-    return MoEWeights.from_checkpoint(w13, s13, w2, s2, mode="fp8")
-
-
 @pytest.mark.parametrize(
     "t, seen",
     [
@@ -59,7 +51,7 @@ def _fp8_weights(e=16, h=512, i=256):
 def test_the_block_pads_only_what_the_fused_kernel_runs(monkeypatch, t, seen):
     """The routed experts of the Flax block, on a (simulated) GPU: the token count ops.mega_moe is
     called with, and the rows that come back are the first ``t``."""
-    weights = _fp8_weights()
+    weights = MoEWeights.from_checkpoint(*random_moe_checkpoint(DeepseekV4Config.tiny(), 3), mode="fp8")  # E 16, H 512
     rng = np.random.default_rng(t)
     x = jnp.asarray(rng.standard_normal((t, 512)), jnp.bfloat16)
     idx = jnp.asarray(np.stack([rng.choice(16, 6, replace=False) for _ in range(t)]), jnp.int32)
